@@ -1,0 +1,109 @@
+"""The `sak` command: train, recipe show/check, teachers list/show, model show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import RecipeError, load_recipe
+
+
+def _train(args) -> int:
+    from .train import main as train_main
+
+    return train_main([args.recipe, *args.overrides])
+
+
+def _recipe(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.action == "show":
+        print(recipe.to_yaml(), end="")
+    else:
+        print(f"{args.recipe}: ok ({len(recipe.teachers)} teacher(s), {len(recipe.tasks)} task(s), stage {recipe.run.stage})")
+    return 0
+
+
+def _teachers(args) -> int:
+    from .teachers import create_teacher, list_teachers
+    from .teachers.base import TeacherSpec
+
+    if args.action == "list":
+        for name in list_teachers():
+            print(name)
+        return 0
+    options = dict(kv.split("=", 1) for kv in args.options)
+    import yaml
+
+    options = {k: yaml.safe_load(v) for k, v in options.items()}
+    teacher = create_teacher(args.name, spec=TeacherSpec(weights=args.weights, image_size=args.image_size), **options)
+    meta = teacher.meta.as_dict()
+    meta["input_size"] = teacher.input_size
+    meta["level_shapes"] = teacher.level_shapes()
+    print(json.dumps(meta, indent=2, default=str))
+    return 0
+
+
+def _model(args) -> int:
+    import torch
+
+    from .engine.build import build_student, build_tasks, build_teachers
+    from .student import parameter_report
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    report = parameter_report(build_student(recipe, teachers, build_tasks(recipe)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:>24}  {value:>14,d}  {value / 1e6:9.3f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe in this process (for N processes use `accelerate launch -m sak.train`)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("recipe", help="print the resolved recipe (show) or validate it (check)")
+    p.add_argument("action", choices=["show", "check"])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_recipe)
+
+    p = sub.add_parser("teachers", help="list registered teachers or show one's metadata")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("options", nargs="*", help="the teacher's options as key=value")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.set_defaults(func=_teachers)
+
+    p = sub.add_parser("model", help="parameter report of a recipe's student")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "action", None) == "show" and args.command == "teachers" and not args.name:
+        print("sak teachers show: give a teacher name (see `sak teachers list`)", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        print(f"sak: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

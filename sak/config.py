@@ -1,0 +1,378 @@
+"""Recipes: YAML mapped onto typed dataclasses, with `key=value` overrides and strict validation.
+
+A recipe is data. The only code it can bring in is the plug-in modules it lists under `imports:`;
+every other name resolves through a registry. Unknown keys, wrong types, bad values and unknown
+registry names are errors that name the file, the key path and what would be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .teachers.base import TeacherSpec
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key path."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe schema
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # the run directory is output_dir/name
+    seed: int = 0
+    stage: Literal["distill", "multitask"] = "distill"  # stage 1 (distillation only) or stage 2
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, e.g. to fit a time-limited job
+
+
+@dataclass
+class TeacherConfig(TeacherSpec):
+    name: str = ""  # registry name, e.g. timm, dinov2, clip, sam
+    key: str | None = None  # name of this teacher's outputs and adapter path; default = name
+    adapter: str = "bottleneck"  # TSAP adapter type (registry of adapters)
+    options: dict = field(default_factory=dict)  # the teacher class's own Options
+
+    @property
+    def id(self) -> str:
+        return self.key or self.name
+
+
+@dataclass
+class StudentConfig:
+    model: str = "vit_small_patch16_224"  # timm ViT name for the teacher-agnostic stem
+    pretrained: str | None = None  # timm pretrained tag ("augreg_in21k_ft_in1k"), a local file, or None
+    model_kwargs: dict = field(default_factory=dict)
+    levels: list[int] | None = None  # stem blocks that feed the 4 output levels; None = evenly spaced
+    down_ratio: int = 4  # TSAP adapter bottleneck ratio r
+    aligner: Literal["auto", "always"] = "auto"  # auto: only when the widths differ
+    router: str = "noisy"  # MoR router type (registry of routers): noisy, none, pixel
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    weight: float | None = None  # None = the task's published default weight
+    channels: int | None = None  # None = the task's default (e.g. 21 classes for PASCAL semseg)
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # dataset registry name
+    root: str | None = None
+    split: str = "train"
+    options: dict = field(default_factory=dict)  # the dataset's own keyword arguments
+    image_size: int = 224  # training crop side
+    batch_size: int = 8  # per process
+    num_workers: int = 0
+    subset: str | None = None  # a manifest file of image ids
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimiser steps between evaluations; 0 = only at the end
+    split: str = "val"
+    batches: int = 0  # 0 = the whole split
+    batch_size: int = 8
+
+
+@dataclass
+class LossConfig:
+    distill: str = "sak"  # loss registry name
+    options: dict = field(default_factory=dict)  # the distillation loss's keyword arguments
+    alpha: float = 1.0  # weight of the distillation loss in stage 2
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global grad norm; None = no clipping
+    grad_accum: int = 1
+    max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "poly", "constant"] = "cosine"
+    max_steps: int | None = None  # length in optimiser steps, or
+    epochs: int | None = None  # length in epochs (exactly one of the two)
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor
+    power: float = 0.9  # poly exponent
+
+
+@dataclass
+class PrecisionConfig:
+    mixed: Literal["no", "bf16", "fp16"] = "no"  # student autocast through Accelerate
+    teachers: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = same as `mixed`
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimiser steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest in the run directory), never, or a checkpoint directory
+    init_from: str | None = None  # a checkpoint or exported model whose student weights start stage 2
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "sak"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # optimiser steps between log lines
+    progress: bool = True
+    tensorboard: bool = False
+    sample_ids: bool = False  # write the ids each process trained on, per step, to samples/rank<N>.jsonl
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Recipe:
+    imports: list[str] = field(default_factory=list)
+    run: RunConfig = field(default_factory=RunConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        first = ("name", "key")  # teachers read best name-first
+        data["teachers"] = [{**{k: t[k] for k in first}, **{k: v for k, v in t.items() if k not in first}} for t in data["teachers"]]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# dict -> dataclass, checking every key and type
+# ----------------------------------------------------------------------------------------------
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arm, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return structure(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):  # YAML 1.1 reads 1e-4 as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise RecipeError(f"{where}: unsupported field type {tp!r}")  # a schema bug, not a user error
+
+
+def structure(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"unknown key {path!r}{hint} valid keys here: {', '.join(fields)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def build_options(owner: type, options: dict, where: str) -> Any:
+    """The `Options` dataclass of a registered class (teacher, dataset, ...) from a recipe mapping."""
+    return structure(getattr(owner, "options_type", owner.Options), options or {}, f"{where}.options")
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides, imports, loading and validation
+# ----------------------------------------------------------------------------------------------
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML; list items addressed by index: teachers.0.weights)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} is not of the form key.path=value")
+    path, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    keys = path.strip().split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"override {override!r}: {'.'.join(keys[:i])} has {len(node)} items; {key!r} is not an index")
+            key = int(key)
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+            continue
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+
+
+def import_plugins(modules: list[str], where: str = "imports") -> None:
+    """Import plug-in modules named by a recipe (in every process); the one way a recipe runs code."""
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise RecipeError(f"{where}[{i}]: cannot import plug-in module {name!r}: {exc}") from exc
+
+
+def _import_builtins() -> None:
+    # The built-in registries fill at import; importing here keeps `sak.config` light for callers.
+    for module in ("sak.teachers", "sak.tasks", "sak.data", "sak.losses", "sak.student"):
+        importlib.import_module(module)
+
+
+def validate(recipe: Recipe) -> None:
+    """Check every registry name and every plug-in's options before any work starts."""
+    from .registry import DATASETS, LOSSES, ROUTERS, TASKS, TEACHERS
+
+    def check(registry, name: str, where: str):
+        if name not in registry:
+            known = ", ".join(registry.names())
+            raise RecipeError(
+                f"{where}: unknown {registry.kind} {name!r}; known names: {known}. "
+                "If it lives in a plug-in module, list that module under `imports:`."
+            )
+        return registry.get(name)
+
+    from .registry import ADAPTERS
+
+    if recipe.run.stage == "distill" and not recipe.teachers:
+        raise RecipeError("teachers: a distillation recipe (run.stage: distill) needs at least one teacher")
+    if recipe.run.stage == "multitask" and not recipe.tasks:
+        raise RecipeError("tasks: a multi-task recipe (run.stage: multitask) needs at least one task")
+    seen = set()
+    for i, t in enumerate(recipe.teachers):
+        cls = check(TEACHERS, t.name, f"teachers[{i}].name")
+        build_options(cls, t.options, f"teachers[{i}]")
+        check(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
+        if t.id in seen:
+            raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")
+        seen.add(t.id)
+    for i, task in enumerate(recipe.tasks):
+        check(TASKS, task.name, f"tasks[{i}].name")
+    dataset = check(DATASETS, recipe.data.name, "data.name")
+    build_options(dataset, recipe.data.options, "data")
+    check(LOSSES, recipe.loss.distill, "loss.distill")
+    check(ROUTERS, recipe.student.router, "student.router")
+    s = recipe.schedule
+    if (s.max_steps is None) == (s.epochs is None):
+        raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")
+    for key, value in (("data.batch_size", recipe.data.batch_size), ("optim.grad_accum", recipe.optim.grad_accum)):
+        if value < 1:
+            raise RecipeError(f"{key}: must be at least 1, got {value}")
+    if recipe.optim.lr <= 0:
+        raise RecipeError(f"optim.lr: must be positive, got {recipe.optim.lr}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe. Every error names `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    try:
+        for override in overrides:
+            apply_override(data, override)
+        _import_builtins()
+        imports = data.get("imports") or []
+        if not isinstance(imports, list):
+            raise RecipeError("imports: expected a list of module names")
+        import_plugins(imports)
+        recipe = structure(Recipe, data)
+        validate(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return recipe

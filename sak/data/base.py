@@ -1,0 +1,94 @@
+"""The dataset contract shared by every `sak` dataset.
+
+A sample is a dict: "image" is a uint8 (3, H, W) tensor, "id" a string, and each requested task
+adds its target under the task's name:
+
+    semseg, parts   int64 (H, W), 255 = ignore
+    saliency        float32 (1, H, W) in {0, 1}, 255 = ignore
+    edges           float32 (1, H, W) in {0, 1}, 255 = ignore
+    normals         float32 (3, H, W) unit vectors, all-zero = ignore
+    depth           float32 (1, H, W) metres, 0 = ignore
+
+Random augmentation draws from `self.sample_rng(index)`, a generator seeded by (seed, epoch,
+index): the same sample gets the same augmentation in any process, worker or resumed run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class DatasetSpec:
+    """What the engine passes to every dataset (the recipe's `data` section, minus `options`)."""
+
+    root: str | None = None
+    split: str = "train"
+    image_size: int = 224
+    tasks: tuple[str, ...] = ()
+    train: bool = True  # apply training augmentation
+    seed: int = 0
+    subset: str | None = None  # manifest file: one image id per line
+
+
+class SakDataset(Dataset):
+    """Base class: registered with `@DATASETS.register(name)`, options in a nested `Options`."""
+
+    @dataclass
+    class Options:
+        pass
+
+    options_type: ClassVar[type] = Options
+    supported_tasks: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.options_type = cls.__dict__.get("Options", cls.options_type)
+
+    def __init__(self, spec: DatasetSpec, options) -> None:
+        unsupported = [t for t in spec.tasks if t not in self.supported_tasks]
+        if unsupported:
+            raise ValueError(
+                f"{type(self).__name__} has no targets for task(s) {unsupported}; it supports {list(self.supported_tasks)}"
+            )
+        self.spec = spec
+        self.options = options
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.spec.seed, self.epoch, index])
+
+    def sample_torch_rng(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.sample_rng(index).integers(0, 2**62)))
+
+
+def read_manifest(path: str) -> list[str]:
+    """Image ids, one per line; blank lines and `#` comments ignored."""
+    try:
+        with open(path) as f:
+            ids = [line.split("#", 1)[0].strip() for line in f]
+    except OSError as exc:
+        raise FileNotFoundError(f"data.subset: cannot read manifest {path!r}: {exc.strerror}") from exc
+    return [i for i in ids if i]
+
+
+def apply_subset(ids: list[str], manifest: str | None) -> list[str]:
+    """Keep the ids listed in `manifest`, in the manifest's order; unknown ids are an error."""
+    if manifest is None:
+        return ids
+    wanted = read_manifest(manifest)
+    known = set(ids)
+    missing = [i for i in wanted if i not in known]
+    if missing:
+        raise ValueError(f"data.subset {manifest!r}: {len(missing)} id(s) not in the split, e.g. {missing[:5]}")
+    return wanted

@@ -1,0 +1,100 @@
+"""Build a run's parts from a validated recipe: teachers, student, tasks, datasets, optimiser."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Recipe
+from ..data import DatasetSpec, EpochSampler, build_dataset
+from ..registry import LOSSES
+from ..student import SAKStudent, TeacherAgnosticStem, TeacherSlot
+from ..tasks import Task, create_task
+from ..teachers import Teacher, TeacherSpec, create_teacher
+
+
+def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
+    teachers = {}
+    for t in recipe.teachers:
+        spec_fields = {k: getattr(t, k) for k in ("weights", "sha256", "levels", "image_size", "normalization")}
+        teachers[t.id] = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
+    return teachers
+
+
+def build_tasks(recipe: Recipe) -> dict[str, Task]:
+    return {t.name: create_task(t.name, channels=t.channels, weight=t.weight) for t in recipe.tasks}
+
+
+def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> SAKStudent:
+    s = recipe.student
+    stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, **s.model_kwargs)
+    adapters = {t.id: t.adapter for t in recipe.teachers}
+    slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
+    return SAKStudent(
+        stem,
+        slots,
+        {name: task.channels for name, task in tasks.items()},
+        levels=s.levels,
+        down_ratio=s.down_ratio,
+        router=s.router,
+        aligner=s.aligner,
+    )
+
+
+def build_distill_loss(recipe: Recipe) -> torch.nn.Module:
+    return LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
+
+
+def build_loader(recipe: Recipe, split: str, train: bool, batch_size: int | None = None) -> DataLoader:
+    """A DataLoader over `split`; training order comes from `EpochSampler` (same in every process)."""
+    d = recipe.data
+    spec = DatasetSpec(
+        root=d.root,
+        split=split,
+        image_size=d.image_size,
+        tasks=tuple(t.name for t in recipe.tasks),
+        train=train,
+        seed=recipe.run.seed,
+        subset=d.subset if split == d.split else None,
+    )
+    dataset = build_dataset(d.name, spec, d.options)
+    batch = batch_size or d.batch_size
+    if train and len(dataset) < batch:
+        raise ValueError(f"data: split {split!r} has {len(dataset)} samples, fewer than data.batch_size={batch}")
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=EpochSampler(len(dataset), recipe.run.seed, shuffle=train),
+        num_workers=d.num_workers,
+        drop_last=train,
+        persistent_workers=False,  # workers are rebuilt each epoch so they see the dataset's new epoch
+        # Its own generator: creating an iterator (every epoch, and on resume) would otherwise draw from the
+        # global RNG and shift the dropout / drop-path masks of a resumed run.
+        generator=torch.Generator().manual_seed(recipe.run.seed),
+    )
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; norms, biases, scales and position/CLS tokens get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim <= 1 or name.endswith((".pos_embed", ".cls_token", ".reg_token"))
+        (no_decay if flat else decay).append(p)
+    o = recipe.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
+    """Optimiser steps in the run (schedule.max_steps, or epochs x steps per epoch)."""
+    s = recipe.schedule
+    if s.max_steps is not None:
+        return s.max_steps
+    return s.epochs * max(1, batches_per_epoch // recipe.optim.grad_accum)
+
+
+def warmup_steps(recipe: Recipe, batches_per_epoch: int) -> int:
+    s = recipe.schedule
+    return s.warmup_steps or int(s.warmup_epochs * batches_per_epoch / recipe.optim.grad_accum)

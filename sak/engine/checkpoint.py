@@ -1,0 +1,95 @@
+"""Checkpoints that a crash cannot corrupt.
+
+A checkpoint is a directory `checkpoints/step_00000042/` holding Accelerate's state (model weights
+as safetensors, optimiser, scheduler, every process's RNG states) plus `trainer_state.json` (step,
+epoch, data position), the resolved recipe and the run info. It is written under a `.partial`
+name and renamed only when complete, so a kill at any moment leaves the last good checkpoint as it
+was; older ones are pruned only after the new one exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PREFIX = "step_"
+PARTIAL = ".partial"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training is: optimiser steps done, current epoch, batches of that epoch consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_streak: int = 0
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
+    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainState, extra_files: dict[str, str], keep_last: int) -> Path:
+    """Write a checkpoint for `state.step` atomically; every process must call this."""
+    final = root / f"{PREFIX}{state.step:08d}"
+    partial = root / f"{final.name}{PARTIAL}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, text in extra_files.items():
+            (partial / name).write_text(text)
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
+        _fsync_tree(partial)
+        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> TrainState:
+    """Restore model, optimiser, scheduler and RNG states from `path`; returns the trainer state."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE})")
+    accelerator.load_state(str(path))
+    return TrainState(**json.loads(state_file.read_text()))
+
+
+def clean_partials(root: Path) -> None:
+    """Remove half-written checkpoints left by a killed run."""
+    if root.is_dir():
+        for p in root.glob(f"{PREFIX}*{PARTIAL}"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""What a run records: a JSONL metrics file, Accelerate trackers (wandb offline by default,
+tensorboard), a progress bar, and the run info (versions, git revision) next to the checkpoints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import Recipe
+
+PACKAGES = ("sak", "torch", "torchvision", "timm", "open_clip_torch", "transformers", "segment-anything", "accelerate")
+
+
+def git_revision(cwd: Path | None = None) -> str | None:
+    """The revision of the code that runs (`+dirty` when uncommitted changes exist), or None."""
+    here = cwd or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(recipe: Recipe, world_size: int) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "seed": recipe.run.seed,
+        "world_size": world_size,
+        "git_revision": git_revision(),
+        "versions": versions,
+        "python": platform.python_version(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """Nested recipe -> {"optim.lr": 0.001, ...} with lists as strings (what trackers accept)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return {k: ("" if v is None else v) for k, v in out.items()}
+
+
+class RunLogger:
+    """Main-process logging; other processes get a logger that only forwards to the accelerator."""
+
+    def __init__(self, accelerator, recipe: Recipe, total_steps: int, start_step: int) -> None:
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = recipe.run_dir / "metrics.jsonl"
+        self.bar = None
+        if self.main and start_step and self.path.exists():  # drop what the interrupted run logged after its checkpoint
+            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+        if self.main and recipe.logging.progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
+        trackers = []
+        if recipe.logging.wandb.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            trackers.append("wandb")
+        if recipe.logging.tensorboard:
+            trackers.append("tensorboard")
+        if trackers:
+            accelerator.init_trackers(
+                recipe.logging.wandb.project,
+                config=flat_config(recipe.to_dict()),
+                init_kwargs={"wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name}},
+            )
+        self.trackers = bool(trackers)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def progress(self, steps: int, postfix: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.main:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.trackers:
+            self.accelerator.end_training()

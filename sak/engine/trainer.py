@@ -1,0 +1,197 @@
+"""The training loop, in one place: build, prepare, resume, then a visible step loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..config import Recipe, RecipeError
+from ..student import parameter_report
+from . import build
+from .checkpoint import TrainState, clean_partials, latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .init import init_student_from
+from .logging import RunLogger, run_info
+from .schedule import lr_lambda
+from .step import compute_losses, teacher_targets
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """Accelerate on the GPU when there is one, else on the CPU (so that `accelerate launch --multi_gpu
+    --num_processes 2` forms a true 2-process gloo world on a CPU-only machine)."""
+    cpu = not torch.cuda.is_available()
+    if cpu and "fp16" in (recipe.precision.mixed, recipe.precision.teachers):
+        raise RecipeError(
+            "precision: fp16 needs a CUDA GPU; on the CPU Accelerate would silently run fp32. Use bf16 or no."
+        )
+    trackers = (["wandb"] if recipe.logging.wandb.mode != "disabled" else []) + (
+        ["tensorboard"] if recipe.logging.tensorboard else []
+    )
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.precision.mixed,
+        gradient_accumulation_steps=recipe.optim.grad_accum,
+        log_with=trackers or None,
+        project_dir=str(recipe.run_dir),
+        step_scheduler_with_optimizer=False,  # we step it once per optimiser step, whatever the world size
+    )
+
+
+def teacher_dtype(recipe: Recipe) -> torch.dtype | None:
+    p = recipe.precision
+    return DTYPES[p.mixed if p.teachers == "auto" else p.teachers]
+
+
+def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
+    """Append the sample ids this process used in `step` (traceability, and the sharding test)."""
+    folder = run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "ids": list(ids)}) + "\n")
+
+
+def train(recipe: Recipe) -> dict:
+    """Run the recipe; returns the final evaluation. Safe to call again: `resume: auto` continues."""
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.run.seed)
+    run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        clean_partials(ckpt_root)
+        info = run_info(recipe, accelerator.num_processes)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    accelerator.wait_for_everyone()
+    extra_files = {"recipe.yaml": recipe.to_yaml(), "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2)}
+
+    # -- build ------------------------------------------------------------------------------
+    teachers = build.build_teachers(recipe, accelerator.device)
+    tasks = build.build_tasks(recipe)
+    student = build.build_student(recipe, teachers, tasks)
+    if recipe.checkpoint.init_from:
+        init_student_from(student, Path(recipe.checkpoint.init_from))
+    distill_loss = build.build_distill_loss(recipe)
+    train_loader = build.build_loader(recipe, recipe.data.split, train=True)
+    val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
+    optimizer = build.build_optimizer(recipe, student)
+    per_epoch = len(train_loader) // accelerator.num_processes
+    total = build.total_steps(recipe, per_epoch)
+    warmup = build.warmup_steps(recipe, per_epoch)
+    s = recipe.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(s.name, total, warmup, recipe.optim.lr, s.min_lr, s.power)
+    )
+    student, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        student, optimizer, train_loader, val_loader, scheduler
+    )
+    tdtype = teacher_dtype(recipe)
+
+    # -- resume -----------------------------------------------------------------------------
+    state = TrainState()
+    resume = recipe.checkpoint.resume
+    source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
+    logger_start = 0
+    if source is not None:
+        state = load_checkpoint(accelerator, source)
+        logger_start = state.step
+    logger = RunLogger(accelerator, recipe, total, logger_start)
+    report = parameter_report(accelerator.unwrap_model(student))
+    logger.message(f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
+                   f"{total} steps; parameters {json.dumps(report)}")
+    if source is not None:
+        logger.message(f"[sak] resumed from {source} at step {state.step}")
+
+    # -- loop -------------------------------------------------------------------------------
+    images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
+    alpha = recipe.loss.alpha if tasks else 1.0
+    student.train()
+    window: dict[str, torch.Tensor] = {}
+    tick = time.perf_counter()
+    while state.step < total:
+        train_loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+        for batch in batches:
+            with accelerator.accumulate(student):
+                targets = teacher_targets(teachers, batch["image"], tdtype)
+                with accelerator.autocast():
+                    out = student(batch["image"])
+                losses = compute_losses(out, targets, batch, tasks, distill_loss, alpha)
+                accelerator.backward(losses.total)
+                for key, value in losses.scalars_tensors().items():
+                    window[key] = window.get(key, 0.0) + value.detach() / recipe.optim.grad_accum
+            state.batch_in_epoch += 1
+            if recipe.logging.sample_ids:
+                record_ids(recipe.run_dir, accelerator.process_index, state.step + 1, batch["id"])
+            if not accelerator.sync_gradients:
+                continue
+            keys = sorted(window)
+            reduced = accelerator.reduce(torch.stack([window[k].float() for k in keys]), "mean").tolist()
+            values, window = dict(zip(keys, reduced, strict=True)), {}
+            values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
+            if math.isfinite(values["loss"]):
+                state.nonfinite_streak = 0
+                if recipe.optim.grad_clip is not None:
+                    values["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip))
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+            else:
+                state.nonfinite_streak += 1
+                logger.message(f"[sak] step {state.step + 1}: non-finite loss {values['loss']}, step skipped "
+                               f"({state.nonfinite_streak}/{recipe.optim.max_nonfinite} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            values["nonfinite_streak"] = state.nonfinite_streak
+            if state.nonfinite_streak >= recipe.optim.max_nonfinite:
+                logger.log(state.step, values)
+                logger.close()
+                last = latest_checkpoint(ckpt_root)
+                raise NonFiniteLossError(
+                    f"{recipe.optim.max_nonfinite} consecutive non-finite losses at step {state.step}; stopping. "
+                    f"The last good checkpoint is {last} (lower optim.lr, enable optim.grad_clip or check the data)."
+                )
+            now = time.perf_counter()
+            values.update(images_per_s=images_per_step / max(now - tick, 1e-9))
+            tick = now
+            if state.step % recipe.logging.every == 0 or state.step == total:
+                logger.log(state.step, values)
+            logger.progress(1, {k: values[k] for k in ("loss", "lr", "images_per_s")})
+            if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total:
+                logger.log(state.step, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype))
+                student.train()
+            # no checkpoint in a non-finite streak: pruning could otherwise drop the last good ones
+            periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0
+            if periodic and state.step < total and state.nonfinite_streak == 0:
+                save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+            if recipe.run.stop_at is not None and state.step >= recipe.run.stop_at and state.step < total:
+                save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); resume with the same command")
+                logger.close()
+                return {}
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    # -- finish -----------------------------------------------------------------------------
+    final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype)
+    logger.log(state.step, final)
+    save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+    if accelerator.is_main_process:
+        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    logger.message(f"[sak] done: {json.dumps(final)}")
+    logger.close()
+    return final

@@ -1,0 +1,133 @@
+"""The SAK student: TAS + one TSAP per teacher + aligners (distillation) + MoR routers and heads (tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import ROUTERS
+from ..teachers.base import normalize, to_float01
+from .adapters import TeacherSpecificAdapterPath
+from .heads import DecodeHead
+from .stem import TeacherAgnosticStem, even_levels
+
+
+@dataclass(frozen=True)
+class TeacherSlot:
+    """What the student needs to know about one teacher: its key and each level's channels."""
+
+    id: str
+    level_dims: tuple[int, ...]
+    adapter: str = "bottleneck"
+
+
+@dataclass
+class StudentOutput:
+    features: dict[str, list[Tensor]] = field(default_factory=dict)  # teacher id -> (B, C_t, h, w) per level
+    tasks: dict[str, Tensor] = field(default_factory=dict)  # task -> logits (B, channels, H, W)
+
+
+class SAKStudent(nn.Module):
+    """Args:
+    stem: the teacher-agnostic ViT.
+    teachers: one slot per teacher (a TSAP each).
+    tasks: task name -> head channels; empty in stage 1.
+    levels: stem blocks read as the output levels (default: four evenly spaced).
+    router: MoR router type; aligner: "auto" adds Linear(D -> C_t) only where widths differ.
+    """
+
+    def __init__(
+        self,
+        stem: TeacherAgnosticStem,
+        teachers: list[TeacherSlot],
+        tasks: dict[str, int],
+        levels: list[int] | None = None,
+        down_ratio: int = 4,
+        router: str = "noisy",
+        aligner: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        d = stem.dim
+        self.levels = list(levels) if levels is not None else even_levels(stem.depth)
+        if any(not 0 <= i < stem.depth for i in self.levels):
+            raise ValueError(f"student.levels {self.levels} must index the stem's {stem.depth} blocks")
+        stem.truncate(max(self.levels) + 1)
+        for slot in teachers:
+            if len(slot.level_dims) != len(self.levels):
+                raise ValueError(
+                    f"teacher {slot.id!r} returns {len(slot.level_dims)} levels but the student has {len(self.levels)} "
+                    f"(student.levels={self.levels}); set teachers[].levels or student.levels so they match"
+                )
+        self.tas_norms = nn.ModuleList(nn.LayerNorm(d) for _ in self.levels) if tasks else nn.ModuleList()
+        self.paths = nn.ModuleDict(
+            {s.id: TeacherSpecificAdapterPath(d, stem.depth, self.levels, s.adapter, down_ratio) for s in teachers}
+        )
+        self.aligners = nn.ModuleDict(
+            {
+                s.id: nn.ModuleList(
+                    nn.Linear(d, c) if (aligner == "always" or c != d) else nn.Identity() for c in s.level_dims
+                )
+                for s in teachers
+            }
+        )
+        router_cls = ROUTERS.get(router)
+        experts = len(teachers) + 1
+        self.routers = nn.ModuleDict(
+            {t: nn.ModuleList(router_cls(d, experts) for _ in self.levels) for t in tasks}
+        )
+        self.heads = nn.ModuleDict({t: DecodeHead(d, len(self.levels), c) for t, c in tasks.items()})
+
+    def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:
+        x = to_float01(images)
+        if size is not None and x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return normalize(x, self.stem.mean, self.stem.std)
+
+    def forward(self, images: Tensor, with_features: bool = True) -> StudentOutput:
+        """images: uint8 or float [0, 1] (B, 3, H, W), H and W multiples of the patch size."""
+        x = self.preprocess(images)
+        h, w = x.shape[-2:]
+        p = self.stem.patch_size
+        grid = (h // p, w // p)
+        embedded = self.stem.embed(x)  # (B, prefix + h*w, D)
+        outs, tokens = [], embedded
+        for block in self.stem.blocks:
+            tokens = block(tokens)
+            outs.append(tokens)
+        prefix = self.stem.num_prefix_tokens
+        paths = {tid: path(embedded, outs) for tid, path in self.paths.items()}
+        result = StudentOutput()
+        if with_features:
+            for tid, levels in paths.items():
+                result.features[tid] = [
+                    self.stem.to_map(align(tok), grid) for align, tok in zip(self.aligners[tid], levels, strict=True)
+                ]
+        if self.heads:
+            tas = [norm(outs[i])[:, prefix:] for norm, i in zip(self.tas_norms, self.levels, strict=True)]
+            for task, head in self.heads.items():
+                mixed = []
+                for j, router in enumerate(self.routers[task]):
+                    experts = [tas[j]] + [paths[tid][j][:, prefix:] for tid in self.paths]
+                    mixed.append(router(tas[j], experts))
+                result.tasks[task] = head(mixed, grid, (h, w))
+        return result
+
+
+def parameter_report(model: SAKStudent) -> dict[str, int]:
+    """Parameters per component, the total, and what the exported inference model keeps (no aligners)."""
+
+    def n(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    report = {"tas": n(model.stem) + n(model.tas_norms)}
+    for tid, path in model.paths.items():
+        report[f"tsap.{tid}"] = n(path)
+    report["aligners"] = n(model.aligners)
+    report["routers"] = n(model.routers)
+    report["heads"] = n(model.heads)
+    report["total"] = n(model)
+    report["inference"] = report["total"] - report["aligners"]
+    return report

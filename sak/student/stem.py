@@ -1,0 +1,67 @@
+"""Teacher-Agnostic Stem (TAS): a timm ViT whose blocks are run one by one so that the adapter paths
+can read every block's output."""
+
+from __future__ import annotations
+
+import timm
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..teachers.weights import is_local, load_state_dict, local_path
+
+
+def even_levels(depth: int, count: int = 4) -> list[int]:
+    """Four evenly spaced block indices ending at the last one: 12 -> [2, 5, 8, 11]."""
+    count = min(count, depth)
+    step = depth // count
+    return [depth - 1 - step * (count - 1 - i) for i in range(count)]
+
+
+class TeacherAgnosticStem(nn.Module):
+    """Args:
+    model: timm ViT name (patch 16 in SAK: vit_{small,base,large}_patch16_384).
+    image_size: training resolution; position embeddings are resampled by timm when it differs.
+    pretrained: None (random), a timm pretrained tag (e.g. "augreg_in21k_ft_in1k"), or a local file.
+    """
+
+    def __init__(self, model: str, image_size: int, pretrained: str | None = None, **model_kwargs) -> None:
+        super().__init__()
+        hub = pretrained is not None and not is_local(pretrained)
+        name = f"{model.split('.')[0]}.{pretrained}" if hub else model
+        self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
+        if pretrained is not None and not hub:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = load_state_dict(local_path(pretrained, "student.pretrained"), "student.pretrained")
+            state = checkpoint_filter_fn(state, self.vit)  # resamples position embeddings to image_size
+            self.vit.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+        # Levels are taken before the final norm (as SAK) and there is no classifier: drop both so that
+        # every parameter takes part in the loss (DDP requires it).
+        self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        self.dim = self.vit.embed_dim
+        self.depth = len(self.vit.blocks)
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.num_prefix_tokens = self.vit.num_prefix_tokens
+        cfg = self.vit.pretrained_cfg
+        self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> tokens (B, prefix + h*w, D) after position embedding."""
+        v = self.vit
+        x = v.patch_embed(x)
+        x = v._pos_embed(x)
+        x = v.patch_drop(x)
+        return v.norm_pre(x)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.vit.blocks
+
+    def truncate(self, depth: int) -> None:
+        """Keep only the first `depth` blocks (blocks after the last output level would get no gradient)."""
+        self.vit.blocks = self.vit.blocks[:depth]
+        self.depth = depth
+
+    def to_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, prefix + h*w, C) -> (B, C, h, w), dropping the prefix (CLS / register) tokens."""
+        return rearrange(tokens[:, self.num_prefix_tokens :], "b (h w) c -> b c h w", h=grid[0], w=grid[1])

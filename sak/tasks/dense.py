@@ -1,0 +1,117 @@
+"""The dense tasks of PASCAL-Context and NYUD-v2 with SAK's losses and weights (REFERENCE §1).
+
+PASCAL-Context weights: semseg CE x1, human parts CE x2, saliency class-balanced BCE x5, normals L1 on
+L2-normalised predictions x10, edges balanced BCE with positive weight 0.95 x50. NYUD-v2: semseg 1,
+normals 10, edges 50, depth L1 1 (the recipe sets those through `tasks[i].weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import TASKS
+from .base import Task
+
+IGNORE = 255
+
+
+def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
+    """Class-balanced BCE over valid pixels (target 255 = ignore).
+
+    pos_weight None: the weight of positives is the share of negatives in the batch (saliency);
+    a number fixes it (edges: 0.95). Positives get `w`, negatives `1 - w`; summed, divided by the
+    number of valid pixels.
+    """
+    valid = target != IGNORE
+    y = torch.where(valid, target, torch.zeros_like(target)).float()
+    if pos_weight is None:
+        n_valid = valid.sum().clamp_min(1)
+        w = ((1 - y) * valid).sum() / n_valid
+    else:
+        w = torch.tensor(pos_weight, device=logits.device)
+    loss_pos = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(y), reduction="none")
+    loss_neg = F.binary_cross_entropy_with_logits(logits.float(), torch.zeros_like(y), reduction="none")
+    loss = (w * y * loss_pos + (1 - w) * (1 - y) * loss_neg) * valid
+    return loss.sum() / valid.sum().clamp_min(1)
+
+
+class _Segmentation(Task):
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if not (target != IGNORE).any():  # e.g. human parts on a batch without people
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE)
+
+    def predict(self, logits: Tensor) -> Tensor:
+        return logits.argmax(1)  # (B, H, W) class indices
+
+
+@TASKS.register("semseg")
+class SemanticSegmentation(_Segmentation):
+    name = "semseg"
+    default_channels = 21
+    default_weight = 1.0
+
+
+@TASKS.register("parts")
+class HumanParts(_Segmentation):
+    name = "parts"
+    default_channels = 7
+    default_weight = 2.0
+
+
+@TASKS.register("saliency")
+class Saliency(Task):
+    name = "saliency"
+    default_weight = 5.0
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return balanced_bce(logits, target, pos_weight=None)
+
+    def predict(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits.float())  # (B, 1, H, W) probability
+
+
+@TASKS.register("edges")
+class Edges(Task):
+    name = "edges"
+    default_weight = 50.0
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return balanced_bce(logits, target, pos_weight=0.95)
+
+    def predict(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits.float())
+
+
+@TASKS.register("normals")
+class SurfaceNormals(Task):
+    name = "normals"
+    default_channels = 3
+    default_weight = 10.0
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        pred = F.normalize(logits.float(), dim=1)
+        valid = (target.abs().sum(1, keepdim=True) > 0).expand_as(pred)  # all-zero ground truth = ignore
+        if not valid.any():
+            return logits.sum() * 0.0
+        return F.l1_loss(pred[valid], target.float()[valid])
+
+    def predict(self, logits: Tensor) -> Tensor:
+        return F.normalize(logits.float(), dim=1)
+
+
+@TASKS.register("depth")
+class Depth(Task):
+    name = "depth"
+    default_weight = 1.0
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        valid = target > 0
+        if not valid.any():
+            return logits.sum() * 0.0
+        return F.l1_loss(logits.float()[valid], target.float()[valid])
+
+    def predict(self, logits: Tensor) -> Tensor:
+        return logits.float()  # metres

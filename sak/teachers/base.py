@@ -1,0 +1,220 @@
+"""The teacher contract: a frozen vision model that turns a batch of images into `TeacherOutput`.
+
+A teacher owns its preprocessing (size, resize mode, mean/std) because each foundation model was
+trained with its own; `normalization="imagenet"` reproduces the official SAK code, which feeds the
+same ImageNet-normalised image to every teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ResizeMode = Literal["square", "longest_pad", "keep"]
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """What one teacher returns for one batch.
+
+    Attributes:
+        levels: one (B, C, h, w) map per configured block, final norm not applied (as SAK).
+        summary: a (B, C) image-level vector (CLS token, pooled feature) or None.
+    """
+
+    levels: tuple[Tensor, ...]
+    summary: Tensor | None = None
+
+    def to(self, *args, **kwargs) -> TeacherOutput:
+        summary = None if self.summary is None else self.summary.to(*args, **kwargs)
+        return TeacherOutput(tuple(t.to(*args, **kwargs) for t in self.levels), summary)
+
+
+@dataclass
+class TeacherSpec:
+    """Options every teacher accepts (the recipe's per-teacher keys besides `options`).
+
+    Attributes:
+        weights: where the weights come from: a hub tag understood by the teacher's library, a
+            local file (.safetensors, or .pth/.pt/.bin read with `weights_only=True`), or a
+            directory. None builds the architecture with random weights (for tests).
+        sha256: if given, the weights file must have this digest.
+        levels: block indices whose outputs are returned; None = the teacher's default.
+        image_size: input side length; None = the teacher's native size.
+        normalization: "own" (the teacher's training mean/std) or "imagenet" (SAK's shared input).
+    """
+
+    weights: str | None = None
+    sha256: str | None = None
+    levels: list[int] | None = None
+    image_size: int | None = None
+    normalization: Literal["own", "imagenet"] = "own"
+
+
+@dataclass(frozen=True)
+class TeacherMeta:
+    """Facts about a built teacher; shown by `sak teachers show` and written next to checkpoints."""
+
+    name: str
+    source: str  # library or file format the weights were read with
+    architecture: str
+    embed_dim: int  # channels of every returned level
+    patch_size: int  # stride of the returned maps relative to the model input
+    native_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    levels: tuple[int, ...]
+    resize: ResizeMode = "square"
+    weights: str = "random"
+    sha256: str | None = None
+    num_params: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def to_float01(images: Tensor) -> Tensor:
+    """uint8 [0, 255] or float [0, 1] images (B, 3, H, W) -> float32 in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    return images.float()
+
+
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> tuple[Tensor, tuple[int, int]]:
+    """Resize float images; returns the resized batch and the (h, w) of the valid (unpadded) region.
+
+    square: bicubic to size x size (antialiased when shrinking, as PIL does).
+    longest_pad: longest side to `size`, aspect kept (SAM); padding is added after normalisation.
+    keep: no resize, crop down to a multiple of `multiple`.
+    """
+    h, w = x.shape[-2:]
+    if mode == "square":
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        return x, (size, size)
+    if mode == "longest_pad":
+        scale = size / max(h, w)
+        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        return x, (nh, nw)
+    if mode == "keep":
+        nh, nw = h - h % multiple, w - w % multiple
+        return x[..., :nh, :nw], (nh, nw)
+    raise ValueError(f"unknown resize mode {mode!r}; expected square, longest_pad or keep")
+
+
+class Teacher(nn.Module):
+    """A frozen feature extractor. Subclasses build the network in `__init__`, set `self.meta`,
+    and implement `forward(x) -> TeacherOutput` on preprocessed input.
+
+    Subclasses declare their recipe options as a nested dataclass `Options`; unknown option keys
+    are rejected when the recipe is validated, before anything is built.
+
+    Use `sak.create_teacher`, which freezes the result; never call `.train()` expecting a change:
+    a teacher stays in eval mode whatever its parent module does.
+    """
+
+    @dataclass
+    class Options:
+        pass
+
+    options_type: ClassVar[type] = Options
+    meta: TeacherMeta
+
+    def __init__(self, spec: TeacherSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.options_type = cls.__dict__.get("Options", cls.options_type)
+
+    # -- frozen by construction -------------------------------------------------------------
+    def freeze(self) -> Teacher:
+        self.requires_grad_(False)
+        super().train(False)
+        return self
+
+    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher ignores train()
+        return super().train(False)
+
+    # -- preprocessing ----------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.spec.image_size or self.meta.native_size
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Loader batch (uint8 or float [0, 1], any size) -> this teacher's normalised input."""
+        x = to_float01(images)
+        x, (h, w) = resize_images(x, self.input_size, self.meta.resize, self.meta.patch_size)
+        if self.spec.normalization == "imagenet":
+            x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            x = normalize(x, self.meta.mean, self.meta.std)
+        if self.meta.resize == "longest_pad":  # zero padding after normalisation, as SAM does
+            x = F.pad(x, (0, self.input_size - w, 0, self.input_size - h))
+        return x
+
+    def forward(self, x: Tensor) -> TeacherOutput:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> TeacherOutput")
+
+    @torch.inference_mode()
+    def _infer(self, x: Tensor, dtype: torch.dtype | None) -> TeacherOutput:
+        if dtype is None or dtype == torch.float32:
+            return self(x)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return self(x)
+
+    def encode(self, images: Tensor, dtype: torch.dtype | None = None) -> TeacherOutput:
+        """preprocess + forward without autograd, in `dtype` autocast; float32 normal tensors out.
+
+        Outputs are cloned out of inference mode so that losses may use them next to tensors that
+        require grad.
+        """
+        out = self._infer(self.preprocess(images), dtype)
+        summary = None if out.summary is None else out.summary.float().clone()
+        return TeacherOutput(tuple(t.float().clone() for t in out.levels), summary)
+
+    @property
+    def level_dims(self) -> tuple[int, ...]:
+        """Channels of each returned level (CNN teachers list them in meta.extra["level_dims"])."""
+        dims = self.meta.extra.get("level_dims")
+        return tuple(dims) if dims is not None else (self.meta.embed_dim,) * len(self.meta.levels)
+
+    @property
+    def level_strides(self) -> tuple[int, ...]:
+        strides = self.meta.extra.get("level_strides")
+        return tuple(strides) if strides is not None else (self.meta.patch_size,) * len(self.meta.levels)
+
+    def level_shapes(self, image_size: int | None = None) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each level for a square input of `image_size` (default: the input size)."""
+        size = image_size or self.input_size
+        return [(c, size // s, size // s) for c, s in zip(self.level_dims, self.level_strides, strict=True)]
+
+    def extra_repr(self) -> str:
+        m = getattr(self, "meta", None)
+        return "" if m is None else f"name={m.name}, source={m.source}, levels={list(m.levels)}, dim={m.embed_dim}"
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

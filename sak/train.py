@@ -1,0 +1,33 @@
+"""`accelerate launch [launcher flags] -m sak.train RECIPE [key.path=value ...]`
+
+Launcher flags go before `-m`; everything after the module is ours. On a CPU-only machine use
+`accelerate launch --multi_gpu --num_processes 2 -m sak.train ...`: `--cpu --num_processes 2` starts
+one process in accelerate 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import RecipeError, load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sak.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"sak: {exc}", file=sys.stderr)
+        return 2
+    from .engine import train
+
+    train(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Two real CPU processes through the documented command, and a run killed while checkpointing."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sak.engine import train
+from sak.engine.checkpoint import PARTIAL, latest_checkpoint
+
+from ..conftest import REPO, TINY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command docs/getting-started.md gives for N CPU processes."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "sak.train", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_recipe):
+    common = ["schedule.max_steps=4", "logging.sample_ids=true"]
+    two = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "data.batch_size=2", *common)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tiny_recipe("run.name=one", "data.batch_size=4", *common)
+    train(one)
+    two_dir = tmp_path / "two"
+
+    assert json.loads((two_dir / "run_info.json").read_text())["world_size"] == 2
+    ranks = [rows(two_dir / "samples" / f"rank{r}.jsonl") for r in (0, 1)]
+    single = rows(one.run_dir / "samples" / "rank0.jsonl")
+    for step in range(4):
+        ids0, ids1 = set(ranks[0][step]["ids"]), set(ranks[1][step]["ids"])
+        assert len(ids0) == len(ids1) == 2 and not ids0 & ids1, "each process must see its own shard"
+        assert ids0 | ids1 == set(single[step]["ids"]), "together they see the single process's batch"
+
+    loss_two = {r["step"]: r["loss"] for r in rows(two_dir / "metrics.jsonl") if "loss" in r}
+    loss_one = {r["step"]: r["loss"] for r in rows(one.run_dir / "metrics.jsonl") if "loss" in r}
+    assert loss_two.keys() == loss_one.keys() == {1, 2, 3, 4}
+    for step in loss_one:
+        assert loss_two[step] == pytest.approx(loss_one[step], rel=1e-5)
+    w2 = load_file(str(latest_checkpoint(two_dir / "checkpoints") / "model.safetensors"))
+    w1 = load_file(str(latest_checkpoint(one.run_dir / "checkpoints") / "model.safetensors"))
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path, tiny_recipe):
+    marker = tmp_path / "writing"
+    run = [sys.executable, "-m", "sak.train", str(TINY), f"run.output_dir={tmp_path}", "checkpoint.every=1",
+           "imports=[tests.plugins.slow_checkpoint]"]  # fmt: skip
+    env = {**os.environ, "SAK_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen(run, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), f"the run never reached its second checkpoint: {proc.communicate()[0][-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    root = tmp_path / "tiny" / "checkpoints"
+    assert Path(marker.read_text()).name == f"step_00000002{PARTIAL}"
+    assert latest_checkpoint(root).name == "step_00000001"
+    resumed = tiny_recipe("schedule.max_steps=3")
+    train(resumed)
+    assert not list(root.glob(f"*{PARTIAL}")), "half-written checkpoints are cleaned on resume"
+    assert latest_checkpoint(root).name == "step_00000003"
+    assert {r["step"] for r in rows(tmp_path / "tiny" / "metrics.jsonl") if "loss" in r} == {1, 2, 3}

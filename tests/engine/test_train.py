@@ -1,0 +1,109 @@
+"""The training loop on tiny models: it learns, resumes exactly, guards against NaN, runs bf16."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sak.config import RecipeError
+from sak.engine import NonFiniteLossError, train
+from sak.engine.checkpoint import latest_checkpoint
+from sak.registry import LOSSES
+
+
+def logged(run_dir, key="loss"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def weights(run_dir):
+    return load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"))
+
+
+def test_loss_is_finite_and_decreases_over_30_steps(tiny_recipe):
+    recipe = tiny_recipe("schedule.max_steps=30", "schedule.warmup_steps=3", "optim.lr=3e-3")
+    final = train(recipe)
+    losses = logged(recipe.run_dir)
+    assert sorted(losses) == list(range(1, 31))
+    values = list(losses.values())
+    assert all(torch.isfinite(torch.tensor(values)))
+    assert sum(values[-5:]) / 5 < 0.7 * sum(values[:5]) / 5
+    assert final["val/cosine/vit_a"] > 0.5 and final["val/cosine/vit_b"] > 0.5
+    info = json.loads((recipe.run_dir / "run_info.json").read_text())
+    assert info["world_size"] == 1 and info["versions"]["torch"] and info["seed"] == 0
+    assert (recipe.run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+
+
+def test_resume_is_exact(tiny_recipe, tmp_path):
+    """8 steps straight == 4 steps, stop, resume, 4 more: same weights and same logged losses."""
+    common = ["schedule.max_steps=8", "data.num_workers=0", "student.model_kwargs.drop_path_rate=0.1"]
+    straight = tiny_recipe(*common, "run.name=straight")
+    train(straight)
+    split = tiny_recipe(*common, "run.name=split", "run.stop_at=4")
+    assert train(split) == {}
+    assert latest_checkpoint(split.run_dir / "checkpoints").name == "step_00000004"
+    resumed = tiny_recipe(*common, "run.name=split")
+    train(resumed)
+    a, b = weights(straight.run_dir), weights(split.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    assert logged(straight.run_dir) == logged(split.run_dir)
+
+
+def test_keep_last_prunes_old_checkpoints(tiny_recipe):
+    recipe = tiny_recipe("schedule.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=2")
+    train(recipe)
+    names = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())
+    assert names == ["step_00000005", "step_00000006"]
+
+
+@LOSSES.register("test_nan_after_2")
+class NanAfterTwo(torch.nn.Module):
+    calls = 0
+
+    def forward(self, student, teacher):
+        NanAfterTwo.calls += 1
+        loss = sum(s.float().mean() * 0 + 1 for s in student)
+        return loss * float("nan") if NanAfterTwo.calls > 4 else loss  # two teachers per step
+
+
+def test_nonfinite_guard_skips_steps_then_stops_keeping_last_checkpoint(tiny_recipe):
+    NanAfterTwo.calls = 0
+    recipe = tiny_recipe("loss.distill=test_nan_after_2", "checkpoint.every=2", "optim.max_nonfinite=3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 5") as info:
+        train(recipe)
+    assert "step_00000002" in str(info.value)
+    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000002"
+    streaks = logged(recipe.run_dir, "nonfinite_streak")
+    assert streaks[3] == 1 and streaks[5] == 3
+
+
+def test_bf16_on_cpu_trains(tiny_recipe):
+    recipe = tiny_recipe("precision.mixed=bf16", "schedule.max_steps=3")
+    final = train(recipe)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logged(recipe.run_dir).values())
+    assert final["val/loss"] > 0
+
+
+def test_fp16_without_gpu_is_an_error_not_a_silent_fp32_run(tiny_recipe):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: fp16 is real there")
+    with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
+        train(tiny_recipe("precision.mixed=fp16"))
+
+
+def test_grad_accumulation_matches_a_larger_batch(tiny_recipe):
+    """2 x batch 2 with accumulation == 1 x batch 4 (same samples, same mean gradient)."""
+    big = tiny_recipe("run.name=big", "schedule.max_steps=3")
+    train(big)
+    acc = tiny_recipe("run.name=acc", "schedule.max_steps=3", "data.batch_size=2", "optim.grad_accum=2")
+    train(acc)
+    la, lb = logged(big.run_dir), logged(acc.run_dir)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+    a, b = weights(big.run_dir), weights(acc.run_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -1,0 +1,117 @@
+"""Recipes: every shipped YAML validates; bad recipes fail before any work with a precise message."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sak.config import Recipe, RecipeError, apply_override, load_recipe
+
+from .conftest import REPO, TINY
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert RECIPES, "recipes/ holds no YAML"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+
+
+def write_variant(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    edit(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_misspelt_key_names_key_file_and_valid_keys(tmp_path):
+    path = write_variant(tmp_path, lambda d: d["optim"].update(lrr=0.1))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert str(path) in msg and "optim.lrr" in msg and "did you mean 'lr'" in msg and "weight_decay" in msg
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = write_variant(tmp_path, lambda d: d["data"].update(batch_size="four"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert str(path) in msg and "data.batch_size" in msg and "expected an integer" in msg and "'four'" in msg
+
+
+def test_unknown_teacher_lists_known_teachers(tmp_path):
+    path = write_variant(tmp_path, lambda d: d["teachers"][0].update(name="dinov9"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert str(path) in msg and "teachers[0].name" in msg and "'dinov9'" in msg and "timm" in msg and "imports:" in msg
+
+
+def test_unknown_task_lists_known_tasks(tmp_path):
+    path = write_variant(tmp_path, lambda d: d.update(tasks=[{"name": "semseg"}, {"name": "optical_flow"}]))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert str(path) in msg and "tasks[1].name" in msg and "optical_flow" in msg
+    for known in ("semseg", "parts", "saliency", "normals", "edges", "depth"):
+        assert known in msg
+
+
+def test_unknown_teacher_option_is_rejected(tmp_path):
+    path = write_variant(tmp_path, lambda d: d["teachers"][0]["options"].update(modle="x"))
+    with pytest.raises(RecipeError, match=r"teachers\[0\]\.options\.modle.*did you mean 'model'"):
+        load_recipe(path)
+
+
+def test_bad_literal_value_lists_choices(tmp_path):
+    path = write_variant(tmp_path, lambda d: d.update(precision={"mixed": "fp8"}))
+    with pytest.raises(RecipeError, match=r"precision\.mixed: 'fp8' is not one of 'no', 'bf16', 'fp16'"):
+        load_recipe(path)
+
+
+def test_recipe_errors_before_any_work(tmp_path):
+    """The CLI exits with status 2 and a one-line message; nothing is written to the run directory."""
+    from sak.cli import main
+
+    path = write_variant(tmp_path, lambda d: d["run"].update(output_dir=str(tmp_path / "runs"), colour="red"))
+    assert main(["train", str(path)]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    recipe = load_recipe(TINY, ["optim.lr=1e-4", "teachers.1.weights=/x.safetensors", "logging.tensorboard=true"])
+    assert recipe.optim.lr == pytest.approx(1e-4)
+    assert recipe.teachers[1].weights == "/x.safetensors"
+    assert recipe.logging.tensorboard is True
+
+
+def test_override_errors():
+    with pytest.raises(RecipeError, match="not of the form"):
+        apply_override({}, "optim.lr")
+    with pytest.raises(RecipeError, match="has 1 items"):
+        apply_override({"teachers": [{}]}, "teachers.3.name=x")
+
+
+def test_imports_load_plugins_and_report_missing_modules(tmp_path):
+    path = write_variant(tmp_path, lambda d: d.update(imports=["no_such_plugin_module"]))
+    with pytest.raises(RecipeError, match=r"imports\[0\]: cannot import plug-in module 'no_such_plugin_module'"):
+        load_recipe(path)
+
+
+def test_schedule_needs_exactly_one_length():
+    with pytest.raises(RecipeError, match="exactly one of schedule.max_steps and schedule.epochs"):
+        load_recipe(TINY, ["schedule.epochs=2"])
+
+
+def test_show_round_trips(tmp_path):
+    recipe = load_recipe(TINY)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
