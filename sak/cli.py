@@ -20,7 +20,9 @@ def _recipe(args) -> int:
     if args.action == "show":
         print(recipe.to_yaml(), end="")
     else:
-        print(f"{args.recipe}: ok ({len(recipe.teachers)} teacher(s), {len(recipe.tasks)} task(s), stage {recipe.run.stage})")
+        print(
+            f"{args.recipe}: ok ({len(recipe.teachers)} teacher(s), {len(recipe.tasks)} task(s), stage {recipe.run.stage})"
+        )
     return 0
 
 
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a recipe in this process (for N processes use `accelerate launch -m sak.train`)")
+    p = sub.add_parser(
+        "train", help="train a recipe in this process (for N processes use `accelerate launch -m sak.train`)"
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.set_defaults(func=_train)

@@ -83,6 +83,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # optimiser steps between evaluations; 0 = only at the end
+    at_start: bool = False  # also evaluate the untrained student (step 0), e.g. for before/after tables
     split: str = "val"
     batches: int = 0  # 0 = the whole split
     batch_size: int = 8
@@ -170,7 +171,9 @@ class Recipe:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         first = ("name", "key")  # teachers read best name-first
-        data["teachers"] = [{**{k: t[k] for k in first}, **{k: v for k, v in t.items() if k not in first}} for t in data["teachers"]]
+        data["teachers"] = [
+            {**{k: t[k] for k in first}, **{k: v for k, v in t.items() if k not in first}} for t in data["teachers"]
+        ]
         return data
 
     def to_yaml(self) -> str:
@@ -277,7 +280,9 @@ def apply_override(data: dict, override: str) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"override {override!r}: {'.'.join(keys[:i])} has {len(node)} items; {key!r} is not an index")
+                raise RecipeError(
+                    f"override {override!r}: {'.'.join(keys[:i])} has {len(node)} items; {key!r} is not an index"
+                )
             key = int(key)
             if last:
                 node[key] = value

@@ -14,7 +14,9 @@ from .config import RecipeError, load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sak.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sak.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("recipe", help="YAML recipe file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)

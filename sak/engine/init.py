@@ -32,7 +32,9 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
     file = student_weights_file(path)
     result = student.load_state_dict(load_file(str(file)), strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"checkpoint.init_from {str(file)!r}: keys the student does not have: {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"checkpoint.init_from {str(file)!r}: keys the student does not have: {result.unexpected_keys[:8]}"
+        )
     bad = [k for k in result.missing_keys if not k.startswith(NEW_IN_STAGE_2)]
     if bad:
         raise ValueError(f"checkpoint.init_from {str(file)!r}: student weights missing from the file: {bad[:8]}")

@@ -70,8 +70,13 @@ class RunLogger:
         self.main = accelerator.is_main_process
         self.path = recipe.run_dir / "metrics.jsonl"
         self.bar = None
-        if self.main and start_step and self.path.exists():  # drop what the interrupted run logged after its checkpoint
-            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+        if self.main and self.path.exists():  # a fresh run starts a new file; a resumed one drops what
+            # the interrupted run logged after its checkpoint
+            lines = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if start_step and json.loads(ln).get("step", 0) <= start_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in lines))
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
@@ -85,7 +90,9 @@ class RunLogger:
             accelerator.init_trackers(
                 recipe.logging.wandb.project,
                 config=flat_config(recipe.to_dict()),
-                init_kwargs={"wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name}},
+                init_kwargs={
+                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name}
+                },
             )
         self.trackers = bool(trackers)
 

@@ -27,7 +27,9 @@ class StepLosses:
         return out
 
 
-def teacher_targets(teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None) -> dict[str, TeacherOutput]:
+def teacher_targets(
+    teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None
+) -> dict[str, TeacherOutput]:
     """Every teacher's output for the batch, without autograd, as float32."""
     return {tid: teacher.encode(images, dtype) for tid, teacher in teachers.items()}
 

@@ -74,7 +74,10 @@ def train(recipe: Recipe) -> dict:
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
     accelerator.wait_for_everyone()
-    extra_files = {"recipe.yaml": recipe.to_yaml(), "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2)}
+    extra_files = {
+        "recipe.yaml": recipe.to_yaml(),
+        "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2),
+    }
 
     # -- build ------------------------------------------------------------------------------
     teachers = build.build_teachers(recipe, accelerator.device)
@@ -108,10 +111,15 @@ def train(recipe: Recipe) -> dict:
         logger_start = state.step
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))
-    logger.message(f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
-                   f"{total} steps; parameters {json.dumps(report)}")
+    logger.message(
+        f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"{total} steps; parameters {json.dumps(report)}"
+    )
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
+
+    if recipe.eval.at_start and state.step == 0:
+        logger.log(0, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype))
 
     # -- loop -------------------------------------------------------------------------------
     images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
@@ -121,7 +129,9 @@ def train(recipe: Recipe) -> dict:
     tick = time.perf_counter()
     while state.step < total:
         train_loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+        batches = (
+            accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+        )
         for batch in batches:
             with accelerator.accumulate(student):
                 targets = teacher_targets(teachers, batch["image"], tdtype)
@@ -143,14 +153,18 @@ def train(recipe: Recipe) -> dict:
             if math.isfinite(values["loss"]):
                 state.nonfinite_streak = 0
                 if recipe.optim.grad_clip is not None:
-                    values["grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip))
+                    values["grad_norm"] = float(
+                        accelerator.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
+                    )
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
             else:
                 state.nonfinite_streak += 1
-                logger.message(f"[sak] step {state.step + 1}: non-finite loss {values['loss']}, step skipped "
-                               f"({state.nonfinite_streak}/{recipe.optim.max_nonfinite} in a row)")
+                logger.message(
+                    f"[sak] step {state.step + 1}: non-finite loss {values['loss']}, step skipped "
+                    f"({state.nonfinite_streak}/{recipe.optim.max_nonfinite} in a row)"
+                )
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             values["nonfinite_streak"] = state.nonfinite_streak
@@ -169,7 +183,10 @@ def train(recipe: Recipe) -> dict:
                 logger.log(state.step, values)
             logger.progress(1, {k: values[k] for k in ("loss", "lr", "images_per_s")})
             if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total:
-                logger.log(state.step, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype))
+                logger.log(
+                    state.step,
+                    evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype),
+                )
                 student.train()
             # no checkpoint in a non-finite streak: pruning could otherwise drop the last good ones
             periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0

@@ -75,9 +75,7 @@ class SAKStudent(nn.Module):
         )
         router_cls = ROUTERS.get(router)
         experts = len(teachers) + 1
-        self.routers = nn.ModuleDict(
-            {t: nn.ModuleList(router_cls(d, experts) for _ in self.levels) for t in tasks}
-        )
+        self.routers = nn.ModuleDict({t: nn.ModuleList(router_cls(d, experts) for _ in self.levels) for t in tasks})
         self.heads = nn.ModuleDict({t: DecodeHead(d, len(self.levels), c) for t, c in tasks.items()})
 
     def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:

@@ -41,7 +41,9 @@ class NoisyRouter(Router):
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__(dim, num_experts)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.LayerNorm(dim // 2), nn.GELU(), nn.Linear(dim // 2, 2 * num_experts))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.LayerNorm(dim // 2), nn.GELU(), nn.Linear(dim // 2, 2 * num_experts)
+        )
 
     def weights(self, tas: Tensor) -> Tensor:
         logits = self.mlp(tas).mean(1)  # (B, 2E)

@@ -20,8 +20,11 @@ def is_local(weights: str | None) -> bool:
     """True when `weights` names something on disk (a file or a directory) rather than a hub tag."""
     if weights is None:
         return False
-    return os.path.exists(os.path.expanduser(weights)) or weights.endswith(LOCAL_SUFFIXES) or "/" in weights and (
-        weights.startswith((".", "/", "~"))
+    return (
+        os.path.exists(os.path.expanduser(weights))
+        or weights.endswith(LOCAL_SUFFIXES)
+        or "/" in weights
+        and (weights.startswith((".", "/", "~")))
     )
 
 

@@ -107,3 +107,11 @@ def test_grad_accumulation_matches_a_larger_batch(tiny_recipe):
     a, b = weights(big.run_dir), weights(acc.run_dir)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tiny_recipe, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = tiny_recipe("schedule.max_steps=2", "logging.wandb.mode=offline", "logging.tensorboard=true")
+    train(recipe)
+    assert list(recipe.run_dir.rglob("events.out.tfevents.*")), "no tensorboard event file"
+    assert list((recipe.run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"

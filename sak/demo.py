@@ -1,0 +1,133 @@
+"""`make demo` (or `python -m sak.demo [key=value ...]`): distil the bundled default recipe and write a
+report folder: a feature grid (image | each teacher's PCA map | the student's map for that teacher),
+loss curves, and held-out student-teacher cosine per teacher before and after training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from .config import Recipe, load_recipe  # noqa: E402
+from .engine import train  # noqa: E402
+from .engine.build import build_loader, build_student, build_tasks, build_teachers  # noqa: E402
+from .engine.checkpoint import latest_checkpoint  # noqa: E402
+
+DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "default.yaml"
+
+
+def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Project (N, C, h, w) maps onto the top 3 principal components of `reference`; the same basis
+    and colour scale for every input, so that matching colours mean matching features."""
+    flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1])
+    mean = flat.mean(0)
+    _, _, v = torch.pca_lowrank(flat - mean, q=3, center=False)
+    proj = (flat - mean) @ v
+    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
+    out = []
+    for x in (reference, *others):
+        p = (x.permute(0, 2, 3, 1) - mean) @ v  # (N, h, w, 3)
+        out.append(((p - lo) / (hi - lo + 1e-8)).clamp(0, 1))
+    return out
+
+
+@torch.no_grad()
+def feature_grid(recipe: Recipe, path: Path, images: int = 4) -> None:
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    tasks = build_tasks(recipe)
+    student = build_student(recipe, teachers, tasks)
+    student.load_state_dict(load_file(str(latest_checkpoint(recipe.run_dir / "checkpoints") / "model.safetensors")))
+    student.eval()
+    batch = next(iter(build_loader(recipe, recipe.eval.split, train=False, batch_size=images)))
+    out = student(batch["image"])
+    cols = 1 + 2 * len(teachers)
+    fig, axes = plt.subplots(images, cols, figsize=(2.2 * cols, 2.2 * images), squeeze=False)
+    for c, (tid, teacher) in enumerate(teachers.items()):
+        t_map = teacher.encode(batch["image"]).levels[-1]
+        s_map = torch.nn.functional.interpolate(out.features[tid][-1], size=t_map.shape[-2:], mode="bilinear")
+        t_rgb, s_rgb = pca_rgb(t_map, s_map)
+        for r in range(images):
+            axes[r, 1 + 2 * c].imshow(t_rgb[r].numpy())
+            axes[r, 2 + 2 * c].imshow(s_rgb[r].numpy())
+        axes[0, 1 + 2 * c].set_title(f"{tid}\nteacher", fontsize=8)
+        axes[0, 2 + 2 * c].set_title(f"{tid}\nstudent", fontsize=8)
+    for r in range(images):
+        axes[r, 0].imshow(batch["image"][r].permute(1, 2, 0).numpy())
+    axes[0, 0].set_title("held-out image", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_curves(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    keys = sorted({k for r in rows for k in r if k.startswith("distill/")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts, strict=True), label=key.removeprefix("distill/"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss (train)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cosine_table(rows: list[dict]) -> str:
+    val = [r for r in rows if any(k.startswith("val/cosine/") for k in r)]
+    before, after = val[0], val[-1]
+    lines = ["| teacher | held-out cosine before | after | change |", "| --- | --- | --- | --- |"]
+    for key in sorted(k for k in after if k.startswith("val/cosine/")):
+        b, a = before[key], after[key]
+        lines.append(f"| {key.removeprefix('val/cosine/')} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(recipe: Recipe) -> Path:
+    report = recipe.run_dir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    loss_curves(rows, report / "loss_curves.png")
+    feature_grid(recipe, report / "features.png")
+    teachers = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)
+    table = cosine_table(rows)
+    (report / "summary.md").write_text(
+        f"# sak demo: {recipe.run.name}\n\nTeachers: {teachers}.\n\n{table}\n\n"
+        "features.png: held-out images | for each teacher, its last-level features (PCA to RGB) and the "
+        "student's features for that teacher in the same PCA basis.\n"
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sak.demo", description=__doc__)
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of recipes/demo/default.yaml")
+    parser.add_argument("--recipe", default=str(DEFAULT))
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    names = ", ".join(f"{t.id} ({t.name}, weights: {t.weights or 'random'})" for t in recipe.teachers)
+    print(
+        f"[sak demo] distilling {len(recipe.teachers)} frozen teachers [{names}] into a {recipe.student.model} "
+        f"student on the `{recipe.data.name}` dataset, {recipe.schedule.max_steps} steps on CPU. "
+        f"Run directory: {recipe.run_dir}"
+    )
+    train(recipe)
+    report = write_report(recipe)
+    print((report / "summary.md").read_text())
+    print(f"[sak demo] report: {report}/ (summary.md, features.png, loss_curves.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
