@@ -115,3 +115,13 @@ def test_show_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(recipe.to_yaml())
     assert load_recipe(path) == recipe
+
+
+def test_cli_recipe_show_and_check(capsys):
+    from sak.cli import main
+
+    assert main(["recipe", "show", str(TINY), "optim.lr=0.5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.5 and shown["teachers"][0]["name"] == "timm"
+    assert main(["recipe", "check", str(TINY)]) == 0
+    assert "ok (2 teacher(s), 0 task(s), stage distill)" in capsys.readouterr().out

@@ -115,3 +115,13 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     train(recipe)
     assert list(recipe.run_dir.rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+
+
+def test_epoch_based_length_counts_optimizer_steps(tiny_recipe):
+    """32 samples, batch 4 -> 8 steps per epoch; 2 epochs = 16 steps; the data order changes per epoch."""
+    recipe = tiny_recipe("schedule.max_steps=null", "schedule.epochs=2", "logging.sample_ids=true")
+    train(recipe)
+    assert max(logged(recipe.run_dir)) == 16
+    rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+    first, second = [sum((r["ids"] for r in rows[e * 8 : (e + 1) * 8]), []) for e in (0, 1)]
+    assert sorted(first) == sorted(second) and len(set(first)) == 32 and first != second

@@ -1,0 +1,131 @@
+"""The SAK student's parts: routers, adapter paths, heads, gradient flow, and stage 1 -> stage 2."""
+
+import json
+
+import pytest
+import torch
+
+from sak.data import DatasetSpec, build_dataset
+from sak.engine import train
+from sak.engine.build import build_distill_loss, build_student, build_tasks, build_teachers
+from sak.engine.step import compute_losses, teacher_targets
+from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_report
+from sak.student.adapters import BottleneckAdapter, TeacherSpecificAdapterPath
+from sak.student.router import NoisyRouter, PixelRouter, SumRouter
+
+from ..conftest import TESTS
+
+
+def experts(b=2, n=5, d=8, e=3):
+    torch.manual_seed(0)
+    return torch.randn(b, n, d), [torch.randn(b, n, d) for _ in range(e)]
+
+
+def test_noisy_router_weights_sum_to_one_with_noise_only_in_training():
+    tas, ex = experts()
+    router = NoisyRouter(8, 3)
+    router.eval()
+    w1, w2 = router.weights(tas), router.weights(tas)
+    assert w1.shape == (2, 3)
+    torch.testing.assert_close(w1.sum(-1), torch.ones(2))
+    torch.testing.assert_close(w1, w2)  # eval: deterministic
+    router.train()
+    t1, t2 = router.weights(tas), router.weights(tas)
+    torch.testing.assert_close(t1.sum(-1), torch.ones(2))
+    assert not torch.allclose(t1, t2)  # training: noisy
+    mixed = router.eval()(tas, ex)
+    expected = sum(w1[:, i, None, None] * ex[i] for i in range(3))
+    torch.testing.assert_close(mixed, expected)
+
+
+def test_none_router_is_the_plain_sum_and_pixel_router_weights_each_token():
+    tas, ex = experts()
+    torch.testing.assert_close(SumRouter(8, 3)(tas, ex), ex[0] + ex[1] + ex[2])
+    w = PixelRouter(8, 3).weights(tas)
+    assert w.shape == (2, 5, 3)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
+
+
+def test_adapter_starts_as_identity_and_path_follows_the_paper_recurrence():
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(BottleneckAdapter(8, 4)(x), x)
+    path = TeacherSpecificAdapterPath(8, depth=3, levels=[1, 2])
+    for a in path.adapters:  # identity adapters: path_i = path_{i-1} + tas_i, starting at the embedding
+        assert isinstance(a, BottleneckAdapter)
+    emb, outs = torch.randn(2, 5, 8), [torch.randn(2, 5, 8) for _ in range(3)]
+    got = path(emb, outs)
+    expected = [path.norms[0](emb + outs[0] + outs[1]), path.norms[1](emb + outs[0] + outs[1] + outs[2])]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def build(multitask=True):
+    from sak.config import load_recipe
+
+    recipe = load_recipe(TESTS / ("tiny_multitask.yaml" if multitask else "tiny.yaml"))
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    tasks = build_tasks(recipe)
+    return recipe, teachers, tasks, build_student(recipe, teachers, tasks)
+
+
+def test_shapes_and_parameter_report():
+    recipe, teachers, tasks, student = build()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    out = student(images)
+    assert set(out.features) == {"vit_a", "vit_b"}
+    assert [f.shape for f in out.features["vit_a"]] == [(2, 48, 4, 4)] * 4
+    assert [f.shape for f in out.features["vit_b"]] == [(2, 40, 4, 4)] * 4
+    assert out.tasks["semseg"].shape == (2, 5, 64, 64) and out.tasks["normals"].shape == (2, 3, 64, 64)
+    report = parameter_report(student)
+    parts = ["tas", "tsap.vit_a", "tsap.vit_b", "aligners", "routers", "heads"]
+    assert sum(report[p] for p in parts) == report["total"] == sum(p.numel() for p in student.parameters())
+    assert report["inference"] == report["total"] - report["aligners"]
+
+
+def test_gradients_reach_every_student_part_and_no_teacher():
+    recipe, teachers, tasks, student = build()
+    student.train()
+    dataset = build_dataset("synthetic", DatasetSpec(image_size=64, tasks=tuple(tasks)), {"length": 4})
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    targets = teacher_targets(teachers, batch["image"], None)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    for _ in range(2):  # adapters' up projections start at zero: their down projections get gradient from step 2
+        optimizer.zero_grad()
+        losses = compute_losses(student(batch["image"]), targets, batch, tasks, build_distill_loss(recipe), 1.0)
+        losses.total.backward()
+        optimizer.step()
+    missing = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient: {missing[:10]}"
+    for teacher in teachers.values():
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+        teacher.train()
+        assert not teacher.training
+
+
+def test_levels_must_match_between_student_and_teacher():
+    stem = TeacherAgnosticStem("vit_small_patch16_224", 32, embed_dim=16, depth=4, num_heads=2)
+    with pytest.raises(ValueError, match="returns 3 levels but the student has 4"):
+        SAKStudent(stem, [TeacherSlot("t", (16, 16, 16))], {})
+
+
+def rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage1_then_stage2_lowers_every_loss_and_starts_from_stage1(tiny_recipe, tmp_path):
+    stage1 = tiny_recipe("run.name=s1", "schedule.max_steps=10")
+    train(stage1)
+    stage2 = tiny_recipe(
+        "run.name=s2", "schedule.max_steps=25", f"checkpoint.init_from={stage1.run_dir}", "eval.at_start=true",
+        path=TESTS / "tiny_multitask.yaml",
+    )  # fmt: skip
+    train(stage2)
+    log = rows(stage2.run_dir)
+    before, after = log[0], log[-1]
+    assert before["step"] == 0 and after["step"] == 25
+    for key in before:
+        if key.startswith(("val/task/", "val/distill/")):
+            assert after[key] < before[key], key
+    s1_val = [r for r in rows(stage1.run_dir) if "val/distill/vit_a" in r][-1]
+    # stage 2 starts where stage 1 ended: same held-out distillation loss before any stage-2 step
+    assert before["val/distill/vit_a"] == pytest.approx(s1_val["val/distill/vit_a"], rel=1e-5)

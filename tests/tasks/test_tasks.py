@@ -1,0 +1,51 @@
+"""Task losses against hand-computed values, including ignore handling."""
+
+import math
+
+import pytest
+import torch
+
+from sak.tasks import create_task
+from sak.tasks.dense import balanced_bce
+
+
+def bce(logit, y):
+    p = 1 / (1 + math.exp(-logit))
+    return -math.log(p) if y else -math.log(1 - p)
+
+
+def test_edges_balanced_bce_uses_fixed_positive_weight_and_ignores_255():
+    logits = torch.tensor([[[[0.0, 2.0, -1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 255.0]]]])
+    expected = (0.95 * bce(0.0, 1) + 0.05 * bce(2.0, 0)) / 2
+    assert create_task("edges").loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert create_task("edges").weight == 50
+
+
+def test_saliency_weight_is_the_share_of_negatives():
+    logits = torch.tensor([[[[1.0, -1.0, 0.5, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    w = 3 / 4
+    expected = (w * bce(1.0, 1) + (1 - w) * (bce(-1.0, 0) + bce(0.5, 0) + bce(0.0, 0))) / 4
+    assert balanced_bce(logits, target, None).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_normals_l1_on_normalised_prediction_ignores_zero_ground_truth():
+    logits = torch.tensor([[[[2.0, 5.0]], [[0.0, 5.0]], [[0.0, 5.0]]]])  # pixel 0 -> (1, 0, 0)
+    target = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])  # pixel 0 = (0, 1, 0); pixel 1 ignored
+    assert create_task("normals").loss(logits, target).item() == pytest.approx(2 / 3)
+
+
+def test_segmentation_ce_ignores_255_and_all_ignored_batches_give_zero_with_a_graph():
+    logits = torch.zeros(1, 7, 1, 2, requires_grad=True)
+    target = torch.tensor([[[3, 255]]])
+    assert create_task("parts").loss(logits, target).item() == pytest.approx(math.log(7))
+    empty = create_task("parts").loss(logits, torch.full((1, 1, 2), 255))
+    assert empty.item() == 0 and empty.requires_grad
+    assert create_task("parts").weight == 2 and create_task("semseg").channels == 21
+
+
+def test_depth_l1_on_valid_pixels():
+    logits = torch.tensor([[[[1.0, 2.0, 9.0]]]])
+    target = torch.tensor([[[[1.5, 1.0, 0.0]]]])
+    assert create_task("depth").loss(logits, target).item() == pytest.approx((0.5 + 1.0) / 2)
