@@ -37,7 +37,7 @@ format: setup
 	$(PY) -m ruff check --fix sak tests benchmarks
 
 bench: setup
-	@echo "no benchmarks yet"
+	$(PY) -m benchmarks.throughput
 
 clean:
 	rm -rf $(VENV) runs demo-report .pytest_cache

@@ -69,7 +69,7 @@ class PackageImages(SakDataset):
     def __init__(self, spec: DatasetSpec, options: Options) -> None:
         super().__init__(spec, options)
         names = options.images or (TRAIN_IMAGES if spec.split == "train" else VAL_IMAGES)
-        self.images = [torch.from_numpy(load_package_image(n)).permute(2, 0, 1).contiguous() for n in names]
+        self.images = [torch.from_numpy(load_package_image(n).copy()).permute(2, 0, 1).contiguous() for n in names]
         self.names = names
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import latest_checkpoint
 
-NEW_IN_STAGE_2 = ("routers.", "heads.", "tas_norms.")  # the task side of the student
+NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
 
 
 def student_weights_file(path: Path) -> Path:

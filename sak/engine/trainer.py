@@ -126,13 +126,14 @@ def train(recipe: Recipe) -> dict:
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()
     window: dict[str, torch.Tensor] = {}
-    tick = time.perf_counter()
+    tick, compute_time = time.perf_counter(), 0.0
     while state.step < total:
         train_loader.set_epoch(state.epoch)
         batches = (
             accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
         )
         for batch in batches:
+            batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):
                 targets = teacher_targets(teachers, batch["image"], tdtype)
                 with accelerator.autocast():
@@ -141,11 +142,13 @@ def train(recipe: Recipe) -> dict:
                 accelerator.backward(losses.total)
                 for key, value in losses.scalars_tensors().items():
                     window[key] = window.get(key, 0.0) + value.detach() / recipe.optim.grad_accum
+            compute_time += time.perf_counter() - batch_arrived
             state.batch_in_epoch += 1
             if recipe.logging.sample_ids:
                 record_ids(recipe.run_dir, accelerator.process_index, state.step + 1, batch["id"])
             if not accelerator.sync_gradients:
                 continue
+            step_arrived = time.perf_counter()
             keys = sorted(window)
             reduced = accelerator.reduce(torch.stack([window[k].float() for k in keys]), "mean").tolist()
             values, window = dict(zip(keys, reduced, strict=True)), {}
@@ -167,6 +170,8 @@ def train(recipe: Recipe) -> dict:
                 )
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            # step_time: compute of this step without waiting for data; images_per_s: wall clock between steps
+            values["step_time"], compute_time = compute_time + time.perf_counter() - step_arrived, 0.0
             values["nonfinite_streak"] = state.nonfinite_streak
             if state.nonfinite_streak >= recipe.optim.max_nonfinite:
                 logger.log(state.step, values)

@@ -15,8 +15,8 @@ from ..registry import ADAPTERS
 
 @ADAPTERS.register("bottleneck")
 class BottleneckAdapter(nn.Module):
-    """x + scale * up(GELU(down(x))), D -> D/r -> D. The up projection starts at zero, so a new path
-    begins as the identity of its input (as AdaptFormer-style adapters do)."""
+    """x + scale * up(GELU(down(x))), D -> D/r -> D, the scale a learnable scalar starting at 1; linear
+    weights truncated-normal (std 0.02), biases zero, as the public SAK code initialises them."""
 
     def __init__(self, dim: int, down_ratio: int = 4) -> None:
         super().__init__()
@@ -25,8 +25,9 @@ class BottleneckAdapter(nn.Module):
         self.act = nn.GELU()
         self.up = nn.Linear(hidden, dim)
         self.scale = nn.Parameter(torch.ones(1))
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, D)
         return x + self.scale * self.up(self.act(self.down(x)))

@@ -14,7 +14,7 @@ class DecodeHead(nn.Module):
         inner = dim // 4
         self.proj = nn.ModuleList(nn.Linear(dim, inner) for _ in range(num_levels))
         self.fuse = nn.Sequential(
-            nn.Conv2d(inner * num_levels, inner * num_levels, 3, padding=1, bias=False),
+            nn.Conv2d(inner * num_levels, inner * num_levels, 3, padding=1),
             nn.BatchNorm2d(inner * num_levels),
             nn.GELU(),
         )

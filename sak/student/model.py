@@ -61,7 +61,6 @@ class SAKStudent(nn.Module):
                     f"teacher {slot.id!r} returns {len(slot.level_dims)} levels but the student has {len(self.levels)} "
                     f"(student.levels={self.levels}); set teachers[].levels or student.levels so they match"
                 )
-        self.tas_norms = nn.ModuleList(nn.LayerNorm(d) for _ in self.levels) if tasks else nn.ModuleList()
         self.paths = nn.ModuleDict(
             {s.id: TeacherSpecificAdapterPath(d, stem.depth, self.levels, s.adapter, down_ratio) for s in teachers}
         )
@@ -77,6 +76,8 @@ class SAKStudent(nn.Module):
         experts = len(teachers) + 1
         self.routers = nn.ModuleDict({t: nn.ModuleList(router_cls(d, experts) for _ in self.levels) for t in tasks})
         self.heads = nn.ModuleDict({t: DecodeHead(d, len(self.levels), c) for t, c in tasks.items()})
+        for module in (self.aligners, self.routers):  # SAK's initialisation for the new linear layers
+            module.apply(_init_linear)
 
     def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:
         x = to_float01(images)
@@ -104,7 +105,7 @@ class SAKStudent(nn.Module):
                     self.stem.to_map(align(tok), grid) for align, tok in zip(self.aligners[tid], levels, strict=True)
                 ]
         if self.heads:
-            tas = [norm(outs[i])[:, prefix:] for norm, i in zip(self.tas_norms, self.levels, strict=True)]
+            tas = [outs[i][:, prefix:] for i in self.levels]  # the TAS expert: raw block tokens, as SAK
             for task, head in self.heads.items():
                 mixed = []
                 for j, router in enumerate(self.routers[task]):
@@ -114,13 +115,19 @@ class SAKStudent(nn.Module):
         return result
 
 
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+
+
 def parameter_report(model: SAKStudent) -> dict[str, int]:
     """Parameters per component, the total, and what the exported inference model keeps (no aligners)."""
 
     def n(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    report = {"tas": n(model.stem) + n(model.tas_norms)}
+    report = {"tas": n(model.stem)}
     for tid, path in model.paths.items():
         report[f"tsap.{tid}"] = n(path)
     report["aligners"] = n(model.aligners)

@@ -20,9 +20,9 @@ IGNORE = 255
 def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
     """Class-balanced BCE over valid pixels (target 255 = ignore).
 
-    pos_weight None: the weight of positives is the share of negatives in the batch (saliency);
-    a number fixes it (edges: 0.95). Positives get `w`, negatives `1 - w`; summed, divided by the
-    number of valid pixels.
+    pos_weight None: the weight of positives is the share of negatives in the batch; a number fixes
+    it (edges: 0.95). Positives get `w`, negatives `1 - w`; summed, divided by the number of valid
+    pixels (equal to the public SAK code's BCE with pos_weight w / (1 - w), scaled by 1 - w).
     """
     valid = target != IGNORE
     y = torch.where(valid, target, torch.zeros_like(target)).float()
@@ -63,14 +63,25 @@ class HumanParts(_Segmentation):
 
 @TASKS.register("saliency")
 class Saliency(Task):
+    """Two-class softmax head with class-balanced cross-entropy, as the public SAK code: the positive
+    class is weighted by the share of negative pixels in the batch, the negative class by the rest."""
+
     name = "saliency"
+    default_channels = 2
     default_weight = 5.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return balanced_bce(logits, target, pos_weight=None)
+        label = target[:, 0].long() if target.ndim == 4 else target.long()  # (B, H, W), 255 = ignore
+        valid = label != IGNORE
+        if not valid.any():
+            return logits.sum() * 0.0
+        w = (1.0 - label[valid].float()).sum() / valid.sum()
+        weight = torch.stack([1 - w, w]).to(logits.dtype)
+        loss = F.cross_entropy(logits.float(), label, weight=weight.float(), ignore_index=IGNORE, reduction="sum")
+        return loss / valid.sum()
 
     def predict(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits.float())  # (B, 1, H, W) probability
+        return logits.float().softmax(1)[:, 1:2]  # (B, 1, H, W) probability of "salient"
 
 
 @TASKS.register("edges")
@@ -85,6 +96,15 @@ class Edges(Task):
         return torch.sigmoid(logits.float())
 
 
+def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Sum of |pred - target| over channels and valid pixels, divided by the number of valid pixels
+    (the public SAK / multi-task convention: a per-pixel L1 summed over channels)."""
+    n_valid = valid.sum()
+    if n_valid == 0:
+        return pred.sum() * 0.0
+    return ((pred - target).abs() * valid).sum() / n_valid
+
+
 @TASKS.register("normals")
 class SurfaceNormals(Task):
     name = "normals"
@@ -92,11 +112,8 @@ class SurfaceNormals(Task):
     default_weight = 10.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        pred = F.normalize(logits.float(), dim=1)
-        valid = (target.abs().sum(1, keepdim=True) > 0).expand_as(pred)  # all-zero ground truth = ignore
-        if not valid.any():
-            return logits.sum() * 0.0
-        return F.l1_loss(pred[valid], target.float()[valid])
+        valid = target.abs().sum(1, keepdim=True) > 0  # all-zero ground truth = ignore
+        return masked_l1(F.normalize(logits.float(), dim=1), target.float(), valid)
 
     def predict(self, logits: Tensor) -> Tensor:
         return F.normalize(logits.float(), dim=1)
@@ -108,10 +125,7 @@ class Depth(Task):
     default_weight = 1.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        valid = target > 0
-        if not valid.any():
-            return logits.sum() * 0.0
-        return F.l1_loss(logits.float()[valid], target.float()[valid])
+        return masked_l1(logits.float(), target.float(), target > 0)
 
     def predict(self, logits: Tensor) -> Tensor:
         return logits.float()  # metres

@@ -22,7 +22,7 @@ def test_edges_balanced_bce_uses_fixed_positive_weight_and_ignores_255():
     assert create_task("edges").weight == 50
 
 
-def test_saliency_weight_is_the_share_of_negatives():
+def test_balanced_bce_with_batch_weight_uses_the_share_of_negatives():
     logits = torch.tensor([[[[1.0, -1.0, 0.5, 0.0]]]])
     target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
     w = 3 / 4
@@ -30,10 +30,23 @@ def test_saliency_weight_is_the_share_of_negatives():
     assert balanced_bce(logits, target, None).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_normals_l1_on_normalised_prediction_ignores_zero_ground_truth():
+def test_saliency_is_a_two_class_ce_weighted_by_the_share_of_negatives():
+    # pixel logits (class 0, class 1); labels 1, 0, 0, 255 -> 1 positive, 2 negatives valid: w = 2/3
+    logits = torch.tensor([[[[0.0, 1.0, 0.0, 5.0]], [[1.0, 0.0, 0.0, 5.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 255.0]]]])
+    ce = [-math.log(math.e / (1 + math.e)), -math.log(math.e / (1 + math.e)), math.log(2)]
+    w = 2 / 3
+    expected = (w * ce[0] + (1 - w) * (ce[1] + ce[2])) / 3
+    task = create_task("saliency")
+    assert task.channels == 2 and task.weight == 5
+    assert task.loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert task.predict(logits).shape == (1, 1, 1, 4)
+
+
+def test_normals_l1_on_normalised_prediction_summed_over_channels_per_valid_pixel():
     logits = torch.tensor([[[[2.0, 5.0]], [[0.0, 5.0]], [[0.0, 5.0]]]])  # pixel 0 -> (1, 0, 0)
     target = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])  # pixel 0 = (0, 1, 0); pixel 1 ignored
-    assert create_task("normals").loss(logits, target).item() == pytest.approx(2 / 3)
+    assert create_task("normals").loss(logits, target).item() == pytest.approx(2.0)
 
 
 def test_segmentation_ce_ignores_255_and_all_ignored_batches_give_zero_with_a_graph():
