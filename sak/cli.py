@@ -63,6 +63,28 @@ def _model(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from .engine.export import export_student
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = export_student(recipe, Path(args.source) if args.source else recipe.run_dir, Path(args.out))
+    print(f"exported the inference student to {out}/ (student.safetensors, student.yaml)")
+    return 0
+
+
+def _predict(args) -> int:
+    from pathlib import Path
+
+    from .engine.export import load_exported, predict_images
+
+    model, config = load_exported(Path(args.model))
+    written = predict_images(model, config, [Path(p) for p in args.images], Path(args.out))
+    print(f"wrote {len(written)} prediction file(s) under {args.out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model)
+
+    p = sub.add_parser("export", help="save a run's student for inference (no teachers, no aligners)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--from", dest="source", default=None, help="run directory, checkpoint or .safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="run an exported student on image files; one folder per task")
+    p.add_argument("model", help="an export directory (sak export)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -52,6 +52,7 @@ class TeacherConfig(TeacherSpec):
 
 @dataclass
 class StudentConfig:
+    architecture: str = "sak"  # registry of student architectures: sak, many_to_one (the baselines)
     model: str = "vit_small_patch16_224"  # timm ViT name for the teacher-agnostic stem
     pretrained: str | None = None  # timm pretrained tag ("augreg_in21k_ft_in1k"), a local file, or None
     model_kwargs: dict = field(default_factory=dict)
@@ -59,6 +60,7 @@ class StudentConfig:
     down_ratio: int = 4  # TSAP adapter bottleneck ratio r
     aligner: Literal["auto", "always"] = "auto"  # auto: only when the widths differ
     router: str = "noisy"  # MoR router type (registry of routers): noisy, none, pixel
+    freeze: Literal["none", "stem", "all_but_routers"] = "none"  # what stays fixed (the official code's options)
 
 
 @dataclass
@@ -314,7 +316,7 @@ def _import_builtins() -> None:
 
 def validate(recipe: Recipe) -> None:
     """Check every registry name and every plug-in's options before any work starts."""
-    from .registry import DATASETS, LOSSES, ROUTERS, TASKS, TEACHERS
+    from .registry import DATASETS, LOSSES, ROUTERS, STUDENTS, TASKS, TEACHERS
 
     def check(registry, name: str, where: str):
         if name not in registry:
@@ -345,6 +347,7 @@ def validate(recipe: Recipe) -> None:
     build_options(dataset, recipe.data.options, "data")
     check(LOSSES, recipe.loss.distill, "loss.distill")
     check(ROUTERS, recipe.student.router, "student.router")
+    check(STUDENTS, recipe.student.architecture, "student.architecture")
     s = recipe.schedule
     if (s.max_steps is None) == (s.epochs is None):
         raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")

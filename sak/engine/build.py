@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 
 from ..config import Recipe
 from ..data import DatasetSpec, EpochSampler, build_dataset
-from ..registry import LOSSES
-from ..student import SAKStudent, TeacherAgnosticStem, TeacherSlot
+from ..registry import LOSSES, STUDENTS
+from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
 
@@ -25,20 +25,24 @@ def build_tasks(recipe: Recipe) -> dict[str, Task]:
     return {t.name: create_task(t.name, channels=t.channels, weight=t.weight) for t in recipe.tasks}
 
 
-def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> SAKStudent:
+def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> torch.nn.Module:
     s = recipe.student
     stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, **s.model_kwargs)
     adapters = {t.id: t.adapter for t in recipe.teachers}
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
-    return SAKStudent(
-        stem,
-        slots,
-        {name: task.channels for name, task in tasks.items()},
-        levels=s.levels,
-        down_ratio=s.down_ratio,
-        router=s.router,
-        aligner=s.aligner,
-    )
+    channels = {name: task.channels for name, task in tasks.items()}
+    student = STUDENTS.get(s.architecture).from_config(stem, slots, channels, s)
+    apply_freeze(student, s.freeze)
+    return student
+
+
+def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
+    """`stem`: the TAS stays fixed; `all_but_routers`: only the MoR routers (and new heads) learn."""
+    if freeze == "stem":
+        student.stem.requires_grad_(False)
+    elif freeze == "all_but_routers":
+        for name, p in student.named_parameters():
+            p.requires_grad_(name.startswith(("routers.", "heads.")))
 
 
 def build_distill_loss(recipe: Recipe) -> torch.nn.Module:

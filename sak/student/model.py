@@ -79,6 +79,13 @@ class SAKStudent(nn.Module):
         for module in (self.aligners, self.routers):  # SAK's initialisation for the new linear layers
             module.apply(_init_linear)
 
+    @classmethod
+    def from_config(
+        cls, stem: TeacherAgnosticStem, teachers: list[TeacherSlot], tasks: dict[str, int], cfg
+    ) -> SAKStudent:
+        """Build from the recipe's `student` section (a `StudentConfig`)."""
+        return cls(stem, teachers, tasks, cfg.levels, cfg.down_ratio, cfg.router, cfg.aligner)
+
     def preprocess(self, images: Tensor, size: int | None = None) -> Tensor:
         x = to_float01(images)
         if size is not None and x.shape[-2:] != (size, size):
@@ -121,18 +128,21 @@ def _init_linear(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def parameter_report(model: SAKStudent) -> dict[str, int]:
-    """Parameters per component, the total, and what the exported inference model keeps (no aligners)."""
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Parameters per component, the total, and what the exported inference model keeps (no aligners
+    or distillation-only projections)."""
 
     def n(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
     report = {"tas": n(model.stem)}
-    for tid, path in model.paths.items():
+    for tid, path in getattr(model, "paths", {}).items():
         report[f"tsap.{tid}"] = n(path)
-    report["aligners"] = n(model.aligners)
-    report["routers"] = n(model.routers)
-    report["heads"] = n(model.heads)
+    distill_only = 0
+    for name in ("aligners", "projections", "routers", "heads"):
+        if hasattr(model, name):
+            report[name] = n(getattr(model, name))
+            distill_only += report[name] if name in ("aligners", "projections") else 0
     report["total"] = n(model)
-    report["inference"] = report["total"] - report["aligners"]
+    report["inference"] = report["total"] - distill_only
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..registry import TEACHERS
 from . import timm_teacher  # noqa: F401  (registers "timm")
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
@@ -23,6 +25,8 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     if weights is not None:
         spec.weights = weights
     teacher = cls(spec, build_options(cls, options, where=f"teacher {name!r}"))
+    if not teacher.meta.num_params:
+        teacher.meta = dataclasses.replace(teacher.meta, num_params=sum(p.numel() for p in teacher.parameters()))
     return teacher.freeze()
 
 

@@ -1,0 +1,47 @@
+"""Export drops distillation-only parts, rebuilds without teachers, and predicts in the standard formats."""
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sak.cli import main
+from sak.engine import train
+from sak.engine.build import build_student, build_tasks, build_teachers
+from sak.engine.export import load_exported
+from sak.engine.init import student_weights_file
+
+from ..conftest import TESTS
+
+
+def test_export_then_predict(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("schedule.max_steps=2", "student.aligner=always", path=TESTS / "tiny_multitask.yaml")
+    train(recipe)
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    exported = load_file(str(out / "student.safetensors"))
+    assert exported and not any(k.startswith("aligners.") for k in exported)
+
+    model, config = load_exported(out)
+    trained = build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe))
+    trained.load_state_dict(load_file(str(student_weights_file(recipe.run_dir))))
+    trained.eval()
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = model(images, with_features=False).tasks, trained(images, with_features=False).tasks
+    for task in a:
+        torch.testing.assert_close(a[task], b[task])
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)
+    preds = tmp_path / "preds"
+    assert main(["predict", str(out), str(photo), "--out", str(preds)]) == 0
+    semseg = np.asarray(Image.open(preds / "semseg" / "photo.png"))
+    assert semseg.shape == (50, 70) and semseg.max() < 5
+    normals = np.asarray(Image.open(preds / "normals" / "photo.png"))
+    assert normals.shape == (50, 70, 3)
+    n = normals / 127.5 - 1
+    assert np.allclose(np.linalg.norm(n, axis=-1), 1, atol=0.03)
+    assert np.load(preds / "depth" / "photo.npy").shape == (50, 70)
+    for task in ("saliency", "edges", "parts"):
+        assert (preds / task / "photo.png").is_file()

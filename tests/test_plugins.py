@@ -1,0 +1,86 @@
+"""The documented plug-in examples, run exactly as written, from a package outside `sak/`."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+from sak.cli import main
+from sak.engine.build import build_student, build_tasks, build_teachers
+
+from .conftest import REPO, TINY
+from .engine.test_distributed import accelerate_launch
+
+
+def code_block(doc: str) -> str:
+    text = (REPO / "docs" / doc).read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+@pytest.fixture
+def plugin_package(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "my_sak_plugins"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "teacher.py").write_text(code_block("adding-a-teacher.md"))
+    (package / "adapter.py").write_text(code_block("adding-an-adapter.md"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    return package
+
+
+def plugin_recipe(tmp_path, **edits):
+    data = yaml.safe_load(TINY.read_text())
+    data["imports"] = ["my_sak_plugins.teacher", "my_sak_plugins.adapter"]
+    data["teachers"].append({"name": "my_conv", "key": "conv", "options": {"width": 8}})
+    data["run"]["output_dir"] = str(tmp_path / "runs")
+    data.update(edits)
+    path = tmp_path / "plugin.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_documented_teacher_plugin_trains_in_two_cpu_processes(plugin_package, tmp_path):
+    recipe = plugin_recipe(tmp_path)
+    run = accelerate_launch(str(recipe), "data.batch_size=2", "schedule.max_steps=3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert any("distill/conv" in r for r in rows)
+    assert json.loads((tmp_path / "runs" / "tiny" / "run_info.json").read_text())["world_size"] == 2
+
+
+def test_documented_adapter_plugin_trains(plugin_package, tmp_path, tiny_recipe):
+    from sak.engine import train
+
+    recipe = plugin_recipe(tmp_path)
+    loaded = tiny_recipe("teachers.0.adapter=conv_adapter", "schedule.max_steps=3", path=recipe)
+    train(loaded)
+    student = build_student(loaded, build_teachers(loaded, torch.device("cpu")), build_tasks(loaded))
+    assert type(student.paths["vit_a"].adapters[0]).__name__ == "ConvAdapter"
+    assert type(student.paths["vit_b"].adapters[0]).__name__ == "BottleneckAdapter"
+
+
+def test_teachers_list_and_show_include_the_plugin(plugin_package, capsys):
+    import importlib
+
+    importlib.import_module("my_sak_plugins.teacher")
+    assert main(["teachers", "list"]) == 0
+    assert "my_conv" in capsys.readouterr().out.split()
+    assert main(["teachers", "show", "my_conv", "width=4", "--image-size", "64"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["source"] == "plug-in" and shown["level_shapes"] == [[4, 32, 32], [8, 16, 16], [16, 8, 8], [32, 4, 4]]
+    assert shown["num_params"] == (3 * 4 * 9 + 4) + (4 * 8 * 9 + 8) + (8 * 16 * 9 + 16) + (16 * 32 * 9 + 32)
+
+
+def test_misspelt_plugin_teacher_hints_at_imports(tmp_path):
+    from sak.config import RecipeError, load_recipe
+
+    data = yaml.safe_load(TINY.read_text())
+    data["teachers"][0]["name"] = "my_convnet"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="unknown teacher 'my_convnet'.*imports:"):
+        load_recipe(path)
