@@ -95,6 +95,7 @@ class EvalConfig:
 class LossConfig:
     distill: str = "sak"  # loss registry name
     options: dict = field(default_factory=dict)  # the distillation loss's keyword arguments
+    normalize: Literal["none", "standardize", "phi_s"] = "none"  # teacher targets before the loss (SAK: none)
     alpha: float = 1.0  # weight of the distillation loss in stage 2
 
 

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Recipe
 from ..data import DatasetSpec, EpochSampler, build_dataset
+from ..losses.normalize import TargetNormalizers
 from ..registry import LOSSES, STUDENTS
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import Task, create_task
@@ -47,6 +48,12 @@ def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
 
 def build_distill_loss(recipe: Recipe) -> torch.nn.Module:
     return LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
+
+
+def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> TargetNormalizers | None:
+    if recipe.loss.normalize == "none":
+        return None
+    return TargetNormalizers({tid: t.level_dims for tid, t in teachers.items()}, recipe.loss.normalize)
 
 
 def build_loader(recipe: Recipe, split: str, train: bool, batch_size: int | None = None) -> DataLoader:

@@ -15,6 +15,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 PREFIX = "step_"
 PARTIAL = ".partial"
 STATE_FILE = "trainer_state.json"
@@ -55,8 +57,16 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator, root: Path, state: TrainState, extra_files: dict[str, str], keep_last: int) -> Path:
-    """Write a checkpoint for `state.step` atomically; every process must call this."""
+def save_checkpoint(
+    accelerator,
+    root: Path,
+    state: TrainState,
+    extra_files: dict[str, str],
+    keep_last: int,
+    extra_tensors: dict[str, dict] | None = None,
+) -> Path:
+    """Write a checkpoint for `state.step` atomically; every process must call this. `extra_tensors`
+    maps a file stem to a state dict saved as safetensors (e.g. the target normalisers)."""
     final = root / f"{PREFIX}{state.step:08d}"
     partial = root / f"{final.name}{PARTIAL}"
     if accelerator.is_main_process:
@@ -68,6 +78,10 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, extra_files: dic
     if accelerator.is_main_process:
         for name, text in extra_files.items():
             (partial / name).write_text(text)
+        for stem, tensors in (extra_tensors or {}).items():
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / f"{stem}.safetensors")
+            )
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)

@@ -10,7 +10,9 @@ from .step import compute_losses, feature_cosines, teacher_targets
 
 
 @torch.no_grad()
-def evaluate(accelerator, student, teachers, loader, tasks, distill_loss, recipe: Recipe, dtype) -> dict[str, float]:
+def evaluate(
+    accelerator, student, teachers, loader, tasks, distill_loss, recipe: Recipe, dtype, normalizers=None
+) -> dict[str, float]:
     student.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -20,6 +22,8 @@ def evaluate(accelerator, student, teachers, loader, tasks, distill_loss, recipe
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():
             out = student(batch["image"])
+        if normalizers is not None:  # the student predicts normalised features; compare in that space
+            targets = normalizers(targets)
         per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(out, targets).items()}
         losses = compute_losses(out, targets, batch, tasks, distill_loss, recipe.loss.alpha if tasks else 1.0)
         n = batch["image"].shape[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from ..config import Recipe, RecipeError
 from ..student import parameter_report
@@ -86,6 +87,9 @@ def train(recipe: Recipe) -> dict:
     if recipe.checkpoint.init_from:
         init_student_from(student, Path(recipe.checkpoint.init_from))
     distill_loss = build.build_distill_loss(recipe)
+    normalizers = build.build_target_normalizers(recipe, teachers)
+    if normalizers is not None:
+        normalizers.to(accelerator.device)
     train_loader = build.build_loader(recipe, recipe.data.split, train=True)
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     optimizer = build.build_optimizer(recipe, student)
@@ -101,6 +105,9 @@ def train(recipe: Recipe) -> dict:
     )
     tdtype = teacher_dtype(recipe)
 
+    def saved_tensors() -> dict[str, dict]:
+        return {} if normalizers is None else {"target_normalizers": normalizers.state_dict()}
+
     # -- resume -----------------------------------------------------------------------------
     state = TrainState()
     resume = recipe.checkpoint.resume
@@ -109,6 +116,8 @@ def train(recipe: Recipe) -> dict:
     if source is not None:
         state = load_checkpoint(accelerator, source)
         logger_start = state.step
+        if normalizers is not None:
+            normalizers.load_state_dict(load_file(str(source / "target_normalizers.safetensors")))
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(
@@ -119,7 +128,9 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
 
     if recipe.eval.at_start and state.step == 0:
-        logger.log(0, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype))
+        logger.log(
+            0, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
+        )
 
     # -- loop -------------------------------------------------------------------------------
     images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
@@ -136,6 +147,9 @@ def train(recipe: Recipe) -> dict:
             batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):
                 targets = teacher_targets(teachers, batch["image"], tdtype)
+                if normalizers is not None:
+                    normalizers.update(targets, reduce=lambda t: accelerator.reduce(t, "sum"))
+                    targets = normalizers(targets)
                 with accelerator.autocast():
                     out = student(batch["image"])
                 losses = compute_losses(out, targets, batch, tasks, distill_loss, alpha)
@@ -190,15 +204,21 @@ def train(recipe: Recipe) -> dict:
             if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total:
                 logger.log(
                     state.step,
-                    evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype),
+                    evaluate(
+                        accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers
+                    ),
                 )
                 student.train()
             # no checkpoint in a non-finite streak: pruning could otherwise drop the last good ones
             periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0
             if periodic and state.step < total and state.nonfinite_streak == 0:
-                save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+                save_checkpoint(
+                    accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
+                )
             if recipe.run.stop_at is not None and state.step >= recipe.run.stop_at and state.step < total:
-                save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+                save_checkpoint(
+                    accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
+                )
                 logger.message(f"[sak] stopped at step {state.step} (run.stop_at); resume with the same command")
                 logger.close()
                 return {}
@@ -209,9 +229,9 @@ def train(recipe: Recipe) -> dict:
             state.batch_in_epoch = 0
 
     # -- finish -----------------------------------------------------------------------------
-    final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype)
+    final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
-    save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last)
+    save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors())
     if accelerator.is_main_process:
         (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     logger.message(f"[sak] done: {json.dumps(final)}")
