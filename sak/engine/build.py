@@ -33,6 +33,10 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
     channels = {name: task.channels for name, task in tasks.items()}
     student = STUDENTS.get(s.architecture).from_config(stem, slots, channels, s)
+    if s.lora:
+        student.stem.add_lora(s.lora)
+        if tasks:  # the official recipe: stage 1 trains only LoRA in the stem, stage 2 everything plus LoRA
+            student.stem.requires_grad_(True)
     apply_freeze(student, s.freeze)
     return student
 

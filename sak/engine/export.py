@@ -55,6 +55,8 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
     slots = [TeacherSlot(t["id"], (stem.dim,) * n_levels, t["adapter"]) for t in config["teachers"] if keeps_paths]
     s.aligner = "auto"
     model = cls.from_config(stem, slots, {t.name: t.channels for t in tasks}, s)
+    if s.lora:
+        model.stem.add_lora(s.lora)
     model.load_state_dict(load_file(str(path / "student.safetensors")), strict=True)
     return model.eval(), config
 

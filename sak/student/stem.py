@@ -57,6 +57,15 @@ class TeacherAgnosticStem(nn.Module):
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks
 
+    def add_lora(self, config: dict) -> None:
+        """Inject LoRA layers (peft) into the ViT; only they stay trainable in the stem."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        try:
+            inject_adapter_in_model(LoraConfig(**config), self.vit)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"student.lora {config}: {exc}") from exc
+
     def truncate(self, depth: int) -> None:
         """Keep only the first `depth` blocks (blocks after the last output level would get no gradient)."""
         self.vit.blocks = self.vit.blocks[:depth]

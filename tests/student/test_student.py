@@ -152,3 +152,24 @@ def test_vit_b_student_with_three_base_teachers_at_512_has_the_public_sak_parame
     head = 4 * (d * d // 4 + d // 4) + (d * d * 9 + d) + 2 * d
     assert report["heads"] == 5 * head + sum((d + 1) * c for c in tasks.values()) == 29_532_706
     assert report["aligners"] == 0 and report["total"] == 133_506_089
+
+
+def test_freeze_options_and_lora_choose_what_learns():
+    from sak.config import load_recipe
+
+    def trainable(*overrides, path=TESTS / "tiny_multitask.yaml"):
+        recipe = load_recipe(path, list(overrides))
+        teachers = build_teachers(recipe, torch.device("cpu"))
+        student = build_student(recipe, teachers, build_tasks(recipe))
+        return {n for n, p in student.named_parameters() if p.requires_grad}, student
+
+    names, _ = trainable("student.freeze=stem")
+    assert names and not any(n.startswith("stem.") for n in names)
+    names, _ = trainable("student.freeze=all_but_routers")
+    assert names and all(n.startswith(("routers.", "heads.")) for n in names)
+    lora = "student.lora={r: 4, lora_alpha: 8, target_modules: [qkv]}"
+    names, student = trainable(lora, path=TESTS / "tiny.yaml")  # stage 1: only LoRA in the stem
+    stem = {n for n in names if n.startswith("stem.")}
+    assert stem and all("lora_" in n for n in stem) and any(n.startswith("paths.") for n in names)
+    names, _ = trainable(lora)  # stage 2: the whole stem plus LoRA
+    assert "stem.vit.blocks.0.attn.qkv.base_layer.weight" in names and any("lora_" in n for n in names)
