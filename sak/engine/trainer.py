@@ -139,7 +139,8 @@ def train(recipe: Recipe) -> dict:
     window: dict[str, torch.Tensor] = {}
     tick, compute_time = time.perf_counter(), 0.0
     while state.step < total:
-        train_loader.set_epoch(state.epoch)
+        train_loader.set_epoch(state.epoch)  # the sample order
+        train_loader.dataset.set_epoch(state.epoch)  # the augmentation (Accelerate sets only one of the two)
         batches = (
             accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
         )

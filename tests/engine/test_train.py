@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from sak.config import RecipeError
 from sak.engine import NonFiniteLossError, train
 from sak.engine.checkpoint import latest_checkpoint
-from sak.registry import LOSSES
+from sak.data.synthetic import SyntheticDataset
+from sak.registry import DATASETS, LOSSES
 
 
 def logged(run_dir, key="loss"):
@@ -125,3 +126,22 @@ def test_epoch_based_length_counts_optimizer_steps(tiny_recipe):
     rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
     first, second = [sum((r["ids"] for r in rows[e * 8 : (e + 1) * 8]), []) for e in (0, 1)]
     assert sorted(first) == sorted(second) and len(set(first)) == 32 and first != second
+
+
+@DATASETS.register("test_epoch_probe")
+class EpochProbe(SyntheticDataset):
+    """The synthetic dataset, recording the epoch its augmentation sees for each sample it serves."""
+
+    seen: list = []
+
+    def __getitem__(self, index):
+        EpochProbe.seen.append(self.epoch)
+        return super().__getitem__(index)
+
+
+def test_each_epoch_draws_new_augmentation(tiny_recipe):
+    EpochProbe.seen = []
+    recipe = tiny_recipe("data.name=test_epoch_probe", "schedule.max_steps=null", "schedule.epochs=2")
+    train(recipe)
+    train_seen = EpochProbe.seen[: 2 * 32]  # evaluation batches come after
+    assert train_seen[:32] == [0] * 32 and train_seen[32:] == [1] * 32
