@@ -63,6 +63,17 @@ def _model(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from pathlib import Path
+
+    from .engine.cache import build_cache
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = build_cache(recipe, Path(args.out), args.views, args.augment, args.dtype, args.shard_size, args.batch_size)
+    print(f"teacher-feature cache ready: {out}/ (use it with cache.path={out})")
+    return 0
+
+
 def _export(args) -> int:
     from pathlib import Path
 
@@ -116,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model)
+
+    p = sub.add_parser("cache", help="precompute the teachers' outputs for a recipe's training split")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True)
+    p.add_argument("--views", type=int, default=1, help="augmented views per sample (training epoch e uses e %% views)")
+    p.add_argument("--augment", action="store_true", help="store the training augmentation's views")
+    p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("export", help="save a run's student for inference (no teachers, no aligners)")
     p.add_argument("recipe")

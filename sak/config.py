@@ -86,6 +86,11 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    path: str | None = None  # a teacher-feature cache (`sak cache build`); training reads it instead of the teachers
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # optimiser steps between evaluations; 0 = only at the end
     at_start: bool = False  # also evaluate the untrained student (step 0), e.g. for before/after tables
@@ -162,6 +167,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

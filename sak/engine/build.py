@@ -60,19 +60,39 @@ def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> Ta
     return TargetNormalizers({tid: t.level_dims for tid, t in teachers.items()}, recipe.loss.normalize)
 
 
-def build_loader(recipe: Recipe, split: str, train: bool, batch_size: int | None = None) -> DataLoader:
-    """A DataLoader over `split`; training order comes from `EpochSampler` (same in every process)."""
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds each sample's position ("index") for cache look-ups. With `views` set, the augmentation of
+    epoch e is that of epoch e % views (the views a teacher-feature cache holds)."""
+
+    def __init__(self, dataset, views: int | None = None) -> None:
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch % self.views if self.views else epoch)
+
+
+def build_loader(
+    recipe: Recipe, split: str, train: bool, batch_size: int | None = None, augment: bool | None = None
+) -> DataLoader:
+    """A DataLoader over `split`; training order comes from `EpochSampler` (same in every process).
+    `augment` (default: `train`) chooses the dataset's training augmentation."""
     d = recipe.data
     spec = DatasetSpec(
         root=d.root,
         split=split,
         image_size=d.image_size,
         tasks=tuple(t.name for t in recipe.tasks),
-        train=train,
+        train=train if augment is None else augment,
         seed=recipe.run.seed,
         subset=d.subset if split == d.split else None,
     )
-    dataset = build_dataset(d.name, spec, d.options)
+    dataset = IndexedDataset(build_dataset(d.name, spec, d.options))
     batch = batch_size or d.batch_size
     if train and len(dataset) < batch:
         raise ValueError(f"data: split {split!r} has {len(dataset)} samples, fewer than data.batch_size={batch}")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ..config import Recipe, RecipeError
 from ..student import parameter_report
 from . import build
+from .cache import FeatureCache, identity
 from .checkpoint import TrainState, clean_partials, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .init import init_student_from
@@ -55,6 +56,16 @@ def teacher_dtype(recipe: Recipe) -> torch.dtype | None:
     return DTYPES[p.mixed if p.teachers == "auto" else p.teachers]
 
 
+def open_cache(recipe: Recipe, teachers: dict) -> FeatureCache | None:
+    """The recipe's teacher-feature cache, checked against the recipe's teachers and data."""
+    if recipe.cache.path is None:
+        return None
+    cache = FeatureCache(Path(recipe.cache.path))
+    ident = cache.manifest["identity"]
+    expected = identity(recipe, teachers, ident["views"], ident["augment"], ident["dtype"])
+    return FeatureCache(Path(recipe.cache.path), expected_identity=expected)
+
+
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
     """Append the sample ids this process used in `step` (traceability, and the sharding test)."""
     folder = run_dir / "samples"
@@ -90,7 +101,10 @@ def train(recipe: Recipe) -> dict:
     normalizers = build.build_target_normalizers(recipe, teachers)
     if normalizers is not None:
         normalizers.to(accelerator.device)
-    train_loader = build.build_loader(recipe, recipe.data.split, train=True)
+    cache = open_cache(recipe, teachers)
+    train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cache and cache.augment)
+    if cache is not None:
+        train_loader.dataset.views = cache.views
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     optimizer = build.build_optimizer(recipe, student)
     per_epoch = len(train_loader) // accelerator.num_processes
@@ -147,7 +161,13 @@ def train(recipe: Recipe) -> dict:
         for batch in batches:
             batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):
-                targets = teacher_targets(teachers, batch["image"], tdtype)
+                if cache is not None:
+                    targets = {
+                        k: v.to(accelerator.device)
+                        for k, v in cache.lookup(batch["index"].tolist(), state.epoch).items()
+                    }
+                else:
+                    targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:
                     normalizers.update(targets, reduce=lambda t: accelerator.reduce(t, "sum"))
                     targets = normalizers(targets)

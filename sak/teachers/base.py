@@ -36,6 +36,7 @@ class TeacherOutput:
     summary: Tensor | None = None
 
     def to(self, *args, **kwargs) -> TeacherOutput:
+        """A copy with every tensor moved / cast (`Tensor.to` arguments)."""
         summary = None if self.summary is None else self.summary.to(*args, **kwargs)
         return TeacherOutput(tuple(t.to(*args, **kwargs) for t in self.levels), summary)
 

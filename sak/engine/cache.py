@@ -1,0 +1,242 @@
+"""Teacher-feature cache: run the teachers once over a dataset, train from the stored outputs.
+
+Layout of a cache directory:
+    manifest.json                 identity (what the features depend on), shapes, shard list + sha256
+    view{v}/shard{k:05d}.safetensors   per teacher and level: features (S, C, h, w) in fp16, or int8 plus
+                                  per-(sample, channel) float32 scales; S samples per shard
+
+Augmentation is handled by storing `views` augmented views of every sample: view v is the dataset's
+training augmentation at epoch v (augmentation is a function of (seed, epoch, index)). Training at
+epoch e reads view e % views, and the dataset is told the same epoch, so the student sees exactly
+the image the cached features were computed from. With `views: 1` and `augment: false` the cache
+holds the un-augmented images. The price: `views` different augmentations instead of one per epoch.
+
+A cache is refused, with the differing fields named, when the recipe's teachers or data differ from
+those it was built with; a shard whose bytes do not match its sha256 is refused as corrupt.
+Building is resumable (finished shards are kept) and runs on N processes (shard k on process
+k % N).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import Recipe
+from ..teachers import Teacher, TeacherOutput
+from ..teachers.weights import sha256_of
+
+FORMAT = 1
+
+
+class CacheError(RuntimeError):
+    """A cache that does not match the recipe, or whose files are damaged."""
+
+
+def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str) -> dict:
+    """Everything the cached features depend on."""
+    d = recipe.data
+    return {
+        "format": FORMAT,
+        "dtype": dtype,
+        "views": views,
+        "augment": augment,
+        "data": {
+            "name": d.name,
+            "root": d.root,
+            "split": d.split,
+            "image_size": d.image_size,
+            "options": d.options,
+            "subset": d.subset,
+            "seed": recipe.run.seed,
+        },  # fmt: skip
+        "teachers": {
+            tid: {
+                "name": t.meta.name,
+                "source": t.meta.source,
+                "weights": t.meta.weights,
+                "sha256": t.meta.sha256,
+                "levels": list(t.meta.levels),
+                "input_size": t.input_size,
+                "normalization": t.spec.normalization,
+                "mean": list(t.meta.mean),
+                "std": list(t.meta.std),
+                "num_params": t.meta.num_params,
+            }  # fmt: skip
+            for tid, t in teachers.items()
+        },
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: cache has {x!r}, recipe gives {y!r}")
+    return out
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(S, C, h, w) float -> int8 values and float16 scales (S, C): x ~ q * scale, |error| <= scale / 2.
+
+    The scale is rounded up to float16 (so max |x| / scale <= 127 still holds): 2 bytes per channel
+    keep int8 storage near 25% of float32 even for small maps."""
+    amax = x.abs().amax(dim=(2, 3)).float().clamp_min(1e-8)
+    scale = (amax / 127.0 * (1 + 2**-10)).half()  # fp16 rounding moves by at most 2^-11: never below amax / 127
+    q = torch.round(x.float() / scale.float()[:, :, None, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class CachePlan:
+    root: Path
+    samples: int
+    shard_size: int
+    views: int
+
+    def shards(self) -> list[tuple[int, int]]:
+        per_view = (self.samples + self.shard_size - 1) // self.shard_size
+        return [(v, k) for v in range(self.views) for k in range(per_view)]
+
+    def path(self, view: int, shard: int) -> Path:
+        return self.root / f"view{view}" / f"shard{shard:05d}.safetensors"
+
+
+def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False, dtype: str = "fp16",
+                shard_size: int = 256, batch_size: int = 16) -> Path:  # fmt: skip
+    """Compute and store every teacher's output for the recipe's training split (resumable, N processes)."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from ..data import DatasetSpec, build_dataset
+    from .build import build_teachers
+    from .trainer import teacher_dtype
+
+    if dtype not in ("fp16", "int8"):
+        raise ValueError(f"cache dtype must be fp16 or int8, got {dtype!r}")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
+    teachers = build_teachers(recipe, state.device)
+    ident = identity(recipe, teachers, views, augment, dtype)
+    d = recipe.data
+    spec = DatasetSpec(root=d.root, split=d.split, image_size=d.image_size, tasks=(), train=augment,
+                       seed=recipe.run.seed, subset=d.subset)  # fmt: skip
+    dataset = build_dataset(d.name, spec, d.options)
+    plan = CachePlan(out, len(dataset), shard_size, views)
+    manifest_path = out / "manifest.json"
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            if old["identity"] != ident:
+                raise CacheError(f"{out} holds a different cache: " + "; ".join(_diff(old["identity"], ident)))
+    state.wait_for_everyone()
+    mine = [s for i, s in enumerate(plan.shards()) if i % state.num_processes == state.process_index]
+    tdtype = teacher_dtype(recipe)
+    for view, shard in tqdm(mine, desc="cache shards", disable=not state.is_main_process):
+        path = plan.path(view, shard)
+        if path.exists():
+            continue  # finished by an earlier (interrupted) build
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.set_epoch(view)
+        indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(dataset))))
+        stored: dict[str, list[Tensor]] = {}
+        for start in range(0, len(indices), batch_size):
+            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]]).to(state.device)
+            for tid, teacher in teachers.items():
+                for level, feat in enumerate(teacher.encode(images, tdtype).levels):
+                    stored.setdefault(f"{tid}/{level}", []).append(feat.cpu())
+        tensors = {}
+        for key, parts in stored.items():
+            feats = torch.cat(parts)
+            if dtype == "fp16":
+                tensors[key] = feats.half().contiguous()
+            else:
+                tensors[key], tensors[f"{key}/scale"] = quantize(feats)
+        _atomic_save(tensors, path)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shards = {f"view{v}/shard{k:05d}": sha256_of(plan.path(v, k)) for v, k in plan.shards()}
+        shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
+        level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
+        manifest = {"identity": ident, "samples": len(dataset), "shard_size": shard_size, "shards": shards,
+                    "shapes": shapes, "level_dims": level_dims}  # fmt: skip
+        tmp = manifest_path.with_suffix(".partial")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, manifest_path)
+    state.wait_for_everyone()
+    return out
+
+
+class FeatureCache:
+    """Memory-mapped reader: `lookup(indices, epoch) -> {teacher: TeacherOutput}` in float32."""
+
+    def __init__(self, root: Path, expected_identity: dict | None = None) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            raise CacheError(f"{self.root} is not a complete teacher-feature cache (no manifest.json); "
+                             "build it with `sak cache build RECIPE --out DIR`")  # fmt: skip
+        self.manifest = json.loads(manifest.read_text())
+        ident = self.manifest["identity"]
+        if expected_identity is not None and ident != expected_identity:
+            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(ident, expected_identity)))
+        self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
+        self.teachers = list(self.manifest["level_dims"])
+        self._open: dict[str, object] = {}
+
+    def _file(self, view: int, shard: int):
+        name = f"view{view}/shard{shard:05d}"
+        if name not in self._open:
+            path = self.root / f"{name}.safetensors"
+            expected = self.manifest["shards"].get(name)
+            if expected is None or not path.is_file():
+                raise CacheError(f"cache {self.root}: shard {name} is missing")
+            if sha256_of(path) != expected:
+                raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
+            self._open[name] = safe_open(str(path), framework="pt")
+        return self._open[name]
+
+    def lookup(self, indices: list[int], epoch: int) -> dict[str, TeacherOutput]:
+        """The cached outputs of samples `indices` for the view that epoch `epoch` trains on."""
+        view = epoch % self.views
+        out: dict[str, list[list[Tensor]]] = {t: [[] for _ in self.manifest["level_dims"][t]] for t in self.teachers}
+        for i in indices:
+            shard, row = divmod(int(i), self.shard_size)
+            f = self._file(view, shard)
+            for tid, levels in out.items():
+                for level, bucket in enumerate(levels):
+                    key = f"{tid}/{level}"
+                    x = f.get_slice(key)[row : row + 1]
+                    if x.dtype == torch.int8:
+                        x = x.float() * f.get_slice(f"{key}/scale")[row : row + 1].float()[:, :, None, None]
+                    bucket.append(x.float())
+        return {tid: TeacherOutput(tuple(torch.cat(b) for b in levels)) for tid, levels in out.items()}
+
+    def level_dims(self) -> dict[str, tuple[int, ...]]:
+        return {t: tuple(d) for t, d in self.manifest["level_dims"].items()}
+
+
+def cache_digest(root: Path) -> str:
+    """A short id of a cache's manifest (for logs)."""
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()[:12]
