@@ -134,6 +134,8 @@ class ScheduleConfig:
 class PrecisionConfig:
     mixed: Literal["no", "bf16", "fp16"] = "no"  # student autocast through Accelerate
     teachers: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = same as `mixed`
+    channels_last: bool = True  # convolutional teachers run in channels-last memory format
+    compile_teachers: bool = False  # torch.compile each teacher's forward (first steps pay the compile time)
 
 
 @dataclass

@@ -84,3 +84,17 @@ def test_misspelt_plugin_teacher_hints_at_imports(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="unknown teacher 'my_convnet'.*imports:"):
         load_recipe(path)
+
+
+def test_convolutional_teachers_run_channels_last_with_the_same_output(plugin_package, tmp_path):
+    from sak.config import load_recipe
+
+    recipe = load_recipe(plugin_recipe(tmp_path))
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    torch.manual_seed(0)
+    fast = build_teachers(recipe, torch.device("cpu"))["conv"]
+    torch.manual_seed(0)
+    plain = build_teachers(load_recipe(plugin_recipe(tmp_path), ["precision.channels_last=false"]), torch.device("cpu"))
+    assert fast.channels_last and not plain["conv"].channels_last and not plain["vit_a"].channels_last
+    for a, b in zip(fast.encode(images).levels, plain["conv"].encode(images).levels, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

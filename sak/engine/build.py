@@ -18,7 +18,14 @@ def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
     teachers = {}
     for t in recipe.teachers:
         spec_fields = {k: getattr(t, k) for k in ("weights", "sha256", "levels", "image_size", "normalization")}
-        teachers[t.id] = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
+        teacher = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
+        convolutional = sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules()) > 1  # not just a patch embed
+        if recipe.precision.channels_last and convolutional:
+            teacher.to(memory_format=torch.channels_last)
+            teacher.channels_last = True
+        if recipe.precision.compile_teachers:
+            teacher.compile()
+        teachers[t.id] = teacher
     return teachers
 
 

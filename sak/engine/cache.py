@@ -191,7 +191,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 class FeatureCache:
     """Memory-mapped reader: `lookup(indices, epoch) -> {teacher: TeacherOutput}` in float32."""
 
-    def __init__(self, root: Path, expected_identity: dict | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = Path(root)
         manifest = self.root / "manifest.json"
         if not manifest.is_file():
@@ -199,11 +199,15 @@ class FeatureCache:
                              "build it with `sak cache build RECIPE --out DIR`")  # fmt: skip
         self.manifest = json.loads(manifest.read_text())
         ident = self.manifest["identity"]
-        if expected_identity is not None and ident != expected_identity:
-            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(ident, expected_identity)))
         self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
         self.teachers = list(self.manifest["level_dims"])
         self._open: dict[str, object] = {}
+
+    def check(self, expected_identity: dict) -> None:
+        """Refuse a cache built for other teachers or data, naming every field that differs."""
+        built = self.manifest["identity"]
+        if built != expected_identity:
+            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(built, expected_identity)))
 
     def _file(self, view: int, shard: int):
         name = f"view{view}/shard{shard:05d}"

@@ -61,9 +61,9 @@ def open_cache(recipe: Recipe, teachers: dict) -> FeatureCache | None:
     if recipe.cache.path is None:
         return None
     cache = FeatureCache(Path(recipe.cache.path))
-    ident = cache.manifest["identity"]
-    expected = identity(recipe, teachers, ident["views"], ident["augment"], ident["dtype"])
-    return FeatureCache(Path(recipe.cache.path), expected_identity=expected)
+    built = cache.manifest["identity"]
+    cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"]))
+    return cache
 
 
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
@@ -79,17 +79,16 @@ def train(recipe: Recipe) -> dict:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.run.seed)
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        clean_partials(ckpt_root)
-        info = run_info(recipe, accelerator.num_processes)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-    accelerator.wait_for_everyone()
-    extra_files = {
+    extra_files = {  # written next to the run and into every checkpoint
         "recipe.yaml": recipe.to_yaml(),
         "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2),
     }
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        clean_partials(ckpt_root)
+        for name, text in extra_files.items():
+            (run_dir / name).write_text(text)
+    accelerator.wait_for_everyone()
 
     # -- build ------------------------------------------------------------------------------
     teachers = build.build_teachers(recipe, accelerator.device)

@@ -141,6 +141,7 @@ class Teacher(nn.Module):
 
     options_type: ClassVar[type] = Options
     meta: TeacherMeta
+    channels_last: bool = False  # set by the engine for convolutional teachers
 
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__()
@@ -181,6 +182,8 @@ class Teacher(nn.Module):
 
     @torch.inference_mode()
     def _infer(self, x: Tensor, dtype: torch.dtype | None) -> TeacherOutput:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if dtype is None or dtype == torch.float32:
             return self(x)
         with torch.autocast(device_type=x.device.type, dtype=dtype):

@@ -43,14 +43,13 @@ class TimmTeacher(Teacher):
         else:
             model_name = options.model
         kwargs = dict(options.model_kwargs)
-        if spec.image_size is not None and "img_size" not in kwargs:
-            kwargs["img_size"] = spec.image_size
         try:
-            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
-        except RuntimeError as exc:
+            self.model = self._create(model_name, pretrained, kwargs, spec.image_size is not None)
+        except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
             raise WeightsError(
-                f"timm teacher: could not create {model_name!r} (pretrained={pretrained}): {exc}. "
-                "Offline, pass a local weights file: `weights: /path/to/model.safetensors`."
+                f"timm teacher: could not create {model_name!r} with pretrained weights from the hub "
+                f"(looked in the Hugging Face cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. "
+                "Offline, pass a local file instead: `weights: /path/to/model.safetensors` (or .pth)."
             ) from exc
         digest = None
         if spec.weights is not None and is_local(spec.weights):
@@ -82,6 +81,17 @@ class TimmTeacher(Teacher):
             sha256=digest,
             num_params=count_params(self.model),
         )
+
+    @staticmethod
+    def _create(name: str, pretrained: bool, kwargs: dict, other_size: bool):
+        """timm model; at a size other than its own, ViTs resample position embeddings at run time
+        (`dynamic_img_size`), so that weights load unchanged and any input size works."""
+        if other_size and "dynamic_img_size" not in kwargs:
+            try:
+                return timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs)
+            except TypeError:  # not a ViT: convolutional models take any size anyway
+                pass
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
     def forward(self, x: Tensor) -> TeacherOutput:
         final, levels = self.model.forward_intermediates(

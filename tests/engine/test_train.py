@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from sak.config import RecipeError
+from sak.data.synthetic import SyntheticDataset
 from sak.engine import NonFiniteLossError, train
 from sak.engine.checkpoint import latest_checkpoint
-from sak.data.synthetic import SyntheticDataset
 from sak.registry import DATASETS, LOSSES
 
 
