@@ -48,11 +48,7 @@ class ManyToOneStudent(nn.Module):
     def forward(self, images: Tensor, with_features: bool = True) -> StudentOutput:
         x = normalize(to_float01(images), self.stem.mean, self.stem.std)
         h, w = x.shape[-2:]
-        grid = (h // self.stem.patch_size, w // self.stem.patch_size)
-        tokens, outs = self.stem.embed(x), []
-        for block in self.stem.blocks:
-            tokens = block(tokens)
-            outs.append(tokens)
+        _, outs, grid = self.stem.run(x)
         shared = [outs[i] for i in self.levels]
         result = StudentOutput()
         if with_features:

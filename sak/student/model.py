@@ -96,13 +96,7 @@ class SAKStudent(nn.Module):
         """images: uint8 or float [0, 1] (B, 3, H, W), H and W multiples of the patch size."""
         x = self.preprocess(images)
         h, w = x.shape[-2:]
-        p = self.stem.patch_size
-        grid = (h // p, w // p)
-        embedded = self.stem.embed(x)  # (B, prefix + h*w, D)
-        outs, tokens = [], embedded
-        for block in self.stem.blocks:
-            tokens = block(tokens)
-            outs.append(tokens)
+        embedded, outs, grid = self.stem.run(x)  # (B, prefix + h*w, D) tokens
         prefix = self.stem.num_prefix_tokens
         paths = {tid: path(embedded, outs) for tid, path in self.paths.items()}
         result = StudentOutput()

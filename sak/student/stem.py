@@ -53,6 +53,17 @@ class TeacherAgnosticStem(nn.Module):
         x = v.patch_drop(x)
         return v.norm_pre(x)
 
+    def run(self, x: Tensor) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
+        """Normalised images (B, 3, H, W) -> the embedded tokens, every block's output tokens
+        (B, prefix + h*w, D) and the patch grid (h, w)."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        embedded = self.embed(x)
+        outs, tokens = [], embedded
+        for block in self.vit.blocks:
+            tokens = block(tokens)
+            outs.append(tokens)
+        return embedded, outs, grid
+
     @property
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks
