@@ -88,7 +88,7 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     for i in range(depth):
         src, dst, node = f"backbone.encoder.layer.{i}.", f"blocks.{i}.", f"/backbone/encoder/layer.{i}/"
 
-        def matmul(part: str) -> torch.Tensor:
+        def matmul(part: str, node: str = node) -> torch.Tensor:
             return by_node[f"{node}{part}/MatMul"].T.contiguous()  # (in, out) -> nn.Linear's (out, in)
 
         qkv = [f"attention/attention/{n}" for n in ("query", "key", "value")]

