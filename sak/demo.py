@@ -18,8 +18,15 @@ from safetensors.torch import load_file  # noqa: E402
 
 from .config import Recipe, load_recipe  # noqa: E402
 from .engine import train  # noqa: E402
-from .engine.build import build_loader, build_student, build_tasks, build_teachers  # noqa: E402
+from .engine.build import (  # noqa: E402
+    build_loader,
+    build_student,
+    build_target_normalizers,
+    build_tasks,
+    build_teachers,
+)
 from .engine.checkpoint import latest_checkpoint  # noqa: E402
+from .engine.step import teacher_targets  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "default.yaml"
 
@@ -44,15 +51,21 @@ def feature_grid(recipe: Recipe, path: Path, images: int = 4) -> None:
     teachers = build_teachers(recipe, torch.device("cpu"))
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks)
-    student.load_state_dict(load_file(str(latest_checkpoint(recipe.run_dir / "checkpoints") / "model.safetensors")))
+    checkpoint = latest_checkpoint(recipe.run_dir / "checkpoints")
+    student.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     student.eval()
     batch = next(iter(build_loader(recipe, recipe.eval.split, train=False, batch_size=images)))
-    out = student(batch["image"])
+    features = student(batch["image"]).features
+    normalizers = build_target_normalizers(recipe, teachers)
+    if normalizers is not None:  # the student learnt normalised targets: map them back to the teachers' space
+        normalizers.load_state_dict(load_file(str(checkpoint / "target_normalizers.safetensors")))
+        features = normalizers.denormalize(features)
+    targets = teacher_targets(teachers, batch["image"], None)
     cols = 1 + 2 * len(teachers)
     fig, axes = plt.subplots(images, cols, figsize=(2.2 * cols, 2.2 * images), squeeze=False)
-    for c, (tid, teacher) in enumerate(teachers.items()):
-        t_map = teacher.encode(batch["image"]).levels[-1]
-        s_map = torch.nn.functional.interpolate(out.features[tid][-1], size=t_map.shape[-2:], mode="bilinear")
+    for c, tid in enumerate(teachers):
+        t_map = targets[tid].levels[-1]
+        s_map = torch.nn.functional.interpolate(features[tid][-1], size=t_map.shape[-2:], mode="bilinear")
         t_rgb, s_rgb = pca_rgb(t_map, s_map)
         for r in range(images):
             axes[r, 1 + 2 * c].imshow(t_rgb[r].numpy())
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(DEFAULT))
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    names = ", ".join(f"{t.id} ({t.name}, weights: {t.weights or 'random'})" for t in recipe.teachers)
+    names = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)
     print(
         f"[sak demo] distilling {len(recipe.teachers)} frozen teachers [{names}] into a {recipe.student.model} "
         f"student on the `{recipe.data.name}` dataset, {recipe.schedule.max_steps} steps on CPU. "

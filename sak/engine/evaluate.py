@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Recipe
+from ..student import StudentOutput
 from .step import compute_losses, feature_cosines, teacher_targets
 
 
@@ -22,9 +23,12 @@ def evaluate(
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():
             out = student(batch["image"])
-        if normalizers is not None:  # the student predicts normalised features; compare in that space
+        if normalizers is None:
+            per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(out, targets).items()}
+        else:  # the student predicts normalised targets: compare in the teacher's own space, as without
+            raw = StudentOutput(features=normalizers.denormalize(out.features))
+            per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(raw, targets).items()}
             targets = normalizers(targets)
-        per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(out, targets).items()}
         losses = compute_losses(out, targets, batch, tasks, distill_loss, recipe.loss.alpha if tasks else 1.0)
         n = batch["image"].shape[0]
         per_image.update({f"val/{k}": v.detach().float().expand(n) for k, v in losses.scalars_tensors().items()})

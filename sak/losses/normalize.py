@@ -70,7 +70,7 @@ class FeatureNormalizer(nn.Module):
         self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
         second = (dim, dim) if mode == "phi_s" else (dim,)
         self.register_buffer("sum_sq", torch.zeros(second, dtype=torch.float64))
-        self._cached: tuple[Tensor, Tensor] | None = None  # (mean, W) for the current statistics
+        self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (mean, W, W^-1) for the current statistics
 
     def batch_sums(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> one flat float64 vector [n, sum, sum of squares / outer products]."""
@@ -85,27 +85,35 @@ class FeatureNormalizer(nn.Module):
         self.sum_sq += sums[1 + c :].view_as(self.sum_sq)
         self._cached = None
 
-    def _transform(self) -> tuple[Tensor, Tensor]:
+    def _transform(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._cached is None:
             n = self.count.clamp_min(1)
             mean = self.sum / n
             if self.mode == "standardize":
                 var = (self.sum_sq / n - mean**2).clamp_min(0)
                 w = 1.0 / torch.sqrt(var + self.eps)
+                inverse = 1.0 / w
             else:
                 cov = self.sum_sq / n - torch.outer(mean, mean)
                 eigval, eigvec = torch.linalg.eigh(cov)  # cov = U diag(L) U^T
                 alpha = math.sqrt(max(eigval.clamp_min(0).mean().item(), self.eps))
                 w = hadamard(cov.shape[0]).to(cov) @ eigvec.T / alpha  # x' = H U^T (x - mean) / alpha
-            self._cached = (mean, w)
+                inverse = w.T * alpha**2  # H and U are orthogonal: W^-1 = alpha U H^T
+            self._cached = (mean, w, inverse)
         return self._cached
 
     def forward(self, x: Tensor) -> Tensor:
-        mean, w = self._transform()
-        mean, w = mean.to(x), w.to(x)
+        mean, w, _ = (t.to(x) for t in self._transform())
         if self.mode == "standardize":
             return (x - mean.view(1, -1, 1, 1)) * w.view(1, -1, 1, 1)
         return torch.einsum("dc,bchw->bdhw", w, x - mean.view(1, -1, 1, 1))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Normalised maps back to the teacher's feature space (held-out comparisons use that space)."""
+        mean, _, inv = (t.to(y) for t in self._transform())
+        if self.mode == "standardize":
+            return y * inv.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+        return torch.einsum("cd,bdhw->bchw", inv, y) + mean.view(1, -1, 1, 1)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._cached = None
@@ -128,6 +136,13 @@ class TargetNormalizers(nn.Module):
             for norm, level in zip(self.norms[tid], out.levels, strict=True):
                 sums = norm.batch_sums(level)
                 norm.add(reduce(sums) if reduce is not None else sums)
+
+    def denormalize(self, features: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+        """Student features (predicting normalised targets) mapped back to each teacher's space."""
+        return {
+            tid: [n.inverse(f) for n, f in zip(self.norms[tid], levels, strict=True)]
+            for tid, levels in features.items()
+        }
 
     def forward(self, targets: dict) -> dict:
         from ..teachers import TeacherOutput

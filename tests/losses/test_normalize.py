@@ -80,3 +80,11 @@ def test_training_with_phi_s_resumes_exactly(tiny_recipe):
 
     assert losses(straight) == losses(split)
     assert (split.run_dir / "checkpoints" / "step_00000006" / "target_normalizers.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_inverse_maps_normalised_features_back(mode):
+    x = features()
+    norm = FeatureNormalizer(12, mode, eps=0.0)
+    norm.add(norm.batch_sums(x))
+    torch.testing.assert_close(norm.inverse(norm(x)), x, atol=1e-4, rtol=1e-4)
