@@ -32,16 +32,16 @@ DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "default.ya
 
 
 def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Project (N, C, h, w) maps onto the top 3 principal components of `reference`; the same basis
-    and colour scale for every input, so that matching colours mean matching features."""
+    """Project (N, C, h, w) maps onto the top 3 principal components of `reference` (one basis for
+    all, so that matching colours mean matching feature directions); each map's colours are then
+    stretched over its own 1-99% range, since a student's maps are usually weaker in amplitude."""
     flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1])
     mean = flat.mean(0)
     _, _, v = torch.pca_lowrank(flat - mean, q=3, center=False)
-    proj = (flat - mean) @ v
-    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
     out = []
     for x in (reference, *others):
         p = (x.permute(0, 2, 3, 1) - mean) @ v  # (N, h, w, 3)
+        lo, hi = p.reshape(-1, 3).quantile(0.01, dim=0), p.reshape(-1, 3).quantile(0.99, dim=0)
         out.append(((p - lo) / (hi - lo + 1e-8)).clamp(0, 1))
     return out
 
