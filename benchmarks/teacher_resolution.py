@@ -1,0 +1,81 @@
+"""What running a teacher below its native resolution costs in feature quality.
+
+    python -m benchmarks.teacher_resolution [--scales 1.0 0.75 0.5]
+
+For each offline pretrained teacher, on the held-out photographs of the demo data (fixed crops), the
+features at a reduced input size are upsampled bilinearly to the native-size grid and compared with
+the native-size features: mean per-image cosine of the flattened maps per level, and the time per
+image. Writes benchmarks/results/teacher_resolution.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sak.data import DatasetSpec, build_dataset
+from sak.losses.distill import map_cosine
+from sak.teachers import TeacherSpec, create_teacher
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEACHERS = {"dinov2_imgfocus": 224, "efficientnet_lite0": 224, "hed": 320}  # name: native input size
+
+
+def features(name: str, size: int, images: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    teacher = create_teacher(name, spec=TeacherSpec(image_size=size))
+    start = time.perf_counter()
+    levels = teacher.encode(images).levels
+    return list(levels), (time.perf_counter() - start) / images.shape[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.75, 0.5])
+    parser.add_argument("--images", type=int, default=8)
+    args = parser.parse_args(argv)
+    data = build_dataset(
+        "package_images", DatasetSpec(split="val", image_size=448, train=False), {"crops_per_image": 8}
+    )
+    images = torch.stack([data[i]["image"] for i in range(args.images)])
+    rows = []
+    for name, native in TEACHERS.items():
+        reference, base_time = features(name, native, images)
+        for scale in args.scales:
+            size = (
+                int(round(native * scale / 14) * 14)
+                if name == "dinov2_imgfocus"
+                else int(round(native * scale / 32) * 32)
+            )
+            levels, per_image = features(name, size, images)
+            cos = [map_cosine(F.interpolate(lv, size=ref.shape[-2:], mode="bilinear"), ref).mean().item()
+                   for lv, ref in zip(levels, reference, strict=True)]  # fmt: skip
+            rows.append({"teacher": name, "size": size, "native": native, "cosine_per_level": cos,
+                         "seconds_per_image": per_image})  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "teacher_resolution.json").write_text(json.dumps(rows, indent=2))
+    lines = [
+        f"# Teacher features below the native resolution (CPU, {torch.get_num_threads()} threads)",
+        "",
+        f"Command: `python -m benchmarks.teacher_resolution {' '.join(argv or sys.argv[1:])}`; {args.images} held-out",
+        "crops; cosine to the native-size features after bilinear upsampling, per level (shallow to deep).",
+        "",
+        "| teacher | input size | cosine per level | seconds / image |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cos = ", ".join(f"{c:.3f}" for c in r["cosine_per_level"])
+        lines.append(f"| {r['teacher']} | {r['size']} (native {r['native']}) | {cos} | {r['seconds_per_image']:.4f} |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "teacher_resolution.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
