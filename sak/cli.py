@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_predict)
+
+    from .methods.freesel import add_select_command
+
+    add_select_command(sub)
     return parser
 
 

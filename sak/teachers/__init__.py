@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..registry import TEACHERS
-from . import efficientnet, hed, imgfocus, timm_teacher  # noqa: F401  (register their teachers)
+from . import clip, dinov2, efficientnet, hed, imgfocus, sam, timm_teacher  # noqa: F401  (register their teachers)
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
 
 

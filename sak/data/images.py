@@ -1,0 +1,254 @@
+"""Unlabelled images for stage 1 (distillation only): a folder tree ("image_folder", an ImageNet-style
+class tree works as is, the class is ignored) or tar shards ("image_tar", read member by member without
+unpacking). Also the image decoding and the `DataError` that every `sak` dataset raises for bad files.
+
+Training samples are a RandomResizedCrop (area share `scale`, aspect `ratio`, torchvision's algorithm)
+plus a horizontal flip, drawn from `sample_rng(index)`; evaluation samples are the centred square
+(`eval_crop` of the short side) resized to `spec.image_size`. Samples: {"image": uint8 (3, S, S), "id"}.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..registry import DATASETS
+from .base import DatasetSpec, SakDataset, apply_subset
+from .transforms import center_crop_box, random_resized_crop_box, resized_crop
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class DataError(ValueError):
+    """A bad file in a dataset; the message names the file and what is wrong with it."""
+
+
+def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> np.ndarray:
+    """An image file (path) or its bytes -> uint8 (H, W, 3) RGB (grey, palette, RGBA and CMYK converted)."""
+    where = where or str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{where}: file not found") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{where}: cannot decode the image ({exc})") from exc
+
+
+def _check_range(name: str, values: list[float], low: float, high: float) -> tuple[float, float]:
+    if len(values) != 2 or not (low <= values[0] <= values[1] <= high):
+        raise ValueError(f"data.options.{name} must be [min, max] with {low} <= min <= max <= {high}, got {values}")
+    return float(values[0]), float(values[1])
+
+
+class UnlabelledImages(SakDataset):
+    """Shared crop / flip / bad-file handling; subclasses list `self.ids` and implement `read(index)`."""
+
+    supported_tasks = ()
+
+    @dataclass
+    class Options:
+        scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area share
+        ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect
+        flip: bool = True
+        eval_crop: float = 1.0  # evaluation: centre square of this share of the short side
+        skip_bad: bool = False  # a bad image is logged and replaced by the next good one
+
+    def __init__(self, spec: DatasetSpec, options) -> None:
+        super().__init__(spec, options)
+        self.scale = _check_range("scale", options.scale, 1e-6, 1.0)
+        self.ratio = _check_range("ratio", options.ratio, 1e-3, 1e3)
+        if not 0 < options.eval_crop <= 1:
+            raise ValueError(f"data.options.eval_crop must be in (0, 1], got {options.eval_crop}")
+        self.ids: list[str] = []
+        self.skipped: list[tuple[str, str]] = []  # (id, problem) of the bad images met in this process
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, index: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _crop(self, image: np.ndarray, index: int) -> torch.Tensor:
+        h, w = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if not self.spec.train:
+            return resized_crop(tensor, center_crop_box(h, w, self.options.eval_crop), self.spec.image_size)
+        rng = self.sample_rng(index)
+        out = resized_crop(tensor, random_resized_crop_box(h, w, rng, self.scale, self.ratio), self.spec.image_size)
+        if self.options.flip and rng.random() < 0.5:
+            out = out.flip(-1)
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        source = index
+        for _ in range(min(len(self.ids), 100)):
+            try:
+                image = self.read(source)
+                return {"image": self._crop(image, index), "id": self.ids[source]}
+            except DataError as exc:
+                if not self.options.skip_bad:
+                    raise
+                self.skipped.append((self.ids[source], str(exc)))
+                log.warning("skipping a bad image (data.options.skip_bad): %s", exc)
+                source = (source + 1) % len(self.ids)
+        raise DataError(f"{type(self).__name__}: no readable image among 100 tried from index {index}")
+
+
+def _split_root(spec: DatasetSpec, split_subdir: bool) -> Path:
+    if spec.root is None:
+        raise ValueError("data.root must name the image folder")
+    root = Path(spec.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {str(root)!r} is not a directory")
+    if not split_subdir:
+        return root
+    folder = root / spec.split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no folder {str(folder)!r} for split {spec.split!r}; the folders under data.root are "
+            f"{sorted(p.name for p in root.iterdir() if p.is_dir())[:10]}. "
+            "Set data.options.split_subdir: false to read every image under data.root instead."
+        )
+    return folder
+
+
+@DATASETS.register("image_folder")
+class ImageFolder(UnlabelledImages):
+    """Every image under `root/<split>` (or `root` with `split_subdir: false`), recursively, sorted by
+    relative path. Ids are the relative paths without extension ("n01440764/n01440764_10026")."""
+
+    @dataclass
+    class Options(UnlabelledImages.Options):
+        split_subdir: bool = True
+        extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+        follow_links: bool = True
+
+    def __init__(self, spec: DatasetSpec, options: Options) -> None:
+        super().__init__(spec, options)
+        self.folder = _split_root(spec, options.split_subdir)
+        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in options.extensions)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(self.folder, followlinks=options.follow_links):
+            dirnames.sort()
+            files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
+        rel = sorted(os.path.relpath(f, self.folder) for f in files)
+        if not rel:
+            raise FileNotFoundError(f"no image files ({', '.join(exts)}) under {str(self.folder)!r}")
+        by_id = {os.path.splitext(r)[0].replace(os.sep, "/"): r for r in rel}
+        if len(by_id) != len(rel):
+            raise ValueError(f"{str(self.folder)!r} holds images that differ only by extension; ids must be unique")
+        self.ids = apply_subset(list(by_id), spec.subset)
+        self.files = [by_id[i] for i in self.ids]
+
+    def read(self, index: int) -> np.ndarray:
+        return decode_rgb(self.folder / self.files[index])
+
+
+# ---------------------------------------------------------------------------------------------
+# tar shards
+# ---------------------------------------------------------------------------------------------
+def index_tar(path: str) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of every regular image member, in archive order. Reading the
+    headers seeks past the data, so this costs one small read per member, not the archive's size."""
+    members = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                    members.append((m.name, m.offset_data, m.size))
+    except tarfile.ReadError as exc:
+        raise DataError(
+            f"{path}: not an uncompressed tar ({exc}); compressed shards cannot be read member by member, "
+            "decompress them first (e.g. `gunzip`) or unpack them and use image_folder"
+        ) from exc
+    return members
+
+
+def _cached_index(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]:
+    if cache_dir is None:
+        return index_tar(path)
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    cache = Path(cache_dir) / f"{Path(path).name}.{key}.json"
+    if cache.is_file():
+        return [tuple(m) for m in json.loads(cache.read_text())]
+    members = index_tar(path)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(members))
+    os.replace(tmp, cache)  # atomic: processes indexing the same shard at once do not clash
+    return members
+
+
+@DATASETS.register("image_tar")
+class ImageTar(UnlabelledImages):
+    """Images inside uncompressed tar shards matched by `shards` (a glob relative to `root`; "{split}" is
+    replaced by the split). The member index (offsets) is built once at start-up (or read from
+    `index_cache`); each item is one positioned read, so nothing is unpacked or held in memory. Ids are
+    "<shard stem>/<member path without extension>"."""
+
+    @dataclass
+    class Options(UnlabelledImages.Options):
+        shards: str = "{split}*.tar"
+        index_cache: str | None = None  # folder for per-shard member indexes (keyed by path, size, mtime)
+
+    def __init__(self, spec: DatasetSpec, options: Options) -> None:
+        super().__init__(spec, options)
+        if spec.root is None:
+            raise ValueError("data.root must name the folder holding the tar shards")
+        pattern = os.path.join(spec.root, options.shards.replace("{split}", spec.split))
+        self.shards = sorted(glob.glob(pattern))
+        if not self.shards:
+            raise FileNotFoundError(f"no tar shards match {pattern!r} (data.root + data.options.shards)")
+        ids, locations = [], []
+        for s, shard in enumerate(self.shards):
+            stem = Path(shard).name.removesuffix(".tar")
+            for name, offset, size in _cached_index(shard, options.index_cache):
+                ids.append(f"{stem}/{os.path.splitext(name)[0]}")
+                locations.append((s, offset, size))
+        if not ids:
+            raise FileNotFoundError(f"the shards matching {pattern!r} hold no image members")
+        where = {i: k for k, i in enumerate(ids)}
+        self.ids = apply_subset(ids, spec.subset)
+        self.locations = np.asarray([locations[where[i]] for i in self.ids], dtype=np.int64)  # (N, 3)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:  # file descriptors do not travel to worker processes
+        return {**self.__dict__, "_fds": {}}
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors share one file position
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def read(self, index: int) -> np.ndarray:
+        shard, offset, size = (int(v) for v in self.locations[index])
+        data = os.pread(self._fd(shard), size, offset)
+        where = f"{self.shards[shard]}:{self.ids[index].split('/', 1)[1]}"
+        if len(data) != size:
+            raise DataError(f"{where}: truncated shard (read {len(data)} of {size} bytes)")
+        return decode_rgb(data, where)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass

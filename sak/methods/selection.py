@@ -1,0 +1,290 @@
+"""Choosing a subset of a pool from per-image features (FreeSel's samplers and two baselines), the pools
+(a folder of images or a recipe's dataset), budgets and manifests.
+
+Every method returns image indices in the order they were picked, so the first n entries of a
+selection for budget N are the selection for budget n (same seed).
+
+- `d2_sampling` (FreeSel's default, "probabilistic"): one image at random, then repeatedly draw a
+  semantic pattern with probability proportional to the squared distance from it to the nearest
+  pattern of the selected images, and select the image it belongs to (an image is therefore drawn
+  with probability proportional to the sum over its patterns of that squared distance). This is
+  k-means++ seeding lifted from points to sets of patterns.
+- `farthest_point_sampling` (FreeSel's greedy variant): one image at random, then repeatedly the image
+  farthest from the selected set, where the distance of an image to the set is the largest distance
+  of any of its patterns to the nearest selected pattern, D(I, S) = max_j min_{c in S} d(c_j, c): an
+  image is far as soon as one of its patterns is not yet covered.
+- `kcenter_greedy` (the core-set baseline): farthest-point sampling with one point per image (its
+  global feature).
+- `random_subset`: a seeded permutation.
+
+Distances: "cosine" (1 - cosine similarity; FreeSel's default) or "euclidean".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+METRICS = ("cosine", "euclidean")
+METHODS = ("freesel", "farthest", "kcenter", "random")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class SelectionError(ValueError):
+    """Bad selection input (budget, pool, manifest); the message says what would be right."""
+
+
+def resolve_budget(budget: str | int, pool_size: int) -> int:
+    """A count ("200", 200) or a share of the pool ("10%", rounded, at least 1) -> a number of images.
+
+    Raises:
+        SelectionError: not a positive count or a percentage in (0, 100], or more images than the pool holds.
+    """
+    text = str(budget).strip()
+    try:
+        value = float(text[:-1]) if text.endswith("%") else int(text)
+    except ValueError:
+        raise SelectionError(f"budget {text!r} is neither a count (e.g. 200) nor a percentage (e.g. 10%)") from None
+    if text.endswith("%"):
+        if not 0 < value <= 100:
+            raise SelectionError(f"budget {text!r}: a percentage must be in (0, 100]")
+        count = max(1, round(pool_size * value / 100))
+    else:
+        count = int(value)
+    if count < 1:
+        raise SelectionError(f"budget {text!r}: select at least one image")
+    if count > pool_size:
+        raise SelectionError(f"budget {count} is larger than the pool, which holds {pool_size} images")
+    return count
+
+
+def pairwise_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
+    """(n, C), (m, C) -> (n, m) distances; for "cosine" the rows must already be L2-normalised."""
+    if metric == "cosine":
+        return (1.0 - a @ b.T).clamp_min_(0.0)
+    return torch.cdist(a, b)
+
+
+class NearestSelected:
+    """For every pattern of the pool, the distance to the nearest pattern of the selected images.
+
+    Args:
+        patterns: one (m_i, C) tensor per image (m_i >= 1).
+        metric: "cosine" or "euclidean".
+        device: where the distances are computed.
+    """
+
+    def __init__(self, patterns: Sequence[Tensor], metric: str, device: torch.device | str = "cpu") -> None:
+        if metric not in METRICS:
+            raise SelectionError(f"unknown distance {metric!r}; expected one of {METRICS}")
+        if not patterns or any(p.ndim != 2 or len(p) == 0 for p in patterns):
+            raise SelectionError("every image needs at least one pattern, a (m, C) tensor")
+        counts = torch.tensor([len(p) for p in patterns])
+        self.points = torch.cat(list(patterns)).to(device=device, dtype=torch.float32)  # (P, C)
+        if metric == "cosine":
+            self.points = F.normalize(self.points, dim=1)
+        self.metric = metric
+        self.num_images = len(patterns)
+        self.owner = torch.repeat_interleave(torch.arange(self.num_images), counts).to(self.points.device)  # (P,)
+        self.offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        self.dist = torch.full((len(self.points),), math.inf, device=self.points.device)  # (P,)
+        self.taken = torch.zeros(self.num_images, dtype=torch.bool, device=self.points.device)
+
+    def add(self, image: int) -> None:
+        own = self.points[self.offsets[image] : self.offsets[image + 1]]  # (m, C)
+        torch.minimum(self.dist, pairwise_distance(self.points, own, self.metric).amin(1), out=self.dist)
+        self.dist[self.offsets[image] : self.offsets[image + 1]] = 0.0  # exact, whatever the rounding
+        self.taken[image] = True
+
+    def image_distance(self) -> Tensor:
+        """D(I, S) = max over the image's patterns of the distance to the selected set; -1 for taken images."""
+        out = torch.full((self.num_images,), -1.0, device=self.dist.device)
+        out.scatter_reduce_(0, self.owner, self.dist, reduce="amax", include_self=True)
+        return out.masked_fill_(self.taken, -1.0)
+
+    def untaken(self) -> Tensor:
+        return (~self.taken).nonzero().flatten().cpu()
+
+
+def _first(num_images: int, generator: torch.Generator) -> int:
+    return int(torch.randint(num_images, (1,), generator=generator))
+
+
+def _check_budget(budget: int, num_images: int) -> None:
+    if not 1 <= budget <= num_images:
+        raise SelectionError(f"budget {budget} must be between 1 and the pool size {num_images}")
+
+
+def farthest_point_sampling(
+    patterns: Sequence[Tensor], budget: int, seed: int = 0, metric: str = "cosine", device: str = "cpu"
+) -> list[int]:
+    """Greedy farthest-point selection over sets of patterns (first image drawn with `seed`).
+
+    Ties go to the lowest image index.
+    """
+    _check_budget(budget, len(patterns))
+    cover = NearestSelected(patterns, metric, device)
+    order = [_first(cover.num_images, torch.Generator().manual_seed(seed))]
+    cover.add(order[0])
+    while len(order) < budget:
+        order.append(int(cover.image_distance().argmax()))
+        cover.add(order[-1])
+    return order
+
+
+def d2_sampling(
+    patterns: Sequence[Tensor], budget: int, seed: int = 0, metric: str = "cosine", device: str = "cpu"
+) -> list[int]:
+    """FreeSel's probabilistic sampling: draw a pattern with probability proportional to its squared
+    distance to the selected set, select its image. When every remaining pattern coincides with a
+    selected one (all distances zero) the next image is drawn uniformly from the rest."""
+    _check_budget(budget, len(patterns))
+    generator = torch.Generator().manual_seed(seed)
+    cover = NearestSelected(patterns, metric, device)
+    order = [_first(cover.num_images, generator)]
+    cover.add(order[0])
+    while len(order) < budget:
+        weight = cover.dist.double().square().cpu()  # (P,); zero on the selected images' patterns
+        total = float(weight.sum())
+        if total > 0 and math.isfinite(total):
+            pattern = int(torch.multinomial(weight / total, 1, generator=generator))
+            image = int(cover.owner[pattern])
+        else:
+            rest = cover.untaken()
+            image = int(rest[torch.randint(len(rest), (1,), generator=generator)])
+        order.append(image)
+        cover.add(image)
+    return order
+
+
+def kcenter_greedy(
+    features: Tensor, budget: int, seed: int = 0, metric: str = "cosine", device: str = "cpu"
+) -> list[int]:
+    """Core-set k-center greedy on one (global) feature per image: features (n, C)."""
+    return farthest_point_sampling(list(features[:, None]), budget, seed, metric, device)
+
+
+def random_subset(num_images: int, budget: int, seed: int = 0) -> list[int]:
+    _check_budget(budget, num_images)
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:budget].tolist()
+
+
+def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] = ()) -> Path:
+    """Write `ids` one per line (readable by `sak.data.read_manifest`), after `# ` comment lines.
+
+    Raises:
+        SelectionError: an id that a manifest line cannot hold (empty, a `#`, surrounding blanks, a newline).
+    """
+    for i in ids:
+        if not i or "#" in i or i != i.strip() or "\n" in i:
+            raise SelectionError(f"image id {i!r} cannot be written to a manifest (no '#', newlines or edge blanks)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {h}" for h in header] + list(ids)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pools and the method dispatch
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ImageFeatures:
+    """What the feature pass keeps per image: its position in the pool, its id, its semantic patterns
+    (m, C) with 1 <= m <= k, and its global feature (C,) (mean of all patch features, for k-center)."""
+
+    index: int
+    id: str
+    patterns: Tensor
+    global_feature: Tensor
+
+
+class ImageFolderPool(Dataset):
+    """Every image file under `root` (recursive); ids are relative paths without extension, sorted.
+
+    Samples are {"image": uint8 (3, H, W), "id": str, "index": int}, as sak datasets give them.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SelectionError(f"pool {str(root)!r} is neither a folder of images nor a recipe (.yaml) file")
+        by_id: dict[str, Path] = {}
+        for path in self.root.rglob("*"):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            image_id = path.relative_to(self.root).with_suffix("").as_posix()
+            if image_id in by_id:
+                raise SelectionError(
+                    f"pool {self.root}: {by_id[image_id].name} and {path.name} both have id {image_id!r}"
+                )
+            by_id[image_id] = path
+        if not by_id:
+            raise SelectionError(f"pool {self.root}: no image files ({' '.join(IMAGE_SUFFIXES)}) under it")
+        self.ids = sorted(by_id)
+        self.paths = [by_id[i] for i in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            with Image.open(self.paths[index]) as image:
+                array = np.asarray(image.convert("RGB"))
+        except OSError as exc:
+            raise SelectionError(f"pool {self.root}: cannot read image {self.paths[index]}: {exc}") from exc
+        return {"image": torch.from_numpy(array.copy()).permute(2, 0, 1), "id": self.ids[index], "index": index}
+
+
+def open_pool(pool: str, overrides: Sequence[str] = ()) -> tuple[Dataset, list[str] | None]:
+    """A folder of images, or a recipe whose `data` section names a registered dataset (its `data.split`,
+    without training augmentation; `overrides` are recipe `key=value`s). Returns the dataset and its ids
+    when they are known without reading the images."""
+    if Path(pool).suffix.lower() in (".yaml", ".yml"):
+        import dataclasses
+
+        from ..config import load_recipe
+        from ..engine.build import build_loader
+
+        recipe = load_recipe(pool, list(overrides))
+        recipe = dataclasses.replace(recipe, tasks=[])  # images only, no targets to load
+        dataset = build_loader(recipe, recipe.data.split, train=False).dataset
+        ids = getattr(getattr(dataset, "dataset", None), "ids", None)
+        return dataset, list(ids) if ids is not None else None
+    if overrides:
+        raise SelectionError(f"--set applies to recipe pools; {pool!r} is a folder")
+    dataset = ImageFolderPool(pool)
+    return dataset, dataset.ids
+
+
+def select_indices(
+    method: str,
+    budget: int,
+    num_images: int,
+    features: Sequence[ImageFeatures] | None = None,
+    seed: int = 0,
+    metric: str = "cosine",
+    device: str | torch.device = "cpu",
+) -> list[int]:
+    """Run one method: freesel (d^2 sampling on patterns), farthest (farthest-point on patterns),
+    kcenter (k-center greedy on global features) or random. `features` (ordered by index) is needed
+    by all but random."""
+    if method not in METHODS:
+        raise SelectionError(f"unknown selection method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "random":
+        return random_subset(num_images, budget, seed)
+    if features is None or len(features) != num_images:
+        raise SelectionError(f"method {method!r} needs the features of all {num_images} images")
+    if method == "kcenter":
+        return kcenter_greedy(torch.stack([f.global_feature for f in features]), budget, seed, metric, str(device))
+    sampler = d2_sampling if method == "freesel" else farthest_point_sampling
+    return sampler([f.patterns for f in features], budget, seed, metric, str(device))

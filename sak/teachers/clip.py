@@ -1,0 +1,363 @@
+"""CLIP's image tower as a teacher, from open_clip or timm (the text tower is never kept).
+
+    teachers:
+      - name: clip
+        options: {source: open_clip, model: ViT-B-16}
+        weights: laion2b_s34b_b88k    # an open_clip tag, hf-hub:org/repo, a local file or an open_clip directory
+      - name: clip                    # what the official SAK code uses
+        options: {source: timm, model: vit_base_patch16_clip_384}
+        weights: hub                  # timm's default tag, another tag (openai_ft_in12k_in1k), or a local file
+
+Levels: patch tokens of four evenly spaced blocks ending at the last ([2, 5, 8, 11] for ViT-B), the
+final norm (`ln_post`) not applied, as (B, C, h, w). Summary: with open_clip, the projected image
+embedding in CLIP's joint space (`encode_image` before L2 normalisation); with timm, the class token
+after `ln_post` and before the projection (timm keeps CLIP's projection as the classifier `head`, and
+its `*_ft_in1k` weights replaced it with an ImageNet classifier, so the head is dropped).
+
+The same weights give the same levels from both libraries (open_clip / OpenAI checkpoints are converted
+for timm by timm's own `checkpoint_filter_fn`). At an `image_size` other than the weights' own, both
+resample the position embeddings once at load time, bicubic with antialiasing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import timm
+from einops import rearrange
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from ..registry import TEACHERS
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Teacher,
+    TeacherMeta,
+    TeacherOutput,
+    TeacherSpec,
+    count_params,
+    normalize,
+    to_float01,
+)
+from .timm_teacher import default_levels
+from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
+
+DEFAULT_MODEL = {"open_clip": "ViT-B-16", "timm": "vit_base_patch16_clip_384"}
+HUB_DEFAULT = ("hub", "default")
+
+
+@dataclass
+class Built:
+    """A built image tower and what the teacher's metadata needs from its library."""
+
+    net: nn.Module
+    native_size: int
+    digest: str | None  # sha256 of a local weights file
+    weights: str
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+
+def check_levels(levels: list[int] | tuple[int, ...] | None, depth: int, what: str) -> tuple[int, ...]:
+    """The requested block indices, or SAK's default; each must name one of the `depth` blocks."""
+    chosen = tuple(levels) if levels is not None else tuple(default_levels(depth))
+    bad = [i for i in chosen if not 0 <= i < depth]
+    if bad or not chosen:
+        raise ValueError(f"{what}: levels {list(chosen)} must be block indices in 0..{depth - 1} ({depth} blocks)")
+    return chosen
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], path: Path, what: str) -> None:
+    """`load_state_dict(strict=True)` whose error names the file and the first offending keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(
+            f"{what}: {str(path)!r} does not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shapes)} shape mismatches, e.g. {shapes[:2]}). "
+            "Check `model` / `size` / `model_kwargs` against the checkpoint."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+@contextlib.contextmanager
+def quiet_root_warnings():
+    """open_clip warns "initialized randomly" through the root logger before we load a file ourselves."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip
+# ----------------------------------------------------------------------------------------------
+class OpenClipTower(nn.Module):
+    """open_clip's `VisionTransformer`; block outputs are taken with forward hooks around the library's
+    own forward, so pooling and projection are always open_clip's whatever its version."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+        self.levels: tuple[int, ...] = ()
+        self.patch_size = int(visual.conv1.kernel_size[0])
+        self.depth = len(visual.transformer.resblocks)
+        self.width = int(visual.conv1.out_channels)
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        captured: dict[int, Tensor] = {}
+
+        def keep(index: int, _module: nn.Module, _args: tuple, output: Tensor) -> None:
+            captured[index] = output
+
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if (h, w) != tuple(self.visual.grid_size):
+            raise ValueError(
+                f"clip teacher (open_clip) was built for {self.visual.image_size} px input, got {tuple(x.shape[-2:])}; "
+                "use teacher.preprocess or set image_size"
+            )
+        blocks = self.visual.transformer.resblocks
+        handles = [blocks[i].register_forward_hook(partial(keep, i)) for i in self.levels]
+        try:
+            pooled = self.visual(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if isinstance(pooled, tuple):  # towers built with output_tokens return (pooled, tokens)
+            pooled = pooled[0]
+        # open_clip >= 2.24 runs batch-first unless told otherwise; older releases (and batch_first=False) run
+        # the blocks sequence-first
+        batch_first = getattr(self.visual.transformer, "batch_first", False)
+        maps = []
+        for i in self.levels:
+            tokens = captured[i] if batch_first else rearrange(captured[i], "n b c -> b n c")  # (B, 1 + h*w, C)
+            maps.append(rearrange(tokens[:, 1:], "b (h w) c -> b c h w", h=h, w=w))
+        return maps, pooled
+
+
+def open_clip_tag_args(model: str, tag: str) -> dict:
+    """create_model arguments for a pretrained tag; OpenAI's weights need QuickGELU, which open_clip only
+    warns about when the model name lacks `-quickgelu`."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if tag not in tags:
+        raise ValueError(
+            f"clip teacher (open_clip): {tag!r} is neither a pretrained tag of {model!r} nor an existing file; "
+            f"tags: {', '.join(tags) or 'none'}"
+        )
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    return {"pretrained": tag, "force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+
+
+def hub_help(model: str, tag: str) -> str:
+    import open_clip
+
+    hub = (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub", "").rstrip("/")
+    where = f" from https://huggingface.co/{hub}" if hub else ""
+    return f"download open_clip_pytorch_model.bin{where} and pass its path as `weights` (keep `model: {model}`)"
+
+
+def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
+    """open_clip's VisionTransformer (the text tower is dropped), weights loaded, at the input size."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+
+    what = f"clip teacher (open_clip {model})"
+    weights, name, args, file, digest = spec.weights, model, {}, None, None
+    native_cfg = kwargs.get("vision_cfg")
+    schema = weights is not None and (weights.startswith("hf-hub:") or is_local(weights) and Path(weights).is_dir())
+    if not schema and model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+        raise ValueError(
+            f"{what}: unknown open_clip model {model!r}; close names: {close or 'none'} "
+            "(open_clip.list_models() has them all)"
+        )
+    if weights is not None and is_local(weights) and Path(weights).expanduser().is_dir():
+        name = f"local-dir:{Path(weights).expanduser()}"  # open_clip_config.json + weights, open_clip's layout
+        if spec.sha256:
+            raise WeightsError(f"{what}: sha256 needs a file; point `weights` at the checkpoint inside {weights!r}")
+    elif weights is not None and is_local(weights):
+        file = local_path(weights, what)
+        digest = verify_sha256(file, spec.sha256, what)
+    elif weights is not None and weights.startswith("hf-hub:"):
+        name = weights
+    elif weights is not None:
+        if weights in HUB_DEFAULT:
+            raise ValueError(
+                f"{what}: open_clip has no default weights; name a tag: "
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(model))}"
+            )
+        args = open_clip_tag_args(model, weights)
+    if spec.image_size is not None and "vision_cfg" in kwargs:  # kwargs replace the whole vision_cfg, force_* too
+        kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "image_size": spec.image_size}
+    elif spec.image_size is not None:
+        args["force_image_size"] = spec.image_size
+    try:
+        with quiet_root_warnings() if file is not None or weights is None else contextlib.nullcontext():
+            clip = open_clip.create_model(name, **args, **kwargs)
+    except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) surface as RuntimeError / OSError
+        todo = hub_help(model, args["pretrained"]) if "pretrained" in args else "pass a local file or directory"
+        raise WeightsError(
+            f"{what}: open_clip could not load {weights!r} (looked in the Hugging Face cache, HF_HOME / "
+            f"~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, {todo}."
+        ) from exc
+    visual = clip.visual
+    if not hasattr(getattr(visual, "transformer", None), "resblocks"):
+        raise ValueError(
+            f"{what}: the image tower is {type(visual).__name__}, not open_clip's VisionTransformer; "
+            "for a timm image tower use `source: timm` with that timm model"
+        )
+    if file is not None:
+        state = {k.removeprefix("module."): v for k, v in load_state_dict(file, what).items()}
+        if not any(k.startswith("visual.") for k in state):  # an image tower saved on its own
+            state = {f"visual.{k}": v for k, v in state.items()}
+        resize_pos_embed(state, clip)  # open_clip's own resampling to the built grid
+        load_strict(visual, {k[7:]: v for k, v in state.items() if k.startswith("visual.")}, file, what)
+    cfg = getattr(visual, "preprocess_cfg", None) or {}  # open_clip >= 2.24 records the tag's mean / std here
+    mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    return Built(visual, open_clip_native_size(name, native_cfg, visual, spec), digest, weights or "random", mean, std)
+
+
+def open_clip_native_size(name: str, vision_cfg: dict | None, visual: nn.Module, spec: TeacherSpec) -> int:
+    """The size the tower's configuration was made for (it was built at `spec.image_size` if that is set)."""
+    import open_clip
+
+    if spec.image_size is None:
+        return int(visual.image_size[0])
+    try:
+        cfg = vision_cfg or (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    except (OSError, RuntimeError):  # an hf-hub config that is not cached
+        cfg = {}
+    size = cfg.get("image_size", visual.image_size[0])
+    return int(size if isinstance(size, int) else size[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# timm
+# ----------------------------------------------------------------------------------------------
+class TimmClipTower(nn.Module):
+    """timm's `vit_*_clip_*` VisionTransformer through its `forward_intermediates`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.levels: tuple[int, ...] = ()
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.depth = len(model.blocks)
+        self.width = int(model.embed_dim)
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        final, maps = self.model.forward_intermediates(x, indices=list(self.levels), norm=False, output_fmt="NCHW")
+        return maps, self.model.forward_head(final, pre_logits=True)  # class token after ln_post: (B, C)
+
+
+def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
+    """timm's VisionTransformer without its head, weights loaded, at the input size."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    what = f"clip teacher (timm {model})"
+    weights, local = spec.weights, spec.weights is not None and is_local(spec.weights)
+    pretrained = weights is not None and not local
+    name = f"{model.split('.')[0]}.{weights}" if pretrained and weights not in HUB_DEFAULT else model
+    args = {"num_classes": 0, **kwargs}
+    if spec.image_size is not None:
+        args["img_size"] = spec.image_size  # timm resamples pos_embed once while loading (checkpoint_filter_fn)
+    try:
+        net = timm.create_model(name, pretrained=pretrained, **args)
+    except (RuntimeError, OSError) as exc:
+        raise WeightsError(
+            f"{what}: could not create {name!r} with pretrained weights from the hub (looked in the Hugging Face "
+            f"cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, pass a local file "
+            "instead: timm's model.safetensors or open_clip's open_clip_pytorch_model.bin."
+        ) from exc
+    native = int(kwargs.get("img_size") or net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    digest = None
+    if local:
+        file = local_path(weights, what)
+        digest = verify_sha256(file, spec.sha256, what)
+        state = checkpoint_filter_fn(load_state_dict(file, what), net)  # converts open_clip/OpenAI keys, resamples
+        load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
+    cfg = net.pretrained_cfg
+    return Built(
+        net, native, digest, weights or "random", tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    )
+
+
+BUILDERS = {"open_clip": (build_open_clip, OpenClipTower), "timm": (build_timm, TimmClipTower)}
+
+
+@TEACHERS.register("clip")
+class ClipTeacher(Teacher):
+    """CLIP ViT image tower; see the module docstring for levels, summary and sources."""
+
+    @dataclass
+    class Options:
+        source: Literal["open_clip", "timm"] = "timm"
+        model: str | None = None  # open_clip name (ViT-B-16) or timm name (vit_base_patch16_clip_384)
+        model_kwargs: dict = field(default_factory=dict)  # open_clip: create_model overrides (vision_cfg...); timm
+        center_crop: bool = False  # preprocess as open_clip does: shortest side to size, centre crop
+
+    def __init__(self, spec: TeacherSpec, options: Options) -> None:
+        super().__init__(spec)
+        self.options = options
+        model = options.model or DEFAULT_MODEL[options.source]
+        build, tower_type = BUILDERS[options.source]
+        built = build(model, spec, dict(options.model_kwargs))
+        self.tower = tower_type(built.net)
+        levels = self.tower.levels = check_levels(spec.levels, self.tower.depth, f"clip teacher ({model})")
+        summary = "joint-space image embedding" if options.source == "open_clip" else "class token before projection"
+        self.meta = TeacherMeta(
+            name=model,
+            source=options.source,
+            architecture=type(built.net).__name__,
+            embed_dim=self.tower.width,
+            patch_size=self.tower.patch_size,
+            native_size=built.native_size,
+            mean=built.mean,
+            std=built.std,
+            levels=levels,
+            resize="square",
+            weights=built.weights,
+            sha256=built.digest,
+            num_params=count_params(built.net),
+            extra={"summary": summary, "center_crop": options.center_crop},
+        )
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Loader batch (uint8 or float [0, 1], any size) -> (B, 3, S, S) normalised input.
+
+        Default: bicubic resize of the whole image to S x S, so the teacher sees every pixel the student
+        and the task targets see. `center_crop`: open_clip's eval transform, shortest side to S (bicubic)
+        and a centre crop. Both clamp to [0, 1] after resampling, as PIL's 8-bit bicubic does.
+        """
+        size = self.input_size
+        target = [size] if self.options.center_crop else [size, size]
+        x = TF.resize(to_float01(images), target, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [size, size]).clamp_(0.0, 1.0)  # the crop is a no-op after a square resize
+        if self.spec.normalization == "imagenet":
+            return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        return normalize(x, self.meta.mean, self.meta.std)
+
+    def forward(self, x: Tensor) -> TeacherOutput:
+        """(B, 3, S, S) preprocessed images -> levels (B, C, S/p, S/p) and the summary (B, D)."""
+        levels, summary = self.tower(x)
+        return TeacherOutput(levels=tuple(levels), summary=summary)

@@ -1,0 +1,129 @@
+"""Unlabelled images for stage 1: folder trees and tar shards (sak/data/images.py)."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sak.data import DatasetSpec, build_dataset
+from sak.data.images import DataError
+
+CLASSES = {"n01440764": 3, "n02102040": 2}
+
+
+def picture(k: int, h: int = 30, w: int = 40) -> np.ndarray:
+    """A distinct image per k: left half one colour, right half another."""
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2] = (10 * k, 200 - 10 * k, 50)
+    image[:, w // 2 :] = (250 - 10 * k, 20, 10 * k)
+    return image
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """An ImageNet-style tree: root/{train,val}/<class>/<class>_<k>.png (lossless, so pixels compare)."""
+    k = 0
+    for split in ("train", "val"):
+        for cls, n in CLASSES.items():
+            (tmp_path / split / cls).mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray(picture(k)).save(tmp_path / split / cls / f"{cls}_{j}.png")
+                k += 1
+    (tmp_path / "train" / "README.txt").write_text("not an image")
+    return tmp_path
+
+
+def folder(root, split="train", train=True, subset=None, seed=0, **options):
+    spec = DatasetSpec(root=str(root), split=split, image_size=16, train=train, seed=seed, subset=subset)
+    return build_dataset("image_folder", spec, options)
+
+
+def test_folder_lists_images_sorted_recursively_and_ignores_classes(tree):
+    ds = folder(tree)
+    assert ds.ids == ["n01440764/n01440764_0", "n01440764/n01440764_1", "n01440764/n01440764_2",
+                      "n02102040/n02102040_0", "n02102040/n02102040_1"]  # fmt: skip
+    s = ds[0]
+    assert set(s) == {"image", "id"} and s["image"].shape == (3, 16, 16) and s["image"].dtype == torch.uint8
+    assert len(folder(tree, split_subdir=False)) == 10  # both splits when reading the whole root
+
+
+def test_folder_training_crops_are_reproducible_and_eval_is_a_centre_crop(tree):
+    a, b = folder(tree)[3]["image"], folder(tree)[3]["image"]
+    assert torch.equal(a, b)
+    other = folder(tree)
+    other.set_epoch(4)
+    assert not torch.equal(other[3]["image"], a)
+    ev = folder(tree, train=False)[0]["image"]
+    # centre 30x30 of a 40-wide image: 15 columns of each colour around the middle, resized to 16
+    left, right = picture(0)[0, 0], picture(0)[0, -1]
+    assert torch.equal(ev[:, 8, 0], torch.from_numpy(left)) and torch.equal(ev[:, 8, -1], torch.from_numpy(right))
+
+
+def test_folder_subset_and_clear_errors(tree, tmp_path):
+    manifest = tmp_path / "keep.txt"
+    manifest.write_text("n02102040/n02102040_1\nn01440764/n01440764_0\n")
+    assert folder(tree, subset=str(manifest)).ids == ["n02102040/n02102040_1", "n01440764/n01440764_0"]
+    with pytest.raises(FileNotFoundError, match="split_subdir: false"):
+        folder(tree, split="test")
+    with pytest.raises(ValueError, match="scale must be"):
+        folder(tree, scale=[0.5, 0.1])
+    bad = tree / "train" / "n01440764" / "n01440764_1.png"
+    bad.write_bytes(b"\x89PNG broken")
+    ds = folder(tree)
+    with pytest.raises(DataError, match="n01440764_1.png: cannot decode"):
+        ds[1]
+    skipping = folder(tree, skip_bad=True)
+    assert skipping[1]["id"] == "n01440764/n01440764_2"  # the next good image stands in
+    assert skipping.skipped[0][0] == "n01440764/n01440764_1"
+
+
+def write_shards(tree, out, compress=False):
+    """The tree's train images as two shards, members stored under <class>/<file>."""
+    files = sorted((tree / "train").rglob("*.png"))
+    for s, chunk in enumerate((files[:3], files[3:])):
+        with tarfile.open(out / f"train-{s:03d}.tar{'.gz' if compress else ''}", "w:gz" if compress else "w") as tar:
+            tar.add(tree / "train" / "README.txt", arcname="README.txt")
+            for f in chunk:
+                tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+    return files
+
+
+def tars(root, split="train", train=False, **options):
+    spec = DatasetSpec(root=str(root), split=split, image_size=16, train=train)
+    return build_dataset("image_tar", spec, options)
+
+
+def test_tar_shards_read_members_lazily_with_the_folder_pixels(tree, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    write_shards(tree, out)
+    ds, ref = tars(out), folder(tree, train=False)
+    assert ds.ids == [f"train-000/{i}" for i in ref.ids[:3]] + [f"train-001/{i}" for i in ref.ids[3:]]
+    for i in range(len(ds)):
+        assert torch.equal(ds[i]["image"], ref[i]["image"])
+    train = tars(out, train=True)
+    loader = torch.utils.data.DataLoader(train, batch_size=5, num_workers=2)  # descriptors reopen per worker
+    batch = next(iter(loader))
+    assert batch["image"].shape == (5, 3, 16, 16)
+    assert torch.equal(batch["image"][2], train[2]["image"])
+
+
+def test_tar_index_cache_and_errors(tree, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    write_shards(tree, out)
+    cache = tmp_path / "index"
+    first = tars(out, index_cache=str(cache))
+    assert len(list(cache.glob("*.json"))) == 2
+    assert tars(out, index_cache=str(cache)).ids == first.ids
+    with pytest.raises(FileNotFoundError, match="no tar shards match"):
+        tars(out, split="val")
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    write_shards(tree, gz, compress=True)
+    with pytest.raises(DataError, match="decompress them"):
+        tars(gz, shards="{split}*.tar.gz")

@@ -1,0 +1,221 @@
+"""PASCAL-Context (PASCAL_MT layout) read from a fixture written in the exact on-disk formats."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from sak.data import DatasetSpec, build_dataset
+from sak.data.fixtures import CONTEXT_CLASSES, write_pascal_context
+from sak.data.images import DataError
+from sak.data.pascal_context import PERSON_PARTS, normals_valid_classes, read_human_parts
+from sak.data.transforms import unpad
+
+TASKS = ("semseg", "parts", "saliency", "normals", "edges")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_pascal_context(tmp_path_factory.mktemp("pascal") / "PASCAL_MT", n_train=6, n_val=3, size=(48, 64))
+
+
+@pytest.fixture
+def copy(root, tmp_path):
+    return shutil.copytree(root, tmp_path / "PASCAL_MT")
+
+
+def dataset(root, split="train", train=False, tasks=TASKS, seed=0, subset=None, **options):
+    spec = DatasetSpec(root=str(root), split=split, image_size=32, tasks=tasks, train=train, seed=seed, subset=subset)
+    return build_dataset("pascal_context", spec, {"eval_size": [48, 64], **options})
+
+
+def label_map(root, sample_id):
+    return scipy.io.loadmat(root / "pascal-context" / "trainval" / f"{sample_id}.mat")["LabelMap"]
+
+
+def test_reads_the_official_split_files(root):
+    for split, n in (("train", 6), ("val", 3)):
+        ds = dataset(root, split)
+        assert ds.ids == (root / "ImageSets" / "Context" / f"{split}.txt").read_text().split()
+        assert len(ds) == n
+
+
+def test_eval_samples_have_every_target_with_the_contract_types(root):
+    ds = dataset(root)
+    for i in range(len(ds)):
+        s = ds[i]
+        image = np.array(Image.open(root / "JPEGImages" / f"{s['id']}.jpg"))
+        assert s["size"].tolist() == list(image.shape[:2])
+        assert s["image"].shape == (3, 48, 64) and s["image"].dtype == torch.uint8
+        assert torch.equal(unpad(s["image"], s["size"]), torch.from_numpy(image).permute(2, 0, 1))
+        assert s["semseg"].shape == (48, 64) and s["semseg"].dtype == torch.int64
+        assert s["parts"].dtype == torch.int64 and s["saliency"].shape == (1, 48, 64)
+        assert s["normals"].shape == (3, 48, 64) and s["edges"].dtype == torch.float32
+        semseg = unpad(s["semseg"], s["size"])
+        expected = np.asarray(Image.open(root / "semseg" / "pascal-context" / f"{s['id']}.png"))
+        assert torch.equal(semseg, torch.from_numpy(expected.astype(np.int64)))
+        assert set(torch.unique(s["saliency"]).tolist()) <= {0.0, 1.0, 255.0}
+        assert set(torch.unique(unpad(s["edges"], s["size"])).tolist()) <= {0.0, 1.0}
+        assert (s["semseg"][: (48 - s["size"][0]) // 2] == 255).all()  # padding is ignore
+
+
+def test_parts_are_all_ignore_exactly_on_images_without_annotated_people(root):
+    ds = dataset(root)
+    seen = {True: 0, False: 0}
+    for i in range(len(ds)):
+        s = ds[i]
+        objects = scipy.io.loadmat(root / "human_parts" / f"{s['id']}.mat")["anno"][0, 0]["objects"][0]
+        annotated = any(int(o["class_ind"][0, 0]) == 15 and o["parts"].size > 0 for o in objects)
+        parts = unpad(s["parts"], s["size"])
+        seen[annotated] += 1
+        if annotated:
+            assert set(torch.unique(parts).tolist()) <= set(range(7)) and (parts > 0).any()
+        else:
+            assert (parts == 255).all()
+    assert seen[True] and seen[False]  # the fixture holds both kinds
+
+
+def test_human_parts_map_fine_names_to_six_parts_and_ignore_other_classes(tmp_path):
+    def struct(rows, dtype):
+        array = np.empty((1, len(rows)), dtype=dtype)
+        for j, row in enumerate(rows):
+            array[0, j] = row
+        return array
+
+    masks = {name: np.zeros((6, 8), np.uint8) for name in ("hair", "lhand", "ruleg", "rfoot", "neck", "cat_head")}
+    for k, m in enumerate(masks.values()):
+        m[k, :] = 1
+    part = [("part_name", "O"), ("mask", "O")]
+    person = struct([(n, masks[n]) for n in ("hair", "lhand", "ruleg", "rfoot", "neck")], part)
+    cat = struct([("head", masks["cat_head"])], part)
+    obj = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
+    objects = struct(
+        [("person", np.array([[15.0]]), np.ones((6, 8), np.uint8), person),
+         ("cat", np.array([[8.0]]), np.ones((6, 8), np.uint8), cat),
+         ("person", np.array([[15.0]]), np.ones((6, 8), np.uint8), np.zeros((0, 0)))],
+        obj,
+    )  # fmt: skip
+    scipy.io.savemat(tmp_path / "x.mat", {"anno": {"imname": "x.jpg", "objects": objects}})
+    target = read_human_parts(tmp_path / "x.mat", (6, 8))
+    assert target[:, 0].tolist() == [1, 4, 5, 6, 2, 0]  # head, lower arm, upper leg, lower leg, torso; cat ignored
+    assert PERSON_PARTS["llarm"] == 4 and PERSON_PARTS["luleg"] == 5 and PERSON_PARTS["llleg"] == 6
+    with pytest.raises(DataError, match="x.mat.*6x8"):
+        read_human_parts(tmp_path / "x.mat", (7, 8))
+
+
+def test_normals_are_unit_on_nyud_classes_and_zero_elsewhere(root):
+    valid = normals_valid_classes(root / "json")
+    assert CONTEXT_CLASSES["tvmonitor"] in valid and CONTEXT_CLASSES["wall"] in valid
+    assert CONTEXT_CLASSES["sky"] not in valid and CONTEXT_CLASSES["unknown"] not in valid
+    ds = dataset(root)
+    n_valid = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        normals = unpad(s["normals"], s["size"]).numpy()
+        norm = np.linalg.norm(normals, axis=0)
+        shared = np.isin(label_map(root, s["id"]), valid)
+        assert (norm[~shared] == 0).all()
+        assert (np.abs(norm[shared] - 1) < 0.02).all()  # 8-bit PNG quantisation, as the real files
+        n_valid += shared.sum()
+    assert n_valid > 0
+
+
+def test_edges_are_thinned_label_map_boundaries(root):
+    ds = dataset(root, tasks=("edges",))
+    for i in range(len(ds)):
+        s = ds[i]
+        edges = unpad(s["edges"][0], s["size"]).numpy() > 0
+        labels = label_map(root, s["id"]).astype(np.int64)
+        boundary = ndimage.grey_dilation(labels, size=3) != ndimage.grey_erosion(labels, size=3)
+        assert edges.any() and not (edges & ~boundary).any()  # only on class boundaries
+        assert edges.sum() < 0.75 * boundary.sum()  # thinned
+        cross = ndimage.generate_binary_structure(2, 1)
+        changes = np.zeros_like(edges)
+        changes[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        changes[1:] |= labels[1:] != labels[:-1]
+        covered = changes & ndimage.binary_dilation(edges, cross, iterations=2)
+        assert covered.sum() > 0.95 * changes.sum()  # nearly every boundary has an edge (thinning trims ends)
+
+
+def test_subset_manifest_keeps_the_listed_ids_in_order(root, tmp_path):
+    ids = dataset(root).ids
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text(f"# two images\n{ids[3]}\n{ids[0]}\n")
+    assert dataset(root, subset=str(manifest)).ids == [ids[3], ids[0]]
+    manifest.write_text("2099_000001\n")
+    with pytest.raises(ValueError, match="not in the split"):
+        dataset(root, subset=str(manifest))
+
+
+def test_training_samples_are_equal_size_and_reproducible_per_seed_epoch_index(root):
+    ds = dataset(root, train=True)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["parts"].shape == (3, 32, 32)
+    first = ds[2]
+    again = dataset(root, train=True)[2]  # a fresh dataset (another worker, a resumed run)
+    assert all(torch.equal(first[k], again[k]) for k in TASKS + ("image",))
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2]["image"], first["image"])
+    assert not torch.equal(dataset(root, train=True, seed=1)[2]["image"], first["image"])
+    for i in range(len(ds)):
+        s = ds[i]
+        norm = s["normals"].norm(dim=0)
+        assert ((norm == 0) | ((norm - 1).abs() < 0.02)).all()  # nearest resizing keeps unit normals
+        assert set(torch.unique(s["semseg"]).tolist()) <= set(range(21)) | {255}
+
+
+def test_unsupported_task_and_missing_split_are_clear_errors(root):
+    with pytest.raises(ValueError, match="depth"):
+        dataset(root, tasks=("depth",))
+    with pytest.raises(FileNotFoundError, match="test.txt.*found splits"):
+        dataset(root, split="test")
+
+
+def test_bad_files_name_the_file_and_the_problem(copy):
+    ids = dataset(copy).ids
+    (copy / "JPEGImages" / f"{ids[0]}.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(copy / "semseg" / "pascal-context" / f"{ids[1]}.png")
+    bad_class = np.asarray(Image.open(copy / "semseg" / "pascal-context" / f"{ids[2]}.png")).copy()
+    bad_class[0, 0] = 37
+    Image.fromarray(bad_class).save(copy / "semseg" / "pascal-context" / f"{ids[2]}.png")
+    (copy / "sal_distill" / f"{ids[3]}.png").unlink()
+    ds = None
+    with pytest.raises(DataError, match=f"missing file.*sal_distill/{ids[3]}.png"):
+        ds = dataset(copy)
+    ds = dataset(copy, tasks=("semseg",))
+    with pytest.raises(DataError, match=f"{ids[0]}.jpg: cannot decode"):
+        ds[0]
+    with pytest.raises(DataError, match=f"{ids[1]}.png: label is 5x5, the image is"):
+        ds[1]
+    with pytest.raises(DataError, match=r"class value\(s\) \[37\] out of range"):
+        ds[2]
+    kept = dataset(copy, skip_bad=True)
+    assert kept.ids == ids[4:]
+    assert [i for i, _ in kept.skipped] == ids[:4]
+    assert "cannot decode" in kept.skipped[0][1] and "missing" in kept.skipped[3][1]
+
+
+def test_training_flip_mirrors_the_sample_and_negates_normal_x(root):
+    """With scaling, cropping and colour changes switched off, a training sample is the evaluation
+    sample, mirrored (normals' x negated) on the draws that flip."""
+    plain = {"scale_range": [1.0, 1.0], "cat_max_ratio": 1.0, "photometric": False, "crop_size": [48, 64]}
+    train, evaluation = dataset(root, train=True, **plain), dataset(root)
+    flips = []
+    for i in range(len(train)):
+        t, e = train[i], evaluation[i]
+        size = e["size"]
+        image_t, image_e = unpad(t["image"], size), unpad(e["image"], size)
+        flipped = not torch.equal(image_t, image_e)
+        flips.append(flipped)
+        if flipped:
+            assert torch.equal(image_t, image_e.flip(-1))
+            nt, ne = unpad(t["normals"], size), unpad(e["normals"], size).flip(-1)
+            assert torch.equal(nt[0], -ne[0]) and torch.equal(nt[1:], ne[1:])
+            assert torch.equal(unpad(t["semseg"], size), unpad(e["semseg"], size).flip(-1))
+    assert any(flips) and not all(flips)

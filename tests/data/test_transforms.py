@@ -1,0 +1,156 @@
+"""SAK's dense augmentation, evaluation padding and the stage-1 crops (sak/data/transforms.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sak.data.transforms import (
+    IMAGENET_MEAN_UINT8,
+    DenseAugment,
+    dense_eval_transform,
+    dense_train_transform,
+    hflip,
+    hsv_uint8_to_rgb,
+    max_class_ratio,
+    pad,
+    photometric_distortion,
+    random_crop,
+    random_resized_crop_box,
+    resize_sample,
+    rgb_to_hsv_uint8,
+    to_tensors,
+    unpad,
+)
+
+
+def make_sample(h: int = 40, w: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    normals = rng.normal(size=(h, w, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    semseg = np.zeros((h, w), dtype=np.int64)
+    semseg[:, w // 2 :] = 3
+    semseg[: h // 4] = 255
+    parts = np.zeros((h, w), dtype=np.int64)
+    parts[h // 2 :, : w // 3] = 2
+    return {
+        "image": rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8),
+        "semseg": semseg,
+        "parts": parts,
+        "normals": normals.astype(np.float32),
+        "depth": rng.uniform(0.5, 5.0, size=(h, w)).astype(np.float32),
+        "edges": (rng.random((h, w)) < 0.1).astype(np.float32),
+    }
+
+
+def test_resize_keeps_labels_unit_normals_and_scales_depth():
+    s = make_sample()
+    out = resize_sample(s, (80, 120), depth_scale=2.0)
+    assert out["image"].shape == (80, 120, 3) and out["semseg"].shape == (80, 120)
+    assert set(np.unique(out["semseg"])) == {0, 3, 255}  # nearest: no blended labels
+    assert set(np.unique(out["edges"])) <= {0.0, 1.0}
+    np.testing.assert_allclose(np.linalg.norm(out["normals"], axis=-1), 1.0, atol=1e-5)
+    # nearest for targets: output pixel (2i, 2j) reads source pixel (i, j) at an exact 2x enlargement
+    np.testing.assert_array_equal(out["normals"][::2, ::2], s["normals"])
+    np.testing.assert_allclose(out["depth"][::2, ::2], s["depth"] / 2.0)
+
+
+def test_flip_mirrors_everything_and_negates_normal_x():
+    s = make_sample()
+    f = hflip(s)
+    np.testing.assert_array_equal(f["image"], s["image"][:, ::-1])
+    np.testing.assert_array_equal(f["semseg"], s["semseg"][:, ::-1])
+    np.testing.assert_array_equal(f["normals"][..., 0], -s["normals"][:, ::-1, 0])
+    np.testing.assert_array_equal(f["normals"][..., 1:], s["normals"][:, ::-1, 1:])
+    np.testing.assert_array_equal(hflip(f)["normals"], s["normals"])
+
+
+def test_cat_max_ratio_rejects_crops_dominated_by_one_class():
+    label = np.ones((100, 100), dtype=np.int64)
+    label[:, (np.arange(100) // 20) % 2 == 1] = 2  # 20-wide stripes: about 40% of 20x20 crops mix under 3:1
+    sample = {"image": np.zeros((100, 100, 3), np.uint8), "semseg": label}
+
+    def ratios(cat_max_ratio: float) -> list[float]:
+        crops = [random_crop(sample, np.random.default_rng(s), (20, 20), cat_max_ratio) for s in range(40)]
+        return [max_class_ratio(c["semseg"]) for c in crops]
+
+    checked, free = ratios(0.75), ratios(1.0)
+    assert all(r < 0.75 for r in checked)
+    assert sum(r >= 0.75 for r in free) > 15  # without the check most crops are dominated by one class
+    assert max_class_ratio(np.array([[1, 1, 255, 255]])) == 1.0  # ignore does not count as a class
+
+
+def test_crop_without_a_satisfying_window_still_has_the_crop_size():
+    sample = {"image": np.zeros((50, 50, 3), np.uint8), "semseg": np.ones((50, 50), np.int64)}
+    assert random_crop(sample, np.random.default_rng(0), (20, 30), 0.75)["semseg"].shape == (20, 30)
+    small = random_crop(sample, np.random.default_rng(0), (64, 64), 0.75)  # smaller than the crop: kept whole
+    assert small["image"].shape == (50, 50, 3)
+
+
+def test_pad_centres_with_ignore_values_and_unpad_recovers():
+    s = make_sample(30, 50)
+    p = pad(s, (40, 64))
+    assert p["image"].shape == (40, 64, 3)
+    top, left = 5, 7
+    np.testing.assert_array_equal(p["image"][0, 0], IMAGENET_MEAN_UINT8)
+    assert (p["semseg"][:top] == 255).all() and (p["edges"][:, :left] == 255).all()
+    assert (p["normals"][:top] == 0).all() and (p["depth"][:, :left] == 0).all()
+    t = to_tensors(p)
+    assert torch.equal(unpad(t["image"], (30, 50)), torch.from_numpy(s["image"]).permute(2, 0, 1))
+    np.testing.assert_array_equal(unpad(p["semseg"], (30, 50)), s["semseg"])
+    with pytest.raises(ValueError, match="larger than the padded map"):
+        unpad(p["semseg"], (41, 50))
+
+
+def test_eval_transform_rejects_images_larger_than_the_canvas():
+    with pytest.raises(ValueError, match="larger than the evaluation size"):
+        dense_eval_transform(make_sample(40, 60), (32, 64))
+
+
+def test_parts_without_any_part_pixel_become_all_ignore():
+    s = make_sample()
+    s["parts"][:] = 0
+    out = dense_eval_transform(s, (48, 64))
+    assert (out["parts"] == 255).all()
+    s = make_sample()
+    assert set(np.unique(dense_eval_transform(s, (48, 64))["parts"])) == {0, 2, 255}
+
+
+def test_train_transform_is_a_function_of_the_generator():
+    aug = DenseAugment(crop_size=(32, 32))
+    a = dense_train_transform(make_sample(), np.random.default_rng([0, 0, 3]), aug)
+    b = dense_train_transform(make_sample(), np.random.default_rng([0, 0, 3]), aug)
+    c = dense_train_transform(make_sample(), np.random.default_rng([0, 1, 3]), aug)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        assert a[key].shape[:2] == (32, 32)
+    assert not np.array_equal(a["image"], c["image"])
+    assert a["image"].dtype == np.uint8
+
+
+def test_photometric_distortion_matches_opencv_hsv_units():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    round_trip = hsv_uint8_to_rgb(rgb_to_hsv_uint8(image)).astype(int)
+    assert np.abs(round_trip - image).max() <= 5  # uint8 HSV keeps hue in 2-degree steps
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    hsv = rgb_to_hsv_uint8(red)
+    assert hsv.tolist() == [[[0, 255, 255]]]  # OpenCV: H in [0, 180), S and V in [0, 255]
+    hsv[..., 0] = 60  # +120 degrees
+    assert hsv_uint8_to_rgb(hsv).tolist() == [[[0, 255, 0]]]
+    outs = [photometric_distortion(image, np.random.default_rng(s)) for s in range(8)]
+    assert all(o.dtype == np.uint8 and o.shape == image.shape for o in outs)
+    assert sum(not np.array_equal(o, image) for o in outs) >= 6  # each step fires with probability 1/2
+    np.testing.assert_array_equal(outs[3], photometric_distortion(image, np.random.default_rng(3)))
+
+
+def test_random_resized_crop_box_respects_scale_and_bounds():
+    for seed in range(50):
+        top, left, h, w = random_resized_crop_box(120, 200, np.random.default_rng(seed), (0.3, 0.6), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 200
+        assert 0.25 <= h * w / (120 * 200) <= 0.65
+        assert 0.7 <= w / h <= 1.4
+    # an extreme aspect ratio falls back to the centre crop clamped to the ratio range
+    assert random_resized_crop_box(10, 400, np.random.default_rng(0), (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 193, 10, 13)

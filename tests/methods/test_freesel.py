@@ -1,0 +1,313 @@
+"""FreeSel data selection: patch filtering, per-image k-means, the samplers, budgets, manifests, `sak select`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from sak.data import apply_subset, build_dataset, read_manifest
+from sak.data.base import DatasetSpec
+from sak.methods import (
+    ImageFolderPool,
+    SelectionError,
+    d2_sampling,
+    farthest_point_sampling,
+    kcenter_greedy,
+    random_subset,
+    resolve_budget,
+    select_indices,
+    write_manifest,
+)
+from sak.methods.freesel import (
+    PatternOptions,
+    batched_kmeans,
+    build_teacher,
+    extract_features,
+    image_uniforms,
+    main,
+    patch_tokens,
+    top_share_mask,
+    vit_patch_tokens,
+)
+
+from ..conftest import REPO, TINY
+
+TINY_KW = {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 64, "patch_size": 8}
+TINY_VIT = [
+    "--teacher",
+    "timm",
+    "--option",
+    "model=vit_small_patch16_224",
+    "--option",
+    f"model_kwargs={json.dumps(TINY_KW)}",
+]
+
+
+def tiny_vit_teacher():
+    """A random 3-block ViT with an 8 x 8 patch grid at 64 px."""
+    return build_teacher(
+        "timm", None, {"model": "vit_small_patch16_224", "model_kwargs": TINY_KW}, image_size=None, block=None
+    )
+
+
+@pytest.fixture
+def png_pool(tmp_path):
+    """12 PNGs of two sizes in two folders: 6 dark-noise images and 6 bright stripes."""
+    root = tmp_path / "pool"
+    (root / "stripes").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)).save(root / f"noise{i}.png")
+        stripes = np.zeros((48, 48, 3), np.uint8)
+        stripes[:, (i % 3) :: 4] = 255
+        Image.fromarray(stripes).save(root / "stripes" / f"s{i}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Patch filtering
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("registers", [False, True])
+def test_cls_attention_is_the_attention_the_last_block_computes(registers):
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch16_224"
+    model = timm.create_model(name, pretrained=False, num_classes=0, **TINY_KW).eval()
+    last = model.blocks[-1].attn
+    last.fused_attn = False  # materialise the attention so that a hook can read it
+    seen = {}
+    last.attn_drop.register_forward_hook(lambda mod, inp, out: seen.setdefault("attn", out))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.forward_features(x)
+        feats, attn = vit_patch_tokens(model, x, -2, with_attention=True)
+    prefix = model.num_prefix_tokens
+    expected = seen["attn"].mean(1)[:, 0, prefix:]  # head mean, CLS row, patch columns
+    torch.testing.assert_close(attn, expected / expected.sum(1, keepdim=True))
+    assert feats.shape == (2, 64, 32)
+    with torch.no_grad():  # penultimate block output, after the final norm
+        blocks = model.forward_intermediates(x, indices=[1], norm=False, output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(feats, model.norm(blocks[0]))
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.9, 1.0])
+def test_top_share_mask_keeps_the_fewest_largest_patches_reaching_the_share(share):
+    weights = torch.randn(6, 50).mul(2).softmax(-1)
+    mask = top_share_mask(weights, share)
+    for w, m in zip(weights, mask, strict=True):
+        kept = w[m]
+        assert kept.sum() >= share - 1e-6
+        assert kept.sum() - kept.min() < share, "one patch fewer must fall short of the share"
+        if (~m).any():
+            assert kept.min() >= w[~m].max()
+
+
+def test_attention_filter_on_a_vit_teacher_keeps_half_the_cls_attention():
+    teacher = tiny_vit_teacher()
+    x = teacher.preprocess(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    feats, weights, used = patch_tokens(teacher, x, PatternOptions())
+    assert used == "attention" and feats.shape == (3, 64, 32)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    kept = torch.where(top_share_mask(weights, 0.5), weights, 0).sum(1)
+    assert (kept >= 0.5 - 1e-6).all() and (kept < 0.5 + weights.max(1).values).all()
+
+
+def test_teachers_without_cls_attention_use_feature_norms():
+    teacher = build_teacher(
+        "timm", None, {"model": "convnext_atto", "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}},
+        image_size=64, block=None,
+    )  # fmt: skip
+    x = teacher.preprocess(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    feats, weights, used = patch_tokens(teacher, x, PatternOptions())
+    assert used == "norm" and feats.shape == (2, 4, 16)  # deepest level: stride 32 on 64 px
+    torch.testing.assert_close(weights, feats.norm(dim=-1))
+    with pytest.raises(SelectionError, match="not a timm VisionTransformer"):
+        patch_tokens(teacher, x, PatternOptions(filter="attention"))
+    with pytest.raises(SelectionError, match="not a ViT"):
+        build_teacher("timm", None, {"model": "convnext_atto"}, image_size=64, block=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-image k-means
+# ----------------------------------------------------------------------------------------------------
+def test_kmeans_gives_k_patterns_or_all_kept_patches_when_fewer():
+    torch.manual_seed(0)
+    x = torch.randn(4, 30, 8)
+    mask = torch.zeros(4, 30, dtype=torch.bool)
+    for b, n in enumerate([30, 12, 5, 3]):
+        mask[b, :n] = True
+    patterns = batched_kmeans(x, mask, k=5, uniforms=image_uniforms([0, 1, 2, 3], 5, seed=0))
+    assert [len(p) for p in patterns] == [5, 5, 5, 3]
+    torch.testing.assert_close(patterns[3], x[3, :3])  # fewer kept patches than k: all of them
+    torch.testing.assert_close(patterns[2].sort(0).values, x[2, :5].sort(0).values)
+    for p, xb, mb in zip(
+        patterns[:2], x[:2], mask[:2], strict=True
+    ):  # a Lloyd fixed point: each centre is its cluster's mean
+        points = xb[mb]
+        assign = torch.cdist(points, p).argmin(1)
+        for c in range(5):
+            if (assign == c).any():
+                torch.testing.assert_close(p[c], points[assign == c].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_kmeans_seeding_depends_on_seed_and_image_not_on_the_batch():
+    torch.manual_seed(1)
+    x, mask = torch.randn(3, 40, 6), torch.ones(3, 40, dtype=torch.bool)
+    together = batched_kmeans(x, mask, 4, image_uniforms([7, 8, 9], 4, seed=3))
+    alone = batched_kmeans(x[1:2], mask[1:2], 4, image_uniforms([8], 4, seed=3))
+    torch.testing.assert_close(together[1], alone[0])
+    assert not torch.equal(image_uniforms([8], 4, seed=3), image_uniforms([8], 4, seed=4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------------
+def corners_and_centre() -> list[torch.Tensor]:
+    """20 images with patterns near the origin, and 4 whose one pattern sits at a far corner."""
+    g = torch.Generator().manual_seed(0)
+    centre = [torch.randn(3, 2, generator=g) * 0.1 for _ in range(20)]
+    corners = [torch.tensor([[sx * 10.0, sy * 10.0]]) for sx in (-1, 1) for sy in (-1, 1)]
+    return centre + corners
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_farthest_point_picks_the_extreme_points(seed):
+    order = farthest_point_sampling(corners_and_centre(), budget=5, seed=seed, metric="euclidean")
+    assert {20, 21, 22, 23} <= set(order) and len(set(order)) == 5
+
+
+def test_an_image_is_as_far_as_its_farthest_pattern():
+    """After A, B (one pattern 7.07 away, one at 0) must beat C (4 away): the max rule, not the mean (3.5)."""
+    sets = [torch.tensor([[0.0, 0.0], [0.1, 0.0]]), torch.tensor([[0.0, 0.1], [5.0, 5.0]]), torch.tensor([[4.0, 0.0]])]
+    orders = [farthest_point_sampling(sets, 2, seed=s, metric="euclidean") for s in range(10)]
+    after_a = [order[1] for order in orders if order[0] == 0]
+    assert after_a and all(i == 1 for i in after_a)
+
+
+def test_kcenter_greedy_picks_the_extreme_points_of_global_features():
+    features = torch.cat([torch.randn(20, 2) * 0.1, torch.tensor([[9.0, 0.0], [-9.0, 0.0], [0.0, 9.0]])])
+    assert {20, 21, 22} <= set(kcenter_greedy(features, 4, seed=2, metric="euclidean"))
+
+
+def test_d2_sampling_is_reproducible_per_seed_and_differs_across_seeds():
+    g = torch.Generator().manual_seed(0)
+    patterns = [torch.randn(4, 16, generator=g) for _ in range(60)]
+    first = d2_sampling(patterns, 15, seed=0)
+    assert first == d2_sampling(patterns, 15, seed=0)
+    assert len(set(first)) == 15
+    others = {tuple(d2_sampling(patterns, 15, seed=s)) for s in range(1, 5)}
+    assert len(others | {tuple(first)}) == 5
+    assert d2_sampling(patterns, 8, seed=0) == first[:8], "a smaller budget is a prefix of a larger one"
+
+
+def test_d2_sampling_favours_uncovered_images_and_handles_duplicates():
+    far_hits = sum(20 in d2_sampling(corners_and_centre()[:20] + [torch.tensor([[30.0, 0.0]])], 2, seed=s,
+                                     metric="euclidean") for s in range(20))  # fmt: skip
+    assert far_hits >= 19
+    same = [torch.ones(2, 3) for _ in range(5)]  # every distance zero after the first pick: uniform fallback
+    assert sorted(d2_sampling(same, 5, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_random_subset_is_a_seeded_permutation_prefix():
+    assert random_subset(50, 10, seed=1) == random_subset(50, 10, seed=1) != random_subset(50, 10, seed=2)
+    assert random_subset(50, 5, seed=1) == random_subset(50, 10, seed=1)[:5]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budgets and manifests
+# ----------------------------------------------------------------------------------------------------
+def test_budget_as_count_or_percent_and_the_errors():
+    assert resolve_budget("7", 20) == 7 and resolve_budget(20, 20) == 20
+    assert resolve_budget("25%", 12) == 3 and resolve_budget("0.1%", 12) == 1
+    with pytest.raises(SelectionError, match=r"budget 21 is larger than the pool, which holds 20 images"):
+        resolve_budget("21", 20)
+    for bad, message in [("0", "at least one"), ("150%", r"\(0, 100\]"), ("many", "neither a count")]:
+        with pytest.raises(SelectionError, match=message):
+            resolve_budget(bad, 20)
+    with pytest.raises(SelectionError, match="unknown selection method"):
+        select_indices("coreset", 2, 5)
+
+
+def test_manifest_round_trips_into_a_dataset_subset(tmp_path):
+    dataset = build_dataset("synthetic", DatasetSpec(split="train", image_size=32), {"length": 20})
+    chosen = random_subset(len(dataset.ids), 6, seed=0)
+    path = write_manifest(tmp_path / "m.txt", [dataset.ids[i] for i in chosen], ["made by a test"])
+    assert read_manifest(str(path)) == [dataset.ids[i] for i in chosen]
+    assert apply_subset(dataset.ids, str(path)) == [dataset.ids[i] for i in chosen]
+    with pytest.raises(SelectionError, match="cannot be written"):
+        write_manifest(tmp_path / "bad.txt", ["a#b"])
+
+
+def test_folder_pool_ids_are_sorted_relative_paths(png_pool, tmp_path):
+    pool = ImageFolderPool(png_pool)
+    assert pool.ids == sorted([f"noise{i}" for i in range(6)] + [f"stripes/s{i}" for i in range(6)])
+    assert pool[0]["image"].dtype == torch.uint8 and pool[0]["image"].shape == (3, 40, 40)
+    (png_pool / "noise0.jpg").write_bytes((png_pool / "noise0.png").read_bytes())
+    with pytest.raises(SelectionError, match="both have id 'noise0'"):
+        ImageFolderPool(png_pool)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SelectionError, match="no image files"):
+        ImageFolderPool(tmp_path / "empty")
+    with pytest.raises(SelectionError, match="neither a folder of images nor a recipe"):
+        ImageFolderPool(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The feature pass and the command
+# ----------------------------------------------------------------------------------------------------
+def test_features_do_not_depend_on_the_batch_size(png_pool):
+    teacher, pool = tiny_vit_teacher(), ImageFolderPool(png_pool)
+    small, used = extract_features(teacher, pool, PatternOptions(k=3), batch_size=5, progress=False)
+    large, _ = extract_features(teacher, pool, PatternOptions(k=3), batch_size=12, progress=False)
+    assert used == "attention" and [f.id for f in small] == pool.ids
+    for a, b in zip(small, large, strict=True):
+        assert 1 <= len(a.patterns) <= 3
+        torch.testing.assert_close(a.patterns, b.patterns, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.global_feature, b.global_feature, atol=1e-5, rtol=1e-5)
+
+
+def test_select_command_end_to_end_on_a_folder_of_pngs(png_pool, tmp_path, capsys):
+    out = tmp_path / "manifest.txt"
+    args = ["--pool", str(png_pool), "--budget", "4", *TINY_VIT, "--k", "3", "--batch-size", "5", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    ids = read_manifest(str(out))
+    assert len(ids) == len(set(ids)) == 4 and set(ids) <= set(ImageFolderPool(png_pool).ids)
+    assert "freesel, filter attention" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "again.txt")]) == 0
+    assert read_manifest(str(tmp_path / "again.txt")) == ids, "same seed, same manifest"
+    for method in ("farthest", "kcenter", "random"):
+        assert main([*args, "--method", method, "--out", str(tmp_path / f"{method}.txt")]) == 0
+        assert len(read_manifest(str(tmp_path / f"{method}.txt"))) == 4
+
+    assert main([*args[:2], "--budget", "13", *args[4:], "--out", str(out)]) == 2
+    assert "budget 13 is larger than the pool, which holds 12 images" in capsys.readouterr().err
+    assert main(["--pool", str(png_pool), "--budget", "2", "--out", str(out)]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+
+
+def test_select_command_on_a_recipe_pool(tmp_path):
+    out = tmp_path / "subset.txt"
+    args = ["--pool", str(TINY), "--set", "data.options.length=10", "--budget", "30%", *TINY_VIT, "--no-progress"]
+    assert main([*args, "--method", "farthest", "--out", str(out)]) == 0
+    dataset = build_dataset("synthetic", DatasetSpec(split="train", image_size=64), {"length": 10})
+    ids = read_manifest(str(out))
+    assert len(ids) == 3 and apply_subset(dataset.ids, str(out)) == ids
+
+
+@pytest.mark.slow
+def test_two_processes_select_what_one_process_selects(png_pool, tmp_path):
+    """`accelerate launch` with a world of 2 CPU processes: each takes a shard, the features are gathered."""
+    args = ["--pool", str(png_pool), "--budget", "5", *TINY_VIT, "--batch-size", "4", "--no-progress"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "sak.methods.freesel"]  # fmt: skip
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two.txt")], cwd=REPO, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stdout
+    assert main([*args, "--out", str(tmp_path / "one.txt")]) == 0
+    assert read_manifest(str(tmp_path / "two.txt")) == read_manifest(str(tmp_path / "one.txt"))

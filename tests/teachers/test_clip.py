@@ -1,0 +1,205 @@
+"""The CLIP teacher: open_clip and timm sources give each library's own features for the same weights."""
+
+import json
+
+import open_clip
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage.data import astronaut
+
+from sak.teachers import TeacherSpec, create_teacher
+from sak.teachers.base import CLIP_MEAN, CLIP_STD
+from sak.teachers.clip import open_clip_tag_args
+from sak.teachers.weights import WeightsError
+
+VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "head_width": 16}
+TEXT = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+OPEN_CLIP = {"embed_dim": 24, "vision_cfg": VISION, "text_cfg": TEXT}  # a tiny ViT-B-16 layout
+TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}  # the same tower in timm
+
+
+def randomise(module: torch.nn.Module) -> None:
+    """Every parameter random (norm scales around 1), so that no code path sees its zero / unit init."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", **OPEN_CLIP).eval()
+    randomise(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def clip_file(clip_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"  # the hub's file: a plain state dict
+    torch.save(clip_model.state_dict(), path)
+    return path
+
+
+def open_clip_teacher(weights, **spec):
+    return create_teacher(
+        "clip", str(weights), spec=TeacherSpec(**spec), source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP
+    )
+
+
+def test_open_clip_file_gives_open_clips_intermediates_and_image_embedding(clip_model, clip_file):
+    teacher = open_clip_teacher(clip_file)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip_model.visual.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NCHW")
+        embedding = clip_model.encode_image(x)
+    out = teacher(x)
+    assert teacher.meta.levels == (0, 1, 2, 3) and [t.shape for t in out.levels] == [(2, 32, 4, 4)] * 4
+    for a, b in zip(out.levels, ref["image_intermediates"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.summary, embedding, atol=1e-5, rtol=0)
+    assert out.levels[-1].std() > 0.1 and teacher.meta.sha256 and teacher.meta.mean == CLIP_MEAN
+
+
+def test_open_clip_training_checkpoint_with_ddp_prefix_loads(clip_model, clip_file, tmp_path):
+    state = {f"module.{k}": v for k, v in clip_model.state_dict().items()}
+    torch.save({"epoch": 3, "name": "run", "state_dict": state}, tmp_path / "epoch_3.pt")  # open_clip's training save
+    x = torch.randn(1, 3, 32, 32)
+    a, b = open_clip_teacher(tmp_path / "epoch_3.pt")(x), open_clip_teacher(clip_file)(x)
+    torch.testing.assert_close(a.levels[-1], b.levels[-1], atol=0, rtol=0)
+
+
+def test_open_clip_directory_loads_through_open_clips_local_dir_schema(clip_model, tmp_path):
+    cfg = {"model_cfg": OPEN_CLIP, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}  # SigLIP-like
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.save(clip_model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    teacher = create_teacher("clip", str(tmp_path), source="open_clip")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip_model.visual.forward_intermediates(x, indices=[0, 1, 2, 3])["image_intermediates"]
+    torch.testing.assert_close(teacher(x).levels[2], ref[2], atol=1e-5, rtol=0)
+    assert teacher.meta.mean == (0.5,) * 3 and teacher.meta.std == (0.25,) * 3  # the directory's own normalisation
+
+
+def test_sequence_first_transformer_gives_the_same_levels(clip_file):
+    """open_clip before 2.24 (and towers built with batch_first=False) run the blocks on (L, B, C)."""
+    teacher = open_clip_teacher(clip_file)
+    x = torch.randn(2, 3, 32, 32)
+    batch_first = teacher(x)
+    transformer = teacher.tower.visual.transformer
+    transformer.batch_first = False
+    for block in transformer.resblocks:
+        block.attn.batch_first = False
+    seq_first = teacher(x)
+    for a, b in zip(seq_first.levels, batch_first.levels, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seq_first.summary, batch_first.summary, atol=1e-5, rtol=0)
+
+
+def test_timm_safetensors_give_timms_own_intermediates(tmp_path):
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_base_patch16_clip_384", pretrained=False, num_classes=0, **TIMM).eval()
+    randomise(ref)
+    save_file(ref.state_dict(), str(tmp_path / "model.safetensors"))
+    teacher = create_teacher("clip", str(tmp_path / "model.safetensors"), model_kwargs=TIMM)  # source timm by default
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, expected = ref.forward_intermediates(x, indices=[0, 1, 2, 3], norm=False)
+        cls = ref.forward_head(final, pre_logits=True)
+    out = teacher(x)
+    for a, b in zip(out.levels, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.summary, cls, atol=1e-5, rtol=0)
+    assert teacher.meta.source == "timm" and teacher.meta.name == "vit_base_patch16_clip_384"
+
+
+@pytest.mark.parametrize("size", [None, 48])
+def test_same_open_clip_weights_through_timm_give_the_same_features(clip_model, clip_file, size):
+    """timm converts the open_clip checkpoint itself; at 48 px both resample position embeddings on load."""
+    via_open_clip = open_clip_teacher(clip_file, image_size=size)
+    via_timm = create_teacher(
+        "clip", str(clip_file), spec=TeacherSpec(image_size=size), model="vit_base_patch16_clip_224", model_kwargs=TIMM
+    )
+    s = size or 32
+    x = torch.randn(2, 3, s, s)
+    a, b = via_open_clip(x), via_timm(x)
+    for la, lb in zip(a.levels, b.levels, strict=True):
+        assert la.shape == (2, 32, s // 8, s // 8)
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=0)
+    # timm's summary is the class token before CLIP's projection, open_clip's the projected embedding
+    torch.testing.assert_close(b.summary @ clip_model.visual.proj, a.summary, atol=1e-4, rtol=0)
+    assert via_open_clip.meta.native_size == via_timm.meta.native_size == 32
+
+
+def astronaut_batch(width: int) -> tuple[torch.Tensor, Image.Image]:
+    image = astronaut()[:, :width]  # (512, width, 3) uint8
+    return torch.from_numpy(image).permute(2, 0, 1)[None], Image.fromarray(image)
+
+
+def open_clip_transform(size: int):
+    return open_clip.image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic")
+
+
+def test_center_crop_preprocess_matches_open_clips_transform(clip_file):
+    """open_clip: shortest side to 224 with PIL bicubic, centre crop. Tensor and PIL resampling differ a little:
+    measured 0.038 max / 0.0041 mean in normalised units here."""
+    teacher = open_clip_teacher(clip_file, image_size=224)
+    teacher.options.center_crop = True
+    batch, pil = astronaut_batch(384)  # not square: the crop matters
+    ours, theirs = teacher.preprocess(batch)[0], open_clip_transform(224)(pil)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    diff = (ours - theirs).abs()
+    assert diff.max() < 0.06 and diff.mean() < 0.005, (diff.max(), diff.mean())
+    assert (ours.mean((1, 2)) - theirs.mean((1, 2))).abs().max() < 2e-3
+
+
+def test_default_preprocess_squashes_the_whole_image_as_open_clips_squash_mode(clip_file):
+    """No crop by default: on a square image this is open_clip's own transform; on any image its `squash` mode."""
+    teacher = open_clip_teacher(clip_file, image_size=224)
+    for width in (512, 384):
+        batch, pil = astronaut_batch(width)
+        squash = open_clip.image_transform(
+            224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic", resize_mode="squash"
+        )
+        diff = (teacher.preprocess(batch)[0] - squash(pil)).abs()  # measured 0.071 max, 0.0037 mean (512)
+        assert diff.max() < 0.08 and diff.mean() < 0.005, (width, diff.max(), diff.mean())
+    diff = (teacher.preprocess(astronaut_batch(512)[0])[0] - open_clip_transform(224)(astronaut_batch(512)[1])).abs()
+    assert diff.max() < 0.08 and diff.mean() < 0.005
+
+
+def test_frozen_and_eval_forever(clip_file):
+    teacher = open_clip_teacher(clip_file)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    out = teacher.encode(torch.randint(0, 255, (1, 3, 40, 50), dtype=torch.uint8))
+    assert out.levels[0].shape == (1, 32, 4, 4) and out.summary.shape == (1, 24) and not out.summary.requires_grad
+
+
+def test_openai_tags_get_quick_gelu_and_unknown_names_list_the_choices():
+    assert open_clip_tag_args("ViT-B-16", "openai") == {"pretrained": "openai", "force_quick_gelu": True}
+    assert open_clip_tag_args("ViT-B-16", "laion2b_s34b_b88k")["force_quick_gelu"] is False
+    with pytest.raises(ValueError, match="tags: openai, laion400m_e31"):
+        create_teacher("clip", "laion5b", source="open_clip", model="ViT-B-16")
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-61'.*ViT-B-16"):
+        create_teacher("clip", source="open_clip", model="ViT-B-61")
+    with pytest.raises(ValueError, match="levels \\[0, 9\\] must be block indices in 0..3"):
+        create_teacher("clip", spec=TeacherSpec(levels=[0, 9]), model_kwargs=TIMM)
+
+
+def test_missing_files_wrong_checkpoints_and_offline_tags_are_clear_errors(clip_file, monkeypatch, tmp_path):
+    with pytest.raises(WeightsError, match="nope.bin' does not exist"):
+        open_clip_teacher(tmp_path / "nope.bin")
+    three_blocks = {**OPEN_CLIP, "vision_cfg": {**VISION, "layers": 3}}
+    with pytest.raises(WeightsError, match="does not fit the model .*12 unexpected, e.g. \\['transformer.resblocks.3"):
+        create_teacher("clip", str(clip_file), source="open_clip", model_kwargs=three_blocks)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="Hugging Face cache.*huggingface.co/timm/vit_base_patch16_clip_224.openai"):
+        create_teacher("clip", "openai", source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP)
+    with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file"):
+        create_teacher("clip", "openai", model="vit_base_patch16_clip_224", model_kwargs=TIMM)

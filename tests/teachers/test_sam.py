@@ -1,0 +1,198 @@
+"""The SAM teacher: Meta's checkpoints through segment_anything and timm give the libraries' own block outputs."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from skimage.data import astronaut
+from torch import nn
+
+from sak.teachers import TeacherSpec, create_teacher
+from sak.teachers.sam import ENCODER_ARGS, SIZES
+from sak.teachers.weights import WeightsError
+
+# a tiny SAM encoder: 8 x 8 grid, windows of 4 in blocks 0 and 2, global attention in blocks 1 and 3
+ENCODER = {
+    "img_size": 64,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 4,
+    "num_heads": 2,
+    "window_size": 4,
+    "global_attn_indexes": (1, 3),
+    "out_chans": 16,
+}
+TIMM = {**ENCODER, "neck_chans": ENCODER["out_chans"]}
+TIMM.pop("out_chans")
+
+
+def randomise(module: nn.Module) -> None:
+    """Every parameter random: segment_anything zero-initialises pos_embed and the relative-position tables."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+
+
+def tiny_sam(img_size: int = 64) -> Sam:
+    encoder = ImageEncoderViT(
+        **{**ENCODER, "img_size": img_size}, norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True
+    )
+    grid = img_size // ENCODER["patch_size"]
+    prompt = PromptEncoder(
+        embed_dim=16, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size), mask_in_chans=4
+    )
+    decoder = MaskDecoder(
+        transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)
+    )
+    return Sam(encoder, prompt, decoder).eval()
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    model = tiny_sam()
+    randomise(model)
+    assert model.image_encoder.pos_embed.abs().min() > 0 and model.image_encoder.blocks[1].attn.rel_pos_h.std() > 0.1
+    return model
+
+
+@pytest.fixture(scope="module")
+def sam_file(sam, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_tiny.pth"
+    torch.save(sam.state_dict(), path)  # as Meta's files: the whole Sam, image_encoder.* / prompt_encoder.* / ...
+    return path
+
+
+def library_blocks(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """segment_anything's own forward, block outputs caught with hooks, as (B, C, h, w)."""
+    outs = []
+    handles = [b.register_forward_hook(lambda m, a, out: outs.append(out.permute(0, 3, 1, 2))) for b in encoder.blocks]
+    with torch.no_grad():
+        encoder(x)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+def teacher(source: str, weights, image_size=None, **options):
+    kwargs = ENCODER if source == "segment_anything" else TIMM
+    return create_teacher(
+        "sam", str(weights), spec=TeacherSpec(image_size=image_size), source=source, model_kwargs=kwargs, **options
+    )
+
+
+def test_meta_checkpoint_through_segment_anything_gives_its_block_outputs(sam, sam_file):
+    t = teacher("segment_anything", sam_file)
+    x = torch.randn(2, 3, 64, 64)
+    out, expected = t(x), library_blocks(sam.image_encoder, x)
+    assert t.meta.levels == (0, 1, 2, 3) and out.summary is None and t.meta.resize == "longest_pad"
+    for a, b in zip(out.levels, expected, strict=True):
+        assert a.shape == (2, 32, 8, 8)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert out.levels[-1].std() > 0.1 and t.meta.sha256 and t.meta.native_size == 64
+
+
+def test_timm_safetensors_give_timms_own_intermediates(tmp_path):
+    torch.manual_seed(1)
+    ref = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0, **TIMM).eval()
+    randomise(ref)
+    save_file(ref.state_dict(), str(tmp_path / "model.safetensors"))
+    t = teacher("timm", tmp_path / "model.safetensors", timm_layer_norm_eps=1e-5)  # as the file's model was built
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, indices=[0, 1, 2, 3], norm=False, intermediates_only=True)
+    for a, b in zip(t(x).levels, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # and timm's file also loads into segment_anything's encoder (timm names the MLP fc1 / fc2, SAM lin1 / lin2)
+    assert len(teacher("segment_anything", tmp_path / "model.safetensors")(x).levels) == 4
+
+
+@pytest.mark.parametrize("image_size", [None, 32, 80])
+def test_same_checkpoint_through_timm_and_segment_anything_gives_the_same_features(sam_file, image_size):
+    """At 32 / 80 px timm resamples pos_embed at run time; for segment_anything it is resampled once at load."""
+    a, b = teacher("segment_anything", sam_file, image_size), teacher("timm", sam_file, image_size)
+    s = image_size or 64
+    x = torch.randn(2, 3, s, s)
+    for la, lb in zip(a(x).levels, b(x).levels, strict=True):
+        assert la.shape == (2, 32, s // 8, s // 8)
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=0)
+    assert a.meta.native_size == b.meta.native_size == 64 and a.input_size == s
+
+
+def test_timm_is_built_with_sams_layer_norm_eps(sam_file):
+    """With the same weights, eps 1e-5 moves real SAM block outputs by up to ~7e-5; tiny random ones far less."""
+    for eps in (1e-6, 1e-5):
+        blocks = teacher("timm", sam_file, timm_layer_norm_eps=eps).tower.model.blocks
+        norms = [m for m in blocks.modules() if isinstance(m, nn.LayerNorm)]
+        assert len(norms) == 8 and all(m.eps == eps for m in norms)
+    assert teacher("timm", sam_file).tower.model.blocks[0].norm1.eps == 1e-6  # the default
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 64, 64)
+    reference = teacher("segment_anything", sam_file)(x).levels[-1]
+    fixed, timm_default = (teacher("timm", sam_file, timm_layer_norm_eps=e)(x).levels[-1] for e in (1e-6, 1e-5))
+    assert (fixed - reference).abs().max() * 2 < (timm_default - reference).abs().max()  # measured 5e-6 vs 1.5e-5
+
+
+def test_preprocess_matches_segment_anythings_resize_normalise_and_pad(sam_file):
+    """ResizeLongestSide (PIL bilinear, uint8) + Sam.preprocess (normalise, pad bottom / right with zeros)."""
+    image = np.ascontiguousarray(astronaut()[:, :384])  # (512, 384, 3): resized to 1024 x 768, padded to 1024
+    t = teacher("segment_anything", sam_file, image_size=1024)
+    ours = t.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    resized = torch.from_numpy(ResizeLongestSide(1024).apply_image(image)).permute(2, 0, 1)[None].float()
+    theirs = Sam.preprocess(tiny_sam(1024), resized)[0]
+    assert ours.shape == theirs.shape == (3, 1024, 1024) and resized.shape[-2:] == (1024, 768)
+    assert ours[:, :, 768:].abs().max() == 0 and theirs[:, :, 768:].abs().max() == 0
+    diff = (ours - theirs)[:, :, :768].abs()  # PIL rounds to uint8: one level is 1 / 255 / 0.224 = 0.0175
+    assert diff.max() < 0.02 and diff.mean() < 0.008, (diff.max(), diff.mean())  # measured 0.0175 / 0.0057
+
+
+def test_official_builder_at_a_small_input():
+    """Random ViT-B from segment_anything's registry, position embedding resampled from 64 x 64 to 2 x 2."""
+    t = create_teacher("sam", spec=TeacherSpec(image_size=32), size="b")
+    assert t.meta.levels == (2, 5, 8, 11) and t.level_shapes() == [(768, 2, 2)] * 4 and t.meta.native_size == 1024
+    assert t.tower.encoder.pos_embed.shape == (1, 2, 2, 768)
+    assert t.encode(torch.randint(0, 255, (1, 3, 20, 30), dtype=torch.uint8)).levels[0].shape == (1, 768, 2, 2)
+
+
+@pytest.mark.slow
+def test_official_sizes_agree_between_the_libraries_and_our_table():
+    """timm's samvit_base_patch16 and an encoder from our argument table have segment_anything's vit_b layout."""
+    b = create_teacher("sam", spec=TeacherSpec(image_size=32), size="b", source="timm")
+    assert b.meta.levels == (2, 5, 8, 11) and b.level_shapes() == [(768, 2, 2)] * 4
+    ours = ImageEncoderViT(**ENCODER_ARGS, **SIZES["b"], norm_layer=nn.LayerNorm).state_dict()
+    official = sam_model_registry["vit_b"]().image_encoder.state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in official.items()}
+
+
+def test_frozen_and_eval_forever(sam_file):
+    t = teacher("segment_anything", sam_file)
+    t.train()
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    out = t.encode(torch.randint(0, 255, (1, 3, 50, 70), dtype=torch.uint8))
+    assert out.levels[0].shape == (1, 32, 8, 8) and not out.levels[0].requires_grad
+
+
+def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, tmp_path, monkeypatch):
+    with pytest.raises(WeightsError, match="sam_vit_b_01ec64.pth' does not exist"):
+        create_teacher("sam", str(tmp_path / "sam_vit_b_01ec64.pth"))
+    torch.save(sam.mask_decoder.state_dict(), tmp_path / "decoder.pth")
+    with pytest.raises(WeightsError, match="decoder.pth' holds neither image_encoder"):
+        create_teacher("sam", str(tmp_path / "decoder.pth"))
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}, tmp_path / "l.pth")
+    with pytest.raises(WeightsError, match="l.pth' is SAM ViT-l, but size is 'b'"):
+        create_teacher("sam", str(tmp_path / "l.pth"), size="b")
+    with pytest.raises(WeightsError, match="segment_anything has no hub.*sam_vit_b_01ec64.pth"):
+        create_teacher("sam", "sa1b")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file instead: Meta's sam_vit_b"):
+        create_teacher("sam", "sa1b", source="timm", model_kwargs=TIMM)
