@@ -1,6 +1,7 @@
 """Training-step throughput and what a teacher-feature cache buys, on this machine.
 
-    python -m benchmarks.throughput            # every CPU case below; writes results/throughput_<device>.{json,md}
+    python -m benchmarks.throughput            # every CPU case below; writes results/throughput_cpu.{json,md}
+    python -m benchmarks.throughput --suite gpu --repeats 1   # the ViT-B cases at SAK's scale, on a CUDA GPU
     python -m benchmarks.throughput --case NAME --out FILE   # one case (run in its own process for peak memory)
 
 Cases: a bare PyTorch loop built from the same modules (same student, teachers, loss, optimiser,
@@ -60,30 +61,77 @@ CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
     "stage2/sak/online": (STAGE2, [], "sak", None),
     "stage2/sak/fp16-cache": (STAGE2, [], "sak", "fp16"),
 }
+# The GPU configuration of the issue: ViT-B student, DINOv2-B + CLIP-B (384 px in stage 1, 512 in stage 2)
+# and SAM-B at 1024, bf16, batch 16 (stage 1) and 8 (stage 2); random weights (no hub on that machine).
+GPU1 = ROOT / "recipes" / "bench" / "stage1_gpu_vitb.yaml"
+GPU2 = ROOT / "recipes" / "bench" / "stage2_gpu_vitb.yaml"
+GPU_CASES = {
+    "gpu/stage1/bare/online": (GPU1, [], "bare", None),
+    "gpu/stage1/sak/online": (GPU1, [], "sak", None),
+    "gpu/stage1/sak/fp16-cache": (GPU1, [], "sak", "fp16"),
+    "gpu/stage1/sak/int8-cache": (GPU1, [], "sak", "int8"),
+    "gpu/stage2/bare/online": (GPU2, [], "bare", None),
+    "gpu/stage2/sak/online": (GPU2, [], "sak", None),
+    "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),
+    "gpu/stage2/sak/int8-cache": (GPU2, [], "sak", "int8"),
+    "gpu/stage2/sak/online/1-teacher": (
+        GPU2,
+        ["teachers=[{name: dinov2, key: dinov2, image_size: 504, options: {size: base, source: timm}}]"],
+        "sak",
+        None,
+    ),  # fmt: skip
+    "gpu/stage2/sak/online/sam-at-512": (GPU2, ["teachers.2.image_size=512"], "sak", None),
+    "gpu/stage2/sak/online/batch-2": (GPU2, ["data.batch_size=2"], "sak", None),
+    "gpu/stage2/sak/online/batch-4": (GPU2, ["data.batch_size=4"], "sak", None),
+}
+ALL_CASES = CASES | GPU_CASES
+# dense bf16 tensor-core peak of the GPU, for model-FLOPs utilisation (datasheet, without sparsity)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def flops(recipe) -> dict[str, float]:
-    """Per-image FLOPs of the teachers' forward and of the student's forward + backward."""
+    """Per-image FLOPs of the teachers' forward and of the student's forward + backward (2 images)."""
     torch.manual_seed(0)
-    teachers = build_teachers(recipe, torch.device("cpu"))
+    dev = device()
+    teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
-    student = build_student(recipe, teachers, tasks).train()
+    student = build_student(recipe, teachers, tasks).train().to(dev)
     batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
+    batch = {k: v[:2].to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     n = batch["image"].shape[0]
+    # the teachers' own FLOPs: count SAM's attention as the model defines it, not the fused rewrite
+    # (sak/teachers/sam_attention.py), whose padded, bias-folded head width would inflate the count
+    for module in (m for t in teachers.values() for m in t.modules()):
+        vars(module).pop("forward", None)
     with FlopCounterMode(display=False) as counter:
         targets = teacher_targets(teachers, batch["image"], None)
     teacher = counter.get_total_flops() / n
     with FlopCounterMode(display=False) as counter:
         losses = compute_losses(student(batch["image"]), targets, batch, tasks, build_distill_loss(recipe), 1.0)
         losses.total.backward()
+    del teachers, student, targets, losses
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return {"teacher_flops": teacher, "student_flops": counter.get_total_flops() / n}
 
 
 def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
+    """The same step with no framework. Timed like the engine's `step_time`: from the batch's arrival to
+    the end of the optimiser step, with one host sync per step (the engine reads its loss once a step)."""
     torch.manual_seed(recipe.run.seed)
-    teachers = build_teachers(recipe, torch.device("cpu"))
+    dev = device()
+    teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
-    student = build_student(recipe, teachers, tasks).train()
+    student = build_student(recipe, teachers, tasks).train().to(dev)
     optimizer = build_optimizer(recipe, student)
     loss_fn = build_distill_loss(recipe)
     loader = build_loader(recipe, recipe.data.split, train=True)
@@ -96,21 +144,24 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
             batches = iter(loader)
             batch = next(batches)
         start = time.perf_counter()
+        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.precision.mixed == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.precision.mixed == "bf16"):
             out = student(batch["image"])
         losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
         losses.total.backward()
+        losses.total.item()
         if recipe.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+    sync()
     return times[warmup:]
 
 
 def run_case(name: str, steps: int, warmup: int) -> dict:
-    recipe_path, overrides, loop, cache = CASES[name]
+    recipe_path, overrides, loop, cache = ALL_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         common = [
             f"run.output_dir={tmp}", f"schedule.max_steps={steps + warmup}", "schedule.warmup_steps=0",
@@ -118,90 +169,159 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
             "eval.at_start=false", *overrides,
         ]  # fmt: skip
         recipe = load_recipe(recipe_path, common)
+        if name.startswith("gpu/"):  # exactly the images the timed steps use, so the cache holds no more
+            common.append(f"data.options.length={(steps + warmup) * recipe.data.batch_size}")
+            recipe = load_recipe(recipe_path, common)
         result = {"case": name, "global_batch": recipe.data.batch_size, "image_size": recipe.data.image_size}
         result.update(flops(recipe))
         if cache is not None:
             start = time.perf_counter()
-            root = build_cache(recipe, Path(tmp) / "cache", dtype=cache)
+            root = build_cache(recipe, Path(tmp) / "cache", dtype=cache, shard_size=64)
             result["cache_build_s"] = time.perf_counter() - start
             result["cache_mib"] = sum(p.stat().st_size for p in root.rglob("*.safetensors")) / 2**20
+            result["cache_mib_per_image"] = result["cache_mib"] / recipe.data.options.get("length", 1)
             recipe = load_recipe(recipe_path, [*common, f"cache.path={root}"])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         if loop == "bare":
             times = bare_loop(recipe, steps, warmup)
         else:
             final = train(recipe)
             rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
             times = [r["step_time"] for r in rows if "step_time" in r][warmup:]
+            walls = [r["images_per_s"] for r in rows if "images_per_s" in r][warmup:]
+            result["wall_images_per_s"] = statistics.median(walls)
             result["val_cosine"] = {k.removeprefix("val/cosine/"): v for k, v in final.items() if "cosine" in k}
     result["step_s"] = statistics.median(times)
     result["images_per_s"] = result["global_batch"] / result["step_s"]
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        result["gpu"] = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in result["gpu"]), None)
+        if peak is not None:  # model-FLOPs utilisation of the work each image needs (teachers only when online)
+            work = result["student_flops"] + (result["teacher_flops"] if cache is None else 0.0)
+            result["mfu"] = work * result["images_per_s"] / peak
     return result
 
 
 def table(results: list[dict], device: str, command: str) -> str:
     by = {r["case"]: r for r in results}
+    gpu = any("peak_gpu_gib" in r for r in results)
     lines = [
         f"# Training-step throughput ({device}, torch {torch.__version__})",
         "",
-        f"Command: `{command}`. Median step time after warm-up (data loading excluded), the fastest of the",
-        "repeats (run round robin); peak resident memory of the case's own process; held-out cosine per teacher",
-        "after the same number of steps.",
+        f"Command: `{command}`. Median step time after warm-up (from the batch's arrival to the end of the",
+        "optimiser step, data loading excluded), the fastest of the repeats (run round robin); peak memory of the",
+        "case's own process; held-out cosine per teacher after the same number of steps.",
         "",
-        "| case | step (s) | images/s | peak RSS (GiB) | held-out cosine | cache speed-up (bound, share) |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
+    if gpu:
+        lines += [
+            "MFU: the FLOPs each image needs (student forward + backward, plus the teachers' forward when they run",
+            "online), times images/s, over the GPU's dense bf16 peak (H100: 989 TFLOP/s). Wall images/s counts",
+            "every second between steps, data loading included.",
+            "",
+            "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "
+            "| cache speed-up (bound, share) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+    else:
+        lines += [
+            "| case | step (s) | images/s | peak RSS (GiB) | held-out cosine | cache speed-up (bound, share) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} |")
+            continue
         cos = ", ".join(f"{k} {v:.3f}" for k, v in r.get("val_cosine", {}).items()) or "-"
         speed = "-"
         online = by.get(r["case"].replace("fp16-cache", "online").replace("int8-cache", "online"))
-        if "cache" in r["case"] and online is not None:
+        if "cache" in r["case"] and online is not None and "step_s" in online:
             achieved = online["step_s"] / r["step_s"]
             bound = (r["teacher_flops"] + r["student_flops"]) / r["student_flops"]
             speed = f"{achieved:.2f}x ({bound:.2f}x, {achieved / bound:.0%})"
-        lines.append(
-            f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {r['peak_rss_gib']:.2f} | {cos} | {speed} |"
-        )
-    for stage in ("stage1", "stage2"):
+        if gpu:
+            wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else "-"
+            mfu = f"{r['mfu']:.0%}" if "mfu" in r else "-"
+            per_image = f"{r['cache_mib_per_image']:.1f}" if "cache_mib_per_image" in r else "-"
+            lines.append(
+                f"| {r['case']} | {r['global_batch']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} "
+                f"| {r['peak_gpu_gib']:.1f} | {mfu} | {per_image} | {speed} |"
+            )
+        else:
+            lines.append(
+                f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {r['peak_rss_gib']:.2f} | {cos} "
+                f"| {speed} |"
+            )
+    for stage in ("stage1", "stage2", "gpu/stage1", "gpu/stage2"):
         bare, sak = by.get(f"{stage}/bare/online"), by.get(f"{stage}/sak/online")
-        if bare and sak:
+        if bare and sak and "step_s" in bare and "step_s" in sak:
             lines.append(f"\n{stage}: sak engine / bare loop step time = {sak['step_s'] / bare['step_s']:.3f}")
+    if gpu:
+        lines.append(
+            "\nHeld-out cosine (random-weight teachers, so only a check that cached and online training agree):"
+        )
+        lines += [f"- {r['case']}: {cos}" for r in results if (cos := ", ".join(
+            f"{k} {v:.4f}" for k, v in r.get("val_cosine", {}).items()))]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=sorted(CASES))
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--case", choices=sorted(ALL_CASES))
+    parser.add_argument("--only", nargs="*", help="run only these cases of the suite")
     parser.add_argument("--out")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="runs of every case; the fastest is reported")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for throughput_<suite>.{json,md}")
     args = parser.parse_args(argv)
     if args.case:
         Path(args.out).write_text(json.dumps(run_case(args.case, args.steps, args.warmup)))
         return 0
-    runs: dict[str, list[dict]] = {name: [] for name in CASES}
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        parser.error("--suite gpu needs a CUDA GPU")
+    suite = GPU_CASES if args.suite == "gpu" else CASES
+    names = [n for n in args.only if n in suite] if args.only else list(suite)  # --only: in its order
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    device_name = torch.cuda.get_device_name() if args.suite == "gpu" else f"CPU, {torch.get_num_threads()} threads"
+    meta = {"device": device_name, "machine": platform.machine(), "torch": torch.__version__}
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write() -> None:
+        # the fastest repeat: interference from other work on the machine only ever adds time
+        results = []
+        for rs in runs.values():
+            ok = [x for x in rs if "step_s" in x]
+            if ok:
+                results.append(min(ok, key=lambda x: x["step_s"]) | {"step_s_repeats": [x["step_s"] for x in ok]})
+            elif rs:
+                results.append(rs[-1])
+        (results_dir / f"throughput_{args.suite}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
+        (results_dir / f"throughput_{args.suite}.md").write_text(table(results, device_name, command))
+
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # round robin, so that a slow spell of the machine hits every case alike
-            for i, name in enumerate(CASES):
+            for i, name in enumerate(names):
                 out = Path(tmp) / f"{r}_{i}.json"
                 cmd = [sys.executable, "-m", "benchmarks.throughput", "--case", name, "--out", str(out),
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-                runs[name].append(json.loads(out.read_text()))
-                print(f"[{r + 1}/{args.repeats}] {name}: {runs[name][-1]['step_s']:.4f} s/step", flush=True)
-    # the fastest repeat: interference from other work on the machine only ever adds time
-    results = [
-        min(rs, key=lambda x: x["step_s"]) | {"step_s_repeats": [x["step_s"] for x in rs]} for rs in runs.values()
-    ]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__, "results": results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(meta, indent=2))
-    md = table(results, device, "python -m benchmarks.throughput " + " ".join(argv or sys.argv[1:]))
-    (RESULTS / f"throughput_{tag}.md").write_text(md)
-    print(md)
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                    print(f"[{r + 1}/{args.repeats}] {name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                    runs[name].append({"case": name, "error": err})
+                else:
+                    runs[name].append(json.loads(out.read_text()))
+                    print(f"[{r + 1}/{args.repeats}] {name}: {runs[name][-1]['step_s']:.4f} s/step", flush=True)
+                write()
+    print((results_dir / f"throughput_{args.suite}.md").read_text())
     return 0
 
 

@@ -93,10 +93,11 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The scale is rounded up to float16 (so max |x| / scale <= 127 still holds): 2 bytes per channel
     keep int8 storage near 25% of float32 even for small maps."""
+    x = x.contiguous()  # teachers may hand out channels-last or permuted views (timm's SAM does)
     amax = x.abs().amax(dim=(2, 3)).float().clamp_min(1e-8)
     scale = (amax / 127.0 * (1 + 2**-10)).half()  # fp16 rounding moves by at most 2^-11: never below amax / 127
     q = torch.round(x.float() / scale.float()[:, :, None, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale.contiguous()
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
@@ -189,7 +190,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 
 
 class FeatureCache:
-    """Memory-mapped reader: `lookup(indices, epoch) -> {teacher: TeacherOutput}` in float32."""
+    """Memory-mapped reader: `lookup(indices, epoch, device) -> {teacher: TeacherOutput}` in float32."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -201,6 +202,7 @@ class FeatureCache:
         ident = self.manifest["identity"]
         self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
         self.teachers = list(self.manifest["level_dims"])
+        self.dtype = ident["dtype"]
         self._open: dict[str, object] = {}
 
     def check(self, expected_identity: dict) -> None:
@@ -221,21 +223,37 @@ class FeatureCache:
             self._open[name] = safe_open(str(path), framework="pt")
         return self._open[name]
 
-    def lookup(self, indices: list[int], epoch: int) -> dict[str, TeacherOutput]:
-        """The cached outputs of samples `indices` for the view that epoch `epoch` trains on."""
+    def lookup(self, indices: list[int], epoch: int, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
+        """The cached outputs of samples `indices` for the view that epoch `epoch` trains on, float32 on `device`.
+
+        Rows are gathered in their stored dtype (fp16, or int8 + fp16 scales), moved to `device` as such
+        (from pinned memory when it is a GPU), and only there widened / dequantised: the host touches half
+        (fp16) or a quarter (int8) of the float32 bytes."""
         view = epoch % self.views
-        out: dict[str, list[list[Tensor]]] = {t: [[] for _ in self.manifest["level_dims"][t]] for t in self.teachers}
-        for i in indices:
-            shard, row = divmod(int(i), self.shard_size)
-            f = self._file(view, shard)
-            for tid, levels in out.items():
-                for level, bucket in enumerate(levels):
-                    key = f"{tid}/{level}"
-                    x = f.get_slice(key)[row : row + 1]
-                    if x.dtype == torch.int8:
-                        x = x.float() * f.get_slice(f"{key}/scale")[row : row + 1].float()[:, :, None, None]
-                    bucket.append(x.float())
-        return {tid: TeacherOutput(tuple(torch.cat(b) for b in levels)) for tid, levels in out.items()}
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        result = {}
+        for tid, dims in self.manifest["level_dims"].items():
+            levels = []
+            for level in range(len(dims)):
+                key = f"{tid}/{level}"
+                rows, scales = [], []
+                for i in indices:
+                    shard, row = divmod(int(i), self.shard_size)
+                    f = self._file(view, shard)
+                    rows.append(f.get_slice(key)[row : row + 1])
+                    if self.dtype == "int8":
+                        scales.append(f.get_slice(f"{key}/scale")[row : row + 1])
+                x = torch.empty((len(rows), *rows[0].shape[1:]), dtype=rows[0].dtype, pin_memory=pin)
+                torch.cat(rows, out=x)  # one host copy, straight into page-locked memory on a GPU machine
+                x = x.to(device, non_blocking=pin)
+                if self.dtype == "int8":
+                    s = torch.cat(scales).to(device)
+                    levels.append(x.float() * s.float()[:, :, None, None])
+                else:
+                    levels.append(x.float())
+            result[tid] = TeacherOutput(tuple(levels))
+        return result
 
     def level_dims(self) -> dict[str, tuple[int, ...]]:
         return {t: tuple(d) for t, d in self.manifest["level_dims"].items()}

@@ -161,10 +161,7 @@ def train(recipe: Recipe) -> dict:
             batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):
                 if cache is not None:
-                    targets = {
-                        k: v.to(accelerator.device)
-                        for k, v in cache.lookup(batch["index"].tolist(), state.epoch).items()
-                    }
+                    targets = cache.lookup(batch["index"].tolist(), state.epoch, accelerator.device)
                 else:
                     targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..registry import TEACHERS
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, count_params
 from .clip import check_levels, load_strict
+from .sam_attention import fuse_sam_attention
 from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -207,6 +208,7 @@ class SamTeacher(Teacher):
         size: Literal["b", "l", "h"] | None = None  # None: from the checkpoint, b for random / hub weights
         model_kwargs: dict = field(default_factory=dict)  # ImageEncoderViT / timm samvit arguments (tiny encoders)
         timm_layer_norm_eps: float = 1e-6  # SAM's own; timm's samvit default is 1e-5
+        fused_attention: bool = True  # relative-position attention through the fused kernels (sam_attention.py)
 
     def __init__(self, spec: TeacherSpec, options: Options) -> None:
         super().__init__(spec)
@@ -224,6 +226,8 @@ class SamTeacher(Teacher):
         build, tower_type = BUILDERS[options.source]
         net, native = build(size, state, spec, options)
         self.tower = tower_type(net)
+        if options.fused_attention:
+            fuse_sam_attention(net)
         levels = self.tower.levels = check_levels(spec.levels, self.tower.depth, what)
         self.meta = TeacherMeta(
             name=f"sam_vit_{size}" if not options.model_kwargs else "sam_vit_custom",

@@ -196,3 +196,30 @@ def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, t
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file instead: Meta's sam_vit_b"):
         create_teacher("sam", "sa1b", source="timm", model_kwargs=TIMM)
+
+
+@pytest.mark.parametrize("source", ["segment_anything", "timm"])
+def test_fused_relative_position_attention_equals_each_librarys_own(source):
+    """sam_attention folds the decomposed relative-position bias into the attention's dot product: the
+    fused kernels must give what segment_anything's hand-written and timm's masked attention give."""
+    kwargs = {**(ENCODER if source == "segment_anything" else TIMM), "img_size": 64}
+    if source == "segment_anything":
+        kwargs["use_rel_pos"] = True
+    spec = TeacherSpec(image_size=64)
+    plain = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, fused_attention=False)
+    randomise(plain)  # non-zero relative-position tables, so that the bias matters
+    fused = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs)
+    fused.load_state_dict(plain.state_dict())
+    changed = [m for m in fused.modules() if type(m).__name__ == "Attention" and "forward" in vars(m)]
+    assert len(changed) == ENCODER["depth"]  # windowed and global blocks alike
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(plain.encode(x).levels, fused.encode(x).levels, strict=True):
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
+    no_bias = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, fused_attention=False)
+    no_bias.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for m in no_bias.modules():
+            if hasattr(m, "rel_pos_h"):
+                m.rel_pos_h.zero_()
+    # the bias is really there: without it the features differ
+    assert not torch.allclose(plain.encode(x).levels[-1], no_bias.encode(x).levels[-1], atol=1e-3)

@@ -1,0 +1,75 @@
+"""SAM's attention with its decomposed relative-position bias, run by PyTorch's fused attention kernels.
+
+SAM adds to every attention logit a bias that is the query's dot product with a learnt table for the
+key's row offset plus one for its column offset (MViTv2's decomposed relative positions):
+
+    logit(q, k) = scale * <q, k> + <q, Rh[row(q), row(k)]> + <q, Rw[col(q), col(k)]>
+
+segment_anything computes the full (N x N) attention matrix by hand; timm passes the bias as a dense
+(B * heads, N, N) mask to `scaled_dot_product_attention` with 3-D inputs, which only the unfused "math"
+kernel accepts. At 1024 px (a 64 x 64 grid) that is 16.7M logits per head, materialised: on an H100 the
+SAM-B encoder ran at 32 TFLOP/s and took 82% of a stage-1 step (benchmarks/results/throughput_gpu.md).
+
+The bias is itself a dot product, so it folds into the attention's own: with
+    q' = [scale * q, <q, Rh[row(q), :]>, <q, Rw[col(q), :]>]      (c + H + W features)
+    k' = [k, onehot(row(k)), onehot(col(k))]
+we have <q', k'> = logit(q, k) exactly, and attention over (q', k', v) with scale 1 is SAM's attention with
+no mask, which the flash / memory-efficient kernels take. v is zero-padded to the same width and the
+padding sliced off the output. (No library does this for both SAM implementations; hence this file.)
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float):
+    """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c)."""
+    b, n_heads, n, c = q.shape
+    h, w = size
+    r_q = q.reshape(b, n_heads, h, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype)).reshape(b, n_heads, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype)).reshape(b, n_heads, n, w)
+    index = torch.arange(n, device=q.device)
+    onehot = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=1).to(k.dtype)  # (N, H + W)
+    width = c + h + w
+    pad = (-width) % 8  # the fused kernels want a head width that is a multiple of 8
+    q2 = F.pad(torch.cat([q * scale, rel_h, rel_w], dim=-1), (0, pad))
+    k2 = F.pad(torch.cat([k, onehot.expand(b, n_heads, n, h + w)], dim=-1), (0, pad))
+    v2 = F.pad(v, (0, width + pad - c))
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :c]
+
+
+def _forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Drop-in forward of segment_anything's and timm's SAM `Attention` (input and output (B, H, W, C))."""
+    b, h, w, _ = x.shape
+    n = h * w
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, c)
+    q, k, v = qkv.unbind(0)
+    if hasattr(self, "q_norm"):  # timm (Identity for SAM)
+        q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rel_pos:
+        get_rel_pos = sys.modules[type(self).__module__].get_rel_pos  # each library's own (interpolates tables)
+        out = rel_pos_attention(q, k, v, get_rel_pos(h, h, self.rel_pos_h), get_rel_pos(w, w, self.rel_pos_w),
+                                (h, w), self.scale)  # fmt: skip
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    x = out.transpose(1, 2).reshape(b, h, w, -1)
+    x = self.proj(x)
+    return self.proj_drop(x) if hasattr(self, "proj_drop") else x
+
+
+def fuse_sam_attention(model: nn.Module) -> int:
+    """Give every SAM attention module in `model` the fused forward; returns how many were changed."""
+    count = 0
+    for module in model.modules():
+        sam_like = type(module).__name__ == "Attention" and hasattr(module, "use_rel_pos") and hasattr(module, "qkv")
+        if sam_like and getattr(module, "rope", None) is None:  # (timm's rotary-embedding variants are not SAM's)
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+    return count
