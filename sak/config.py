@@ -221,6 +221,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`precision.mixed: no`)
+            value = "no"
         if value not in args:
             raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value

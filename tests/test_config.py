@@ -76,6 +76,17 @@ def test_bad_literal_value_lists_choices(tmp_path):
         load_recipe(path)
 
 
+def test_yaml_bare_no_is_the_choice_no_not_false(tmp_path):
+    """YAML 1.1 reads `mixed: no` as false; where "no" is a choice, that is what the user meant."""
+    path = tmp_path / "r.yaml"
+    path.write_text((TINY.read_text()) + "\nprecision: {mixed: no, teachers: no}\n")
+    with pytest.raises(RecipeError, match=r"precision\.teachers: False is not one of"):
+        load_recipe(path)  # teachers has no "no" choice: the error shows the value as read
+    path.write_text((TINY.read_text()) + "\nprecision: {mixed: no}\n")
+    assert load_recipe(path).precision.mixed == "no"
+    assert load_recipe(TINY, ["precision.mixed=no"]).precision.mixed == "no"
+
+
 def test_recipe_errors_before_any_work(tmp_path):
     """The CLI exits with status 2 and a one-line message; nothing is written to the run directory."""
     from sak.cli import main

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors.torch import load_file
-from torch import nn
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
 
 from .checkpoint import latest_checkpoint
 
@@ -27,10 +28,38 @@ def student_weights_file(path: Path) -> Path:
     )
 
 
+def resize_position_embeddings(student: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """Resample the stem's position embeddings in `state` to the student's grid (stage 1 trains at 384 px,
+    stage 2 at 512: 24 x 24 -> 32 x 32 for patch 16), as SAK does, with timm's bicubic resampling.
+    Returns the keys it resized."""
+    stem = getattr(student, "stem", None)
+    if stem is None:
+        return []
+    vit = stem.vit
+    prefix = 0 if getattr(vit, "no_embed_class", False) else stem.num_prefix_tokens
+    own = student.state_dict()
+    resized = []
+    for key, value in state.items():
+        if not key.endswith("pos_embed") or key not in own or own[key].shape == value.shape:
+            continue
+        old = value.shape[1] - prefix
+        side = int(round(old**0.5))
+        if side * side != old:
+            raise ValueError(f"checkpoint.init_from: {key} holds {old} patch positions, not a square grid")
+        new_grid = list(vit.patch_embed.grid_size)
+        state[key] = resample_abs_pos_embed(value, new_grid, [side, side], num_prefix_tokens=prefix)
+        resized.append(f"{key}: {side}x{side} -> {new_grid[0]}x{new_grid[1]}")
+    return resized
+
+
 def init_student_from(student: nn.Module, path: Path) -> list[str]:
-    """Load matching weights; only routers and heads (new in stage 2) may be missing. Returns them."""
+    """Load matching weights; only routers and heads (new in stage 2) may be missing. Returns them.
+
+    Position embeddings of a stem trained at another resolution are resampled to this student's grid."""
     file = student_weights_file(path)
-    result = student.load_state_dict(load_file(str(file)), strict=False)
+    state = load_file(str(file))
+    resize_position_embeddings(student, state)
+    result = student.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(
             f"checkpoint.init_from {str(file)!r}: keys the student does not have: {result.unexpected_keys[:8]}"
