@@ -1,4 +1,4 @@
-"""The `sak` command: train, recipe show/check, teachers list/show, model show."""
+"""The `sak` command: train, eval, eval-preds, recipe show/check, teachers list/show, model show."""
 
 from __future__ import annotations
 
@@ -13,6 +13,63 @@ def _train(args) -> int:
     from .train import main as train_main
 
     return train_main([args.recipe, *args.overrides])
+
+
+def _task_eval_errors():
+    from .data.images import DataError
+    from .engine.predictions import PredictionError
+    from .engine.task_eval import EvalError
+
+    return (EvalError, PredictionError, DataError, FileNotFoundError, RecipeError)
+
+
+def _write_result(result: dict, out: str | None) -> None:
+    from pathlib import Path
+
+    from .engine.task_eval import format_summary
+
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(format_summary(result))
+        print(f"wrote {out}")
+    else:
+        print(text)
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from .engine.task_eval import evaluate_student, load_reference
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        reference = load_reference(args.reference) if args.reference else None
+        save = Path(args.save_preds) if args.save_preds else None
+        result = evaluate_student(recipe, Path(args.checkpoint), args.split, save, reference)
+    except _task_eval_errors() as exc:
+        print(f"sak: error: {exc}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        _write_result(result, args.out)
+    return 0
+
+
+def _eval_preds(args) -> int:
+    from .engine.task_eval import load_reference, score_prediction_dir
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    try:
+        reference = load_reference(args.reference) if args.reference else None
+        result = score_prediction_dir(args.dataset, args.root, args.split, args.preds, tasks, reference)
+    except _task_eval_errors() as exc:
+        print(f"sak: error: {exc}", file=sys.stderr)
+        return 2
+    _write_result(result, args.out)
+    return 0
 
 
 def _recipe(args) -> int:
@@ -106,6 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="score a checkpoint on a dataset split (PASCAL-Context / NYUD metrics); "
+        "N processes: `accelerate launch -m sak.cli eval ...`",
+    )
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value, right after RECIPE (before the options)")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, .safetensors or export")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", default=None, help="result JSON (default: print it)")
+    p.add_argument("--save-preds", default=None, help="also write the predictions here, one folder per task")
+    p.add_argument("--reference", default=None, help="JSON {task: value} for delta_m (default: published single-task)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("eval-preds", help="score saved prediction files (<task>/<id>.png|.npy) against a dataset")
+    p.add_argument("--dataset", required=True, choices=["pascal_context", "nyud"])
+    p.add_argument("--root", required=True, help="the dataset folder")
+    p.add_argument("--preds", required=True, help="folder with one sub-folder per task")
+    p.add_argument("--split", default="val")
+    p.add_argument("--tasks", default=None, help="comma-separated (default: every task folder found)")
+    p.add_argument("--out", default=None, help="result JSON (default: print it)")
+    p.add_argument("--reference", default=None, help="JSON {task: value} for delta_m (default: published single-task)")
+    p.set_defaults(func=_eval_preds)
 
     p = sub.add_parser("recipe", help="print the resolved recipe (show) or validate it (check)")
     p.add_argument("action", choices=["show", "check"])

@@ -20,6 +20,7 @@ from ..config import Recipe, StudentConfig, TaskConfig, structure
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from .init import student_weights_file
+from .predictions import encode, save_encoded
 
 DISTILL_ONLY = ("aligners.", "projections.")
 
@@ -62,24 +63,10 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
 
 
 def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> Path:
-    """One image's prediction in the standard per-task format (the format `sak eval-preds` reads):
-    semseg/parts PNG of class indices; saliency and edges PNG 0-255; normals RGB PNG with
-    n = 2 v / 255 - 1; depth .npy in metres."""
-    folder = out / task
-    folder.mkdir(parents=True, exist_ok=True)
-    if task == "depth":
-        path = folder / f"{image_id}.npy"
-        np.save(path, pred[0].cpu().numpy().astype(np.float32))
-        return path
-    if task in ("semseg", "parts"):
-        array = pred.cpu().numpy().astype(np.uint8)
-    elif task == "normals":
-        array = ((pred.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    else:
-        array = (pred[0].cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    path = folder / f"{image_id}.png"
-    Image.fromarray(array).save(path)
-    return path
+    """One image's prediction in the standard per-task format (the format `sak eval-preds` reads; see
+    sak/engine/predictions.py): semseg/parts PNG of class indices; saliency and edges PNG 0-255; normals
+    RGB PNG with n = 2 v / 255 - 1; depth .npy in metres."""
+    return save_encoded(out, task, image_id, encode(task, pred))
 
 
 @torch.no_grad()

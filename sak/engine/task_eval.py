@@ -1,0 +1,348 @@
+"""Score a student on the dense tasks of PASCAL-Context or NYUD-v2 in the published metric definitions,
+or score prediction files saved by any model (REFERENCE §3).
+
+Both paths score exactly the same numbers:
+- ground truth comes from the dataset classes (evaluation split, no augmentation), cropped back from the
+  evaluation canvas with `unpad(target, size)`;
+- a student's prediction is cropped back the same way and passed through `encode` -> `decode` (the stored
+  file format, `predictions.py`), so it holds the values a saved file holds;
+- every metric is updated once per sample on the CPU, and the per-sample states (additive) are summed in
+  dataset order. N processes give the numbers of one process bit for bit, and a saved prediction folder
+  scored with `score_prediction_dir` gives the in-memory numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, gather_object
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import Recipe, RecipeError
+from ..data import DatasetSpec, build_dataset
+from ..data.nyud import NYU40_CLASSES
+from ..data.pascal_context import HUMAN_PARTS, VOC_CLASSES
+from ..data.transforms import unpad
+from ..tasks import Task, create_task
+from .build import build_loader
+from .export import export_student, load_exported
+from .predictions import SUFFIX, PredictionError, decode, encode, read_prediction, save_encoded
+
+DATASET_TASKS = {
+    "pascal_context": ("semseg", "parts", "saliency", "normals", "edges"),
+    "nyud": ("semseg", "depth", "normals", "edges"),
+}
+NUM_CLASSES = {
+    ("pascal_context", "semseg"): len(VOC_CLASSES),
+    ("pascal_context", "parts"): len(HUMAN_PARTS),
+    ("nyud", "semseg"): len(NYU40_CLASSES),
+}
+
+
+class EvalError(ValueError):
+    """Evaluation cannot run as asked (dataset, tasks, checkpoint or reference); the message says why."""
+
+
+def check_dataset(name: str) -> None:
+    if name not in DATASET_TASKS:
+        raise EvalError(f"task evaluation knows the datasets {sorted(DATASET_TASKS)}, not {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample metric states, summed in dataset order
+# ---------------------------------------------------------------------------------------------
+class SampleScores:
+    """One metric per task; `add` records each sample's own (additive) state, `compute` sums the states
+    in dataset order and scores the sum. The order fixes the floating-point result, whatever the number
+    of processes and whether the predictions came from memory or from files."""
+
+    def __init__(self, dataset: str, tasks: list[str]) -> None:
+        from ..metrics import build_metric
+
+        self.dataset = dataset
+        self.metrics = {t: build_metric(t, dataset) for t in tasks}
+        self.states: dict[str, dict[int, dict[str, Tensor]]] = {t: {} for t in tasks}
+
+    def add(self, task: str, index: int, pred: Tensor, target: Tensor) -> None:
+        """pred: one sample in the update() conventions (CPU); target: the dataset's, cropped back."""
+        metric = self.metrics[task]
+        metric.reset()
+        metric.update(pred[None], target[None].contiguous())
+        self.states[task][index] = {k: v.detach().cpu().clone() for k, v in metric.state().items()}
+
+    def gather(self, accelerator: Accelerator) -> None:
+        """Every process gets every sample's states; a sample seen twice is an error (padded shards)."""
+        if accelerator.num_processes == 1:
+            return
+        merged: dict[str, dict[int, dict[str, Tensor]]] = {t: {} for t in self.states}
+        for states in gather_object([self.states]):
+            for task, per_sample in states.items():
+                twice = merged[task].keys() & per_sample.keys()
+                if twice:
+                    raise RuntimeError(f"{task}: samples {sorted(twice)[:5]} were scored by two processes")
+                merged[task].update(per_sample)
+        self.states = merged
+
+    @property
+    def n_images(self) -> int:
+        return len(set().union(*(s.keys() for s in self.states.values()))) if self.states else 0
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        scores = {}
+        for task, metric in self.metrics.items():
+            total: dict[str, Tensor] | None = None
+            for index in sorted(self.states[task]):
+                state = self.states[task][index]
+                total = dict(state) if total is None else {k: total[k] + v for k, v in state.items()}
+            metric.reset()
+            if total is not None:
+                metric.load_state(total)
+            scores[task] = {k: float(v) for k, v in metric.compute().items()}
+        return scores
+
+    def headline(self, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {t: scores[t][m.headline] for t, m in self.metrics.items()}
+
+    def lower_is_better(self) -> set[str]:
+        return {t for t, m in self.metrics.items() if not m.higher_is_better}
+
+
+# ---------------------------------------------------------------------------------------------
+# delta_m against the published single-task references (or the user's)
+# ---------------------------------------------------------------------------------------------
+def published_reference(dataset: str) -> dict[str, float]:
+    """The published single-task row of REFERENCE §1 (ViT-L), {task: headline value}."""
+    from ..metrics.published import SINGLE_TASK
+
+    return dict(SINGLE_TASK[dataset])
+
+
+def load_reference(path: str | Path) -> dict[str, float]:
+    """A JSON file {task: headline value} to compute delta_m against."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{path}: cannot read the reference JSON ({exc})") from exc
+    known = set(SUFFIX)
+    if not isinstance(data, dict) or not all(
+        k in known and isinstance(v, int | float) and not isinstance(v, bool) for k, v in data.items()
+    ):
+        raise EvalError(f"{path}: expected {{task: number}} with tasks among {sorted(known)}, got {data!r}")
+    return {k: float(v) for k, v in data.items()}
+
+
+def summarize(
+    scorer: SampleScores, scores: dict[str, dict[str, float]], reference: dict[str, float] | None
+) -> dict[str, object]:
+    """delta_m over the tasks the reference has (published single-task row by default)."""
+    from ..metrics import delta_m
+
+    source = "user" if reference is not None else "published single-task"
+    if reference is None:
+        reference = published_reference(scorer.dataset)
+    headline = scorer.headline(scores)
+    common = [t for t in headline if t in reference]
+    lower = scorer.lower_is_better()
+    value = None
+    if common:
+        value = delta_m({t: headline[t] for t in common}, {t: reference[t] for t in common}, lower & set(common))
+    return {
+        "headline": headline,
+        "headline_metric": {t: m.headline for t, m in scorer.metrics.items()},
+        "delta_m": value,
+        "delta_m_tasks": common,
+        "reference": {"source": source, **{t: reference[t] for t in common}},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# a student: checkpoint or export -> scores (and optionally the prediction files)
+# ---------------------------------------------------------------------------------------------
+def load_student(recipe: Recipe, checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+    """An export directory (`sak export`) as it is; a run directory, checkpoint directory or
+    .safetensors file through a temporary export of the recipe's student (no teachers are built)."""
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint {str(checkpoint)!r} does not exist")
+    try:
+        if (checkpoint / "student.yaml").is_file():
+            return load_exported(checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_student(recipe, checkpoint, Path(tmp))
+            return load_exported(Path(tmp))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"--checkpoint {str(checkpoint)!r} is neither an export directory (student.yaml), a checkpoint "
+            "directory (model.safetensors), a run directory (checkpoints/) nor a .safetensors file"
+        ) from exc
+    except RuntimeError as exc:  # load_state_dict: the weights are another student's
+        first = str(exc).strip().splitlines()[0]
+        raise EvalError(
+            f"--checkpoint {str(checkpoint)!r}: the weights do not fit the recipe's student ({first})"
+        ) from exc
+
+
+def check_canvas(model: torch.nn.Module, canvas: tuple[int, int]) -> None:
+    """A ViT built for a fixed input size cannot take another evaluation canvas."""
+    embed = getattr(getattr(getattr(model, "stem", None), "vit", None), "patch_embed", None)
+    if embed is None:
+        return
+    patch = embed.patch_size[0]
+    if canvas[0] % patch or canvas[1] % patch:
+        raise RecipeError(
+            f"data.options.eval_size {list(canvas)} is not a multiple of the student's patch size {patch}"
+        )
+    if embed.strict_img_size and tuple(embed.img_size) != tuple(canvas):
+        raise RecipeError(
+            f"the student takes {embed.img_size[0]}x{embed.img_size[1]} inputs but the evaluation canvas is "
+            f"{canvas[0]}x{canvas[1]}: set data.options.eval_size, or build the student with "
+            "student.model_kwargs.dynamic_img_size=true"
+        )
+
+
+def eval_tasks(dataset: str, config: dict) -> dict[str, Task]:
+    """The student's tasks that the dataset has metrics for; segmentation heads must match the classes."""
+    tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
+    tasks = {name: task for name, task in tasks.items() if name in DATASET_TASKS[dataset]}
+    if not tasks:
+        raise EvalError(f"the student has none of the tasks {list(DATASET_TASKS[dataset])} of {dataset}")
+    for name, task in tasks.items():
+        classes = NUM_CLASSES.get((dataset, name))
+        if classes is not None and task.channels != classes:
+            raise EvalError(f"the student's {name} head has {task.channels} channels; {dataset} has {classes} classes")
+    return tasks
+
+
+@torch.no_grad()
+def evaluate_student(
+    recipe: Recipe,
+    checkpoint: Path,
+    split: str = "val",
+    save_preds: Path | None = None,
+    reference: dict[str, float] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score `checkpoint` on `split` of the recipe's dataset in every process of the launch; returns the
+    result (in every process): dataset, split, checkpoint, n_images, tasks {task: metrics}, delta_m."""
+    check_dataset(recipe.data.name)
+    cpu = not torch.cuda.is_available()
+    if cpu and recipe.precision.mixed == "fp16":
+        raise RecipeError("precision.mixed: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.precision.mixed,
+        dataloader_config=DataLoaderConfiguration(even_batches=False),  # disjoint shards, no repeated samples
+    )
+    model, config = load_student(recipe, Path(checkpoint))
+    tasks = eval_tasks(recipe.data.name, config)
+    loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size)
+    check_canvas(model, loader.dataset.dataset.eval_size)
+    model = model.to(accelerator.device).eval()
+    loader = accelerator.prepare(loader)
+    scorer = SampleScores(recipe.data.name, list(tasks))
+    bar = tqdm(loader, desc=f"eval {recipe.data.name}/{split}", disable=not (progress and accelerator.is_main_process))
+    for batch in bar:
+        with accelerator.autocast():
+            logits = model(batch["image"], with_features=False).tasks
+        for name, task in tasks.items():
+            preds = task.predict(logits[name].float())
+            for b, index in enumerate(batch["index"].tolist()):
+                size = batch["size"][b].tolist()
+                array = encode(name, unpad(preds[b], size))
+                if save_preds is not None:
+                    save_encoded(save_preds, name, batch["id"][b], array)
+                scorer.add(name, index, decode(name, array), unpad(batch[name][b], size).cpu())
+    scorer.gather(accelerator)
+    scores = scorer.compute()
+    return {
+        "dataset": recipe.data.name,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "n_images": scorer.n_images,
+        "world_size": accelerator.num_processes,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tasks": scores,
+        **summarize(scorer, scores, reference),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# a folder of saved predictions
+# ---------------------------------------------------------------------------------------------
+def prediction_tasks(dataset: str, preds_dir: Path, tasks: list[str] | None) -> list[str]:
+    supported = DATASET_TASKS[dataset]
+    if tasks:
+        unknown = [t for t in tasks if t not in supported]
+        if unknown:
+            raise EvalError(f"{dataset} has no task(s) {unknown}; it has {list(supported)}")
+        return list(tasks)
+    found = [t for t in supported if (preds_dir / t).is_dir()]
+    if not found:
+        raise PredictionError(f"{preds_dir}: no prediction folder of any {dataset} task ({', '.join(supported)})")
+    return found
+
+
+def score_prediction_dir(
+    dataset_name: str,
+    root: str | Path,
+    split: str,
+    preds_dir: str | Path,
+    tasks: list[str] | None = None,
+    reference: dict[str, float] | None = None,
+    options: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score the prediction files under `preds_dir` (`<task>/<id>.png|.npy`, see predictions.py) against
+    the ground truth of `split` under `root`; `tasks` None = every task folder found. `options` are the
+    dataset's (e.g. a larger `eval_size` canvas for images bigger than the default)."""
+    check_dataset(dataset_name)
+    preds_dir = Path(preds_dir)
+    if not preds_dir.is_dir():
+        raise PredictionError(f"{preds_dir}: the prediction folder does not exist")
+    tasks = prediction_tasks(dataset_name, preds_dir, tasks)
+    spec = DatasetSpec(root=str(root), split=split, tasks=tuple(tasks), train=False)
+    dataset = build_dataset(dataset_name, spec, options)
+    scorer = SampleScores(dataset_name, tasks)
+    for index in tqdm(range(len(dataset)), desc=f"eval-preds {dataset_name}/{split}", disable=not progress):
+        sample = dataset[index]
+        size = sample["size"].tolist()
+        for task in tasks:
+            classes = NUM_CLASSES.get((dataset_name, task))
+            pred = read_prediction(preds_dir, task, sample["id"], size, classes)
+            scorer.add(task, index, pred, unpad(sample[task], size))
+    scores = scorer.compute()
+    return {
+        "dataset": dataset_name,
+        "split": split,
+        "predictions": str(preds_dir),
+        "n_images": scorer.n_images,
+        "tasks": scores,
+        **summarize(scorer, scores, reference),
+    }
+
+
+def format_summary(result: dict) -> str:
+    """One line: the headline metric of every task and delta_m."""
+    parts = [f"{result['dataset']}/{result['split']} ({result['n_images']} images)"]
+    for task, value in result["headline"].items():
+        parts.append(f"{task} {result['headline_metric'][task]} {value:.4g}")
+    if result.get("delta_m") is not None:
+        parts.append(f"delta_m {result['delta_m']:+.2f}% vs {result['reference']['source']}")
+    return " | ".join(parts)
+
+
+__all__ = [
+    "DATASET_TASKS",
+    "EvalError",
+    "format_summary",
+    "SampleScores",
+    "evaluate_student",
+    "load_reference",
+    "load_student",
+    "score_prediction_dir",
+]

@@ -1,0 +1,245 @@
+"""Task evaluation: the prediction file formats, `sak eval` on a tiny student trained on the PASCAL fixture,
+file scoring that reproduces the in-memory numbers, clear errors, and 2 processes == 1 process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sak.cli import main
+from sak.data.fixtures import write_pascal_context
+from sak.engine import train
+from sak.engine.predictions import (
+    PredictionError,
+    decode,
+    encode,
+    prediction_path,
+    read_prediction,
+    write_predictions,
+)
+
+from ..conftest import REPO
+
+TASKS = ("semseg", "parts", "saliency", "normals", "edges")
+RECIPE = """
+run: {{name: tiny_pascal, output_dir: {out}, seed: 0, stage: multitask}}
+teachers:
+  - name: timm
+    key: vit_a
+    options: {{model: vit_small_patch14_dinov2, model_kwargs: {{embed_dim: 48, depth: 2, num_heads: 2, img_size: 56}}}}
+student:
+  model: vit_small_patch16_224
+  model_kwargs: {{embed_dim: 32, depth: 2, num_heads: 2, dynamic_img_size: true}}
+tasks: [{{name: semseg}}, {{name: parts}}, {{name: saliency}}, {{name: normals}}, {{name: edges}}]
+data: {{name: pascal_context, root: {root}, image_size: 64, batch_size: 4, options: {{eval_size: [48, 64]}}}}
+eval: {{batch_size: 2}}
+optim: {{lr: 2.0e-3}}
+schedule: {{name: constant, max_steps: 2}}
+logging: {{every: 1, progress: false, wandb: {{mode: disabled}}}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction files
+# ---------------------------------------------------------------------------------------------
+def sample_prediction(task: str, h: int = 5, w: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if task in ("semseg", "parts"):
+        return torch.randint(0, 7, (h, w), generator=g)
+    if task == "normals":
+        return torch.nn.functional.normalize(torch.randn(3, h, w, generator=g), dim=0)
+    if task == "depth":
+        return torch.rand(1, h, w, generator=g) * 10
+    return torch.rand(1, h, w, generator=g)
+
+
+@pytest.mark.parametrize("task", [*TASKS, "depth"])
+def test_a_saved_prediction_reads_back_as_the_in_memory_decoding(task, tmp_path):
+    pred = sample_prediction(task)
+    (path,) = write_predictions(tmp_path, task, ["img_1"], [pred])
+    assert path == prediction_path(tmp_path, task, "img_1") and path.suffix == (".npy" if task == "depth" else ".png")
+    read = read_prediction(tmp_path, task, "img_1", size=(5, 7), num_classes=7)
+    expected = decode(task, encode(task, pred))
+    assert read.dtype == expected.dtype and torch.equal(read, expected)
+    tolerance = {"saliency": 0.5 / 255, "edges": 0.5 / 255, "normals": 1 / 255, "depth": 0.0}.get(task, 0)
+    torch.testing.assert_close(read.to(pred.dtype), pred, atol=tolerance, rtol=0)
+
+
+def test_the_stored_values_follow_the_published_conventions():
+    assert encode("saliency", torch.tensor([[[0.0, 0.2, 1.0]]])).tolist() == [[0, 51, 255]]
+    assert decode("saliency", np.array([[51]], dtype=np.uint8)).dtype == torch.float32
+    assert decode("edges", np.array([[51]], dtype=np.uint8)).item() == np.float32(51) / np.float32(255)
+    normals = torch.tensor([[[-1.0]], [[0.0]], [[1.0]]])  # (3, 1, 1)
+    assert encode("normals", normals).tolist() == [[[0, 128, 255]]]  # v = round((n + 1) / 2 * 255)
+    assert decode("normals", np.array([[[0, 255, 51]]], dtype=np.uint8))[:, 0, 0].tolist() == pytest.approx(
+        [-1.0, 1.0, 2 * 51 / 255 - 1]
+    )
+    semseg = encode("semseg", torch.tensor([[0, 20]]))
+    assert semseg.dtype == np.uint8 and decode("semseg", semseg).dtype == torch.int64
+    depth = torch.tensor([[[1.2345678]]])
+    assert encode("depth", depth).dtype == np.float32 and decode("depth", encode("depth", depth)).shape == (1, 1, 1)
+
+
+def _bad_file(kind: str, root):
+    path = prediction_path(root, "semseg", "x")
+    path.parent.mkdir(parents=True)
+    if kind == "unreadable":
+        path.write_bytes(b"not a png")
+    elif kind == "size":
+        Image.fromarray(np.zeros((4, 7), np.uint8)).save(path)
+    elif kind == "class":
+        Image.fromarray(np.full((5, 7), 30, np.uint8)).save(path)
+    elif kind == "channels":
+        Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "prediction file not found"),
+        ("unreadable", "cannot read the PNG"),
+        ("size", "prediction is 4x7, the ground truth is 5x7"),
+        ("class", "class value(s) [30] out of range; expected 0..20"),
+        ("channels", "expected a single-channel (H, W) map"),
+    ],
+)
+def test_a_bad_prediction_file_is_named_with_what_is_wrong(kind, message, tmp_path):
+    path = prediction_path(tmp_path, "semseg", "x") if kind == "missing" else _bad_file(kind, tmp_path)
+    with pytest.raises(PredictionError) as info:
+        read_prediction(tmp_path, "semseg", "x", size=(5, 7), num_classes=21)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_predictions_that_cannot_be_stored_are_refused(tmp_path):
+    with pytest.raises(PredictionError, match="NaN"):
+        encode("depth", torch.tensor([[[float("nan")]]]))
+    with pytest.raises(PredictionError, match="0..255"):
+        encode("semseg", torch.tensor([[300]]))
+    np.save(tmp_path / "bad.npy", np.array([[np.inf]], dtype=np.float32))
+    (tmp_path / "depth").mkdir()
+    shutil.move(tmp_path / "bad.npy", tmp_path / "depth" / "x.npy")
+    with pytest.raises(PredictionError, match=r"depth[/\\]x\.npy: the depth array holds NaN"):
+        read_prediction(tmp_path, "depth", "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny student trained on the PASCAL fixture
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(recipe file, run directory, data root): 2 steps on the fixture (5 val images, uneven shards)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sak.config import load_recipe
+
+    work = tmp_path_factory.mktemp("task_eval")
+    root = write_pascal_context(work / "PASCAL_MT", n_train=4, n_val=5, size=(48, 64))
+    recipe_file = work / "recipe.yaml"
+    recipe_file.write_text(RECIPE.format(out=work / "runs", root=root))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    recipe = load_recipe(recipe_file)
+    train(recipe)
+    return recipe_file, recipe.run_dir, root
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """`sak eval --save-preds --out` once: (result JSON, predictions folder)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    recipe_file, run_dir, _ = trained
+    work = tmp_path_factory.mktemp("evaluated")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = ["eval", str(recipe_file), "--checkpoint", str(run_dir), "--out", str(work / "eval.json")]
+    assert main([*args, "--save-preds", str(work / "preds")]) == 0
+    return json.loads((work / "eval.json").read_text()), work / "preds"
+
+
+def test_eval_scores_every_task_of_the_dataset(evaluated):
+    result, _ = evaluated
+    assert result["dataset"] == "pascal_context" and result["split"] == "val" and result["n_images"] == 5
+    assert set(result["tasks"]) == set(TASKS)
+    headline = {"semseg": "mIoU", "parts": "mIoU", "saliency": "maxF", "normals": "mErr", "edges": "odsF"}
+    for task, name in headline.items():
+        assert np.isfinite(result["tasks"][task][name]) and result["headline"][task] == result["tasks"][task][name]
+    assert result["reference"]["source"] == "published single-task" and np.isfinite(result["delta_m"])
+    assert result["delta_m_tasks"] == list(TASKS)
+
+
+def test_scoring_the_saved_files_reproduces_the_in_memory_numbers_exactly(evaluated, trained, tmp_path, capsys):
+    result, preds = evaluated
+    _, _, root = trained
+    ids = (root / "ImageSets" / "Context" / "val.txt").read_text().split()
+    for task in TASKS:
+        assert sorted(p.stem for p in (preds / task).iterdir()) == sorted(ids)
+    out = tmp_path / "files.json"
+    assert main(["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds),
+                 "--out", str(out)]) == 0  # fmt: skip
+    files = json.loads(out.read_text())
+    assert files["tasks"] == result["tasks"], "file scoring must equal in-memory scoring bit for bit"
+    assert files["delta_m"] == result["delta_m"] and files["n_images"] == 5
+
+
+@pytest.mark.parametrize("problem", ["missing", "wrong size"])
+def test_eval_preds_names_a_missing_or_wrong_size_file(problem, evaluated, trained, tmp_path, capsys):
+    _, preds = evaluated
+    _, _, root = trained
+    copy = shutil.copytree(preds, tmp_path / "preds")
+    victim = sorted((copy / "saliency").iterdir())[1]
+    if problem == "missing":
+        victim.unlink()
+    else:
+        Image.fromarray(np.zeros((3, 3), np.uint8)).save(victim)
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(copy)]
+    assert main([*args, "--tasks", "semseg,saliency"]) == 2
+    err = capsys.readouterr().err
+    assert f"sak: error: {victim}: " in err
+    assert ("not found" if problem == "missing" else "prediction is 3x3, the ground truth is") in err
+
+
+def test_an_exported_student_scores_as_its_checkpoint(trained, evaluated, tmp_path):
+    recipe_file, run_dir, _ = trained
+    export = tmp_path / "export"
+    assert main(["export", str(recipe_file), "--from", str(run_dir), "--out", str(export)]) == 0
+    assert main(["eval", str(recipe_file), "--checkpoint", str(export), "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["tasks"] == evaluated[0]["tasks"]
+
+
+def test_eval_refuses_a_dataset_without_published_metrics(trained, capsys):
+    recipe_file, run_dir, _ = trained
+    overrides = ["data.name=synthetic", "data.options={length: 4}"]
+    assert main(["eval", str(recipe_file), *overrides, "--checkpoint", str(run_dir)]) == 2
+    assert "sak: error: task evaluation knows the datasets ['nyud', 'pascal_context']" in capsys.readouterr().err
+
+
+def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
+    recipe_file, run_dir, _ = trained
+    out = tmp_path / "two.json"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "sak.cli",
+        "eval", str(recipe_file), "--checkpoint", str(run_dir), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["world_size"] == 2 and two["n_images"] == 5  # batches of 2, 2, 1 -> shards of 3 and 2 images
+    assert two["tasks"] == evaluated[0]["tasks"]
