@@ -30,13 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", action="append")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sort", default="cuda_time_total", help="key_averages column, e.g. self_cuda_time_total")
+    parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--reference", action="store_true", help="also time bare timm models (what the GPU can do)")
     args = parser.parse_args(argv)
     if args.reference:
         reference()
     for path in args.recipe or ["recipes/bench/stage1_gpu_vitb.yaml", "recipes/bench/stage2_gpu_vitb.yaml"]:
-        profile_recipe(path, args.steps, args.overrides)
+        profile_recipe(path, args.steps, args.overrides, args.sort, args.rows)
         torch.cuda.empty_cache()
     return 0
 
@@ -77,7 +79,7 @@ def reference() -> None:
         )
 
 
-def profile_recipe(path: str, steps: int, overrides: list[str]) -> None:
+def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int) -> None:
     dev = torch.device("cuda")
     recipe = load_recipe(path, ["data.options.length=64", *overrides])
     torch.manual_seed(0)
@@ -138,7 +140,7 @@ def profile_recipe(path: str, steps: int, overrides: list[str]) -> None:
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step(None)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90))
 
 
 if __name__ == "__main__":
