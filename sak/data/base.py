@@ -92,3 +92,13 @@ def apply_subset(ids: list[str], manifest: str | None) -> list[str]:
     if missing:
         raise ValueError(f"data.subset {manifest!r}: {len(missing)} id(s) not in the split, e.g. {missing[:5]}")
     return wanted
+
+
+def subset_rows(ids: list[str], manifest: str | None) -> tuple[list[str], list[int]]:
+    """`apply_subset` for datasets that generate samples by position: the kept ids and, for each, its
+    position in the full list (the sample it names)."""
+    kept = apply_subset(ids, manifest)
+    if manifest is None:
+        return kept, list(range(len(ids)))
+    where = {i: k for k, i in enumerate(ids)}
+    return kept, [where[i] for i in kept]

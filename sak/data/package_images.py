@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..registry import DATASETS
-from .base import DatasetSpec, SakDataset
+from .base import DatasetSpec, SakDataset, subset_rows
 
 TRAIN_IMAGES = ["astronaut", "chelsea", "coffee", "rocket", "china", "hubble_deep_field", "immunohistochemistry"]
 VAL_IMAGES = ["flower", "grace_hopper"]
@@ -71,9 +71,14 @@ class PackageImages(SakDataset):
         names = options.images or (TRAIN_IMAGES if spec.split == "train" else VAL_IMAGES)
         self.images = [torch.from_numpy(load_package_image(n).copy()).permute(2, 0, 1).contiguous() for n in names]
         self.names = names
+        every = [self._id(i) for i in range(len(self.images) * options.crops_per_image)]
+        self.ids, self._rows = subset_rows(every, spec.subset)
+
+    def _id(self, row: int) -> str:
+        return f"{self.names[row % len(self.images)]}_{row // len(self.images):04d}"
 
     def __len__(self) -> int:
-        return len(self.images) * self.options.crops_per_image
+        return len(self.ids)
 
     def _box(self, index: int, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         k = index // len(self.images)
@@ -91,10 +96,11 @@ class PackageImages(SakDataset):
         return (h - side) // 2, (w - side) // 2, side, side
 
     def __getitem__(self, index: int) -> dict:
-        image = self.images[index % len(self.images)]
-        rng = self.sample_rng(index)
-        box = self._box(index, *image.shape[-2:], rng)
+        row = self._rows[index]  # the crop's position in the full list (differs under data.subset)
+        image = self.images[row % len(self.images)]
+        rng = self.sample_rng(row)
+        box = self._box(row, *image.shape[-2:], rng)
         out = crop_resize(image, box, self.spec.image_size)
         if self.spec.train and rng.random() < 0.5:
             out = out.flip(-1)
-        return {"image": out, "id": f"{self.names[index % len(self.images)]}_{index // len(self.images):04d}"}
+        return {"image": out, "id": self.ids[index]}

@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from ..registry import DATASETS
-from .base import IGNORE_INDEX, DatasetSpec, SakDataset
+from .base import IGNORE_INDEX, DatasetSpec, SakDataset, subset_rows
 
 
 @DATASETS.register("synthetic")
@@ -28,7 +28,7 @@ class SyntheticDataset(SakDataset):
     def __init__(self, spec: DatasetSpec, options: Options) -> None:
         super().__init__(spec, options)
         offset = {"train": 0, "val": 1_000_000}.get(spec.split, 2_000_000)
-        self.ids = [f"{spec.split}_{i:06d}" for i in range(options.length)]
+        self.ids, self._rows = subset_rows([f"{spec.split}_{i:06d}" for i in range(options.length)], spec.subset)
         self._offset = offset
         self.palette = np.random.default_rng(1234).integers(0, 256, size=(max(options.classes, 2), 3))
 
@@ -55,8 +55,9 @@ class SyntheticDataset(SakDataset):
         return label, np.clip(image, 0, 255).astype(np.uint8)
 
     def __getitem__(self, index: int) -> dict:
-        label, image = self._layout(index)
-        flip = self.spec.train and self.sample_rng(index).random() < 0.5
+        row = self._rows[index]  # the sample's position in the full split (differs under data.subset)
+        label, image = self._layout(row)
+        flip = self.spec.train and self.sample_rng(row).random() < 0.5
         if flip:
             label, image = label[:, ::-1].copy(), image[:, ::-1].copy()
         sample = {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "id": self.ids[index]}

@@ -1,0 +1,38 @@
+"""The generated datasets (synthetic, package_images) honour data.subset like the file-backed ones."""
+
+import pytest
+import torch
+
+from sak.data import DatasetSpec, build_dataset
+
+
+def make(name, tmp_path=None, ids=None, train=True, **options):
+    subset = None
+    if ids is not None:
+        subset = tmp_path / "subset.txt"
+        subset.write_text("# chosen by sak select\n" + "\n".join(ids) + "\n")
+    spec = DatasetSpec(split="train", image_size=32, tasks=("semseg",) if name == "synthetic" else (),
+                       train=train, subset=None if subset is None else str(subset))  # fmt: skip
+    return build_dataset(name, spec, options)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("synthetic", {"length": 10}), ("package_images", {"crops_per_image": 2})]
+)
+def test_subset_keeps_the_listed_samples_in_manifest_order_unchanged(name, options, tmp_path):
+    full = make(name, **options)
+    chosen = [full.ids[7], full.ids[2], full.ids[5]]
+    part = make(name, tmp_path, chosen, **options)
+    assert part.ids == chosen and len(part) == 3
+    for k, sample_id in enumerate(chosen):
+        a, b = part[k], full[full.ids.index(sample_id)]
+        assert a["id"] == b["id"] == sample_id
+        assert torch.equal(a["image"], b["image"])  # the same crop, flip and pixels as in the full split
+        if name == "synthetic":
+            assert torch.equal(a["semseg"], b["semseg"])
+
+
+@pytest.mark.parametrize("name", ["synthetic", "package_images"])
+def test_subset_with_an_unknown_id_names_the_manifest(name, tmp_path):
+    with pytest.raises(ValueError, match=r"data.subset .*subset.txt.*not in the split.*nope"):
+        make(name, tmp_path, ["nope"])
