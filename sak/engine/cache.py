@@ -43,11 +43,15 @@ class CacheError(RuntimeError):
 
 
 def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str) -> dict:
-    """Everything the cached features depend on."""
+    """Everything the cached features depend on (the teachers' run-time precision too: bf16 teachers give
+    other features than float32 ones)."""
+    from .trainer import teacher_dtype  # (the trainer imports this module)
+
     d = recipe.data
     return {
         "format": FORMAT,
         "dtype": dtype,
+        "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch."),
         "views": views,
         "augment": augment,
         "data": {

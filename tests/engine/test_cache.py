@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
 from sak.engine.cache import CacheError, FeatureCache, build_cache, quantize
+from sak.engine.trainer import open_cache
 
 
 def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_path):
@@ -48,6 +49,11 @@ def test_stale_and_corrupt_caches_are_refused(tiny_recipe, tmp_path):
     changed_default = tiny_recipe("data.options.length=8", "teachers.0.image_size=42", f"cache.path={root}")
     with pytest.raises(CacheError, match=r"stale cache .*teachers\.vit_a\.input_size: cache has 56, recipe gives 42"):
         train(changed_default)
+    bf16 = tiny_recipe("data.options.length=8", "precision.mixed=bf16", f"cache.path={root}")
+    with pytest.raises(
+        CacheError, match=r"stale cache .*teacher_precision: cache has 'float32', recipe gives 'bfloat16'"
+    ):
+        open_cache(bf16, build_teachers(bf16, torch.device("cpu")))  # what train() checks before any step
     train(changed)  # [0, 1, 2, 3] are the default levels of a 4-block teacher: same features, accepted
     shard = root / "view0" / "shard00001.safetensors"
     data = bytearray(shard.read_bytes())
