@@ -36,6 +36,7 @@ from sak.engine.build import (
     build_loader,
     build_optimizer,
     build_student,
+    build_target_normalizers,
     build_tasks,
     build_teachers,
 )
@@ -134,6 +135,9 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     student = build_student(recipe, teachers, tasks).train().to(dev)
     optimizer = build_optimizer(recipe, student)
     loss_fn = build_distill_loss(recipe)
+    normalizers = build_target_normalizers(recipe, teachers)  # loss.normalize, as the engine applies it
+    if normalizers is not None:
+        normalizers.to(dev)
     loader = build_loader(recipe, recipe.data.split, train=True)
     dtype, alpha = teacher_dtype(recipe), recipe.loss.alpha if tasks else 1.0
     times, batches = [], iter(loader)
@@ -146,6 +150,9 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
         start = time.perf_counter()
         batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
+        if normalizers is not None:
+            normalizers.update(targets)
+            targets = normalizers(targets)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.precision.mixed == "bf16"):
             out = student(batch["image"])
         losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
@@ -176,10 +183,13 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
         result.update(flops(recipe))
         if cache is not None:
             start = time.perf_counter()
-            root = build_cache(recipe, Path(tmp) / "cache", dtype=cache, shard_size=64)
+            # augment=True: the cache holds the training augmentation of epoch 0, i.e. exactly the samples the
+            # online run trains on (every case runs less than one epoch), so the cosines compare like for like
+            root = build_cache(recipe, Path(tmp) / "cache", dtype=cache, shard_size=64, augment=True)
             result["cache_build_s"] = time.perf_counter() - start
             result["cache_mib"] = sum(p.stat().st_size for p in root.rglob("*.safetensors")) / 2**20
-            result["cache_mib_per_image"] = result["cache_mib"] / recipe.data.options.get("length", 1)
+            samples = json.loads((root / "manifest.json").read_text())["samples"]
+            result["cache_mib_per_image"] = result["cache_mib"] / samples
             recipe = load_recipe(recipe_path, [*common, f"cache.path={root}"])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

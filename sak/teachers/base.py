@@ -196,8 +196,11 @@ class Teacher(nn.Module):
         require grad.
         """
         out = self._infer(self.preprocess(images), dtype)
-        summary = None if out.summary is None else out.summary.float().clone()
-        return TeacherOutput(tuple(t.float().clone() for t in out.levels), summary)
+        summary = None if out.summary is None else out.summary.to(torch.float32, copy=True)
+        # one copy each: out of inference mode, widened to float32, and contiguous (NCHW) even where the
+        # network hands out permuted views (SAM's blocks are NHWC), so that the losses read dense memory
+        levels = tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in out.levels)
+        return TeacherOutput(levels, summary)
 
     @property
     def level_dims(self) -> tuple[int, ...]:
