@@ -68,19 +68,27 @@ def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> Ta
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """Adds each sample's position ("index") for cache look-ups. With `views` set, the augmentation of
-    epoch e is that of epoch e % views (the views a teacher-feature cache holds)."""
+    """Adds each sample's position ("index"). With `views` set, the augmentation of epoch e is that of
+    epoch e % views (the views a teacher-feature cache holds); with `cache` set, each sample also carries
+    its cached teacher maps ("cached", stored dtype), read here, i.e. in the DataLoader workers, off the
+    training process's critical path."""
 
     def __init__(self, dataset, views: int | None = None) -> None:
         self.dataset, self.views = dataset, views
+        self.cache = None
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "index": index}
+        sample = {**self.dataset[index], "index": index}
+        if self.cache is not None:
+            sample["cached"] = self.cache.rows(index, self.epoch)
+        return sample
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.dataset.set_epoch(epoch % self.views if self.views else epoch)
 
 
@@ -108,6 +116,7 @@ def build_loader(
         batch_size=batch,
         sampler=EpochSampler(len(dataset), recipe.run.seed, shuffle=train),
         num_workers=d.num_workers,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         drop_last=train,
         persistent_workers=False,  # workers are rebuilt each epoch so they see the dataset's new epoch
         # Its own generator: creating an iterator (every epoch, and on resume) would otherwise draw from the

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
@@ -194,7 +195,8 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 
 
 class FeatureCache:
-    """Memory-mapped reader: `lookup(indices, epoch, device) -> {teacher: TeacherOutput}` in float32."""
+    """Memory-mapped reader. The training loader reads each sample's rows in its workers (`rows`), the
+    training process widens a collated batch on the device (`targets`); `lookup` does both at once."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -208,12 +210,25 @@ class FeatureCache:
         self.teachers = list(self.manifest["level_dims"])
         self.dtype = ident["dtype"]
         self._open: dict[str, object] = {}
+        self._verified: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        """Open shard handles stay in their process; a DataLoader worker opens its own (verified shards
+        are not hashed again)."""
+        return {**self.__dict__, "_open": {}}
 
     def check(self, expected_identity: dict) -> None:
         """Refuse a cache built for other teachers or data, naming every field that differs."""
         built = self.manifest["identity"]
         if built != expected_identity:
             raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(built, expected_identity)))
+
+    def verify_all(self) -> None:
+        """Check every shard's sha256 now, once: DataLoader workers are rebuilt every epoch and would
+        otherwise hash each shard again in every worker."""
+        for name in self.manifest["shards"]:
+            view, shard = name.split("/")
+            self._file(int(view.removeprefix("view")), int(shard.removeprefix("shard")))
 
     def _file(self, view: int, shard: int):
         name = f"view{view}/shard{shard:05d}"
@@ -222,42 +237,49 @@ class FeatureCache:
             expected = self.manifest["shards"].get(name)
             if expected is None or not path.is_file():
                 raise CacheError(f"cache {self.root}: shard {name} is missing")
-            if sha256_of(path) != expected:
-                raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
+            if name not in self._verified:
+                if sha256_of(path) != expected:
+                    raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
+                self._verified.add(name)
             self._open[name] = safe_open(str(path), framework="pt")
         return self._open[name]
 
-    def lookup(self, indices: list[int], epoch: int, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
-        """The cached outputs of samples `indices` for the view that epoch `epoch` trains on, float32 on `device`.
+    def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
+        """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype:
+        "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale" (C,) fp16."""
+        shard, row = divmod(int(index), self.shard_size)
+        f = self._file(epoch % self.views, shard)
+        out = {}
+        for tid, dims in self.manifest["level_dims"].items():
+            for level in range(len(dims)):
+                key = f"{tid}/{level}"
+                out[key] = f.get_slice(key)[row : row + 1][0]
+                if self.dtype == "int8":
+                    out[f"{key}/scale"] = f.get_slice(f"{key}/scale")[row : row + 1][0]
+        return out
 
-        Rows are gathered in their stored dtype (fp16, or int8 + fp16 scales), moved to `device` as such
-        (from pinned memory when it is a GPU), and only there widened / dequantised: the host touches half
-        (fp16) or a quarter (int8) of the float32 bytes."""
-        view = epoch % self.views
+    def targets(self, rows: dict[str, Tensor], device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
+        """A collated batch of `rows` -> float32 teacher outputs on `device`. The stored dtype crosses to
+        the device as it is (half, or a quarter, of the float32 bytes) and is widened / dequantised there."""
         device = torch.device(device)
-        pin = device.type == "cuda"
         result = {}
         for tid, dims in self.manifest["level_dims"].items():
             levels = []
             for level in range(len(dims)):
                 key = f"{tid}/{level}"
-                rows, scales = [], []
-                for i in indices:
-                    shard, row = divmod(int(i), self.shard_size)
-                    f = self._file(view, shard)
-                    rows.append(f.get_slice(key)[row : row + 1])
-                    if self.dtype == "int8":
-                        scales.append(f.get_slice(f"{key}/scale")[row : row + 1])
-                x = torch.empty((len(rows), *rows[0].shape[1:]), dtype=rows[0].dtype, pin_memory=pin)
-                torch.cat(rows, out=x)  # one host copy, straight into page-locked memory on a GPU machine
-                x = x.to(device, non_blocking=pin)
+                x = rows[key].to(device, non_blocking=True).float()
                 if self.dtype == "int8":
-                    s = torch.cat(scales).to(device)
-                    levels.append(x.float() * s.float()[:, :, None, None])
-                else:
-                    levels.append(x.float())
+                    x = x * rows[f"{key}/scale"].to(device, non_blocking=True).float()[:, :, None, None]
+                levels.append(x)
             result[tid] = TeacherOutput(tuple(levels))
         return result
+
+    def lookup(self, indices: list[int], epoch: int, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
+        """`targets` of the collated `rows` of samples `indices` (page-locked on a GPU machine)."""
+        batch = default_collate([self.rows(i, epoch) for i in indices])
+        if torch.device(device).type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return self.targets(batch, device)
 
     def level_dims(self) -> dict[str, tuple[int, ...]]:
         return {t: tuple(d) for t, d in self.manifest["level_dims"].items()}

@@ -104,6 +104,9 @@ def train(recipe: Recipe) -> dict:
     train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cache and cache.augment)
     if cache is not None:
         train_loader.dataset.views = cache.views
+        train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
+        if recipe.data.num_workers > 0:
+            cache.verify_all()  # once here, not again in every worker of every epoch
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     optimizer = build.build_optimizer(recipe, student)
     per_epoch = len(train_loader) // accelerator.num_processes
@@ -161,7 +164,7 @@ def train(recipe: Recipe) -> dict:
             batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):
                 if cache is not None:
-                    targets = cache.lookup(batch["index"].tolist(), state.epoch, accelerator.device)
+                    targets = cache.targets(batch["cached"], accelerator.device)
                 else:
                     targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:
