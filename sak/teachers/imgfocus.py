@@ -179,7 +179,9 @@ def _read_cache(target: Path, digest: str) -> dict[str, Tensor] | None:
     if not target.is_file():
         return None
     problem = None
-    if not sidecar.is_file() or sidecar.read_text().strip() != sha256_of(target):
+    if not sidecar.is_file():
+        problem = f"no digest beside it ({sidecar.name}): written by an older sak, or the write was interrupted"
+    elif sidecar.read_text().strip() != sha256_of(target):
         problem = "its sha256 does not match the digest written beside it (damaged or edited)"
     else:
         with safe_open(str(target), framework="pt") as f:
