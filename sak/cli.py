@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .config import RecipeError, load_recipe
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "N processes: `accelerate launch -m sak.cli eval ...`",
     )
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.path=value, right after RECIPE (before the options)")
+    p.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, .safetensors or export")
     p.add_argument("--split", default="val")
     p.add_argument("--out", default=None, help="result JSON (default: print it)")
@@ -240,8 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.path=value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a positional list only up to the first option: overrides written after the options
+    # (`sak eval R --checkpoint C key=value`) come back unparsed; they are overrides all the same
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(OVERRIDE.match(x) for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "action", None) == "show" and args.command == "teachers" and not args.name:
         print("sak teachers show: give a teacher name (see `sak teachers list`)", file=sys.stderr)
         return 2

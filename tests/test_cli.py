@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sak.cli import main
 
 from .conftest import TINY
@@ -25,3 +27,17 @@ def test_teachers_show_prints_metadata_and_level_shapes(capsys):
     meta = json.loads(capsys.readouterr().out)
     assert meta["level_shapes"] == [[128, 32, 32], [256, 16, 16], [512, 8, 8], [512, 4, 4]]
     assert meta["sha256"] and meta["num_params"] == 14_716_171
+
+
+def test_overrides_may_follow_the_options(capsys):
+    assert main(["model", "show", str(TINY), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["model", "show", str(TINY), "--json", "student.down_ratio=2"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["tsap.vit_a"] > default["tsap.vit_a"]  # a wider adapter bottleneck: the override took effect
+
+
+def test_stray_arguments_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "show", str(TINY), "--json", "not-an-override"])
+    assert exc.value.code == 2 and "unrecognized arguments: not-an-override" in capsys.readouterr().err
