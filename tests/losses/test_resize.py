@@ -1,0 +1,111 @@
+"""The matrix-product bilinear resize and the flattened cosine equal the PyTorch ops they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sak.losses.distill import SAKDistill, flat_cosine, map_cosine, match_size
+from sak.losses.resize import interpolation_matrix, resize_bilinear
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((2, 3, 4, 4), (7, 7)),
+        ((2, 5, 8, 6), (56, 40)),
+        ((1, 2, 24, 24), (64, 64)),
+        ((2, 3, 14, 10), (7, 9)),
+        ((1, 1, 5, 5), (5, 11)),
+        ((3, 1, 9, 4), (2, 4)),
+    ],
+)
+def test_resize_equals_f_interpolate_and_its_gradient(shape, size):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    out = resize_bilinear(x, size)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    (go,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(go, gr, rtol=1e-12, atol=1e-12)
+
+
+def test_resize_float32_channels_last_input_and_autocast_do_not_change_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    ref = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss is float32 even if a caller leaves autocast on
+        out = resize_bilinear(x, (20, 20))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_same_size_is_returned_as_is_and_matrices_are_cached():
+    x = torch.randn(1, 2, 3, 4)
+    assert resize_bilinear(x, (3, 4)) is x
+    a = interpolation_matrix(3, 8, torch.device("cpu"), torch.float32)
+    assert a is interpolation_matrix(3, 8, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(a.sum(1), torch.ones(8))  # each output mixes its inputs with weights summing to 1
+
+
+def test_a_matrix_first_made_under_inference_mode_still_trains():
+    # evaluation (inference_mode) may be the first to ask for a size; training steps reuse the cached matrix
+    with torch.inference_mode():
+        resize_bilinear(torch.randn(1, 2, 13, 13), (31, 29))
+    x = torch.randn(1, 2, 13, 13, requires_grad=True)
+    resize_bilinear(x, (31, 29)).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_match_size_resizes_like_f_interpolate_both_ways():
+    torch.manual_seed(0)
+    small, big = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 16, 16)
+    a, b = match_size(small, big)
+    torch.testing.assert_close(a, F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False))
+    a, b = match_size(big, small)
+    torch.testing.assert_close(b, F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False))
+
+
+def test_flat_cosine_equals_f_cosine_similarity_including_a_zero_map():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    s[1] = 0  # zero norm: both clamp it to eps and give 0
+    ref = F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)
+    torch.testing.assert_close(flat_cosine(s, t), ref, rtol=1e-12, atol=1e-12)
+    assert flat_cosine(s, t)[1].item() == 0.0
+
+
+def test_sak_loss_and_its_gradient_equal_the_reference_formulation():
+    """The SAK loss as first written (F.interpolate, F.cosine_similarity) against the fast one (both float32,
+    as the loss computes)."""
+    torch.manual_seed(0)
+    levels = [((2, 6, 4, 4), (2, 6, 14, 14)), ((2, 5, 4, 4), (2, 5, 4, 4)), ((2, 3, 8, 8), (2, 3, 3, 3))]
+    student = [torch.randn(a, requires_grad=True) for a, _ in levels]
+    teacher = [torch.randn(b) for _, b in levels]
+
+    def reference(s_levels, t_levels):
+        total = 0
+        for s, t in zip(s_levels, t_levels, strict=True):
+            if s.shape[-1] < t.shape[-1]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            elif s.shape[-1] > t.shape[-1]:
+                t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            cos = F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)
+            total = total + 0.9 * (1 - cos).mean() + 0.1 * F.smooth_l1_loss(s, t)
+        return total
+
+    ref = reference(student, teacher)
+    out = SAKDistill()(student, teacher)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    g_ref = torch.autograd.grad(ref, student)
+    g_out = torch.autograd.grad(out, student)
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    cos = map_cosine(student[0], teacher[0])
+    ref_cos = F.cosine_similarity(
+        F.interpolate(student[0].float(), size=(14, 14), mode="bilinear", align_corners=False).flatten(1),
+        teacher[0].float().flatten(1),
+    )
+    torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
