@@ -42,6 +42,7 @@ from sak.engine.build import (
     build_teachers,
 )
 from sak.engine.cache import build_cache
+from sak.engine.malloc import keep_freed_memory
 from sak.engine.step import compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
 
@@ -59,6 +60,7 @@ CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
     "stage1/sak/online/1-teacher": (STAGE1, ONE_TEACHER, "sak", None),
     "stage1/sak/fp16-cache/1-teacher": (STAGE1, ONE_TEACHER, "sak", "fp16"),
     "stage1/sak/online/teacher-at-half-size": (STAGE1, ["teachers.1.image_size=64"], "sak", None),
+    "stage1/sak/online/glibc-default": (STAGE1, ["run.tune_malloc=false"], "sak", None),  # sak/engine/malloc.py
     "stage2/bare/online": (STAGE2, [], "bare", None),
     "stage2/sak/online": (STAGE2, [], "sak", None),
     "stage2/sak/fp16-cache": (STAGE2, [], "sak", "fp16"),
@@ -131,6 +133,8 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     the end of the optimiser step, with one host sync per step (the engine reads its loss once a step)."""
     torch.manual_seed(recipe.run.seed)
     dev = device()
+    if dev.type == "cpu" and recipe.run.tune_malloc:
+        keep_freed_memory()  # as the engine does on the CPU, so that both loops run on the same allocator
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks).train().to(dev)

@@ -36,6 +36,7 @@ class RunConfig:
     seed: int = 0
     stage: Literal["distill", "multitask"] = "distill"  # stage 1 (distillation only) or stage 2
     stop_at: int | None = None  # stop (with a checkpoint) after this step, e.g. to fit a time-limited job
+    tune_malloc: bool = True  # CPU training: keep freed memory in the process (glibc mallopt; sak/engine/malloc.py)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     grad_accum: int = 1
+    fused: bool = True  # AdamW's fused kernel (all parameters in one pass); false = PyTorch's default loop
     max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
 
 

@@ -135,7 +135,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
         (no_decay if flat else decay).append(p)
     o = recipe.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=o.fused or None)
 
 
 def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:

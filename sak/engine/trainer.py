@@ -20,6 +20,7 @@ from .checkpoint import TrainState, clean_partials, latest_checkpoint, load_chec
 from .evaluate import evaluate
 from .init import init_student_from
 from .logging import RunLogger, run_info
+from .malloc import keep_freed_memory
 from .schedule import lr_lambda
 from .step import compute_losses, teacher_targets
 
@@ -77,6 +78,8 @@ def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final evaluation. Safe to call again: `resume: auto` continues."""
     accelerator = make_accelerator(recipe)
+    if accelerator.device.type == "cpu" and recipe.run.tune_malloc:
+        keep_freed_memory()  # large tensors freed each step stay in the process (sak/engine/malloc.py)
     set_seed(recipe.run.seed)
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
     extra_files = {  # written next to the run and into every checkpoint

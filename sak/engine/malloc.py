@@ -1,0 +1,49 @@
+"""glibc malloc settings for training on the CPU.
+
+By default glibc serves every allocation above its mmap threshold (128 KiB at start; it adapts upwards
+only in some cases) with a fresh mmap, and gives memory at the top of the heap back to the OS once more
+than a trim threshold of it is free. A training step on the CPU allocates and frees the same large tensors
+every step (activations, a teacher-sized upsampled student map, its gradient), so every step page-faults
+them in again from zeroed pages: on the demo's stage-1 step that was a third of the step time
+(benchmarks/results/throughput_cpu.md, the `glibc-default` row). Raising the mmap threshold to its
+maximum (32 MiB on 64-bit glibc) and the trim threshold to 2 GiB keeps freed memory in the process for
+the next step. This is the effect PyTorch's CPU performance guides get by preloading jemalloc or tcmalloc;
+mallopt does it from inside the process, with nothing to install.
+
+The price is that memory freed inside a run is not handed back to the OS until the process ends: peak
+resident memory is unchanged (it is the same tensors), but resident memory stays near the peak. The
+trainer applies it only when it trains on the CPU and `run.tune_malloc` is true (the default); other
+processes and GPU runs are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Set the thresholds once per process; True when glibc accepted them, False where there is no glibc
+    mallopt (macOS, Windows, musl) and nothing was changed."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return _applied
