@@ -74,6 +74,7 @@ GPU_CASES = {
     "gpu/stage1/sak/online": (GPU1, [], "sak", None),
     "gpu/stage1/sak/fp16-cache": (GPU1, [], "sak", "fp16"),
     "gpu/stage1/sak/int8-cache": (GPU1, [], "sak", "int8"),
+    "gpu/stage1/sak/online/teachers-cast": (GPU1, ["precision.teacher_weights=cast"], "sak", None),
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),

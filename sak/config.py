@@ -136,6 +136,9 @@ class ScheduleConfig:
 class PrecisionConfig:
     mixed: Literal["no", "bf16", "fp16"] = "no"  # student autocast through Accelerate
     teachers: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = same as `mixed`
+    # how teachers run in a low `teachers` precision: float32 weights under autocast, or weights cast to it
+    # once, so that the whole forward (LayerNorm and softmax inputs, the residual stream) runs in it
+    teacher_weights: Literal["autocast", "cast"] = "autocast"
     channels_last: bool = True  # convolutional teachers run in channels-last memory format
     compile_teachers: bool = False  # torch.compile each teacher's forward (first steps pay the compile time)
 
@@ -359,6 +362,13 @@ def validate(recipe: Recipe) -> None:
         seen.add(t.id)
     for i, task in enumerate(recipe.tasks):
         check(TASKS, task.name, f"tasks[{i}].name")
+    p = recipe.precision
+    if p.teacher_weights == "cast" and (p.mixed if p.teachers == "auto" else p.teachers) in ("no", "fp32"):
+        raise RecipeError(
+            f"precision.teacher_weights: cast needs bf16 or fp16 teachers, but precision.teachers is {p.teachers!r}"
+            + (f" and precision.mixed {p.mixed!r}" if p.teachers == "auto" else "")
+            + "; set precision.teachers=bf16 (or fp16 on a GPU), or teacher_weights=autocast"
+        )
     dataset = check(DATASETS, recipe.data.name, "data.name")
     build_options(dataset, recipe.data.options, "data")
     check(LOSSES, recipe.loss.distill, "loss.distill")

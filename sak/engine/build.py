@@ -13,12 +13,17 @@ from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
 
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
     teachers = {}
     for t in recipe.teachers:
         spec_fields = {k: getattr(t, k) for k in ("weights", "sha256", "levels", "image_size", "normalization")}
         teacher = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
+        if recipe.precision.teacher_weights == "cast":  # validate() made sure the precision is bf16 / fp16
+            p = recipe.precision
+            teacher.cast_weights(LOW_PRECISION[p.mixed if p.teachers == "auto" else p.teachers])
         convolutional = sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules()) > 1  # not just a patch embed
         if recipe.precision.channels_last and convolutional:
             teacher.to(memory_format=torch.channels_last)

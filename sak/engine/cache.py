@@ -52,7 +52,8 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
     return {
         "format": FORMAT,
         "dtype": dtype,
-        "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch."),
+        "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch.")
+        + (" (weights cast)" if recipe.precision.teacher_weights == "cast" else ""),
         "views": views,
         "augment": augment,
         "data": {

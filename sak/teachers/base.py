@@ -142,6 +142,7 @@ class Teacher(nn.Module):
     options_type: ClassVar[type] = Options
     meta: TeacherMeta
     channels_last: bool = False  # set by the engine for convolutional teachers
+    weights_dtype: torch.dtype | None = None  # set by cast_weights: the whole forward runs in this dtype
 
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__()
@@ -159,6 +160,15 @@ class Teacher(nn.Module):
 
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher ignores train()
         return super().train(False)
+
+    def cast_weights(self, dtype: torch.dtype) -> Teacher:
+        """Cast parameters and floating-point buffers to `dtype` once (`precision.teacher_weights: cast`).
+        `encode` then feeds the network input of that dtype without autocast, whatever dtype it is asked
+        for: no per-step weight casts, half the activation traffic, and LayerNorm / softmax inputs in
+        `dtype` too (benchmarks/results/teacher_precision.md measures what that changes)."""
+        self.to(dtype)
+        self.weights_dtype = dtype
+        return self
 
     # -- preprocessing ----------------------------------------------------------------------
     @property
@@ -184,13 +194,16 @@ class Teacher(nn.Module):
     def _infer(self, x: Tensor, dtype: torch.dtype | None) -> TeacherOutput:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.weights_dtype is not None:
+            return self(x.to(self.weights_dtype))
         if dtype is None or dtype == torch.float32:
             return self(x)
         with torch.autocast(device_type=x.device.type, dtype=dtype):
             return self(x)
 
     def encode(self, images: Tensor, dtype: torch.dtype | None = None) -> TeacherOutput:
-        """preprocess + forward without autograd, in `dtype` autocast; float32 normal tensors out.
+        """preprocess + forward without autograd, in `dtype` autocast (or wholly in the dtype the weights were
+        cast to, see `cast_weights`); float32 normal tensors out.
 
         Outputs are cloned out of inference mode so that losses may use them next to tensors that
         require grad.
