@@ -33,7 +33,8 @@ def flat_cosine(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:
     """(B,) cosine of each image's flattened maps: F.cosine_similarity(s.flatten(1), t.flatten(1), eps=eps)
     (norms clamped to eps each), written as dot / (|s| |t|). F.cosine_similarity first divides both inputs
     by their norms, which costs several full-size temporaries forward and backward; on a teacher's 64 x 64
-    map that made it 3-5x slower than this (benchmarks/distill_loss.py). Equal to ~1e-9."""
+    map that made it 2-2.5x slower than this forward + backward (benchmarks/results/distill_loss_cpu.md).
+    The two differ only in float rounding (below 1e-6 relative in float32)."""
     s, t = student.flatten(1), teacher.flatten(1)
     dot = (s * t).sum(1)
     norms = torch.linalg.vector_norm(s, dim=1).clamp_min(eps) * torch.linalg.vector_norm(t, dim=1).clamp_min(eps)

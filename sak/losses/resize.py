@@ -6,7 +6,7 @@ row mixes at most two input rows with fixed weights, and the same along columns,
 and backward are dense matrix products. PyTorch's own kernel is an elementwise gather and its backward a
 scatter (atomic adds on CUDA); on the distillation losses, which upsample every student map to the
 teacher's grid (SAM's 64 x 64) and back-propagate through it, the products are several times faster on CPU
-(benchmarks/distill_loss.py). The matrices are PyTorch's own weights: they are made by interpolating an identity
+(benchmarks/results/distill_loss_cpu.md). The matrices are PyTorch's own weights: they are made by interpolating an identity
 matrix with F.interpolate, so both ways compute the same linear map; they differ only in float rounding
 (about 1e-7 relative in float32).
 """
