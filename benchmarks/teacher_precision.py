@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
+from sak.config import PrecisionConfig
 from sak.data import DatasetSpec, build_dataset
+from sak.engine.build import prepare_teacher
 from sak.losses.distill import map_cosine
 from sak.teachers import TeacherSpec, create_teacher
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # recipe names of the low precisions
 TEACHERS = {"dinov2_imgfocus": 224, "efficientnet_lite0": 224, "hed": 320}  # name: native input size
 
 
@@ -56,19 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     low = [torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
     rows = []
     for name, native in TEACHERS.items():
-        teacher = create_teacher(name, spec=TeacherSpec(image_size=native)).to(device)
-        if sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules()) > 1:  # as the engine runs them
-            teacher.to(memory_format=torch.channels_last)
-            teacher.channels_last = True
+        # prepared as build_teachers prepares them (channels-last for convolutional teachers)
+        teacher = prepare_teacher(
+            create_teacher(name, spec=TeacherSpec(image_size=native)).to(device), PrecisionConfig()
+        )
         reference, fp32_time = timed(teacher, images, None, args.repeats)
         rows.append({"teacher": name, "size": native, "mode": "float32", "cosine_per_level": [1.0] * len(reference),
                      "seconds_per_image": fp32_time})  # fmt: skip
         for dtype in low:
             autocast, t_auto = timed(teacher, images, dtype, args.repeats)
             cast = create_teacher(name, spec=TeacherSpec(image_size=native)).to(device)
-            cast.channels_last = teacher.channels_last
-            cast.to(memory_format=torch.channels_last if cast.channels_last else torch.contiguous_format)
-            cast.cast_weights(dtype)
+            prepare_teacher(cast, PrecisionConfig(teachers=SHORT[dtype], teacher_weights="cast"))
             cast_levels, t_cast = timed(cast, images, dtype, args.repeats)
             short = str(dtype).removeprefix("torch.")
             for mode, levels, seconds in (

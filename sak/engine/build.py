@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Recipe
+from ..config import PrecisionConfig, Recipe
 from ..data import DatasetSpec, EpochSampler, build_dataset
 from ..losses.normalize import TargetNormalizers
 from ..registry import LOSSES, STUDENTS
@@ -13,7 +13,29 @@ from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
 
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
+
+
+def precision_dtype(p: PrecisionConfig) -> torch.dtype | None:
+    """The teachers' run-time dtype (`precision.teachers`, or `precision.mixed` when it is auto); None = float32."""
+    return DTYPES[p.mixed if p.teachers == "auto" else p.teachers]
+
+
+def teacher_dtype(recipe: Recipe) -> torch.dtype | None:
+    return precision_dtype(recipe.precision)
+
+
+def prepare_teacher(teacher: Teacher, p: PrecisionConfig) -> Teacher:
+    """Apply the recipe's teacher-precision settings: weights cast once, channels-last, torch.compile."""
+    if p.teacher_weights == "cast":  # validate() made sure the precision is bf16 / fp16
+        teacher.cast_weights(precision_dtype(p))
+    convolutional = sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules()) > 1  # not just a patch embed
+    if p.channels_last and convolutional:
+        teacher.to(memory_format=torch.channels_last)
+        teacher.channels_last = True
+    if p.compile_teachers:
+        teacher.compile()
+    return teacher
 
 
 def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
@@ -21,16 +43,7 @@ def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
     for t in recipe.teachers:
         spec_fields = {k: getattr(t, k) for k in ("weights", "sha256", "levels", "image_size", "normalization")}
         teacher = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
-        if recipe.precision.teacher_weights == "cast":  # validate() made sure the precision is bf16 / fp16
-            p = recipe.precision
-            teacher.cast_weights(LOW_PRECISION[p.mixed if p.teachers == "auto" else p.teachers])
-        convolutional = sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules()) > 1  # not just a patch embed
-        if recipe.precision.channels_last and convolutional:
-            teacher.to(memory_format=torch.channels_last)
-            teacher.channels_last = True
-        if recipe.precision.compile_teachers:
-            teacher.compile()
-        teachers[t.id] = teacher
+        teachers[t.id] = prepare_teacher(teacher, recipe.precision)
     return teachers
 
 

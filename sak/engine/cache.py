@@ -46,7 +46,7 @@ class CacheError(RuntimeError):
 def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str) -> dict:
     """Everything the cached features depend on (the teachers' run-time precision too: bf16 teachers give
     other features than float32 ones)."""
-    from .trainer import teacher_dtype  # (the trainer imports this module)
+    from .build import teacher_dtype  # (imported here, as build_teachers below, to keep this module light)
 
     d = recipe.data
     return {
@@ -136,8 +136,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     from accelerate.utils import set_seed
 
     from ..data import DatasetSpec, build_dataset
-    from .build import build_teachers
-    from .trainer import teacher_dtype
+    from .build import build_teachers, teacher_dtype
 
     if dtype not in ("fp16", "int8"):
         raise ValueError(f"cache dtype must be fp16 or int8, got {dtype!r}")

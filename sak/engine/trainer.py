@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ..config import Recipe, RecipeError
 from ..student import parameter_report
 from . import build
+from .build import teacher_dtype
 from .cache import FeatureCache, identity
 from .checkpoint import TrainState, clean_partials, latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate
@@ -23,8 +24,6 @@ from .logging import RunLogger, run_info
 from .malloc import keep_freed_memory
 from .schedule import lr_lambda
 from .step import compute_losses, teacher_targets
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,11 +49,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         project_dir=str(recipe.run_dir),
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step, whatever the world size
     )
-
-
-def teacher_dtype(recipe: Recipe) -> torch.dtype | None:
-    p = recipe.precision
-    return DTYPES[p.mixed if p.teachers == "auto" else p.teachers]
 
 
 def open_cache(recipe: Recipe, teachers: dict) -> FeatureCache | None:
