@@ -6,7 +6,8 @@
 
 Cases: a bare PyTorch loop built from the same modules (same student, teachers, loss, optimiser,
 precision; no Accelerate, logging or checkpoints) against the `sak` engine; online teachers against the
-fp16 and int8 caches, in stage 1 and stage 2; 1 and 2 teachers; a teacher at a lower resolution.
+fp16 and int8 caches, in stage 1 and stage 2; 1 and 2 teachers; a teacher at a lower resolution; the
+student (on the GPU the teachers too) torch.compile'd (`precision.compile_student` / `compile_teachers`).
 Step time is the median over the timed steps after warm-up, data loading excluded in both loops; the cache
 cases compare wall-clock images/s (the loader reads the cache).
 The cache's ideal speed-up is (teacher FLOPs + student step FLOPs) / student step FLOPs, counted with
@@ -17,6 +18,7 @@ student-teacher cosine after the same number of steps as the online run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -40,6 +42,7 @@ from sak.engine.build import (
     build_target_normalizers,
     build_tasks,
     build_teachers,
+    prepare_student,
 )
 from sak.engine.cache import build_cache
 from sak.engine.malloc import keep_freed_memory
@@ -60,6 +63,7 @@ CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
     "stage1/sak/online/1-teacher": (STAGE1, ONE_TEACHER, "sak", None),
     "stage1/sak/fp16-cache/1-teacher": (STAGE1, ONE_TEACHER, "sak", "fp16"),
     "stage1/sak/online/teacher-at-half-size": (STAGE1, ["teachers.1.image_size=64"], "sak", None),
+    "stage1/sak/online/compiled-student": (STAGE1, ["precision.compile_student=true"], "sak", None),
     "stage1/sak/online/glibc-default": (STAGE1, ["run.tune_malloc=false"], "sak", None),  # sak/engine/malloc.py
     "stage2/bare/online": (STAGE2, [], "bare", None),
     "stage2/sak/online": (STAGE2, [], "sak", None),
@@ -69,12 +73,15 @@ CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
 # and SAM-B at 1024, bf16, batch 16 (stage 1) and 8 (stage 2); random weights (no hub on that machine).
 GPU1 = ROOT / "recipes" / "bench" / "stage1_gpu_vitb.yaml"
 GPU2 = ROOT / "recipes" / "bench" / "stage2_gpu_vitb.yaml"
+COMPILED = ["precision.compile_student=true", "precision.compile_teachers=true"]
 GPU_CASES = {
     "gpu/stage1/bare/online": (GPU1, [], "bare", None),
     "gpu/stage1/sak/online": (GPU1, [], "sak", None),
     "gpu/stage1/sak/fp16-cache": (GPU1, [], "sak", "fp16"),
     "gpu/stage1/sak/int8-cache": (GPU1, [], "sak", "int8"),
     "gpu/stage1/sak/online/teachers-cast": (GPU1, ["precision.teacher_weights=cast"], "sak", None),
+    "gpu/stage1/sak/online/compiled": (GPU1, COMPILED, "sak", None),
+    "gpu/stage1/sak/fp16-cache/compiled": (GPU1, COMPILED[:1], "sak", "fp16"),  # no teacher runs in training
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),
@@ -86,6 +93,8 @@ GPU_CASES = {
         None,
     ),  # fmt: skip
     "gpu/stage2/sak/online/sam-at-512": (GPU2, ["teachers.2.image_size=512"], "sak", None),
+    "gpu/stage2/sak/online/compiled": (GPU2, COMPILED, "sak", None),
+    "gpu/stage2/sak/fp16-cache/compiled": (GPU2, COMPILED[:1], "sak", "fp16"),
     "gpu/stage2/sak/online/batch-2": (GPU2, ["data.batch_size=2"], "sak", None),
     "gpu/stage2/sak/online/batch-4": (GPU2, ["data.batch_size=4"], "sak", None),
 }
@@ -107,6 +116,9 @@ def flops(recipe) -> dict[str, float]:
     """Per-image FLOPs of the teachers' forward and of the student's forward + backward (2 images)."""
     torch.manual_seed(0)
     dev = device()
+    # counted on the eager modules: compiling changes no FLOP, and would compile again for these 2 images
+    eager = dataclasses.replace(recipe.precision, compile_teachers=False, compile_student=False)
+    recipe = dataclasses.replace(recipe, precision=eager)
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks).train().to(dev)
@@ -140,6 +152,7 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks).train().to(dev)
     optimizer = build_optimizer(recipe, student)
+    prepare_student(student, recipe.precision)
     loss_fn = build_distill_loss(recipe)
     normalizers = build_target_normalizers(recipe, teachers)  # loss.normalize, as the engine applies it
     if normalizers is not None:

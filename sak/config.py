@@ -141,6 +141,9 @@ class PrecisionConfig:
     teacher_weights: Literal["autocast", "cast"] = "autocast"
     channels_last: bool = True  # convolutional teachers run in channels-last memory format
     compile_teachers: bool = False  # torch.compile each teacher's forward (first steps pay the compile time)
+    # torch.compile the student in place (parameter names, checkpoints and exports unchanged); the first
+    # training step and the first evaluation each pay a compile
+    compile_student: bool = False
 
 
 @dataclass

@@ -66,6 +66,14 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
     return student
 
 
+def prepare_student(student: torch.nn.Module, p: PrecisionConfig) -> torch.nn.Module:
+    """Apply `precision.compile_student`: torch.compile in place (nn.Module.compile), so that the parameter
+    names, checkpoints and exports are those of the eager module."""
+    if p.compile_student:
+        student.compile()
+    return student
+
+
 def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
     """`stem`: the TAS stays fixed; `all_but_routers`: only the MoR routers (and new heads) learn."""
     if freeze == "stem":

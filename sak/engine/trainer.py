@@ -106,6 +106,7 @@ def train(recipe: Recipe) -> dict:
             cache.verify_all()  # once here, not again in every worker of every epoch
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     optimizer = build.build_optimizer(recipe, student)
+    build.prepare_student(student, recipe.precision)
     per_epoch = len(train_loader) // accelerator.num_processes
     total = build.total_steps(recipe, per_epoch)
     warmup = build.warmup_steps(recipe, per_epoch)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU measurements of benchmarks/results/throughput_gpu.md and distill_loss_cuda.md, in two parts that
+# each fit one 10-minute call on a lent GPU machine (see docs/benchmarks.md):
+#   bash benchmarks/gpu_checks.sh 1 OUT   # stage 1: online vs torch.compile'd vs the fp16 cache; cast teachers
+#   bash benchmarks/gpu_checks.sh 2 OUT   # the loss rewrites on CUDA; stage 2: online vs compiled, options
+# OUT (default benchmarks/results) receives throughput_gpu.{json,md} (and distill_loss_cuda.*). Each part
+# stops itself before the call's limit; the cases finished by then are written.
+set -u
+part=${1:?part 1 or 2}
+out=${2:-benchmarks/results}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, timm, accelerate; print("torch", torch.__version__, "timm", timm.__version__, "accelerate", accelerate.__version__)'
+bench="python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 --results $out --only"
+case $part in
+1) timeout "${LIMIT:-390}" $bench gpu/stage1/sak/online gpu/stage1/sak/online/compiled \
+       gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache gpu/stage1/sak/online/teachers-cast ;;
+2) timeout 45 python3 -m benchmarks.distill_loss --results "$out"
+   timeout "${LIMIT:-260}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/compiled \
+       gpu/stage2/sak/online/sam-at-512 gpu/stage2/sak/online/1-teacher ;;
+*) echo "part must be 1 or 2" >&2; exit 2 ;;
+esac
+ls -la "$out"

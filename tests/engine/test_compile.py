@@ -1,0 +1,69 @@
+"""`precision.compile_student` / `compile_teachers`: training runs the torch.compile'd modules, learns what the
+eager run learns, and writes the same checkpoint keys (the student is compiled in place)."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from sak.engine import train
+from sak.engine.build import build_student, build_tasks, build_teachers, prepare_student
+from sak.engine.checkpoint import latest_checkpoint
+
+
+def logged_losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_prepare_student_compiles_in_place_only_when_asked(tiny_recipe):
+    recipe = tiny_recipe()
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    student = build_student(recipe, teachers, build_tasks(recipe))
+    keys = list(student.state_dict())
+    assert prepare_student(student, recipe.precision) is student and student._compiled_call_impl is None
+    recipe = tiny_recipe("precision.compile_student=true")
+    assert prepare_student(student, recipe.precision) is student and student._compiled_call_impl is not None
+    assert list(student.state_dict()) == keys  # no `_orig_mod.` prefix: checkpoints load either way
+
+
+def test_compiled_training_matches_eager(tiny_recipe):
+    common = ["schedule.max_steps=3", "data.num_workers=0", "eval.batches=1"]
+    eager = tiny_recipe(*common, "run.name=eager")
+    eager_final = train(eager)
+    torch._dynamo.utils.counters.clear()
+    compiled = tiny_recipe(*common, "run.name=compiled", "precision.compile_student=true",
+                           "precision.compile_teachers=true")  # fmt: skip
+    compiled_final = train(compiled)
+    # the student (train and eval mode) and both teachers went through dynamo, in whole graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4
+    assert not torch._dynamo.utils.counters["graph_break"]
+    a, b = logged_losses(eager.run_dir), logged_losses(compiled.run_dir)
+    assert len(a) == len(b) == 3
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    for key, value in eager_final.items():
+        assert abs(compiled_final[key] - value) <= 1e-4 * max(1.0, abs(value)), key
+    wa = load_file(str(latest_checkpoint(eager.run_dir / "checkpoints") / "model.safetensors"))
+    wb = load_file(str(latest_checkpoint(compiled.run_dir / "checkpoints") / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_student_under_two_processes_matches_one_eager_process(tmp_path, tiny_recipe):
+    """Accelerate wraps the compiled student in DistributedDataParallel: the gradients are still averaged."""
+    from .test_distributed import TINY, accelerate_launch
+
+    common = ["schedule.max_steps=3", "eval.batches=1"]
+    two = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "data.batch_size=2",
+                            "precision.compile_student=true", *common)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tiny_recipe("run.name=one", "data.batch_size=4", *common)
+    train(one)
+    a, b = logged_losses(one.run_dir), logged_losses(tmp_path / "two")
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    w1 = load_file(str(latest_checkpoint(one.run_dir / "checkpoints") / "model.safetensors"))
+    w2 = load_file(str(latest_checkpoint(tmp_path / "two" / "checkpoints") / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
