@@ -8,7 +8,7 @@ key's row offset plus one for its column offset (MViTv2's decomposed relative po
 segment_anything computes the full (N x N) attention matrix by hand; timm passes the bias as a dense
 (B * heads, N, N) mask to `scaled_dot_product_attention` with 3-D inputs, which only the unfused "math"
 kernel accepts. At 1024 px (a 64 x 64 grid) that is 16.7M logits per head, materialised: on an H100 the
-SAM-B encoder ran at 32 TFLOP/s and took 82% of a stage-1 step (benchmarks/results/throughput_gpu.md).
+SAM-B encoder ran at 32 TFLOP/s and took 82% of a stage-1 step (benchmarks/results/throughput_gpu_2026-11-22.md).
 
 The bias is itself a dot product, so it folds into the attention's own: with
     q' = [scale * q, <q, Rh[row(q), :]>, <q, Rw[col(q), :]>]      (c + H + W features)
