@@ -1,17 +1,27 @@
-"""Where a GPU training step spends its time: per-phase CUDA-event timings and the top kernels.
+"""Where a GPU training step spends its time: per phase, the GPU time (CUDA events), the host time (the
+Python side launching the work) and the operations dispatched; then the most expensive kernels of one step.
 
-    python -m benchmarks.profile_gpu [--recipe recipes/bench/stage2_gpu_vitb.yaml] [--steps 5]
+    python -m benchmarks.profile_gpu [--recipe recipes/bench/stage2_gpu_vitb.yaml] [--steps 5] [overrides]
 
 Phases of the bare step (the same modules the engine runs): each teacher's forward, the student's
-forward, the losses, backward, optimiser step; then the 20 most expensive CUDA kernels of one step.
+forward, the losses, backward, optimiser step. A phase whose host time reaches its GPU time is bound by
+launching work, not by the GPU's arithmetic: fewer, larger operations (torch.compile, teachers' weights
+cast once) help there, faster kernels do not. The operation counts are aten calls as dispatched
+(TorchDispatchMode), with and without the view-like ones that launch no kernel. On a machine without
+CUDA (`--device cpu`) the same table has host times and counts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import sys
+import time
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sak.config import load_recipe
 from sak.engine.build import (
@@ -21,6 +31,7 @@ from sak.engine.build import (
     build_student,
     build_tasks,
     build_teachers,
+    prepare_student,
 )
 from sak.engine.step import compute_losses
 from sak.engine.trainer import teacher_dtype
@@ -34,12 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--reference", action="store_true", help="also time bare timm models (what the GPU can do)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the phase tables to this JSON file")
     args = parser.parse_args(argv)
+    tables = []
     if args.reference:
         reference()
     for path in args.recipe or ["recipes/bench/stage1_gpu_vitb.yaml", "recipes/bench/stage2_gpu_vitb.yaml"]:
-        profile_recipe(path, args.steps, args.overrides, args.sort, args.rows)
-        torch.cuda.empty_cache()
+        tables.append(profile_recipe(path, args.steps, args.overrides, args.sort, args.rows, torch.device(args.device)))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__}
+        meta["command"] = "python -m benchmarks.profile_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.json).write_text(json.dumps(meta | {"recipes": tables}, indent=2))
     return 0
 
 
@@ -79,14 +98,32 @@ def reference() -> None:
         )
 
 
-def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int) -> None:
-    dev = torch.device("cuda")
+# aten calls that only make a new view of a tensor: no kernel launch
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "reshape", "unsqueeze", "squeeze", "expand", "slice",
+         "select", "alias", "as_strided", "detach", "unflatten", "split", "chunk", "unbind", "flatten", "lift_fresh"}  # fmt: skip
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten calls dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int, dev: torch.device) -> dict:
+    cuda = dev.type == "cuda"
     recipe = load_recipe(path, ["data.options.length=64", *overrides])
     torch.manual_seed(0)
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks).train().to(dev)
     opt = build_optimizer(recipe, student)
+    prepare_student(student, recipe.precision)
     loss_fn = build_distill_loss(recipe)
     batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -94,53 +131,94 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
     alpha = recipe.loss.alpha if tasks else 1.0
     bf16 = recipe.precision.mixed == "bf16"
 
-    def step(times: dict | None):
-        ev = [torch.cuda.Event(enable_timing=True)]
-        ev[0].record()
-        marks = []
+    def step(times: dict | None, counts: dict | None = None):
+        """One training step; per phase, GPU ms (CUDA events), host ms and, if asked, the aten calls."""
+        events, hosts, marks = [], [time.perf_counter()], []
+        if cuda:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        counter = CountOps() if counts is not None else None
 
-        def mark(name):
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            ev.append(e)
+        def phase(name):  # ends the phase that ran since the previous mark
+            hosts.append(time.perf_counter())
+            if cuda:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
             marks.append(name)
+            if counter is not None:
+                counts[name] = counter.calls.copy()
+                counter.calls.clear()
 
+        if counter is not None:
+            counter.__enter__()
         targets = {}
         for tid, t in teachers.items():
             targets[tid] = t.encode(batch["image"], dtype)
-            mark(f"teacher {tid}")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            phase(f"teacher {tid}")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = student(batch["image"])
-        mark("student forward")
+        phase("student forward")
         losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
-        mark("losses")
+        phase("losses")
         losses.total.backward()
-        mark("backward")
+        phase("backward")
         if recipe.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        mark("optimiser")
-        torch.cuda.synchronize()
+        phase("optimiser")
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        if cuda:
+            torch.cuda.synchronize()
         if times is not None:
-            for name, a, b in zip(marks, ev[:-1], ev[1:], strict=True):
-                times.setdefault(name, []).append(a.elapsed_time(b))
+            for i, name in enumerate(marks):
+                host = (hosts[i + 1] - hosts[i]) * 1e3
+                gpu = events[i].elapsed_time(events[i + 1]) if cuda else float("nan")
+                times.setdefault(name, []).append((gpu, host))
 
     for _ in range(3):
         step(None)
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
+    wall = []
     for _ in range(steps):
+        start = time.perf_counter()
         step(times)
-    total = sum(sorted(v)[len(v) // 2] for v in times.values())
-    print(f"\n== {path} batch {recipe.data.batch_size} image {recipe.data.image_size}: {total:.1f} ms/step")
+        wall.append((time.perf_counter() - start) * 1e3)
+    counts: dict[str, collections.Counter] = {}
+    p = recipe.precision
+    if not (p.compile_student or p.compile_teachers):  # compiled code is not dispatched op by op
+        step(None, counts)
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    print(f"\n== {path} batch {recipe.data.batch_size} image {recipe.data.image_size} on {dev.type}: "
+          f"{median(wall):.1f} ms/step (wall clock, synchronised)")  # fmt: skip
+    print(f"  {'phase':24s} {'GPU ms':>8s} {'host ms':>8s} {'aten calls':>11s} {'non-view':>9s}")
+    result = {"recipe": path, "overrides": overrides, "batch": recipe.data.batch_size, "step_ms": median(wall)}
+    result["phases"] = []
     for name, v in times.items():
-        med = sorted(v)[len(v) // 2]
-        print(f"  {name:24s} {med:8.1f} ms  {med / total:5.1%}")
+        gpu, host = median([g for g, _ in v]), median([h for _, h in v])
+        calls = counts.get(name, collections.Counter())
+        launches = sum(n for op, n in calls.items() if op not in VIEWS)
+        print(f"  {name:24s} {gpu:8.1f} {host:8.1f} {sum(calls.values()):11d} {launches:9d}")
+        row = {"phase": name, "host_ms": host, "aten_calls": sum(calls.values()), "non_view_calls": launches}
+        result["phases"].append(row | ({"gpu_ms": gpu} if cuda else {}))
+    total = collections.Counter()
+    for calls in counts.values():
+        total.update(calls)
+    if total:
+        print("  most frequent aten calls in one step:", ", ".join(f"{op} {n}" for op, n in total.most_common(12)))
+    result["most_frequent"] = dict(total.most_common(12))
+    if not cuda:
+        return result
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step(None)
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90))
+    return result
 
 
 if __name__ == "__main__":

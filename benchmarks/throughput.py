@@ -246,7 +246,9 @@ def table(results: list[dict], device: str, command: str) -> str:
         "case's own process; held-out cosine per teacher after the same number of steps. Wall images/s counts",
         "every second between steps, data loading included. The cache speed-up compares wall images/s of the",
         "cached and the online run: the training loader reads the cache, so a step time without data loading",
-        "would leave the reads out.",
+        "would leave the reads out. Two bounds: the FLOP bound (teacher + student step FLOPs) / student step",
+        "FLOPs, which assumes the student step turns FLOPs into time at the teachers' rate, and the step bound,",
+        "online step time / cached step time, which a loader that never keeps the step waiting would reach.",
         "",
     ]
     if gpu:
@@ -255,26 +257,30 @@ def table(results: list[dict], device: str, command: str) -> str:
             "online), times images/s, over the GPU's dense bf16 peak (H100: 989 TFLOP/s).",
             "",
             "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "
-            "| cache speed-up (bound, share) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| cache speed-up | FLOP bound (share) | step bound (share) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
     else:
         lines += [
             "| case | step (s) | images/s | wall images/s | peak RSS (GiB) | held-out cosine "
-            "| cache speed-up (bound, share) |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| cache speed-up | FLOP bound (share) | step bound (share) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['case']} | failed: {r['error']} |")
             continue
         cos = ", ".join(f"{k} {v:.3f}" for k, v in r.get("val_cosine", {}).items()) or "-"
-        speed = "-"
+        speed = "- | - | -"
         online = by.get(r["case"].replace("fp16-cache", "online").replace("int8-cache", "online"))
         if "cache" in r["case"] and online is not None and "wall_images_per_s" in online:
             achieved = r["wall_images_per_s"] / online["wall_images_per_s"]
-            bound = (r["teacher_flops"] + r["student_flops"]) / r["student_flops"]
-            speed = f"{achieved:.2f}x ({bound:.2f}x, {achieved / bound:.0%})"
+            flop_bound = (r["teacher_flops"] + r["student_flops"]) / r["student_flops"]
+            step_bound = online["step_s"] / r["step_s"]
+            speed = (
+                f"{achieved:.2f}x | {flop_bound:.2f}x ({achieved / flop_bound:.0%}) "
+                f"| {step_bound:.2f}x ({achieved / step_bound:.0%})"
+            )
         wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else "-"
         if gpu:
             mfu = f"{r['mfu']:.0%}" if "mfu" in r else "-"

@@ -1,0 +1,39 @@
+"""The throughput table's cache columns: speed-up from wall clock, and its share of the two bounds."""
+
+from benchmarks.throughput import table
+
+
+def test_cache_row_reports_flop_and_step_bounds():
+    online = {"case": "stage1/sak/online", "step_s": 0.4, "images_per_s": 20.0, "wall_images_per_s": 19.0,
+              "peak_rss_gib": 1.0, "teacher_flops": 9.0, "student_flops": 1.0}  # fmt: skip
+    cached = {**online, "case": "stage1/sak/fp16-cache", "step_s": 0.1, "images_per_s": 80.0,
+              "wall_images_per_s": 57.0}  # fmt: skip
+    md = table([online, cached], "CPU", "cmd")
+    row = next(line for line in md.splitlines() if line.startswith("| stage1/sak/fp16-cache"))
+    # 57 / 19 = 3x; FLOP bound (9 + 1) / 1 = 10x, 30% of it; step bound 0.4 / 0.1 = 4x, 75% of it
+    assert row.endswith("| 3.00x | 10.00x (30%) | 4.00x (75%) |"), row
+    online_row = next(line for line in md.splitlines() if line.startswith("| stage1/sak/online"))
+    assert online_row.endswith("| - | - | - |")
+
+
+def test_profile_counts_operations_per_phase_on_the_cpu():
+    """benchmarks/profile_gpu.py --device cpu: host time and dispatched operations for every phase; casting
+    the teachers' weights once leaves out autocast's per-step casts."""
+    import torch
+
+    from benchmarks.profile_gpu import profile_recipe
+    from tests.conftest import TINY
+
+    common = ["data.num_workers=0", "precision.mixed=bf16"]
+    autocast = profile_recipe(str(TINY), 1, common, "", 0, torch.device("cpu"))
+    cast = profile_recipe(str(TINY), 1, [*common, "precision.teacher_weights=cast"], "", 0, torch.device("cpu"))
+    phases = [p["phase"] for p in autocast["phases"]]
+    assert phases == ["teacher vit_a", "teacher vit_b", "student forward", "losses", "backward", "optimiser"]
+    for p in autocast["phases"]:
+        assert p["host_ms"] > 0 and p["aten_calls"] >= p["non_view_calls"] > 0, p
+    by = {p["phase"]: p for p in cast["phases"]}
+    for p in autocast["phases"]:
+        if p["phase"].startswith("teacher"):
+            assert by[p["phase"]]["non_view_calls"] < p["non_view_calls"]
+        else:
+            assert by[p["phase"]]["non_view_calls"] == p["non_view_calls"]
