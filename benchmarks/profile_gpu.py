@@ -117,7 +117,9 @@ class CountOps(TorchDispatchMode):
 
 def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int, dev: torch.device) -> dict:
     cuda = dev.type == "cuda"
-    recipe = load_recipe(path, ["data.options.length=64", *overrides])
+    recipe = load_recipe(path, overrides)
+    if recipe.data.name == "synthetic":  # generate only the images the steps use
+        recipe = load_recipe(path, ["data.options.length=64", *overrides])
     torch.manual_seed(0)
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
