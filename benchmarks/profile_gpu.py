@@ -5,8 +5,9 @@ Python side launching the work) and the operations dispatched; then the most exp
 
 Phases of the bare step (the same modules the engine runs): each teacher's forward, the student's
 forward, the losses, backward, optimiser step. A phase whose host time reaches its GPU time is bound by
-launching work, not by the GPU's arithmetic: fewer, larger operations (torch.compile, teachers' weights
-cast once) help there, faster kernels do not. The operation counts are aten calls as dispatched
+launching work, not by the GPU's arithmetic (unless it synchronises: the host time includes any wait for
+the GPU, e.g. in a `.item()`): fewer, larger operations (torch.compile, teachers' weights cast once) help
+there, faster kernels do not. The operation counts are aten calls as dispatched
 (TorchDispatchMode), with and without the view-like ones that launch no kernel. On a machine without
 CUDA (`--device cpu`) the same table has host times and counts only.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import time
@@ -139,7 +141,7 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
         if cuda:
             events.append(torch.cuda.Event(enable_timing=True))
             events[0].record()
-        counter = CountOps() if counts is not None else None
+        counting = CountOps() if counts is not None else contextlib.nullcontext()
 
         def phase(name):  # ends the phase that ran since the previous mark
             hosts.append(time.perf_counter())
@@ -147,30 +149,27 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
                 events.append(torch.cuda.Event(enable_timing=True))
                 events[-1].record()
             marks.append(name)
-            if counter is not None:
-                counts[name] = counter.calls.copy()
-                counter.calls.clear()
+            if counts is not None:
+                counts[name] = counting.calls.copy()
+                counting.calls.clear()
 
-        if counter is not None:
-            counter.__enter__()
-        targets = {}
-        for tid, t in teachers.items():
-            targets[tid] = t.encode(batch["image"], dtype)
-            phase(f"teacher {tid}")
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            out = student(batch["image"])
-        phase("student forward")
-        losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
-        phase("losses")
-        losses.total.backward()
-        phase("backward")
-        if recipe.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        phase("optimiser")
-        if counter is not None:
-            counter.__exit__(None, None, None)
+        with counting:
+            targets = {}
+            for tid, t in teachers.items():
+                targets[tid] = t.encode(batch["image"], dtype)
+                phase(f"teacher {tid}")
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                out = student(batch["image"])
+            phase("student forward")
+            losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
+            phase("losses")
+            losses.total.backward()
+            phase("backward")
+            if recipe.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            phase("optimiser")
         if cuda:
             torch.cuda.synchronize()
         if times is not None:
