@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +84,7 @@ GPU_CASES = {
     "gpu/stage1/sak/online/teachers-cast": (GPU1, ["precision.teacher_weights=cast"], "sak", None),
     "gpu/stage1/sak/online/compiled": (GPU1, COMPILED, "sak", None),
     "gpu/stage1/sak/fp16-cache/compiled": (GPU1, COMPILED[:1], "sak", "fp16"),  # no teacher runs in training
+    "gpu/stage1/sak/int8-cache/compiled": (GPU1, COMPILED[:1], "sak", "int8"),
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),
@@ -186,6 +189,47 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     return times[warmup:]
 
 
+def resident() -> dict[str, int]:
+    """This process's resident memory now (KiB), split as Linux counts it: anonymous (the heap, tensors) and
+    file-backed (mapped files, such as the cache's memory-mapped shards: page cache the kernel can reclaim).
+    Empty where /proc is missing."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile") if k in fields}
+
+
+class PeakResident:
+    """Samples `resident()` every 20 ms while active and keeps the peak of each kind: ru_maxrss alone
+    cannot tell memory-mapped cache pages from the heap."""
+
+    def __init__(self) -> None:
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            for k, v in resident().items():
+                self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def __enter__(self) -> PeakResident:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def gib(self) -> dict[str, float]:
+        return {f"peak_rss_{k.removeprefix('Rss').lower()}_gib": v / 2**20 for k, v in self.peak.items()}
+
+
+def _build_cache(recipe, root: Path, dtype: str) -> None:
+    build_cache(recipe, root, dtype=dtype, shard_size=64, augment=True)
+
+
 def run_case(name: str, steps: int, warmup: int) -> dict:
     recipe_path, overrides, loop, cache = ALL_CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,8 +247,14 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
         if cache is not None:
             start = time.perf_counter()
             # augment=True: the cache holds the training augmentation of epoch 0, i.e. exactly the samples the
-            # online run trains on (every case runs less than one epoch), so the cosines compare like for like
-            root = build_cache(recipe, Path(tmp) / "cache", dtype=cache, shard_size=64, augment=True)
+            # online run trains on (every case runs less than one epoch), so the cosines compare like for like.
+            # Built in a child process, so that this process's peak memory is the training's alone.
+            root = Path(tmp) / "cache"
+            child = multiprocessing.get_context("spawn").Process(target=_build_cache, args=(recipe, root, cache))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"building the {cache} cache failed (exit code {child.exitcode})")
             result["cache_build_s"] = time.perf_counter() - start
             result["cache_mib"] = sum(p.stat().st_size for p in root.rglob("*.safetensors")) / 2**20
             samples = json.loads((root / "manifest.json").read_text())["samples"]
@@ -212,10 +262,12 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
             recipe = load_recipe(recipe_path, [*common, f"cache.path={root}"])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if loop == "bare":
-            times = bare_loop(recipe, steps, warmup)
-        else:
-            final = train(recipe)
+        with PeakResident() as memory:
+            if loop == "bare":
+                times = bare_loop(recipe, steps, warmup)
+            else:
+                final = train(recipe)
+        if loop != "bare":
             rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
             times = [r["step_time"] for r in rows if "step_time" in r][warmup:]
             walls = [r["images_per_s"] for r in rows if "images_per_s" in r][warmup:]
@@ -224,6 +276,7 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
     result["step_s"] = statistics.median(times)
     result["images_per_s"] = result["global_batch"] / result["step_s"]
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result.update(memory.gib())
     if torch.cuda.is_available():
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -243,7 +296,10 @@ def table(results: list[dict], device: str, command: str) -> str:
         "",
         f"Command: `{command}`. Median step time after warm-up (from the batch's arrival to the end of the",
         "optimiser step, data loading excluded), the fastest of the repeats (run round robin); peak memory of the",
-        "case's own process; held-out cosine per teacher after the same number of steps. Wall images/s counts",
+        "case's own process (a cache is built in a child process beforehand, so this is the training's peak;",
+        "beside it the peaks of anonymous memory and of mapped files, such as the cache's shards, sampled every",
+        "20 ms);",
+        "held-out cosine per teacher after the same number of steps. Wall images/s counts",
         "every second between steps, data loading included. The cache speed-up compares wall images/s of the",
         "cached and the online run: the training loader reads the cache, so a step time without data loading",
         "would leave the reads out. Two bounds: the FLOP bound (teacher + student step FLOPs) / student step",
@@ -262,7 +318,7 @@ def table(results: list[dict], device: str, command: str) -> str:
         ]
     else:
         lines += [
-            "| case | step (s) | images/s | wall images/s | peak RSS (GiB) | held-out cosine "
+            "| case | step (s) | images/s | wall images/s | peak RSS GiB (anon, file) | held-out cosine "
             "| cache speed-up | FLOP bound (share) | step bound (share) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -282,6 +338,9 @@ def table(results: list[dict], device: str, command: str) -> str:
                 f"| {step_bound:.2f}x ({achieved / step_bound:.0%})"
             )
         wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else "-"
+        rss = f"{r['peak_rss_gib']:.2f}"
+        if "peak_rss_anon_gib" in r and "peak_rss_file_gib" in r:
+            rss += f" ({r['peak_rss_anon_gib']:.2f}, {r['peak_rss_file_gib']:.2f})"
         if gpu:
             mfu = f"{r['mfu']:.0%}" if "mfu" in r else "-"
             per_image = f"{r['cache_mib_per_image']:.1f}" if "cache_mib_per_image" in r else "-"
@@ -291,8 +350,7 @@ def table(results: list[dict], device: str, command: str) -> str:
             )
         else:
             lines.append(
-                f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} | {r['peak_rss_gib']:.2f} "
-                f"| {cos} | {speed} |"
+                f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} | {rss} | {cos} | {speed} |"
             )
     for stage in ("stage1", "stage2", "gpu/stage1", "gpu/stage2"):
         bare, sak = by.get(f"{stage}/bare/online"), by.get(f"{stage}/sak/online")

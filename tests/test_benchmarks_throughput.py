@@ -37,3 +37,31 @@ def test_profile_counts_operations_per_phase_on_the_cpu():
             assert by[p["phase"]]["non_view_calls"] < p["non_view_calls"]
         else:
             assert by[p["phase"]]["non_view_calls"] == p["non_view_calls"]
+
+
+def test_peak_resident_tells_mapped_files_from_the_heap(tmp_path):
+    """The throughput benchmark's memory columns: pages of a memory-mapped file count as file-backed,
+    anonymous memory the process writes counts as anonymous."""
+    import mmap
+    import time
+
+    from benchmarks.throughput import PeakResident, resident
+
+    size = 96 * 2**20
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"\1" * size)
+    before = resident()
+    with PeakResident() as memory:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            checksum = sum(mapped[i] for i in range(0, size, 4096))  # touch every page
+            time.sleep(0.1)
+        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # fresh pages: malloc could reuse freed memory
+        with mmap.mmap(-1, size, flags=private) as anonymous:
+            for i in range(0, size, 4096):
+                anonymous[i] = 2  # write every page
+            written = sum(anonymous[i] for i in range(0, size, 4096))
+            time.sleep(0.1)
+    assert checksum == size // 4096 and written == 2 * (size // 4096)
+    peak = memory.gib()
+    assert peak["peak_rss_file_gib"] - before["RssFile"] / 2**20 > 0.8 * size / 2**30
+    assert peak["peak_rss_anon_gib"] - before["RssAnon"] / 2**20 > 0.8 * size / 2**30
