@@ -8,7 +8,8 @@ forward, the losses, backward, optimiser step. A phase whose host time reaches i
 launching work, not by the GPU's arithmetic (unless it synchronises: the host time includes any wait for
 the GPU, e.g. in a `.item()`): fewer, larger operations (torch.compile, teachers' weights cast once) help
 there, faster kernels do not. The operation counts are aten calls as dispatched
-(TorchDispatchMode), with and without the view-like ones that launch no kernel. On a machine without
+(TorchDispatchMode), with and without the view-like ones that launch no kernel, and the calls that make
+the host wait for the GPU (reading a value, data-sized outputs, tensors made from Python data). On a machine without
 CUDA (`--device cpu`) the same table has host times and counts only.
 """
 
@@ -105,15 +106,25 @@ VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "reshape", "unsque
          "select", "alias", "as_strided", "detach", "unflatten", "split", "chunk", "unbind", "flatten", "lift_fresh"}  # fmt: skip
 
 
+# aten calls that make the host wait for the GPU: reading a value (`.item()`, `if tensor`), sizing an output
+# by the data (nonzero, boolean-mask indexing), and a tensor made from Python data (a blocking copy to a GPU)
+SYNCS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "lift_fresh"}
+
+
 class CountOps(TorchDispatchMode):
-    """Counts the aten calls dispatched while active, by name."""
+    """Counts the aten calls dispatched while active, by name, and apart the ones that synchronise the host
+    with the GPU (SYNCS, and indexing with a boolean mask)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: collections.Counter[str] = collections.Counter()
+        self.syncs: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        self.calls[name] += 1
+        if name in SYNCS or (name == "index" and any(getattr(i, "dtype", None) == torch.bool for i in args[1])):
+            self.syncs[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -150,8 +161,9 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
                 events[-1].record()
             marks.append(name)
             if counts is not None:
-                counts[name] = counting.calls.copy()
+                counts[name] = (counting.calls.copy(), counting.syncs.copy())
                 counting.calls.clear()
+                counting.syncs.clear()
 
         with counting:
             targets = {}
@@ -196,18 +208,19 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
 
     print(f"\n== {path} batch {recipe.data.batch_size} image {recipe.data.image_size} on {dev.type}: "
           f"{median(wall):.1f} ms/step (wall clock, synchronised)")  # fmt: skip
-    print(f"  {'phase':24s} {'GPU ms':>8s} {'host ms':>8s} {'aten calls':>11s} {'non-view':>9s}")
+    print(f"  {'phase':24s} {'GPU ms':>8s} {'host ms':>8s} {'aten calls':>11s} {'non-view':>9s} {'syncs':>6s}")
     result = {"recipe": path, "overrides": overrides, "batch": recipe.data.batch_size, "step_ms": median(wall)}
     result["phases"] = []
     for name, v in times.items():
         gpu, host = median([g for g, _ in v]), median([h for _, h in v])
-        calls = counts.get(name, collections.Counter())
+        calls, syncs = counts.get(name, (collections.Counter(), collections.Counter()))
         launches = sum(n for op, n in calls.items() if op not in VIEWS)
-        print(f"  {name:24s} {gpu:8.1f} {host:8.1f} {sum(calls.values()):11d} {launches:9d}")
+        print(f"  {name:24s} {gpu:8.1f} {host:8.1f} {sum(calls.values()):11d} {launches:9d} {sum(syncs.values()):6d}")
         row = {"phase": name, "host_ms": host, "aten_calls": sum(calls.values()), "non_view_calls": launches}
+        row["host_syncs"] = dict(syncs)
         result["phases"].append(row | ({"gpu_ms": gpu} if cuda else {}))
     total = collections.Counter()
-    for calls in counts.values():
+    for calls, _ in counts.values():
         total.update(calls)
     if total:
         print("  most frequent aten calls in one step:", ", ".join(f"{op} {n}" for op, n in total.most_common(12)))

@@ -16,6 +16,12 @@ from .base import Task
 
 IGNORE = 255
 
+# The losses here never ask the host for a tensor's value (no `if tensor`, `.item()` or boolean-mask
+# indexing) and make no tensor from Python numbers on the device: each of those makes the CPU wait for
+# the GPU to finish everything queued before it, so the next kernels are launched only once the GPU has
+# gone idle. Empty selections are handled by
+# clamping the count instead: a batch with no valid pixel gives 0, with zero gradients.
+
 
 def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
     """Class-balanced BCE over valid pixels (target 255 = ignore).
@@ -30,7 +36,7 @@ def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Te
         n_valid = valid.sum().clamp_min(1)
         w = ((1 - y) * valid).sum() / n_valid
     else:
-        w = torch.tensor(pos_weight, device=logits.device)
+        w = float(pos_weight)  # a Python number: no tensor to copy to the device on every step
     loss_pos = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(y), reduction="none")
     loss_neg = F.binary_cross_entropy_with_logits(logits.float(), torch.zeros_like(y), reduction="none")
     loss = (w * y * loss_pos + (1 - w) * (1 - y) * loss_neg) * valid
@@ -39,9 +45,11 @@ def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Te
 
 class _Segmentation(Task):
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        if not (target != IGNORE).any():  # e.g. human parts on a batch without people
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE)
+        """Mean cross-entropy over the valid pixels; 0 where there is none (human parts on a batch
+        without people)."""
+        target = target.long()
+        total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+        return total / (target != IGNORE).sum().clamp_min(1)
 
     def predict(self, logits: Tensor) -> Tensor:
         return logits.argmax(1)  # (B, H, W) class indices
@@ -73,12 +81,11 @@ class Saliency(Task):
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         label = target[:, 0].long() if target.ndim == 4 else target.long()  # (B, H, W), 255 = ignore
         valid = label != IGNORE
-        if not valid.any():
-            return logits.sum() * 0.0
-        w = (1.0 - label[valid].float()).sum() / valid.sum()
-        weight = torch.stack([1 - w, w]).to(logits.dtype)
-        loss = F.cross_entropy(logits.float(), label, weight=weight.float(), ignore_index=IGNORE, reduction="sum")
-        return loss / valid.sum()
+        n_valid = valid.sum().clamp_min(1)
+        w = ((1.0 - label.float()) * valid).sum() / n_valid  # the share of negatives among the valid pixels
+        weight = torch.stack([1 - w, w])
+        loss = F.cross_entropy(logits.float(), label, weight=weight, ignore_index=IGNORE, reduction="sum")
+        return loss / n_valid
 
     def predict(self, logits: Tensor) -> Tensor:
         return logits.float().softmax(1)[:, 1:2]  # (B, 1, H, W) probability of "salient"
@@ -98,11 +105,8 @@ class Edges(Task):
 
 def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Sum of |pred - target| over channels and valid pixels, divided by the number of valid pixels
-    (the public SAK / multi-task convention: a per-pixel L1 summed over channels)."""
-    n_valid = valid.sum()
-    if n_valid == 0:
-        return pred.sum() * 0.0
-    return ((pred - target).abs() * valid).sum() / n_valid
+    (the public SAK / multi-task convention: a per-pixel L1 summed over channels); 0 without any."""
+    return ((pred - target).abs() * valid).sum() / valid.sum().clamp_min(1)
 
 
 @TASKS.register("normals")

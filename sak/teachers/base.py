@@ -8,6 +8,7 @@ same ImageNet-normalised image to every teacher.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -94,9 +95,21 @@ def to_float01(images: Tensor) -> Tensor:
     return images.float()
 
 
+@functools.lru_cache(maxsize=64)
+def _per_channel(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, C, 1, 1) constant, made once per device and dtype: `torch.tensor(..., device="cuda")` in every
+    step would be a blocking host-to-device copy, which waits for all the work queued on the GPU."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by training after a first use in eval
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    """(x - mean) / std per channel of (B, C, H, W) images."""
+    if torch.compiler.is_compiling():  # traced: the constants become part of the compiled graph
+        m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    else:
+        m, s = _per_channel(tuple(mean), x.device, x.dtype), _per_channel(tuple(std), x.device, x.dtype)
     return (x - m) / s
 
 

@@ -62,3 +62,33 @@ def test_depth_l1_on_valid_pixels():
     logits = torch.tensor([[[[1.0, 2.0, 9.0]]]])
     target = torch.tensor([[[[1.5, 1.0, 0.0]]]])
     assert create_task("depth").loss(logits, target).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+@pytest.mark.parametrize("name", ["semseg", "saliency", "edges", "normals", "depth"])
+def test_a_batch_without_valid_pixels_gives_zero_with_zero_gradients(name):
+    """Every task loss handles an all-ignored batch without asking the host (see sak/tasks/dense.py)."""
+    task = create_task(name)
+    channels = {"semseg": 21, "saliency": 2, "normals": 3}.get(name, 1)
+    logits = torch.randn(2, channels, 4, 4, requires_grad=True)
+    target = {
+        "semseg": torch.full((2, 4, 4), 255),
+        "saliency": torch.full((2, 1, 4, 4), 255.0),
+        "edges": torch.full((2, 1, 4, 4), 255.0),
+        "normals": torch.zeros(2, 3, 4, 4),  # all-zero normals = ignore
+        "depth": torch.zeros(2, 1, 4, 4),  # depth 0 = ignore
+    }[name]
+    loss = task.loss(logits, target)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(logits.grad).all() and not logits.grad.any()
+
+
+def test_a_training_step_never_makes_the_host_wait_for_the_device():
+    """Teachers, student, every task loss, backward and optimiser of a stage-2 step: no value read back
+    (`.item()`, `if tensor`), no data-sized output, no tensor made from Python data; on a GPU each would
+    stall the launch queue (counted by benchmarks/profile_gpu.py, here on the CPU)."""
+    from benchmarks.profile_gpu import profile_recipe
+    from tests.conftest import TESTS
+
+    result = profile_recipe(str(TESTS / "tiny_multitask.yaml"), 1, ["data.num_workers=0"], "", 0, torch.device("cpu"))
+    assert len(result["phases"]) == 6
+    assert {p["phase"]: p["host_syncs"] for p in result["phases"]} == {p["phase"]: {} for p in result["phases"]}
