@@ -19,8 +19,8 @@ IGNORE = 255
 # The losses here never ask the host for a tensor's value (no `if tensor`, `.item()` or boolean-mask
 # indexing) and make no tensor from Python numbers on the device: each of those makes the CPU wait for
 # the GPU to finish everything queued before it, so the next kernels are launched only once the GPU has
-# gone idle. Empty selections are handled by
-# clamping the count instead: a batch with no valid pixel gives 0, with zero gradients.
+# gone idle. Empty selections are handled by clamping the count instead: a batch with no valid pixel
+# gives 0, with zero gradients.
 
 
 def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
