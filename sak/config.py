@@ -145,6 +145,11 @@ class PrecisionConfig:
     # training step and the first evaluation each pay a compile
     compile_student: bool = False
 
+    @property
+    def teacher_precision(self) -> str:
+        """What the teachers run in: `teachers`, or `mixed` when it is auto ("no", "fp32", "bf16", "fp16")."""
+        return self.mixed if self.teachers == "auto" else self.teachers
+
 
 @dataclass
 class CheckpointConfig:
@@ -366,7 +371,7 @@ def validate(recipe: Recipe) -> None:
     for i, task in enumerate(recipe.tasks):
         check(TASKS, task.name, f"tasks[{i}].name")
     p = recipe.precision
-    if p.teacher_weights == "cast" and (p.mixed if p.teachers == "auto" else p.teachers) in ("no", "fp32"):
+    if p.teacher_weights == "cast" and p.teacher_precision in ("no", "fp32"):
         raise RecipeError(
             f"precision.teacher_weights: cast needs bf16 or fp16 teachers, but precision.teachers is {p.teachers!r}"
             + (f" and precision.mixed {p.mixed!r}" if p.teachers == "auto" else "")

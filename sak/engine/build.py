@@ -18,7 +18,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": Non
 
 def precision_dtype(p: PrecisionConfig) -> torch.dtype | None:
     """The teachers' run-time dtype (`precision.teachers`, or `precision.mixed` when it is auto); None = float32."""
-    return DTYPES[p.mixed if p.teachers == "auto" else p.teachers]
+    return DTYPES[p.teacher_precision]
 
 
 def teacher_dtype(recipe: Recipe) -> torch.dtype | None:

@@ -178,7 +178,7 @@ class Teacher(nn.Module):
         """Cast parameters and floating-point buffers to `dtype` once (`precision.teacher_weights: cast`).
         `encode` then feeds the network input of that dtype without autocast, whatever dtype it is asked
         for: no per-step weight casts, half the activation traffic, and LayerNorm / softmax inputs in
-        `dtype` too (benchmarks/results/teacher_precision.md measures what that changes)."""
+        `dtype` too (benchmarks/results/teacher_precision_cpu.md measures what that changes)."""
         self.to(dtype)
         self.weights_dtype = dtype
         return self
