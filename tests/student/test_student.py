@@ -173,3 +173,25 @@ def test_freeze_options_and_lora_choose_what_learns():
     assert stem and all("lora_" in n for n in stem) and any(n.startswith("paths.") for n in names)
     names, _ = trainable(lora)  # stage 2: the whole stem plus LoRA
     assert "stem.vit.blocks.0.attn.qkv.base_layer.weight" in names and any("lora_" in n for n in names)
+
+
+def test_decode_head_convolutions_run_channels_last_and_compute_what_nchw_computes():
+    """The heads' 3x3 convolutions at 1/4 resolution are most of a stage-2 step: their inputs are channels-last
+    by construction (tokens (B, N, C) -> (B, C, h, w) is an NHWC view, and interpolate / cat keep it), which
+    is the layout cuDNN's and oneDNN's fast convolution kernels take; this guards that layout."""
+    from sak.student.heads import DecodeHead
+
+    torch.manual_seed(0)
+    head = DecodeHead(dim=32, num_levels=4, channels=5)
+    levels = [torch.randn(2, 36, 32) for _ in range(4)]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in (head.fuse[0], head.classifier)]
+    out = head(levels, (6, 6), (48, 48))
+    for h in hooks:
+        h.remove()
+    assert [x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in seen] == [True] * 2
+    # the same head on NCHW inputs (what a channels-first implementation would run) gives the same logits
+    plain = head.classifier(head.fuse(seen[0].contiguous()).contiguous())
+    fast = head.classifier(head.fuse(seen[0]))
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert out.shape == (2, 5, 48, 48)
