@@ -6,7 +6,7 @@
 
 Cases: a bare PyTorch loop built from the same modules (same student, teachers, loss, optimiser,
 precision; no Accelerate, logging or checkpoints) against the `sak` engine; online teachers against the
-fp16 and int8 caches, in stage 1 and stage 2; 1 and 2 teachers; a teacher at a lower resolution; the
+fp16 and int8 caches, in stage 1 and stage 2; 1, 2 and 3 teachers; a teacher at a lower resolution; the
 student (on the GPU the teachers too) torch.compile'd (`precision.compile_student` / `compile_teachers`).
 Step time is the median over the timed steps after warm-up, data loading excluded in both loops; the cache
 cases compare wall-clock images/s (the loader reads the cache).
@@ -57,6 +57,9 @@ STAGE1 = ROOT / "recipes" / "demo" / "default.yaml"
 STAGE2 = ROOT / "recipes" / "bench" / "stage2_cpu.yaml"
 ONE_TEACHER = ["teachers=[{name: timm, key: vit_p14, options: {model: vit_small_patch14_dinov2, "
                "model_kwargs: {embed_dim: 96, depth: 6, num_heads: 3, img_size: 112}}}]"]  # fmt: skip
+# the demo's first two teachers (HED left out)
+TWO_TEACHERS = ["teachers=[{name: dinov2_imgfocus, key: dinov2, image_size: 112}, "
+                "{name: efficientnet_lite0, key: effnet, image_size: 128}]"]  # fmt: skip
 CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
     "stage1/bare/online": (STAGE1, [], "bare", None),
     "stage1/sak/online": (STAGE1, [], "sak", None),
@@ -64,6 +67,8 @@ CASES = {  # name: (recipe, overrides, loop, cache dtype or None)
     "stage1/sak/int8-cache": (STAGE1, [], "sak", "int8"),
     "stage1/sak/online/1-teacher": (STAGE1, ONE_TEACHER, "sak", None),
     "stage1/sak/fp16-cache/1-teacher": (STAGE1, ONE_TEACHER, "sak", "fp16"),
+    "stage1/sak/online/2-teachers": (STAGE1, TWO_TEACHERS, "sak", None),
+    "stage1/sak/fp16-cache/2-teachers": (STAGE1, TWO_TEACHERS, "sak", "fp16"),
     "stage1/sak/online/teacher-at-half-size": (STAGE1, ["teachers.1.image_size=64"], "sak", None),
     "stage1/sak/online/compiled-student": (STAGE1, ["precision.compile_student=true"], "sak", None),
     "stage1/sak/online/glibc-default": (STAGE1, ["run.tune_malloc=false"], "sak", None),  # sak/engine/malloc.py

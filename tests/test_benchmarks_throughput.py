@@ -1,5 +1,7 @@
 """The throughput table's cache columns: speed-up from wall clock, and its share of the two bounds."""
 
+import pytest
+
 from benchmarks.throughput import table
 
 
@@ -65,3 +67,18 @@ def test_peak_resident_tells_mapped_files_from_the_heap(tmp_path):
     peak = memory.gib()
     assert peak["peak_rss_file_gib"] - before["RssFile"] / 2**20 > 0.8 * size / 2**30
     assert peak["peak_rss_anon_gib"] - before["RssAnon"] / 2**20 > 0.8 * size / 2**30
+
+
+def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loader(tmp_path):
+    """benchmarks/cache_loader.py writes a cache in the real format with the GPU recipe's level shapes
+    (31.6 MiB per image in fp16, as measured on the H100) and times the training loader over it."""
+    from benchmarks.cache_loader import measure, write_cache
+    from sak.engine.cache import FeatureCache
+
+    root = write_cache(tmp_path / "c", samples=4, dtype="fp16", shard_size=3)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    rows = cache.rows(3, epoch=0)  # second shard
+    assert sum(v.numel() * v.element_size() for v in rows.values()) / 2**20 == pytest.approx(31.6, abs=0.05)
+    r = measure(root, images=4, batch=2, workers=0, epochs=1)
+    assert r["batches"] == 1 and r["mib_per_batch"] == pytest.approx(63.2, abs=0.1) and r["images_per_s"] > 0

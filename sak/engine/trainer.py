@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 
 from ..config import Recipe, RecipeError
@@ -48,6 +48,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         log_with=trackers or None,
         project_dir=str(recipe.run_dir),
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step, whatever the world size
+        # Batches cross to the GPU with asynchronous copies from the loader's page-locked memory (build_loader
+        # pins on CUDA): the host goes on to launch the step's kernels instead of waiting for the copy, which
+        # a cached batch makes large (505 MB at the ViT-B stage-1 scale). No effect on the CPU.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
 
 

@@ -145,3 +145,14 @@ def test_each_epoch_draws_new_augmentation(tiny_recipe):
     train(recipe)
     train_seen = EpochProbe.seen[: 2 * 32]  # evaluation batches come after
     assert train_seen[:32] == [0] * 32 and train_seen[32:] == [1] * 32
+
+
+def test_batches_cross_to_the_gpu_with_asynchronous_copies_from_page_locked_memory(tiny_recipe):
+    """The training loader pins its batches on a CUDA machine and Accelerate's copies to the device do not
+    block the host (a cached batch is 505 MB at the ViT-B stage-1 scale); on the CPU nothing is pinned."""
+    from sak.engine import make_accelerator
+    from sak.engine.build import build_loader
+
+    recipe = tiny_recipe()
+    assert make_accelerator(recipe).non_blocking is True
+    assert build_loader(recipe, recipe.data.split, train=True).pin_memory is torch.cuda.is_available()

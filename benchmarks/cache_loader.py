@@ -1,0 +1,144 @@
+"""How fast the training loader delivers cached teacher maps, without a training step behind it.
+
+    python -m benchmarks.cache_loader            # writes results/cache_loader_cpu.{json,md}
+    python -m benchmarks.cache_loader --images 64 --workers 2 8 --results OUT
+
+The GPU configuration's cache holds 31.6 MiB per image (fp16: DINOv2-B 4 x 768 x 27 x 27, CLIP-B
+4 x 768 x 24 x 24, SAM-B 4 x 768 x 64 x 64), 505 MB per batch of 16. On the H100 the cached stage-1
+step takes 0.064 s while the loader delivered only 128-199 images/s (benchmarks/results/throughput_gpu.md),
+so the loader, not the step, set the pace. This measures the loader alone: the training's DataLoader
+(`sak.engine.build.build_loader`, the synthetic dataset the GPU recipe trains on) with the cache attached
+as the trainer attaches it, iterated for `--epochs` epochs; the first batch of each epoch (worker start)
+is left out. The cache is written with random values in the real format (the features' values do not
+change the bytes moved), so no teacher has to run. The pages are in the page cache (read once before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sak.config import load_recipe
+from sak.engine.build import build_loader
+from sak.engine.cache import FORMAT, FeatureCache, _atomic_save, quantize
+from sak.teachers.weights import sha256_of
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RECIPE = ROOT / "recipes" / "bench" / "stage1_gpu_vitb.yaml"
+# (channels, grid) of each teacher's four levels in the GPU stage-1 recipe
+GPU_LEVELS = {"dinov2": (768, 27), "clip": (768, 24), "sam": (768, 64)}
+
+
+def write_cache(root: Path, samples: int, dtype: str, shard_size: int = 64) -> Path:
+    """A cache directory with the GPU recipe's level shapes, random values, and a valid manifest."""
+    gen = torch.Generator().manual_seed(0)
+    shards = {}
+    for shard in range((samples + shard_size - 1) // shard_size):
+        rows = min(shard_size, samples - shard * shard_size)
+        tensors = {}
+        for tid, (c, g) in GPU_LEVELS.items():
+            for level in range(4):
+                x = torch.randn(rows, c, g, g, generator=gen)
+                if dtype == "fp16":
+                    tensors[f"{tid}/{level}"] = x.half()
+                else:
+                    tensors[f"{tid}/{level}"], tensors[f"{tid}/{level}/scale"] = quantize(x)
+        path = root / "view0" / f"shard{shard:05d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(tensors, path)
+        shards[f"view0/shard{shard:05d}"] = sha256_of(path)
+    manifest = {
+        "identity": {"format": FORMAT, "dtype": dtype, "views": 1, "augment": False},
+        "samples": samples, "shard_size": shard_size, "shards": shards,
+        "shapes": {t: [[c, g, g]] * 4 for t, (c, g) in GPU_LEVELS.items()},
+        "level_dims": {t: [c] * 4 for t, (c, _) in GPU_LEVELS.items()},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int) -> dict:
+    recipe = load_recipe(RECIPE, [f"data.options.length={images}", f"data.batch_size={batch}",
+                                  f"data.num_workers={workers}"])  # fmt: skip
+    loader = build_loader(recipe, recipe.data.split, train=True, augment=False)
+    cache = FeatureCache(cache_root)
+    loader.dataset.views, loader.dataset.cache = cache.views, cache
+    if workers:
+        cache.verify_all()
+    for path in cache_root.rglob("*.safetensors"):  # into the page cache: a warm-cache measurement
+        path.read_bytes()
+    per_batch, nbytes = [], 0
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        it = iter(loader)
+        next(it)  # worker start-up
+        tick = time.perf_counter()
+        for b in it:
+            now = time.perf_counter()
+            per_batch.append(now - tick)
+            nbytes = sum(v.numel() * v.element_size() for v in b["cached"].values())
+            tick = now
+    median = statistics.median(per_batch)
+    return {"workers": workers, "batch": batch, "batches": len(per_batch), "median_batch_s": median,
+            "images_per_s": batch / median, "mib_per_batch": nbytes / 2**20,
+            "gib_per_s": nbytes / median / 2**30}  # fmt: skip
+
+
+def table(meta: dict, results: list[dict], command: str) -> str:
+    lines = [
+        f"# Cache loader throughput ({meta['device']}, torch {meta['torch']})",
+        "",
+        f"Command: `{command}`. The training DataLoader with a GPU-configuration cache attached (31.6 MiB per",
+        "image in fp16), iterated with nothing behind it; median time between batches after each epoch's first",
+        "batch; pages in the page cache. See the module docstring of benchmarks/cache_loader.py.",
+        "",
+        "| cache | workers | batch | MiB / batch | batch (s) | images/s | GiB/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(f"| {r['dtype']} | {r['workers']} | {r['batch']} | {r['mib_per_batch']:.0f} "
+                     f"| {r['median_batch_s']:.3f} | {r['images_per_s']:.1f} | {r['gib_per_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--name", default="cache_loader_cpu", help="results file stem")
+    args = parser.parse_args(argv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes:
+            root = write_cache(Path(tmp) / dtype, args.images, dtype)
+            for workers in args.workers:
+                r = {"dtype": dtype, **measure(root, args.images, args.batch, workers, args.epochs)}
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.cache_loader " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"{args.name}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
+    (out / f"{args.name}.md").write_text(table(meta, results, command.strip()))
+    print((out / f"{args.name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
