@@ -27,7 +27,7 @@ case $part in
 3) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
        > "$out/profile_gpu.txt" 2>&1
    grep -A9 "^== " "$out/profile_gpu.txt"
-   timeout 100 python3 -m benchmarks.cache_loader --workers 8 --epochs 2 --results "$out" --name cache_loader_gpu
+   timeout 100 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
    timeout "${LIMIT:-240}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/online ;;
 4) timeout "${LIMIT:-540}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
        gpu/stage2/sak/online/1-teacher gpu/stage1/bare/online gpu/stage1/sak/online/compiled ;;
