@@ -3,16 +3,18 @@
 # in parts that each fit one 10-minute call on a lent GPU machine (see docs/benchmarks.md):
 #   bash benchmarks/gpu_checks.sh 1 OUT   # stage 1: online vs torch.compile'd vs the fp16 cache; cast teachers
 #   bash benchmarks/gpu_checks.sh 2 OUT   # the loss rewrites on CUDA; stage 2: online vs compiled, options
-#   bash benchmarks/gpu_checks.sh 3 OUT   # host vs GPU time per phase (profile_gpu); the cache loader alone
-#                                         # (8 workers, pinned); stage 1 online and fp16-cache/compiled again
-#                                         # (no host waits in a step; asynchronous copies of the batch)
-#   bash benchmarks/gpu_checks.sh 4 OUT   # int8 cache (half the loader's bytes); the rows parts 1 and 2 missed
+#   bash benchmarks/gpu_checks.sh 3 OUT   # the cached loader alone (8 workers, pinned) and its copy to the GPU;
+#                                         # fp16-cache/compiled without and with data.prefetch_to_device;
+#                                         # stage 1 online again (no host waits in a step since part 1)
+#   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); int8 cache; cast teachers;
+#                                         # stage 2 with 1 teacher
+#   bash benchmarks/gpu_checks.sh 5 OUT   # bare loop (framework overhead); stage 1 and 2 online / compiled again
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2),
-# profile_gpu.* and cache_loader_gpu.* (part 3). Each part stops itself before the call's limit; the cases
-# finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3 and 4 have not run yet.
+# cache_loader_gpu.* (part 3) and profile_gpu.* (part 4). Each part stops itself before the call's limit;
+# the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3-5 have not run yet.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1, 2, 3 or 4}
+part=${1:?part 1 to 5}
 out=${2:-benchmarks/results}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -24,13 +26,16 @@ case $part in
 2) timeout 45 python3 -m benchmarks.distill_loss --results "$out"
    timeout "${LIMIT:-260}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/compiled \
        gpu/stage2/sak/online/sam-at-512 gpu/stage2/sak/online/1-teacher ;;
-3) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
+3) timeout 100 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
+   timeout "${LIMIT:-420}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache/compiled/prefetch \
+       gpu/stage1/sak/online ;;
+4) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
        > "$out/profile_gpu.txt" 2>&1
    grep -A9 "^== " "$out/profile_gpu.txt"
-   timeout 100 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
-   timeout "${LIMIT:-240}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/online ;;
-4) timeout "${LIMIT:-540}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
-       gpu/stage2/sak/online/1-teacher gpu/stage1/bare/online gpu/stage1/sak/online/compiled ;;
-*) echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
+   timeout "${LIMIT:-330}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
+       gpu/stage2/sak/online/1-teacher ;;
+5) timeout "${LIMIT:-540}" $bench gpu/stage1/bare/online gpu/stage1/sak/online/compiled gpu/stage2/sak/online \
+       gpu/stage2/sak/online/compiled ;;
+*) echo "part must be 1 to 5" >&2; exit 2 ;;
 esac
 ls -la "$out"

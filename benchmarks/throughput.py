@@ -90,6 +90,13 @@ GPU_CASES = {
     "gpu/stage1/sak/online/compiled": (GPU1, COMPILED, "sak", None),
     "gpu/stage1/sak/fp16-cache/compiled": (GPU1, COMPILED[:1], "sak", "fp16"),  # no teacher runs in training
     "gpu/stage1/sak/int8-cache/compiled": (GPU1, COMPILED[:1], "sak", "int8"),
+    # batch k+1's cached maps copied to the GPU on a side stream during step k (sak/engine/prefetch.py)
+    "gpu/stage1/sak/fp16-cache/compiled/prefetch": (
+        GPU1,
+        [*COMPILED[:1], "data.prefetch_to_device=true"],
+        "sak",
+        "fp16",
+    ),
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),

@@ -84,6 +84,9 @@ class DataConfig:
     batch_size: int = 8  # per process
     num_workers: int = 0
     subset: str | None = None  # a manifest file of image ids
+    # copy batch k+1 to the GPU on a side stream while step k runs (sak/engine/prefetch.py); for caches,
+    # whose batches are large. Needs optim.grad_accum 1. No effect on the CPU beyond reading one batch ahead
+    prefetch_to_device: bool = False
 
 
 @dataclass
@@ -390,6 +393,11 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: must be at least 1, got {value}")
     if recipe.optim.lr <= 0:
         raise RecipeError(f"optim.lr: must be positive, got {recipe.optim.lr}")
+    if recipe.data.prefetch_to_device and recipe.optim.grad_accum != 1:
+        raise RecipeError(
+            f"data.prefetch_to_device: needs optim.grad_accum=1, got {recipe.optim.grad_accum}: reading a batch ahead "
+            "moves Accelerate's end of epoch one batch early, which would end an accumulation early; turn one off"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -22,6 +22,7 @@ from .evaluate import evaluate
 from .init import init_student_from
 from .logging import RunLogger, run_info
 from .malloc import keep_freed_memory
+from .prefetch import DevicePrefetcher
 from .schedule import lr_lambda
 from .step import compute_losses, teacher_targets
 
@@ -118,9 +119,12 @@ def train(recipe: Recipe) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(s.name, total, warmup, recipe.optim.lr, s.min_lr, s.power)
     )
+    # with data.prefetch_to_device the prefetcher, not Accelerate, moves training batches to the device
+    prefetch = DevicePrefetcher(accelerator.device) if recipe.data.prefetch_to_device else None
     student, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        student, optimizer, train_loader, val_loader, scheduler
-    )
+        student, optimizer, train_loader, val_loader, scheduler,
+        device_placement=[None, None, False if prefetch else None, None, None],
+    )  # fmt: skip
     tdtype = teacher_dtype(recipe)
 
     def saved_tensors() -> dict[str, dict]:
@@ -162,6 +166,8 @@ def train(recipe: Recipe) -> dict:
         batches = (
             accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
         )
+        if prefetch is not None:
+            batches = prefetch(batches)
         for batch in batches:
             batch_arrived = time.perf_counter()
             with accelerator.accumulate(student):

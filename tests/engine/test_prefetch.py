@@ -1,0 +1,91 @@
+"""`data.prefetch_to_device`: batches handed out one ahead, in order, and training unchanged by it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sak.config import RecipeError
+from sak.engine import train
+from sak.engine.cache import build_cache
+from sak.engine.checkpoint import latest_checkpoint
+from sak.engine.prefetch import DevicePrefetcher
+
+
+def logged(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(run_dir):
+    return load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"))
+
+
+def test_prefetcher_hands_out_every_batch_in_order_reading_exactly_one_ahead():
+    pulled = []
+
+    def source(n):
+        for i in range(n):
+            pulled.append(i)
+            yield {"x": torch.full((2,), float(i)), "ids": [f"s{i}"], "nested": {"y": torch.tensor([i])}}
+
+    prefetch = DevicePrefetcher("cpu")
+    seen = []
+    for batch in prefetch(source(4)):
+        k = int(batch["x"][0])
+        assert pulled == list(range(min(k + 2, 4)))  # batch k+1 was read (and its copy issued) before k is used
+        seen.append((k, batch["ids"], int(batch["nested"]["y"])))
+    assert seen == [(k, [f"s{k}"], k) for k in range(4)]
+    assert list(prefetch(source(0))) == [] and len(list(prefetch(source(1)))) == 1
+
+
+def test_training_with_prefetch_is_the_same_run_and_resumes_exactly(tiny_recipe):
+    """The same losses and weights as Accelerate's own device placement, and a stop + resume mid-epoch (the
+    loader restarts past the trained batches, one batch having been read ahead) gives the straight run."""
+    common = ["schedule.max_steps=10", "student.model_kwargs.drop_path_rate=0.1"]  # 8 batches per epoch
+    plain = tiny_recipe(*common, "run.name=plain")
+    straight = tiny_recipe(*common, "run.name=straight", "data.prefetch_to_device=true")
+    train(plain)
+    train(straight)
+    assert logged(straight.run_dir) == logged(plain.run_dir) and len(logged(plain.run_dir)) == 10
+    split = tiny_recipe(*common, "run.name=split", "data.prefetch_to_device=true", "run.stop_at=3")
+    assert train(split) == {}
+    train(tiny_recipe(*common, "run.name=split", "data.prefetch_to_device=true"))
+    assert logged(split.run_dir) == logged(straight.run_dir)
+    a, b, c = weights(plain.run_dir), weights(straight.run_dir), weights(split.run_dir)
+    for key in a:
+        assert torch.equal(a[key], b[key]) and torch.equal(b[key], c[key]), key
+
+
+def test_training_from_a_cache_with_prefetch_matches_without(tiny_recipe, tmp_path):
+    common = ["schedule.max_steps=6", "data.num_workers=2"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", dtype="int8", shard_size=16)
+    runs = [tiny_recipe(*common, f"run.name=p{int(on)}", f"cache.path={root}", f"data.prefetch_to_device={on}")
+            for on in (False, True)]  # fmt: skip
+    for r in runs:
+        train(r)
+    assert logged(runs[1].run_dir) == logged(runs[0].run_dir) and len(logged(runs[0].run_dir)) == 6
+
+
+def test_prefetch_with_gradient_accumulation_is_refused(tiny_recipe):
+    with pytest.raises(RecipeError, match=r"data.prefetch_to_device: needs optim.grad_accum=1, got 2"):
+        tiny_recipe("data.prefetch_to_device=true", "optim.grad_accum=2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_side_stream_copies_arrive_complete_while_the_step_stream_is_busy():
+    """Large pinned batches copied on the side stream while the step's stream runs long kernels on the previous
+    batch: every batch the step sees holds exactly its host values."""
+    host = [{"x": torch.full((64, 1024, 1024), float(i)).pin_memory()} for i in range(6)]
+    prefetch = DevicePrefetcher("cuda")
+    sums = []
+    for batch in prefetch(host):
+        x = batch["x"]
+        assert x.is_cuda
+        for _ in range(20):  # keep the step stream busy while the next batch's copy is in flight
+            y = x @ x[0]
+        sums.append(float(x.sum()) / x.numel())
+        del y
+    assert sums == [float(i) for i in range(6)]
