@@ -27,9 +27,9 @@ case $part in
 2) timeout 45 python3 -m benchmarks.distill_loss --results "$out"
    timeout "${LIMIT:-260}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/compiled \
        gpu/stage2/sak/online/sam-at-512 gpu/stage2/sak/online/1-teacher ;;
-3) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py
-   timeout 100 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
-   timeout "${LIMIT:-420}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache/compiled/prefetch \
+3) timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py
+   timeout 140 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
+   timeout "${LIMIT:-380}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache/compiled/prefetch \
        gpu/stage1/sak/online ;;
 4) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
        > "$out/profile_gpu.txt" 2>&1
