@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from sak.config import load_recipe
 from sak.engine.build import build_loader
@@ -105,7 +106,29 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
     return out
 
 
-def table(meta: dict, results: list[dict], command: str) -> str:
+def breakdown(cache_root: Path, images: int, batch: int) -> dict:
+    """Where one batch's time goes inside a loader process (medians over the batches after the first): the
+    dataset's images, reading the cached rows (`FeatureCache.rows`), and collating those rows."""
+    recipe = load_recipe(RECIPE, [f"data.options.length={images}", f"data.batch_size={batch}"])
+    dataset = build_loader(recipe, recipe.data.split, train=False, augment=False).dataset.dataset
+    cache = FeatureCache(cache_root)
+    cache.verify_all()  # hashing the shards is a start-up cost, not a per-batch one
+    times: dict[str, list[float]] = {"images_s": [], "rows_s": [], "collate_s": []}
+    for start in range(0, images - batch + 1, batch):
+        indices = range(start, start + batch)
+        t0 = time.perf_counter()
+        default_collate([dataset[i] for i in indices])
+        t1 = time.perf_counter()
+        rows = [cache.rows(i, 0) for i in indices]
+        t2 = time.perf_counter()
+        default_collate(rows)
+        t3 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            times[key].append(value)
+    return {key: statistics.median(v[1:] or v) for key, v in times.items()}
+
+
+def table(meta: dict, results: list[dict], command: str, parts: dict | None = None) -> str:
     lines = [
         f"# Cache loader throughput ({meta['device']}, torch {meta['torch']})",
         "",
@@ -123,6 +146,11 @@ def table(meta: dict, results: list[dict], command: str) -> str:
         copy = f"{r['median_copy_s']:.4f}" if "median_copy_s" in r else "-"
         lines.append(f"| {r['dtype']} | {r['workers']} | {r['batch']} | {r['mib_per_batch']:.0f} "
                      f"| {r['median_batch_s']:.3f} | {r['images_per_s']:.1f} | {r['gib_per_s']:.2f} | {copy} |")  # fmt: skip
+    if parts:
+        lines += ["", "One batch in one loader process (median ms): generating the images / reading the cached rows "
+                  "(memory-mapped) / collating the rows.", ""]  # fmt: skip
+        lines += [f"- {dtype}: {p['images_s'] * 1e3:.0f} / {p['rows_s'] * 1e3:.1f} / {p['collate_s'] * 1e3:.0f}"
+                  for dtype, p in parts.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -138,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__}
-    results = []
+    results, parts = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
             root = write_cache(Path(tmp) / dtype, args.images, dtype)
+            parts[dtype] = breakdown(root, args.images, args.batch)
             for workers in args.workers:
                 r = {"dtype": dtype, **measure(root, args.images, args.batch, workers, args.epochs)}
                 print(json.dumps(r), flush=True)
@@ -149,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.cache_loader " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{args.name}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
-    (out / f"{args.name}.md").write_text(table(meta, results, command.strip()))
+    (out / f"{args.name}.json").write_text(json.dumps(meta | {"results": results, "breakdown": parts}, indent=2))
+    (out / f"{args.name}.md").write_text(table(meta, results, command.strip(), parts))
     print((out / f"{args.name}.md").read_text())
     return 0
 
