@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from sak.config import load_recipe
 from sak.engine import train
@@ -50,6 +49,8 @@ from sak.engine.cache import build_cache
 from sak.engine.malloc import keep_freed_memory
 from sak.engine.step import compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
+
+from .flops import flop_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -144,10 +145,10 @@ def flops(recipe) -> dict[str, float]:
     # (sak/teachers/sam_attention.py), whose padded, bias-folded head width would inflate the count
     for module in (m for t in teachers.values() for m in t.modules()):
         vars(module).pop("forward", None)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # attention included on the CPU too (benchmarks/flops.py)
         targets = teacher_targets(teachers, batch["image"], None)
     teacher = counter.get_total_flops() / n
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         losses = compute_losses(student(batch["image"]), targets, batch, tasks, build_distill_loss(recipe), 1.0)
         losses.total.backward()
     del teachers, student, targets, losses

@@ -82,3 +82,80 @@ def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loa
     assert sum(v.numel() * v.element_size() for v in rows.values()) / 2**20 == pytest.approx(31.6, abs=0.05)
     r = measure(root, images=4, batch=2, workers=0, epochs=1)
     assert r["batches"] == 1 and r["mib_per_batch"] == pytest.approx(63.2, abs=0.1) and r["images_per_s"] > 0
+
+
+def test_traffic_counts_what_each_operation_reads_and_writes():
+    """benchmarks/step_traffic.py's counter: a linear layer reads input, weight and bias and writes its output;
+    copy_ into a slice reads only the source; an in-place add reads both and writes one; allocations and
+    views move nothing; FLOPs are flop_counter's."""
+    import torch
+
+    from benchmarks.step_traffic import CountTraffic
+
+    x, w, b = torch.ones(4, 8), torch.ones(16, 8), torch.ones(16)
+    with CountTraffic() as counter:
+        y = torch.addmm(b, x, w.t())  # (4, 16)
+        buf = torch.empty(4, 32)
+        buf[:, :16].copy_(y)
+        buf[:, 16:].add_(y)
+        y.view(64).t()
+    f32 = 4
+    assert counter.rows[("addmm", "float32")] == [1, (16 + 32 + 128 + 64) * f32, 2 * 4 * 8 * 16]
+    assert counter.rows[("copy_", "float32")] == [1, (64 + 64) * f32, 0]
+    assert counter.rows[("add_", "float32")] == [1, (64 + 64 + 64) * f32, 0]
+    assert set(counter.rows) == {("addmm", "float32"), ("copy_", "float32"), ("add_", "float32")}
+
+
+def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
+    """traffic_recipe runs the step on fake tensors: the student's FLOPs equal flop_counter's on a real
+    forward and backward (the tiny teachers' grids equal the student's: no resize in the losses), every phase
+    is there, and a fused optimiser's in-place update is counted."""
+    import torch
+
+    from benchmarks.flops import flop_counter
+    from benchmarks.step_traffic import traffic_recipe
+    from sak.config import load_recipe
+    from sak.engine.build import build_loader, build_student, build_teachers
+    from tests.conftest import TINY
+
+    result = traffic_recipe(str(TINY), ["data.num_workers=0"])
+    phases = {p["phase"]: p for p in result["phases"]}
+    assert list(phases) == ["teacher vit_a", "teacher vit_b", "student forward", "losses", "backward", "optimiser"]
+    for p in phases.values():
+        assert p["operations"] > 0 and p["gbytes"] > 0 and p["roofline_ms"] > 0, p
+
+    recipe = load_recipe(str(TINY), ["data.num_workers=0"])
+    torch.manual_seed(0)
+    student = build_student(recipe, build_teachers(recipe, torch.device("cpu")), {}).train()
+    images = next(iter(build_loader(recipe, recipe.data.split, train=True)))["image"]
+    with flop_counter() as forward:
+        out = student(images)
+    loss = sum(level.float().square().mean() for levels in out.features.values() for level in levels)
+    with flop_counter() as backward:
+        loss.backward()
+    assert phases["student forward"]["tflop"] * 1e12 == pytest.approx(forward.get_total_flops(), rel=1e-9)
+    assert phases["backward"]["tflop"] * 1e12 == pytest.approx(backward.get_total_flops(), rel=1e-9)
+    params = sum(p.numel() for p in student.parameters())
+    # AdamW reads parameter, gradient and both moments and writes three of them back, in float32
+    assert phases["optimiser"]["gbytes"] * 1e9 >= 7 * 4 * params
+
+
+def test_flop_counter_counts_attention_on_the_cpu():
+    """torch's flop_counter has no formula for the CPU attention kernel; benchmarks/flops.py gives it the GPU
+    kernels' one: QK^T and PV, 2 * 2 * L * S * d per head, and 2.5 times that backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.flops import flop_counter
+
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as plain:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert plain.get_total_flops() == 0  # what torch alone counts on a CPU (if it learns, this test says so)
+    with flop_counter() as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    forward = 2 * 3 * 2 * 2 * 16 * 16 * 8
+    assert counter.get_total_flops() == forward
+    with flop_counter() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == forward * 5 // 2

@@ -11,11 +11,11 @@ kernel accepts. At 1024 px (a 64 x 64 grid) that is 16.7M logits per head, mater
 SAM-B encoder ran at 32 TFLOP/s and took 82% of a stage-1 step (benchmarks/results/throughput_gpu_2026-11-22.md).
 
 The bias is itself a dot product, so it folds into the attention's own: with
-    q' = [scale * q, <q, Rh[row(q), :]>, <q, Rw[col(q), :]>]      (c + H + W features)
+    q' = [q, <q, Rh[row(q), :]> / scale, <q, Rw[col(q), :]> / scale]      (c + H + W features)
     k' = [k, onehot(row(k)), onehot(col(k))]
-we have <q', k'> = logit(q, k) exactly, and attention over (q', k', v) with scale 1 is SAM's attention with
-no mask, which the flash / memory-efficient kernels take. v is zero-padded to the same width and the
-padding sliced off the output. (No library does this for both SAM implementations; hence this file.)
+we have scale * <q', k'> = logit(q, k) exactly, and attention over (q', k', v) with the same scale is SAM's
+attention with no mask, which the flash / memory-efficient kernels take. v is zero-padded to the same width
+and the padding sliced off the output. (No library does this for both SAM implementations; hence this file.)
 """
 
 from __future__ import annotations
@@ -29,20 +29,34 @@ from torch import Tensor, nn
 
 
 def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float):
-    """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c)."""
+    """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c).
+
+    The widened q', k', v' are written straight into one buffer each, zero columns included: at 1024 px this
+    moves half the bytes of concatenating and then padding them (benchmarks/results/step_traffic.md). The
+    attention's `scale` multiplies <q, k> inside the kernel; the bias terms are divided by it beforehand
+    (in the tables, which are small) so that the kernel's scaling gives them back unscaled."""
     b, n_heads, n, c = q.shape
     h, w = size
-    r_q = q.reshape(b, n_heads, h, w, c)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype)).reshape(b, n_heads, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype)).reshape(b, n_heads, n, w)
-    index = torch.arange(n, device=q.device)
-    onehot = torch.cat([F.one_hot(index // w, h), F.one_hot(index % w, w)], dim=1).to(k.dtype)  # (N, H + W)
     width = c + h + w
-    pad = (-width) % 8  # the fused kernels want a head width that is a multiple of 8
-    q2 = F.pad(torch.cat([q * scale, rel_h, rel_w], dim=-1), (0, pad))
-    k2 = F.pad(torch.cat([k, onehot.expand(b, n_heads, n, h + w)], dim=-1), (0, pad))
-    v2 = F.pad(v, (0, width + pad - c))
-    return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :c]
+    padded = width + (-width) % 8  # the fused kernels want a head width that is a multiple of 8
+    r_q = q.reshape(b, n_heads, h, w, c)
+    q2 = q.new_empty(b, n_heads, n, padded)
+    k2 = k.new_empty(b, n_heads, n, padded)
+    v2 = v.new_empty(b, n_heads, n, padded)
+    q2[..., :c] = q
+    q2[..., c : c + h].view(b, n_heads, h, w, h)[:] = torch.einsum("bnhwc,hkc->bnhwk", r_q, (rh / scale).to(q.dtype))
+    q2[..., c + h : width].view(b, n_heads, h, w, w)[:] = torch.einsum(
+        "bnhwc,wkc->bnhwk", r_q, (rw / scale).to(q.dtype)
+    )
+    k2[..., :c] = k
+    index = torch.arange(n, device=q.device)
+    k2[..., c : c + h] = F.one_hot(index // w, h).to(k.dtype)  # broadcast over batch and heads
+    k2[..., c + h : width] = F.one_hot(index % w, w).to(k.dtype)
+    v2[..., :c] = v
+    for t in (q2, k2):
+        t[..., width:].zero_()
+    v2[..., c:].zero_()
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :c]
 
 
 def _forward(self: nn.Module, x: Tensor) -> Tensor:

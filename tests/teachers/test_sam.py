@@ -223,3 +223,28 @@ def test_fused_relative_position_attention_equals_each_librarys_own(source):
                 m.rel_pos_h.zero_()
     # the bias is really there: without it the features differ
     assert not torch.allclose(plain.encode(x).levels[-1], no_bias.encode(x).levels[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize(("size", "c", "scale"), [((14, 14), 64, 64**-0.5), ((8, 8), 48, 48**-0.5), ((5, 7), 8, 0.3)])
+def test_rel_pos_attention_equals_the_bias_written_out_forward_and_backward(size, c, scale):
+    """rel_pos_attention against SAM's formula written out: softmax(scale <q, k> + <q, Rh> + <q, Rw>) v, in
+    float64. Widths with and without zero padding (14 x 14 x 64 pads 92 to 96; 8 x 8 x 48 is 64 already),
+    a scale that is not a power of two, rectangular grids; gradients reach q, k, v and both tables."""
+    from sak.teachers.sam_attention import rel_pos_attention
+
+    h, w = size
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, h * w, c, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rh = torch.randn(h, h, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(w, w, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    row, col = torch.arange(h * w) // w, torch.arange(h * w) % w
+    bias = torch.einsum("bnqc,qkc->bnqk", q, rh[row][:, row]) + torch.einsum("bnqc,qkc->bnqk", q, rw[col][:, col])
+    expected = torch.softmax(scale * q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+    got = rel_pos_attention(q, k, v, rh, rw, size, scale)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    cotangent = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(expected, (q, k, v, rh, rw), cotangent)
+    have = torch.autograd.grad(got, (q, k, v, rh, rw), cotangent)
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,339 @@
+"""Memory traffic and FLOPs of one training step of the GPU recipes, per phase, counted on the CPU.
+
+    python -m benchmarks.step_traffic [--recipe recipes/bench/stage1_gpu_vitb.yaml] [--rows 12] [overrides]
+
+The step (each teacher's forward, the student's forward, the losses, backward, the optimiser; the same
+modules and calls as benchmarks/profile_gpu.py) runs on fake tensors (torch's FakeTensorMode: shapes,
+dtypes and strides are propagated, nothing is computed or allocated), so the GPU configuration's real
+shapes (batch 16, SAM at 1024 px) cost seconds on a machine without a GPU. For every aten operation that
+launches work (views, and calls that return their input, are left out) it counts:
+
+- bytes: the sizes of the tensors the operation reads and writes, i.e. what one unfused kernel moves
+  through memory at least (a kernel that reads its input twice, such as a softmax, moves more);
+- FLOPs: torch.utils.flop_counter's formulas (matrix products, convolutions, attention).
+
+From the two, a roofline estimate of the GPU time: each operation takes max(FLOPs / peak, bytes /
+bandwidth), summed over the phase; by default an H100's dense bf16 peak and HBM3 bandwidth, at the
+shares of them that large kernels reach (--peak, --bandwidth). It is a lower bound for eager execution
+(no launch gaps, no kernel below its roofline); a phase far above it on a GPU spends its time elsewhere
+(launches, synchronisation, slow kernels), a phase near it can only get faster by moving fewer bytes
+(fusion: torch.compile; fewer copies) or doing fewer FLOPs.
+
+Autocast runs as CPU autocast in the recipe's precision: its op lists differ from CUDA's in a few places
+(both run matrix products, convolutions and attention in bf16 and keep layer norms and reductions in
+float32), which changes a few bytes here and there but not the picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from sak.config import load_recipe
+from sak.engine.build import (
+    build_distill_loss,
+    build_loader,
+    build_optimizer,
+    build_student,
+    build_tasks,
+    build_teachers,
+    prepare_student,
+)
+from sak.engine.step import compute_losses
+from sak.engine.trainer import teacher_dtype
+from sak.losses.resize import interpolation_matrix
+from sak.teachers.base import _per_channel
+
+from .flops import CPU_ATTENTION
+from .profile_gpu import VIEWS
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_RECIPES = [
+    "recipes/bench/stage1_gpu_vitb.yaml",
+    "recipes/bench/stage1_gpu_vitb.yaml precision.teacher_weights=cast",
+    "recipes/bench/stage2_gpu_vitb.yaml",
+]
+# H100 SXM: 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3; large GEMMs reach ~70% and streaming kernels ~90%
+PEAK, BANDWIDTH = 0.7 * 989e12, 0.9 * 3.35e12
+
+
+def operation_flops(func, args, kwargs, out) -> int:
+    """FLOPs of one aten call: flop_counter's formula where it has one (and benchmarks/flops.py's for the
+    CPU attention kernel, which fake tensors of a CPU run dispatch to)."""
+    if func.overloadpacket in CPU_ATTENTION:
+        shapes = [a.shape if isinstance(a, torch.Tensor) else a for a in args]
+        return CPU_ATTENTION[func.overloadpacket](*shapes)
+    if func.overloadpacket in flop_registry:
+        return int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+    return 0
+
+
+# calls that only allocate memory: nothing is read or written
+ALLOCATIONS = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"}
+
+
+# in-place calls that overwrite their destination without reading it
+OVERWRITES = {"copy_", "zero_", "fill_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_"}
+
+
+def written_arguments(func, args, kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors an aten call writes in place (the arguments its schema marks Tensor(a!)), and those of
+    them it does not read first (`out=` arguments, the destination of copy_ / fill_ / zero_)."""
+    written, unread = [], []
+    overwrites = func.overloadpacket.__name__ in OVERWRITES
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        tensors = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+        written += tensors
+        if overwrites or arg.kwarg_only:  # out= is keyword-only
+            unread += tensors
+    return written, unread
+
+
+class CountTraffic(TorchDispatchMode):
+    """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        known = func.overloadpacket in flop_registry or func.overloadpacket in CPU_ATTENTION
+        if not known and func is not torch.ops.prim.device.default:
+            # a composite call (linear, einsum, attention: under inference_mode they reach the dispatcher
+            # whole) is counted as the calls it is made of, as flop_counter does
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in VIEWS or name in ALLOCATIONS:
+            return out
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        mutated, unread = written_arguments(func, args, kwargs)  # in-place, out=, foreach/fused optimisers
+        if not outputs and not mutated:  # queries (sizes, devices), nothing moved
+            return out
+        if not mutated and all(any(torch._C._is_alias_of(o, i) for i in inputs) for o in outputs):
+            return out  # returned its input or a view of it (e.g. dropout in eval, a no-op `to`)
+        read = [t for t in inputs if not any(t is u for u in unread)]
+        fresh = [o for o in outputs if not any(torch._C._is_alias_of(o, i) for i in inputs)]
+        moved = sum(t.numel() * t.element_size() for t in read + fresh + mutated)
+        first = (outputs or mutated)[0]
+        dtype = str(first.dtype).removeprefix("torch.")
+        row = self.rows[(name, dtype)]
+        row[0] += 1
+        row[1] += moved
+        row[2] += operation_flops(func, args, kwargs, out)
+        return out
+
+
+def roofline_ms(rows: dict, peak: float, bandwidth: float) -> float:
+    return 1e3 * sum(max(flops / peak, moved / bandwidth) for _, moved, flops in rows.values())
+
+
+def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidth: float = BANDWIDTH) -> dict:
+    """Build the recipe's teachers, student, loss and optimiser on the CPU, make their tensors fake, run one
+    bare training step on a fake batch of the recipe's shapes and count each phase."""
+    recipe = load_recipe(path, overrides)
+    if recipe.data.name == "synthetic":  # generate only one batch's images
+        recipe = load_recipe(path, [f"data.options.length={recipe.data.batch_size}", "data.num_workers=0", *overrides])
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    teachers = build_teachers(recipe, cpu)
+    tasks = build_tasks(recipe)
+    student = build_student(recipe, teachers, tasks).train()
+    prepare_student(student, recipe.precision)
+    loss_fn = build_distill_loss(recipe)
+    batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
+    dtype = teacher_dtype(recipe)
+    alpha = recipe.loss.alpha if tasks else 1.0
+    mixed = recipe.precision.mixed in ("bf16", "fp16")
+    autocast_dtype = torch.bfloat16 if recipe.precision.mixed == "bf16" else torch.float16
+
+    fake = FakeTensorMode()
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # parameters become fake Parameters
+    try:
+        for module in [*teachers.values(), student]:
+            module._apply(fake.from_tensor)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    opt = build_optimizer(recipe, student)  # on the fake parameters
+    batch = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    phases: dict[str, dict] = {}
+    caches = (interpolation_matrix, _per_channel)  # cached constants: made fake by this mode, only for it
+    for cached in caches:
+        cached.cache_clear()
+
+    def phase(name, fn, count):
+        counter = CountTraffic() if count else contextlib.nullcontext()
+        with counter:
+            result = fn()
+        if count:
+            phases[name] = dict(counter.rows)
+        return result
+
+    def student_forward():
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=mixed):
+            return student(batch["image"])
+
+    def optimiser():
+        if recipe.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step(count: bool) -> None:
+        targets = {}
+        for tid, t in teachers.items():
+            targets[tid] = phase(f"teacher {tid}", lambda t=t: t.encode(batch["image"], dtype), count)
+        out = phase("student forward", student_forward, count)
+        losses = phase("losses", lambda: compute_losses(out, targets, batch, tasks, loss_fn, alpha), count)
+        phase("backward", losses.total.backward, count)
+        phase("optimiser", optimiser, count)
+
+    with fake:
+        step(count=False)  # the first step creates the optimiser's state
+        step(count=True)
+        # the FLOPs the model defines, for MFU as benchmarks/throughput.py counts it: SAM's attention as
+        # written, not the fused rewrite whose padded, bias-folded head width does more products
+        for module in (m for t in teachers.values() for m in t.modules()):
+            vars(module).pop("forward", None)
+        with CountTraffic() as counter:
+            for t in teachers.values():
+                t.encode(batch["image"], None)  # in float32, as throughput.py: FLOPs do not depend on it
+        model_teacher_flops = sum(r[2] for r in counter.rows.values())
+    for cached in caches:
+        cached.cache_clear()
+
+    result = {"recipe": path, "overrides": overrides, "batch": recipe.data.batch_size, "phases": []}
+    student_flops = sum(r[2] for name, rows in phases.items() if not name.startswith("teacher") for r in rows.values())
+    result["model_tflop"] = (model_teacher_flops + student_flops) / 1e12
+    for name, rows in phases.items():
+        entry = {
+            "phase": name,
+            "operations": sum(r[0] for r in rows.values()),
+            "gbytes": sum(r[1] for r in rows.values()) / 1e9,
+            "tflop": sum(r[2] for r in rows.values()) / 1e12,
+            "roofline_ms": roofline_ms(rows, peak, bandwidth),
+            "flop_bound_ms": 1e3 * sum(f / peak for _, m, f in rows.values() if f / peak > m / bandwidth),
+            "top": [
+                {
+                    "op": op,
+                    "dtype": dt,
+                    "calls": n,
+                    "gbytes": moved / 1e9,
+                    "tflop": flops / 1e12,
+                    "roofline_ms": 1e3 * max(flops / peak, moved / bandwidth),
+                }  # fmt: skip
+                for (op, dt), (n, moved, flops) in sorted(
+                    rows.items(), key=lambda kv: -max(kv[1][2] / peak, kv[1][1] / bandwidth)
+                )
+            ],
+        }
+        result["phases"].append(entry)
+    return result
+
+
+def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, command: str) -> str:
+    lines = [
+        "# Memory traffic and FLOPs of one training step of the GPU recipes (counted on the CPU)",
+        "",
+        f"Command: `{command}` ({torch.__version__}). Fake tensors at the recipes' real shapes: per phase, the "
+        "kernel-launching aten operations, the bytes they read and write (unfused: each operation's inputs and "
+        "outputs), their FLOPs, and a roofline estimate of the GPU time, the sum over operations of "
+        f"max(FLOPs / {peak / 1e12:.0f} TFLOP/s, bytes / {bandwidth / 1e12:.2f} TB/s) (70% of an H100's dense "
+        "bf16 peak, 90% of its HBM3 bandwidth). It is a lower bound for eager execution; see the docstring of "
+        "benchmarks/step_traffic.py.",
+        "",
+    ]
+    for res in results:
+        overrides = " ".join(res["overrides"])
+        lines += [f"## {res['recipe']} (batch {res['batch']}{', ' + overrides if overrides else ''})", ""]
+        lines += [
+            "| phase | operations | GB moved | TFLOP | roofline ms | of it in FLOP-bound operations |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        total = collections.Counter()
+        for p in res["phases"]:
+            share = p["flop_bound_ms"] / p["roofline_ms"] if p["roofline_ms"] else 0.0
+            lines.append(
+                f"| {p['phase']} | {p['operations']} | {p['gbytes']:.1f} | {p['tflop']:.2f} | {p['roofline_ms']:.1f} "
+                f"| {share:.0%} |"
+            )
+            student = not p["phase"].startswith("teacher")
+            for key in ("operations", "gbytes", "tflop", "roofline_ms", "flop_bound_ms"):
+                total[key] += p[key]
+                total[f"student {key}"] += p[key] if student else 0
+        lines.append(
+            f"| whole step | {total['operations']} | {total['gbytes']:.1f} | {total['tflop']:.2f} | "
+            f"{total['roofline_ms']:.1f} | {total['flop_bound_ms'] / total['roofline_ms']:.0%} |"
+        )
+        lines.append(
+            f"| student step (no teachers: a cached step) | {total['student operations']} | "
+            f"{total['student gbytes']:.1f} | {total['student tflop']:.2f} | {total['student roofline_ms']:.1f} | "
+            f"{total['student flop_bound_ms'] / total['student roofline_ms']:.0%} |"
+        )
+        lines.append("")
+        mfu = res["model_tflop"] * 1e12 / (total["roofline_ms"] / 1e3) / 989e12
+        lines.append(
+            f"Model-FLOPs utilisation if every operation ran at its roofline: {mfu:.0%} of the dense bf16 peak "
+            f"(989 TFLOP/s; {res['model_tflop']:.2f} TFLOP per step as benchmarks/throughput.py counts them, "
+            "SAM's attention as the model defines it)."
+        )
+        lines.append("")
+        for p in res["phases"]:
+            top = ", ".join(
+                f"{t['op']} {t['dtype']} x{t['calls']} {t['gbytes']:.1f} GB"
+                + (f" {t['tflop']:.2f} TF" if t["tflop"] else "")
+                for t in p["top"][:rows]
+            )
+            lines.append(f"- {p['phase']}: {top}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--recipe", action="append", help='a recipe, optionally with its own overrides: "PATH KEY=VALUE ..."'
+    )
+    parser.add_argument("--rows", type=int, default=8, help="largest operations listed per phase")
+    parser.add_argument("--peak", type=float, default=PEAK, help="FLOP/s reached by large matrix products")
+    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s reached by streaming kernels")
+    parser.add_argument("--out", default=str(RESULTS / "step_traffic"), help="writes OUT.json and OUT.md")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    recipes = args.recipe or DEFAULT_RECIPES
+    results = []
+    for spec in recipes:
+        path, *own = spec.split()
+        results.append(traffic_recipe(path, [*args.overrides, *own], args.peak, args.bandwidth))
+    command = "python -m benchmarks.step_traffic " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(results, args.rows, args.peak, args.bandwidth, command.strip())
+    Path(f"{args.out}.json").write_text(
+        json.dumps({"torch": torch.__version__, "command": command, "recipes": results}, indent=2)
+    )
+    Path(f"{args.out}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
