@@ -21,12 +21,14 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sak.config import load_recipe
+from sak.config import Recipe, load_recipe
 from sak.engine.build import (
     build_distill_loss,
     build_loader,
@@ -128,23 +130,66 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@dataclass
+class BareStep:
+    """The modules of one bare training step of a recipe (no Accelerate, logging or checkpointing), run
+    phase by phase: each teacher's forward, the student's forward, the losses, backward, the optimiser.
+    benchmarks/profile_gpu.py times and counts it; benchmarks/step_traffic.py runs it on fake tensors."""
+
+    recipe: Recipe
+    teachers: dict
+    tasks: dict
+    student: torch.nn.Module
+    loss_fn: torch.nn.Module
+    batch: dict
+    opt: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def build(cls, recipe: Recipe, dev: torch.device) -> BareStep:
+        torch.manual_seed(0)
+        teachers = build_teachers(recipe, dev)
+        tasks = build_tasks(recipe)
+        student = build_student(recipe, teachers, tasks).train().to(dev)
+        prepare_student(student, recipe.precision)
+        batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
+        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return cls(recipe, teachers, tasks, student, build_distill_loss(recipe), batch)
+
+    def run(self, phase: Callable[[str, Callable[[], object]], object]) -> None:
+        """One step; `phase(name, fn)` runs each phase's work `fn` and returns its result."""
+        r, images = self.recipe, self.batch["image"]
+        if self.opt is None:
+            self.opt = build_optimizer(r, self.student)
+        dtype = teacher_dtype(r)
+        targets = {
+            tid: phase(f"teacher {tid}", lambda t=t: t.encode(images, dtype)) for tid, t in self.teachers.items()
+        }
+        mixed = r.precision.mixed in ("bf16", "fp16")
+        autocast = torch.bfloat16 if r.precision.mixed == "bf16" else torch.float16
+
+        def student_forward():
+            with torch.autocast(images.device.type, dtype=autocast, enabled=mixed):
+                return self.student(images)
+
+        def optimiser():
+            if r.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), r.optim.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+        out = phase("student forward", student_forward)
+        alpha = r.loss.alpha if self.tasks else 1.0
+        losses = phase("losses", lambda: compute_losses(out, targets, self.batch, self.tasks, self.loss_fn, alpha))
+        phase("backward", losses.total.backward)
+        phase("optimiser", optimiser)
+
+
 def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int, dev: torch.device) -> dict:
     cuda = dev.type == "cuda"
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only the images the steps use
         recipe = load_recipe(path, ["data.options.length=64", *overrides])
-    torch.manual_seed(0)
-    teachers = build_teachers(recipe, dev)
-    tasks = build_tasks(recipe)
-    student = build_student(recipe, teachers, tasks).train().to(dev)
-    opt = build_optimizer(recipe, student)
-    prepare_student(student, recipe.precision)
-    loss_fn = build_distill_loss(recipe)
-    batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
-    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    dtype = teacher_dtype(recipe)
-    alpha = recipe.loss.alpha if tasks else 1.0
-    bf16 = recipe.precision.mixed == "bf16"
+    bare = BareStep.build(recipe, dev)
 
     def step(times: dict | None, counts: dict | None = None):
         """One training step; per phase, GPU ms (CUDA events), host ms and, if asked, the aten calls."""
@@ -165,23 +210,13 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
                 counting.calls.clear()
                 counting.syncs.clear()
 
+        def run_then_mark(name, fn):
+            result = fn()
+            phase(name)
+            return result
+
         with counting:
-            targets = {}
-            for tid, t in teachers.items():
-                targets[tid] = t.encode(batch["image"], dtype)
-                phase(f"teacher {tid}")
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                out = student(batch["image"])
-            phase("student forward")
-            losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
-            phase("losses")
-            losses.total.backward()
-            phase("backward")
-            if recipe.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            phase("optimiser")
+            bare.run(run_then_mark)
         if cuda:
             torch.cuda.synchronize()
         if times is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -40,22 +39,11 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from sak.config import load_recipe
-from sak.engine.build import (
-    build_distill_loss,
-    build_loader,
-    build_optimizer,
-    build_student,
-    build_tasks,
-    build_teachers,
-    prepare_student,
-)
-from sak.engine.step import compute_losses
-from sak.engine.trainer import teacher_dtype
 from sak.losses.resize import interpolation_matrix
 from sak.teachers.base import _per_channel
 
 from .flops import CPU_ATTENTION
-from .profile_gpu import VIEWS
+from .profile_gpu import VIEWS, BareStep
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_RECIPES = [
@@ -152,72 +140,39 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only one batch's images
         recipe = load_recipe(path, [f"data.options.length={recipe.data.batch_size}", "data.num_workers=0", *overrides])
-    torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    teachers = build_teachers(recipe, cpu)
-    tasks = build_tasks(recipe)
-    student = build_student(recipe, teachers, tasks).train()
-    prepare_student(student, recipe.precision)
-    loss_fn = build_distill_loss(recipe)
-    batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
-    dtype = teacher_dtype(recipe)
-    alpha = recipe.loss.alpha if tasks else 1.0
-    mixed = recipe.precision.mixed in ("bf16", "fp16")
-    autocast_dtype = torch.bfloat16 if recipe.precision.mixed == "bf16" else torch.float16
+    bare = BareStep.build(recipe, torch.device("cpu"))
 
     fake = FakeTensorMode()
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # parameters become fake Parameters
     try:
-        for module in [*teachers.values(), student]:
+        for module in [*bare.teachers.values(), bare.student]:
             module._apply(fake.from_tensor)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-    opt = build_optimizer(recipe, student)  # on the fake parameters
-    batch = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    bare.batch = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in bare.batch.items()}
 
     phases: dict[str, dict] = {}
     caches = (interpolation_matrix, _per_channel)  # cached constants: made fake by this mode, only for it
     for cached in caches:
         cached.cache_clear()
 
-    def phase(name, fn, count):
-        counter = CountTraffic() if count else contextlib.nullcontext()
-        with counter:
+    def counted(name, fn):
+        with CountTraffic() as counter:
             result = fn()
-        if count:
-            phases[name] = dict(counter.rows)
+        phases[name] = dict(counter.rows)
         return result
 
-    def student_forward():
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=mixed):
-            return student(batch["image"])
-
-    def optimiser():
-        if recipe.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step(count: bool) -> None:
-        targets = {}
-        for tid, t in teachers.items():
-            targets[tid] = phase(f"teacher {tid}", lambda t=t: t.encode(batch["image"], dtype), count)
-        out = phase("student forward", student_forward, count)
-        losses = phase("losses", lambda: compute_losses(out, targets, batch, tasks, loss_fn, alpha), count)
-        phase("backward", losses.total.backward, count)
-        phase("optimiser", optimiser, count)
-
     with fake:
-        step(count=False)  # the first step creates the optimiser's state
-        step(count=True)
+        bare.run(lambda name, fn: fn())  # the first step creates the optimiser (on the fake parameters) and its state
+        bare.run(counted)
         # the FLOPs the model defines, for MFU as benchmarks/throughput.py counts it: SAM's attention as
         # written, not the fused rewrite whose padded, bias-folded head width does more products
-        for module in (m for t in teachers.values() for m in t.modules()):
+        for module in (m for t in bare.teachers.values() for m in t.modules()):
             vars(module).pop("forward", None)
         with CountTraffic() as counter:
-            for t in teachers.values():
-                t.encode(batch["image"], None)  # in float32, as throughput.py: FLOPs do not depend on it
+            for t in bare.teachers.values():
+                t.encode(bare.batch["image"], None)  # in float32, as throughput.py: FLOPs do not depend on it
         model_teacher_flops = sum(r[2] for r in counter.rows.values())
     for cached in caches:
         cached.cache_clear()
