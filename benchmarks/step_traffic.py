@@ -9,7 +9,8 @@ shapes (batch 16, SAM at 1024 px) cost seconds on a machine without a GPU. For e
 launches work (views, and calls that return their input, are left out) it counts:
 
 - bytes: the sizes of the tensors the operation reads and writes, i.e. what one unfused kernel moves
-  through memory at least (a kernel that reads its input twice, such as a softmax, moves more);
+  through memory at least (a kernel that reads its input twice, such as a softmax, moves more); a
+  broadcast operand counts once;
 - FLOPs: torch.utils.flop_counter's formulas (matrix products, convolutions, attention).
 
 From the two, a roofline estimate of the GPU time: each operation takes max(FLOPs / peak, bytes /
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -90,6 +92,12 @@ def written_arguments(func, args, kwargs) -> tuple[list[torch.Tensor], list[torc
     return written, unread
 
 
+def distinct_bytes(t: torch.Tensor) -> int:
+    """The bytes of a tensor's distinct elements: a broadcast (expanded, stride-0) dimension is read once,
+    as a kernel does through its cache (e.g. the one matrix of a batched product with a broadcast operand)."""
+    return t.element_size() * math.prod(n for n, stride in zip(t.shape, t.stride(), strict=True) if stride != 0)
+
+
 class CountTraffic(TorchDispatchMode):
     """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active."""
 
@@ -120,7 +128,7 @@ class CountTraffic(TorchDispatchMode):
             return out  # returned its input or a view of it (e.g. dropout in eval, a no-op `to`)
         read = [t for t in inputs if not any(t is u for u in unread)]
         fresh = [o for o in outputs if not any(torch._C._is_alias_of(o, i) for i in inputs)]
-        moved = sum(t.numel() * t.element_size() for t in read + fresh + mutated)
+        moved = sum(distinct_bytes(t) for t in read + fresh + mutated)
         first = (outputs or mutated)[0]
         dtype = str(first.dtype).removeprefix("torch.")
         row = self.rows[(name, dtype)]

@@ -87,23 +87,25 @@ def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loa
 def test_traffic_counts_what_each_operation_reads_and_writes():
     """benchmarks/step_traffic.py's counter: a linear layer reads input, weight and bias and writes its output;
     copy_ into a slice reads only the source; an in-place add reads both and writes one; allocations and
-    views move nothing; FLOPs are flop_counter's."""
+    views move nothing; a broadcast matrix is read once; FLOPs are flop_counter's."""
     import torch
 
     from benchmarks.step_traffic import CountTraffic
 
-    x, w, b = torch.ones(4, 8), torch.ones(16, 8), torch.ones(16)
+    x, w, b, batch = torch.ones(4, 8), torch.ones(16, 8), torch.ones(16), torch.ones(3, 16, 5)
     with CountTraffic() as counter:
         y = torch.addmm(b, x, w.t())  # (4, 16)
         buf = torch.empty(4, 32)
         buf[:, :16].copy_(y)
         buf[:, 16:].add_(y)
         y.view(64).t()
+        torch.matmul(w.t()[:4], batch)  # (4, 16) @ (3, 16, 5): a bmm of the expanded matrix
     f32 = 4
+    assert counter.rows[("bmm", "float32")] == [1, (64 + 3 * 16 * 5 + 3 * 4 * 5) * f32, 2 * 3 * 4 * 16 * 5]
     assert counter.rows[("addmm", "float32")] == [1, (16 + 32 + 128 + 64) * f32, 2 * 4 * 8 * 16]
     assert counter.rows[("copy_", "float32")] == [1, (64 + 64) * f32, 0]
     assert counter.rows[("add_", "float32")] == [1, (64 + 64 + 64) * f32, 0]
-    assert set(counter.rows) == {("addmm", "float32"), ("copy_", "float32"), ("add_", "float32")}
+    assert set(counter.rows) == {("addmm", "float32"), ("copy_", "float32"), ("add_", "float32"), ("bmm", "float32")}
 
 
 def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
