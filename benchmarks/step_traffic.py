@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from sak.config import load_recipe
-from sak.losses.resize import interpolation_matrix
+from sak.losses.resize import gram_matrix, interpolation_matrix
 from sak.teachers.base import _per_channel
 
 from .flops import CPU_ATTENTION
@@ -161,7 +161,7 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     bare.batch = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in bare.batch.items()}
 
     phases: dict[str, dict] = {}
-    caches = (interpolation_matrix, _per_channel)  # cached constants: made fake by this mode, only for it
+    caches = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: made fake by this mode, only for it
     for cached in caches:
         cached.cache_clear()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import LOSSES
-from .resize import resize_bilinear
+from .resize import gram_matrix, resize_bilinear, resize_bilinear_adjoint
 
 
 def match_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,19 +41,51 @@ def flat_cosine(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:
     return dot / norms
 
 
+def upsampled_cosine(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:
+    """(B,) flat_cosine(resize_bilinear(student, teacher's size), teacher), without the resized map.
+
+    With u = A s B^T the upsampled student (A, B the 1-D interpolation matrices), <u, t> = <s, A^T t B> and
+    |u|^2 = <s, (A^T A) s (B^T B)>: both are taken at the student's size, and the gradient stays there too.
+    Going through u instead reads and writes full-size maps three more times forward (u * t, its sum, |u|)
+    and backward (two products and their sum), each 7x the student's map at SAM's 64 x 64 grid from the
+    student's 24 x 24. Same function; the float32 sums are taken in another order."""
+    (h, w), (H, W) = student.shape[-2:], teacher.shape[-2:]
+    with torch.autocast(student.device.type, enabled=False):
+        t_adjoint = resize_bilinear_adjoint(teacher, (h, w))  # no gradient: the teacher is a target
+        gram_h, gram_w = (gram_matrix(n, m, student.device, student.dtype) for n, m in ((h, H), (w, W)))
+        s = student.flatten(1)
+        dot = (s * t_adjoint.flatten(1)).sum(1)
+        squared = (s * (gram_h @ student @ gram_w).flatten(1)).sum(1)
+    # sqrt(max(|u|^2, eps^2)) = max(|u|, eps) without an infinite derivative of sqrt at 0
+    norms = squared.clamp_min(eps * eps).sqrt() * torch.linalg.vector_norm(teacher.flatten(1), dim=1).clamp_min(eps)
+    return dot / norms
+
+
+# upsampled_cosine's small-map products cost about as much as a few full-size passes: it pays off when the
+# teacher's grid has several times the student's pixels. From the ViT-B student's 24 x 24 it moves fewer bytes
+# from a 36 x 36 grid on (2.25x the pixels) and takes less CPU time from 48 x 48 on (4x); at SAM's 64 x 64 it
+# moves 44% fewer bytes (benchmarks/results/distill_loss_cpu.md, second table).
+UPSAMPLED_COSINE_MIN_RATIO = 4
+
+
 class DistillLoss(nn.Module):
-    """Base: `forward(student_levels, teacher_levels) -> scalar`, summing `level_loss` over levels."""
+    """Base: `forward(student_levels, teacher_levels) -> scalar`, summing `pair_loss` over levels. A plug-in
+    loss defines `level_loss` on two maps of one size (the smaller resized to the larger, as SAK), or
+    `pair_loss` on the maps as they come."""
 
     def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def pair_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """One level's loss, maps (B, C, h, w) and (B, C, H, W) at their own sizes."""
+        return self.level_loss(*match_size(student, teacher))
 
     def forward(self, student: list[Tensor] | tuple[Tensor, ...], teacher: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         if len(student) != len(teacher):
             raise ValueError(f"student gives {len(student)} levels, teacher {len(teacher)}; they must match")
         total = student[0].new_zeros(())
         for s, t in zip(student, teacher, strict=True):
-            s, t = match_size(s.float(), t.float())
-            total = total + self.level_loss(s, t)
+            total = total + self.pair_loss(s.float(), t.float())
         return total
 
 
@@ -68,6 +100,22 @@ class SAKDistill(DistillLoss):
     def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
         cos = flat_cosine(student, teacher)  # (B,)
         return self.cos_weight * (1 - cos).mean() + self.l1_weight * F.smooth_l1_loss(student, teacher, beta=self.beta)
+
+    def pair_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        (hs, ws), (ht, wt) = student.shape[-2:], teacher.shape[-2:]
+        if ht * wt < UPSAMPLED_COSINE_MIN_RATIO * hs * ws:  # same size, the teacher resized, or close sizes
+            return super().pair_loss(student, teacher)
+        return self.upsampled_loss(student, teacher)
+
+    def upsampled_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """level_loss(resize_bilinear(student, teacher's size), teacher), the cosine taken without the upsampled
+        map (upsampled_cosine): only the smooth L1 needs it."""
+        ht, wt = teacher.shape[-2:]
+        student = student.contiguous()  # one copy of the student map (a view of the token grid) for all products
+        loss = self.cos_weight * (1 - upsampled_cosine(student, teacher)).mean()
+        if self.l1_weight:
+            loss = loss + self.l1_weight * F.smooth_l1_loss(resize_bilinear(student, (ht, wt)), teacher, beta=self.beta)
+        return loss
 
 
 @LOSSES.register("token_cosine")

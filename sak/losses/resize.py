@@ -32,6 +32,16 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
         return columns[:, 0, :, 0].T.contiguous().to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def gram_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_in, n_in) A^T A of the float32 (or float64) interpolation matrix A = interpolation_matrix(n_in,
+    n_out): |resize(x)|^2 = <x, G_h x G_w>. The product is taken in float64, then cast."""
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    with torch.inference_mode(False), torch.no_grad():
+        a = interpolation_matrix(n_in, n_out, torch.device("cpu"), exact).double()
+        return (a.T @ a).to(device=device, dtype=dtype)
+
+
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     """(..., h, w) -> (..., H, W), equal to F.interpolate(x, size, mode="bilinear", align_corners=False)
     up to float rounding; contiguous output; differentiable. Runs in x's dtype whatever autocast says
@@ -46,3 +56,17 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
         if h != H:
             x = torch.matmul(interpolation_matrix(h, H, x.device, x.dtype), x)
     return x
+
+
+def resize_bilinear_adjoint(y: Tensor, size: tuple[int, int]) -> Tensor:
+    """(..., H, W) -> (..., h, w): the transpose of resize_bilinear's linear map from (h, w) to (H, W), so
+    that <resize_bilinear(x, (H, W)), y> == <x, resize_bilinear_adjoint(y, (h, w))> up to float rounding.
+    (It is not a downsampling: each input pixel receives the weights it was spread with.)"""
+    H, W = y.shape[-2:]
+    h, w = size
+    with torch.autocast(y.device.type, enabled=False):
+        if w != W:
+            y = torch.matmul(y, interpolation_matrix(w, W, y.device, y.dtype))
+        if h != H:
+            y = torch.matmul(interpolation_matrix(h, H, y.device, y.dtype).T, y)
+    return y

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sak.losses.distill import SAKDistill, flat_cosine, map_cosine, match_size
-from sak.losses.resize import interpolation_matrix, resize_bilinear
+from sak.losses.distill import SAKDistill, flat_cosine, map_cosine, match_size, upsampled_cosine
+from sak.losses.resize import gram_matrix, interpolation_matrix, resize_bilinear, resize_bilinear_adjoint
+
+SIZES = [((2, 3, 4, 4), (7, 7)), ((2, 5, 8, 6), (56, 40)), ((1, 2, 24, 24), (64, 64)), ((2, 3, 6, 9), (11, 5))]
 
 
 @pytest.mark.parametrize(
@@ -77,11 +79,62 @@ def test_flat_cosine_equals_f_cosine_similarity_including_a_zero_map():
     assert flat_cosine(s, t)[1].item() == 0.0
 
 
+@pytest.mark.parametrize(("shape", "size"), SIZES)
+def test_adjoint_is_the_transpose_and_gram_gives_the_resized_norm(shape, size):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    y = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    up = resize_bilinear(x, size)
+    small = resize_bilinear_adjoint(y, shape[-2:])
+    assert small.shape == x.shape
+    torch.testing.assert_close((up * y).sum((2, 3)), (x * small).sum((2, 3)), rtol=1e-12, atol=1e-12)
+    gram_h = gram_matrix(shape[-2], size[0], x.device, x.dtype)
+    gram_w = gram_matrix(shape[-1], size[1], x.device, x.dtype)
+    torch.testing.assert_close(up.square().sum((2, 3)), (x * (gram_h @ x @ gram_w)).sum((2, 3)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("shape", "size"), SIZES)
+def test_upsampled_cosine_and_its_gradient_equal_the_cosine_of_the_upsampled_map(shape, size):
+    torch.manual_seed(0)
+    s = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    ref = flat_cosine(resize_bilinear(s, size), t)
+    out = upsampled_cosine(s, t)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, s, g)[0], torch.autograd.grad(ref, s, g)[0], rtol=1e-10, atol=1e-12
+    )
+
+
+def test_upsampled_cosine_of_a_zero_map_is_zero_with_a_finite_gradient():
+    s = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 3, 9, 9)
+    out = upsampled_cosine(s, t)
+    assert out.tolist() == [0.0, 0.0]
+    (grad,) = torch.autograd.grad(out.sum(), s)
+    assert torch.isfinite(grad).all()
+
+
+def test_sak_loss_without_its_smooth_l1_term_is_the_cosine_term():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(2, 4, 12, 12)
+    up = F.interpolate(s, size=(12, 12), mode="bilinear", align_corners=False)
+    ref = (1 - F.cosine_similarity(up.flatten(1), t.flatten(1))).mean()
+    torch.testing.assert_close(SAKDistill(cos_weight=1.0, l1_weight=0.0)([s], [t]), ref, rtol=1e-6, atol=1e-7)
+
+
 def test_sak_loss_and_its_gradient_equal_the_reference_formulation():
     """The SAK loss as first written (F.interpolate, F.cosine_similarity) against the fast one (both float32,
     as the loss computes)."""
     torch.manual_seed(0)
-    levels = [((2, 6, 4, 4), (2, 6, 14, 14)), ((2, 5, 4, 4), (2, 5, 4, 4)), ((2, 3, 8, 8), (2, 3, 3, 3))]
+    # upsampled 12x (the small-map cosine), same size, downsampled teacher, upsampled 1.4x (full-size cosine)
+    levels = [
+        ((2, 6, 4, 4), (2, 6, 14, 14)),
+        ((2, 5, 4, 4), (2, 5, 4, 4)),
+        ((2, 3, 8, 8), (2, 3, 3, 3)),
+        ((2, 4, 6, 5), (2, 4, 7, 6)),
+    ]
     student = [torch.randn(a, requires_grad=True) for a, _ in levels]
     teacher = [torch.randn(b) for _, b in levels]
 
@@ -109,3 +162,15 @@ def test_sak_loss_and_its_gradient_equal_the_reference_formulation():
         teacher[0].float().flatten(1),
     )
     torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
+
+
+def test_sak_loss_takes_the_cosine_at_the_students_size_only_for_much_larger_teacher_grids(monkeypatch):
+    import sak.losses.distill as distill
+
+    calls = []
+    monkeypatch.setattr(distill, "upsampled_cosine", lambda s, t: calls.append(t.shape[-2:]) or flat_cosine(s, s))
+    loss = SAKDistill()
+    student = torch.randn(2, 3, 6, 6)
+    for size in (7, 11, 12, 30):  # 1.4x, 3.4x, 4x and 25x the student's pixels
+        loss([student], [torch.randn(2, 3, size, size)])
+    assert calls == [(12, 12), (30, 30)]
