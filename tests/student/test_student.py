@@ -46,6 +46,29 @@ def test_none_router_is_the_plain_sum_and_pixel_router_weights_each_token():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
 
 
+@pytest.mark.parametrize("router_cls", [NoisyRouter, PixelRouter])
+def test_router_mixing_and_its_gradients_equal_the_weighted_sum_written_out(router_cls):
+    """The routers mix with one batched product; in float64 it equals sum_e w_e * x_e, forward and backward,
+    and under autocast it stays in the experts' dtype."""
+    tas, ex = experts()
+    router = router_cls(8, 3).double().eval()
+    tas, ex = tas.double().requires_grad_(True), [e.double().requires_grad_(True) for e in ex]
+
+    def written_out():
+        w = router.weights(tas)
+        w = w[:, None, :] if w.ndim == 2 else w
+        return sum(w[..., i, None] * ex[i] for i in range(3))
+
+    g = torch.randn(2, 5, 8, dtype=torch.float64)
+    inputs = [tas, *ex, *router.parameters()]
+    got, want = router(tas, ex), written_out()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router.float()(tas.float(), [e.float() for e in ex]).dtype == torch.float32
+
+
 def test_adapter_is_a_scaled_residual_bottleneck_and_path_follows_the_paper_recurrence():
     torch.manual_seed(0)
     a = BottleneckAdapter(8, 4)
