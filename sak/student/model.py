@@ -106,12 +106,13 @@ class SAKStudent(nn.Module):
                     self.stem.to_map(align(tok), grid) for align, tok in zip(self.aligners[tid], levels, strict=True)
                 ]
         if self.heads:
-            tas = [outs[i][:, prefix:] for i in self.levels]  # the TAS expert: raw block tokens, as SAK
+            # per level, the TAS expert (raw block tokens, as SAK) and the path experts, without the prefix
+            # tokens; sliced once for all tasks, so that backward pads each gradient back to the full token
+            # count once rather than once per task
+            tas = [outs[i][:, prefix:] for i in self.levels]
+            experts = [[tas[j]] + [paths[tid][j][:, prefix:] for tid in self.paths] for j in range(len(tas))]
             for task, head in self.heads.items():
-                mixed = []
-                for j, router in enumerate(self.routers[task]):
-                    experts = [tas[j]] + [paths[tid][j][:, prefix:] for tid in self.paths]
-                    mixed.append(router(tas[j], experts))
+                mixed = [router(tas[j], experts[j]) for j, router in enumerate(self.routers[task])]
                 result.tasks[task] = head(mixed, grid, (h, w))
         return result
 
