@@ -56,6 +56,17 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
+def skip_first_batches(accelerator: Accelerator, loader, batches: int):
+    """The prepared `loader` without its first `batches` (a run resumed mid-epoch), configured as the loader:
+    Accelerate (1.15) rebuilds it without the asynchronous host-to-device copies and drop_last flag it was
+    prepared with (huggingface/accelerate#4295), so the rest of the resumed epoch would copy synchronously."""
+    skipped = accelerator.skip_first_batches(loader, batches)
+    for name in ("_non_blocking", "_drop_last"):
+        if hasattr(loader, name) and hasattr(skipped, name):
+            setattr(skipped, name, getattr(loader, name))
+    return skipped
+
+
 def open_cache(recipe: Recipe, teachers: dict) -> FeatureCache | None:
     """The recipe's teacher-feature cache, checked against the recipe's teachers and data."""
     if recipe.cache.path is None:
@@ -164,7 +175,9 @@ def train(recipe: Recipe) -> dict:
         train_loader.set_epoch(state.epoch)  # the sample order
         train_loader.dataset.set_epoch(state.epoch)  # the augmentation (Accelerate sets only one of the two)
         batches = (
-            accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader
+            skip_first_batches(accelerator, train_loader, state.batch_in_epoch)
+            if state.batch_in_epoch
+            else train_loader
         )
         if prefetch is not None:
             batches = prefetch(batches)

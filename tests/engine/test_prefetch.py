@@ -86,3 +86,19 @@ def test_the_step_stream_waits_for_its_batch_copy_and_only_for_it():
         assert batch["x"].is_cuda and batch["id"] == [i]
         complete.append((batch["x"] == float(i)).all())  # queued on the step's stream, not waited for here
     assert torch.stack(complete).tolist() == [True] * 6
+
+
+def test_a_mid_epoch_resume_keeps_the_loaders_asynchronous_copies():
+    """Accelerate's skip_first_batches rebuilds the loader without non_blocking / drop_last
+    (huggingface/accelerate#4295); the trainer's wrapper carries them over."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from sak.engine.trainer import skip_first_batches
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(torch.arange(18), batch_size=4, drop_last=True))
+    assert loader._non_blocking and loader._drop_last
+    skipped = skip_first_batches(accelerator, loader, 1)
+    assert skipped._non_blocking and skipped._drop_last
+    assert [b.tolist() for b in skipped] == [[4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
