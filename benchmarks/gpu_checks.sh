@@ -7,10 +7,11 @@
 #                                         # pinned) and its copy to the GPU; fp16-cache/compiled without and
 #                                         # with data.prefetch_to_device;
 #                                         # stage 1 online again (no host waits in a step since part 1)
-#   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); int8 cache; cast teachers;
+#   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); the loss on CUDA again
+#                                         # (upsampled_cosine, since part 2); int8 cache; cast teachers;
 #                                         # stage 2 with 1 teacher
 #   bash benchmarks/gpu_checks.sh 5 OUT   # bare loop (framework overhead); stage 1 and 2 online / compiled again
-# OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2),
+# OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (parts 2 and 4),
 # cache_loader_gpu.* (part 3) and profile_gpu.* (part 4). Each part stops itself before the call's limit;
 # the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3-5 have not run yet.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
@@ -34,7 +35,8 @@ case $part in
 4) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
        > "$out/profile_gpu.txt" 2>&1
    grep -A9 "^== " "$out/profile_gpu.txt"
-   timeout "${LIMIT:-330}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
+   timeout 45 python3 -m benchmarks.distill_loss --results "$out"
+   timeout "${LIMIT:-285}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
        gpu/stage2/sak/online/1-teacher ;;
 5) timeout "${LIMIT:-540}" $bench gpu/stage1/bare/online gpu/stage1/sak/online/compiled gpu/stage2/sak/online \
        gpu/stage2/sak/online/compiled ;;
