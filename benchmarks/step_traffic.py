@@ -11,7 +11,9 @@ launches work (views, and calls that return their input, are left out) it counts
 - bytes: the sizes of the tensors the operation reads and writes, i.e. what one unfused kernel moves
   through memory at least (a kernel that reads its input twice, such as a softmax, moves more); a
   broadcast operand counts once;
-- FLOPs: torch.utils.flop_counter's formulas (matrix products, convolutions, attention).
+- FLOPs: torch.utils.flop_counter's formulas (matrix products, convolutions, attention);
+- in the forward phases, the bytes per module (torch.utils.module_tracker; the blocks of a stack added up),
+  to find where the traffic is; backward operations are not split this way (the tracker cannot place them).
 
 From the two, a roofline estimate of the GPU time: each operation takes max(FLOPs / peak, bytes /
 bandwidth), summed over the phase; by default an H100's dense bf16 peak and HBM3 bandwidth, at the
@@ -31,6 +33,7 @@ import argparse
 import collections
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
 
 from sak.config import load_recipe
 from sak.losses.resize import gram_matrix, interpolation_matrix
@@ -98,12 +102,23 @@ def distinct_bytes(t: torch.Tensor) -> int:
     return t.element_size() * math.prod(n for n, stride in zip(t.shape, t.stride(), strict=True) if stride != 0)
 
 
-class CountTraffic(TorchDispatchMode):
-    """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active."""
+def module_group(name: str) -> str:
+    """A ModuleTracker name with the root class and list indices left out: "SAKStudent.paths.sam.adapters.3.down"
+    -> "paths.sam.adapters.N.down", so that the blocks of a stack add up."""
+    name = re.sub(r"\.\d+(?=\.|$)", ".N", name)
+    return name.partition(".")[2] or name
 
-    def __init__(self) -> None:
+
+class CountTraffic(TorchDispatchMode):
+    """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active. Given a ModuleTracker
+    (entered), also the forward bytes per module (`module_group` of the innermost module running); backward
+    operations are left out of that split, since the tracker cannot place them reliably."""
+
+    def __init__(self, tracker: ModuleTracker | None = None) -> None:
         super().__init__()
         self.rows: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        self.tracker = tracker
+        self.modules: dict[str, int] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -135,6 +150,8 @@ class CountTraffic(TorchDispatchMode):
         row[0] += 1
         row[1] += moved
         row[2] += operation_flops(func, args, kwargs, out)
+        if self.tracker is not None and not self.tracker.is_bw:
+            self.modules[module_group(max(self.tracker.parents, key=len))] += moved  # nested names are longer
         return out
 
 
@@ -165,10 +182,13 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     for cached in caches:
         cached.cache_clear()
 
+    modules: dict[str, dict[str, int]] = {}
+
     def counted(name, fn):
-        with CountTraffic() as counter:
+        with ModuleTracker() as tracker, CountTraffic(tracker) as counter:
             result = fn()
         phases[name] = dict(counter.rows)
+        modules[name] = dict(counter.modules)
         return result
 
     with fake:
@@ -208,6 +228,10 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
                 for (op, dt), (n, moved, flops) in sorted(
                     rows.items(), key=lambda kv: -max(kv[1][2] / peak, kv[1][1] / bandwidth)
                 )
+            ],
+            "forward_by_module": [  # empty for backward and the optimiser
+                {"module": m, "gbytes": moved / 1e9}
+                for m, moved in sorted(modules[name].items(), key=lambda kv: -kv[1])
             ],
         }
         result["phases"].append(entry)
@@ -268,6 +292,12 @@ def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, comm
                 for t in p["top"][:rows]
             )
             lines.append(f"- {p['phase']}: {top}")
+        lines += ["", "Forward bytes by module (list indices shown as N, so that a stack's blocks add up):", ""]
+        for p in res["phases"]:
+            by_module = [m for m in p["forward_by_module"] if m["module"] != "Global"]  # "Global": outside modules
+            if by_module:
+                top = ", ".join(f"{m['module']} {m['gbytes']:.1f} GB" for m in by_module[:rows])
+                lines.append(f"- {p['phase']}: {top}")
         lines.append("")
     return "\n".join(lines)
 

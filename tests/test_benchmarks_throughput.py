@@ -108,6 +108,28 @@ def test_traffic_counts_what_each_operation_reads_and_writes():
     assert set(counter.rows) == {("addmm", "float32"), ("copy_", "float32"), ("add_", "float32"), ("bmm", "float32")}
 
 
+def test_traffic_splits_forward_bytes_by_module_and_leaves_backward_out():
+    import torch
+    from torch.utils.module_tracker import ModuleTracker
+
+    from benchmarks.step_traffic import CountTraffic, module_group
+
+    assert module_group("SAKStudent.paths.sam.adapters.12.down") == "paths.sam.adapters.N.down"
+    assert module_group("Global") == "Global"
+    blocks = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
+    x = torch.ones(4, 8)
+    with ModuleTracker() as tracker:
+        with CountTraffic(tracker) as forward:
+            loss = (blocks(x) * 2).sum()
+        with CountTraffic(tracker) as backward:
+            loss.backward()
+    f32 = 4
+    # the blocks: two addmm and a gelu; "Global": the product and the sum outside them
+    assert set(forward.modules) == {"N", "Global"}
+    assert forward.modules["N"] == ((16 + 128 + 32 + 64) + 2 * 64 + (16 + 256 + 64 + 64)) * f32
+    assert "N" not in backward.modules and sum(r[1] for r in backward.rows.values()) > forward.modules["N"]
+
+
 def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
     """traffic_recipe runs the step on fake tensors: the student's FLOPs equal flop_counter's on a real
     forward and backward (the tiny teachers' grids equal the student's: no resize in the losses), every phase
