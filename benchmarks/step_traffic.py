@@ -22,29 +22,35 @@ shares of them that large kernels reach (--peak, --bandwidth). It is a lower bou
 (launches, synchronisation, slow kernels), a phase near it can only get faster by moving fewer bytes
 (fusion: torch.compile; fewer copies) or doing fewer FLOPs.
 
-Autocast runs as CPU autocast in the recipe's precision: its op lists differ from CUDA's in a few places
-(both run matrix products, convolutions and attention in bf16 and keep layer norms and reductions in
-float32), which changes a few bytes here and there but not the picture.
+The step runs under CPU autocast in the recipe's precision, whose op lists differ from CUDA's in a few
+places (both run matrix products, convolutions and attention in bf16 and keep layer norms and reductions in
+float32). To show where, the forward phases are counted a second time on fake CUDA tensors under CUDA
+autocast (`cuda_forward`; --no-cuda-forward skips it); backward cannot run that way without a real CUDA
+context. In the GPU recipes the two agree except in stage 2's decode heads, which CUDA autocast upsamples
+and concatenates in float32 and then casts back to bf16 for their convolution.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import re
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
-from sak.config import load_recipe
+from sak.config import Recipe, load_recipe
 from sak.losses.resize import gram_matrix, interpolation_matrix
 from sak.teachers.base import _per_channel
 
@@ -159,29 +165,45 @@ def roofline_ms(rows: dict, peak: float, bandwidth: float) -> float:
     return 1e3 * sum(max(flops / peak, moved / bandwidth) for _, moved, flops in rows.values())
 
 
-def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidth: float = BANDWIDTH) -> dict:
-    """Build the recipe's teachers, student, loss and optimiser on the CPU, make their tensors fake, run one
-    bare training step on a fake batch of the recipe's shapes and count each phase."""
+CACHES = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: made fake by a run, only for it
+
+
+def load(path: str, overrides: list[str]) -> Recipe:
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only one batch's images
         recipe = load_recipe(path, [f"data.options.length={recipe.data.batch_size}", "data.num_workers=0", *overrides])
-    bare = BareStep.build(recipe, torch.device("cpu"))
+    return recipe
 
+
+def fake_bare_step(recipe: Recipe, device: str = "cpu") -> tuple[BareStep, FakeTensorMode]:
+    """The recipe's bare step built on the CPU, its modules' tensors and its batch made fake on `device`."""
+    bare = BareStep.build(recipe, torch.device("cpu"))
     fake = FakeTensorMode()
+
+    def to_fake(t: torch.Tensor) -> torch.Tensor:
+        with fake:
+            return fake.from_tensor(t).to(device)
+
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # parameters become fake Parameters
     try:
         for module in [*bare.teachers.values(), bare.student]:
-            module._apply(fake.from_tensor)
+            module._apply(to_fake)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-    bare.batch = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in bare.batch.items()}
+    bare.batch = {k: to_fake(v) if isinstance(v, torch.Tensor) else v for k, v in bare.batch.items()}
+    for cached in CACHES:
+        cached.cache_clear()
+    return bare, fake
+
+
+def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidth: float = BANDWIDTH) -> dict:
+    """Build the recipe's teachers, student, loss and optimiser on the CPU, make their tensors fake, run one
+    bare training step on a fake batch of the recipe's shapes and count each phase."""
+    recipe = load(path, overrides)
+    bare, fake = fake_bare_step(recipe)
 
     phases: dict[str, dict] = {}
-    caches = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: made fake by this mode, only for it
-    for cached in caches:
-        cached.cache_clear()
-
     modules: dict[str, dict[str, int]] = {}
 
     def counted(name, fn):
@@ -202,7 +224,7 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
             for t in bare.teachers.values():
                 t.encode(bare.batch["image"], None)  # in float32, as throughput.py: FLOPs do not depend on it
         model_teacher_flops = sum(r[2] for r in counter.rows.values())
-    for cached in caches:
+    for cached in CACHES:
         cached.cache_clear()
 
     result = {"recipe": path, "overrides": overrides, "batch": recipe.data.batch_size, "phases": []}
@@ -236,6 +258,82 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
         }
         result["phases"].append(entry)
     return result
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if q.device.type != "cuda" or attn_mask is not None or enable_gqa:
+        return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def cuda_autocast_without_a_gpu():
+    """Let fake CUDA tensors run as on a GPU: torch.autocast("cuda") turns itself off when no device is there
+    (made to believe there is one with bf16), and scaled_dot_product_attention, which asks the device which
+    fused kernels it has and falls back to the unfused math kernel, is sent to the flash kernel (the H100
+    picks cuDNN's, which reads and writes the same tensors)."""
+    with (
+        mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False),
+        mock.patch("torch.cuda.is_bf16_supported", return_value=True),
+        mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa),
+    ):
+        yield
+
+
+def cuda_forward(path: str, overrides: list[str]) -> dict[str, dict]:
+    """The forward phases (teachers, student forward, losses) counted on fake CUDA tensors under CUDA autocast,
+    whose op lists differ from the CPU autocast the step is otherwise counted under. Backward cannot run this
+    way: the autograd engine needs a real CUDA context (pytorch/pytorch#92627)."""
+    recipe = load(path, overrides)
+    phases: dict[str, dict] = {}
+
+    def counted(name, fn):
+        if name in ("backward", "optimiser"):
+            return None
+        with CountTraffic() as counter:
+            result = fn()
+        phases[name] = dict(counter.rows)
+        return result
+
+    with cuda_autocast_without_a_gpu():
+        bare, fake = fake_bare_step(recipe, "cuda")
+        with fake:
+            bare.run(counted)
+    for cached in CACHES:
+        cached.cache_clear()
+    return phases
+
+
+def compare_forward(result: dict, cuda_phases: dict[str, dict], count: int = 4) -> list[dict]:
+    """Per forward phase, bytes and operations under CPU autocast (the counted step) and CUDA autocast, and the
+    operations whose bytes differ most."""
+    rows = []
+    for p in result["phases"]:
+        if p["phase"] not in cuda_phases:
+            continue
+        diff = collections.Counter()  # the CPU and CUDA flash attention kernels as one operation
+        for t in p["top"]:
+            diff[(t["op"].removesuffix("_for_cpu"), t["dtype"])] -= t["gbytes"]
+        for (op, dt), (_, moved, _) in cuda_phases[p["phase"]].items():
+            diff[(op, dt)] += moved / 1e9
+        rows.append(
+            {
+                "phase": p["phase"],
+                "cpu_autocast_gbytes": p["gbytes"],
+                "cuda_autocast_gbytes": sum(r[1] for r in cuda_phases[p["phase"]].values()) / 1e9,
+                "cpu_autocast_operations": p["operations"],
+                "cuda_autocast_operations": sum(r[0] for r in cuda_phases[p["phase"]].values()),
+                "largest_differences": [
+                    {"op": op, "dtype": dt, "gbytes": gb}
+                    for (op, dt), gb in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:count]
+                    if abs(gb) >= 0.05
+                ],
+            }
+        )
+    return rows
 
 
 def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, command: str) -> str:
@@ -299,6 +397,21 @@ def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, comm
                 top = ", ".join(f"{m['module']} {m['gbytes']:.1f} GB" for m in by_module[:rows])
                 lines.append(f"- {p['phase']}: {top}")
         lines.append("")
+        if res.get("cuda_forward"):
+            lines += [
+                "The forward phases again on fake CUDA tensors under CUDA autocast (its op lists differ from the CPU",
+                "autocast counted above; backward cannot run without a real CUDA context):",
+                "",
+                "| phase | GB, CPU autocast | GB, CUDA autocast | operations, CPU / CUDA | largest differences (CUDA - CPU) |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for c in res["cuda_forward"]:
+                largest = ", ".join(f"{d['op']} {d['dtype']} {d['gbytes']:+.1f} GB" for d in c["largest_differences"])
+                lines.append(
+                    f"| {c['phase']} | {c['cpu_autocast_gbytes']:.1f} | {c['cuda_autocast_gbytes']:.1f} "
+                    f"| {c['cpu_autocast_operations']} / {c['cuda_autocast_operations']} | {largest or '-'} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -311,13 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak", type=float, default=PEAK, help="FLOP/s reached by large matrix products")
     parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s reached by streaming kernels")
     parser.add_argument("--out", default=str(RESULTS / "step_traffic"), help="writes OUT.json and OUT.md")
+    parser.add_argument(
+        "--no-cuda-forward", action="store_true", help="skip counting the forward phases again under CUDA autocast"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     recipes = args.recipe or DEFAULT_RECIPES
     results = []
     for spec in recipes:
         path, *own = spec.split()
-        results.append(traffic_recipe(path, [*args.overrides, *own], args.peak, args.bandwidth))
+        result = traffic_recipe(path, [*args.overrides, *own], args.peak, args.bandwidth)
+        if not args.no_cuda_forward:
+            result["cuda_forward"] = compare_forward(result, cuda_forward(path, [*args.overrides, *own]))
+        results.append(result)
     command = "python -m benchmarks.step_traffic " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(results, args.rows, args.peak, args.bandwidth, command.strip())
     Path(f"{args.out}.json").write_text(

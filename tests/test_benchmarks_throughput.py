@@ -164,6 +164,25 @@ def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
     assert phases["optimiser"]["gbytes"] * 1e9 >= 7 * 4 * params
 
 
+def test_forward_phases_run_on_fake_cuda_tensors_under_cuda_autocast():
+    """Without a GPU, step_traffic still counts the forward phases as CUDA autocast runs them: the student's
+    matrix products in bf16, attention in the fused CUDA kernel; same FLOPs as under CPU autocast."""
+    from benchmarks.step_traffic import compare_forward, cuda_forward, traffic_recipe
+    from tests.conftest import TINY
+
+    overrides = ["data.num_workers=0", "precision.mixed=bf16"]
+    phases = cuda_forward(str(TINY), overrides)
+    assert list(phases) == ["teacher vit_a", "teacher vit_b", "student forward", "losses"]
+    student = phases["student forward"]
+    assert ("addmm", "bfloat16") in student and ("addmm", "float32") not in student
+    assert ("_scaled_dot_product_flash_attention", "bfloat16") in student
+    cpu = traffic_recipe(str(TINY), overrides)
+    rows = {r["phase"]: r for r in compare_forward(cpu, phases)}
+    assert set(rows) == set(phases)
+    cpu_student = next(p for p in cpu["phases"] if p["phase"] == "student forward")
+    assert sum(r[2] for r in student.values()) / 1e12 == pytest.approx(cpu_student["tflop"], rel=1e-9)
+
+
 def test_flop_counter_counts_attention_on_the_cpu():
     """torch's flop_counter has no formula for the CPU attention kernel; benchmarks/flops.py gives it the GPU
     kernels' one: QK^T and PV, 2 * 2 * L * S * d per head, and 2.5 times that backward."""
