@@ -168,7 +168,8 @@ def roofline_ms(rows: dict, peak: float, bandwidth: float) -> float:
 CACHES = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: made fake by a run, only for it
 
 
-def load(path: str, overrides: list[str]) -> Recipe:
+def load_one_batch(path: str, overrides: list[str]) -> Recipe:
+    """The recipe, a generated dataset cut to the one batch the step uses."""
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only one batch's images
         recipe = load_recipe(path, [f"data.options.length={recipe.data.batch_size}", "data.num_workers=0", *overrides])
@@ -200,7 +201,7 @@ def fake_bare_step(recipe: Recipe, device: str = "cpu") -> tuple[BareStep, FakeT
 def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidth: float = BANDWIDTH) -> dict:
     """Build the recipe's teachers, student, loss and optimiser on the CPU, make their tensors fake, run one
     bare training step on a fake batch of the recipe's shapes and count each phase."""
-    recipe = load(path, overrides)
+    recipe = load_one_batch(path, overrides)
     bare, fake = fake_bare_step(recipe)
 
     phases: dict[str, dict] = {}
@@ -260,13 +261,13 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     return result
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
 def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if q.device.type != "cuda" or attn_mask is not None or enable_gqa:
         return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
-
-
-_SDPA = F.scaled_dot_product_attention
 
 
 @contextlib.contextmanager
@@ -287,7 +288,7 @@ def cuda_forward(path: str, overrides: list[str]) -> dict[str, dict]:
     """The forward phases (teachers, student forward, losses) counted on fake CUDA tensors under CUDA autocast,
     whose op lists differ from the CPU autocast the step is otherwise counted under. Backward cannot run this
     way: the autograd engine needs a real CUDA context (pytorch/pytorch#92627)."""
-    recipe = load(path, overrides)
+    recipe = load_one_batch(path, overrides)
     phases: dict[str, dict] = {}
 
     def counted(name, fn):
