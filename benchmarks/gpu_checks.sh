@@ -3,7 +3,7 @@
 # in parts that each fit one 10-minute call on a lent GPU machine (see docs/benchmarks.md):
 #   bash benchmarks/gpu_checks.sh 1 OUT   # stage 1: online vs torch.compile'd vs the fp16 cache; cast teachers
 #   bash benchmarks/gpu_checks.sh 2 OUT   # the loss rewrites on CUDA; stage 2: online vs compiled, options
-#   bash benchmarks/gpu_checks.sh 3 OUT   # the prefetcher's gpu test; the cached loader alone (8 workers,
+#   bash benchmarks/gpu_checks.sh 3 OUT   # the prefetcher's and heads' gpu tests; the cached loader alone (8 workers,
 #                                         # pinned) and its copy to the GPU; fp16-cache/compiled without and
 #                                         # with data.prefetch_to_device;
 #                                         # stage 1 online again (no host waits in a step since part 1)
@@ -28,8 +28,8 @@ case $part in
 2) timeout 45 python3 -m benchmarks.distill_loss --results "$out"
    timeout "${LIMIT:-260}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/compiled \
        gpu/stage2/sak/online/sam-at-512 gpu/stage2/sak/online/1-teacher ;;
-3) timeout 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py
-   timeout 140 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
+3) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py tests/student/test_heads.py
+   timeout 125 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
    timeout "${LIMIT:-380}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache/compiled/prefetch \
        gpu/stage1/sak/online ;;
 4) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \

@@ -8,6 +8,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _UpsampleKeepingDtype(torch.autograd.Function):
+    """Bilinear upsampling (align_corners=False) in the input's dtype whatever autocast says, backward in
+    float32. CUDA autocast runs bilinear upsampling in float32: a head's bf16 projections would be upsampled
+    to float32 maps, concatenated in float32 and cast back to bf16 for the convolution, which moves 1.9 GB
+    per head at SAK's stage-2 shapes where this moves 0.6 (benchmarks/results/step_traffic.md). The values
+    are the same: the kernel computes in float32 either way and rounds the output once (tests compare them
+    bit for bit); the backward is autocast's own, the gradient upsampled back in float32 and rounded to the
+    input's dtype once."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: tuple[int, int]) -> Tensor:
+        ctx.input_size, ctx.dtype = tuple(x.shape), x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            grad = grad.float()
+        g = torch.ops.aten.upsample_bilinear2d_backward(grad, list(grad.shape[-2:]), list(ctx.input_size), False)
+        return g.to(ctx.dtype), None
+
+
 class DecodeHead(nn.Module):
     def __init__(self, dim: int, num_levels: int, channels: int) -> None:
         super().__init__()
@@ -26,6 +49,6 @@ class DecodeHead(nn.Module):
         maps = []
         for proj, tokens in zip(self.proj, levels, strict=True):
             x = proj(tokens).transpose(1, 2).unflatten(2, grid)  # (B, D/4, h, w)
-            maps.append(F.interpolate(x, size=quarter, mode="bilinear", align_corners=False))
+            maps.append(_UpsampleKeepingDtype.apply(x, quarter))
         x = self.classifier(self.fuse(torch.cat(maps, dim=1)))
         return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
