@@ -11,6 +11,7 @@ from ..registry import ROUTERS
 from ..teachers.base import normalize, to_float01
 from .adapters import TeacherSpecificAdapterPath
 from .heads import DecodeHead
+from .router import Router, mix_experts, mix_experts_per_image
 from .stem import TeacherAgnosticStem, even_levels
 
 
@@ -111,10 +112,33 @@ class SAKStudent(nn.Module):
             # count once rather than once per task
             tas = [outs[i][:, prefix:] for i in self.levels]
             experts = [[tas[j]] + [paths[tid][j][:, prefix:] for tid in self.paths] for j in range(len(tas))]
+            mixed = self.mix(tas, experts)
             for task, head in self.heads.items():
-                mixed = [router(tas[j], experts[j]) for j, router in enumerate(self.routers[task])]
-                result.tasks[task] = head(mixed, grid, (h, w))
+                result.tasks[task] = head(mixed[task], grid, (h, w))
         return result
+
+    def mix(self, tas: list[Tensor], experts: list[list[Tensor]]) -> dict[str, list[Tensor]]:
+        """Every task's router mixture per level. The routers' weights come first, task by task (the noisy
+        routers draw their noise in that order); then, per level, the tasks whose routers weight each image
+        mix the level's experts together (`mix_experts_per_image`: one stack, one product), the others alone."""
+        mixed: dict[str, list[Tensor | None]] = {task: [None] * len(tas) for task in self.heads}
+        weights: dict[tuple[str, int], Tensor | None] = {}
+        for task in self.heads:
+            for j, router in enumerate(self.routers[task]):
+                if type(router).forward is Router.forward:
+                    weights[task, j] = router.weights(tas[j])
+                else:  # a plug-in router with its own mixing
+                    mixed[task][j] = router(tas[j], experts[j])
+        for j in range(len(tas)):
+            per_image = [t for t in self.heads if (t, j) in weights and getattr(weights[t, j], "ndim", 0) == 2]
+            if per_image:
+                together = mix_experts_per_image(experts[j], [weights[t, j] for t in per_image])
+                for task, m in zip(per_image, together, strict=True):
+                    mixed[task][j] = m
+            for task in self.heads:
+                if mixed[task][j] is None:
+                    mixed[task][j] = mix_experts(experts[j], weights[task, j])
+        return mixed
 
 
 def _init_linear(m: nn.Module) -> None:

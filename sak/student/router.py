@@ -10,8 +10,39 @@ from torch import Tensor, nn
 from ..registry import ROUTERS
 
 
+def mix_experts(experts: list[Tensor], weights: Tensor | None) -> Tensor:
+    """sum_e w_e x_e: experts E tensors (B, N, D); weights (B, E) per image, (B, N, E) per token, or None for
+    the plain sum -> (B, N, D)."""
+    if weights is None:
+        return torch.stack(experts).sum(0)
+    if weights.ndim == 2:
+        return mix_experts_per_image(experts, [weights])[0]
+    b, n, d = experts[0].shape
+    with torch.autocast(experts[0].device.type, enabled=False):  # in the experts' dtype, as below
+        stacked = torch.stack(experts, dim=2).view(b * n, len(experts), d)  # (B*N, 1, E) @ (B*N, E, D)
+        mixed = torch.bmm(weights.to(stacked.dtype).reshape(b * n, 1, -1), stacked)
+    return mixed.view(b, n, d)
+
+
+def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """Several per-image weightings (B, E) of the same experts (one per task) -> one (B, N, D) mixture each.
+
+    One batched product (B, T, E) @ (B, E, N*D) over the experts stacked once, in the experts' dtype whatever
+    autocast says. Against a broadcast product and a sum per task it reads and writes the full-size tensors
+    several times less, forward and backward, and each expert receives one gradient instead of one per task
+    (benchmarks/results/step_traffic.md, stage 2)."""
+    b, n, d = experts[0].shape
+    with torch.autocast(experts[0].device.type, enabled=False):
+        stacked = torch.stack(experts, dim=1).view(b, len(experts), n * d)
+        w = torch.stack(weights, dim=1).to(stacked.dtype)  # (B, T, E)
+        mixed = torch.bmm(w, stacked)  # (B, T, N*D)
+    return list(mixed.view(b, len(weights), n, d).unbind(1))  # backward: one stack of the tasks' gradients
+
+
 class Router(nn.Module):
-    """Base: `weights(tas_tokens) -> (B, E) or (B, N, E)`; forward mixes the experts with them."""
+    """Base: `weights(tas_tokens) -> (B, E), (B, N, E) or None`; forward mixes the experts with them
+    (`mix_experts`). A subclass that overrides forward is called as it is; otherwise the student mixes the
+    experts of all tasks' routers at a level together (`mix_experts_per_image`)."""
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
@@ -22,22 +53,7 @@ class Router(nn.Module):
 
     def forward(self, tas: Tensor, experts: list[Tensor]) -> Tensor:
         """tas: (B, N, D) TAS tokens; experts: E tensors (B, N, D) -> mixed (B, N, D)."""
-        w = self.weights(tas)
-        if w is None:
-            return torch.stack(experts).sum(0)
-        b, n, d = experts[0].shape
-        # The weighted sum as one batched (1 x E) @ (E x ...) product over the stacked experts, in their
-        # dtype whatever autocast says: against a broadcast product and a sum it reads and writes the
-        # full-size (B, N, D) tensors about half as often, forward and backward
-        # (benchmarks/results/step_traffic.md, stage 2).
-        with torch.autocast(tas.device.type, enabled=False):
-            if w.ndim == 2:  # one weight vector per image: (B, 1, E) @ (B, E, N*D)
-                stacked = torch.stack(experts, dim=1).view(b, len(experts), n * d)
-                mixed = torch.bmm(w.to(stacked.dtype)[:, None, :], stacked)
-            else:  # one per token: (B*N, 1, E) @ (B*N, E, D)
-                stacked = torch.stack(experts, dim=2).view(b * n, len(experts), d)
-                mixed = torch.bmm(w.to(stacked.dtype).reshape(b * n, 1, -1), stacked)
-        return mixed.view(b, n, d)
+        return mix_experts(experts, self.weights(tas))
 
 
 @ROUTERS.register("noisy")

@@ -218,3 +218,43 @@ def test_decode_head_convolutions_run_channels_last_and_compute_what_nchw_comput
     fast = head.classifier(head.fuse(seen[0]))
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
     assert out.shape == (2, 5, 48, 48)
+
+
+def test_tasks_mix_their_experts_together_as_each_router_would_alone():
+    """SAKStudent.mix stacks a level's experts once and mixes them for every task with per-image routers in
+    one product: the same mixtures and gradients as each router's own forward, noise included (drawn in the
+    same order), in float64; pixel routers and plug-in routers with their own forward are mixed alone."""
+
+    class Doubling(NoisyRouter):  # a plug-in router with its own mixing: called as it is
+        def forward(self, tas, experts):
+            return 2 * experts[-1]
+
+    _, _, tasks, student = build()
+    student = student.double().train()
+    names = list(student.heads)
+    assert len(names) >= 3
+    student.routers[names[1]] = torch.nn.ModuleList(PixelRouter(32, 3).double() for _ in range(4))
+    student.routers[names[2]][0] = Doubling(32, 3).double()
+    torch.manual_seed(0)
+    tas = [torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    experts = [[t] + [torch.randn(2, 16, 32, dtype=torch.float64, requires_grad=True) for _ in range(2)] for t in tas]
+    leaves = [e for level in experts for e in level]
+
+    torch.manual_seed(1)
+    got = student.mix(tas, experts)
+    torch.manual_seed(1)
+    want = {task: [r(tas[j], experts[j]) for j, r in enumerate(student.routers[task])] for task in student.heads}
+    assert set(got) == set(want) == set(names)
+    torch.testing.assert_close(got[names[2]][0], 2 * experts[0][-1])
+    flat_got = [m for task in names for m in got[task]]
+    flat_want = [m for task in names for m in want[task]]
+    for a, b in zip(flat_got, flat_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads = [torch.randn_like(m) for m in flat_got]
+    params = [p for p in student.routers.parameters()]
+    got_grads = torch.autograd.grad(flat_got, leaves + params, grads, allow_unused=True)
+    want_grads = torch.autograd.grad(flat_want, leaves + params, grads, allow_unused=True)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
