@@ -31,9 +31,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sak.engine.malloc import keep_freed_memory
 from sak.losses.distill import UPSAMPLED_COSINE_MIN_RATIO, SAKDistill, flat_cosine, match_size
-from sak.losses.resize import gram_matrix, interpolation_matrix, resize_bilinear
+from sak.losses.resize import resize_bilinear
 
-from .step_traffic import CountTraffic
+from .step_traffic import CACHES, CountTraffic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # name: (student map (B, C, h, w), teacher grid (H, W))
@@ -136,8 +136,7 @@ CROSSOVER = [((16, 768, 24, 24), (n, n)) for n in (27, 36, 48, 64)]
 def counted_gbytes(fn, student_shape, teacher_shape) -> float:
     """GB that fn's forward + backward reads and writes, counted on fake tensors as benchmarks/step_traffic.py
     counts a training step."""
-    caches = (interpolation_matrix, gram_matrix)  # cached constants: made fake in this mode, only for it
-    for cached in caches:
+    for cached in CACHES:  # cached constants: made fake in this mode, only for it
         cached.cache_clear()
     with FakeTensorMode():
         student = torch.randn(student_shape, requires_grad=True)
@@ -145,7 +144,7 @@ def counted_gbytes(fn, student_shape, teacher_shape) -> float:
         fn(student, teacher)  # the cached interpolation matrices are made outside the count
         with CountTraffic() as counter:
             fn(student, teacher).backward()
-    for cached in caches:
+    for cached in CACHES:
         cached.cache_clear()
     return sum(moved for _, moved, _ in counter.rows.values()) / 1e9
 

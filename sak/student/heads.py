@@ -11,8 +11,9 @@ from torch import Tensor, nn
 class _UpsampleKeepingDtype(torch.autograd.Function):
     """Bilinear upsampling (align_corners=False) in the input's dtype whatever autocast says, backward in
     float32. CUDA autocast runs bilinear upsampling in float32: a head's bf16 projections would be upsampled
-    to float32 maps, concatenated in float32 and cast back to bf16 for the convolution, which moves 1.9 GB
-    per head at SAK's stage-2 shapes where this moves 0.6 (benchmarks/results/step_traffic.md). The values
+    to float32 maps, concatenated in float32 and cast back to bf16 for the convolution; at SAK's stage-2
+    shapes the five heads' forward moved 6.3 GB more that way (counted under CUDA autocast by
+    benchmarks/step_traffic.py, docs/benchmarks.md). The values
     are the same: the kernel computes in float32 either way and rounds the output once (tests compare them
     bit for bit); the backward is autocast's own, the gradient upsampled back in float32 and rounded to the
     input's dtype once."""
