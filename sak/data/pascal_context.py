@@ -16,7 +16,9 @@ Targets, as the public loaders (ASTMT, MTL-PyTorch, InvPT, SAK) build them:
   map to 6 parts (`PERSON_PARTS`), the rest of the image is background 0; after augmentation a sample with
   no part pixel left is all-ignore.
 - edges: the Laplacian (3x3 cross kernel, reflect-101 borders, as cv2.Laplacian ksize 1) of the context
-  LabelMap is non-zero, then thinned (skimage `thin`), computed at load time.
+  LabelMap is non-zero, then thinned (skimage `thin`), computed at load time: the training target. The
+  boundary benchmark (SEISM) scores against another map of the same LabelMap, `seg2bmap` (one-sided);
+  `PascalContext.eval_target` gives it to the evaluation.
 - normals: kept only on pixels whose context class is also an NYUD class (names in context_classes.json
   that appear in nyu_classes.json, "unknown" excluded, "tvmonitor" added); elsewhere all-zero = ignore.
 """
@@ -36,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.morphology import thin
 
+from ..metrics.boundary import seg2bmap
 from ..registry import DATASETS
 from .base import IGNORE_INDEX, DatasetSpec, SakDataset, apply_subset
 from .images import DataError, decode_rgb
@@ -120,9 +123,19 @@ def check_classes(path: Path, label: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def edges_from_label_map(label_map: np.ndarray) -> np.ndarray:
-    """Class boundaries of a label map: Laplacian != 0, thinned to one pixel; float32 {0, 1}."""
+    """The training target: class boundaries of a label map, Laplacian != 0, thinned to one pixel;
+    float32 {0, 1}."""
     lap = ndimage.convolve(label_map.astype(np.float64), LAPLACIAN, mode="mirror")
     return thin(np.abs(lap) > 0).astype(np.float32)
+
+
+def seism_boundaries(label_map: np.ndarray) -> np.ndarray:
+    """The boundary ground truth SEISM scores PASCAL-Context against: `seg2bmap(relabel(LabelMap))`
+    (db_gt.m, edgesEvalImg.m); float32 {0, 1}. `relabel` (numbering the 4-connected regions) is left out:
+    it cannot change seg2bmap, which compares a pixel with its east and south neighbours (4-adjacent: same
+    label, same region) and its south-east one (same label but another region only when east and south
+    both differ, which marks the pixel already)."""
+    return seg2bmap(label_map).astype(np.float32)
 
 
 def read_human_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -268,6 +281,11 @@ class MultiTaskDataset(SakDataset):
         """{"image": uint8 (H, W, 3), task: (H, W) / (H, W, 3) target} before augmentation."""
         raise NotImplementedError
 
+    def eval_target(self, sample_id: str, task: str, target: torch.Tensor) -> torch.Tensor:
+        """The ground truth the published benchmark scores `task` against, at the original size, given the
+        sample's own target cropped back with `unpad`: that target itself unless a dataset says otherwise."""
+        return target
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -352,6 +370,15 @@ class PascalContext(MultiTaskDataset):
                 raw[task] = edges_from_label_map(label_map)
         return raw
 
+    def eval_target(self, sample_id: str, task: str, target: torch.Tensor) -> torch.Tensor:
+        """Boundaries are scored against SEISM's ground truth, `seism_boundaries(LabelMap)` as float32
+        (1, h, w), read again from the .mat; not the training target (Laplacian != 0, thinned)."""
+        if task != "edges":
+            return target
+        path = self.files[sample_id]["label_map"]
+        label_map = check_shape(path, load_mat(path, "LabelMap"), tuple(target.shape[-2:]))
+        return torch.from_numpy(seism_boundaries(label_map))[None]
+
 
 __all__ = [
     "HUMAN_PARTS",
@@ -362,4 +389,5 @@ __all__ = [
     "edges_from_label_map",
     "normals_valid_classes",
     "read_human_parts",
+    "seism_boundaries",
 ]

@@ -3,7 +3,9 @@ or score prediction files saved by any model (REFERENCE §3).
 
 Both paths score exactly the same numbers:
 - ground truth comes from the dataset classes (evaluation split, no augmentation), cropped back from the
-  evaluation canvas with `unpad(target, size)`;
+  evaluation canvas with `unpad(target, size)`, then `dataset.eval_target` (the benchmark's own ground
+  truth where it differs from the training target: PASCAL-Context boundaries are SEISM's seg2bmap of the
+  label map);
 - a student's prediction is cropped back the same way and passed through `encode` -> `decode` (the stored
   file format, `predictions.py`), so it holds the values a saved file holds;
 - every metric is updated once per sample on the CPU, and the per-sample states (additive) are summed in
@@ -241,7 +243,8 @@ def evaluate_student(
     model, config = load_student(recipe, Path(checkpoint))
     tasks = eval_tasks(recipe.data.name, config)
     loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size)
-    check_canvas(model, loader.dataset.dataset.eval_size)
+    dataset = loader.dataset.dataset
+    check_canvas(model, dataset.eval_size)
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)
     scorer = SampleScores(recipe.data.name, list(tasks))
@@ -256,7 +259,8 @@ def evaluate_student(
                 array = encode(name, unpad(preds[b], size))
                 if save_preds is not None:
                     save_encoded(save_preds, name, batch["id"][b], array)
-                scorer.add(name, index, decode(name, array), unpad(batch[name][b], size).cpu())
+                target = dataset.eval_target(batch["id"][b], name, unpad(batch[name][b], size).cpu())
+                scorer.add(name, index, decode(name, array), target)
     scorer.gather(accelerator)
     scores = scorer.compute()
     return {
@@ -314,7 +318,7 @@ def score_prediction_dir(
         for task in tasks:
             classes = NUM_CLASSES.get((dataset_name, task))
             pred = read_prediction(preds_dir, task, sample["id"], size, classes)
-            scorer.add(task, index, pred, unpad(sample[task], size))
+            scorer.add(task, index, pred, dataset.eval_target(sample["id"], task, unpad(sample[task], size)))
     scores = scorer.compute()
     return {
         "dataset": dataset_name,

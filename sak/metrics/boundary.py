@@ -181,7 +181,8 @@ def thin_points(canvas: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarra
 def seg2bmap(labels: np.ndarray) -> np.ndarray:
     """BSDS `seg2bmap` at the image's own size: a pixel is a boundary when its label differs from its
     east, south or south-east neighbour (last row: east only; last column: south only; the corner never).
-    SEISM scores PASCAL-Context against seg2bmap of the context `LabelMap`."""
+    SEISM scores PASCAL-Context against seg2bmap of the context `LabelMap`, and so does `sak eval`
+    (`sak.data.pascal_context.seism_boundaries`)."""
     seg = np.asarray(labels)
     b = np.zeros(seg.shape, dtype=bool)
     core = seg[:-1, :-1]

@@ -8,10 +8,10 @@ R = cntR / sumR, P = cntP / sumP, F = 2PR / (P + R) (0 where undefined: the same
 cases), odsF = max over thresholds (first on ties), x100. oisF: each image's counts at its own best
 threshold (by that image's F, first on ties, as MATLAB's `max`) are summed and F taken of the sums.
 
-The ground truth is the map the dataset gives (sak: label-map Laplacian != 0, thinned, the training
-target of every multi-task repository). SEISM instead scores against `seg2bmap(LabelMap)`
-(`boundary.seg2bmap`), a one-sided boundary of the same label map: pass that as the target to mirror
-it exactly. Target pixels equal to 255 are ignored (neither ground truth nor prediction).
+The ground truth is the target it is given (any value > 0 is boundary). `sak eval` passes the
+benchmark's: on PASCAL-Context SEISM's `seg2bmap(LabelMap)` (`boundary.seg2bmap`, a one-sided boundary;
+`PascalContext.eval_target`), not the training target (label-map Laplacian != 0, thinned); on NYUD the
+edge map as stored. Target pixels equal to 255 are ignored (neither ground truth nor prediction).
 """
 
 from __future__ import annotations

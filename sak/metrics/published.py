@@ -6,7 +6,7 @@ normals mErr in degrees, depth RMSE in metres. `params_m` is millions of paramet
 paper's table gives none), `delta_m` the published multi-task gain in percent.
 
 NYUD-v2's delta_m is the mean over all four tasks, boundaries included: the published per-task numbers
-give +14.047 for SAK and +8.955 for RADIO with edges (printed +14.05 / +8.95), +18.16 / +11.38 without.
+give +14.047 for SAK and +8.954 for RADIO with edges (printed +14.05 / +8.95), +18.16 / +11.38 without.
 The ViT-B SAK row's +0.83 is relative to ViT-B single-task baselines that REFERENCE does not list (against
 the ViT-L single-task row its numbers give +0.20), so it cannot be recomputed here.
 """

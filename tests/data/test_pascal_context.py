@@ -16,6 +16,7 @@ from sak.data.fixtures import CONTEXT_CLASSES, write_pascal_context
 from sak.data.images import DataError
 from sak.data.pascal_context import PERSON_PARTS, normals_valid_classes, read_human_parts
 from sak.data.transforms import unpad
+from sak.metrics.boundary import seg2bmap
 
 TASKS = ("semseg", "parts", "saliency", "normals", "edges")
 
@@ -141,6 +142,21 @@ def test_edges_are_thinned_label_map_boundaries(root):
         changes[1:] |= labels[1:] != labels[:-1]
         covered = changes & ndimage.binary_dilation(edges, cross, iterations=2)
         assert covered.sum() > 0.95 * changes.sum()  # nearly every boundary has an edge (thinning trims ends)
+
+
+def test_boundaries_are_scored_against_seism_seg2bmap_not_the_training_target(root):
+    ds = dataset(root, split="val")
+    for i in range(len(ds)):
+        s = ds[i]
+        training = unpad(s["edges"], s["size"])
+        scored = ds.eval_target(s["id"], "edges", training)
+        seism = seg2bmap(label_map(root, s["id"]))
+        assert scored.dtype == torch.float32 and scored.shape == training.shape
+        assert np.array_equal(scored[0].numpy() > 0, seism) and set(torch.unique(scored).tolist()) == {0.0, 1.0}
+        assert not torch.equal(scored, training)  # the training target keeps the thinned Laplacian
+        for task in ("semseg", "saliency"):
+            target = unpad(s[task], s["size"])
+            assert ds.eval_target(s["id"], task, target) is target
 
 
 def test_subset_manifest_keeps_the_listed_ids_in_order(root, tmp_path):

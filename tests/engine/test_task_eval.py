@@ -11,11 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from PIL import Image
 
 from sak.cli import main
 from sak.data.fixtures import write_pascal_context
+from sak.data.pascal_context import edges_from_label_map
 from sak.engine import train
 from sak.engine.predictions import (
     PredictionError,
@@ -25,6 +27,8 @@ from sak.engine.predictions import (
     read_prediction,
     write_predictions,
 )
+from sak.metrics import build_metric
+from sak.metrics.boundary import seg2bmap
 
 from ..conftest import REPO
 
@@ -195,6 +199,19 @@ def test_scoring_the_saved_files_reproduces_the_in_memory_numbers_exactly(evalua
     files = json.loads(out.read_text())
     assert files["tasks"] == result["tasks"], "file scoring must equal in-memory scoring bit for bit"
     assert files["delta_m"] == result["delta_m"] and files["n_images"] == 5
+
+
+def test_pascal_boundaries_are_scored_against_seism_seg2bmap_of_the_label_map(evaluated, trained):
+    result, preds = evaluated
+    _, _, root = trained
+    seism, training = build_metric("edges", "pascal_context"), build_metric("edges", "pascal_context")
+    for sample_id in (root / "ImageSets" / "Context" / "val.txt").read_text().split():
+        labels = scipy.io.loadmat(root / "pascal-context" / "trainval" / f"{sample_id}.mat")["LabelMap"]
+        pred = read_prediction(preds, "edges", sample_id, labels.shape)[None]
+        seism.update(pred, torch.from_numpy(seg2bmap(labels).astype(np.float32))[None, None])
+        training.update(pred, torch.from_numpy(edges_from_label_map(labels))[None, None])
+    assert result["tasks"]["edges"] == seism.compute()
+    assert result["tasks"]["edges"] != training.compute()
 
 
 @pytest.mark.parametrize("problem", ["missing", "wrong size"])

@@ -105,6 +105,19 @@ def test_seg2bmap_by_hand():
     assert np.array_equal(seg2bmap(labels), expected)
 
 
+def test_seg2bmap_ignores_seism_relabelling_of_connected_regions():
+    """SEISM scores seg2bmap(relabel(labels)); relabel numbers the 4-connected regions, which cannot
+    change seg2bmap, so sak applies seg2bmap to the label map as it is."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 3, size=rng.integers(2, 12, size=2))
+        regions = np.zeros(labels.shape, dtype=np.int64)
+        for value in np.unique(labels):
+            found = ndimage.label(labels == value)[0]  # 4-connectivity
+            regions[found > 0] = found[found > 0] + regions.max()
+        assert np.array_equal(seg2bmap(regions), seg2bmap(labels))
+
+
 def test_disc_offsets():
     assert len(disc_offsets(1.0)) == 5
     assert len(disc_offsets(0.0075 * math.hypot(200, 200))) == 13  # 2.12 px: up to (2, 0) and (1, 1)
