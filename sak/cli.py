@@ -124,10 +124,21 @@ def _model(args) -> int:
 def _cache(args) -> int:
     from pathlib import Path
 
-    from .engine.cache import build_cache
+    from .engine.cache import CacheError, build_cache, check_build_options
 
+    try:
+        check_build_options(args.views, args.augment, args.dtype, args.shard_size, args.batch_size)
+    except ValueError as exc:
+        print(f"sak cache build: {exc}", file=sys.stderr)
+        return 2
     recipe = load_recipe(args.recipe, args.overrides)
-    out = build_cache(recipe, Path(args.out), args.views, args.augment, args.dtype, args.shard_size, args.batch_size)
+    try:
+        out = build_cache(
+            recipe, Path(args.out), args.views, args.augment, args.dtype, args.shard_size, args.batch_size
+        )
+    except CacheError as exc:  # another cache in --out, a damaged manifest or shard: the message says what to do
+        print(f"sak: {exc}", file=sys.stderr)
+        return 2
     print(f"teacher-feature cache ready: {out}/ (use it with cache.path={out})")
     return 0
 
@@ -215,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", required=True)
-    p.add_argument("--views", type=int, default=1, help="augmented views per sample (training epoch e uses e %% views)")
+    p.add_argument("--views", type=int, default=1,
+                   help="augmented views per sample, with --augment (training epoch e uses e %% views)")  # fmt: skip
     p.add_argument("--augment", action="store_true", help="store the training augmentation's views")
     p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16")
     p.add_argument("--shard-size", type=int, default=256)

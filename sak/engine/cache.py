@@ -1,24 +1,28 @@
 """Teacher-feature cache: run the teachers once over a dataset, train from the stored outputs.
 
 Layout of a cache directory:
-    manifest.json                 identity (what the features depend on), shapes, shard list + sha256
+    manifest.json                 status ("building" until the last shard is written, then "complete"),
+                                  identity (what the features depend on), layout, shapes, shard list + sha256
     view{v}/shard{k:05d}.safetensors   per teacher and level: features (S, C, h, w) in fp16, or int8 plus
-                                  per-(sample, channel) float32 scales; S samples per shard
+                                  per-(sample, channel) float32 scales; S samples per shard; each shard's
+                                  metadata carries the digest of the identity and shard size it was built for
 
 Augmentation is handled by storing `views` augmented views of every sample: view v is the dataset's
 training augmentation at epoch v (augmentation is a function of (seed, epoch, index)). Training at
 epoch e reads view e % views, and the dataset is told the same epoch, so the student sees exactly
-the image the cached features were computed from. With `views: 1` and `augment: false` the cache
-holds the un-augmented images. The price: `views` different augmentations instead of one per epoch.
+the image the cached features were computed from. Without `augment` the cache holds one view, of the
+un-augmented images. The price: `views` different augmentations instead of one per epoch.
 
-A cache is refused, with the differing fields named, when the recipe's teachers or data differ from
-those it was built with; a shard whose bytes do not match its sha256 is refused as corrupt.
-Building is resumable (finished shards are kept) and runs on N processes (shard k on process
-k % N).
+A cache is refused, with the differing fields named, when the recipe's teachers or data (their sample
+count and ids included) differ from those it was built with; a shard whose bytes do not match its sha256
+is refused as corrupt. Building is resumable (finished shards are kept, once the manifest written before
+the first shard shows that they were built for the same identity and layout) and runs on N processes
+(shard k on process k % N).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,82 +40,188 @@ from ..config import Recipe
 from ..teachers import Teacher, TeacherOutput
 from ..teachers.weights import sha256_of
 
-FORMAT = 1
+FORMAT = 2  # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
+REBUILD = "rebuild it with `sak cache build RECIPE [overrides] --out DIR` into a new directory (or delete {root} first)"
 
 
 class CacheError(RuntimeError):
     """A cache that does not match the recipe, or whose files are damaged."""
 
 
-def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str) -> dict:
-    """Everything the cached features depend on (the teachers' run-time precision too: bf16 teachers give
-    other features than float32 ones)."""
+def training_dataset(recipe: Recipe, augment: bool):
+    """The dataset the training loader reads, built by `build_loader` itself (the recipe's tasks, subset and
+    seed): with the training augmentation, PASCAL-Context and NYUD choose their crops from the semseg labels
+    when those are loaded, so a dataset built without the recipe's tasks would give other images."""
+    from .build import build_loader
+
+    return build_loader(recipe, recipe.data.split, train=False, augment=augment).dataset.dataset
+
+
+def ids_digest(dataset) -> str | None:
+    """sha256 of the dataset's ordered sample ids: an image added, removed or renamed shifts the indices
+    the cache is read by. None for a (plug-in) dataset without an `ids` list: its count is still checked."""
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return None
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
+
+
+def _json(value):
+    """As the manifest stores it (tuples become lists), so that a built identity equals its stored copy."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _teacher_identity(teacher: Teacher, config) -> dict:
+    """The teacher's metadata (name, source, weights and digest, levels, mean/std, resize, extra...) and all
+    of its options, defaults filled in. No option is left out: one that changes no output bit (a pure speed
+    switch) is rare, and including it costs at worst a rebuild, where leaving out one that matters trains on
+    wrong targets (SAM's `fused_attention` computes the same function with other kernels, not the same bits)."""
+    from ..config import build_options
+
+    options = None
+    if config is not None:
+        built = build_options(type(teacher), config.options, where=f"teacher {config.id!r}")
+        options = dataclasses.asdict(built) if dataclasses.is_dataclass(built) else config.options
+    meta = teacher.meta.as_dict()
+    return {**meta, "input_size": teacher.input_size, "normalization": teacher.spec.normalization, "options": options}
+
+
+def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str,
+             dataset=None) -> dict:  # fmt: skip
+    """Everything the cached features depend on, JSON-normalised: the teachers (metadata and options), their
+    run-time precision (bf16 teachers give other features than float32 ones), and the data, with its sample
+    count and ordered ids; with `augment`, the recipe's task names too (they choose the training crops).
+    `dataset`: the training dataset (`training_dataset`), built here when not given."""
     from .build import teacher_dtype  # (imported here, as build_teachers below, to keep this module light)
 
+    if dataset is None:
+        dataset = training_dataset(recipe, augment)
     d = recipe.data
-    return {
+    data = {
+        "name": d.name,
+        "root": d.root,
+        "split": d.split,
+        "image_size": d.image_size,
+        "options": d.options,
+        "subset": d.subset,
+        "seed": recipe.run.seed,
+        "samples": len(dataset),
+        "ids_sha256": ids_digest(dataset),
+    }
+    if augment:
+        data["tasks"] = [t.name for t in recipe.tasks]
+    configs = {t.id: t for t in recipe.teachers}
+    ident = {
         "format": FORMAT,
         "dtype": dtype,
         "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch.")
         + (" (weights cast)" if recipe.precision.teacher_weights == "cast" else ""),
         "views": views,
         "augment": augment,
-        "data": {
-            "name": d.name,
-            "root": d.root,
-            "split": d.split,
-            "image_size": d.image_size,
-            "options": d.options,
-            "subset": d.subset,
-            "seed": recipe.run.seed,
-        },  # fmt: skip
-        "teachers": {
-            tid: {
-                "name": t.meta.name,
-                "source": t.meta.source,
-                "weights": t.meta.weights,
-                "sha256": t.meta.sha256,
-                "levels": list(t.meta.levels),
-                "input_size": t.input_size,
-                "normalization": t.spec.normalization,
-                "mean": list(t.meta.mean),
-                "std": list(t.meta.std),
-                "num_params": t.meta.num_params,
-            }  # fmt: skip
-            for tid, t in teachers.items()
-        },
+        "data": data,
+        "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
     }
+    return _json(ident)
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(a: dict, b: dict, prefix: str = "", theirs: str = "recipe gives") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{key}.")
+            out += _diff(x, y, f"{prefix}{key}.", theirs)
         elif x != y:
-            out.append(f"{prefix}{key}: cache has {x!r}, recipe gives {y!r}")
+            out.append(f"{prefix}{key}: cache has {x!r}, {theirs} {y!r}")
     return out
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(S, C, h, w) float -> int8 values and float16 scales (S, C): x ~ q * scale, |error| <= scale / 2.
+    """(S, C, h, w) float -> int8 values and float32 scales (S, C): x ~ q * scale, |error| <= scale / 2.
 
-    The scale is rounded up to float16 (so max |x| / scale <= 127 still holds): 2 bytes per channel
-    keep int8 storage near 25% of float32 even for small maps."""
-    x = x.contiguous()  # teachers may hand out channels-last or permuted views (timm's SAM does)
-    amax = x.abs().amax(dim=(2, 3)).float().clamp_min(1e-8)
-    scale = (amax / 127.0 * (1 + 2**-10)).half()  # fp16 rounding moves by at most 2^-11: never below amax / 127
-    q = torch.round(x.float() / scale.float()[:, :, None, None]).clamp(-127, 127).to(torch.int8)
+    Scales are float32: float16 ones underflowed to 0 for channels below ~7.6e-6 (all read back as 0),
+    were subnormal, i.e. coarser than amax / 127, up to ~7.5e-4, and overflowed above ~8.3e6. Their 4 bytes
+    per channel keep int8 near 25% of float32 at real map sizes (27% at 8 x 8, 31% at 4 x 4). An all-zero
+    channel gets scale 0 and q 0, so it reads back exactly 0."""
+    x = x.contiguous().float()  # teachers may hand out channels-last or permuted views (timm's SAM does)
+    amax = x.abs().amax(dim=(2, 3))
+    # a non-zero channel's step is kept a normal float32 so that x / step is exact to float32 rounding
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, amax.clamp_min(127 * tiny) / 127, torch.zeros_like(amax))
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero channels: 0 / 1 = 0, not 0 / 0
+    q = torch.round(x / divisor[:, :, None, None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a crash right after os.replace could otherwise lose it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_manifest(manifest: dict, path: Path) -> None:
+    """Written as the shards are: to a temporary name, synced, renamed, the rename synced."""
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_manifest(path: Path) -> dict:
+    """A cache's manifest.json; a truncated or invalid one is a CacheError naming the file."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path} is not a valid cache manifest ({exc}); {REBUILD.format(root=path.parent)}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("identity"), dict):
+        raise CacheError(f"{path} is not a valid cache manifest (no identity); {REBUILD.format(root=path.parent)}")
+    return manifest
+
+
+def _stamp(ident: dict, shard_size: int) -> str:
+    """Digest of what a shard's bytes depend on, stored in the shard itself: a shard left by another build
+    (another recipe, or another --shard-size) is recognised even when no manifest says so."""
+    text = json.dumps({"identity": ident, "shard_size": shard_size}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_kept_shards(out: Path, stamp: str) -> None:
+    """Refuse a directory holding shards of another build, whether or not its manifest survived."""
+    for path in sorted(out.glob("view*/shard*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = (f.metadata() or {}).get("sak_cache")
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise CacheError(f"cache {out}: shard {path} cannot be read ({exc}); delete it to build it again") from exc
+        if found != stamp:
+            raise CacheError(f"cache {out}: shard {path} was written by another build (other teachers, data, "
+                             f"dtype, views or --shard-size), its features cannot be reused; {REBUILD.format(root=out)}")  # fmt: skip
+
+
+def check_build_options(views: int, augment: bool, dtype: str, shard_size: int, batch_size: int) -> None:
+    """Refuse settings that cannot give a usable cache (ValueError), before anything is built."""
+    if dtype not in ("fp16", "int8"):
+        raise ValueError(f"cache dtype must be fp16 or int8, got {dtype!r}")
+    for name, value in (("views", views), ("shard size", shard_size), ("batch size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"cache {name} must be a positive integer, got {value!r}")
+    if views > 1 and not augment:
+        raise ValueError(f"{views} views without augment would be {views} copies of the same un-augmented "
+                         "features; add --augment (view v = the training augmentation at epoch v) or use --views 1")  # fmt: skip
 
 
 @dataclass
@@ -131,38 +241,48 @@ class CachePlan:
 
 def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False, dtype: str = "fp16",
                 shard_size: int = 256, batch_size: int = 16) -> Path:  # fmt: skip
-    """Compute and store every teacher's output for the recipe's training split (resumable, N processes)."""
+    """Compute and store every teacher's output for the recipe's training split (resumable, N processes).
+
+    Resuming into a directory that holds (part of) another cache, i.e. another identity, shard size or
+    sample count, is a CacheError naming the differences: its shards would be kept by name otherwise."""
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from ..data import DatasetSpec, build_dataset
     from .build import build_teachers, teacher_dtype
 
-    if dtype not in ("fp16", "int8"):
-        raise ValueError(f"cache dtype must be fp16 or int8, got {dtype!r}")
+    check_build_options(views, augment, dtype, shard_size, batch_size)
+    out = Path(out)
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
-    ident = identity(recipe, teachers, views, augment, dtype)
-    d = recipe.data
-    spec = DatasetSpec(root=d.root, split=d.split, image_size=d.image_size, tasks=(), train=augment,
-                       seed=recipe.run.seed, subset=d.subset)  # fmt: skip
-    dataset = build_dataset(d.name, spec, d.options)
+    dataset = training_dataset(recipe, augment)
+    ident = identity(recipe, teachers, views, augment, dtype, dataset)
     plan = CachePlan(out, len(dataset), shard_size, views)
+    layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
-    if state.is_main_process:
+    stamp = _stamp(ident, shard_size)
+    if manifest_path.exists():  # every process checks, so that every process stops
+        old = load_manifest(manifest_path)
+        differences = _diff({k: old.get(k) for k in layout}, layout, theirs="this build gives")
+        if differences:
+            what = "an unfinished cache" if old.get("status") == "building" else "a cache"
+            raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
+                             + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
+    _check_kept_shards(out, stamp)
+    state.wait_for_everyone()
+    shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
+    level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
+    manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims}
+    if state.is_main_process:  # before the first shard: a resumed build can tell whose shards it finds
         out.mkdir(parents=True, exist_ok=True)
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
-            if old["identity"] != ident:
-                raise CacheError(f"{out} holds a different cache: " + "; ".join(_diff(old["identity"], ident)))
+        _write_manifest(manifest, manifest_path)
     state.wait_for_everyone()
     mine = [s for i, s in enumerate(plan.shards()) if i % state.num_processes == state.process_index]
     tdtype = teacher_dtype(recipe)
     for view, shard in tqdm(mine, desc="cache shards", disable=not state.is_main_process):
         path = plan.path(view, shard)
         if path.exists():
-            continue  # finished by an earlier (interrupted) build
+            continue  # finished by an earlier (interrupted) build of the same cache (checked above)
         path.parent.mkdir(parents=True, exist_ok=True)
         dataset.set_epoch(view)
         indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(dataset))))
@@ -179,17 +299,11 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
                 tensors[key] = feats.half().contiguous()
             else:
                 tensors[key], tensors[f"{key}/scale"] = quantize(feats)
-        _atomic_save(tensors, path)
+        _atomic_save(tensors, path, metadata={"sak_cache": stamp})
     state.wait_for_everyone()
     if state.is_main_process:
         shards = {f"view{v}/shard{k:05d}": sha256_of(plan.path(v, k)) for v, k in plan.shards()}
-        shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
-        level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
-        manifest = {"identity": ident, "samples": len(dataset), "shard_size": shard_size, "shards": shards,
-                    "shapes": shapes, "level_dims": level_dims}  # fmt: skip
-        tmp = manifest_path.with_suffix(".partial")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, manifest_path)
+        _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
     state.wait_for_everyone()
     return out
 
@@ -204,9 +318,13 @@ class FeatureCache:
         if not manifest.is_file():
             raise CacheError(f"{self.root} is not a complete teacher-feature cache (no manifest.json); "
                              "build it with `sak cache build RECIPE --out DIR`")  # fmt: skip
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = load_manifest(manifest)
+        if self.manifest.get("status", "complete") != "complete":  # (format 1 wrote its manifest only when done)
+            raise CacheError(f"{self.root} is an unfinished teacher-feature cache (its build stopped before the "
+                             f"last shard); run the same `sak cache build ... --out {self.root}` again to finish it")  # fmt: skip
         ident = self.manifest["identity"]
         self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
+        self.samples = self.manifest["samples"]
         self.teachers = list(self.manifest["level_dims"])
         self.dtype = ident["dtype"]
         self._open: dict[str, object] = {}
@@ -218,10 +336,12 @@ class FeatureCache:
         return {**self.__dict__, "_open": {}}
 
     def check(self, expected_identity: dict) -> None:
-        """Refuse a cache built for other teachers or data, naming every field that differs."""
+        """Refuse a cache built for other teachers or data (its sample count and ids included), naming every
+        field that differs."""
         built = self.manifest["identity"]
         if built != expected_identity:
-            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(built, expected_identity)))
+            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(built, expected_identity))
+                             + f"; {REBUILD.format(root=self.root)}")  # fmt: skip
 
     def verify_all(self) -> None:
         """Check every shard's sha256 now, once: DataLoader workers are rebuilt every epoch and would
@@ -246,7 +366,10 @@ class FeatureCache:
 
     def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
         """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype:
-        "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale" (C,) fp16."""
+        "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale" (C,) float32."""
+        if not 0 <= int(index) < self.samples:
+            raise CacheError(f"cache {self.root}: sample index {index} is out of range: the cache holds "
+                             f"{self.samples} samples (built for another dataset?); {REBUILD.format(root=self.root)}")  # fmt: skip
         shard, row = divmod(int(index), self.shard_size)
         f = self._file(epoch % self.views, shard)
         out = {}

@@ -2,15 +2,22 @@
 and training from it matches training with online teachers."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 from safetensors.torch import load_file
 
+import sak.engine.cache as cache_module
+from sak.cli import main
+from sak.data import DatasetSpec, build_dataset
+from sak.data.fixtures import write_pascal_context
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
-from sak.engine.cache import CacheError, FeatureCache, build_cache, quantize
+from sak.engine.cache import CacheError, FeatureCache, build_cache, identity, quantize
 from sak.engine.trainer import open_cache
 
 
@@ -29,14 +36,31 @@ def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_p
             assert torch.equal(a, b.half().float())
 
 
-def test_int8_is_within_half_a_step_and_under_30_percent_of_fp32(tiny_recipe, tmp_path):
-    x = torch.randn(3, 8, 4, 4) * torch.linspace(0.1, 10, 8)[None, :, None, None]
+def test_int8_is_within_half_a_step_at_every_magnitude_and_under_30_percent_of_fp32(tiny_recipe, tmp_path):
+    """float32 scales: no channel underflows to a zero scale or overflows to an infinite one (float16 scales
+    did below ~7.6e-6 and above ~8.3e6), and all-zero channels read back exactly 0 with no NaN on the way."""
+    magnitudes = torch.cat([torch.logspace(-30, 30, 61), torch.tensor([1e-6, 7.5e-6, 3e-5, 7.5e-4, 1e7, 1e10])])
+    x = torch.randn(3, len(magnitudes), 4, 4, generator=torch.Generator().manual_seed(0)) * magnitudes[:, None, None]
+    x = torch.cat([x, torch.zeros(3, 2, 4, 4)], 1)  # two all-zero channels
+    x[1, 0] = 0  # and one zero channel among tiny ones
     q, scale = quantize(x)
-    step = scale.float()[:, :, None, None]
-    assert scale.dtype == torch.float16 and (q.float() * step - x).abs().le(step / 2 + 1e-6).all()
-    recipe = tiny_recipe("data.options.length=8")
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.isfinite().all()
+    back = q.float() * scale[:, :, None, None]
+    assert back.isfinite().all()
+    zero = x.abs().amax((2, 3)) == 0
+    assert (scale[zero] == 0).all() and (back[zero] == 0).all()
+    assert (scale[~zero] > 0).all()
+    # half a step, up to one float32 rounding of the value itself (no absolute slack: it would hide tiny channels)
+    error = (back - x).abs()
+    assert error.le(scale[:, :, None, None] / 2 + x.abs() * 2**-23).all()
+    amax = x.abs().amax((2, 3))
+    assert (error.amax((2, 3))[~zero] / amax[~zero]).max() <= 1 / 254 * (1 + 2**-20)
+    # the size target at 8 x 8 maps: (64 + 4) / 256 = 27% of float32 (the 4 x 4 maps of the tiny teachers'
+    # default size would give (16 + 4) / 64 = 31%, which real teachers' maps, 14 x 14 and larger, never are)
+    recipe = tiny_recipe("data.options.length=8", "teachers.0.image_size=112", "teachers.1.image_size=128")
     root = build_cache(recipe, tmp_path / "q", dtype="int8", shard_size=8)
     stored = load_file(str(root / "view0" / "shard00000.safetensors"))
+    assert {tuple(t.shape[-2:]) for k, t in stored.items() if not k.endswith("/scale")} == {(8, 8)}
     int8_bytes = sum(t.numel() * t.element_size() for t in stored.values())
     fp32_bytes = sum(t.numel() * 4 for k, t in stored.items() if not k.endswith("/scale"))
     assert int8_bytes <= 0.30 * fp32_bytes
@@ -115,3 +139,210 @@ def test_loader_workers_read_the_cache_exactly_as_the_training_process(tiny_reci
     with pytest.raises(CacheError, match="shard view1/shard00001 is corrupt"):
         train(bad)
     assert not (bad.run_dir / "metrics.jsonl").exists() or "loss" not in (bad.run_dir / "metrics.jsonl").read_text()
+
+
+def _crash_after(monkeypatch, shards: int) -> None:
+    """Make build_cache stop (as a killed process would) once `shards` shards are written."""
+    save, written = cache_module._atomic_save, []
+
+    def crash(tensors, path, **kwargs):
+        if len(written) == shards:
+            raise KeyboardInterrupt("simulated crash")
+        save(tensors, path, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(cache_module, "_atomic_save", crash)
+
+
+def test_an_interrupted_build_is_resumed_only_with_the_same_recipe(tiny_recipe, tmp_path, monkeypatch):
+    """The manifest is written, "building", before the first shard: resuming with another recipe (here another
+    seed: other random teachers and other images) is refused instead of keeping the other build's shard."""
+    a, b = tiny_recipe("data.options.length=8"), tiny_recipe("data.options.length=8", "run.seed=1")
+    root = tmp_path / "c"
+    _crash_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(a, root, shard_size=4)
+    monkeypatch.undo()
+    assert json.loads((root / "manifest.json").read_text())["status"] == "building"
+    with pytest.raises(CacheError, match="unfinished teacher-feature cache"):
+        FeatureCache(root)  # an unfinished build is not read
+    with pytest.raises(
+        CacheError, match=rf"{root} holds an unfinished cache .*data\.seed: cache has 0, this build gives 1"
+    ):
+        build_cache(b, root, shard_size=4)
+    # without its manifest, the shard still says which build it belongs to
+    (root / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"shard00000\.safetensors was written by another build"):
+        build_cache(b, root, shard_size=4)
+    kept = root / "view0" / "shard00000.safetensors"
+    before = kept.stat().st_mtime_ns
+    build_cache(a, root, shard_size=4)  # the same recipe resumes and keeps the finished shard
+    assert kept.stat().st_mtime_ns == before
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["shards"]) == 2
+    set_seed(a.run.seed)
+    open_cache(tiny_recipe("data.options.length=8", f"cache.path={root}"), build_teachers(a, torch.device("cpu")))
+
+
+def test_rebuilding_with_another_shard_size_or_sample_count_is_refused(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("data.options.length=8")
+    root = build_cache(recipe, tmp_path / "c", shard_size=4)
+    with pytest.raises(
+        CacheError, match=r"holds a cache built with other settings.*shard_size: cache has 4, this build gives 2"
+    ):
+        build_cache(recipe, root, shard_size=2)
+    with pytest.raises(
+        CacheError, match=r"identity\.data\.samples: cache has 8, this build gives 10.*samples: cache has 8"
+    ):
+        build_cache(tiny_recipe("data.options.length=10"), root, shard_size=4)
+    assert sorted(p.name for p in (root / "view0").iterdir()) == ["shard00000.safetensors", "shard00001.safetensors"]
+
+
+def test_every_teacher_option_and_its_metadata_are_in_the_identity(tiny_recipe, tmp_path):
+    """A ViT with 4 heads instead of 2 has the same parameter count and levels but other outputs; CLIP's
+    center_crop changes its preprocessing. Both used to give the same identity."""
+    common = ["data.options.length=4"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
+    heads = tiny_recipe(*common, "teachers.1.options.model_kwargs.num_heads=4", f"cache.path={root}")
+    set_seed(heads.run.seed)
+    with pytest.raises(CacheError, match=r"stale cache .*teachers\.vit_b\.options\.model_kwargs\.num_heads: cache has 2, "
+                                         r"recipe gives 4.*rebuild it with `sak cache build"):  # fmt: skip
+        open_cache(heads, build_teachers(heads, torch.device("cpu")))
+
+    clip = ["teachers.0.name=clip", "teachers.0.key=clip", "teachers.0.options={source: timm, model: vit_base_patch16_clip_224, "
+            "model_kwargs: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 64}}"]  # fmt: skip
+
+    def ident(*overrides):
+        recipe = tiny_recipe(*common, *clip, *overrides)
+        set_seed(recipe.run.seed)
+        return identity(recipe, build_teachers(recipe, torch.device("cpu")), 1, False, "fp16")
+
+    default, cropped = ident(), ident("teachers.0.options.center_crop=true")
+    assert default["teachers"]["clip"]["options"]["center_crop"] is False
+    assert cropped["teachers"]["clip"]["options"]["center_crop"] is True
+    assert cropped["teachers"]["clip"]["extra"]["center_crop"] is True  # the teacher's metadata is there too
+    assert ident("teachers.0.options.center_crop=false") == default  # a default written out changes nothing
+
+
+def test_an_augmented_cache_crops_as_training_does_with_the_recipes_tasks(tiny_recipe, tmp_path):
+    """PASCAL-Context picks its training crop with the semseg labels (cat_max_ratio) when they are loaded:
+    the cache must load them as training does, or its views are of other crops."""
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=4, n_val=1, size=(48, 64))
+    common = [
+        "data.name=pascal_context",
+        f"data.root={data}",
+        "data.options={}",
+        "tasks=[{name: semseg, channels: 21}]",
+    ]
+    recipe = tiny_recipe(*common)
+
+    def images(tasks, epoch):
+        spec = DatasetSpec(root=str(data), split="train", image_size=64, tasks=tasks, train=True, seed=0)
+        dataset = build_dataset("pascal_context", spec, {})
+        dataset.set_epoch(epoch)
+        return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+    assert not torch.equal(images((), 0), images(("semseg",), 0))  # the labels do move this fixture's crops
+    root = build_cache(recipe, tmp_path / "c", views=2, augment=True, shard_size=4)
+    cache = FeatureCache(root)
+    set_seed(recipe.run.seed)
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    loader = build_loader(recipe, recipe.data.split, train=True, augment=True)  # as the trainer builds it
+    loader.dataset.views = cache.views
+    for epoch in range(2):
+        loader.dataset.set_epoch(epoch)
+        batch = [loader.dataset[i] for i in range(4)]
+        got = cache.lookup([s["index"] for s in batch], epoch=epoch)
+        for tid, teacher in teachers.items():
+            online = teacher.encode(torch.stack([s["image"] for s in batch]))
+            for a, b in zip(got[tid].levels, online.levels, strict=True):
+                assert torch.equal(a, b.half().float())
+    assert cache.manifest["identity"]["data"]["tasks"] == ["semseg"]
+    other = tiny_recipe(*common, "tasks=[{name: semseg, channels: 21}, {name: saliency}]", f"cache.path={root}")
+    with pytest.raises(CacheError, match=r"data\.tasks: cache has \['semseg'\], recipe gives \['semseg', 'saliency'\]"):
+        open_cache(other, teachers)
+
+
+def test_the_datasets_samples_and_ids_are_in_the_identity(tiny_recipe, tmp_path):
+    """An image added to (or renamed in) a folder shifts the indices the cache is read by."""
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def image(name):
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / name)
+
+    for i in range(1, 5):
+        image(f"im{i}.png")
+    common = ["data.name=image_folder", f"data.root={folder.parent}", "data.options={}"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
+    recipe = tiny_recipe(*common, f"cache.path={root}")
+    set_seed(recipe.run.seed)
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    open_cache(recipe, teachers)  # unchanged: accepted
+    (folder / "im4.png").rename(folder / "im0.png")  # same count, another order
+    with pytest.raises(CacheError, match=r"stale cache .*data\.ids_sha256: cache has '[0-9a-f]{64}'"):
+        open_cache(recipe, teachers)
+    image("im5.png")
+    with pytest.raises(CacheError, match=r"data\.samples: cache has 4, recipe gives 5"):
+        open_cache(recipe, teachers)
+    with pytest.raises(CacheError, match=rf"cache {root}: sample index 4 is out of range: the cache holds 4 samples"):
+        FeatureCache(root).rows(4, epoch=0)
+
+
+def test_a_short_last_shard_is_read_to_its_end_and_no_further(tiny_recipe, tmp_path):
+    root = build_cache(tiny_recipe("data.options.length=6"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    assert cache.rows(5, epoch=0)["vit_a/0"].shape == (48, 4, 4)
+    with pytest.raises(CacheError, match="sample index 6 is out of range: the cache holds 6 samples"):
+        cache.rows(6, epoch=0)
+
+
+def test_the_manifest_is_synced_and_a_damaged_one_is_named(tiny_recipe, tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(cache_module.os, "fsync", record)
+    recipe = tiny_recipe("data.options.length=4")
+    root = build_cache(recipe, tmp_path / "c", shard_size=4)
+    monkeypatch.undo()
+    assert str(root / "manifest.partial") in synced and str(root) in synced  # the file, then its rename
+    manifest = root / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])  # truncated
+    with pytest.raises(CacheError, match=rf"{manifest} is not a valid cache manifest"):
+        FeatureCache(root)
+    with pytest.raises(CacheError, match=rf"{manifest} is not a valid cache manifest"):
+        build_cache(recipe, root, shard_size=4)
+
+
+def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("data.options.length=4")
+    with pytest.raises(ValueError, match="4 views without augment would be 4 copies"):
+        build_cache(recipe, tmp_path / "a", views=4)
+    with pytest.raises(ValueError, match="cache views must be a positive integer, got 0"):
+        build_cache(recipe, tmp_path / "b", views=0, augment=True)
+    with pytest.raises(ValueError, match="cache shard size must be a positive integer, got 0"):
+        build_cache(recipe, tmp_path / "c", shard_size=0)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_path, capsys):
+    from tests.conftest import TINY
+
+    out = tmp_path / "c"
+    command = ["cache", "build", str(TINY), f"run.output_dir={tmp_path}", "data.options.length=4", "--out", str(out)]
+    for bad, message in ((["--views", "0"], "views must be a positive integer"),
+                         (["--shard-size", "0"], "shard size must be a positive integer"),
+                         (["--views", "4"], "add --augment")):  # fmt: skip
+        assert main([*command, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*command, "--shard-size", "4"]) == 0
+    capsys.readouterr()
+    assert main([*command, "--shard-size", "2"]) == 2  # a CacheError, printed without a traceback
+    err = capsys.readouterr().err
+    assert err.startswith(f"sak: {out} holds a cache") and "shard_size: cache has 4, this build gives 2" in err
+    assert "Traceback" not in err
