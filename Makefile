@@ -40,6 +40,7 @@ format: setup
 bench: setup
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.step_traffic > /dev/null
+	$(PY) -m benchmarks.framework_overhead > /dev/null
 
 clean:
 	rm -rf $(VENV) runs demo-report .pytest_cache

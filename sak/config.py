@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import re
 import types
 import typing
@@ -159,7 +160,7 @@ class CheckpointConfig:
     every: int = 0  # optimiser steps between checkpoints; 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (latest in the run directory), never, or a checkpoint directory
-    init_from: str | None = None  # a checkpoint or exported model whose student weights start stage 2
+    init_from: str | None = None  # a run, checkpoint or its model.safetensors whose student starts stage 2
 
 
 @dataclass
@@ -300,12 +301,31 @@ def build_options(owner: type, options: dict, where: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 # overrides, imports, loading and validation
 # ----------------------------------------------------------------------------------------------
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data, no tags that run code) that refuses a key given twice in one mapping:
+    PyYAML would keep the last silently, e.g. a second `optim:` section replacing the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def apply_override(data: dict, override: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML; list items addressed by index: teachers.0.weights)."""
     if "=" not in override:
         raise RecipeError(f"override {override!r} is not of the form key.path=value")
     path, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({exc})") from None
     keys = path.strip().split(".")
     node: Any = data
     for i, key in enumerate(keys):
@@ -324,7 +344,9 @@ def apply_override(data: dict, override: str) -> None:
         if last:
             node[key] = value
         else:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or a section left empty in the file (`cache:`)
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
 
@@ -342,6 +364,23 @@ def _import_builtins() -> None:
     # The built-in registries fill at import; importing here keeps `sak.config` light for callers.
     for module in ("sak.teachers", "sak.tasks", "sak.data", "sak.losses", "sak.student"):
         importlib.import_module(module)
+
+
+def _check_keywords(fn, options: dict, where: str) -> None:
+    """`options` must be keyword arguments `fn` (a registered class) accepts: a wrong key is an error here,
+    with the accepted ones listed, not a TypeError when the run builds it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to check against (a C extension, say)
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options or {}:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"unknown key {where}.{key}{hint} valid keys here: {', '.join(accepted) or '(none)'}")
 
 
 def validate(recipe: Recipe) -> None:
@@ -371,8 +410,12 @@ def validate(recipe: Recipe) -> None:
         if t.id in seen:
             raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")
         seen.add(t.id)
+    names = set()
     for i, task in enumerate(recipe.tasks):
         check(TASKS, task.name, f"tasks[{i}].name")
+        if task.name in names:
+            raise RecipeError(f"tasks[{i}]: the task {task.name!r} is listed twice; give each task once")
+        names.add(task.name)
     p = recipe.precision
     if p.teacher_weights == "cast" and p.teacher_precision in ("no", "fp32"):
         raise RecipeError(
@@ -382,15 +425,36 @@ def validate(recipe: Recipe) -> None:
         )
     dataset = check(DATASETS, recipe.data.name, "data.name")
     build_options(dataset, recipe.data.options, "data")
-    check(LOSSES, recipe.loss.distill, "loss.distill")
+    _check_keywords(check(LOSSES, recipe.loss.distill, "loss.distill"), recipe.loss.options, "loss.options")
     check(ROUTERS, recipe.student.router, "student.router")
     check(STUDENTS, recipe.student.architecture, "student.architecture")
     s = recipe.schedule
     if (s.max_steps is None) == (s.epochs is None):
         raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")
-    for key, value in (("data.batch_size", recipe.data.batch_size), ("optim.grad_accum", recipe.optim.grad_accum)):
-        if value < 1:
-            raise RecipeError(f"{key}: must be at least 1, got {value}")
+    at_least = {
+        "data.batch_size": (recipe.data.batch_size, 1),
+        "data.image_size": (recipe.data.image_size, 1),
+        "data.num_workers": (recipe.data.num_workers, 0),
+        "optim.grad_accum": (recipe.optim.grad_accum, 1),
+        "optim.max_nonfinite": (recipe.optim.max_nonfinite, 1),
+        "schedule.max_steps": (s.max_steps, 1),
+        "schedule.epochs": (s.epochs, 1),
+        "schedule.warmup_steps": (s.warmup_steps, 0),
+        "schedule.warmup_epochs": (s.warmup_epochs, 0),
+        "eval.every": (recipe.eval.every, 0),
+        "eval.batches": (recipe.eval.batches, 0),
+        "eval.batch_size": (recipe.eval.batch_size, 1),
+        "checkpoint.every": (recipe.checkpoint.every, 0),
+        "checkpoint.keep_last": (recipe.checkpoint.keep_last, 0),
+        "logging.every": (recipe.logging.every, 1),
+        "run.stop_at": (recipe.run.stop_at, 1),
+    }
+    for key, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise RecipeError(f"{key}: must be at least {low}, got {value}")
+    betas = recipe.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if recipe.optim.lr <= 0:
         raise RecipeError(f"optim.lr: must be positive, got {recipe.optim.lr}")
     if recipe.data.prefetch_to_device and recipe.optim.grad_accum != 1:
@@ -408,7 +472,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=StrictLoader) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .engine import train
 
-    train(recipe)
+    try:
+        train(recipe)
+    except RecipeError as exc:  # what only the run can find out, e.g. fp16 asked for on a machine without a GPU
+        print(f"sak: {args.recipe}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -136,3 +136,35 @@ def test_cli_recipe_show_and_check(capsys):
     assert shown["optim"]["lr"] == 0.5 and shown["teachers"][0]["name"] == "timm"
     assert main(["recipe", "check", str(TINY)]) == 0
     assert "ok (2 teacher(s), 0 task(s), stage distill)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logging.every=0", "logging.every: must be at least 1, got 0"),
+        ("checkpoint.every=-3", "checkpoint.every: must be at least 0, got -3"),
+        ("eval.batch_size=0", "eval.batch_size: must be at least 1"),
+        ("schedule.max_steps=-5", "schedule.max_steps: must be at least 1"),
+        ("optim.betas=[0.9]", r"optim.betas: two numbers in \[0, 1\)"),
+        ("loss.options.bogus=1", "unknown key loss.options.bogus.*valid keys here"),
+        ("tasks=[{name: semseg}, {name: semseg}]", r"tasks\[1\]: the task 'semseg' is listed twice"),
+        ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),
+        ("optim.lr=!!python/name:os.system", "not valid YAML"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_with_the_key(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(TINY, [override])
+
+
+def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(TINY.read_text() + "optim: {lr: 1.0}\n")
+    with pytest.raises(RecipeError, match="found the key 'optim' twice"):
+        load_recipe(path)
+
+
+def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
+    path = tmp_path / "empty_section.yaml"
+    path.write_text(TINY.read_text() + "cache:\n")
+    assert load_recipe(path, ["cache.path=/x"]).cache.path == "/x"

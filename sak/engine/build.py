@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -169,9 +171,15 @@ def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
     s = recipe.schedule
     if s.max_steps is not None:
         return s.max_steps
-    return s.epochs * max(1, batches_per_epoch // recipe.optim.grad_accum)
+    return s.epochs * steps_per_epoch(recipe, batches_per_epoch)
+
+
+def steps_per_epoch(recipe: Recipe, batches_per_epoch: int) -> int:
+    """Optimiser steps an epoch takes: Accelerate steps at the end of the loader too, so an epoch whose
+    batches do not divide by optim.grad_accum ends with a step over fewer micro-batches (ceil, not floor)."""
+    return max(1, math.ceil(batches_per_epoch / recipe.optim.grad_accum))
 
 
 def warmup_steps(recipe: Recipe, batches_per_epoch: int) -> int:
     s = recipe.schedule
-    return s.warmup_steps or int(s.warmup_epochs * batches_per_epoch / recipe.optim.grad_accum)
+    return s.warmup_steps or int(s.warmup_epochs * steps_per_epoch(recipe, batches_per_epoch))

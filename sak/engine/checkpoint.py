@@ -4,7 +4,9 @@ A checkpoint is a directory `checkpoints/step_00000042/` holding Accelerate's st
 as safetensors, optimiser, scheduler, every process's RNG states) plus `trainer_state.json` (step,
 epoch, data position), the resolved recipe and the run info. It is written under a `.partial`
 name and renamed only when complete, so a kill at any moment leaves the last good checkpoint as it
-was; older ones are pruned only after the new one exists.
+was; older ones are pruned only after the new one exists. A step saved again (a periodic save followed by
+the stop or final one) replaces its directory by two renames, the old one set aside until the new one is in
+place, so that a kill between them still leaves one complete copy (restored by `clean_partials`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 
 PREFIX = "step_"
 PARTIAL = ".partial"
+REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
 STATE_FILE = "trainer_state.json"
 
 
@@ -36,7 +39,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -84,9 +87,14 @@ def save_checkpoint(
             )
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
-        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        if final.exists():  # the same step saved again: set the old copy aside until the new one is in place
+            aside = root / f"{final.name}{REPLACED}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(partial, final)
+            shutil.rmtree(aside)
+        else:
+            os.replace(partial, final)
         for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -103,7 +111,28 @@ def load_checkpoint(accelerator, path: Path) -> TrainState:
 
 
 def clean_partials(root: Path) -> None:
-    """Remove half-written checkpoints left by a killed run."""
+    """Remove half-written checkpoints left by a killed run; put back a checkpoint that was set aside to be
+    replaced if its replacement never arrived."""
     if root.is_dir():
         for p in root.glob(f"{PREFIX}*{PARTIAL}"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(f"{PREFIX}*{REPLACED}"):
+            final = p.with_name(p.name.removesuffix(REPLACED))
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+
+
+def set_aside(root: Path, folder: str) -> Path | None:
+    """Move every checkpoint under `root` into `root/folder` (a run started afresh in a directory that holds
+    another run's checkpoints: pruning and `resume: auto` would otherwise mix the two runs). Returns the
+    folder, or None when there was nothing to move."""
+    found = checkpoint_dirs(root)
+    if not found:
+        return None
+    target = root / folder
+    target.mkdir(parents=True)
+    for p in found:
+        os.replace(p, target / p.name)
+    return target

@@ -57,7 +57,10 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
 
     Position embeddings of a stem trained at another resolution are resampled to this student's grid."""
     file = student_weights_file(path)
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
+        raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
     resize_position_embeddings(student, state)
     result = student.load_state_dict(state, strict=False)
     if result.unexpected_keys:

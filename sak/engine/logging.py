@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -62,6 +63,15 @@ def flat_config(d: dict, prefix: str = "") -> dict:
     return {k: ("" if v is None else v) for k, v in out.items()}
 
 
+def _step(line: str) -> float:
+    """A metrics.jsonl line's step; a line the interrupted run did not finish writing (a kill, a full disk)
+    counts as after any checkpoint, so it is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class RunLogger:
     """Main-process logging; other processes get a logger that only forwards to the accelerator."""
 
@@ -72,11 +82,7 @@ class RunLogger:
         self.bar = None
         if self.main and self.path.exists():  # a fresh run starts a new file; a resumed one drops what
             # the interrupted run logged after its checkpoint
-            lines = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if start_step and json.loads(ln).get("step", 0) <= start_step
-            ]
+            lines = [ln for ln in self.path.read_text().splitlines() if start_step and _step(ln) <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in lines))
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)

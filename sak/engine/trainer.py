@@ -17,7 +17,14 @@ from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
 from .cache import FeatureCache, identity
-from .checkpoint import TrainState, clean_partials, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    TrainState,
+    clean_partials,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from .evaluate import evaluate
 from .init import init_student_from
 from .logging import RunLogger, run_info
@@ -67,13 +74,14 @@ def skip_first_batches(accelerator: Accelerator, loader, batches: int):
     return skipped
 
 
-def open_cache(recipe: Recipe, teachers: dict) -> FeatureCache | None:
-    """The recipe's teacher-feature cache, checked against the recipe's teachers and data."""
+def open_cache(recipe: Recipe, teachers: dict, dataset=None) -> FeatureCache | None:
+    """The recipe's teacher-feature cache, checked against the recipe's teachers and data. `dataset`: the
+    training dataset, if already built (its sample ids are part of the check; built again otherwise)."""
     if recipe.cache.path is None:
         return None
     cache = FeatureCache(Path(recipe.cache.path))
     built = cache.manifest["identity"]
-    cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"]))
+    cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"], dataset))
     return cache
 
 
@@ -96,9 +104,12 @@ def train(recipe: Recipe) -> dict:
         "recipe.yaml": recipe.to_yaml(),
         "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2),
     }
+    set_aside_to = None
     if accelerator.is_main_process:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         clean_partials(ckpt_root)
+        if recipe.checkpoint.resume == "never":  # a fresh run: another run's checkpoints are kept, out of its way
+            set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
         for name, text in extra_files.items():
             (run_dir / name).write_text(text)
     accelerator.wait_for_everyone()
@@ -113,8 +124,11 @@ def train(recipe: Recipe) -> dict:
     normalizers = build.build_target_normalizers(recipe, teachers)
     if normalizers is not None:
         normalizers.to(accelerator.device)
-    cache = open_cache(recipe, teachers)
-    train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cache and cache.augment)
+    # the manifest says whether the cache holds augmented views, which the training dataset must match; the
+    # whole cache is checked against that dataset (its sample ids included) once it is built
+    cached = FeatureCache(Path(recipe.cache.path)) if recipe.cache.path is not None else None
+    train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cached and cached.augment)
+    cache = open_cache(recipe, teachers, train_loader.dataset.dataset)
     if cache is not None:
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
@@ -138,6 +152,12 @@ def train(recipe: Recipe) -> dict:
     )  # fmt: skip
     tdtype = teacher_dtype(recipe)
 
+    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(tensor, "sum")
+
+    def clip_grad_norm():
+        return accelerator.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
+
     def saved_tensors() -> dict[str, dict]:
         return {} if normalizers is None else {"target_normalizers": normalizers.state_dict()}
 
@@ -159,6 +179,8 @@ def train(recipe: Recipe) -> dict:
     )
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
+    if set_aside_to is not None:
+        logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
 
     if recipe.eval.at_start and state.step == 0:
         logger.log(
@@ -169,7 +191,8 @@ def train(recipe: Recipe) -> dict:
     images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()
-    window: dict[str, torch.Tensor] = {}
+    window: torch.Tensor | None = None  # the step's logged losses, summed over its micro-batches
+    micro = 0  # micro-batches in the window
     tick, compute_time = time.perf_counter(), 0.0
     while state.step < total:
         train_loader.set_epoch(state.epoch)  # the sample order
@@ -189,14 +212,18 @@ def train(recipe: Recipe) -> dict:
                 else:
                     targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:
-                    normalizers.update(targets, reduce=lambda t: accelerator.reduce(t, "sum"))
+                    normalizers.update(targets, reduce=reduce_sum if accelerator.num_processes > 1 else None)
                     targets = normalizers(targets)
                 with accelerator.autocast():
                     out = student(batch["image"])
                 losses = compute_losses(out, targets, batch, tasks, distill_loss, alpha)
                 accelerator.backward(losses.total)
-                for key, value in losses.scalars_tensors().items():
-                    window[key] = window.get(key, 0.0) + value.detach() / recipe.optim.grad_accum
+                # the logged losses of this micro-batch as one tensor: a stack (and with accumulation an add)
+                # whatever the number of terms; a step reduces and reads them once
+                scalars = losses.scalars_tensors()
+                keys = list(scalars)
+                logged = torch.stack(list(scalars.values())).detach().float()
+                window, micro = (logged, 1) if window is None else (window + logged, micro + 1)
             compute_time += time.perf_counter() - batch_arrived
             state.batch_in_epoch += 1
             if recipe.logging.sample_ids:
@@ -204,16 +231,24 @@ def train(recipe: Recipe) -> dict:
             if not accelerator.sync_gradients:
                 continue
             step_arrived = time.perf_counter()
-            keys = sorted(window)
-            reduced = accelerator.reduce(torch.stack([window[k].float() for k in keys]), "mean").tolist()
-            values, window = dict(zip(keys, reduced, strict=True)), {}
+            # Clipped before the losses are read, so that the norm comes back in the same read (a step whose loss
+            # is not finite is skipped below, whatever clipping did to its gradients); after, with fp16's
+            # GradScaler: its unscale_ may run once per optimiser step, and a skipped step makes none.
+            clip_first = recipe.optim.grad_clip is not None and accelerator.scaler is None
+            grad_norm = clip_grad_norm() if clip_first else None
+            if micro > 1:  # the mean over the step's micro-batches (fewer than grad_accum at an epoch's end)
+                window = window / micro
+            if isinstance(grad_norm, torch.Tensor):  # (DeepSpeed clips inside its own step and returns None)
+                window = torch.cat([window, grad_norm.detach().float().reshape(1).to(window.device)])
+            reduced = accelerator.reduce(window, "mean").tolist()  # the step's one read from the device
+            values, window = dict(zip(keys, reduced[: len(keys)], strict=True)), None
+            if isinstance(grad_norm, torch.Tensor):
+                values["grad_norm"] = reduced[-1]  # the same on every process: gradients are all-reduced
             values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
             if math.isfinite(values["loss"]):
                 state.nonfinite_streak = 0
-                if recipe.optim.grad_clip is not None:
-                    values["grad_norm"] = float(
-                        accelerator.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
-                    )
+                if recipe.optim.grad_clip is not None and not clip_first:
+                    values["grad_norm"] = float(clip_grad_norm())
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
@@ -257,10 +292,12 @@ def train(recipe: Recipe) -> dict:
                     accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
                 )
             if recipe.run.stop_at is not None and state.step >= recipe.run.stop_at and state.step < total:
-                save_checkpoint(
-                    accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
-                )
-                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); resume with the same command")
+                if state.nonfinite_streak == 0 and not periodic:  # (a periodic save of this step just ran)
+                    save_checkpoint(
+                        accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
+                    )
+                again = "checkpoint.resume=auto" if recipe.checkpoint.resume == "never" else "the same command"
+                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); resume with {again}")
                 logger.close()
                 return {}
             if state.step >= total:

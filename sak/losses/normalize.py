@@ -76,7 +76,8 @@ class FeatureNormalizer(nn.Module):
         """(B, C, h, w) -> one flat float64 vector [n, sum, sum of squares / outer products]."""
         flat = x.detach().permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
         second = flat.T @ flat if self.mode == "phi_s" else (flat * flat).sum(0)
-        return torch.cat([flat.new_tensor([flat.shape[0]]), flat.sum(0), second.flatten()])
+        # the count made on the device (new_full), not copied from the host: no wait for a GPU
+        return torch.cat([flat.new_full((1,), flat.shape[0]), flat.sum(0), second.flatten()])
 
     def add(self, sums: Tensor) -> None:
         c = self.sum.numel()
@@ -131,11 +132,16 @@ class TargetNormalizers(nn.Module):
 
     @torch.no_grad()
     def update(self, targets: dict, reduce=None) -> None:
-        """Add a batch of teacher outputs to the statistics; `reduce` sums the batch across processes."""
-        for tid, out in targets.items():
-            for norm, level in zip(self.norms[tid], out.levels, strict=True):
-                sums = norm.batch_sums(level)
-                norm.add(reduce(sums) if reduce is not None else sums)
+        """Add a batch of teacher outputs to the statistics; `reduce` sums the batch across processes, once
+        for all levels of all teachers (one collective a step rather than one per level)."""
+        pairs = [
+            (n, level) for tid, out in targets.items() for n, level in zip(self.norms[tid], out.levels, strict=True)
+        ]
+        sums = [norm.batch_sums(level) for norm, level in pairs]
+        if reduce is not None:
+            sums = reduce(torch.cat(sums)).split([s.numel() for s in sums])
+        for (norm, _), s in zip(pairs, sums, strict=True):
+            norm.add(s)
 
     def denormalize(self, features: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """Student features (predicting normalised targets) mapped back to each teacher's space."""

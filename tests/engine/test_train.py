@@ -156,3 +156,82 @@ def test_batches_cross_to_the_gpu_with_asynchronous_copies_from_page_locked_memo
     recipe = tiny_recipe()
     assert make_accelerator(recipe).non_blocking is True
     assert build_loader(recipe, recipe.data.split, train=True).pin_memory is torch.cuda.is_available()
+
+
+def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe):
+    """8 batches an epoch with grad_accum 3: Accelerate steps after batches 3, 6 and 8 (the end of the loader),
+    so 2 epochs are 6 optimiser steps over all 64 samples, and each step logs the mean of its micro-batches'
+    losses (2 of them in the short step), not their sum divided by 3."""
+    recipe = tiny_recipe(
+        "schedule.max_steps=null", "schedule.epochs=2", "optim.grad_accum=3", "logging.sample_ids=true"
+    )
+    train(recipe)
+    rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+    per_step = [sum(r["step"] == s for r in rows) for s in range(1, 7)]
+    assert per_step == [3, 3, 2, 3, 3, 2] and sum(len(r["ids"]) for r in rows) == 64
+    losses = logged(recipe.run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    mean = sum(losses.values()) / 6
+    assert losses[3] > 0.8 * min(losses[2], losses[4]) and abs(losses[3] - mean) < 0.5 * mean
+
+
+def test_saving_a_step_again_keeps_a_complete_copy_at_every_moment(tiny_recipe, monkeypatch):
+    """run.stop_at on a periodic checkpoint's step saves once; a save of a step that exists replaces it by
+    renames, and a kill between them is undone by the next start (clean_partials)."""
+    import os
+
+    from sak.engine import checkpoint
+
+    recipe = tiny_recipe("checkpoint.every=2", "checkpoint.keep_last=1", "run.stop_at=2")
+    saves = []
+    real_save = checkpoint.save_checkpoint
+    monkeypatch.setattr(
+        "sak.engine.trainer.save_checkpoint", lambda *a, **k: saves.append(a[2].step) or real_save(*a, **k)
+    )
+    train(recipe)
+    assert saves == [2]  # the stop did not save step 2 a second time
+    root = recipe.run_dir / "checkpoints"
+    kept = latest_checkpoint(root)
+    # a second save of step 2, killed right after the old copy was set aside
+    real_replace, calls = os.replace, []
+
+    def killed(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    from accelerate import Accelerator
+
+    state = checkpoint.TrainState(step=2)
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(1, 1))
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(accelerator, root, state, {}, keep_last=1)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert latest_checkpoint(root) is None  # step 2 is set aside, its replacement never arrived...
+    checkpoint.clean_partials(root)
+    assert latest_checkpoint(root) == kept and (kept / "model.safetensors").is_file()  # ...and is put back
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+def test_a_fresh_run_sets_another_runs_checkpoints_aside(tiny_recipe):
+    """resume: never in a run directory with checkpoints: they are moved out of the new run's way (not
+    deleted), so pruning keeps the new run's own and resume: auto continues the new run."""
+    train(tiny_recipe("schedule.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=2"))
+    recipe = tiny_recipe("schedule.max_steps=6", "checkpoint.every=2", "checkpoint.resume=never", "run.stop_at=2")
+    train(recipe)
+    root = recipe.run_dir / "checkpoints"
+    assert latest_checkpoint(root).name == "step_00000002"
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=4")
+    train(recipe)
+    with open(recipe.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # killed mid-line
+    train(tiny_recipe("checkpoint.every=2"))
+    assert sorted(logged(recipe.run_dir)) == list(range(1, 9))

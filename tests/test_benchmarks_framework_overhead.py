@@ -1,0 +1,20 @@
+"""benchmarks/framework_overhead.py: what the engine adds to a training step, counted."""
+
+from benchmarks.framework_overhead import compare, count_run
+from tests.conftest import TESTS
+
+
+def test_the_engine_adds_a_handful_of_operations_and_no_host_wait_to_a_step():
+    """Stage 2 with six task losses, two teachers and gradient clipping: against the bare loop of the same
+    modules, the engine dispatches a few scalar operations a step (Accelerate's loss scaling and its gradient,
+    the logged losses stacked once, the gradient norm joined to them, the reduction's copy), not a few per
+    logged loss, and reads the device once (losses and gradient norm together), as the bare loop does."""
+    recipe = TESTS / "tiny_multitask.yaml"
+    for loop in ("bare", "sak"):  # what this process builds once and keeps, before counting
+        count_run(recipe, loop, 1, [])
+    result = compare(recipe, fresh=False)
+    assert sum(result["bare"]["host_waits"].values()) == 1, result["bare"]
+    assert sum(result["sak"]["host_waits"].values()) == 1, result["sak"]
+    added = {op for op, n in result["extra_by_op"].items() if n > 0}
+    assert added <= {"cat", "clone", "detach", "div", "stack", "view"}, result["extra_by_op"]
+    assert 0 < result["extra_launching"] <= 5, result
