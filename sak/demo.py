@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         f"student on the `{recipe.data.name}` dataset, {recipe.schedule.max_steps} steps on CPU. "
         f"Run directory: {recipe.run_dir}"
     )
+    old = recipe.run_dir / "checkpoints"
+    if recipe.checkpoint.resume == "never" and old.is_dir():
+        # the demo starts afresh each time and keeps its latest run only (the engine would set an earlier run's
+        # checkpoints aside, 45 MB per `make demo`); any other run directory is left to the engine
+        print(f"[sak demo] removing the previous demo run's checkpoints in {old}")
+        shutil.rmtree(old)
     train(recipe)
     report = write_report(recipe)
     print((report / "summary.md").read_text())

@@ -1,7 +1,9 @@
 """benchmarks/framework_overhead.py: what the engine adds to a training step, counted."""
 
+import pytest
+
 from benchmarks.framework_overhead import compare, count_run
-from tests.conftest import TESTS
+from tests.conftest import TESTS, TINY
 
 
 def test_the_engine_adds_a_handful_of_operations_and_no_host_wait_to_a_step():
@@ -18,3 +20,15 @@ def test_the_engine_adds_a_handful_of_operations_and_no_host_wait_to_a_step():
     added = {op for op, n in result["extra_by_op"].items() if n > 0}
     assert added <= {"cat", "clone", "detach", "div", "stack", "view"}, result["extra_by_op"]
     assert 0 < result["extra_launching"] <= 5, result
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_normalising_the_targets_adds_no_host_wait(mode):
+    """loss.normalize's running statistics, in both loops: no count made from a Python number, no Hadamard
+    matrix built and copied from the host, no PHI-S scale read back, at any step."""
+    overrides = [f"loss.normalize={mode}"]
+    for loop in ("bare", "sak"):
+        count_run(TINY, loop, 1, overrides)
+    result = compare(TINY, overrides, fresh=False)
+    assert sum(result["bare"]["host_waits"].values()) == 1, result["bare"]
+    assert sum(result["sak"]["host_waits"].values()) == 1, result["sak"]

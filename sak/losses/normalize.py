@@ -70,6 +70,8 @@ class FeatureNormalizer(nn.Module):
         self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
         second = (dim, dim) if mode == "phi_s" else (dim,)
         self.register_buffer("sum_sq", torch.zeros(second, dtype=torch.float64))
+        # built once and moved with the module: not rebuilt and copied from the host at every step
+        self.register_buffer("hadamard", hadamard(dim) if mode == "phi_s" else None, persistent=False)
         self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (mean, W, W^-1) for the current statistics
 
     def batch_sums(self, x: Tensor) -> Tensor:
@@ -97,8 +99,9 @@ class FeatureNormalizer(nn.Module):
             else:
                 cov = self.sum_sq / n - torch.outer(mean, mean)
                 eigval, eigvec = torch.linalg.eigh(cov)  # cov = U diag(L) U^T
-                alpha = math.sqrt(max(eigval.clamp_min(0).mean().item(), self.eps))
-                w = hadamard(cov.shape[0]).to(cov) @ eigvec.T / alpha  # x' = H U^T (x - mean) / alpha
+                # a tensor, not a Python number: reading it would make the host wait for the GPU every step
+                alpha = eigval.clamp_min(0).mean().clamp_min(self.eps).sqrt()
+                w = self.hadamard @ eigvec.T / alpha  # x' = H U^T (x - mean) / alpha
                 inverse = w.T * alpha**2  # H and U are orthogonal: W^-1 = alpha U H^T
             self._cached = (mean, w, inverse)
         return self._cached
