@@ -76,7 +76,9 @@ def encode(task: str, pred: Tensor | np.ndarray) -> np.ndarray:
     array = _single_channel(task, array)
     if task == "depth":
         return np.ascontiguousarray(array)
-    return np.rint(array * 255.0).clip(0, 255).astype(np.uint8)
+    if task == "edges":  # truncated, as SAK's saved PNGs that SEISM scores the published boundaries from
+        return np.floor(array * 255.0).clip(0, 255).astype(np.uint8)
+    return np.rint(array * 255.0).clip(0, 255).astype(np.uint8)  # rounded: nearest to the float SAK scores
 
 
 def decode(task: str, array: np.ndarray) -> Tensor:
