@@ -55,6 +55,10 @@ class SAKStudent(nn.Module):
         self.levels = list(levels) if levels is not None else even_levels(stem.depth)
         if any(not 0 <= i < stem.depth for i in self.levels):
             raise ValueError(f"student.levels {self.levels} must index the stem's {stem.depth} blocks")
+        if self.levels != sorted(set(self.levels)):  # the adapter paths hand out their levels in block order
+            raise ValueError(
+                f"student.levels {self.levels}: give distinct blocks in increasing order, e.g. {sorted(set(self.levels))}"
+            )
         stem.truncate(max(self.levels) + 1)
         for slot in teachers:
             if len(slot.level_dims) != len(self.levels):

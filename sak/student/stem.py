@@ -34,7 +34,19 @@ class TeacherAgnosticStem(nn.Module):
 
             state = load_state_dict(local_path(pretrained, "student.pretrained"), "student.pretrained")
             state = checkpoint_filter_fn(state, self.vit)  # resamples position embeddings to image_size
-            self.vit.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+            result = self.vit.load_state_dict(
+                {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False
+            )
+            # the classifier and final norms are dropped below; anything else missing means the file is not a
+            # plain timm ViT state dict (a `module.` prefix from DDP, a sak checkpoint's `stem.vit.`, another model)
+            missing = [k for k in result.missing_keys if not k.startswith(("head.", "norm.", "fc_norm."))]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"student.pretrained {pretrained!r}: not the state dict of a timm {model}: "
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''} "
+                    "(a sak run's weights start a student through checkpoint.init_from)"
+                )
         # Levels are taken before the final norm (as SAK) and there is no classifier: drop both so that
         # every parameter takes part in the loss (DDP requires it).
         self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()

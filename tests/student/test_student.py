@@ -258,3 +258,28 @@ def test_tasks_mix_their_experts_together_as_each_router_would_alone():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("levels", [[3, 1, 2, 0], [0, 1, 1, 3]])
+def test_levels_out_of_order_or_repeated_are_refused(levels):
+    """The adapter paths hand out their levels in block order: any other order would mix, per level, the
+    stem's features of one block with a path's of another."""
+    stem = TeacherAgnosticStem("vit_small_patch16_224", 32, embed_dim=16, depth=4, num_heads=2)
+    with pytest.raises(ValueError, match="distinct blocks in increasing order"):
+        SAKStudent(stem, [TeacherSlot("t", (16,) * 4)], {}, levels=levels)
+
+
+def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
+    """A DDP-saved (`module.`) or sak-checkpoint (`stem.vit.`) state dict would load no weight with
+    strict=False; the stem refuses it instead of training from random weights."""
+    from safetensors.torch import save_file
+
+    kwargs = {"embed_dim": 16, "depth": 2, "num_heads": 2}
+    vit = TeacherAgnosticStem("vit_small_patch16_224", 32, **kwargs).vit
+    plain = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    loaded = TeacherAgnosticStem("vit_small_patch16_224", 32, str(tmp_path / "plain.safetensors"), **kwargs)
+    assert torch.equal(loaded.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    save_file({f"module.{k}": v for k, v in plain.items()}, str(tmp_path / "ddp.safetensors"))
+    with pytest.raises(ValueError, match=r"ddp.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
+        TeacherAgnosticStem("vit_small_patch16_224", 32, str(tmp_path / "ddp.safetensors"), **kwargs)
