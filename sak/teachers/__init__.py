@@ -22,8 +22,8 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
 
     cls = TEACHERS.get(name)
     spec = spec or TeacherSpec()
-    if weights is not None:
-        spec.weights = weights
+    if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
+        spec = dataclasses.replace(spec, weights=weights)
     teacher = cls(spec, build_options(cls, options, where=f"teacher {name!r}"))
     if not teacher.meta.num_params:
         teacher.meta = dataclasses.replace(teacher.meta, num_params=sum(p.numel() for p in teacher.parameters()))

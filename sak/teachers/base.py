@@ -86,6 +86,37 @@ class TeacherMeta:
         return dataclasses.asdict(self)
 
 
+def default_levels(depth: int, count: int = 4) -> list[int]:
+    """Evenly spaced block indices ending at the last block: 12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23]."""
+    count = min(count, depth)
+    step = depth // count
+    return [depth - 1 - step * (count - 1 - i) for i in range(count)]
+
+
+def check_levels(
+    levels: list[int] | tuple[int, ...] | None,
+    count: int,
+    what: str,
+    default: tuple[int, ...] | None = None,
+    unit: str = "block",
+    hint: str = "",
+) -> tuple[int, ...]:
+    """The requested level indices (None: `default`, else SAK's four evenly spaced ending at the last).
+
+    Each must name one of the `count` blocks (or stages), once, in increasing order. The libraries disagree
+    on anything else: timm's `forward_intermediates` and a block loop return the outputs in block order with
+    repeats dropped, while transformers' hidden states and open_clip's hooks follow the requested order, so
+    the same recipe would pair different maps with the student's levels depending on the source.
+    """
+    chosen = tuple(levels) if levels is not None else tuple(default or default_levels(count))
+    if not chosen or any(not 0 <= i < count for i in chosen) or list(chosen) != sorted(set(chosen)):
+        raise ValueError(
+            f"{what}: levels {list(chosen)} must be {unit} indices in 0..{count - 1}, each once and in increasing "
+            f"order ({count} {unit}s{hint})"
+        )
+    return chosen
+
+
 def to_float01(images: Tensor) -> Tensor:
     """uint8 [0, 255] or float [0, 1] images (B, 3, H, W) -> float32 in [0, 1]."""
     if images.dtype == torch.uint8:
@@ -116,14 +147,17 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> tuple[Tensor, tuple[int, int]]:
     """Resize float images; returns the resized batch and the (h, w) of the valid (unpadded) region.
 
-    square: bicubic to size x size (antialiased when shrinking, as PIL does).
-    longest_pad: longest side to `size`, aspect kept (SAM); padding is added after normalisation.
+    square: bicubic to size x size (antialiased when shrinking, as PIL does), clamped to [0, 1]: bicubic
+        overshoots at edges, where the libraries' eval transforms (PIL's 8-bit bicubic, e.g. timm's) saturate.
+    longest_pad: longest side to `size`, aspect kept (SAM); padding is added after normalisation. Bilinear
+        weights are never negative, so there is nothing to clamp.
     keep: no resize, crop down to a multiple of `multiple`.
     """
     h, w = x.shape[-2:]
     if mode == "square":
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0.0, 1.0)
         return x, (size, size)
     if mode == "longest_pad":
         scale = size / max(h, w)

@@ -45,12 +45,20 @@ from .base import (
     TeacherMeta,
     TeacherOutput,
     TeacherSpec,
+    check_levels,
     count_params,
     normalize,
     to_float01,
 )
-from .timm_teacher import default_levels
-from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
+from .weights import (
+    WeightsError,
+    is_local,
+    load_state_dict,
+    load_strict,
+    local_path,
+    refuse_sha256_without_file,
+    verify_sha256,
+)
 
 DEFAULT_MODEL = {"open_clip": "ViT-B-16", "timm": "vit_base_patch16_clip_384"}
 HUB_DEFAULT = ("hub", "default")
@@ -66,34 +74,6 @@ class Built:
     weights: str
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
-
-
-def check_levels(levels: list[int] | tuple[int, ...] | None, depth: int, what: str) -> tuple[int, ...]:
-    """The requested block indices, or SAK's default; each must name one of the `depth` blocks."""
-    chosen = tuple(levels) if levels is not None else tuple(default_levels(depth))
-    bad = [i for i in chosen if not 0 <= i < depth]
-    if bad or not chosen:
-        raise ValueError(f"{what}: levels {list(chosen)} must be block indices in 0..{depth - 1} ({depth} blocks)")
-    return chosen
-
-
-def load_strict(module: nn.Module, state: dict[str, Tensor], path: Path, what: str) -> None:
-    """`load_state_dict(strict=True)` whose error names the file and the first offending keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise WeightsError(
-            f"{what}: {str(path)!r} does not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shapes)} shape mismatches, e.g. {shapes[:2]}). "
-            "Check `model` / `size` / `model_kwargs` against the checkpoint."
-        )
-    module.load_state_dict(state, strict=True)
 
 
 @contextlib.contextmanager
@@ -182,6 +162,7 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     from open_clip.model import resize_pos_embed
 
     what = f"clip teacher (open_clip {model})"
+    refuse_sha256_without_file(spec.weights, spec.sha256, what)
     weights, name, args, file, digest = spec.weights, model, {}, None, None
     native_cfg = kwargs.get("vision_cfg")
     schema = weights is not None and (weights.startswith("hf-hub:") or is_local(weights) and Path(weights).is_dir())
@@ -275,15 +256,20 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     what = f"clip teacher (timm {model})"
+    refuse_sha256_without_file(spec.weights, spec.sha256, what)
     weights, local = spec.weights, spec.weights is not None and is_local(spec.weights)
     pretrained = weights is not None and not local
     name = f"{model.split('.')[0]}.{weights}" if pretrained and weights not in HUB_DEFAULT else model
     args = {"num_classes": 0, **kwargs}
     if spec.image_size is not None:
         args["img_size"] = spec.image_size  # timm resamples pos_embed once while loading (checkpoint_filter_fn)
+    if local:
+        check_timm_tag_for_file(name, what)
     try:
         net = timm.create_model(name, pretrained=pretrained, **args)
     except (RuntimeError, OSError) as exc:
+        if not pretrained:  # not a download: an unknown tag or bad model_kwargs, which timm words clearly
+            raise
         raise WeightsError(
             f"{what}: could not create {name!r} with pretrained weights from the hub (looked in the Hugging Face "
             f"cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, pass a local file "
@@ -296,10 +282,31 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         digest = verify_sha256(file, spec.sha256, what)
         state = checkpoint_filter_fn(load_state_dict(file, what), net)  # converts open_clip/OpenAI keys, resamples
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
-    cfg = net.pretrained_cfg
+    cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)
     return Built(
         net, native, digest, weights or "random", tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     )
+
+
+def check_timm_tag_for_file(name: str, what: str) -> None:
+    """A local file carries no mean / std; timm takes them from the model name's tag, or from its default tag
+    when the name has none. CLIP weights differ (OpenAI's and most open_clip ones use CLIP's constants, LAION's
+    ViT-L/14 and timm's fine-tunes of it 0.5), so an untagged name is only accepted when every tag of the model
+    agrees; otherwise the name must say which weights the file holds."""
+    from timm.models import get_pretrained_cfg
+
+    if "." in name:
+        return  # a tag: timm itself rejects an unknown one
+    norms: dict[tuple, list[str]] = {}
+    for tagged in timm.list_pretrained(f"{name}.*"):
+        cfg = get_pretrained_cfg(tagged)
+        norms.setdefault((tuple(cfg.mean), tuple(cfg.std)), []).append(tagged)
+    if len(norms) > 1:
+        choices = "; ".join(f"mean {mean} / std {std}: {', '.join(tags)}" for (mean, std), tags in norms.items())
+        raise WeightsError(
+            f"{what}: a local file with an untagged model name is ambiguous, as {name}'s tags were trained with "
+            f"different mean / std ({choices}). Name the tag of the weights in `model`, e.g. `model: {tagged}`"
+        )
 
 
 BUILDERS = {"open_clip": (build_open_clip, OpenClipTower), "timm": (build_timm, TimmClipTower)}

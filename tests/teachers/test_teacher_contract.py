@@ -1,0 +1,79 @@
+"""Rules every registered teacher follows alike: which levels it accepts, what a pinned sha256 needs, and
+that `create_teacher` leaves the caller's spec alone."""
+
+import re
+
+import pytest
+from safetensors.torch import save_file
+
+from sak.teachers import TeacherSpec, create_teacher
+from sak.teachers.weights import WeightsError
+
+VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56}
+OPEN_CLIP = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+SAM = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 4}
+# tiny random models with 4 blocks, through every source whose library orders its outputs its own way
+TINY = {
+    "timm": ("timm", {"model": "vit_small_patch14_dinov2", "model_kwargs": VIT}),
+    "dinov2": ("dinov2", {"source": "timm", "model_kwargs": VIT}),
+    "clip-timm": ("clip", {"source": "timm", "model_kwargs": {**VIT, "img_size": 32, "patch_size": 8}}),
+    "clip-open_clip": ("clip", {"source": "open_clip", "model": "ViT-B-16", "model_kwargs": OPEN_CLIP}),
+    "sam-segment_anything": ("sam", {"source": "segment_anything", "model_kwargs": {**SAM, "out_chans": 16}}),
+    "sam-timm": ("sam", {"source": "timm", "model_kwargs": {**SAM, "neck_chans": 16}}),
+}
+
+
+@pytest.mark.parametrize("levels", [[2, 0], [1, 1], [0, 2, 2]])
+@pytest.mark.parametrize("case", sorted(TINY))
+def test_levels_out_of_order_or_repeated_are_errors_naming_the_teacher(case, levels):
+    """timm and segment_anything would return such levels in block order without repeats, transformers and
+    open_clip in the requested order: the same recipe would pair different maps with the student's levels."""
+    name, options = TINY[case]
+    wanted = rf"^{name} teacher.*: levels {re.escape(str(levels))} must be block indices in 0\.\.3, each once and in"
+    with pytest.raises(ValueError, match=wanted):
+        create_teacher(name, spec=TeacherSpec(levels=levels), **options)
+    assert create_teacher(name, spec=TeacherSpec(levels=[0, 3]), **options).meta.levels == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "tag"),
+    [
+        ("timm", {"model": "vit_base_patch16_clip_224"}, "openai"),
+        ("clip", {"source": "timm", "model": "vit_base_patch16_clip_224"}, "openai"),
+        ("clip", {"source": "open_clip", "model": "ViT-B-16"}, "openai"),
+        ("clip", {"source": "open_clip", "model": "ViT-B-16"}, "hf-hub:timm/vit_base_patch16_clip_224.openai"),
+        ("sam", {"source": "timm"}, "sa1b"),
+        ("dinov2", {}, "lvd142m"),
+    ],
+)
+def test_a_sha256_with_a_hub_tag_or_random_weights_is_an_error_not_ignored(name, options, tag):
+    """Raised before anything is downloaded: a digest can only be checked against a local file."""
+    with pytest.raises(
+        WeightsError, match=f"^{name} teacher.*: sha256 needs a local file; '{re.escape(tag)}' is a hub"
+    ):
+        create_teacher(name, tag, spec=TeacherSpec(sha256="0" * 64), **options)
+    with pytest.raises(WeightsError, match="sha256 needs a local file; no `weights` .random."):
+        create_teacher(name, spec=TeacherSpec(sha256="0" * 64), **options)
+
+
+def test_create_teacher_does_not_change_the_callers_spec(tmp_path):
+    spec = TeacherSpec(levels=[1, 3])
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_teacher("timm", str(tmp_path / "nope.safetensors"), spec=spec, model="vit_small_patch14_dinov2")
+    assert spec == TeacherSpec(levels=[1, 3])  # the same spec can build the next teacher with its own weights
+    teacher = create_teacher("timm", spec=spec, model="vit_small_patch14_dinov2", model_kwargs=VIT)
+    assert teacher.meta.weights == "random" and teacher.meta.levels == (1, 3)
+
+
+def test_unreadable_or_unfitting_weights_files_are_named_in_the_error(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="timm teacher .*cannot read .*junk.safetensors' as safetensors"):
+        create_teacher("timm", str(tmp_path / "junk.safetensors"), model="vit_small_patch14_dinov2", model_kwargs=VIT)
+    model = create_teacher("timm", model="vit_small_patch14_dinov2", model_kwargs=VIT).model
+    save_file({k: v for k, v in model.state_dict().items() if k != "norm.bias"}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(WeightsError, match=r"short.safetensors' does not fit the model \(1 missing keys, e.g. \['norm"):
+        create_teacher("timm", str(tmp_path / "short.safetensors"), model="vit_small_patch14_dinov2", model_kwargs=VIT)
