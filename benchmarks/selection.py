@@ -5,7 +5,10 @@
 
 Pool and test set: scikit-learn's `load_digits` (1797 labelled 8 x 8 grey digits, 10 classes), split once
 (stratified, 30% held out, split seed 0) into a pool of 1257 and a test set of 540. Images go to the
-teacher as uint8 RGB 8 x 8 and its own preprocessing upsamples them (bicubic) to `--image-size`.
+teacher as uint8 RGB 8 x 8 and its own preprocessing upsamples them (bicubic) to `--image-size` (112).
+`--block` (ViT block, or a CNN's level) applies to every teacher when given; left out, each default teacher
+uses its own (`DEFAULT_TEACHERS`: the penultimate block of dinov2_imgfocus, stage 3 of efficientnet_lite0),
+any other teacher FreeSel's default.
 
 Each method picks `budget` pool images from the teacher's features alone (labels are never read). The
 chosen images are then labelled and a small downstream model is trained on them:
@@ -48,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Real offline teachers, in order of preference, with the settings used for 8 x 8 digits.
 DEFAULT_TEACHERS = {
-    "dinov2_imgfocus": {"image_size": 112, "block": None},  # ViT-S/14: 8 x 8 patches, CLS-attention filter
-    "efficientnet_lite0": {"image_size": 112, "block": 3},  # stage 3 (stride 16): 7 x 7 cells, norm filter
+    "dinov2_imgfocus": {"block": None},  # ViT-S/14 at 112 px: 8 x 8 patches, penultimate block, CLS-attention filter
+    "efficientnet_lite0": {"block": 3},  # stage 3 (stride 16) at 112 px: 7 x 7 cells, norm filter
 }
 
 
@@ -153,8 +156,9 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict) -> str:
             table = summarise(result, key)
             if not table:
                 continue
+            block = "default" if result["block"] is None else result["block"]
             lines += ["", f"## {result['teacher']} ({result['architecture']}, {result['image_size']} px, "
-                          f"filter: {result['filter']}) — downstream on {title}", ""]  # fmt: skip
+                          f"block {block}, filter: {result['filter']}) — downstream on {title}", ""]  # fmt: skip
             lines += ["| method | " + " | ".join(str(b) for b in args.budgets) + " |"]
             lines += ["| --- |" + " --- |" * len(args.budgets)]
             for method in args.methods:
@@ -204,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teachers", nargs="+", default=None, help="default: the registered real offline teachers")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--option", action="append", default=[], help="teacher option KEY=VALUE (for --teachers timm)")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--block", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=112, help="teacher input side, for every teacher")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="ViT block (or a CNN's level) for every teacher; default: each default teacher's own "
+        "(dinov2_imgfocus: the penultimate block, efficientnet_lite0: stage 3), else FreeSel's default",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100, 200])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=5)
@@ -240,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = []
     for name in names:
-        settings = DEFAULT_TEACHERS.get(name, {"image_size": args.image_size, "block": args.block})
+        settings = {"block": DEFAULT_TEACHERS.get(name, {}).get("block"), "image_size": args.image_size}
+        if args.block is not None:  # given on the command line: it wins over the teacher's own default
+            settings["block"] = args.block
         print(f"[selection] {name}: {settings}", flush=True)
         results.append(run_teacher(name, settings, data, args))
     args.out.parent.mkdir(parents=True, exist_ok=True)

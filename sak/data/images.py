@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..registry import DATASETS
 from .base import DatasetSpec, SakDataset, apply_subset
@@ -36,16 +36,80 @@ class DataError(ValueError):
     """A bad file in a dataset; the message names the file and what is wrong with it."""
 
 
+# Full scale of the high-bit-depth modes that Pillow's convert("RGB") would clip at 255 instead of rescaling.
+# Mode "I" (32-bit signed) is what Pillow uses for 16-bit PNG / TIFF data, so it is read as 16-bit too;
+# "F" (32-bit float) follows the float-image convention of [0, 1].
+HIGH_BIT_DEPTH_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+# Transparent pixels are composited onto white, what image viewers and browsers show behind them; the
+# colour stored under alpha 0 is arbitrary (often black, sometimes leftover content) and never shown.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W, 3) RGB, as the image is displayed.
+
+    - EXIF orientation applied (a phone photo stored sideways comes out upright);
+    - 16-bit and 32-bit modes rescaled to 8 bits (`HIGH_BIT_DEPTH_SCALE`: I;16* and I from [0, 65535],
+      F from [0, 1], out-of-range values clipped) rather than clipped at 255 as `convert("RGB")` does;
+    - transparency (RGBA, LA, PA, a palette or colour key) composited onto white (`ALPHA_BACKGROUND`);
+    - grey, palette and CMYK converted as Pillow does.
+    """
+    im = ImageOps.exif_transpose(im)
+    scale = HIGH_BIT_DEPTH_SCALE.get(im.mode)
+    if scale is not None:
+        grey = np.nan_to_num(np.asarray(im, dtype=np.float64))  # (H, W): these modes are single-channel
+        grey = np.clip(np.rint(grey * (255.0 / scale)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.has_transparency_data:
+        background = Image.new("RGBA", im.size, (*ALPHA_BACKGROUND, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return np.array(im.convert("RGB"))
+
+
 def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> np.ndarray:
-    """An image file (path) or its bytes -> uint8 (H, W, 3) RGB (grey, palette, RGBA and CMYK converted)."""
+    """An image file (path) or its bytes -> uint8 (H, W, 3) RGB, as displayed (see `to_rgb`: EXIF
+    orientation, 16/32-bit rescaled to 8 bits, transparency on white). Every `sak` reader of image files
+    decodes through here.
+
+    Raises:
+        DataError: a missing or undecodable file, named by `where` (default: the path).
+    """
     where = where or str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            return np.array(im.convert("RGB"))
+            return to_rgb(im)
     except FileNotFoundError as exc:
         raise DataError(f"{where}: file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot decode the image ({exc})") from exc
+
+
+def list_image_files(
+    folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, follow_links: bool = True
+) -> dict[str, str]:
+    """Every file under `folder` (recursive) whose name ends in one of `extensions` (case-insensitive):
+    id -> path relative to `folder`, sorted by path. The id is the relative path without extension, with
+    "/" separators ("n01440764/n01440764_10026"). `image_folder` and `sak select` both list folders here,
+    so their ids agree.
+
+    Raises:
+        ValueError: two files whose paths differ only by extension (they would share an id).
+    """
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow_links):
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
+    by_id: dict[str, str] = {}
+    for rel in sorted(os.path.relpath(f, folder) for f in files):
+        image_id = os.path.splitext(rel)[0].replace(os.sep, "/")
+        if image_id in by_id:
+            raise ValueError(
+                f"{str(folder)!r}: {by_id[image_id]} and {rel} both have id {image_id!r} "
+                "(they differ only by extension); ids must be unique"
+            )
+        by_id[image_id] = rel
+    return by_id
 
 
 def _check_range(name: str, values: list[float], low: float, high: float) -> tuple[float, float]:
@@ -140,17 +204,10 @@ class ImageFolder(UnlabelledImages):
     def __init__(self, spec: DatasetSpec, options: Options) -> None:
         super().__init__(spec, options)
         self.folder = _split_root(spec, options.split_subdir)
-        exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in options.extensions)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(self.folder, followlinks=options.follow_links):
-            dirnames.sort()
-            files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
-        rel = sorted(os.path.relpath(f, self.folder) for f in files)
-        if not rel:
-            raise FileNotFoundError(f"no image files ({', '.join(exts)}) under {str(self.folder)!r}")
-        by_id = {os.path.splitext(r)[0].replace(os.sep, "/"): r for r in rel}
-        if len(by_id) != len(rel):
-            raise ValueError(f"{str(self.folder)!r} holds images that differ only by extension; ids must be unique")
+        by_id = list_image_files(self.folder, tuple(options.extensions), options.follow_links)
+        if not by_id:
+            exts = ", ".join(options.extensions)
+            raise FileNotFoundError(f"no image files ({exts}) under {str(self.folder)!r}")
         self.ids = apply_subset(list(by_id), spec.subset)
         self.files = [by_id[i] for i in self.ids]
 

@@ -3,7 +3,9 @@ general-purpose model, with no training.
 
 Per image, the "semantic patterns" are:
 1. the patch features of one block (default: the penultimate, after the model's final norm, as FreeSel
-   reads DINO's intermediate layers);
+   reads DINO's intermediate layers), for a teacher built on a timm `VisionTransformer` wherever it keeps
+   it (`vit_of`); other teachers give their deepest returned level. Tokens that cover only the padding of a
+   letterboxing teacher (SAM) are left out of everything below (`valid_tokens`);
 2. filtered to the patches that carry the top `keep` share (default 50%) of the last block's CLS
    attention (head-averaged CLS -> patch attention, renormalised over patches): the smallest set of
    highest-attention patches whose attention sums to at least `keep`. For teachers without that
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..teachers import Teacher
+from ..teachers.base import resize_images
 from .selection import (
     METHODS,
     METRICS,
@@ -81,11 +85,48 @@ def top_share_mask(weights: Tensor, share: float) -> Tensor:
 
 
 def vit_of(teacher: nn.Module):
-    """The timm VisionTransformer inside a teacher (timm and dinov2_imgfocus teachers), else None."""
+    """The timm `VisionTransformer` inside a teacher, wherever the teacher keeps it (`timm` and
+    `dinov2_imgfocus`: `.model`; `dinov2`, timm or meta source: `.backbone.model`; `clip`, timm source:
+    `.tower.model`), else None (CNNs, SAM's `VisionTransformerSAM`, the transformers and open_clip sources).
+
+    Searched among the submodules rather than read from one attribute name, so that a teacher wrapping its
+    ViT is not silently given the feature-norm filter on its last level instead of FreeSel's method.
+
+    Raises:
+        SelectionError: the teacher holds more than one (whose patches and attention to use would be a guess).
+    """
     from timm.models.vision_transformer import VisionTransformer
 
-    model = getattr(teacher, "model", None)
-    return model if isinstance(model, VisionTransformer) else None
+    found = [(name, m) for name, m in teacher.named_modules() if isinstance(m, VisionTransformer)]
+    if len(found) > 1:
+        names = ", ".join(name or "(the teacher itself)" for name, _ in found)
+        raise SelectionError(
+            f"teacher {type(teacher).__name__} holds {len(found)} timm VisionTransformers ({names}); "
+            "FreeSel needs exactly one to read patches and CLS attention from"
+        )
+    return found[0][1] if found else None
+
+
+def valid_tokens(teacher: Teacher, sizes: list[tuple[int, int]] | None, grid: tuple[int, int]) -> Tensor | None:
+    """(B, h*w) bool over a (h, w) token grid: True where a token covers the image, False where it covers only
+    the padding of a letterboxing teacher (resize "longest_pad", SAM: longest side to the input size, aspect
+    kept, zeros right and below). None when every token is image (the other teachers squash the whole image
+    into their input) or when the original sizes (H, W) are not known.
+
+    A token is image when its centre lies in the resized image, and there is at least one per axis: on a
+    16 x 64 image at 64 px with 8 px tokens that keeps the top 2 of 8 token rows.
+    """
+    if teacher.meta.resize != "longest_pad" or sizes is None:
+        return None
+    side, (gh, gw) = teacher.input_size, grid
+    mask = torch.zeros(len(sizes), gh, gw, dtype=torch.bool)
+    for row, (h, w) in enumerate(sizes):
+        # the resized image's (h, w) by the teacher's own rule; a meta tensor computes no pixels
+        _, (nh, nw) = resize_images(torch.empty(1, 1, h, w, device="meta"), side, "longest_pad")
+        th = min(gh, max(1, math.floor(nh * gh / side + 0.5)))
+        tw = min(gw, max(1, math.floor(nw * gw / side + 0.5)))
+        mask[row, :th, :tw] = True
+    return mask.flatten(1)
 
 
 def attention_unavailable(model) -> str | None:
@@ -152,9 +193,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def patch_tokens(
-    teacher: Teacher, x: Tensor, options: PatternOptions, dtype: torch.dtype | None = None
-) -> tuple[Tensor, Tensor, str]:
-    """Preprocessed input (B, 3, H, W) -> patch features (B, N, C), filter weights (B, N), and the filter used.
+    teacher: Teacher,
+    x: Tensor,
+    options: PatternOptions,
+    dtype: torch.dtype | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+) -> tuple[Tensor, Tensor, str, Tensor]:
+    """Preprocessed input (B, 3, H, W) -> patch features (B, N, C), filter weights (B, N), the filter used,
+    and which tokens are image (B, N) bool (see `valid_tokens`; `sizes` are the images' (H, W) before
+    preprocessing). Padding tokens have weight 0.
 
     ViT teachers give `options.block` (default: the penultimate) after the final norm; other teachers give
     their deepest returned level (`build_teacher` makes it the level `--block` names)."""
@@ -165,14 +212,21 @@ def patch_tokens(
     use_attention = options.filter != "norm" and why_not is None
     with torch.inference_mode(), _autocast(x.device, dtype):
         if model is None:
-            feats = rearrange(teacher(x).levels[-1], "b c h w -> b (h w) c")
-            attn = None
+            level = teacher(x).levels[-1]
+            grid = tuple(level.shape[-2:])
+            feats, attn = rearrange(level, "b c h w -> b (h w) c"), None
         else:
+            # the ViT is run on the teacher's own preprocessed input, as the teacher's forward runs it
+            # (forward_intermediates), so its token layout (class + register prefix, patch grid) is the teacher's
+            grid = tuple(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
             feats, attn = vit_patch_tokens(model, x, -2 if options.block is None else options.block, use_attention)
     feats = feats.float().clone()  # a normal tensor again, out of inference mode
-    if attn is None:
-        return feats, feats.norm(dim=-1), "norm"
-    return feats, attn.float().clone(), "attention"
+    weights = feats.norm(dim=-1) if attn is None else attn.float().clone()
+    valid = valid_tokens(teacher, sizes, grid)
+    if valid is None:
+        valid = torch.ones(weights.shape, dtype=torch.bool)
+    valid = valid.to(weights.device)
+    return feats, weights * valid, "norm" if attn is None else "attention", valid
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,15 +289,22 @@ def image_uniforms(indices: list[int], k: int, seed: int) -> Tensor:
 
 
 def semantic_patterns(
-    teacher: Teacher, x: Tensor, indices: list[int], options: PatternOptions, dtype: torch.dtype | None = None
+    teacher: Teacher,
+    x: Tensor,
+    indices: list[int],
+    options: PatternOptions,
+    dtype: torch.dtype | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> tuple[list[Tensor], Tensor, str]:
     """Preprocessed images (B, 3, H, W) at pool positions `indices` -> per-image patterns (m_i <= k, C),
-    global features (B, C) and the filter used ("attention" or "norm")."""
-    feats, weights, used = patch_tokens(teacher, x, options, dtype)
-    keep = top_share_mask(weights, options.keep)
+    global features (B, C) and the filter used ("attention" or "norm"). `sizes`: the images' (H, W) before
+    preprocessing, so that letterbox padding is left out of both (see `valid_tokens`)."""
+    feats, weights, used, valid = patch_tokens(teacher, x, options, dtype, sizes)
+    keep = top_share_mask(weights, options.keep) & valid  # & valid: with keep=1 zero weights would pass too
     uniforms = image_uniforms(indices, options.k, options.seed)
     patterns = batched_kmeans(feats, keep, options.k, uniforms, options.kmeans_iters)
-    return [p.float().cpu() for p in patterns], feats.mean(1).float().cpu(), used
+    global_features = (feats * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # mean over image tokens
+    return [p.float().cpu() for p in patterns], global_features.float().cpu(), used
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +353,8 @@ def extract_features(
         for batch in bar:
             indices = mine[len(rows) : len(rows) + len(batch["id"])]  # positions in the pool
             x = preprocess_batch(teacher, batch["image"], state.device)
-            patterns, global_features, how = semantic_patterns(teacher, x, indices, options, dtype)
+            sizes = [tuple(im.shape[-2:]) for im in batch["image"]]
+            patterns, global_features, how = semantic_patterns(teacher, x, indices, options, dtype, sizes)
             used.add(how)
             for i, image_id, p, g in zip(indices, batch["id"], patterns, global_features, strict=True):
                 rows.append(ImageFeatures(i, str(image_id), p, g))
@@ -313,7 +375,7 @@ def build_teacher(name: str, weights: str | None, options: dict, image_size: int
     teacher = create_teacher(name, weights, spec=spec, **options)
     if vit_of(teacher) is None and block is not None and block < 0:
         raise SelectionError(
-            f"teacher {name} is not a ViT: --block names one of its levels "
+            f"teacher {name} is not a ViT (it holds no timm VisionTransformer): --block names one of its levels "
             f"(its default levels are {list(teacher.meta.levels)}), not {block}"
         )
     return teacher
@@ -413,10 +475,13 @@ def select(args: argparse.Namespace) -> int:
     if state.is_main_process:
         chosen = select_indices(args.method, budget, len(pool), features, args.seed, args.distance, state.device)
         sampled = time.perf_counter()
+        overrides = "".join(f" --set {o}" for o in args.overrides)  # they choose the pool's split and images
         header = [
-            f"sak select --pool {args.pool} --method {args.method} --budget {args.budget} ({budget} of {len(pool)})",
-            f"teacher={args.teacher} weights={args.weights} options={args.option} filter={used} block={args.block} "
-            f"k={args.k} keep={args.keep} distance={args.distance} seed={args.seed}",
+            f"sak select --pool {args.pool}{overrides} --method {args.method} --budget {args.budget} "
+            f"({budget} of {len(pool)})",
+            f"teacher={args.teacher} weights={args.weights} options={args.option} image_size={args.image_size} "
+            f"dtype={args.dtype} filter={used} block={args.block} k={args.k} keep={args.keep} "
+            f"distance={args.distance} seed={args.seed}",
         ]
         write_manifest(args.out, [ids[i] for i in chosen], header)
         print(

@@ -25,18 +25,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_files
+
 METRICS = ("cosine", "euclidean")
 METHODS = ("freesel", "farthest", "kcenter", "random")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 class SelectionError(ValueError):
@@ -44,20 +44,23 @@ class SelectionError(ValueError):
 
 
 def resolve_budget(budget: str | int, pool_size: int) -> int:
-    """A count ("200", 200) or a share of the pool ("10%", rounded, at least 1) -> a number of images.
+    """A count ("200", 200) or a share of the pool ("10%") -> a number of images.
+
+    A share is rounded half up, computed exactly from the decimal text (10% of 25 images is 2.5 -> 3,
+    of 35 is 3.5 -> 4; Python's `round` would give 2 and 4, halves to even), and is at least 1.
 
     Raises:
         SelectionError: not a positive count or a percentage in (0, 100], or more images than the pool holds.
     """
     text = str(budget).strip()
     try:
-        value = float(text[:-1]) if text.endswith("%") else int(text)
+        value = Fraction(text[:-1]) if text.endswith("%") else int(text)  # Fraction: "12.5" exactly, no float error
     except ValueError:
         raise SelectionError(f"budget {text!r} is neither a count (e.g. 200) nor a percentage (e.g. 10%)") from None
     if text.endswith("%"):
         if not 0 < value <= 100:
             raise SelectionError(f"budget {text!r}: a percentage must be in (0, 100]")
-        count = max(1, round(pool_size * value / 100))
+        count = max(1, math.floor(pool_size * value / 100 + Fraction(1, 2)))  # half up
     else:
         count = int(value)
     if count < 1:
@@ -209,7 +212,9 @@ class ImageFeatures:
 
 
 class ImageFolderPool(Dataset):
-    """Every image file under `root` (recursive); ids are relative paths without extension, sorted.
+    """Every image file under `root` (recursive, symlinked folders followed); ids are relative paths without
+    extension, sorted. The listing and the decoding are the `image_folder` dataset's (`list_image_files`,
+    `decode_rgb`), so a manifest written here selects the same files there.
 
     Samples are {"image": uint8 (3, H, W), "id": str, "index": int}, as sak datasets give them.
     """
@@ -218,37 +223,53 @@ class ImageFolderPool(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise SelectionError(f"pool {str(root)!r} is neither a folder of images nor a recipe (.yaml) file")
-        by_id: dict[str, Path] = {}
-        for path in self.root.rglob("*"):
-            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-                continue
-            image_id = path.relative_to(self.root).with_suffix("").as_posix()
-            if image_id in by_id:
-                raise SelectionError(
-                    f"pool {self.root}: {by_id[image_id].name} and {path.name} both have id {image_id!r}"
-                )
-            by_id[image_id] = path
+        try:
+            by_id = list_image_files(self.root)
+        except ValueError as exc:
+            raise SelectionError(f"pool {exc}") from None
         if not by_id:
-            raise SelectionError(f"pool {self.root}: no image files ({' '.join(IMAGE_SUFFIXES)}) under it")
-        self.ids = sorted(by_id)
-        self.paths = [by_id[i] for i in self.ids]
+            raise SelectionError(f"pool {self.root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) under it")
+        self.ids = list(by_id)
+        self.paths = [self.root / by_id[i] for i in self.ids]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
         try:
-            with Image.open(self.paths[index]) as image:
-                array = np.asarray(image.convert("RGB"))
-        except OSError as exc:
-            raise SelectionError(f"pool {self.root}: cannot read image {self.paths[index]}: {exc}") from exc
-        return {"image": torch.from_numpy(array.copy()).permute(2, 0, 1), "id": self.ids[index], "index": index}
+            array = decode_rgb(self.paths[index])
+        except DataError as exc:
+            raise SelectionError(f"pool {self.root}: cannot read image: {exc}") from exc
+        return {"image": torch.from_numpy(array).permute(2, 0, 1), "id": self.ids[index], "index": index}
+
+
+class UnpaddedImages(Dataset):
+    """A recipe dataset's evaluation samples with the padding taken off: the dense datasets (PASCAL-Context,
+    NYUD) centre each image on a fixed canvas filled with the mean colour and give its original (h, w) as
+    "size"; `unpad` crops that back, so the teacher sees the photograph only, resized by its own
+    preprocessing as FreeSel's code feeds raw VOC images (a squash to 224 x 224). Samples without "size"
+    pass unchanged."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        from ..data.transforms import unpad
+
+        sample = self.dataset[index]
+        image = sample["image"]
+        if "size" in sample:
+            image = unpad(image, tuple(sample["size"].tolist()))
+        return {"image": image, "id": sample["id"], "index": index}
 
 
 def open_pool(pool: str, overrides: Sequence[str] = ()) -> tuple[Dataset, list[str] | None]:
     """A folder of images, or a recipe whose `data` section names a registered dataset (its `data.split`,
-    without training augmentation; `overrides` are recipe `key=value`s). Returns the dataset and its ids
-    when they are known without reading the images."""
+    without training augmentation and without the evaluation padding, see `UnpaddedImages`; `overrides` are
+    recipe `key=value`s). Returns the dataset and its ids when they are known without reading the images."""
     if Path(pool).suffix.lower() in (".yaml", ".yml"):
         import dataclasses
 
@@ -259,7 +280,7 @@ def open_pool(pool: str, overrides: Sequence[str] = ()) -> tuple[Dataset, list[s
         recipe = dataclasses.replace(recipe, tasks=[])  # images only, no targets to load
         dataset = build_loader(recipe, recipe.data.split, train=False).dataset
         ids = getattr(getattr(dataset, "dataset", None), "ids", None)
-        return dataset, list(ids) if ids is not None else None
+        return UnpaddedImages(dataset), list(ids) if ids is not None else None
     if overrides:
         raise SelectionError(f"--set applies to recipe pools; {pool!r} is a folder")
     dataset = ImageFolderPool(pool)

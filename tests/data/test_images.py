@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sak.data import DatasetSpec, build_dataset
-from sak.data.images import DataError
+from sak.data.images import DataError, decode_rgb, to_rgb
 
 CLASSES = {"n01440764": 3, "n02102040": 2}
 
@@ -127,3 +127,54 @@ def test_tar_index_cache_and_errors(tree, tmp_path):
     write_shards(tree, gz, compress=True)
     with pytest.raises(DataError, match="decompress them"):
         tars(gz, shards="{split}*.tar.gz")
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_rgb: the image as displayed
+# ---------------------------------------------------------------------------------------------
+def test_decode_rescales_16_and_32_bit_images_instead_of_clipping(tmp_path):
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # opens as I;16
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    for path, mode in [(tmp_path / "grey16.png", "I;16"), (tmp_path / "grey16.tif", "I;16B")]:
+        if mode == "I;16B":
+            Image.frombytes("I;16B", (16, 16), ramp.astype(">u2").tobytes()).save(path)
+        with Image.open(path) as im:
+            assert im.mode == mode
+        out = decode_rgb(path)
+        assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+        np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, axis=2))
+    as_int = Image.fromarray(ramp.astype(np.int32))  # mode I: 16-bit data in Pillow's 32-bit container
+    as_float = Image.fromarray((ramp / 65535.0).astype(np.float32))  # mode F: [0, 1]
+    for im in (as_int, as_float):
+        np.testing.assert_array_equal(to_rgb(im)[..., 0], expected)
+
+
+def test_decode_applies_exif_orientation(tmp_path):
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # white left half as stored
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    im.save(tmp_path / "phone.png", exif=exif.tobytes())
+    out = decode_rgb(tmp_path / "phone.png")
+    assert out.shape == (40, 20, 3)  # upright: the stored left half is now on top
+    assert (out[:20] == 255).all() and (out[20:] == 0).all()
+
+
+def test_decode_composites_transparency_onto_white(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255  # red hidden under alpha 0 ...
+    rgba[0, 0, 3] = 255  # ... except one opaque pixel
+    rgba[0, 1, 3] = 128  # and one half-transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    out = decode_rgb(tmp_path / "rgba.png")
+    assert out[0, 0].tolist() == [255, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [255, 127, 127]  # half red, half white
+    la = Image.fromarray(np.stack([np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)], -1), "LA")
+    assert to_rgb(la).tolist() == [[[255] * 3] * 2] * 2  # black, fully transparent: white
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # palette entry 0 is transparent
+    assert to_rgb(palette).tolist() == [[[255, 255, 255], [0, 255, 0]]]

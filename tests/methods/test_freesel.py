@@ -33,7 +33,10 @@ from sak.methods.freesel import (
     image_uniforms,
     main,
     patch_tokens,
+    preprocess_batch,
+    semantic_patterns,
     top_share_mask,
+    vit_of,
     vit_patch_tokens,
 )
 
@@ -110,7 +113,7 @@ def test_top_share_mask_keeps_the_fewest_largest_patches_reaching_the_share(shar
 def test_attention_filter_on_a_vit_teacher_keeps_half_the_cls_attention():
     teacher = tiny_vit_teacher()
     x = teacher.preprocess(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
-    feats, weights, used = patch_tokens(teacher, x, PatternOptions())
+    feats, weights, used, _ = patch_tokens(teacher, x, PatternOptions())
     assert used == "attention" and feats.shape == (3, 64, 32)
     torch.testing.assert_close(weights.sum(1), torch.ones(3))
     kept = torch.where(top_share_mask(weights, 0.5), weights, 0).sum(1)
@@ -123,13 +126,96 @@ def test_teachers_without_cls_attention_use_feature_norms():
         image_size=64, block=None,
     )  # fmt: skip
     x = teacher.preprocess(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
-    feats, weights, used = patch_tokens(teacher, x, PatternOptions())
+    feats, weights, used, _ = patch_tokens(teacher, x, PatternOptions())
     assert used == "norm" and feats.shape == (2, 4, 16)  # deepest level: stride 32 on 64 px
     torch.testing.assert_close(weights, feats.norm(dim=-1))
     with pytest.raises(SelectionError, match="not a timm VisionTransformer"):
         patch_tokens(teacher, x, PatternOptions(filter="attention"))
     with pytest.raises(SelectionError, match="not a ViT"):
         build_teacher("timm", None, {"model": "convnext_atto"}, image_size=64, block=-1)
+
+
+# teachers that keep their timm ViT inside a wrapper: dinov2 at .backbone.model, clip (timm) at .tower.model
+DINOV2_KW = {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 56}
+CLIP_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+WRAPPED_VITS = {
+    "dinov2": ({"size": "small", "model_kwargs": DINOV2_KW}, "vit_small_patch14_dinov2", DINOV2_KW),
+    "dinov2_registers": (
+        {"size": "small", "registers": True, "model_kwargs": DINOV2_KW},
+        "vit_small_patch14_reg4_dinov2",
+        DINOV2_KW,
+    ),
+    "clip": ({"model_kwargs": CLIP_KW}, "vit_base_patch16_clip_384", CLIP_KW),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRAPPED_VITS))
+def test_wrapped_vit_teachers_get_freesels_method_as_the_timm_teacher_does(variant):
+    options, timm_model, kwargs = WRAPPED_VITS[variant]
+    torch.manual_seed(0)
+    teacher = build_teacher(variant.split("_")[0], None, options, image_size=None, block=-2)  # a ViT: -2 accepted
+    model = vit_of(teacher)
+    assert model is not None and model.num_prefix_tokens == (5 if "registers" in variant else 1)
+    plain = build_teacher("timm", None, {"model": timm_model, "model_kwargs": kwargs}, image_size=None, block=None)
+    vit_of(plain).load_state_dict(model.state_dict())  # the same ViT behind the plain timm teacher
+    side = teacher.input_size
+    x = teacher.preprocess(torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8))
+    feats, weights, used, valid = patch_tokens(teacher, x, PatternOptions(filter="attention"))
+    ref_feats, ref_weights, ref_used, _ = patch_tokens(plain, x, PatternOptions())
+    assert used == ref_used == "attention" and bool(valid.all())
+    torch.testing.assert_close(feats, ref_feats)
+    torch.testing.assert_close(weights, ref_weights)
+    # the patches are the teacher's own tokens: its level of the penultimate block, after the final norm
+    with torch.no_grad():
+        level = teacher(x).levels[list(teacher.meta.levels).index(1)]
+        torch.testing.assert_close(feats, model.norm(level.flatten(2).transpose(1, 2)))
+
+
+def test_select_with_the_dinov2_teacher_records_attention_and_the_settings(png_pool, tmp_path):
+    out = tmp_path / "dinov2.txt"
+    teacher = ["--teacher", "dinov2", "--option", "size=small", "--option", f"model_kwargs={json.dumps(DINOV2_KW)}"]
+    args = ["--pool", str(png_pool), "--budget", "3", *teacher, "--block", "-2", "--filter", "attention"]
+    assert main([*args, "--image-size", "28", "--dtype", "bf16", "--no-progress", "--out", str(out)]) == 0
+    header = [line for line in out.read_text().splitlines() if line.startswith("#")]
+    assert "filter=attention" in header[1] and "image_size=28" in header[1] and "dtype=bf16" in header[1]
+    assert len(read_manifest(str(out))) == 3
+
+
+def test_a_teacher_holding_two_vits_is_refused():
+    class TwoTowers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_KW)
+            self.b = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_KW)
+
+    with pytest.raises(SelectionError, match="holds 2 timm VisionTransformers \\(a, b\\)"):
+        vit_of(TwoTowers())
+
+
+SAM_KW = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 4,
+          "global_attn_indexes": (1, 3), "out_chans": 16}  # fmt: skip
+
+
+def test_letterbox_padding_tokens_are_left_out_of_patterns_and_global_features():
+    torch.manual_seed(0)
+    teacher = build_teacher("sam", None, {"model_kwargs": SAM_KW}, image_size=64, block=None)
+    images = [
+        torch.randint(0, 256, (3, 16, 64), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 64, 40), dtype=torch.uint8),
+    ]
+    sizes = [(16, 64), (64, 40)]
+    x = preprocess_batch(teacher, images, torch.device("cpu"))  # longest side to 64, zeros right and below
+    feats, weights, used, valid = patch_tokens(teacher, x, PatternOptions(), sizes=sizes)
+    assert used == "norm"
+    grid = valid.view(2, 8, 8)
+    assert grid[0].sum(1).tolist() == [8, 8, 0, 0, 0, 0, 0, 0]  # 16 of 64 rows: the top 2 of 8 token rows
+    assert grid[1].sum(0).tolist() == [8] * 5 + [0] * 3  # 40 of 64 columns: 5 token columns
+    assert (weights[~valid] == 0).all()
+    # keep everything, k above the token count: the patterns are exactly the image's tokens
+    patterns, global_features, _ = semantic_patterns(teacher, x, [0, 1], PatternOptions(keep=1.0, k=64), sizes=sizes)
+    for b in range(2):
+        torch.testing.assert_close(patterns[b], feats[b][valid[b]])
+        torch.testing.assert_close(global_features[b], feats[b][valid[b]].mean(0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +310,9 @@ def test_random_subset_is_a_seeded_permutation_prefix():
 def test_budget_as_count_or_percent_and_the_errors():
     assert resolve_budget("7", 20) == 7 and resolve_budget(20, 20) == 20
     assert resolve_budget("25%", 12) == 3 and resolve_budget("0.1%", 12) == 1
+    # halves round up, exactly from the decimal text (round() would give 2 for 2.5: half to even)
+    assert [resolve_budget("10%", n) for n in (25, 35, 24)] == [3, 4, 2]
+    assert resolve_budget("12.5%", 20) == 3 and resolve_budget("0.5%", 300) == 2
     with pytest.raises(SelectionError, match=r"budget 21 is larger than the pool, which holds 20 images"):
         resolve_budget("21", 20)
     for bad, message in [("0", "at least one"), ("150%", r"\(0, 100\]"), ("many", "neither a count")]:
@@ -255,6 +344,38 @@ def test_folder_pool_ids_are_sorted_relative_paths(png_pool, tmp_path):
         ImageFolderPool(tmp_path / "empty")
     with pytest.raises(SelectionError, match="neither a folder of images nor a recipe"):
         ImageFolderPool(tmp_path / "missing")
+
+
+def test_folder_pool_lists_and_decodes_as_the_image_folder_dataset(png_pool, tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png_pool / "anim.gif")  # not an image_folder extension
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(linked / "deep.png")  # 16-bit grey, behind a symlinked folder
+    (png_pool / "linked").symlink_to(linked, target_is_directory=True)
+    pool = ImageFolderPool(png_pool)
+    folder = build_dataset("image_folder", DatasetSpec(root=str(png_pool), image_size=8), {"split_subdir": False})
+    assert pool.ids == folder.ids and "linked/deep" in pool.ids and "anim" not in pool.ids
+    image = pool[pool.ids.index("linked/deep")]["image"]
+    assert image[0].flatten().tolist() == np.rint(ramp.flatten() / 257).astype(int).tolist()  # not clipped at 255
+
+
+def test_recipe_pools_give_the_unpadded_images_and_the_manifest_records_set(tmp_path):
+    from sak.data.fixtures import write_pascal_context
+    from sak.data.images import decode_rgb
+    from sak.methods import open_pool
+
+    root = write_pascal_context(tmp_path / "PASCAL_MT", n_train=2, n_val=1, size=(48, 64))
+    recipe = REPO / "recipes/sak/stage2_vits_pascal_context.yaml"
+    overrides = [f"data.root={root}", "data.num_workers=0", "checkpoint.init_from=null"]
+    pool, ids = open_pool(str(recipe), overrides)
+    for index, image_id in enumerate(ids):  # evaluation samples are padded to 512 x 512: taken off again
+        raw = decode_rgb(root / "JPEGImages" / f"{image_id}.jpg")
+        assert pool[index]["image"].permute(1, 2, 0).numpy().tolist() == raw.tolist()
+    out = tmp_path / "subset.txt"
+    sets = [item for o in overrides for item in ("--set", o)]
+    assert main(["--pool", str(recipe), *sets, "--budget", "1", "--method", "random", "--out", str(out)]) == 0
+    assert f"--set data.root={root}" in out.read_text().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------
