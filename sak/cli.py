@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -92,6 +93,9 @@ def _teachers(args) -> int:
         for name in list_teachers():
             print(name)
         return 0
+    bad = [kv for kv in args.options if "=" not in kv]
+    if bad:
+        raise ValueError(f"teacher options are key=value pairs, e.g. model=vit_small_patch14_dinov2; got {bad}")
     options = dict(kv.split("=", 1) for kv in args.options)
     import yaml
 
@@ -256,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.path=value
 
 
+def is_user_error(exc: Exception) -> bool:
+    """What bad input raises (a missing file, a name or value that is not valid, a stale cache, a damaged
+    weights file, a run stopped by non-finite losses): `main` prints it as one line naming the problem and
+    exits with status 2. Anything else keeps its traceback; SAK_TRACEBACK=1 keeps it for these too."""
+    from .engine.cache import CacheError
+    from .engine.trainer import NonFiniteLossError
+    from .teachers.weights import WeightsError
+
+    return isinstance(exc, (ValueError, KeyError, OSError, CacheError, WeightsError, NonFiniteLossError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -272,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RecipeError as exc:
         print(f"sak: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not is_user_error(exc) or os.environ.get("SAK_TRACEBACK"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # (KeyError quotes its text)
+        print(f"sak {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
 
 

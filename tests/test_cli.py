@@ -41,3 +41,27 @@ def test_stray_arguments_are_still_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["model", "show", str(TINY), "--json", "not-an-override"])
     assert exc.value.code == 2 and "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["teachers", "show", "nosuch"], "sak teachers: UnknownNameError: unknown teacher 'nosuch'; known names:"),
+        (["teachers", "show", "timm", "foo"], "sak teachers: ValueError: teacher options are key=value pairs"),
+        (["export", str(TINY), "--from", "/nonexistent", "--out", "x"], "sak export: FileNotFoundError: sak export --from"),
+        (["predict", "/nonexistent", "x.png", "--out", "x"], "sak predict: FileNotFoundError:"),
+        (["train", str(TINY), "data.name=image_folder", "data.options={}", "data.root=/nonexistent"],
+         "sak train: FileNotFoundError: data.root '/nonexistent' is not a directory"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_naming_the_problem_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, f"run.output_dir={tmp_path}"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_sak_traceback_keeps_the_traceback(monkeypatch):
+    monkeypatch.setenv("SAK_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        main(["teachers", "show", "nosuch"])

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..config import Recipe, StudentConfig, TaskConfig, structure
+from ..data.images import DataError, decode_rgb
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from .init import student_weights_file
@@ -27,7 +26,7 @@ DISTILL_ONLY = ("aligners.", "projections.")
 
 def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
     """Write the inference student of a run (or checkpoint) to `out`."""
-    state = load_file(str(student_weights_file(source)))
+    state = load_file(str(student_weights_file(source, "sak export --from")))
     kept = {k: v.contiguous() for k, v in state.items() if not k.startswith(DISTILL_ONLY)}
     out.mkdir(parents=True, exist_ok=True)
     save_file(kept, str(out / "student.safetensors"), metadata={"format": "pt", "producer": "sak"})
@@ -75,12 +74,19 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     image's original size."""
     size = config["image_size"]
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
+    by_stem: dict[str, Path] = {}
+    for file in map(Path, images):  # outputs are named by file name: two inputs must not share one
+        if by_stem.setdefault(file.stem, file) != file:
+            raise ValueError(
+                f"{by_stem[file.stem]} and {file} would both write {file.stem}.png per task; predict them into "
+                "separate --out folders"
+            )
     written = []
     for file in images:
         try:
-            rgb = np.asarray(Image.open(file).convert("RGB"))
-        except OSError as exc:
-            raise ValueError(f"cannot read image {str(file)!r}: {exc}") from exc
+            rgb = decode_rgb(file)  # the training data's decoding: EXIF orientation, 16-bit, transparency
+        except DataError as exc:
+            raise ValueError(f"cannot read image: {exc}") from exc
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
         h, w = x.shape[-2:]
         resized = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True).round().to(torch.uint8)

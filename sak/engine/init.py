@@ -13,8 +13,9 @@ from .checkpoint import latest_checkpoint
 NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
 
 
-def student_weights_file(path: Path) -> Path:
-    """A checkpoint directory, a run directory (its latest checkpoint) or a .safetensors file."""
+def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path:
+    """A checkpoint directory, a run directory (its latest checkpoint) or a .safetensors file; `what` names
+    the setting or flag that gave `path` in the error."""
     if path.is_file():
         return path
     if (path / "model.safetensors").is_file():
@@ -23,7 +24,7 @@ def student_weights_file(path: Path) -> Path:
     if latest is not None:
         return latest / "model.safetensors"
     raise FileNotFoundError(
-        f"checkpoint.init_from: {str(path)!r} is neither a .safetensors file, a checkpoint directory with "
+        f"{what}: {str(path)!r} is neither a .safetensors file, a checkpoint directory with "
         "model.safetensors, nor a run directory with checkpoints/"
     )
 

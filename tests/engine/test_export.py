@@ -45,3 +45,10 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     assert np.load(preds / "depth" / "photo.npy").shape == (50, 70)
     for task in ("saliency", "edges", "parts"):
         assert (preds / task / "photo.png").is_file()
+    # two inputs with one file name would overwrite each other's outputs: refused before anything is written
+    (tmp_path / "b").mkdir()
+    twin = tmp_path / "b" / "photo.png"
+    twin.write_bytes(photo.read_bytes())
+    other = tmp_path / "others"
+    assert main(["predict", str(out), str(photo), str(twin), "--out", str(other)]) == 2
+    assert not other.exists()
