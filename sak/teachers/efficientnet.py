@@ -116,6 +116,19 @@ class EfficientNetLite0(Teacher):
             },
         )
 
+    def level_shapes(self, image_size: int | None = None) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each level for a square input: each stride-2 convolution (padded by kernel // 2) gives
+        ceil(n / 2), so a side that is not a multiple of 32 rounds up (100 px: 25, 13, 7, 4), where the
+        base class's n // stride would round down."""
+        size = image_size or self.input_size
+        shapes = []
+        for c, stride in zip(self.level_dims, self.level_strides, strict=True):
+            n = size
+            for _ in range(stride.bit_length() - 1):  # log2(stride) halvings
+                n = -(-n // 2)
+            shapes.append((c, n, n))
+        return shapes
+
     def forward(self, x: Tensor) -> TeacherOutput:
         """(B, 3, s, s) normalised with mean = std = 0.5 -> per-level maps, summary (B, 1280)."""
         final, levels = self.model.forward_intermediates(x, indices=list(self.meta.levels), stop_early=False)

@@ -300,6 +300,17 @@ def test_effnet_teacher_levels_summary_and_freezing(classifier):
 
 
 @needs_effnet
+@pytest.mark.parametrize("size", [224, 100, 130])
+def test_effnet_level_shapes_are_what_forward_returns_at_any_size(size):
+    """Sides that are not a multiple of 32 round up at each stride-2 stage (the cache and the student size
+    their maps from level_shapes)."""
+    teacher = create_teacher("efficientnet_lite0", spec=TeacherSpec(image_size=size))
+    with torch.no_grad():
+        out = teacher(teacher.preprocess(torch.zeros(1, 3, size, size, dtype=torch.uint8)))
+    assert teacher.level_shapes() == [tuple(level.shape[1:]) for level in out.levels]
+
+
+@needs_effnet
 def test_effnet_rejects_bad_levels_weights_and_digest(tmp_path):
     with pytest.raises(ValueError, match=r"levels \[3, 1\] must be feature-stage indices in 0..4, each once and in"):
         create_teacher("efficientnet_lite0", spec=TeacherSpec(levels=[3, 1]))
