@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sak.engine import train
-from sak.losses.normalize import FeatureNormalizer, hadamard
+from sak.losses.normalize import FeatureNormalizer, TargetNormalizers, hadamard
+from sak.teachers import TeacherOutput
 
 
 def features(seed=0, b=4, c=12, h=5, w=6):
@@ -88,3 +89,23 @@ def test_inverse_maps_normalised_features_back(mode):
     norm = FeatureNormalizer(12, mode, eps=0.0)
     norm.add(norm.batch_sums(x))
     torch.testing.assert_close(norm.inverse(norm(x)), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_one_reduction_for_all_levels_gives_each_level_its_own_sums(mode):
+    """update() joins every level's sums into one tensor for one collective and splits the result back:
+    a reduction standing in for two processes that saw the same batch equals adding the batch twice."""
+    targets = {
+        "a": TeacherOutput((features(0, c=12), features(1, c=20)), None),
+        "b": TeacherOutput((features(2, c=12),), None),
+    }
+    dims = {"a": (12, 20), "b": (12,)}
+    reduced, twice = TargetNormalizers(dims, mode), TargetNormalizers(dims, mode)
+    calls = []
+    reduced.update(targets, reduce=lambda t: calls.append(t.shape) or t * 2)
+    twice.update(targets)
+    twice.update(targets)
+    assert len(calls) == 1
+    for name in dims:
+        for r, t in zip(reduced.norms[name], twice.norms[name], strict=True):
+            assert torch.equal(r.count, t.count) and torch.equal(r.sum, t.sum) and torch.equal(r.sum_sq, t.sum_sq)
