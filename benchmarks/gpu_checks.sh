@@ -3,21 +3,27 @@
 # in parts that each fit one 10-minute call on a lent GPU machine (see docs/benchmarks.md):
 #   bash benchmarks/gpu_checks.sh 1 OUT   # stage 1: online vs torch.compile'd vs the fp16 cache; cast teachers
 #   bash benchmarks/gpu_checks.sh 2 OUT   # the loss rewrites on CUDA; stage 2: online vs compiled, options
-#   bash benchmarks/gpu_checks.sh 3 OUT   # the prefetcher's and heads' gpu tests; the cached loader alone (8 workers,
-#                                         # pinned) and its copy to the GPU; fp16-cache/compiled without and
-#                                         # with data.prefetch_to_device;
-#                                         # stage 1 online again (no host waits in a step since part 1)
-#   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); the loss on CUDA again
-#                                         # (upsampled_cosine, since part 2); int8 cache; cast teachers;
-#                                         # stage 2 with 1 teacher
-#   bash benchmarks/gpu_checks.sh 5 OUT   # bare loop (framework overhead); stage 1 and 2 online / compiled again
-# OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (parts 2 and 4),
-# cache_loader_gpu.* (part 3) and profile_gpu.* (part 4). Each part stops itself before the call's limit;
-# the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3-5 have not run yet.
-# throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
+#   bash benchmarks/gpu_checks.sh 3 OUT   # the prefetcher's and heads' gpu tests; stage 1 compiled online vs the
+#                                         # compiled fp16 cache without and with data.prefetch_to_device (cache
+#                                         # speed-up and MFU after the traffic cuts)
+#   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); stage 1 bare loop vs sak
+#                                         # engine, eager (framework overhead; no host waits since part 1)
+#   bash benchmarks/gpu_checks.sh 5 OUT   # the loss on CUDA again (upsampled_cosine, into OUT/loss/); the cached
+#                                         # loader alone (8 workers, pinned) and its copy to the GPU; stage 2 bare
+#                                         # vs sak engine, and with 1 teacher
+# Parts 3-5 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
+# holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
+# the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` dropped), and the
+# framework overhead needs the bare and sak rows of one stage in one part.
+# OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
+# into OUT/loss/), cache_loader_gpu.* (part 5) and profile_gpu.* (part 4). Each part stops itself before the
+# call's limit; the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3-5 have not
+# run yet. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before
+# the next.
 set -u
 part=${1:?part 1 to 5}
 out=${2:-benchmarks/results}
+mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, timm, accelerate; print("torch", torch.__version__, "timm", timm.__version__, "accelerate", accelerate.__version__)'
@@ -29,17 +35,16 @@ case $part in
    timeout "${LIMIT:-260}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/compiled \
        gpu/stage2/sak/online/sam-at-512 gpu/stage2/sak/online/1-teacher ;;
 3) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py tests/student/test_heads.py
-   timeout 125 python3 -m benchmarks.cache_loader --workers 8 --epochs 3 --results "$out" --name cache_loader_gpu
-   timeout "${LIMIT:-380}" $bench gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache/compiled/prefetch \
-       gpu/stage1/sak/online ;;
+   timeout "${LIMIT:-300}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/fp16-cache/compiled \
+       gpu/stage1/sak/fp16-cache/compiled/prefetch ;;
 4) timeout 200 python3 -m benchmarks.profile_gpu --steps 5 --rows 25 --json "$out/profile_gpu.json" \
        > "$out/profile_gpu.txt" 2>&1
    grep -A9 "^== " "$out/profile_gpu.txt"
-   timeout 45 python3 -m benchmarks.distill_loss --results "$out"
-   timeout "${LIMIT:-285}" $bench gpu/stage1/sak/int8-cache/compiled gpu/stage1/sak/online/teachers-cast \
-       gpu/stage2/sak/online/1-teacher ;;
-5) timeout "${LIMIT:-540}" $bench gpu/stage1/bare/online gpu/stage1/sak/online/compiled gpu/stage2/sak/online \
-       gpu/stage2/sak/online/compiled ;;
+   timeout "${LIMIT:-170}" $bench gpu/stage1/bare/online gpu/stage1/sak/online ;;
+5) timeout 45 python3 -m benchmarks.distill_loss --results "$out/loss"
+   timeout 150 python3 -m benchmarks.cache_loader --images 192 --workers 8 --epochs 3 --results "$out" \
+       --name cache_loader_gpu
+   timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
 *) echo "part must be 1 to 5" >&2; exit 2 ;;
 esac
 ls -la "$out"
