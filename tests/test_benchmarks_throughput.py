@@ -18,6 +18,15 @@ def test_cache_row_reports_flop_and_step_bounds():
     assert online_row.endswith("| - | - | - |")
 
 
+def test_a_prefetching_cache_row_is_compared_with_the_online_row_of_its_configuration():
+    online = {"case": "gpu/stage1/sak/online/compiled", "step_s": 0.4, "images_per_s": 20.0,
+              "wall_images_per_s": 19.0, "peak_rss_gib": 1.0, "teacher_flops": 9.0, "student_flops": 1.0}  # fmt: skip
+    cached = {**online, "case": "gpu/stage1/sak/fp16-cache/compiled/prefetch", "step_s": 0.1, "wall_images_per_s": 38.0}
+    md = table([online, cached], "GPU", "cmd")
+    row = next(line for line in md.splitlines() if line.startswith("| gpu/stage1/sak/fp16-cache/compiled/prefetch"))
+    assert "| 2.00x | 10.00x (20%) | 4.00x (50%) |" in row, row
+
+
 def test_profile_counts_operations_per_phase_on_the_cpu():
     """benchmarks/profile_gpu.py --device cpu: host time and dispatched operations for every phase; casting
     the teachers' weights once leaves out autocast's per-step casts."""
@@ -81,7 +90,8 @@ def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loa
     rows = cache.rows(3, epoch=0)  # second shard
     assert sum(v.numel() * v.element_size() for v in rows.values()) / 2**20 == pytest.approx(31.6, abs=0.05)
     r = measure(root, images=4, batch=2, workers=0, epochs=1)
-    assert r["batches"] == 1 and r["mib_per_batch"] == pytest.approx(63.2, abs=0.1) and r["images_per_s"] > 0
+    assert r["epochs_timed"] == 1 and r["mib_per_batch"] == pytest.approx(63.2, abs=0.1) and r["images_per_s"] > 0
+    assert r["images_per_s"] == pytest.approx(2 / r["batch_s"])
 
 
 def test_traffic_counts_what_each_operation_reads_and_writes():
