@@ -19,6 +19,10 @@ def evaluate(
     count = 0
     for i, batch in enumerate(loader):
         if recipe.eval.batches and i >= recipe.eval.batches:
+            # Accelerate (1.15) unregisters its loader only at the end of the iteration; left registered, it
+            # would hide the training loader's end of epoch from gradient accumulation
+            if hasattr(loader, "end"):
+                loader.end()
             break
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():

@@ -20,10 +20,20 @@ from ..config import Recipe
 PACKAGES = ("sak", "torch", "torchvision", "timm", "open_clip_torch", "transformers", "segment-anything", "accelerate")
 
 
-def git_revision(cwd: Path | None = None) -> str | None:
-    """The revision of the code that runs (`+dirty` when uncommitted changes exist), or None."""
-    here = cwd or Path(__file__).resolve().parent
+def git_revision() -> str | None:
+    """The revision of the code that runs (`+dirty` when uncommitted changes exist), or None when this code
+    is not in a git checkout (an installed package: `versions["sak"]` in run_info says which one runs).
+
+    The checkout must track this very file: an installed copy inside some other project's repository (a
+    virtual environment in a project folder) would otherwise report that project's revision."""
+    here = Path(__file__).resolve().parent
     try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(Path(__file__).resolve())],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        if tracked.returncode != 0:
+            return None
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return None

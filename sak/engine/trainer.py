@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
@@ -27,7 +28,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .init import init_student_from
-from .logging import RunLogger, run_info
+from .logging import RunLogger, flat_config, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher
 from .schedule import lr_lambda
@@ -85,6 +86,20 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None) -> FeatureCache | N
     return cache
 
 
+# settings that may change between the starts of one run without changing what it computes
+RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
+
+
+def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
+    """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds."""
+    if not saved.is_file():
+        return []
+    before = flat_config(yaml.safe_load(saved.read_text()) or {})
+    now = flat_config(recipe.to_dict())
+    keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
     """Append the sample ids this process used in `step` (traceability, and the sharding test)."""
     folder = run_dir / "samples"
@@ -112,6 +127,8 @@ def train(recipe: Recipe) -> dict:
             set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
         for name, text in extra_files.items():
             (run_dir / name).write_text(text)
+        with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
+            f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     accelerator.wait_for_everyone()
 
     # -- build ------------------------------------------------------------------------------
@@ -179,6 +196,12 @@ def train(recipe: Recipe) -> dict:
     )
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
+        changed = recipe_changes(source / "recipe.yaml", recipe)
+        if changed:
+            logger.message(
+                f"[sak] the recipe differs from the one {source} was trained with: {'; '.join(changed)}. "
+                "recipe.yaml now holds this one; starts.jsonl has every start's recipe"
+            )
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
 

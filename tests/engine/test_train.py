@@ -235,3 +235,54 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
         f.write('{"step": 5, "loss": 1.2')  # killed mid-line
     train(tiny_recipe("checkpoint.every=2"))
     assert sorted(logged(recipe.run_dir)) == list(range(1, 9))
+
+
+def test_a_partial_evaluation_does_not_move_the_accumulation_boundaries(tiny_recipe):
+    """3 batches an epoch, grad_accum 2, an evaluation of 1 batch after every step: each step takes the same
+    micro-batches as without evaluation (an evaluation stopped early used to leave its loader registered with
+    Accelerate, which then missed the training epoch's end and made a step span two epochs)."""
+    common = ["data.options.length=12", "optim.grad_accum=2", "schedule.max_steps=4", "logging.sample_ids=true",
+              "eval.every=1", "schedule.warmup_steps=0"]  # fmt: skip
+    steps = {}
+    for batches in (0, 1):
+        recipe = tiny_recipe(f"run.name=eval{batches}", f"eval.batches={batches}", *common)
+        train(recipe)
+        rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+        steps[batches] = [r["step"] for r in rows]
+    assert steps[1] == steps[0] == [1, 1, 2, 3, 3, 4], steps
+
+
+def test_the_git_revision_is_this_checkouts_and_none_for_a_copy_inside_another_repository(tmp_path):
+    """A copy of sak installed inside another project's repository must not report that project's revision."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sak.engine.logging import git_revision
+    from tests.conftest import REPO
+
+    if (REPO / ".git").exists():  # a checkout (CI clones one): its own revision
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert git_revision().split("+")[0] == head
+    other = tmp_path / "project"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    git = ["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "other project"], check=True)
+    shutil.copytree(REPO / "sak", other / "venv" / "sak")
+    code = "from sak.engine.logging import git_revision; print(git_revision())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=other / "venv", capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_each_start_is_recorded_and_a_changed_recipe_on_resume_is_named(tiny_recipe, capsys):
+    """recipe.yaml and run_info.json describe the latest start; starts.jsonl keeps every start's, so a number
+    logged before a resume still traces to the recipe that made it, and the resume says what changed."""
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=2")
+    train(recipe)
+    train(tiny_recipe("checkpoint.every=2", "optim.lr=5.0e-2"))
+    starts = [json.loads(x) for x in (recipe.run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["recipe"]["optim"]["lr"] for s in starts] == [1e-3, 5e-2]
+    assert all("git_revision" in s and "command" in s for s in starts)
+    out = capsys.readouterr()
+    assert "the recipe differs from the one" in out.out + out.err and "optim.lr: 0.001 -> 0.05" in out.out + out.err
+    assert "run.stop_at" not in (out.out + out.err).split("the recipe differs")[1].split("\n")[0]
