@@ -75,12 +75,13 @@ def skip_first_batches(accelerator: Accelerator, loader, batches: int):
     return skipped
 
 
-def open_cache(recipe: Recipe, teachers: dict, dataset=None) -> FeatureCache | None:
-    """The recipe's teacher-feature cache, checked against the recipe's teachers and data. `dataset`: the
-    training dataset, if already built (its sample ids are part of the check; built again otherwise)."""
+def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache | None = None) -> FeatureCache | None:
+    """The recipe's teacher-feature cache (`cache`, if already opened), checked against the recipe's teachers
+    and data. `dataset`: the training dataset, if already built (its sample ids are part of the check; built
+    again otherwise)."""
     if recipe.cache.path is None:
         return None
-    cache = FeatureCache(Path(recipe.cache.path))
+    cache = cache or FeatureCache(Path(recipe.cache.path))
     built = cache.manifest["identity"]
     cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"], dataset))
     return cache
@@ -145,7 +146,7 @@ def train(recipe: Recipe) -> dict:
     # whole cache is checked against that dataset (its sample ids included) once it is built
     cached = FeatureCache(Path(recipe.cache.path)) if recipe.cache.path is not None else None
     train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cached and cached.augment)
-    cache = open_cache(recipe, teachers, train_loader.dataset.dataset)
+    cache = open_cache(recipe, teachers, train_loader.dataset.dataset, cached)
     if cache is not None:
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
