@@ -176,7 +176,7 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     loader = build_loader(recipe, recipe.data.split, train=True)
     dtype, alpha = teacher_dtype(recipe), recipe.loss.alpha if tasks else 1.0
     times, batches = [], iter(loader)
-    for _ in range(warmup + steps):
+    for step in range(warmup + steps):
         try:
             batch = next(batches)
         except StopIteration:
@@ -186,7 +186,7 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
         batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
         if normalizers is not None:
-            normalizers.update(targets)
+            normalizers.update(targets, step)
             targets = normalizers(targets)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.precision.mixed == "bf16"):
             out = student(batch["image"])

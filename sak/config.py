@@ -109,6 +109,10 @@ class LossConfig:
     distill: str = "sak"  # loss registry name
     options: dict = field(default_factory=dict)  # the distillation loss's keyword arguments
     normalize: Literal["none", "standardize", "phi_s"] = "none"  # teacher targets before the loss (SAK: none)
+    # steps between rebuilding the normalising map from the statistics; auto: 1 (standardize), 100 (phi_s, RADIO)
+    normalize_every: int | Literal["auto"] = "auto"
+    # the step from which statistics and map stay fixed; auto: never (standardize), 30 x normalize_every (phi_s)
+    normalize_until: int | Literal["auto", "never"] = "auto"
     alpha: float = 1.0  # weight of the distillation loss in stage 2
 
 
@@ -220,6 +224,10 @@ _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -448,6 +456,11 @@ def validate(recipe: Recipe) -> None:
         "checkpoint.keep_last": (recipe.checkpoint.keep_last, 0),
         "logging.every": (recipe.logging.every, 1),
         "run.stop_at": (recipe.run.stop_at, 1),
+        "loss.normalize_every": (recipe.loss.normalize_every if recipe.loss.normalize_every != "auto" else None, 1),
+        "loss.normalize_until": (
+            recipe.loss.normalize_until if isinstance(recipe.loss.normalize_until, int) else None,
+            1,
+        ),
     }
     for key, (value, low) in at_least.items():
         if value is not None and value < low:

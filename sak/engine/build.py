@@ -92,7 +92,10 @@ def build_distill_loss(recipe: Recipe) -> torch.nn.Module:
 def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> TargetNormalizers | None:
     if recipe.loss.normalize == "none":
         return None
-    return TargetNormalizers({tid: t.level_dims for tid, t in teachers.items()}, recipe.loss.normalize)
+    loss = recipe.loss
+    return TargetNormalizers(
+        {tid: t.level_dims for tid, t in teachers.items()}, loss.normalize, loss.normalize_every, loss.normalize_until
+    )
 
 
 class IndexedDataset(torch.utils.data.Dataset):

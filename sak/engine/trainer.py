@@ -236,7 +236,9 @@ def train(recipe: Recipe) -> dict:
                 else:
                     targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:
-                    normalizers.update(targets, reduce=reduce_sum if accelerator.num_processes > 1 else None)
+                    normalizers.update(
+                        targets, state.step, reduce=reduce_sum if accelerator.num_processes > 1 else None
+                    )
                     targets = normalizers(targets)
                 with accelerator.autocast():
                     out = student(batch["image"])

@@ -6,8 +6,18 @@
   normalised Hadamard matrix so that every channel carries the same variance, and divide by one
   scalar so that variance is 1 (isotropic in scale, invertible, no channel dominates the loss).
 
-Statistics are accumulated over every image seen in training (all processes, summed), in float64,
-and are part of the checkpoint. Hand-written because no maintained library provides PHI-S.
+Statistics are accumulated over the images seen in training (all processes, summed), in float64. The
+map is rebuilt from them on a schedule (`loss.normalize_every`, `loss.normalize_until`, see
+`normalize_schedule`): `standardize` every step for the whole run; `phi_s` every 100 steps, with the
+statistics and the map frozen after 3000 steps, the schedule of RADIO's PHI-S code (an update period of
+100 steps and 30 periods of estimation). Rebuilding PHI-S's map every step costs one C x C
+eigendecomposition per teacher level per step, and the eigenvectors it gives change sign, and turn
+within nearly degenerate parts of the spectrum, from one rebuild to the next: rebuilt every step on real
+DINOv2 features, the normalised targets of fixed crops moved by 19-85% a step (relative L2, early to
+late in a 3500-step run; benchmarks/results/target_normalizer.md). Each rebuild therefore gives every
+eigenvector the sign that agrees with the previous map's (`align_signs`), which cut that to 0.3-30%;
+turns within near-degenerate eigenspaces remain. Statistics and map are part of the checkpoint.
+Hand-written because no maintained library provides PHI-S.
 """
 
 from __future__ import annotations
@@ -58,21 +68,39 @@ def hadamard(d: int) -> Tensor:
     return core / math.sqrt(d)
 
 
-class FeatureNormalizer(nn.Module):
-    """Running statistics of one teacher level's channels and the normalising map built from them."""
+def normalize_schedule(mode: str, every: int | str = "auto", until: int | str = "auto") -> tuple[int, int | None]:
+    """`loss.normalize_every` / `loss.normalize_until` resolved for `mode`: (steps between rebuilding the map,
+    step from which the statistics and the map stay fixed, or None for never). `auto`: every step and never for
+    `standardize` (running statistics); 100 and 30 x 100 for `phi_s` (RADIO's PHI-S update period and its 30
+    periods of estimation)."""
+    if every == "auto":
+        every = 1 if mode == "standardize" else 100
+    if until == "auto":
+        until = None if mode == "standardize" else 30 * every
+    return every, (None if until == "never" else until)
 
-    def __init__(self, dim: int, mode: str, eps: float = 1e-6) -> None:
+
+class FeatureNormalizer(nn.Module):
+    """Running statistics of one teacher level's channels and the normalising map last built from them.
+
+    The map (mean, W and for `phi_s` the scale alpha) is a buffer of its own, rebuilt by `refresh()` only: the
+    statistics may move on while the map stays as it was, and a checkpoint restores both exactly."""
+
+    def __init__(self, dim: int, mode: str, eps: float = 1e-6, align_signs: bool = True) -> None:
         super().__init__()
         if mode not in ("standardize", "phi_s"):
             raise ValueError(f"loss.normalize: unknown mode {mode!r}; expected none, standardize or phi_s")
-        self.mode, self.eps = mode, eps
+        self.mode, self.eps, self.align_signs = mode, eps, align_signs
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("sum", torch.zeros(dim, dtype=torch.float64))
         second = (dim, dim) if mode == "phi_s" else (dim,)
         self.register_buffer("sum_sq", torch.zeros(second, dtype=torch.float64))
         # built once and moved with the module: not rebuilt and copied from the host at every step
         self.register_buffer("hadamard", hadamard(dim) if mode == "phi_s" else None, persistent=False)
-        self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (mean, W, W^-1) for the current statistics
+        self.register_buffer("map_mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("map_w", torch.zeros(second, dtype=torch.float64))
+        self.register_buffer("map_alpha", torch.ones((), dtype=torch.float64))
+        self.refresh()  # the map of empty statistics, as used before the first update
 
     def batch_sums(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> one flat float64 vector [n, sum, sum of squares / outer products]."""
@@ -86,57 +114,85 @@ class FeatureNormalizer(nn.Module):
         self.count += sums[0]
         self.sum += sums[1 : 1 + c]
         self.sum_sq += sums[1 + c :].view_as(self.sum_sq)
-        self._cached = None
 
-    def _transform(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._cached is None:
-            n = self.count.clamp_min(1)
-            mean = self.sum / n
-            if self.mode == "standardize":
-                var = (self.sum_sq / n - mean**2).clamp_min(0)
-                w = 1.0 / torch.sqrt(var + self.eps)
-                inverse = 1.0 / w
-            else:
-                cov = self.sum_sq / n - torch.outer(mean, mean)
-                eigval, eigvec = torch.linalg.eigh(cov)  # cov = U diag(L) U^T
-                # a tensor, not a Python number: reading it would make the host wait for the GPU every step
-                alpha = eigval.clamp_min(0).mean().clamp_min(self.eps).sqrt()
-                w = self.hadamard @ eigvec.T / alpha  # x' = H U^T (x - mean) / alpha
-                inverse = w.T * alpha**2  # H and U are orthogonal: W^-1 = alpha U H^T
-            self._cached = (mean, w, inverse)
-        return self._cached
+    @torch.no_grad()
+    def refresh(self, align: bool | None = None) -> None:
+        """Rebuild the map from the statistics gathered so far (on the device, nothing read back).
+
+        `phi_s`: an eigenvector's sign is arbitrary, and the one LAPACK / cuSOLVER returns can flip with a small
+        change of the statistics; through the Hadamard mixing one flip changes every normalised channel. So each
+        eigenvector takes the sign that agrees with the same axis of the previous map (the first map's, with the
+        identity's), unless `align` (default: the normaliser's `align_signs`) is false."""
+        n = self.count.clamp_min(1)
+        mean = self.sum / n
+        if self.mode == "standardize":
+            var = (self.sum_sq / n - mean**2).clamp_min(0)
+            self.map_w.copy_(1.0 / torch.sqrt(var + self.eps))
+        else:
+            cov = self.sum_sq / n - torch.outer(mean, mean)
+            eigval, eigvec = torch.linalg.eigh(cov)  # cov = U diag(L) U^T
+            if self.align_signs if align is None else align:
+                previous = (self.hadamard.T @ self.map_w * self.map_alpha).T  # the previous map's U
+                sign = torch.sign((previous * eigvec).sum(0))
+                eigvec = eigvec * torch.where(sign == 0, 1.0, sign)
+            # a tensor, not a Python number: reading it would make the host wait for the GPU
+            alpha = eigval.clamp_min(0).mean().clamp_min(self.eps).sqrt()
+            self.map_w.copy_(self.hadamard @ eigvec.T / alpha)  # x' = H U^T (x - mean) / alpha
+            self.map_alpha.copy_(alpha)
+        self.map_mean.copy_(mean)
 
     def forward(self, x: Tensor) -> Tensor:
-        mean, w, _ = (t.to(x) for t in self._transform())
+        mean, w = self.map_mean.to(x), self.map_w.to(x)
         if self.mode == "standardize":
             return (x - mean.view(1, -1, 1, 1)) * w.view(1, -1, 1, 1)
         return torch.einsum("dc,bchw->bdhw", w, x - mean.view(1, -1, 1, 1))
 
     def inverse(self, y: Tensor) -> Tensor:
         """Normalised maps back to the teacher's feature space (held-out comparisons use that space)."""
-        mean, _, inv = (t.to(y) for t in self._transform())
+        mean = self.map_mean.to(y).view(1, -1, 1, 1)
         if self.mode == "standardize":
-            return y * inv.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
-        return torch.einsum("cd,bdhw->bchw", inv, y) + mean.view(1, -1, 1, 1)
+            return y / self.map_w.to(y).view(1, -1, 1, 1) + mean
+        inverse = self.map_w.T * self.map_alpha**2  # H and U are orthogonal: W^-1 = alpha U H^T
+        return torch.einsum("cd,bdhw->bchw", inverse.to(y), y) + mean
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._cached = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        mapped = [prefix + k for k in ("map_mean", "map_w", "map_alpha")]
+        if not any(k in state_dict for k in mapped):
+            # written before the map was saved, when it was rebuilt from the statistics at every step (with
+            # the eigenvectors' signs as LAPACK gave them): rebuilding it so gives the map that run was using
+            missing_keys[:] = [k for k in missing_keys if k not in mapped]
+            self.refresh(align=False)
 
 
 class TargetNormalizers(nn.Module):
-    """One `FeatureNormalizer` per (teacher, level)."""
+    """One `FeatureNormalizer` per (teacher, level), updated and rebuilt on one schedule (`normalize_schedule`)."""
 
-    def __init__(self, level_dims: dict[str, tuple[int, ...]], mode: str) -> None:
+    def __init__(
+        self,
+        level_dims: dict[str, tuple[int, ...]],
+        mode: str,
+        every: int | str = "auto",
+        until: int | str = "auto",
+        align_signs: bool = True,
+    ) -> None:
         super().__init__()
         self.norms = nn.ModuleDict(
-            {t: nn.ModuleList(FeatureNormalizer(c, mode) for c in dims) for t, dims in level_dims.items()}
+            {
+                t: nn.ModuleList(FeatureNormalizer(c, mode, align_signs=align_signs) for c in dims)
+                for t, dims in level_dims.items()
+            }
         )
+        self.every, self.until = normalize_schedule(mode, every, until)
 
     @torch.no_grad()
-    def update(self, targets: dict, reduce=None) -> None:
-        """Add a batch of teacher outputs to the statistics; `reduce` sums the batch across processes, once
-        for all levels of all teachers (one collective a step rather than one per level)."""
+    def update(self, targets: dict, step: int, reduce=None) -> None:
+        """Add a batch of teacher outputs, seen at optimiser step `step` (0-based), to the statistics and rebuild
+        the maps when the schedule says so: at every step that is a multiple of `every`, and at the last step
+        before `until`, after which nothing changes any more. `reduce` sums the batch across processes, once for
+        all levels of all teachers (one collective a step rather than one per level)."""
+        if self.until is not None and step >= self.until:
+            return
         pairs = [
             (n, level) for tid, out in targets.items() for n, level in zip(self.norms[tid], out.levels, strict=True)
         ]
@@ -145,6 +201,9 @@ class TargetNormalizers(nn.Module):
             sums = reduce(torch.cat(sums)).split([s.numel() for s in sums])
         for (norm, _), s in zip(pairs, sums, strict=True):
             norm.add(s)
+        if step % self.every == 0 or step + 1 == self.until:
+            for norm, _ in pairs:
+                norm.refresh()
 
     def denormalize(self, features: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """Student features (predicting normalised targets) mapped back to each teacher's space."""

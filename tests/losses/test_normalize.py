@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sak.engine import train
-from sak.losses.normalize import FeatureNormalizer, TargetNormalizers, hadamard
+from sak.losses.normalize import FeatureNormalizer, TargetNormalizers, hadamard, normalize_schedule
 from sak.teachers import TeacherOutput
 
 
@@ -38,6 +38,7 @@ def test_standardize_gives_zero_mean_unit_variance_per_channel():
     x = features()
     norm = FeatureNormalizer(12, "standardize", eps=0.0)
     norm.add(norm.batch_sums(x))
+    norm.refresh()
     mean, cov = channel_stats(norm(x))
     torch.testing.assert_close(mean, torch.zeros(12, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(cov.diagonal(), torch.ones(12, dtype=torch.float64), atol=1e-4, rtol=0)
@@ -47,6 +48,7 @@ def test_phi_s_centres_and_equalises_every_channel_variance_to_one():
     x = features()
     norm = FeatureNormalizer(12, "phi_s", eps=0.0)
     norm.add(norm.batch_sums(x))
+    norm.refresh()
     y = norm(x)
     mean, cov = channel_stats(y)
     torch.testing.assert_close(mean, torch.zeros(12, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -64,6 +66,7 @@ def test_statistics_summed_over_shards_equal_one_pass():
     one, two = FeatureNormalizer(12, "phi_s"), FeatureNormalizer(12, "phi_s")
     one.add(one.batch_sums(x))
     two.add(two.batch_sums(x[:2]) + two.batch_sums(x[2:]))  # what the all-reduce "sum" computes
+    one.refresh(), two.refresh()
     torch.testing.assert_close(one(x), two(x))
 
 
@@ -88,6 +91,7 @@ def test_inverse_maps_normalised_features_back(mode):
     x = features()
     norm = FeatureNormalizer(12, mode, eps=0.0)
     norm.add(norm.batch_sums(x))
+    norm.refresh()
     torch.testing.assert_close(norm.inverse(norm(x)), x, atol=1e-4, rtol=1e-4)
 
 
@@ -102,10 +106,109 @@ def test_one_reduction_for_all_levels_gives_each_level_its_own_sums(mode):
     dims = {"a": (12, 20), "b": (12,)}
     reduced, twice = TargetNormalizers(dims, mode), TargetNormalizers(dims, mode)
     calls = []
-    reduced.update(targets, reduce=lambda t: calls.append(t.shape) or t * 2)
-    twice.update(targets)
-    twice.update(targets)
+    reduced.update(targets, 0, reduce=lambda t: calls.append(t.shape) or t * 2)
+    twice.update(targets, 0)
+    twice.update(targets, 1)
     assert len(calls) == 1
     for name in dims:
         for r, t in zip(reduced.norms[name], twice.norms[name], strict=True):
             assert torch.equal(r.count, t.count) and torch.equal(r.sum, t.sum) and torch.equal(r.sum_sq, t.sum_sq)
+
+
+def levels(seed):
+    return {"a": TeacherOutput((features(seed, c=12), features(seed + 100, c=20)), None)}
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_map_is_rebuilt_on_the_schedule_and_fixed_from_until(mode):
+    """every=3, until=7: statistics grow at steps 0..6; the map is rebuilt at steps 0, 3, 6 (6 = the last step
+    before until) and changes at no other step; from step 7 on nothing changes."""
+    norms = TargetNormalizers({"a": (12, 20)}, mode, every=3, until=7)
+    probe = levels(99)
+    seen, rebuilt = [], []
+    for step in range(10):
+        before = [n.count.clone() for n in norms.norms["a"]], norms(probe)["a"].levels
+        norms.update(levels(step), step)
+        after = [n.count.clone() for n in norms.norms["a"]], norms(probe)["a"].levels
+        seen.append(all(not torch.equal(b, a) for b, a in zip(before[0], after[0], strict=True)))
+        changed = [not torch.equal(b, a) for b, a in zip(before[1], after[1], strict=True)]
+        assert all(changed) or not any(changed)  # every level on the same schedule
+        rebuilt.append(all(changed))
+    assert seen == [True] * 7 + [False] * 3
+    assert rebuilt == [s in (0, 3, 6) for s in range(10)]
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_a_map_rebuilt_later_is_the_map_of_all_the_statistics(mode):
+    """Between rebuilds the map stays that of the statistics at the last rebuild; the next rebuild gives
+    exactly the map that rebuilding at every step would give (every=1 is the old behaviour)."""
+    # eigenvector signs as LAPACK gives them: aligned, each map's signs depend on the maps before it
+    sparse = TargetNormalizers({"a": (12, 20)}, mode, every=4, until="never", align_signs=False)
+    dense = TargetNormalizers({"a": (12, 20)}, mode, every=1, until="never", align_signs=False)
+    first = None
+    for step in range(5):
+        sparse.update(levels(step), step)
+        dense.update(levels(step), step)
+        if step == 0:
+            first = sparse(levels(99))["a"].levels
+        if step in (1, 2, 3):
+            for s, f in zip(sparse(levels(99))["a"].levels, first, strict=True):
+                assert torch.equal(s, f)
+    for s, d in zip(sparse(levels(99))["a"].levels, dense(levels(99))["a"].levels, strict=True):
+        assert torch.equal(s, d)
+
+
+def test_schedule_defaults_follow_each_mode_and_until_follows_every():
+    assert normalize_schedule("standardize") == (1, None)
+    assert normalize_schedule("phi_s") == (100, 3000)  # RADIO: update period 100, 30 periods of estimation
+    assert normalize_schedule("phi_s", every=50) == (50, 1500)
+    assert normalize_schedule("phi_s", until="never") == (100, None)
+    assert normalize_schedule("standardize", every=10, until=20) == (10, 20)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_checkpoint_restores_a_map_older_than_the_statistics(mode):
+    """Saved between two rebuilds, the map is not the map of the saved statistics: loading restores it as it
+    was, so that a resumed run normalises its targets as the uninterrupted run does."""
+    norms = TargetNormalizers({"a": (12, 20)}, mode, every=5, until="never")
+    for step in range(3):
+        norms.update(levels(step), step)
+    loaded = TargetNormalizers({"a": (12, 20)}, mode, every=5, until="never")
+    loaded.load_state_dict(norms.state_dict())
+    for a, b in zip(loaded(levels(99))["a"].levels, norms(levels(99))["a"].levels, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_statistics_saved_without_a_map_load_with_the_map_of_those_statistics(mode):
+    """Checkpoints written before the map was saved hold the statistics only (the map was rebuilt from them
+    at every step): they load strictly, with that map."""
+    x = features()
+    saved = FeatureNormalizer(12, mode, align_signs=False)  # the old rebuild: signs as LAPACK gives them
+    saved.add(saved.batch_sums(x))
+    saved.refresh()
+    old = {k: v for k, v in saved.state_dict().items() if k in ("count", "sum", "sum_sq")}
+    loaded = FeatureNormalizer(12, mode)
+    loaded.load_state_dict(old)  # strict
+    assert torch.equal(loaded(x), saved(x))
+    with pytest.raises(RuntimeError, match="Missing key"):  # anything else missing is still an error
+        FeatureNormalizer(12, mode).load_state_dict({k: v for k, v in old.items() if k != "sum"})
+
+
+def test_phi_s_rebuild_keeps_the_previous_maps_eigenvector_signs():
+    """Rebuilt from unchanged statistics, the map is the previous one, whatever signs its axes had (LAPACK's
+    choice of sign is arbitrary and, through the Hadamard mixing, one flip changes every channel)."""
+    x = features()
+    norm = FeatureNormalizer(12, "phi_s")
+    norm.add(norm.batch_sums(x))
+    norm.refresh()
+    u = (norm.hadamard.T @ norm.map_w * norm.map_alpha).T
+    flips = torch.tensor([1.0, -1.0] * 6, dtype=torch.float64)
+    norm.map_w.copy_(norm.hadamard @ (u * flips).T / norm.map_alpha)  # the same eigenbasis, other signs
+    expected = norm(x)
+    norm.refresh()
+    torch.testing.assert_close(norm(x), expected, rtol=1e-9, atol=1e-9)
+    norm.refresh(align=False)
+    assert not torch.allclose(norm(x), expected)
+    mean, cov = channel_stats(norm(x))  # any sign choice is still PHI-S: unit variance on every channel
+    torch.testing.assert_close(cov.diagonal(), torch.ones(12, dtype=torch.float64), atol=1e-3, rtol=0)
