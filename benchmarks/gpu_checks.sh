@@ -17,8 +17,11 @@
 # framework overhead needs the bare and sak rows of one stage in one part.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5) and profile_gpu.* (part 4). Each part stops itself before the
-# call's limit; the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26; parts 3-5 have not
-# run yet. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before
+# call's limit; the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26 (H100); part 3 and
+# part 4's throughput pair ran on 2026-11-26 on an H200 (throughput_gpu_h200.md): part 3's three compiled
+# cases took 120, 190 and 114 s on a fresh machine (each cached case builds its 10 GB cache, about 60 s),
+# more than its 300 s, so its two cached cases were run again in a second call. Still to run: part 4's
+# profile and part 5. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before
 # the next.
 set -u
 part=${1:?part 1 to 5}

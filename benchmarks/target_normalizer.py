@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         f"12 float64 768 x 768 eigendecompositions, {scale['eigh_768_ms_cpu']:.0f} ms each on this CPU "
         f"({scale['eigh_per_step_ms_cpu']:.0f} ms per rebuild); the statistics",
         f"cost {scale['statistics_float64_gflop_total']:.0f} GFLOP in float64 per step ({gf}), which the schedule",
-        "stops paying after `normalize_until` steps. Neither is timed on a GPU yet.",
+        "stops paying after `normalize_until` steps. On a GPU: `--device-costs cuda` (target_normalizer_cuda.md).",
     ]
     md = "\n".join(lines) + "\n"
     (results / "target_normalizer.md").write_text(md)

@@ -323,7 +323,7 @@ def table(results: list[dict], device: str, command: str) -> str:
     if gpu:
         lines += [
             "MFU: the FLOPs each image needs (student forward + backward, plus the teachers' forward when they run",
-            "online), times images/s, over the GPU's dense bf16 peak (H100: 989 TFLOP/s).",
+            "online), times images/s, over the GPU's dense bf16 peak (H100 and H200: 989 TFLOP/s).",
             "",
             "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "
             "| cache speed-up | FLOP bound (share) | step bound (share) |",
