@@ -86,8 +86,9 @@ class DataConfig:
     num_workers: int = 0
     subset: str | None = None  # a manifest file of image ids
     # copy batch k+1 to the GPU on a side stream while step k runs (sak/engine/prefetch.py); for caches,
-    # whose batches are large. Needs optim.grad_accum 1. No effect on the CPU beyond reading one batch ahead
-    prefetch_to_device: bool = False
+    # whose batches are large. Needs optim.grad_accum 1. No effect on the CPU beyond reading one batch ahead.
+    # auto: on when training reads a cache on a CUDA device with optim.grad_accum 1 (`prefetch_enabled`)
+    prefetch_to_device: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -470,7 +471,7 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if recipe.optim.lr <= 0:
         raise RecipeError(f"optim.lr: must be positive, got {recipe.optim.lr}")
-    if recipe.data.prefetch_to_device and recipe.optim.grad_accum != 1:
+    if recipe.data.prefetch_to_device is True and recipe.optim.grad_accum != 1:
         raise RecipeError(
             f"data.prefetch_to_device: needs optim.grad_accum=1, got {recipe.optim.grad_accum}: reading a batch ahead "
             "moves Accelerate's end of epoch one batch early, which would end an accumulation early; turn one off"

@@ -149,6 +149,7 @@ def test_cli_recipe_show_and_check(capsys):
         ("loss.normalize_every=0", "loss.normalize_every: must be at least 1, got 0"),
         ("loss.normalize_until=0", "loss.normalize_until: must be at least 1, got 0"),
         ("loss.normalize_until=sometimes", "loss.normalize_until: expected int | 'auto' | 'never', got 'sometimes'"),
+        ("data.prefetch_to_device=sometimes", "data.prefetch_to_device: expected bool | 'auto', got 'sometimes'"),
         ("loss.options.bogus=1", "unknown key loss.options.bogus.*valid keys here"),
         ("tasks=[{name: semseg}, {name: semseg}]", r"tasks\[1\]: the task 'semseg' is listed twice"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),

@@ -29,6 +29,17 @@ def _tensors(data) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def prefetch_enabled(setting: bool | str, device: torch.device | str, cached: bool, grad_accum: int) -> bool:
+    """Whether training reads ahead (`data.prefetch_to_device`). `auto` turns it on where it was measured to
+    pay: training from a teacher-feature cache on a CUDA device, without gradient accumulation (on an H200,
+    a compiled stage-1 step from the fp16 cache went from 0.98x to 1.69x the online run's images/s;
+    benchmarks/results/throughput_gpu_h200.md). Online batches are images, small enough that the copy
+    between steps costs little, so `auto` leaves them to Accelerate."""
+    if setting == "auto":
+        return cached and torch.device(device).type == "cuda" and grad_accum == 1
+    return bool(setting)
+
+
 class DevicePrefetcher:
     """Iterate host batches (page-locked by the loader on a CUDA machine) as device batches, one ahead.
 

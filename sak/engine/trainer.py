@@ -30,7 +30,7 @@ from .evaluate import evaluate
 from .init import init_student_from
 from .logging import RunLogger, flat_config, run_info
 from .malloc import keep_freed_memory
-from .prefetch import DevicePrefetcher
+from .prefetch import DevicePrefetcher, prefetch_enabled
 from .schedule import lr_lambda
 from .step import compute_losses, teacher_targets
 
@@ -163,7 +163,10 @@ def train(recipe: Recipe) -> dict:
         optimizer, lr_lambda(s.name, total, warmup, recipe.optim.lr, s.min_lr, s.power)
     )
     # with data.prefetch_to_device the prefetcher, not Accelerate, moves training batches to the device
-    prefetch = DevicePrefetcher(accelerator.device) if recipe.data.prefetch_to_device else None
+    reads_ahead = prefetch_enabled(
+        recipe.data.prefetch_to_device, accelerator.device, cache is not None, recipe.optim.grad_accum
+    )
+    prefetch = DevicePrefetcher(accelerator.device) if reads_ahead else None
     student, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         student, optimizer, train_loader, val_loader, scheduler,
         device_placement=[None, None, False if prefetch else None, None, None],

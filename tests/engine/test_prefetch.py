@@ -10,7 +10,7 @@ from sak.config import RecipeError
 from sak.engine import train
 from sak.engine.cache import build_cache
 from sak.engine.checkpoint import latest_checkpoint
-from sak.engine.prefetch import DevicePrefetcher
+from sak.engine.prefetch import DevicePrefetcher, prefetch_enabled
 
 
 def logged(run_dir):
@@ -66,6 +66,21 @@ def test_training_from_a_cache_with_prefetch_matches_without(tiny_recipe, tmp_pa
     for r in runs:
         train(r)
     assert logged(runs[1].run_dir) == logged(runs[0].run_dir) and len(logged(runs[0].run_dir)) == 6
+
+
+def test_auto_reads_ahead_only_for_a_cache_on_cuda_without_accumulation():
+    assert prefetch_enabled("auto", "cuda", cached=True, grad_accum=1)
+    assert prefetch_enabled("auto", torch.device("cuda", 1), cached=True, grad_accum=1)
+    assert not prefetch_enabled("auto", "cpu", cached=True, grad_accum=1)
+    assert not prefetch_enabled("auto", "cuda", cached=False, grad_accum=1)  # online: images, a small copy
+    assert not prefetch_enabled("auto", "cuda", cached=True, grad_accum=2)  # would end an accumulation early
+    assert prefetch_enabled(True, "cpu", cached=False, grad_accum=1)
+    assert not prefetch_enabled(False, "cuda", cached=True, grad_accum=1)
+
+
+def test_auto_prefetch_is_accepted_with_gradient_accumulation(tiny_recipe):
+    recipe = tiny_recipe("optim.grad_accum=2")
+    assert recipe.data.prefetch_to_device == "auto"
 
 
 def test_prefetch_with_gradient_accumulation_is_refused(tiny_recipe):
