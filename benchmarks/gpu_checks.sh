@@ -21,8 +21,8 @@
 # part 4's throughput pair ran on 2026-11-26 on an H200 (throughput_gpu_h200.md): part 3's three compiled
 # cases took 120, 190 and 114 s on a fresh machine (each cached case builds its 10 GB cache, about 60 s),
 # more than its 300 s, so its two cached cases were run again in a second call. Still to run: part 4's
-# profile and part 5. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before
-# the next.
+# profile and part 5. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's
+# files before the next.
 set -u
 part=${1:?part 1 to 5}
 out=${2:-benchmarks/results}

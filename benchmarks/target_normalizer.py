@@ -56,6 +56,16 @@ def encode(teacher, data, count: int, batch: int = 32) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in levels]
 
 
+def channel_variance(level: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> the variance of each channel over all tokens, in float64."""
+    return level.permute(0, 2, 3, 1).reshape(-1, level.shape[1]).double().var(0)
+
+
+def statistics_gflop() -> dict[str, float]:
+    """Float64 GFLOP of one step's phi_s statistics (x^T x of every token) per teacher of GPU_LEVELS, batch 16."""
+    return {name: 4 * 2 * 16 * tokens * c * c / 1e9 for name, (tokens, c) in GPU_LEVELS.items()}  # 4 levels
+
+
 def run(schedule: tuple, pool: list[torch.Tensor], probe, held, steps: int, seed: int) -> dict:
     every, until, align = schedule
     dims = tuple(lv.shape[1] for lv in pool)
@@ -71,22 +81,17 @@ def run(schedule: tuple, pool: list[torch.Tensor], probe, held, steps: int, seed
         start = time.perf_counter()
         norms.update(batch, step)
         elapsed += time.perf_counter() - start
-        rebuilt = step % norms.every == 0 or step + 1 == norms.until
-        eighs += len(dims) if rebuilt and (norms.until is None or step < norms.until) else 0
+        rebuilt = norms.rebuilds_at(step)
+        eighs += len(dims) if rebuilt else 0
         after = norms({"t": probe})["t"].levels
         changes.append(sum(((a - b).norm() / b.norm()).item() for a, b in zip(after, before, strict=True)) / len(dims))
         if rebuilt and step >= 100:
             at_rebuild.append(changes[-1])
         before = after
-    spread, mean_var = [], []
-    for lv in norms({"t": held})["t"].levels:
-        var = lv.permute(0, 2, 3, 1).reshape(-1, lv.shape[1]).double().var(0)
-        spread.append((var.std() / var.mean()).item())
-        mean_var.append(var.mean().item())
-    held_spread_raw = []
-    for lv in held.levels:
-        var = lv.permute(0, 2, 3, 1).reshape(-1, lv.shape[1]).double().var(0)
-        held_spread_raw.append((var.std() / var.mean()).item())
+    variances = [channel_variance(lv) for lv in norms({"t": held})["t"].levels]
+    spread = [(var.std() / var.mean()).item() for var in variances]
+    mean_var = [var.mean().item() for var in variances]
+    held_spread_raw = [(var.std() / var.mean()).item() for var in map(channel_variance, held.levels)]
     window = {}
     for lo, hi in WINDOWS:
         part = changes[lo : hi if hi is not None else steps]
@@ -160,13 +165,13 @@ def gpu_scale(repeats: int = 3) -> dict:
     for _ in range(repeats):
         torch.linalg.eigh(cov)
     eigh_ms = 1000 * (time.perf_counter() - start) / repeats
-    flops = {name: 4 * 2 * 16 * tokens * c * c for name, (tokens, c) in GPU_LEVELS.items()}  # 4 levels, batch 16
+    gflop = statistics_gflop()
     return {
         "eigh_768_ms_cpu": eigh_ms,
         "levels": 4 * len(GPU_LEVELS),
         "eigh_per_step_ms_cpu": eigh_ms * 4 * len(GPU_LEVELS),
-        "statistics_float64_gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
-        "statistics_float64_gflop_total": sum(flops.values()) / 1e9,
+        "statistics_float64_gflop_per_step": gflop,
+        "statistics_float64_gflop_total": sum(gflop.values()),
     }
 
 
@@ -209,7 +214,7 @@ def device_costs(device: str, repeats: int = 5) -> dict:
         "statistics_and_rebuild_ms": add_rebuild,
         "rebuild_ms": add_rebuild - add_only,
         "normalise_targets_ms": normalise,
-        "statistics_float64_gflop": sum(4 * 2 * 16 * t * c * c for t, c in GPU_LEVELS.values()) / 1e9,
+        "statistics_float64_gflop": sum(statistics_gflop().values()),
     }
 
 

@@ -191,7 +191,7 @@ class TargetNormalizers(nn.Module):
         the maps when the schedule says so: at every step that is a multiple of `every`, and at the last step
         before `until`, after which nothing changes any more. `reduce` sums the batch across processes, once for
         all levels of all teachers (one collective a step rather than one per level)."""
-        if self.until is not None and step >= self.until:
+        if not self.collects_at(step):
             return
         pairs = [
             (n, level) for tid, out in targets.items() for n, level in zip(self.norms[tid], out.levels, strict=True)
@@ -201,9 +201,18 @@ class TargetNormalizers(nn.Module):
             sums = reduce(torch.cat(sums)).split([s.numel() for s in sums])
         for (norm, _), s in zip(pairs, sums, strict=True):
             norm.add(s)
-        if step % self.every == 0 or step + 1 == self.until:
+        if self.rebuilds_at(step):
             for norm, _ in pairs:
                 norm.refresh()
+
+    def collects_at(self, step: int) -> bool:
+        """Whether step `step` still adds to the statistics (before `until`)."""
+        return self.until is None or step < self.until
+
+    def rebuilds_at(self, step: int) -> bool:
+        """Whether `update` at step `step` rebuilds the maps: a multiple of `every`, or the last step before
+        `until`, and not after it."""
+        return self.collects_at(step) and (step % self.every == 0 or step + 1 == self.until)
 
     def denormalize(self, features: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """Student features (predicting normalised targets) mapped back to each teacher's space."""
