@@ -15,12 +15,15 @@ index): the same sample gets the same augmentation in any process, worker or res
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ..digest import sha256_of
 
 IGNORE_INDEX = 255
 
@@ -71,6 +74,13 @@ class SakDataset(Dataset):
     def sample_torch_rng(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.sample_rng(index).integers(0, 2**62)))
 
+    def content_digests(self) -> list[tuple[str, str]] | None:
+        """(name, sha256) of everything whose content the teachers' inputs are made from, in a fixed order:
+        the image files, and with training augmentation also the files that choose the crops. A
+        teacher-feature cache records them, so that an image replaced under the same name is noticed. None
+        (the default): the samples are generated from the options and seed alone, which the cache records."""
+        return None
+
 
 def read_manifest(path: str) -> list[str]:
     """Image ids, one per line; blank lines and `#` comments ignored."""
@@ -102,3 +112,8 @@ def subset_rows(ids: list[str], manifest: str | None) -> tuple[list[str], list[i
         return kept, list(range(len(ids)))
     where = {i: k for k, i in enumerate(ids)}
     return kept, [where[i] for i in kept]
+
+
+def file_digests(paths) -> list[tuple[str, str]]:
+    """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests`."""
+    return [(os.fspath(path), sha256_of(path)) for path in paths]

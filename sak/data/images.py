@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..registry import DATASETS
-from .base import DatasetSpec, SakDataset, apply_subset
+from .base import DatasetSpec, SakDataset, apply_subset, file_digests
 from .transforms import center_crop_box, random_resized_crop_box, resized_crop
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,9 @@ class ImageFolder(UnlabelledImages):
     def read(self, index: int) -> np.ndarray:
         return decode_rgb(self.folder / self.files[index])
 
+    def content_digests(self) -> list[tuple[str, str]]:
+        return file_digests(self.folder / f for f in self.files)
+
 
 # ---------------------------------------------------------------------------------------------
 # tar shards
@@ -294,6 +297,10 @@ class ImageTar(UnlabelledImages):
         if shard not in self._fds:
             self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         return self._fds[shard]
+
+    def content_digests(self) -> list[tuple[str, str]]:
+        """Of the whole shards used (one digest per shard, not per member)."""
+        return file_digests(self.shards[s] for s in np.unique(self.locations[:, 0]))
 
     def read(self, index: int) -> np.ndarray:
         shard, offset, size = (int(v) for v in self.locations[index])

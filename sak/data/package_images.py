@@ -7,6 +7,7 @@ others (a flower and Grace Hopper's portrait), with fixed crops, for held-out me
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -79,6 +80,11 @@ class PackageImages(SakDataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def content_digests(self) -> list[tuple[str, str]]:
+        """Of the decoded photographs (they come from the packages' own loaders, not from named files)."""
+        return [(f"package image {n!r}", hashlib.sha256(im.numpy().tobytes()).hexdigest())
+                for n, im in zip(self.names, self.images, strict=True)]  # fmt: skip
 
     def _box(self, index: int, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         k = index // len(self.images)

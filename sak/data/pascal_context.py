@@ -40,7 +40,7 @@ from skimage.morphology import thin
 
 from ..metrics.boundary import seg2bmap
 from ..registry import DATASETS
-from .base import IGNORE_INDEX, DatasetSpec, SakDataset, apply_subset
+from .base import IGNORE_INDEX, DatasetSpec, SakDataset, apply_subset, file_digests
 from .images import DataError, decode_rgb
 from .transforms import (
     BLACK,
@@ -285,6 +285,11 @@ class MultiTaskDataset(SakDataset):
         """The ground truth the published benchmark scores `task` against, at the original size, given the
         sample's own target cropped back with `unpad`: that target itself unless a dataset says otherwise."""
         return target
+
+    def content_digests(self) -> list[tuple[str, str]]:
+        """The images; with training augmentation also the semseg labels, which choose the crops."""
+        kinds = ("image", "semseg") if self.spec.train else ("image",)
+        return file_digests(self.files[i][k] for i in self.ids for k in kinds if k in self.files[i])
 
     def __len__(self) -> int:
         return len(self.ids)

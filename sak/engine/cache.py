@@ -13,9 +13,10 @@ epoch e reads view e % views, and the dataset is told the same epoch, so the stu
 the image the cached features were computed from. Without `augment` the cache holds one view, of the
 un-augmented images. The price: `views` different augmentations instead of one per epoch.
 
-A cache is refused, with the differing fields named, when the recipe's teachers or data (their sample
-count and ids included) differ from those it was built with; a shard whose bytes do not match its sha256
-is refused as corrupt. Building is resumable (finished shards are kept, once the manifest written before
+A cache is refused, with the differing fields named, when the recipe's teachers or data differ from those
+it was built with: the data's sample count, ids and content (the sha256 of every image file, so that an
+image replaced under its own name is noticed, with the changed files named) included. A shard whose bytes do
+not match its sha256 is refused as corrupt. Building is resumable (finished shards are kept, once the manifest written before
 the first shard shows that they were built for the same identity and layout) and runs on N processes
 (shard k on process k % N).
 """
@@ -37,10 +38,13 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
+from ..digest import sha256_of
 from ..teachers import Teacher, TeacherOutput
-from ..teachers.weights import sha256_of
 
-FORMAT = 2  # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
+# 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
+# 3: the data's content digests (an image replaced under its name), teachers' channels-last and compile
+FORMAT = 3
+CONTENT_PREFIX = 16  # hex digits of each content digest the manifest keeps, to name the files that changed
 REBUILD = "rebuild it with `sak cache build RECIPE [overrides] --out DIR` into a new directory (or delete {root} first)"
 
 
@@ -66,6 +70,17 @@ def ids_digest(dataset) -> str | None:
     return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
 
 
+def content_digests(dataset) -> list[tuple[str, str]] | None:
+    """The dataset's (name, sha256) of what its samples are made from (`SakDataset.content_digests`); None for a
+    dataset without that method (a plug-in not derived from SakDataset) or made of generated samples."""
+    method = getattr(dataset, "content_digests", None)
+    return method() if method is not None else None
+
+
+def _combined(digests: list[tuple[str, str]] | None) -> str | None:
+    return None if digests is None else hashlib.sha256(json.dumps([d for _, d in digests]).encode()).hexdigest()
+
+
 def _json(value):
     """As the manifest stores it (tuples become lists), so that a built identity equals its stored copy."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
@@ -83,19 +98,29 @@ def _teacher_identity(teacher: Teacher, config) -> dict:
         built = build_options(type(teacher), config.options, where=f"teacher {config.id!r}")
         options = dataclasses.asdict(built) if dataclasses.is_dataclass(built) else config.options
     meta = teacher.meta.as_dict()
-    return {**meta, "input_size": teacher.input_size, "normalization": teacher.spec.normalization, "options": options}
+    return {
+        **meta,
+        "input_size": teacher.input_size,
+        "normalization": teacher.spec.normalization,
+        "options": options,
+        "channels_last": teacher.channels_last,  # other convolution kernels: other rounding
+    }
 
 
 def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str,
-             dataset=None) -> dict:  # fmt: skip
-    """Everything the cached features depend on, JSON-normalised: the teachers (metadata and options), their
-    run-time precision (bf16 teachers give other features than float32 ones), and the data, with its sample
-    count and ordered ids; with `augment`, the recipe's task names too (they choose the training crops).
-    `dataset`: the training dataset (`training_dataset`), built here when not given."""
+             dataset=None, digests: list[tuple[str, str]] | None = None) -> dict:  # fmt: skip
+    """Everything the cached features depend on, JSON-normalised: the teachers (metadata, options, channels-last),
+    their run-time precision (bf16 teachers give other features than float32 ones) and whether they were
+    compiled (other kernels), and the data: its sample count, ordered ids and the sha256 of its content (the
+    image files; with `augment`, the crop-choosing labels and the recipe's task names too).
+    `dataset`: the training dataset (`training_dataset`), built here when not given; `digests`: its
+    `content_digests()`, computed here when not given."""
     from .build import teacher_dtype  # (imported here, as build_teachers below, to keep this module light)
 
     if dataset is None:
         dataset = training_dataset(recipe, augment)
+    if digests is None:
+        digests = content_digests(dataset)
     d = recipe.data
     data = {
         "name": d.name,
@@ -107,6 +132,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "seed": recipe.run.seed,
         "samples": len(dataset),
         "ids_sha256": ids_digest(dataset),
+        "content_sha256": _combined(digests),
     }
     if augment:
         data["tasks"] = [t.name for t in recipe.tasks]
@@ -116,6 +142,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "dtype": dtype,
         "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch.")
         + (" (weights cast)" if recipe.precision.teacher_weights == "cast" else ""),
+        "compile_teachers": recipe.precision.compile_teachers,
         "views": views,
         "augment": augment,
         "data": data,
@@ -256,7 +283,8 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
     dataset = training_dataset(recipe, augment)
-    ident = identity(recipe, teachers, views, augment, dtype, dataset)
+    digests = content_digests(dataset)
+    ident = identity(recipe, teachers, views, augment, dtype, dataset, digests)
     plan = CachePlan(out, len(dataset), shard_size, views)
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
@@ -272,7 +300,8 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     state.wait_for_everyone()
     shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
-    manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims}
+    manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
+                "content": None if digests is None else [d[:CONTENT_PREFIX] for _, d in digests]}  # fmt: skip
     if state.is_main_process:  # before the first shard: a resumed build can tell whose shards it finds
         out.mkdir(parents=True, exist_ok=True)
         _write_manifest(manifest, manifest_path)
@@ -327,21 +356,34 @@ class FeatureCache:
         self.samples = self.manifest["samples"]
         self.teachers = list(self.manifest["level_dims"])
         self.dtype = ident["dtype"]
+        # per-file digests, only to name what changed: kept out of the copies sent to loader workers
+        self._content: list[str] | None = self.manifest.pop("content", None)
         self._open: dict[str, object] = {}
         self._verified: set[str] = set()
 
     def __getstate__(self) -> dict:
         """Open shard handles stay in their process; a DataLoader worker opens its own (verified shards
         are not hashed again)."""
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": {}, "_content": None}
 
-    def check(self, expected_identity: dict) -> None:
-        """Refuse a cache built for other teachers or data (its sample count and ids included), naming every
-        field that differs."""
+    def check(self, expected_identity: dict, digests: list[tuple[str, str]] | None = None) -> None:
+        """Refuse a cache built for other teachers or data (its sample count, ids and content included), naming
+        every field that differs, and with `digests` (the dataset's `content_digests()`) the files that changed."""
         built = self.manifest["identity"]
         if built != expected_identity:
-            raise CacheError(f"stale cache {self.root}: " + "; ".join(_diff(built, expected_identity))
+            differences = _diff(built, expected_identity)
+            changed = self._changed_files(digests)
+            if changed:
+                named = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+                differences.append(f"{len(changed)} of {len(digests)} file(s) changed since the build: {named}")
+            raise CacheError(f"stale cache {self.root}: " + "; ".join(differences)
                              + f"; {REBUILD.format(root=self.root)}")  # fmt: skip
+
+    def _changed_files(self, digests: list[tuple[str, str]] | None) -> list[str]:
+        """The names whose digests differ from the build's, when both lists cover the same files."""
+        if digests is None or self._content is None or len(digests) != len(self._content):
+            return []
+        return [name for (name, d), old in zip(digests, self._content, strict=True) if d[:CONTENT_PREFIX] != old]
 
     def verify_all(self) -> None:
         """Check every shard's sha256 now, once: DataLoader workers are rebuilt every epoch and would

@@ -17,7 +17,7 @@ from ..config import Recipe, RecipeError
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
-from .cache import FeatureCache, identity
+from .cache import FeatureCache, content_digests, identity, training_dataset
 from .checkpoint import (
     TrainState,
     clean_partials,
@@ -83,7 +83,10 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
         return None
     cache = cache or FeatureCache(Path(recipe.cache.path))
     built = cache.manifest["identity"]
-    cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"], dataset))
+    if dataset is None:
+        dataset = training_dataset(recipe, built["augment"])
+    digests = content_digests(dataset)
+    cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"], dataset, digests), digests)
     return cache
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..digest import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ def local_path(weights: str, what: str) -> Path:
             f"(.safetensors, or .pth/.pt/.bin saved with torch.save) or a hub tag."
         )
     return path
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str | None, what: str) -> str:

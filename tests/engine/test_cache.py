@@ -3,6 +3,7 @@ and training from it matches training with online teachers."""
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from sak.data import DatasetSpec, build_dataset
 from sak.data.fixtures import write_pascal_context
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
-from sak.engine.cache import CacheError, FeatureCache, build_cache, identity, quantize
+from sak.engine.cache import CacheError, FeatureCache, build_cache, identity, quantize, training_dataset
 from sak.engine.trainer import open_cache
 
 
@@ -288,6 +289,80 @@ def test_the_datasets_samples_and_ids_are_in_the_identity(tiny_recipe, tmp_path)
         open_cache(recipe, teachers)
     with pytest.raises(CacheError, match=rf"cache {root}: sample index 4 is out of range: the cache holds 4 samples"):
         FeatureCache(root).rows(4, epoch=0)
+
+
+def test_an_image_replaced_under_its_own_name_is_named_and_refused(tiny_recipe, tmp_path):
+    """Same ids, same count: only the content digest tells that the features are of another picture."""
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def image(name):
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / name)
+
+    for i in range(3):
+        image(f"im{i}.png")
+    common = ["data.name=image_folder", f"data.root={folder.parent}", "data.options={}"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
+    recipe = tiny_recipe(*common, f"cache.path={root}")
+    set_seed(recipe.run.seed)
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    before = os.stat(folder / "im1.png")
+    image("im1.png")
+    os.utime(folder / "im1.png", ns=(before.st_atime_ns, before.st_mtime_ns))  # same name, same time stamp
+    with pytest.raises(
+        CacheError,
+        match=rf"stale cache .*data\.content_sha256: cache has '[0-9a-f]{{64}}'.*1 of 3 file\(s\) changed since "
+        rf"the build: {folder / 'im1.png'}; rebuild it",
+    ):
+        open_cache(recipe, teachers)
+    cache = FeatureCache(root)  # what the loader workers get: the cache without the per-file digests
+    assert cache._content is not None and pickle.loads(pickle.dumps(cache))._content is None
+
+
+def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_recipe, tmp_path):
+    """PASCAL-Context's semseg labels move the training crops (cat_max_ratio): an edited label file makes an
+    augmented cache stale, but not a cache of the un-augmented images, whose features it does not touch."""
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=3, n_val=1, size=(48, 64))
+    common = [
+        "data.name=pascal_context",
+        f"data.root={data}",
+        "data.options={}",
+        "tasks=[{name: semseg, channels: 21}]",
+    ]
+    plain = build_cache(tiny_recipe(*common), tmp_path / "plain", shard_size=4)
+    augmented = build_cache(tiny_recipe(*common), tmp_path / "aug", shard_size=4, augment=True)
+    assert len(FeatureCache(plain)._content) == 3 and len(FeatureCache(augmented)._content) == 6
+    dataset = training_dataset(tiny_recipe(*common), augment=True)
+    label = dataset.files[dataset.ids[0]]["semseg"]
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(label)
+    for root, stale in ((plain, False), (augmented, True)):
+        recipe = tiny_recipe(*common, f"cache.path={root}")
+        set_seed(recipe.run.seed)
+        teachers = build_teachers(recipe, torch.device("cpu"))
+        if stale:
+            with pytest.raises(CacheError, match=rf"1 of 6 file\(s\) changed since the build: {label}"):
+                open_cache(recipe, teachers)
+        else:
+            open_cache(recipe, teachers)
+
+
+def test_teachers_compiled_or_channels_last_are_in_the_identity(tiny_recipe):
+    """Both run other kernels (other rounding); channels-last only changes convolutional teachers."""
+    conv = ["teachers.1.options={model: convnext_atto, model_kwargs: {depths: [1, 1, 1, 1], dims: [8, 8, 16, 16]}}"]
+
+    def ident(*overrides):
+        recipe = tiny_recipe("data.options.length=4", *overrides)
+        set_seed(recipe.run.seed)
+        return identity(recipe, build_teachers(recipe, torch.device("cpu")), 1, False, "fp16")
+
+    default = ident(*conv)
+    assert default["teachers"]["vit_a"]["channels_last"] is False
+    assert default["teachers"]["vit_b"]["channels_last"] is True
+    assert ident(*conv, "precision.channels_last=false")["teachers"]["vit_b"]["channels_last"] is False
+    assert ident("precision.channels_last=false") == ident()  # ViTs alone: the switch changes nothing
+    assert default["compile_teachers"] is False
+    assert ident(*conv, "precision.compile_teachers=true")["compile_teachers"] is True
 
 
 def test_a_short_last_shard_is_read_to_its_end_and_no_further(tiny_recipe, tmp_path):
