@@ -101,8 +101,8 @@ class EvalConfig:
     every: int = 0  # optimiser steps between evaluations; 0 = only at the end
     at_start: bool = False  # also evaluate the untrained student (step 0), e.g. for before/after tables
     split: str = "val"
-    batches: int = 0  # 0 = the whole split
-    batch_size: int = 8
+    batches: int = 0  # the first N batches of the split, whatever the number of processes; 0 = all of it
+    batch_size: int = 8  # per process
 
 
 @dataclass

@@ -41,7 +41,10 @@ def rows(path: Path) -> list[dict]:
 
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_recipe):
     # with the targets standardised: their statistics are summed over the processes (one collective a step)
-    common = ["schedule.max_steps=4", "logging.sample_ids=true", "loss.normalize=standardize"]
+    # eval.batches=3 of 2 images: the same 6 held-out images in both runs (the second process's second batch,
+    # global batch 3, is run but left out)
+    common = ["schedule.max_steps=4", "logging.sample_ids=true", "loss.normalize=standardize", "eval.batches=3",
+              "eval.batch_size=2", "eval.at_start=true"]  # fmt: skip
     two = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "data.batch_size=2", *common)
     assert two.returncode == 0, two.stderr[-3000:]
     one = tiny_recipe("run.name=one", "data.batch_size=4", *common)
@@ -61,6 +64,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert loss_two.keys() == loss_one.keys() == {1, 2, 3, 4}
     for step in loss_one:
         assert loss_two[step] == pytest.approx(loss_one[step], rel=1e-5)
+    val_two = [r for r in rows(two_dir / "metrics.jsonl") if "val/cosine/vit_a" in r]
+    val_one = [r for r in rows(one.run_dir / "metrics.jsonl") if "val/cosine/vit_a" in r]
+    assert [r["step"] for r in val_two] == [r["step"] for r in val_one] == [0, 4]
+    for a, b in zip(val_two, val_one, strict=True):
+        for key in ("val/cosine/vit_a", "val/cosine/vit_b", "val/loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
     w2 = load_file(str(latest_checkpoint(two_dir / "checkpoints") / "model.safetensors"))
     w1 = load_file(str(latest_checkpoint(one.run_dir / "checkpoints") / "model.safetensors"))
     for key in w1:
