@@ -1,11 +1,15 @@
-"""The training loop on tiny models: it learns, resumes exactly, guards against NaN, runs bf16."""
+"""The training loop on tiny models: it learns, resumes exactly, guards against NaN, runs bf16, and clips
+under fp16 loss scaling (Accelerate's GradScaler path, emulated on the CPU)."""
 
 import json
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from safetensors.torch import load_file
 
+import sak.engine.trainer as trainer_module
 from sak.config import RecipeError
 from sak.data.synthetic import SyntheticDataset
 from sak.engine import NonFiniteLossError, train
@@ -93,6 +97,52 @@ def test_fp16_without_gpu_is_an_error_not_a_silent_fp32_run(tiny_recipe):
         pytest.skip("this machine has a GPU: fp16 is real there")
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         train(tiny_recipe("precision.mixed=fp16"))
+
+
+class ScaledOnCpu(Accelerator):
+    """Accelerate's fp16 loss-scaling path (a GradScaler, unscale before clipping, steps skipped on overflow)
+    on the CPU, where Accelerate only offers it on GPUs: float32 compute (autocast off), the scaler's
+    power-of-two scale changes no bit of the unscaled gradients."""
+
+    mixed_precision = property(lambda self: "fp16")  # what unscale_gradients checks
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, kwargs_handlers=[AutocastKwargs(enabled=False)], **kwargs)
+        self.native_amp = True
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        ScaledOnCpu.last = self
+
+
+def test_fp16_loss_scaling_clips_the_unscaled_gradients(tiny_recipe, monkeypatch):
+    """With a GradScaler the gradients are clipped after unscaling, once per optimiser step: the same losses,
+    gradient norms and weights as without one."""
+    common = ["schedule.max_steps=4", "optim.grad_clip=0.05"]
+    plain = tiny_recipe("run.name=plain", *common)
+    train(plain)
+    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+    scaled = tiny_recipe("run.name=scaled", *common)
+    train(scaled)
+    assert ScaledOnCpu.last.scaler.state_dict()["_growth_tracker"] == 4  # 4 scaled steps, none skipped
+    norms = logged(plain.run_dir, "grad_norm")
+    assert min(norms.values()) > 0.05  # every step clipped
+    assert logged(scaled.run_dir, "grad_norm") == pytest.approx(norms, rel=1e-5)
+    assert logged(scaled.run_dir) == pytest.approx(logged(plain.run_dir), rel=1e-5)
+    a, b = weights(plain.run_dir), weights(scaled.run_dir)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_fp16_loss_scaling_survives_skipped_steps(tiny_recipe, monkeypatch):
+    """A non-finite loss skips the step before anything is unscaled: unscaling at it would leave the scaler
+    "already unscaled" and the next step would fail inside GradScaler instead of being guarded."""
+    NanAfterTwo.calls = 0
+    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+    recipe = tiny_recipe("loss.distill=test_nan_after_2", "optim.grad_clip=1.0", "optim.max_nonfinite=3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 5"):
+        train(recipe)
+    assert sorted(logged(recipe.run_dir, "grad_norm")) == [1, 2]
 
 
 def test_grad_accumulation_matches_a_larger_batch(tiny_recipe):
