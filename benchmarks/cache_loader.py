@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import default_collate
 
 from sak.config import load_recipe
+from sak.digest import sha256_of, usable_cpus
 from sak.engine.build import build_loader
 from sak.engine.cache import FORMAT, FeatureCache, _atomic_save, quantize
-from sak.teachers.weights import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -133,7 +133,23 @@ def breakdown(cache_root: Path, images: int, batch: int) -> dict:
     return {key: statistics.median(v[1:] or v) for key, v in times.items()}
 
 
-def table(meta: dict, results: list[dict], command: str, parts: dict | None = None) -> str:
+def verify(cache_root: Path, repeats: int = 3) -> dict:
+    """Seconds to check every shard's sha256 (`FeatureCache.verify_all`, the start-up cost of training from a
+    cache), one shard at a time and one per usable CPU (the default); pages in the page cache; best of
+    `repeats`."""
+    nbytes = sum(p.stat().st_size for p in cache_root.rglob("*.safetensors"))
+    out = {"gib": nbytes / 2**30, "shards": len(list(cache_root.rglob("*.safetensors"))), "threads": usable_cpus()}
+    for name, threads in (("one_thread_s", 1), ("threaded_s", None)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            FeatureCache(cache_root).verify_all(threads)
+            times.append(time.perf_counter() - start)
+        out[name] = min(times)
+    return out
+
+
+def table(meta: dict, results: list[dict], command: str, parts: dict | None = None, hashing: dict | None = None) -> str:
     lines = [
         f"# Cache loader throughput ({meta['device']}, torch {meta['torch']})",
         "",
@@ -156,6 +172,12 @@ def table(meta: dict, results: list[dict], command: str, parts: dict | None = No
                   "(memory-mapped) / collating the rows.", ""]  # fmt: skip
         lines += [f"- {dtype}: {p['images_s'] * 1e3:.0f} / {p['rows_s'] * 1e3:.1f} / {p['collate_s'] * 1e3:.0f}"
                   for dtype, p in parts.items()]  # fmt: skip
+    if hashing:
+        lines += ["", "Checking every shard's sha256 at start-up (`FeatureCache.verify_all`, best of 3, pages cached): "
+                  "one shard at a time / one per usable CPU (the default).", ""]  # fmt: skip
+        lines += [f"- {dtype}: {h['gib']:.2f} GiB in {h['shards']} shards: {h['one_thread_s']:.2f} s "
+                  f"({h['gib'] / h['one_thread_s']:.2f} GiB/s) / {h['threaded_s']:.2f} s with {h['threads']} threads "
+                  f"({h['gib'] / h['threaded_s']:.2f} GiB/s)" for dtype, h in hashing.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -171,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__}
-    results, parts = [], {}
+    results, parts, hashing = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
             root = write_cache(Path(tmp) / dtype, args.images, dtype)
+            hashing[dtype] = verify(root)
+            print(json.dumps({"dtype": dtype, "verify": hashing[dtype]}), flush=True)
             parts[dtype] = breakdown(root, args.images, args.batch)
             for workers in args.workers:
                 r = {"dtype": dtype, **measure(root, args.images, args.batch, workers, args.epochs)}
@@ -183,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.cache_loader " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"{args.name}.json").write_text(json.dumps(meta | {"results": results, "breakdown": parts}, indent=2))
-    (out / f"{args.name}.md").write_text(table(meta, results, command.strip(), parts))
+    record = meta | {"results": results, "breakdown": parts, "verify": hashing}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
+    (out / f"{args.name}.md").write_text(table(meta, results, command.strip(), parts, hashing))
     print((out / f"{args.name}.md").read_text())
     return 0
 

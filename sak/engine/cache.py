@@ -38,7 +38,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..digest import sha256_of
+from ..digest import sha256_files
 from ..teachers import Teacher, TeacherOutput
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
@@ -331,7 +331,8 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         _atomic_save(tensors, path, metadata={"sak_cache": stamp})
     state.wait_for_everyone()
     if state.is_main_process:
-        shards = {f"view{v}/shard{k:05d}": sha256_of(plan.path(v, k)) for v, k in plan.shards()}
+        names = [f"view{v}/shard{k:05d}" for v, k in plan.shards()]
+        shards = dict(zip(names, sha256_files([plan.path(v, k) for v, k in plan.shards()]), strict=True))
         _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
     state.wait_for_everyone()
     return out
@@ -385,25 +386,31 @@ class FeatureCache:
             return []
         return [name for (name, d), old in zip(digests, self._content, strict=True) if d[:CONTENT_PREFIX] != old]
 
-    def verify_all(self) -> None:
-        """Check every shard's sha256 now, once: DataLoader workers are rebuilt every epoch and would
-        otherwise hash each shard again in every worker."""
-        for name in self.manifest["shards"]:
-            view, shard = name.split("/")
-            self._file(int(view.removeprefix("view")), int(shard.removeprefix("shard")))
+    def verify_all(self, threads: int | None = None) -> None:
+        """Check every shard's sha256 now, once, `threads` shards at a time (`sha256_files`; default: one per
+        usable CPU): DataLoader workers are rebuilt every epoch and would otherwise hash each shard again in
+        every worker."""
+        self._verify([name for name in self.manifest["shards"] if name not in self._verified], threads)
+
+    def _verify(self, names: list[str], threads: int | None = None) -> None:
+        paths = [self._path(name) for name in names]
+        for name, digest in zip(names, sha256_files(paths, threads), strict=True):
+            if digest != self.manifest["shards"][name]:
+                raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
+            self._verified.add(name)
+
+    def _path(self, name: str) -> Path:
+        path = self.root / f"{name}.safetensors"
+        if name not in self.manifest["shards"] or not path.is_file():
+            raise CacheError(f"cache {self.root}: shard {name} is missing")
+        return path
 
     def _file(self, view: int, shard: int):
         name = f"view{view}/shard{shard:05d}"
         if name not in self._open:
-            path = self.root / f"{name}.safetensors"
-            expected = self.manifest["shards"].get(name)
-            if expected is None or not path.is_file():
-                raise CacheError(f"cache {self.root}: shard {name} is missing")
             if name not in self._verified:
-                if sha256_of(path) != expected:
-                    raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
-                self._verified.add(name)
-            self._open[name] = safe_open(str(path), framework="pt")
+                self._verify([name])
+            self._open[name] = safe_open(str(self._path(name)), framework="pt")
         return self._open[name]
 
     def rows(self, index: int, epoch: int) -> dict[str, Tensor]:

@@ -86,6 +86,11 @@ def test_stale_and_corrupt_caches_are_refused(tiny_recipe, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="shard view0/shard00001 is corrupt"):
         FeatureCache(root).lookup([5], epoch=0)
+    with pytest.raises(CacheError, match="shard view0/shard00001 is corrupt"):
+        FeatureCache(root).verify_all()  # (the shards hashed together, on threads)
+    intact = FeatureCache(root)
+    intact.lookup([0], epoch=0)  # only the shard read is hashed and marked verified
+    assert intact._verified == {"view0/shard00000"}
     with pytest.raises(CacheError, match="no manifest.json"):
         FeatureCache(tmp_path)
 
