@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..digest import sha256_of
+from ..digest import sha256_files
 
 IGNORE_INDEX = 255
 
@@ -115,5 +115,6 @@ def subset_rows(ids: list[str], manifest: str | None) -> tuple[list[str], list[i
 
 
 def file_digests(paths) -> list[tuple[str, str]]:
-    """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests`."""
-    return [(os.fspath(path), sha256_of(path)) for path in paths]
+    """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests` (hashed on threads)."""
+    paths = [os.fspath(p) for p in paths]
+    return list(zip(paths, sha256_files(paths), strict=True))
