@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_checks.sh 5 OUT   # the loss on CUDA again (upsampled_cosine, into OUT/loss/); the cached
 #                                         # loader alone (8 workers, pinned) and its copy to the GPU; stage 2 bare
 #                                         # vs sak engine, and with 1 teacher
+#   bash benchmarks/gpu_checks.sh 6 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
+#                                         # (cache_build_gpu; about 2 minutes; not run yet)
 # Parts 3-5 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` dropped), and the
@@ -24,7 +26,7 @@
 # profile and part 5. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's
 # files before the next.
 set -u
-part=${1:?part 1 to 5}
+part=${1:?part 1 to 6}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -48,6 +50,7 @@ case $part in
    timeout 150 python3 -m benchmarks.cache_loader --images 192 --workers 8 --epochs 3 --results "$out" \
        --name cache_loader_gpu
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
-*) echo "part must be 1 to 5" >&2; exit 2 ;;
+6) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
+*) echo "part must be 1 to 6" >&2; exit 2 ;;
 esac
 ls -la "$out"

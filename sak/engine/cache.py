@@ -266,6 +266,51 @@ class CachePlan:
         return self.root / f"view{view}" / f"shard{shard:05d}.safetensors"
 
 
+class _ViewImages(torch.utils.data.Dataset):
+    """Item (view, index): sample `index`'s image under the dataset's augmentation of epoch `view`."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Tensor:
+        view, index = key
+        self.dataset.set_epoch(view)  # (each loader worker holds its own copy of the dataset)
+        return self.dataset[index]["image"]
+
+
+class _ShardBatches(torch.utils.data.Sampler):
+    """Batches of (view, index) that never cross a shard, in shard order; `owners[b]` = (view, shard,
+    whether batch b is the shard's last)."""
+
+    def __init__(self, shards: list[tuple[int, int]], plan: CachePlan, batch_size: int) -> None:
+        self.batches, self.owners = [], []
+        for view, shard in shards:
+            indices = range(shard * plan.shard_size, min((shard + 1) * plan.shard_size, plan.samples))
+            starts = range(0, len(indices), batch_size)
+            for start in starts:
+                self.batches.append([(view, i) for i in indices[start : start + batch_size]])
+                self.owners.append((view, shard, start == starts[-1]))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _view_loader(dataset, shards: list[tuple[int, int]], plan: CachePlan, batch_size: int, workers: int):
+    """The images of `shards`, read by `workers` loader processes (`data.num_workers`) while the teachers run."""
+    return torch.utils.data.DataLoader(
+        _ViewImages(dataset),
+        batch_sampler=_ShardBatches(shards, plan, batch_size),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
 def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False, dtype: str = "fp16",
                 shard_size: int = 256, batch_size: int = 16) -> Path:  # fmt: skip
     """Compute and store every teacher's output for the recipe's training split (resumable, N processes).
@@ -307,28 +352,32 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         _write_manifest(manifest, manifest_path)
     state.wait_for_everyone()
     mine = [s for i, s in enumerate(plan.shards()) if i % state.num_processes == state.process_index]
+    # finished by an earlier (interrupted) build of the same cache (checked above)
+    todo = [(view, shard) for view, shard in mine if not plan.path(view, shard).exists()]
+    loader = _view_loader(dataset, todo, plan, batch_size, recipe.data.num_workers)
     tdtype = teacher_dtype(recipe)
-    for view, shard in tqdm(mine, desc="cache shards", disable=not state.is_main_process):
-        path = plan.path(view, shard)
-        if path.exists():
-            continue  # finished by an earlier (interrupted) build of the same cache (checked above)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dataset.set_epoch(view)
-        indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(dataset))))
-        stored: dict[str, list[Tensor]] = {}
-        for start in range(0, len(indices), batch_size):
-            images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]]).to(state.device)
-            for tid, teacher in teachers.items():
-                for level, feat in enumerate(teacher.encode(images, tdtype).levels):
-                    stored.setdefault(f"{tid}/{level}", []).append(feat.cpu())
-        tensors = {}
-        for key, parts in stored.items():
-            feats = torch.cat(parts)
-            if dtype == "fp16":
-                tensors[key] = feats.half().contiguous()
-            else:
-                tensors[key], tensors[f"{key}/scale"] = quantize(feats)
-        _atomic_save(tensors, path, metadata={"sak_cache": stamp})
+    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="cache shards",
+                    disable=not state.is_main_process)  # fmt: skip
+    stored: dict[str, list[Tensor]] = {}
+    for (view, shard, last), images in zip(loader.batch_sampler.owners, loader, strict=True):
+        images = images.to(state.device, non_blocking=True)
+        for tid, teacher in teachers.items():
+            for level, feat in enumerate(teacher.encode(images, tdtype).levels):
+                # converted on the device: the copy to the host and the shard's host memory are the stored
+                # bytes (the fp16 cast rounds the same on any device, so the cache still equals online fp16)
+                if dtype == "fp16":
+                    parts = [feat.half().contiguous()]
+                else:
+                    parts = list(quantize(feat))
+                for suffix, part in zip(("", "/scale"), parts, strict=False):
+                    stored.setdefault(f"{tid}/{level}{suffix}", []).append(part.cpu())
+        if last:
+            path = plan.path(view, shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save({key: torch.cat(parts) for key, parts in stored.items()}, path, metadata={"sak_cache": stamp})
+            stored = {}
+            progress.update()
+    progress.close()
     state.wait_for_everyone()
     if state.is_main_process:
         names = [f"view{v}/shard{k:05d}" for v, k in plan.shards()]

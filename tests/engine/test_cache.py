@@ -95,6 +95,26 @@ def test_stale_and_corrupt_caches_are_refused(tiny_recipe, tmp_path):
         FeatureCache(tmp_path)
 
 
+def test_loader_workers_build_the_same_shards(tiny_recipe, tmp_path):
+    """The build reads the images with data.num_workers processes: the same views, byte for byte (batches of 3
+    in shards of 4: a shard's last batch is short)."""
+    common = ["data.options.length=10", "data.options.classes=3"]
+    serial = build_cache(tiny_recipe(*common), tmp_path / "serial", views=2, augment=True, shard_size=4, batch_size=3)
+    workers = build_cache(tiny_recipe(*common, "data.num_workers=2"), tmp_path / "workers", views=2, augment=True,
+                          shard_size=4, batch_size=3)  # fmt: skip
+    names = sorted(p.relative_to(serial).as_posix() for p in serial.rglob("*.safetensors"))
+    assert len(names) == 6 and names == sorted(
+        p.relative_to(workers).as_posix() for p in workers.rglob("*.safetensors")
+    )
+    for name in names:
+        a, b = load_file(str(serial / name)), load_file(str(workers / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (
+        json.loads((serial / "manifest.json").read_text())["shards"]
+        == json.loads((workers / "manifest.json").read_text())["shards"]
+    )
+
+
 def test_building_resumes_where_it_stopped(tiny_recipe, tmp_path):
     recipe = tiny_recipe("data.options.length=12")
     root = build_cache(recipe, tmp_path / "c", shard_size=4)

@@ -1,0 +1,122 @@
+"""How fast `sak cache build` turns image files into a cache, with the images read in the build's own
+process (`data.num_workers: 0`) or by loader workers while the teachers run.
+
+    python -m benchmarks.cache_build                 # writes results/cache_build_cpu.{json,md}
+    python -m benchmarks.cache_build --images 96 --workers 0 2
+
+The data is a folder of JPEG files (640 x 480, quality 90, the size of a PASCAL / NYUD photograph) cut from
+the demo's photographs, read as `image_folder` with the training augmentation (`--augment`: decode, random
+resized crop, flip). Two teacher sets: the demo recipe's three pretrained teachers, and one small random
+ViT whose cost is near the reading's, where overlapping the two matters most. Each build runs in a fresh
+directory after one untimed build (warm page cache and imports); the time covers `build_cache` from its
+start to the manifest (teachers built, images read, teachers run, shards written and hashed). `read only`
+is the same loader with no teacher behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sak.config import load_recipe
+from sak.data.package_images import TRAIN_IMAGES, load_package_image
+from sak.engine.cache import CachePlan, _view_loader, build_cache, training_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEMO = ROOT / "recipes" / "demo" / "default.yaml"
+SMALL = ["teachers=[{name: timm, key: vit, options: {model: vit_small_patch16_224, "
+         "model_kwargs: {embed_dim: 96, depth: 4, num_heads: 3, img_size: 112}}}]"]  # fmt: skip
+TEACHER_SETS = {"demo (dinov2, effnet, hed)": [], "one small ViT": SMALL}
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> None:
+    """`count` 640 x 480 JPEG crops of the demo's training photographs (upscaled where smaller)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    photos = [Image.fromarray(load_package_image(name)) for name in TRAIN_IMAGES]
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        scale = max(640 / photo.width, 480 / photo.height, 1.0)
+        photo = photo.resize((round(photo.width * scale), round(photo.height * scale)))
+        left, top = rng.integers(0, photo.width - 640 + 1), rng.integers(0, photo.height - 480 + 1)
+        photo.crop((left, top, left + 640, top + 480)).save(folder / f"im{i:05d}.jpg", quality=90)
+
+
+def recipe_for(data: Path, teachers: list[str], workers: int, out: str):
+    return load_recipe(DEMO, [f"run.output_dir={out}", "data.name=image_folder", f"data.root={data}",
+                              "data.options={}", f"data.num_workers={workers}", *teachers])  # fmt: skip
+
+
+def read_only(recipe, images: int, batch: int) -> float:
+    """Seconds to read and augment every image through the build's loader, with no teacher behind it."""
+    dataset = training_dataset(recipe, augment=True)
+    loader = _view_loader(dataset, [(0, 0)], CachePlan(Path("."), images, images, 1), batch, recipe.data.num_workers)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--name", default="cache_build_cpu", help="results file stem")
+    args = parser.parse_args(argv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__, "images": args.images,
+            "batch": args.batch}  # fmt: skip
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_images(data / "train", args.images)
+        for label, teachers in TEACHER_SETS.items():
+            for workers in args.workers:
+                recipe = recipe_for(data, teachers, workers, tmp)
+                build = lambda name, r=recipe: build_cache(  # noqa: E731
+                    r, Path(tmp) / name, augment=True, shard_size=64, batch_size=args.batch
+                )
+                build(f"warm-{label}-{workers}")
+                start = time.perf_counter()
+                build(f"timed-{label}-{workers}")
+                seconds = time.perf_counter() - start
+                row = {"teachers": label, "workers": workers, "build_s": seconds,
+                       "images_per_s": args.images / seconds,
+                       "read_only_s": read_only(recipe, args.images, args.batch)}  # fmt: skip
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.cache_build " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"{args.name}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
+    lines = [
+        f"# Cache build throughput ({meta['device']}, torch {meta['torch']})",
+        "",
+        f"Command: `{command.strip()}`. {args.images} JPEG files of 640 x 480 read as `image_folder` with the training",
+        f"augmentation (`--augment`), batches of {args.batch}, shards of 64; see the module docstring of",
+        "benchmarks/cache_build.py. `workers` is the recipe's `data.num_workers`, which the build's loader uses.",
+        "",
+        "| teachers | workers | build (s) | images/s | read only (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['teachers']} | {r['workers']} | {r['build_s']:.2f} | {r['images_per_s']:.1f} "
+              f"| {r['read_only_s']:.2f} |" for r in results]  # fmt: skip
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print((out / f"{args.name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
