@@ -250,16 +250,16 @@ def test_every_teacher_option_and_its_metadata_are_in_the_identity(tiny_recipe, 
     assert ident("teachers.0.options.center_crop=false") == default  # a default written out changes nothing
 
 
+def pascal_semseg(root) -> list[str]:
+    """Overrides: train on the PASCAL-Context layout at `root` with the semseg task."""
+    return ["data.name=pascal_context", f"data.root={root}", "data.options={}", "tasks=[{name: semseg, channels: 21}]"]
+
+
 def test_an_augmented_cache_crops_as_training_does_with_the_recipes_tasks(tiny_recipe, tmp_path):
     """PASCAL-Context picks its training crop with the semseg labels (cat_max_ratio) when they are loaded:
     the cache must load them as training does, or its views are of other crops."""
     data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=4, n_val=1, size=(48, 64))
-    common = [
-        "data.name=pascal_context",
-        f"data.root={data}",
-        "data.options={}",
-        "tasks=[{name: semseg, channels: 21}]",
-    ]
+    common = pascal_semseg(data)
     recipe = tiny_recipe(*common)
 
     def images(tasks, epoch):
@@ -289,58 +289,57 @@ def test_an_augmented_cache_crops_as_training_does_with_the_recipes_tasks(tiny_r
         open_cache(other, teachers)
 
 
+class FolderCache:
+    """A folder of random PNG images (`image(name)` writes one more), a cache built over it, and the recipe
+    that trains from that cache with its teachers."""
+
+    def __init__(self, tiny_recipe, tmp_path, names: list[str]) -> None:
+        self.folder = tmp_path / "images" / "train"
+        self.folder.mkdir(parents=True)
+        self.rng = np.random.default_rng(0)
+        for name in names:
+            self.image(name)
+        common = ["data.name=image_folder", f"data.root={self.folder.parent}", "data.options={}"]
+        self.root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
+        self.recipe = tiny_recipe(*common, f"cache.path={self.root}")
+        set_seed(self.recipe.run.seed)
+        self.teachers = build_teachers(self.recipe, torch.device("cpu"))
+
+    def image(self, name: str) -> None:
+        Image.fromarray(self.rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(self.folder / name)
+
+    def open(self):
+        return open_cache(self.recipe, self.teachers)
+
+
 def test_the_datasets_samples_and_ids_are_in_the_identity(tiny_recipe, tmp_path):
     """An image added to (or renamed in) a folder shifts the indices the cache is read by."""
-    folder = tmp_path / "images" / "train"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def image(name):
-        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / name)
-
-    for i in range(1, 5):
-        image(f"im{i}.png")
-    common = ["data.name=image_folder", f"data.root={folder.parent}", "data.options={}"]
-    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
-    recipe = tiny_recipe(*common, f"cache.path={root}")
-    set_seed(recipe.run.seed)
-    teachers = build_teachers(recipe, torch.device("cpu"))
-    open_cache(recipe, teachers)  # unchanged: accepted
+    built = FolderCache(tiny_recipe, tmp_path, [f"im{i}.png" for i in range(1, 5)])
+    folder, root = built.folder, built.root
+    built.open()  # unchanged: accepted
     (folder / "im4.png").rename(folder / "im0.png")  # same count, another order
     with pytest.raises(CacheError, match=r"stale cache .*data\.ids_sha256: cache has '[0-9a-f]{64}'"):
-        open_cache(recipe, teachers)
-    image("im5.png")
+        built.open()
+    built.image("im5.png")
     with pytest.raises(CacheError, match=r"data\.samples: cache has 4, recipe gives 5"):
-        open_cache(recipe, teachers)
+        built.open()
     with pytest.raises(CacheError, match=rf"cache {root}: sample index 4 is out of range: the cache holds 4 samples"):
         FeatureCache(root).rows(4, epoch=0)
 
 
 def test_an_image_replaced_under_its_own_name_is_named_and_refused(tiny_recipe, tmp_path):
     """Same ids, same count: only the content digest tells that the features are of another picture."""
-    folder = tmp_path / "images" / "train"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def image(name):
-        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / name)
-
-    for i in range(3):
-        image(f"im{i}.png")
-    common = ["data.name=image_folder", f"data.root={folder.parent}", "data.options={}"]
-    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
-    recipe = tiny_recipe(*common, f"cache.path={root}")
-    set_seed(recipe.run.seed)
-    teachers = build_teachers(recipe, torch.device("cpu"))
+    built = FolderCache(tiny_recipe, tmp_path, [f"im{i}.png" for i in range(3)])
+    folder, root = built.folder, built.root
     before = os.stat(folder / "im1.png")
-    image("im1.png")
+    built.image("im1.png")
     os.utime(folder / "im1.png", ns=(before.st_atime_ns, before.st_mtime_ns))  # same name, same time stamp
     with pytest.raises(
         CacheError,
         match=rf"stale cache .*data\.content_sha256: cache has '[0-9a-f]{{64}}'.*1 of 3 file\(s\) changed since "
         rf"the build: {folder / 'im1.png'}; rebuild it",
     ):
-        open_cache(recipe, teachers)
+        built.open()
     cache = FeatureCache(root)  # what the loader workers get: the cache without the per-file digests
     assert cache._content is not None and pickle.loads(pickle.dumps(cache))._content is None
 
@@ -349,12 +348,7 @@ def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_reci
     """PASCAL-Context's semseg labels move the training crops (cat_max_ratio): an edited label file makes an
     augmented cache stale, but not a cache of the un-augmented images, whose features it does not touch."""
     data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=3, n_val=1, size=(48, 64))
-    common = [
-        "data.name=pascal_context",
-        f"data.root={data}",
-        "data.options={}",
-        "tasks=[{name: semseg, channels: 21}]",
-    ]
+    common = pascal_semseg(data)
     plain = build_cache(tiny_recipe(*common), tmp_path / "plain", shard_size=4)
     augmented = build_cache(tiny_recipe(*common), tmp_path / "aug", shard_size=4, augment=True)
     assert len(FeatureCache(plain)._content) == 3 and len(FeatureCache(augmented)._content) == 6
