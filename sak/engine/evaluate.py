@@ -11,7 +11,18 @@ from ..config import Recipe
 from ..student import StudentOutput
 from .step import compute_losses, feature_cosines, teacher_targets
 
-KEEP = "_keep"  # per image: 1 inside the first eval.batches global batches, else 0
+KEEP = "_keep"  # per image: 1 for a real image inside the first eval.batches global batches, else 0
+
+
+def real_images(accelerator, n: int) -> int:
+    """How many of this process's `n` images are the split's own, not padding. On N processes the prepared
+    loader completes the last round of batches with images from the split's start, so that every process
+    gets `n` (Accelerate's even_batches); of the N x n images gathered from that round (process order), the
+    first `remainder` (split size % (n x N)) are real, as `gather_for_metrics` assumes."""
+    state = accelerator.gradient_state
+    if not state.end_of_dataloader or state.remainder <= 0:
+        return n
+    return min(max(state.remainder - accelerator.process_index * n, 0), n)
 
 
 @torch.no_grad()
@@ -21,7 +32,9 @@ def evaluate(
     """Means over the split's images, or with `eval.batches` B over its first B batches of `eval.batch_size`
     whatever the number of processes N: the prepared loader hands global batch g to process g % N, so each
     process runs ceil(B / N) batches (every process takes part in every gather) and the batches past B are
-    masked out."""
+    masked out. The losses are batch means, each image weighted by its batch's; the padding of the last round
+    (`real_images`) is left out of the batch before anything runs, so that it weighs in neither the losses
+    nor the means."""
     student.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -34,6 +47,10 @@ def evaluate(
             if hasattr(loader, "end"):
                 loader.end()
             break
+        n = batch["image"].shape[0]
+        real = real_images(accelerator, n)
+        if real < n:  # (a process with no real image runs one, so that it has every key to gather)
+            batch = {k: v[: max(real, 1)] for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():
             out = student(batch["image"])
@@ -44,13 +61,15 @@ def evaluate(
             per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(raw, targets).items()}
             targets = normalizers(targets)
         losses = compute_losses(out, targets, batch, tasks, distill_loss, recipe.loss.alpha if tasks else 1.0)
-        n = batch["image"].shape[0]
-        per_image.update({f"val/{k}": v.detach().float().expand(n) for k, v in losses.scalars_tensors().items()})
+        ran = batch["image"].shape[0]
+        per_image.update({f"val/{k}": v.detach().float().expand(ran) for k, v in losses.scalars_tensors().items()})
+        # every process gathers n values per key (the gather needs equal shapes); KEEP marks the ones that count
+        per_image = {k: torch.cat([v.float(), v.new_zeros(n - ran, dtype=torch.float32)]) for k, v in per_image.items()}
         inside = not limit or i * processes + accelerator.process_index < limit
-        per_image[KEEP] = torch.full((n,), float(inside), device=batch["image"].device)
-        gathered = accelerator.gather_for_metrics(per_image)  # drops the samples padded in for even shards
+        per_image[KEEP] = (torch.arange(n, device=batch["image"].device) < real).float() * float(inside)
+        gathered = accelerator.gather(per_image)
         keep = gathered.pop(KEEP)
         for key, value in gathered.items():
-            sums[key] = sums.get(key, 0.0) + torch.where(keep > 0, value.float(), 0.0).sum()
+            sums[key] = sums.get(key, 0.0) + torch.where(keep > 0, value, 0.0).sum()
         count += keep.sum().item()
     return {k: (v / max(count, 1)).item() for k, v in sums.items()}

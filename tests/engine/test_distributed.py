@@ -76,6 +76,21 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_the_last_rounds_padding_weighs_in_no_validation_value(tmp_path, tiny_recipe):
+    """32 held-out images in batches of 3 on 2 processes: the last round is [30, 31] + one padded image on the
+    first process and three padded ones on the second. The validation losses and cosines must be those of one
+    process, whose last batch is [30, 31]. (Next to no training: lr 1e-12, so both runs score the same weights to 1e-12.)"""
+    common = ["schedule.max_steps=1", "optim.lr=1e-12", "eval.batch_size=3", "eval.batches=0", "eval.at_start=false"]
+    two = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "data.batch_size=2", *common)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tiny_recipe("run.name=one", "data.batch_size=4", *common)
+    final = train(one)
+    [val_two] = [r for r in rows(tmp_path / "two" / "metrics.jsonl") if "val/loss" in r]
+    assert {k for k in final if k.startswith("val/")} == {k for k in val_two if k.startswith("val/")}
+    for key in (k for k in final if k.startswith("val/")):
+        assert val_two[key] == pytest.approx(final[key], rel=1e-6), key
+
+
 def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path, tiny_recipe):
     marker = tmp_path / "writing"
     run = [sys.executable, "-m", "sak.train", str(TINY), f"run.output_dir={tmp_path}", "checkpoint.every=1",
