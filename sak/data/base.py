@@ -74,6 +74,11 @@ class SakDataset(Dataset):
     def sample_torch_rng(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.sample_rng(index).integers(0, 2**62)))
 
+    def image_at(self, index: int) -> torch.Tensor:
+        """`self[index]["image"]`, the one thing a teacher-feature cache build reads; a dataset whose targets
+        are costly to load can skip those that do not change the image."""
+        return self[index]["image"]
+
     def content_digests(self) -> list[tuple[str, str]] | None:
         """(name, sha256) of everything whose content the teachers' inputs are made from, in a fixed order:
         the image files, and with training augmentation also the files that choose the crops. A

@@ -80,12 +80,12 @@ class NYUD(MultiTaskDataset):
             files[kind] = next((p for p in candidates if p.is_file()), candidates[0])
         return files
 
-    def load_raw(self, sample_id: str) -> dict[str, np.ndarray]:
+    def load_raw(self, sample_id: str, tasks: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         files = self.files[sample_id]
         image = decode_rgb(files["image"])
         shape = image.shape[:2]
         raw = {"image": image}
-        for task in self.spec.tasks:
+        for task in self.spec.tasks if tasks is None else tasks:
             path = files[task]
             if task == "semseg":
                 label = check_shape(path, read_png(path, 1), shape).astype(np.int64)

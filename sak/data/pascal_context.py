@@ -277,8 +277,11 @@ class MultiTaskDataset(SakDataset):
         """The files one sample needs for the requested tasks ("image" included)."""
         raise NotImplementedError
 
-    def load_raw(self, sample_id: str) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
-        """{"image": uint8 (H, W, 3), task: (H, W) / (H, W, 3) target} before augmentation."""
+    def load_raw(
+        self, sample_id: str, tasks: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        """{"image": uint8 (H, W, 3), task: (H, W) / (H, W, 3) target} before augmentation, for `tasks`
+        (default: the requested ones)."""
         raise NotImplementedError
 
     def eval_target(self, sample_id: str, task: str, target: torch.Tensor) -> torch.Tensor:
@@ -295,9 +298,18 @@ class MultiTaskDataset(SakDataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
+        return self._sample(index, self.spec.tasks)
+
+    def image_at(self, index: int) -> torch.Tensor:
+        """`self[index]["image"]` without reading the targets that do not shape it: all of them but, in
+        training, semseg, which chooses the crop (the augmentation draws the same numbers either way)."""
+        shaping = ("semseg",) if self.spec.train and "semseg" in self.spec.tasks else ()
+        return self._sample(index, shaping)["image"]
+
+    def _sample(self, index: int, tasks: tuple[str, ...]) -> dict:
         sample_id = self.ids[index]
         try:
-            raw = self.load_raw(sample_id)
+            raw = self.load_raw(sample_id, tasks)
         except DataError as exc:
             raise DataError(f"{type(self).__name__} sample {sample_id!r}: {exc}") from exc
         h, w = raw["image"].shape[:2]
@@ -353,14 +365,15 @@ class PascalContext(MultiTaskDataset):
             self._valid_normals = normals_valid_classes(self.root / "json")
         return self._valid_normals
 
-    def load_raw(self, sample_id: str) -> dict[str, np.ndarray]:
+    def load_raw(self, sample_id: str, tasks: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        tasks = self.spec.tasks if tasks is None else tasks
         files = self.files[sample_id]
         raw = {"image": decode_rgb(files["image"])}
         shape = raw["image"].shape[:2]
         label_map = None
-        if "label_map" in files:
+        if "edges" in tasks or "normals" in tasks:
             label_map = check_shape(files["label_map"], load_mat(files["label_map"], "LabelMap"), shape)
-        for task in self.spec.tasks:
+        for task in tasks:
             path = files[task]
             if task == "semseg":
                 raw[task] = check_classes(path, check_shape(path, read_png(path, 1), shape), len(VOC_CLASSES))

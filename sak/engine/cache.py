@@ -278,7 +278,8 @@ class _ViewImages(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Tensor:
         view, index = key
         self.dataset.set_epoch(view)  # (each loader worker holds its own copy of the dataset)
-        return self.dataset[index]["image"]
+        image_at = getattr(self.dataset, "image_at", None)  # (a SakDataset's reads no unneeded target)
+        return image_at(index) if image_at is not None else self.dataset[index]["image"]
 
 
 class _ShardBatches(torch.utils.data.Sampler):

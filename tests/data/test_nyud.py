@@ -101,3 +101,11 @@ def test_bad_files_are_clear_errors_or_skipped(copy):
     assert kept.ids == ids[2:] and [i for i, _ in kept.skipped] == ids[:2]
     with pytest.raises(ValueError, match="eval_size must be"):
         dataset(copy, eval_size=[448])
+
+
+def test_image_at_is_the_samples_image(root):
+    for split, train in (("train", True), ("val", False)):
+        data = dataset(root, split=split, train=train)
+        for epoch in (0, 1):
+            data.set_epoch(epoch)
+            assert all(torch.equal(data.image_at(i), data[i]["image"]) for i in range(len(data))), (split, epoch)

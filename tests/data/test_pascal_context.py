@@ -235,3 +235,19 @@ def test_training_flip_mirrors_the_sample_and_negates_normal_x(root):
             assert torch.equal(nt[0], -ne[0]) and torch.equal(nt[1:], ne[1:])
             assert torch.equal(unpad(t["semseg"], size), unpad(e["semseg"], size).flip(-1))
     assert any(flips) and not all(flips)
+
+
+def test_image_at_is_the_samples_image_without_reading_the_other_targets(root, monkeypatch):
+    """What a cache build reads: in training only semseg (it chooses the crop) beside the image."""
+    for train in (True, False):
+        full = dataset(root, train=train)
+        for epoch in (0, 1):
+            full.set_epoch(epoch)
+            expected = [full[i]["image"] for i in range(len(full))]
+            monkeypatch.setattr("sak.data.pascal_context.load_mat", lambda *a: pytest.fail("read a .mat"))
+            monkeypatch.setattr("sak.data.pascal_context.read_human_parts", lambda *a: pytest.fail("read parts"))
+            assert all(torch.equal(full.image_at(i), image) for i, image in enumerate(expected)), (train, epoch)
+            monkeypatch.undo()
+    crops = [torch.stack([d.image_at(i) for i in range(len(d))]) for d in (dataset(root, train=True, tasks=()),
+                                                                         dataset(root, train=True))]  # fmt: skip
+    assert not torch.equal(*crops)  # the semseg labels do move some of the fixture's crops
