@@ -128,8 +128,22 @@ def _model(args) -> int:
 def _cache(args) -> int:
     from pathlib import Path
 
-    from .engine.cache import CacheError, build_cache, check_build_options
+    from .engine.cache import CacheError, FeatureCache, build_cache, check_build_options, describe
 
+    if args.action == "info":  # `recipe` is the cache directory here
+        try:
+            print("\n".join(describe(Path(args.recipe))))
+            if args.verify:
+                cache = FeatureCache(Path(args.recipe))
+                cache.verify_all()
+                print(f"  every shard matches its sha256 ({len(cache.manifest['shards'])} checked)")
+        except CacheError as exc:
+            print(f"sak: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.out is None:
+        print("sak cache build: --out DIR is required (where the cache is written)", file=sys.stderr)
+        return 2
     try:
         check_build_options(args.views, args.augment, args.dtype, args.shard_size, args.batch_size)
     except ValueError as exc:
@@ -225,11 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model)
 
-    p = sub.add_parser("cache", help="precompute the teachers' outputs for a recipe's training split")
-    p.add_argument("action", choices=["build"])
-    p.add_argument("recipe")
+    p = sub.add_parser("cache", help="precompute the teachers' outputs for a recipe's training split (build), "
+                                     "or say what a cache holds (info DIR [--verify])")  # fmt: skip
+    p.add_argument("action", choices=["build", "info"])
+    p.add_argument("recipe", help="build: the recipe; info: the cache directory")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="build: the cache directory to write (required)")
+    p.add_argument("--verify", action="store_true", help="info: also check every shard's sha256")
     p.add_argument("--views", type=int, default=1,
                    help="augmented views per sample, with --augment (training epoch e uses e %% views)")  # fmt: skip
     p.add_argument("--augment", action="store_true", help="store the training augmentation's views")

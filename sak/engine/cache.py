@@ -15,10 +15,10 @@ un-augmented images. The price: `views` different augmentations instead of one p
 
 A cache is refused, with the differing fields named, when the recipe's teachers or data differ from those
 it was built with: the data's sample count, ids and content (the sha256 of every image file, so that an
-image replaced under its own name is noticed, with the changed files named) included. A shard whose bytes do
-not match its sha256 is refused as corrupt. Building is resumable (finished shards are kept, once the manifest written before
-the first shard shows that they were built for the same identity and layout) and runs on N processes
-(shard k on process k % N).
+image replaced under its own name is noticed, with the changed files named) included. A shard whose bytes
+do not match its sha256 is refused as corrupt. Building is resumable (finished shards are kept, once the
+manifest written before the first shard shows that they were built for the same identity and layout),
+reads the images with the recipe's loader workers, and runs on N processes (shard k on process k % N).
 """
 
 from __future__ import annotations
@@ -505,6 +505,47 @@ class FeatureCache:
 
     def level_dims(self) -> dict[str, tuple[int, ...]]:
         return {t: tuple(d) for t, d in self.manifest["level_dims"].items()}
+
+
+def describe(root: Path) -> list[str]:
+    """What a cache directory holds, in lines for `sak cache info`: its state, layout and size, the teachers
+    and data it was built for (a finished or an unfinished build)."""
+    root = Path(root)
+    if not (root / "manifest.json").is_file():
+        raise CacheError(f"{root} is not a teacher-feature cache (no manifest.json)")
+    manifest = load_manifest(root / "manifest.json")
+    ident, shards = manifest["identity"], manifest.get("shards", {})
+    views, samples, size = ident.get("views", 1), manifest.get("samples"), manifest.get("shard_size")
+    planned = CachePlan(root, samples, size, views).shards() if samples and size else []
+    written = [p for p in (CachePlan(root, samples, size, views).path(v, k) for v, k in planned) if p.is_file()]
+    mib = sum(p.stat().st_size for p in written) / 2**20
+    if manifest.get("status", "complete") == "complete":
+        state = f"complete, {len(shards)} shards"
+    else:
+        state = f"unfinished build, {len(written)} of {len(planned)} shards written"
+    kind = f"{views} augmented view(s)" if ident.get("augment") else "un-augmented images"
+    lines = [
+        f"cache {root}: {state}, format {ident.get('format')}",
+        f"  {ident.get('dtype')}, {kind}, {samples} samples in shards of {size}, {mib:.1f} MiB on disk"
+        + (f" ({mib / (samples * views):.2f} MiB per sample and view)" if samples and written else ""),
+        f"  teachers ({ident.get('teacher_precision')}{', compiled' if ident.get('compile_teachers') else ''}):",
+    ]
+    shapes = manifest.get("shapes", {})
+    for tid, t in ident.get("teachers", {}).items():
+        maps = ", ".join("x".join(map(str, shape)) for shape in shapes.get(tid, []))
+        weights = t.get("weights") + (f" (sha256 {t['sha256'][:12]})" if t.get("sha256") else "")
+        lines.append(f"    {tid}: {t.get('name')} from {t.get('source')}, weights {weights}, input {t.get('input_size')} px, "
+                     f"levels {t.get('levels')}: maps {maps}")  # fmt: skip
+    d = ident.get("data", {})
+    content = d.get("content_sha256")
+    lines += [
+        f"  data: {d.get('name')} at {d.get('root')}, split {d.get('split')}, image size {d.get('image_size')}, "
+        f"subset {d.get('subset')}, seed {d.get('seed')}, options {d.get('options')}"
+        + (f", tasks {d['tasks']}" if "tasks" in d else ""),
+        f"  ids sha256 {str(d.get('ids_sha256'))[:16]}, content sha256 "
+        + (content[:16] if content else "none (generated data, or a dataset without content_digests)"),
+    ]
+    return lines
 
 
 def cache_digest(root: Path) -> str:

@@ -440,3 +440,32 @@ def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith(f"sak: {out} holds a cache") and "shard_size: cache has 4, this build gives 2" in err
     assert "Traceback" not in err
+
+
+def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, tmp_path, capsys, monkeypatch):
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=3, n_val=1, size=(48, 64))
+    root = build_cache(tiny_recipe(*pascal_semseg(data)), tmp_path / "c", views=2, augment=True, shard_size=2)
+    assert main(["cache", "info", str(root), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"cache {root}: complete, 4 shards, format 3" in out
+    assert "fp16, 2 augmented view(s), 3 samples in shards of 2" in out
+    assert (
+        "vit_a: vit_small_patch14_dinov2 from timm, weights random, input 56 px, levels [0, 1, 2, 3]: maps 48x4x4"
+        in out
+    )
+    assert f"data: pascal_context at {data}, split train" in out and "tasks ['semseg']" in out
+    assert "every shard matches its sha256 (4 checked)" in out
+    shard = root / "view1" / "shard00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    assert main(["cache", "info", str(root), "--verify"]) == 2
+    assert "shard view1/shard00001 is corrupt" in capsys.readouterr().err
+    # an unfinished build: the manifest says "building" until the last shard is written
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))
+    shard.unlink()
+    assert main(["cache", "info", str(root)]) == 0
+    assert "unfinished build, 3 of 4 shards written" in capsys.readouterr().out
+    assert main(["cache", "info", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a teacher-feature cache (no manifest.json)" in capsys.readouterr().err
+    assert main(["cache", "build", str(data)]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
