@@ -11,22 +11,25 @@
 #   bash benchmarks/gpu_checks.sh 5 OUT   # the loss on CUDA again (upsampled_cosine, into OUT/loss/); the cached
 #                                         # loader alone (8 workers, pinned) and its copy to the GPU; stage 2 bare
 #                                         # vs sak engine, and with 1 teacher
-#   bash benchmarks/gpu_checks.sh 6 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
+#   bash benchmarks/gpu_checks.sh 6 OUT   # the compiled fp16 cache with data.prefetch_to_device true and with
+#                                         # the default auto (which should read ahead there too); not run yet
+#   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
 #                                         # (cache_build_gpu; about 2 minutes; not run yet)
-# Parts 3-5 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
+# Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
-# the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` dropped), and the
-# framework overhead needs the bare and sak rows of one stage in one part.
+# the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
+# dropped), and the framework overhead needs the bare and sak rows of one stage in one part; part 6 compares
+# its two rows with each other (wall images/s), not with an online row.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
-# into OUT/loss/), cache_loader_gpu.* (part 5) and profile_gpu.* (part 4). Each part stops itself before the
-# call's limit; the cases finished by then are written. Parts 1 and 2 ran on 2026-11-26 (H100); part 3 and
-# part 4's throughput pair ran on 2026-11-26 on an H200 (throughput_gpu_h200.md): part 3's three compiled
-# cases took 120, 190 and 114 s on a fresh machine (each cached case builds its 10 GB cache, about 60 s),
-# more than its 300 s, so its two cached cases were run again in a second call. Still to run: part 4's
-# profile and part 5. throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's
-# files before the next.
+# into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4) and cache_build_gpu.* (part 7). Each
+# part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
+# 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
+# (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
+# cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
+# again in a second call. Still to run: part 4's profile and parts 5 to 7. throughput_gpu.{json,md} hold
+# the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 6}
+part=${1:?part 1 to 7}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -50,7 +53,8 @@ case $part in
    timeout 150 python3 -m benchmarks.cache_loader --images 192 --workers 8 --epochs 3 --results "$out" \
        --name cache_loader_gpu
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
-6) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
-*) echo "part must be 1 to 6" >&2; exit 2 ;;
+6) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/fp16-cache/compiled/prefetch gpu/stage1/sak/fp16-cache/compiled/auto ;;
+7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
+*) echo "part must be 1 to 7" >&2; exit 2 ;;
 esac
 ls -la "$out"

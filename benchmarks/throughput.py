@@ -47,6 +47,7 @@ from sak.engine.build import (
 )
 from sak.engine.cache import build_cache
 from sak.engine.malloc import keep_freed_memory
+from sak.engine.prefetch import prefetch_enabled
 from sak.engine.step import compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
 
@@ -98,6 +99,8 @@ GPU_CASES = {
         "sak",
         "fp16",
     ),
+    # the recipe's default, data.prefetch_to_device: auto, which should read ahead here as /prefetch does
+    "gpu/stage1/sak/fp16-cache/compiled/auto": (GPU1, COMPILED[:1], "sak", "fp16"),
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),
@@ -245,7 +248,7 @@ def _build_cache(recipe, root: Path, dtype: str) -> None:
 
 def run_case(name: str, steps: int, warmup: int) -> dict:
     recipe_path, overrides, loop, cache = ALL_CASES[name]
-    if cache is not None and not name.endswith("/prefetch"):  # `auto` would read ahead on a GPU: not in these rows
+    if cache is not None and not name.endswith(("/prefetch", "/auto")):  # `auto` reads ahead on a GPU
         overrides = [*overrides, "data.prefetch_to_device=false"]
     with tempfile.TemporaryDirectory() as tmp:
         common = [
@@ -260,6 +263,9 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
         result = {"case": name, "global_batch": recipe.data.batch_size, "image_size": recipe.data.image_size}
         result.update(flops(recipe))
         if cache is not None:
+            # what the trainer decides for this recipe on this machine (sak/engine/prefetch.py)
+            p = recipe.data.prefetch_to_device
+            result["reads_ahead"] = prefetch_enabled(p, device(), True, recipe.optim.grad_accum)
             start = time.perf_counter()
             # augment=True: the cache holds the training augmentation of epoch 0, i.e. exactly the samples the
             # online run trains on (every case runs less than one epoch), so the cosines compare like for like.
@@ -345,7 +351,11 @@ def table(results: list[dict], device: str, command: str) -> str:
         speed = "- | - | -"
         # the online run of the same configuration; prefetching only changes how cached batches are loaded
         online = by.get(
-            r["case"].replace("fp16-cache", "online").replace("int8-cache", "online").replace("/prefetch", "")
+            r["case"]
+            .replace("fp16-cache", "online")
+            .replace("int8-cache", "online")
+            .replace("/prefetch", "")
+            .replace("/auto", "")
         )
         if "cache" in r["case"] and online is not None and "wall_images_per_s" in online:
             achieved = r["wall_images_per_s"] / online["wall_images_per_s"]
@@ -370,6 +380,9 @@ def table(results: list[dict], device: str, command: str) -> str:
             lines.append(
                 f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} | {rss} | {cos} | {speed} |"
             )
+    ahead = [r["case"] for r in results if r.get("reads_ahead")]
+    if ahead:  # data.prefetch_to_device resolved as the trainer resolves it (true, or auto on a CUDA device)
+        lines.append(f"\nCached rows reading the next batch onto the device during the step: {', '.join(ahead)}")
     for stage in ("stage1", "stage2", "gpu/stage1", "gpu/stage2"):
         bare, sak = by.get(f"{stage}/bare/online"), by.get(f"{stage}/sak/online")
         if bare and sak and "step_s" in bare and "step_s" in sak:

@@ -200,6 +200,7 @@ def train(recipe: Recipe) -> dict:
     logger.message(
         f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
         f"{total} steps; parameters {json.dumps(report)}"
+        + ("; each batch copied to the device during the step before (data.prefetch_to_device)" if prefetch else "")
     )
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")

@@ -40,14 +40,16 @@ def test_prefetcher_hands_out_every_batch_in_order_reading_exactly_one_ahead():
     assert list(prefetch(source(0))) == [] and len(list(prefetch(source(1)))) == 1
 
 
-def test_training_with_prefetch_is_the_same_run_and_resumes_exactly(tiny_recipe):
+def test_training_with_prefetch_is_the_same_run_and_resumes_exactly(tiny_recipe, capsys):
     """The same losses and weights as Accelerate's own device placement, and a stop + resume mid-epoch (the
     loader restarts past the trained batches, one batch having been read ahead) gives the straight run."""
     common = ["schedule.max_steps=10", "student.model_kwargs.drop_path_rate=0.1"]  # 8 batches per epoch
     plain = tiny_recipe(*common, "run.name=plain")
     straight = tiny_recipe(*common, "run.name=straight", "data.prefetch_to_device=true")
     train(plain)
+    assert "data.prefetch_to_device" not in capsys.readouterr().out
     train(straight)
+    assert "each batch copied to the device during the step before (data.prefetch_to_device)" in capsys.readouterr().out
     assert logged(straight.run_dir) == logged(plain.run_dir) and len(logged(plain.run_dir)) == 10
     split = tiny_recipe(*common, "run.name=split", "data.prefetch_to_device=true", "run.stop_at=3")
     assert train(split) == {}
