@@ -79,6 +79,11 @@ class SakDataset(Dataset):
         are costly to load can skip those that do not change the image."""
         return self[index]["image"]
 
+    def image_tasks(self) -> tuple[str, ...]:
+        """The requested tasks whose targets change the images (e.g. a crop chosen from the labels): an
+        augmented teacher-feature cache records them. By default all of them, as nothing says otherwise."""
+        return tuple(self.spec.tasks)
+
     def content_digests(self) -> list[tuple[str, str]] | None:
         """(name, sha256) of everything whose content the teachers' inputs are made from, in a fixed order:
         the image files, and with training augmentation also the files that choose the crops. A

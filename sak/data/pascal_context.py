@@ -301,10 +301,13 @@ class MultiTaskDataset(SakDataset):
         return self._sample(index, self.spec.tasks)
 
     def image_at(self, index: int) -> torch.Tensor:
-        """`self[index]["image"]` without reading the targets that do not shape it: all of them but, in
-        training, semseg, which chooses the crop (the augmentation draws the same numbers either way)."""
-        shaping = ("semseg",) if self.spec.train and "semseg" in self.spec.tasks else ()
-        return self._sample(index, shaping)["image"]
+        """`self[index]["image"]` without reading the targets that do not shape it (`image_tasks`; the
+        augmentation draws the same numbers either way)."""
+        return self._sample(index, self.image_tasks())["image"]
+
+    def image_tasks(self) -> tuple[str, ...]:
+        """In training, semseg when it is requested: the crop is chosen from its labels (`cat_max_ratio`)."""
+        return ("semseg",) if self.spec.train and "semseg" in self.spec.tasks else ()
 
     def _sample(self, index: int, tasks: tuple[str, ...]) -> dict:
         sample_id = self.ids[index]

@@ -112,7 +112,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
     """Everything the cached features depend on, JSON-normalised: the teachers (metadata, options, channels-last),
     their run-time precision (bf16 teachers give other features than float32 ones) and whether they were
     compiled (other kernels), and the data: its sample count, ordered ids and the sha256 of its content (the
-    image files; with `augment`, the crop-choosing labels and the recipe's task names too).
+    image files; with `augment`, the crop-choosing labels and the names of the tasks that shape the images).
     `dataset`: the training dataset (`training_dataset`), built here when not given; `digests`: its
     `content_digests()`, computed here when not given."""
     from .build import teacher_dtype  # (imported here, as build_teachers below, to keep this module light)
@@ -134,8 +134,9 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "ids_sha256": ids_digest(dataset),
         "content_sha256": _combined(digests),
     }
-    if augment:
-        data["tasks"] = [t.name for t in recipe.tasks]
+    if augment:  # the tasks whose labels change the images (a plug-in dataset without `image_tasks`: all)
+        image_tasks = getattr(dataset, "image_tasks", None)
+        data["tasks"] = list(image_tasks()) if image_tasks is not None else [t.name for t in recipe.tasks]
     configs = {t.id: t for t in recipe.teachers}
     ident = {
         "format": FORMAT,
