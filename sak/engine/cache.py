@@ -2,7 +2,8 @@
 
 Layout of a cache directory:
     manifest.json                 status ("building" until the last shard is written, then "complete"),
-                                  identity (what the features depend on), layout, shapes, shard list + sha256
+                                  identity (what the features depend on), layout, shapes, shard list + sha256,
+                                  the first 16 hex digits of each data file's sha256 (to name changed files)
     view{v}/shard{k:05d}.safetensors   per teacher and level: features (S, C, h, w) in fp16, or int8 plus
                                   per-(sample, channel) float32 scales; S samples per shard; each shard's
                                   metadata carries the digest of the identity and shard size it was built for

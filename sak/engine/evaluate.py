@@ -14,15 +14,15 @@ from .step import compute_losses, feature_cosines, teacher_targets
 KEEP = "_keep"  # per image: 1 for a real image inside the first eval.batches global batches, else 0
 
 
-def real_images(accelerator, n: int) -> int:
+def real_images(accelerator, loader, n: int) -> int:
     """How many of this process's `n` images are the split's own, not padding. On N processes the prepared
     loader completes the last round of batches with images from the split's start, so that every process
     gets `n` (Accelerate's even_batches); of the N x n images gathered from that round (process order), the
-    first `remainder` (split size % (n x N)) are real, as `gather_for_metrics` assumes."""
-    state = accelerator.gradient_state
-    if not state.end_of_dataloader or state.remainder <= 0:
+    first `remainder` (split size % (n x N)) are real, as `gather_for_metrics` assumes. A loader that
+    Accelerate did not prepare has no padding."""
+    if not getattr(loader, "end_of_dataloader", False) or getattr(loader, "remainder", -1) <= 0:
         return n
-    return min(max(state.remainder - accelerator.process_index * n, 0), n)
+    return min(max(loader.remainder - accelerator.process_index * n, 0), n)
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def evaluate(
                 loader.end()
             break
         n = batch["image"].shape[0]
-        real = real_images(accelerator, n)
+        real = real_images(accelerator, loader, n)
         if real < n:  # (a process with no real image runs one, so that it has every key to gather)
             batch = {k: v[: max(real, 1)] for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
