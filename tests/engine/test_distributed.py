@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sak.engine import train
+from sak.engine.cache import build_cache
 from sak.engine.checkpoint import PARTIAL, latest_checkpoint
 
 from ..conftest import REPO, TINY
@@ -25,12 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def accelerate_launch(*args: str, env: dict | None = None, module: str = "sak.train") -> subprocess.CompletedProcess:
     """The command docs/getting-started.md gives for N CPU processes."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "sak.train", *args,
+        "--main_process_port", str(free_port()), "-m", module, *args,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
@@ -89,6 +90,21 @@ def test_the_last_rounds_padding_weighs_in_no_validation_value(tmp_path, tiny_re
     assert {k for k in final if k.startswith("val/")} == {k for k in val_two if k.startswith("val/")}
     for key in (k for k in final if k.startswith("val/")):
         assert val_two[key] == pytest.approx(final[key], rel=1e-6), key
+
+
+def test_two_processes_build_the_cache_one_process_builds(tmp_path, tiny_recipe):
+    """docs/cache.md's `accelerate launch ... -m sak.cli cache build`: shard k on process k % 2, with loader
+    workers, and the same files as one process writes."""
+    common = [f"run.output_dir={tmp_path}", "data.options.length=10", "data.num_workers=1"]
+    two = accelerate_launch("cache", "build", str(TINY), *common, "--out", str(tmp_path / "two"), "--shard-size", "3",
+                            "--views", "2", "--augment", module="sak.cli")  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = build_cache(tiny_recipe(*common), tmp_path / "one", views=2, augment=True, shard_size=3)
+    names = sorted(p.relative_to(one).as_posix() for p in one.rglob("*.safetensors"))
+    assert len(names) == 8 and names == sorted(p.relative_to(tmp_path / "two").as_posix()
+                                               for p in (tmp_path / "two").rglob("*.safetensors"))  # fmt: skip
+    manifests = [json.loads((root / "manifest.json").read_text()) for root in (one, tmp_path / "two")]
+    assert manifests[0] == manifests[1] and manifests[0]["status"] == "complete"
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path, tiny_recipe):
