@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,6 +315,26 @@ def _view_loader(dataset, shards: list[tuple[int, int]], plan: CachePlan, batch_
     )
 
 
+def bytes_per_sample(shapes: dict[str, list], dtype: str) -> int:
+    """Stored bytes of one sample's maps: (C, h, w) per teacher and level, 2 bytes a value in fp16, 1 in int8
+    plus a float32 scale per channel (the shards' safetensors headers come on top, a few KB each)."""
+    levels = [shape for per_teacher in shapes.values() for shape in per_teacher]
+    if dtype == "fp16":
+        return sum(2 * c * h * w for c, h, w in levels)
+    return sum(c * h * w + 4 * c for c, h, w in levels)
+
+
+def check_disk_space(out: Path, need: int) -> None:
+    """Refuse a build whose remaining shards would not fit on the disk of `out` (free space now), before
+    anything is written: one that ran out mid-way would keep its finished shards, but lose the time."""
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise CacheError(f"{out}: the cache's remaining shards need about {need / 2**30:.2f} GiB, but only "
+                         f"{free / 2**30:.2f} GiB are free on that disk; free some space or choose another --out "
+                         "(--dtype int8 takes about half the size of fp16)")  # fmt: skip
+
+
 def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False, dtype: str = "fp16",
                 shard_size: int = 256, batch_size: int = 16) -> Path:  # fmt: skip
     """Compute and store every teacher's output for the recipe's training split (resumable, N processes).
@@ -345,8 +366,15 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
                              + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
     _check_kept_shards(out, stamp)
-    state.wait_for_everyone()
     shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
+    remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
+    rows = sum(min(shard_size, len(dataset) - k * shard_size) for _, k in remaining)
+    need = rows * bytes_per_sample(shapes, dtype)
+    check_disk_space(out, need)  # every process checks, so that every process stops
+    if state.is_main_process:
+        print(f"[sak] cache {out}: {len(remaining)} of {len(plan.shards())} shards to write, about "
+              f"{need / 2**30:.2f} GiB ({bytes_per_sample(shapes, dtype) / 2**20:.2f} MiB per sample and view)")  # fmt: skip
+    state.wait_for_everyone()
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
                 "content": None if digests is None else [d[:CONTENT_PREFIX] for _, d in digests]}  # fmt: skip

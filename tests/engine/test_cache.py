@@ -416,6 +416,24 @@ def test_the_manifest_is_synced_and_a_damaged_one_is_named(tiny_recipe, tmp_path
         build_cache(recipe, root, shard_size=4)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_the_size_estimate_is_the_stored_bytes_and_a_build_that_would_not_fit_is_refused(
+    tiny_recipe, tmp_path, monkeypatch, capsys, dtype
+):
+    recipe = tiny_recipe("data.options.length=6")
+    root = build_cache(recipe, tmp_path / "c", dtype=dtype, shard_size=4)
+    stored = sum(t.numel() * t.element_size() for p in root.rglob("*.safetensors") for t in load_file(str(p)).values())
+    shapes = json.loads((root / "manifest.json").read_text())["shapes"]
+    assert stored == 6 * cache_module.bytes_per_sample(shapes, dtype)
+    assert f"2 of 2 shards to write, about {stored / 2**30:.2f} GiB" in capsys.readouterr().out
+    usage = cache_module.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage._replace(free=stored - 1))
+    with pytest.raises(CacheError, match=r"remaining shards need about .* GiB, but only .* GiB are free"):
+        build_cache(recipe, tmp_path / "d" / "e", dtype=dtype, shard_size=4)
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+    build_cache(recipe, root, dtype=dtype, shard_size=4)  # finished: nothing left to write, nothing needed
+
+
 def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe, tmp_path):
     recipe = tiny_recipe("data.options.length=4")
     with pytest.raises(ValueError, match="4 views without augment would be 4 copies"):
