@@ -287,6 +287,16 @@ def is_user_error(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, KeyError, OSError, CacheError, WeightsError, NonFiniteLossError))
 
 
+def print_user_error(exc: Exception, command: str) -> bool:
+    """Print bad input (`is_user_error`) as one line, `sak COMMAND: Type: message`, and say so; False (print
+    nothing) for anything else, or for everything with SAK_TRACEBACK set: the caller re-raises it."""
+    if not is_user_error(exc) or os.environ.get("SAK_TRACEBACK"):
+        return False
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # (KeyError quotes its text)
+    print(f"sak {command}: {type(exc).__name__}: {message}", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -305,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sak: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if not is_user_error(exc) or os.environ.get("SAK_TRACEBACK"):
+        if not print_user_error(exc, args.command):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # (KeyError quotes its text)
-        print(f"sak {args.command}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
 
 

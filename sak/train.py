@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:  # what only the run can find out, e.g. fp16 asked for on a machine without a GPU
         print(f"sak: {args.recipe}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # other bad input (a stale cache, a missing file...): one line, as `sak train`
+        from .cli import print_user_error
+
+        if not print_user_error(exc, "train"):
+            raise
+        return 2
     return 0
 
 

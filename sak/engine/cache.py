@@ -40,7 +40,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..digest import sha256_files
+from ..digest import sha256_files, usable_cpus
 from ..teachers import Teacher, TeacherOutput
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
@@ -342,7 +342,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     Resuming into a directory that holds (part of) another cache, i.e. another identity, shard size or
     sample count, is a CacheError naming the differences: its shards would be kept by name otherwise."""
     from accelerate import PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     from .build import build_teachers, teacher_dtype
 
@@ -409,10 +409,15 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             stored = {}
             progress.update()
     progress.close()
-    state.wait_for_everyone()
+    # each process hashes its own shards (just written: still in the page cache), and the main one records all
+    threads = max(1, usable_cpus() // state.num_processes)
+    names = [f"view{v}/shard{k:05d}" for v, k in mine]
+    digests = list(zip(names, sha256_files([plan.path(v, k) for v, k in mine], threads), strict=True))
+    if state.num_processes > 1:
+        digests = gather_object(digests)
     if state.is_main_process:
-        names = [f"view{v}/shard{k:05d}" for v, k in plan.shards()]
-        shards = dict(zip(names, sha256_files([plan.path(v, k) for v, k in plan.shards()]), strict=True))
+        found = dict(digests)
+        shards = {name: found[name] for name in (f"view{v}/shard{k:05d}" for v, k in plan.shards())}
         _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
     state.wait_for_everyone()
     return out
@@ -466,18 +471,40 @@ class FeatureCache:
             return []
         return [name for (name, d), old in zip(digests, self._content, strict=True) if d[:CONTENT_PREFIX] != old]
 
-    def verify_all(self, threads: int | None = None) -> None:
+    def verify_all(self, threads: int | None = None, part: tuple[int, int] = (0, 1), share=None) -> None:
         """Check every shard's sha256 now, once, `threads` shards at a time (`sha256_files`; default: one per
         usable CPU): DataLoader workers are rebuilt every epoch and would otherwise hash each shard again in
-        every worker."""
-        self._verify([name for name in self.manifest["shards"] if name not in self._verified], threads)
+        every worker. On N processes, `part` = (i, N) hashes every N-th shard from the i-th, and `share` (a
+        gather of Python lists over the processes, e.g. Accelerate's `gather_object`) pools what each found,
+        so that the cache is read once, not N times, and every process refuses a bad shard alike."""
+        names = [name for name in self.manifest["shards"] if name not in self._verified]
+        problems = self._problems(names[part[0] :: part[1]], threads)
+        if share is not None:
+            problems = share(problems)  # every process takes part, whatever it found
+        if problems:
+            raise CacheError(f"cache {self.root}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        self._verified.update(names)
 
-    def _verify(self, names: list[str], threads: int | None = None) -> None:
-        paths = [self._path(name) for name in names]
-        for name, digest in zip(names, sha256_files(paths, threads), strict=True):
+    def _problems(self, names: list[str], threads: int | None = None) -> list[str]:
+        """What is wrong with these shards ("shard X is missing" / "is corrupt ..."), without raising."""
+        problems, present = [], []
+        for name in names:
+            path = self.root / f"{name}.safetensors"
+            if name not in self.manifest["shards"] or not path.is_file():
+                problems.append(f"shard {name} is missing")
+            else:
+                present.append((name, path))
+        digests = sha256_files([path for _, path in present], threads)
+        for (name, _), digest in zip(present, digests, strict=True):
             if digest != self.manifest["shards"][name]:
-                raise CacheError(f"cache {self.root}: shard {name} is corrupt (sha256 differs from the manifest)")
-            self._verified.add(name)
+                problems.append(f"shard {name} is corrupt (sha256 differs from the manifest)")
+        return problems
+
+    def _verify(self, names: list[str]) -> None:
+        problems = self._problems(names)
+        if problems:
+            raise CacheError(f"cache {self.root}: " + "; ".join(problems))
+        self._verified.update(names)
 
     def _path(self, name: str) -> Path:
         path = self.root / f"{name}.safetensors"

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from safetensors.torch import load_file
 
 from ..config import Recipe, RecipeError
+from ..digest import usable_cpus
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
@@ -153,8 +154,10 @@ def train(recipe: Recipe) -> dict:
     if cache is not None:
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
-        if recipe.data.num_workers > 0:
-            cache.verify_all()  # once here, not again in every worker of every epoch
+        # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
+        # nor once per process (N reads of a cache that may not fit in the page cache)
+        n = accelerator.num_processes
+        cache.verify_all(max(1, usable_cpus() // n), (accelerator.process_index, n), gather_object if n > 1 else None)
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     optimizer = build.build_optimizer(recipe, student)
     build.prepare_student(student, recipe.precision)

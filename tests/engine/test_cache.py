@@ -115,6 +115,28 @@ def test_loader_workers_build_the_same_shards(tiny_recipe, tmp_path):
     )
 
 
+def test_verification_splits_the_shards_over_processes_and_every_process_refuses_a_bad_one(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    root = build_cache(tiny_recipe("data.options.length=10"), tmp_path / "c", shard_size=2)  # 5 shards
+    hashed, sha256_files = [], cache_module.sha256_files
+    monkeypatch.setattr(cache_module, "sha256_files", lambda paths, threads=None: hashed.append(
+        sorted(p.name for p in paths)) or sha256_files(paths, threads))  # fmt: skip
+    caches = [FeatureCache(root), FeatureCache(root)]
+    for i, cache in enumerate(caches):
+        cache.verify_all(part=(i, 2))
+    assert hashed[0] == [f"shard0000{k}.safetensors" for k in (0, 2, 4)]
+    assert hashed[1] == ["shard00001.safetensors", "shard00003.safetensors"]
+    assert all(len(c._verified) == 5 for c in caches)  # what the other process checked counts as checked
+    shard = root / "view0" / "shard00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    found = [FeatureCache(root)._problems([f"view0/shard0000{k}" for k in ks]) for ks in ((0, 2, 4), (1, 3))]
+    assert found == [[], ["shard view0/shard00003 is corrupt (sha256 differs from the manifest)"]]
+    pooled = found[0] + found[1]  # what a gather over the two processes gives each
+    with pytest.raises(CacheError, match="shard view0/shard00003 is corrupt"):
+        FeatureCache(root).verify_all(part=(0, 2), share=lambda mine: pooled)  # process 0 found nothing itself
+
+
 def test_building_resumes_where_it_stopped(tiny_recipe, tmp_path):
     recipe = tiny_recipe("data.options.length=12")
     root = build_cache(recipe, tmp_path / "c", shard_size=4)

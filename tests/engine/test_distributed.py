@@ -26,14 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str, env: dict | None = None, module: str = "sak.train") -> subprocess.CompletedProcess:
+def accelerate_launch(
+    *args: str, env: dict | None = None, module: str = "sak.train", timeout: int = 600
+) -> subprocess.CompletedProcess:
     """The command docs/getting-started.md gives for N CPU processes."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", module, *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def rows(path: Path) -> list[dict]:
@@ -105,6 +107,22 @@ def test_two_processes_build_the_cache_one_process_builds(tmp_path, tiny_recipe)
                                                for p in (tmp_path / "two").rglob("*.safetensors"))  # fmt: skip
     manifests = [json.loads((root / "manifest.json").read_text()) for root in (one, tmp_path / "two")]
     assert manifests[0] == manifests[1] and manifests[0]["status"] == "complete"
+
+
+def test_two_processes_train_from_a_cache_and_both_refuse_a_corrupt_shard(tmp_path, tiny_recipe):
+    """The shards are hashed half by each process and the findings pooled: a shard only the other process
+    hashed stops both (no process left waiting in a collective)."""
+    common = [f"run.output_dir={tmp_path}", "data.options.length=8", "schedule.max_steps=2", "data.batch_size=2"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=2)  # 4 shards
+    ok = accelerate_launch(str(TINY), *common, "run.name=ok", f"cache.path={root}", timeout=180)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    shard = root / "view0" / "shard00001.safetensors"  # hashed by the second process only
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    bad = accelerate_launch(str(TINY), *common, "run.name=bad", f"cache.path={root}", timeout=180)
+    assert bad.returncode != 0
+    line = f"sak train: CacheError: cache {root}: shard view0/shard00001 is corrupt"  # one line, no traceback
+    assert bad.stderr.count(line) == 2, bad.stderr[-3000:]  # from both processes
+    assert "sak.engine.cache.CacheError" not in bad.stderr  # (how a traceback of it would name it)
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path, tiny_recipe):
