@@ -290,9 +290,9 @@ class MultiTaskDataset(SakDataset):
         return target
 
     def content_digests(self) -> list[tuple[str, str]]:
-        """The images; with training augmentation also the semseg labels, which choose the crops."""
-        kinds = ("image", "semseg") if self.spec.train else ("image",)
-        return file_digests(self.files[i][k] for i in self.ids for k in kinds if k in self.files[i])
+        """The images, and the labels of the tasks that shape them (`image_tasks`: semseg in training)."""
+        kinds = ("image", *self.image_tasks())
+        return file_digests(self.files[i][k] for i in self.ids for k in kinds)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -369,11 +369,12 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
     remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
     rows = sum(min(shard_size, len(dataset) - k * shard_size) for _, k in remaining)
-    need = rows * bytes_per_sample(shapes, dtype)
+    per_sample = bytes_per_sample(shapes, dtype)
+    need = rows * per_sample
     check_disk_space(out, need)  # every process checks, so that every process stops
     if state.is_main_process:
         print(f"[sak] cache {out}: {len(remaining)} of {len(plan.shards())} shards to write, about "
-              f"{need / 2**30:.2f} GiB ({bytes_per_sample(shapes, dtype) / 2**20:.2f} MiB per sample and view)")  # fmt: skip
+              f"{need / 2**30:.2f} GiB ({per_sample / 2**20:.2f} MiB per sample and view)")  # fmt: skip
     state.wait_for_everyone()
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
@@ -489,8 +490,8 @@ class FeatureCache:
         """What is wrong with these shards ("shard X is missing" / "is corrupt ..."), without raising."""
         problems, present = [], []
         for name in names:
-            path = self.root / f"{name}.safetensors"
-            if name not in self.manifest["shards"] or not path.is_file():
+            path = self._present(name)
+            if path is None:
                 problems.append(f"shard {name} is missing")
             else:
                 present.append((name, path))
@@ -506,18 +507,20 @@ class FeatureCache:
             raise CacheError(f"cache {self.root}: " + "; ".join(problems))
         self._verified.update(names)
 
-    def _path(self, name: str) -> Path:
+    def _present(self, name: str) -> Path | None:
+        """The shard's file, if the manifest lists it and it is there."""
         path = self.root / f"{name}.safetensors"
-        if name not in self.manifest["shards"] or not path.is_file():
-            raise CacheError(f"cache {self.root}: shard {name} is missing")
-        return path
+        return path if name in self.manifest["shards"] and path.is_file() else None
 
     def _file(self, view: int, shard: int):
         name = f"view{view}/shard{shard:05d}"
         if name not in self._open:
             if name not in self._verified:
                 self._verify([name])
-            self._open[name] = safe_open(str(self._path(name)), framework="pt")
+            path = self._present(name)
+            if path is None:  # (verified earlier, deleted since)
+                raise CacheError(f"cache {self.root}: shard {name} is missing")
+            self._open[name] = safe_open(str(path), framework="pt")
         return self._open[name]
 
     def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
@@ -573,8 +576,9 @@ def describe(root: Path) -> list[str]:
     manifest = load_manifest(root / "manifest.json")
     ident, shards = manifest["identity"], manifest.get("shards", {})
     views, samples, size = ident.get("views", 1), manifest.get("samples"), manifest.get("shard_size")
-    planned = CachePlan(root, samples, size, views).shards() if samples and size else []
-    written = [p for p in (CachePlan(root, samples, size, views).path(v, k) for v, k in planned) if p.is_file()]
+    plan = CachePlan(root, samples, size, views)
+    planned = plan.shards() if samples and size else []
+    written = [p for p in (plan.path(v, k) for v, k in planned) if p.is_file()]
     mib = sum(p.stat().st_size for p in written) / 2**20
     if manifest.get("status", "complete") == "complete":
         state = f"complete, {len(shards)} shards"

@@ -71,5 +71,6 @@ def evaluate(
         keep = gathered.pop(KEEP)
         for key, value in gathered.items():
             sums[key] = sums.get(key, 0.0) + torch.where(keep > 0, value, 0.0).sum()
-        count += keep.sum().item()
-    return {k: (v / max(count, 1)).item() for k, v in sums.items()}
+        count = count + keep.sum()  # (a tensor: read once, at the end)
+    images = max(float(count), 1.0)
+    return {k: (v / images).item() for k, v in sums.items()}
