@@ -63,6 +63,28 @@ def test_documented_adapter_plugin_trains(plugin_package, tmp_path, tiny_recipe)
     assert type(student.paths["vit_b"].adapters[0]).__name__ == "BottleneckAdapter"
 
 
+def test_documented_adapter_mixes_true_neighbours_on_a_non_square_grid(plugin_package):
+    """On 2 x 5 patches and a class token (11 tokens, which a square guess would read as 2 + 3 x 3), the
+    documented adapter equals a depthwise 3 x 3 convolution over the 2 x 5 map, the class token untouched."""
+    import importlib
+
+    from sak.registry import ADAPTERS
+    from sak.student import TokenGrid
+
+    importlib.import_module("my_sak_plugins.adapter")
+    torch.manual_seed(0)
+    adapter = ADAPTERS.get("conv_adapter")(8, 2)
+    x = torch.randn(3, 11, 8)
+    h = adapter.down(x)
+    patches = h[:, 1:].reshape(3, 2, 5, 4).permute(0, 3, 1, 2)  # (B, hidden, 2, 5), row-major tokens
+    mixed = torch.nn.functional.conv2d(patches, adapter.conv.weight, adapter.conv.bias, padding=1, groups=4)
+    h = torch.cat([h[:, :1], mixed.flatten(2).transpose(1, 2)], dim=1)
+    expected = x + adapter.scale * adapter.up(torch.nn.functional.gelu(h))
+    torch.testing.assert_close(adapter(x, grid=TokenGrid(1, 2, 5)), expected)
+    with pytest.raises(ValueError, match="do not lie on"):
+        adapter(x, grid=TokenGrid(1, 3, 3))
+
+
 def test_teachers_list_and_show_include_the_plugin(plugin_package, capsys):
     import importlib
 

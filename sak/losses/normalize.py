@@ -100,7 +100,15 @@ class FeatureNormalizer(nn.Module):
         self.register_buffer("map_mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("map_w", torch.zeros(second, dtype=torch.float64))
         self.register_buffer("map_alpha", torch.ones((), dtype=torch.float64))
-        self.refresh()  # the map of empty statistics, as used before the first update
+        # the map of empty statistics, as used before the first update: what refresh() builds from them, written
+        # out (the zero covariance's eigenvectors are the identity, alpha = sqrt(eps)) rather than found by an
+        # eigendecomposition per level at construction (12 levels of 768 channels: 0.62 s -> 0.07 s on this CPU)
+        alpha = torch.tensor(eps, dtype=torch.float64).sqrt()  # a tensor: eps = 0 divides as refresh() does
+        if mode == "phi_s":
+            self.map_w.copy_(self.hadamard / alpha)
+            self.map_alpha.copy_(alpha)
+        else:
+            self.map_w.copy_((1.0 / alpha).expand(dim))
 
     def batch_sums(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> one flat float64 vector [n, sum, sum of squares / outer products]."""

@@ -2,15 +2,54 @@
 
 The path input at block i is adapter_i(path_{i-1} + tas_i), starting from adapter_0(patch embedding)
 (REFERENCE §1). The adapter type is a plug-in (registry `ADAPTERS`, constructor `(dim, down_ratio)`),
-chosen per teacher in the recipe (`teachers[i].adapter`).
+chosen per teacher in the recipe (`teachers[i].adapter`). Its forward takes the (B, N, D) tokens, and
+also the `TokenGrid` they lie on when it has a parameter named `grid` (an adapter that mixes neighbouring
+patches needs it: the grid is not square on NYUD's 448 x 576 crops, and cannot be told from N).
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..registry import ADAPTERS
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a (B, N, D) token sequence of the stem is laid out: `prefix` class / register tokens first, then
+    the h x w patch grid row by row (N = prefix + h * w)."""
+
+    prefix: int
+    h: int
+    w: int
+
+    def split(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N, D) -> the prefix tokens (B, prefix, D) and the patches as a map (B, D, h, w)."""
+        if tokens.ndim != 3 or tokens.shape[1] != self.prefix + self.h * self.w:
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)} do not lie on {self}: expected (B, "
+                f"{self.prefix + self.h * self.w}, D), {self.prefix} prefix tokens + {self.h} x {self.w} patches"
+            )
+        patches = rearrange(tokens[:, self.prefix :], "b (h w) d -> b d h w", h=self.h, w=self.w)
+        return tokens[:, : self.prefix], patches
+
+    def join(self, prefix: Tensor, patches: Tensor) -> Tensor:
+        """The inverse of `split`: prefix tokens (B, prefix, D) and a map (B, D, h, w) -> (B, N, D)."""
+        if prefix.shape[1] != self.prefix or tuple(patches.shape[-2:]) != (self.h, self.w):
+            raise ValueError(
+                f"prefix tokens {tuple(prefix.shape)} and patch map {tuple(patches.shape)} do not make {self}"
+            )
+        return torch.cat([prefix, rearrange(patches, "b d h w -> b (h w) d")], dim=1)
+
+
+def takes_grid(adapter: type[nn.Module]) -> bool:
+    """Whether an adapter class's forward has a parameter named `grid` (then it is given the TokenGrid)."""
+    return "grid" in inspect.signature(adapter.forward).parameters
 
 
 @ADAPTERS.register("bottleneck")
@@ -40,16 +79,23 @@ class TeacherSpecificAdapterPath(nn.Module):
         super().__init__()
         cls = ADAPTERS.get(adapter)
         self.adapters = nn.ModuleList(cls(dim, down_ratio) for _ in range(depth + 1))
+        self.takes_grid = takes_grid(cls)
         self.levels = list(levels)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in levels)
 
-    def forward(self, embedded: Tensor, block_outputs: list[Tensor]) -> list[Tensor]:
+    def forward(self, embedded: Tensor, block_outputs: list[Tensor], grid: TokenGrid | None = None) -> list[Tensor]:
         """embedded: (B, N, D) TAS tokens after the patch embedding; block_outputs: every TAS block's
-        (B, N, D) output. Returns the normalised path tokens at each level."""
-        path = self.adapters[0](embedded)
+        (B, N, D) output; grid: their layout, required by an adapter type that takes one. Returns the
+        normalised path tokens at each level."""
+        if self.takes_grid and grid is None:
+            raise ValueError(
+                f"adapter {type(self.adapters[0]).__name__} takes the token grid: call the path with grid=TokenGrid(...)"
+            )
+        kwargs = {"grid": grid} if self.takes_grid else {}
+        path = self.adapters[0](embedded, **kwargs)
         out = []
         for i, tas in enumerate(block_outputs):
-            path = self.adapters[i + 1](path + tas)
+            path = self.adapters[i + 1](path + tas, **kwargs)
             if i in self.levels:
                 out.append(self.norms[self.levels.index(i)](path))
         return out

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..registry import ROUTERS
 from ..teachers.base import normalize, to_float01
-from .adapters import TeacherSpecificAdapterPath
+from .adapters import TeacherSpecificAdapterPath, TokenGrid
 from .heads import DecodeHead
 from .router import Router, mix_experts, mix_experts_per_image
 from .stem import TeacherAgnosticStem, even_levels
@@ -103,7 +103,8 @@ class SAKStudent(nn.Module):
         h, w = x.shape[-2:]
         embedded, outs, grid = self.stem.run(x)  # (B, prefix + h*w, D) tokens
         prefix = self.stem.num_prefix_tokens
-        paths = {tid: path(embedded, outs) for tid, path in self.paths.items()}
+        layout = TokenGrid(prefix, *grid)
+        paths = {tid: path(embedded, outs, layout) for tid, path in self.paths.items()}
         result = StudentOutput()
         if with_features:
             for tid, levels in paths.items():

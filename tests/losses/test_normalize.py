@@ -87,6 +87,18 @@ def test_training_with_phi_s_resumes_exactly(tiny_recipe):
 
 
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_new_normaliser_holds_the_map_refresh_builds_from_empty_statistics(mode, eps):
+    """The map before the first update is written out at construction, not found by an eigendecomposition:
+    it must be the one refresh() builds from the empty statistics, bit for bit."""
+    norm = FeatureNormalizer(12, mode, eps=eps)
+    built = {k: v.clone() for k, v in norm.state_dict().items()}
+    norm.refresh()
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, built[k]), k
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 def test_inverse_maps_normalised_features_back(mode):
     x = features()
     norm = FeatureNormalizer(12, mode, eps=0.0)

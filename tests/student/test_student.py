@@ -10,7 +10,7 @@ from sak.engine import train
 from sak.engine.build import build_distill_loss, build_student, build_tasks, build_teachers
 from sak.engine.step import compute_losses, teacher_targets
 from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_report
-from sak.student.adapters import BottleneckAdapter, TeacherSpecificAdapterPath
+from sak.student.adapters import ADAPTERS, BottleneckAdapter, TeacherSpecificAdapterPath, TokenGrid
 from sak.student.router import NoisyRouter, PixelRouter, SumRouter
 
 from ..conftest import TESTS
@@ -86,6 +86,56 @@ def test_adapter_is_a_scaled_residual_bottleneck_and_path_follows_the_paper_recu
     got = path(emb, outs)
     torch.testing.assert_close(got[0], path.norms[0](p2))
     torch.testing.assert_close(got[1], path.norms[1](p3))
+
+
+def test_token_grid_splits_prefix_and_row_major_patches_and_joins_them_back():
+    grid = TokenGrid(prefix=1, h=2, w=3)
+    tokens = torch.arange(2 * 7 * 4, dtype=torch.float32).reshape(2, 7, 4)
+    prefix, patches = grid.split(tokens)
+    assert prefix.shape == (2, 1, 4) and patches.shape == (2, 4, 2, 3)
+    torch.testing.assert_close(prefix[:, 0], tokens[:, 0])
+    torch.testing.assert_close(patches[:, :, 1, 0], tokens[:, 1 + 3])  # row 1, column 0: the 4th patch
+    torch.testing.assert_close(grid.join(prefix, patches), tokens)
+    with pytest.raises(ValueError, match=r"\(2, 8, 4\).*1 prefix tokens \+ 2 x 3 patches"):
+        grid.split(torch.zeros(2, 8, 4))
+    with pytest.raises(ValueError, match="do not make"):
+        grid.join(prefix, patches.transpose(-1, -2))
+
+
+class _GridRecorder(torch.nn.Module):
+    """An adapter that records the grid it is given (and adds nothing)."""
+
+    def __init__(self, dim: int, down_ratio: int = 4) -> None:
+        super().__init__()
+        self.seen: list[TokenGrid] = []
+
+    def forward(self, x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        self.seen.append(grid)
+        return x
+
+
+def test_path_gives_the_grid_only_to_adapters_that_take_one(monkeypatch):
+    monkeypatch.setitem(ADAPTERS._entries, "grid_recorder", _GridRecorder)
+    path = TeacherSpecificAdapterPath(8, depth=2, levels=[1], adapter="grid_recorder")
+    assert path.takes_grid and not TeacherSpecificAdapterPath(8, depth=2, levels=[1]).takes_grid
+    emb, outs = torch.randn(2, 7, 8), [torch.randn(2, 7, 8) for _ in range(2)]
+    path(emb, outs, TokenGrid(1, 2, 3))
+    assert [a.seen for a in path.adapters] == [[TokenGrid(1, 2, 3)]] * 3
+    with pytest.raises(ValueError, match="_GridRecorder takes the token grid"):
+        path(emb, outs)
+
+
+def test_student_hands_adapters_the_real_grid_of_non_square_images(monkeypatch):
+    from sak.config import load_recipe
+
+    monkeypatch.setitem(ADAPTERS._entries, "grid_recorder", _GridRecorder)
+    recipe = load_recipe(
+        TESTS / "tiny.yaml", ["teachers.1.adapter=grid_recorder", "student.model_kwargs.dynamic_img_size=true"]
+    )
+    teachers, tasks = build_teachers(recipe, torch.device("cpu")), build_tasks(recipe)
+    student = build_student(recipe, teachers, tasks)
+    student(torch.rand(2, 3, 32, 80))  # 2 x 5 patches of 16 px, and a class token
+    assert {g for a in student.paths["vit_b"].adapters for g in a.seen} == {TokenGrid(1, 2, 5)}
 
 
 def build(multitask=True):
