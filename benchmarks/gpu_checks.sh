@@ -15,21 +15,25 @@
 #                                         # the default auto (which should read ahead there too); not run yet
 #   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
 #                                         # (cache_build_gpu; about 2 minutes; not run yet)
+#   bash benchmarks/gpu_checks.sh 8 OUT   # the stage-1 cached step part by part, eager and compiled: the ViT alone,
+#                                         # + adapter paths, + losses, + optimiser (student_step_cuda; about 3
+#                                         # minutes; not run yet): where the cached step loses the teachers' rate
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
 # dropped), and the framework overhead needs the bare and sak rows of one stage in one part; part 6 compares
 # its two rows with each other (wall images/s), not with an online row.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
-# into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4) and cache_build_gpu.* (part 7). Each
+# into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
+# student_step_cuda.* (part 8). Each
 # part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
 # cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
-# again in a second call. Still to run: part 4's profile and parts 5 to 7. throughput_gpu.{json,md} hold
+# again in a second call. Still to run: part 4's profile and parts 5 to 8. throughput_gpu.{json,md} hold
 # the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 7}
+part=${1:?part 1 to 8}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -55,6 +59,8 @@ case $part in
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
 6) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/fp16-cache/compiled/prefetch gpu/stage1/sak/fp16-cache/compiled/auto ;;
 7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
-*) echo "part must be 1 to 7" >&2; exit 2 ;;
+8) timeout 400 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+       --results "$out" ;;
+*) echo "part must be 1 to 8" >&2; exit 2 ;;
 esac
 ls -la "$out"
