@@ -52,6 +52,9 @@ def test_stray_arguments_are_still_refused(capsys):
         (["predict", "/nonexistent", "x.png", "--out", "x"], "sak predict: FileNotFoundError:"),
         (["train", str(TINY), "data.name=image_folder", "data.options={}", "data.root=/nonexistent"],
          "sak train: FileNotFoundError: data.root '/nonexistent' is not a directory"),
+        (["train", str(TINY), "data.image_size=60"],
+         "sak train: ValueError: data.image_size 60 is not a multiple of the student's patch size 16 "
+         "(vit_small_patch16_224): its patch embedding would drop the last 12 px of every crop; use 48 or 64"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_the_problem_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -56,6 +56,13 @@ def build_tasks(recipe: Recipe) -> dict[str, Task]:
 def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> torch.nn.Module:
     s = recipe.student
     stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, **s.model_kwargs)
+    size, patch = recipe.data.image_size, stem.patch_size
+    if size % patch:
+        below, above = size - size % patch, size - size % patch + patch
+        raise ValueError(
+            f"data.image_size {size} is not a multiple of the student's patch size {patch} ({s.model}): its patch "
+            f"embedding would drop the last {size % patch} px of every crop; use {below or above} or {above}"
+        )
     adapters = {t.id: t.adapter for t in recipe.teachers}
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
     channels = {name: task.channels for name, task in tasks.items()}

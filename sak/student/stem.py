@@ -68,7 +68,13 @@ class TeacherAgnosticStem(nn.Module):
     def run(self, x: Tensor) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
         """Normalised images (B, 3, H, W) -> the embedded tokens, every block's output tokens
         (B, prefix + h*w, D) and the patch grid (h, w)."""
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:  # the patch embedding would drop the remainder silently
+            raise ValueError(
+                f"images of {h} x {w} px: the student's patch size {self.patch_size} must divide both "
+                "(data.image_size, the dataset's crop_size / eval_size)"
+            )
+        grid = (h // self.patch_size, w // self.patch_size)
         embedded = self.embed(x)
         outs, tokens = [], embedded
         for block in self.vit.blocks:

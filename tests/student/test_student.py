@@ -138,6 +138,14 @@ def test_student_hands_adapters_the_real_grid_of_non_square_images(monkeypatch):
     assert {g for a in student.paths["vit_b"].adapters for g in a.seen} == {TokenGrid(1, 2, 5)}
 
 
+def test_stem_refuses_images_its_patches_do_not_tile():
+    """timm's patch embedding floors the grid: a 60 px side under 16 px patches would lose 12 px unseen."""
+    stem = TeacherAgnosticStem("vit_small_patch16_224", 64, embed_dim=32, depth=1, num_heads=2, dynamic_img_size=True)
+    assert stem.run(torch.rand(1, 3, 32, 48))[2] == (2, 3)
+    with pytest.raises(ValueError, match="images of 32 x 60 px: the student's patch size 16 must divide both"):
+        stem.run(torch.rand(1, 3, 32, 60))
+
+
 def build(multitask=True):
     from sak.config import load_recipe
 
