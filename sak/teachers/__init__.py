@@ -25,6 +25,17 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
         spec = dataclasses.replace(spec, weights=weights)
     teacher = cls(spec, build_options(cls, options, where=f"teacher {name!r}"))
+    size, stride = teacher.input_size, teacher.meta.patch_size
+    # Teacher.level_shapes promises maps of size / stride cells a side (the cache stores those shapes); a teacher
+    # that works out its own shapes (EfficientNet's odd sizes) or crops its input to the grid ("keep") is exempt
+    promises = type(teacher).level_shapes is Teacher.level_shapes and teacher.meta.resize != "keep"
+    if promises and stride and size % stride:
+        below, above = size - size % stride, size - size % stride + stride
+        raise ValueError(
+            f"teacher {name!r} ({teacher.meta.name}): image_size {size} is not a multiple of its patch size / "
+            f"stride {stride}, so its maps cannot be {size} / {stride} cells a side; set the teacher's image_size "
+            f"(teachers[].image_size) to {f'{below} or {above}' if below else above}"
+        )
     if not teacher.meta.num_params:
         teacher.meta = dataclasses.replace(teacher.meta, num_params=sum(p.numel() for p in teacher.parameters()))
     return teacher.freeze()

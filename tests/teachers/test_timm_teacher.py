@@ -170,3 +170,16 @@ def test_preprocess_clamps_bicubic_overshoot_as_timms_own_transform_saturates():
     ours = teacher.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None])
     gap = (ours - expected).abs()
     assert ours.shape == expected.shape == (1, 3, 518, 518) and gap.max() < 0.12 and gap.mean() < 0.006, gap.max()
+
+
+def test_a_vit_teacher_at_a_size_its_patches_do_not_tile_is_refused_when_built():
+    """Not at the first forward with timm's assertion: at build time, naming the sizes that would work."""
+    kwargs = {"embed_dim": 24, "depth": 1, "num_heads": 2, "img_size": 56}
+    with pytest.raises(ValueError, match=r"image_size 60 is not a multiple of its patch size / stride 14.* 56 or 70"):
+        create_teacher("timm", spec=TeacherSpec(image_size=60), model="vit_small_patch14_dinov2", model_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"image_size 10 .* \(teachers\[\]\.image_size\) to 14$"):
+        create_teacher("timm", spec=TeacherSpec(image_size=10), model="vit_small_patch14_dinov2", model_kwargs=kwargs)
+    teacher = create_teacher(
+        "timm", spec=TeacherSpec(image_size=70), model="vit_small_patch14_dinov2", model_kwargs=kwargs
+    )
+    assert teacher.level_shapes()[-1] == (24, 5, 5)
