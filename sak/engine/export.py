@@ -73,6 +73,11 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     """Run the student on image files at its trained size and write each task's output at the
     image's original size."""
     size = config["image_size"]
+    if not config["tasks"]:
+        raise ValueError(
+            "the exported student has no task heads (its recipe has no tasks: a stage-1 distillation, which trains "
+            "features only), so there is nothing to predict; export the stage-2 run trained from it"
+        )
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
     by_stem: dict[str, Path] = {}
     for file in map(Path, images):  # outputs are named by file name: two inputs must not share one

@@ -52,3 +52,14 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     other = tmp_path / "others"
     assert main(["predict", str(out), str(photo), str(twin), "--out", str(other)]) == 2
     assert not other.exists()
+
+
+def test_predicting_with_a_stage_1_student_is_refused_before_anything_is_written(tiny_recipe, tmp_path, capsys):
+    train(tiny_recipe("schedule.max_steps=1"))
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "preds")]) == 2
+    assert "has no task heads" in capsys.readouterr().err and not (tmp_path / "preds").exists()
