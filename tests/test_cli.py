@@ -55,6 +55,7 @@ def test_stray_arguments_are_still_refused(capsys):
         (["train", str(TINY), "data.image_size=60"],
          "sak train: ValueError: data.image_size 60 is not a multiple of the student's patch size 16 "
          "(vit_small_patch16_224): its patch embedding would drop the last 12 px of every crop; use 48 or 64"),
+        (["train", str(TINY), "data.image_size=8"], "sak train: ValueError: data.image_size 8 is not a multiple"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_the_problem_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
         below, above = size - size % patch, size - size % patch + patch
         raise ValueError(
             f"data.image_size {size} is not a multiple of the student's patch size {patch} ({s.model}): its patch "
-            f"embedding would drop the last {size % patch} px of every crop; use {below or above} or {above}"
+            f"embedding would drop the last {size % patch} px of every crop; use {f'{below} or {above}' if below else above}"
         )
     adapters = {t.id: t.adapter for t in recipe.teachers}
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
