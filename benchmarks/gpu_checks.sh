@@ -16,8 +16,9 @@
 #   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
 #                                         # (cache_build_gpu; about 2 minutes; not run yet)
 #   bash benchmarks/gpu_checks.sh 8 OUT   # the stage-1 cached step part by part, eager and compiled: the ViT alone,
-#                                         # + adapter paths, + losses, + optimiser (student_step_cuda; about 3
-#                                         # minutes; not run yet): where the cached step loses the teachers' rate
+#                                         # + adapter paths, + losses, + optimiser (student_step_cuda): where the
+#                                         # cached step loses the teachers' rate; stage 2 without and with
+#                                         # student.grad_checkpointing (peak memory); about 6 minutes; not run yet
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -59,8 +60,9 @@ case $part in
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
 6) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/fp16-cache/compiled/prefetch gpu/stage1/sak/fp16-cache/compiled/auto ;;
 7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
-8) timeout 400 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
-       --results "$out" ;;
+8) timeout 330 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+       --results "$out"
+   timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 *) echo "part must be 1 to 8" >&2; exit 2 ;;
 esac
 ls -la "$out"

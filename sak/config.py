@@ -63,6 +63,9 @@ class StudentConfig:
     aligner: Literal["auto", "always"] = "auto"  # auto: only when the widths differ
     router: str = "noisy"  # MoR router type (registry of routers): noisy, none, pixel
     freeze: Literal["none", "stem", "all_but_routers"] = "none"  # what stays fixed (the official code's options)
+    # recompute each stem block's activations in backward instead of keeping them from the forward: less memory
+    # (the blocks' share of what autograd keeps), one more forward of the blocks per step
+    grad_checkpointing: bool = False
     lora: dict = field(
         default_factory=dict
     )  # peft LoraConfig keywords for the stem, e.g. {r: 8, target_modules: [qkv]}

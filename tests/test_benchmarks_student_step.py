@@ -1,4 +1,5 @@
-"""benchmarks/student_step.py: a cached step split into nested parts, each timed and its FLOPs counted."""
+"""benchmarks/student_step.py (a cached step split into nested parts, each timed and its FLOPs counted) and
+benchmarks/activation_memory.py (what grad_checkpointing keeps)."""
 
 import json
 
@@ -40,3 +41,13 @@ def test_writes_the_table_with_counted_flops(tmp_path):
     assert r["normalizer_ms"] > 0 and r["batch"] == 4
     md = (tmp_path / "s.md").read_text()
     assert md.count("\n| ") == 2 + len(VARIANTS) and "normalisation" in md
+
+
+def test_activation_memory_counts_less_kept_with_grad_checkpointing(tmp_path):
+    from benchmarks.activation_memory import main as activation_memory
+
+    recipe = str(TESTS / "tiny_multitask.yaml")
+    assert activation_memory(["--recipes", recipe, "--repeats", "1", "--results", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "activation_memory.json").read_text())["rows"]
+    assert 0 < row["checkpointing_mib_per_image"] < row["plain_mib_per_image"]
+    assert "| 64 | no |" in (tmp_path / "activation_memory.md").read_text()

@@ -63,6 +63,7 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
             f"data.image_size {size} is not a multiple of the student's patch size {patch} ({s.model}): its patch "
             f"embedding would drop the last {size % patch} px of every crop; use {f'{below} or {above}' if below else above}"
         )
+    stem.grad_checkpointing = s.grad_checkpointing
     adapters = {t.id: t.adapter for t in recipe.teachers}
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
     channels = {name: task.channels for name, task in tasks.items()}

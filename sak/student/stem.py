@@ -4,8 +4,10 @@ can read every block's output."""
 from __future__ import annotations
 
 import timm
+import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..teachers.weights import is_local, load_state_dict, local_path
 
@@ -51,6 +53,7 @@ class TeacherAgnosticStem(nn.Module):
         # every parameter takes part in the loss (DDP requires it).
         self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()
         self.dim = self.vit.embed_dim
+        self.grad_checkpointing = False  # student.grad_checkpointing: blocks recomputed in backward
         self.depth = len(self.vit.blocks)
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens
@@ -77,8 +80,11 @@ class TeacherAgnosticStem(nn.Module):
         grid = (h // self.patch_size, w // self.patch_size)
         embedded = self.embed(x)
         outs, tokens = [], embedded
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.vit.blocks:
-            tokens = block(tokens)
+            # non-reentrant checkpointing: works with DDP, torch.compile and inputs that need no gradient, and
+            # replays the block's random state (drop path) in the recomputation
+            tokens = checkpoint(block, tokens, use_reentrant=False) if recompute else block(tokens)
             outs.append(tokens)
         return embedded, outs, grid
 

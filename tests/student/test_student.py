@@ -146,6 +146,65 @@ def test_stem_refuses_images_its_patches_do_not_tile():
         stem.run(torch.rand(1, 3, 32, 60))
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn` runs (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), result
+
+
+def test_grad_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients():
+    """student.grad_checkpointing recomputes the stem's blocks in backward (drop path replayed): the same loss
+    and gradients, bit for bit, with the blocks' activations no longer kept from the forward."""
+    from sak.config import load_recipe
+
+    results = {}
+    for on in (False, True):
+        recipe = load_recipe(
+            TESTS / "tiny_multitask.yaml",
+            [f"student.grad_checkpointing={str(on).lower()}", "student.model_kwargs.drop_path_rate=0.2"],
+        )
+        torch.manual_seed(0)
+        teachers, tasks = build_teachers(recipe, torch.device("cpu")), build_tasks(recipe)
+        student = build_student(recipe, teachers, tasks).train()
+        assert student.stem.grad_checkpointing is on
+        batch = next(iter(build_dataset_loader(recipe)))
+        targets = teacher_targets(teachers, batch["image"], None)
+        x = student.preprocess(batch["image"])
+        # what the stem's blocks keep: the whole stem's less its patch embedding's (image, weights)
+        kept = (
+            saved_bytes(lambda s=student, x=x: s.stem.run(x))[0]
+            - saved_bytes(lambda s=student, x=x: s.stem.embed(x))[0]
+        )
+        torch.manual_seed(1)  # the same drop-path and router noise draws in both runs
+        out = student(batch["image"])
+        loss = compute_losses(out, targets, batch, tasks, build_distill_loss(recipe), recipe.loss.alpha).total
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results[on] = kept, loss.detach(), grads
+    (kept_plain, loss_plain, grads_plain), (kept_ckpt, loss_ckpt, grads_ckpt) = results[False], results[True]
+    b, n, d = x.shape[0], 1 + (64 // 16) ** 2, 32  # tiny_multitask: 64 px, patch 16, a class token, width 32
+    block_inputs = 4 * b * n * d * 4  # what checkpointing keeps: each of the 4 blocks' float32 input
+    assert kept_ckpt <= block_inputs < kept_plain / 4, (kept_ckpt, block_inputs, kept_plain)
+    assert torch.equal(loss_plain, loss_ckpt) and grads_plain.keys() == grads_ckpt.keys()
+    for name, g in grads_plain.items():
+        assert torch.equal(g, grads_ckpt[name]), name
+    with torch.no_grad():  # evaluation: nothing to recompute, no checkpoint
+        assert saved_bytes(lambda: student(batch["image"]))[0] == 0
+
+
+def build_dataset_loader(recipe):
+    from sak.engine.build import build_loader
+
+    return build_loader(recipe, recipe.data.split, train=True)
+
+
 def build(multitask=True):
     from sak.config import load_recipe
 
