@@ -67,3 +67,23 @@ def test_compiled_student_under_two_processes_matches_one_eager_process(tmp_path
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_grad_checkpointing_compiled_under_two_processes_matches_one_plain_eager_process(tmp_path, tiny_recipe):
+    """student.grad_checkpointing with DistributedDataParallel and torch.compile: the same training as the
+    plain eager step (recomputation changes what is kept, not what is computed; drop path, whose draws differ
+    between one process and two, is left out here: its replay is tests/student/test_student.py's)."""
+    from .test_distributed import TINY, accelerate_launch
+
+    common = ["schedule.max_steps=3", "eval.batches=1"]
+    two = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "data.batch_size=2",
+                            "precision.compile_student=true", "student.grad_checkpointing=true", *common)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tiny_recipe("run.name=one", "data.batch_size=4", *common)
+    train(one)
+    a, b = logged_losses(one.run_dir), logged_losses(tmp_path / "two")
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    w1 = load_file(str(latest_checkpoint(one.run_dir / "checkpoints") / "model.safetensors"))
+    w2 = load_file(str(latest_checkpoint(tmp_path / "two" / "checkpoints") / "model.safetensors"))
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
