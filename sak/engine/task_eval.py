@@ -183,7 +183,10 @@ def load_student(recipe: Recipe, checkpoint: Path) -> tuple[torch.nn.Module, dic
             "directory (model.safetensors), a run directory (checkpoints/) nor a .safetensors file"
         ) from exc
     except RuntimeError as exc:  # load_state_dict: the weights are another student's
-        first = str(exc).strip().splitlines()[0]
+        # its first line only says "Error(s) in loading state_dict for SAKStudent:"; the next names the first misfit
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        first = first if len(first) <= 300 else first[:297] + "..."
         raise EvalError(
             f"--checkpoint {str(checkpoint)!r}: the weights do not fit the recipe's student ({first})"
         ) from exc

@@ -266,3 +266,54 @@ def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
     two = json.loads(out.read_text())
     assert two["world_size"] == 2 and two["n_images"] == 5  # batches of 2, 2, 1 -> shards of 3 and 2 images
     assert two["tasks"] == evaluated[0]["tasks"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("nonexistent", "--checkpoint '{path}' does not exist"),
+        ("empty dir", "--checkpoint '{path}' is neither an export directory (student.yaml), a checkpoint directory"),
+        ("other student", "--checkpoint '{path}': the weights do not fit the recipe's student (size mismatch for "),
+        ("bad reference", "{path}: cannot read the reference JSON"),
+        ("reference of an unknown task", "expected {{task: number}} with tasks among"),
+        ("canvas not a multiple", "data.options.eval_size [50, 64] is not a multiple of the student's patch size 16"),
+        ("canvas of a fixed-size student", "the student takes 64x64 inputs but the evaluation canvas is 48x64"),
+    ],
+)
+def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_path, capsys):
+    """Every refusal of `sak eval` is one line naming the file, key or value, before anything is scored."""
+    recipe_file, run_dir, _ = trained
+    args, path = ["eval", str(recipe_file), "--checkpoint", str(run_dir)], run_dir
+    if case == "nonexistent":
+        path = tmp_path / "nothing"
+        args[3] = str(path)
+    elif case == "empty dir":
+        path = tmp_path / "empty"
+        path.mkdir()
+        args[3] = str(path)
+    elif case == "other student":
+        args.append("student.model_kwargs.embed_dim=48")
+    elif case in ("bad reference", "reference of an unknown task"):
+        path = tmp_path / "reference.json"
+        path.write_text("{not json" if case == "bad reference" else '{"semseg": 60.0, "sky": 1}')
+        args += ["--reference", str(path)]
+    elif case == "canvas not a multiple":
+        args.append("data.options.eval_size=[50, 64]")
+    elif case == "canvas of a fixed-size student":
+        args.append("student.model_kwargs.dynamic_img_size=false")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(path=path) in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_tasks_keeps_the_datasets_tasks_and_checks_the_class_count():
+    from sak.engine.task_eval import EvalError, eval_tasks
+
+    tasks = eval_tasks("nyud", {"tasks": [{"name": "semseg", "channels": 40}, {"name": "parts", "channels": 7}]})
+    assert list(tasks) == ["semseg"]  # NYUD has no parts
+    with pytest.raises(EvalError, match="the student's semseg head has 5 channels; pascal_context has 21 classes"):
+        eval_tasks("pascal_context", {"tasks": [{"name": "semseg", "channels": 5}]})
+    with pytest.raises(
+        EvalError, match=r"the student has none of the tasks \['semseg', 'depth', 'normals', 'edges'\] of nyud"
+    ):
+        eval_tasks("nyud", {"tasks": [{"name": "parts", "channels": 7}]})
