@@ -101,12 +101,30 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainState:
-    """Restore model, optimiser, scheduler and RNG states from `path`; returns the trainer state."""
+def first_misfit(exc: RuntimeError, limit: int = 300) -> str:
+    """The line of a `load_state_dict` RuntimeError that says what does not fit (its first line only says
+    "Error(s) in loading state_dict for SAKStudent:"; one line follows per mismatched tensor)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -> TrainState:
+    """Restore model, optimiser, scheduler and RNG states from `path`; returns the trainer state. `changes`:
+    how the recipe differs from the checkpoint's, named if its weights do not fit this recipe's student."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc):
+            raise
+        differs = f"; the recipe differs from the one it was trained with: {'; '.join(changes)}" if changes else ""
+        raise ValueError(
+            f"cannot resume from {path}: its weights do not fit this recipe's student ({first_misfit(exc)}){differs}. "
+            "Start a new run instead (another run.name, or checkpoint.resume=never)"
+        ) from exc
     return TrainState(**json.loads(state_file.read_text()))
 
 

@@ -63,6 +63,15 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
     except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
         raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
     resize_position_embeddings(student, state)
+    own = student.state_dict()
+    misfits = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the model's order: stem first
+    if misfits:  # load_state_dict would raise a RuntimeError listing every one of them
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in misfits[:3])
+        raise ValueError(
+            f"checkpoint.init_from {str(file)!r}: {len(misfits)} weight(s) have other shapes than this student's "
+            f"({shown}{', ...' if len(misfits) > 3 else ''}): that run trained another student (student.model, "
+            "model_kwargs, down_ratio) or other teachers' widths"
+        )
     result = student.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(

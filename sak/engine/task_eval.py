@@ -32,6 +32,7 @@ from ..data.pascal_context import HUMAN_PARTS, VOC_CLASSES
 from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
+from .checkpoint import first_misfit
 from .export import export_student, load_exported
 from .predictions import SUFFIX, PredictionError, decode, encode, read_prediction, save_encoded
 
@@ -183,12 +184,8 @@ def load_student(recipe: Recipe, checkpoint: Path) -> tuple[torch.nn.Module, dic
             "directory (model.safetensors), a run directory (checkpoints/) nor a .safetensors file"
         ) from exc
     except RuntimeError as exc:  # load_state_dict: the weights are another student's
-        # its first line only says "Error(s) in loading state_dict for SAKStudent:"; the next names the first misfit
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-        first = first if len(first) <= 300 else first[:297] + "..."
         raise EvalError(
-            f"--checkpoint {str(checkpoint)!r}: the weights do not fit the recipe's student ({first})"
+            f"--checkpoint {str(checkpoint)!r}: the weights do not fit the recipe's student ({first_misfit(exc)})"
         ) from exc
 
 

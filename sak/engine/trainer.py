@@ -101,7 +101,10 @@ def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
         return []
     before = flat_config(yaml.safe_load(saved.read_text()) or {})
     now = flat_config(recipe.to_dict())
+    # a key the saved copy lacks and this recipe leaves at its default came with a newer sak: not a change
+    default = flat_config(Recipe().to_dict())
     keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
+    keys = [k for k in keys if k in before or k not in default or now.get(k) != default[k]]
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 
@@ -194,7 +197,7 @@ def train(recipe: Recipe) -> dict:
     source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
     logger_start = 0
     if source is not None:
-        state = load_checkpoint(accelerator, source)
+        state = load_checkpoint(accelerator, source, recipe_changes(source / "recipe.yaml", recipe))
         logger_start = state.step
         if normalizers is not None:
             normalizers.load_state_dict(load_file(str(source / "target_normalizers.safetensors")))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 from safetensors.torch import load_file
@@ -336,3 +337,30 @@ def test_each_start_is_recorded_and_a_changed_recipe_on_resume_is_named(tiny_rec
     out = capsys.readouterr()
     assert "the recipe differs from the one" in out.out + out.err and "optim.lr: 0.001 -> 0.05" in out.out + out.err
     assert "run.stop_at" not in (out.out + out.err).split("the recipe differs")[1].split("\n")[0]
+
+
+def test_resuming_into_another_student_is_one_error_naming_the_misfit_and_the_changes(tiny_recipe, capsys):
+    """Not accelerate's load_state RuntimeError with a line per tensor: what does not fit, and which recipe
+    values changed since the checkpoint."""
+    train(tiny_recipe("checkpoint.every=2", "run.stop_at=2"))
+    with pytest.raises(ValueError) as exc:
+        train(tiny_recipe("checkpoint.every=2", "student.model_kwargs.embed_dim=48"))
+    message = str(exc.value)
+    assert message.startswith("cannot resume from ") and "step_00000002" in message
+    assert "size mismatch for stem.vit.cls_token" in message and "student.model_kwargs.embed_dim: 32 -> 48" in message
+    assert "Start a new run instead" in message and "\n" not in message
+
+
+def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_recipe, tmp_path):
+    """An older run's recipe.yaml lacks keys added since (e.g. student.grad_checkpointing): at their defaults
+    they are not reported as changed; set to something else, they are."""
+    from sak.engine.trainer import recipe_changes
+
+    recipe = tiny_recipe("schedule.max_steps=1")
+    train(recipe)
+    saved = yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())
+    del saved["student"]["grad_checkpointing"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))  # as the run writes it
+    assert recipe_changes(tmp_path / "recipe.yaml", recipe) == []
+    changed = tiny_recipe("schedule.max_steps=1", "student.grad_checkpointing=true")
+    assert recipe_changes(tmp_path / "recipe.yaml", changed) == ["student.grad_checkpointing: None -> True"]

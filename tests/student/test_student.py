@@ -274,6 +274,27 @@ def test_stage1_then_stage2_lowers_every_loss_and_starts_from_stage1(tiny_recipe
     assert before["val/distill/vit_a"] == pytest.approx(s1_val["val/distill/vit_a"], rel=1e-5)
 
 
+def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_path):
+    """Not load_state_dict's RuntimeError with a line per mismatched tensor: the count, the first few with
+    both shapes, and what to look at."""
+    from safetensors.torch import save_file
+
+    from sak.config import load_recipe
+    from sak.engine.init import init_student_from
+
+    def student(*overrides):
+        recipe = load_recipe(TESTS / "tiny.yaml", list(overrides))
+        return build_student(recipe, build_teachers(recipe, torch.device("cpu")), {})
+
+    save_file({k: v.contiguous() for k, v in student().state_dict().items()}, str(tmp_path / "narrow.safetensors"))
+    wide = student("student.model_kwargs.embed_dim=48")
+    with pytest.raises(ValueError) as exc:
+        init_student_from(wide, tmp_path / "narrow.safetensors")
+    message = str(exc.value)
+    assert "narrow.safetensors" in message and "weight(s) have other shapes than this student's" in message
+    assert "stem.vit.cls_token (1, 1, 32) in the file, (1, 1, 48) here" in message and "\n" not in message
+
+
 def test_vit_b_student_with_three_base_teachers_at_512_has_the_public_sak_parameter_counts():
     """Counts derived by hand from the public SAK architecture (ViT-B/16 TAS without final norm; per
     teacher 13 adapters of 768 -> 192 -> 768 plus a scale, 4 output LayerNorms; no aligners as all
