@@ -119,13 +119,35 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         accelerator.load_state(str(path))
     except RuntimeError as exc:
         if "loading state_dict" not in str(exc):
-            raise
+            raise CheckpointError(damaged(path, exc)) from exc
         differs = f"; the recipe differs from the one it was trained with: {'; '.join(changes)}" if changes else ""
-        raise ValueError(
+        raise CheckpointError(
             f"cannot resume from {path}: its weights do not fit this recipe's student ({first_misfit(exc)}){differs}. "
             "Start a new run instead (another run.name, or checkpoint.resume=never)"
         ) from exc
-    return TrainState(**json.loads(state_file.read_text()))
+    except Exception as exc:  # safetensors' and pickle's own errors for a truncated or overwritten file
+        raise CheckpointError(damaged(path, exc)) from exc
+    try:
+        return TrainState(**json.loads(state_file.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(damaged(path, exc)) from exc
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, or another student's."""
+
+
+def damaged(path: Path, exc: Exception) -> str:
+    """What to say of a checkpoint whose files cannot be read, with the earlier complete one to resume from."""
+    what = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    found = checkpoint_dirs(path.parent)
+    earlier = found[: found.index(path)] if path in found else []
+    hint = (
+        f"; resume from the one before with checkpoint.resume={earlier[-1]}, or set this one aside"
+        if earlier
+        else "; set it aside (or checkpoint.resume=never) to start again"
+    )
+    return f"cannot resume from {path}: a file of it is damaged or unreadable ({type(exc).__name__}: {what}){hint}"
 
 
 def clean_partials(root: Path) -> None:

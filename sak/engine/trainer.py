@@ -20,8 +20,10 @@ from . import build
 from .build import teacher_dtype
 from .cache import FeatureCache, content_digests, identity, training_dataset
 from .checkpoint import (
+    CheckpointError,
     TrainState,
     clean_partials,
+    damaged,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -200,7 +202,17 @@ def train(recipe: Recipe) -> dict:
         state = load_checkpoint(accelerator, source, recipe_changes(source / "recipe.yaml", recipe))
         logger_start = state.step
         if normalizers is not None:
-            normalizers.load_state_dict(load_file(str(source / "target_normalizers.safetensors")))
+            saved = source / "target_normalizers.safetensors"
+            if not saved.is_file():
+                raise CheckpointError(
+                    f"cannot resume from {source}: it holds no target statistics, as its run had loss.normalize none "
+                    f"and this recipe has {recipe.loss.normalize}; start a new run (another run.name, or "
+                    "checkpoint.resume=never)"
+                )
+            try:
+                normalizers.load_state_dict(load_file(str(saved)))
+            except Exception as exc:  # cut short, or the statistics of other teachers' levels
+                raise CheckpointError(damaged(source, exc)) from exc
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(

@@ -364,3 +364,32 @@ def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_rec
     assert recipe_changes(tmp_path / "recipe.yaml", recipe) == []
     changed = tiny_recipe("schedule.max_steps=1", "student.grad_checkpointing=true")
     assert recipe_changes(tmp_path / "recipe.yaml", changed) == ["student.grad_checkpointing: None -> True"]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+def test_a_damaged_checkpoint_is_named_with_the_one_before_to_resume_from(victim, tiny_recipe):
+    """A file of the latest checkpoint cut short (a disk fault, a copy that stopped): one error naming the
+    checkpoint, what could not be read and the earlier checkpoint, which then resumes."""
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["checkpoint.every=1", "checkpoint.keep_last=2", "schedule.max_steps=3"]
+    train(tiny_recipe(*common, "run.stop_at=2"))
+    ckpts = tiny_recipe(*common).run_dir / "checkpoints"
+    file = ckpts / "step_00000002" / victim
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    with pytest.raises(CheckpointError) as exc:
+        train(tiny_recipe(*common))
+    message = str(exc.value)
+    assert message.startswith(f"cannot resume from {ckpts / 'step_00000002'}: a file of it is damaged or unreadable (")
+    assert f"checkpoint.resume={ckpts / 'step_00000001'}" in message and "\n" not in message
+    train(tiny_recipe(*common, f"checkpoint.resume={ckpts / 'step_00000001'}"))
+    assert 3 in logged(tiny_recipe(*common).run_dir) and (ckpts / "step_00000003").is_dir()
+
+
+def test_resuming_with_loss_normalize_turned_on_since_is_named(tiny_recipe):
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["checkpoint.every=1", "schedule.max_steps=3"]
+    train(tiny_recipe(*common, "run.stop_at=1"))
+    with pytest.raises(CheckpointError, match="holds no target statistics, as its run had loss.normalize none"):
+        train(tiny_recipe(*common, "loss.normalize=standardize"))
