@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.activation_memory import saved_bytes
 from sak.data import DatasetSpec, build_dataset
 from sak.engine import train
 from sak.engine.build import build_distill_loss, build_student, build_tasks, build_teachers
@@ -144,19 +145,6 @@ def test_stem_refuses_images_its_patches_do_not_tile():
     assert stem.run(torch.rand(1, 3, 32, 48))[2] == (2, 3)
     with pytest.raises(ValueError, match="images of 32 x 60 px: the student's patch size 16 must divide both"):
         stem.run(torch.rand(1, 3, 32, 60))
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for backward while `fn` runs (each storage once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return sum(storages.values()), result
 
 
 def test_grad_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients():
