@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -13,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from safetensors.torch import load_file
 
-from ..config import Recipe, RecipeError
+from ..config import Recipe, RecipeError, TaskConfig, TeacherConfig
 from ..digest import usable_cpus
 from ..student import parameter_report
 from . import build
@@ -31,7 +32,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .init import init_student_from
-from .logging import RunLogger, flat_config, run_info
+from .logging import RunLogger, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .schedule import lr_lambda
@@ -97,17 +98,52 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
 RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested recipe -> {"optim.lr": 0.001, "teachers.0.image_size": 378, ...}: lists of sections (teachers, tasks)
+    by index, so that a value inside one compares on its own."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out.update(_flat(item, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+# the defaults a key takes when a recipe leaves it out, per section (list items by their type)
+_ITEM_DEFAULTS = {"teachers": TeacherConfig, "tasks": TaskConfig}
+
+
+def _default(key: str):
+    """The schema's default of a flat key, or KeyError. `teachers.1.adapter` -> TeacherConfig().adapter."""
+    head, _, rest = key.partition(".")
+    if head in _ITEM_DEFAULTS and rest.partition(".")[0].isdigit():
+        return _flat(dataclasses.asdict(_ITEM_DEFAULTS[head]()))[rest.partition(".")[2]]
+    return _flat(Recipe().to_dict())[key]
+
+
 def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
     """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds."""
     if not saved.is_file():
         return []
-    before = flat_config(yaml.safe_load(saved.read_text()) or {})
-    now = flat_config(recipe.to_dict())
-    # a key the saved copy lacks and this recipe leaves at its default came with a newer sak: not a change
-    default = flat_config(Recipe().to_dict())
-    keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
-    keys = [k for k in keys if k in before or k not in default or now.get(k) != default[k]]
-    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+    before = _flat(yaml.safe_load(saved.read_text()) or {})
+    now = _flat(recipe.to_dict())
+    changes = []
+    for key in sorted(before.keys() | now.keys()):
+        if key.startswith(RESUME_KEYS) or before.get(key) == now.get(key):
+            continue
+        if key not in before:  # a key the saved copy lacks came with a newer sak: a change only off its default
+            try:
+                if now[key] == _default(key):
+                    continue
+            except KeyError:
+                pass
+        changes.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
+    return changes
 
 
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:

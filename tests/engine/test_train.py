@@ -360,10 +360,21 @@ def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_rec
     train(recipe)
     saved = yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())
     del saved["student"]["grad_checkpointing"]
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))  # as the run writes it
+    del saved["teachers"][1]["normalization"]  # inside a list of sections too
+    saved["teachers"][0] = dict(reversed(saved["teachers"][0].items()))  # (a hand-edited order is no change)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     assert recipe_changes(tmp_path / "recipe.yaml", recipe) == []
-    changed = tiny_recipe("schedule.max_steps=1", "student.grad_checkpointing=true")
-    assert recipe_changes(tmp_path / "recipe.yaml", changed) == ["student.grad_checkpointing: None -> True"]
+    changed = tiny_recipe(
+        "schedule.max_steps=1",
+        "student.grad_checkpointing=true",
+        "teachers.1.normalization=imagenet",
+        "teachers.0.image_size=70",
+    )
+    assert recipe_changes(tmp_path / "recipe.yaml", changed) == [
+        "student.grad_checkpointing: None -> True",
+        "teachers.0.image_size: None -> 70",
+        "teachers.1.normalization: None -> 'imagenet'",
+    ]
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
