@@ -17,6 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 PREFIX = "step_"
@@ -101,6 +102,10 @@ def save_checkpoint(
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, or another student's."""
+
+
 def first_misfit(exc: RuntimeError, limit: int = 300) -> str:
     """The line of a `load_state_dict` RuntimeError that says what does not fit (its first line only says
     "Error(s) in loading state_dict for SAKStudent:"; one line follows per mismatched tensor)."""
@@ -117,6 +122,8 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE})")
     try:
         accelerator.load_state(str(path))
+    except torch.OutOfMemoryError:
+        raise  # not the checkpoint's fault
     except RuntimeError as exc:
         if "loading state_dict" not in str(exc):
             raise CheckpointError(damaged(path, exc)) from exc
@@ -131,10 +138,6 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         return TrainState(**json.loads(state_file.read_text()))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(damaged(path, exc)) from exc
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: damaged, or another student's."""
 
 
 def damaged(path: Path, exc: Exception) -> str:

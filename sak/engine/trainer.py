@@ -234,8 +234,9 @@ def train(recipe: Recipe) -> dict:
     resume = recipe.checkpoint.resume
     source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
     logger_start = 0
+    changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
     if source is not None:
-        state = load_checkpoint(accelerator, source, recipe_changes(source / "recipe.yaml", recipe))
+        state = load_checkpoint(accelerator, source, changed)
         logger_start = state.step
         if normalizers is not None:
             saved = source / "target_normalizers.safetensors"
@@ -258,7 +259,6 @@ def train(recipe: Recipe) -> dict:
     )
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
-        changed = recipe_changes(source / "recipe.yaml", recipe)
         if changed:
             logger.message(
                 f"[sak] the recipe differs from the one {source} was trained with: {'; '.join(changed)}. "
