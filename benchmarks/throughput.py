@@ -116,7 +116,7 @@ GPU_CASES = {
     "gpu/stage2/sak/fp16-cache/compiled": (GPU2, COMPILED[:1], "sak", "fp16"),
     "gpu/stage2/sak/online/batch-2": (GPU2, ["data.batch_size=2"], "sak", None),
     "gpu/stage2/sak/online/batch-4": (GPU2, ["data.batch_size=4"], "sak", None),
-    # the stem's blocks recomputed in backward: peak memory against gpu/stage2/sak/online, and the step's cost
+    # the stem's blocks and adapters recomputed in backward: peak memory against gpu/stage2/sak/online, and the cost
     "gpu/stage2/sak/online/grad-checkpointing": (GPU2, ["student.grad_checkpointing=true"], "sak", None),
 }
 ALL_CASES = CASES | GPU_CASES

@@ -63,8 +63,8 @@ class StudentConfig:
     aligner: Literal["auto", "always"] = "auto"  # auto: only when the widths differ
     router: str = "noisy"  # MoR router type (registry of routers): noisy, none, pixel
     freeze: Literal["none", "stem", "all_but_routers"] = "none"  # what stays fixed (the official code's options)
-    # recompute each stem block's activations in backward instead of keeping them from the forward: less memory
-    # (the blocks' share of what autograd keeps), one more forward of the blocks per step
+    # recompute each stem block's and adapter's activations in backward instead of keeping them from the forward:
+    # less memory, one more forward of the blocks and adapters per step
     grad_checkpointing: bool = False
     lora: dict = field(
         default_factory=dict

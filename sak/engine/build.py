@@ -12,6 +12,7 @@ from ..data import DatasetSpec, EpochSampler, build_dataset
 from ..losses.normalize import TargetNormalizers
 from ..registry import LOSSES, STUDENTS
 from ..student import TeacherAgnosticStem, TeacherSlot
+from ..student.adapters import TeacherSpecificAdapterPath
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
 
@@ -63,11 +64,13 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
             f"data.image_size {size} is not a multiple of the student's patch size {patch} ({s.model}): its patch "
             f"embedding would drop the last {size % patch} px of every crop; use {f'{below} or {above}' if below else above}"
         )
-    stem.grad_checkpointing = s.grad_checkpointing
     adapters = {t.id: t.adapter for t in recipe.teachers}
     slots = [TeacherSlot(tid, teacher.level_dims, adapters[tid]) for tid, teacher in teachers.items()]
     channels = {name: task.channels for name, task in tasks.items()}
     student = STUDENTS.get(s.architecture).from_config(stem, slots, channels, s)
+    for module in student.modules():  # the stem's blocks and the adapter paths (recomputed in backward)
+        if isinstance(module, (TeacherAgnosticStem, TeacherSpecificAdapterPath)):
+            module.grad_checkpointing = s.grad_checkpointing
     if s.lora:
         student.stem.add_lora(s.lora)
         if tasks:  # the official recipe: stage 1 trains only LoRA in the stem, stage 2 everything plus LoRA

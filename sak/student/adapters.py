@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..registry import ADAPTERS
 
@@ -80,6 +81,7 @@ class TeacherSpecificAdapterPath(nn.Module):
         cls = ADAPTERS.get(adapter)
         self.adapters = nn.ModuleList(cls(dim, down_ratio) for _ in range(depth + 1))
         self.takes_grid = takes_grid(cls)
+        self.grad_checkpointing = False  # student.grad_checkpointing: each adapter recomputed in backward
         self.levels = list(levels)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in levels)
 
@@ -92,10 +94,15 @@ class TeacherSpecificAdapterPath(nn.Module):
                 f"adapter {type(self.adapters[0]).__name__} takes the token grid: call the path with grid=TokenGrid(...)"
             )
         kwargs = {"grid": grid} if self.takes_grid else {}
-        path = self.adapters[0](embedded, **kwargs)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+
+        def run(adapter: nn.Module, x: Tensor) -> Tensor:  # keeps only x for backward when recomputing
+            return checkpoint(adapter, x, use_reentrant=False, **kwargs) if recompute else adapter(x, **kwargs)
+
+        path = run(self.adapters[0], embedded)
         out = []
         for i, tas in enumerate(block_outputs):
-            path = self.adapters[i + 1](path + tas, **kwargs)
+            path = run(self.adapters[i + 1], path + tas)
             if i in self.levels:
                 out.append(self.norms[self.levels.index(i)](path))
         return out

@@ -161,7 +161,8 @@ def test_grad_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients
         torch.manual_seed(0)
         teachers, tasks = build_teachers(recipe, torch.device("cpu")), build_tasks(recipe)
         student = build_student(recipe, teachers, tasks).train()
-        assert student.stem.grad_checkpointing is on
+        assert student.stem.grad_checkpointing is on and all(p.grad_checkpointing is on for p in student.paths.values())
+        assert not student.stem.vit.grad_checkpointing  # (timm's own switch, for its forward, is left alone)
         batch = next(iter(build_dataset_loader(recipe)))
         targets = teacher_targets(teachers, batch["image"], None)
         x = student.preprocess(batch["image"])
@@ -170,16 +171,25 @@ def test_grad_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients
             saved_bytes(lambda s=student, x=x: s.stem.run(x))[0]
             - saved_bytes(lambda s=student, x=x: s.stem.embed(x))[0]
         )
+        with torch.no_grad():
+            embedded, outs, _ = student.stem.run(x)
+        path, embedded = student.paths["vit_a"], embedded.requires_grad_()
+        kept_path = saved_bytes(lambda p=path, e=embedded, o=outs: p(e, o))[0]
         torch.manual_seed(1)  # the same drop-path and router noise draws in both runs
         out = student(batch["image"])
         loss = compute_losses(out, targets, batch, tasks, build_distill_loss(recipe), recipe.loss.alpha).total
         loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-        results[on] = kept, loss.detach(), grads
-    (kept_plain, loss_plain, grads_plain), (kept_ckpt, loss_ckpt, grads_ckpt) = results[False], results[True]
+        results[on] = kept, loss.detach(), grads, kept_path
+    (kept_plain, loss_plain, grads_plain, path_plain) = results[False]
+    (kept_ckpt, loss_ckpt, grads_ckpt, path_ckpt) = results[True]
     b, n, d = x.shape[0], 1 + (64 // 16) ** 2, 32  # tiny_multitask: 64 px, patch 16, a class token, width 32
     block_inputs = 4 * b * n * d * 4  # what checkpointing keeps: each of the 4 blocks' float32 input
     assert kept_ckpt <= block_inputs < kept_plain / 4, (kept_ckpt, block_inputs, kept_plain)
+    # recomputed, an adapter path keeps each of its 5 adapters' input, and its 4 level norms' input, statistics
+    # (mean and 1 / std per token) and affine weights
+    token_map = b * n * d * 4
+    assert path_ckpt <= 9 * token_map + 4 * (2 * b * n + 2 * d) * 4 < path_plain / 1.5, (path_ckpt, path_plain)
     assert torch.equal(loss_plain, loss_ckpt) and grads_plain.keys() == grads_ckpt.keys()
     for name, g in grads_plain.items():
         assert torch.equal(g, grads_ckpt[name]), name
