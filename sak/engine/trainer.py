@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,34 +117,39 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # the defaults a key takes when a recipe leaves it out, per section (list items by their type)
 _ITEM_DEFAULTS = {"teachers": TeacherConfig, "tasks": TaskConfig}
+_NO_DEFAULT = object()
 
 
-def _default(key: str):
-    """The schema's default of a flat key, or KeyError. `teachers.1.adapter` -> TeacherConfig().adapter."""
-    head, _, rest = key.partition(".")
-    if head in _ITEM_DEFAULTS and rest.partition(".")[0].isdigit():
-        return _flat(dataclasses.asdict(_ITEM_DEFAULTS[head]()))[rest.partition(".")[2]]
-    return _flat(Recipe().to_dict())[key]
+def _defaults() -> Callable[[str], object]:
+    """key -> the schema's default of a flat key (`teachers.1.adapter` -> TeacherConfig().adapter), or
+    _NO_DEFAULT; the defaults are flattened once per call."""
+    top = _flat(Recipe().to_dict())
+    items = {head: _flat(dataclasses.asdict(cls())) for head, cls in _ITEM_DEFAULTS.items()}
+
+    def default(key: str) -> object:
+        head, _, rest = key.partition(".")
+        index, _, field_key = rest.partition(".")
+        if head in items and index.isdigit():
+            return items[head].get(field_key, _NO_DEFAULT)
+        return top.get(key, _NO_DEFAULT)
+
+    return default
 
 
 def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
-    """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds."""
+    """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds. A key the
+    saved copy lacks came with a newer sak: it is a change only when set off its default."""
     if not saved.is_file():
         return []
     before = _flat(yaml.safe_load(saved.read_text()) or {})
     now = _flat(recipe.to_dict())
-    changes = []
-    for key in sorted(before.keys() | now.keys()):
-        if key.startswith(RESUME_KEYS) or before.get(key) == now.get(key):
-            continue
-        if key not in before:  # a key the saved copy lacks came with a newer sak: a change only off its default
-            try:
-                if now[key] == _default(key):
-                    continue
-            except KeyError:
-                pass
-        changes.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
-    return changes
+    default = _defaults()
+    keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
+    return [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if before.get(k) != now.get(k) and (k in before or now[k] != default(k))
+    ]
 
 
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
