@@ -19,6 +19,9 @@
 #                                         # + adapter paths, + losses, + optimiser (student_step_cuda): where the
 #                                         # cached step loses the teachers' rate; stage 2 without and with
 #                                         # student.grad_checkpointing (peak memory); about 6 minutes; not run yet
+#   bash benchmarks/gpu_checks.sh 9 OUT   # SAM-B's relative-position attention at 1024 px, batch 16, bf16: written
+#                                         # out, folded (the default) and FlexAttention, alone and in the encoder
+#                                         # (sam_attention_cuda; about 3 minutes, fits beside any part; not run yet)
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -26,15 +29,15 @@
 # its two rows with each other (wall images/s), not with an online row.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
-# student_step_cuda.* (part 8). Each
+# student_step_cuda.* (part 8), sam_attention_cuda.* (part 9). Each
 # part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
 # cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
-# again in a second call. Still to run: part 4's profile and parts 5 to 8. throughput_gpu.{json,md} hold
+# again in a second call. Still to run: part 4's profile and parts 5 to 9. throughput_gpu.{json,md} hold
 # the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 8}
+part=${1:?part 1 to 9}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -63,6 +66,7 @@ case $part in
 8) timeout 330 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
        --results "$out"
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
-*) echo "part must be 1 to 8" >&2; exit 2 ;;
+9) timeout 240 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
+*) echo "part must be 1 to 9" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -92,7 +92,7 @@ def _teacher_identity(teacher: Teacher, config) -> dict:
     """The teacher's metadata (name, source, weights and digest, levels, mean/std, resize, extra...) and all
     of its options, defaults filled in. No option is left out: one that changes no output bit (a pure speed
     switch) is rare, and including it costs at worst a rebuild, where leaving out one that matters trains on
-    wrong targets (SAM's `fused_attention` computes the same function with other kernels, not the same bits)."""
+    wrong targets (SAM's `attention` computes the same function with other kernels, not the same bits)."""
     from ..config import build_options
 
     options = None

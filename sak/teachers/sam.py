@@ -215,7 +215,9 @@ class SamTeacher(Teacher):
         size: Literal["b", "l", "h"] | None = None  # None: from the checkpoint, b for random / hub weights
         model_kwargs: dict = field(default_factory=dict)  # ImageEncoderViT / timm samvit arguments (tiny encoders)
         timm_layer_norm_eps: float = 1e-6  # SAM's own; timm's samvit default is 1e-5
-        fused_attention: bool = True  # relative-position attention through the fused kernels (sam_attention.py)
+        # the relative-position attention (sam_attention.py): the bias folded into PyTorch's fused attention,
+        # FlexAttention, or each library's own (segment_anything: written out; timm: a dense mask, math kernel)
+        attention: Literal["folded", "flex", "library"] = "folded"
 
     def __init__(self, spec: TeacherSpec, options: Options) -> None:
         super().__init__(spec)
@@ -234,8 +236,8 @@ class SamTeacher(Teacher):
         build, tower_type = BUILDERS[options.source]
         net, native = build(size, state, spec, options)
         self.tower = tower_type(net)
-        if options.fused_attention:
-            fuse_sam_attention(net)
+        if options.attention != "library":
+            fuse_sam_attention(net, options.attention)
         levels = self.tower.levels = check_levels(spec.levels, self.tower.depth, what)
         self.meta = TeacherMeta(
             name=f"sam_vit_{size}" if not options.model_kwargs else "sam_vit_custom",

@@ -16,12 +16,21 @@ The bias is itself a dot product, so it folds into the attention's own: with
 we have scale * <q', k'> = logit(q, k) exactly, and attention over (q', k', v) with the same scale is SAM's
 attention with no mask, which the flash / memory-efficient kernels take. v is zero-padded to the same width
 and the padding sliced off the output. (No library does this for both SAM implementations; hence this file.)
+
+The price is width: at 1024 px the global blocks' heads grow from c = 64 to 64 + 64 + 64 = 192 (v too, as the
+flash kernel wants equal widths), so their attention does 3x the multiply-adds SAM defines; SAM-B's attention
+then executes 10.5 of its 22.2 TFLOP per forward at batch 16 (benchmarks/results/step_traffic.md). The other
+kernel, `rel_pos_flex_attention`, keeps c: PyTorch's FlexAttention compiles a kernel whose score
+modification adds the two bias terms, gathered from (B, heads, N, H) and (B, heads, N, W) tables, to each
+logit. Which is faster is a property of the GPU (benchmarks/sam_attention.py): the teacher option
+`attention: folded | flex | library` chooses.
 """
 
 from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +68,49 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :c]
 
 
-def _forward(self: nn.Module, x: Tensor) -> Tensor:
+@torch.compiler.disable(recursive=False)  # in a compiled teacher: a graph break, then flex's own compiled kernel
+def rel_pos_flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float
+) -> Tensor:
+    """What `rel_pos_attention` computes, at the heads' own width, through FlexAttention (compiled on first use).
+
+    The two bias terms per (query, key row) and (query, key column) are computed beforehand, as SAM computes
+    them (an einsum in the inputs' dtype), and the compiled kernel adds them to each logit after the scaling."""
+    b, n_heads, n, c = q.shape
+    h, w = size
+    r_q = q.reshape(b, n_heads, h, w, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype)).reshape(b, n_heads, n, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype)).reshape(b, n_heads, n, w)
+
+    def add_bias(score: Tensor, bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return score + bias_h[bi, hi, qi, ki // w] + bias_w[bi, hi, qi, ki % w]
+
+    # one compile per (batch, grid) shape: allow more than dynamo's default 8, past which it would run uncompiled
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _flex_attention()(q, k, v, score_mod=add_bias, scale=scale)
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_attention() -> Callable:
+    """flex_attention compiled once per process (uncompiled, it would write out the whole score matrix), for
+    each shape (a SAM forward has two, windowed and global): with torch 2.14 on the CPU, the kernel that dynamic
+    shapes give after a shape changes returned wrong numbers and NaN. It is not traced into a compiled teacher
+    (precision.compile_teachers): there, the CPU's inductor refused the bias tables made in the same graph
+    ("All the buffers in the score and mask subgraph should be in kernel_group.args.input_buffers")."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+KERNELS = {"folded": rel_pos_attention, "flex": rel_pos_flex_attention}
+
+
+def _forward(self: nn.Module, x: Tensor, attend: Callable = rel_pos_attention) -> Tensor:
     """Drop-in forward of segment_anything's and timm's SAM `Attention` (input and output (B, H, W, C))."""
     b, h, w, _ = x.shape
     n = h * w
@@ -69,8 +120,7 @@ def _forward(self: nn.Module, x: Tensor) -> Tensor:
         q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rel_pos:
         get_rel_pos = sys.modules[type(self).__module__].get_rel_pos  # each library's own (interpolates tables)
-        out = rel_pos_attention(q, k, v, get_rel_pos(h, h, self.rel_pos_h), get_rel_pos(w, w, self.rel_pos_w),
-                                (h, w), self.scale)  # fmt: skip
+        out = attend(q, k, v, get_rel_pos(h, h, self.rel_pos_h), get_rel_pos(w, w, self.rel_pos_w), (h, w), self.scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
     x = out.transpose(1, 2).reshape(b, h, w, -1)
@@ -78,12 +128,20 @@ def _forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.proj_drop(x) if hasattr(self, "proj_drop") else x
 
 
-def fuse_sam_attention(model: nn.Module) -> int:
-    """Give every SAM attention module in `model` the fused forward; returns how many were changed."""
+def fuse_sam_attention(model: nn.Module, kernel: str = "folded") -> int:
+    """Give every SAM attention module in `model` the forward that runs `kernel` ("folded": the bias folded
+    into the dot product, PyTorch's fused attention; "flex": FlexAttention); returns how many were changed."""
+    if kernel not in KERNELS:
+        raise ValueError(f"SAM attention kernel {kernel!r}: choose one of {sorted(KERNELS)}")
+    attend = KERNELS[kernel]
+
+    def forward(self: nn.Module, x: Tensor) -> Tensor:  # a function, not a functools.partial: dynamo traces it
+        return _forward(self, x, attend)
+
     count = 0
     for module in model.modules():
         sam_like = type(module).__name__ == "Attention" and hasattr(module, "use_rel_pos") and hasattr(module, "qkv")
         if sam_like and getattr(module, "rope", None) is None:  # (timm's rotary-embedding variants are not SAM's)
-            module.forward = types.MethodType(_forward, module)
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count

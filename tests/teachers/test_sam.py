@@ -198,24 +198,26 @@ def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, t
         create_teacher("sam", "sa1b", source="timm", model_kwargs=TIMM)
 
 
+@pytest.mark.parametrize("attention", ["folded", "flex"])
 @pytest.mark.parametrize("source", ["segment_anything", "timm"])
-def test_fused_relative_position_attention_equals_each_librarys_own(source):
-    """sam_attention folds the decomposed relative-position bias into the attention's dot product: the
-    fused kernels must give what segment_anything's hand-written and timm's masked attention give."""
+def test_fused_relative_position_attention_equals_each_librarys_own(source, attention):
+    """sam_attention folds the decomposed relative-position bias into the attention's dot product (or adds it
+    in FlexAttention's score modification): both must give what segment_anything's hand-written and timm's
+    masked attention give."""
     kwargs = {**(ENCODER if source == "segment_anything" else TIMM), "img_size": 64}
     if source == "segment_anything":
         kwargs["use_rel_pos"] = True
     spec = TeacherSpec(image_size=64)
-    plain = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, fused_attention=False)
+    plain = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, attention="library")
     randomise(plain)  # non-zero relative-position tables, so that the bias matters
-    fused = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs)
+    fused = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, attention=attention)
     fused.load_state_dict(plain.state_dict())
     changed = [m for m in fused.modules() if type(m).__name__ == "Attention" and "forward" in vars(m)]
     assert len(changed) == ENCODER["depth"]  # windowed and global blocks alike
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for a, b in zip(plain.encode(x).levels, fused.encode(x).levels, strict=True):
         assert ((a - b).norm() / a.norm()).item() < 1e-5
-    no_bias = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, fused_attention=False)
+    no_bias = create_teacher("sam", spec=spec, source=source, model_kwargs=kwargs, attention="library")
     no_bias.load_state_dict(plain.state_dict())
     with torch.no_grad():
         for m in no_bias.modules():
@@ -248,3 +250,35 @@ def test_rel_pos_attention_equals_the_bias_written_out_forward_and_backward(size
     have = torch.autograd.grad(got, (q, k, v, rh, rw), cotangent)
     for a, b in zip(have, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # FlexAttention: forward only (no backward on the CPU, and a teacher needs none), float32 (its CPU kernel
+    # takes no float64). The three shapes run one after another in this process, each on its own compiled
+    # kernel: the kernel that dynamic shapes gave after a change of shape returned wrong numbers and NaN.
+    from sak.teachers.sam_attention import rel_pos_flex_attention
+
+    with torch.no_grad():
+        flex = rel_pos_flex_attention(*(t.float() for t in (q, k, v, rh, rw)), size, scale)
+    torch.testing.assert_close(flex.double(), expected.detach(), rtol=1e-5, atol=2e-5)
+
+
+def test_flex_attention_in_a_compiled_teacher_at_several_batch_sizes():
+    """`attention: flex` under precision.compile_teachers: the teacher's graph breaks around FlexAttention,
+    which runs its own kernel compiled per shape; features equal the library's at each batch size."""
+    spec = TeacherSpec(image_size=64)
+    plain = create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, attention="library")
+    randomise(plain)
+    flex = create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, attention="flex")
+    flex.load_state_dict(plain.state_dict())
+    flex.compile()
+    for batch in (2, 3, 2):
+        x = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        for a, b in zip(plain.encode(x).levels, flex.encode(x).levels, strict=True):
+            assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_attention_option_names_its_choices():
+    """An unknown kernel lists the three; the boolean this option replaced points at it."""
+    spec = TeacherSpec(image_size=64)
+    with pytest.raises(ValueError, match="options.attention: 'fast' is not one of 'folded', 'flex', 'library'"):
+        create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, attention="fast")
+    with pytest.raises(ValueError, match="options.fused_attention\"; did you mean 'attention'"):
+        create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, fused_attention=False)
