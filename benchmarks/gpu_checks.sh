@@ -22,6 +22,9 @@
 #   bash benchmarks/gpu_checks.sh 9 OUT   # SAM-B's relative-position attention at 1024 px, batch 16, bf16: written
 #                                         # out, folded (the default) and FlexAttention, alone and in the encoder
 #                                         # (sam_attention_cuda; about 3 minutes, fits beside any part; not run yet)
+#   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
+#                                         # default) and through FlexAttention: what part 9's kernel does to the
+#                                         # step and its MFU; about 5 minutes; not run yet
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -34,10 +37,10 @@
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
 # cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
-# again in a second call. Still to run: part 4's profile and parts 5 to 9. throughput_gpu.{json,md} hold
+# again in a second call. Still to run: part 4's profile and parts 5 to 10. throughput_gpu.{json,md} hold
 # the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 9}
+part=${1:?part 1 to 10}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -67,6 +70,7 @@ case $part in
        --results "$out"
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 240 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
-*) echo "part must be 1 to 9" >&2; exit 2 ;;
+10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
+*) echo "part must be 1 to 10" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -90,6 +90,8 @@ GPU_CASES = {
     "gpu/stage1/sak/int8-cache": (GPU1, [], "sak", "int8"),
     "gpu/stage1/sak/online/teachers-cast": (GPU1, ["precision.teacher_weights=cast"], "sak", None),
     "gpu/stage1/sak/online/compiled": (GPU1, COMPILED, "sak", None),
+    # SAM's attention through FlexAttention (heads 64 wide) instead of folded into flash attention (192 wide)
+    "gpu/stage1/sak/online/compiled/sam-flex": (GPU1, [*COMPILED, "teachers.2.options.attention=flex"], "sak", None),
     "gpu/stage1/sak/fp16-cache/compiled": (GPU1, COMPILED[:1], "sak", "fp16"),  # no teacher runs in training
     "gpu/stage1/sak/int8-cache/compiled": (GPU1, COMPILED[:1], "sak", "int8"),
     # batch k+1's cached maps copied to the GPU on a side stream during step k (sak/engine/prefetch.py)

@@ -212,3 +212,13 @@ def test_flop_counter_counts_attention_on_the_cpu():
     with flop_counter() as counter:
         out.sum().backward()
     assert counter.get_total_flops() == forward * 5 // 2
+
+
+def test_every_case_is_a_valid_recipe():
+    """A misspelt override in a GPU case would cost a device call to find out: every case's recipe and
+    overrides load and validate here (teacher options included)."""
+    from benchmarks.throughput import ALL_CASES
+    from sak.config import load_recipe
+
+    for name, (recipe, overrides, *_) in ALL_CASES.items():
+        assert load_recipe(recipe, overrides).teachers, name
