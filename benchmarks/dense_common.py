@@ -127,7 +127,7 @@ def train_fixture_student(dataset: str, work: Path, steps: int) -> Path:
 # the table
 # ---------------------------------------------------------------------------------------------
 def published_rows(dataset: str) -> list[dict]:
-    """The published rows of REFERENCE §1 (`sak.metrics.published`): model, params, scores, delta_m, note."""
+    """The published rows of the SAK paper (`sak.metrics.published`): model, params, scores, delta_m, note."""
     from sak.metrics.published import PUBLISHED
 
     return [
@@ -173,7 +173,7 @@ def markdown(dataset: str, results: list[dict], command: str, fixture: bool, pic
         lines.append(f"| {label} | {_params(row.get('params'))} | " + " | ".join(cells) + f" | {delta} |")
     lines += [""]
     lines += [
-        "Our rows: the published metric definitions (REFERENCE §3) through `sak.engine.task_eval`; delta_m "
+        "Our rows: the published metric definitions (docs/metrics.md) through `sak.engine.task_eval`; delta_m "
         "against the published single-task row. Published rows: the paper's numbers (ViT-L students unless "
         "named), not re-run here.",
         "",

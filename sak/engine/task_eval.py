@@ -1,5 +1,5 @@
 """Score a student on the dense tasks of PASCAL-Context or NYUD-v2 in the published metric definitions,
-or score prediction files saved by any model (REFERENCE §3).
+or score prediction files saved by any model (docs/metrics.md).
 
 Both paths score exactly the same numbers:
 - ground truth comes from the dataset classes (evaluation split, no augmentation), cropped back from the
@@ -119,7 +119,7 @@ class SampleScores:
 # delta_m against the published single-task references (or the user's)
 # ---------------------------------------------------------------------------------------------
 def published_reference(dataset: str) -> dict[str, float]:
-    """The published single-task row of REFERENCE §1 (ViT-L), {task: headline value}."""
+    """The published single-task row of the SAK paper (ViT-L), {task: headline value}."""
     from ..metrics.published import SINGLE_TASK
 
     return dict(SINGLE_TASK[dataset])

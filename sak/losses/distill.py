@@ -1,6 +1,6 @@
 """Student-vs-teacher feature losses, summed over teachers and levels.
 
-SAK (REFERENCE §1): resize the smaller of the two maps bilinearly to the larger; loss =
+SAK (ICLR 2025): resize the smaller of the two maps bilinearly to the larger; loss =
 0.9 * cosine-embedding loss on the whole map flattened per image + 0.1 * SmoothL1; teacher features
 are not normalised.
 """

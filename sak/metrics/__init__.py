@@ -1,4 +1,4 @@
-"""The published multi-task metrics (REFERENCE §3; docs/metrics.md).
+"""The published multi-task metrics (docs/metrics.md).
 
 One `Metric` per task, from `build_metric(task, dataset)`: `update(pred, target)` per batch (predictions
 cropped back to the original size), `sync_metric(metric, accelerator)` to sum the additive state over
@@ -73,7 +73,7 @@ def delta_m(
     scores: dict[str, float], reference: dict[str, float], lower_is_better: Iterable[str] = LOWER_IS_BETTER
 ) -> float:
     """Mean over the tasks of `scores` of (-1)^l (M - M_ref) / M_ref x 100, l = 1 for the tasks in
-    `lower_is_better` (REFERENCE §3), in percent. Every task of `scores` must be in `reference`."""
+    `lower_is_better` (docs/metrics.md), in percent. Every task of `scores` must be in `reference`."""
     if not scores:
         raise ValueError("delta_m: no task scores given")
     missing = sorted(set(scores) - set(reference))

@@ -1,4 +1,4 @@
-"""The common interface of the published multi-task metrics (REFERENCE §3).
+"""The common interface of the published multi-task metrics (docs/metrics.md).
 
 A `Metric` accumulates one task's sufficient statistics over a dataset, batch by batch, and turns them
 into the published numbers. The statistics are *additive*: the state of a dataset is the sum of the

@@ -1,4 +1,4 @@
-"""Depth RMSE in metres (REFERENCE §3), as the public MTI-Net / InvPT / SAK `DepthMeter`.
+"""Depth RMSE in metres (docs/metrics.md), as the public MTI-Net / InvPT / SAK `DepthMeter`.
 
 RMSE = sqrt(sum of squared errors / number of valid pixels), both summed over the *whole dataset*
 (not a mean of per-image RMSEs). Valid: target > 0 (sak's ignore is 0; the reference's `!= 0` /

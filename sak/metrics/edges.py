@@ -1,4 +1,4 @@
-"""Boundary detection odsF / oisF (REFERENCE §3): the SEISM / BSDS benchmark in Python.
+"""Boundary detection odsF / oisF (docs/metrics.md): the SEISM / BSDS benchmark in Python.
 
 Per image and per threshold t_j = j / (n + 1), j = 1..n (n = 99: 0.01 .. 0.99): (optionally) NMS the
 prediction and quantise it to k / 255 as the reference's `nms_process` + PNG round trip does; binarise

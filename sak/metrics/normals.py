@@ -1,4 +1,4 @@
-"""Surface-normal mean angular error (REFERENCE §3), as the public InvPT / SAK `NormalsMeter`.
+"""Surface-normal mean angular error (docs/metrics.md), as the public InvPT / SAK `NormalsMeter`.
 
 Both prediction and ground truth are L2-normalised per pixel (a zero vector stays zero, as the
 reference's `normalize_tensor`), the angle is 2 atan2(|p - g|, |p + g|) in degrees (accurate near 0

@@ -1,4 +1,4 @@
-"""Published results that `sak` is compared against (REFERENCE §1: SAK, Lu, Cao & Wang, ICLR 2025,
+"""Published results that `sak` is compared against (SAK, Lu, Cao & Wang, ICLR 2025,
 arXiv 2410.14633, Table 5 for PASCAL-Context and the NYUD-v2 table; ViT-L students unless named).
 
 Units are the metrics' headline units: semseg / parts mIoU, saliency maxF and edges odsF in percent,
@@ -7,7 +7,7 @@ paper's table gives none), `delta_m` the published multi-task gain in percent.
 
 NYUD-v2's delta_m is the mean over all four tasks, boundaries included: the published per-task numbers
 give +14.047 for SAK and +8.954 for RADIO with edges (printed +14.05 / +8.95), +18.16 / +11.38 without.
-The ViT-B SAK row's +0.83 is relative to ViT-B single-task baselines that REFERENCE does not list (against
+The ViT-B SAK row's +0.83 is relative to ViT-B single-task baselines not stored here (against
 the ViT-L single-task row its numbers give +0.20), so it cannot be recomputed here.
 """
 

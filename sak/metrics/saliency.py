@@ -1,4 +1,4 @@
-"""Saliency maxF (REFERENCE §3), as the public SAK / InvPT `SaliencyMeter` computes it.
+"""Saliency maxF (docs/metrics.md), as the public SAK / InvPT `SaliencyMeter` computes it.
 
 For each threshold t of float32 `torch.arange(0.05, 1, 0.05)` (19 values; note the 12th is
 0.59999996, not float32(0.6) = 0.60000002, since torch and numpy round the range differently) a pixel is

@@ -1,4 +1,4 @@
-"""Mean intersection-over-union for semantic segmentation and human parts (REFERENCE §3).
+"""Mean intersection-over-union for semantic segmentation and human parts (docs/metrics.md).
 
 Per-class TP / FP / FN are accumulated over the whole dataset (a confusion matrix), pixels whose target
 is 255 are ignored, and the IoU of each class is TP / (TP + FP + FN). As in the public multi-task

@@ -1,7 +1,7 @@
 """Teacher-Specific Adapter Path (TSAP): a chain of lightweight adapters fed by every TAS block.
 
 The path input at block i is adapter_i(path_{i-1} + tas_i), starting from adapter_0(patch embedding)
-(REFERENCE §1). The adapter type is a plug-in (registry `ADAPTERS`, constructor `(dim, down_ratio)`),
+(SAK, ICLR 2025). The adapter type is a plug-in (registry `ADAPTERS`, constructor `(dim, down_ratio)`),
 chosen per teacher in the recipe (`teachers[i].adapter`). Its forward takes the (B, N, D) tokens, and
 also the `TokenGrid` they lie on when it has a parameter named `grid` (an adapter that mixes neighbouring
 patches needs it: the grid is not square on NYUD's 448 x 576 crops, and cannot be told from N).

@@ -16,7 +16,7 @@ class Task:
     """Attributes:
     name: the key of this task's target in a sample and of its head.
     channels: output channels of the head (classes for segmentation).
-    default_weight: the published loss weight (PASCAL-Context, REFERENCE §1).
+    default_weight: the published loss weight (PASCAL-Context, SAK, ICLR 2025).
     """
 
     name: ClassVar[str] = ""

@@ -1,4 +1,4 @@
-"""The dense tasks of PASCAL-Context and NYUD-v2 with SAK's losses and weights (REFERENCE §1).
+"""The dense tasks of PASCAL-Context and NYUD-v2 with SAK's losses and weights (SAK, ICLR 2025).
 
 PASCAL-Context weights: semseg CE x1, human parts CE x2, saliency class-balanced BCE x5, normals L1 on
 L2-normalised predictions x10, edges balanced BCE with positive weight 0.95 x50. NYUD-v2: semseg 1,
