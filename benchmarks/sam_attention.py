@@ -1,6 +1,8 @@
 """SAM's relative-position attention three ways: written out (as segment_anything computes it), folded into
 PyTorch's fused attention (`sak.teachers.sam_attention.rel_pos_attention`, the teacher's default), and through
-FlexAttention (`rel_pos_flex_attention`, `attention: flex`).
+FlexAttention (`rel_pos_flex_attention`, `attention: flex`); and, in the first table only, the folded
+attention with v left 64 wide (`narrow_v`: no flash kernel then, a third fewer products in the global
+blocks; no teacher option runs it).
 
     python -m benchmarks.sam_attention                                  # CPU: 512 px, batch 1
     python -m benchmarks.sam_attention --image-size 1024 --batch 16     # the GPU recipes' SAM-B (bf16)
@@ -40,7 +42,11 @@ from sak.teachers.sam_attention import rel_pos_attention, rel_pos_flex_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, CHANNELS, WINDOW, PATCH = 12, 64, 14, 16  # SAM-B
-KERNELS = {"folded": rel_pos_attention, "flex": rel_pos_flex_attention}
+KERNELS = {
+    "folded": rel_pos_attention,
+    "folded, v 64 wide": partial(rel_pos_attention, narrow_v=True),  # not the flash kernel: unequal widths
+    "flex": rel_pos_flex_attention,
+}
 
 
 def written_out(q, k, v, rh, rw, size, scale):

@@ -37,13 +37,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float):
+def rel_pos_attention(
+    q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float, narrow_v: bool = False
+) -> Tensor:
     """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c).
 
     The widened q', k', v' are written straight into one buffer each, zero columns included: at 1024 px this
     moves half the bytes of concatenating and then padding them (benchmarks/results/step_traffic.md). The
     attention's `scale` multiplies <q, k> inside the kernel; the bias terms are divided by it beforehand
-    (in the tables, which are small) so that the kernel's scaling gives them back unscaled."""
+    (in the tables, which are small) so that the kernel's scaling gives them back unscaled.
+
+    narrow_v: pass v at its own width c instead of zero-padded to q's. The flash kernel refuses unequal widths,
+    but the memory-efficient (and the CPU's) take them, with a third fewer products in the global blocks;
+    whether that pays on a GPU is measured by benchmarks/sam_attention.py (the teacher passes v padded)."""
     b, n_heads, n, c = q.shape
     h, w = size
     width = c + h + w
@@ -51,7 +57,6 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     r_q = q.reshape(b, n_heads, h, w, c)
     q2 = q.new_empty(b, n_heads, n, padded)
     k2 = k.new_empty(b, n_heads, n, padded)
-    v2 = v.new_empty(b, n_heads, n, padded)
     q2[..., :c] = q
     q2[..., c : c + h].view(b, n_heads, h, w, h)[:] = torch.einsum("bnhwc,hkc->bnhwk", r_q, (rh / scale).to(q.dtype))
     q2[..., c + h : width].view(b, n_heads, h, w, w)[:] = torch.einsum(
@@ -61,9 +66,12 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     index = torch.arange(n, device=q.device)
     k2[..., c : c + h] = F.one_hot(index // w, h).to(k.dtype)  # broadcast over batch and heads
     k2[..., c + h : width] = F.one_hot(index % w, w).to(k.dtype)
-    v2[..., :c] = v
     for t in (q2, k2):
         t[..., width:].zero_()
+    if narrow_v:
+        return F.scaled_dot_product_attention(q2, k2, v, scale=scale)
+    v2 = v.new_empty(b, n_heads, n, padded)
+    v2[..., :c] = v
     v2[..., c:].zero_()
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :c]
 

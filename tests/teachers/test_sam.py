@@ -242,14 +242,15 @@ def test_rel_pos_attention_equals_the_bias_written_out_forward_and_backward(size
     row, col = torch.arange(h * w) // w, torch.arange(h * w) % w
     bias = torch.einsum("bnqc,qkc->bnqk", q, rh[row][:, row]) + torch.einsum("bnqc,qkc->bnqk", q, rw[col][:, col])
     expected = torch.softmax(scale * q @ k.transpose(-1, -2) + bias, dim=-1) @ v
-    got = rel_pos_attention(q, k, v, rh, rw, size, scale)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     cotangent = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
-    want = torch.autograd.grad(expected, (q, k, v, rh, rw), cotangent)
-    have = torch.autograd.grad(got, (q, k, v, rh, rw), cotangent)
-    for a, b in zip(have, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    want = torch.autograd.grad(expected, (q, k, v, rh, rw), cotangent, retain_graph=True)
+    for narrow_v in (False, True):  # v zero-padded to q's width (the teacher's), or left c wide
+        got = rel_pos_attention(q, k, v, rh, rw, size, scale, narrow_v=narrow_v)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        have = torch.autograd.grad(got, (q, k, v, rh, rw), cotangent)
+        for a, b in zip(have, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     # FlexAttention: forward only (no backward on the CPU, and a teacher needs none), float32 (its CPU kernel
     # takes no float64). The three shapes run one after another in this process, each on its own compiled
     # kernel: the kernel that dynamic shapes gave after a change of shape returned wrong numbers and NaN.
