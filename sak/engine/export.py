@@ -7,6 +7,8 @@ the input size). `load_exported` rebuilds the model from those two files alone.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,33 +20,40 @@ from ..config import Recipe, StudentConfig, TaskConfig, structure
 from ..data.images import DataError, decode_rgb
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
+from .checkpoint import first_misfit
 from .init import student_weights_file
 from .predictions import encode, save_encoded
 
 DISTILL_ONLY = ("aligners.", "projections.")
 
 
-def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
-    """Write the inference student of a run (or checkpoint) to `out`."""
-    state = load_file(str(student_weights_file(source, "sak export --from")))
-    kept = {k: v.contiguous() for k, v in state.items() if not k.startswith(DISTILL_ONLY)}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(kept, str(out / "student.safetensors"), metadata={"format": "pt", "producer": "sak"})
-    config = {
+class ExportError(ValueError):
+    """Weights that do not make the student a recipe (or an export's student.yaml) describes."""
+
+
+def export_config(recipe: Recipe) -> dict:
+    """What student.yaml holds: the recipe's student section, tasks with channels, teacher ids, input size."""
+    return {
         "student": {**recipe.to_dict()["student"], "pretrained": None},
         "tasks": [{"name": t.name, "channels": create_task(t.name, t.channels).channels} for t in recipe.tasks],
         "teachers": [{"id": t.id, "adapter": t.adapter} for t in recipe.teachers],
         "image_size": recipe.data.image_size,
     }
-    (out / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return out
 
 
-def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild an exported student (eval mode) and return it with its config."""
+def inference_state(source: Path, what: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file of a run, checkpoint or .safetensors (`what` names the flag in errors) and its tensors
+    without the distillation-only ones."""
+    file = student_weights_file(source, what)
+    state = load_file(str(file))
+    return file, {k: v.contiguous() for k, v in state.items() if not k.startswith(DISTILL_ONLY)}
+
+
+def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The inference student that `config` (student.yaml) describes, with `state` loaded strictly (eval mode).
+    A RuntimeError from load_state_dict if the weights are another student's."""
     from ..registry import STUDENTS
 
-    config = yaml.safe_load((path / "student.yaml").read_text())
     s = structure(StudentConfig, config["student"], "student")
     tasks = [structure(TaskConfig, t, "tasks") for t in config["tasks"]]
     stem = TeacherAgnosticStem(s.model, config["image_size"], None, **s.model_kwargs)
@@ -57,8 +66,47 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
     model = cls.from_config(stem, slots, {t.name: t.channels for t in tasks}, s)
     if s.lora:
         model.stem.add_lora(s.lora)
-    model.load_state_dict(load_file(str(path / "student.safetensors")), strict=True)
-    return model.eval(), config
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
+    """Write the inference student of a run (or checkpoint) to `out`, after checking that its weights make the
+    recipe's student. Both files are written beside `out` first and moved in together, so that a failed export
+    leaves an earlier one at `out` as it was."""
+    file, state = inference_state(source, "sak export --from")
+    config = export_config(recipe)
+    try:
+        build_exported(config, state)
+    except RuntimeError as exc:
+        raise ExportError(
+            f"{str(file)!r}: the weights do not make the recipe's student ({first_misfit(exc)}); export with the "
+            "recipe that trained them: the run directory's recipe.yaml holds it, overrides included"
+        ) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        save_file(state, str(Path(tmp) / "student.safetensors"), metadata={"format": "pt", "producer": "sak"})
+        (Path(tmp) / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        out.mkdir(exist_ok=True)
+        for name in ("student.safetensors", "student.yaml"):
+            os.replace(Path(tmp) / name, out / name)
+    return out
+
+
+def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild an exported student (eval mode) and return it with its config."""
+    files = [path / "student.yaml", path / "student.safetensors"]
+    if not all(f.is_file() for f in files):
+        raise FileNotFoundError(
+            f"{str(path)!r} is not an export directory: `sak export` writes student.yaml and student.safetensors "
+            f"there (missing: {', '.join(f.name for f in files if not f.is_file())})"
+        )
+    config = yaml.safe_load(files[0].read_text())
+    try:
+        return build_exported(config, load_file(str(files[1]))), config
+    except RuntimeError as exc:
+        raise ExportError(f"{str(path)!r}: student.safetensors does not make the student of student.yaml "
+                          f"({first_misfit(exc)})") from exc  # fmt: skip
 
 
 def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> Path:

@@ -23,6 +23,11 @@ def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest / "model.safetensors"
+    if (path / "student.yaml").is_file() and what == "checkpoint.init_from":
+        raise ValueError(
+            f"{what}: {str(path)!r} is an export (sak export), which keeps no distillation-only aligners to train "
+            "on with; give the run or checkpoint directory it was exported from"
+        )
     raise FileNotFoundError(
         f"{what}: {str(path)!r} is neither a .safetensors file, a checkpoint directory with "
         "model.safetensors, nor a run directory with checkpoints/"
@@ -79,5 +84,10 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
         )
     bad = [k for k in result.missing_keys if not k.startswith(NEW_IN_STAGE_2)]
     if bad:
-        raise ValueError(f"checkpoint.init_from {str(file)!r}: student weights missing from the file: {bad[:8]}")
+        exported = all(k.startswith(("aligners.", "projections.")) for k in bad)
+        raise ValueError(
+            f"checkpoint.init_from {str(file)!r}: student weights missing from the file: {bad[:8]}"
+            + ("; an export (sak export) drops these distillation-only weights: give the run or checkpoint "
+               "directory it was exported from" if exported else "")
+        )  # fmt: skip
     return result.missing_keys

@@ -16,7 +16,6 @@ Both paths score exactly the same numbers:
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
 from .checkpoint import first_misfit
-from .export import export_student, load_exported
+from .export import ExportError, build_exported, export_config, inference_state, load_exported
 from .predictions import SUFFIX, PredictionError, decode, encode, read_prediction, save_encoded
 
 DATASET_TASKS = {
@@ -168,16 +167,18 @@ def summarize(
 # a student: checkpoint or export -> scores (and optionally the prediction files)
 # ---------------------------------------------------------------------------------------------
 def load_student(recipe: Recipe, checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """An export directory (`sak export`) as it is; a run directory, checkpoint directory or
-    .safetensors file through a temporary export of the recipe's student (no teachers are built)."""
+    """An export directory (`sak export`) as it is; a run directory, checkpoint directory or .safetensors file
+    as the recipe's inference student, what `sak export` would write (no teachers are built)."""
     if not checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {str(checkpoint)!r} does not exist")
-    try:
-        if (checkpoint / "student.yaml").is_file():
+    if (checkpoint / "student.yaml").is_file():
+        try:
             return load_exported(checkpoint)
-        with tempfile.TemporaryDirectory() as tmp:
-            export_student(recipe, checkpoint, Path(tmp))
-            return load_exported(Path(tmp))
+        except ExportError as exc:  # an export whose two files do not fit each other
+            raise EvalError(f"--checkpoint {exc}") from exc
+    try:
+        config = export_config(recipe)
+        return build_exported(config, inference_state(checkpoint, "--checkpoint")[1]), config
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"--checkpoint {str(checkpoint)!r} is neither an export directory (student.yaml), a checkpoint "

@@ -272,6 +272,15 @@ def train(recipe: Recipe) -> dict:
             )
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
+    go_on = "resume with a higher run.stop_at, or without it" + (
+        " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
+    )
+    if recipe.run.stop_at is not None and recipe.run.stop_at <= state.step < total:  # resumed at or past it
+        logger.message(
+            f"[sak] at step {state.step} already, run.stop_at={recipe.run.stop_at}: nothing to train; to go on, {go_on}"
+        )
+        logger.close()
+        return {}
 
     if recipe.eval.at_start and state.step == 0:
         logger.log(
@@ -389,8 +398,7 @@ def train(recipe: Recipe) -> dict:
                     save_checkpoint(
                         accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
                     )
-                again = "checkpoint.resume=auto" if recipe.checkpoint.resume == "never" else "the same command"
-                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); resume with {again}")
+                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); to go on, {go_on}")
                 logger.close()
                 return {}
             if state.step >= total:

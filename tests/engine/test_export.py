@@ -63,3 +63,42 @@ def test_predicting_with_a_stage_1_student_is_refused_before_anything_is_written
     capsys.readouterr()
     assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "preds")]) == 2
     assert "has no task heads" in capsys.readouterr().err and not (tmp_path / "preds").exists()
+
+
+def test_exporting_with_another_recipe_is_refused_and_keeps_the_earlier_export(tiny_recipe, tmp_path, capsys):
+    """A multitask run exported with the stage-1 recipe (no heads), or with another width, used to write a
+    student.yaml that its weights did not fit (`sak predict` then printed load_state_dict's traceback)."""
+    recipe = tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml")
+    train(recipe)
+    run = f"run.output_dir={tmp_path}"
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), run, "--out", str(out)]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    wrong = [
+        ["export", str(TESTS / "tiny.yaml"), "--from", str(recipe.run_dir), "--out", str(out)],  # no heads
+        ["export", str(TESTS / "tiny_multitask.yaml"), run, "student.model_kwargs.embed_dim=64", "--out", str(out)],
+    ]
+    for argv in wrong:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "ExportError" in err and "do not make the recipe's student" in err and "recipe.yaml" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing half-written beside it either
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
+
+
+def test_predict_names_what_is_wrong_with_the_export_directory(tiny_recipe, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(photo)
+    assert main(["predict", str(tmp_path / "nope"), str(photo), "--out", str(tmp_path / "p")]) == 2
+    assert "is not an export directory: `sak export` writes student.yaml" in capsys.readouterr().err
+    train(tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml"))
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    config = (out / "student.yaml").read_text()
+    (out / "student.yaml").write_text(config.replace("down_ratio: 4", "down_ratio: 2"))  # edited by hand
+    capsys.readouterr()
+    assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "student.safetensors does not make the student of student.yaml (size mismatch for" in err, err

@@ -58,6 +58,19 @@ def test_resume_is_exact(tiny_recipe, tmp_path):
     assert logged(straight.run_dir) == logged(split.run_dir)
 
 
+def test_resuming_at_run_stop_at_trains_nothing_and_says_how_to_go_on(tiny_recipe, capsys):
+    """The same command again after a stop used to train one more step (and save it) each time."""
+    recipe = tiny_recipe("run.stop_at=2")
+    assert train(recipe) == {}
+    assert "stopped at step 2 (run.stop_at); to go on, resume with a higher run.stop_at" in capsys.readouterr().out
+    assert train(recipe) == {}
+    assert "at step 2 already, run.stop_at=2: nothing to train" in capsys.readouterr().out
+    assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+    assert sorted(logged(recipe.run_dir)) == [1, 2]
+    train(tiny_recipe("run.stop_at=3"))
+    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000003"
+
+
 def test_keep_last_prunes_old_checkpoints(tiny_recipe):
     recipe = tiny_recipe("schedule.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=2")
     train(recipe)

@@ -293,6 +293,25 @@ def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_
     assert "stem.vit.cls_token (1, 1, 32) in the file, (1, 1, 48) here" in message and "\n" not in message
 
 
+def test_init_from_an_export_says_it_lacks_the_aligners(tmp_path):
+    """An export directory, or its student.safetensors, cannot start a training run when the student has
+    aligners (distillation-only, not exported): both errors say so and what to give instead."""
+    from safetensors.torch import save_file
+
+    from sak.config import load_recipe
+    from sak.engine.export import export_student
+    from sak.engine.init import init_student_from
+
+    recipe = load_recipe(TESTS / "tiny.yaml", [f"run.output_dir={tmp_path}", "student.aligner=always"])
+    student = build_student(recipe, build_teachers(recipe, torch.device("cpu")), {})
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp_path / "s.safetensors"))
+    export_student(recipe, tmp_path / "s.safetensors", tmp_path / "export")
+    with pytest.raises(ValueError, match="'.*export' is an export \\(sak export\\), which keeps no .*aligners"):
+        init_student_from(student, tmp_path / "export")
+    with pytest.raises(ValueError, match="missing from the file: \\['aligners.*an export \\(sak export\\) drops"):
+        init_student_from(student, tmp_path / "export" / "student.safetensors")
+
+
 def test_vit_b_student_with_three_base_teachers_at_512_has_the_public_sak_parameter_counts():
     """Counts derived by hand from the public SAK architecture (ViT-B/16 TAS without final norm; per
     teacher 13 adapters of 768 -> 192 -> 768 plus a scale, 4 output LayerNorms; no aligners as all
