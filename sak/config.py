@@ -299,8 +299,8 @@ def structure(cls: type, data: Any, where: str = "") -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"unknown key {path!r}{hint} valid keys here: {', '.join(fields)}")
+            hint = f"; did you mean {close[0]!r}?" if close else ";"
+            raise RecipeError(f"unknown key {path!r}{hint} valid keys here: {', '.join(fields) or '(none)'}")
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)
 
@@ -357,6 +357,12 @@ def apply_override(data: dict, override: str) -> None:
             node[key] = value
         else:
             if node.get(key) is None:  # absent, or a section left empty in the file (`cache:`)
+                if keys[i + 1].isdigit():  # an item of a list that is not there (stage 1's tasks)
+                    section = ".".join(keys[: i + 1])
+                    raise RecipeError(
+                        f"override {override!r}: {section} has no items; give the whole list, e.g. "
+                        f"'{section}=[{{name: ...}}]'"
+                    )
                 node[key] = {}
             node = node[key]
             if not isinstance(node, (dict, list)):
@@ -391,7 +397,7 @@ def _check_keywords(fn, options: dict, where: str) -> None:
     for key in options or {}:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else ";"
             raise RecipeError(f"unknown key {where}.{key}{hint} valid keys here: {', '.join(accepted) or '(none)'}")
 
 
@@ -437,6 +443,14 @@ def validate(recipe: Recipe) -> None:
         )
     dataset = check(DATASETS, recipe.data.name, "data.name")
     build_options(dataset, recipe.data.options, "data")
+    supported = getattr(dataset, "supported_tasks", None)
+    if isinstance(supported, tuple):  # declared on the class (a plug-in may decide per instance instead)
+        missing = [t.name for t in recipe.tasks if t.name not in supported]
+        if missing:
+            raise RecipeError(
+                f"tasks: data.name {recipe.data.name!r} has no targets for {missing}; it has "
+                f"{list(supported) or 'none (images only: a stage-1 dataset)'}"
+            )
     _check_keywords(check(LOSSES, recipe.loss.distill, "loss.distill"), recipe.loss.options, "loss.options")
     check(ROUTERS, recipe.student.router, "student.router")
     check(STUDENTS, recipe.student.architecture, "student.architecture")

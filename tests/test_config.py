@@ -151,6 +151,10 @@ def test_cli_recipe_show_and_check(capsys):
         ("loss.normalize_until=sometimes", "loss.normalize_until: expected int | 'auto' | 'never', got 'sometimes'"),
         ("data.prefetch_to_device=sometimes", "data.prefetch_to_device: expected bool | 'auto', got 'sometimes'"),
         ("loss.options.bogus=1", "unknown key loss.options.bogus.*valid keys here"),
+        (
+            "tasks.0.name=semseg",
+            r"override 'tasks.0.name=semseg': tasks has no items; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'",
+        ),
         ("tasks=[{name: semseg}, {name: semseg}]", r"tasks\[1\]: the task 'semseg' is listed twice"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),
         ("optim.lr=!!python/name:os.system", "not valid YAML"),
@@ -159,6 +163,24 @@ def test_cli_recipe_show_and_check(capsys):
 def test_values_that_would_fail_later_are_refused_with_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, [override])
+
+
+def test_an_unknown_key_where_none_are_accepted_says_so():
+    """dinov2_imgfocus takes no options: the list of valid keys used to come out empty."""
+    demo = REPO / "recipes" / "demo" / "default.yaml"
+    with pytest.raises(RecipeError, match=r"unknown key 'teachers\[0\].options.foo'; valid keys here: \(none\)$"):
+        load_recipe(demo, ["teachers.0.options.foo=1"])
+
+
+def test_a_task_the_dataset_has_no_targets_for_is_a_recipe_error():
+    """Caught by `sak recipe check`, not only when `sak train` builds the dataset."""
+    demo = REPO / "recipes" / "demo" / "default.yaml"
+    with pytest.raises(RecipeError, match=r"tasks: data.name 'package_images' has no targets for \['semseg'\]"):
+        load_recipe(demo, ["tasks=[{name: semseg, channels: 21}]"])
+    with pytest.raises(RecipeError, match=r"'nyud' has no targets for \['parts', 'saliency'\]; it has \['semseg'"):
+        load_recipe(
+            TINY, ["data.name=nyud", "data.options={}", "tasks=[{name: semseg}, {name: parts}, {name: saliency}]"]
+        )
 
 
 def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):

@@ -102,22 +102,29 @@ def read_manifest(path: str) -> list[str]:
     return [i for i in ids if i]
 
 
-def apply_subset(ids: list[str], manifest: str | None) -> list[str]:
-    """Keep the ids listed in `manifest`, in the manifest's order; unknown ids are an error."""
+def apply_subset(ids: list[str], manifest: str | None, spec: DatasetSpec | None = None) -> list[str]:
+    """Keep the ids listed in `manifest`, in the manifest's order; unknown ids are an error (naming the split
+    and root of `spec`)."""
     if manifest is None:
         return ids
     wanted = read_manifest(manifest)
     known = set(ids)
     missing = [i for i in wanted if i not in known]
     if missing:
-        raise ValueError(f"data.subset {manifest!r}: {len(missing)} id(s) not in the split, e.g. {missing[:5]}")
+        split = (
+            "the split" if spec is None else f"split {spec.split!r}" + (f" under {spec.root!r}" if spec.root else "")
+        )
+        raise ValueError(
+            f"data.subset {manifest!r}: {len(missing)} of its {len(wanted)} id(s) are not among the {len(ids)} of "
+            f"{split}, e.g. {missing[:5]}; was it written for another split or data.root?"
+        )
     return wanted
 
 
-def subset_rows(ids: list[str], manifest: str | None) -> tuple[list[str], list[int]]:
+def subset_rows(ids: list[str], manifest: str | None, spec: DatasetSpec | None = None) -> tuple[list[str], list[int]]:
     """`apply_subset` for datasets that generate samples by position: the kept ids and, for each, its
     position in the full list (the sample it names)."""
-    kept = apply_subset(ids, manifest)
+    kept = apply_subset(ids, manifest, spec)
     if manifest is None:
         return kept, list(range(len(ids)))
     where = {i: k for k, i in enumerate(ids)}

@@ -14,6 +14,7 @@ fine and 40-class labels); the class lists hold the subset that the fixtures dra
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,17 @@ def _palette(seed: int, fixed: dict[int, tuple[int, int, int]]) -> dict[int, np.
     return palette
 
 
+def _savemat(path: Path, mdict: dict, **kwargs) -> None:
+    """scipy.io.savemat with a fixed header text: scipy writes the time of writing into the 116-byte text of
+    the MAT 5 header, so that the same seed would not write the same bytes. Readers use only the header's
+    last 8 bytes (subsystem offset, version, byte order), which are kept."""
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, mdict, **kwargs)
+    data = bytearray(buffer.getvalue())
+    data[:116] = b"MATLAB 5.0 MAT-file, written by sak.data.fixtures".ljust(116, b" ")
+    path.write_bytes(bytes(data))
+
+
 def _write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -402,10 +414,10 @@ def write_pascal_context(
         _write_png(root / "sal_distill" / f"{sample_id}.png", _saliency(scene))
         _write_png(root / "normals_distill" / f"{sample_id}.png", _encode_normals(scene.normals))
         (root / "pascal-context" / "trainval").mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": scene.label_map})
+        _savemat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": scene.label_map})
         (root / "human_parts").mkdir(parents=True, exist_ok=True)
         anno = {"imname": f"{sample_id}.jpg", "objects": _objects_struct(scene)}
-        scipy.io.savemat(root / "human_parts" / f"{sample_id}.mat", {"anno": anno}, do_compression=True)
+        _savemat(root / "human_parts" / f"{sample_id}.mat", {"anno": anno}, do_compression=True)
         parts_index[split][sample_id] = [
             o.voc_index if (scene.instances == j + 1).any() else -1 for j, o in enumerate(scene.objects)
         ]

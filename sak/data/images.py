@@ -208,7 +208,7 @@ class ImageFolder(UnlabelledImages):
         if not by_id:
             exts = ", ".join(options.extensions)
             raise FileNotFoundError(f"no image files ({exts}) under {str(self.folder)!r}")
-        self.ids = apply_subset(list(by_id), spec.subset)
+        self.ids = apply_subset(list(by_id), spec.subset, spec)
         self.files = [by_id[i] for i in self.ids]
 
     def read(self, index: int) -> np.ndarray:
@@ -283,7 +283,7 @@ class ImageTar(UnlabelledImages):
         if not ids:
             raise FileNotFoundError(f"the shards matching {pattern!r} hold no image members")
         where = {i: k for k, i in enumerate(ids)}
-        self.ids = apply_subset(ids, spec.subset)
+        self.ids = apply_subset(ids, spec.subset, spec)
         self.locations = np.asarray([locations[where[i]] for i in self.ids], dtype=np.int64)  # (N, 3)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()

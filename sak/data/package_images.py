@@ -73,7 +73,7 @@ class PackageImages(SakDataset):
         self.images = [torch.from_numpy(load_package_image(n).copy()).permute(2, 0, 1).contiguous() for n in names]
         self.names = names
         every = [self._id(i) for i in range(len(self.images) * options.crops_per_image)]
-        self.ids, self._rows = subset_rows(every, spec.subset)
+        self.ids, self._rows = subset_rows(every, spec.subset, spec)
 
     def _id(self, row: int) -> str:
         return f"{self.names[row % len(self.images)]}_{row // len(self.images):04d}"

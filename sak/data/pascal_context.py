@@ -220,7 +220,7 @@ class MultiTaskDataset(SakDataset):
             image_fill=IMAGENET_MEAN_UINT8 if options.image_pad == "mean" else BLACK,
         )
         self.skipped: list[tuple[str, str]] = []  # (id, problem) of the samples left out by skip_bad
-        self.ids = apply_subset(self._read_split(), spec.subset)
+        self.ids = apply_subset(self._read_split(), spec.subset, spec)
         self.files: dict[str, dict[str, Path]] = {}
         self._find_files(check_contents=options.verify or options.skip_bad)
         self.ids = [i for i in self.ids if i in self.files]

@@ -28,7 +28,7 @@ class SyntheticDataset(SakDataset):
     def __init__(self, spec: DatasetSpec, options: Options) -> None:
         super().__init__(spec, options)
         offset = {"train": 0, "val": 1_000_000}.get(spec.split, 2_000_000)
-        self.ids, self._rows = subset_rows([f"{spec.split}_{i:06d}" for i in range(options.length)], spec.subset)
+        self.ids, self._rows = subset_rows([f"{spec.split}_{i:06d}" for i in range(options.length)], spec.subset, spec)
         self._offset = offset
         self.palette = np.random.default_rng(1234).integers(0, 256, size=(max(options.classes, 2), 3))
 

@@ -74,6 +74,20 @@ def test_writers_are_deterministic_per_seed(tmp_path):
     assert (a / "depth" / "0001.npy").read_bytes() != (c / "depth" / "0001.npy").read_bytes()
 
 
+def test_pascal_context_writer_is_deterministic_per_seed_at_any_time(tmp_path, monkeypatch):
+    """Its .mat files too: scipy writes the time of writing into the MAT header (the second write here
+    happens in 1970)."""
+    import time
+
+    a = write_pascal_context(tmp_path / "a", n_train=2, n_val=1, size=(24, 32), seed=5)
+    monkeypatch.setattr(time, "asctime", lambda *args: "Thu Jan  1 00:00:00 1970")
+    b = write_pascal_context(tmp_path / "b", n_train=2, n_val=1, size=(24, 32), seed=5)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert any(f.suffix == ".mat" for f in files)
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()] == []
+
+
 def test_nyud_scenes_are_geometrically_consistent(tmp_path):
     root = write_nyud(tmp_path / "NYUD_MT", 3, 1, (48, 64), seed=1)
     assert (root / "gt_sets" / "train.txt").read_text().split() == ["0001", "0002", "0003"]

@@ -165,7 +165,7 @@ def test_subset_manifest_keeps_the_listed_ids_in_order(root, tmp_path):
     manifest.write_text(f"# two images\n{ids[3]}\n{ids[0]}\n")
     assert dataset(root, subset=str(manifest)).ids == [ids[3], ids[0]]
     manifest.write_text("2099_000001\n")
-    with pytest.raises(ValueError, match="not in the split"):
+    with pytest.raises(ValueError, match=f"are not among the {len(ids)} of split 'train' under '{root}'.*2099_000001"):
         dataset(root, subset=str(manifest))
 
 
