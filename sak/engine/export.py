@@ -72,8 +72,8 @@ def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Mod
 
 def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
     """Write the inference student of a run (or checkpoint) to `out`, after checking that its weights make the
-    recipe's student. Both files are written beside `out` first and moved in together, so that a failed export
-    leaves an earlier one at `out` as it was."""
+    recipe's student (a refused export leaves `out` as it was). Both files are written beside `out` and then
+    renamed into it, so that a crash while writing them leaves an earlier export whole."""
     file, state = inference_state(source, "sak export --from")
     config = export_config(recipe)
     try:
