@@ -86,9 +86,11 @@ def _recipe(args) -> int:
 
 
 def _teachers(args) -> int:
+    from .config import import_plugins
     from .teachers import create_teacher, list_teachers
     from .teachers.base import TeacherSpec
 
+    import_plugins(args.imports, where="--import")
     if args.action == "list":
         for name in list_teachers():
             print(name)
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("options", nargs="*", help="the teacher's options as key=value")
     p.add_argument("--weights", default=None)
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a plug-in module to import first, as a recipe's imports: (repeatable)",
+    )  # fmt: skip
     p.set_defaults(func=_teachers)
 
     p = sub.add_parser("model", help="parameter report of a recipe's student")

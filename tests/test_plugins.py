@@ -97,6 +97,38 @@ def test_teachers_list_and_show_include_the_plugin(plugin_package, capsys):
     assert shown["num_params"] == (3 * 4 * 9 + 4) + (4 * 8 * 9 + 8) + (8 * 16 * 9 + 16) + (16 * 32 * 9 + 32)
 
 
+def test_the_cli_imports_plugins_for_teachers_show_and_for_an_exported_students_adapter(plugin_package, tmp_path):
+    """In fresh processes, where nothing imported the plug-ins: `sak teachers show --import M`, and `sak
+    predict` on the export of a student whose adapter is a plug-in (student.yaml keeps the recipe's imports)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from sak.engine import train
+
+    def sak(*argv):
+        return subprocess.run([sys.executable, "-m", "sak.cli", *argv], capture_output=True, text=True)
+
+    shown = sak("teachers", "show", "my_conv", "width=4", "--import", "my_sak_plugins.teacher")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == "my_conv", shown.stderr[-2000:]
+    data = yaml.safe_load((REPO / "tests" / "tiny_multitask.yaml").read_text())
+    data["imports"] = ["my_sak_plugins.adapter"]
+    data["teachers"][0]["adapter"] = "conv_adapter"
+    data["run"]["output_dir"] = str(tmp_path / "runs")
+    recipe = tmp_path / "plugin_multitask.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    from sak.config import load_recipe
+
+    train(load_recipe(recipe, ["schedule.max_steps=1"]))
+    assert main(["export", str(recipe), "--out", str(tmp_path / "export")]) == 0
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    predicted = sak("predict", str(tmp_path / "export"), str(tmp_path / "photo.png"), "--out", str(tmp_path / "p"))
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert (tmp_path / "p" / "semseg" / "photo.png").is_file()
+
+
 def test_misspelt_plugin_teacher_hints_at_imports(tmp_path):
     from sak.config import RecipeError, load_recipe
 

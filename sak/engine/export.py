@@ -1,8 +1,8 @@
 """Export a trained student for inference (no teachers, no aligners) and predict on images.
 
-An export directory holds `student.safetensors` and `student.yaml` (the student section of the
-recipe, the tasks with their channels, the teacher ids whose adapter paths the student keeps, and
-the input size). `load_exported` rebuilds the model from those two files alone.
+An export directory holds `student.safetensors` and `student.yaml` (the recipe's plug-in imports, the
+student section of the recipe, the tasks with their channels, the teacher ids whose adapter paths the
+student keeps, and the input size). `load_exported` rebuilds the model from those two files alone.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ExportError(ValueError):
 def export_config(recipe: Recipe) -> dict:
     """What student.yaml holds: the recipe's student section, tasks with channels, teacher ids, input size."""
     return {
+        "imports": list(recipe.imports),  # plug-in modules (an adapter type, say) that rebuilding needs
         "student": {**recipe.to_dict()["student"], "pretrained": None},
         "tasks": [{"name": t.name, "channels": create_task(t.name, t.channels).channels} for t in recipe.tasks],
         "teachers": [{"id": t.id, "adapter": t.adapter} for t in recipe.teachers],
@@ -52,8 +53,10 @@ def inference_state(source: Path, what: str) -> tuple[Path, dict[str, torch.Tens
 def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The inference student that `config` (student.yaml) describes, with `state` loaded strictly (eval mode).
     A RuntimeError from load_state_dict if the weights are another student's."""
+    from ..config import import_plugins
     from ..registry import STUDENTS
 
+    import_plugins(config.get("imports") or [], where="student.yaml imports")
     s = structure(StudentConfig, config["student"], "student")
     tasks = [structure(TaskConfig, t, "tasks") for t in config["tasks"]]
     stem = TeacherAgnosticStem(s.model, config["image_size"], None, **s.model_kwargs)
