@@ -1,8 +1,9 @@
 """Shared code of the dense benchmarks (benchmarks/pascal_context.py, benchmarks/nyud.py): evaluate
 checkpoints or prediction folders with `sak.engine.task_eval`, write JSON, a markdown table in the layout
 of SAK's Table 5 / Table 6 with the published rows beside ours, and a picture (image | ground truth |
-prediction for every task). `--fixture` makes the whole thing run on a fresh machine in about a minute:
-it writes the fixture dataset, trains a tiny student for a few steps and benchmarks that checkpoint.
+prediction for every task). `--fixture` makes the whole thing run on a fresh machine in about 10 s (a minute
+on a busy machine): it writes the fixture dataset, trains a tiny student for a few steps and benchmarks that
+checkpoint.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ boundary odsF, delta_m), with the published rows beside ours.
 
     python -m benchmarks.nyud --checkpoint runs/nyud_vitb [--name SAK-B] [--root DATA] ...
     python -m benchmarks.nyud --preds PREDS --name other --root /data/NYUD_MT
-    python -m benchmarks.nyud --fixture          # a tiny student on the fixture, about a minute
+    python -m benchmarks.nyud --fixture    # a tiny student on the fixture, about 10 s (busy machine: 1 min)
 
 Writes benchmarks/results/nyud[_fixture].{json,md,png} (or --out PREFIX). See docs/evaluation.md.
 """

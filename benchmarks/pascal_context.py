@@ -3,7 +3,7 @@ maxF, normals mErr, boundary odsF, delta_m), with the published rows beside ours
 
     python -m benchmarks.pascal_context --checkpoint runs/pascal_vitb [--name SAK-B] [--root DATA] ...
     python -m benchmarks.pascal_context --preds PREDS --name other --root /data/PASCAL_MT
-    python -m benchmarks.pascal_context --fixture          # a tiny student on the fixture, about a minute
+    python -m benchmarks.pascal_context --fixture    # a tiny student on the fixture, about 10 s (busy machine: 1 min)
 
 Writes benchmarks/results/pascal_context[_fixture].{json,md,png} (or --out PREFIX). See docs/evaluation.md.
 """

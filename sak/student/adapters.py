@@ -79,6 +79,12 @@ class TeacherSpecificAdapterPath(nn.Module):
     def __init__(self, dim: int, depth: int, levels: list[int], adapter: str = "bottleneck", down_ratio: int = 4):
         super().__init__()
         cls = ADAPTERS.get(adapter)
+        try:
+            inspect.signature(cls).bind(dim, down_ratio)
+        except TypeError as exc:  # (a TypeError from inside the constructor is the constructor's own)
+            raise ValueError(
+                f"adapter {adapter!r} ({cls.__name__}): the constructor must take (dim, down_ratio): {exc}"
+            ) from None
         self.adapters = nn.ModuleList(cls(dim, down_ratio) for _ in range(depth + 1))
         self.takes_grid = takes_grid(cls)
         self.grad_checkpointing = False  # student.grad_checkpointing: each adapter recomputed in backward
@@ -97,7 +103,13 @@ class TeacherSpecificAdapterPath(nn.Module):
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
 
         def run(adapter: nn.Module, x: Tensor) -> Tensor:  # keeps only x for backward when recomputing
-            return checkpoint(adapter, x, use_reentrant=False, **kwargs) if recompute else adapter(x, **kwargs)
+            out = checkpoint(adapter, x, use_reentrant=False, **kwargs) if recompute else adapter(x, **kwargs)
+            if out.shape != x.shape:  # the next block's tokens are added to it
+                raise ValueError(
+                    f"adapter {type(adapter).__name__} turned tokens {tuple(x.shape)} into {tuple(out.shape)}: an "
+                    "adapter maps (B, N, D) tokens to the same shape"
+                )
+            return out
 
         path = run(self.adapters[0], embedded)
         out = []

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..teachers.weights import is_local, load_state_dict, local_path
+from ..teachers.weights import WeightsError, is_local, load_state_dict, local_path
 
 
 def even_levels(depth: int, count: int = 4) -> list[int]:
@@ -30,7 +30,16 @@ class TeacherAgnosticStem(nn.Module):
         super().__init__()
         hub = pretrained is not None and not is_local(pretrained)
         name = f"{model.split('.')[0]}.{pretrained}" if hub else model
-        self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
+        try:
+            self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
+        except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
+            if not hub:  # not a download: bad model_kwargs, which timm words clearly
+                raise
+            raise WeightsError(
+                f"student.pretrained {pretrained!r}: could not create {name!r} with pretrained weights from the hub "
+                f"(looked in the Hugging Face cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. "
+                "Offline, pass a local file instead: `student.pretrained: /path/to/model.safetensors` (or .pth)."
+            ) from exc
         if pretrained is not None and not hub:
             from timm.models.vision_transformer import checkpoint_filter_fn
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from ..registry import TEACHERS
 from . import clip, dinov2, efficientnet, hed, imgfocus, sam, timm_teacher  # noqa: F401  (register their teachers)
@@ -24,7 +25,20 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     spec = spec or TeacherSpec()
     if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
         spec = dataclasses.replace(spec, weights=weights)
-    teacher = cls(spec, build_options(cls, options, where=f"teacher {name!r}"))
+    built = build_options(cls, options, where=f"teacher {name!r}")
+    try:
+        inspect.signature(cls).bind(spec, built)
+    except TypeError as exc:  # (a TypeError from inside the constructor is the constructor's own)
+        raise ValueError(
+            f"teacher {name!r} ({cls.__name__}): the constructor must take (spec, options): {exc}"
+        ) from None
+    teacher = cls(spec, built)
+    if spec.levels is not None and tuple(teacher.meta.levels) != tuple(spec.levels):
+        raise ValueError(
+            f"teacher {name!r}: levels {list(spec.levels)} were asked for (teachers[].levels), but it gives "
+            f"{list(teacher.meta.levels)}; a teacher must build its levels from spec.levels "
+            "(sak.teachers.base.check_levels, docs/adding-a-teacher.md)"
+        )
     size, stride = teacher.input_size, teacher.meta.patch_size
     # Teacher.level_shapes promises maps of size / stride cells a side (the cache stores those shapes); a teacher
     # that works out its own shapes (EfficientNet's odd sizes) or crops its input to the grid ("keep") is exempt

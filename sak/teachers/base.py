@@ -256,6 +256,13 @@ class Teacher(nn.Module):
         require grad.
         """
         out = self._infer(self.preprocess(images), dtype)
+        dims = self.level_dims
+        if len(out.levels) != len(dims) or any(t.shape[1] != c for t, c in zip(out.levels, dims, strict=False)):
+            raise ValueError(  # (what the student's aligners and the cache were built for)
+                f"teacher {self.meta.name}: its forward returned {len(out.levels)} level(s) of shapes (C, h, w) "
+                f"{[tuple(t.shape[1:]) for t in out.levels]}, but its meta promises {len(dims)} of {list(dims)} "
+                f"channels (meta.levels {list(self.meta.levels)}; meta.extra['level_dims'] where they differ)"
+            )
         summary = None if out.summary is None else out.summary.to(torch.float32, copy=True)
         # one copy each: out of inference mode, widened to float32, and contiguous (NCHW) even where the
         # network hands out permuted views (SAM's blocks are NHWC), so that the losses read dense memory

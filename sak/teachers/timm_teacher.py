@@ -111,9 +111,11 @@ class TimmTeacher(Teacher):
         if len(set(strides)) > 1 and size % level_strides[-1]:
             # a CNN rounds odd sizes up or down layer by layer; at multiples of the stride every level is
             # exactly size / stride, which is what level_shapes() promises (and the feature cache stores)
+            stride = level_strides[-1]
+            below, above = size - size % stride, size - size % stride + stride
             raise ValueError(
-                f"{what}: image_size must be a multiple of {level_strides[-1]} (the stride of level {levels[-1]}), "
-                f"got {size}; set the teacher's image_size"
+                f"{what}: image_size must be a multiple of {stride} (the stride of level {levels[-1]}), got {size}; "
+                f"set the teacher's image_size (teachers[].image_size) to {f'{below} or {above}' if below else above}"
             )
         self.meta = TeacherMeta(
             name=options.model,

@@ -126,6 +126,33 @@ def test_path_gives_the_grid_only_to_adapters_that_take_one(monkeypatch):
         path(emb, outs)
 
 
+class _NoRatio(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+
+
+class _Narrowing(torch.nn.Module):
+    def __init__(self, dim: int, down_ratio: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim // down_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_a_plugin_adapter_that_breaks_the_contract_is_named(monkeypatch):
+    """Not a TypeError from inside the path's constructor, nor a size mismatch at the next addition."""
+    monkeypatch.setitem(ADAPTERS._entries, "no_ratio", _NoRatio)
+    monkeypatch.setitem(ADAPTERS._entries, "narrowing", _Narrowing)
+    with pytest.raises(
+        ValueError, match=r"adapter 'no_ratio' \(_NoRatio\): the constructor must take \(dim, down_ratio\)"
+    ):
+        TeacherSpecificAdapterPath(8, depth=2, levels=[1], adapter="no_ratio")
+    path = TeacherSpecificAdapterPath(8, depth=2, levels=[1], adapter="narrowing")
+    with pytest.raises(ValueError, match=r"adapter _Narrowing turned tokens \(2, 7, 8\) into \(2, 7, 2\)"):
+        path(torch.randn(2, 7, 8), [torch.randn(2, 7, 8) for _ in range(2)])
+
+
 def test_student_hands_adapters_the_real_grid_of_non_square_images(monkeypatch):
     from sak.config import load_recipe
 
@@ -438,3 +465,13 @@ def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
     save_file({f"module.{k}": v for k, v in plain.items()}, str(tmp_path / "ddp.safetensors"))
     with pytest.raises(ValueError, match=r"ddp.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
         TeacherAgnosticStem("vit_small_patch16_224", 32, str(tmp_path / "ddp.safetensors"), **kwargs)
+
+
+def test_a_hub_tag_for_the_student_offline_names_the_key_and_the_way_out(monkeypatch, tmp_path):
+    """Not huggingface_hub's bare LocalEntryNotFoundError (recipes/baselines/mt_baseline.yaml offline)."""
+    from sak.teachers.weights import WeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"student.pretrained 'augreg_in21k'.*Offline, pass a local file"):
+        TeacherAgnosticStem("vit_tiny_patch16_224", 64, "augreg_in21k")

@@ -77,3 +77,67 @@ def test_unreadable_or_unfitting_weights_files_are_named_in_the_error(tmp_path):
     save_file({k: v for k, v in model.state_dict().items() if k != "norm.bias"}, str(tmp_path / "short.safetensors"))
     with pytest.raises(WeightsError, match=r"short.safetensors' does not fit the model \(1 missing keys, e.g. \['norm"):
         create_teacher("timm", str(tmp_path / "short.safetensors"), model="vit_small_patch14_dinov2", model_kwargs=VIT)
+
+
+def fixed_levels_teacher(returned: int = 4) -> type:
+    """A teacher in the shape of the docs' my_conv before it read spec.levels: four levels, whatever is asked;
+    its forward returns `returned` maps."""
+    from dataclasses import dataclass
+
+    import torch
+    from torch import nn
+
+    from sak.teachers import Teacher, TeacherMeta, TeacherOutput
+
+    class Fixed(Teacher):
+        @dataclass
+        class Options:
+            pass
+
+        def __init__(self, spec, options) -> None:
+            super().__init__(spec)
+            self.conv = nn.Conv2d(3, 8, 4, stride=4)
+            self.meta = TeacherMeta(
+                name="fixed", source="test", architecture="Fixed", embed_dim=8, patch_size=4, native_size=16,
+                mean=(0.5,) * 3, std=(0.5,) * 3, levels=(0, 1, 2, 3),
+            )  # fmt: skip
+
+        def forward(self, x: torch.Tensor) -> TeacherOutput:
+            return TeacherOutput(levels=(self.conv(x),) * returned, summary=None)
+
+    return Fixed
+
+
+def test_a_teacher_that_ignores_the_recipes_levels_is_refused(monkeypatch):
+    """`teachers[].levels` used to be dropped silently by a plug-in that hard-coded its levels."""
+    from sak.registry import TEACHERS
+
+    monkeypatch.setitem(TEACHERS._entries, "fixed_levels", fixed_levels_teacher())
+    assert create_teacher("fixed_levels").meta.levels == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match=r"levels \[1, 3\] were asked for .*but it gives \[0, 1, 2, 3\].*check_levels"):
+        create_teacher("fixed_levels", spec=TeacherSpec(levels=[1, 3]))
+
+
+def test_a_forward_that_breaks_the_teachers_promised_levels_is_named():
+    """Not 'student gives 4 levels, teacher 3' from the loss after the first step: the teacher and both counts."""
+    import torch
+
+    teacher = fixed_levels_teacher(returned=3)(TeacherSpec(), None)
+    with pytest.raises(
+        ValueError, match=r"teacher fixed: its forward returned 3 level\(s\) .*promises 4 of \[8, 8, 8, 8\]"
+    ):
+        teacher.encode(torch.rand(1, 3, 16, 16))
+
+
+def test_a_teacher_constructor_of_another_signature_is_named(monkeypatch):
+    from sak.registry import TEACHERS
+
+    class OneArgument(fixed_levels_teacher()):
+        def __init__(self, spec) -> None:
+            super().__init__(spec, None)
+
+    monkeypatch.setitem(TEACHERS._entries, "one_argument", OneArgument)
+    with pytest.raises(
+        ValueError, match=r"teacher 'one_argument' \(OneArgument\): the constructor must take \(spec, options\)"
+    ):
+        create_teacher("one_argument")
