@@ -376,6 +376,8 @@ def import_plugins(modules: list[str], where: str = "imports") -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise RecipeError(f"{where}[{i}]: cannot import plug-in module {name!r}: {exc}") from exc
+        except ValueError as exc:  # a name registered twice (two modules, or a module under two names)
+            raise RecipeError(f"{where}[{i}]: plug-in module {name!r}: {exc}") from exc
 
 
 def _import_builtins() -> None:
@@ -453,7 +455,14 @@ def validate(recipe: Recipe) -> None:
             )
     _check_keywords(check(LOSSES, recipe.loss.distill, "loss.distill"), recipe.loss.options, "loss.options")
     check(ROUTERS, recipe.student.router, "student.router")
-    check(STUDENTS, recipe.student.architecture, "student.architecture")
+    student = check(STUDENTS, recipe.student.architecture, "student.architecture")
+    if not getattr(student, "has_adapter_paths", True):
+        for i, t in enumerate(recipe.teachers):
+            if t.adapter != TeacherConfig.adapter:
+                raise RecipeError(
+                    f"teachers[{i}].adapter: {t.adapter!r} would go unused: student.architecture "
+                    f"{recipe.student.architecture!r} has no adapter paths; leave it out"
+                )
     s = recipe.schedule
     if (s.max_steps is None) == (s.epochs is None):
         raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")

@@ -116,6 +116,19 @@ def test_imports_load_plugins_and_report_missing_modules(tmp_path):
         load_recipe(path)
 
 
+def test_a_plugin_that_registers_a_taken_name_is_named(tmp_path, monkeypatch):
+    (tmp_path / "twice_plugin.py").write_text(
+        "from sak.registry import TEACHERS\nfrom sak.teachers.timm_teacher import TimmTeacher\n"
+        "TEACHERS.register('sam')(type('Other', (TimmTeacher,), {}))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_variant(tmp_path, lambda d: d.update(imports=["twice_plugin"]))
+    with pytest.raises(
+        RecipeError, match=r"imports\[0\]: plug-in module 'twice_plugin': teacher 'sam' is registered twice"
+    ):
+        load_recipe(path)
+
+
 def test_schedule_needs_exactly_one_length():
     with pytest.raises(RecipeError, match="exactly one of schedule.max_steps and schedule.epochs"):
         load_recipe(TINY, ["schedule.epochs=2"])
@@ -181,6 +194,18 @@ def test_a_task_the_dataset_has_no_targets_for_is_a_recipe_error():
         load_recipe(
             TINY, ["data.name=nyud", "data.options={}", "tasks=[{name: semseg}, {name: parts}, {name: saliency}]"]
         )
+
+
+def test_an_adapter_for_a_student_without_adapter_paths_is_an_error(monkeypatch):
+    from sak.registry import ADAPTERS
+
+    monkeypatch.setitem(ADAPTERS._entries, "grid", object)  # a plug-in adapter type
+    baseline = REPO / "recipes" / "baselines" / "many_to_one.yaml"
+    assert load_recipe(baseline).student.architecture == "many_to_one"
+    with pytest.raises(
+        RecipeError, match=r"teachers\[0\].adapter: 'grid' would go unused: .*'many_to_one' has no adapter"
+    ):
+        load_recipe(baseline, ["teachers.0.adapter=grid"])
 
 
 def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):

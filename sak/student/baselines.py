@@ -18,6 +18,7 @@ from .stem import TeacherAgnosticStem, even_levels
 
 class ManyToOneStudent(nn.Module):
     inference_uses_teacher_paths = False  # the projections serve distillation only
+    has_adapter_paths = False  # so a recipe's teachers[].adapter would go unused (validate refuses it)
 
     def __init__(
         self, stem: TeacherAgnosticStem, teachers: list[TeacherSlot], tasks: dict[str, int], levels: list[int] | None
