@@ -7,8 +7,9 @@ the usual cause is a plug-in module that nobody imported.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -66,3 +67,12 @@ LOSSES: Registry = Registry("loss")
 ADAPTERS: Registry = Registry("adapter")
 ROUTERS: Registry = Registry("router")
 STUDENTS: Registry = Registry("student architecture")
+
+
+def check_call(entry: Callable, args: tuple[Any, ...], what: str, wants: str) -> None:
+    """Raise a ValueError naming `what` when a registered plug-in cannot be called with `args` (the arguments
+    `wants` describes), before calling it: a TypeError from inside the call would be the plug-in's own."""
+    try:
+        inspect.signature(entry).bind(*args)
+    except TypeError as exc:
+        raise ValueError(f"{what} ({entry.__name__}): the constructor must take {wants}: {exc}") from None

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..registry import ADAPTERS
+from ..registry import ADAPTERS, check_call
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,7 @@ class TeacherSpecificAdapterPath(nn.Module):
     def __init__(self, dim: int, depth: int, levels: list[int], adapter: str = "bottleneck", down_ratio: int = 4):
         super().__init__()
         cls = ADAPTERS.get(adapter)
-        try:
-            inspect.signature(cls).bind(dim, down_ratio)
-        except TypeError as exc:  # (a TypeError from inside the constructor is the constructor's own)
-            raise ValueError(
-                f"adapter {adapter!r} ({cls.__name__}): the constructor must take (dim, down_ratio): {exc}"
-            ) from None
+        check_call(cls, (dim, down_ratio), f"adapter {adapter!r}", "(dim, down_ratio)")
         self.adapters = nn.ModuleList(cls(dim, down_ratio) for _ in range(depth + 1))
         self.takes_grid = takes_grid(cls)
         self.grad_checkpointing = False  # student.grad_checkpointing: each adapter recomputed in backward

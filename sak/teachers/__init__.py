@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
-from ..registry import TEACHERS
+from ..registry import TEACHERS, check_call
 from . import clip, dinov2, efficientnet, hed, imgfocus, sam, timm_teacher  # noqa: F401  (register their teachers)
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
 
@@ -26,12 +25,7 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
         spec = dataclasses.replace(spec, weights=weights)
     built = build_options(cls, options, where=f"teacher {name!r}")
-    try:
-        inspect.signature(cls).bind(spec, built)
-    except TypeError as exc:  # (a TypeError from inside the constructor is the constructor's own)
-        raise ValueError(
-            f"teacher {name!r} ({cls.__name__}): the constructor must take (spec, options): {exc}"
-        ) from None
+    check_call(cls, (spec, built), f"teacher {name!r}", "(spec, options)")
     teacher = cls(spec, built)
     if spec.levels is not None and tuple(teacher.meta.levels) != tuple(spec.levels):
         raise ValueError(
