@@ -21,7 +21,8 @@
 #                                         # student.grad_checkpointing (peak memory); about 6 minutes; not run yet
 #   bash benchmarks/gpu_checks.sh 9 OUT   # SAM-B's relative-position attention at 1024 px, batch 16, bf16: written
 #                                         # out, folded (the default) and FlexAttention, alone and in the encoder
-#                                         # (sam_attention_cuda; about 3 minutes, fits beside any part; not run yet)
+#                                         # (sam_attention_cuda; 3-5 minutes with the kernels compiling, so
+#                                         # it fits beside any part; not run yet)
 #   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
 #                                         # default) and through FlexAttention: what part 9's kernel does to the
 #                                         # step and its MFU; about 5 minutes; not run yet
@@ -69,7 +70,7 @@ case $part in
 8) timeout 330 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
        --results "$out"
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
-9) timeout 240 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
+9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
 *) echo "part must be 1 to 10" >&2; exit 2 ;;
 esac
