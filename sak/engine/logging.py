@@ -61,16 +61,26 @@ def run_info(recipe: Recipe, world_size: int) -> dict:
     }
 
 
-def flat_config(d: dict, prefix: str = "") -> dict:
-    """Nested recipe -> {"optim.lr": 0.001, ...} with lists as strings (what trackers accept)."""
+def flatten(d: dict, prefix: str = "", split_lists: bool = False) -> dict:
+    """Nested recipe -> {"optim.lr": 0.001, ...}; with `split_lists`, lists of sections (teachers, tasks) by
+    index ("teachers.0.image_size"), so that a value inside one compares on its own."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flat_config(v, key + "."))
+            out.update(flatten(v, key + ".", split_lists))
+        elif split_lists and isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}.", split_lists))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return {k: ("" if v is None else v) for k, v in out.items()}
+            out[key] = v
+    return out
+
+
+def flat_config(d: dict) -> dict:
+    """Nested recipe -> {"optim.lr": 0.001, ...} with lists as strings and None as "" (what trackers accept)."""
+    scalar = (int, float, str, bool)
+    return {k: "" if v is None else v if isinstance(v, scalar) else str(v) for k, v in flatten(d).items()}
 
 
 def _step(line: str) -> float:

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .init import init_student_from
-from .logging import RunLogger, run_info
+from .logging import RunLogger, flatten, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .schedule import lr_lambda
@@ -99,20 +99,8 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
 RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested recipe -> {"optim.lr": 0.001, "teachers.0.image_size": 378, ...}: lists of sections (teachers, tasks)
-    by index, so that a value inside one compares on its own."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for i, item in enumerate(v):
-                out.update(_flat(item, f"{key}.{i}."))
-        else:
-            out[key] = v
-    return out
+def _flat(d: dict) -> dict:
+    return flatten(d, split_lists=True)
 
 
 # the defaults a key takes when a recipe leaves it out, per section (list items by their type)
