@@ -203,6 +203,8 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     bare training step on a fake batch of the recipe's shapes and count each phase."""
     recipe = load_one_batch(path, overrides)
     bare, fake = fake_bare_step(recipe)
+    # the routers mix as on a GPU (multiply-adds; eager on the CPU the student takes a batched product)
+    as_on_a_gpu = mock.patch("sak.student.router._use_multiply_adds", return_value=True)
 
     phases: dict[str, dict] = {}
     modules: dict[str, dict[str, int]] = {}
@@ -214,7 +216,7 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
         modules[name] = dict(counter.modules)
         return result
 
-    with fake:
+    with fake, as_on_a_gpu:
         bare.run(lambda name, fn: fn())  # the first step creates the optimiser (on the fake parameters) and its state
         bare.run(counted)
         # the FLOPs the model defines, for MFU as benchmarks/throughput.py counts it: SAM's attention as

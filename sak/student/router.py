@@ -12,11 +12,13 @@ from ..registry import ROUTERS
 
 def mix_experts(experts: list[Tensor], weights: Tensor | None) -> Tensor:
     """sum_e w_e x_e: experts E tensors (B, N, D); weights (B, E) per image, (B, N, E) per token, or None for
-    the plain sum -> (B, N, D)."""
+    the plain sum -> (B, N, D), in the experts' dtype whatever autocast says."""
     if weights is None:
         return torch.stack(experts).sum(0)
     if weights.ndim == 2:
         return mix_experts_per_image(experts, [weights])[0]
+    if _use_multiply_adds(experts[0]):
+        return mix_by_multiply_adds(experts, weights)
     b, n, d = experts[0].shape
     with torch.autocast(experts[0].device.type, enabled=False):  # in the experts' dtype, as below
         stacked = torch.stack(experts, dim=2).view(b * n, len(experts), d)  # (B*N, 1, E) @ (B*N, E, D)
@@ -27,16 +29,39 @@ def mix_experts(experts: list[Tensor], weights: Tensor | None) -> Tensor:
 def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     """Several per-image weightings (B, E) of the same experts (one per task) -> one (B, N, D) mixture each.
 
-    One batched product (B, T, E) @ (B, E, N*D) over the experts stacked once, in the experts' dtype whatever
-    autocast says. Against a broadcast product and a sum per task it reads and writes the full-size tensors
-    several times less, forward and backward, and each expert receives one gradient instead of one per task
-    (benchmarks/results/step_traffic.md, stage 2)."""
+    Two ways to compute the same sums, chosen by where they run (benchmarks/router_mix.py times both):
+    - eager on the CPU, one batched product (B, T, E) @ (B, E, N*D) over the experts stacked once. Against a
+      broadcast product and a sum per task it reads and writes the full-size tensors several times less,
+      forward and backward, and each expert receives one gradient instead of one per task
+      (benchmarks/results/step_traffic.md, stage 2); at the stage-2 GPU recipe's shapes it is 1.5 to 1.8x
+      faster than the multiply-adds on a 2-core CPU (benchmarks/results/router_mix_cpu.md, three runs);
+    - on an accelerator, or traced by torch.compile, E elementwise multiply-adds per task. The product's
+      inner dimension is E = 4, for which cuBLAS ran a batched GEMV at about 50 GB/s on an H200: 4.3 ms per
+      stage-2 level forward (benchmarks/results/profile_gpu_h200.txt), where an elementwise kernel runs at
+      memory speed; compiled, inductor fuses the multiply-adds (2 to 5x faster than the compiled product on
+      that CPU), where for the product it calls the same library kernel as eager."""
+    if _use_multiply_adds(experts[0]):
+        return [mix_by_multiply_adds(experts, w) for w in weights]
     b, n, d = experts[0].shape
     with torch.autocast(experts[0].device.type, enabled=False):
         stacked = torch.stack(experts, dim=1).view(b, len(experts), n * d)
         w = torch.stack(weights, dim=1).to(stacked.dtype)  # (B, T, E)
         mixed = torch.bmm(w, stacked)  # (B, T, N*D)
     return list(mixed.view(b, len(weights), n, d).unbind(1))  # backward: one stack of the tasks' gradients
+
+
+def _use_multiply_adds(x: Tensor) -> bool:
+    return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def mix_by_multiply_adds(experts: list[Tensor], weights: Tensor) -> Tensor:
+    """sum_e w_e x_e as E elementwise multiply-adds; weights (B, E) or (B, N, E)."""
+    w = weights.to(experts[0].dtype)
+    w = (w[:, None] if w.ndim == 2 else w).unsqueeze(-1)  # (B, 1 or N, E, 1): broadcasts over tokens, channels
+    mixed = experts[0] * w[:, :, 0]
+    for e in range(1, len(experts)):
+        mixed = torch.addcmul(mixed, experts[e], w[:, :, e])
+    return mixed
 
 
 class Router(nn.Module):

@@ -12,7 +12,7 @@ from sak.engine.build import build_distill_loss, build_student, build_tasks, bui
 from sak.engine.step import compute_losses, teacher_targets
 from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_report
 from sak.student.adapters import ADAPTERS, BottleneckAdapter, TeacherSpecificAdapterPath, TokenGrid
-from sak.student.router import NoisyRouter, PixelRouter, SumRouter
+from sak.student.router import NoisyRouter, PixelRouter, SumRouter, mix_experts, mix_experts_per_image
 
 from ..conftest import TESTS
 
@@ -68,6 +68,35 @@ def test_router_mixing_and_its_gradients_equal_the_weighted_sum_written_out(rout
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert router.float()(tas.float(), [e.float() for e in ex]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_batched_product(
+    monkeypatch, per_token
+):
+    """Off the CPU, or traced by torch.compile, the experts are mixed by elementwise multiply-adds instead of
+    the batched product (whose inner dimension of E = 4 cuBLAS runs slowly): the same mixtures and gradients
+    in float64, per-image weights for several tasks at once and per-token weights, and no product taken."""
+    _, ex = experts(e=4)
+    ex = [e.double().requires_grad_(True) for e in ex]
+    shape = (2, 5, 4) if per_token else (2, 4)
+    ws = [torch.randn(shape, dtype=torch.float64).softmax(-1).requires_grad_(True) for _ in range(3)]
+
+    def mix():
+        return [mix_experts(ex, w) for w in ws] if per_token else mix_experts_per_image(ex, ws)
+
+    want = mix()  # eager on the CPU: the batched product
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("the batched product was taken"))
+    got = mix()
+    grads = [torch.randn_like(m) for m in got]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad(got, ex + ws, grads)
+    for a, b in zip(got_grads, torch.autograd.grad(want, ex + ws, grads), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mix_experts([e.detach().float() for e in ex], ws[0].detach().float()).dtype == torch.float32
 
 
 def test_adapter_is_a_scaled_residual_bottleneck_and_path_follows_the_paper_recurrence():
