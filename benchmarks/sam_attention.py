@@ -2,7 +2,9 @@
 PyTorch's fused attention (`sak.teachers.sam_attention.rel_pos_attention`, the teacher's default), and through
 FlexAttention (`rel_pos_flex_attention`, `attention: flex`); and, in the first table only, the folded
 attention with v left 64 wide (`narrow_v`: no flash kernel then, a third fewer products in the global
-blocks; no teacher option runs it).
+blocks). The first table's `folded` pads v to q's width; the teacher's `folded` leaves it 64 wide on a CUDA
+device (where the first table's H200 run found it faster) and pads it on the CPU, and so does the encoder's
+`folded` row.
 
     python -m benchmarks.sam_attention                                  # CPU: 512 px, batch 1
     python -m benchmarks.sam_attention --image-size 1024 --batch 16     # the GPU recipes' SAM-B (bf16)
@@ -19,7 +21,8 @@ largest magnitude.
 Part 2 times the whole SAM-B image encoder (timm source, random weights, the relative-position tables drawn
 from N(0, 0.1) where timm starts them at zero; speed does not depend on the weights)
 with the teacher option `attention: library` (timm's masked attention, PyTorch's unfused math kernel),
-`folded` and `flex`, per image, in the same precision.
+`folded` and `flex`, per image, in the same precision; on a CUDA device also `folded, v padded`, the
+teacher's folded attention with v zero-padded as on the CPU.
 
 FlexAttention is compiled for each shape on its first call (on this CPU, some seconds per shape); the warm-up
 calls pay it. Writes results/sam_attention_<device>.{json,md}.
@@ -34,16 +37,18 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from sak.teachers import TeacherSpec, create_teacher
-from sak.teachers.sam_attention import rel_pos_attention, rel_pos_flex_attention
+from sak.teachers.sam_attention import KERNELS as KERNELS_BY_OPTION
+from sak.teachers.sam_attention import fuse_sam_attention, rel_pos_attention, rel_pos_flex_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, CHANNELS, WINDOW, PATCH = 12, 64, 14, 16  # SAM-B
 KERNELS = {
-    "folded": rel_pos_attention,
+    "folded": partial(rel_pos_attention, narrow_v=False),
     "folded, v 64 wide": partial(rel_pos_attention, narrow_v=True),  # not the flash kernel: unequal widths
     "flex": rel_pos_flex_attention,
 }
@@ -129,11 +134,18 @@ def encoder_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
     reference = None
-    for attention in ("library", "folded", "flex"):
+    variants = ["library", "folded", "flex"]
+    if device.type == "cuda":  # where the teacher's folded kernel leaves v narrow: the padded one beside it
+        variants.insert(2, "folded, v padded")
+    for variant in variants:
+        attention = variant.split(",")[0]
         torch.manual_seed(0)
         teacher = create_teacher(
             "sam", spec=TeacherSpec(image_size=args.image_size), source="timm", size="b", attention=attention
         )
+        if variant == "folded, v padded":
+            with mock.patch.dict(KERNELS_BY_OPTION, {"padded": partial(rel_pos_attention, narrow_v=False)}):
+                fuse_sam_attention(teacher, "padded")
         tables = torch.Generator().manual_seed(0)
         with torch.no_grad():  # timm initialises the relative-position tables to zero: give the bias some weight
             for name, param in teacher.named_parameters():
@@ -150,13 +162,13 @@ def encoder_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         seconds = median_time(partial(teacher.encode, images, autocast), device, args.repeats, args.warmup)
         rows.append(
             {
-                "attention": attention,
+                "attention": variant,
                 "dtype": str(dtype).removeprefix("torch."),
                 "seconds_per_image": seconds / args.batch,
                 "relative_difference_to_library": error,
             }
         )
-        print(f"encoder {attention}: {seconds / args.batch * 1e3:.0f} ms per image", flush=True)
+        print(f"encoder {variant}: {seconds / args.batch * 1e3:.0f} ms per image", flush=True)
         del teacher
     return rows
 

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 
 def rel_pos_attention(
-    q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float, narrow_v: bool = False
+    q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float,
+    narrow_v: bool | None = None,
 ) -> Tensor:
     """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c).
 
@@ -48,8 +49,10 @@ def rel_pos_attention(
     (in the tables, which are small) so that the kernel's scaling gives them back unscaled.
 
     narrow_v: pass v at its own width c instead of zero-padded to q's. The flash kernel refuses unequal widths,
-    but the memory-efficient (and the CPU's) take them, with a third fewer products in the global blocks;
-    whether that pays on a GPU is measured by benchmarks/sam_attention.py (the teacher passes v padded)."""
+    but the memory-efficient (and the CPU's) take them, with a third fewer products in the global blocks.
+    None (the teacher's choice): on a CUDA device, where it paid on an H200 (SAM-B at 1024 px, batch 16,
+    bf16: 3.74 instead of 4.59 ms per global block, 1.35 instead of 1.59 per windowed one), and not on the
+    CPU, where it cost more (benchmarks/results/sam_attention_{cuda,cpu}.md)."""
     b, n_heads, n, c = q.shape
     h, w = size
     width = c + h + w
@@ -68,7 +71,7 @@ def rel_pos_attention(
     k2[..., c + h : width] = F.one_hot(index % w, w).to(k.dtype)
     for t in (q2, k2):
         t[..., width:].zero_()
-    if narrow_v:
+    if q.device.type == "cuda" if narrow_v is None else narrow_v:
         return F.scaled_dot_product_attention(q2, k2, v, scale=scale)
     v2 = v.new_empty(b, n_heads, n, padded)
     v2[..., :c] = v
