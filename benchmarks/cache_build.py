@@ -7,7 +7,9 @@ process (`data.num_workers: 0`) or by loader workers while the teachers run.
 The data is a folder of JPEG files (640 x 480, quality 90, the size of a PASCAL / NYUD photograph) cut from
 the demo's photographs, read as `image_folder` with the training augmentation (`--augment`: decode, random
 resized crop, flip). Two teacher sets: the demo recipe's three pretrained teachers, and one small random
-ViT whose cost is near the reading's, where overlapping the two matters most. Each build runs in a fresh
+ViT whose cost is near the reading's, where overlapping the two matters most (`--teachers demo small`, the
+default); on a GPU machine `--teachers gpu small`, the GPU recipes' three base teachers with random weights
+at their resolutions in bf16 (the demo teachers' packages are not there). Each build runs in a fresh
 directory after one untimed build (warm page cache and imports); the time covers `build_cache` from its
 start to the manifest (teachers built, images read, teachers run, shards written and hashed). `read only`
 is the same loader with no teacher behind it. Last, what the build reads of one PASCAL-Context training
@@ -40,7 +42,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEMO = ROOT / "recipes" / "demo" / "default.yaml"
 SMALL = ["teachers=[{name: timm, key: vit, options: {model: vit_small_patch16_224, "
          "model_kwargs: {embed_dim: 96, depth: 4, num_heads: 3, img_size: 112}}}]"]  # fmt: skip
-TEACHER_SETS = {"demo (dinov2, effnet, hed)": [], "one small ViT": SMALL}
+# the GPU recipes' three base teachers (random weights, timm) at their resolutions, in bf16: for a GPU machine,
+# which has neither the demo teachers' packages nor a reason to time them
+GPU = [
+    "teachers=[{name: dinov2, key: dinov2, image_size: 378, options: {size: base, source: timm}}, "
+    "{name: clip, key: clip, image_size: 384, options: {source: timm, model: vit_base_patch16_clip_384}}, "
+    "{name: sam, key: sam, options: {source: timm, size: b}}]",
+    "data.image_size=384",
+    "precision.mixed=bf16",
+]
+TEACHER_SETS = {"demo (dinov2, effnet, hed)": [], "one small ViT": SMALL, "GPU recipe (dinov2, clip, sam)": GPU}
+CHOICES = {"demo": "demo (dinov2, effnet, hed)", "small": "one small ViT", "gpu": "GPU recipe (dinov2, clip, sam)"}
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", default="cache_build_cpu", help="results file stem")
+    parser.add_argument("--teachers", nargs="+", choices=list(CHOICES), default=["demo", "small"],
+                        help="teacher sets to time (gpu: the GPU recipes' three base teachers, random weights)")
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__, "images": args.images,
@@ -101,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_images(data / "train", args.images)
-        for label, teachers in TEACHER_SETS.items():
+        for label in (CHOICES[c] for c in args.teachers):
+            teachers = TEACHER_SETS[label]
             for workers in args.workers:
                 recipe = recipe_for(data, teachers, workers, tmp)
                 build = lambda name, r=recipe: build_cache(  # noqa: E731

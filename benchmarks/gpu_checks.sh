@@ -13,8 +13,10 @@
 #                                         # vs sak engine, and with 1 teacher
 #   bash benchmarks/gpu_checks.sh 6 OUT   # the compiled fp16 cache with data.prefetch_to_device true and with
 #                                         # the default auto (which should read ahead there too); not run yet
-#   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers
-#                                         # (cache_build_gpu; about 2 minutes; not run yet)
+#   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers, the GPU
+#                                         # recipes' teachers and a small ViT (cache_build_gpu; about 2 minutes;
+#                                         # not run yet: on 2026-11-27 it asked for the demo's teachers, whose
+#                                         # packages the machine lacks)
 #   bash benchmarks/gpu_checks.sh 8 OUT   # the stage-1 cached step part by part, eager and compiled: the ViT alone,
 #                                         # + adapter paths, + losses, + optimiser (student_step_cuda): where the
 #                                         # cached step loses the teachers' rate; stage 2 without and with
@@ -25,7 +27,11 @@
 #                                         # it fits beside any part; not run yet)
 #   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
 #                                         # default) and through FlexAttention: what part 9's kernel does to the
-#                                         # step and its MFU; about 5 minutes; not run yet
+#                                         # step and its MFU; about 5 minutes
+#   bash benchmarks/gpu_checks.sh 11 OUT  # after the 2026-11-27 run: the routers' mixing, batched product vs
+#                                         # multiply-adds (router_mix_cuda); part 9 again (the encoder with v
+#                                         # left narrow, the teacher's default on CUDA since, beside v padded);
+#                                         # stage 2 eager and compiled (into OUT/stage2/); about 6 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -33,15 +39,18 @@
 # its two rows with each other (wall images/s), not with an online row.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
-# student_step_cuda.* (part 8), sam_attention_cuda.* (part 9). Each
+# student_step_cuda.* (part 8), sam_attention_cuda.* (parts 9 and 11), router_mix_cuda.* (part 11). Each
 # part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
 # cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
-# again in a second call. Still to run: part 4's profile and parts 5 to 10. throughput_gpu.{json,md} hold
+# again in a second call. On 2026-11-27 (H200) parts 10 and 9 ran in one call (306 s, machine start not
+# counted), then part 8 (191 s), part 4's profile (42 s) and part 5's loader (its fp16 half only, before
+# the limit); results in throughput_gpu_h200_part{10,8}, sam_attention_cuda, student_step_cuda,
+# profile_gpu_h200. Still to run: parts 5 (the rest), 6, 7 and 11. throughput_gpu.{json,md} hold
 # the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 10}
+part=${1:?part 1 to 11}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -66,12 +75,18 @@ case $part in
        --name cache_loader_gpu
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
 6) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/fp16-cache/compiled/prefetch gpu/stage1/sak/fp16-cache/compiled/auto ;;
-7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --results "$out" --name cache_build_gpu ;;
+7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --teachers gpu small --results "$out" \
+       --name cache_build_gpu ;;
 8) timeout 330 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
        --results "$out"
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
-*) echo "part must be 1 to 10" >&2; exit 2 ;;
+11) timeout 90 python3 -m benchmarks.router_mix --results "$out"
+    timeout 120 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out"
+    mkdir -p "$out/stage2"
+    timeout "${LIMIT:-240}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
+        --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
+*) echo "part must be 1 to 11" >&2; exit 2 ;;
 esac
 ls -la "$out"
