@@ -105,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", default="cache_build_cpu", help="results file stem")
-    parser.add_argument("--teachers", nargs="+", choices=list(CHOICES), default=["demo", "small"],
-                        help="teacher sets to time (gpu: the GPU recipes' three base teachers, random weights)")
+    parser.add_argument(
+        "--teachers",
+        nargs="+",
+        choices=list(CHOICES),
+        default=["demo", "small"],
+        help="teacher sets to time (gpu: the GPU recipes' three base teachers, random weights)",
+    )
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__, "images": args.images,

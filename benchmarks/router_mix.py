@@ -53,8 +53,10 @@ def rows(args, device: torch.device) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (args.batch, args.tokens, args.dim)
     experts = [torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in range(args.experts)]
-    weights = [torch.randn(args.batch, args.experts, generator=gen).softmax(-1).to(device).requires_grad_()
-               for _ in range(args.tasks)]
+    weights = [
+        torch.randn(args.batch, args.experts, generator=gen).softmax(-1).to(device).requires_grad_()
+        for _ in range(args.tasks)
+    ]
     grads = [torch.randn(shape, generator=gen).to(device) for _ in range(args.tasks)]
     ways = {"batched product": batched_product, "multiply-add": multiply_add}
     if args.compile:
@@ -62,6 +64,7 @@ def rows(args, device: torch.device) -> list[dict]:
     reference = [m.detach() for m in batched_product(experts, weights)]
     out = []
     for name, fn in ways.items():
+
         def step(fn=fn) -> None:
             mixed = fn(experts, weights)
             torch.autograd.backward(mixed, grads)

@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 
 def rel_pos_attention(
-    q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, size: tuple[int, int], scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rh: Tensor,
+    rw: Tensor,
+    size: tuple[int, int],
+    scale: float,
     narrow_v: bool | None = None,
 ) -> Tensor:
     """q, k, v (B, heads, H*W, c); rh (H, H, c), rw (W, W, c) the tables for (query, key) offsets -> (B, heads, N, c).

@@ -71,9 +71,7 @@ def test_router_mixing_and_its_gradients_equal_the_weighted_sum_written_out(rout
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_batched_product(
-    monkeypatch, per_token
-):
+def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_batched_product(monkeypatch, per_token):
     """Off the CPU, or traced by torch.compile, the experts are mixed by elementwise multiply-adds instead of
     the batched product (whose inner dimension of E = 4 cuBLAS runs slowly): the same mixtures and gradients
     in float64, per-image weights for several tasks at once and per-token weights, and no product taken."""
