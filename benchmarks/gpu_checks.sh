@@ -32,6 +32,10 @@
 #                                         # multiply-adds (router_mix_cuda); part 9 again (the encoder with v
 #                                         # left narrow, the teacher's default on CUDA since, beside v padded);
 #                                         # stage 2 eager and compiled (into OUT/stage2/); about 6 minutes
+#   bash benchmarks/gpu_checks.sh 12 OUT  # precision.compile_losses: the cached step part by part with the
+#                                         # distillation loss compiled (student_step_cuda_compiled_losses),
+#                                         # then stage 1 compiled online and from the fp16 cache (read ahead),
+#                                         # both with it; about 7 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -47,10 +51,10 @@
 # again in a second call. On 2026-11-27 (H200) parts 10 and 9 ran in one call (306 s, machine start not
 # counted), then part 8 (191 s), part 4's profile (42 s) and part 5's loader (its fp16 half only, before
 # the limit); results in throughput_gpu_h200_part{10,8}, sam_attention_cuda, student_step_cuda,
-# profile_gpu_h200. Still to run: parts 5 (the rest), 6, 7 and 11. throughput_gpu.{json,md} hold
+# profile_gpu_h200. Still to run: parts 5 (the rest), 6, 7, 11 and 12. throughput_gpu.{json,md} hold
 # the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 11}
+part=${1:?part 1 to 12}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -87,6 +91,9 @@ case $part in
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-240}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
-*) echo "part must be 1 to 11" >&2; exit 2 ;;
+12) timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+        --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
+    timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
+*) echo "part must be 1 to 12" >&2; exit 2 ;;
 esac
 ls -la "$out"

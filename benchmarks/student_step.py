@@ -20,7 +20,8 @@ stores them:
 
 Each under the recipe's autocast, gradients dropped after each step (`zero_grad(set_to_none=True)`), one
 host sync per step; the median of `--steps` after `--warmup`. Compiled: `precision.compile_student` as the
-engine applies it (`student.compile()`, the losses and optimiser eager), and the `vit` variant's forward
+engine applies it (`student.compile()`; the distillation loss too when the recipe or an override sets
+`precision.compile_losses`; the task losses and the optimiser eager), and the `vit` variant's forward
 compiled on its own. FLOPs are counted once per variant on the eager modules (torch.utils.flop_counter,
 attention included on the CPU: benchmarks/flops.py). The difference between two rows is what the added
 part costs; TFLOP/s per row says how well the whole of it uses the machine. Writes
@@ -91,7 +92,8 @@ class Variants:
             self.normalizers.to(dev)
         self.step = 0  # the normalisers' step: their statistics keep growing, as in training before normalize_until
         del teachers, targets
-        self.loss_fn = build_distill_loss(recipe)
+        self.loss_fn = build_distill_loss(recipe, compiled=False)  # compiled with the student, if the recipe says
+        self.compile_losses = recipe.precision.compile_losses
         self.alpha = recipe.loss.alpha if self.tasks else 1.0
         self.optimizer = build_optimizer(recipe, self.student)
         self.clip = recipe.optim.grad_clip
@@ -107,6 +109,8 @@ class Variants:
 
     def compile(self) -> None:
         self.student.compile()  # precision.compile_student, as sak.engine.build.prepare_student applies it
+        if self.compile_losses:  # precision.compile_losses, as sak.engine.build.build_distill_loss applies it
+            self.loss_fn.compile()
         self.vit_forward = torch.compile(self._vit_forward)
 
     def normalized_targets(self) -> dict:

@@ -103,6 +103,14 @@ GPU_CASES = {
     ),
     # the recipe's default, data.prefetch_to_device: auto, which should read ahead here as /prefetch does
     "gpu/stage1/sak/fp16-cache/compiled/auto": (GPU1, COMPILED[:1], "sak", "fp16"),
+    # the distillation loss compiled too (eager, its launches bound a cached step: benchmarks/student_step.py)
+    "gpu/stage1/sak/online/compiled/losses": (GPU1, [*COMPILED, "precision.compile_losses=true"], "sak", None),
+    "gpu/stage1/sak/fp16-cache/compiled/losses/prefetch": (
+        GPU1,
+        [*COMPILED[:1], "precision.compile_losses=true", "data.prefetch_to_device=true"],
+        "sak",
+        "fp16",
+    ),
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),

@@ -96,8 +96,13 @@ def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
             p.requires_grad_(name.startswith(("routers.", "heads.")))
 
 
-def build_distill_loss(recipe: Recipe) -> torch.nn.Module:
-    return LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
+def build_distill_loss(recipe: Recipe, compiled: bool | None = None) -> torch.nn.Module:
+    """The recipe's distillation loss, torch.compile'd in place when `compiled` (default:
+    `precision.compile_losses`)."""
+    loss = LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
+    if recipe.precision.compile_losses if compiled is None else compiled:
+        loss.compile()
+    return loss
 
 
 def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> TargetNormalizers | None:

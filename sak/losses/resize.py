@@ -20,26 +20,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _weights(n_in: int, n_out: int, device: torch.device, exact: torch.dtype) -> Tensor:
+    """(n_out, n_in) 1-D bilinear weights made on `device` in `exact` precision (float32 or float64)."""
+    eye = torch.eye(n_in, dtype=exact, device=device).reshape(n_in, 1, n_in, 1)  # row j = the j-th unit signal
+    columns = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)  # (n_in, 1, n_out, 1)
+    return columns[:, 0, :, 0].T.contiguous()
+
+
+def _exact(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # the precision F.interpolate's weights use
+
+
 @functools.lru_cache(maxsize=64)
-def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(n_out, n_in) weights of 1-D bilinear resizing (align_corners=False), as F.interpolate computes them."""
-    exact = torch.float64 if dtype == torch.float64 else torch.float32  # the precision F.interpolate's weights use
+def _cached_interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # a plain tensor even when first asked for under inference_mode (evaluation): the cached matrix is
     # reused by training steps, and autograd refuses to save an inference tensor for backward
     with torch.inference_mode(False), torch.no_grad():
-        eye = torch.eye(n_in, dtype=exact).reshape(n_in, 1, n_in, 1)  # row j = the j-th unit signal
-        columns = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)  # (n_in, 1, n_out, 1)
-        return columns[:, 0, :, 0].T.contiguous().to(device=device, dtype=dtype)
+        return _weights(n_in, n_out, torch.device("cpu"), _exact(dtype)).to(device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_gram_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        a = _weights(n_in, n_out, torch.device("cpu"), _exact(dtype)).double()
+        return (a.T @ a).to(device=device, dtype=dtype)
+
+
+def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in) weights of 1-D bilinear resizing (align_corners=False), as F.interpolate computes them:
+    made on the CPU once per (sizes, device, dtype) and cached. Traced by torch.compile
+    (`precision.compile_losses`) they are made inside the graph, on the device: dynamo cannot keep a
+    cache, and a matrix made on the CPU would cross to the device on every call."""
+    if torch.compiler.is_compiling():
+        return _weights(n_in, n_out, device, _exact(dtype)).to(dtype)
+    return _cached_interpolation_matrix(n_in, n_out, device, dtype)
+
+
 def gram_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(n_in, n_in) A^T A of the float32 (or float64) interpolation matrix A = interpolation_matrix(n_in,
-    n_out): |resize(x)|^2 = <x, G_h x G_w>. The product is taken in float64, then cast."""
-    exact = torch.float64 if dtype == torch.float64 else torch.float32
-    with torch.inference_mode(False), torch.no_grad():
-        a = interpolation_matrix(n_in, n_out, torch.device("cpu"), exact).double()
-        return (a.T @ a).to(device=device, dtype=dtype)
+    n_out): |resize(x)|^2 = <x, G_h x G_w>. The product is taken in float64, then cast; cached, or made in
+    the graph, as interpolation_matrix."""
+    if torch.compiler.is_compiling():
+        a = _weights(n_in, n_out, device, _exact(dtype)).double()
+        return (a.T @ a).to(dtype)
+    return _cached_gram_matrix(n_in, n_out, device, dtype)
+
+
+interpolation_matrix.cache_clear = _cached_interpolation_matrix.cache_clear  # type: ignore[attr-defined]
+gram_matrix.cache_clear = _cached_gram_matrix.cache_clear  # type: ignore[attr-defined]
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

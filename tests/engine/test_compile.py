@@ -1,4 +1,4 @@
-"""`precision.compile_student` / `compile_teachers`: training runs the torch.compile'd modules, learns what the
+"""`precision.compile_student` / `compile_teachers` / `compile_losses`: training runs the torch.compile'd modules, learns what the
 eager run learns, and writes the same checkpoint keys (the student is compiled in place)."""
 
 import json
@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from sak.engine import train
-from sak.engine.build import build_student, build_tasks, build_teachers, prepare_student
+from sak.engine.build import build_distill_loss, build_student, build_tasks, build_teachers, prepare_student
 from sak.engine.checkpoint import latest_checkpoint
+from sak.registry import LOSSES
 
 
 def logged_losses(run_dir):
@@ -28,16 +29,37 @@ def test_prepare_student_compiles_in_place_only_when_asked(tiny_recipe):
     assert list(student.state_dict()) == keys  # no `_orig_mod.` prefix: checkpoints load either way
 
 
+def test_distill_loss_compiled_only_when_asked_equals_eager_with_its_gradients(tiny_recipe):
+    """precision.compile_losses compiles the loss module in place; the compiled SAK loss gives the eager one's
+    value and gradients, on maps of the student's size, a smaller teacher grid and one 4x larger (where it
+    takes the cosine without upsampling the student, through the cached interpolation matrices)."""
+    assert build_distill_loss(tiny_recipe())._compiled_call_impl is None
+    assert build_distill_loss(tiny_recipe("precision.compile_losses=true"))._compiled_call_impl is not None
+    assert build_distill_loss(tiny_recipe("precision.compile_losses=true"), compiled=False)._compiled_call_impl is None
+    torch.manual_seed(0)
+    student = [torch.randn(2, 8, 6, 6, requires_grad=True) for _ in range(3)]
+    teacher = [torch.randn(2, 8, *size) for size in ((6, 6), (4, 4), (12, 12))]
+    eager, compiled = LOSSES.get("sak")(), LOSSES.get("sak")()
+    compiled.compile()
+    torch._dynamo.utils.counters.clear()
+    want, got = eager(student, teacher), compiled(student, teacher)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, student), torch.autograd.grad(want, student), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_compiled_training_matches_eager(tiny_recipe):
     common = ["schedule.max_steps=3", "data.num_workers=0", "eval.batches=1"]
     eager = tiny_recipe(*common, "run.name=eager")
     eager_final = train(eager)
     torch._dynamo.utils.counters.clear()
     compiled = tiny_recipe(*common, "run.name=compiled", "precision.compile_student=true",
-                           "precision.compile_teachers=true")  # fmt: skip
+                           "precision.compile_teachers=true", "precision.compile_losses=true")  # fmt: skip
     compiled_final = train(compiled)
-    # the student (train and eval mode) and both teachers went through dynamo, in whole graphs
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4
+    # the student (train and eval mode), both teachers and the loss (one graph per teacher's map shapes) went
+    # through dynamo, in whole graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
     assert not torch._dynamo.utils.counters["graph_break"]
     a, b = logged_losses(eager.run_dir), logged_losses(compiled.run_dir)
     assert len(a) == len(b) == 3
