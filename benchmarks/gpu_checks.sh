@@ -33,9 +33,10 @@
 #                                         # left narrow, the teacher's default on CUDA since, beside v padded);
 #                                         # stage 2 eager and compiled (into OUT/stage2/); about 6 minutes
 #   bash benchmarks/gpu_checks.sh 12 OUT  # precision.compile_losses: the cached step part by part with the
-#                                         # distillation loss compiled (student_step_cuda_compiled_losses),
-#                                         # then stage 1 compiled online and from the fp16 cache (read ahead),
-#                                         # both with it; about 7 minutes
+#                                         # distillation loss compiled (student_step_cuda_compiled_losses,
+#                                         # and its kernels over 3 compiled steps: ..._profile.txt), then
+#                                         # stage 1 compiled online and from the fp16 cache (read ahead), both
+#                                         # with it; about 7 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -92,7 +93,7 @@ case $part in
     timeout "${LIMIT:-240}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
 12) timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
-        --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
+        --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
     timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
 *) echo "part must be 1 to 12" >&2; exit 2 ;;
 esac

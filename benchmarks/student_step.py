@@ -25,7 +25,9 @@ engine applies it (`student.compile()`; the distillation loss too when the recip
 compiled on its own. FLOPs are counted once per variant on the eager modules (torch.utils.flop_counter,
 attention included on the CPU: benchmarks/flops.py). The difference between two rows is what the added
 part costs; TFLOP/s per row says how well the whole of it uses the machine. Writes
-benchmarks/results/student_step_<device>.{json,md} (or `--name`).
+benchmarks/results/student_step_<device>.{json,md} (or `--name`); with `--profile`, also the operators and
+kernels of 3 whole steps by their own device time (<name>_profile.txt), to see which kernels the parts
+spend their time on.
 """
 
 from __future__ import annotations
@@ -156,7 +158,23 @@ def median_ms(variants: Variants, name: str, steps: int, warmup: int, dev: torch
     return 1000 * statistics.median(times)
 
 
-def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, compiled: bool) -> dict:
+def kernel_table(variants: Variants, dev: torch.device, steps: int = 3, rows: int = 30) -> str:
+    """torch.profiler's operators and kernels over `steps` whole cached steps (the `step` variant, compiled if
+    it was), sorted by their own device time (CPU time on the CPU): which kernels a cached step spends on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            variants.run("step")
+        sync(dev)
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+
+
+def measure(
+    recipe_path: str, overrides: list[str], steps: int, warmup: int, compiled: bool, profile: bool = False
+) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recipe = load_recipe(ROOT / recipe_path if not Path(recipe_path).is_absolute() else recipe_path, overrides)
     if dev.type == "cpu" and recipe.run.tune_malloc:
@@ -175,6 +193,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, com
         variants.compile()
         for name in VARIANTS:
             rows[name]["compiled_ms"] = median_ms(variants, name, steps, warmup, dev)
+    profile_table = kernel_table(variants, dev) if profile else None
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else None
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
     for row in rows.values():
@@ -196,6 +215,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, com
         "variants": rows,
         "normalize": recipe.loss.normalize,
         "normalizer_ms": normalizer_ms,
+        "profile": profile_table,
     }
 
 
@@ -226,14 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", help="file stem (default student_step_<device type>)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 3 whole steps (compiled, unless --eager-only): <name>_profile.txt",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     args = parser.parse_args(argv)
-    r = measure(args.recipe, args.overrides, args.steps, args.warmup, not args.eager_only)
+    r = measure(args.recipe, args.overrides, args.steps, args.warmup, not args.eager_only, args.profile)
     command = f"python -m benchmarks.student_step {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     r["command"] = command
     name = args.name or f"student_step_{'cuda' if torch.cuda.is_available() else 'cpu'}"
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    profile_table = r.pop("profile")
+    if profile_table is not None:
+        (out / f"{name}_profile.txt").write_text(f"{command}\n\n{profile_table}\n")
     (out / f"{name}.json").write_text(json.dumps(r, indent=2))
     lines = [
         f"# A cached training step, part by part ({r['device']}, torch {r['torch']})",

@@ -41,6 +41,15 @@ def test_writes_the_table_with_counted_flops(tmp_path):
     assert r["normalizer_ms"] > 0 and r["batch"] == 4
     md = (tmp_path / "s.md").read_text()
     assert md.count("\n| ") == 2 + len(VARIANTS) and "normalisation" in md
+    assert not (tmp_path / "s_profile.txt").exists()
+
+
+def test_profile_writes_the_steps_operators_by_their_own_time(tmp_path):
+    assert main(["--recipe", str(TESTS / "tiny.yaml"), "--steps", "1", "--warmup", "0", "--eager-only", "--profile",
+                 "--results", str(tmp_path), "--name", "s"]) == 0  # fmt: skip
+    text = (tmp_path / "s_profile.txt").read_text()
+    assert text.startswith("python -m benchmarks.student_step") and "Self CPU" in text and "aten::addmm" in text
+    assert "profile" not in json.loads((tmp_path / "s.json").read_text())
 
 
 def test_activation_memory_counts_less_kept_with_grad_checkpointing(tmp_path):
