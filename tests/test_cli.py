@@ -48,6 +48,8 @@ def test_stray_arguments_are_still_refused(capsys):
     [
         (["teachers", "show", "nosuch"], "sak teachers: UnknownNameError: unknown teacher 'nosuch'; known names:"),
         (["teachers", "show", "timm", "foo"], "sak teachers: ValueError: teacher options are key=value pairs"),
+        (["teachers", "show", "dinov2", "foo=1"],
+         "sak: unknown key 'dinov2.options.foo'; valid keys here: size, source,"),
         (["export", str(TINY), "--from", "/nonexistent", "--out", "x"], "sak export: FileNotFoundError: sak export --from"),
         (["predict", "/nonexistent", "x.png", "--out", "x"], "sak predict: FileNotFoundError:"),
         (["train", str(TINY), "data.name=image_folder", "data.options={}", "data.root=/nonexistent"],

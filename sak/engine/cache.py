@@ -97,7 +97,7 @@ def _teacher_identity(teacher: Teacher, config) -> dict:
 
     options = None
     if config is not None:
-        built = build_options(type(teacher), config.options, where=f"teacher {config.id!r}")
+        built = build_options(type(teacher), config.options, where=config.id)
         options = dataclasses.asdict(built) if dataclasses.is_dataclass(built) else config.options
     meta = teacher.meta.as_dict()
     return {

@@ -24,7 +24,7 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     spec = spec or TeacherSpec()
     if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
         spec = dataclasses.replace(spec, weights=weights)
-    built = build_options(cls, options, where=f"teacher {name!r}")
+    built = build_options(cls, options, where=name)  # a key path, as in a recipe: 'dinov2.options.size'
     check_call(cls, (spec, built), f"teacher {name!r}", "(spec, options)")
     teacher = cls(spec, built)
     if spec.levels is not None and tuple(teacher.meta.levels) != tuple(spec.levels):

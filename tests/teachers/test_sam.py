@@ -281,5 +281,5 @@ def test_attention_option_names_its_choices():
     spec = TeacherSpec(image_size=64)
     with pytest.raises(ValueError, match="options.attention: 'fast' is not one of 'folded', 'flex', 'library'"):
         create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, attention="fast")
-    with pytest.raises(ValueError, match="options.fused_attention\"; did you mean 'attention'"):
+    with pytest.raises(ValueError, match="unknown key 'sam.options.fused_attention'; did you mean 'attention'"):
         create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, fused_attention=False)
