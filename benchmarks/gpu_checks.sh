@@ -20,18 +20,20 @@
 #   bash benchmarks/gpu_checks.sh 8 OUT   # the stage-1 cached step part by part, eager and compiled: the ViT alone,
 #                                         # + adapter paths, + losses, + optimiser (student_step_cuda): where the
 #                                         # cached step loses the teachers' rate; stage 2 without and with
-#                                         # student.grad_checkpointing (peak memory); about 6 minutes; not run yet
+#                                         # student.grad_checkpointing (peak memory); about 6 minutes
 #   bash benchmarks/gpu_checks.sh 9 OUT   # SAM-B's relative-position attention at 1024 px, batch 16, bf16: written
 #                                         # out, folded (the default) and FlexAttention, alone and in the encoder
 #                                         # (sam_attention_cuda; 3-5 minutes with the kernels compiling, so
-#                                         # it fits beside any part; not run yet)
+#                                         # it fits beside any part; 50 s on 2026-11-27 after part 10; to run
+#                                         # again: the encoder's folded attention leaves v narrow on CUDA since,
+#                                         # beside a `folded, v padded` row)
 #   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
 #                                         # default) and through FlexAttention: what part 9's kernel does to the
 #                                         # step and its MFU; about 5 minutes
 #   bash benchmarks/gpu_checks.sh 11 OUT  # after the 2026-11-27 run: the routers' mixing, batched product vs
-#                                         # multiply-adds (router_mix_cuda); part 9 again (the encoder with v
-#                                         # left narrow, the teacher's default on CUDA since, beside v padded);
-#                                         # stage 2 eager and compiled (into OUT/stage2/); about 6 minutes
+#                                         # multiply-adds (router_mix_cuda; written at its end); stage 2 eager
+#                                         # and compiled (into OUT/stage2/); about 6 minutes. Run part 9 again
+#                                         # beside it (about 1 minute once part 11 has compiled)
 #   bash benchmarks/gpu_checks.sh 12 OUT  # precision.compile_losses: the cached step part by part with the
 #                                         # distillation loss compiled (student_step_cuda_compiled_losses,
 #                                         # and its kernels over 3 compiled steps: ..._profile.txt), then
@@ -87,10 +89,9 @@ case $part in
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
-11) timeout 90 python3 -m benchmarks.router_mix --results "$out"
-    timeout 120 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out"
+11) timeout 150 python3 -m benchmarks.router_mix --results "$out"
     mkdir -p "$out/stage2"
-    timeout "${LIMIT:-240}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
+    timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
 12) timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
         --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true

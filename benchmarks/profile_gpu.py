@@ -235,7 +235,7 @@ def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows:
         wall.append((time.perf_counter() - start) * 1e3)
     counts: dict[str, collections.Counter] = {}
     p = recipe.precision
-    if not (p.compile_student or p.compile_teachers):  # compiled code is not dispatched op by op
+    if not (p.compile_student or p.compile_teachers or p.compile_losses):  # compiled code: not op by op
         step(None, counts)
 
     def median(values):

@@ -4,7 +4,7 @@ FlexAttention (`rel_pos_flex_attention`, `attention: flex`); and, in the first t
 attention with v left 64 wide (`narrow_v`: no flash kernel then, a third fewer products in the global
 blocks). The first table's `folded` pads v to q's width; the teacher's `folded` leaves it 64 wide on a CUDA
 device (where the first table's H200 run found it faster) and pads it on the CPU, and so does the encoder's
-`folded` row.
+`folded` row (results/sam_attention_cuda.md of 2026-11-27 predates this: its encoder `folded` row padded v).
 
     python -m benchmarks.sam_attention                                  # CPU: 512 px, batch 1
     python -m benchmarks.sam_attention --image-size 1024 --batch 16     # the GPU recipes' SAM-B (bf16)

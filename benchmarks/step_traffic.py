@@ -269,6 +269,10 @@ _SDPA = F.scaled_dot_product_attention
 def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if q.device.type != "cuda" or attn_mask is not None or enable_gqa:
         return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    if v.shape[-1] != q.shape[-1]:  # the flash kernel refuses unequal widths (SAM's folded attention, v narrow)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, False, dropout_p, is_causal, scale=scale
+        )[0]
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
 
 
@@ -277,7 +281,8 @@ def cuda_autocast_without_a_gpu():
     """Let fake CUDA tensors run as on a GPU: torch.autocast("cuda") turns itself off when no device is there
     (made to believe there is one with bf16), and scaled_dot_product_attention, which asks the device which
     fused kernels it has and falls back to the unfused math kernel, is sent to the flash kernel (the H100
-    picks cuDNN's, which reads and writes the same tensors)."""
+    picks cuDNN's, which reads and writes the same tensors), or, where v is narrower than q and k, to the
+    memory-efficient one."""
     with (
         mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False),
         mock.patch("torch.cuda.is_bf16_supported", return_value=True),

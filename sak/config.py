@@ -156,8 +156,8 @@ class PrecisionConfig:
     # torch.compile the student in place (parameter names, checkpoints and exports unchanged); the first
     # training step and the first evaluation each pay a compile
     compile_student: bool = False
-    # torch.compile the distillation loss module in place (one compile per teacher's set of map shapes): on a
-    # GPU its many small eager operations are bound by launching them; the task losses stay eager
+    # torch.compile the distillation loss module in place (a few compiles: the teachers' maps have their own
+    # shapes): on a GPU its many small eager operations are bound by launching them; the task losses stay eager
     compile_losses: bool = False
 
     @property

@@ -193,6 +193,20 @@ def test_forward_phases_run_on_fake_cuda_tensors_under_cuda_autocast():
     assert sum(r[2] for r in student.values()) / 1e12 == pytest.approx(cpu_student["tflop"], rel=1e-9)
 
 
+def test_cuda_forward_counts_sams_folded_attention_with_v_narrow_as_a_gpu_runs_it():
+    """On CUDA the SAM teacher's folded attention passes v narrower than q and k, which the flash kernel
+    refuses: the fake-CUDA count sends it to the memory-efficient kernel (the flash kernel's shapes broke the
+    teacher's output projection)."""
+    from benchmarks.step_traffic import cuda_forward
+    from tests.conftest import TINY
+
+    sam = ("teachers.1={name: sam, key: sam, options: {source: timm, model_kwargs: {img_size: 64, patch_size: 8, "
+           "embed_dim: 32, depth: 4, num_heads: 2, window_size: 4, global_attn_indexes: [1, 3], neck_chans: 16}}}")  # fmt: skip
+    phases = cuda_forward(str(TINY), ["data.num_workers=0", "precision.mixed=bf16", sam])
+    attention = {op for op, _ in phases["teacher sam"] if "attention" in op}
+    assert attention == {"_scaled_dot_product_efficient_attention"}
+
+
 def test_flop_counter_counts_attention_on_the_cpu():
     """torch's flop_counter has no formula for the CPU attention kernel; benchmarks/flops.py gives it the GPU
     kernels' one: QK^T and PV, 2 * 2 * L * S * d per head, and 2.5 times that backward."""

@@ -98,7 +98,10 @@ def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
 
 def build_distill_loss(recipe: Recipe, compiled: bool | None = None) -> torch.nn.Module:
     """The recipe's distillation loss, torch.compile'd in place when `compiled` (default:
-    `precision.compile_losses`)."""
+    `precision.compile_losses`). Dynamo's default shapes: the first teacher's maps get a static graph, the
+    next shapes one with dynamic sizes that the other teachers and evaluation's batches reuse (3 graphs in
+    all for the two teachers of tests/tiny.yaml, training and evaluation), where static shapes would compile
+    once per teacher and batch size and could pass dynamo's recompile limit (8) and fall back to eager."""
     loss = LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
     if recipe.precision.compile_losses if compiled is None else compiled:
         loss.compile()

@@ -31,6 +31,10 @@ def _exact(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32  # the precision F.interpolate's weights use
 
 
+def _wide(device: torch.device) -> torch.dtype:  # the Gram product's precision (MPS has no float64)
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # a plain tensor even when first asked for under inference_mode (evaluation): the cached matrix is
@@ -58,10 +62,10 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
 
 def gram_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(n_in, n_in) A^T A of the float32 (or float64) interpolation matrix A = interpolation_matrix(n_in,
-    n_out): |resize(x)|^2 = <x, G_h x G_w>. The product is taken in float64, then cast; cached, or made in
-    the graph, as interpolation_matrix."""
+    n_out): |resize(x)|^2 = <x, G_h x G_w>. The product is taken in float64 (float32 on MPS, traced), then
+    cast; cached, or made in the graph, as interpolation_matrix."""
     if torch.compiler.is_compiling():
-        a = _weights(n_in, n_out, device, _exact(dtype)).double()
+        a = _weights(n_in, n_out, device, _exact(dtype)).to(_wide(device))
         return (a.T @ a).to(dtype)
     return _cached_gram_matrix(n_in, n_out, device, dtype)
 

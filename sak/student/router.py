@@ -34,7 +34,8 @@ def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[
       broadcast product and a sum per task it reads and writes the full-size tensors several times less,
       forward and backward, and each expert receives one gradient instead of one per task
       (benchmarks/results/step_traffic.md, stage 2); at the stage-2 GPU recipe's shapes it is 1.5 to 1.8x
-      faster than the multiply-adds on a 2-core CPU (benchmarks/results/router_mix_cpu.md, three runs);
+      faster than the multiply-adds on a 2-core CPU (three runs; benchmarks/results/router_mix_cpu.md
+      holds the last, 1.8x);
     - on an accelerator, or traced by torch.compile, E elementwise multiply-adds per task. The product's
       inner dimension is E = 4, for which cuBLAS ran a batched GEMV at about 50 GB/s on an H200: 4.3 ms per
       stage-2 level forward (benchmarks/results/profile_gpu_h200.txt), where an elementwise kernel runs at

@@ -14,16 +14,19 @@ The bias is itself a dot product, so it folds into the attention's own: with
     q' = [q, <q, Rh[row(q), :]> / scale, <q, Rw[col(q), :]> / scale]      (c + H + W features)
     k' = [k, onehot(row(k)), onehot(col(k))]
 we have scale * <q', k'> = logit(q, k) exactly, and attention over (q', k', v) with the same scale is SAM's
-attention with no mask, which the flash / memory-efficient kernels take. v is zero-padded to the same width
-and the padding sliced off the output. (No library does this for both SAM implementations; hence this file.)
+attention with no mask, which the flash / memory-efficient kernels take. On the CPU v is zero-padded to the
+same width and the padding sliced off the output; on a CUDA device it is passed at its own width (below).
+(No library does this for both SAM implementations; hence this file.)
 
-The price is width: at 1024 px the global blocks' heads grow from c = 64 to 64 + 64 + 64 = 192 (v too, as the
-flash kernel wants equal widths), so their attention does 3x the multiply-adds SAM defines; SAM-B's attention
-then executes 10.5 of its 22.2 TFLOP per forward at batch 16 (benchmarks/results/step_traffic.md). The other
-kernel, `rel_pos_flex_attention`, keeps c: PyTorch's FlexAttention compiles a kernel whose score
-modification adds the two bias terms, gathered from (B, heads, N, H) and (B, heads, N, W) tables, to each
-logit. Which is faster is a property of the GPU (benchmarks/sam_attention.py): the teacher option
-`attention: folded | flex | library` chooses.
+The price is width: at 1024 px the global blocks' heads grow from c = 64 to 64 + 64 + 64 = 192 (v too, where it
+is padded, as the flash kernel wants equal widths), so their attention does up to 3x the multiply-adds SAM
+defines; with v padded SAM-B's attention executes 10.5 of its 22.2 TFLOP per forward at batch 16
+(benchmarks/results/step_traffic.md, whose main table counts the CPU's padded v). v at 64 channels takes
+another fused kernel with a third fewer products, which on an H200 was the faster
+(benchmarks/results/sam_attention_cuda.md). The other kernel, `rel_pos_flex_attention`, keeps c: PyTorch's
+FlexAttention compiles a kernel whose score modification adds the two bias terms, gathered from
+(B, heads, N, H) and (B, heads, N, W) tables, to each logit; on that H200 (torch 2.11) it was 10x slower
+than the folded kernel. The teacher option `attention: folded | flex | library` chooses.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from sak.engine import train
 from sak.engine.build import build_distill_loss, build_student, build_tasks, build_teachers, prepare_student
 from sak.engine.checkpoint import latest_checkpoint
+from sak.losses.resize import _cached_gram_matrix, _cached_interpolation_matrix, gram_matrix, interpolation_matrix
 from sak.registry import LOSSES
 
 
@@ -42,8 +43,14 @@ def test_distill_loss_compiled_only_when_asked_equals_eager_with_its_gradients(t
     eager, compiled = LOSSES.get("sak")(), LOSSES.get("sak")()
     compiled.compile()
     torch._dynamo.utils.counters.clear()
-    want, got = eager(student, teacher), compiled(student, teacher)
+    for cached in (interpolation_matrix, gram_matrix):
+        cached.cache_clear()
+    got = compiled(student, teacher)
     assert not torch._dynamo.utils.counters["graph_break"]
+    # traced, the matrices are made in the graph on the device, not taken from (or put in) the CPU-made cache
+    assert _cached_interpolation_matrix.cache_info().currsize == _cached_gram_matrix.cache_info().currsize == 0
+    want = eager(student, teacher)
+    assert _cached_interpolation_matrix.cache_info().currsize > 0 and _cached_gram_matrix.cache_info().currsize > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(got, student), torch.autograd.grad(want, student), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -12,7 +12,14 @@ from sak.engine.build import build_distill_loss, build_student, build_tasks, bui
 from sak.engine.step import compute_losses, teacher_targets
 from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_report
 from sak.student.adapters import ADAPTERS, BottleneckAdapter, TeacherSpecificAdapterPath, TokenGrid
-from sak.student.router import NoisyRouter, PixelRouter, SumRouter, mix_experts, mix_experts_per_image
+from sak.student.router import (
+    NoisyRouter,
+    PixelRouter,
+    SumRouter,
+    _use_multiply_adds,
+    mix_experts,
+    mix_experts_per_image,
+)
 
 from ..conftest import TESTS
 
@@ -83,7 +90,11 @@ def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_ba
     def mix():
         return [mix_experts(ex, w) for w in ws] if per_token else mix_experts_per_image(ex, ws)
 
+    products = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: products.append(1) or bmm(*a))
     want = mix()  # eager on the CPU: the batched product
+    assert products and not _use_multiply_adds(ex[0]) and _use_multiply_adds(torch.empty(0, device="meta"))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("the batched product was taken"))
     got = mix()
