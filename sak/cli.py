@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from .config import RecipeError, load_recipe
 
@@ -82,7 +83,25 @@ def _recipe(args) -> int:
         print(
             f"{args.recipe}: ok ({len(recipe.teachers)} teacher(s), {len(recipe.tasks)} task(s), stage {recipe.run.stage})"
         )
+        for note in machine_notes(recipe):
+            print(f"note: {note}")
     return 0
+
+
+def machine_notes(recipe) -> list[str]:
+    """What a valid recipe would meet on this machine, from this directory: `recipe check` says it without
+    failing, since the recipe may be meant for another machine or another working directory."""
+    import torch
+
+    notes = []
+    if not torch.cuda.is_available() and "fp16" in (recipe.precision.mixed, recipe.precision.teachers):
+        notes.append("precision fp16 needs a CUDA GPU, which this machine lacks: `sak train` refuses it here (bf16 or no)")
+    data = recipe.data
+    if data.root is not None and not Path(data.root).is_dir():
+        notes.append(f"data.root {data.root!r} is not a directory here (from {Path.cwd()})")
+    if data.subset is not None and not Path(data.subset).is_file():
+        notes.append(f"data.subset {data.subset!r} is not a file here (from {Path.cwd()})")
+    return notes
 
 
 def _teachers(args) -> int:

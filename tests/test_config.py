@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sak.config import Recipe, RecipeError, apply_override, load_recipe
@@ -148,7 +149,29 @@ def test_cli_recipe_show_and_check(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["optim"]["lr"] == 0.5 and shown["teachers"][0]["name"] == "timm"
     assert main(["recipe", "check", str(TINY)]) == 0
-    assert "ok (2 teacher(s), 0 task(s), stage distill)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok (2 teacher(s), 0 task(s), stage distill)" in out and "note:" not in out
+
+
+def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp_path, monkeypatch):
+    """A valid recipe that `sak train` would refuse here (fp16 without CUDA, a data.root or data.subset that
+    is not there from this directory) passes the check with a note for each: it may be meant for another
+    machine."""
+    from sak.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "ids.txt").write_text("a\n")
+    args = ["precision.mixed=fp16", "data.name=image_folder", "data.options={}", "data.root=images",
+            "data.subset=missing.txt"]  # fmt: skip
+    assert main(["recipe", "check", str(TINY), *args]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3 and "fp16 needs a CUDA GPU" in notes[0]
+    assert "data.root 'images' is not a directory here" in notes[1] and "'missing.txt' is not a file" in notes[2]
+    (tmp_path / "images").mkdir()
+    assert main(["recipe", "check", str(TINY), "data.name=image_folder", "data.options={}", "data.root=images",
+                 "data.subset=ids.txt"]) == 0  # fmt: skip
+    assert "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
