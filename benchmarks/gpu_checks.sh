@@ -30,7 +30,8 @@
 #   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
 #                                         # default) and through FlexAttention: what part 9's kernel does to the
 #                                         # step and its MFU; about 5 minutes
-#   bash benchmarks/gpu_checks.sh 11 OUT  # after the 2026-11-27 run: the routers' mixing, batched product vs
+#   bash benchmarks/gpu_checks.sh 11 OUT  # after the 2026-11-27 run: the gpu tests of the routers' mixing and
+#                                         # SAM's attention with v narrow; the routers' mixing, batched product vs
 #                                         # multiply-adds (router_mix_cuda; written at its end); stage 2 eager
 #                                         # and compiled (into OUT/stage2/); about 6 minutes. Run part 9 again
 #                                         # beside it (about 1 minute once part 11 has compiled)
@@ -91,7 +92,8 @@ case $part in
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
-11) timeout 150 python3 -m benchmarks.router_mix --results "$out"
+11) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/student/test_student.py tests/teachers/test_sam.py
+    timeout 150 python3 -m benchmarks.router_mix --results "$out"
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;

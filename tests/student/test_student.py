@@ -108,6 +108,25 @@ def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_ba
         assert mix_experts([e.detach().float() for e in ex], ws[0].detach().float()).dtype == torch.float32
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixing_on_cuda_takes_multiply_adds_and_equals_the_cpus_product():
+    """On a CUDA device the student mixes by multiply-adds: the CPU's batched product's mixtures and
+    gradients, in float32, per-image weights of several tasks and per-token weights."""
+    _, ex = experts(b=2, n=7, d=16, e=4)
+    ws = [torch.randn(2, 4).softmax(-1) for _ in range(3)] + [torch.randn(2, 7, 4).softmax(-1)]
+
+    def run(device):
+        xs = [e.to(device).requires_grad_(True) for e in ex]
+        mixed = mix_experts_per_image(xs, [w.to(device) for w in ws[:3]]) + [mix_experts(xs, ws[3].to(device))]
+        grads = torch.autograd.grad(mixed, xs, [torch.ones_like(m) for m in mixed])
+        return [m.detach().cpu() for m in mixed], [g.cpu() for g in grads]
+
+    assert _use_multiply_adds(ex[0].cuda())
+    for a, b in zip(sum(run("cuda"), []), sum(run("cpu"), []), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_adapter_is_a_scaled_residual_bottleneck_and_path_follows_the_paper_recurrence():
     torch.manual_seed(0)
     a = BottleneckAdapter(8, 4)
