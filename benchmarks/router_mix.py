@@ -23,7 +23,6 @@ benchmarks/results/router_mix_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from sak.student.router import mix_by_multiply_adds
 
-from .sam_attention import describe, median_time
+from .sam_attention import header, median_time, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -110,18 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    result = {
-        "device": describe(device),
-        "torch": torch.__version__,
-        "command": "python -m benchmarks.router_mix " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k != "results"},
-        "rows": rows(args, device),
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"router_mix_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.json and .md")
+    result = header("router_mix", argv, args, device) | {"rows": rows(args, device)}
+    write_results(args.results, f"router_mix_{device.type}", result, markdown(result))
     return 0
 
 

@@ -173,6 +173,24 @@ def encoder_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def header(module: str, argv: list[str] | None, args: argparse.Namespace, device: torch.device) -> dict:
+    """What a results file of this benchmark family starts with: the device, torch, the command, the arguments."""
+    return {
+        "device": describe(device),
+        "torch": torch.__version__,
+        "command": f"python -m benchmarks.{module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": {k: v for k, v in vars(args).items() if k != "results"},
+    }
+
+
+def write_results(folder: Path, stem: str, result: dict, text: str) -> None:
+    """folder/stem.json (the result) and folder/stem.md (its table)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(text)
+    print(f"wrote {folder / stem}.json and .md")
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -228,19 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
-    result = {
-        "device": describe(device),
-        "torch": torch.__version__,
-        "command": "python -m benchmarks.sam_attention " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k != "results"},
+    result = header("sam_attention", argv, args, device) | {
         "attention": attention_rows(args, device, dtypes),
         "encoder": [] if args.skip_encoder else encoder_rows(args, device, dtypes[0]),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"sam_attention_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.json and .md")
+    write_results(args.results, f"sam_attention_{device.type}", result, markdown(result))
     return 0
 
 
