@@ -35,7 +35,9 @@
 #                                         # multiply-adds (router_mix_cuda; written at its end); stage 2 eager
 #                                         # and compiled (into OUT/stage2/); about 6 minutes. Run part 9 again
 #                                         # beside it (about 1 minute once part 11 has compiled)
-#   bash benchmarks/gpu_checks.sh 12 OUT  # precision.compile_losses: the cached step part by part with the
+#   bash benchmarks/gpu_checks.sh 12 OUT  # the adapter paths one after another vs batched (adapter_paths_cuda;
+#                                         # whether batching them would pay); precision.compile_losses: the
+#                                         # cached step part by part with the
 #                                         # distillation loss compiled (student_step_cuda_compiled_losses,
 #                                         # and its kernels over 3 compiled steps: ..._profile.txt), then
 #                                         # stage 1 compiled online and from the fp16 cache (read ahead), both
@@ -47,7 +49,8 @@
 # its two rows with each other (wall images/s), not with an online row.
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
-# student_step_cuda.* (part 8), sam_attention_cuda.* (parts 9 and 11), router_mix_cuda.* (part 11). Each
+# student_step_cuda.* (part 8), sam_attention_cuda.* (part 9), router_mix_cuda.* (part 11) and
+# adapter_paths_cuda.* (part 12). Each
 # part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
@@ -97,9 +100,10 @@ case $part in
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
-12) timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+12) timeout 90 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
+    timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
         --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
-    timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
+    timeout "${LIMIT:-300}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
 *) echo "part must be 1 to 12" >&2; exit 2 ;;
 esac
 ls -la "$out"
