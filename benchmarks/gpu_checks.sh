@@ -95,13 +95,14 @@ case $part in
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
-11) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/student/test_student.py tests/teachers/test_sam.py
+11) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/student/test_student.py \
+        tests/teachers/test_sam_attention_gpu.py
     timeout 150 python3 -m benchmarks.router_mix --results "$out"
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
-12) timeout 90 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
-    timeout 200 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+12) timeout 80 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
+    timeout 170 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
         --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
     timeout "${LIMIT:-300}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
 *) echo "part must be 1 to 12" >&2; exit 2 ;;
