@@ -35,7 +35,7 @@ from torch import Tensor
 
 from sak.student.adapters import TeacherSpecificAdapterPath
 
-from .sam_attention import header, median_time, write_results
+from .ways import add_arguments, header, time_ways, ways_table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,24 +93,19 @@ def rows(args, device: torch.device) -> list[dict]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         reference = [x.float() for x in per_path(paths, embedded, blocks)]
-    out = []
-    for name, fn in ways.items():
 
-        def step(fn=fn) -> None:
-            with autocast:
-                levels = fn(paths, embedded, blocks)
-            loss = sum(x.float().square().mean() for x in levels)
-            loss.backward()
-            for q in (embedded, *blocks, *params):
-                q.grad = None
+    def step(fn) -> None:
+        with autocast:
+            levels = fn(paths, embedded, blocks)
+        sum(x.float().square().mean() for x in levels).backward()
+        for q in (embedded, *blocks, *params):
+            q.grad = None
 
-        seconds = median_time(step, device, args.repeats, args.warmup)
-        with torch.no_grad(), autocast:
-            got = fn(paths, embedded, blocks)
-        difference = max((a.float() - r).abs().max().item() for a, r in zip(got, reference, strict=True))
-        out.append({"way": name, "seconds": seconds, "max_abs_difference": difference})
-        print(f"{name}: {seconds * 1e3:.2f} ms, difference {difference:.1e}", flush=True)
-    return out
+    def outputs(fn) -> list[Tensor]:
+        with autocast:
+            return fn(paths, embedded, blocks)
+
+    return time_ways(ways, step, outputs, reference, device, args.repeats, args.warmup)
 
 
 def markdown(result: dict) -> str:
@@ -124,10 +119,8 @@ def markdown(result: dict) -> str:
         "benchmarks/adapter_paths.py). Difference: largest absolute difference of the outputs from the "
         "per-path forward's.",
         "",
-        "| way | ms | difference |",
-        "| --- | --- | --- |",
+        *ways_table(result["rows"]),
     ]
-    lines += [f"| {r['way']} | {r['seconds'] * 1e3:.2f} | {r['max_abs_difference']:.1e} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -138,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--depth", type=int, default=12, help="stem blocks (adapters: depth + 1)")
     parser.add_argument("--paths", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    add_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result = header("adapter_paths", argv, args, device) | {

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from sak.student.router import mix_by_multiply_adds
 
-from .sam_attention import header, median_time, write_results
+from .ways import add_arguments, header, time_ways, ways_table, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,21 +61,14 @@ def rows(args, device: torch.device) -> list[dict]:
     if args.compile:
         ways |= {f"{name}, compiled": torch.compile(fn) for name, fn in list(ways.items())}
     reference = [m.detach() for m in batched_product(experts, weights)]
-    out = []
-    for name, fn in ways.items():
 
-        def step(fn=fn) -> None:
-            mixed = fn(experts, weights)
-            torch.autograd.backward(mixed, grads)
-            for t in (*experts, *weights):
-                t.grad = None
+    def step(fn) -> None:
+        mixed = fn(experts, weights)
+        torch.autograd.backward(mixed, grads)
+        for t in (*experts, *weights):
+            t.grad = None
 
-        seconds = median_time(step, device, args.repeats, args.warmup)
-        with torch.no_grad():
-            difference = max((a - b).abs().max().item() for a, b in zip(fn(experts, weights), reference, strict=True))
-        out.append({"way": name, "seconds": seconds, "max_abs_difference": difference})
-        print(f"{name}: {seconds * 1e3:.2f} ms, difference {difference:.1e}")
-    return out
+    return time_ways(ways, step, lambda fn: fn(experts, weights), reference, device, args.repeats, args.warmup)
 
 
 def markdown(result: dict) -> str:
@@ -88,10 +81,8 @@ def markdown(result: dict) -> str:
         "(see the docstring of benchmarks/router_mix.py). Difference: largest absolute difference of the "
         "mixtures from the batched product's.",
         "",
-        "| way | ms | difference |",
-        "| --- | --- | --- |",
+        *ways_table(result["rows"]),
     ]
-    lines += [f"| {r['way']} | {r['seconds'] * 1e3:.2f} | {r['max_abs_difference']:.1e} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -102,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    add_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result = header("router_mix", argv, args, device) | {"rows": rows(args, device)}

@@ -31,10 +31,7 @@ calls pay it. Writes results/sam_attention_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -44,6 +41,8 @@ import torch
 from sak.teachers import TeacherSpec, create_teacher
 from sak.teachers.sam_attention import KERNELS as KERNELS_BY_OPTION
 from sak.teachers.sam_attention import fuse_sam_attention, rel_pos_attention, rel_pos_flex_attention
+
+from .ways import header, median_time, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, CHANNELS, WINDOW, PATCH = 12, 64, 14, 16  # SAM-B
@@ -64,23 +63,6 @@ def written_out(q, k, v, rh, rw, size, scale):
     logits = (scale * q @ k.transpose(-2, -1)).view(b, n_heads, h, w, h, w)
     logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
     return logits.view(b, n_heads, n, n).softmax(dim=-1) @ v
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def block_shapes(image_size: int, batch: int) -> dict[str, tuple[int, int, int]]:
@@ -171,32 +153,6 @@ def encoder_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         print(f"encoder {variant}: {seconds / args.batch * 1e3:.0f} ms per image", flush=True)
         del teacher
     return rows
-
-
-def header(module: str, argv: list[str] | None, args: argparse.Namespace, device: torch.device) -> dict:
-    """What a results file of this benchmark family starts with: the device, torch, the command, the arguments."""
-    return {
-        "device": describe(device),
-        "torch": torch.__version__,
-        "command": f"python -m benchmarks.{module} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if k != "results"},
-    }
-
-
-def write_results(folder: Path, stem: str, result: dict, text: str) -> None:
-    """folder/stem.json (the result) and folder/stem.md (its table)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"{stem}.md").write_text(text)
-    print(f"wrote {folder / stem}.json and .md")
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import os
-
-    return f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()}"
 
 
 def markdown(result: dict) -> str:
