@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_checks.sh 4 OUT   # host vs GPU time per phase (profile_gpu); stage 1 bare loop vs sak
 #                                         # engine, eager (framework overhead; no host waits since part 1)
 #   bash benchmarks/gpu_checks.sh 5 OUT   # the loss on CUDA again (upsampled_cosine, into OUT/loss/); the cached
-#                                         # loader alone (8 workers, pinned) and its copy to the GPU; stage 2 bare
+#                                         # loader alone (4 workers, pinned) and its copy to the GPU; stage 2 bare
 #                                         # vs sak engine, and with 1 teacher
 #   bash benchmarks/gpu_checks.sh 6 OUT   # the compiled fp16 cache with data.prefetch_to_device true and with
 #                                         # the default auto (which should read ahead there too); not run yet
@@ -37,11 +37,10 @@
 #                                         # beside it (about 1 minute once part 11 has compiled)
 #   bash benchmarks/gpu_checks.sh 12 OUT  # the adapter paths one after another vs batched (adapter_paths_cuda;
 #                                         # whether batching them would pay); precision.compile_losses: the
-#                                         # cached step part by part with the
-#                                         # distillation loss compiled (student_step_cuda_compiled_losses,
-#                                         # and its kernels over 3 compiled steps: ..._profile.txt), then
-#                                         # stage 1 compiled online and from the fp16 cache (read ahead), both
-#                                         # with it; about 7 minutes
+#                                         # cached step part by part with the distillation loss compiled
+#                                         # (student_step_cuda_compiled_losses, and its kernels over 3
+#                                         # compiled steps: ..._profile.txt), then stage 1 compiled online and
+#                                         # from the fp16 cache (read ahead), both with it; about 9 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -50,8 +49,7 @@
 # OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
 # student_step_cuda.* (part 8), sam_attention_cuda.* (part 9), router_mix_cuda.* (part 11) and
-# adapter_paths_cuda.* (part 12). Each
-# part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
+# adapter_paths_cuda.* (part 12). Each part stops itself before the call's limit; the cases finished by then are written. Parts 1 and 2 ran on
 # 2026-11-26 (H100); part 3 and part 4's throughput pair ran on 2026-11-26 on an H200
 # (throughput_gpu_h200.md): part 3's three compiled cases took 120, 190 and 114 s on a fresh machine (each
 # cached case builds its 10 GB cache, about 60 s), more than its 300 s, so its two cached cases were run
