@@ -95,7 +95,9 @@ def machine_notes(recipe) -> list[str]:
 
     notes = []
     if not torch.cuda.is_available() and "fp16" in (recipe.precision.mixed, recipe.precision.teachers):
-        notes.append("precision fp16 needs a CUDA GPU, which this machine lacks: `sak train` refuses it here (bf16 or no)")
+        notes.append(
+            "precision fp16 needs a CUDA GPU, which this machine lacks: `sak train` refuses it here (bf16 or no)"
+        )
     data = recipe.data
     if data.root is not None and not Path(data.root).is_dir():
         notes.append(f"data.root {data.root!r} is not a directory here (from {Path.cwd()})")
