@@ -4,9 +4,10 @@ the T paths batched into one product per adapter:
     python -m benchmarks.adapter_paths                                  # CPU: ViT-B width, 192 px, batch 4
     python -m benchmarks.adapter_paths --batch 16 --tokens 577          # the GPU stage-1 recipe (bf16 on CUDA)
 
-On an H200 the three adapter paths of the stage-1 GPU recipe (3 teachers x 13 bottleneck adapters, 768 ->
-192 -> 768, on 16 x 577 tokens) added 25 ms to a 58 ms compiled cached step for 12% of its FLOPs
-(benchmarks/results/student_step_cuda.md). This times them alone, with the student's own modules
+On an H200 the student's forward beyond its ViT (the three adapter paths of the stage-1 GPU recipe, 3
+teachers x 13 bottleneck adapters, 768 -> 192 -> 768, on 16 x 577 tokens, with the aligners and maps) added
+25 ms to a 58 ms compiled cached step for 10% of its FLOPs (benchmarks/results/student_step_cuda.md); the
+paths alone cost at most that. This times them alone, with the student's own modules
 (`sak.student.adapters.TeacherSpecificAdapterPath`, default adapter), fed random stem tokens:
 
 - `per path`: each teacher's path in turn, as `SAKStudent.forward` runs them: 3 x 13 adapters, each two

@@ -110,7 +110,7 @@ def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_ba
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mixing_on_cuda_takes_multiply_adds_and_equals_the_cpus_product():
+def test_mixing_on_cuda_takes_multiply_adds_and_equals_the_cpus_product(monkeypatch):
     """On a CUDA device the student mixes by multiply-adds: the CPU's batched product's mixtures and
     gradients, in float32, per-image weights of several tasks and per-token weights."""
     _, ex = experts(b=2, n=7, d=16, e=4)
@@ -122,8 +122,10 @@ def test_mixing_on_cuda_takes_multiply_adds_and_equals_the_cpus_product():
         grads = torch.autograd.grad(mixed, xs, [torch.ones_like(m) for m in mixed])
         return [m.detach().cpu() for m in mixed], [g.cpu() for g in grads]
 
-    assert _use_multiply_adds(ex[0].cuda())
-    for a, b in zip(sum(run("cuda"), []), sum(run("cpu"), []), strict=True):
+    want = sum(run("cpu"), [])
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda x, *a: pytest.fail("product on CUDA") if x.is_cuda else bmm(x, *a))
+    for a, b in zip(sum(run("cuda"), []), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
