@@ -24,9 +24,8 @@
 #   bash benchmarks/gpu_checks.sh 9 OUT   # SAM-B's relative-position attention at 1024 px, batch 16, bf16: written
 #                                         # out, folded (the default) and FlexAttention, alone and in the encoder
 #                                         # (sam_attention_cuda; 3-5 minutes with the kernels compiling, so
-#                                         # it fits beside any part; 50 s on 2026-11-27 after part 10; to run
-#                                         # again: the encoder's folded attention leaves v narrow on CUDA since,
-#                                         # beside a `folded, v padded` row)
+#                                         # it fits beside any part; 50 s on 2026-11-27 after part 10, run
+#                                         # again that day with v narrow on CUDA, beside a `folded, v padded` row)
 #   bash benchmarks/gpu_checks.sh 10 OUT  # the compiled stage-1 online step with SAM's attention folded (the
 #                                         # default) and through FlexAttention: what part 9's kernel does to the
 #                                         # step and its MFU; about 5 minutes
@@ -57,8 +56,9 @@
 # again in a second call. On 2026-11-27 (H200) parts 10 and 9 ran in one call (306 s, machine start not
 # counted), then part 8 (191 s), part 4's profile (42 s) and part 5's loader (its fp16 half only, before
 # the limit); results in throughput_gpu_h200_part{10,8}, sam_attention_cuda, student_step_cuda,
-# profile_gpu_h200. Still to run: parts 5 (the rest), 6, 7, 11 and 12. throughput_gpu.{json,md} hold
-# the cases of the last part run: keep the earlier part's files before the next.
+# profile_gpu_h200. A later call that day (H200, 150 s) ran part 11 with LIMIT=1 (its tests and router_mix, not
+# its stage 2) and part 9 again. Still to run: parts 5 (the rest), 6, 7, 12 and part 11's stage 2.
+# throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
 part=${1:?part 1 to 12}
 out=${2:-benchmarks/results}

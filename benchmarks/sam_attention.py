@@ -150,7 +150,7 @@ def encoder_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
                 "relative_difference_to_library": error,
             }
         )
-        print(f"encoder {variant}: {seconds / args.batch * 1e3:.0f} ms per image", flush=True)
+        print(f"encoder {variant}: {seconds / args.batch * 1e3:.1f} ms per image", flush=True)
         del teacher
     return rows
 
@@ -184,7 +184,7 @@ def markdown(result: dict) -> str:
     ]
     for r in result["encoder"]:
         lines.append(
-            f"| {r['attention']} | {r['dtype']} | {r['seconds_per_image'] * 1e3:.0f} "
+            f"| {r['attention']} | {r['dtype']} | {r['seconds_per_image'] * 1e3:.1f} "
             f"| {r['relative_difference_to_library']:.1e} |"
         )
     return "\n".join(lines) + "\n"
