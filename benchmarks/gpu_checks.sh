@@ -35,11 +35,21 @@
 #                                         # and compiled (into OUT/stage2/); about 6 minutes. Run part 9 again
 #                                         # beside it (about 1 minute once part 11 has compiled)
 #   bash benchmarks/gpu_checks.sh 12 OUT  # the adapter paths one after another vs batched (adapter_paths_cuda;
-#                                         # whether batching them would pay); precision.compile_losses: the
-#                                         # cached step part by part with the distillation loss compiled
-#                                         # (student_step_cuda_compiled_losses, and its kernels over 3
-#                                         # compiled steps: ..._profile.txt), then stage 1 compiled online and
-#                                         # from the fp16 cache (read ahead), both with it; about 9 minutes
+#                                         # whether batching them would pay); precision.compile_losses: stage 1
+#                                         # compiled online and from the fp16 cache (read ahead), both with it
+#                                         # (the cached step part by part with it moved to part 13); about 7
+#                                         # minutes
+#   bash benchmarks/gpu_checks.sh 13 OUT  # precision.compile_mode reduce-overhead (CUDA graphs): its gpu test
+#                                         # (training equals the default compiled mode's, 4 tiny compiled runs),
+#                                         # then the cached step part by part in the default mode with the
+#                                         # losses compiled (student_step_cuda_compiled_losses: the same call's
+#                                         # baseline of student_step_cuda_graphs; with the kernels of 3 compiled
+#                                         # steps: ..._profile.txt); about 8 minutes. Ran on
+#                                         # 2026-11-27 in another form (the test cut off at 120 s, stage 1
+#                                         # online compiled/losses, student_step with CUDA graphs):
+#                                         # throughput_gpu_h200_part13, student_step_cuda_graphs
+#   bash benchmarks/gpu_checks.sh 14 OUT  # stage 1 with CUDA graphs, online and from the fp16 cache (read
+#                                         # ahead): the cache speed-up and MFU with them; about 9 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -57,10 +67,11 @@
 # counted), then part 8 (191 s), part 4's profile (42 s) and part 5's loader (its fp16 half only, before
 # the limit); results in throughput_gpu_h200_part{10,8}, sam_attention_cuda, student_step_cuda,
 # profile_gpu_h200. A later call that day (H200, 150 s) ran part 11 with LIMIT=1 (its tests and router_mix, not
-# its stage 2) and part 9 again. Still to run: parts 5 (the rest), 6, 7, 12 and part 11's stage 2.
+# its stage 2) and part 9 again; a third (582 s) part 13 as it then was. Still to run: parts 13 and 14 (first:
+# CUDA graphs), 12, 5 (the rest), 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 12}
+part=${1:?part 1 to 14}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -102,9 +113,12 @@ case $part in
     timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
 12) timeout 120 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
-    timeout 160 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
-        --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
-    timeout "${LIMIT:-280}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
-*) echo "part must be 1 to 12" >&2; exit 2 ;;
+    timeout "${LIMIT:-450}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
+13) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_compile_gpu.py
+    timeout 170 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
+        --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true ;;
+14) timeout "${LIMIT:-560}" $bench gpu/stage1/sak/online/compiled/losses/cuda-graphs \
+        gpu/stage1/sak/fp16-cache/compiled/losses/cuda-graphs/prefetch ;;
+*) echo "part must be 1 to 14" >&2; exit 2 ;;
 esac
 ls -la "$out"

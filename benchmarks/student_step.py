@@ -22,7 +22,8 @@ Each under the recipe's autocast, gradients dropped after each step (`zero_grad(
 host sync per step; the median of `--steps` after `--warmup`. Compiled: `precision.compile_student` as the
 engine applies it (`student.compile()`; the distillation loss too when the recipe or an override sets
 `precision.compile_losses`; the task losses and the optimiser eager), and the `vit` variant's forward
-compiled on its own. FLOPs are counted once per variant on the eager modules (torch.utils.flop_counter,
+compiled on its own, all in the recipe's `precision.compile_mode` (with CUDA graphs, each step's start is
+marked as the trainer marks it). FLOPs are counted once per variant on the eager modules (torch.utils.flop_counter,
 attention included on the CPU: benchmarks/flops.py). The difference between two rows is what the added
 part costs; TFLOP/s per row says how well the whole of it uses the machine. Writes
 benchmarks/results/student_step_<device>.{json,md} (or `--name`); with `--profile`, also the operators and
@@ -53,7 +54,7 @@ from sak.engine.build import (
     build_teachers,
 )
 from sak.engine.malloc import keep_freed_memory
-from sak.engine.step import compute_losses, teacher_targets
+from sak.engine.step import begin_step, compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
 from sak.teachers import TeacherOutput
 
@@ -96,6 +97,8 @@ class Variants:
         del teachers, targets
         self.loss_fn = build_distill_loss(recipe, compiled=False)  # compiled with the student, if the recipe says
         self.compile_losses = recipe.precision.compile_losses
+        self.compile_options = recipe.precision.compile_options
+        self.cuda_graphs = False  # until compiled in a mode with CUDA graphs (marks each step's start, as the trainer)
         self.alpha = recipe.loss.alpha if self.tasks else 1.0
         self.optimizer = build_optimizer(recipe, self.student)
         self.clip = recipe.optim.grad_clip
@@ -110,10 +113,12 @@ class Variants:
         return outs[-1]
 
     def compile(self) -> None:
-        self.student.compile()  # precision.compile_student, as sak.engine.build.prepare_student applies it
+        options = self.compile_options  # precision.compile_mode
+        self.student.compile(**options)  # precision.compile_student, as sak.engine.build.prepare_student applies it
         if self.compile_losses:  # precision.compile_losses, as sak.engine.build.build_distill_loss applies it
-            self.loss_fn.compile()
-        self.vit_forward = torch.compile(self._vit_forward)
+            self.loss_fn.compile(**options)
+        self.vit_forward = torch.compile(self._vit_forward, **options)
+        self.cuda_graphs = self.compile_options.get("mode") in ("reduce-overhead", "max-autotune")
 
     def normalized_targets(self) -> dict:
         if self.normalizers is None:
@@ -127,6 +132,7 @@ class Variants:
             next(iter(self.normalized_targets().values())).levels[0].sum().item()
             return
         images = self.batch["image"]
+        begin_step(self.cuda_graphs)
         with torch.autocast(**self.autocast):
             if name == "vit":
                 loss = mean_square([self.vit_forward(images)])

@@ -48,7 +48,7 @@ from sak.engine.build import (
 from sak.engine.cache import build_cache
 from sak.engine.malloc import keep_freed_memory
 from sak.engine.prefetch import prefetch_enabled
-from sak.engine.step import compute_losses, teacher_targets
+from sak.engine.step import begin_step, compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
 
 from .flops import flop_counter
@@ -111,6 +111,24 @@ GPU_CASES = {
         "sak",
         "fp16",
     ),
+    # precision.compile_mode reduce-overhead: the compiled graphs replayed as CUDA graphs (one launch each)
+    "gpu/stage1/sak/online/compiled/losses/cuda-graphs": (
+        GPU1,
+        [*COMPILED, "precision.compile_losses=true", "precision.compile_mode=reduce-overhead"],
+        "sak",
+        None,
+    ),
+    "gpu/stage1/sak/fp16-cache/compiled/losses/cuda-graphs/prefetch": (
+        GPU1,
+        [
+            *COMPILED[:1],
+            "precision.compile_losses=true",
+            "precision.compile_mode=reduce-overhead",
+            "data.prefetch_to_device=true",
+        ],
+        "sak",
+        "fp16",
+    ),  # fmt: skip
     "gpu/stage2/bare/online": (GPU2, [], "bare", None),
     "gpu/stage2/sak/online": (GPU2, [], "sak", None),
     "gpu/stage2/sak/fp16-cache": (GPU2, [], "sak", "fp16"),
@@ -148,7 +166,9 @@ def flops(recipe) -> dict[str, float]:
     torch.manual_seed(0)
     dev = device()
     # counted on the eager modules: compiling changes no FLOP, and would compile again for these 2 images
-    eager = dataclasses.replace(recipe.precision, compile_teachers=False, compile_student=False)
+    eager = dataclasses.replace(
+        recipe.precision, compile_teachers=False, compile_student=False, compile_losses=False, compile_mode="default"
+    )
     recipe = dataclasses.replace(recipe, precision=eager)
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
@@ -198,6 +218,7 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
             batches = iter(loader)
             batch = next(batches)
         start = time.perf_counter()
+        begin_step(recipe.precision.cuda_graphs)
         batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
         if normalizers is not None:

@@ -159,11 +159,27 @@ class PrecisionConfig:
     # torch.compile the distillation loss module in place (a few compiles: the teachers' maps have their own
     # shapes): on a GPU its many small eager operations are bound by launching them; the task losses stay eager
     compile_losses: bool = False
+    # torch.compile's mode for what the three keys above compile. reduce-overhead: each compiled graph is
+    # replayed as a CUDA graph, one launch for all its kernels (on CUDA devices; elsewhere it compiles as
+    # default); the trainer marks where each step begins. max-autotune: also tries kernel configurations
+    # (long compiles), with CUDA graphs; max-autotune-no-cudagraphs: without them
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
     @property
     def teacher_precision(self) -> str:
         """What the teachers run in: `teachers`, or `mixed` when it is auto ("no", "fp32", "bf16", "fp16")."""
         return self.mixed if self.teachers == "auto" else self.teachers
+
+    @property
+    def compile_options(self) -> dict[str, str]:
+        """torch.compile's keyword arguments for `compile_mode` (none for the default)."""
+        return {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether something is compiled in a mode that replays CUDA graphs (on a CUDA device)."""
+        compiled = self.compile_student or self.compile_teachers or self.compile_losses
+        return compiled and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -445,6 +461,11 @@ def validate(recipe: Recipe) -> None:
             f"precision.teacher_weights: cast needs bf16 or fp16 teachers, but precision.teachers is {p.teachers!r}"
             + (f" and precision.mixed {p.mixed!r}" if p.teachers == "auto" else "")
             + "; set precision.teachers=bf16 (or fp16 on a GPU), or teacher_weights=autocast"
+        )
+    if p.compile_mode != "default" and not (p.compile_student or p.compile_teachers or p.compile_losses):
+        raise RecipeError(
+            f"precision.compile_mode: {p.compile_mode!r} applies to what is compiled, and nothing is; set "
+            "precision.compile_student, compile_teachers or compile_losses to true, or leave compile_mode default"
         )
     dataset = check(DATASETS, recipe.data.name, "data.name")
     build_options(dataset, recipe.data.options, "data")

@@ -37,7 +37,7 @@ def prepare_teacher(teacher: Teacher, p: PrecisionConfig) -> Teacher:
         teacher.to(memory_format=torch.channels_last)
         teacher.channels_last = True
     if p.compile_teachers:
-        teacher.compile()
+        teacher.compile(**p.compile_options)
     return teacher
 
 
@@ -80,10 +80,10 @@ def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str,
 
 
 def prepare_student(student: torch.nn.Module, p: PrecisionConfig) -> torch.nn.Module:
-    """Apply `precision.compile_student`: torch.compile in place (nn.Module.compile), so that the parameter
-    names, checkpoints and exports are those of the eager module."""
+    """Apply `precision.compile_student` (in `precision.compile_mode`): torch.compile in place
+    (nn.Module.compile), so that the parameter names, checkpoints and exports are those of the eager module."""
     if p.compile_student:
-        student.compile()
+        student.compile(**p.compile_options)
     return student
 
 
@@ -104,7 +104,7 @@ def build_distill_loss(recipe: Recipe, compiled: bool | None = None) -> torch.nn
     once per teacher and batch size and could pass dynamo's recompile limit (8) and fall back to eager."""
     loss = LOSSES.get(recipe.loss.distill)(**recipe.loss.options)
     if recipe.precision.compile_losses if compiled is None else compiled:
-        loss.compile()
+        loss.compile(**recipe.precision.compile_options)
     return loss
 
 

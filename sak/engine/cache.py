@@ -151,6 +151,10 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "data": data,
         "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
     }
+    if recipe.precision.compile_teachers and recipe.precision.compile_mode != "default":
+        # max-autotune may pick other kernels (other roundings); the key is absent in the default mode, so that
+        # caches built before compile_mode existed still match
+        ident["compile_mode"] = recipe.precision.compile_mode
     return _json(ident)
 
 
@@ -345,6 +349,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     from accelerate.utils import gather_object, set_seed
 
     from .build import build_teachers, teacher_dtype
+    from .step import begin_step
 
     check_build_options(views, augment, dtype, shard_size, batch_size)
     out = Path(out)
@@ -393,6 +398,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     stored: dict[str, list[Tensor]] = {}
     for (view, shard, last), images in zip(loader.batch_sampler.owners, loader, strict=True):
         images = images.to(state.device, non_blocking=True)
+        begin_step(recipe.precision.cuda_graphs)
         for tid, teacher in teachers.items():
             for level, feat in enumerate(teacher.encode(images, tdtype).levels):
                 # converted on the device: the copy to the host and the shard's host memory are the stored
@@ -589,7 +595,9 @@ def describe(root: Path) -> list[str]:
         f"cache {root}: {state}, format {ident.get('format')}",
         f"  {ident.get('dtype')}, {kind}, {samples} samples in shards of {size}, {mib:.1f} MiB on disk"
         + (f" ({mib / (samples * views):.2f} MiB per sample and view)" if samples and written else ""),
-        f"  teachers ({ident.get('teacher_precision')}{', compiled' if ident.get('compile_teachers') else ''}):",
+        f"  teachers ({ident.get('teacher_precision')}{', compiled' if ident.get('compile_teachers') else ''}"
+        + (f" ({ident['compile_mode']})" if "compile_mode" in ident else "")
+        + "):",
     ]
     shapes = manifest.get("shapes", {})
     for tid, t in ident.get("teachers", {}).items():

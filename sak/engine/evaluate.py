@@ -9,7 +9,7 @@ import torch
 
 from ..config import Recipe
 from ..student import StudentOutput
-from .step import compute_losses, feature_cosines, teacher_targets
+from .step import begin_step, compute_losses, feature_cosines, teacher_targets
 
 KEEP = "_keep"  # per image: 1 for a real image inside the first eval.batches global batches, else 0
 
@@ -51,6 +51,7 @@ def evaluate(
         real = real_images(accelerator, loader, n)
         if real < n:  # (a process with no real image runs one, so that it has every key to gather)
             batch = {k: v[: max(real, 1)] for k, v in batch.items()}
+        begin_step(recipe.precision.cuda_graphs)
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():
             out = student(batch["image"])

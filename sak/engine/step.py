@@ -27,6 +27,15 @@ class StepLosses:
         return out
 
 
+def begin_step(cuda_graphs: bool) -> None:
+    """Where a step (a micro-batch, an evaluation batch) begins, for torch.compile's CUDA graphs
+    (`precision.compile_mode` reduce-overhead or max-autotune): their outputs are overwritten when the graphs
+    run again. Every output the loop keeps across steps is a copy (the teachers' maps, the stacked logged losses),
+    so that no kept tensor refers to a graph's memory. A no-op without CUDA graphs."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def teacher_targets(
     teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None
 ) -> dict[str, TeacherOutput]:

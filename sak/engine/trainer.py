@@ -37,7 +37,7 @@ from .logging import RunLogger, flatten, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .schedule import lr_lambda
-from .step import compute_losses, teacher_targets
+from .step import begin_step, compute_losses, teacher_targets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -294,6 +294,7 @@ def train(recipe: Recipe) -> dict:
             batches = prefetch(batches)
         for batch in batches:
             batch_arrived = time.perf_counter()
+            begin_step(recipe.precision.cuda_graphs)
             with accelerator.accumulate(student):
                 if cache is not None:
                     targets = cache.targets(batch["cached"], accelerator.device)

@@ -101,3 +101,58 @@ def test_compiled_student_under_two_processes_matches_one_eager_process(extra, t
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_compile_mode_reaches_every_torch_compile(monkeypatch, tiny_recipe):
+    """precision.compile_mode is passed to torch.compile for the student, the teachers and the loss; the default
+    passes no mode (torch.compile's own default)."""
+    from sak.engine.build import prepare_teacher
+
+    calls = []
+
+    def record(fn, *args, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    flags = ["precision.compile_student=true", "precision.compile_teachers=true", "precision.compile_losses=true"]
+    for mode, want in (("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"})):
+        calls.clear()
+        recipe = tiny_recipe(*flags, f"precision.compile_mode={mode}")
+        teachers = build_teachers(recipe, torch.device("cpu"))  # prepare_teacher compiles each
+        prepare_student(build_student(recipe, teachers, build_tasks(recipe)), recipe.precision)
+        build_distill_loss(recipe)
+        assert calls == [want] * 4, mode  # two teachers, the student, the loss
+    recipe = tiny_recipe("precision.compile_teachers=true", "precision.compile_mode=max-autotune-no-cudagraphs")
+    calls.clear()
+    prepare_teacher(build_teachers(tiny_recipe(), torch.device("cpu"))["vit_a"], recipe.precision)
+    assert calls == [{"mode": "max-autotune-no-cudagraphs"}]
+    assert recipe.precision.cuda_graphs is False
+    assert tiny_recipe(*flags[:1], "precision.compile_mode=max-autotune").precision.cuda_graphs is True
+
+
+def test_compile_mode_without_anything_compiled_is_refused(tiny_recipe):
+    from sak.config import RecipeError
+
+    with pytest.raises(RecipeError, match="precision.compile_mode: 'reduce-overhead'.*compile_student"):
+        tiny_recipe("precision.compile_mode=reduce-overhead")
+    with pytest.raises(RecipeError, match="precision.compile_mode"):
+        tiny_recipe("precision.compile_mode=fast")
+
+
+def test_cuda_graph_training_marks_every_step_and_matches_eager(monkeypatch, tiny_recipe):
+    """With precision.compile_mode reduce-overhead the trainer and evaluation mark each micro-batch's and
+    evaluation batch's start for the CUDA graphs (on the CPU the mode compiles as default, so the run must
+    learn what the eager run learns); without CUDA graphs nothing is marked."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    common = ["schedule.max_steps=2", "optim.grad_accum=2", "data.num_workers=0", "eval.batches=1"]
+    eager = tiny_recipe(*common, "run.name=eager")
+    train(eager)
+    assert marks == []
+    graphs = tiny_recipe(*common, "run.name=graphs", "precision.compile_student=true",
+                         "precision.compile_losses=true", "precision.compile_mode=reduce-overhead")  # fmt: skip
+    train(graphs)
+    assert len(marks) == 2 * 2 + 1  # 2 steps of 2 micro-batches, then the final evaluation's one batch
+    a, b = logged_losses(eager.run_dir), logged_losses(graphs.run_dir)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
