@@ -276,6 +276,15 @@ def train(recipe: Recipe) -> dict:
         )
 
     # -- loop -------------------------------------------------------------------------------
+    # CUDA graphs (precision.compile_mode) overwrite a backward graph's outputs when it runs again, and the
+    # first micro-batch's gradients would be such outputs, still to be added to: with accumulation, the
+    # gradients live in buffers made here, outside any graph, zeroed in place after each step instead of freed
+    # (PyTorch's advice for this case; a parameter given no gradient in a step is then stepped with zeros)
+    stable_grads = recipe.precision.cuda_graphs and recipe.optim.grad_accum > 1
+    if stable_grads:
+        for param in student.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
     images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()
@@ -349,7 +358,7 @@ def train(recipe: Recipe) -> dict:
                     f"[sak] step {state.step + 1}: non-finite loss {values['loss']}, step skipped "
                     f"({state.nonfinite_streak}/{recipe.optim.max_nonfinite} in a row)"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not stable_grads)
             state.step += 1
             # step_time: compute of this step without waiting for data; images_per_s: wall clock between steps
             values["step_time"], compute_time = compute_time + time.perf_counter() - step_arrived, 0.0

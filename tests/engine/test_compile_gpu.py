@@ -20,9 +20,10 @@ def logged(run_dir) -> list[dict]:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_cuda_graph_training_equals_default_compiled_training(accum, tiny_recipe):
     """Same losses, held-out metrics and weights as the default mode, and the graphs really replayed: inductor
-    skipped CUDA graphs for none of the compiled graphs. A loop that kept a graph's output across steps (or
-    gradient accumulation reading the last micro-batch's gradients from a graph's memory) would fail here with
-    PyTorch's error about an output overwritten by a later run, or give other weights."""
+    skipped CUDA graphs for none of the compiled graphs. A loop that kept a graph's output across steps, or
+    gradient accumulation adding to the last micro-batch's gradients left in a graph's memory (the trainer
+    keeps them in buffers of its own), would fail here with PyTorch's error about an output overwritten by a
+    later run, or give other weights."""
     from torch._dynamo.utils import counters
 
     common = [f"optim.grad_accum={accum}", "schedule.max_steps=4", "data.num_workers=0", "eval.batches=2",
