@@ -40,7 +40,7 @@
 #                                         # (the cached step part by part with it moved to part 13); about 7
 #                                         # minutes
 #   bash benchmarks/gpu_checks.sh 13 OUT  # precision.compile_mode reduce-overhead (CUDA graphs): its gpu test
-#                                         # (training equals the default compiled mode's, 4 tiny compiled runs),
+#                                         # (training equals eager training; 2 tiny compiled runs, 2 eager),
 #                                         # then the cached step part by part in the default mode with the
 #                                         # losses compiled (student_step_cuda_compiled_losses: the same call's
 #                                         # baseline of student_step_cuda_graphs; with the kernels of 3 compiled
