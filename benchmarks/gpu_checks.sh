@@ -41,10 +41,10 @@
 #                                         # minutes
 #   bash benchmarks/gpu_checks.sh 13 OUT  # precision.compile_mode reduce-overhead (CUDA graphs): its gpu test
 #                                         # (training equals eager training; 2 tiny compiled runs, 2 eager),
-#                                         # then the cached step part by part in the default mode with the
-#                                         # losses compiled (student_step_cuda_compiled_losses: the same call's
-#                                         # baseline of student_step_cuda_graphs; with the kernels of 3 compiled
-#                                         # steps: ..._profile.txt); about 8 minutes. Ran on
+#                                         # then the cached step part by part with the losses compiled, in the
+#                                         # default mode (student_step_cuda_compiled_losses, with the kernels of
+#                                         # 3 compiled steps: ..._profile.txt) and with CUDA graphs
+#                                         # (student_step_cuda_graphs), one call; about 9 minutes. Ran on
 #                                         # 2026-11-27 in another form (the test cut off at 120 s, stage 1
 #                                         # online compiled/losses, student_step with CUDA graphs):
 #                                         # throughput_gpu_h200_part13, student_step_cuda_graphs
@@ -114,9 +114,11 @@ case $part in
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
 12) timeout 120 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
     timeout "${LIMIT:-450}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
-13) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_compile_gpu.py
-    timeout 170 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
-        --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true ;;
+13) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_compile_gpu.py
+    step="python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5"
+    timeout 170 $step --profile --results "$out" --name student_step_cuda_compiled_losses precision.compile_losses=true
+    timeout 170 $step --results "$out" --name student_step_cuda_graphs precision.compile_student=true \
+        precision.compile_losses=true precision.compile_mode=reduce-overhead ;;
 14) timeout "${LIMIT:-560}" $bench gpu/stage1/sak/online/compiled/losses/cuda-graphs \
         gpu/stage1/sak/fp16-cache/compiled/losses/cuda-graphs/prefetch ;;
 *) echo "part must be 1 to 14" >&2; exit 2 ;;

@@ -38,7 +38,7 @@ from sak.engine.build import (
     build_teachers,
     prepare_student,
 )
-from sak.engine.step import compute_losses
+from sak.engine.step import begin_step, compute_losses
 from sak.engine.trainer import teacher_dtype
 
 
@@ -158,6 +158,7 @@ class BareStep:
     def run(self, phase: Callable[[str, Callable[[], object]], object]) -> None:
         """One step; `phase(name, fn)` runs each phase's work `fn` and returns its result."""
         r, images = self.recipe, self.batch["image"]
+        begin_step(r.precision.cuda_graphs)  # as the trainer marks each step (precision.compile_mode)
         if self.opt is None:
             self.opt = build_optimizer(r, self.student)
         dtype = teacher_dtype(r)

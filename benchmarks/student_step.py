@@ -128,11 +128,11 @@ class Variants:
         return self.normalizers(self.targets)
 
     def run(self, name: str) -> None:
+        begin_step(self.cuda_graphs)
         if name == "normalizers":  # not a variant: what `loss.normalize` adds to `student + losses`
             next(iter(self.normalized_targets().values())).levels[0].sum().item()
             return
         images = self.batch["image"]
-        begin_step(self.cuda_graphs)
         with torch.autocast(**self.autocast):
             if name == "vit":
                 loss = mean_square([self.vit_forward(images)])

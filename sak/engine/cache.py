@@ -151,9 +151,9 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "data": data,
         "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
     }
-    if recipe.precision.compile_teachers and recipe.precision.compile_mode != "default":
-        # max-autotune may pick other kernels (other roundings); the key is absent in the default mode, so that
-        # caches built before compile_mode existed still match
+    if recipe.precision.compile_teachers and recipe.precision.compile_mode.startswith("max-autotune"):
+        # max-autotune may pick other kernels (other roundings); reduce-overhead replays the default mode's
+        # kernels. Absent otherwise, so that caches built before compile_mode existed still match
         ident["compile_mode"] = recipe.precision.compile_mode
     return _json(ident)
 

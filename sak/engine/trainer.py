@@ -148,6 +148,21 @@ def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
         f.write(json.dumps({"step": step, "ids": list(ids)}) + "\n")
 
 
+def keep_gradient_buffers(student: torch.nn.Module, recipe: Recipe, device: torch.device) -> bool:
+    """With CUDA graphs (precision.compile_mode on a CUDA device) and gradient accumulation, give every trainable
+    parameter a zero .grad made here, outside any graph, for the trainer to zero in place after each step rather
+    than free; returns whether it did. A backward graph's outputs are overwritten when it runs again, and the
+    first micro-batch's gradients would be such outputs, still to be added to (PyTorch's advice for this case).
+    A parameter given no gradient in a step is then stepped by AdamW with zeros; without CUDA graphs nothing
+    changes."""
+    if not (recipe.precision.cuda_graphs and recipe.optim.grad_accum > 1 and device.type == "cuda"):
+        return False
+    for param in student.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    return True
+
+
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final evaluation. Safe to call again: `resume: auto` continues."""
     accelerator = make_accelerator(recipe)
@@ -276,15 +291,7 @@ def train(recipe: Recipe) -> dict:
         )
 
     # -- loop -------------------------------------------------------------------------------
-    # CUDA graphs (precision.compile_mode) overwrite a backward graph's outputs when it runs again, and the
-    # first micro-batch's gradients would be such outputs, still to be added to: with accumulation, the
-    # gradients live in buffers made here, outside any graph, zeroed in place after each step instead of freed
-    # (PyTorch's advice for this case; a parameter given no gradient in a step is then stepped with zeros)
-    stable_grads = recipe.precision.cuda_graphs and recipe.optim.grad_accum > 1
-    if stable_grads:
-        for param in student.parameters():
-            if param.requires_grad:
-                param.grad = torch.zeros_like(param)
+    stable_grads = keep_gradient_buffers(student, recipe, accelerator.device)
     images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()

@@ -142,9 +142,8 @@ def test_compile_mode_without_anything_compiled_is_refused(tiny_recipe):
 
 def test_cuda_graph_training_marks_every_step_and_matches_eager(monkeypatch, tiny_recipe):
     """With precision.compile_mode reduce-overhead the trainer and evaluation mark each micro-batch's and
-    evaluation batch's start for the CUDA graphs; without CUDA graphs nothing is marked. With accumulation the
-    gradients are kept in buffers zeroed in place after each step (on the CPU the mode compiles as default, so
-    the run must learn what the eager run, whose gradients are freed, learns: the same losses and weights)."""
+    evaluation batch's start for the CUDA graphs; without CUDA graphs nothing is marked. On the CPU the mode
+    compiles as default: the run learns what the eager run learns, the same losses and weights."""
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     common = ["schedule.max_steps=2", "optim.grad_accum=2", "data.num_workers=0", "eval.batches=1"]
@@ -158,9 +157,34 @@ def test_cuda_graph_training_marks_every_step_and_matches_eager(monkeypatch, tin
     a, b = logged_losses(eager.run_dir), logged_losses(graphs.run_dir)
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
     # compiled and eager weights differ by up to ~3e-5 here (inductor's roundings, which Adam's first steps
-    # turn into whole steps for the smallest gradients); gradients not zeroed between steps would move them
-    # by about the learning rate, 1e-3
+    # turn into whole steps for the smallest gradients); a wrong gradient would move them by about the
+    # learning rate, 1e-3
     wa = load_file(str(latest_checkpoint(eager.run_dir / "checkpoints") / "model.safetensors"))
     wb = load_file(str(latest_checkpoint(graphs.run_dir / "checkpoints") / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_gradient_buffers_only_for_cuda_graphs_with_accumulation_on_cuda(tiny_recipe):
+    """The trainer keeps zeroed gradient buffers of its own only where CUDA graphs would overwrite the first
+    micro-batch's gradients: CUDA graphs in use, accumulation, a CUDA device. Elsewhere gradients stay None
+    between steps, as without compile_mode."""
+    from sak.engine.trainer import keep_gradient_buffers
+
+    graphs = ["precision.compile_student=true", "precision.compile_mode=reduce-overhead"]
+    cases = [
+        (["optim.grad_accum=2", *graphs], "cuda", True),
+        (["optim.grad_accum=2", *graphs], "cpu", False),
+        (["optim.grad_accum=1", *graphs], "cuda", False),
+        (["optim.grad_accum=2", "precision.compile_student=true"], "cuda", False),
+        (["optim.grad_accum=2", graphs[0], "precision.compile_mode=max-autotune-no-cudagraphs"], "cuda", False),
+    ]
+    for overrides, device, kept in cases:
+        recipe = tiny_recipe(*overrides, "student.freeze=stem")
+        student = build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe))
+        assert keep_gradient_buffers(student, recipe, torch.device(device)) is kept, (overrides, device)
+        for name, param in student.named_parameters():
+            if kept and param.requires_grad:
+                assert param.grad is not None and not param.grad.any() and param.grad.shape == param.shape, name
+            else:
+                assert param.grad is None, name  # (the frozen stem's parameters get none either way)
