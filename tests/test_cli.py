@@ -58,6 +58,10 @@ def test_stray_arguments_are_still_refused(capsys):
          "sak train: ValueError: data.image_size 60 is not a multiple of the student's patch size 16 "
          "(vit_small_patch16_224): its patch embedding would drop the last 12 px of every crop; use 48 or 64"),
         (["train", str(TINY), "data.image_size=8"], "sak train: ValueError: data.image_size 8 is not a multiple"),
+        # what `recipe check` cannot tell without building the teachers (docs/getting-started.md)
+        (["model", "show", str(TINY), "teachers.0.image_size=57"],
+         "sak model: ValueError: teacher 'timm' (vit_small_patch14_dinov2): image_size 57 is not a multiple of its "
+         "patch size / stride 14"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_the_problem_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
