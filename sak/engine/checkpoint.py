@@ -120,6 +120,7 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE})")
+    check_random_states(path, accelerator.process_index, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))
     except torch.OutOfMemoryError:
@@ -137,6 +138,29 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     try:
         return TrainState(**json.loads(state_file.read_text()))
     except (ValueError, TypeError) as exc:
+        raise CheckpointError(damaged(path, exc)) from exc
+
+
+def check_random_states(path: Path, rank: int, processes: int) -> None:
+    """Refuse a checkpoint whose random states this process cannot restore, before Accelerate's `load_state`,
+    which only logs that it could not load them and goes on (the resumed run then draws other augmentations and
+    drop paths than the uninterrupted one would). Accelerate writes one file per process: a checkpoint of
+    another number of processes is refused too, since each process's position in the epoch would also differ."""
+    from accelerate.utils import load
+
+    written = len(list(path.glob("random_states_*.pkl")))
+    if written != processes:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written by {written} process(es) and this run has {processes}; an "
+            "exact resume needs the same number (`accelerate launch --num_processes "
+            f"{written}`), or start a new run from its weights with checkpoint.init_from={path}"
+        )
+    try:
+        states = load(path / f"random_states_{rank}.pkl")  # (weights_only, as Accelerate loads it)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+        if missing:
+            raise KeyError(f"random_states_{rank}.pkl lacks {sorted(missing)}")
+    except Exception as exc:
         raise CheckpointError(damaged(path, exc)) from exc
 
 
@@ -167,11 +191,12 @@ def clean_partials(root: Path) -> None:
                 os.replace(p, final)
 
 
-def set_aside(root: Path, folder: str) -> Path | None:
-    """Move every checkpoint under `root` into `root/folder` (a run started afresh in a directory that holds
-    another run's checkpoints: pruning and `resume: auto` would otherwise mix the two runs). Returns the
-    folder, or None when there was nothing to move."""
-    found = checkpoint_dirs(root)
+def set_aside(root: Path, folder: str, after: int = -1) -> Path | None:
+    """Move every checkpoint under `root` (of a step above `after`) into `root/folder`: a run started afresh in
+    a directory that holds another run's checkpoints, or resumed from an earlier checkpoint than the latest,
+    whose later ones pruning (it keeps the highest steps) and `resume: auto` would otherwise take for this
+    run's. Returns the folder, or None when there was nothing to move."""
+    found = [p for p in checkpoint_dirs(root) if int(p.name[len(PREFIX) :]) > after]
     if not found:
         return None
     target = root / folder

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import Recipe, StudentConfig, TaskConfig, structure
 from ..data.images import DataError, decode_rgb
+from ..digest import sha256_of
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from .checkpoint import first_misfit
@@ -46,7 +48,10 @@ def inference_state(source: Path, what: str) -> tuple[Path, dict[str, torch.Tens
     """The weights file of a run, checkpoint or .safetensors (`what` names the flag in errors) and its tensors
     without the distillation-only ones."""
     file = student_weights_file(source, what)
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except SafetensorError as exc:
+        raise ExportError(f"{what} {str(file)!r}: damaged or not a safetensors file ({exc})") from exc
     return file, {k: v.contiguous() for k, v in state.items() if not k.startswith(DISTILL_ONLY)}
 
 
@@ -76,7 +81,9 @@ def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Mod
 def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
     """Write the inference student of a run (or checkpoint) to `out`, after checking that its weights make the
     recipe's student (a refused export leaves `out` as it was). Both files are written beside `out` and then
-    renamed into it, so that a crash while writing them leaves an earlier export whole."""
+    renamed into it, the weights first, so that a crash while writing them leaves an earlier export whole; a
+    crash between the two renames leaves new weights beside the earlier student.yaml, whose weights digest
+    (`weights_sha256`) `load_exported` then finds does not match."""
     file, state = inference_state(source, "sak export --from")
     config = export_config(recipe)
     try:
@@ -88,7 +95,9 @@ def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
         ) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        save_file(state, str(Path(tmp) / "student.safetensors"), metadata={"format": "pt", "producer": "sak"})
+        weights = Path(tmp) / "student.safetensors"
+        save_file(state, str(weights), metadata={"format": "pt", "producer": "sak"})
+        config["weights_sha256"] = sha256_of(weights)
         (Path(tmp) / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         out.mkdir(exist_ok=True)
         for name in ("student.safetensors", "student.yaml"):
@@ -104,12 +113,25 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
             f"{str(path)!r} is not an export directory: `sak export` writes student.yaml and student.safetensors "
             f"there (missing: {', '.join(f.name for f in files if not f.is_file())})"
         )
-    config = yaml.safe_load(files[0].read_text())
+    try:
+        config = yaml.safe_load(files[0].read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a YAML {type(config).__name__}, not a mapping")
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ExportError(f"{str(files[0])!r} is not an export's student.yaml ({exc}); export again") from exc
+    digest = config.get("weights_sha256")  # (exports before sak wrote it have none)
+    if digest is not None and sha256_of(files[1]) != digest:
+        raise ExportError(
+            f"{str(files[1])!r} is not the weights {files[0].name} was exported with (their sha256 differs: an "
+            "export interrupted between writing the two, or a file replaced by hand); export again"
+        )
     try:
         return build_exported(config, load_file(str(files[1]))), config
     except RuntimeError as exc:
         raise ExportError(f"{str(path)!r}: student.safetensors does not make the student of student.yaml "
                           f"({first_misfit(exc)})") from exc  # fmt: skip
+    except SafetensorError as exc:
+        raise ExportError(f"{str(files[1])!r} is damaged or not a safetensors file ({exc}); export again") from exc
 
 
 def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> Path:

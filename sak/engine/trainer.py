@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,7 +130,13 @@ def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
     saved copy lacks came with a newer sak: it is a change only when set off its default."""
     if not saved.is_file():
         return []
-    before = _flat(yaml.safe_load(saved.read_text()) or {})
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+        if not isinstance(before, dict):
+            raise ValueError(f"a YAML {type(before).__name__}, not a mapping")
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CheckpointError(damaged(saved.parent, exc)) from exc
+    before = _flat(before)
     now = _flat(recipe.to_dict())
     default = _defaults()
     keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
@@ -138,6 +145,18 @@ def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
         for k in keys
         if before.get(k) != now.get(k) and (k in before or now[k] != default(k))
     ]
+
+
+def cut_sample_records(run_dir: Path, step: int) -> None:
+    """On resume at `step`: drop the sample records of later steps (trained by a run that stopped before its
+    next checkpoint), as RunLogger drops their metrics, so that each step's ids are listed once."""
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
 
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
@@ -180,6 +199,9 @@ def train(recipe: Recipe) -> dict:
         clean_partials(ckpt_root)
         if recipe.checkpoint.resume == "never":  # a fresh run: another run's checkpoints are kept, out of its way
             set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
+            for log in (run_dir / "metrics.jsonl", run_dir / "samples"):  # with their logs
+                if set_aside_to is not None and log.exists():
+                    os.replace(log, set_aside_to / log.name)
         for name, text in extra_files.items():
             (run_dir / name).write_text(text)
         with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
@@ -190,7 +212,9 @@ def train(recipe: Recipe) -> dict:
     teachers = build.build_teachers(recipe, accelerator.device)
     tasks = build.build_tasks(recipe)
     student = build.build_student(recipe, teachers, tasks)
-    if recipe.checkpoint.init_from:
+    resume = recipe.checkpoint.resume
+    source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
+    if recipe.checkpoint.init_from and source is None:  # (a resumed run's checkpoint holds the weights since)
         init_student_from(student, Path(recipe.checkpoint.init_from))
     distill_loss = build.build_distill_loss(recipe)
     normalizers = build.build_target_normalizers(recipe, teachers)
@@ -240,8 +264,6 @@ def train(recipe: Recipe) -> dict:
 
     # -- resume -----------------------------------------------------------------------------
     state = TrainState()
-    resume = recipe.checkpoint.resume
-    source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
     logger_start = 0
     changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
     if source is not None:
@@ -259,6 +281,15 @@ def train(recipe: Recipe) -> dict:
                 normalizers.load_state_dict(load_file(str(saved)))
             except Exception as exc:  # cut short, or the statistics of other teachers' levels
                 raise CheckpointError(damaged(source, exc)) from exc
+    abandoned = None
+    if accelerator.is_main_process:
+        if source is not None:
+            # resumed from an earlier checkpoint than the latest: the later ones belong to an abandoned line of
+            # training, and pruning (which keeps the highest steps) would delete this run's new ones instead
+            when = time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime())
+            abandoned = set_aside(ckpt_root, when, after=state.step)
+        cut_sample_records(run_dir, state.step)  # (all of them on a fresh start)
+    accelerator.wait_for_everyone()
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(
@@ -275,6 +306,16 @@ def train(recipe: Recipe) -> dict:
             )
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
+    if abandoned is not None:
+        logger.message(f"[sak] the checkpoints after step {state.step} in {ckpt_root} moved to {abandoned}")
+    finished = run_dir / "final_metrics.json"
+    if source is not None and state.step >= total and finished.is_file():  # the whole run again: nothing to do
+        logger.message(
+            f"[sak] {recipe.run.name} finished its {total} steps already (final metrics in {finished}); to train "
+            "on, raise the schedule's length"
+        )
+        logger.close()
+        return json.loads(finished.read_text())
     go_on = "resume with a higher run.stop_at, or without it" + (
         " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
     )
@@ -403,7 +444,12 @@ def train(recipe: Recipe) -> dict:
                     save_checkpoint(
                         accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
                     )
-                logger.message(f"[sak] stopped at step {state.step} (run.stop_at); to go on, {go_on}")
+                saved = (
+                    f"no checkpoint of it (in a non-finite streak), so a resume starts from {latest_checkpoint(ckpt_root)}"
+                    if state.nonfinite_streak
+                    else "checkpoint saved"
+                )
+                logger.message(f"[sak] stopped at step {state.step} (run.stop_at), {saved}; to go on, {go_on}")
                 logger.close()
                 return {}
             if state.step >= total:

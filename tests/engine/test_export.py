@@ -102,3 +102,28 @@ def test_predict_names_what_is_wrong_with_the_export_directory(tiny_recipe, tmp_
     assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "student.safetensors does not make the student of student.yaml (size mismatch for" in err, err
+
+
+def test_an_export_interrupted_between_its_two_files_or_damaged_is_named(tiny_recipe, tmp_path, capsys):
+    """student.yaml records its weights' sha256: new weights beside an earlier student.yaml (a crash between
+    the two renames, or a file swapped by hand) are refused with a message that says so, as is a damaged
+    weights file, in `sak predict` and in `sak export --from` alike."""
+    recipe = tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml")
+    train(recipe)
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    load_exported(out)  # whole: loads
+    first = (out / "student.safetensors").read_bytes()
+    train(tiny_recipe("schedule.max_steps=2", path=TESTS / "tiny_multitask.yaml"))  # trains on: other weights
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    (out / "student.safetensors").write_bytes(first)  # the earlier weights beside the later student.yaml
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
+    assert "is not the weights student.yaml was exported with (their sha256 differs" in capsys.readouterr().err
+    (out / "student.safetensors").write_bytes(first[: len(first) // 2])
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), "--from", str(out / "student.safetensors"),
+                 "--out", str(tmp_path / "again")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "ExportError: sak export --from" in err and "damaged or not a safetensors file" in err, err

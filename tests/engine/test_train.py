@@ -62,7 +62,9 @@ def test_resuming_at_run_stop_at_trains_nothing_and_says_how_to_go_on(tiny_recip
     """The same command again after a stop used to train one more step (and save it) each time."""
     recipe = tiny_recipe("run.stop_at=2")
     assert train(recipe) == {}
-    assert "stopped at step 2 (run.stop_at); to go on, resume with a higher run.stop_at" in capsys.readouterr().out
+    assert "stopped at step 2 (run.stop_at), checkpoint saved; to go on, resume with a higher run.stop_at" in (
+        capsys.readouterr().out
+    )
     assert train(recipe) == {}
     assert "at step 2 already, run.stop_at=2: nothing to train" in capsys.readouterr().out
     assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
@@ -289,7 +291,7 @@ def test_a_fresh_run_sets_another_runs_checkpoints_aside(tiny_recipe):
     root = recipe.run_dir / "checkpoints"
     assert latest_checkpoint(root).name == "step_00000002"
     (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
-    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000004", "step_00000006"]
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
@@ -390,7 +392,7 @@ def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_rec
     ]
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json", "random_states_0.pkl"])
 def test_a_damaged_checkpoint_is_named_with_the_one_before_to_resume_from(victim, tiny_recipe):
     """A file of the latest checkpoint cut short (a disk fault, a copy that stopped): one error naming the
     checkpoint, what could not be read and the earlier checkpoint, which then resumes."""
@@ -417,3 +419,100 @@ def test_resuming_with_loss_normalize_turned_on_since_is_named(tiny_recipe):
     train(tiny_recipe(*common, "run.stop_at=1"))
     with pytest.raises(CheckpointError, match="holds no target statistics, as its run had loss.normalize none"):
         train(tiny_recipe(*common, "loss.normalize=standardize"))
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_recipe, capsys):
+    """Pruning keeps the highest steps: after a resume from step 2 of a run that reached step 6, it used to
+    delete the new step-4 checkpoint and keep the abandoned step 6, which `resume: auto` then continued."""
+    common = ["schedule.max_steps=10", "checkpoint.every=2"]
+    train(tiny_recipe(*common, "run.stop_at=6", "checkpoint.keep_last=3"))
+    root = tiny_recipe().run_dir / "checkpoints"
+    train(
+        tiny_recipe(*common, "run.stop_at=4", "checkpoint.keep_last=1", f"checkpoint.resume={root / 'step_00000002'}")
+    )
+    assert latest_checkpoint(root).name == "step_00000004"
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("abandoned-")]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]  # the abandoned line
+    assert f"the checkpoints after step 2 in {root} moved to {aside}" in capsys.readouterr().out
+    train(tiny_recipe(*common, "checkpoint.keep_last=1"))
+    assert sorted(logged(tiny_recipe().run_dir)) == list(range(1, 11))  # one line of training, each step once
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tiny_recipe):
+    """Each process's place in the epoch and its random states would differ: the resume would repeat data."""
+    from sak.engine.checkpoint import CheckpointError
+
+    train(tiny_recipe("run.stop_at=2"))
+    ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
+    (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
+    with pytest.raises(CheckpointError, match="written by 2 process.* this run has 1; an exact resume needs the same"):
+        train(tiny_recipe())
+
+
+def test_a_finished_run_started_again_returns_its_final_metrics_and_logs_nothing_new(tiny_recipe, capsys):
+    recipe = tiny_recipe("schedule.max_steps=2")
+    final = train(recipe)
+    lines = (recipe.run_dir / "metrics.jsonl").read_text()
+    assert train(tiny_recipe("schedule.max_steps=2")) == final
+    assert "finished its 2 steps already" in capsys.readouterr().out
+    assert (recipe.run_dir / "metrics.jsonl").read_text() == lines
+
+
+def test_sample_records_of_steps_lost_to_a_crash_are_dropped_on_resume(tiny_recipe):
+    """A run that trained past its last checkpoint and died: the resume trains those steps again, and each
+    step's ids are recorded once, as its metrics are. A fresh start sets the old records aside with the
+    checkpoints."""
+    common = ["schedule.max_steps=4", "checkpoint.every=2", "logging.sample_ids=true"]
+    recipe = tiny_recipe(*common, "run.stop_at=3")
+    train(recipe)
+    root = recipe.run_dir / "checkpoints"
+    import shutil
+
+    shutil.rmtree(root / "step_00000003")  # as if killed after step 3, before any checkpoint of it
+    train(tiny_recipe(*common))
+    records = recipe.run_dir / "samples" / "rank0.jsonl"
+    steps = [json.loads(line)["step"] for line in records.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    train(tiny_recipe(*common, "checkpoint.resume=never", "run.stop_at=1"))
+    assert [json.loads(line)["step"] for line in records.read_text().splitlines()] == [1]
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "samples" / "rank0.jsonl").read_text().count("\n") == 4 and (aside / "metrics.jsonl").is_file()
+
+
+def test_a_stage_2_run_resumes_without_its_init_from_source(tiny_recipe, tmp_path):
+    """The checkpoint holds the weights once the run has started: the stage-1 run may be gone by then."""
+    import shutil
+
+    from ..conftest import TESTS
+
+    TINY_MULTITASK = TESTS / "tiny_multitask.yaml"
+
+    stage1 = tiny_recipe("run.name=stage1", "schedule.max_steps=1")
+    train(stage1)
+    common = ["run.name=stage2", "schedule.max_steps=3", f"checkpoint.init_from={stage1.run_dir}"]
+    train(tiny_recipe(*common, "run.stop_at=2", path=TINY_MULTITASK))
+    shutil.rmtree(stage1.run_dir)
+    train(tiny_recipe(*common, path=TINY_MULTITASK))
+    assert sorted(logged(tmp_path / "stage2")) == [1, 2, 3]
+
+
+def test_stopping_in_a_nonfinite_streak_says_no_checkpoint_was_written(tiny_recipe, capsys):
+    NanAfterTwo.calls = 0
+    train(tiny_recipe("loss.distill=test_nan_after_2", "checkpoint.every=2", "optim.max_nonfinite=5", "run.stop_at=4"))
+    out = capsys.readouterr().out
+    root = tiny_recipe().run_dir / "checkpoints"
+    assert (
+        f"stopped at step 4 (run.stop_at), no checkpoint of it (in a non-finite streak), so a resume starts from {root / 'step_00000002'}"
+        in out
+    )
+
+
+def test_a_damaged_recipe_copy_in_a_checkpoint_is_named(tiny_recipe):
+    from sak.engine.checkpoint import CheckpointError
+
+    train(tiny_recipe("run.stop_at=2"))
+    ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
+    for text in ("teachers: [oops", "- a\n- list\n"):
+        (ckpt / "recipe.yaml").write_text(text)
+        with pytest.raises(CheckpointError, match=f"cannot resume from {ckpt}: a file of it is damaged"):
+            train(tiny_recipe())
