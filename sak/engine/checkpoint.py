@@ -153,7 +153,8 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
         raise CheckpointError(
             f"cannot resume from {path}: it was written by {written} process(es) and this run has {processes}; an "
             "exact resume needs the same number (`accelerate launch --num_processes "
-            f"{written}`), or start a new run from its weights with checkpoint.init_from={path}"
+            f"{written}`); or start a new run (another run.name) from its weights with checkpoint.init_from={path}, "
+            "without its optimiser state"
         )
     try:
         states = load(path / f"random_states_{rank}.pkl")  # (weights_only, as Accelerate loads it)

@@ -100,6 +100,9 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
 RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
 
 
+FINAL_METRICS = "final_metrics.json"
+
+
 def _flat(d: dict) -> dict:
     return flatten(d, split_lists=True)
 
@@ -147,12 +150,20 @@ def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
     ]
 
 
+def _record_step(line: str) -> float:
+    """The step of a samples/ record; infinity for a line cut off by a kill (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def cut_sample_records(run_dir: Path, step: int) -> None:
     """On resume at `step`: drop the sample records of later steps (trained by a run that stopped before its
     next checkpoint), as RunLogger drops their metrics, so that each step's ids are listed once."""
     for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in lines if _record_step(line) <= step]
         if len(kept) != len(lines):
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
@@ -199,7 +210,7 @@ def train(recipe: Recipe) -> dict:
         clean_partials(ckpt_root)
         if recipe.checkpoint.resume == "never":  # a fresh run: another run's checkpoints are kept, out of its way
             set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
-            for log in (run_dir / "metrics.jsonl", run_dir / "samples"):  # with their logs
+            for log in (run_dir / "metrics.jsonl", run_dir / "samples", run_dir / FINAL_METRICS):  # with their logs
                 if set_aside_to is not None and log.exists():
                     os.replace(log, set_aside_to / log.name)
         for name, text in extra_files.items():
@@ -308,8 +319,8 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:
         logger.message(f"[sak] the checkpoints after step {state.step} in {ckpt_root} moved to {abandoned}")
-    finished = run_dir / "final_metrics.json"
-    if source is not None and state.step >= total and finished.is_file():  # the whole run again: nothing to do
+    finished = source / FINAL_METRICS if source is not None else None
+    if finished is not None and state.step >= total and finished.is_file():  # the whole run again: nothing to do
         logger.message(
             f"[sak] {recipe.run.name} finished its {total} steps already (final metrics in {finished}); to train "
             "on, raise the schedule's length"
@@ -444,8 +455,10 @@ def train(recipe: Recipe) -> dict:
                     save_checkpoint(
                         accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
                     )
+                last = latest_checkpoint(ckpt_root)
                 saved = (
-                    f"no checkpoint of it (in a non-finite streak), so a resume starts from {latest_checkpoint(ckpt_root)}"
+                    "no checkpoint of it (in a non-finite streak), so a resume starts "
+                    + (f"from {last}" if last is not None else "afresh: there is no checkpoint yet")
                     if state.nonfinite_streak
                     else "checkpoint saved"
                 )
@@ -461,9 +474,14 @@ def train(recipe: Recipe) -> dict:
     # -- finish -----------------------------------------------------------------------------
     final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
-    save_checkpoint(accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors())
+    text = json.dumps(final, indent=2)
+    # the final checkpoint holds its metrics too: a start after the end finds them there, in one complete whole
+    extras = {**extra_files, FINAL_METRICS: text}
+    save_checkpoint(accelerator, ckpt_root, state, extras, recipe.checkpoint.keep_last, saved_tensors())
     if accelerator.is_main_process:
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        tmp = run_dir / f"{FINAL_METRICS}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / FINAL_METRICS)
     logger.message(f"[sak] done: {json.dumps(final)}")
     logger.close()
     return final

@@ -1,6 +1,7 @@
 """Export drops distillation-only parts, rebuilds without teachers, and predicts in the standard formats."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -127,3 +128,23 @@ def test_an_export_interrupted_between_its_two_files_or_damaged_is_named(tiny_re
                  "--out", str(tmp_path / "again")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "ExportError: sak export --from" in err and "damaged or not a safetensors file" in err, err
+
+
+def test_damaged_weights_of_an_export_without_a_digest_are_named(tiny_recipe, tmp_path):
+    """Exports written before student.yaml held the weights' sha256: a damaged file is still named, not a
+    safetensors traceback."""
+    import yaml
+
+    from sak.engine.export import ExportError
+
+    train(tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml"))
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "student.yaml").read_text())
+    del config["weights_sha256"]
+    (out / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    load_exported(out)  # without a digest, as before
+    weights = out / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ExportError, match="student.safetensors' is damaged or not a safetensors file"):
+        load_exported(out)

@@ -291,7 +291,12 @@ def test_a_fresh_run_sets_another_runs_checkpoints_aside(tiny_recipe):
     root = recipe.run_dir / "checkpoints"
     assert latest_checkpoint(root).name == "step_00000002"
     (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
-    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000004", "step_00000006"]
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "final_metrics.json",
+        "metrics.jsonl",
+        "step_00000004",
+        "step_00000006",
+    ]
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
@@ -450,12 +455,18 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tiny_recipe):
 
 
 def test_a_finished_run_started_again_returns_its_final_metrics_and_logs_nothing_new(tiny_recipe, capsys):
+    """The metrics come from the final checkpoint (saved with it, in one whole), not from the run directory's
+    final_metrics.json, which a fresh start or a kill could leave from another run; a longer schedule trains on."""
     recipe = tiny_recipe("schedule.max_steps=2")
     final = train(recipe)
     lines = (recipe.run_dir / "metrics.jsonl").read_text()
+    (recipe.run_dir / "final_metrics.json").write_text('{"val/loss": 1')  # torn, or another run's
     assert train(tiny_recipe("schedule.max_steps=2")) == final
     assert "finished its 2 steps already" in capsys.readouterr().out
     assert (recipe.run_dir / "metrics.jsonl").read_text() == lines
+    longer = train(tiny_recipe("schedule.max_steps=3"))
+    assert sorted(logged(recipe.run_dir)) == [1, 2, 3] and longer != final
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == longer
 
 
 def test_sample_records_of_steps_lost_to_a_crash_are_dropped_on_resume(tiny_recipe):
@@ -469,8 +480,10 @@ def test_sample_records_of_steps_lost_to_a_crash_are_dropped_on_resume(tiny_reci
     import shutil
 
     shutil.rmtree(root / "step_00000003")  # as if killed after step 3, before any checkpoint of it
-    train(tiny_recipe(*common))
     records = recipe.run_dir / "samples" / "rank0.jsonl"
+    with open(records, "a") as f:
+        f.write('{"step": 4, "ids": ["0000')  # and killed while writing a record
+    train(tiny_recipe(*common))
     steps = [json.loads(line)["step"] for line in records.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     train(tiny_recipe(*common, "checkpoint.resume=never", "run.stop_at=1"))
@@ -498,7 +511,13 @@ def test_a_stage_2_run_resumes_without_its_init_from_source(tiny_recipe, tmp_pat
 
 def test_stopping_in_a_nonfinite_streak_says_no_checkpoint_was_written(tiny_recipe, capsys):
     NanAfterTwo.calls = 0
-    train(tiny_recipe("loss.distill=test_nan_after_2", "checkpoint.every=2", "optim.max_nonfinite=5", "run.stop_at=4"))
+    nan = ["loss.distill=test_nan_after_2", "optim.max_nonfinite=5", "run.stop_at=4"]
+    train(tiny_recipe(*nan, "run.name=none"))
+    assert "no checkpoint of it (in a non-finite streak), so a resume starts afresh: there is no checkpoint yet" in (
+        capsys.readouterr().out
+    )
+    NanAfterTwo.calls = 0
+    train(tiny_recipe(*nan, "checkpoint.every=2"))
     out = capsys.readouterr().out
     root = tiny_recipe().run_dir / "checkpoints"
     assert (
