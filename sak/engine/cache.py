@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -196,12 +197,22 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The shard, and beside it its sha256 (`digest_path`), written before the shard is renamed into place: a
+    shard kept by a resumed build is checked against it, whether or not the build that wrote it finished."""
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    digest = digest_path(path)
+    digest_tmp = digest.with_suffix(".partial-sha256")
+    digest_tmp.write_text(sha256_files([tmp])[0])
+    os.replace(digest_tmp, digest)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def digest_path(shard: Path) -> Path:
+    return shard.with_suffix(".sha256")
 
 
 def _write_manifest(manifest: dict, path: Path) -> None:
@@ -244,6 +255,43 @@ def _check_kept_shards(out: Path, stamp: str) -> None:
         if found != stamp:
             raise CacheError(f"cache {out}: shard {path} was written by another build (other teachers, data, "
                              f"dtype, views or --shard-size), its features cannot be reused; {REBUILD.format(root=out)}")  # fmt: skip
+
+
+FP16_MAX = 65504.0
+
+
+def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
+    """Refuse teacher outputs the cache would store as something else: a non-finite value (int8 would spread an
+    inf over its channel as NaN, or store a NaN as 0; online training would see it), or for fp16 a magnitude
+    past float16's range (stored as inf, where the online float32 target is finite). One host sync per batch."""
+    peaks = torch.stack([t.detach().abs().amax().float() for t in levels]).cpu()  # NaN propagates through amax
+    for level, peak in enumerate(peaks.tolist()):
+        if not math.isfinite(peak):
+            raise CacheError(f"teacher {teacher!r} level {level} gave a non-finite value (nan or inf) for a sample of "
+                             f"shard {shard}; a cache would store it as something else: check the teacher and its "
+                             "precision (precision.teachers)")  # fmt: skip
+        if dtype == "fp16" and peak > FP16_MAX:
+            raise CacheError(f"teacher {teacher!r} level {level} gave {peak:.4g} for a sample of shard {shard}, past "
+                             f"float16's largest value {FP16_MAX:.0f}: an fp16 cache would store inf; build it with "
+                             "--dtype int8 (per-channel scales)")  # fmt: skip
+
+
+def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, str]) -> None:
+    """Before a build goes on from shards already there: each must match the sha256 recorded for it (in the
+    finished cache's manifest, or beside the shard), else it is deleted, to be built again. Without this, the
+    build would record the digest of damaged bytes, and every later check would pass them."""
+    kept = [(v, k) for v, k in plan.shards() if plan.path(v, k).exists()]
+    found = sha256_files([plan.path(v, k) for v, k in kept])
+    for (view, shard), digest in zip(kept, found, strict=True):
+        path = plan.path(view, shard)
+        name = f"view{view}/shard{shard:05d}"
+        sidecar = digest_path(path)
+        expected = recorded.get(name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
+        if digest != expected:
+            why = "has no recorded sha256" if expected is None else "does not match its recorded sha256"
+            print(f"[sak] cache {out}: shard {name} {why}; building it again")
+            path.unlink()
+            sidecar.unlink(missing_ok=True)
 
 
 def check_build_options(views: int, augment: bool, dtype: str, shard_size: int, batch_size: int) -> None:
@@ -371,6 +419,10 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
                              + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
     _check_kept_shards(out, stamp)
+    if state.is_main_process:
+        recorded = old["shards"] if manifest_path.exists() and old.get("status", "complete") == "complete" else {}
+        _drop_damaged_kept_shards(out, plan, recorded)
+    state.wait_for_everyone()
     shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
     remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
     rows = sum(min(shard_size, len(dataset) - k * shard_size) for _, k in remaining)
@@ -384,8 +436,9 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
                 "content": None if digests is None else [d[:CONTENT_PREFIX] for _, d in digests]}  # fmt: skip
-    if state.is_main_process:  # before the first shard: a resumed build can tell whose shards it finds
-        out.mkdir(parents=True, exist_ok=True)
+    finished = manifest_path.exists() and old.get("status", "complete") == "complete"
+    if state.is_main_process and (remaining or not finished):  # before the first shard: a resumed build can tell
+        out.mkdir(parents=True, exist_ok=True)  # whose shards it finds (a finished cache with nothing to add stays so)
         _write_manifest(manifest, manifest_path)
     state.wait_for_everyone()
     mine = [s for i, s in enumerate(plan.shards()) if i % state.num_processes == state.process_index]
@@ -400,7 +453,9 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         images = images.to(state.device, non_blocking=True)
         begin_step(recipe.precision.cuda_graphs)
         for tid, teacher in teachers.items():
-            for level, feat in enumerate(teacher.encode(images, tdtype).levels):
+            levels = teacher.encode(images, tdtype).levels
+            _check_storable(levels, dtype, tid, f"view{view}/shard{shard:05d}")
+            for level, feat in enumerate(levels):
                 # converted on the device: the copy to the host and the shard's host memory are the stored
                 # bytes (the fp16 cast rounds the same on any device, so the cache still equals online fp16)
                 if dtype == "fp16":
@@ -444,9 +499,22 @@ class FeatureCache:
         if self.manifest.get("status", "complete") != "complete":  # (format 1 wrote its manifest only when done)
             raise CacheError(f"{self.root} is an unfinished teacher-feature cache (its build stopped before the "
                              f"last shard); run the same `sak cache build ... --out {self.root}` again to finish it")  # fmt: skip
+        missing = [k for k in ("shards", "samples", "shard_size", "level_dims") if k not in self.manifest]
         ident = self.manifest["identity"]
+        missing += [f"identity.{k}" for k in ("views", "augment", "dtype") if k not in ident]
+        if missing:
+            raise CacheError(f"{manifest} is not a valid cache manifest (it lacks {', '.join(missing)}); "
+                             f"{REBUILD.format(root=self.root)}")  # fmt: skip
         self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
         self.samples = self.manifest["samples"]
+        layout = CachePlan(self.root, self.samples, self.shard_size, self.views).shards()
+        listed = set(self.manifest["shards"])
+        absent = [f"view{v}/shard{k:05d}" for v, k in layout if f"view{v}/shard{k:05d}" not in listed]
+        if absent or len(listed) != len(layout):  # so that verify_all checks every shard training will read
+            raise CacheError(f"{manifest} lists {len(listed)} shards where {self.samples} samples in shards of "
+                             f"{self.shard_size} x {self.views} view(s) make {len(layout)}"
+                             + (f" (no entry for {', '.join(absent[:3])})" if absent else "")
+                             + f"; {REBUILD.format(root=self.root)}")  # fmt: skip
         self.teachers = list(self.manifest["level_dims"])
         self.dtype = ident["dtype"]
         # per-file digests, only to name what changed: kept out of the copies sent to loader workers

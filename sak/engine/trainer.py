@@ -21,7 +21,7 @@ from ..digest import usable_cpus
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
-from .cache import FeatureCache, content_digests, identity, training_dataset
+from .cache import FeatureCache, cache_digest, content_digests, identity, training_dataset
 from .checkpoint import (
     CheckpointError,
     TrainState,
@@ -101,6 +101,19 @@ RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
 
 
 FINAL_METRICS = "final_metrics.json"
+CACHE_FILE = "cache.json"
+
+
+def cache_facts(cache: FeatureCache) -> dict:
+    """What a checkpoint records of the cache it trained from (cache.json): a cache rebuilt at the same path
+    with other settings, or from other images, differs in these although the recipe does not."""
+    return {
+        "path": str(cache.root),
+        "dtype": cache.dtype,
+        "views": cache.views,
+        "augment": cache.augment,
+        "manifest_sha256": cache_digest(cache.root),
+    }
 
 
 def _flat(d: dict) -> dict:
@@ -236,6 +249,8 @@ def train(recipe: Recipe) -> dict:
     cached = FeatureCache(Path(recipe.cache.path)) if recipe.cache.path is not None else None
     train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cached and cached.augment)
     cache = open_cache(recipe, teachers, train_loader.dataset.dataset, cached)
+    if cache is not None:  # which cache fed the training, in every checkpoint: a resume names a rebuilt one
+        extra_files[CACHE_FILE] = json.dumps(cache_facts(cache), indent=2)
     if cache is not None:
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
@@ -277,6 +292,9 @@ def train(recipe: Recipe) -> dict:
     state = TrainState()
     logger_start = 0
     changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
+    if source is not None and cache is not None and (source / CACHE_FILE).is_file():
+        before, now = json.loads((source / CACHE_FILE).read_text()), cache_facts(cache)
+        changed += [f"cache {k}: {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
     if source is not None:
         state = load_checkpoint(accelerator, source, changed)
         logger_start = state.step
@@ -312,7 +330,8 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
         if changed:
             logger.message(
-                f"[sak] the recipe differs from the one {source} was trained with: {'; '.join(changed)}. "
+                f"[sak] the recipe (or the cache it reads) differs from the one {source} was trained with: "
+                f"{'; '.join(changed)}. "
                 "recipe.yaml now holds this one; starts.jsonl has every start's recipe"
             )
     if set_aside_to is not None:

@@ -243,7 +243,9 @@ def test_rebuilding_with_another_shard_size_or_sample_count_is_refused(tiny_reci
         CacheError, match=r"identity\.data\.samples: cache has 8, this build gives 10.*samples: cache has 8"
     ):
         build_cache(tiny_recipe("data.options.length=10"), root, shard_size=4)
-    assert sorted(p.name for p in (root / "view0").iterdir()) == ["shard00000.safetensors", "shard00001.safetensors"]
+    assert sorted(p.name for p in (root / "view0").iterdir()) == [
+        "shard00000.safetensors", "shard00000.sha256", "shard00001.safetensors", "shard00001.sha256"
+    ]  # fmt: skip
 
 
 def test_every_teacher_option_and_its_metadata_are_in_the_identity(tiny_recipe, tmp_path):
@@ -519,3 +521,89 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     assert f"{tmp_path} is not a teacher-feature cache (no manifest.json)" in capsys.readouterr().err
     assert main(["cache", "build", str(data)]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
+
+
+def _flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # in the tensor data, past the header
+    path.write_bytes(bytes(data))
+
+
+def test_a_build_resumed_or_run_again_rebuilds_a_damaged_kept_shard(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """Each shard's sha256 is written beside it: a resumed build checks the shards it keeps (an interrupted
+    build's, against those; a finished cache's, against its manifest) and builds a damaged one again. It used
+    to record the digest of the damaged bytes, after which every check passed them."""
+    recipe = tiny_recipe("data.options.length=8")
+    fresh = build_cache(recipe, tmp_path / "fresh", shard_size=4)
+    root = tmp_path / "c"
+    _crash_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(recipe, root, shard_size=4)
+    monkeypatch.undo()
+    kept = root / "view0" / "shard00000.safetensors"
+    _flip_last_byte(kept)
+    capsys.readouterr()
+    build_cache(recipe, root, shard_size=4)
+    assert "shard view0/shard00000 does not match its recorded sha256; building it again" in capsys.readouterr().out
+    assert kept.read_bytes() == (fresh / "view0" / "shard00000.safetensors").read_bytes()
+    FeatureCache(root).verify_all()
+    _flip_last_byte(kept)  # a finished cache, built again (nothing else to write)
+    (root / "view0" / "shard00000.sha256").unlink()  # the manifest's digest is enough
+    build_cache(recipe, root, shard_size=4)
+    assert kept.read_bytes() == (fresh / "view0" / "shard00000.safetensors").read_bytes()
+    FeatureCache(root).verify_all()
+    assert json.loads((root / "manifest.json").read_text()) == json.loads((fresh / "manifest.json").read_text())
+    (root / "view0" / "shard00001.sha256").unlink()  # an older sak's unfinished build: nothing to check against
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))
+    capsys.readouterr()
+    build_cache(recipe, root, shard_size=4)
+    assert "shard view0/shard00001 has no recorded sha256; building it again" in capsys.readouterr().out
+
+
+def test_outputs_a_cache_would_store_as_something_else_are_refused():
+    """A NaN (int8 stored it as 0) or an inf (int8 spread NaN over its channel), and for fp16 a value past its
+    range (stored as inf): refused at build time, naming the teacher, level and shard."""
+    from sak.engine.cache import _check_storable
+
+    ok, big = torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 7e4)
+    _check_storable((ok, big), "int8", "t", "view0/shard00000")  # int8's per-channel scales hold it
+    with pytest.raises(CacheError, match=r"teacher 't' level 1 gave 7e\+04 .* shard view0/shard00003, past float16"):
+        _check_storable((ok, big), "fp16", "t", "view0/shard00003")
+    for bad in (float("nan"), float("inf")):
+        x = ok.clone()
+        x[0, 1, 0, 0] = bad
+        with pytest.raises(CacheError, match="teacher 't' level 0 gave a non-finite value"):
+            _check_storable((x,), "int8", "t", "view0/shard00000")
+
+
+def test_a_manifest_that_does_not_list_every_shard_is_refused(tiny_recipe, tmp_path):
+    """verify_all checks what the manifest lists: a shard missing from it used to pass the start-up check and
+    fail mid-training; a manifest without level_dims was a bare KeyError."""
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["shards"]["view0/shard00001"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"lists 1 shards where 8 samples in shards of 4 x 1 view\(s\) make 2 "
+                                         r"\(no entry for view0/shard00001\)"):  # fmt: skip
+        FeatureCache(root)
+    del manifest["level_dims"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="is not a valid cache manifest \\(it lacks level_dims\\)"):
+        FeatureCache(root)
+
+
+def test_resuming_from_a_cache_rebuilt_with_other_settings_is_named(tiny_recipe, tmp_path, capsys):
+    """The recipe names the cache by its path only: a checkpoint records which cache it trained from
+    (cache.json), and a resume says what changed, e.g. an fp16 cache rebuilt as int8 at the same path."""
+    import shutil
+
+    root = tmp_path / "c"
+    build_cache(tiny_recipe(), root, shard_size=16)
+    train(tiny_recipe(f"cache.path={root}", "run.stop_at=2"))
+    shutil.rmtree(root)
+    build_cache(tiny_recipe(), root, shard_size=16, dtype="int8")
+    capsys.readouterr()
+    train(tiny_recipe(f"cache.path={root}"))
+    out = capsys.readouterr().out
+    assert "the recipe (or the cache it reads) differs from the one" in out and "cache dtype: 'fp16' -> 'int8'" in out
