@@ -41,7 +41,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..digest import sha256_files, usable_cpus
+from ..digest import sha256_files
 from ..teachers import Teacher, TeacherOutput
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
@@ -261,10 +261,12 @@ FP16_MAX = 65504.0
 
 
 def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
-    """Refuse teacher outputs the cache would store as something else: a non-finite value (int8 would spread an
-    inf over its channel as NaN, or store a NaN as 0; online training would see it), or for fp16 a magnitude
-    past float16's range (stored as inf, where the online float32 target is finite). One host sync per batch."""
-    peaks = torch.stack([t.detach().abs().amax().float() for t in levels]).cpu()  # NaN propagates through amax
+    """Refuse teacher outputs the cache would store as something else: a non-finite value (int8 would turn its
+    channel into NaN for an inf, or into zeros for a NaN; online training would see it), or for fp16 a magnitude
+    past float16's range (stored as inf, where the online float32 target is finite). One host sync per teacher
+    and batch (the copies of its maps to the host that follow wait for the same work)."""
+    # the largest magnitude without a full-size temporary; a NaN anywhere makes it NaN
+    peaks = torch.stack([torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in levels]).cpu()
     for level, peak in enumerate(peaks.tolist()):
         if not math.isfinite(peak):
             raise CacheError(f"teacher {teacher!r} level {level} gave a non-finite value (nan or inf) for a sample of "
@@ -279,7 +281,8 @@ def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
 def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, str]) -> None:
     """Before a build goes on from shards already there: each must match the sha256 recorded for it (in the
     finished cache's manifest, or beside the shard), else it is deleted, to be built again. Without this, the
-    build would record the digest of damaged bytes, and every later check would pass them."""
+    build would record the digest of damaged bytes, and every later check would pass them. (The main process
+    hashes them all, on every usable CPU, while the others wait.)"""
     kept = [(v, k) for v, k in plan.shards() if plan.path(v, k).exists()]
     found = sha256_files([plan.path(v, k) for v, k in kept])
     for (view, shard), digest in zip(kept, found, strict=True):
@@ -292,6 +295,8 @@ def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, st
             print(f"[sak] cache {out}: shard {name} {why}; building it again")
             path.unlink()
             sidecar.unlink(missing_ok=True)
+        elif not sidecar.is_file():  # a finished cache of an older sak: its shards get their files now
+            sidecar.write_text(digest)
 
 
 def check_build_options(views: int, augment: bool, dtype: str, shard_size: int, batch_size: int) -> None:
@@ -411,17 +416,19 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
     stamp = _stamp(ident, shard_size)
-    if manifest_path.exists():  # every process checks, so that every process stops
-        old = load_manifest(manifest_path)
+    # read once, before any barrier: the main process writes a new manifest further on
+    old = load_manifest(manifest_path) if manifest_path.exists() else None
+    finished = old is not None and old.get("status", "complete") == "complete"
+    if old is not None:  # every process checks, so that every process stops
         differences = _diff({k: old.get(k) for k in layout}, layout, theirs="this build gives")
         if differences:
             what = "an unfinished cache" if old.get("status") == "building" else "a cache"
             raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
                              + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
     _check_kept_shards(out, stamp)
+    state.wait_for_everyone()  # every process has read the kept shards' stamps before any is deleted
     if state.is_main_process:
-        recorded = old["shards"] if manifest_path.exists() and old.get("status", "complete") == "complete" else {}
-        _drop_damaged_kept_shards(out, plan, recorded)
+        _drop_damaged_kept_shards(out, plan, old["shards"] if finished else {})
     state.wait_for_everyone()
     shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
     remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
@@ -436,7 +443,6 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
                 "content": None if digests is None else [d[:CONTENT_PREFIX] for _, d in digests]}  # fmt: skip
-    finished = manifest_path.exists() and old.get("status", "complete") == "complete"
     if state.is_main_process and (remaining or not finished):  # before the first shard: a resumed build can tell
         out.mkdir(parents=True, exist_ok=True)  # whose shards it finds (a finished cache with nothing to add stays so)
         _write_manifest(manifest, manifest_path)
@@ -471,10 +477,12 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             stored = {}
             progress.update()
     progress.close()
-    # each process hashes its own shards (just written: still in the page cache), and the main one records all
-    threads = max(1, usable_cpus() // state.num_processes)
+    # every shard's sha256 is beside it now (hashed as it was written, or checked at the start if kept); the
+    # main process records them all
     names = [f"view{v}/shard{k:05d}" for v, k in mine]
-    digests = list(zip(names, sha256_files([plan.path(v, k) for v, k in mine], threads), strict=True))
+    digests = [
+        (name, digest_path(plan.path(v, k)).read_text().strip()) for name, (v, k) in zip(names, mine, strict=True)
+    ]
     if state.num_processes > 1:
         digests = gather_object(digests)
     if state.is_main_process:

@@ -607,3 +607,39 @@ def test_resuming_from_a_cache_rebuilt_with_other_settings_is_named(tiny_recipe,
     train(tiny_recipe(f"cache.path={root}"))
     out = capsys.readouterr().out
     assert "the recipe (or the cache it reads) differs from the one" in out and "cache dtype: 'fp16' -> 'int8'" in out
+
+
+def test_a_build_whose_teacher_gives_nan_stops_naming_it(tiny_recipe, tmp_path, monkeypatch):
+    from sak.teachers.base import Teacher, TeacherOutput
+
+    encode = Teacher.encode
+
+    def nan_encode(self, images, dtype=None):
+        out = encode(self, images, dtype)
+        levels = list(out.levels)
+        levels[1] = levels[1].clone()
+        levels[1][0, 0, 0, 0] = float("nan")
+        return TeacherOutput(tuple(levels), out.summary)
+
+    monkeypatch.setattr(Teacher, "encode", nan_encode)
+    with pytest.raises(CacheError, match=r"teacher 'vit_a' level 1 gave a non-finite value .* shard view0/shard00000"):
+        build_cache(tiny_recipe("data.options.length=4"), tmp_path / "c", shard_size=4)
+
+
+def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete(tiny_recipe, tmp_path, monkeypatch):
+    """Shards matching the manifest are kept (and get their sha256 files, as a cache of an older sak would),
+    and with nothing to write the manifest is never marked "building": stopping that run cannot break it."""
+    recipe = tiny_recipe("data.options.length=8")
+    root = build_cache(recipe, tmp_path / "c", shard_size=4)
+    shards = sorted((root / "view0").glob("*.safetensors"))
+    times = [p.stat().st_mtime_ns for p in shards]
+    for p in (root / "view0").glob("*.sha256"):
+        p.unlink()
+    statuses = []
+    write = cache_module._write_manifest
+    monkeypatch.setattr(cache_module, "_write_manifest", lambda m, path: statuses.append(m["status"]) or write(m, path))
+    build_cache(recipe, root, shard_size=4)
+    assert statuses == ["complete"]
+    assert [p.stat().st_mtime_ns for p in shards] == times
+    assert sorted(p.name for p in (root / "view0").glob("*.sha256")) == ["shard00000.sha256", "shard00001.sha256"]
+    FeatureCache(root).verify_all()
