@@ -249,9 +249,9 @@ def train(recipe: Recipe) -> dict:
     cached = FeatureCache(Path(recipe.cache.path)) if recipe.cache.path is not None else None
     train_loader = build.build_loader(recipe, recipe.data.split, train=True, augment=cached and cached.augment)
     cache = open_cache(recipe, teachers, train_loader.dataset.dataset, cached)
-    if cache is not None:  # which cache fed the training, in every checkpoint: a resume names a rebuilt one
-        extra_files[CACHE_FILE] = json.dumps(cache_facts(cache), indent=2)
     if cache is not None:
+        # which cache fed the training, in every checkpoint: a resume names one rebuilt with other settings
+        extra_files[CACHE_FILE] = json.dumps(cache_facts(cache), indent=2)
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
