@@ -45,16 +45,17 @@ HIGH_BIT_DEPTH_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-def to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(im: Image.Image, exif: bool = True) -> np.ndarray:
     """A decoded PIL image -> uint8 (H, W, 3) RGB, as the image is displayed.
 
-    - EXIF orientation applied (a phone photo stored sideways comes out upright);
+    - EXIF orientation applied (a phone photo stored sideways comes out upright), unless `exif` is False;
     - 16-bit and 32-bit modes rescaled to 8 bits (`HIGH_BIT_DEPTH_SCALE`: I;16* and I from [0, 65535],
       F from [0, 1], out-of-range values clipped) rather than clipped at 255 as `convert("RGB")` does;
     - transparency (RGBA, LA, PA, a palette or colour key) composited onto white (`ALPHA_BACKGROUND`);
     - grey, palette and CMYK converted as Pillow does.
     """
-    im = ImageOps.exif_transpose(im)
+    if exif:
+        im = ImageOps.exif_transpose(im)
     scale = HIGH_BIT_DEPTH_SCALE.get(im.mode)
     if scale is not None:
         grey = np.nan_to_num(np.asarray(im, dtype=np.float64))  # (H, W): these modes are single-channel
@@ -66,10 +67,11 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"))
 
 
-def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> np.ndarray:
+def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None, exif: bool = True) -> np.ndarray:
     """An image file (path) or its bytes -> uint8 (H, W, 3) RGB, as displayed (see `to_rgb`: EXIF
     orientation, 16/32-bit rescaled to 8 bits, transparency on white). Every `sak` reader of image files
-    decodes through here.
+    decodes through here. `exif=False` leaves the pixels as stored: the labelled datasets' label maps are
+    stored unrotated, and their reference loaders (PIL's `convert("RGB")`) ignore the EXIF orientation.
 
     Raises:
         DataError: a missing or undecodable file, named by `where` (default: the path).
@@ -77,7 +79,7 @@ def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> n
     where = where or str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            return to_rgb(im)
+            return to_rgb(im, exif)
     except FileNotFoundError as exc:
         raise DataError(f"{where}: file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -82,7 +82,7 @@ class NYUD(MultiTaskDataset):
 
     def load_raw(self, sample_id: str, tasks: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         files = self.files[sample_id]
-        image = decode_rgb(files["image"])
+        image = decode_rgb(files["image"], exif=False)  # (labels: stored unrotated)
         shape = image.shape[:2]
         raw = {"image": image}
         for task in self.spec.tasks if tasks is None else tasks:

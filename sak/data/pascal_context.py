@@ -211,6 +211,11 @@ class MultiTaskDataset(SakDataset):
             raise FileNotFoundError(f"data.root {str(self.root)!r} is not a directory")
         self.eval_size = self._size_option("eval_size", options.eval_size or list(self.eval_size_default))
         crop = options.crop_size or [spec.image_size, spec.image_size]
+        scales = options.scale_range
+        if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+            raise ValueError(
+                f"data.options.scale_range {list(scales)}: give [low, high] with 0 < low <= high (SAK's: [0.5, 2.0])"
+            )
         self.augment = DenseAugment(
             crop_size=self._size_option("crop_size", crop),
             scale_range=tuple(options.scale_range),
@@ -371,7 +376,7 @@ class PascalContext(MultiTaskDataset):
     def load_raw(self, sample_id: str, tasks: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         tasks = self.spec.tasks if tasks is None else tasks
         files = self.files[sample_id]
-        raw = {"image": decode_rgb(files["image"])}
+        raw = {"image": decode_rgb(files["image"], exif=False)}  # (labels: stored unrotated)
         shape = raw["image"].shape[:2]
         label_map = None
         if "edges" in tasks or "normals" in tasks:

@@ -251,3 +251,25 @@ def test_image_at_is_the_samples_image_without_reading_the_other_targets(root, m
     crops = [torch.stack([d.image_at(i) for i in range(len(d))]) for d in (dataset(root, train=True, tasks=()),
                                                                          dataset(root, train=True))]  # fmt: skip
     assert not torch.equal(*crops)  # the semseg labels do move some of the fixture's crops
+
+
+def test_an_exif_orientation_tag_does_not_turn_the_image_away_from_its_labels(copy):
+    """The label maps are stored unrotated and the reference loaders ignore EXIF: the image is read as
+    stored (it used to be turned upright, and then no longer matched its labels)."""
+    ds = dataset(copy, split="val")
+    sample_id = ds.ids[0]
+    path = copy / "JPEGImages" / f"{sample_id}.jpg"
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    assert stored.shape[0] != stored.shape[1]  # (a square image would be misaligned without an error)
+    with Image.open(path) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+        im.save(path, exif=exif, quality=95)
+    sample = dataset(copy, split="val")[0]
+    assert tuple(sample["size"].tolist()) == stored.shape[:2]
+
+
+def test_a_scale_range_that_is_not_low_high_is_refused(root):
+    for bad in ([2.0, 0.5], [0.0, 1.0], [1.0]):
+        with pytest.raises(ValueError, match=r"data.options.scale_range .*0 < low <= high"):
+            dataset(root, train=True, scale_range=bad)

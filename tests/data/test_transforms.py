@@ -154,3 +154,13 @@ def test_random_resized_crop_box_respects_scale_and_bounds():
         assert 0.7 <= w / h <= 1.4
     # an extreme aspect ratio falls back to the centre crop clamped to the ratio range
     assert random_resized_crop_box(10, 400, np.random.default_rng(0), (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 193, 10, 13)
+
+
+def test_nearest_resize_picks_the_source_pixel_cv2_picks():
+    """cv2.INTER_NEAREST computes floor(dst * (1 / (out / in))); floor(dst * (in / out)) differs from it where
+    the product should be whole: width 698 -> 1348 maps column 674 to 349 in cv2, to 348 that way."""
+    from sak.data.transforms import resize_sample
+
+    label = np.arange(698, dtype=np.int64)[None].repeat(2, axis=0)
+    out = resize_sample({"image": np.zeros((2, 698, 3), np.uint8), "semseg": label}, (2, 1348))
+    assert out["semseg"][0, 674] == 349
