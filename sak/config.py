@@ -340,6 +340,13 @@ class StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found a {type(key).__name__} as a key",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
@@ -362,7 +369,7 @@ def apply_override(data: dict, override: str) -> None:
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
                 raise RecipeError(
                     f"override {override!r}: {'.'.join(keys[:i])} has {len(node)} items; {key!r} is not an index"
                 )
@@ -370,7 +377,11 @@ def apply_override(data: dict, override: str) -> None:
             if last:
                 node[key] = value
             else:
+                if node[key] is None:  # an item left empty in the file (`teachers: [~]`)
+                    node[key] = {}
                 node = node[key]
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
             continue
         if last:
             node[key] = value
@@ -391,6 +402,10 @@ def apply_override(data: dict, override: str) -> None:
 def import_plugins(modules: list[str], where: str = "imports") -> None:
     """Import plug-in modules named by a recipe (in every process); the one way a recipe runs code."""
     for i, name in enumerate(modules):
+        if not isinstance(name, str) or not name or name.startswith("."):
+            raise RecipeError(
+                f"{where}[{i}]: {name!r} is not a module name; give an absolute dotted name, e.g. my_pkg.teachers"
+            )
         try:
             importlib.import_module(name)
         except ImportError as exc:

@@ -109,6 +109,28 @@ def test_override_errors():
         apply_override({}, "optim.lr")
     with pytest.raises(RecipeError, match="has 1 items"):
         apply_override({"teachers": [{}]}, "teachers.3.name=x")
+    # these were tracebacks (TypeError, ValueError) rather than errors naming the override
+    with pytest.raises(RecipeError, match=r"optim.betas.0 is a value, not a section"):
+        apply_override({"optim": {"betas": [0.9, 0.99]}}, "optim.betas.0.x=1")
+    with pytest.raises(RecipeError, match=r"teachers has 1 items; '²' is not an index"):
+        apply_override({"teachers": [{}]}, "teachers.²=x")
+    data = {"teachers": [None]}  # an item left empty in the file
+    apply_override(data, "teachers.0.name=timm")
+    assert data == {"teachers": [{"name": "timm"}]}
+
+
+@pytest.mark.parametrize("entry", [123, ".relative", ""])
+def test_an_imports_entry_that_is_not_a_module_name_is_named(entry, tmp_path):
+    path = write_variant(tmp_path, lambda d: d.update(imports=[entry]))
+    with pytest.raises(RecipeError, match=r"imports\[0\]: .* is not a module name; give an absolute dotted name"):
+        load_recipe(path)
+
+
+def test_a_yaml_key_that_is_a_list_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(RecipeError, match="found a list as a key"):
+        load_recipe(path)
 
 
 def test_imports_load_plugins_and_report_missing_modules(tmp_path):
