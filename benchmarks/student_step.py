@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from sak.config import load_recipe
+from sak.config import CUDA_GRAPH_MODES, load_recipe
 from sak.engine.build import (
     build_distill_loss,
     build_loader,
@@ -118,7 +118,7 @@ class Variants:
         if self.compile_losses:  # precision.compile_losses, as sak.engine.build.build_distill_loss applies it
             self.loss_fn.compile(**options)
         self.vit_forward = torch.compile(self._vit_forward, **options)
-        self.cuda_graphs = self.compile_options.get("mode") in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = self.compile_options.get("mode") in CUDA_GRAPH_MODES
 
     def normalized_targets(self) -> dict:
         if self.normalizers is None:

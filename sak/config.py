@@ -144,6 +144,9 @@ class ScheduleConfig:
     power: float = 0.9  # poly exponent
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
+
+
 @dataclass
 class PrecisionConfig:
     mixed: Literal["no", "bf16", "fp16"] = "no"  # student autocast through Accelerate
@@ -179,7 +182,7 @@ class PrecisionConfig:
     def cuda_graphs(self) -> bool:
         """Whether something is compiled in a mode that replays CUDA graphs (on a CUDA device)."""
         compiled = self.compile_student or self.compile_teachers or self.compile_losses
-        return compiled and self.compile_mode in ("reduce-overhead", "max-autotune")
+        return compiled and self.compile_mode in CUDA_GRAPH_MODES
 
 
 @dataclass

@@ -251,7 +251,8 @@ def train(recipe: Recipe) -> dict:
     cache = open_cache(recipe, teachers, train_loader.dataset.dataset, cached)
     if cache is not None:
         # which cache fed the training, in every checkpoint: a resume names one rebuilt with other settings
-        extra_files[CACHE_FILE] = json.dumps(cache_facts(cache), indent=2)
+        facts = cache_facts(cache)
+        extra_files[CACHE_FILE] = json.dumps(facts, indent=2)
         train_loader.dataset.views = cache.views
         train_loader.dataset.cache = cache  # the loader reads each sample's cached maps (in its workers)
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
@@ -293,8 +294,8 @@ def train(recipe: Recipe) -> dict:
     logger_start = 0
     changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
     if source is not None and cache is not None and (source / CACHE_FILE).is_file():
-        before, now = json.loads((source / CACHE_FILE).read_text()), cache_facts(cache)
-        changed += [f"cache {k}: {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+        before = json.loads((source / CACHE_FILE).read_text())
+        changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
     if source is not None:
         state = load_checkpoint(accelerator, source, changed)
         logger_start = state.step
