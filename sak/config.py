@@ -423,21 +423,42 @@ def _import_builtins() -> None:
         importlib.import_module(module)
 
 
-def _check_keywords(fn, options: dict, where: str) -> None:
+def _convertible(tp: Any) -> bool:
+    """Whether `_convert` knows annotation `tp` (a plug-in's keyword may be annotated with anything)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp in (bool, int, float, str, dict) or origin is Literal or dataclasses.is_dataclass(tp):
+        return True
+    if origin in (Union, types.UnionType, list, dict):
+        return all(_convertible(a) for a in args if a is not type(None))
+    return False
+
+
+def _check_keywords(fn, options: dict, where: str) -> dict:
     """`options` must be keyword arguments `fn` (a registered class) accepts: a wrong key is an error here,
-    with the accepted ones listed, not a TypeError when the run builds it."""
+    with the accepted ones listed, not a TypeError when the run builds it. Values are converted to the
+    keywords' annotations where `_convert` knows them (YAML 1.1 reads `1e-3` as a string), and a value of
+    the wrong type is an error naming the key; returns the converted options."""
+    options = dict(options or {})
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # no signature to check against (a C extension, say)
-        return
+        return options
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # annotations that do not resolve (a plug-in's forward reference): left unchecked
+        hints = {}
+    for key, value in options.items():
+        if key in params and key in hints and _convertible(hints[key]):
+            options[key] = _convert(value, hints[key], f"{where}.{key}")
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
+        return options
     accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in options or {}:
+    for key in options:
         if key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ";"
             raise RecipeError(f"unknown key {where}.{key}{hint} valid keys here: {', '.join(accepted) or '(none)'}")
+    return options
 
 
 def validate(recipe: Recipe) -> None:
@@ -495,7 +516,8 @@ def validate(recipe: Recipe) -> None:
                 f"tasks: data.name {recipe.data.name!r} has no targets for {missing}; it has "
                 f"{list(supported) or 'none (images only: a stage-1 dataset)'}"
             )
-    _check_keywords(check(LOSSES, recipe.loss.distill, "loss.distill"), recipe.loss.options, "loss.options")
+    loss = check(LOSSES, recipe.loss.distill, "loss.distill")
+    recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")
     check(ROUTERS, recipe.student.router, "student.router")
     student = check(STUDENTS, recipe.student.architecture, "student.architecture")
     if not getattr(student, "has_adapter_paths", True):

@@ -209,6 +209,8 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
         ("loss.normalize_until=sometimes", "loss.normalize_until: expected int | 'auto' | 'never', got 'sometimes'"),
         ("data.prefetch_to_device=sometimes", "data.prefetch_to_device: expected bool | 'auto', got 'sometimes'"),
         ("loss.options.bogus=1", "unknown key loss.options.bogus.*valid keys here"),
+        ("loss.options.beta=abc", r"loss.options.beta: expected a number, got 'abc' \(str\)"),
+        ("loss.options.cos_weight=[1]", r"loss.options.cos_weight: expected a number, got \[1\] \(list\)"),
         (
             "tasks.0.name=semseg",
             r"override 'tasks.0.name=semseg': tasks has no items; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'",
@@ -221,6 +223,25 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
 def test_values_that_would_fail_later_are_refused_with_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, [override])
+
+
+def test_loss_options_take_the_loss_keywords_types():
+    """YAML 1.1 reads `1e-3` as a string; the loss's annotations make it the number the loss expects (it used to
+    reach the loss as '1e-3' and fail when training started). A plug-in keyword annotated with a type the
+    recipe schema does not know, or not at all, is passed as written."""
+    import torch
+
+    from sak.config import _check_keywords
+
+    recipe = load_recipe(TINY, ["loss.options={beta: 1e-3, cos_weight: 1}"])
+    assert recipe.loss.options == {"beta": 0.001, "cos_weight": 1.0}
+    assert type(recipe.loss.options["cos_weight"]) is float
+
+    def plug_in(weights: torch.Tensor | None = None, scale=2, mode: str = "a"):
+        pass
+
+    given = {"weights": "w", "scale": "3", "mode": "b"}
+    assert _check_keywords(plug_in, given, "loss.options") == given
 
 
 def test_an_unknown_key_where_none_are_accepted_says_so():
