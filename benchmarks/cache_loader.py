@@ -10,7 +10,10 @@ loader or the copy to the GPU, not the step, set the pace. This measures the loa
 (`sak.engine.build.build_loader`, the synthetic dataset the GPU recipe trains on) with the cache attached
 as the trainer attaches it, iterated for `--epochs` epochs; each epoch's rate is counted from its first
 batch's arrival (worker start-up left out) to its last, so the epoch needs many more batches than the
-workers prefetch (`num_workers` x 2): with too few, they are all in flight before the clock starts. On a GPU machine the last epoch times each batch's copy to the GPU instead.
+workers prefetch (`num_workers` x 2): with too few, they are all in flight before the clock starts. The
+workers send each batch's `CachedRows`; the maps are read in this process, by the DataLoader's pin-memory
+thread on a GPU machine, by the loop here elsewhere (as training without a GPU reads them), and counted in
+the batch's time either way. On a GPU machine the last epoch times each batch's copy to the GPU instead.
 The cache is written with random values in the real format (the features' values do not
 change the bytes moved), so no teacher has to run. The pages are in the page cache (read once before).
 """
@@ -32,7 +35,7 @@ from torch.utils.data import default_collate
 from sak.config import load_recipe
 from sak.digest import sha256_of, usable_cpus
 from sak.engine.build import build_loader
-from sak.engine.cache import FORMAT, FeatureCache, _atomic_save, quantize
+from sak.engine.cache import FORMAT, CachedRows, FeatureCache, _atomic_save, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,8 +78,7 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
     loader = build_loader(recipe, recipe.data.split, train=True, augment=False)
     cache = FeatureCache(cache_root)
     loader.dataset.views, loader.dataset.cache = cache.views, cache
-    if workers:
-        cache.verify_all()
+    cache.verify_all()
     for path in cache_root.rglob("*.safetensors"):  # into the page cache: a warm-cache measurement
         path.read_bytes()
     per_batch, copies, nbytes = [], [], 0
@@ -90,12 +92,16 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
         first = time.perf_counter()
         arrived = 0
         for b in it:
+            # on a GPU machine the loader's pin-memory thread has read the maps (page-locked); elsewhere nothing
+            # pins and the training process reads them (here in their stored dtype; `FeatureCache.targets` on
+            # the CPU widens them in the same pass)
+            maps = b["cached"].read() if isinstance(b["cached"], CachedRows) else b["cached"]
             now = time.perf_counter()
-            nbytes = sum(v.numel() * v.element_size() for v in b["cached"].values())
+            nbytes = sum(v.numel() * v.element_size() for v in maps.values())
             if epoch != copy_epoch:
                 arrived, last = arrived + 1, now
             else:  # what a training step waits for when the copy is not overlapped with the previous step
-                cache.targets(b["cached"], "cuda")
+                cache.targets(maps, "cuda")
                 torch.cuda.synchronize()
                 copies.append(time.perf_counter() - now)
         if epoch != copy_epoch and arrived:
@@ -106,30 +112,58 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
     out = {"workers": workers, "batch": batch, "epochs_timed": len(per_batch), "batch_s": mean,
            "images_per_s": batch / mean, "mib_per_batch": nbytes / 2**20,
            "gib_per_s": nbytes / mean / 2**30}  # fmt: skip
-    if copies:  # the loader's batches are page-locked on a CUDA machine (build_loader)
+    if copies:
         out["median_copy_s"] = statistics.median(copies)
     return out
 
 
 def breakdown(cache_root: Path, images: int, batch: int) -> dict:
-    """Where one batch's time goes inside a loader process (medians over the batches after the first): the
-    dataset's images, reading the cached rows (`FeatureCache.rows`), and collating those rows."""
+    """Where one batch's time goes (medians over the batches after the first), in this process: the dataset's
+    images (read and collated), and the host copies of the batch's cached maps, now and before:
+    - gather_s: `FeatureCache.gather`, the one copy, into new tensors, with this process's intra-op threads
+      (the training process without a GPU);
+    - gather_reused_s: the same copy into buffers allocated once and reused, as page-locked buffers are once
+      PyTorch's caching host allocator has them;
+    - gather_pinned_s (on a GPU machine): `gather` into page-locked memory with the pin-memory thread's
+      `PIN_THREADS` (at most) threads, what the training loader does there;
+    - before_s: the path before 2026-11-27, rebuilt from its parts: each sample's rows collated into a new
+      batch (a worker's copy) and copied by one thread into a buffer allocated once (the pin-memory thread's
+      copy into page-locked memory). It leaves out the shared-memory transfer between the two, so it is a
+      lower bound."""
     recipe = load_recipe(RECIPE, [f"data.options.length={images}", f"data.batch_size={batch}"])
     dataset = build_loader(recipe, recipe.data.split, train=False, augment=False).dataset.dataset
     cache = FeatureCache(cache_root)
     cache.verify_all()  # hashing the shards is a start-up cost, not a per-batch one
-    times: dict[str, list[float]] = {"images_s": [], "rows_s": [], "collate_s": []}
+    reused = {k: torch.empty((batch, *v.shape), dtype=v.dtype) for k, v in cache.rows(0, 0).items()}
+    pinned = {}
+
+    def gather_reused(indices):
+        for key in cache.keys:
+            torch.stack([cache.rows(i, 0)[key] for i in indices], out=reused[key])
+
+    def before(indices):
+        collated = default_collate([cache.rows(i, 0) for i in indices])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as PyTorch's pin-memory thread runs
+        for key, value in collated.items():
+            pinned.setdefault(key, torch.empty_like(value)).copy_(value)
+        torch.set_num_threads(threads)
+
+    ways = {
+        "images_s": lambda indices: default_collate([dataset[i] for i in indices]),
+        "gather_s": lambda indices: cache.gather(indices, 0),
+        "gather_reused_s": gather_reused,
+        "before_s": before,
+    }
+    if torch.cuda.is_available():
+        ways["gather_pinned_s"] = lambda indices: CachedRows(cache, indices, 0).pin_memory()
+    times: dict[str, list[float]] = {key: [] for key in ways}
     for start in range(0, images - batch + 1, batch):
-        indices = range(start, start + batch)
-        t0 = time.perf_counter()
-        default_collate([dataset[i] for i in indices])
-        t1 = time.perf_counter()
-        rows = [cache.rows(i, 0) for i in indices]
-        t2 = time.perf_counter()
-        default_collate(rows)
-        t3 = time.perf_counter()
-        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-            times[key].append(value)
+        indices = list(range(start, start + batch))
+        for key, way in ways.items():
+            t0 = time.perf_counter()
+            way(indices)
+            times[key].append(time.perf_counter() - t0)
     return {key: statistics.median(v[1:] or v) for key, v in times.items()}
 
 
@@ -168,10 +202,16 @@ def table(meta: dict, results: list[dict], command: str, parts: dict | None = No
         lines.append(f"| {r['dtype']} | {r['workers']} | {r['batch']} | {r['mib_per_batch']:.0f} "
                      f"| {r['batch_s']:.3f} | {r['images_per_s']:.1f} | {r['gib_per_s']:.2f} | {copy} |")  # fmt: skip
     if parts:
-        lines += ["", "One batch in one loader process (median ms): generating the images / reading the cached rows "
-                  "(memory-mapped) / collating the rows.", ""]  # fmt: skip
-        lines += [f"- {dtype}: {p['images_s'] * 1e3:.0f} / {p['rows_s'] * 1e3:.1f} / {p['collate_s'] * 1e3:.0f}"
-                  for dtype, p in parts.items()]  # fmt: skip
+        pinned = any("gather_pinned_s" in p for p in parts.values())
+        lines += ["", "One batch's host work (median ms; `breakdown` in benchmarks/cache_loader.py): the images / the "
+                  "maps gathered from the mapped shards into new tensors / into buffers reused"
+                  + (" / into page-locked memory as the pin-memory thread does" if pinned else "")
+                  + " / the path before 2026-11-27 (a worker's collate, then the pin-memory thread's one-thread copy; "
+                  "a lower bound).", ""]  # fmt: skip
+        for dtype, p in parts.items():
+            cells = [p["images_s"], p["gather_s"], p["gather_reused_s"]] + ([p["gather_pinned_s"]] if pinned else [])
+            cells.append(p["before_s"])
+            lines.append(f"- {dtype}: " + " / ".join(f"{c * 1e3:.0f}" for c in cells))
     if hashing:
         lines += ["", "Checking every shard's sha256 at start-up (`FeatureCache.verify_all`, best of 3, pages cached): "
                   "one shard at a time / one per usable CPU (the default).", ""]  # fmt: skip

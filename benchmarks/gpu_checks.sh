@@ -50,6 +50,11 @@
 #                                         # throughput_gpu_h200_part13, student_step_cuda_graphs
 #   bash benchmarks/gpu_checks.sh 14 OUT  # stage 1 with CUDA graphs, online and from the fp16 cache (read
 #                                         # ahead): the cache speed-up and MFU with them; about 9 minutes
+#   bash benchmarks/gpu_checks.sh 15 OUT  # the cached maps read by the pin-memory thread (since 2026-11-27):
+#                                         # its gpu test (page-locked batches, 0 and 2 workers), then the loader
+#                                         # alone over the fp16 cache with 4 and 8 workers and one batch's host
+#                                         # copies, page-locked included (cache_loader_gpu; gather_pinned_s);
+#                                         # about 5 minutes. Run it before part 14, whose cached case it feeds
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -68,10 +73,10 @@
 # the limit); results in throughput_gpu_h200_part{10,8}, sam_attention_cuda, student_step_cuda,
 # profile_gpu_h200. A later call that day (H200, 150 s) ran part 11 with LIMIT=1 (its tests and router_mix, not
 # its stage 2) and part 9 again; a third (582 s) part 13 as it then was. Still to run: parts 13 and 14 (first:
-# CUDA graphs), 12, 5 (the rest), 6, 7 and part 11's stage 2.
+# CUDA graphs; part 15 before 14), 12, 5 (the rest), 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 14}
+part=${1:?part 1 to 15}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -121,6 +126,9 @@ case $part in
         precision.compile_losses=true precision.compile_mode=reduce-overhead ;;
 14) timeout "${LIMIT:-560}" $bench gpu/stage1/sak/online/compiled/losses/cuda-graphs \
         gpu/stage1/sak/fp16-cache/compiled/losses/cuda-graphs/prefetch ;;
-*) echo "part must be 1 to 14" >&2; exit 2 ;;
+15) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_cache_gpu.py
+    timeout 300 python3 -m benchmarks.cache_loader --images 256 --workers 4 8 --epochs 3 --dtypes fp16 \
+        --results "$out" --name cache_loader_gpu ;;
+*) echo "part must be 1 to 15" >&2; exit 2 ;;
 esac
 ls -la "$out"

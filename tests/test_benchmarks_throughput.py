@@ -81,7 +81,7 @@ def test_peak_resident_tells_mapped_files_from_the_heap(tmp_path):
 def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loader(tmp_path):
     """benchmarks/cache_loader.py writes a cache in the real format with the GPU recipe's level shapes
     (31.6 MiB per image in fp16, as measured on the H100) and times the training loader over it."""
-    from benchmarks.cache_loader import measure, write_cache
+    from benchmarks.cache_loader import breakdown, measure, write_cache
     from sak.engine.cache import FeatureCache
 
     root = write_cache(tmp_path / "c", samples=4, dtype="fp16", shard_size=3)
@@ -92,6 +92,8 @@ def test_cache_loader_benchmark_reads_a_gpu_sized_cache_through_the_training_loa
     r = measure(root, images=4, batch=2, workers=0, epochs=1)
     assert r["epochs_timed"] == 1 and r["mib_per_batch"] == pytest.approx(63.2, abs=0.1) and r["images_per_s"] > 0
     assert r["images_per_s"] == pytest.approx(2 / r["batch_s"])
+    parts = breakdown(root, images=4, batch=2)
+    assert set(parts) == {"images_s", "gather_s", "gather_reused_s", "before_s"} and min(parts.values()) > 0
 
 
 def test_traffic_counts_what_each_operation_reads_and_writes():

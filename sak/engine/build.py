@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ..config import PrecisionConfig, Recipe
 from ..data import DatasetSpec, EpochSampler, build_dataset
@@ -15,6 +15,7 @@ from ..student import TeacherAgnosticStem, TeacherSlot
 from ..student.adapters import TeacherSpecificAdapterPath
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
+from .cache import CachedRows
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "no": None}
 
@@ -119,9 +120,9 @@ def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> Ta
 
 class IndexedDataset(torch.utils.data.Dataset):
     """Adds each sample's position ("index"). With `views` set, the augmentation of epoch e is that of
-    epoch e % views (the views a teacher-feature cache holds); with `cache` set, each sample also carries
-    its cached teacher maps ("cached", stored dtype), read here, i.e. in the DataLoader workers, off the
-    training process's critical path."""
+    epoch e % views (the views a teacher-feature cache holds); with `cache` set, each batch (`collate`)
+    also carries its cached teacher maps ("cached"), as a `CachedRows` that the training process reads (on
+    a GPU machine in the DataLoader's pin-memory thread, straight into page-locked memory)."""
 
     def __init__(self, dataset, views: int | None = None) -> None:
         self.dataset, self.views = dataset, views
@@ -132,10 +133,14 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        sample = {**self.dataset[index], "index": index}
+        return {**self.dataset[index], "index": index}
+
+    def collate(self, samples: list[dict]) -> dict:
+        """The loader's collate_fn: `default_collate`, and with a cache the batch's `CachedRows`."""
+        batch = default_collate(samples)
         if self.cache is not None:
-            sample["cached"] = self.cache.rows(index, self.epoch)
-        return sample
+            batch["cached"] = CachedRows(self.cache, batch["index"].tolist(), self.epoch)
+        return batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -166,6 +171,7 @@ def build_loader(
         batch_size=batch,
         sampler=EpochSampler(len(dataset), recipe.run.seed, shuffle=train),
         num_workers=d.num_workers,
+        collate_fn=dataset.collate,
         pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         drop_last=train,
         persistent_workers=False,  # workers are rebuilt each epoch so they see the dataset's new epoch

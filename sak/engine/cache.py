@@ -30,6 +30,9 @@ import json
 import math
 import os
 import shutil
+import threading
+import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +40,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..digest import sha256_files
+from ..digest import sha256_files, usable_cpus
 from ..teachers import Teacher, TeacherOutput
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
@@ -493,11 +495,32 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     return out
 
 
-class FeatureCache:
-    """Memory-mapped reader. The training loader reads each sample's rows in its workers (`rows`), the
-    training process widens a collated batch on the device (`targets`); `lookup` does both at once."""
+# The caches this process has open, by token: a `FeatureCache` sent to another process (a DataLoader worker)
+# and back (inside a batch's `CachedRows`) comes back as the instance the training opened, with its shards
+# already mapped and verified, not as a copy that would map and hash them again
+_OPEN: weakref.WeakValueDictionary[str, FeatureCache] = weakref.WeakValueDictionary()
+_OPEN_LOCK = threading.Lock()
+# intra-op threads copying a batch's rows into page-locked memory in the DataLoader's pin-memory thread,
+# which PyTorch runs with 1 (one thread copied about 6 GB/s on this CPU, two 10; a GPU's host needs some
+# 15 GB/s at SAK's stage-1 scale: benchmarks/results/cache_loader_cpu.md)
+PIN_THREADS = 8
 
-    def __init__(self, root: Path) -> None:
+
+def _reopen(token: str, root: str) -> FeatureCache:
+    with _OPEN_LOCK:
+        cache = _OPEN.get(token)
+    if cache is None:  # a process that did not open it: open it here, under the same token
+        cache = FeatureCache(Path(root), token=token)
+    return cache
+
+
+class FeatureCache:
+    """Memory-mapped reader. The training loader's workers hand on each batch's `CachedRows` (which samples,
+    which view) instead of the maps; the training process reads them with one copy (`gather`), from the
+    mapped shards into the batch's page-locked buffer on a GPU machine, and `targets` widens them on the
+    device. `lookup` does both at once."""
+
+    def __init__(self, root: Path, token: str | None = None) -> None:
         self.root = Path(root)
         manifest = self.root / "manifest.json"
         if not manifest.is_file():
@@ -525,15 +548,21 @@ class FeatureCache:
                              + f"; {REBUILD.format(root=self.root)}")  # fmt: skip
         self.teachers = list(self.manifest["level_dims"])
         self.dtype = ident["dtype"]
-        # per-file digests, only to name what changed: kept out of the copies sent to loader workers
+        # the stored tensors of a sample: "<teacher>/<level>" and, for int8, "<teacher>/<level>/scale"
+        self.keys = [f"{t}/{level}{suffix}" for t, dims in self.manifest["level_dims"].items()
+                     for level in range(len(dims)) for suffix in ("", "/scale")[: 2 if self.dtype == "int8" else 1]]  # fmt: skip
+        # per-file digests, only to name what changed
         self._content: list[str] | None = self.manifest.pop("content", None)
-        self._open: dict[str, object] = {}
+        self._open: dict[str, dict[str, Tensor]] = {}  # shard name -> its tensors, memory-mapped
         self._verified: set[str] = set()
+        self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
+        self.token = token or uuid.uuid4().hex
+        with _OPEN_LOCK:
+            _OPEN[self.token] = self
 
-    def __getstate__(self) -> dict:
-        """Open shard handles stay in their process; a DataLoader worker opens its own (verified shards
-        are not hashed again)."""
-        return {**self.__dict__, "_open": {}, "_content": None}
+    def __reduce__(self):
+        """Pickled as (token, root): see `_OPEN`."""
+        return _reopen, (self.token, str(self.root))
 
     def check(self, expected_identity: dict, digests: list[tuple[str, str]] | None = None) -> None:
         """Refuse a cache built for other teachers or data (its sample count, ids and content included), naming
@@ -594,38 +623,66 @@ class FeatureCache:
         path = self.root / f"{name}.safetensors"
         return path if name in self.manifest["shards"] and path.is_file() else None
 
-    def _file(self, view: int, shard: int):
+    def _tensors(self, view: int, shard: int) -> dict[str, Tensor]:
+        """A shard's tensors, memory-mapped (safetensors maps the file; nothing is copied), verified on first use."""
         name = f"view{view}/shard{shard:05d}"
-        if name not in self._open:
-            if name not in self._verified:
-                self._verify([name])
-            path = self._present(name)
-            if path is None:  # (verified earlier, deleted since)
-                raise CacheError(f"cache {self.root}: shard {name} is missing")
-            self._open[name] = safe_open(str(path), framework="pt")
-        return self._open[name]
+        with self._lock:
+            if name not in self._open:
+                if name not in self._verified:
+                    self._verify([name])
+                path = self._present(name)
+                if path is None:  # (verified earlier, deleted since)
+                    raise CacheError(f"cache {self.root}: shard {name} is missing")
+                with safe_open(str(path), framework="pt") as f:
+                    self._open[name] = {key: f.get_tensor(key) for key in self.keys}
+            return self._open[name]
 
-    def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
-        """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype:
-        "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale" (C,) float32."""
+    def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= int(index) < self.samples:
             raise CacheError(f"cache {self.root}: sample index {index} is out of range: the cache holds "
                              f"{self.samples} samples (built for another dataset?); {REBUILD.format(root=self.root)}")  # fmt: skip
-        shard, row = divmod(int(index), self.shard_size)
-        f = self._file(epoch % self.views, shard)
-        out = {}
-        for tid, dims in self.manifest["level_dims"].items():
-            for level in range(len(dims)):
-                key = f"{tid}/{level}"
-                out[key] = f.get_slice(key)[row : row + 1][0]
-                if self.dtype == "int8":
-                    out[f"{key}/scale"] = f.get_slice(f"{key}/scale")[row : row + 1][0]
-        return out
+        return divmod(int(index), self.shard_size)
 
-    def targets(self, rows: dict[str, Tensor], device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
-        """A collated batch of `rows` -> float32 teacher outputs on `device`. The stored dtype crosses to
-        the device as it is (half, or a quarter, of the float32 bytes) and is widened / dequantised there."""
+    def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
+        """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype, as views of
+        the mapped shard: "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale"
+        (C,) float32."""
+        shard, row = self._locate(index)
+        tensors = self._tensors(epoch % self.views, shard)
+        return {key: tensors[key][row] for key in self.keys}
+
+    def gather(
+        self, indices: list[int], epoch: int, pin: bool = False, threads: int | None = None, dtype=None
+    ) -> dict[str, Tensor]:
+        """The `rows` of samples `indices`, stacked per key into new tensors (page-locked with `pin`; maps in
+        `dtype`, default the stored one): the one copy a batch's maps take on the host, from the mapped shards
+        into the batch. `threads`: intra-op threads for the copy (default: the calling thread's setting)."""
+        view = epoch % self.views
+        located = [self._locate(i) for i in indices]
+        shards = {shard: self._tensors(view, shard) for shard in dict.fromkeys(s for s, _ in located)}
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)  # this thread's setting (the pin-memory thread's is 1)
+        try:
+            out = {}
+            for key in self.keys:
+                rows = [shards[shard][key][row] for shard, row in located]
+                kind = rows[0].dtype if dtype is None or key.endswith("/scale") else dtype
+                buffer = torch.empty((len(rows), *rows[0].shape), dtype=kind, pin_memory=pin)
+                out[key] = torch.stack(rows, out=buffer)
+            return out
+        finally:
+            if threads:
+                torch.set_num_threads(before)
+
+    def targets(self, rows, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
+        """A batch's maps -> float32 teacher outputs on `device`. `rows`: the batch's `CachedRows` (read here,
+        unless the loader's pin-memory thread has read them already) or what `gather` returns. The stored dtype
+        crosses to the device as it is (half, or a quarter, of the float32 bytes) and is widened / dequantised
+        there."""
         device = torch.device(device)
+        if isinstance(rows, CachedRows):  # on the CPU widened as they are gathered: one pass, not two
+            rows = rows.read(dtype=torch.float32 if device.type == "cpu" else None)
         result = {}
         for tid, dims in self.manifest["level_dims"].items():
             levels = []
@@ -639,14 +696,37 @@ class FeatureCache:
         return result
 
     def lookup(self, indices: list[int], epoch: int, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
-        """`targets` of the collated `rows` of samples `indices` (page-locked on a GPU machine)."""
-        batch = default_collate([self.rows(i, epoch) for i in indices])
-        if torch.device(device).type == "cuda":
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return self.targets(batch, device)
+        """`targets` of samples `indices` (read into page-locked memory for a CUDA device)."""
+        return self.targets(self.gather(indices, epoch, pin=torch.device(device).type == "cuda"), device)
 
     def level_dims(self) -> dict[str, tuple[int, ...]]:
         return {t: tuple(d) for t, d in self.manifest["level_dims"].items()}
+
+
+class CachedRows:
+    """A batch's cached maps before they are read: which cache, samples and epoch. The training loader's
+    collate (`IndexedDataset.collate`) puts one in each batch ("cached") instead of the maps, so DataLoader
+    workers copy none of them and only this small object crosses from a worker to the training process.
+    There the DataLoader's pin-memory thread (on a GPU machine) calls `pin_memory`, which reads the rows
+    straight into page-locked memory, one copy (`FeatureCache.gather`), while the training step runs; where
+    nothing pins, `FeatureCache.targets` reads them. Before, a worker collated the rows into shared memory
+    and the pin-memory thread copied them again, with one thread: three host copies of 505 MB a batch at
+    SAK's stage-1 scale (benchmarks/results/cache_loader_cpu.md)."""
+
+    def __init__(self, cache: FeatureCache, indices: list[int], epoch: int) -> None:
+        self.cache, self.indices, self.epoch = cache, [int(i) for i in indices], int(epoch)
+
+    def read(self, pin: bool = False, dtype=None) -> dict[str, Tensor]:
+        """`FeatureCache.gather` of these samples; page-locked (`pin`) with `PIN_THREADS` threads at most."""
+        threads = min(PIN_THREADS, usable_cpus()) if pin else None
+        return self.cache.gather(self.indices, self.epoch, pin=pin, threads=threads, dtype=dtype)
+
+    def pin_memory(self, device=None) -> dict[str, Tensor]:
+        """Called by the DataLoader's pin-memory thread (torch.utils.data._utils.pin_memory)."""
+        return self.read(pin=True)
+
+    def __repr__(self) -> str:
+        return f"CachedRows({self.cache.root}, {len(self.indices)} samples, epoch {self.epoch})"
 
 
 def describe(root: Path) -> list[str]:

@@ -18,8 +18,11 @@ from sak.data import DatasetSpec, build_dataset
 from sak.data.fixtures import write_pascal_context
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
-from sak.engine.cache import CacheError, FeatureCache, build_cache, identity, quantize, training_dataset
+from sak.engine.cache import CachedRows, CacheError, FeatureCache, build_cache, identity, quantize, training_dataset
 from sak.engine.trainer import open_cache
+
+STORED = {"fp16": torch.float16, "int8": torch.int8}
+NUM_THREADS = torch.get_num_threads()
 
 
 def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_path):
@@ -165,8 +168,8 @@ def test_training_from_augmented_views_matches_online_teachers(tiny_recipe, tmp_
 
 
 def test_loader_workers_read_the_cache_exactly_as_the_training_process(tiny_recipe, tmp_path):
-    """The cached maps travel with each sample from the DataLoader workers (read there, widened in the
-    training process): 2 workers give bit for bit the losses of 0 workers, over two epochs of two views."""
+    """Each batch's CachedRows travel from the DataLoader workers to the training process, which reads them:
+    2 workers give bit for bit the losses of 0 workers, over two epochs of two views."""
     common = ["schedule.max_steps=16", "data.options.length=32"]
     root = build_cache(tiny_recipe(*common), tmp_path / "c", views=2, augment=True, shard_size=16, dtype="int8")
     runs = [tiny_recipe(*common, f"run.name=w{n}", f"data.num_workers={n}", f"cache.path={root}") for n in (0, 2)]
@@ -357,7 +360,7 @@ def test_the_datasets_samples_and_ids_are_in_the_identity(tiny_recipe, tmp_path)
 def test_an_image_replaced_under_its_own_name_is_named_and_refused(tiny_recipe, tmp_path):
     """Same ids, same count: only the content digest tells that the features are of another picture."""
     built = FolderCache(tiny_recipe, tmp_path, [f"im{i}.png" for i in range(3)])
-    folder, root = built.folder, built.root
+    folder = built.folder
     before = os.stat(folder / "im1.png")
     built.image("im1.png")
     os.utime(folder / "im1.png", ns=(before.st_atime_ns, before.st_mtime_ns))  # same name, same time stamp
@@ -367,8 +370,6 @@ def test_an_image_replaced_under_its_own_name_is_named_and_refused(tiny_recipe, 
         rf"the build: {folder / 'im1.png'}; rebuild it",
     ):
         built.open()
-    cache = FeatureCache(root)  # what the loader workers get: the cache without the per-file digests
-    assert cache._content is not None and pickle.loads(pickle.dumps(cache))._content is None
 
 
 def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_recipe, tmp_path):
@@ -416,6 +417,78 @@ def test_teachers_compiled_or_channels_last_are_in_the_identity(tiny_recipe):
     tuned = ident("precision.compile_teachers=true", "precision.compile_mode=max-autotune")
     assert tuned["compile_mode"] == "max-autotune"
     assert "compile_mode" not in ident("precision.compile_student=true", "precision.compile_mode=max-autotune")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_batch_gathered_from_the_mapped_shards_equals_its_rows_stacked(tiny_recipe, tmp_path, dtype):
+    """`gather` copies a batch's rows once, across shards and for the epoch's view, into new tensors that
+    share nothing with the mapped files; `rows` hands out views of them."""
+    recipe = tiny_recipe("data.options.length=12")
+    cache = FeatureCache(build_cache(recipe, tmp_path / "c", views=2, augment=True, shard_size=5, dtype=dtype))
+    indices = [11, 0, 7, 4, 5, 4]  # three shards, the short last one, out of order, one sample twice
+    for epoch in (0, 1, 3):
+        got = cache.gather(indices, epoch)
+        assert list(got) == cache.keys and set(got) == set(load_file(tmp_path / "c/view0/shard00000.safetensors"))
+        for key, batch in got.items():
+            want = torch.stack([cache.rows(i, epoch)[key] for i in indices])
+            assert batch.dtype == want.dtype == (torch.float32 if key.endswith("/scale") else STORED[dtype])
+            assert torch.equal(batch, want) and batch.is_contiguous()
+            assert batch.untyped_storage().data_ptr() != cache.rows(0, epoch)[key].untyped_storage().data_ptr()
+        stored = load_file(tmp_path / f"c/view{epoch % 2}/shard00002.safetensors")
+        assert torch.equal(got["vit_a/0"][0], stored["vit_a/0"][1])  # sample 11: shard 2, row 1, view epoch % 2
+    assert not torch.equal(cache.gather(range(12), 0)["vit_a/0"], cache.gather(range(12), 1)["vit_a/0"])  # (flips)
+    with pytest.raises(CacheError, match="sample index 12 is out of range: the cache holds 12 samples"):
+        cache.gather([0, 12], 0)
+    # the widened maps: lookup = targets(gather) = targets of the batch's CachedRows, read where needed
+    rows = CachedRows(cache, indices, epoch=1)
+    for a, b in zip(cache.lookup(indices, 1).values(), cache.targets(rows).values(), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels, strict=True))
+
+
+def test_a_pickled_cache_is_the_one_this_process_opened(tiny_recipe, tmp_path, monkeypatch):
+    """What crosses from a loader worker in every batch is a token and a path, not the manifest; in the process
+    that opened the cache it is that instance again (its shards mapped and verified once), and elsewhere a
+    cache opened from the path under the same token."""
+    root = build_cache(tiny_recipe("data.options.length=6"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    cache.gather([0, 5], 0)
+    batch = pickle.dumps(CachedRows(cache, [0, 5], 0))
+    assert len(batch) < 300 + len(str(root))
+    back = pickle.loads(batch)
+    assert back.cache is cache and back.indices == [0, 5] and back.epoch == 0
+    monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())  # another process
+    other = pickle.loads(batch).cache
+    assert other is not cache and other.token == cache.token and other.root == cache.root
+    assert other._verified == set() and other._open == {} and other._content == cache._content
+    assert pickle.loads(batch).cache is other
+
+
+def test_the_pin_memory_thread_reads_a_batchs_rows_page_locked_with_several_threads(tiny_recipe, tmp_path, monkeypatch):
+    """PyTorch's pin-memory step (what its pin thread runs on each batch) hands "cached" to
+    `CachedRows.pin_memory`, which gathers with page-locked buffers and more than the thread's one intra-op
+    thread; the batch then holds the read tensors. (Page-locking itself needs a GPU: test_cache_gpu.py.)"""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    root = build_cache(tiny_recipe("data.options.length=6"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    calls, gather = [], FeatureCache.gather
+
+    def unpinned(self, indices, epoch, pin=False, threads=None, dtype=None):
+        calls.append((pin, threads, dtype, torch.get_num_threads()))
+        return gather(self, indices, epoch, False, threads, dtype)
+
+    monkeypatch.setattr(FeatureCache, "gather", unpinned)
+    monkeypatch.setattr(cache_module, "usable_cpus", lambda: 3)
+    torch.set_num_threads(1)  # as the pin thread runs
+    try:
+        out = pin_memory({"cached": CachedRows(cache, [1, 4], 0)})  # (a tensor beside it would need a GPU)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(NUM_THREADS)
+    assert calls == [(True, 3, None, 1)]  # page-locked, 3 threads, the stored dtype
+    assert set(out["cached"]) == set(cache.keys)
+    assert torch.equal(out["cached"]["vit_a/0"], cache.gather([1, 4], 0)["vit_a/0"])
 
 
 def test_a_short_last_shard_is_read_to_its_end_and_no_further(tiny_recipe, tmp_path):
