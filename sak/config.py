@@ -337,11 +337,14 @@ def build_options(owner: type, options: dict, where: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 class StrictLoader(yaml.SafeLoader):
     """YAML's safe loader (plain data, no tags that run code) that refuses a key given twice in one mapping:
-    PyYAML would keep the last silently, e.g. a second `optim:` section replacing the first."""
+    PyYAML would keep the last silently, e.g. a second `optim:` section replacing the first. Merge keys
+    (`<<: *anchor`) work as in YAML: the mapping's own keys win over the merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # merged by SafeLoader below, not a key of its own
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, typing.Hashable):
                 raise yaml.constructor.ConstructorError(
@@ -356,6 +359,23 @@ class StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _list_example(keys: list[str]) -> str:
+    """An example value for the recipe list at `keys` ("tasks", "student.levels"): `[{name: ...}]` for a list
+    of sections with a `name`, `[{...}]` for other sections, `[...]` for values (or a path the schema lacks)."""
+    tp: Any = Recipe
+    for key in keys:
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if key not in hints:
+            return "[...]"
+        tp = hints[key]
+        if typing.get_origin(tp) in (Union, types.UnionType):  # `list[int] | None`
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+    if dataclasses.is_dataclass(item):
+        return "[{name: ...}]" if "name" in {f.name for f in dataclasses.fields(item)} else "[{...}]"
+    return "[...]"
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -394,7 +414,7 @@ def apply_override(data: dict, override: str) -> None:
                     section = ".".join(keys[: i + 1])
                     raise RecipeError(
                         f"override {override!r}: {section} has no items; give the whole list, e.g. "
-                        f"'{section}=[{{name: ...}}]'"
+                        f"'{section}={_list_example(keys[: i + 1])}'"
                     )
                 node[key] = {}
             node = node[key]

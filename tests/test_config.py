@@ -215,6 +215,11 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
             "tasks.0.name=semseg",
             r"override 'tasks.0.name=semseg': tasks has no items; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'",
         ),
+        (
+            "student.levels.0=3",
+            r"override 'student.levels.0=3': student.levels has no items; give the whole list, e.g. "
+            r"'student.levels=\[...\]'$",
+        ),
         ("tasks=[{name: semseg}, {name: semseg}]", r"tasks\[1\]: the task 'semseg' is listed twice"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),
         ("optim.lr=!!python/name:os.system", "not valid YAML"),
@@ -278,6 +283,26 @@ def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text(TINY.read_text() + "optim: {lr: 1.0}\n")
     with pytest.raises(RecipeError, match="found the key 'optim' twice"):
+        load_recipe(path)
+
+
+def test_yaml_merge_keys_fill_a_section_and_its_own_keys_win(tmp_path):
+    """`<<: *anchor` (a second teacher written as the first with another key) is YAML's merge, not a key
+    given twice; a key given twice beside it still is an error."""
+    text = TINY.read_text()
+    first = "  - name: timm\n    key: vit_a\n"
+    second = text[text.index("  - name: timm\n    key: vit_b\n") : text.index("student:")]
+    text = text.replace(first, "  - &first\n    name: timm\n    key: vit_a\n").replace(
+        second, "  - {<<: *first, key: vit_b}\n"
+    )
+    path = tmp_path / "merged.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert [(t.name, t.key) for t in recipe.teachers] == [("timm", "vit_a"), ("timm", "vit_b")]
+    assert recipe.teachers[1].options == recipe.teachers[0].options
+    assert recipe.teachers[1].options["model"] == "vit_small_patch14_dinov2"
+    path.write_text(text.replace("{<<: *first, key: vit_b}", "{<<: *first, key: vit_b, key: again}"))
+    with pytest.raises(RecipeError, match="found the key 'key' twice"):
         load_recipe(path)
 
 
