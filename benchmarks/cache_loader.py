@@ -11,9 +11,8 @@ loader or the copy to the GPU, not the step, set the pace. This measures the loa
 as the trainer attaches it, iterated for `--epochs` epochs; each epoch's rate is counted from its first
 batch's arrival (worker start-up left out) to its last, so the epoch needs many more batches than the
 workers prefetch (`num_workers` x 2): with too few, they are all in flight before the clock starts. The
-workers send each batch's `CachedRows`; the maps are read in this process, by the DataLoader's pin-memory
-thread on a GPU machine, by the loop here elsewhere (as training without a GPU reads them), and counted in
-the batch's time either way. On a GPU machine the last epoch times each batch's copy to the GPU instead.
+maps are read by the loader: on a GPU machine its workers send each batch's `CachedRows` and the
+DataLoader's pin-memory thread reads the maps into page-locked memory; elsewhere the workers read them. On a GPU machine the last epoch times each batch's copy to the GPU instead.
 The cache is written with random values in the real format (the features' values do not
 change the bytes moved), so no teacher has to run. The pages are in the page cache (read once before).
 """
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 from sak.config import load_recipe
@@ -92,10 +92,8 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
         first = time.perf_counter()
         arrived = 0
         for b in it:
-            # on a GPU machine the loader's pin-memory thread has read the maps (page-locked); elsewhere nothing
-            # pins and the training process reads them (here in their stored dtype; `FeatureCache.targets` on
-            # the CPU widens them in the same pass)
-            maps = b["cached"].read() if isinstance(b["cached"], CachedRows) else b["cached"]
+            # read by the loader: on a GPU machine by its pin-memory thread (page-locked), elsewhere by the workers
+            maps = b["cached"]
             now = time.perf_counter()
             nbytes = sum(v.numel() * v.element_size() for v in maps.values())
             if epoch != copy_epoch:
@@ -120,29 +118,26 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
 def breakdown(cache_root: Path, images: int, batch: int) -> dict:
     """Where one batch's time goes (medians over the batches after the first), in this process: the dataset's
     images (read and collated), and the host copies of the batch's cached maps, now and before:
-    - gather_s: `FeatureCache.gather`, the one copy, into new tensors, with this process's intra-op threads
-      (the training process without a GPU);
-    - gather_reused_s: the same copy into buffers allocated once and reused, as page-locked buffers are once
-      PyTorch's caching host allocator has them;
-    - gather_pinned_s (on a GPU machine): `gather` into page-locked memory with the pin-memory thread's
-      `PIN_THREADS` (at most) threads, what the training loader does there;
-    - before_s: the path before 2026-11-27, rebuilt from its parts: each sample's rows collated into a new
-      batch (a worker's copy) and copied by one thread into a buffer allocated once (the pin-memory thread's
-      copy into page-locked memory). It leaves out the shared-memory transfer between the two, so it is a
-      lower bound."""
+    - gather_s / gather_2_s: `FeatureCache.gather`, the one copy, from the shard files into new tensors, with
+      one thread (what a worker does without a GPU) and with two;
+    - gather_reused_s: the same with two threads into buffers allocated once and reused, as page-locked
+      buffers are once PyTorch's caching host allocator holds them;
+    - gather_pinned_s (on a GPU machine): `CachedRows.pin_memory`, into page-locked memory with
+      `pin_threads()` threads, what the training loader's pin-memory thread does there;
+    - before_s: the path before 2026-11-27, rebuilt from its parts: each sample's rows as views of the
+      memory-mapped shard, collated into a new batch (a worker's copy) and copied by one thread into a buffer
+      allocated once (the pin-memory thread's copy into page-locked memory). It leaves out the shared-memory
+      transfer between the two, so it is a lower bound."""
     recipe = load_recipe(RECIPE, [f"data.options.length={images}", f"data.batch_size={batch}"])
     dataset = build_loader(recipe, recipe.data.split, train=False, augment=False).dataset.dataset
     cache = FeatureCache(cache_root)
     cache.verify_all()  # hashing the shards is a start-up cost, not a per-batch one
-    reused = {k: torch.empty((batch, *v.shape), dtype=v.dtype) for k, v in cache.rows(0, 0).items()}
-    pinned = {}
-
-    def gather_reused(indices):
-        for key in cache.keys:
-            torch.stack([cache.rows(i, 0)[key] for i in indices], out=reused[key])
+    mapped = [load_file(path) for path in sorted((cache_root / "view0").glob("shard*.safetensors"))]  # mmap'd
+    reused, pinned = cache.gather(range(batch), 0), {}
 
     def before(indices):
-        collated = default_collate([cache.rows(i, 0) for i in indices])
+        collated = default_collate([{k: mapped[i // cache.shard_size][k][i % cache.shard_size] for k in cache.keys}
+                                    for i in indices])  # fmt: skip
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as PyTorch's pin-memory thread runs
         for key, value in collated.items():
@@ -152,7 +147,8 @@ def breakdown(cache_root: Path, images: int, batch: int) -> dict:
     ways = {
         "images_s": lambda indices: default_collate([dataset[i] for i in indices]),
         "gather_s": lambda indices: cache.gather(indices, 0),
-        "gather_reused_s": gather_reused,
+        "gather_2_s": lambda indices: cache.gather(indices, 0, threads=2),
+        "gather_reused_s": lambda indices: cache.gather(indices, 0, threads=2, out=reused),
         "before_s": before,
     }
     if torch.cuda.is_available():
@@ -204,12 +200,13 @@ def table(meta: dict, results: list[dict], command: str, parts: dict | None = No
     if parts:
         pinned = any("gather_pinned_s" in p for p in parts.values())
         lines += ["", "One batch's host work (median ms; `breakdown` in benchmarks/cache_loader.py): the images / the "
-                  "maps gathered from the mapped shards into new tensors / into buffers reused"
-                  + (" / into page-locked memory as the pin-memory thread does" if pinned else "")
-                  + " / the path before 2026-11-27 (a worker's collate, then the pin-memory thread's one-thread copy; "
-                  "a lower bound).", ""]  # fmt: skip
+                  "maps read from the shard files into new tensors, 1 thread / 2 threads / into buffers reused, 2 "
+                  "threads" + (" / into page-locked memory as the pin-memory thread does" if pinned else "")
+                  + " / the path before 2026-11-27 (a worker's collate of memory-mapped rows, then the pin-memory "
+                  "thread's one-thread copy; a lower bound).", ""]  # fmt: skip
         for dtype, p in parts.items():
-            cells = [p["images_s"], p["gather_s"], p["gather_reused_s"]] + ([p["gather_pinned_s"]] if pinned else [])
+            cells = [p["images_s"], p["gather_s"], p["gather_2_s"], p["gather_reused_s"]]
+            cells += [p["gather_pinned_s"]] if pinned else []
             cells.append(p["before_s"])
             lines.append(f"- {dtype}: " + " / ".join(f"{c * 1e3:.0f}" for c in cells))
     if hashing:

@@ -121,12 +121,14 @@ def build_target_normalizers(recipe: Recipe, teachers: dict[str, Teacher]) -> Ta
 class IndexedDataset(torch.utils.data.Dataset):
     """Adds each sample's position ("index"). With `views` set, the augmentation of epoch e is that of
     epoch e % views (the views a teacher-feature cache holds); with `cache` set, each batch (`collate`)
-    also carries its cached teacher maps ("cached"), as a `CachedRows` that the training process reads (on
-    a GPU machine in the DataLoader's pin-memory thread, straight into page-locked memory)."""
+    also carries its cached teacher maps ("cached"): with `pinned` (a loader that pins its batches, on a GPU
+    machine) as a `CachedRows` that the loader's pin-memory step reads straight into page-locked memory,
+    otherwise read in the collate."""
 
     def __init__(self, dataset, views: int | None = None) -> None:
         self.dataset, self.views = dataset, views
         self.cache = None
+        self.pinned = False
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -136,10 +138,11 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**self.dataset[index], "index": index}
 
     def collate(self, samples: list[dict]) -> dict:
-        """The loader's collate_fn: `default_collate`, and with a cache the batch's `CachedRows`."""
+        """The loader's collate_fn: `default_collate`, and with a cache the batch's maps (see the class)."""
         batch = default_collate(samples)
         if self.cache is not None:
-            batch["cached"] = CachedRows(self.cache, batch["index"].tolist(), self.epoch)
+            rows = CachedRows(self.cache, batch["index"].tolist(), self.epoch)
+            batch["cached"] = rows if self.pinned else rows.read()
         return batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -163,6 +166,7 @@ def build_loader(
         subset=d.subset if split == d.split else None,
     )
     dataset = IndexedDataset(build_dataset(d.name, spec, d.options))
+    dataset.pinned = torch.cuda.is_available()  # page-locked batches: asynchronous copies to the GPU
     batch = batch_size or d.batch_size
     if train and len(dataset) < batch:
         raise ValueError(f"data: split {split!r} has {len(dataset)} samples, fewer than data.batch_size={batch}")
@@ -172,7 +176,7 @@ def build_loader(
         sampler=EpochSampler(len(dataset), recipe.run.seed, shuffle=train),
         num_workers=d.num_workers,
         collate_fn=dataset.collate,
-        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
+        pin_memory=dataset.pinned,
         drop_last=train,
         persistent_workers=False,  # workers are rebuilt each epoch so they see the dataset's new epoch
         # Its own generator: creating an iterator (every epoch, and on resume) would otherwise draw from the

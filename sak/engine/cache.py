@@ -33,6 +33,7 @@ import shutil
 import threading
 import uuid
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -497,28 +498,43 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 
 # The caches this process has open, by token: a `FeatureCache` sent to another process (a DataLoader worker)
 # and back (inside a batch's `CachedRows`) comes back as the instance the training opened, with its shards
-# already mapped and verified, not as a copy that would map and hash them again
+# already verified, not as a copy that would hash them again
 _OPEN: weakref.WeakValueDictionary[str, FeatureCache] = weakref.WeakValueDictionary()
 _OPEN_LOCK = threading.Lock()
-# intra-op threads copying a batch's rows into page-locked memory in the DataLoader's pin-memory thread,
-# which PyTorch runs with 1 (one thread copied about 6 GB/s on this CPU, two 10; a GPU's host needs some
-# 15 GB/s at SAK's stage-1 scale: benchmarks/results/cache_loader_cpu.md)
+# threads reading a batch's rows into page-locked memory for the DataLoader's pin-memory thread, at most
+# (per process: the usable CPUs are shared by the processes of one machine). One thread read about 5 GB/s
+# on this CPU and two 9; a GPU's host needs some 15 GB/s at SAK's stage-1 scale
+# (benchmarks/results/cache_loader_cpu.md)
 PIN_THREADS = 8
+# safetensors' dtype names (the format's header) of what a cache stores
+_STORED = {"F16": torch.float16, "I8": torch.int8, "F32": torch.float32}
 
 
-def _reopen(token: str, root: str) -> FeatureCache:
+def pin_threads() -> int:
+    """Threads for reading a batch into page-locked memory: PIN_THREADS, or this process's share of the usable
+    CPUs when fewer (LOCAL_WORLD_SIZE: the processes torchrun / accelerate start on this machine)."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(PIN_THREADS, usable_cpus() // local))
+
+
+def _reopen(token: str, root: str, verified: list[str] | None = None) -> FeatureCache:
     with _OPEN_LOCK:
         cache = _OPEN.get(token)
-    if cache is None:  # a process that did not open it: open it here, under the same token
+    if cache is None:  # a process that did not open it (a worker started by spawn): open it here, same token
         cache = FeatureCache(Path(root), token=token)
+        cache._verified.update(verified or ())
     return cache
 
 
+def _rows(token: str, root: str, indices: list[int], epoch: int) -> CachedRows:
+    return CachedRows(_reopen(token, root), indices, epoch)
+
+
 class FeatureCache:
-    """Memory-mapped reader. The training loader's workers hand on each batch's `CachedRows` (which samples,
-    which view) instead of the maps; the training process reads them with one copy (`gather`), from the
-    mapped shards into the batch's page-locked buffer on a GPU machine, and `targets` widens them on the
-    device. `lookup` does both at once."""
+    """Reader of a finished cache. A batch's maps are read with one copy, from the shard files straight into
+    the batch's tensors (`gather`: a positioned read of each sample's row of each map); on a GPU machine the
+    training loader does that in its pin-memory thread, into page-locked memory, from the `CachedRows` its
+    workers hand on (`IndexedDataset.collate`). `targets` widens a batch on the device; `lookup` does both."""
 
     def __init__(self, root: Path, token: str | None = None) -> None:
         self.root = Path(root)
@@ -553,7 +569,7 @@ class FeatureCache:
                      for level in range(len(dims)) for suffix in ("", "/scale")[: 2 if self.dtype == "int8" else 1]]  # fmt: skip
         # per-file digests, only to name what changed
         self._content: list[str] | None = self.manifest.pop("content", None)
-        self._open: dict[str, dict[str, Tensor]] = {}  # shard name -> its tensors, memory-mapped
+        self._layouts: dict[str, dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]] = {}  # see _layout
         self._verified: set[str] = set()
         self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
         self.token = token or uuid.uuid4().hex
@@ -561,8 +577,9 @@ class FeatureCache:
             _OPEN[self.token] = self
 
     def __reduce__(self):
-        """Pickled as (token, root): see `_OPEN`."""
-        return _reopen, (self.token, str(self.root))
+        """Pickled as (token, root) and the shards already verified (see `_OPEN`): a worker started by spawn,
+        which gets a copy, does not hash them again."""
+        return _reopen, (self.token, str(self.root), sorted(self._verified))
 
     def check(self, expected_identity: dict, digests: list[tuple[str, str]] | None = None) -> None:
         """Refuse a cache built for other teachers or data (its sample count, ids and content included), naming
@@ -623,19 +640,46 @@ class FeatureCache:
         path = self.root / f"{name}.safetensors"
         return path if name in self.manifest["shards"] and path.is_file() else None
 
-    def _tensors(self, view: int, shard: int) -> dict[str, Tensor]:
-        """A shard's tensors, memory-mapped (safetensors maps the file; nothing is copied), verified on first use."""
+    def _layout(
+        self, view: int, shard: int
+    ) -> tuple[Path, dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]], tuple]:
+        """A shard's file; per key, (offset of its first row, bytes per row, dtype, row shape), from the
+        safetensors header (8 bytes of little-endian length, then JSON naming each tensor's dtype, shape and
+        byte range: tensors are stored C-contiguous). The shard is verified on first use. Read here rather than
+        through safetensors, which has no call that reads rows into a buffer the caller gives (page-locked
+        memory); its memory maps, kept open for a run, would turn a shard cut short under the run into a
+        SIGBUS that kills the training process instead of an error. Last, the file's signature (`_signature`),
+        which every read checks: a shard replaced or changed since (a cache rebuilt at its path during a run)
+        is an error, not other bytes read under the old header."""
         name = f"view{view}/shard{shard:05d}"
         with self._lock:
-            if name not in self._open:
+            if name not in self._layouts:
                 if name not in self._verified:
                     self._verify([name])
                 path = self._present(name)
                 if path is None:  # (verified earlier, deleted since)
                     raise CacheError(f"cache {self.root}: shard {name} is missing")
-                with safe_open(str(path), framework="pt") as f:
-                    self._open[name] = {key: f.get_tensor(key) for key in self.keys}
-            return self._open[name]
+                with open(path, "rb") as f:
+                    start = 8 + int.from_bytes(f.read(8), "little")
+                    f.seek(8)
+                    header = json.loads(f.read(start - 8))
+                    stat = os.fstat(f.fileno())
+                layout = {}
+                for key in self.keys:
+                    info = header.get(key)
+                    if info is None or info.get("dtype") not in _STORED or not info.get("shape"):
+                        raise CacheError(f"cache {self.root}: shard {name} holds no readable {key!r}; "
+                                         f"{REBUILD.format(root=self.root)}")  # fmt: skip
+                    begin, end = info["data_offsets"]
+                    rows = info["shape"][0]
+                    layout[key] = (
+                        start + begin,
+                        (end - begin) // rows,
+                        _STORED[info["dtype"]],
+                        tuple(info["shape"][1:]),
+                    )
+                self._layouts[name] = (path, layout, _signature(stat))
+            return self._layouts[name]
 
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= int(index) < self.samples:
@@ -644,45 +688,59 @@ class FeatureCache:
         return divmod(int(index), self.shard_size)
 
     def rows(self, index: int, epoch: int) -> dict[str, Tensor]:
-        """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype, as views of
-        the mapped shard: "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale"
-        (C,) float32."""
-        shard, row = self._locate(index)
-        tensors = self._tensors(epoch % self.views, shard)
-        return {key: tensors[key][row] for key in self.keys}
+        """Sample `index`'s cached maps for the view epoch `epoch` trains on, in their stored dtype:
+        "<teacher>/<level>" (C, h, w) fp16 or int8, and for int8 "<teacher>/<level>/scale" (C,) float32."""
+        return {key: value[0] for key, value in self.gather([index], epoch).items()}
 
-    def gather(
-        self, indices: list[int], epoch: int, pin: bool = False, threads: int | None = None, dtype=None
-    ) -> dict[str, Tensor]:
-        """The `rows` of samples `indices`, stacked per key into new tensors (page-locked with `pin`; maps in
-        `dtype`, default the stored one): the one copy a batch's maps take on the host, from the mapped shards
-        into the batch. `threads`: intra-op threads for the copy (default: the calling thread's setting)."""
+    def gather(self, indices: list[int], epoch: int, pin: bool = False, threads: int = 1,
+               out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """The `rows` of samples `indices`, stacked per key: one copy, read from the shard files straight into
+        new tensors (page-locked with `pin`; in shared memory inside a DataLoader worker, as `default_collate`
+        makes them, so that the batch crosses to the training process without another copy) or into `out`.
+        `threads` read samples in parallel (the reads release the GIL)."""
         view = epoch % self.views
         located = [self._locate(i) for i in indices]
-        shards = {shard: self._tensors(view, shard) for shard in dict.fromkeys(s for s, _ in located)}
-        before = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)  # this thread's setting (the pin-memory thread's is 1)
-        try:
-            out = {}
-            for key in self.keys:
-                rows = [shards[shard][key][row] for shard, row in located]
-                kind = rows[0].dtype if dtype is None or key.endswith("/scale") else dtype
-                buffer = torch.empty((len(rows), *rows[0].shape), dtype=kind, pin_memory=pin)
-                out[key] = torch.stack(rows, out=buffer)
-            return out
-        finally:
-            if threads:
-                torch.set_num_threads(before)
+        layouts = {shard: self._layout(view, shard) for shard in dict.fromkeys(s for s, _ in located)}
+        _, first, _ = next(iter(layouts.values()))
+        if out is None:
+            shared = torch.utils.data.get_worker_info() is not None and not pin
+            out = {
+                key: _empty((len(indices), *shape), dtype, pin, shared) for key, (_, _, dtype, shape) in first.items()
+            }
+
+        def read(j: int) -> None:
+            shard, row = located[j]
+            path, layout, signature = layouts[shard]
+            name = f"view{view}/shard{shard:05d}"
+            try:
+                with open(path, "rb", buffering=0) as f:  # one file object per read: no shared file position
+                    if _signature(os.fstat(f.fileno())) != signature:
+                        raise CacheError(f"cache {self.root}: shard {name} changed since it was checked (rebuilt or "
+                                         f"replaced during the run?); start the run again to check it anew")  # fmt: skip
+                    for key, (offset, size, _, _) in layout.items():
+                        f.seek(offset + row * size)
+                        if _read_into(f, memoryview(out[key][j].numpy()).cast("B")) != size:
+                            raise CacheError(f"cache {self.root}: shard {name} is shorter than its header says (cut "
+                                             f"short since it was checked?); {REBUILD.format(root=self.root)}")  # fmt: skip
+            except OSError as exc:
+                raise CacheError(f"cache {self.root}: reading shard {name} failed: {exc}") from exc
+
+        if threads > 1 and len(indices) > 1:
+            with ThreadPoolExecutor(min(threads, len(indices)), thread_name_prefix="sak-cache") as pool:
+                list(pool.map(read, range(len(indices))))
+        else:
+            for j in range(len(indices)):
+                read(j)
+        return out
 
     def targets(self, rows, device: torch.device | str = "cpu") -> dict[str, TeacherOutput]:
         """A batch's maps -> float32 teacher outputs on `device`. `rows`: the batch's `CachedRows` (read here,
         unless the loader's pin-memory thread has read them already) or what `gather` returns. The stored dtype
         crosses to the device as it is (half, or a quarter, of the float32 bytes) and is widened / dequantised
         there."""
+        if isinstance(rows, CachedRows):  # (a loader that neither pinned nor read them)
+            rows = rows.read()
         device = torch.device(device)
-        if isinstance(rows, CachedRows):  # on the CPU widened as they are gathered: one pass, not two
-            rows = rows.read(dtype=torch.float32 if device.type == "cpu" else None)
         result = {}
         for tid, dims in self.manifest["level_dims"].items():
             levels = []
@@ -705,28 +763,62 @@ class FeatureCache:
 
 class CachedRows:
     """A batch's cached maps before they are read: which cache, samples and epoch. The training loader's
-    collate (`IndexedDataset.collate`) puts one in each batch ("cached") instead of the maps, so DataLoader
-    workers copy none of them and only this small object crosses from a worker to the training process.
-    There the DataLoader's pin-memory thread (on a GPU machine) calls `pin_memory`, which reads the rows
-    straight into page-locked memory, one copy (`FeatureCache.gather`), while the training step runs; where
-    nothing pins, `FeatureCache.targets` reads them. Before, a worker collated the rows into shared memory
-    and the pin-memory thread copied them again, with one thread: three host copies of 505 MB a batch at
-    SAK's stage-1 scale (benchmarks/results/cache_loader_cpu.md)."""
+    collate (`IndexedDataset.collate`) makes one per batch. A loader that pins its batches (on a GPU machine)
+    hands it on as the batch's "cached": DataLoader workers then read none of the maps, only this small
+    object crosses to the training process, and there the DataLoader's pin-memory step calls `pin_memory`,
+    which reads the rows straight into page-locked memory (`FeatureCache.gather`, `pin_threads()` threads)
+    while the training step runs. A loader that does not pin reads them in its collate (in the worker, or
+    in the loader's own next() without workers), so training on the CPU never waits for them inside a step.
+    Before, a worker collated each sample's rows into shared memory and the pin-memory thread copied the
+    batch again with one thread: three host copies of 505 MB a batch at SAK's stage-1 scale
+    (benchmarks/results/cache_loader_cpu.md)."""
 
     def __init__(self, cache: FeatureCache, indices: list[int], epoch: int) -> None:
         self.cache, self.indices, self.epoch = cache, [int(i) for i in indices], int(epoch)
 
-    def read(self, pin: bool = False, dtype=None) -> dict[str, Tensor]:
-        """`FeatureCache.gather` of these samples; page-locked (`pin`) with `PIN_THREADS` threads at most."""
-        threads = min(PIN_THREADS, usable_cpus()) if pin else None
-        return self.cache.gather(self.indices, self.epoch, pin=pin, threads=threads, dtype=dtype)
+    def read(self, pin: bool = False) -> dict[str, Tensor]:
+        """`FeatureCache.gather` of these samples: page-locked with `pin_threads()` threads, else with one (a
+        worker's share) or, outside a worker, this process's intra-op thread count."""
+        if pin:
+            threads = pin_threads()
+        else:
+            threads = 1 if torch.utils.data.get_worker_info() is not None else torch.get_num_threads()
+        return self.cache.gather(self.indices, self.epoch, pin=pin, threads=threads)
 
     def pin_memory(self, device=None) -> dict[str, Tensor]:
-        """Called by the DataLoader's pin-memory thread (torch.utils.data._utils.pin_memory)."""
+        """Called by the DataLoader's pin-memory step (torch.utils.data._utils.pin_memory)."""
         return self.read(pin=True)
+
+    def __reduce__(self):
+        """Pickled as the cache's (token, root), sample indices and epoch: a few hundred bytes a batch."""
+        return _rows, (self.cache.token, str(self.cache.root), self.indices, self.epoch)
 
     def __repr__(self) -> str:
         return f"CachedRows({self.cache.root}, {len(self.indices)} samples, epoch {self.epoch})"
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced, cut short or written: its device, inode, size and mtime."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _read_into(f, buffer: memoryview) -> int:
+    """Fill `buffer` from `f`'s position (a read may return fewer bytes than asked); the bytes read, fewer at
+    the end of the file. FileIO.readinto releases the GIL while it reads."""
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool, shared: bool) -> Tensor:
+    if shared:  # what default_collate does in a worker (PyTorch has no public call for it)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 def describe(root: Path) -> list[str]:

@@ -22,7 +22,6 @@ from sak.engine.cache import CachedRows, CacheError, FeatureCache, build_cache, 
 from sak.engine.trainer import open_cache
 
 STORED = {"fp16": torch.float16, "int8": torch.int8}
-NUM_THREADS = torch.get_num_threads()
 
 
 def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_path):
@@ -168,8 +167,8 @@ def test_training_from_augmented_views_matches_online_teachers(tiny_recipe, tmp_
 
 
 def test_loader_workers_read_the_cache_exactly_as_the_training_process(tiny_recipe, tmp_path):
-    """Each batch's CachedRows travel from the DataLoader workers to the training process, which reads them:
-    2 workers give bit for bit the losses of 0 workers, over two epochs of two views."""
+    """Each batch's maps are read by the loader (here, without a GPU, in its workers' collate): 2 workers give
+    bit for bit the losses of 0 workers, over two epochs of two views."""
     common = ["schedule.max_steps=16", "data.options.length=32"]
     root = build_cache(tiny_recipe(*common), tmp_path / "c", views=2, augment=True, shard_size=16, dtype="int8")
     runs = [tiny_recipe(*common, f"run.name=w{n}", f"data.num_workers={n}", f"cache.path={root}") for n in (0, 2)]
@@ -420,22 +419,25 @@ def test_teachers_compiled_or_channels_last_are_in_the_identity(tiny_recipe):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
-def test_a_batch_gathered_from_the_mapped_shards_equals_its_rows_stacked(tiny_recipe, tmp_path, dtype):
-    """`gather` copies a batch's rows once, across shards and for the epoch's view, into new tensors that
-    share nothing with the mapped files; `rows` hands out views of them."""
+def test_a_batch_is_read_from_the_shard_files_as_stored(tiny_recipe, tmp_path, dtype):
+    """`gather` reads each sample's rows, across shards and for the epoch's view, straight into the batch
+    (new tensors, or the ones given), equal to the stored tensors; one thread or several."""
     recipe = tiny_recipe("data.options.length=12")
     cache = FeatureCache(build_cache(recipe, tmp_path / "c", views=2, augment=True, shard_size=5, dtype=dtype))
     indices = [11, 0, 7, 4, 5, 4]  # three shards, the short last one, out of order, one sample twice
     for epoch in (0, 1, 3):
+        stored = [load_file(tmp_path / f"c/view{epoch % 2}/shard{k:05d}.safetensors") for k in range(3)]
         got = cache.gather(indices, epoch)
-        assert list(got) == cache.keys and set(got) == set(load_file(tmp_path / "c/view0/shard00000.safetensors"))
+        assert list(got) == cache.keys and set(got) == set(stored[0])
         for key, batch in got.items():
-            want = torch.stack([cache.rows(i, epoch)[key] for i in indices])
+            want = torch.stack([stored[i // 5][key][i % 5] for i in indices])
             assert batch.dtype == want.dtype == (torch.float32 if key.endswith("/scale") else STORED[dtype])
-            assert torch.equal(batch, want) and batch.is_contiguous()
-            assert batch.untyped_storage().data_ptr() != cache.rows(0, epoch)[key].untyped_storage().data_ptr()
-        stored = load_file(tmp_path / f"c/view{epoch % 2}/shard00002.safetensors")
-        assert torch.equal(got["vit_a/0"][0], stored["vit_a/0"][1])  # sample 11: shard 2, row 1, view epoch % 2
+            assert torch.equal(batch, want) and batch.is_contiguous() and not batch.is_shared()
+            assert torch.equal(cache.rows(7, epoch)[key], stored[1][key][2])
+        threaded = cache.gather(indices, epoch, threads=3)
+        assert all(torch.equal(threaded[k], got[k]) for k in got)
+        given = {k: torch.full_like(v, 3) for k, v in got.items()}
+        assert cache.gather(indices, epoch, out=given) is given and all(torch.equal(given[k], got[k]) for k in got)
     assert not torch.equal(cache.gather(range(12), 0)["vit_a/0"], cache.gather(range(12), 1)["vit_a/0"])  # (flips)
     with pytest.raises(CacheError, match="sample index 12 is out of range: the cache holds 12 samples"):
         cache.gather([0, 12], 0)
@@ -445,10 +447,54 @@ def test_a_batch_gathered_from_the_mapped_shards_equals_its_rows_stacked(tiny_re
         assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels, strict=True))
 
 
+def test_a_shard_changed_during_training_is_an_error_not_a_crash(tiny_recipe, tmp_path):
+    """Nothing stays memory-mapped: a shard truncated after it was checked (a copy over the cache, a failing
+    disk) gives a CacheError naming it where a mapped file would kill the process with SIGBUS, and so does a
+    shard replaced at its path (its bytes were checked, the new ones were not)."""
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    cache.gather([0, 5], 0)
+    shard = root / "view0" / "shard00001.safetensors"
+    before = shard.stat()
+    os.truncate(shard, before.st_size // 2)
+    assert torch.equal(cache.rows(0, 0)["vit_a/0"], cache.gather([0], 0)["vit_a/0"][0])  # the intact shard
+    with pytest.raises(CacheError, match=r"shard view0/shard00001 changed since it was checked"):
+        cache.gather([0, 7], 0)
+    # the same size and time stamp (a signature that cannot tell): a short read is still named
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    cache._layouts["view0/shard00001"] = (
+        *cache._layouts["view0/shard00001"][:2],
+        cache_module._signature(shard.stat()),
+    )
+    with pytest.raises(CacheError, match=r"shard view0/shard00001 is shorter than its header says"):
+        cache.gather([7], 0)
+    # a shard rebuilt at its path (a new file renamed over it) during the run
+    intact = root / "view0" / "shard00000.safetensors"
+    (root / "copy").write_bytes(intact.read_bytes())
+    os.replace(root / "copy", intact)
+    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since it was checked \(rebuilt or replaced"):
+        cache.gather([1], 0)
+
+
+def test_a_loader_that_does_not_pin_reads_the_maps_in_its_workers(tiny_recipe, tmp_path):
+    """Without a GPU (no pinning) the maps are read in the collate, in each worker, into shared memory (no
+    copy on the way to the training process), so a CPU training step never waits for them."""
+    recipe = tiny_recipe("data.options.length=12", "data.num_workers=2", "data.batch_size=4")
+    cache = FeatureCache(build_cache(recipe, tmp_path / "c", dtype="int8", shard_size=5))
+    loader = build_loader(recipe, recipe.data.split, train=True, augment=False)
+    assert not loader.dataset.pinned  # (no CUDA device here)
+    loader.dataset.views, loader.dataset.cache = cache.views, cache
+    for batch in loader:
+        assert set(batch["cached"]) == set(cache.keys)
+        for key, value in batch["cached"].items():
+            assert value.is_shared() and torch.equal(value, cache.gather(batch["index"].tolist(), 0)[key])
+
+
 def test_a_pickled_cache_is_the_one_this_process_opened(tiny_recipe, tmp_path, monkeypatch):
     """What crosses from a loader worker in every batch is a token and a path, not the manifest; in the process
-    that opened the cache it is that instance again (its shards mapped and verified once), and elsewhere a
-    cache opened from the path under the same token."""
+    that opened the cache it is that instance again (its shards verified once), and elsewhere a cache opened
+    from the path under the same token."""
     root = build_cache(tiny_recipe("data.options.length=6"), tmp_path / "c", shard_size=4)
     cache = FeatureCache(root)
     cache.verify_all()
@@ -460,33 +506,34 @@ def test_a_pickled_cache_is_the_one_this_process_opened(tiny_recipe, tmp_path, m
     monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())  # another process
     other = pickle.loads(batch).cache
     assert other is not cache and other.token == cache.token and other.root == cache.root
-    assert other._verified == set() and other._open == {} and other._content == cache._content
+    assert other._verified == set() and other._layouts == {} and other._content == cache._content
     assert pickle.loads(batch).cache is other
+    # the cache itself (the dataset sent to a worker started by spawn) carries the shards verified so far
+    monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy is not cache and copy._verified == cache._verified == set(cache.manifest["shards"])
 
 
-def test_the_pin_memory_thread_reads_a_batchs_rows_page_locked_with_several_threads(tiny_recipe, tmp_path, monkeypatch):
+def test_the_pin_memory_step_reads_a_batchs_rows_page_locked_with_several_threads(tiny_recipe, tmp_path, monkeypatch):
     """PyTorch's pin-memory step (what its pin thread runs on each batch) hands "cached" to
-    `CachedRows.pin_memory`, which gathers with page-locked buffers and more than the thread's one intra-op
-    thread; the batch then holds the read tensors. (Page-locking itself needs a GPU: test_cache_gpu.py.)"""
+    `CachedRows.pin_memory`, which reads page-locked with this process's share of the CPUs (at most 8); the
+    batch then holds the read tensors. (Page-locking itself needs a GPU: test_cache_gpu.py.)"""
     from torch.utils.data._utils.pin_memory import pin_memory
 
     root = build_cache(tiny_recipe("data.options.length=6"), tmp_path / "c", shard_size=4)
     cache = FeatureCache(root)
     calls, gather = [], FeatureCache.gather
 
-    def unpinned(self, indices, epoch, pin=False, threads=None, dtype=None):
-        calls.append((pin, threads, dtype, torch.get_num_threads()))
-        return gather(self, indices, epoch, False, threads, dtype)
+    def unpinned(self, indices, epoch, pin=False, threads=1, out=None):
+        calls.append((pin, threads))
+        return gather(self, indices, epoch, False, threads, out)
 
     monkeypatch.setattr(FeatureCache, "gather", unpinned)
-    monkeypatch.setattr(cache_module, "usable_cpus", lambda: 3)
-    torch.set_num_threads(1)  # as the pin thread runs
-    try:
-        out = pin_memory({"cached": CachedRows(cache, [1, 4], 0)})  # (a tensor beside it would need a GPU)
-        assert torch.get_num_threads() == 1  # restored
-    finally:
-        torch.set_num_threads(NUM_THREADS)
-    assert calls == [(True, 3, None, 1)]  # page-locked, 3 threads, the stored dtype
+    monkeypatch.setattr(cache_module, "usable_cpus", lambda: 12)
+    out = pin_memory({"cached": CachedRows(cache, [1, 4], 0)})  # (a tensor beside it would need a GPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes on this machine: 12 / 4 each
+    pin_memory({"cached": CachedRows(cache, [1, 4], 0)})
+    assert calls == [(True, 8), (True, 3)]
     assert set(out["cached"]) == set(cache.keys)
     assert torch.equal(out["cached"]["vit_a/0"], cache.gather([1, 4], 0)["vit_a/0"])
 
