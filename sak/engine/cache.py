@@ -502,9 +502,9 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 _OPEN: weakref.WeakValueDictionary[str, FeatureCache] = weakref.WeakValueDictionary()
 _OPEN_LOCK = threading.Lock()
 # threads reading a batch's rows into page-locked memory for the DataLoader's pin-memory thread, at most
-# (per process: the usable CPUs are shared by the processes of one machine). One thread read about 5 GB/s
-# on this CPU and two 9; a GPU's host needs some 15 GB/s at SAK's stage-1 scale
-# (benchmarks/results/cache_loader_cpu.md)
+# (per process: the usable CPUs are shared by the processes of one machine). Two threads read about 7 GB/s
+# into reused buffers on the 2-core CPU of benchmarks/results/cache_loader_cpu.md; a GPU's host needs some
+# 15 GB/s at SAK's stage-1 scale with a 33 ms cached step
 PIN_THREADS = 8
 # safetensors' dtype names (the format's header) of what a cache stores
 _STORED = {"F16": torch.float16, "I8": torch.int8, "F32": torch.float32}
