@@ -12,7 +12,8 @@ as the trainer attaches it, iterated for `--epochs` epochs; each epoch's rate is
 batch's arrival (worker start-up left out) to its last, so the epoch needs many more batches than the
 workers prefetch (`num_workers` x 2): with too few, they are all in flight before the clock starts. The
 maps are read by the loader: on a GPU machine its workers send each batch's `CachedRows` and the
-DataLoader's pin-memory thread reads the maps into page-locked memory; elsewhere the workers read them. On a GPU machine the last epoch times each batch's copy to the GPU instead.
+DataLoader's pin-memory thread reads the maps into page-locked memory; elsewhere the workers read them
+(with `--workers 0`, the loader's own next()). On a GPU machine the last epoch times each batch's copy to the GPU instead.
 The cache is written with random values in the real format (the features' values do not
 change the bytes moved), so no teacher has to run. The pages are in the page cache (read once before).
 """

@@ -517,12 +517,12 @@ def pin_threads() -> int:
     return max(1, min(PIN_THREADS, usable_cpus() // local))
 
 
-def _reopen(token: str, root: str, verified: list[str] | None = None) -> FeatureCache:
+def _reopen(token: str, root: str, verified: dict[str, tuple] | None = None) -> FeatureCache:
     with _OPEN_LOCK:
         cache = _OPEN.get(token)
     if cache is None:  # a process that did not open it (a worker started by spawn): open it here, same token
         cache = FeatureCache(Path(root), token=token)
-        cache._verified.update(verified or ())
+        cache._verified.update(verified or {})
     return cache
 
 
@@ -570,7 +570,8 @@ class FeatureCache:
         # per-file digests, only to name what changed
         self._content: list[str] | None = self.manifest.pop("content", None)
         self._layouts: dict[str, dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]] = {}  # see _layout
-        self._verified: set[str] = set()
+        # shard name -> the file's signature (`_signature`) when its sha256 was checked: every read compares
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
         self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
         self.token = token or uuid.uuid4().hex
         with _OPEN_LOCK:
@@ -579,7 +580,7 @@ class FeatureCache:
     def __reduce__(self):
         """Pickled as (token, root) and the shards already verified (see `_OPEN`): a worker started by spawn,
         which gets a copy, does not hash them again."""
-        return _reopen, (self.token, str(self.root), sorted(self._verified))
+        return _reopen, (self.token, str(self.root), dict(self._verified))
 
     def check(self, expected_identity: dict, digests: list[tuple[str, str]] | None = None) -> None:
         """Refuse a cache built for other teachers or data (its sample count, ids and content included), naming
@@ -607,33 +608,43 @@ class FeatureCache:
         gather of Python lists over the processes, e.g. Accelerate's `gather_object`) pools what each found,
         so that the cache is read once, not N times, and every process refuses a bad shard alike."""
         names = [name for name in self.manifest["shards"] if name not in self._verified]
-        problems = self._problems(names[part[0] :: part[1]], threads)
+        problems, signatures = self._problems(names[part[0] :: part[1]], threads)
         if share is not None:
             problems = share(problems)  # every process takes part, whatever it found
+        for name in names:  # the other processes' shards: as this one sees them now (st_dev differs on NFS clients)
+            path = self._present(name)
+            if name not in signatures and path is not None:
+                signatures[name] = _signature(path.stat())
         if problems:
             raise CacheError(f"cache {self.root}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
-        self._verified.update(names)
+        self._verified.update(signatures)
 
-    def _problems(self, names: list[str], threads: int | None = None) -> list[str]:
-        """What is wrong with these shards ("shard X is missing" / "is corrupt ..."), without raising."""
+    def _problems(self, names: list[str], threads: int | None = None) -> tuple[list[str], dict[str, tuple]]:
+        """What is wrong with these shards ("shard X is missing" / "is corrupt ..."), without raising, and the
+        signatures of those found intact: the same before and after their bytes were hashed."""
         problems, present = [], []
         for name in names:
             path = self._present(name)
             if path is None:
                 problems.append(f"shard {name} is missing")
             else:
-                present.append((name, path))
-        digests = sha256_files([path for _, path in present], threads)
-        for (name, _), digest in zip(present, digests, strict=True):
+                present.append((name, path, _signature(path.stat())))
+        digests = sha256_files([path for _, path, _ in present], threads)
+        signatures = {}
+        for (name, path, before), digest in zip(present, digests, strict=True):
             if digest != self.manifest["shards"][name]:
                 problems.append(f"shard {name} is corrupt (sha256 differs from the manifest)")
-        return problems
+            elif _signature(path.stat()) != before:
+                problems.append(f"shard {name} changed while it was being checked")
+            else:
+                signatures[name] = before
+        return problems, signatures
 
     def _verify(self, names: list[str]) -> None:
-        problems = self._problems(names)
+        problems, signatures = self._problems(names)
         if problems:
             raise CacheError(f"cache {self.root}: " + "; ".join(problems))
-        self._verified.update(names)
+        self._verified.update(signatures)
 
     def _present(self, name: str) -> Path | None:
         """The shard's file, if the manifest lists it and it is there."""
@@ -645,12 +656,11 @@ class FeatureCache:
     ) -> tuple[Path, dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]], tuple]:
         """A shard's file; per key, (offset of its first row, bytes per row, dtype, row shape), from the
         safetensors header (8 bytes of little-endian length, then JSON naming each tensor's dtype, shape and
-        byte range: tensors are stored C-contiguous). The shard is verified on first use. Read here rather than
-        through safetensors, which has no call that reads rows into a buffer the caller gives (page-locked
-        memory); its memory maps, kept open for a run, would turn a shard cut short under the run into a
-        SIGBUS that kills the training process instead of an error. Last, the file's signature (`_signature`),
-        which every read checks: a shard replaced or changed since (a cache rebuilt at its path during a run)
-        is an error, not other bytes read under the old header."""
+        byte range: tensors are stored C-contiguous); and the file's signature when its sha256 was checked,
+        which every read compares (`_signature`): a shard changed or replaced since (a cache rebuilt at its path
+        during the run) is an error, not unchecked bytes. Read here rather than through safetensors, which has no
+        call that reads rows into a buffer the caller gives (page-locked memory); its memory maps, kept open for
+        a run, would turn a shard cut short under the run into a SIGBUS that kills the training process."""
         name = f"view{view}/shard{shard:05d}"
         with self._lock:
             if name not in self._layouts:
@@ -659,27 +669,44 @@ class FeatureCache:
                 path = self._present(name)
                 if path is None:  # (verified earlier, deleted since)
                     raise CacheError(f"cache {self.root}: shard {name} is missing")
+                signature = self._verified[name]
                 with open(path, "rb") as f:
-                    start = 8 + int.from_bytes(f.read(8), "little")
-                    f.seek(8)
-                    header = json.loads(f.read(start - 8))
-                    stat = os.fstat(f.fileno())
+                    self._check_unchanged(f, name, signature)
+                    try:
+                        start = 8 + int.from_bytes(f.read(8), "little")
+                        header = json.loads(f.read(start - 8))
+                    except ValueError as exc:  # (its bytes passed the sha256 check: a cache built wrong)
+                        raise CacheError(f"cache {self.root}: shard {name} has no readable header ({exc}); "
+                                         f"{REBUILD.format(root=self.root)}") from exc  # fmt: skip
+                rows = min(self.shard_size, self.samples - shard * self.shard_size)
+                shapes = self.manifest.get("shapes", {})
                 layout = {}
                 for key in self.keys:
+                    tid, level = key.split("/")[:2]
+                    if key.endswith("/scale"):
+                        want = [rows, self.manifest["level_dims"][tid][int(level)]]
+                    else:
+                        want = [rows, *shapes[tid][int(level)]] if tid in shapes else None
                     info = header.get(key)
-                    if info is None or info.get("dtype") not in _STORED or not info.get("shape"):
-                        raise CacheError(f"cache {self.root}: shard {name} holds no readable {key!r}; "
-                                         f"{REBUILD.format(root=self.root)}")  # fmt: skip
+                    if (not isinstance(info, dict) or info.get("dtype") not in _STORED
+                            or not info.get("shape") or info["shape"][0] != rows
+                            or (want is not None and info["shape"] != want)):  # fmt: skip
+                        raise CacheError(f"cache {self.root}: shard {name} holds no {key!r} of shape {want or rows} "
+                                         f"(its header: {info}); {REBUILD.format(root=self.root)}")  # fmt: skip
                     begin, end = info["data_offsets"]
-                    rows = info["shape"][0]
                     layout[key] = (
                         start + begin,
                         (end - begin) // rows,
                         _STORED[info["dtype"]],
                         tuple(info["shape"][1:]),
                     )
-                self._layouts[name] = (path, layout, _signature(stat))
+                self._layouts[name] = (path, layout, signature)
             return self._layouts[name]
+
+    def _check_unchanged(self, f, name: str, signature: tuple) -> None:
+        if _signature(os.fstat(f.fileno())) != signature:
+            raise CacheError(f"cache {self.root}: shard {name} changed since its sha256 was checked (rebuilt or "
+                             "replaced during the run?); start the run again to check it anew")  # fmt: skip
 
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= int(index) < self.samples:
@@ -700,6 +727,8 @@ class FeatureCache:
         `threads` read samples in parallel (the reads release the GIL)."""
         view = epoch % self.views
         located = [self._locate(i) for i in indices]
+        if not located:
+            raise ValueError("FeatureCache.gather: no sample indices given")
         layouts = {shard: self._layout(view, shard) for shard in dict.fromkeys(s for s, _ in located)}
         _, first, _ = next(iter(layouts.values()))
         if out is None:
@@ -714,9 +743,7 @@ class FeatureCache:
             name = f"view{view}/shard{shard:05d}"
             try:
                 with open(path, "rb", buffering=0) as f:  # one file object per read: no shared file position
-                    if _signature(os.fstat(f.fileno())) != signature:
-                        raise CacheError(f"cache {self.root}: shard {name} changed since it was checked (rebuilt or "
-                                         f"replaced during the run?); start the run again to check it anew")  # fmt: skip
+                    self._check_unchanged(f, name, signature)
                     for key, (offset, size, _, _) in layout.items():
                         f.seek(offset + row * size)
                         if _read_into(f, memoryview(out[key][j].numpy()).cast("B")) != size:
@@ -767,8 +794,9 @@ class CachedRows:
     hands it on as the batch's "cached": DataLoader workers then read none of the maps, only this small
     object crosses to the training process, and there the DataLoader's pin-memory step calls `pin_memory`,
     which reads the rows straight into page-locked memory (`FeatureCache.gather`, `pin_threads()` threads)
-    while the training step runs. A loader that does not pin reads them in its collate (in the worker, or
-    in the loader's own next() without workers), so training on the CPU never waits for them inside a step.
+    while the training step runs (with workers; without them the loader pins in its own next()). A loader
+    that does not pin reads them in its collate (in the worker, or in the loader's own next() without
+    workers), so training on the CPU never waits for them inside a step.
     Before, a worker collated each sample's rows into shared memory and the pin-memory thread copied the
     batch again with one thread: three host copies of 505 MB a batch at SAK's stage-1 scale
     (benchmarks/results/cache_loader_cpu.md)."""

@@ -254,7 +254,7 @@ def train(recipe: Recipe) -> dict:
         facts = cache_facts(cache)
         extra_files[CACHE_FILE] = json.dumps(facts, indent=2)
         train_loader.dataset.views = cache.views
-        train_loader.dataset.cache = cache  # each batch carries its CachedRows, read in this process
+        train_loader.dataset.cache = cache  # each batch's maps: read by the loader (IndexedDataset.collate)
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
         # nor once per process (N reads of a cache that may not fit in the page cache)
         n = accelerator.num_processes

@@ -92,7 +92,7 @@ def test_stale_and_corrupt_caches_are_refused(tiny_recipe, tmp_path):
         FeatureCache(root).verify_all()  # (the shards hashed together, on threads)
     intact = FeatureCache(root)
     intact.lookup([0], epoch=0)  # only the shard read is hashed and marked verified
-    assert intact._verified == {"view0/shard00000"}
+    assert set(intact._verified) == {"view0/shard00000"}
     with pytest.raises(CacheError, match="no manifest.json"):
         FeatureCache(tmp_path)
 
@@ -132,7 +132,7 @@ def test_verification_splits_the_shards_over_processes_and_every_process_refuses
     assert all(len(c._verified) == 5 for c in caches)  # what the other process checked counts as checked
     shard = root / "view0" / "shard00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
-    found = [FeatureCache(root)._problems([f"view0/shard0000{k}" for k in ks]) for ks in ((0, 2, 4), (1, 3))]
+    found = [FeatureCache(root)._problems([f"view0/shard0000{k}" for k in ks])[0] for ks in ((0, 2, 4), (1, 3))]
     assert found == [[], ["shard view0/shard00003 is corrupt (sha256 differs from the manifest)"]]
     pooled = found[0] + found[1]  # what a gather over the two processes gives each
     with pytest.raises(CacheError, match="shard view0/shard00003 is corrupt"):
@@ -447,34 +447,58 @@ def test_a_batch_is_read_from_the_shard_files_as_stored(tiny_recipe, tmp_path, d
         assert all(torch.equal(x, y) for x, y in zip(a.levels, b.levels, strict=True))
 
 
+def _overwrite(path, data: bytes) -> None:
+    """A new file with `data` renamed over `path`: a shard rebuilt at its path."""
+    path.with_suffix(".new").write_bytes(data)
+    os.replace(path.with_suffix(".new"), path)
+
+
 def test_a_shard_changed_during_training_is_an_error_not_a_crash(tiny_recipe, tmp_path):
-    """Nothing stays memory-mapped: a shard truncated after it was checked (a copy over the cache, a failing
-    disk) gives a CacheError naming it where a mapped file would kill the process with SIGBUS, and so does a
-    shard replaced at its path (its bytes were checked, the new ones were not)."""
-    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    """Nothing stays memory-mapped, and every read checks that the file is the one whose sha256 was checked
+    (device, inode, size, modification time): a shard truncated (a copy over the cache, a failing disk) is a
+    CacheError naming it where a mapped file would kill the process with SIGBUS; so is a shard written or
+    replaced at its path after the check, before its first read or after it."""
+    root = build_cache(tiny_recipe("data.options.length=12"), tmp_path / "c", shard_size=4)
     cache = FeatureCache(root)
     cache.verify_all()
+    shards = [root / "view0" / f"shard{k:05d}.safetensors" for k in range(3)]
+    data = shards[2].read_bytes()
+    with open(shards[2], "r+b") as f:  # changed in place after the check, before any read
+        f.seek(len(data) - 64)
+        f.write(bytes(64))
+    with pytest.raises(CacheError, match=r"shard view0/shard00002 changed since its sha256 was checked"):
+        cache.gather([9], 0)
     cache.gather([0, 5], 0)
-    shard = root / "view0" / "shard00001.safetensors"
-    before = shard.stat()
-    os.truncate(shard, before.st_size // 2)
+    before = shards[1].stat()
+    os.truncate(shards[1], before.st_size // 2)  # cut short after its first read
     assert torch.equal(cache.rows(0, 0)["vit_a/0"], cache.gather([0], 0)["vit_a/0"][0])  # the intact shard
-    with pytest.raises(CacheError, match=r"shard view0/shard00001 changed since it was checked"):
+    with pytest.raises(CacheError, match=r"shard view0/shard00001 changed since its sha256 was checked"):
         cache.gather([0, 7], 0)
     # the same size and time stamp (a signature that cannot tell): a short read is still named
-    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-    cache._layouts["view0/shard00001"] = (
-        *cache._layouts["view0/shard00001"][:2],
-        cache_module._signature(shard.stat()),
-    )
+    os.utime(shards[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    layout = cache._layouts["view0/shard00001"]
+    cache._layouts["view0/shard00001"] = (*layout[:2], cache_module._signature(shards[1].stat()))
     with pytest.raises(CacheError, match=r"shard view0/shard00001 is shorter than its header says"):
         cache.gather([7], 0)
-    # a shard rebuilt at its path (a new file renamed over it) during the run
-    intact = root / "view0" / "shard00000.safetensors"
-    (root / "copy").write_bytes(intact.read_bytes())
-    os.replace(root / "copy", intact)
-    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since it was checked \(rebuilt or replaced"):
+    _overwrite(shards[0], shards[0].read_bytes())  # the same bytes in a new file: not the file that was checked
+    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since its sha256 was checked \(rebuilt"):
         cache.gather([1], 0)
+
+
+def test_loader_workers_refuse_a_shard_replaced_between_epochs(tiny_recipe, tmp_path):
+    """Workers are rebuilt every epoch and read without a GPU; they check against what the training process
+    verified when the run started, not against the files they find."""
+    recipe = tiny_recipe("data.options.length=8", "data.num_workers=2", "data.batch_size=4")
+    root = build_cache(recipe, tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    loader = build_loader(recipe, recipe.data.split, train=True, augment=False)
+    loader.dataset.views, loader.dataset.cache = cache.views, cache
+    assert len(list(loader)) == 2
+    shard = root / "view0" / "shard00001.safetensors"
+    _overwrite(shard, shard.read_bytes())
+    with pytest.raises(CacheError, match=r"shard view0/shard00001 changed since its sha256 was checked"):
+        list(loader)
 
 
 def test_a_loader_that_does_not_pin_reads_the_maps_in_its_workers(tiny_recipe, tmp_path):
@@ -506,12 +530,14 @@ def test_a_pickled_cache_is_the_one_this_process_opened(tiny_recipe, tmp_path, m
     monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())  # another process
     other = pickle.loads(batch).cache
     assert other is not cache and other.token == cache.token and other.root == cache.root
-    assert other._verified == set() and other._layouts == {} and other._content == cache._content
+    assert other._verified == {} and other._layouts == {} and other._content == cache._content
     assert pickle.loads(batch).cache is other
     # the cache itself (the dataset sent to a worker started by spawn) carries the shards verified so far
     monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())
     copy = pickle.loads(pickle.dumps(cache))
-    assert copy is not cache and copy._verified == cache._verified == set(cache.manifest["shards"])
+    assert (
+        copy is not cache and copy._verified == cache._verified and set(copy._verified) == set(cache.manifest["shards"])
+    )
 
 
 def test_the_pin_memory_step_reads_a_batchs_rows_page_locked_with_several_threads(tiny_recipe, tmp_path, monkeypatch):
