@@ -290,7 +290,7 @@ def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, st
     found = sha256_files([plan.path(v, k) for v, k in kept])
     for (view, shard), digest in zip(kept, found, strict=True):
         path = plan.path(view, shard)
-        name = f"view{view}/shard{shard:05d}"
+        name = shard_name(view, shard)
         sidecar = digest_path(path)
         expected = recorded.get(name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
         if digest != expected:
@@ -314,6 +314,11 @@ def check_build_options(views: int, augment: bool, dtype: str, shard_size: int, 
                          "features; add --augment (view v = the training augmentation at epoch v) or use --views 1")  # fmt: skip
 
 
+def shard_name(view: int, shard: int) -> str:
+    """A shard's name in the manifest and in messages; its file is `<root>/<name>.safetensors`."""
+    return f"view{view}/shard{shard:05d}"
+
+
 @dataclass
 class CachePlan:
     root: Path
@@ -326,7 +331,7 @@ class CachePlan:
         return [(v, k) for v in range(self.views) for k in range(per_view)]
 
     def path(self, view: int, shard: int) -> Path:
-        return self.root / f"view{view}" / f"shard{shard:05d}.safetensors"
+        return self.root / f"{shard_name(view, shard)}.safetensors"
 
 
 class _ViewImages(torch.utils.data.Dataset):
@@ -463,7 +468,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         begin_step(recipe.precision.cuda_graphs)
         for tid, teacher in teachers.items():
             levels = teacher.encode(images, tdtype).levels
-            _check_storable(levels, dtype, tid, f"view{view}/shard{shard:05d}")
+            _check_storable(levels, dtype, tid, shard_name(view, shard))
             for level, feat in enumerate(levels):
                 # converted on the device: the copy to the host and the shard's host memory are the stored
                 # bytes (the fp16 cast rounds the same on any device, so the cache still equals online fp16)
@@ -482,7 +487,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     progress.close()
     # every shard's sha256 is beside it now (hashed as it was written, or checked at the start if kept); the
     # main process records them all
-    names = [f"view{v}/shard{k:05d}" for v, k in mine]
+    names = [shard_name(v, k) for v, k in mine]
     digests = [
         (name, digest_path(plan.path(v, k)).read_text().strip()) for name, (v, k) in zip(names, mine, strict=True)
     ]
@@ -490,7 +495,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         digests = gather_object(digests)
     if state.is_main_process:
         found = dict(digests)
-        shards = {name: found[name] for name in (f"view{v}/shard{k:05d}" for v, k in plan.shards())}
+        shards = {name: found[name] for name in (shard_name(v, k) for v, k in plan.shards())}
         _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
     state.wait_for_everyone()
     return out
@@ -556,7 +561,7 @@ class FeatureCache:
         self.samples = self.manifest["samples"]
         layout = CachePlan(self.root, self.samples, self.shard_size, self.views).shards()
         listed = set(self.manifest["shards"])
-        absent = [f"view{v}/shard{k:05d}" for v, k in layout if f"view{v}/shard{k:05d}" not in listed]
+        absent = [shard_name(v, k) for v, k in layout if shard_name(v, k) not in listed]
         if absent or len(listed) != len(layout):  # so that verify_all checks every shard training will read
             raise CacheError(f"{manifest} lists {len(listed)} shards where {self.samples} samples in shards of "
                              f"{self.shard_size} x {self.views} view(s) make {len(layout)}"
@@ -569,7 +574,7 @@ class FeatureCache:
                      for level in range(len(dims)) for suffix in ("", "/scale")[: 2 if self.dtype == "int8" else 1]]  # fmt: skip
         # per-file digests, only to name what changed
         self._content: list[str] | None = self.manifest.pop("content", None)
-        self._layouts: dict[str, dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]] = {}  # see _layout
+        self._layouts: dict[str, tuple] = {}  # shard name -> what `_layout` returns
         # shard name -> the file's signature (`_signature`) when its sha256 was checked: every read compares
         self._verified: dict[str, tuple[int, int, int, int]] = {}
         self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
@@ -611,9 +616,9 @@ class FeatureCache:
         problems, signatures = self._problems(names[part[0] :: part[1]], threads)
         if share is not None:
             problems = share(problems)  # every process takes part, whatever it found
-        for name in names:  # the other processes' shards: as this one sees them now (st_dev differs on NFS clients)
-            path = self._present(name)
-            if name not in signatures and path is not None:
+        for name in (n for n in names if n not in signatures):  # the other processes' shards, as this one sees
+            path = self._present(name)  # them now (st_dev differs between NFS clients)
+            if path is not None:
                 signatures[name] = _signature(path.stat())
         if problems:
             raise CacheError(f"cache {self.root}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
@@ -661,7 +666,7 @@ class FeatureCache:
         during the run) is an error, not unchecked bytes. Read here rather than through safetensors, which has no
         call that reads rows into a buffer the caller gives (page-locked memory); its memory maps, kept open for
         a run, would turn a shard cut short under the run into a SIGBUS that kills the training process."""
-        name = f"view{view}/shard{shard:05d}"
+        name = shard_name(view, shard)
         with self._lock:
             if name not in self._layouts:
                 if name not in self._verified:
@@ -740,7 +745,7 @@ class FeatureCache:
         def read(j: int) -> None:
             shard, row = located[j]
             path, layout, signature = layouts[shard]
-            name = f"view{view}/shard{shard:05d}"
+            name = shard_name(view, shard)
             try:
                 with open(path, "rb", buffering=0) as f:  # one file object per read: no shared file position
                     self._check_unchanged(f, name, signature)
