@@ -35,7 +35,8 @@ from sak.config import load_recipe
 from sak.data import DatasetSpec, build_dataset
 from sak.data.fixtures import write_pascal_context
 from sak.data.package_images import TRAIN_IMAGES, load_package_image
-from sak.engine.cache import CachePlan, _view_loader, build_cache, training_dataset
+from sak.engine.cache import CachePlan, build_cache, training_dataset
+from sak.engine.cache.builder import _view_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -36,7 +36,8 @@ from torch.utils.data import default_collate
 from sak.config import load_recipe
 from sak.digest import sha256_of, usable_cpus
 from sak.engine.build import build_loader
-from sak.engine.cache import FORMAT, CachedRows, FeatureCache, _atomic_save, quantize
+from sak.engine.cache import FORMAT, CachedRows, FeatureCache, quantize
+from sak.engine.cache.store import _atomic_save
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -12,13 +12,23 @@ from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import load_file
 
-import sak.engine.cache as cache_module
 from sak.cli import main
 from sak.data import DatasetSpec, build_dataset
 from sak.data.fixtures import write_pascal_context
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
-from sak.engine.cache import CachedRows, CacheError, FeatureCache, build_cache, identity, quantize, training_dataset
+from sak.engine.cache import (
+    CachedRows,
+    CacheError,
+    FeatureCache,
+    build_cache,
+    builder,
+    identity,
+    quantize,
+    reader,
+    store,
+    training_dataset,
+)
 from sak.engine.trainer import open_cache
 
 STORED = {"fp16": torch.float16, "int8": torch.int8}
@@ -121,8 +131,8 @@ def test_verification_splits_the_shards_over_processes_and_every_process_refuses
     tiny_recipe, tmp_path, monkeypatch
 ):
     root = build_cache(tiny_recipe("data.options.length=10"), tmp_path / "c", shard_size=2)  # 5 shards
-    hashed, sha256_files = [], cache_module.sha256_files
-    monkeypatch.setattr(cache_module, "sha256_files", lambda paths, threads=None: hashed.append(
+    hashed, sha256_files = [], reader.sha256_files
+    monkeypatch.setattr(reader, "sha256_files", lambda paths, threads=None: hashed.append(
         sorted(p.name for p in paths)) or sha256_files(paths, threads))  # fmt: skip
     caches = [FeatureCache(root), FeatureCache(root)]
     for i, cache in enumerate(caches):
@@ -193,7 +203,7 @@ def test_loader_workers_read_the_cache_exactly_as_the_training_process(tiny_reci
 
 def _crash_after(monkeypatch, shards: int) -> None:
     """Make build_cache stop (as a killed process would) once `shards` shards are written."""
-    save, written = cache_module._atomic_save, []
+    save, written = builder._atomic_save, []
 
     def crash(tensors, path, **kwargs):
         if len(written) == shards:
@@ -201,7 +211,7 @@ def _crash_after(monkeypatch, shards: int) -> None:
         save(tensors, path, **kwargs)
         written.append(path)
 
-    monkeypatch.setattr(cache_module, "_atomic_save", crash)
+    monkeypatch.setattr(builder, "_atomic_save", crash)
 
 
 def test_an_interrupted_build_is_resumed_only_with_the_same_recipe(tiny_recipe, tmp_path, monkeypatch):
@@ -477,7 +487,7 @@ def test_a_shard_changed_during_training_is_an_error_not_a_crash(tiny_recipe, tm
     # the same size and time stamp (a signature that cannot tell): a short read is still named
     os.utime(shards[1], ns=(before.st_atime_ns, before.st_mtime_ns))
     layout = cache._layouts["view0/shard00001"]
-    cache._layouts["view0/shard00001"] = (*layout[:2], cache_module._signature(shards[1].stat()))
+    cache._layouts["view0/shard00001"] = (*layout[:2], reader._signature(shards[1].stat()))
     with pytest.raises(CacheError, match=r"shard view0/shard00001 is shorter than its header says"):
         cache.gather([7], 0)
     _overwrite(shards[0], shards[0].read_bytes())  # the same bytes in a new file: not the file that was checked
@@ -527,13 +537,13 @@ def test_a_pickled_cache_is_the_one_this_process_opened(tiny_recipe, tmp_path, m
     assert len(batch) < 300 + len(str(root))
     back = pickle.loads(batch)
     assert back.cache is cache and back.indices == [0, 5] and back.epoch == 0
-    monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())  # another process
+    monkeypatch.setattr(reader, "_OPEN", type(reader._OPEN)())  # another process
     other = pickle.loads(batch).cache
     assert other is not cache and other.token == cache.token and other.root == cache.root
     assert other._verified == {} and other._layouts == {} and other._content == cache._content
     assert pickle.loads(batch).cache is other
     # the cache itself (the dataset sent to a worker started by spawn) carries the shards verified so far
-    monkeypatch.setattr(cache_module, "_OPEN", type(cache_module._OPEN)())
+    monkeypatch.setattr(reader, "_OPEN", type(reader._OPEN)())
     copy = pickle.loads(pickle.dumps(cache))
     assert (
         copy is not cache and copy._verified == cache._verified and set(copy._verified) == set(cache.manifest["shards"])
@@ -555,7 +565,7 @@ def test_the_pin_memory_step_reads_a_batchs_rows_page_locked_with_several_thread
         return gather(self, indices, epoch, False, threads, out)
 
     monkeypatch.setattr(FeatureCache, "gather", unpinned)
-    monkeypatch.setattr(cache_module, "usable_cpus", lambda: 12)
+    monkeypatch.setattr(reader, "usable_cpus", lambda: 12)
     out = pin_memory({"cached": CachedRows(cache, [1, 4], 0)})  # (a tensor beside it would need a GPU)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes on this machine: 12 / 4 each
     pin_memory({"cached": CachedRows(cache, [1, 4], 0)})
@@ -580,7 +590,7 @@ def test_the_manifest_is_synced_and_a_damaged_one_is_named(tiny_recipe, tmp_path
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         fsync(fd)
 
-    monkeypatch.setattr(cache_module.os, "fsync", record)
+    monkeypatch.setattr(os, "fsync", record)
     recipe = tiny_recipe("data.options.length=4")
     root = build_cache(recipe, tmp_path / "c", shard_size=4)
     monkeypatch.undo()
@@ -601,10 +611,10 @@ def test_the_size_estimate_is_the_stored_bytes_and_a_build_that_would_not_fit_is
     root = build_cache(recipe, tmp_path / "c", dtype=dtype, shard_size=4)
     stored = sum(t.numel() * t.element_size() for p in root.rglob("*.safetensors") for t in load_file(str(p)).values())
     shapes = json.loads((root / "manifest.json").read_text())["shapes"]
-    assert stored == 6 * cache_module.bytes_per_sample(shapes, dtype)
+    assert stored == 6 * store.bytes_per_sample(shapes, dtype)
     assert f"2 of 2 shards to write, about {stored / 2**30:.2f} GiB" in capsys.readouterr().out
-    usage = cache_module.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage._replace(free=stored - 1))
+    usage = builder.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(builder.shutil, "disk_usage", lambda path: usage._replace(free=stored - 1))
     with pytest.raises(CacheError, match=r"remaining shards need about .* GiB, but only .* GiB are free"):
         build_cache(recipe, tmp_path / "d" / "e", dtype=dtype, shard_size=4)
     assert not (tmp_path / "d").exists()  # refused before anything was written
@@ -710,7 +720,7 @@ def test_a_build_resumed_or_run_again_rebuilds_a_damaged_kept_shard(tiny_recipe,
 def test_outputs_a_cache_would_store_as_something_else_are_refused():
     """A NaN (int8 stored it as 0) or an inf (int8 spread NaN over its channel), and for fp16 a value past its
     range (stored as inf): refused at build time, naming the teacher, level and shard."""
-    from sak.engine.cache import _check_storable
+    from sak.engine.cache.builder import _check_storable
 
     ok, big = torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 7e4)
     _check_storable((ok, big), "int8", "t", "view0/shard00000")  # int8's per-channel scales hold it
@@ -782,8 +792,8 @@ def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete
     for p in (root / "view0").glob("*.sha256"):
         p.unlink()
     statuses = []
-    write = cache_module._write_manifest
-    monkeypatch.setattr(cache_module, "_write_manifest", lambda m, path: statuses.append(m["status"]) or write(m, path))
+    write = builder._write_manifest
+    monkeypatch.setattr(builder, "_write_manifest", lambda m, path: statuses.append(m["status"]) or write(m, path))
     build_cache(recipe, root, shard_size=4)
     assert statuses == ["complete"]
     assert [p.stat().st_mtime_ns for p in shards] == times

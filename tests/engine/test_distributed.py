@@ -122,7 +122,7 @@ def test_two_processes_train_from_a_cache_and_both_refuse_a_corrupt_shard(tmp_pa
     assert bad.returncode != 0
     line = f"sak train: CacheError: cache {root}: shard view0/shard00001 is corrupt"  # one line, no traceback
     assert bad.stderr.count(line) == 2, bad.stderr[-3000:]  # from both processes
-    assert "sak.engine.cache.CacheError" not in bad.stderr  # (how a traceback of it would name it)
+    assert ".CacheError:" not in bad.stderr  # (a traceback ends "sak.engine.cache.store.CacheError: ...")
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path, tiny_recipe):

@@ -1,0 +1,128 @@
+"""What cached features depend on (teachers, their precision, the data and its content), to refuse a stale cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from ...config import Recipe
+from ...teachers import Teacher
+from .store import FORMAT
+
+
+def training_dataset(recipe: Recipe, augment: bool):
+    """The dataset the training loader reads, built by `build_loader` itself (the recipe's tasks, subset and
+    seed): with the training augmentation, PASCAL-Context and NYUD choose their crops from the semseg labels
+    when those are loaded, so a dataset built without the recipe's tasks would give other images."""
+    from ..build import build_loader
+
+    return build_loader(recipe, recipe.data.split, train=False, augment=augment).dataset.dataset
+
+
+def ids_digest(dataset) -> str | None:
+    """sha256 of the dataset's ordered sample ids: an image added, removed or renamed shifts the indices
+    the cache is read by. None for a (plug-in) dataset without an `ids` list: its count is still checked."""
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return None
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
+
+
+def content_digests(dataset) -> list[tuple[str, str]] | None:
+    """The dataset's (name, sha256) of what its samples are made from (`SakDataset.content_digests`); None for a
+    dataset without that method (a plug-in not derived from SakDataset) or made of generated samples."""
+    method = getattr(dataset, "content_digests", None)
+    return method() if method is not None else None
+
+
+def _combined(digests: list[tuple[str, str]] | None) -> str | None:
+    return None if digests is None else hashlib.sha256(json.dumps([d for _, d in digests]).encode()).hexdigest()
+
+
+def _json(value):
+    """As the manifest stores it (tuples become lists), so that a built identity equals its stored copy."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _teacher_identity(teacher: Teacher, config) -> dict:
+    """The teacher's metadata (name, source, weights and digest, levels, mean/std, resize, extra...) and all
+    of its options, defaults filled in. No option is left out: one that changes no output bit (a pure speed
+    switch) is rare, and including it costs at worst a rebuild, where leaving out one that matters trains on
+    wrong targets (SAM's `attention` computes the same function with other kernels, not the same bits)."""
+    from ...config import build_options
+
+    options = None
+    if config is not None:
+        built = build_options(type(teacher), config.options, where=config.id)
+        options = dataclasses.asdict(built) if dataclasses.is_dataclass(built) else config.options
+    meta = teacher.meta.as_dict()
+    return {
+        **meta,
+        "input_size": teacher.input_size,
+        "normalization": teacher.spec.normalization,
+        "options": options,
+        "channels_last": teacher.channels_last,  # other convolution kernels: other rounding
+    }
+
+
+def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str,
+             dataset=None, digests: list[tuple[str, str]] | None = None) -> dict:  # fmt: skip
+    """Everything the cached features depend on, JSON-normalised: the teachers (metadata, options, channels-last),
+    their run-time precision (bf16 teachers give other features than float32 ones) and whether they were
+    compiled (other kernels), and the data: its sample count, ordered ids and the sha256 of its content (the
+    image files; with `augment`, the crop-choosing labels and the names of the tasks that shape the images).
+    `dataset`: the training dataset (`training_dataset`), built here when not given; `digests`: its
+    `content_digests()`, computed here when not given."""
+    from ..build import teacher_dtype  # (imported here, as build_teachers below, to keep this module light)
+
+    if dataset is None:
+        dataset = training_dataset(recipe, augment)
+    if digests is None:
+        digests = content_digests(dataset)
+    d = recipe.data
+    data = {
+        "name": d.name,
+        "root": d.root,
+        "split": d.split,
+        "image_size": d.image_size,
+        "options": d.options,
+        "subset": d.subset,
+        "seed": recipe.run.seed,
+        "samples": len(dataset),
+        "ids_sha256": ids_digest(dataset),
+        "content_sha256": _combined(digests),
+    }
+    if augment:  # the tasks whose labels change the images (a plug-in dataset without `image_tasks`: all)
+        image_tasks = getattr(dataset, "image_tasks", None)
+        data["tasks"] = list(image_tasks()) if image_tasks is not None else [t.name for t in recipe.tasks]
+    configs = {t.id: t for t in recipe.teachers}
+    ident = {
+        "format": FORMAT,
+        "dtype": dtype,
+        "teacher_precision": str(teacher_dtype(recipe) or torch.float32).removeprefix("torch.")
+        + (" (weights cast)" if recipe.precision.teacher_weights == "cast" else ""),
+        "compile_teachers": recipe.precision.compile_teachers,
+        "views": views,
+        "augment": augment,
+        "data": data,
+        "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
+    }
+    if recipe.precision.compile_teachers and recipe.precision.compile_mode.startswith("max-autotune"):
+        # max-autotune may pick other kernels (other roundings); reduce-overhead replays the default mode's
+        # kernels. Absent otherwise, so that caches built before compile_mode existed still match
+        ident["compile_mode"] = recipe.precision.compile_mode
+    return _json(ident)
+
+
+def _diff(a: dict, b: dict, prefix: str = "", theirs: str = "recipe gives") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{key}.", theirs)
+        elif x != y:
+            out.append(f"{prefix}{key}: cache has {x!r}, {theirs} {y!r}")
+    return out
