@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..teachers import Teacher
-from ..teachers.base import resize_images
+from ..teachers.base import image_tokens, letterbox_extent
 from .selection import (
     METHODS,
     METRICS,
@@ -121,10 +120,7 @@ def valid_tokens(teacher: Teacher, sizes: list[tuple[int, int]] | None, grid: tu
     side, (gh, gw) = teacher.input_size, grid
     mask = torch.zeros(len(sizes), gh, gw, dtype=torch.bool)
     for row, (h, w) in enumerate(sizes):
-        # the resized image's (h, w) by the teacher's own rule; a meta tensor computes no pixels
-        _, (nh, nw) = resize_images(torch.empty(1, 1, h, w, device="meta"), side, "longest_pad")
-        th = min(gh, max(1, math.floor(nh * gh / side + 0.5)))
-        tw = min(gw, max(1, math.floor(nw * gw / side + 0.5)))
+        th, tw = image_tokens(grid, side, letterbox_extent((h, w), side))  # (as Teacher.image_region crops)
         mask[row, :th, :tw] = True
     return mask.flatten(1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -144,6 +145,21 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     return (x - m) / s
 
 
+def letterbox_extent(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """(h, w) of an (H, W) image with its longest side resized to `size`, aspect kept (resize "longest_pad")."""
+    h, w = image_hw
+    scale = size / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def image_tokens(grid: tuple[int, int], size: int, extent: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of a (h, w) grid over a `size` x `size` letterbox canvas that cover the image in its
+    top-left `extent` (`letterbox_extent`), the rest covering only padding: a cell counts when its centre lies
+    in the image, at least one per axis (on a 16 x 64 image at 64 px with 8 px cells, 2 of 8 rows)."""
+    (gh, gw), (nh, nw) = grid, extent
+    return min(gh, max(1, math.floor(nh * gh / size + 0.5))), min(gw, max(1, math.floor(nw * gw / size + 0.5)))
+
+
 def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> tuple[Tensor, tuple[int, int]]:
     """Resize float images; returns the resized batch and the (h, w) of the valid (unpadded) region.
 
@@ -160,8 +176,7 @@ def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> 
             x = x.clamp(0.0, 1.0)
         return x, (size, size)
     if mode == "longest_pad":
-        scale = size / max(h, w)
-        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+        nh, nw = letterbox_extent((h, w), size)
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         return x, (nh, nw)
@@ -264,10 +279,26 @@ class Teacher(nn.Module):
                 f"channels (meta.levels {list(self.meta.levels)}; meta.extra['level_dims'] where they differ)"
             )
         summary = None if out.summary is None else out.summary.to(torch.float32, copy=True)
+        levels = out.levels
+        if self.meta.resize == "longest_pad":  # the tokens that cover the image, not its letterbox padding
+            levels = self.image_region(levels, images.shape[-2:])
         # one copy each: out of inference mode, widened to float32, and contiguous (NCHW) even where the
         # network hands out permuted views (SAM's blocks are NHWC), so that the losses read dense memory
-        levels = tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in out.levels)
+        levels = tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in levels)
         return TeacherOutput(levels, summary)
+
+    def image_region(self, levels: tuple[Tensor, ...], image_hw: tuple[int, int]) -> tuple[Tensor, ...]:
+        """A letterboxing teacher's (resize "longest_pad", SAM's) maps of (H, W) images, cropped to the rows and
+        columns that cover the image (`image_tokens`): the student's maps and the task labels cover the image
+        only, and the distillation loss resizes one map onto the other whole, so that a 448 x 576 crop (NYUD)
+        would otherwise have its lower rows matched to SAM's padding tokens (14 of 64 rows at 1024 px) and every
+        row shifted. Square images keep the whole grid."""
+        extent = letterbox_extent(tuple(image_hw), self.input_size)
+        cropped = []
+        for t in levels:
+            th, tw = image_tokens(tuple(t.shape[-2:]), self.input_size, extent)
+            cropped.append(t[..., :th, :tw])
+        return tuple(cropped)
 
     @property
     def level_dims(self) -> tuple[int, ...]:
@@ -284,6 +315,23 @@ class Teacher(nn.Module):
         """(C, h, w) of each level for a square input of `image_size` (default: the input size)."""
         size = image_size or self.input_size
         return [(c, size // s, size // s) for c, s in zip(self.level_dims, self.level_strides, strict=True)]
+
+    def map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each level `encode` returns for loader images of (H, W): `level_shapes()` of the teacher's
+        input, cropped to the image for a letterboxing teacher (`image_region`); for resize "keep", the grid of
+        the image cut to a multiple of the patch size."""
+        h, w = image_hw
+        if self.meta.resize == "keep":
+            m = self.meta.patch_size
+            return [
+                (c, (h - h % m) // s, (w - w % m) // s)
+                for c, s in zip(self.level_dims, self.level_strides, strict=True)
+            ]
+        shapes = self.level_shapes()
+        if self.meta.resize == "longest_pad":
+            extent = letterbox_extent((h, w), self.input_size)
+            shapes = [(c, *image_tokens((gh, gw), self.input_size, extent)) for c, gh, gw in shapes]
+        return shapes
 
     def extra_repr(self) -> str:
         m = getattr(self, "meta", None)

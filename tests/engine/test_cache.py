@@ -799,3 +799,28 @@ def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete
     assert [p.stat().st_mtime_ns for p in shards] == times
     assert sorted(p.name for p in (root / "view0").glob("*.sha256")) == ["shard00000.sha256", "shard00001.sha256"]
     FeatureCache(root).verify_all()
+
+
+def test_a_letterboxing_teachers_maps_of_non_square_crops_are_cached_as_online_cut_to_the_image(tiny_recipe, tmp_path):
+    """SAM's maps of 48 x 64 crops are its 6 of 8 token rows that cover the image (Teacher.image_region): the
+    cache stores those shapes, says so in its identity, and reads back what online training computes."""
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=3, n_val=1, size=(48, 64))
+    sam = ("teachers.1={name: sam, key: sam, options: {source: timm, model_kwargs: {img_size: 64, patch_size: 8, "
+           "embed_dim: 32, depth: 2, num_heads: 2, window_size: 4, global_attn_indexes: [1], neck_chans: 16}}}")  # fmt: skip
+    common = [*pascal_semseg(data), "data.options={crop_size: [48, 64]}", "data.batch_size=3", sam]
+    recipe = tiny_recipe(*common)
+    root = build_cache(recipe, tmp_path / "c", shard_size=4, augment=True)
+    cache = FeatureCache(root)
+    assert cache.manifest["shapes"]["sam"] == [[32, 6, 8]] * 2 and cache.manifest["shapes"]["vit_a"][0][1:] == [4, 4]
+    assert cache.manifest["identity"]["teachers"]["sam"]["maps"] == "image tokens"
+    assert "maps" not in cache.manifest["identity"]["teachers"]["vit_a"]
+    set_seed(recipe.run.seed)
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    loader = build_loader(recipe, recipe.data.split, train=True, augment=True)
+    batch = [loader.dataset[i] for i in range(3)]
+    images = torch.stack([s["image"] for s in batch])
+    assert images.shape[-2:] == (48, 64)
+    got = cache.lookup([s["index"] for s in batch], epoch=0)
+    for tid, teacher in teachers.items():
+        for a, b in zip(got[tid].levels, teacher.encode(images).levels, strict=True):
+            assert torch.equal(a, b.half().float())

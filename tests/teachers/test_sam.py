@@ -160,7 +160,8 @@ def test_official_builder_at_a_small_input():
     t = create_teacher("sam", spec=TeacherSpec(image_size=32), size="b")
     assert t.meta.levels == (2, 5, 8, 11) and t.level_shapes() == [(768, 2, 2)] * 4 and t.meta.native_size == 1024
     assert t.tower.encoder.pos_embed.shape == (1, 2, 2, 768)
-    assert t.encode(torch.randint(0, 255, (1, 3, 20, 30), dtype=torch.uint8)).levels[0].shape == (1, 768, 2, 2)
+    # a 20 x 30 image fills 21 of the 32 rows: 1 of the 2 token rows covers it (the other only padding)
+    assert t.encode(torch.randint(0, 255, (1, 3, 20, 30), dtype=torch.uint8)).levels[0].shape == (1, 768, 1, 2)
 
 
 @pytest.mark.slow
@@ -178,7 +179,7 @@ def test_frozen_and_eval_forever(sam_file):
     t.train()
     assert not t.training and not any(p.requires_grad for p in t.parameters())
     out = t.encode(torch.randint(0, 255, (1, 3, 50, 70), dtype=torch.uint8))
-    assert out.levels[0].shape == (1, 32, 8, 8) and not out.levels[0].requires_grad
+    assert out.levels[0].shape == (1, 32, 6, 8) and not out.levels[0].requires_grad  # 50 x 70: 6 of 8 rows image
 
 
 def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, tmp_path, monkeypatch):
@@ -283,3 +284,20 @@ def test_attention_option_names_its_choices():
         create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, attention="fast")
     with pytest.raises(ValueError, match="unknown key 'sam.options.fused_attention'; did you mean 'attention'"):
         create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, fused_attention=False)
+
+
+@pytest.mark.parametrize("hw", [(48, 64), (80, 40), (64, 64), (20, 64)])
+def test_maps_of_non_square_images_are_cut_to_the_tokens_that_cover_the_image(sam_file, hw):
+    """SAM letterboxes (longest side to 64 px here, zeros right and below): `encode` keeps the rows and columns
+    of its 8 x 8 grid whose centres lie in the image, so that the student's maps (the image only) are not
+    matched to padding; `map_shapes` says which shapes those are, for the feature cache."""
+    t = teacher("segment_anything", sam_file)
+    images = torch.rand(2, 3, *hw)
+    full = t(t.preprocess(images)).levels
+    expected = {(48, 64): (6, 8), (80, 40): (8, 4), (64, 64): (8, 8), (20, 64): (3, 8)}[hw]  # 20 px -> 2.5 rows
+    got = t.encode(images).levels
+    assert [tuple(level.shape[1:]) for level in got] == t.map_shapes(hw) == [(32, *expected)] * 4
+    for a, b in zip(got, full, strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b[..., : expected[0], : expected[1]], atol=0, rtol=0)
+    assert t.map_shapes((64, 64)) == t.level_shapes()

@@ -200,7 +200,10 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     if state.is_main_process:
         _drop_damaged_kept_shards(out, plan, old["shards"] if finished else {})
     state.wait_for_everyone()
-    shapes = {tid: [list(s) for s in t.level_shapes()] for tid, t in teachers.items()}
+    # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
+    image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
+    shapes = {tid: [list(s) for s in (t.map_shapes(image_hw) if image_hw else t.level_shapes())]
+              for tid, t in teachers.items()}  # fmt: skip
     remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
     rows = sum(min(shard_size, len(dataset) - k * shard_size) for _, k in remaining)
     per_sample = bytes_per_sample(shapes, dtype)

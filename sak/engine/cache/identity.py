@@ -65,6 +65,9 @@ def _teacher_identity(teacher: Teacher, config) -> dict:
         "normalization": teacher.spec.normalization,
         "options": options,
         "channels_last": teacher.channels_last,  # other convolution kernels: other rounding
+        # a letterboxing teacher's maps are cut to the image's tokens (Teacher.image_region); a cache of the
+        # whole canvas, built before, lacks this and is refused
+        **({"maps": "image tokens"} if teacher.meta.resize == "longest_pad" else {}),
     }
 
 
