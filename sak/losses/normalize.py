@@ -100,15 +100,14 @@ class FeatureNormalizer(nn.Module):
         self.register_buffer("map_mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("map_w", torch.zeros(second, dtype=torch.float64))
         self.register_buffer("map_alpha", torch.ones((), dtype=torch.float64))
-        # the map of empty statistics, as used before the first update: what refresh() builds from them, written
-        # out (the zero covariance's eigenvectors are the identity, alpha = sqrt(eps)) rather than found by an
-        # eigendecomposition of a zero matrix per level at construction
-        alpha = torch.tensor(eps, dtype=torch.float64).sqrt()  # a tensor: eps = 0 divides as refresh() does
+        # the map of empty statistics, as used before the first update (an evaluation at step 0): what refresh()
+        # builds from them, written out rather than found by an eigendecomposition of a zero matrix per level. It
+        # keeps the targets' scale (standardize: the identity; phi_s: the bare Hadamard rotation, the zero
+        # covariance's eigenvectors being the identity), where dividing by sqrt(eps) made them ~1000x larger
         if mode == "phi_s":
-            self.map_w.copy_(self.hadamard / alpha)
-            self.map_alpha.copy_(alpha)
+            self.map_w.copy_(self.hadamard)
         else:
-            self.map_w.copy_((1.0 / alpha).expand(dim))
+            self.map_w.fill_(1.0)
 
     def batch_sums(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> one flat float64 vector [n, sum, sum of squares / outer products]."""
@@ -140,9 +139,10 @@ class FeatureNormalizer(nn.Module):
         identity's), unless `align` (default: the normaliser's `align_signs`) is false."""
         n = self.count.clamp_min(1)
         mean = self.sum / n
+        seen = self.count > 0  # (a tensor: no wait for the device) without statistics, the targets' own scale
         if self.mode == "standardize":
             var = (self.sum_sq / n - mean**2).clamp_min(0)
-            self.map_w.copy_(1.0 / torch.sqrt(var + self.eps))
+            self.map_w.copy_(torch.where(seen, 1.0 / torch.sqrt(var + self.eps), 1.0))
         else:
             cov = self.sum_sq / n - torch.outer(mean, mean)
             eigval, eigvec = torch.linalg.eigh(cov)  # cov = U diag(L) U^T
@@ -151,7 +151,7 @@ class FeatureNormalizer(nn.Module):
                 sign = torch.sign((previous * eigvec).sum(0))
                 eigvec = eigvec * torch.where(sign == 0, 1.0, sign)
             # a tensor, not a Python number: reading it would make the host wait for the GPU
-            alpha = eigval.clamp_min(0).mean().clamp_min(self.eps).sqrt()
+            alpha = torch.where(seen, eigval.clamp_min(0).mean().clamp_min(self.eps).sqrt(), 1.0)
             self.map_w.copy_(self.hadamard @ eigvec.T / alpha)  # x' = H U^T (x - mean) / alpha
             self.map_alpha.copy_(alpha)
         self.map_mean.copy_(mean)

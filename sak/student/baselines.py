@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..teachers.base import normalize, to_float01
 from .heads import DecodeHead
 from .model import StudentOutput, TeacherSlot, _init_linear
-from .stem import TeacherAgnosticStem, even_levels
+from .stem import TeacherAgnosticStem, student_levels
 
 
 class ManyToOneStudent(nn.Module):
@@ -25,7 +25,7 @@ class ManyToOneStudent(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = stem
-        self.levels = list(levels) if levels is not None else even_levels(stem.depth)
+        self.levels = student_levels(levels, stem.depth)
         stem.truncate(max(self.levels) + 1)
         d = stem.dim
         for slot in teachers:

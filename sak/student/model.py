@@ -12,7 +12,7 @@ from ..teachers.base import normalize, to_float01
 from .adapters import TeacherSpecificAdapterPath, TokenGrid
 from .heads import DecodeHead
 from .router import Router, mix_experts, mix_experts_per_image
-from .stem import TeacherAgnosticStem, even_levels
+from .stem import TeacherAgnosticStem, student_levels
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,7 @@ class SAKStudent(nn.Module):
         super().__init__()
         self.stem = stem
         d = stem.dim
-        self.levels = list(levels) if levels is not None else even_levels(stem.depth)
-        if any(not 0 <= i < stem.depth for i in self.levels):
-            raise ValueError(f"student.levels {self.levels} must index the stem's {stem.depth} blocks")
-        if self.levels != sorted(set(self.levels)):  # the adapter paths hand out their levels in block order
-            raise ValueError(
-                f"student.levels {self.levels}: give distinct blocks in increasing order, e.g. {sorted(set(self.levels))}"
-            )
+        self.levels = student_levels(levels, stem.depth)
         stem.truncate(max(self.levels) + 1)
         for slot in teachers:
             if len(slot.level_dims) != len(self.levels):

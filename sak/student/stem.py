@@ -19,6 +19,19 @@ def even_levels(depth: int, count: int = 4) -> list[int]:
     return [depth - 1 - step * (count - 1 - i) for i in range(count)]
 
 
+def student_levels(levels: list[int] | None, depth: int) -> list[int]:
+    """`student.levels` checked against a stem of `depth` blocks (default: `even_levels`): distinct block
+    indices in increasing order, as the adapter paths hand out their levels in block order."""
+    levels = list(levels) if levels is not None else even_levels(depth)
+    if any(not 0 <= i < depth for i in levels):
+        raise ValueError(f"student.levels {levels} must index the stem's {depth} blocks (0..{depth - 1})")
+    if levels != sorted(set(levels)):
+        raise ValueError(
+            f"student.levels {levels}: give distinct blocks in increasing order, e.g. {sorted(set(levels))}"
+        )
+    return levels
+
+
 class TeacherAgnosticStem(nn.Module):
     """Args:
     model: timm ViT name (patch 16 in SAK: vit_{small,base,large}_patch16_384).
@@ -30,6 +43,15 @@ class TeacherAgnosticStem(nn.Module):
         super().__init__()
         hub = pretrained is not None and not is_local(pretrained)
         name = f"{model.split('.')[0]}.{pretrained}" if hub else model
+        if (
+            hub and timm.is_model(name) and not timm.list_pretrained(name)
+        ):  # (timm's RuntimeError: a download problem below)
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model.split('.')[0]}.*")]
+            raise ValueError(
+                f"student.pretrained {pretrained!r}: not a pretrained tag of timm's {model.split('.')[0]}; "
+                + (f"its tags: {', '.join(tags)}" if tags else "timm knows no pretrained weights for it")
+                + ", or a local file (.safetensors / .pth)"
+            )
         try:
             self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors

@@ -105,7 +105,12 @@ class Edges(Task):
 
 def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Sum of |pred - target| over channels and valid pixels, divided by the number of valid pixels
-    (the public SAK / multi-task convention: a per-pixel L1 summed over channels); 0 without any."""
+    (the public SAK / multi-task convention: a per-pixel L1 summed over channels); 0 without any. The target
+    has the prediction's shape: broadcasting a (B, H, W) depth map against (B, 1, H, W) would compare every
+    image with every other's target without an error."""
+    if pred.shape != target.shape:
+        raise ValueError(f"a dense target of shape {tuple(target.shape)} for predictions of shape "
+                         f"{tuple(pred.shape)}: it must be (B, C, H, W) as they are (depth: (B, 1, H, W))")  # fmt: skip
     return ((pred - target).abs() * valid).sum() / valid.sum().clamp_min(1)
 
 

@@ -99,6 +99,18 @@ def test_new_normaliser_holds_the_map_refresh_builds_from_empty_statistics(mode,
 
 
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_the_map_before_any_statistics_keeps_the_targets_scale(mode):
+    """An evaluation at step 0 (eval.at_start) normalises with the map of empty statistics: it was 1 / sqrt(eps),
+    targets ~1000x larger and a distillation loss ~170x the one after the first update."""
+    x = features()
+    y = FeatureNormalizer(12, mode)(x)
+    if mode == "standardize":
+        assert torch.equal(y, x)
+    else:  # a rotation: each token's norm kept
+        torch.testing.assert_close(y.norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 def test_inverse_maps_normalised_features_back(mode):
     x = features()
     norm = FeatureNormalizer(12, mode, eps=0.0)

@@ -12,6 +12,7 @@ from sak.engine.build import build_distill_loss, build_student, build_tasks, bui
 from sak.engine.step import compute_losses, teacher_targets
 from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_report
 from sak.student.adapters import ADAPTERS, BottleneckAdapter, TeacherSpecificAdapterPath, TokenGrid
+from sak.student.baselines import ManyToOneStudent
 from sak.student.router import (
     NoisyRouter,
     PixelRouter,
@@ -501,13 +502,19 @@ def test_tasks_mix_their_experts_together_as_each_router_would_alone():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("levels", [[3, 1, 2, 0], [0, 1, 1, 3]])
-def test_levels_out_of_order_or_repeated_are_refused(levels):
+@pytest.mark.parametrize("student", [SAKStudent, ManyToOneStudent])
+@pytest.mark.parametrize(
+    ("levels", "error"),
+    [([3, 1, 2, 0], "distinct blocks in increasing order"), ([0, 1, 1, 3], "distinct blocks in increasing order"),
+     ([0, 1, 2, -1], r"must index the stem's 4 blocks \(0..3\)"), ([0, 1, 2, 4], "must index the stem's 4 blocks")],
+)  # fmt: skip
+def test_levels_out_of_order_repeated_or_out_of_range_are_refused(student, levels, error):
     """The adapter paths hand out their levels in block order: any other order would mix, per level, the
-    stem's features of one block with a path's of another."""
+    stem's features of one block with a path's of another. The many-to-one baseline checks alike (-1 cut its
+    stem to 3 blocks and read block 2 twice; 4 failed in forward with an IndexError)."""
     stem = TeacherAgnosticStem("vit_small_patch16_224", 32, embed_dim=16, depth=4, num_heads=2)
-    with pytest.raises(ValueError, match="distinct blocks in increasing order"):
-        SAKStudent(stem, [TeacherSlot("t", (16,) * 4)], {}, levels=levels)
+    with pytest.raises(ValueError, match=error):
+        student(stem, [TeacherSlot("t", (16,) * 4)], {}, levels=levels)
 
 
 def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
@@ -534,3 +541,7 @@ def test_a_hub_tag_for_the_student_offline_names_the_key_and_the_way_out(monkeyp
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match=r"student.pretrained 'augreg_in21k'.*Offline, pass a local file"):
         TeacherAgnosticStem("vit_tiny_patch16_224", 64, "augreg_in21k")
+    # a tag timm does not know is named as such, not as a download problem
+    with pytest.raises(ValueError, match=r"'augreg_in21': not a pretrained tag of timm's vit_tiny_patch16_224; its "
+                       r"tags: augreg_in21k, augreg_in21k_ft_in1k"):  # fmt: skip
+        TeacherAgnosticStem("vit_tiny_patch16_224", 64, "augreg_in21")

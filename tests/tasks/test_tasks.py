@@ -64,6 +64,16 @@ def test_depth_l1_on_valid_pixels():
     assert create_task("depth").loss(logits, target).item() == pytest.approx((0.5 + 1.0) / 2)
 
 
+@pytest.mark.parametrize("name", ["depth", "normals"])
+def test_a_regression_target_of_another_shape_is_an_error_not_a_broadcast(name):
+    """A (B, H, W) depth map against (B, 1, H, W) predictions broadcast to (B, B, H, W): every image's
+    prediction compared with every target, silently."""
+    channels = 3 if name == "normals" else 1
+    logits = torch.randn(2, channels, 4, 4)
+    with pytest.raises(ValueError, match=r"dense target of shape \(2, 4, 4\) for predictions of shape \(2, "):
+        create_task(name).loss(logits, torch.rand(2, 4, 4) + 0.1)
+
+
 @pytest.mark.parametrize("name", ["semseg", "saliency", "edges", "normals", "depth"])
 def test_a_batch_without_valid_pixels_gives_zero_with_zero_gradients(name):
     """Every task loss handles an all-ignored batch without asking the host (see sak/tasks/dense.py)."""
