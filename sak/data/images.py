@@ -160,8 +160,8 @@ class UnlabelledImages(SakDataset):
         return out
 
     def __getitem__(self, index: int) -> dict:
-        source = index
-        for _ in range(min(len(self.ids), 100)):
+        source, tries = index, min(len(self.ids), 100)
+        for _ in range(tries):
             try:
                 image = self.read(source)
                 return {"image": self._crop(image, index), "id": self.ids[source]}
@@ -171,7 +171,7 @@ class UnlabelledImages(SakDataset):
                 self.skipped.append((self.ids[source], str(exc)))
                 log.warning("skipping a bad image (data.options.skip_bad): %s", exc)
                 source = (source + 1) % len(self.ids)
-        raise DataError(f"{type(self).__name__}: no readable image among 100 tried from index {index}")
+        raise DataError(f"{type(self).__name__}: no readable image among {tries} tried from index {index}")
 
 
 def _split_root(spec: DatasetSpec, split_subdir: bool) -> Path:

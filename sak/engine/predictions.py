@@ -3,7 +3,7 @@
     <dir>/semseg/<id>.png     uint8 class indices (H, W)
     <dir>/parts/<id>.png      uint8 class indices (H, W)
     <dir>/saliency/<id>.png   uint8 grey, v = round(p * 255)
-    <dir>/edges/<id>.png      uint8 grey, v = round(p * 255)
+    <dir>/edges/<id>.png      uint8 grey, v = floor(p * 255) (as SAK's np.uint8(255 p), which SEISM scores)
     <dir>/normals/<id>.png    uint8 RGB, v = round((n + 1) / 2 * 255), read back as n = 2 v / 255 - 1
     <dir>/depth/<id>.npy      float32 metres (H, W)
 
@@ -64,7 +64,8 @@ def encode(task: str, pred: Tensor | np.ndarray) -> np.ndarray:
     if task in SEGMENTATION:
         array = _single_channel(task, array)
         if array.size and (array.min() < 0 or array.max() > 255):
-            raise PredictionError(f"{task}: class indices must be in 0..255 to be stored as PNG, got {array.max()}")
+            raise PredictionError(f"{task}: class indices must be in 0..255 to be stored as PNG, got values in "
+                                  f"[{array.min()}, {array.max()}]")  # fmt: skip
         return array.astype(np.uint8)
     if task == "normals" and (array.ndim != 3 or array.shape[0] != 3):
         raise PredictionError(f"normals: expected one sample's prediction of shape (3, H, W), got {array.shape}")

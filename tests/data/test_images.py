@@ -79,6 +79,11 @@ def test_folder_subset_and_clear_errors(tree, tmp_path):
     skipping = folder(tree, skip_bad=True)
     assert skipping[1]["id"] == "n01440764/n01440764_2"  # the next good image stands in
     assert skipping.skipped[0][0] == "n01440764/n01440764_1"
+    for f in (tree / "train").rglob("*.png"):
+        f.write_bytes(b"\x89PNG broken")
+    broken = folder(tree, skip_bad=True)
+    with pytest.raises(DataError, match=rf"no readable image among {len(broken.ids)} tried from index 0"):
+        broken[0]
 
 
 def write_shards(tree, out, compress=False):

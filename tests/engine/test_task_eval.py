@@ -140,6 +140,8 @@ def test_predictions_that_cannot_be_stored_are_refused(tmp_path):
         encode("depth", torch.tensor([[[float("nan")]]]))
     with pytest.raises(PredictionError, match="0..255"):
         encode("semseg", torch.tensor([[300]]))
+    with pytest.raises(PredictionError, match=r"got values in \[-1, 5\]"):  # (it named only the largest, 5)
+        encode("semseg", torch.tensor([[-1, 5]]))
     np.save(tmp_path / "bad.npy", np.array([[np.inf]], dtype=np.float32))
     (tmp_path / "depth").mkdir()
     shutil.move(tmp_path / "bad.npy", tmp_path / "depth" / "x.npy")
