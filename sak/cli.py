@@ -122,7 +122,9 @@ def _teachers(args) -> int:
     options = dict(kv.split("=", 1) for kv in args.options)
     import yaml
 
-    options = {k: yaml.safe_load(v) for k, v in options.items()}
+    from .config import StrictLoader
+
+    options = {k: yaml.load(v, Loader=StrictLoader) for k, v in options.items()}
     teacher = create_teacher(args.name, spec=TeacherSpec(weights=args.weights, image_size=args.image_size), **options)
     meta = teacher.meta.as_dict()
     meta["input_size"] = teacher.input_size
@@ -327,10 +329,11 @@ def print_user_error(exc: Exception, command: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse fills a positional list only up to the first option: overrides written after the options
-    # (`sak eval R --checkpoint C key=value`) come back unparsed; they are overrides all the same
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(OVERRIDE.match(x) for x in extra):
-        args.overrides += extra
+    # argparse fills a positional list only up to the first option: overrides (or a teacher's options) written
+    # after the options (`sak eval R --checkpoint C key=value`) come back unparsed; they belong to it all the same
+    pairs = next((name for name in ("overrides", "options") if isinstance(getattr(args, name, None), list)), None)
+    if extra and pairs is not None and all(OVERRIDE.match(x) for x in extra):
+        getattr(args, pairs).extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "action", None) == "show" and args.command == "teachers" and not args.name:

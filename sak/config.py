@@ -361,6 +361,27 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: `1e-3`, `1e5` and `1.0e5` stay strings.
+# Typed recipe fields convert them, but mappings passed on as they are (model_kwargs, lora) would not, and the
+# string fails deep inside the model ("linspace() received an invalid combination of arguments"). Read them as
+# YAML 1.2 does; integers are matched first, by the resolver PyYAML registers before this one.
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _unshared(value: Any) -> Any:
+    """A copy without shared containers: YAML anchors, aliases and merge keys give several places in a recipe the
+    same dict or list, so an override of one (`teachers.1.options.model_kwargs.embed_dim=64`) changed the other."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def _list_example(keys: list[str]) -> str:
     """An example value for the recipe list at `keys` ("tasks", "student.levels"): `[{name: ...}]` for a list
     of sections with a `name`, `[{...}]` for other sections, `[...]` for values (or a path the schema lacks)."""
@@ -550,6 +571,11 @@ def validate(recipe: Recipe) -> None:
     s = recipe.schedule
     if (s.max_steps is None) == (s.epochs is None):
         raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")
+    if s.warmup_steps and s.warmup_epochs:  # (warmup_steps won, and warmup_epochs went unused without a word)
+        raise RecipeError(
+            f"schedule: give at most one of schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_epochs "
+            f"({s.warmup_epochs}); set the other to 0"
+        )
     at_least = {
         "data.batch_size": (recipe.data.batch_size, 1),
         "data.image_size": (recipe.data.image_size, 1),
@@ -596,7 +622,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
     try:
-        data = yaml.load(text, Loader=StrictLoader) or {}
+        data = _unshared(yaml.load(text, Loader=StrictLoader) or {})
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -29,6 +29,14 @@ def test_teachers_show_prints_metadata_and_level_shapes(capsys):
     assert meta["sha256"] and meta["num_params"] == 14_716_171
 
 
+def test_a_teachers_options_may_follow_the_flags(capsys):
+    """They were "unrecognized arguments" after --image-size (as overrides were, before they were handled)."""
+    kwargs = "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, img_size: 64}"
+    assert main(["teachers", "show", "timm", "--image-size", "64", "model=vit_small_patch16_224", kwargs]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["embed_dim"] == 32 and meta["level_shapes"] == [[32, 4, 4]] * 2
+
+
 def test_overrides_may_follow_the_options(capsys):
     assert main(["model", "show", str(TINY), "--json"]) == 0
     default = json.loads(capsys.readouterr().out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from sak.config import Recipe, RecipeError, apply_override, load_recipe
+from sak.config import Recipe, RecipeError, StrictLoader, apply_override, load_recipe
 
 from .conftest import REPO, TINY
 
@@ -304,9 +304,32 @@ def test_yaml_merge_keys_fill_a_section_and_its_own_keys_win(tmp_path):
     path.write_text(text.replace("{<<: *first, key: vit_b}", "{<<: *first, key: vit_b, key: again}"))
     with pytest.raises(RecipeError, match="found the key 'key' twice"):
         load_recipe(path)
+    # the merged teacher's options are its own: an override of one leaves the other (they shared one dict)
+    path.write_text(text)
+    changed = load_recipe(path, ["teachers.1.options.model_kwargs.embed_dim=64"])
+    assert [t.options["model_kwargs"]["embed_dim"] for t in changed.teachers] == [48, 64]
+
+
+def test_exponent_floats_are_numbers_in_untyped_mappings_too(tmp_path):
+    """YAML 1.1 reads 1e-1 as a string; typed fields converted it, but model_kwargs are passed on as written and
+    a string drop_path_rate failed inside timm. Integers and hex stay integers."""
+    recipe = load_recipe(TINY, ["student.model_kwargs={embed_dim: 32, depth: 4, num_heads: 2, drop_path_rate: 1e-1}"])
+    assert recipe.student.model_kwargs["drop_path_rate"] == 0.1
+    path = tmp_path / "numbers.yaml"
+    path.write_text(TINY.read_text().replace("lr: 1.0e-3", "lr: 1e-3") + "\nimports: []\n")
+    assert load_recipe(path).optim.lr == 1e-3
+    values = yaml.load("[1e-3, 2E5, .5e1, 10, 0x10, 1_000, e5, 1e]", Loader=StrictLoader)
+    assert values == [1e-3, 2e5, 5.0, 10, 16, 1000, "e5", "1e"] and [type(v) for v in values[3:6]] == [int] * 3
 
 
 def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
     path = tmp_path / "empty_section.yaml"
     path.write_text(TINY.read_text() + "cache:\n")
     assert load_recipe(path, ["cache.path=/x"]).cache.path == "/x"
+
+
+def test_warmup_in_steps_and_in_epochs_together_is_an_error():
+    """warmup_steps won silently: `schedule.warmup_epochs=1` on tiny.yaml (warmup_steps 2) changed nothing."""
+    with pytest.raises(RecipeError, match=r"at most one of schedule.warmup_steps \(2\) and schedule.warmup_epochs"):
+        load_recipe(TINY, ["schedule.warmup_epochs=1"])
+    assert load_recipe(TINY, ["schedule.warmup_epochs=1", "schedule.warmup_steps=0"]).schedule.warmup_epochs == 1

@@ -133,12 +133,45 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
             f"cannot resume from {path}: its weights do not fit this recipe's student ({first_misfit(exc)}){differs}. "
             "Start a new run instead (another run.name, or checkpoint.resume=never)"
         ) from exc
+    except ValueError as exc:
+        if "parameter group" not in str(exc):  # (torch.optim.Optimizer.load_state_dict's words for a misfit)
+            raise CheckpointError(damaged(path, exc)) from exc
+        differs = f"; the recipe differs from the one it was trained with: {'; '.join(changes)}" if changes else ""
+        raise CheckpointError(
+            f"cannot resume from {path}: its optimiser state does not fit this recipe's trainable parameters "
+            f"({exc}){differs}. Start a new run from its weights instead (another run.name, and "
+            f"checkpoint.init_from={path})"
+        ) from exc
     except Exception as exc:  # safetensors' and pickle's own errors for a truncated or overwritten file
         raise CheckpointError(damaged(path, exc)) from exc
     try:
         return TrainState(**json.loads(state_file.read_text()))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(damaged(path, exc)) from exc
+
+
+# the optimiser's settings a recipe sets (AdamW's; "initial_lr" is the schedule's base learning rate)
+OPTIMISER_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def optimiser_settings(optimizer) -> list[dict]:
+    """Each parameter group's recipe settings (`OPTIMISER_SETTINGS`), taken before a checkpoint is loaded."""
+    return [{k: group[k] for k in OPTIMISER_SETTINGS if k in group} for group in optimizer.param_groups]
+
+
+def restore_optimiser_settings(optimizer, scheduler, settings: list[dict]) -> None:
+    """Put the recipe's settings back after a checkpoint was loaded: the optimiser's state_dict brings back the
+    settings of the run that saved it, and the scheduler's its base learning rates, so that a resume with
+    another optim.lr, weight_decay, betas or eps would go on with the old ones while recipe.yaml records the new.
+    The moments and the schedule's position stay the checkpoint's; the learning rate is the schedule's at that
+    position for the recipe's base rate."""
+    lambda_lr = getattr(scheduler, "scheduler", scheduler)  # (Accelerate's wrapper holds the LambdaLR)
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        group.update(wanted)
+    lambda_lr.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, lambda_lr.base_lrs, lambda_lr.lr_lambdas, strict=True):
+        group["lr"] = base * factor(lambda_lr.last_epoch)
+    lambda_lr._last_lr = [group["lr"] for group in optimizer.param_groups]  # (what get_last_lr() reports)
 
 
 def check_random_states(path: Path, rank: int, processes: int) -> None:

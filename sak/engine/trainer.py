@@ -29,6 +29,8 @@ from .checkpoint import (
     damaged,
     latest_checkpoint,
     load_checkpoint,
+    optimiser_settings,
+    restore_optimiser_settings,
     save_checkpoint,
     set_aside,
 )
@@ -226,10 +228,6 @@ def train(recipe: Recipe) -> dict:
             for log in (run_dir / "metrics.jsonl", run_dir / "samples", run_dir / FINAL_METRICS):  # with their logs
                 if set_aside_to is not None and log.exists():
                     os.replace(log, set_aside_to / log.name)
-        for name, text in extra_files.items():
-            (run_dir / name).write_text(text)
-        with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
-            f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     accelerator.wait_for_everyone()
 
     # -- build ------------------------------------------------------------------------------
@@ -263,6 +261,12 @@ def train(recipe: Recipe) -> dict:
     optimizer = build.build_optimizer(recipe, student)
     build.prepare_student(student, recipe.precision)
     per_epoch = len(train_loader) // accelerator.num_processes
+    if per_epoch == 0:  # each process's share of the batches would be empty: epochs without a step, forever
+        raise ValueError(
+            f"data: split {recipe.data.split!r} has {len(train_loader.dataset)} samples, {len(train_loader)} whole "
+            f"batch(es) of data.batch_size={recipe.data.batch_size}: fewer than one for each of the "
+            f"{accelerator.num_processes} processes; use a smaller data.batch_size or fewer processes"
+        )
     total = build.total_steps(recipe, per_epoch)
     warmup = build.warmup_steps(recipe, per_epoch)
     s = recipe.schedule
@@ -297,7 +301,9 @@ def train(recipe: Recipe) -> dict:
         before = json.loads((source / CACHE_FILE).read_text())
         changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
     if source is not None:
+        settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
         state = load_checkpoint(accelerator, source, changed)
+        restore_optimiser_settings(optimizer, scheduler, settings)
         logger_start = state.step
         if normalizers is not None:
             saved = source / "target_normalizers.safetensors"
@@ -319,6 +325,11 @@ def train(recipe: Recipe) -> dict:
             when = time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime())
             abandoned = set_aside(ckpt_root, when, after=state.step)
         cut_sample_records(run_dir, state.step)  # (all of them on a fresh start)
+        # written once the start is under way (a refused resume leaves the run's files as they were)
+        for name in ("recipe.yaml", "run_info.json"):
+            (run_dir / name).write_text(extra_files[name])
+        with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
+            f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     accelerator.wait_for_everyone()
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))

@@ -436,12 +436,14 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
 def _teacher_options(pairs: list[str]) -> dict:
     import yaml
 
+    from ..config import StrictLoader
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SelectionError(f"--option {pair!r}: expected KEY=VALUE, e.g. model=vit_small_patch14_dinov2")
-        options[key] = yaml.safe_load(value)
+        options[key] = yaml.load(value, Loader=StrictLoader)  # (1e-3 a number, as in recipes)
     return options
 
 

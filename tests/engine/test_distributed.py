@@ -146,3 +146,12 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_pat
     assert not list(root.glob(f"*{PARTIAL}")), "half-written checkpoints are cleaned on resume"
     assert latest_checkpoint(root).name == "step_00000003"
     assert {r["step"] for r in rows(tmp_path / "tiny" / "metrics.jsonl") if "loss" in r} == {1, 2, 3}
+
+
+def test_a_split_with_fewer_whole_batches_than_processes_is_an_error_not_a_hang(tmp_path):
+    """6 samples in batches of 4 make one batch, and two processes would each get none: epochs without a
+    step, one after another, forever."""
+    bad = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "data.options.length=6", "data.batch_size=4",
+                            "schedule.max_steps=2", timeout=120)  # fmt: skip
+    assert bad.returncode != 0
+    assert "6 samples, 1 whole batch(es) of data.batch_size=4: fewer than one for each of the 2 processes" in bad.stderr

@@ -376,6 +376,46 @@ def test_resuming_into_another_student_is_one_error_naming_the_misfit_and_the_ch
     assert "Start a new run instead" in message and "\n" not in message
 
 
+def test_a_refused_resume_leaves_the_runs_recipe_as_it_was(tiny_recipe):
+    """recipe.yaml and run_info.json describe the start that trained: a resume refused (here, another student)
+    does not overwrite them, so `sak export <run>/recipe.yaml` still builds the student of its weights."""
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=2")
+    train(recipe)
+    files = {name: (recipe.run_dir / name).read_text() for name in ("recipe.yaml", "run_info.json", "starts.jsonl")}
+    with pytest.raises(ValueError, match="cannot resume from"):
+        train(tiny_recipe("checkpoint.every=2", "student.model_kwargs.embed_dim=48"))
+    assert {name: (recipe.run_dir / name).read_text() for name in files} == files
+
+
+def test_an_optimiser_state_of_other_trainable_parameters_is_a_misfit_not_a_damaged_file(tiny_recipe):
+    """student.freeze=stem leaves other parameter groups: the optimiser's load_state_dict ValueError was reported
+    as a damaged file, with advice to resume from an earlier checkpoint, which fails alike."""
+    train(tiny_recipe("checkpoint.every=2", "run.stop_at=2"))
+    with pytest.raises(ValueError) as exc:
+        train(tiny_recipe("checkpoint.every=2", "student.freeze=stem"))
+    message = str(exc.value)
+    assert "its optimiser state does not fit this recipe's trainable parameters" in message
+    assert "student.freeze: 'none' -> 'stem'" in message and "damaged" not in message
+
+
+def test_a_resume_with_other_optimiser_settings_trains_with_them(tiny_recipe):
+    """The optimiser's state_dict brings back the saved run's lr, weight decay, betas and eps, and the
+    scheduler's its base learning rates: without putting the recipe's back, steps 3-8 ran at lr 1e-3 while
+    recipe.yaml and starts.jsonl said 1e-5."""
+    common = ["checkpoint.every=2", "schedule.name=constant", "schedule.warmup_steps=0"]
+    recipe = tiny_recipe(*common, "run.stop_at=2")
+    train(recipe)
+    changed = [*common, "optim.lr=1.0e-5", "optim.weight_decay=0.5", "optim.betas=[0.8, 0.9]", "optim.eps=1.0e-6"]
+    train(tiny_recipe(*changed))
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [1e-3] * 2 + [1e-5] * 6
+    saved = torch.load(recipe.run_dir / "checkpoints" / "step_00000008" / "optimizer.bin", weights_only=True)
+    groups = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps")} for g in saved["param_groups"]]
+    assert groups == [
+        {"lr": 1e-5, "initial_lr": 1e-5, "weight_decay": wd, "betas": (0.8, 0.9), "eps": 1e-6} for wd in (0.5, 0.0)
+    ]
+
+
 def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_recipe, tmp_path):
     """An older run's recipe.yaml lacks keys added since (e.g. student.grad_checkpointing): at their defaults
     they are not reported as changed; set to something else, they are."""
