@@ -236,7 +236,7 @@ def test_loss_options_take_the_loss_keywords_types():
     recipe schema does not know, or not at all, is passed as written."""
     import torch
 
-    from sak.config import _check_keywords
+    from sak.config.load import _check_keywords
 
     recipe = load_recipe(TINY, ["loss.options={beta: 1e-3, cos_weight: 1}"])
     assert recipe.loss.options == {"beta": 0.001, "cos_weight": 1.0}
