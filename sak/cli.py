@@ -192,7 +192,10 @@ def _export(args) -> int:
     from .engine.export import export_student
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = export_student(recipe, Path(args.source) if args.source else recipe.run_dir, Path(args.out))
+    source, what = (
+        (Path(args.source), "sak export --from") if args.source else (recipe.run_dir, "sak export (the run directory)")
+    )
+    out = export_student(recipe, source, Path(args.out), what)
     print(f"exported the inference student to {out}/ (student.safetensors, student.yaml)")
     return 0
 

@@ -43,6 +43,9 @@ class StudentConfig:
     architecture: str = "sak"  # registry of student architectures: sak, many_to_one (the baselines)
     model: str = "vit_small_patch16_224"  # timm ViT name for the teacher-agnostic stem
     pretrained: str | None = None  # timm pretrained tag ("augreg_in21k_ft_in1k"), a local file, or None
+    # the mean / std of the student's input: the pretrained weights' own (timm's pretrained_cfg), or ImageNet's,
+    # which the official SAK code feeds the student and every teacher
+    normalization: Literal["pretrained", "imagenet"] = "pretrained"
     model_kwargs: dict = field(default_factory=dict)
     levels: list[int] | None = None  # stem blocks that feed the 4 output levels; None = evenly spaced
     down_ratio: int = 4  # TSAP adapter bottleneck ratio r

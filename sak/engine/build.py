@@ -57,7 +57,7 @@ def build_tasks(recipe: Recipe) -> dict[str, Task]:
 
 def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> torch.nn.Module:
     s = recipe.student
-    stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, **s.model_kwargs)
+    stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, s.normalization, **s.model_kwargs)
     size, patch = recipe.data.image_size, stem.patch_size
     if size % patch:
         below, above = size - size % patch, size - size % patch + patch

@@ -22,6 +22,7 @@ from ..data.images import DataError, decode_rgb
 from ..digest import sha256_of
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
+from ..teachers.weights import is_local
 from .checkpoint import first_misfit
 from .init import student_weights_file
 from .predictions import encode, save_encoded
@@ -35,9 +36,13 @@ class ExportError(ValueError):
 
 def export_config(recipe: Recipe) -> dict:
     """What student.yaml holds: the recipe's student section, tasks with channels, teacher ids, input size."""
+    student = {**recipe.to_dict()["student"], "pretrained": None}
+    tag = recipe.student.pretrained
+    if tag is not None and not is_local(tag):  # the tag's timm config (its mean / std), without its download
+        student["model"] = f"{recipe.student.model.split('.')[0]}.{tag}"
     return {
         "imports": list(recipe.imports),  # plug-in modules (an adapter type, say) that rebuilding needs
-        "student": {**recipe.to_dict()["student"], "pretrained": None},
+        "student": student,
         "tasks": [{"name": t.name, "channels": create_task(t.name, t.channels).channels} for t in recipe.tasks],
         "teachers": [{"id": t.id, "adapter": t.adapter} for t in recipe.teachers],
         "image_size": recipe.data.image_size,
@@ -64,7 +69,7 @@ def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Mod
     import_plugins(config.get("imports") or [], where="student.yaml imports")
     s = structure(StudentConfig, config["student"], "student")
     tasks = [structure(TaskConfig, t, "tasks") for t in config["tasks"]]
-    stem = TeacherAgnosticStem(s.model, config["image_size"], None, **s.model_kwargs)
+    stem = TeacherAgnosticStem(s.model, config["image_size"], None, s.normalization, **s.model_kwargs)
     n_levels = len(s.levels) if s.levels else min(4, stem.depth)
     # widths equal to the stem's: no aligners are built (they are distillation-only and not exported)
     cls = STUDENTS.get(s.architecture)
@@ -78,13 +83,13 @@ def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Mod
     return model.eval()
 
 
-def export_student(recipe: Recipe, source: Path, out: Path) -> Path:
+def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak export --from") -> Path:
     """Write the inference student of a run (or checkpoint) to `out`, after checking that its weights make the
     recipe's student (a refused export leaves `out` as it was). Both files are written beside `out` and then
     renamed into it, the weights first, so that a crash while writing them leaves an earlier export whole; a
     crash between the two renames leaves new weights beside the earlier student.yaml, whose weights digest
     (`weights_sha256`) `load_exported` then finds does not match."""
-    file, state = inference_state(source, "sak export --from")
+    file, state = inference_state(source, what)  # (`what` names where `source` came from, in errors)
     config = export_config(recipe)
     try:
         build_exported(config, state)

@@ -15,6 +15,7 @@ Saliency and edges decode to float32 k / 255, the values the reference evaluatio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -100,10 +101,15 @@ def save_encoded(root: str | Path, task: str, sample_id: str, array: np.ndarray)
     """Write an array from `encode` to its standard path."""
     path = prediction_path(root, task, sample_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if task == "depth":
-        np.save(path, array)
-    else:
-        Image.fromarray(array).save(path)
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")  # renamed when whole: never a cut file under its name
+    try:
+        if task == "depth":
+            np.save(tmp, array)
+        else:
+            Image.fromarray(array).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

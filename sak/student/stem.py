@@ -9,7 +9,15 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..teachers.weights import WeightsError, is_local, load_state_dict, local_path
+from ..teachers.base import IMAGENET_MEAN, IMAGENET_STD
+from ..teachers.weights import (
+    WeightsError,
+    check_timm_tag,
+    check_timm_tag_for_file,
+    is_local,
+    load_state_dict,
+    local_path,
+)
 
 
 def even_levels(depth: int, count: int = 4) -> list[int]:
@@ -37,21 +45,26 @@ class TeacherAgnosticStem(nn.Module):
     model: timm ViT name (patch 16 in SAK: vit_{small,base,large}_patch16_384).
     image_size: training resolution; position embeddings are resampled by timm when it differs.
     pretrained: None (random), a timm pretrained tag (e.g. "augreg_in21k_ft_in1k"), or a local file.
+    normalization: "pretrained" (the mean / std the weights were trained with, timm's pretrained_cfg: 0.5 / 0.5
+        for AugReg) or "imagenet" (ImageNet's, as the official SAK code feeds every model; with it the
+        reference's padding, 0 after normalisation, is the ImageNet mean colour sak pads with).
     """
 
-    def __init__(self, model: str, image_size: int, pretrained: str | None = None, **model_kwargs) -> None:
+    def __init__(
+        self,
+        model: str,
+        image_size: int,
+        pretrained: str | None = None,
+        normalization: str = "pretrained",
+        **model_kwargs,
+    ) -> None:
         super().__init__()
         hub = pretrained is not None and not is_local(pretrained)
         name = f"{model.split('.')[0]}.{pretrained}" if hub else model
-        if (
-            hub and timm.is_model(name) and not timm.list_pretrained(name)
-        ):  # (timm's RuntimeError: a download problem below)
-            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{model.split('.')[0]}.*")]
-            raise ValueError(
-                f"student.pretrained {pretrained!r}: not a pretrained tag of timm's {model.split('.')[0]}; "
-                + (f"its tags: {', '.join(tags)}" if tags else "timm knows no pretrained weights for it")
-                + ", or a local file (.safetensors / .pth)"
-            )
+        if hub:  # (timm's RuntimeError for an unknown tag would read as a download problem below)
+            check_timm_tag(name, f"student.pretrained {pretrained!r}")
+        elif pretrained is not None and normalization == "pretrained":  # a file's mean / std: its name's tag's
+            check_timm_tag_for_file(model, f"student.pretrained {pretrained!r} (student.normalization: pretrained)")
         try:
             self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
@@ -89,7 +102,12 @@ class TeacherAgnosticStem(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         cfg = self.vit.pretrained_cfg
-        self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+        if normalization == "imagenet":
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        elif normalization == "pretrained":
+            self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+        else:
+            raise ValueError(f"student.normalization {normalization!r}: expected pretrained or imagenet")
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> tokens (B, prefix + h*w, D) after position embedding."""

@@ -63,6 +63,10 @@ class TeacherSpec:
     image_size: int | None = None
     normalization: Literal["own", "imagenet"] = "own"
 
+    def __post_init__(self) -> None:
+        if self.normalization not in ("own", "imagenet"):  # (a recipe is checked before; the Python API is not)
+            raise ValueError(f"teacher normalization {self.normalization!r}: expected 'own' or 'imagenet'")
+
 
 @dataclass(frozen=True)
 class TeacherMeta:

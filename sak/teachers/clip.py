@@ -52,6 +52,8 @@ from .base import (
 )
 from .weights import (
     WeightsError,
+    check_timm_tag,
+    check_timm_tag_for_file,
     is_local,
     load_state_dict,
     load_strict,
@@ -265,6 +267,8 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         args["img_size"] = spec.image_size  # timm resamples pos_embed once while loading (checkpoint_filter_fn)
     if local:
         check_timm_tag_for_file(name, what)
+    if pretrained:
+        check_timm_tag(name, what)
     try:
         net = timm.create_model(name, pretrained=pretrained, **args)
     except (RuntimeError, OSError) as exc:
@@ -286,27 +290,6 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     return Built(
         net, native, digest, weights or "random", tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     )
-
-
-def check_timm_tag_for_file(name: str, what: str) -> None:
-    """A local file carries no mean / std; timm takes them from the model name's tag, or from its default tag
-    when the name has none. CLIP weights differ (OpenAI's and most open_clip ones use CLIP's constants, LAION's
-    ViT-L/14 and timm's fine-tunes of it 0.5), so an untagged name is only accepted when every tag of the model
-    agrees; otherwise the name must say which weights the file holds."""
-    from timm.models import get_pretrained_cfg
-
-    if "." in name:
-        return  # a tag: timm itself rejects an unknown one
-    norms: dict[tuple, list[str]] = {}
-    for tagged in timm.list_pretrained(f"{name}.*"):
-        cfg = get_pretrained_cfg(tagged)
-        norms.setdefault((tuple(cfg.mean), tuple(cfg.std)), []).append(tagged)
-    if len(norms) > 1:
-        choices = "; ".join(f"mean {mean} / std {std}: {', '.join(tags)}" for (mean, std), tags in norms.items())
-        raise WeightsError(
-            f"{what}: a local file with an untagged model name is ambiguous, as {name}'s tags were trained with "
-            f"different mean / std ({choices}). Name the tag of the weights in `model`, e.g. `model: {tagged}`"
-        )
 
 
 BUILDERS = {"open_clip": (build_open_clip, OpenClipTower), "timm": (build_timm, TimmClipTower)}

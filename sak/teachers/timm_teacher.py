@@ -25,6 +25,8 @@ from ..registry import TEACHERS
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels, count_params, default_levels
 from .weights import (
     WeightsError,
+    check_timm_tag,
+    check_timm_tag_for_file,
     is_local,
     load_state_dict,
     load_strict,
@@ -81,6 +83,10 @@ class TimmTeacher(Teacher):
         else:
             model_name = options.model
         kwargs = dict(options.model_kwargs)
+        if pretrained:
+            check_timm_tag(model_name, what)
+        elif spec.weights is not None:  # a local file: its mean / std come from the name's tag
+            check_timm_tag_for_file(model_name, what)
         try:
             self.model = self._create(model_name, pretrained, kwargs, spec.image_size is not None)
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
@@ -149,5 +155,7 @@ class TimmTeacher(Teacher):
         final, levels = self.model.forward_intermediates(
             x, indices=list(self.meta.levels), norm=False, output_fmt="NCHW", stop_early=False
         )
-        summary = final[:, 0] if final.ndim == 3 and getattr(self.model, "num_prefix_tokens", 0) > 0 else None
+        # a token model's image feature as the model pools it: its class token, or for one without (registers
+        # and average pooling, `*_reg4_gap_*`) the pooled patches, not the first register token
+        summary = self.model.forward_head(final, pre_logits=True) if final.ndim == 3 else None
         return TeacherOutput(levels=tuple(levels), summary=summary)

@@ -40,13 +40,14 @@ def refuse_sha256_without_file(weights: str | None, sha256: str | None, what: st
         raise WeightsError(f"{what}: sha256 needs a local file; {found}. Pass the downloaded file, or drop sha256")
 
 
-def local_path(weights: str, what: str) -> Path:
+LOCAL_OR_TAG = "an existing local file (.safetensors, or .pth/.pt/.bin saved with torch.save) or a hub tag"
+
+
+def local_path(weights: str, what: str, accepts: str = LOCAL_OR_TAG) -> Path:
+    """`weights` as an existing path; else an error saying what `what` accepts instead."""
     path = Path(os.path.expanduser(weights))
     if not path.exists():
-        raise WeightsError(
-            f"{what}: weights file {str(path)!r} does not exist. Pass an existing local file "
-            f"(.safetensors, or .pth/.pt/.bin saved with torch.save) or a hub tag."
-        )
+        raise WeightsError(f"{what}: weights file {str(path)!r} does not exist. Pass {accepts}.")
     return path
 
 
@@ -154,3 +155,41 @@ def write_cache(target: Path, state: dict[str, Tensor], metadata: dict[str, str]
     finally:  # a failed write (full or read-only disk) leaves no partial files behind
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
+
+
+def check_timm_tag(name: str, what: str) -> None:
+    """Before timm downloads `name` ("model.tag"): a tag timm does not know is a ValueError listing the model's
+    tags (timm's RuntimeError would be reported as a failed download). A model timm does not know is left to
+    timm, whose error names it."""
+    import timm
+
+    model, _, tag = name.partition(".")
+    if tag and timm.is_model(model) and not timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{model}.*")]
+        raise ValueError(
+            f"{what}: {tag!r} is not a pretrained tag of timm's {model}; "
+            + (f"its tags: {', '.join(tags)}" if tags else "timm knows no pretrained weights for it")
+            + ", or a local file"
+        )
+
+
+def check_timm_tag_for_file(name: str, what: str) -> None:
+    """A local file carries no mean / std; timm takes them from the model name's tag, or from its default tag
+    when the name has none. A model's weights may differ (CLIP: OpenAI's and most open_clip ones use CLIP's
+    constants, LAION's ViT-L/14 0.5; ViT-B/16: AugReg 0.5, DINO and MAE ImageNet's), so an untagged name is only
+    accepted when every tag of the model agrees; otherwise the name must say which weights the file holds."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if "." in name:
+        return  # a tag: timm itself rejects an unknown one
+    norms: dict[tuple, list[str]] = {}
+    for tagged in timm.list_pretrained(f"{name}.*"):
+        cfg = get_pretrained_cfg(tagged)
+        norms.setdefault((tuple(cfg.mean), tuple(cfg.std)), []).append(tagged)
+    if len(norms) > 1:
+        choices = "; ".join(f"mean {mean} / std {std}: {', '.join(tags)}" for (mean, std), tags in norms.items())
+        raise WeightsError(
+            f"{what}: a local file with an untagged model name is ambiguous, as {name}'s tags were trained with "
+            f"different mean / std ({choices}). Name the tag of the weights in `model`, e.g. `model: {tagged}`"
+        )

@@ -148,3 +148,48 @@ def test_damaged_weights_of_an_export_without_a_digest_are_named(tiny_recipe, tm
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ExportError, match="student.safetensors' is damaged or not a safetensors file"):
         load_exported(out)
+
+
+def test_the_exported_student_normalises_its_input_as_the_trained_one(tiny_recipe, tmp_path):
+    """student.normalization travels in student.yaml; a hub tag's mean / std too (the export's stem is built
+    without weights: under the bare model name it took the default tag's, 0.5 for ViTs whose DINO tag has
+    ImageNet's)."""
+    from sak.engine.export import export_config, export_student
+    from sak.student import TeacherAgnosticStem
+    from sak.teachers.base import IMAGENET_MEAN, IMAGENET_STD
+
+    recipe = tiny_recipe("schedule.max_steps=1", "student.normalization=imagenet")
+    train(recipe)
+    export_student(recipe, recipe.run_dir, tmp_path / "export")
+    model, config = load_exported(tmp_path / "export")
+    assert config["student"]["normalization"] == "imagenet"
+    assert (model.stem.mean, model.stem.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert TeacherAgnosticStem("vit_small_patch16_224", 64, depth=1).mean == (0.5, 0.5, 0.5)
+
+    student = export_config(tiny_recipe("student.pretrained=dino"))["student"]
+    assert student["model"] == "vit_small_patch16_224.dino" and student["pretrained"] is None
+    stem = TeacherAgnosticStem(student["model"], 64, None, student["normalization"], **student["model_kwargs"])
+    assert stem.mean == IMAGENET_MEAN  # what timm gives the tag's weights
+
+
+def test_an_export_without_a_checkpoint_names_the_run_directory_not_a_flag_not_given(tiny_recipe, tmp_path, capsys):
+    assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "sak export (the run directory): " in err and "--from" not in err
+
+
+def test_a_prediction_file_is_renamed_into_place_when_whole(tmp_path, monkeypatch):
+    """A write cut short (a full disk) left a truncated depth .npy under its final name."""
+    from sak.engine.predictions import save_encoded
+
+    def cut(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sak.engine.predictions.os.replace", cut)
+    with pytest.raises(OSError, match="No space left"):
+        save_encoded(tmp_path, "depth", "x", np.ones((4, 4), np.float32))
+    assert list((tmp_path / "depth").iterdir()) == []
+    monkeypatch.undo()
+    for task, array in (("depth", np.ones((4, 4), np.float32)), ("semseg", np.ones((4, 4), np.uint8))):
+        path = save_encoded(tmp_path, task, "x", array)
+        assert path.name in ("x.npy", "x.png") and [p.name for p in path.parent.iterdir()] == [path.name]

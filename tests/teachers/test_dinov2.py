@@ -368,3 +368,24 @@ def test_preprocessing_matches_timms_and_transformers_transforms_on_a_real_image
     gap = (ours - expected).abs()
     assert ours.shape == expected.shape and gap.max() < 0.1 and gap.mean() < 0.006, (gap.max(), gap.mean())
     assert np.isclose(float(expected.mean()), float(ours.mean()), atol=1e-3)
+
+
+def test_a_pinned_sha256_on_a_transformers_directory_is_that_of_the_file_it_reads(checkpoints, tmp_path):
+    """from_pretrained reads sharded safetensors before a pytorch_model.bin: a directory holding both had its
+    sha256 checked against the .bin, whose weights were never loaded. Now only a directory with one weights file
+    for transformers to read takes a sha256 (and records one)."""
+    model, _ = checkpoints["plain"]
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder, max_shard_size="20KB")  # config.json, shards and their index
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").is_file()
+    torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    pinned = hashlib.sha256((folder / "pytorch_model.bin").read_bytes()).hexdigest()
+    with pytest.raises(WeightsError, match=r"sha256 needs a directory with one weights file .* holds \['model-0000"):
+        create_teacher("dinov2", str(folder), spec=TeacherSpec(weights=str(folder), sha256=pinned))
+    assert create_teacher("dinov2", str(folder)).meta.sha256 is None  # (no digest of a file it did not read)
+
+
+def test_a_misspelt_tag_is_named_as_such_not_sent_to_transformers():
+    """'lvd142' was answered with "is for transformers (`source: transformers`)", which then refused it."""
+    with pytest.raises(WeightsError, match=r"'lvd142' is not a weights tag of DINOv2 \(tags: hub, default, lvd142m\)"):
+        create_teacher("dinov2", "lvd142")

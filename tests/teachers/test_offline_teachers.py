@@ -321,3 +321,11 @@ def test_effnet_rejects_bad_levels_weights_and_digest(tmp_path):
     torch.save({k: state[k] for k in [keys[0], keys[2], keys[1], *keys[3:]]}, tmp_path / "swapped.pth")
     with pytest.raises(WeightsError, match="does not fit timm's bn1.weight"):
         efficientnet.efficientnet_lite0_classifier(str(tmp_path / "swapped.pth"))
+
+
+@pytest.mark.parametrize(("name", "accepts"), [("efficientnet_lite0", "package's file"), ("hed", r"\.h5")])
+def test_a_weights_value_these_teachers_do_not_take_says_what_they_do(name, accepts):
+    """Not "or a hub tag": neither takes one (their weights ship in a package)."""
+    with pytest.raises(WeightsError, match=rf"weights file 'hub' does not exist\. Pass no weights .*{accepts}") as exc:
+        create_teacher(name, "hub")
+    assert "hub tag" not in str(exc.value)

@@ -141,3 +141,9 @@ def test_a_teacher_constructor_of_another_signature_is_named(monkeypatch):
         ValueError, match=r"teacher 'one_argument' \(OneArgument\): the constructor must take \(spec, options\)"
     ):
         create_teacher("one_argument")
+
+
+def test_a_misspelt_normalization_through_the_python_api_is_an_error():
+    """A recipe refuses it; TeacherSpec(normalization="ImageNet") silently meant "own"."""
+    with pytest.raises(ValueError, match="teacher normalization 'ImageNet': expected 'own' or 'imagenet'"):
+        TeacherSpec(normalization="ImageNet")

@@ -183,3 +183,49 @@ def test_a_vit_teacher_at_a_size_its_patches_do_not_tile_is_refused_when_built()
         "timm", spec=TeacherSpec(image_size=70), model="vit_small_patch14_dinov2", model_kwargs=kwargs
     )
     assert teacher.level_shapes()[-1] == (24, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"class_token": False, "reg_tokens": 4, "global_pool": "avg"}], ids=["class token", "reg4 gap"]
+)
+def test_the_summary_is_the_image_feature_the_model_pools(kwargs):
+    """A ViT without a class token (`*_reg4_gap_*`: registers, average pooling) gave its first register token
+    as the summary; the model's own pooling gives its image feature, and the class token where it has one."""
+    teacher = create_teacher("timm", model="vit_small_patch16_224", model_kwargs={**TINY, "img_size": 64, **kwargs})
+    model, x = teacher.model, torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        expected = model.forward_head(tokens, pre_logits=True)
+    summary = teacher(x).summary
+    torch.testing.assert_close(summary, expected, atol=1e-5, rtol=0)
+    if not kwargs:
+        torch.testing.assert_close(summary, tokens[:, 0], atol=1e-5, rtol=0)
+    else:
+        assert (summary - tokens[:, 0]).abs().max() > 0.1  # not register 0
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "tag", "model", "tags"),
+    [
+        ("timm", {"model": "vit_small_patch14_dinov2"}, "lvd999m", "vit_small_patch14_dinov2", "lvd142m"),
+        ("clip", {"source": "timm"}, "laion5b", "vit_base_patch16_clip_384", "laion2b_ft_in12k_in1k"),
+        ("sam", {"source": "timm"}, "sa1c", "samvit_base_patch16", "sa1b"),
+    ],
+)
+def test_an_unknown_timm_tag_is_named_with_the_models_tags_not_as_a_failed_download(name, options, tag, model, tags):
+    with pytest.raises(ValueError, match=rf"{tag!r} is not a pretrained tag of timm's {model}; its tags: .*{tags}"):
+        create_teacher(name, tag, **options)
+
+
+def test_a_local_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
+    """vit_base_patch16_224's AugReg tags use mean / std 0.5, its DINO and MAE tags ImageNet's: under the bare
+    name a file took the default tag's 0.5 whatever it held (the clip teacher already refused this)."""
+    kwargs = {**TINY, "img_size": 64}
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **kwargs)
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    file = str(tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"ambiguous.*vit_base_patch16_224.mae.*Name the tag of the weights"):
+        create_teacher("timm", file, model="vit_base_patch16_224", model_kwargs=kwargs)
+    assert create_teacher("timm", file, model="vit_base_patch16_224.mae", model_kwargs=kwargs).meta.mean == (
+        0.485, 0.456, 0.406,
+    )  # fmt: skip
