@@ -42,6 +42,8 @@ from .selection import (
     METRICS,
     ImageFeatures,
     SelectionError,
+    check_ids,
+    check_writable,
     open_pool,
     resolve_budget,
     select_indices,
@@ -421,7 +423,7 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="teacher autocast dtype")
     p.add_argument(
         "--set",
-        dest="overrides",
+        dest="sets",  # (not "overrides": the CLI gives stray key=value arguments to a positional of that name)
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -452,8 +454,13 @@ def select(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    pool, ids = open_pool(args.pool, args.overrides)
+    pool, ids = open_pool(args.pool, args.sets)
     budget = resolve_budget(args.budget, len(pool))
+    check_writable(args.out)  # before the feature pass, not after it
+    if args.seed < 0:  # (numpy's own error would not name the flag)
+        raise SelectionError(f"--seed must be 0 or more, got {args.seed}")
+    if ids is not None:
+        check_ids(ids)
     options = PatternOptions(block=args.block, keep=args.keep, k=args.k, filter=args.filter, seed=args.seed)
     if args.method != "random" and not args.teacher:
         raise SelectionError(f"--method {args.method} needs --teacher NAME (see `sak teachers list`)")
@@ -473,7 +480,7 @@ def select(args: argparse.Namespace) -> int:
     if state.is_main_process:
         chosen = select_indices(args.method, budget, len(pool), features, args.seed, args.distance, state.device)
         sampled = time.perf_counter()
-        overrides = "".join(f" --set {o}" for o in args.overrides)  # they choose the pool's split and images
+        overrides = "".join(f" --set {o}" for o in args.sets)  # they choose the pool's split and images
         header = [
             f"sak select --pool {args.pool}{overrides} --method {args.method} --budget {args.budget} "
             f"({budget} of {len(pool)})",
@@ -495,8 +502,19 @@ def run_select(args: argparse.Namespace) -> int:
     try:
         return select(args)
     except SelectionError as exc:
-        print(f"sak select: {exc}", file=sys.stderr)
+        print(f"sak select: {worker_message(exc)}", file=sys.stderr)
         return 2
+
+
+def worker_message(exc: Exception) -> str:
+    """The message of an error raised in a DataLoader worker, which PyTorch re-raises with the worker's whole
+    traceback in it ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line, the
+    original `module.Type: message`, without the type."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ Distances: "cosine" (1 - cosine similarity; FreeSel's default) or "euclidean".
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -181,19 +182,48 @@ def random_subset(num_images: int, budget: int, seed: int = 0) -> list[int]:
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:budget].tolist()
 
 
-def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] = ()) -> Path:
-    """Write `ids` one per line (readable by `sak.data.read_manifest`), after `# ` comment lines.
+def check_ids(ids: Sequence[str]) -> None:
+    """Ids a manifest can hold, one per line, each once.
 
     Raises:
-        SelectionError: an id that a manifest line cannot hold (empty, a `#`, surrounding blanks, a newline).
+        SelectionError: an id that a manifest line cannot hold (empty, a `#`, surrounding blanks, a line break:
+            `\r` too, which a reader's universal newlines would split), or an id given twice.
     """
     for i in ids:
-        if not i or "#" in i or i != i.strip() or "\n" in i:
-            raise SelectionError(f"image id {i!r} cannot be written to a manifest (no '#', newlines or edge blanks)")
+        if not i or "#" in i or i != i.strip() or "\n" in i or "\r" in i:
+            raise SelectionError(f"image id {i!r} cannot be written to a manifest (no '#', line breaks or edge blanks)")
+    seen: set[str] = set()
+    twice = [i for i in ids if i in seen or seen.add(i)]
+    if twice:
+        raise SelectionError(f"the pool gives the image id(s) {sorted(set(twice))[:5]} to more than one image; a "
+                             "manifest names each image once")  # fmt: skip
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse an output path that is a folder, before any work."""
+    if Path(path).is_dir():
+        raise SelectionError(f"--out {str(path)!r} is a folder; give the manifest file's path")
+
+
+def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] = ()) -> Path:
+    """Write `ids` one per line (readable by `sak.data.read_manifest`), after `# ` comment lines (every line of
+    a header item, so that a line break in it does not turn the rest into an id). Written to a temporary file
+    beside it and renamed: an interrupted write (a full disk) leaves the earlier manifest, not a cut one.
+
+    Raises:
+        SelectionError: ids that `check_ids` refuses.
+    """
+    check_ids(ids)
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {h}" for h in header] + list(ids)
-    path.write_text("\n".join(lines) + "\n")
+    lines = [f"# {part}" for h in header for part in (str(h).splitlines() or [""])] + list(ids)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -244,11 +274,13 @@ class ImageFolderPool(Dataset):
 
 
 class UnpaddedImages(Dataset):
-    """A recipe dataset's evaluation samples with the padding taken off: the dense datasets (PASCAL-Context,
-    NYUD) centre each image on a fixed canvas filled with the mean colour and give its original (h, w) as
-    "size"; `unpad` crops that back, so the teacher sees the photograph only, resized by its own
-    preprocessing as FreeSel's code feeds raw VOC images (a squash to 224 x 224). Samples without "size"
-    pass unchanged."""
+    """A recipe dataset's images as they are stored, so that the teacher sees the whole photograph, resized by
+    its own preprocessing as FreeSel's code feeds raw VOC images (a squash to 224 x 224): the dense datasets'
+    (PASCAL-Context, NYUD) evaluation samples with the padding taken off (they centre each image on a fixed
+    canvas and give its original (h, w) as "size"; `unpad` crops that back); the unlabelled ones'
+    (`image_folder`, `image_tar`) photographs read as they are, not their evaluation centre crop, and an
+    unreadable one is an error (`skip_bad` would stand the next image in, under its id). Other samples pass
+    unchanged."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -257,8 +289,16 @@ class UnpaddedImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        from ..data.images import UnlabelledImages
         from ..data.transforms import unpad
 
+        images = getattr(self.dataset, "dataset", self.dataset)  # (inside the loader's IndexedDataset)
+        if isinstance(images, UnlabelledImages):  # the photograph, not its evaluation centre crop
+            try:
+                array = images.read(index)
+            except DataError as exc:  # (data.options.skip_bad would stand another image in, under its id)
+                raise SelectionError(f"pool: cannot read image {images.ids[index]!r}: {exc}") from exc
+            return {"image": torch.from_numpy(array).permute(2, 0, 1), "id": images.ids[index], "index": index}
         sample = self.dataset[index]
         image = sample["image"]
         if "size" in sample:

@@ -332,6 +332,26 @@ def test_manifest_round_trips_into_a_dataset_subset(tmp_path):
         write_manifest(tmp_path / "bad.txt", ["a#b"])
 
 
+def test_a_manifest_is_written_whole_with_commented_headers_and_ids_it_can_hold(tmp_path, monkeypatch):
+    """A header with a line break wrote its second line as an id; an id with a carriage return read back as
+    two; an id twice (skip_bad's stand-in) was kept; and a write cut short left a shorter manifest."""
+    path = write_manifest(tmp_path / "m.txt", ["a", "b"], ["sak select --set data.options={length:\n  10}"])
+    assert read_manifest(str(path)) == ["a", "b"] and path.read_text().count("# ") == 2
+    for bad, why in ((["scan\rA"], "line breaks"), (["a", "b", "a"], r"id\(s\) \['a'\] to more than one image")):
+        with pytest.raises(SelectionError, match=why):
+            write_manifest(tmp_path / "bad.txt", bad)
+    with pytest.raises(SelectionError, match="is a folder"):
+        write_manifest(tmp_path, ["a"])
+
+    def cut(src, dst):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr("sak.methods.selection.os.replace", cut)
+    with pytest.raises(OSError, match="File too large"):
+        write_manifest(path, ["c", "d", "e"])
+    assert read_manifest(str(path)) == ["a", "b"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.txt"]
+
+
 def test_folder_pool_ids_are_sorted_relative_paths(png_pool, tmp_path):
     pool = ImageFolderPool(png_pool)
     assert pool.ids == sorted([f"noise{i}" for i in range(6)] + [f"stripes/s{i}" for i in range(6)])
@@ -409,6 +429,60 @@ def test_select_command_end_to_end_on_a_folder_of_pngs(png_pool, tmp_path, capsy
     assert "budget 13 is larger than the pool, which holds 12 images" in capsys.readouterr().err
     assert main(["--pool", str(png_pool), "--budget", "2", "--out", str(out)]) == 2
     assert "needs --teacher" in capsys.readouterr().err
+
+
+def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp_path, monkeypatch, capsys):
+    """They were found after the whole feature pass (or, for random, only when a bad id was picked)."""
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("the feature pass ran")
+
+    monkeypatch.setattr("sak.methods.freesel.extract_features", no_features)
+    args = ["--pool", str(png_pool), "--budget", "2", *TINY_VIT, "--no-progress"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "is a folder; give the manifest file's path" in capsys.readouterr().err
+    (png_pool / "take#2.png").write_bytes((png_pool / "noise0.png").read_bytes())
+    assert main([*args, "--method", "random", "--out", str(tmp_path / "m.txt")]) == 2
+    assert "image id 'take#2' cannot be written" in capsys.readouterr().err
+
+
+def test_a_recipe_pool_of_unlabelled_images_gives_the_whole_photographs(tmp_path):
+    """image_folder's evaluation transform centre-crops the short side: the teacher saw the middle third of a
+    40 x 120 image. An unreadable image is an error naming it (skip_bad stood the next one in, under its id)."""
+    from sak.methods import open_pool
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    thirds = np.zeros((40, 120, 3), np.uint8)
+    thirds[:, :40], thirds[:, 80:] = 255, 128
+    Image.fromarray(thirds).save(root / "a.png")
+    Image.fromarray(thirds[:, ::-1]).save(root / "b.png")
+    sets = ["data.name=image_folder", f"data.root={root}", "data.options={split_subdir: false, skip_bad: true}"]
+    pool, ids = open_pool(str(TINY), sets)
+    assert ids == ["a", "b"] and pool[0]["image"].permute(1, 2, 0).numpy().tolist() == thirds.tolist()
+    (root / "c.png").write_bytes(b"\x89PNG broken")
+    pool, _ = open_pool(str(TINY), sets)
+    with pytest.raises(SelectionError, match=r"pool: cannot read image 'c'"):
+        pool[2]
+
+
+def test_a_stray_key_value_is_not_taken_for_a_set_override(png_pool, tmp_path, capsys):
+    from sak.cli import main as sak_main
+
+    with pytest.raises(SystemExit):
+        sak_main(["select", "--pool", str(png_pool), "--budget", "2", "--out", str(tmp_path / "m.txt"), "a=b"])
+    assert "unrecognized arguments: a=b" in capsys.readouterr().err
+
+
+def test_an_error_in_a_loader_worker_is_one_line():
+    from sak.methods.freesel import worker_message
+
+    caught = SelectionError(
+        "Caught SelectionError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        "  File \"x.py\", line 1, in f\n    raise\nsak.methods.selection.SelectionError: pool: cannot read image 'c'\n"
+    )
+    assert worker_message(caught) == "pool: cannot read image 'c'"
+    assert worker_message(SelectionError("plain")) == "plain"
 
 
 def test_select_command_on_a_recipe_pool(tmp_path):
