@@ -333,3 +333,13 @@ def test_warmup_in_steps_and_in_epochs_together_is_an_error():
     with pytest.raises(RecipeError, match=r"at most one of schedule.warmup_steps \(2\) and schedule.warmup_epochs"):
         load_recipe(TINY, ["schedule.warmup_epochs=1"])
     assert load_recipe(TINY, ["schedule.warmup_epochs=1", "schedule.warmup_steps=0"]).schedule.warmup_epochs == 1
+
+
+def test_a_written_recipe_reads_back_as_it_was_with_number_like_strings(tmp_path):
+    """The loader reads 1e5 as a number: a run named '1e5' is written quoted (recipe.yaml, export, resume)."""
+    recipe = load_recipe(TINY, ['run.name="1e5"', "optim.lr=1e-4"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    assert "name: '1e5'" in path.read_text()
+    again = load_recipe(path)
+    assert again == recipe and again.run.name == "1e5" and again.optim.lr == 1e-4

@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-import re
 import types
 import typing
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .schema import Recipe, RecipeError, TeacherConfig
+from .schema import EXPONENT_FLOAT, Recipe, RecipeError, TeacherConfig
 from .structure import _convert, build_options, structure
 
 
@@ -48,11 +47,7 @@ class StrictLoader(yaml.SafeLoader):
 # Typed recipe fields convert them, but mappings passed on as they are (model_kwargs, lora) would not, and the
 # string fails deep inside the model ("linspace() received an invalid combination of arguments"). Read them as
 # YAML 1.2 does; integers are matched first, by the resolver PyYAML registers before this one.
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def _unshared(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -227,4 +228,17 @@ class Recipe:
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=RecipeDumper, sort_keys=False)
+
+
+# numbers with an exponent but no dot or no signed exponent (`1e-3`, `1e5`), which YAML 1.1 reads as strings and
+# sak's recipe loader (`StrictLoader`) as numbers, as YAML 1.2 does
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """YAML's safe dumper, quoting a string that sak's loader would read as a number (a run named `1e5`), so
+    that a written recipe.yaml reads back as it was."""
+
+
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
