@@ -100,11 +100,13 @@ def loss_curves(rows: list[dict], path: Path) -> None:
 
 def cosine_table(rows: list[dict]) -> str:
     val = [r for r in rows if any(k.startswith("val/cosine/") for k in r)]
-    before, after = val[0], val[-1]
+    after = val[-1]
+    before = val[0] if val[0].get("step") == 0 else {}  # (an evaluation before training: eval.at_start)
     lines = ["| teacher | held-out cosine before | after | change |", "| --- | --- | --- | --- |"]
     for key in sorted(k for k in after if k.startswith("val/cosine/")):
-        b, a = before[key], after[key]
-        lines.append(f"| {key.removeprefix('val/cosine/')} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+        a, b = after[key], before.get(key)
+        change = ("-", "-") if b is None else (f"{b:.3f}", f"{a - b:+.3f}")
+        lines.append(f"| {key.removeprefix('val/cosine/')} | {change[0]} | {a:.3f} | {change[1]} |")
     return "\n".join(lines)
 
 
@@ -124,6 +126,19 @@ def write_report(recipe: Recipe) -> Path:
     return report
 
 
+def made_by_the_demo(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` was started by the demo (its run_info.json's command), and only that: a run
+    directory the demo is pointed at that holds another run's checkpoints keeps them."""
+    starts = run_dir / "starts.jsonl"
+    if not starts.is_file():
+        return False
+    try:
+        commands = [json.loads(line).get("command") or [] for line in starts.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return False
+    return bool(commands) and all(c and Path(str(c[0])).name in ("demo.py", "sak.demo") for c in commands)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sak.demo", description=__doc__)
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of recipes/demo/default.yaml")
@@ -137,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Run directory: {recipe.run_dir}"
     )
     old = recipe.run_dir / "checkpoints"
-    if recipe.checkpoint.resume == "never" and old.is_dir():
+    if recipe.checkpoint.resume == "never" and old.is_dir() and made_by_the_demo(recipe.run_dir):
         # the demo starts afresh each time and keeps its latest run only (the engine would set an earlier run's
-        # checkpoints aside, 45 MB per `make demo`); any other run directory is left to the engine
+        # checkpoints aside, 45 MB per `make demo`); any other run directory is left to the engine, which sets
+        # its checkpoints aside rather than deleting them
         print(f"[sak demo] removing the previous demo run's checkpoints in {old}")
         shutil.rmtree(old)
     train(recipe)

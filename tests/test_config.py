@@ -343,3 +343,9 @@ def test_a_written_recipe_reads_back_as_it_was_with_number_like_strings(tmp_path
     assert "name: '1e5'" in path.read_text()
     again = load_recipe(path)
     assert again == recipe and again.run.name == "1e5" and again.optim.lr == 1e-4
+
+
+def test_a_seed_numpy_cannot_take_is_a_recipe_error():
+    for seed, why in (("-1", "run.seed: must be at least 0"), (str(2**32), "run.seed: must be below 2")):
+        with pytest.raises(RecipeError, match=why):
+            load_recipe(TINY, [f"run.seed={seed}"])

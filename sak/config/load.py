@@ -271,6 +271,7 @@ def validate(recipe: Recipe) -> None:
         "checkpoint.keep_last": (recipe.checkpoint.keep_last, 0),
         "logging.every": (recipe.logging.every, 1),
         "run.stop_at": (recipe.run.stop_at, 1),
+        "run.seed": (recipe.run.seed, 0),
         "loss.normalize_every": (recipe.loss.normalize_every if recipe.loss.normalize_every != "auto" else None, 1),
         "loss.normalize_until": (
             recipe.loss.normalize_until if isinstance(recipe.loss.normalize_until, int) else None,
@@ -280,6 +281,8 @@ def validate(recipe: Recipe) -> None:
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise RecipeError(f"{key}: must be at least {low}, got {value}")
+    if recipe.run.seed >= 2**32:  # (numpy's own error would not name the key)
+        raise RecipeError(f"run.seed: must be below 2**32, got {recipe.run.seed}")
     betas = recipe.optim.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")

@@ -118,6 +118,10 @@ def apply_subset(ids: list[str], manifest: str | None, spec: DatasetSpec | None 
             f"data.subset {manifest!r}: {len(missing)} of its {len(wanted)} id(s) are not among the {len(ids)} of "
             f"{split}, e.g. {missing[:5]}; was it written for another split or data.root?"
         )
+    seen: set[str] = set()
+    twice = sorted({i for i in wanted if i in seen or seen.add(i)})
+    if twice:  # (a repeated sample would train twice and weigh twice in evaluation means)
+        raise ValueError(f"data.subset {manifest!r} lists {len(twice)} id(s) more than once, e.g. {twice[:5]}")
     return wanted
 
 

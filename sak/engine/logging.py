@@ -117,7 +117,9 @@ class RunLogger:
                 recipe.logging.wandb.project,
                 config=flat_config(recipe.to_dict()),
                 init_kwargs={
-                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name}
+                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
+                    # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
+                    "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
                 },
             )
         self.trackers = bool(trackers)

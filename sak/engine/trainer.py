@@ -225,7 +225,9 @@ def train(recipe: Recipe) -> dict:
         clean_partials(ckpt_root)
         if recipe.checkpoint.resume == "never":  # a fresh run: another run's checkpoints are kept, out of its way
             set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
-            for log in (run_dir / "metrics.jsonl", run_dir / "samples", run_dir / FINAL_METRICS):  # with their logs
+            # with their logs: tensorboard's folder is named after the project, wandb's offline runs are in wandb/
+            logs = ("metrics.jsonl", "samples", FINAL_METRICS, recipe.logging.wandb.project, "wandb")
+            for log in (run_dir / name for name in logs):
                 if set_aside_to is not None and log.exists():
                     os.replace(log, set_aside_to / log.name)
     accelerator.wait_for_everyone()

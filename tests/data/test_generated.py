@@ -39,3 +39,9 @@ def test_subset_with_an_unknown_id_names_the_manifest(name, tmp_path):
         match=r"data.subset .*subset.txt.*1 of its 1 id\(s\) are not among the \d+ of split 'train'.*nope.*another split or data.root",
     ):
         make(name, tmp_path, ["nope"])
+
+
+def test_a_subset_listing_an_id_twice_is_an_error(tmp_path):
+    """The sample would train twice and weigh twice in evaluation means (split files already refuse this)."""
+    with pytest.raises(ValueError, match=r"subset.txt' lists 1 id\(s\) more than once, e.g. \['train_000001'\]"):
+        make("synthetic", tmp_path, ["train_000001", "train_000001", "train_000002"])

@@ -184,6 +184,33 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
 
 
+def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old_run_aside(tiny_recipe):
+    """As metrics.jsonl: TensorBoard kept the abandoned steps after the checkpoint resumed from, and a
+    resume=never run drew its curve in the old run's series."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    def losses(folder):
+        events = EventMultiplexer().AddRunsFromDirectory(str(folder))
+        events.Reload()
+        runs = [run for run, tags in events.Runs().items() if "loss" in tags["scalars"]]  # (hparams: a run apart)
+        return sorted((e.step, round(e.value, 4)) for run in runs for e in events.Scalars(run, "loss"))
+
+    common = ["data.options.length=8", "data.batch_size=2", "schedule.max_steps=3", "logging.tensorboard=true",
+              "checkpoint.every=1", "checkpoint.keep_last=0"]  # fmt: skip
+    recipe = tiny_recipe(*common)
+    train(recipe)
+    first = losses(recipe.run_dir / "sak")
+    train(
+        tiny_recipe(*common, f"checkpoint.resume={recipe.run_dir / 'checkpoints' / 'step_00000001'}", "optim.lr=0.05")
+    )
+    resumed = losses(recipe.run_dir / "sak")
+    assert [s for s, _ in first] == [1, 2, 3] and [s for s, _ in resumed] == [1, 2, 3]
+    assert resumed[0] == first[0] and resumed[1:] != first[1:]  # steps 2-3 once, the retrained ones
+    train(tiny_recipe(*common, "checkpoint.resume=never"))
+    assert [s for s, _ in losses(recipe.run_dir / "sak")] == [1, 2, 3]
+    assert list((recipe.run_dir / "checkpoints").glob("previous-*/sak/events.out.tfevents.*"))
+
+
 def test_epoch_based_length_counts_optimizer_steps(tiny_recipe):
     """32 samples, batch 4 -> 8 steps per epoch; 2 epochs = 16 steps; the data order changes per epoch."""
     recipe = tiny_recipe("schedule.max_steps=null", "schedule.epochs=2", "logging.sample_ids=true")

@@ -379,6 +379,11 @@ def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_
     message = str(exc.value)
     assert "narrow.safetensors" in message and "weight(s) have other shapes than this student's" in message
     assert "stem.vit.cls_token (1, 1, 32) in the file, (1, 1, 48) here" in message and "\n" not in message
+    # a stem with register tokens: the file and the position embeddings' shapes, not "not a square grid"
+    save_file({k: v.contiguous() for k, v in student("student.model_kwargs.reg_tokens=4").state_dict().items()},
+              str(tmp_path / "registers.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"registers.safetensors.*stem.vit.pos_embed \(1, 21, 32\) in the file"):
+        init_student_from(student(), tmp_path / "registers.safetensors")
 
 
 def test_init_from_an_export_says_it_lacks_the_aligners(tmp_path):

@@ -1,0 +1,35 @@
+"""The demo's report and its clean-up of earlier demo runs."""
+
+import json
+
+from sak.demo import cosine_table, made_by_the_demo, main
+
+from .conftest import TINY
+
+
+def test_the_cosine_table_has_a_before_only_from_an_evaluation_before_training():
+    """Without eval.at_start the first evaluation was the last one, reported as 'before' with a +0.000 change."""
+    rows = [{"step": 2, "val/cosine/a": 0.3}]
+    assert "| a | - | 0.300 | - |" in cosine_table(rows)
+    rows = [{"step": 0, "val/cosine/a": 0.1}, {"step": 2, "loss": 1.0}, {"step": 2, "val/cosine/a": 0.3}]
+    assert "| a | 0.100 | 0.300 | +0.200 |" in cosine_table(rows)
+
+
+def test_the_demo_deletes_only_its_own_earlier_checkpoints(tmp_path, monkeypatch):
+    """Pointed at another run's directory with resume never, it deleted that run's checkpoints (and the ones the
+    engine had set aside); the engine sets them aside instead."""
+    monkeypatch.setattr("sys.argv", ["/repo/sak/demo.py"])  # as `python -m sak.demo` starts (run_info's command)
+    run = tmp_path / "precious"
+    (run / "checkpoints" / "step_00000500").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000500" / "trainer_state.json").write_text('{"step": 500}')
+    (run / "starts.jsonl").write_text(json.dumps({"command": ["/venv/bin/sak", "train", "r.yaml"]}) + "\n")
+    assert not made_by_the_demo(run)
+    common = [f"run.output_dir={tmp_path}", "data.options.length=8", "schedule.max_steps=1", "checkpoint.resume=never"]
+    assert main(["--recipe", str(TINY), "run.name=precious", *common]) == 0
+    kept = [p.name for p in (run / "checkpoints").iterdir()]
+    assert any(name.startswith("previous-") for name in kept), kept  # set aside by the engine, not deleted
+    assert made_by_the_demo(tmp_path / "precious") is False  # (its starts.jsonl holds the other command too)
+    assert main(["--recipe", str(TINY), "run.name=mine", *common]) == 0
+    assert made_by_the_demo(tmp_path / "mine")
+    assert main(["--recipe", str(TINY), "run.name=mine", *common]) == 0
+    assert not any(p.name.startswith("previous-") for p in (tmp_path / "mine" / "checkpoints").iterdir())
