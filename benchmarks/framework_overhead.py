@@ -10,7 +10,8 @@ back); both can be counted exactly on any machine. For each recipe, every aten c
 runs FEW and MANY steps; the difference divided by MANY - FEW is one step's (the build, the final evaluation
 and the last checkpoint cancel out). The data loader runs in a worker process, where the count does not see
 it. What remains is the engine's Python between operations (logging, the progress bar), which only a timing
-measures: the `wall` ratio of benchmarks/results/throughput_cpu.md.
+could measure, and none does yet: the engine's `step_time` (and so the ratio in
+benchmarks/results/throughput_cpu.md) ends at the optimiser step, before the step's logging.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ case $part in
 14) timeout "${LIMIT:-560}" $bench gpu/stage1/sak/online/compiled/losses/cuda-graphs \
         gpu/stage1/sak/fp16-cache/compiled/losses/cuda-graphs/prefetch ;;
 15) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_cache_gpu.py
-    timeout 300 python3 -m benchmarks.cache_loader --images 256 --workers 4 8 --epochs 3 --dtypes fp16 \
+    # 32 batches an epoch: 8 workers keep 16 in flight (256 images would be the case the benchmark warns of)
+    timeout 300 python3 -m benchmarks.cache_loader --images 512 --workers 4 8 --epochs 3 --dtypes fp16 \
         --results "$out" --name cache_loader_gpu ;;
 *) echo "part must be 1 to 15" >&2; exit 2 ;;
 esac

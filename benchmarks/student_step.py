@@ -59,7 +59,7 @@ from sak.engine.trainer import teacher_dtype
 from sak.teachers import TeacherOutput
 
 from .flops import flop_counter
-from .throughput import PEAK_BF16
+from .throughput import peak_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -201,7 +201,7 @@ def measure(
             rows[name]["compiled_ms"] = median_ms(variants, name, steps, warmup, dev)
     profile_table = kernel_table(variants, dev) if profile else None
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else None
-    peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
+    peak = peak_bf16(gpu)
     for row in rows.values():
         for mode in ("eager", "compiled"):
             if f"{mode}_ms" in row:

@@ -148,8 +148,14 @@ GPU_CASES = {
     "gpu/stage2/sak/online/grad-checkpointing": (GPU2, ["student.grad_checkpointing=true"], "sak", None),
 }
 ALL_CASES = CASES | GPU_CASES
-# dense bf16 tensor-core peak of the GPU, for model-FLOPs utilisation (datasheet, without sparsity)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# dense bf16 tensor-core peak of the GPU, for model-FLOPs utilisation (datasheet, without sparsity), matched in
+# this order against the device's name: the PCIe and NVL H100s before the SXM one ("NVIDIA H100 80GB HBM3")
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_bf16(gpu: str | None) -> float | None:
+    """The dense bf16 peak of the GPU named `gpu` (torch.cuda.get_device_name), or None when not in the table."""
+    return next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
 
 
 def device() -> torch.device:
@@ -169,7 +175,9 @@ def flops(recipe) -> dict[str, float]:
     eager = dataclasses.replace(
         recipe.precision, compile_teachers=False, compile_student=False, compile_losses=False, compile_mode="default"
     )
-    recipe = dataclasses.replace(recipe, precision=eager)
+    # model FLOPs: without grad checkpointing's second forward of the blocks (that would be hardware FLOPs)
+    student_config = dataclasses.replace(recipe.student, grad_checkpointing=False)
+    recipe = dataclasses.replace(recipe, precision=eager, student=student_config)
     teachers = build_teachers(recipe, dev)
     tasks = build_tasks(recipe)
     student = build_student(recipe, teachers, tasks).train().to(dev)
@@ -195,6 +203,9 @@ def flops(recipe) -> dict[str, float]:
 def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
     """The same step with no framework. Timed like the engine's `step_time`: from the batch's arrival to
     the end of the optimiser step, with one host sync per step (the engine reads its loss once a step)."""
+    if recipe.precision.mixed == "fp16" or recipe.optim.grad_accum > 1:  # (it would run other work than the engine)
+        raise ValueError("the bare loop runs bf16 or float32 students without gradient accumulation, as every case "
+                         "here does; fp16 (a GradScaler) and optim.grad_accum > 1 are not written out in it")  # fmt: skip
     torch.manual_seed(recipe.run.seed)
     dev = device()
     if dev.type == "cpu" and recipe.run.tune_malloc:
@@ -335,7 +346,7 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in result["gpu"]), None)
+        peak = peak_bf16(result["gpu"])
         if peak is not None:  # model-FLOPs utilisation of the work each image needs (teachers only when online)
             work = result["student_flops"] + (result["teacher_flops"] if cache is None else 0.0)
             result["mfu"] = work * result["images_per_s"] / peak

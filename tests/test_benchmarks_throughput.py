@@ -240,3 +240,28 @@ def test_every_case_is_a_valid_recipe():
 
     for name, (recipe, overrides, *_) in ALL_CASES.items():
         assert load_recipe(recipe, overrides).teachers, name
+
+
+def test_model_flops_leave_grad_checkpointings_recomputation_out_and_peaks_match_the_exact_card():
+    """The grad-checkpointing row's MFU counted the blocks' second forward (hardware FLOPs); an H100 PCIe or NVL
+    was given the SXM card's peak by a substring match."""
+    from benchmarks.throughput import flops, peak_bf16
+    from sak.config import load_recipe
+    from tests.conftest import TINY
+
+    plain = flops(load_recipe(TINY, ["data.num_workers=0"]))
+    checkpointed = flops(load_recipe(TINY, ["data.num_workers=0", "student.grad_checkpointing=true"]))
+    assert checkpointed == plain
+    assert [peak_bf16(f"NVIDIA {n}") for n in ("H100 80GB HBM3", "H100 PCIe", "H100 NVL", "H200")] == [
+        989e12, 756e12, 835e12, 989e12,
+    ]  # fmt: skip
+    assert peak_bf16("NVIDIA GeForce RTX 4090") is None and peak_bf16(None) is None
+
+
+def test_the_bare_loop_refuses_work_it_does_not_write_out():
+    from benchmarks.throughput import bare_loop
+    from sak.config import load_recipe
+    from tests.conftest import TINY
+
+    with pytest.raises(ValueError, match="optim.grad_accum > 1 are not written out"):
+        bare_loop(load_recipe(TINY, ["optim.grad_accum=2"]), steps=1, warmup=0)
