@@ -127,7 +127,7 @@ def write_report(recipe: Recipe) -> Path:
 
 
 def made_by_the_demo(run_dir: Path) -> bool:
-    """Whether the run in `run_dir` was started by the demo (its run_info.json's command), and only that: a run
+    """Whether every start of the run in `run_dir` was the demo's (the commands starts.jsonl records): a run
     directory the demo is pointed at that holds another run's checkpoints keeps them."""
     starts = run_dir / "starts.jsonl"
     if not starts.is_file():

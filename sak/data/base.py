@@ -15,6 +15,7 @@ index): the same sample gets the same augmentation in any process, worker or res
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -102,6 +103,11 @@ def read_manifest(path: str) -> list[str]:
     return [i for i in ids if i]
 
 
+def repeated(ids: list[str]) -> list[str]:
+    """The ids listed more than once, sorted."""
+    return sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+
+
 def apply_subset(ids: list[str], manifest: str | None, spec: DatasetSpec | None = None) -> list[str]:
     """Keep the ids listed in `manifest`, in the manifest's order; unknown ids are an error (naming the split
     and root of `spec`)."""
@@ -118,8 +124,7 @@ def apply_subset(ids: list[str], manifest: str | None, spec: DatasetSpec | None 
             f"data.subset {manifest!r}: {len(missing)} of its {len(wanted)} id(s) are not among the {len(ids)} of "
             f"{split}, e.g. {missing[:5]}; was it written for another split or data.root?"
         )
-    seen: set[str] = set()
-    twice = sorted({i for i in wanted if i in seen or seen.add(i)})
+    twice = repeated(wanted)
     if twice:  # (a repeated sample would train twice and weigh twice in evaluation means)
         raise ValueError(f"data.subset {manifest!r} lists {len(twice)} id(s) more than once, e.g. {twice[:5]}")
     return wanted

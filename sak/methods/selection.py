@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..data.base import repeated
 from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_files
 
 METRICS = ("cosine", "euclidean")
@@ -192,11 +193,10 @@ def check_ids(ids: Sequence[str]) -> None:
     for i in ids:
         if not i or "#" in i or i != i.strip() or "\n" in i or "\r" in i:
             raise SelectionError(f"image id {i!r} cannot be written to a manifest (no '#', line breaks or edge blanks)")
-    seen: set[str] = set()
-    twice = [i for i in ids if i in seen or seen.add(i)]
+    twice = repeated(list(ids))
     if twice:
-        raise SelectionError(f"the pool gives the image id(s) {sorted(set(twice))[:5]} to more than one image; a "
-                             "manifest names each image once")  # fmt: skip
+        raise SelectionError(f"the pool gives the image id(s) {twice[:5]} to more than one image; a manifest names "
+                             "each image once")  # fmt: skip
 
 
 def check_writable(path: str | Path) -> None:
