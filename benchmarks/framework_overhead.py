@@ -10,8 +10,9 @@ back); both can be counted exactly on any machine. For each recipe, every aten c
 runs FEW and MANY steps; the difference divided by MANY - FEW is one step's (the build, the final evaluation
 and the last checkpoint cancel out). The data loader runs in a worker process, where the count does not see
 it. What remains is the engine's Python between operations (logging, the progress bar), which only a timing
-could measure, and none does yet: the engine's `step_time` (and so the ratio in
-benchmarks/results/throughput_cpu.md) ends at the optimiser step, before the step's logging.
+can measure: the engine's `step_time` ends at the optimiser step, before the step's logging, but
+benchmarks/throughput.py also gives the ratio of the two loops' wall time a step (from the end of one step
+to the end of the next: loading, the step and, in the engine, its logging every step).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ launches work (views, and calls that return their input, are left out) it counts
 - in the forward phases, the bytes per module (torch.utils.module_tracker; the blocks of a stack added up),
   to find where the traffic is; backward operations are not split this way (the tracker cannot place them).
 
-From the two, a roofline estimate of the GPU time: each operation takes max(FLOPs / peak, bytes /
-bandwidth), summed over the phase; by default an H100's dense bf16 peak and HBM3 bandwidth, at the
+From the two, a roofline estimate of the GPU time: each call takes max(FLOPs / peak, bytes /
+bandwidth), summed over the phase's calls; by default an H100's dense bf16 peak and HBM3 bandwidth, at the
 shares of them that large kernels reach (--peak, --bandwidth). It is a lower bound for eager execution
 (no launch gaps, no kernel below its roofline); a phase far above it on a GPU spends its time elsewhere
 (launches, synchronisation, slow kernels), a phase near it can only get faster by moving fewer bytes
@@ -116,13 +116,19 @@ def module_group(name: str) -> str:
 
 
 class CountTraffic(TorchDispatchMode):
-    """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active. Given a ModuleTracker
-    (entered), also the forward bytes per module (`module_group` of the innermost module running); backward
-    operations are left out of that split, since the tracker cannot place them reliably."""
+    """Per (operation, output dtype): calls, bytes read + written, FLOPs, while active (`rows`), and the
+    roofline seconds of those calls (`seconds`: the sum over calls of max(FLOPs / peak, bytes / bandwidth),
+    and of it the calls where the FLOP term is the larger). Taken per call, not per row: a row's totals can
+    be memory-bound while some of its calls (large products among small ones) are FLOP-bound, and
+    max(sum, sum) <= sum(max). Given a ModuleTracker (entered), also the forward bytes per module
+    (`module_group` of the innermost module running); backward operations are left out of that split, since
+    the tracker cannot place them reliably."""
 
-    def __init__(self, tracker: ModuleTracker | None = None) -> None:
+    def __init__(self, tracker: ModuleTracker | None = None, peak: float = PEAK, bandwidth: float = BANDWIDTH) -> None:
         super().__init__()
         self.rows: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        self.seconds: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        self.peak, self.bandwidth = peak, bandwidth
         self.tracker = tracker
         self.modules: dict[str, int] = collections.Counter()
 
@@ -152,17 +158,18 @@ class CountTraffic(TorchDispatchMode):
         moved = sum(distinct_bytes(t) for t in read + fresh + mutated)
         first = (outputs or mutated)[0]
         dtype = str(first.dtype).removeprefix("torch.")
+        flops = operation_flops(func, args, kwargs, out)
         row = self.rows[(name, dtype)]
         row[0] += 1
         row[1] += moved
-        row[2] += operation_flops(func, args, kwargs, out)
+        row[2] += flops
+        compute, memory = flops / self.peak, moved / self.bandwidth
+        seconds = self.seconds[(name, dtype)]
+        seconds[0] += max(compute, memory)
+        seconds[1] += compute if compute > memory else 0.0
         if self.tracker is not None and not self.tracker.is_bw:
             self.modules[module_group(max(self.tracker.parents, key=len))] += moved  # nested names are longer
         return out
-
-
-def roofline_ms(rows: dict, peak: float, bandwidth: float) -> float:
-    return 1e3 * sum(max(flops / peak, moved / bandwidth) for _, moved, flops in rows.values())
 
 
 CACHES = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: made fake by a run, only for it
@@ -207,12 +214,13 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
     as_on_a_gpu = mock.patch("sak.student.router._use_multiply_adds", return_value=True)
 
     phases: dict[str, dict] = {}
+    seconds: dict[str, dict] = {}
     modules: dict[str, dict[str, int]] = {}
 
     def counted(name, fn):
-        with ModuleTracker() as tracker, CountTraffic(tracker) as counter:
+        with ModuleTracker() as tracker, CountTraffic(tracker, peak, bandwidth) as counter:
             result = fn()
-        phases[name] = dict(counter.rows)
+        phases[name], seconds[name] = dict(counter.rows), dict(counter.seconds)
         modules[name] = dict(counter.modules)
         return result
 
@@ -239,8 +247,8 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
             "operations": sum(r[0] for r in rows.values()),
             "gbytes": sum(r[1] for r in rows.values()) / 1e9,
             "tflop": sum(r[2] for r in rows.values()) / 1e12,
-            "roofline_ms": roofline_ms(rows, peak, bandwidth),
-            "flop_bound_ms": 1e3 * sum(f / peak for _, m, f in rows.values() if f / peak > m / bandwidth),
+            "roofline_ms": 1e3 * sum(s[0] for s in seconds[name].values()),
+            "flop_bound_ms": 1e3 * sum(s[1] for s in seconds[name].values()),
             "top": [
                 {
                     "op": op,
@@ -248,11 +256,9 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
                     "calls": n,
                     "gbytes": moved / 1e9,
                     "tflop": flops / 1e12,
-                    "roofline_ms": 1e3 * max(flops / peak, moved / bandwidth),
+                    "roofline_ms": 1e3 * seconds[name][(op, dt)][0],
                 }  # fmt: skip
-                for (op, dt), (n, moved, flops) in sorted(
-                    rows.items(), key=lambda kv: -max(kv[1][2] / peak, kv[1][1] / bandwidth)
-                )
+                for (op, dt), (n, moved, flops) in sorted(rows.items(), key=lambda kv: -seconds[name][kv[0]][0])
             ],
             "forward_by_module": [  # empty for backward and the optimiser
                 {"module": m, "gbytes": moved / 1e9}
@@ -350,7 +356,7 @@ def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, comm
         "",
         f"Command: `{command}` ({torch.__version__}). Fake tensors at the recipes' real shapes: per phase, the "
         "kernel-launching aten operations, the bytes they read and write (unfused: each operation's inputs and "
-        "outputs), their FLOPs, and a roofline estimate of the GPU time, the sum over operations of "
+        "outputs), their FLOPs, and a roofline estimate of the GPU time, the sum over calls of "
         f"max(FLOPs / {peak / 1e12:.0f} TFLOP/s, bytes / {bandwidth / 1e12:.2f} TB/s) (70% of an H100's dense "
         "bf16 peak, 90% of its HBM3 bandwidth). It is a lower bound for eager execution; see the docstring of "
         "benchmarks/step_traffic.py.",

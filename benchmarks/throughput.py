@@ -57,8 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 STAGE1 = ROOT / "recipes" / "demo" / "default.yaml"
 STAGE2 = ROOT / "recipes" / "bench" / "stage2_cpu.yaml"
-ONE_TEACHER = ["teachers=[{name: timm, key: vit_p14, options: {model: vit_small_patch14_dinov2, "
-               "model_kwargs: {embed_dim: 96, depth: 6, num_heads: 3, img_size: 112}}}]"]  # fmt: skip
+ONE_TEACHER = ["teachers=[{name: dinov2_imgfocus, key: dinov2, image_size: 112}]"]  # the demo's first teacher
 # the demo's first two teachers (HED left out)
 TWO_TEACHERS = ["teachers=[{name: dinov2_imgfocus, key: dinov2, image_size: 112}, "
                 "{name: efficientnet_lite0, key: effnet, image_size: 128}]"]  # fmt: skip
@@ -200,9 +199,11 @@ def flops(recipe) -> dict[str, float]:
     return {"teacher_flops": teacher, "student_flops": counter.get_total_flops() / n}
 
 
-def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
-    """The same step with no framework. Timed like the engine's `step_time`: from the batch's arrival to
-    the end of the optimiser step, with one host sync per step (the engine reads its loss once a step)."""
+def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """The same step with no framework. Returns each timed step's time, measured like the engine's
+    `step_time` (from the batch's arrival to the end of the optimiser step, with one host sync per step: the
+    engine reads its loss once a step), and its wall time (from the end of the step before, so the batch's
+    loading included), which the engine's images_per_s measures with its logging included."""
     if recipe.precision.mixed == "fp16" or recipe.optim.grad_accum > 1:  # (it would run other work than the engine)
         raise ValueError("the bare loop runs bf16 or float32 students without gradient accumulation, as every case "
                          "here does; fp16 (a GradScaler) and optim.grad_accum > 1 are not written out in it")  # fmt: skip
@@ -221,7 +222,8 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
         normalizers.to(dev)
     loader = build_loader(recipe, recipe.data.split, train=True)
     dtype, alpha = teacher_dtype(recipe), recipe.loss.alpha if tasks else 1.0
-    times, batches = [], iter(loader)
+    times, walls, batches = [], [], iter(loader)
+    last = time.perf_counter()
     for step in range(warmup + steps):
         try:
             batch = next(batches)
@@ -244,9 +246,12 @@ def bare_loop(recipe, steps: int, warmup: int) -> list[float]:
             torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        times.append(end - start)
+        walls.append(end - last)
+        last = end
     sync()
-    return times[warmup:]
+    return times[warmup:], walls[warmup:]
 
 
 def resident() -> dict[str, int]:
@@ -329,15 +334,18 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
             torch.cuda.reset_peak_memory_stats()
         with PeakResident() as memory:
             if loop == "bare":
-                times = bare_loop(recipe, steps, warmup)
+                times, walls = bare_loop(recipe, steps, warmup)
             else:
                 final = train(recipe)
         if loop != "bare":
             rows = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
             times = [r["step_time"] for r in rows if "step_time" in r][warmup:]
-            walls = [r["images_per_s"] for r in rows if "images_per_s" in r][warmup:]
-            result["wall_images_per_s"] = statistics.median(walls)
+            # the wall time between the ends of two steps: loading, the step, and the engine's logging (every
+            # step here: logging.every=1)
+            walls = [result["global_batch"] / r["images_per_s"] for r in rows if "images_per_s" in r][warmup:]
             result["val_cosine"] = {k.removeprefix("val/cosine/"): v for k, v in final.items() if "cosine" in k}
+    result["wall_s"] = statistics.median(walls)
+    result["wall_images_per_s"] = result["global_batch"] / result["wall_s"]
     result["step_s"] = statistics.median(times)
     result["images_per_s"] = result["global_batch"] / result["step_s"]
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -365,7 +373,8 @@ def table(results: list[dict], device: str, command: str) -> str:
         "beside it the peaks of anonymous memory and of mapped files, such as the cache's shards, sampled every",
         "20 ms);",
         "held-out cosine per teacher after the same number of steps. Wall images/s counts",
-        "every second between steps, data loading included. The cache speed-up compares wall images/s of the",
+        "every second between the ends of two steps, data loading (and the engine's logging) included. The",
+        "cache speed-up compares wall images/s of the",
         "cached and the online run: the training loader reads the cache, so a step time without data loading",
         "would leave the reads out. Two bounds: the FLOP bound (teacher + student step FLOPs) / student step",
         "FLOPs, which assumes the student step turns FLOPs into time at the teachers' rate, and the step bound,",
@@ -430,7 +439,13 @@ def table(results: list[dict], device: str, command: str) -> str:
     for stage in ("stage1", "stage2", "gpu/stage1", "gpu/stage2"):
         bare, sak = by.get(f"{stage}/bare/online"), by.get(f"{stage}/sak/online")
         if bare and sak and "step_s" in bare and "step_s" in sak:
-            lines.append(f"\n{stage}: sak engine / bare loop step time = {sak['step_s'] / bare['step_s']:.3f}")
+            line = f"\n{stage}: sak engine / bare loop step time = {sak['step_s'] / bare['step_s']:.3f}"
+            if "wall_s" in bare and "wall_s" in sak:  # (results written before 2026-11-27 have no bare wall time)
+                line += (
+                    f"; wall time a step (data loading, and the engine's logging every step, included) = "
+                    f"{sak['wall_s'] / bare['wall_s']:.3f}"
+                )
+            lines.append(line)
     if gpu:
         lines.append(
             "\nHeld-out cosine (random-weight teachers, so only a check that cached and online training agree):"

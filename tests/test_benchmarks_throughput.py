@@ -122,6 +122,20 @@ def test_traffic_counts_what_each_operation_reads_and_writes():
     assert set(counter.rows) == {("addmm", "float32"), ("copy_", "float32"), ("add_", "float32"), ("bmm", "float32")}
 
 
+def test_traffic_roofline_is_taken_per_call():
+    """Two products of one row, one FLOP-bound and one memory-bound: the roofline adds each call's own
+    max(FLOPs / peak, bytes / bandwidth) (1024 + 516), not the max of the row's sums (max(1152, 1412))."""
+    import torch
+
+    from benchmarks.step_traffic import CountTraffic
+
+    with CountTraffic(peak=1.0, bandwidth=1.0) as counter:
+        torch.mm(torch.ones(4, 8), torch.ones(8, 16))  # 1024 FLOPs, (32 + 128 + 64) * 4 = 896 bytes
+        torch.mm(torch.ones(1, 1), torch.ones(1, 64))  # 128 FLOPs, (1 + 64 + 64) * 4 = 516 bytes
+    assert counter.rows[("mm", "float32")] == [2, 896 + 516, 1024 + 128]
+    assert counter.seconds[("mm", "float32")] == [1024 + 516, 1024]
+
+
 def test_traffic_splits_forward_bytes_by_module_and_leaves_backward_out():
     import torch
     from torch.utils.module_tracker import ModuleTracker
@@ -265,3 +279,21 @@ def test_the_bare_loop_refuses_work_it_does_not_write_out():
 
     with pytest.raises(ValueError, match="optim.grad_accum > 1 are not written out"):
         bare_loop(load_recipe(TINY, ["optim.grad_accum=2"]), steps=1, warmup=0)
+
+
+def test_the_bare_loop_times_each_step_and_its_wall_time_with_the_loading():
+    """Each step's wall time runs from the end of the step before, so it holds the step's own time and the
+    batch's loading; the table sets the two loops' wall times side by side (what the engine's logging costs)."""
+    from benchmarks.throughput import bare_loop
+    from sak.config import load_recipe
+    from tests.conftest import TINY
+
+    times, walls = bare_loop(load_recipe(TINY, ["data.num_workers=0"]), steps=3, warmup=1)
+    assert len(times) == len(walls) == 3
+    assert all(0 < t <= w for t, w in zip(times, walls, strict=True)), (times, walls)
+
+    bare = {"case": "stage1/bare/online", "step_s": 0.4, "wall_s": 0.5, "images_per_s": 20.0, "peak_rss_gib": 1.0}
+    sak = {**bare, "case": "stage1/sak/online", "step_s": 0.42, "wall_s": 0.55}
+    md = table([bare, sak], "CPU", "cmd")
+    assert "stage1: sak engine / bare loop step time = 1.050; wall time a step" in md
+    assert md.rstrip().endswith("included) = 1.100"), md
