@@ -271,6 +271,11 @@ def train(recipe: Recipe) -> dict:
         )
     total = build.total_steps(recipe, per_epoch)
     warmup = build.warmup_steps(recipe, per_epoch)
+    # Accelerate divides every micro-batch's loss by grad_accum, also in an epoch's last step when that has only
+    # r < grad_accum micro-batches (the end of the loader ends the step): its gradient would be r / grad_accum
+    # of their mean while its logged loss is their mean. Those micro-batches' losses are scaled by grad_accum / r.
+    accum = recipe.optim.grad_accum
+    short_from, short = per_epoch // accum * accum, per_epoch % accum
     s = recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(s.name, total, warmup, recipe.optim.lr, s.min_lr, s.power)
@@ -403,13 +408,17 @@ def train(recipe: Recipe) -> dict:
                     targets = teacher_targets(teachers, batch["image"], tdtype)
                 if normalizers is not None:
                     normalizers.update(
-                        targets, state.step, reduce=reduce_sum if accelerator.num_processes > 1 else None
+                        targets,
+                        state.step,
+                        reduce=reduce_sum if accelerator.num_processes > 1 else None,
+                        rebuild=window is None,  # the map: once a step, so its micro-batches share it
                     )
                     targets = normalizers(targets)
                 with accelerator.autocast():
                     out = student(batch["image"])
                 losses = compute_losses(out, targets, batch, tasks, distill_loss, alpha)
-                accelerator.backward(losses.total)
+                short_window = short and state.batch_in_epoch >= short_from
+                accelerator.backward(losses.total * (accum / short) if short_window else losses.total)
                 # the logged losses of this micro-batch as one tensor: a stack (and with accumulation an add)
                 # whatever the number of terms; a step reduces and reads them once
                 scalars = losses.scalars_tensors()

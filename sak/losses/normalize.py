@@ -201,22 +201,29 @@ class TargetNormalizers(nn.Module):
         self.every, self.until = normalize_schedule(mode, every, until)
 
     @torch.no_grad()
-    def update(self, targets: dict, step: int, reduce=None) -> None:
+    def update(self, targets: dict, step: int, reduce=None, rebuild: bool = True) -> None:
         """Add a batch of teacher outputs, seen at optimiser step `step` (0-based), to the statistics and rebuild
         the maps when the schedule says so: at every step that is a multiple of `every`, and at the last step
         before `until`, after which nothing changes any more. `reduce` sums the batch across processes, once for
-        all levels of all teachers (one collective a step rather than one per level)."""
+        all levels of all teachers (one collective a step rather than one per level). With gradient accumulation
+        the trainer passes `rebuild` true for a step's first micro-batch only: one map a step, as without it.
+
+        A batch with a non-finite value anywhere (on any process) adds nothing: its step is skipped as
+        non-finite, and its NaN or inf in the sums would make every later map NaN. Decided on the device, without
+        reading it back."""
         if not self.collects_at(step):
             return
         pairs = [
             (n, level) for tid, out in targets.items() for n, level in zip(self.norms[tid], out.levels, strict=True)
         ]
         sums = [norm.batch_sums(level) for norm, level in pairs]
+        flat = torch.cat(sums)
         if reduce is not None:
-            sums = reduce(torch.cat(sums)).split([s.numel() for s in sums])
-        for (norm, _), s in zip(pairs, sums, strict=True):
+            flat = reduce(flat)
+        flat = torch.where(torch.isfinite(flat).all(), flat, torch.zeros_like(flat))
+        for (norm, _), s in zip(pairs, flat.split([s.numel() for s in sums]), strict=True):
             norm.add(s)
-        if self.rebuilds_at(step):
+        if rebuild and self.rebuilds_at(step):
             for norm, _ in pairs:
                 norm.refresh()
 

@@ -176,6 +176,41 @@ def test_grad_accumulation_matches_a_larger_batch(tiny_recipe):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_an_epochs_short_last_step_takes_the_mean_gradient_of_its_micro_batches(tiny_recipe, monkeypatch):
+    """3 batches an epoch with grad_accum 2: the second step has one micro-batch, and its gradient (the logged
+    grad_norm, clipping out of reach) is that micro-batch's, not half of it (Accelerate divides every
+    micro-batch's loss by grad_accum); the full step's is the mean of its two."""
+    totals, grads = [], []
+    compute, backward = trainer_module.compute_losses, Accelerator.backward
+
+    def capture(*args, **kwargs):
+        losses = compute(*args, **kwargs)
+        totals.append(losses.total)
+        return losses
+
+    def record(self, loss, **kwargs):
+        params = [p for p in self._models[0].parameters() if p.requires_grad]
+        found = torch.autograd.grad(totals[-1], params, retain_graph=True, allow_unused=True)
+        grads.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(found, params, strict=True)]
+            )
+        )
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_losses", capture)
+    monkeypatch.setattr(Accelerator, "backward", record)
+    recipe = tiny_recipe(
+        "data.options.length=12", "data.batch_size=4", "optim.grad_accum=2", "schedule.max_steps=null",
+        "schedule.epochs=1", "optim.grad_clip=1e9",
+    )  # fmt: skip
+    train(recipe)
+    norms = logged(recipe.run_dir, "grad_norm")
+    assert len(grads) == 3 and sorted(norms) == [1, 2]
+    assert norms[1] == pytest.approx(torch.stack(grads[:2]).mean(0).norm().item(), rel=1e-4)
+    assert norms[2] == pytest.approx(grads[2].norm().item(), rel=1e-4)
+
+
 def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tiny_recipe, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     recipe = tiny_recipe("schedule.max_steps=2", "logging.wandb.mode=offline", "logging.tensorboard=true")

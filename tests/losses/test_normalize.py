@@ -163,6 +163,48 @@ def test_map_is_rebuilt_on_the_schedule_and_fixed_from_until(mode):
 
 
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_a_batch_with_a_non_finite_value_adds_nothing_and_rebuild_false_keeps_the_map(mode):
+    """A NaN (or inf) anywhere in a batch, on any process, leaves every level's statistics as they were (its
+    step is skipped as non-finite; its sums would make every later map NaN); `rebuild=False` (a step's later
+    micro-batches) adds the batch but keeps the map."""
+    norms = TargetNormalizers({"a": (12, 20)}, mode, every=1, until="never")
+    norms.update(levels(0), 0)
+    state = {k: v.clone() for k, v in norms.state_dict().items()}
+    bad = levels(1)
+    bad["a"].levels[1][0, 3, 2, 2] = float("nan")
+    norms.update(bad, 1)
+    assert all(torch.equal(v, state[k]) for k, v in norms.state_dict().items())
+    norms.update(levels(1), 1, reduce=lambda t: t + torch.where(torch.arange(len(t)) == 5, torch.inf, 0.0))
+    assert all(torch.equal(v, state[k]) for k, v in norms.state_dict().items())
+
+    probe = levels(99)
+    before = norms(probe)["a"].levels
+    norms.update(levels(2), 1, rebuild=False)
+    assert all(not torch.equal(n.count, state[f"norms.a.{i}.count"]) for i, n in enumerate(norms.norms["a"]))
+    assert all(torch.equal(b, a) for b, a in zip(before, norms(probe)["a"].levels, strict=True))
+    norms.update(levels(3), 2)
+    assert not any(torch.equal(b, a) for b, a in zip(before, norms(probe)["a"].levels, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_with_gradient_accumulation_the_map_is_rebuilt_once_a_step(mode, tiny_recipe, monkeypatch):
+    """grad_accum 2, a rebuild every 2 steps, 4 steps: the maps are rebuilt at steps 0 and 2 only, once each
+    (it was once per micro-batch: the two halves of a step were normalised with different maps)."""
+    refreshed = []
+    refresh = FeatureNormalizer.refresh
+    monkeypatch.setattr(
+        FeatureNormalizer, "refresh", lambda self, *a, **k: refreshed.append(self) or refresh(self, *a, **k)
+    )
+    recipe = tiny_recipe(
+        "schedule.max_steps=4", "data.batch_size=2", "optim.grad_accum=2", f"loss.normalize={mode}",
+        "loss.normalize_every=2", "loss.normalize_until=never", "teachers.1.options.model_kwargs.embed_dim=48",
+    )  # fmt: skip
+    train(recipe)
+    levels_in_all = {id(n) for n in refreshed}
+    assert len(refreshed) == 2 * len(levels_in_all)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 def test_a_map_rebuilt_later_is_the_map_of_all_the_statistics(mode):
     """Between rebuilds the map stays that of the statistics at the last rebuild; the next rebuild gives
     exactly the map that rebuilding at every step would give (every=1 is the old behaviour)."""
