@@ -357,8 +357,18 @@ def test_the_datasets_samples_and_ids_are_in_the_identity(tiny_recipe, tmp_path)
     folder, root = built.folder, built.root
     built.open()  # unchanged: accepted
     (folder / "im4.png").rename(folder / "im0.png")  # same count, another order
-    with pytest.raises(CacheError, match=r"stale cache .*data\.ids_sha256: cache has '[0-9a-f]{64}'"):
+    with pytest.raises(CacheError, match=r"stale cache .*data\.ids_sha256: cache has '[0-9a-f]{64}'") as error:
         built.open()
+    # named by file, not by position (which named every file after the renamed one as changed)
+    assert f"1 file(s) not in the build: {folder / 'im0.png'}; 1 file(s) of the build gone: {folder / 'im4.png'}" in (
+        str(error.value)
+    )
+    assert "changed since the build" not in str(error.value)
+    manifest = json.loads((root / "manifest.json").read_text())  # an older sak's digests: a list in file order
+    (root / "manifest.json").write_text(json.dumps({**manifest, "content": list(manifest["content"].values())}))
+    with pytest.raises(CacheError, match=r"data\.ids_sha256") as error:
+        built.open()
+    assert "file(s)" not in str(error.value)  # paired by position only while the ids are the same
     built.image("im5.png")
     with pytest.raises(CacheError, match=r"data\.samples: cache has 4, recipe gives 5"):
         built.open()
@@ -672,7 +682,11 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))
     shard.unlink()
     assert main(["cache", "info", str(root)]) == 0
-    assert "unfinished build, 3 of 4 shards written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unfinished build, 3 of 4 shards written" in out
+    # per sample and view: the written shards' bytes over the samples they hold (5 of 6 rows), not over all 6
+    written = sum(p.stat().st_size for p in root.rglob("*.safetensors")) / 2**20
+    assert f"{written:.1f} MiB on disk ({written / 5:.3g} MiB per sample and view)" in out
     assert main(["cache", "info", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a teacher-feature cache (no manifest.json)" in capsys.readouterr().err
     assert main(["cache", "build", str(data)]) == 2
@@ -709,6 +723,16 @@ def test_a_build_resumed_or_run_again_rebuilds_a_damaged_kept_shard(tiny_recipe,
     assert kept.read_bytes() == (fresh / "view0" / "shard00000.safetensors").read_bytes()
     FeatureCache(root).verify_all()
     assert json.loads((root / "manifest.json").read_text()) == json.loads((fresh / "manifest.json").read_text())
+    # damage in the header (a stamp's digit, the header's JSON) is damage too, not a shard of another build
+    header = int.from_bytes(kept.read_bytes()[:8], "little")
+    for offset in (kept.read_bytes()[8 : 8 + header].index(b'"sak_cache":"') + len(b'"sak_cache":"'), 0):
+        data = bytearray(kept.read_bytes())
+        data[8 + offset] = ord("0") if data[8 + offset] != ord("0") else ord("1")
+        kept.write_bytes(bytes(data))
+        capsys.readouterr()
+        build_cache(recipe, root, shard_size=4)
+        assert "shard view0/shard00000 does not match its recorded sha256; building it again" in capsys.readouterr().out
+        assert kept.read_bytes() == (fresh / "view0" / "shard00000.safetensors").read_bytes()
     (root / "view0" / "shard00001.sha256").unlink()  # an older sak's unfinished build: nothing to check against
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))

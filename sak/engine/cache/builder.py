@@ -38,17 +38,30 @@ def _stamp(ident: dict, shard_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _check_kept_shards(out: Path, stamp: str) -> None:
-    """Refuse a directory holding shards of another build, whether or not its manifest survived."""
+def _check_kept_shards(out: Path, stamp: str, plan: CachePlan, recorded: dict[str, str]) -> None:
+    """Refuse a directory holding shards of another build, whether or not its manifest survived. A shard of this
+    build's plan whose bytes do not match the sha256 recorded for it (in the finished manifest, `recorded`, or
+    beside it) is damaged, not another build's, even where the damage hit its header or stamp: it is let
+    through, for `_drop_damaged_kept_shards` to delete and build again."""
+    ours = {plan.path(v, k): shard_name(v, k) for v, k in plan.shards()}
     for path in sorted(out.glob("view*/shard*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as f:
-                found = (f.metadata() or {}).get("sak_cache")
+                found, unreadable = (f.metadata() or {}).get("sak_cache"), None
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise CacheError(f"cache {out}: shard {path} cannot be read ({exc}); delete it to build it again") from exc
-        if found != stamp:
-            raise CacheError(f"cache {out}: shard {path} was written by another build (other teachers, data, "
-                             f"dtype, views or --shard-size), its features cannot be reused; {REBUILD.format(root=out)}")  # fmt: skip
+            found, unreadable = None, exc
+        if found == stamp:
+            continue
+        sidecar = digest_path(path)
+        expected = recorded.get(ours[path]) if path in ours else None
+        expected = expected or (sidecar.read_text().strip() if sidecar.is_file() else None)
+        if path in ours and expected is not None and sha256_files([path])[0] != expected:
+            continue  # damaged since it was written: deleted and built again
+        if unreadable is not None:
+            raise CacheError(f"cache {out}: shard {path} cannot be read ({unreadable}); delete it to build it "
+                             "again") from unreadable  # fmt: skip
+        raise CacheError(f"cache {out}: shard {path} was written by another build (other teachers, data, "
+                         f"dtype, views or --shard-size), its features cannot be reused; {REBUILD.format(root=out)}")  # fmt: skip
 
 
 FP16_MAX = 65504.0
@@ -195,10 +208,11 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             what = "an unfinished cache" if old.get("status") == "building" else "a cache"
             raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
                              + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
-    _check_kept_shards(out, stamp)
+    recorded = old["shards"] if finished else {}
+    _check_kept_shards(out, stamp, plan, recorded)
     state.wait_for_everyone()  # every process has read the kept shards' stamps before any is deleted
     if state.is_main_process:
-        _drop_damaged_kept_shards(out, plan, old["shards"] if finished else {})
+        _drop_damaged_kept_shards(out, plan, recorded)
     state.wait_for_everyone()
     # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
     image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
@@ -215,7 +229,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     state.wait_for_everyone()
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
-                "content": None if digests is None else [d[:CONTENT_PREFIX] for _, d in digests]}  # fmt: skip
+                "content": None if digests is None else {name: d[:CONTENT_PREFIX] for name, d in digests}}  # fmt: skip
     if state.is_main_process and (remaining or not finished):  # before the first shard: a resumed build can tell
         out.mkdir(parents=True, exist_ok=True)  # whose shards it finds (a finished cache with nothing to add stays so)
         _write_manifest(manifest, manifest_path)

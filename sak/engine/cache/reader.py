@@ -97,8 +97,8 @@ class FeatureCache:
         # the stored tensors of a sample: "<teacher>/<level>" and, for int8, "<teacher>/<level>/scale"
         self.keys = [f"{t}/{level}{suffix}" for t, dims in self.manifest["level_dims"].items()
                      for level in range(len(dims)) for suffix in ("", "/scale")[: 2 if self.dtype == "int8" else 1]]  # fmt: skip
-        # per-file digests, only to name what changed
-        self._content: list[str] | None = self.manifest.pop("content", None)
+        # per-file digests, only to name what changed: {name: digest prefix}; a list in file order before 2026-11-27
+        self._content: dict[str, str] | list[str] | None = self.manifest.pop("content", None)
         self._layouts: dict[str, tuple] = {}  # shard name -> what `_layout` returns
         # shard name -> the file's signature (`_signature`) when its sha256 was checked: every read compares
         self._verified: dict[str, tuple[int, int, int, int]] = {}
@@ -118,18 +118,31 @@ class FeatureCache:
         built = self.manifest["identity"]
         if built != expected_identity:
             differences = _diff(built, expected_identity)
-            changed = self._changed_files(digests)
-            if changed:
-                named = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
-                differences.append(f"{len(changed)} of {len(digests)} file(s) changed since the build: {named}")
+            differences += self._changed_files(built["data"], expected_identity.get("data", {}), digests)
             raise CacheError(f"stale cache {self.root}: " + "; ".join(differences)
                              + f"; {REBUILD.format(root=self.root)}")  # fmt: skip
 
-    def _changed_files(self, digests: list[tuple[str, str]] | None) -> list[str]:
-        """The names whose digests differ from the build's, when both lists cover the same files."""
-        if digests is None or self._content is None or len(digests) != len(self._content):
+    def _changed_files(self, built: dict, expected: dict, digests: list[tuple[str, str]] | None) -> list[str]:
+        """Where the data's content differs from the build's, file by file: those whose digests changed, and
+        those added or gone since. Only when the content digest differs (the same files under another folder
+        are the same content). A cache built before 2026-11-27 recorded the digests without their names, in
+        file order: paired by position only when the sample ids are unchanged (a file renamed, added or
+        removed shifts every file after it)."""
+        if digests is None or self._content is None or built.get("content_sha256") == expected.get("content_sha256"):
             return []
-        return [name for (name, d), old in zip(digests, self._content, strict=True) if d[:CONTENT_PREFIX] != old]
+        now = {name: d[:CONTENT_PREFIX] for name, d in digests}
+        before = self._content
+        if isinstance(before, list):
+            if len(before) != len(digests) or built.get("ids_sha256") != expected.get("ids_sha256"):
+                return []
+            before = dict(zip(now, before, strict=True))
+        found = (
+            (f"of {len(now)} file(s) changed since the build", [n for n in now if n in before and before[n] != now[n]]),
+            ("file(s) not in the build", [n for n in now if n not in before]),
+            ("file(s) of the build gone", [n for n in before if n not in now]),
+        )
+        return [f"{len(names)} {what}: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                for what, names in found if names]  # fmt: skip
 
     def verify_all(self, threads: int | None = None, part: tuple[int, int] = (0, 1), share=None) -> None:
         """Check every shard's sha256 now, once, `threads` shards at a time (`sha256_files`; default: one per

@@ -137,8 +137,9 @@ def describe(root: Path) -> list[str]:
     views, samples, size = ident.get("views", 1), manifest.get("samples"), manifest.get("shard_size")
     plan = CachePlan(root, samples, size, views)
     planned = plan.shards() if samples and size else []
-    written = [p for p in (plan.path(v, k) for v, k in planned) if p.is_file()]
-    mib = sum(p.stat().st_size for p in written) / 2**20
+    written = [(p, k) for p, k in ((plan.path(v, k), k) for v, k in planned) if p.is_file()]
+    mib = sum(p.stat().st_size for p, _ in written) / 2**20
+    rows = sum(min(size, samples - k * size) for _, k in written)  # the samples (of a view) in the written shards
     if manifest.get("status", "complete") == "complete":
         state = f"complete, {len(shards)} shards"
     else:
@@ -147,7 +148,7 @@ def describe(root: Path) -> list[str]:
     lines = [
         f"cache {root}: {state}, format {ident.get('format')}",
         f"  {ident.get('dtype')}, {kind}, {samples} samples in shards of {size}, {mib:.1f} MiB on disk"
-        + (f" ({mib / (samples * views):.2f} MiB per sample and view)" if samples and written else ""),
+        + (f" ({mib / rows:.3g} MiB per sample and view)" if rows else ""),
         f"  teachers ({ident.get('teacher_precision')}{', compiled' if ident.get('compile_teachers') else ''}"
         + (f" ({ident['compile_mode']})" if "compile_mode" in ident else "")
         + "):",
