@@ -5,8 +5,8 @@ only in some cases) with a fresh mmap, and gives memory at the top of the heap b
 than a trim threshold of it is free. A training step on the CPU allocates and frees the same large tensors
 every step (activations, a teacher-sized upsampled student map, its gradient), so every step page-faults
 them in again from zeroed pages: 3-10% of the demo's stage-1 step in six runs (0.431 against 0.417 s in the
-latest benchmarks/results/throughput_cpu.md, the `glibc-default` row). Raising the mmap threshold to its
-maximum (32 MiB on 64-bit glibc) and the trim threshold to 2 GiB keeps freed memory in the process for
+latest benchmarks/results/throughput_cpu.md, the `glibc-default` row). Raising the mmap threshold to 32 MiB
+(the most that glibc 2.26-2.34 accept on 64-bit; see MMAP_THRESHOLD) and the trim threshold to 2 GiB keeps freed memory in the process for
 the next step. This is the effect PyTorch's CPU performance guides get by preloading jemalloc or tcmalloc;
 mallopt does it from inside the process, with nothing to install.
 
@@ -24,7 +24,11 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit
+# glibc 2.26-2.34 refuse more than HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit. Later versions accept more (2.36 takes
+# 1 GiB, and then serves a 100 MiB block from the heap instead of a fresh mapping), but 1 GiB made no difference
+# measured on a ViT-B-sized CPU step (benchmarks.student_step at 192 px, batch 4: 730k against 750k minor page
+# faults over the run, step times within the run-to-run spread; 2026-11-27): 32 MiB, which every glibc takes.
+MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 _applied: bool | None = None
