@@ -67,7 +67,8 @@ def _eval_preds(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     try:
         reference = load_reference(args.reference) if args.reference else None
-        result = score_prediction_dir(args.dataset, args.root, args.split, args.preds, tasks, reference)
+        options = {"eval_size": list(args.eval_size)} if args.eval_size else None
+        result = score_prediction_dir(args.dataset, args.root, args.split, args.preds, tasks, reference, options)
     except _task_eval_errors() as exc:
         print(f"sak: error: {exc}", file=sys.stderr)
         return 2
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated (default: every task folder found)")
     p.add_argument("--out", default=None, help="result JSON (default: print it)")
     p.add_argument("--reference", default=None, help="JSON {task: value} for delta_m (default: published single-task)")
+    p.add_argument("--eval-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="the ground truth's padding canvas (default: the dataset's, 512 x 512 or 448 x 576); images "
+                        "larger than it need a larger one. Scores do not depend on it: padding is cut before scoring")  # fmt: skip
     p.set_defaults(func=_eval_preds)
 
     p = sub.add_parser("recipe", help="print the resolved recipe (show) or validate it (check)")

@@ -327,7 +327,10 @@ class MultiTaskDataset(SakDataset):
             try:
                 out = dense_eval_transform(raw, self.eval_size, self.augment.image_fill)
             except ValueError as exc:
-                raise DataError(f"{self.files[sample_id]['image']}: {exc}; set data.options.eval_size") from exc
+                raise DataError(
+                    f"{self.files[sample_id]['image']}: {exc}; set data.options.eval_size to a canvas at least as "
+                    "large (sak eval-preds: --eval-size H W)"
+                ) from exc
         sample = {**to_tensors(out), "id": sample_id}
         if not self.spec.train:  # the original (h, w): unpad(prediction, size) maps back before scoring
             sample["size"] = torch.tensor([h, w], dtype=torch.int64)

@@ -151,16 +151,22 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 def build_loader(
-    recipe: Recipe, split: str, train: bool, batch_size: int | None = None, augment: bool | None = None
+    recipe: Recipe,
+    split: str,
+    train: bool,
+    batch_size: int | None = None,
+    augment: bool | None = None,
+    tasks: tuple[str, ...] | None = None,
 ) -> DataLoader:
     """A DataLoader over `split`; training order comes from `EpochSampler` (same in every process).
-    `augment` (default: `train`) chooses the dataset's training augmentation."""
+    `augment` (default: `train`) chooses the dataset's training augmentation; `tasks` the targets it loads
+    (default: the recipe's tasks)."""
     d = recipe.data
     spec = DatasetSpec(
         root=d.root,
         split=split,
         image_size=d.image_size,
-        tasks=tuple(t.name for t in recipe.tasks),
+        tasks=tuple(t.name for t in recipe.tasks) if tasks is None else tasks,
         train=train if augment is None else augment,
         seed=recipe.run.seed,
         subset=d.subset if split == d.split else None,

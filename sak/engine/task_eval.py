@@ -243,7 +243,8 @@ def evaluate_student(
     )
     model, config = load_student(recipe, Path(checkpoint))
     tasks = eval_tasks(recipe.data.name, config)
-    loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size)
+    # the targets of the tasks scored (an export's own, which the recipe's `tasks:` may not list)
+    loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size, tasks=tuple(tasks))
     dataset = loader.dataset.dataset
     check_canvas(model, dataset.eval_size)
     model = model.to(accelerator.device).eval()

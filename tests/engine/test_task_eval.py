@@ -245,6 +245,25 @@ def test_an_exported_student_scores_as_its_checkpoint(trained, evaluated, tmp_pa
     assert main(["export", str(recipe_file), "--from", str(run_dir), "--out", str(export)]) == 0
     assert main(["eval", str(recipe_file), "--checkpoint", str(export), "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["tasks"] == evaluated[0]["tasks"]
+    # the export's tasks are scored, with their targets loaded, whatever the recipe's `tasks:` lists (a bare
+    # KeyError before)
+    fewer = ["eval", str(recipe_file), "tasks=[{name: semseg}]", "--checkpoint", str(export)]
+    assert main([*fewer, "--out", str(tmp_path / "fewer.json")]) == 0
+    assert json.loads((tmp_path / "fewer.json").read_text())["tasks"] == evaluated[0]["tasks"]
+
+
+def test_eval_preds_takes_a_canvas_for_images_larger_than_the_default(evaluated, trained, tmp_path, capsys):
+    """The fixture's images are 48 x 64: a 32 x 32 canvas is too small and the error says how to give a larger
+    one; any canvas that holds them scores the same (the padding is cut before scoring)."""
+    result, preds = evaluated
+    _, _, root = trained
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds)]
+    assert main([*args, "--eval-size", "32", "32"]) == 2
+    assert "set data.options.eval_size to a canvas at least as large (sak eval-preds: --eval-size H W)" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--eval-size", "48", "80", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"] == result["tasks"]
 
 
 def test_eval_refuses_a_dataset_without_published_metrics(trained, capsys):
