@@ -324,6 +324,11 @@ def train(recipe: Recipe) -> dict:
                 normalizers.load_state_dict(load_file(str(saved)))
             except Exception as exc:  # cut short, or the statistics of other teachers' levels
                 raise CheckpointError(damaged(source, exc)) from exc
+    elif accelerator.num_processes > 1:
+        # Every process was seeded alike so that they built the same modules; training's random draws (the noisy
+        # router's noise, drop path, dropout) must differ between them, or each process's shard of the global
+        # batch repeats the same draws. A resume restores each process's own saved state instead.
+        set_seed(recipe.run.seed + accelerator.process_index)
     abandoned = None
     if accelerator.is_main_process:
         if source is not None:

@@ -79,6 +79,38 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+PROBE = """
+import os
+import torch
+from sak.losses.distill import SAKDistill
+from sak.registry import LOSSES
+
+@LOSSES.register("probe")
+class Probe(SAKDistill):
+    def forward(self, student, teacher):  # one draw from the training's random stream per call, per process
+        with open(os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ.get('RANK', '0')}.txt"), "a") as f:
+            f.write(f"{torch.rand(()).item():.8f}\\n")
+        return super().forward(student, teacher)
+"""
+
+
+def test_each_process_draws_its_own_random_numbers(tmp_path):
+    """Seeded alike to build the same modules, the processes then train on streams of their own: with one stream
+    the noisy router's noise and drop path drew the same values on every process's shard of the batch."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "rng_probe.py").write_text(PROBE)
+    env = {**os.environ, "PROBE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    two = accelerate_launch(
+        str(TINY), f"run.output_dir={tmp_path}", "run.name=two", "imports=[rng_probe]", "loss.distill=probe",
+        "schedule.max_steps=2", "eval.at_start=false", "eval.batches=1", env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    draws = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) > 2
+    assert not set(draws[0]) & set(draws[1]), draws
+
+
 def test_the_last_rounds_padding_weighs_in_no_validation_value(tmp_path, tiny_recipe):
     """32 held-out images in batches of 3 on 2 processes: the last round is [30, 31] + one padded image on the
     first process and three padded ones on the second. The validation losses and cosines must be those of one
