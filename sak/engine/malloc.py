@@ -4,10 +4,10 @@ By default glibc serves every allocation above its mmap threshold (128 KiB at st
 only in some cases) with a fresh mmap, and gives memory at the top of the heap back to the OS once more
 than a trim threshold of it is free. A training step on the CPU allocates and frees the same large tensors
 every step (activations, a teacher-sized upsampled student map, its gradient), so every step page-faults
-them in again from zeroed pages: 2-10% of the demo's stage-1 step over eight runs (0.588 against 0.567 s in
-the latest benchmarks/results/throughput_cpu.md, the `glibc-default` row). Raising the mmap threshold to 32 MiB
-(the most that glibc 2.26-2.34 accept on 64-bit; see MMAP_THRESHOLD) and the trim threshold to 2 GiB keeps freed memory in the process for
-the next step. This is the effect PyTorch's CPU performance guides get by preloading jemalloc or tcmalloc;
+them in again from zeroed pages: 2-10% of the demo's stage-1 step over eight runs (0.588 against 0.567 s
+in the latest benchmarks/results/throughput_cpu.md, the `glibc-default` row). Raising the mmap threshold
+to 32 MiB (the most that glibc 2.26-2.34 accept on 64-bit; see MMAP_THRESHOLD) and the trim threshold to
+2 GiB keeps freed memory in the process for the next step. This is the effect PyTorch's CPU performance guides get by preloading jemalloc or tcmalloc;
 mallopt does it from inside the process, with nothing to install.
 
 The price is that memory freed inside a run is not handed back to the OS until the process ends: peak

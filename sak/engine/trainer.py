@@ -328,7 +328,7 @@ def train(recipe: Recipe) -> dict:
         # Every process was seeded alike so that they built the same modules; training's random draws (the noisy
         # router's noise, drop path, dropout) must differ between them, or each process's shard of the global
         # batch repeats the same draws. A resume restores each process's own saved state instead.
-        set_seed(recipe.run.seed + accelerator.process_index)
+        set_seed((recipe.run.seed + accelerator.process_index) % 2**32)  # (numpy's seeds stop at 2**32 - 1)
     abandoned = None
     if accelerator.is_main_process:
         if source is not None:
