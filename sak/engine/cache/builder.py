@@ -38,6 +38,13 @@ def _stamp(ident: dict, shard_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _recorded_digest(path: Path, name: str, recorded: dict[str, str]) -> str | None:
+    """The sha256 a kept shard was written with: the finished cache's manifest (`recorded`), else the file beside
+    it; None for neither (an older sak's interrupted build)."""
+    sidecar = digest_path(path)
+    return recorded.get(name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
+
+
 def _check_kept_shards(out: Path, stamp: str, plan: CachePlan, recorded: dict[str, str]) -> None:
     """Refuse a directory holding shards of another build, whether or not its manifest survived. A shard of this
     build's plan whose bytes do not match the sha256 recorded for it (in the finished manifest, `recorded`, or
@@ -52,10 +59,8 @@ def _check_kept_shards(out: Path, stamp: str, plan: CachePlan, recorded: dict[st
             found, unreadable = None, exc
         if found == stamp:
             continue
-        sidecar = digest_path(path)
-        expected = recorded.get(ours[path]) if path in ours else None
-        expected = expected or (sidecar.read_text().strip() if sidecar.is_file() else None)
-        if path in ours and expected is not None and sha256_files([path])[0] != expected:
+        expected = _recorded_digest(path, ours[path], recorded) if path in ours else None
+        if expected is not None and sha256_files([path])[0] != expected:
             continue  # damaged since it was written: deleted and built again
         if unreadable is not None:
             raise CacheError(f"cache {out}: shard {path} cannot be read ({unreadable}); delete it to build it "
@@ -96,7 +101,7 @@ def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, st
         path = plan.path(view, shard)
         name = shard_name(view, shard)
         sidecar = digest_path(path)
-        expected = recorded.get(name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
+        expected = _recorded_digest(path, name, recorded)
         if digest != expected:
             why = "has no recorded sha256" if expected is None else "does not match its recorded sha256"
             print(f"[sak] cache {out}: shard {name} {why}; building it again")
