@@ -85,6 +85,15 @@ class SakDataset(Dataset):
         augmented teacher-feature cache records them. By default all of them, as nothing says otherwise."""
         return tuple(self.spec.tasks)
 
+    @classmethod
+    def prediction_canvas(cls, image_size: int, options) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """The (H, W) canvas and fill colour in which `sak predict` centres a photograph (one larger than it is
+        first resized to fit, aspect kept): the dataset's evaluation canvas, so that predicting an image equals
+        evaluating it. By default the square training size, filled with the ImageNet mean colour."""
+        from .transforms import IMAGENET_MEAN_UINT8  # (transforms imports this module)
+
+        return (image_size, image_size), IMAGENET_MEAN_UINT8
+
     def content_digests(self) -> list[tuple[str, str]] | None:
         """(name, sha256) of everything whose content the teachers' inputs are made from, in a fixed order:
         the image files, and with training augmentation also the files that choose the crops. A

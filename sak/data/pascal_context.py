@@ -209,7 +209,8 @@ class MultiTaskDataset(SakDataset):
         self.root = Path(spec.root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root {str(self.root)!r} is not a directory")
-        self.eval_size = self._size_option("eval_size", options.eval_size or list(self.eval_size_default))
+        canvas, image_fill = self.prediction_canvas(spec.image_size, options)
+        self.eval_size = canvas
         crop = options.crop_size or [spec.image_size, spec.image_size]
         scales = options.scale_range
         if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
@@ -222,7 +223,7 @@ class MultiTaskDataset(SakDataset):
             cat_max_ratio=options.cat_max_ratio,
             flip=options.flip,
             photometric=options.photometric,
-            image_fill=IMAGENET_MEAN_UINT8 if options.image_pad == "mean" else BLACK,
+            image_fill=image_fill,
         )
         self.skipped: list[tuple[str, str]] = []  # (id, problem) of the samples left out by skip_bad
         self.ids = apply_subset(self._read_split(), spec.subset, spec)
@@ -236,6 +237,12 @@ class MultiTaskDataset(SakDataset):
             )
         if not self.ids:
             raise DataError(f"{type(self).__name__}: no usable samples in split {spec.split!r} under {self.root}")
+
+    @classmethod
+    def prediction_canvas(cls, image_size: int, options) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """The evaluation canvas (`eval_size`) and the padding colour (`image_pad`)."""
+        canvas = cls._size_option("eval_size", list(options.eval_size or cls.eval_size_default))
+        return canvas, (IMAGENET_MEAN_UINT8 if options.image_pad == "mean" else BLACK)
 
     def _find_files(self, check_contents: bool) -> None:
         """Fill `self.files` (id -> its files). Missing files are always checked; contents (every sample
@@ -254,7 +261,8 @@ class MultiTaskDataset(SakDataset):
                     del self.files[i]
                     self._bad(i, str(exc))
 
-    def _size_option(self, name: str, value: list[int]) -> tuple[int, int]:
+    @staticmethod
+    def _size_option(name: str, value: list[int]) -> tuple[int, int]:
         if len(value) != 2 or min(value) < 1:
             raise ValueError(f"data.options.{name} must be [height, width] of positive integers, got {value}")
         return int(value[0]), int(value[1])

@@ -2,7 +2,8 @@
 
 An export directory holds `student.safetensors` and `student.yaml` (the recipe's plug-in imports, the
 student section of the recipe, the tasks with their channels, the teacher ids whose adapter paths the
-student keeps, and the input size). `load_exported` rebuilds the model from those two files alone.
+student keeps, the input size, and the evaluation canvas `sak predict` centres photographs in). `load_exported`
+rebuilds the model from those two files alone.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Recipe, StudentConfig, TaskConfig, structure
 from ..data.images import DataError, decode_rgb
+from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
@@ -35,7 +38,15 @@ class ExportError(ValueError):
 
 
 def export_config(recipe: Recipe) -> dict:
-    """What student.yaml holds: the recipe's student section, tasks with channels, teacher ids, input size."""
+    """What student.yaml holds: the recipe's student section, tasks with channels, teacher ids, input size, and
+    the canvas (with its fill colour) that `sak predict` centres photographs in: the dataset's evaluation one."""
+    from ..config import build_options
+    from ..registry import DATASETS
+
+    dataset = DATASETS.get(recipe.data.name)
+    canvas, fill = dataset.prediction_canvas(
+        recipe.data.image_size, build_options(dataset, recipe.data.options, "data")
+    )
     student = {**recipe.to_dict()["student"], "pretrained": None}
     tag = recipe.student.pretrained
     if tag is not None and not is_local(tag):  # the tag's timm config (its mean / std), without its download
@@ -46,6 +57,8 @@ def export_config(recipe: Recipe) -> dict:
         "tasks": [{"name": t.name, "channels": create_task(t.name, t.channels).channels} for t in recipe.tasks],
         "teachers": [{"id": t.id, "adapter": t.adapter} for t in recipe.teachers],
         "image_size": recipe.data.image_size,
+        "canvas": list(canvas),
+        "image_fill": list(fill),
     }
 
 
@@ -146,16 +159,29 @@ def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> 
     return save_encoded(out, task, image_id, encode(task, pred))
 
 
+def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+    """`size` scaled down, aspect kept, to fit inside `canvas`; unchanged if it fits already."""
+    scale = min(1.0, canvas[0] / size[0], canvas[1] / size[1])
+    return (size[0], size[1]) if scale == 1.0 else (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+
+
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out: Path) -> list[Path]:
-    """Run the student on image files at its trained size and write each task's output at the
-    image's original size."""
-    size = config["image_size"]
+    """Run the student on image files as `sak eval` runs it on a dataset's images: each photograph centred,
+    at its own resolution, in the evaluation canvas recorded in student.yaml (filled with the recorded colour),
+    and the padding cut from the predictions. A photograph larger than the canvas is first resized to fit it
+    (aspect kept), and its predictions back to its size. Exports written before sak recorded the canvas use
+    the square training size and the ImageNet mean colour."""
+    from .task_eval import check_canvas
+
     if not config["tasks"]:
         raise ValueError(
             "the exported student has no task heads (its recipe has no tasks: a stage-1 distillation, which trains "
             "features only), so there is nothing to predict; export the stage-2 run trained from it"
         )
+    canvas = tuple(config.get("canvas") or (config["image_size"],) * 2)
+    fill = tuple(config.get("image_fill") or IMAGENET_MEAN_UINT8)
+    check_canvas(model, canvas)
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
     by_stem: dict[str, Path] = {}
     for file in map(Path, images):  # outputs are named by file name: two inputs must not share one
@@ -170,11 +196,19 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
             rgb = decode_rgb(file)  # the training data's decoding: EXIF orientation, 16-bit, transparency
         except DataError as exc:
             raise ValueError(f"cannot read image: {exc}") from exc
-        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
-        h, w = x.shape[-2:]
-        resized = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True).round().to(torch.uint8)
-        logits = model(resized, with_features=False).tasks
+        size = rgb.shape[:2]
+        fit = fit_within(size, canvas)
+        if fit != size:
+            x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float()
+            x = F.interpolate(x, size=fit, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+            rgb = x[0].permute(1, 2, 0).numpy()
+        padded = pad({"image": rgb}, canvas, fill)["image"]  # (H, W, 3) uint8, as the evaluation pads
+        logits = model(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], with_features=False)
         for name, task in tasks.items():
-            full = F.interpolate(logits[name].float(), size=(h, w), mode="bilinear", align_corners=False)
-            written.append(save_prediction(name, task.predict(full)[0], out, Path(file).stem))
+            task_logits = logits.tasks[name].float()
+            if fit == size:  # as sak eval: the prediction on the canvas, its padding cut
+                pred = unpad(task.predict(task_logits)[0], fit)
+            else:
+                pred = task.predict(F.interpolate(unpad(task_logits, fit), size=size, mode="bilinear"))[0]
+            written.append(save_prediction(name, pred, out, file.stem))
     return written

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -46,6 +47,13 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     assert np.load(preds / "depth" / "photo.npy").shape == (50, 70)
     for task in ("saliency", "edges", "parts"):
         assert (preds / task / "photo.png").is_file()
+    # an export written before student.yaml recorded the canvas predicts in the square training size
+    config = yaml.safe_load((out / "student.yaml").read_text())
+    assert config.pop("canvas") == [64, 64] and config.pop("image_fill") == [124, 116, 104]
+    (out / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "old")]) == 0
+    for task in ("semseg", "normals", "saliency", "edges", "parts"):
+        assert (tmp_path / "old" / task / "photo.png").read_bytes() == (preds / task / "photo.png").read_bytes()
     # two inputs with one file name would overwrite each other's outputs: refused before anything is written
     (tmp_path / "b").mkdir()
     twin = tmp_path / "b" / "photo.png"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+import yaml
 from PIL import Image
 
 from sak.cli import main
@@ -250,6 +251,43 @@ def test_an_exported_student_scores_as_its_checkpoint(trained, evaluated, tmp_pa
     fewer = ["eval", str(recipe_file), "tasks=[{name: semseg}]", "--checkpoint", str(export)]
     assert main([*fewer, "--out", str(tmp_path / "fewer.json")]) == 0
     assert json.loads((tmp_path / "fewer.json").read_text())["tasks"] == evaluated[0]["tasks"]
+
+
+def test_predicting_the_dataset_images_writes_what_eval_saves(trained, evaluated, tmp_path):
+    """`sak predict` centres each photograph in the evaluation canvas at its own resolution, as `sak eval` does
+    (it squashed it to the square training size before: other predictions on the fixture's 36-48 x 48-64
+    images), so scoring its files reproduces `sak eval`."""
+    recipe_file, run_dir, root = trained
+    result, saved = evaluated
+    export, preds = tmp_path / "export", tmp_path / "preds"
+    assert main(["export", str(recipe_file), "--from", str(run_dir), "--out", str(export)]) == 0
+    ids = (root / "ImageSets" / "Context" / "val.txt").read_text().split()
+    images = [str(root / "JPEGImages" / f"{i}.jpg") for i in ids]
+    assert main(["predict", str(export), *images, "--out", str(preds)]) == 0
+    for task in TASKS:
+        for i in ids:
+            a, b = np.asarray(Image.open(preds / task / f"{i}.png")), np.asarray(Image.open(saved / task / f"{i}.png"))
+            assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, (task, i)
+    out = tmp_path / "scores.json"
+    assert main(["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds),
+                 "--out", str(out)]) == 0  # fmt: skip
+    scores = json.loads(out.read_text())["tasks"]
+    for task, metrics in result["tasks"].items():
+        for name, value in metrics.items():
+            assert scores[task][name] == pytest.approx(value, rel=1e-3, abs=1e-3), (task, name)
+
+
+def test_a_photograph_larger_than_the_canvas_is_fitted_into_it_and_predicted_at_its_own_size(trained, tmp_path):
+    recipe_file, run_dir, root = trained
+    export = tmp_path / "export"
+    assert main(["export", str(recipe_file), "--from", str(run_dir), "--out", str(export)]) == 0
+    config = yaml.safe_load((export / "student.yaml").read_text())
+    assert config["canvas"] == [48, 64] and config["image_fill"] == [124, 116, 104]  # data.options.eval_size
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 200, 3), dtype=np.uint8)).save(photo)
+    assert main(["predict", str(export), str(photo), "--out", str(tmp_path / "preds")]) == 0
+    for task in TASKS:
+        assert np.asarray(Image.open(tmp_path / "preds" / task / "wide.png")).shape[:2] == (60, 200)
 
 
 def test_eval_preds_takes_a_canvas_for_images_larger_than_the_default(evaluated, trained, tmp_path, capsys):
