@@ -106,8 +106,17 @@ def vector_maps(task: str, pred: Tensor, target: Tensor, channels: int) -> tuple
     return pred.detach().to("cpu"), target.detach().to("cpu")
 
 
+def check_finite(task: str, pred: Tensor) -> None:
+    """Refuse NaN or infinite predictions: every metric would score them as some wrong value (a NaN saliency
+    pixel counted salient at every threshold, a NaN depth as 1e-9 m) or crash without saying why."""
+    if pred.numel() and not bool(pred.isfinite().all()):
+        bad = int((~pred.isfinite()).sum())
+        raise ValueError(f"{task}: {bad} prediction value(s) are NaN or infinite (a diverged model?)")
+
+
 def check_probability(task: str, pred: Tensor) -> None:
-    """Saliency and boundary predictions are probabilities: refuse logits passed by mistake."""
+    """Saliency and boundary predictions are probabilities: refuse logits passed by mistake, and NaN."""
+    check_finite(task, pred)
     if pred.numel() and (pred.min() < -1e-3 or pred.max() > 1 + 1e-3):
         raise ValueError(
             f"{task}: predictions must be probabilities in [0, 1], got values in "

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import METRICS, Metric, maps
+from .base import METRICS, Metric, check_finite, maps
 
 MIN_DEPTH = 1e-9
 
@@ -45,6 +45,7 @@ class DepthRMSE(Metric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         """pred: (B, 1, H, W) or (B, H, W) metres; target: the same shape, 0 = no measurement."""
         pred, target = maps(self.task, pred, target)
+        check_finite(self.task, pred)
         pred, target = pred.double(), target.double()
         valid = (target > 0) & target.isfinite()
         if self.max_depth is not None:

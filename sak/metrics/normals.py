@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import IGNORE, METRICS, Metric, vector_maps
+from .base import IGNORE, METRICS, Metric, check_finite, vector_maps
 
 WITHIN = (11.25, 22.5, 30.0)
 
@@ -51,6 +51,7 @@ class NormalsAngularError(Metric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         """pred: (B, 3, H, W), need not be unit length; target: (B, 3, H, W), all-zero = ignore."""
         pred, target = vector_maps(self.task, pred, target, 3)
+        check_finite(self.task, pred)
         valid = (target != 0).any(1) & (target != IGNORE).all(1)
         deg = angular_error_degrees(pred, target)[valid]
         self._state["sum_deg"] += deg.sum()

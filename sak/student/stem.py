@@ -93,9 +93,12 @@ class TeacherAgnosticStem(nn.Module):
                     f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''} "
                     "(a sak run's weights start a student through checkpoint.init_from)"
                 )
-        # Levels are taken before the final norm (as SAK) and there is no classifier: drop both so that
-        # every parameter takes part in the loss (DDP requires it).
+        # Levels are taken before the final norm (as SAK) and there is no classifier: drop both, and the
+        # attention-pooling head of `global_pool="map"` ViTs (SigLIP), so that every parameter takes part in
+        # the loss (DDP requires it).
         self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        if getattr(self.vit, "attn_pool", None) is not None:
+            self.vit.attn_pool = None
         self.dim = self.vit.embed_dim
         self.grad_checkpointing = False  # student.grad_checkpointing: blocks recomputed in backward
         self.depth = len(self.vit.blocks)

@@ -126,6 +126,19 @@ def test_shape_mismatch_names_both_shapes(task):
         _build(task).update(pred, bad)
 
 
+@pytest.mark.parametrize("task", [t for t in METRICS.names() if t not in ("semseg", "parts")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_prediction_is_refused_by_name(task, value):
+    """A NaN saliency pixel was counted salient at every threshold, a NaN depth scored as 1e-9 m, a NaN edge
+    map crashed with an IndexError; class maps (semseg, parts) are integers."""
+    pred, target = _batch(task, np.random.default_rng(3))
+    pred = pred.clone()
+    pred.view(-1)[5] = value
+    metric = _build(task)
+    with pytest.raises(ValueError, match=f"{task}: 1 prediction value.s. are NaN or infinite"):
+        metric.update(pred, target)
+
+
 class _FakeAccelerator:
     def __init__(self, num_processes: int) -> None:
         self.num_processes = num_processes

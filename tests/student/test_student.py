@@ -291,10 +291,10 @@ def build_dataset_loader(recipe):
     return build_loader(recipe, recipe.data.split, train=True)
 
 
-def build(multitask=True):
+def build(multitask=True, *overrides):
     from sak.config import load_recipe
 
-    recipe = load_recipe(TESTS / ("tiny_multitask.yaml" if multitask else "tiny.yaml"))
+    recipe = load_recipe(TESTS / ("tiny_multitask.yaml" if multitask else "tiny.yaml"), list(overrides))
     teachers = build_teachers(recipe, torch.device("cpu"))
     tasks = build_tasks(recipe)
     return recipe, teachers, tasks, build_student(recipe, teachers, tasks)
@@ -314,8 +314,11 @@ def test_shapes_and_parameter_report():
     assert report["inference"] == report["total"] - report["aligners"]
 
 
-def test_gradients_reach_every_student_part_and_no_teacher():
-    recipe, teachers, tasks, student = build()
+@pytest.mark.parametrize("model", ["vit_small_patch16_224", "vit_base_patch16_siglip_224"])
+def test_gradients_reach_every_student_part_and_no_teacher(model):
+    """Also for a ViT with an attention-pooling head (SigLIP's `global_pool="map"`), which the stem drops: its
+    parameters took no part in the loss, and DDP stops at the second step on parameters without gradients."""
+    recipe, teachers, tasks, student = build(True, f"student.model={model}")
     student.train()
     dataset = build_dataset("synthetic", DatasetSpec(image_size=64, tasks=tuple(tasks)), {"length": 4})
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
