@@ -8,7 +8,9 @@ import yaml
 
 from sak.config import Recipe, RecipeError, StrictLoader, apply_override, load_recipe
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TESTS, TINY
+
+TINY_MULTITASK = TESTS / "tiny_multitask.yaml"
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -213,14 +215,36 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
         ("loss.options.cos_weight=[1]", r"loss.options.cos_weight: expected a number, got \[1\] \(list\)"),
         (
             "tasks.0.name=semseg",
-            r"override 'tasks.0.name=semseg': tasks has no items; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'",
+            r"override 'tasks.0.name=semseg': tasks is not in the recipe; give the whole list, e.g. "
+            r"'tasks=\[\{name: ...\}\]'",
         ),
         (
             "student.levels.0=3",
-            r"override 'student.levels.0=3': student.levels has no items; give the whole list, e.g. "
+            r"override 'student.levels.0=3': student.levels is not in the recipe; give the whole list, e.g. "
             r"'student.levels=\[...\]'$",
         ),
         ("tasks=[{name: semseg}, {name: semseg}]", r"tasks\[1\]: the task 'semseg' is listed twice"),
+        (
+            "tasks=[{name: semseg}]",  # (tiny.yaml is stage 1: the task was trained as in stage 2)
+            r"tasks: a distillation recipe \(run.stage: distill, stage 1\) trains no tasks, but it lists "
+            r"\['semseg'\]; set run.stage=multitask",
+        ),
+        # values in range for their type that made a run go wrong silently or fail later with a traceback
+        ("optim.grad_clip=-1", r"optim.grad_clip: must be a finite number, positive, got -1.0"),
+        ("optim.grad_clip=0", r"optim.grad_clip: must be a finite number, positive, got 0.0"),
+        ("optim.lr=.nan", r"optim.lr: must be a finite number, positive, got nan"),
+        ("optim.lr=.inf", r"optim.lr: must be a finite number, positive, got inf"),
+        ("optim.eps=0", r"optim.eps: must be a finite number, positive"),
+        ("optim.weight_decay=-0.1", r"optim.weight_decay: must be a finite number, zero or more, got -0.1"),
+        ("loss.alpha=-1", r"loss.alpha: must be a finite number, zero or more"),
+        ("schedule.power=-1", r"schedule.power: must be a finite number, positive"),
+        ("schedule.min_lr=1", r"schedule.min_lr: the cosine floor must be in \[0, optim.lr = 0.001\], got 1.0"),
+        ("student.down_ratio=0", "student.down_ratio: must be at least 1, got 0"),
+        ("student.levels=[]", "student.levels: give the stem blocks that feed the levels, or null"),
+        ("teachers.0.image_size=-5", r"teachers\[0\].image_size: must be at least 1, got -5"),
+        ("teachers.0.key=a.b", r"teachers\[0\].key: 'a.b' names the teacher's outputs .*without '.', e.g. 'a_b'"),
+        ("loss.normalize_every=10", "loss.normalize_every: 10 would go unused with loss.normalize: none"),
+        ("schedule.max_steps=null", r"exactly one of schedule.max_steps and schedule.epochs \(set the other to null"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),
         ("optim.lr=!!python/name:os.system", "not valid YAML"),
     ],
@@ -228,6 +252,46 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
 def test_values_that_would_fail_later_are_refused_with_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tasks.0.channels=-3", r"tasks\[0\] \(semseg\): channels -3: the semseg head's channels must be at least 1"),
+        ("tasks.0.channels=0", r"tasks\[0\] \(semseg\): channels 0: .* at least 1"),  # (was the default, 5)
+        ("tasks.4.channels=4", r"tasks\[4\] \(normals\): channels 4: the normals head's channels must be 3 or left"),
+        ("tasks.2.channels=1", r"tasks\[2\] \(saliency\): channels 1: .* must be 2 or left out"),
+        ("tasks.0.weight=-1", r"tasks\[0\].weight: must be a finite number, zero or more, got -1.0"),
+    ],
+)
+def test_task_channels_and_weights_out_of_range_are_refused_with_the_key(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(TINY_MULTITASK, [override])
+    assert load_recipe(TINY_MULTITASK, ["tasks.4.channels=3"]).tasks[4].channels == 3
+
+
+def test_options_of_a_loss_without_its_own_init_are_checked():
+    """nn.Module's (*args, **kwargs) signature let any key through: `loss.distill=mse loss.options.cos_weight=.5`
+    passed `sak recipe check` and failed with a TypeError traceback when training built the loss."""
+    with pytest.raises(RecipeError, match=r"unknown key loss.options.cos_weight; valid keys here: \(none\)"):
+        load_recipe(TINY, ["loss.distill=mse", "loss.options.cos_weight=0.5"])
+    assert load_recipe(TINY, ["loss.distill=mse"]).loss.options == {}
+
+
+def test_a_list_or_mapping_key_left_empty_is_empty(tmp_path):
+    """`imports:` or `tasks:` with nothing after them read as null, which a list key refused."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(TINY.read_text() + "imports:\ntasks:\n")
+    recipe = load_recipe(path, ["data.options=null"])
+    assert recipe.imports == [] and recipe.tasks == [] and recipe.data.options == {}
+
+
+def test_a_merged_mapping_that_merges_another_can_be_merged_again():
+    """A nested anchor that itself merges was refused as a repeated key when merged at a shallower level: the
+    first merge had rewritten its keys in place."""
+    doc = "base: &b {name: timm, key: p}\nx: {inner: &a {<<: *b, key: q}}\ny: {<<: *a, key: r}\n"
+    data = yaml.load(doc, Loader=StrictLoader)
+    assert data["x"]["inner"] == {"name": "timm", "key": "q"} and data["y"] == {"name": "timm", "key": "r"}
 
 
 def test_loss_options_take_the_loss_keywords_types():

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,12 +23,21 @@ class StrictLoader(yaml.SafeLoader):
     PyYAML would keep the last silently, e.g. a second `optim:` section replacing the first. Merge keys
     (`<<: *anchor`) work as in YAML: the mapping's own keys win over the merged ones."""
 
-    def construct_mapping(self, node, deep=False):
+    def flatten_mapping(self, node):
+        # Checked here, once per node, before merging rewrites `node.value` in place: a mapping that merges
+        # another holds the merged keys beside its own afterwards, and would be refused when merged again.
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, node) -> None:
         seen = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # merged by SafeLoader below, not a key of its own
+            if key_node.tag == "tag:yaml.org,2002:merge":  # merged by SafeLoader, not a key of its own
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=True)
             if not isinstance(key, typing.Hashable):
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping",
@@ -40,7 +50,6 @@ class StrictLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 # YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: `1e-3`, `1e5` and `1.0e5` stay strings.
@@ -111,8 +120,9 @@ def apply_override(data: dict, override: str) -> None:
             if node.get(key) is None:  # absent, or a section left empty in the file (`cache:`)
                 if keys[i + 1].isdigit():  # an item of a list that is not there (stage 1's tasks)
                     section = ".".join(keys[: i + 1])
+                    state = "has no items" if key in node else "is not in the recipe"
                     raise RecipeError(
-                        f"override {override!r}: {section} has no items; give the whole list, e.g. "
+                        f"override {override!r}: {section} {state}; give the whole list, e.g. "
                         f"'{section}={_list_example(keys[: i + 1])}'"
                     )
                 node[key] = {}
@@ -152,6 +162,14 @@ def _convertible(tp: Any) -> bool:
     return False
 
 
+def _inherits_bare_init(cls: type) -> bool:
+    """Whether `cls` takes its __init__ from `object` or torch's `nn.Module`, which take no options."""
+    import torch
+
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    return owner in (object, torch.nn.Module)
+
+
 def _check_keywords(fn, options: dict, where: str) -> dict:
     """`options` must be keyword arguments `fn` (a registered class) accepts: a wrong key is an error here,
     with the accepted ones listed, not a TypeError when the run builds it. Values are converted to the
@@ -162,6 +180,8 @@ def _check_keywords(fn, options: dict, where: str) -> dict:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # no signature to check against (a C extension, say)
         return options
+    if inspect.isclass(fn) and _inherits_bare_init(fn):  # nn.Module's (*args, **kwargs) would accept anything
+        params = {}
     try:
         hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
     except Exception:  # annotations that do not resolve (a plug-in's forward reference): left unchecked
@@ -181,38 +201,85 @@ def _check_keywords(fn, options: dict, where: str) -> dict:
 
 
 def validate(recipe: Recipe) -> None:
-    """Check every registry name and every plug-in's options before any work starts."""
-    from ..registry import DATASETS, LOSSES, ROUTERS, STUDENTS, TASKS, TEACHERS
+    """Check every registry name and every plug-in's options, and every number's range, before any work starts."""
+    _check_names(recipe)
+    _check_stage(recipe)
+    _check_precision(recipe)
+    _check_numbers(recipe)
+    _check_schedule(recipe)
 
-    def check(registry, name: str, where: str):
-        if name not in registry:
-            known = ", ".join(registry.names())
-            raise RecipeError(
-                f"{where}: unknown {registry.kind} {name!r}; known names: {known}. "
-                "If it lives in a plug-in module, list that module under `imports:`."
-            )
-        return registry.get(name)
 
-    from ..registry import ADAPTERS
+def _check_registered(registry, name: str, where: str):
+    if name not in registry:
+        known = ", ".join(registry.names())
+        raise RecipeError(
+            f"{where}: unknown {registry.kind} {name!r}; known names: {known}. "
+            "If it lives in a plug-in module, list that module under `imports:`."
+        )
+    return registry.get(name)
 
-    if recipe.run.stage == "distill" and not recipe.teachers:
+
+def _check_stage(recipe: Recipe) -> None:
+    stage = recipe.run.stage
+    if stage == "distill" and not recipe.teachers:
         raise RecipeError("teachers: a distillation recipe (run.stage: distill) needs at least one teacher")
-    if recipe.run.stage == "multitask" and not recipe.tasks:
+    if stage == "distill" and recipe.tasks:  # (the tasks were trained, as in stage 2, without a word)
+        raise RecipeError(
+            f"tasks: a distillation recipe (run.stage: distill, stage 1) trains no tasks, but it lists "
+            f"{[t.name for t in recipe.tasks]}; set run.stage=multitask to train them (stage 2), or remove them"
+        )
+    if stage == "multitask" and not recipe.tasks:
         raise RecipeError("tasks: a multi-task recipe (run.stage: multitask) needs at least one task")
+
+
+def _check_names(recipe: Recipe) -> None:
+    """Registry names (teachers, adapters, tasks, dataset, loss, router, student) and their options."""
+    from ..registry import ADAPTERS, DATASETS, LOSSES, ROUTERS, STUDENTS, TASKS, TEACHERS
+
     seen = set()
     for i, t in enumerate(recipe.teachers):
-        cls = check(TEACHERS, t.name, f"teachers[{i}].name")
-        build_options(cls, t.options, f"teachers[{i}]")
-        check(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
+        build_options(_check_registered(TEACHERS, t.name, f"teachers[{i}].name"), t.options, f"teachers[{i}]")
+        _check_registered(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
         if t.id in seen:
             raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")
+        if not t.id or "." in t.id:  # (it names a module of the student: torch refuses a dot)
+            raise RecipeError(f"teachers[{i}].key: {t.id!r} names the teacher's outputs and adapter path; give a "
+                              f"non-empty name without '.', e.g. {t.id.replace('.', '_') or 'dinov2'!r}")  # fmt: skip
         seen.add(t.id)
     names = set()
     for i, task in enumerate(recipe.tasks):
-        check(TASKS, task.name, f"tasks[{i}].name")
+        cls = _check_registered(TASKS, task.name, f"tasks[{i}].name")
         if task.name in names:
             raise RecipeError(f"tasks[{i}]: the task {task.name!r} is listed twice; give each task once")
         names.add(task.name)
+        try:
+            cls(channels=task.channels, weight=task.weight)
+        except ValueError as exc:
+            raise RecipeError(f"tasks[{i}] ({task.name}): {exc}") from None
+    dataset = _check_registered(DATASETS, recipe.data.name, "data.name")
+    build_options(dataset, recipe.data.options, "data")
+    supported = getattr(dataset, "supported_tasks", None)
+    if isinstance(supported, tuple):  # declared on the class (a plug-in may decide per instance instead)
+        missing = [t.name for t in recipe.tasks if t.name not in supported]
+        if missing:
+            raise RecipeError(
+                f"tasks: data.name {recipe.data.name!r} has no targets for {missing}; it has "
+                f"{list(supported) or 'none (images only: a stage-1 dataset)'}"
+            )
+    loss = _check_registered(LOSSES, recipe.loss.distill, "loss.distill")
+    recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")
+    _check_registered(ROUTERS, recipe.student.router, "student.router")
+    student = _check_registered(STUDENTS, recipe.student.architecture, "student.architecture")
+    if not getattr(student, "has_adapter_paths", True):
+        for i, t in enumerate(recipe.teachers):
+            if t.adapter != TeacherConfig.adapter:
+                raise RecipeError(
+                    f"teachers[{i}].adapter: {t.adapter!r} would go unused: student.architecture "
+                    f"{recipe.student.architecture!r} has no adapter paths; leave it out"
+                )
+
+
+def _check_precision(recipe: Recipe) -> None:
     p = recipe.precision
     if p.teacher_weights == "cast" and p.teacher_precision in ("no", "fp32"):
         raise RecipeError(
@@ -225,41 +292,45 @@ def validate(recipe: Recipe) -> None:
             f"precision.compile_mode: {p.compile_mode!r} applies to what is compiled, and nothing is; set "
             "precision.compile_student, compile_teachers or compile_losses to true, or leave compile_mode default"
         )
-    dataset = check(DATASETS, recipe.data.name, "data.name")
-    build_options(dataset, recipe.data.options, "data")
-    supported = getattr(dataset, "supported_tasks", None)
-    if isinstance(supported, tuple):  # declared on the class (a plug-in may decide per instance instead)
-        missing = [t.name for t in recipe.tasks if t.name not in supported]
-        if missing:
-            raise RecipeError(
-                f"tasks: data.name {recipe.data.name!r} has no targets for {missing}; it has "
-                f"{list(supported) or 'none (images only: a stage-1 dataset)'}"
-            )
-    loss = check(LOSSES, recipe.loss.distill, "loss.distill")
-    recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")
-    check(ROUTERS, recipe.student.router, "student.router")
-    student = check(STUDENTS, recipe.student.architecture, "student.architecture")
-    if not getattr(student, "has_adapter_paths", True):
-        for i, t in enumerate(recipe.teachers):
-            if t.adapter != TeacherConfig.adapter:
-                raise RecipeError(
-                    f"teachers[{i}].adapter: {t.adapter!r} would go unused: student.architecture "
-                    f"{recipe.student.architecture!r} has no adapter paths; leave it out"
-                )
-    s = recipe.schedule
+    if recipe.data.prefetch_to_device is True and recipe.optim.grad_accum != 1:
+        raise RecipeError(
+            f"data.prefetch_to_device: needs optim.grad_accum=1, got {recipe.optim.grad_accum}: reading a batch ahead "
+            "moves Accelerate's end of epoch one batch early, which would end an accumulation early; turn one off"
+        )
+
+
+def _check_schedule(recipe: Recipe) -> None:
+    s, loss = recipe.schedule, recipe.loss
     if (s.max_steps is None) == (s.epochs is None):
-        raise RecipeError("schedule: give exactly one of schedule.max_steps and schedule.epochs")
+        raise RecipeError(
+            "schedule: give exactly one of schedule.max_steps and schedule.epochs (set the other to null), got "
+            f"max_steps {s.max_steps} and epochs {s.epochs}"
+        )
     if s.warmup_steps and s.warmup_epochs:  # (warmup_steps won, and warmup_epochs went unused without a word)
         raise RecipeError(
             f"schedule: give at most one of schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_epochs "
             f"({s.warmup_epochs}); set the other to 0"
         )
+    if not 0 <= s.min_lr <= recipe.optim.lr:  # (a floor above lr made the cosine schedule rise)
+        raise RecipeError(f"schedule.min_lr: the cosine floor must be in [0, optim.lr = {recipe.optim.lr}], "
+                          f"got {s.min_lr}")  # fmt: skip
+    if loss.normalize == "none":
+        unused = [k for k in ("normalize_every", "normalize_until") if getattr(loss, k) != "auto"]
+        if unused:
+            raise RecipeError(f"loss.{unused[0]}: {getattr(loss, unused[0])!r} would go unused with loss.normalize: "
+                              "none; set loss.normalize (standardize or phi_s), or leave it out")  # fmt: skip
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    """Counts at least their minimum, and the optimiser's and losses' numbers finite and in range: a negative
+    optim.grad_clip, say, turned every step into gradient ascent without an error."""
+    s, o = recipe.schedule, recipe.optim
     at_least = {
         "data.batch_size": (recipe.data.batch_size, 1),
         "data.image_size": (recipe.data.image_size, 1),
         "data.num_workers": (recipe.data.num_workers, 0),
-        "optim.grad_accum": (recipe.optim.grad_accum, 1),
-        "optim.max_nonfinite": (recipe.optim.max_nonfinite, 1),
+        "optim.grad_accum": (o.grad_accum, 1),
+        "optim.max_nonfinite": (o.max_nonfinite, 1),
         "schedule.max_steps": (s.max_steps, 1),
         "schedule.epochs": (s.epochs, 1),
         "schedule.warmup_steps": (s.warmup_steps, 0),
@@ -272,27 +343,31 @@ def validate(recipe: Recipe) -> None:
         "logging.every": (recipe.logging.every, 1),
         "run.stop_at": (recipe.run.stop_at, 1),
         "run.seed": (recipe.run.seed, 0),
+        "student.down_ratio": (recipe.student.down_ratio, 1),
         "loss.normalize_every": (recipe.loss.normalize_every if recipe.loss.normalize_every != "auto" else None, 1),
         "loss.normalize_until": (
             recipe.loss.normalize_until if isinstance(recipe.loss.normalize_until, int) else None,
             1,
         ),
+        **{f"teachers[{i}].image_size": (t.image_size, 1) for i, t in enumerate(recipe.teachers)},
     }
     for key, (value, low) in at_least.items():
         if value is not None and value < low:
             raise RecipeError(f"{key}: must be at least {low}, got {value}")
     if recipe.run.seed >= 2**32:  # (numpy's own error would not name the key)
         raise RecipeError(f"run.seed: must be below 2**32, got {recipe.run.seed}")
-    betas = recipe.optim.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
-    if recipe.optim.lr <= 0:
-        raise RecipeError(f"optim.lr: must be positive, got {recipe.optim.lr}")
-    if recipe.data.prefetch_to_device is True and recipe.optim.grad_accum != 1:
-        raise RecipeError(
-            f"data.prefetch_to_device: needs optim.grad_accum=1, got {recipe.optim.grad_accum}: reading a batch ahead "
-            "moves Accelerate's end of epoch one batch early, which would end an accumulation early; turn one off"
-        )
+    if recipe.student.levels is not None and not recipe.student.levels:
+        raise RecipeError("student.levels: give the stem blocks that feed the levels, or null for evenly spaced ones")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {o.betas}")
+    positive = {"optim.lr": o.lr, "optim.eps": o.eps, "optim.grad_clip": o.grad_clip, "schedule.power": s.power}
+    non_negative = {"optim.weight_decay": o.weight_decay, "loss.alpha": recipe.loss.alpha}
+    non_negative |= {f"tasks[{i}].weight": t.weight for i, t in enumerate(recipe.tasks)}
+    for key, value in (positive | non_negative).items():
+        low_ok = value is None or (value > 0 if key in positive else value >= 0)
+        if not low_ok or (value is not None and not math.isfinite(value)):
+            what = "positive" if key in positive else "zero or more"
+            raise RecipeError(f"{key}: must be a finite number, {what}, got {value}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -46,6 +46,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return structure(tp, value, where)
+    if value is None and (origin in (list, dict) or tp is dict):  # a key left empty (`tasks:`, `options:`)
+        return [] if origin is list else {}
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")

@@ -22,9 +22,13 @@ class Task:
     name: ClassVar[str] = ""
     default_channels: ClassVar[int] = 1
     default_weight: ClassVar[float] = 1.0
+    fixed_channels: ClassVar[bool] = False  # the head's output is fixed (normals: 3): `channels` must be that
 
     def __init__(self, channels: int | None = None, weight: float | None = None) -> None:
-        self.channels = channels or self.default_channels
+        if channels is not None and (channels < 1 or (self.fixed_channels and channels != self.default_channels)):
+            right = f"{self.default_channels} or left out" if self.fixed_channels else "at least 1"
+            raise ValueError(f"channels {channels}: the {self.name} head's channels must be {right}")
+        self.channels = self.default_channels if channels is None else channels
         self.weight = self.default_weight if weight is None else weight
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -76,6 +76,7 @@ class Saliency(Task):
 
     name = "saliency"
     default_channels = 2
+    fixed_channels = True
     default_weight = 5.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -94,6 +95,7 @@ class Saliency(Task):
 @TASKS.register("edges")
 class Edges(Task):
     name = "edges"
+    fixed_channels = True
     default_weight = 50.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -118,6 +120,7 @@ def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
 class SurfaceNormals(Task):
     name = "normals"
     default_channels = 3
+    fixed_channels = True
     default_weight = 10.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -131,6 +134,7 @@ class SurfaceNormals(Task):
 @TASKS.register("depth")
 class Depth(Task):
     name = "depth"
+    fixed_channels = True
     default_weight = 1.0
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:

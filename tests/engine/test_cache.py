@@ -288,7 +288,8 @@ def test_every_teacher_option_and_its_metadata_are_in_the_identity(tiny_recipe, 
 
 def pascal_semseg(root) -> list[str]:
     """Overrides: train on the PASCAL-Context layout at `root` with the semseg task."""
-    return ["data.name=pascal_context", f"data.root={root}", "data.options={}", "tasks=[{name: semseg, channels: 21}]"]
+    return ["data.name=pascal_context", f"data.root={root}", "data.options={}", "run.stage=multitask",
+            "tasks=[{name: semseg, channels: 21}]"]  # fmt: skip
 
 
 def test_an_augmented_cache_crops_as_training_does_with_the_recipes_tasks(tiny_recipe, tmp_path):
