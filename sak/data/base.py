@@ -51,6 +51,9 @@ class SakDataset(Dataset):
 
     options_type: ClassVar[type] = Options
     supported_tasks: ClassVar[tuple[str, ...]] = ()
+    # the revision of the training augmentation's arithmetic, where one changed the pixels it gives: an
+    # augmented teacher-feature cache records it, and one built with another revision is refused
+    augmentation: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

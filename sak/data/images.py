@@ -276,14 +276,23 @@ class ImageTar(UnlabelledImages):
         self.shards = sorted(glob.glob(pattern))
         if not self.shards:
             raise FileNotFoundError(f"no tar shards match {pattern!r} (data.root + data.options.shards)")
-        ids, locations = [], []
+        ids, locations, members = [], [], {}
         for s, shard in enumerate(self.shards):
             stem = Path(shard).name.removesuffix(".tar")
             for name, offset, size in _cached_index(shard, options.index_cache):
                 ids.append(f"{stem}/{os.path.splitext(name)[0]}")
                 locations.append((s, offset, size))
+                members.setdefault(ids[-1], []).append(f"{shard}:{name}")
         if not ids:
             raise FileNotFoundError(f"the shards matching {pattern!r} hold no image members")
+        twice = {i: m for i, m in members.items() if len(m) > 1}  # (one of them was read for all, the others never)
+        if twice:
+            first = next(iter(twice))
+            raise ValueError(
+                f"{len(twice)} image id(s) name more than one tar member, e.g. {first!r}: "
+                f"{', '.join(twice[first])}; an id is <shard file name>/<member path without extension>, so "
+                "members that differ only by extension, or shards of one name in two folders, must be renamed"
+            )
         where = {i: k for k, i in enumerate(ids)}
         self.ids = apply_subset(ids, spec.subset, spec)
         self.locations = np.asarray([locations[where[i]] for i in self.ids], dtype=np.int64)  # (N, 3)

@@ -189,6 +189,7 @@ class MultiTaskDataset(SakDataset):
     (training) or centred padding to `eval_size` (evaluation, with the original "size")."""
 
     eval_size_default: tuple[int, int] = (512, 512)
+    augmentation = "dense-2"  # 2: float64 rescaling, HSV truncated as OpenCV's and always taken (sak 0.1, 2026-11)
 
     @dataclass
     class Options:

@@ -66,7 +66,9 @@ def resize_sample(sample: Sample, size: tuple[int, int], depth_scale: float | No
     _check_keys(sample)
     h, w = sample["image"].shape[:2]
     nh, nw = size
-    image = torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float32))
+    # float64: torch's CPU bilinear kernel rounds differently with the number of threads (a loader worker has one),
+    # which in float32 moved a few pixels by a grey level between processes; in float64 the differences are ~1e-13
+    image = torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float64))
     image = F.interpolate(image.permute(2, 0, 1)[None], size=(nh, nw), mode="bilinear", align_corners=False)
     out = {"image": image[0].permute(1, 2, 0).numpy()}
     # cv2's own arithmetic, 1 / (out / in) rather than in / out: they differ where the product should be a whole
@@ -204,7 +206,7 @@ def hsv_uint8_to_rgb(hsv: np.ndarray) -> np.ndarray:
     for channel, n in enumerate((5.0, 3.0, 1.0)):  # c = v - v s clip(min(k, 4 - k), 0, 1), k = (n + h) mod 6
         k = (n + h) % 6.0
         rgb[..., channel] = v * (1.0 - s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.clip(np.floor(rgb), 0, 255).astype(np.uint8)  # truncated as OpenCV's (0.4% of values differ by 1)
 
 
 def photometric_distortion(
@@ -225,13 +227,12 @@ def photometric_distortion(
         img = _convert(img, alpha=rng.uniform(*contrast_range))
     saturation = rng.uniform(*saturation_range) if rng.random() < 0.5 else None
     hue = int(rng.integers(-hue_delta, hue_delta)) if rng.random() < 0.5 else None
-    if saturation is not None or hue is not None:
-        hsv = rgb_to_hsv_uint8(img)
-        if saturation is not None:
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
-        if hue is not None:
-            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + hue) % 180
-        img = hsv_uint8_to_rgb(hsv)
+    hsv = rgb_to_hsv_uint8(img)  # always, as the reference: the uint8 round trip itself shifts some values by 1
+    if saturation is not None:
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
+    if hue is not None:
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + hue) % 180
+    img = hsv_uint8_to_rgb(hsv)
     if not contrast_first and rng.random() < 0.5:
         img = _convert(img, alpha=rng.uniform(*contrast_range))
     return img

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +134,36 @@ def test_tar_index_cache_and_errors(tree, tmp_path):
     write_shards(tree, gz, compress=True)
     with pytest.raises(DataError, match="decompress them"):
         tars(gz, shards="{split}*.tar.gz")
+
+
+def test_tar_members_with_one_id_are_an_error_naming_both(tmp_path):
+    """`cls/a.jpg` and `cls/a.png` in one shard, or two `train.tar` in two folders, gave one id twice: every copy
+    read the last member and the others were never read."""
+
+    def shard(path: Path, names: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tar:
+            for name in names:
+                data = io.BytesIO()
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+                    data, format=Path(name).suffix[1:].replace("jpg", "jpeg")
+                )
+                info = tarfile.TarInfo(name)
+                info.size = data.tell()
+                data.seek(0)
+                tar.addfile(info, data)
+
+    shard(tmp_path / "one" / "train.tar", ["cls/a.jpg", "cls/a.png", "cls/b.jpg"])
+    with pytest.raises(
+        ValueError,
+        match=r"1 image id\(s\) name more than one tar member, e.g. 'train/cls/a': .*train.tar:cls/a.jpg, .*train.tar:cls/a.png",
+    ):
+        tars(tmp_path / "one")
+    shard(tmp_path / "two" / "x" / "train.tar", ["img0.jpg"])
+    shard(tmp_path / "two" / "y" / "train.tar", ["img0.jpg"])
+    with pytest.raises(ValueError, match=r"e.g. 'train/img0': .*x/train.tar:img0.jpg, .*y/train.tar:img0.jpg"):
+        tars(tmp_path / "two", shards="*/{split}.tar")
+    assert len(tars(tmp_path / "two", shards="x/{split}.tar")) == 1
 
 
 # ---------------------------------------------------------------------------------------------

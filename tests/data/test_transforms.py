@@ -146,6 +146,25 @@ def test_photometric_distortion_matches_opencv_hsv_units():
     np.testing.assert_array_equal(outs[3], photometric_distortion(image, np.random.default_rng(3)))
 
 
+def test_hsv_to_rgb_truncates_as_opencv():
+    """cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) of these uint8 HSV values (OpenCV 4.10); rounding gave one more grey
+    level in one channel of each (a third of all values, the training images about 0.3 levels brighter)."""
+    hsv = np.array([[[120, 188, 40], [144, 222, 42], [4, 218, 207], [145, 14, 80], [84, 216, 130]]], np.uint8)
+    opencv = [[[10, 10, 40], [34, 5, 42], [207, 53, 30], [79, 75, 80], [19, 130, 107]]]
+    assert hsv_uint8_to_rgb(hsv).tolist() == opencv
+
+
+def test_photometric_distortion_goes_through_hsv_every_time_as_the_reference():
+    """The reference converts to HSV and back whether or not saturation or hue is drawn; the uint8 round trip
+    changes some values. With every other step neutral, no output is the input (a quarter of them were)."""
+    image = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    round_trip = hsv_uint8_to_rgb(rgb_to_hsv_uint8(image))
+    assert not np.array_equal(round_trip, image)
+    neutral = {"brightness_delta": 0, "contrast_range": (1.0, 1.0), "saturation_range": (1.0, 1.0), "hue_delta": 1}
+    for seed in range(12):  # hue_delta 1 draws a shift of -1 or 0
+        assert not np.array_equal(photometric_distortion(image, np.random.default_rng(seed), **neutral), image)
+
+
 def test_random_resized_crop_box_respects_scale_and_bounds():
     for seed in range(50):
         top, left, h, w = random_resized_crop_box(120, 200, np.random.default_rng(seed), (0.3, 0.6), (3 / 4, 4 / 3))
@@ -164,3 +183,19 @@ def test_nearest_resize_picks_the_source_pixel_cv2_picks():
     label = np.arange(698, dtype=np.int64)[None].repeat(2, axis=0)
     out = resize_sample({"image": np.zeros((2, 698, 3), np.uint8), "semseg": label}, (2, 1348))
     assert out["semseg"][0, 674] == 349
+
+
+def test_the_rescaled_image_does_not_depend_on_the_number_of_threads():
+    """A loader worker runs torch on one thread, the main process on several: torch's CPU bilinear kernel rounds
+    differently with the count, which in float32 (4.6e-5 here) moved a few training pixels by a grey level
+    between the two; in float64 the difference is at the last bits."""
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(resize_sample({"image": image}, (523, 697))["image"])
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(outs[0] - outs[1]).max() < 1e-9

@@ -414,6 +414,21 @@ def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_reci
             open_cache(recipe, teachers)
 
 
+def test_an_augmented_cache_of_another_augmentation_revision_is_refused(tiny_recipe, tmp_path, monkeypatch):
+    """The training augmentation's arithmetic changed (float64 rescaling, HSV as OpenCV's): the views an older
+    augmented cache holds are not the images training now makes. The revision is recorded, and compared."""
+    from sak.data.pascal_context import PascalContext
+
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=2, n_val=1, size=(48, 64))
+    common = pascal_semseg(data)
+    root = build_cache(tiny_recipe(*common), tmp_path / "aug", shard_size=4, augment=True)
+    assert FeatureCache(root).manifest["identity"]["data"]["augmentation"] == PascalContext.augmentation
+    monkeypatch.setattr(PascalContext, "augmentation", "dense-3")
+    recipe = tiny_recipe(*common, f"cache.path={root}")
+    with pytest.raises(CacheError, match="data.augmentation: cache has 'dense-2', recipe gives 'dense-3'"):
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+
+
 def test_teachers_compiled_or_channels_last_are_in_the_identity(tiny_recipe):
     """Both run other kernels (other rounding); channels-last only changes convolutional teachers."""
     conv = ["teachers.1.options={model: convnext_atto, model_kwargs: {depths: [1, 1, 1, 1], dims: [8, 8, 16, 16]}}"]

@@ -101,6 +101,8 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
     if augment:  # the tasks whose labels change the images (a plug-in dataset without `image_tasks`: all)
         image_tasks = getattr(dataset, "image_tasks", None)
         data["tasks"] = list(image_tasks()) if image_tasks is not None else [t.name for t in recipe.tasks]
+        if getattr(dataset, "augmentation", None) is not None:  # (absent before it existed: such caches are refused)
+            data["augmentation"] = dataset.augmentation
     configs = {t.id: t for t in recipe.teachers}
     ident = {
         "format": FORMAT,
