@@ -61,6 +61,7 @@ from .base import (
 )
 from .weights import (
     WeightsError,
+    bare_name_hint,
     is_local,
     load_state_dict,
     load_strict,
@@ -138,13 +139,13 @@ def read_weights(spec: TeacherSpec, what: str) -> Weights:
         return Weights("random")
     if not is_local(weights):
         return Weights("tag", weights)
-    path = local_path(weights, what)
+    path = local_path(weights, what, directory=True)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WeightsError(
                 f"{what}: directory {str(path)!r} has no config.json; a directory must be what transformers' "
                 "save_pretrained writes (or a hub snapshot: config.json + model.safetensors). Pass a single "
-                "checkpoint file directly."
+                f"checkpoint file directly{bare_name_hint(weights)}."
             )
         # every file from_pretrained might read weights from (shards and their index included): the digest is
         # that of the one file it will read, or none, so that a sha256 is never checked against a file left unread

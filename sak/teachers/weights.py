@@ -43,12 +43,24 @@ def refuse_sha256_without_file(weights: str | None, sha256: str | None, what: st
 LOCAL_OR_TAG = "an existing local file (.safetensors, or .pth/.pt/.bin saved with torch.save) or a hub tag"
 
 
-def local_path(weights: str, what: str, accepts: str = LOCAL_OR_TAG) -> Path:
-    """`weights` as an existing path; else an error saying what `what` accepts instead."""
+def local_path(weights: str, what: str, accepts: str = LOCAL_OR_TAG, directory: bool = False) -> Path:
+    """`weights` as an existing path (a file, or with `directory` also a folder); else an error saying what
+    `what` accepts instead."""
     path = Path(os.path.expanduser(weights))
     if not path.exists():
         raise WeightsError(f"{what}: weights file {str(path)!r} does not exist. Pass {accepts}.")
+    if path.is_dir() and not directory:  # (a raw IsADirectoryError from hashing or reading it, before)
+        raise WeightsError(f"{what}: weights {weights!r} is a directory; pass {accepts}{bare_name_hint(weights)}")
     return path
+
+
+def bare_name_hint(weights: str) -> str:
+    """For a name without a path separator that `is_local` took for a path because it exists here (a folder
+    `hub/` or `sa1b/` in the working directory): say so, as the user likely meant the hub tag."""
+    if "/" in weights or os.sep in weights:
+        return ""
+    return (". A bare name that exists in the working directory is read as a path, not as a hub tag: run from "
+            "another directory, or give the file's path")  # fmt: skip
 
 
 def verify_sha256(path: str | os.PathLike, expected: str | None, what: str) -> str:

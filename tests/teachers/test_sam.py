@@ -199,6 +199,21 @@ def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, t
         create_teacher("sam", "sa1b", source="timm", model_kwargs=TIMM)
 
 
+def test_a_folder_named_as_the_tag_in_the_working_directory_is_named_not_an_isadirectoryerror(tmp_path, monkeypatch):
+    """`weights: sa1b` run from a folder holding the SA-1B images (`sa1b/`): the name exists, so it is read as a
+    path; that gave a raw IsADirectoryError from hashing the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sa1b").mkdir()
+    for source in ("segment_anything", "timm"):
+        with pytest.raises(WeightsError, match=r"weights 'sa1b' is a directory; .*A bare name that exists in the "
+                                               r"working directory is read as a path, not as a hub tag"):  # fmt: skip
+            create_teacher("sam", "sa1b", source=source, model_kwargs=TIMM if source == "timm" else ENCODER)
+    with pytest.raises(
+        WeightsError, match=r"weights .*sa1b. is a directory; pass an existing local file .* or a hub tag$"
+    ):
+        create_teacher("sam", str(tmp_path / "sa1b"), model_kwargs=ENCODER)
+
+
 @pytest.mark.parametrize("attention", ["folded", "flex"])
 @pytest.mark.parametrize("source", ["segment_anything", "timm"])
 def test_fused_relative_position_attention_equals_each_librarys_own(source, attention):
