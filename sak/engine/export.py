@@ -102,15 +102,19 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     renamed into it, the weights first, so that a crash while writing them leaves an earlier export whole; a
     crash between the two renames leaves new weights beside the earlier student.yaml, whose weights digest
     (`weights_sha256`) `load_exported` then finds does not match."""
+    from .task_eval import check_canvas
+
     file, state = inference_state(source, what)  # (`what` names where `source` came from, in errors)
     config = export_config(recipe)
     try:
-        build_exported(config, state)
+        model = build_exported(config, state)
     except RuntimeError as exc:
         raise ExportError(
             f"{str(file)!r}: the weights do not make the recipe's student ({first_misfit(exc)}); export with the "
             "recipe that trained them: the run directory's recipe.yaml holds it, overrides included"
         ) from exc
+    if config["tasks"]:  # `sak predict` runs in this canvas (a stage-1 export predicts nothing)
+        check_canvas(model, tuple(config["canvas"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         weights = Path(tmp) / "student.safetensors"

@@ -128,8 +128,10 @@ class RunLogger:
         if self.trackers:
             self.accelerator.log(values, step=step)
         if self.main:
+            # NaN and infinity as null: JSON has no such numbers (Python writes NaN, which strict readers refuse)
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+                f.write(json.dumps({"step": step, **row}) + "\n")
 
     def progress(self, steps: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:

@@ -193,6 +193,40 @@ def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
         f.write(json.dumps({"step": step, "ids": list(ids)}) + "\n")
 
 
+def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: dict, finished: Path | None):
+    """The main process's records of a start, once it is under way (a refused resume leaves the run's files as
+    they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
+    a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
+    `finished` metrics, the final checkpoint's, are written beside the run again if a kill came between the two
+    or the file is another's), and a line in
+    starts.jsonl. Returns the folder the later checkpoints went to, if any."""
+    run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
+    abandoned = None
+    if source is not None:
+        # resumed from an earlier checkpoint than the latest: the later ones belong to an abandoned line of
+        # training, and pruning (which keeps the highest steps) would delete this run's new ones instead
+        abandoned = set_aside(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime()), after=step)
+    cut_sample_records(run_dir, step)  # (all of them on a fresh start)
+    if finished is None:
+        for name in ("recipe.yaml", "run_info.json"):
+            (run_dir / name).write_text(extra_files[name])
+    else:
+        text, copy = finished.read_text(), run_dir / FINAL_METRICS
+        if not copy.is_file() or copy.read_text() != text:
+            (run_dir / f"{FINAL_METRICS}.tmp").write_text(text)
+            os.replace(run_dir / f"{FINAL_METRICS}.tmp", copy)
+    with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
+        f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
+    return abandoned
+
+
+def gradient_norm(student: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of the student's gradients, for the non-finite check (no clipping); under DDP the gradients
+    are all-reduced already, and a sharded one's norm is that of this process's shard."""
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+
+
 def keep_gradient_buffers(student: torch.nn.Module, recipe: Recipe, device: torch.device) -> bool:
     """With CUDA graphs (precision.compile_mode on a CUDA device) and gradient accumulation, give every trainable
     parameter a zero .grad made here, outside any graph, for the trainer to zero in place after each step rather
@@ -329,19 +363,11 @@ def train(recipe: Recipe) -> dict:
         # router's noise, drop path, dropout) must differ between them, or each process's shard of the global
         # batch repeats the same draws. A resume restores each process's own saved state instead.
         set_seed((recipe.run.seed + accelerator.process_index) % 2**32)  # (numpy's seeds stop at 2**32 - 1)
+    finished = source / FINAL_METRICS if source is not None else None
+    done = finished is not None and state.step >= total and finished.is_file()  # the whole run again: nothing to do
     abandoned = None
     if accelerator.is_main_process:
-        if source is not None:
-            # resumed from an earlier checkpoint than the latest: the later ones belong to an abandoned line of
-            # training, and pruning (which keeps the highest steps) would delete this run's new ones instead
-            when = time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime())
-            abandoned = set_aside(ckpt_root, when, after=state.step)
-        cut_sample_records(run_dir, state.step)  # (all of them on a fresh start)
-        # written once the start is under way (a refused resume leaves the run's files as they were)
-        for name in ("recipe.yaml", "run_info.json"):
-            (run_dir / name).write_text(extra_files[name])
-        with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
-            f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
+        abandoned = record_start(recipe, source, state.step, extra_files, finished if done else None)
     accelerator.wait_for_everyone()
     logger = RunLogger(accelerator, recipe, total, logger_start)
     report = parameter_report(accelerator.unwrap_model(student))
@@ -362,11 +388,11 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:
         logger.message(f"[sak] the checkpoints after step {state.step} in {ckpt_root} moved to {abandoned}")
-    finished = source / FINAL_METRICS if source is not None else None
-    if finished is not None and state.step >= total and finished.is_file():  # the whole run again: nothing to do
+    if done:
+        asks = "" if state.step == total else f" (this recipe asks for {total})"
         logger.message(
-            f"[sak] {recipe.run.name} finished its {total} steps already (final metrics in {finished}); to train "
-            "on, raise the schedule's length"
+            f"[sak] {recipe.run.name} finished already, at step {state.step}{asks} (final metrics in {finished}); "
+            "to train on, raise the schedule's length"
         )
         logger.close()
         return json.loads(finished.read_text())
@@ -438,10 +464,12 @@ def train(recipe: Recipe) -> dict:
                 continue
             step_arrived = time.perf_counter()
             # Clipped before the losses are read, so that the norm comes back in the same read (a step whose loss
-            # is not finite is skipped below, whatever clipping did to its gradients); after, with fp16's
-            # GradScaler: its unscale_ may run once per optimiser step, and a skipped step makes none.
+            # or gradient norm is not finite is skipped below, whatever clipping did to its gradients); after, with
+            # fp16's GradScaler: its unscale_ may run once per optimiser step, and a skipped step makes none (the
+            # scaler itself skips steps with non-finite gradients). Without clipping the norm is still taken: a
+            # finite loss with a NaN gradient (an overflow in backward) would otherwise be stepped into the weights.
             clip_first = recipe.optim.grad_clip is not None and accelerator.scaler is None
-            grad_norm = clip_grad_norm() if clip_first else None
+            grad_norm = clip_grad_norm() if clip_first else None if accelerator.scaler else gradient_norm(student)
             if micro > 1:  # the mean over the step's micro-batches (fewer than grad_accum at an epoch's end)
                 window = window / micro
             if isinstance(grad_norm, torch.Tensor):  # (DeepSpeed clips inside its own step and returns None)
@@ -451,7 +479,7 @@ def train(recipe: Recipe) -> dict:
             if isinstance(grad_norm, torch.Tensor):
                 values["grad_norm"] = reduced[-1]  # the same on every process: gradients are all-reduced
             values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
-            if math.isfinite(values["loss"]):
+            if math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0)):
                 state.nonfinite_streak = 0
                 if recipe.optim.grad_clip is not None and not clip_first:
                     values["grad_norm"] = float(clip_grad_norm())
@@ -461,8 +489,9 @@ def train(recipe: Recipe) -> dict:
             else:
                 state.nonfinite_streak += 1
                 logger.message(
-                    f"[sak] step {state.step + 1}: non-finite loss {values['loss']}, step skipped "
-                    f"({state.nonfinite_streak}/{recipe.optim.max_nonfinite} in a row)"
+                    f"[sak] step {state.step + 1}: non-finite loss {values['loss']} or gradient norm "
+                    f"{values.get('grad_norm')}, step skipped ({state.nonfinite_streak}/{recipe.optim.max_nonfinite} "
+                    "in a row)"
                 )
             optimizer.zero_grad(set_to_none=not stable_grads)
             state.step += 1

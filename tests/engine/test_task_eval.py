@@ -288,6 +288,10 @@ def test_a_photograph_larger_than_the_canvas_is_fitted_into_it_and_predicted_at_
     assert main(["predict", str(export), str(photo), "--out", str(tmp_path / "preds")]) == 0
     for task in TASKS:
         assert np.asarray(Image.open(tmp_path / "preds" / task / "wide.png")).shape[:2] == (60, 200)
+    # a canvas the student's patches do not tile is refused by the export, not by every later `sak predict`
+    bad = tmp_path / "bad"
+    args = ["export", str(recipe_file), "data.options.eval_size=[50, 64]", "--from", str(run_dir), "--out", str(bad)]
+    assert main(args) == 2 and not bad.exists()
 
 
 def test_eval_preds_takes_a_canvas_for_images_larger_than_the_default(evaluated, trained, tmp_path, capsys):

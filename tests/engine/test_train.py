@@ -2,6 +2,7 @@
 under fp16 loss scaling (Accelerate's GradScaler path, emulated on the CPU)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -99,6 +100,34 @@ def test_nonfinite_guard_skips_steps_then_stops_keeping_last_checkpoint(tiny_rec
     assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000002"
     streaks = logged(recipe.run_dir, "nonfinite_streak")
     assert streaks[3] == 1 and streaks[5] == 3
+
+
+@LOSSES.register("test_nan_grad_at_3")
+class NanGradientAtStepThree(torch.nn.Module):
+    """A finite loss whose gradient is NaN at step 3 (as an overflow in backward): sqrt's gradient at 0."""
+
+    calls = 0
+
+    def forward(self, student, teacher):
+        NanGradientAtStepThree.calls += 1
+        loss = sum(s.float().mean() for s in student)
+        if NanGradientAtStepThree.calls in (5, 6):  # two teachers per step
+            loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
+        return loss
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_finite_loss_with_a_nan_gradient_is_skipped_not_stepped_into_the_weights(tiny_recipe, clip):
+    """The skip looked at the loss only: AdamW stepped the NaN gradient, the step's checkpoint was kept as good
+    and pruning deleted the good ones before it."""
+    NanGradientAtStepThree.calls = 0
+    recipe = tiny_recipe("loss.distill=test_nan_grad_at_3", "schedule.max_steps=5", "checkpoint.every=1",
+                         "checkpoint.keep_last=1", f"optim.grad_clip={'null' if clip is None else clip}")  # fmt: skip
+    train(recipe)
+    streaks, norms = logged(recipe.run_dir, "nonfinite_streak"), logged(recipe.run_dir, "grad_norm")
+    assert [streaks[k] for k in range(1, 6)] == [0, 0, 1, 0, 0]
+    assert norms[3] is None and all(math.isfinite(norms[k]) for k in (1, 2, 4, 5))  # NaN is written as null
+    assert all(torch.isfinite(t).all() for t in weights(recipe.run_dir).values())
 
 
 def test_bf16_on_cpu_trains(tiny_recipe):
@@ -569,8 +598,15 @@ def test_a_finished_run_started_again_returns_its_final_metrics_and_logs_nothing
     lines = (recipe.run_dir / "metrics.jsonl").read_text()
     (recipe.run_dir / "final_metrics.json").write_text('{"val/loss": 1')  # torn, or another run's
     assert train(tiny_recipe("schedule.max_steps=2")) == final
-    assert "finished its 2 steps already" in capsys.readouterr().out
+    assert "finished already, at step 2 (final metrics in" in capsys.readouterr().out
     assert (recipe.run_dir / "metrics.jsonl").read_text() == lines
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == final  # the checkpoint's, again
+    # started again with a shorter schedule: says so, and recipe.yaml stays the recipe that trained it
+    (recipe.run_dir / "final_metrics.json").unlink()  # (a kill between the final checkpoint and this file)
+    assert train(tiny_recipe("schedule.max_steps=1")) == final
+    assert "finished already, at step 2 (this recipe asks for 1)" in capsys.readouterr().out
+    assert yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())["schedule"]["max_steps"] == 2
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == final
     longer = train(tiny_recipe("schedule.max_steps=3"))
     assert sorted(logged(recipe.run_dir)) == [1, 2, 3] and longer != final
     assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == longer
