@@ -1,0 +1,144 @@
+"""The run directory's records of a run's starts (the trainer's bookkeeping, kept out of its loop): an earlier
+run's files set aside, what changed in the recipe since a checkpoint, the ids each process trained on per step
+(`logging.sample_ids`), recipe.yaml / run_info.json / starts.jsonl, and the final metrics' copy beside the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from ..config import Recipe, TaskConfig, TeacherConfig
+from .checkpoint import CheckpointError, clean_partials, damaged, set_aside
+from .logging import flatten
+
+# settings that may change between the starts of one run without changing what it computes
+RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
+
+FINAL_METRICS = "final_metrics.json"
+
+
+def _flat(d: dict) -> dict:
+    return flatten(d, split_lists=True)
+
+
+# the defaults a key takes when a recipe leaves it out, per section (list items by their type)
+_ITEM_DEFAULTS = {"teachers": TeacherConfig, "tasks": TaskConfig}
+_NO_DEFAULT = object()
+
+
+def _defaults() -> Callable[[str], object]:
+    """key -> the schema's default of a flat key (`teachers.1.adapter` -> TeacherConfig().adapter), or
+    _NO_DEFAULT; the defaults are flattened once per call."""
+    top = _flat(Recipe().to_dict())
+    items = {head: _flat(dataclasses.asdict(cls())) for head, cls in _ITEM_DEFAULTS.items()}
+
+    def default(key: str) -> object:
+        head, _, rest = key.partition(".")
+        index, _, field_key = rest.partition(".")
+        if head in items and index.isdigit():
+            return items[head].get(field_key, _NO_DEFAULT)
+        return top.get(key, _NO_DEFAULT)
+
+    return default
+
+
+def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
+    """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds. A key the
+    saved copy lacks came with a newer sak: it is a change only when set off its default."""
+    if not saved.is_file():
+        return []
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+        if not isinstance(before, dict):
+            raise ValueError(f"a YAML {type(before).__name__}, not a mapping")
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CheckpointError(damaged(saved.parent, exc)) from exc
+    before = _flat(before)
+    now = _flat(recipe.to_dict())
+    default = _defaults()
+    keys = sorted(k for k in before.keys() | now.keys() if not k.startswith(RESUME_KEYS))
+    return [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if before.get(k) != now.get(k) and (k in before or now[k] != default(k))
+    ]
+
+
+def _record_step(line: str) -> float:
+    """The step of a samples/ record; infinity for a line cut off by a kill (dropped with the later steps)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def cut_sample_records(run_dir: Path, step: int) -> None:
+    """On resume at `step`: drop the sample records of later steps (trained by a run that stopped before its
+    next checkpoint), as RunLogger drops their metrics, so that each step's ids are listed once."""
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
+
+def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
+    """Append the sample ids this process used in `step` (traceability, and the sharding test)."""
+    folder = run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "ids": list(ids)}) + "\n")
+
+
+def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: dict, finished: Path | None):
+    """The main process's records of a start, once it is under way (a refused resume leaves the run's files as
+    they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
+    a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
+    `finished` metrics, the final checkpoint's, are written beside the run again if a kill came between the two
+    or the file is another's), and a line in
+    starts.jsonl. Returns the folder the later checkpoints went to, if any."""
+    run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
+    abandoned = None
+    if source is not None:
+        # resumed from an earlier checkpoint than the latest: the later ones belong to an abandoned line of
+        # training, and pruning (which keeps the highest steps) would delete this run's new ones instead
+        abandoned = set_aside(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime()), after=step)
+    cut_sample_records(run_dir, step)  # (all of them on a fresh start)
+    if finished is None:
+        for name in ("recipe.yaml", "run_info.json"):
+            (run_dir / name).write_text(extra_files[name])
+    else:
+        text, copy = finished.read_text(), run_dir / FINAL_METRICS
+        if not copy.is_file() or copy.read_text() != text:
+            (run_dir / f"{FINAL_METRICS}.tmp").write_text(text)
+            os.replace(run_dir / f"{FINAL_METRICS}.tmp", copy)
+    with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
+        f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
+    return abandoned
+
+
+def prepare_run_dir(recipe: Recipe) -> Path | None:
+    """The main process's first step: the checkpoint folder made, partial saves cleaned, and for a fresh run
+    (`checkpoint.resume: never`) another run's checkpoints moved out of its way with their logs (tensorboard's
+    folder is named after the project, wandb's offline runs are in wandb/). Returns where they went, if any."""
+    run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    clean_partials(ckpt_root)
+    if recipe.checkpoint.resume != "never":
+        return None
+    set_aside_to = set_aside(ckpt_root, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
+    if set_aside_to is not None:
+        logs = ("metrics.jsonl", "samples", FINAL_METRICS, recipe.logging.wandb.project, "wandb")
+        for log in (run_dir / name for name in logs):
+            if log.exists():
+                os.replace(log, set_aside_to / log.name)
+    return set_aside_to
