@@ -113,7 +113,9 @@ def cosine_table(rows: list[dict]) -> str:
 def write_report(recipe: Recipe) -> Path:
     report = recipe.run_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (recipe.run_dir / "metrics.jsonl").read_text().splitlines()
+    # metrics.jsonl writes NaN and infinity as null (JSON has no such numbers): a diverged run's values read as NaN
+    rows = [{k: float("nan") if v is None else v for k, v in json.loads(line).items()} for line in lines]
     loss_curves(rows, report / "loss_curves.png")
     feature_grid(recipe, report / "features.png")
     teachers = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)

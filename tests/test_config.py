@@ -239,6 +239,7 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
         ("loss.alpha=-1", r"loss.alpha: must be a finite number, zero or more"),
         ("schedule.power=-1", r"schedule.power: must be a finite number, positive"),
         ("schedule.min_lr=1", r"schedule.min_lr: the cosine floor must be in \[0, optim.lr = 0.001\], got 1.0"),
+        ("schedule.min_lr=-1", r"schedule.min_lr: the cosine floor must be in \[0, optim.lr = 0.001\], got -1.0"),
         ("student.down_ratio=0", "student.down_ratio: must be at least 1, got 0"),
         ("student.levels=[]", "student.levels: give the stem blocks that feed the levels, or null"),
         ("teachers.0.image_size=-5", r"teachers\[0\].image_size: must be at least 1, got -5"),
@@ -268,6 +269,10 @@ def test_task_channels_and_weights_out_of_range_are_refused_with_the_key(overrid
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY_MULTITASK, [override])
     assert load_recipe(TINY_MULTITASK, ["tasks.4.channels=3"]).tasks[4].channels == 3
+
+
+def test_min_lr_above_lr_is_refused_only_for_the_cosine_schedule_that_uses_it():
+    assert load_recipe(TINY, ["schedule.name=poly", "schedule.min_lr=1"]).schedule.min_lr == 1.0
 
 
 def test_options_of_a_loss_without_its_own_init_are_checked():

@@ -311,7 +311,7 @@ def _check_schedule(recipe: Recipe) -> None:
             f"schedule: give at most one of schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_epochs "
             f"({s.warmup_epochs}); set the other to 0"
         )
-    if not 0 <= s.min_lr <= recipe.optim.lr:  # (a floor above lr made the cosine schedule rise)
+    if s.min_lr < 0 or (s.name == "cosine" and s.min_lr > recipe.optim.lr):  # (a floor above lr made it rise)
         raise RecipeError(f"schedule.min_lr: the cosine floor must be in [0, optim.lr = {recipe.optim.lr}], "
                           f"got {s.min_lr}")  # fmt: skip
     if loss.normalize == "none":

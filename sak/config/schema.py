@@ -120,7 +120,7 @@ class OptimConfig:
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     grad_accum: int = 1
     fused: bool = True  # AdamW's fused kernel (all parameters in one pass); false = PyTorch's default loop
-    max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
+    max_nonfinite: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient norm
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..registry import DATASETS
-from .base import DatasetSpec, SakDataset, apply_subset, file_digests
+from .base import DatasetSpec, SakDataset, apply_subset, file_digests, repeated
 from .transforms import center_crop_box, random_resized_crop_box, resized_crop
 
 log = logging.getLogger(__name__)
@@ -276,24 +276,24 @@ class ImageTar(UnlabelledImages):
         self.shards = sorted(glob.glob(pattern))
         if not self.shards:
             raise FileNotFoundError(f"no tar shards match {pattern!r} (data.root + data.options.shards)")
-        ids, locations, members = [], [], {}
+        ids, locations, names = [], [], []
         for s, shard in enumerate(self.shards):
             stem = Path(shard).name.removesuffix(".tar")
             for name, offset, size in _cached_index(shard, options.index_cache):
                 ids.append(f"{stem}/{os.path.splitext(name)[0]}")
                 locations.append((s, offset, size))
-                members.setdefault(ids[-1], []).append(f"{shard}:{name}")
+                names.append(name)
         if not ids:
             raise FileNotFoundError(f"the shards matching {pattern!r} hold no image members")
-        twice = {i: m for i, m in members.items() if len(m) > 1}  # (one of them was read for all, the others never)
-        if twice:
-            first = next(iter(twice))
-            raise ValueError(
-                f"{len(twice)} image id(s) name more than one tar member, e.g. {first!r}: "
-                f"{', '.join(twice[first])}; an id is <shard file name>/<member path without extension>, so "
-                "members that differ only by extension, or shards of one name in two folders, must be renamed"
-            )
         where = {i: k for k, i in enumerate(ids)}
+        if len(where) != len(ids):  # (one member was read for every copy of its id, the others never)
+            twice = repeated(ids)
+            members = [f"{self.shards[locations[k][0]]}:{names[k]}" for k, i in enumerate(ids) if i == twice[0]]
+            raise ValueError(
+                f"{len(twice)} image id(s) name more than one tar member, e.g. {twice[0]!r}: {', '.join(members)}; "
+                "an id is <shard file name>/<member path without extension>, so members that differ only by "
+                "extension, or shards of one name in two folders, must be renamed"
+            )
         self.ids = apply_subset(ids, spec.subset, spec)
         self.locations = np.asarray([locations[where[i]] for i in self.ids], dtype=np.int64)  # (N, 3)
         self._fds: dict[int, int] = {}

@@ -43,10 +43,11 @@ def export_config(recipe: Recipe) -> dict:
     from ..config import build_options
     from ..registry import DATASETS
 
-    dataset = DATASETS.get(recipe.data.name)
-    canvas, fill = dataset.prediction_canvas(
-        recipe.data.image_size, build_options(dataset, recipe.data.options, "data")
-    )
+    dataset, size = DATASETS.get(recipe.data.name), recipe.data.image_size
+    if hasattr(dataset, "prediction_canvas"):
+        canvas, fill = dataset.prediction_canvas(size, build_options(dataset, recipe.data.options, "data"))
+    else:  # a plug-in dataset not derived from SakDataset: SakDataset's default
+        canvas, fill = (size, size), IMAGENET_MEAN_UINT8
     student = {**recipe.to_dict()["student"], "pretrained": None}
     tag = recipe.student.pretrained
     if tag is not None and not is_local(tag):  # the tag's timm config (its mean / std), without its download
@@ -187,6 +188,10 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     fill = tuple(config.get("image_fill") or IMAGENET_MEAN_UINT8)
     check_canvas(model, canvas)
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
+    missing = [str(f) for f in map(Path, images) if not f.is_file()]
+    if missing:  # before anything is written
+        raise ValueError(f"image file(s) not found, nothing predicted: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))  # fmt: skip
     by_stem: dict[str, Path] = {}
     for file in map(Path, images):  # outputs are named by file name: two inputs must not share one
         if by_stem.setdefault(file.stem, file) != file:

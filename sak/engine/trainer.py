@@ -134,7 +134,10 @@ def gradient_norm(student: torch.nn.Module) -> torch.Tensor:
     """The 2-norm of the student's gradients, for the non-finite check (no clipping); under DDP the gradients
     are all-reduced already, and a sharded one's norm is that of this process's shard."""
     grads = [p.grad for p in student.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    # one launch for all the per-tensor norms (what clip_grad_norm_ does; torch.nn.utils.get_total_norm needs 2.6)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def keep_gradient_buffers(student: torch.nn.Module, recipe: Recipe, device: torch.device) -> bool:
@@ -389,7 +392,8 @@ def train(recipe: Recipe) -> dict:
                 logger.close()
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLossError(
-                    f"{recipe.optim.max_nonfinite} consecutive non-finite losses at step {state.step}; stopping. "
+                    f"{recipe.optim.max_nonfinite} consecutive non-finite losses or gradient norms at step "
+                    f"{state.step}; stopping. "
                     f"The last good checkpoint is {last} (lower optim.lr, enable optim.grad_clip or check the data)."
                 )
             now = time.perf_counter()

@@ -61,6 +61,29 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     other = tmp_path / "others"
     assert main(["predict", str(out), str(photo), str(twin), "--out", str(other)]) == 2
     assert not other.exists()
+    # a missing file among the inputs: nothing written (the photographs before it were predicted, then it failed)
+    assert main(["predict", str(out), str(photo), str(tmp_path / "gone.png"), "--out", str(other)]) == 2
+    assert not other.exists()
+
+
+def test_a_plugin_dataset_not_derived_from_sak_dataset_exports_with_the_square_training_size(tiny_recipe):
+    """export_config asked every registered dataset for its prediction canvas; a plain torch Dataset has none."""
+    from dataclasses import dataclass
+
+    from sak.engine.export import export_config
+    from sak.registry import DATASETS
+
+    @DATASETS.register("test_plain_dataset")
+    class Plain(torch.utils.data.Dataset):
+        @dataclass
+        class Options:
+            length: int = 4
+
+    try:
+        config = export_config(tiny_recipe("data.name=test_plain_dataset", "data.options={}"))
+    finally:
+        DATASETS._entries.pop("test_plain_dataset")
+    assert config["canvas"] == [64, 64] and config["image_fill"] == [124, 116, 104]
 
 
 def test_predicting_with_a_stage_1_student_is_refused_before_anything_is_written(tiny_recipe, tmp_path, capsys):

@@ -267,14 +267,11 @@ def test_predicting_the_dataset_images_writes_what_eval_saves(trained, evaluated
     for task in TASKS:
         for i in ids:
             a, b = np.asarray(Image.open(preds / task / f"{i}.png")), np.asarray(Image.open(saved / task / f"{i}.png"))
-            assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, (task, i)
+            np.testing.assert_array_equal(a, b, err_msg=f"{task} {i}")  # (float32: the same bits as eval's)
     out = tmp_path / "scores.json"
     assert main(["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds),
                  "--out", str(out)]) == 0  # fmt: skip
-    scores = json.loads(out.read_text())["tasks"]
-    for task, metrics in result["tasks"].items():
-        for name, value in metrics.items():
-            assert scores[task][name] == pytest.approx(value, rel=1e-3, abs=1e-3), (task, name)
+    assert json.loads(out.read_text())["tasks"] == result["tasks"]
 
 
 def test_a_photograph_larger_than_the_canvas_is_fitted_into_it_and_predicted_at_its_own_size(trained, tmp_path):
