@@ -200,7 +200,7 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
                 "separate --out folders"
             )
     written = []
-    for file in images:
+    for file in map(Path, images):
         try:
             rgb = decode_rgb(file)  # the training data's decoding: EXIF orientation, 16-bit, transparency
         except DataError as exc:

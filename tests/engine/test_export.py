@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sak.cli import main
 from sak.engine import train
 from sak.engine.build import build_student, build_tasks, build_teachers
-from sak.engine.export import load_exported
+from sak.engine.export import load_exported, predict_images
 from sak.engine.init import student_weights_file
 
 from ..conftest import TESTS
@@ -47,6 +47,7 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     assert np.load(preds / "depth" / "photo.npy").shape == (50, 70)
     for task in ("saliency", "edges", "parts"):
         assert (preds / task / "photo.png").is_file()
+    assert len(predict_images(model, config, [str(photo)], tmp_path / "from_python")) == 6  # str paths too
     # an export written before student.yaml recorded the canvas predicts in the square training size
     config = yaml.safe_load((out / "student.yaml").read_text())
     assert config.pop("canvas") == [64, 64] and config.pop("image_fill") == [124, 116, 104]
