@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import Recipe, StudentConfig, TaskConfig, structure
+from ..data import SakDataset
 from ..data.images import DataError, decode_rgb
 from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
@@ -43,11 +44,10 @@ def export_config(recipe: Recipe) -> dict:
     from ..config import build_options
     from ..registry import DATASETS
 
-    dataset, size = DATASETS.get(recipe.data.name), recipe.data.image_size
-    if hasattr(dataset, "prediction_canvas"):
-        canvas, fill = dataset.prediction_canvas(size, build_options(dataset, recipe.data.options, "data"))
-    else:  # a plug-in dataset not derived from SakDataset: SakDataset's default
-        canvas, fill = (size, size), IMAGENET_MEAN_UINT8
+    dataset = DATASETS.get(recipe.data.name)
+    # a plug-in dataset not derived from SakDataset takes SakDataset's default (the square training size)
+    canvas_of = getattr(dataset, "prediction_canvas", SakDataset.prediction_canvas)
+    canvas, fill = canvas_of(recipe.data.image_size, build_options(dataset, recipe.data.options, "data"))
     student = {**recipe.to_dict()["student"], "pretrained": None}
     tag = recipe.student.pretrained
     if tag is not None and not is_local(tag):  # the tag's timm config (its mean / std), without its download

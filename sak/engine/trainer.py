@@ -358,7 +358,12 @@ def train(recipe: Recipe) -> dict:
             # scaler itself skips steps with non-finite gradients). Without clipping the norm is still taken: a
             # finite loss with a NaN gradient (an overflow in backward) would otherwise be stepped into the weights.
             clip_first = recipe.optim.grad_clip is not None and accelerator.scaler is None
-            grad_norm = clip_grad_norm() if clip_first else None if accelerator.scaler else gradient_norm(student)
+            if clip_first:
+                grad_norm = clip_grad_norm()
+            elif accelerator.scaler is None:
+                grad_norm = gradient_norm(student)
+            else:
+                grad_norm = None
             if micro > 1:  # the mean over the step's micro-batches (fewer than grad_accum at an epoch's end)
                 window = window / micro
             if isinstance(grad_norm, torch.Tensor):  # (DeepSpeed clips inside its own step and returns None)
