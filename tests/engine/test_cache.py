@@ -68,6 +68,11 @@ def test_int8_is_within_half_a_step_at_every_magnitude_and_under_30_percent_of_f
     assert error.le(scale[:, :, None, None] / 2 + x.abs() * 2**-23).all()
     amax = x.abs().amax((2, 3))
     assert (error.amax((2, 3))[~zero] / amax[~zero]).max() <= 1 / 254 * (1 + 2**-20)
+    # float32's largest value: amax / 127 rounds up there, and 127 steps of that scale read back as inf
+    top = torch.tensor([[[[torch.finfo(torch.float32).max, -1.0]]]])
+    q, scale = quantize(top)
+    back = q.float() * scale[:, :, None, None]
+    assert back.isfinite().all() and ((back - top).abs() <= scale / 2).all()
     # the size target at 8 x 8 maps: (64 + 4) / 256 = 27% of float32 (the 4 x 4 maps of the tiny teachers'
     # default size would give (16 + 4) / 64 = 31%, which real teachers' maps, 14 x 14 and larger, never are)
     recipe = tiny_recipe("data.options.length=8", "teachers.0.image_size=112", "teachers.1.image_size=128")
@@ -521,6 +526,26 @@ def test_a_shard_changed_during_training_is_an_error_not_a_crash(tiny_recipe, tm
         cache.gather([1], 0)
 
 
+def test_a_shard_copied_over_in_place_with_its_old_time_stamp_is_named(tiny_recipe, tmp_path):
+    """`cp -p` of another shard of the same layout over a checked one keeps its device, inode, size and
+    modification time; only the change time tells, and the read must not return bytes never checked."""
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    shards = [root / "view0" / f"shard{k:05d}.safetensors" for k in range(2)]
+    cache.gather([0], 0)
+    before = shards[0].stat()
+    other = shards[1].read_bytes()
+    assert len(other) == before.st_size
+    with open(shards[0], "r+b") as f:  # what cp -p does: written in place, then its time stamps set back
+        f.write(other)
+    os.utime(shards[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shards[0].stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since its sha256 was checked"):
+        cache.gather([1], 0)
+
+
 def test_loader_workers_refuse_a_shard_replaced_between_epochs(tiny_recipe, tmp_path):
     """Workers are rebuilt every epoch and read without a GPU; they check against what the training process
     verified when the run started, not against the files they find."""
@@ -764,6 +789,9 @@ def test_outputs_a_cache_would_store_as_something_else_are_refused():
 
     ok, big = torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 7e4)
     _check_storable((ok, big), "int8", "t", "view0/shard00000")  # int8's per-channel scales hold it
+    _check_storable((torch.full((1, 3, 2, 2), 65519.0),), "fp16", "t", "view0/shard00000")  # float16 gives 65504
+    with pytest.raises(CacheError, match=r"teacher 't' level 0 gave 6\.552e\+04"):
+        _check_storable((torch.full((1, 3, 2, 2), 65520.0),), "fp16", "t", "view0/shard00000")  # float16 gives inf
     with pytest.raises(CacheError, match=r"teacher 't' level 1 gave 7e\+04 .* shard view0/shard00003, past float16"):
         _check_storable((ok, big), "fp16", "t", "view0/shard00003")
     for bad in (float("nan"), float("inf")):
@@ -823,14 +851,15 @@ def test_a_build_whose_teacher_gives_nan_stops_naming_it(tiny_recipe, tmp_path, 
 
 
 def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete(tiny_recipe, tmp_path, monkeypatch):
-    """Shards matching the manifest are kept (and get their sha256 files, as a cache of an older sak would),
+    """Shards matching the manifest are kept (and get their sha256 files, as a cache of an older sak would, or
+    get them written again where damaged: the new manifest takes its digests from them),
     and with nothing to write the manifest is never marked "building": stopping that run cannot break it."""
     recipe = tiny_recipe("data.options.length=8")
     root = build_cache(recipe, tmp_path / "c", shard_size=4)
     shards = sorted((root / "view0").glob("*.safetensors"))
     times = [p.stat().st_mtime_ns for p in shards]
-    for p in (root / "view0").glob("*.sha256"):
-        p.unlink()
+    (root / "view0" / "shard00000.sha256").unlink()
+    (root / "view0" / "shard00001.sha256").write_text("0" * 64)  # damaged beside an intact shard: written again
     statuses = []
     write = builder._write_manifest
     monkeypatch.setattr(builder, "_write_manifest", lambda m, path: statuses.append(m["status"]) or write(m, path))

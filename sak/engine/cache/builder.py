@@ -22,6 +22,7 @@ from .store import (
     CacheError,
     CachePlan,
     _atomic_save,
+    _write_digest,
     _write_manifest,
     bytes_per_sample,
     digest_path,
@@ -70,6 +71,7 @@ def _check_kept_shards(out: Path, stamp: str, plan: CachePlan, recorded: dict[st
 
 
 FP16_MAX = 65504.0
+FP16_OVERFLOW = 65520.0  # the least magnitude float16 rounds to inf; from 65504 up to it, values round to 65504
 
 
 def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
@@ -84,7 +86,7 @@ def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
             raise CacheError(f"teacher {teacher!r} level {level} gave a non-finite value (nan or inf) for a sample of "
                              f"shard {shard}; a cache would store it as something else: check the teacher and its "
                              "precision (precision.teachers)")  # fmt: skip
-        if dtype == "fp16" and peak > FP16_MAX:
+        if dtype == "fp16" and peak >= FP16_OVERFLOW:
             raise CacheError(f"teacher {teacher!r} level {level} gave {peak:.4g} for a sample of shard {shard}, past "
                              f"float16's largest value {FP16_MAX:.0f}: an fp16 cache would store inf; build it with "
                              "--dtype int8 (per-channel scales)")  # fmt: skip
@@ -107,8 +109,10 @@ def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, st
             print(f"[sak] cache {out}: shard {name} {why}; building it again")
             path.unlink()
             sidecar.unlink(missing_ok=True)
-        elif not sidecar.is_file():  # a finished cache of an older sak: its shards get their files now
-            sidecar.write_text(digest)
+        elif not sidecar.is_file() or sidecar.read_text().strip() != digest:
+            # a finished cache of an older sak (no file), or a file damaged beside an intact shard: the manifest
+            # written at the end of the build takes each shard's digest from this file
+            _write_digest(sidecar, digest)
 
 
 def check_build_options(views: int, augment: bool, dtype: str, shard_size: int, batch_size: int) -> None:

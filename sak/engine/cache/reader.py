@@ -101,7 +101,7 @@ class FeatureCache:
         self._content: dict[str, str] | list[str] | None = self.manifest.pop("content", None)
         self._layouts: dict[str, tuple] = {}  # shard name -> what `_layout` returns
         # shard name -> the file's signature (`_signature`) when its sha256 was checked: every read compares
-        self._verified: dict[str, tuple[int, int, int, int]] = {}
+        self._verified: dict[str, tuple[int, ...]] = {}
         self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
         self.token = token or uuid.uuid4().hex
         with _OPEN_LOCK:
@@ -368,9 +368,11 @@ class CachedRows:
         return f"CachedRows({self.cache.root}, {len(self.indices)} samples, epoch {self.epoch})"
 
 
-def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
-    """What changes when a file is replaced, cut short or written: its device, inode, size and mtime."""
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is replaced, cut short or written: its device, inode, size, mtime and ctime (a
+    copy in place that keeps the size and sets the old mtime back, as `cp -p` does, still changes the ctime,
+    which no user call can set)."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _read_into(f, buffer: memoryview) -> int:

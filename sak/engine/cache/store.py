@@ -42,6 +42,8 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     # a non-zero channel's step is kept a normal float32 so that x / step is exact to float32 rounding
     tiny = torch.finfo(torch.float32).tiny
     scale = torch.where(amax > 0, amax.clamp_min(127 * tiny) / 127, torch.zeros_like(amax))
+    # amax / 127 rounded up near float32's largest value, where 127 * scale (a +-127 read back) overflows to inf
+    scale = torch.where(torch.isinf(127 * scale), torch.nextafter(scale, torch.zeros_like(scale)), scale)
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero channels: 0 / 1 = 0, not 0 / 0
     q = torch.round(x / divisor[:, :, None, None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
@@ -63,12 +65,16 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     save_file(tensors, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    digest = digest_path(path)
-    digest_tmp = digest.with_suffix(".partial-sha256")
-    digest_tmp.write_text(sha256_files([tmp])[0])
-    os.replace(digest_tmp, digest)
+    _write_digest(digest_path(path), sha256_files([tmp])[0])
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _write_digest(sidecar: Path, digest: str) -> None:
+    """A shard's sha256 file, replaced whole (a crash leaves the old file or the new one, never a torn one)."""
+    tmp = sidecar.with_suffix(".partial-sha256")
+    tmp.write_text(digest)
+    os.replace(tmp, sidecar)
 
 
 def digest_path(shard: Path) -> Path:
