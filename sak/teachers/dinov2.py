@@ -37,7 +37,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import timm
 import torch
@@ -59,133 +59,23 @@ from .base import (
     resize_images,
     to_float01,
 )
-from .weights import (
-    WeightsError,
-    bare_name_hint,
-    is_local,
-    load_state_dict,
-    load_strict,
-    local_path,
-    refuse_sha256_without_file,
-    verify_sha256,
+from .dinov2_hf import build_transformers
+from .dinov2_weights import (
+    HUB_TAGS,
+    NATIVE,
+    Built,
+    Source,
+    Weights,
+    choose_registers,
+    infer_source,
+    read_weights,
+    variant_names,
 )
+from .weights import WeightsError, load_state_dict, load_strict, verify_sha256
 
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
-
-PATCH = 14
-NATIVE = 518
-HUB_TAGS = ("hub", "default", "lvd142m")  # Meta's and timm's name for the one pretraining (LVD-142M)
 META_URL = "https://dl.fbaipublicfiles.com/dinov2"
-HF_CONFIGS = {  # the facebook/dinov2-* config.json values, for a weights file that comes without one
-    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
-    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
-    "giant": {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "use_swiglu_ffn": True},
-}
-HF_COMMON = {"image_size": NATIVE, "patch_size": PATCH, "layerscale_value": 1.0, "mlp_ratio": 4, "layer_norm_eps": 1e-6}
-META_ARCH = {"small": "vits14", "base": "vitb14", "large": "vitl14", "giant": "vitg14"}
-Source = Literal["timm", "transformers", "meta"]
 
 
-def variant_names(size: str, registers: bool) -> dict[str, str]:
-    """Each library's name for a size: timm model, transformers hub id, Meta's torch.hub entry."""
-    return {  # Meta's architecture "vit_giant2" is timm's vit_giant_patch14_dinov2
-        "timm": f"vit_{size}_patch14_{'reg4_' if registers else ''}dinov2",
-        "transformers": f"facebook/dinov2-{'with-registers-' if registers else ''}{size}",
-        "meta": f"dinov2_{META_ARCH[size]}{'_reg4' if registers else ''}",
-    }
-
-
-@dataclass
-class Weights:
-    """What `spec.weights` names, read once: a hub tag, a file (its state dict and key layout) or a directory."""
-
-    kind: Literal["random", "tag", "file", "dir"]
-    value: str | None = None
-    path: Path | None = None
-    state: dict[str, Tensor] | None = None
-    layout: Source | None = None
-    digest: str | None = None
-
-    @property
-    def registers(self) -> bool | None:
-        """Whether the checkpoint has register tokens (None when it cannot tell before loading)."""
-        if self.state is None:
-            return None
-        return any(k.endswith(("reg_token", "register_tokens")) for k in self.state)
-
-
-def key_layout(state: dict[str, Tensor], path: Path, what: str) -> Source:
-    """Which library wrote a DINOv2 state dict, from its key names."""
-    keys = set(state)
-    if any(re.match(r"^(dinov2\.)?embeddings\.", k) for k in keys):
-        return "transformers"
-    if keys & {"mask_token", "register_tokens"} or any(".mlp.w12." in k for k in keys):
-        return "meta"
-    if "pos_embed" in keys or any(k.startswith("blocks.") for k in keys):
-        return "timm"
-    raise WeightsError(
-        f"{what}: {str(path)!r} is not a DINOv2 checkpoint written by timm, transformers or Meta "
-        f"(keys e.g. {sorted(keys)[:4]})"
-    )
-
-
-def read_weights(spec: TeacherSpec, what: str) -> Weights:
-    """Classify `spec.weights`; a file is verified against `spec.sha256` and read once."""
-    weights = spec.weights
-    refuse_sha256_without_file(weights, spec.sha256, what)
-    if weights is None:
-        return Weights("random")
-    if not is_local(weights):
-        return Weights("tag", weights)
-    path = local_path(weights, what, directory=True)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise WeightsError(
-                f"{what}: directory {str(path)!r} has no config.json; a directory must be what transformers' "
-                "save_pretrained writes (or a hub snapshot: config.json + model.safetensors). Pass a single "
-                f"checkpoint file directly{bare_name_hint(weights)}."
-            )
-        # every file from_pretrained might read weights from (shards and their index included): the digest is
-        # that of the one file it will read, or none, so that a sha256 is never checked against a file left unread
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
-        single = len(files) == 1 and files[0].name in ("model.safetensors", "pytorch_model.bin")
-        digest = verify_sha256(files[0], spec.sha256, what) if single else None
-        if spec.sha256 and digest is None:
-            raise WeightsError(
-                f"{what}: sha256 needs a directory with one weights file (model.safetensors or pytorch_model.bin) "
-                f"for transformers to read; {str(path)!r} holds {[p.name for p in files]}"
-            )
-        return Weights("dir", weights, path, layout="transformers", digest=digest)
-    digest = verify_sha256(path, spec.sha256, what)
-    state = load_state_dict(path, what)
-    return Weights("file", weights, path, state, key_layout(state, path, what), digest)
-
-
-def choose_registers(wanted: bool | None, found: bool | None, where: str, what: str) -> bool:
-    if wanted is not None and found is not None and wanted != found:
-        has = "has" if found else "has no"
-        raise WeightsError(f"{what}: registers={wanted}, but {where} {has} register tokens; drop the option")
-    return bool(found if found is not None else wanted)
-
-
-@dataclass
-class Built:
-    """A backbone ready to run, and what the teacher's metadata needs from its library."""
-
-    backbone: nn.Module
-    name: str
-    native_size: int
-    weights: str
-    digest: str | None
-    registers: bool
-    resampling: str  # how the position embeddings follow an input size other than the native one
-
-
-# ----------------------------------------------------------------------------------------------
-# backbones: each library's model, levels out as (B, C, h, w)
-# ----------------------------------------------------------------------------------------------
 class TimmBackbone(nn.Module):
     """timm's VisionTransformer through `forward_intermediates` (prefix tokens dropped by timm)."""
 
@@ -202,31 +92,6 @@ class TimmBackbone(nn.Module):
         return maps, final[:, 0]  # final: (B, 1 + R + h*w, C) after the final norm
 
 
-class HFBackbone(nn.Module):
-    """transformers' Dinov2Model / Dinov2WithRegistersModel; `hidden_states[i + 1]` is block i's output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        cfg = model.config
-        self.levels: tuple[int, ...] = ()
-        self.depth = int(cfg.num_hidden_layers)
-        self.width = int(cfg.hidden_size)
-        self.patch_size = int(cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0])
-        self.prefix = 1 + int(getattr(cfg, "num_register_tokens", 0))
-
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        out = self.model(pixel_values=x, output_hidden_states=True)
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        maps = [
-            rearrange(out.hidden_states[i + 1][:, self.prefix :], "b (h w) c -> b c h w", h=h, w=w) for i in self.levels
-        ]
-        return maps, out.pooler_output  # the class token after the final layernorm: (B, C)
-
-
-# ----------------------------------------------------------------------------------------------
-# timm and meta sources
-# ----------------------------------------------------------------------------------------------
 def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str) -> nn.Module:
     """timm's model at input `size`; with a tag, its hub weights, resampled by timm at load if needed."""
     args = {"num_classes": 0, **kwargs, "img_size": size}
@@ -349,123 +214,6 @@ def build_meta(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
         load_strict(net, checkpoint_filter_fn(state, net), w.path, what)  # Meta keys -> timm keys
     rule = "Meta's: bicubic, " + ("antialiased, to size" if reg else "no antialias, scale (n + 0.1) / M")
     return Built(TimmBackbone(net), names["meta"], native, w.value or "random", w.digest, reg, rule + ", once at load")
-
-
-# ----------------------------------------------------------------------------------------------
-# transformers source
-# ----------------------------------------------------------------------------------------------
-def hf_classes(registers: bool) -> tuple[type, type]:
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    return (Dinov2WithRegistersConfig, Dinov2WithRegistersModel) if registers else (Dinov2Config, Dinov2Model)
-
-
-def hf_config(size_name: str, registers: bool, kwargs: dict, beside: Path | None, what: str) -> PretrainedConfig:
-    """A config for weights that come without one: config.json beside the file, else facebook/dinov2-<size>'s
-    values; `model_kwargs` override config fields (unknown fields are errors)."""
-    if beside is not None and (beside / "config.json").is_file():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(beside))
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise WeightsError(f"{what}: {beside / 'config.json'} describes a {config.model_type!r} model, not DINOv2")
-        config_type = type(config)
-    else:
-        config_type, _ = hf_classes(registers)
-        config = config_type(**HF_COMMON, **HF_CONFIGS[size_name])
-    valid = set(config_type().to_dict())
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise ValueError(
-            f"{what}: model_kwargs {unknown} are not {config_type.__name__} fields; valid: {sorted(valid)}"
-        )
-    for key, value in kwargs.items():
-        setattr(config, key, value)
-    return config
-
-
-def check_loading(info: dict, where: str, what: str) -> None:
-    """transformers only warns about missing weights (it initialises them at random): a teacher must not."""
-    missing = sorted(k for k in info["missing_keys"] if not k.endswith("mask_token"))
-    mismatched = sorted(str(k) for k in info["mismatched_keys"])
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("classifier."))
-    if missing or mismatched or unexpected:
-        raise WeightsError(
-            f"{what}: {where} does not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(mismatched)} shape mismatches, e.g. "
-            f"{mismatched[:2]}). Check `size` / `model_kwargs` against the checkpoint."
-        )
-
-
-def load_hf_pretrained(repo: str, kwargs: dict, what: str) -> nn.Module:
-    """`from_pretrained` on a hub id or a save_pretrained directory (both key namings, via transformers)."""
-    from huggingface_hub import constants
-    from transformers import AutoConfig
-
-    if kwargs:
-        raise ValueError(f"{what}: model_kwargs apply to weights without a config.json; {repo!r} brings its own")
-    try:
-        config = AutoConfig.from_pretrained(repo)
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise WeightsError(f"{what}: {repo!r} is a {config.model_type!r} model, not DINOv2")
-        model, info = hf_classes(config.model_type == "dinov2_with_registers")[1].from_pretrained(
-            repo, dtype=torch.float32, output_loading_info=True
-        )
-    except OSError as exc:
-        raise WeightsError(
-            f"{what}: could not load {repo!r} with transformers (looked in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE}, HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): {str(exc).rstrip('.')}. "
-            f"Offline, fetch it elsewhere (`hf download {repo} --local-dir DIR`) and set `weights: DIR`, or pass "
-            "its model.safetensors."
-        ) from exc
-    check_loading(info, repr(repo), what)
-    return model
-
-
-def build_transformers(
-    size_name: str, registers: bool | None, kwargs: dict, spec: TeacherSpec, w: Weights, what: str
-) -> Built:
-    if w.kind == "file" and w.layout != "transformers":
-        raise WeightsError(f"{what}: {w.value!r} has {w.layout}'s key names; use `source: {w.layout}`")
-    if w.kind == "tag" and w.value not in ("hub", "default") and "/" not in w.value:
-        raise WeightsError(
-            f"{what}: source transformers takes a model id such as facebook/dinov2-base, not {w.value!r}"
-        )
-    if w.kind in ("dir", "tag"):
-        name = str(w.path) if w.kind == "dir" else w.value
-        if name in ("hub", "default"):
-            name = variant_names(size_name, bool(registers))["transformers"]
-        model = load_hf_pretrained(name, kwargs, what)
-    else:  # random, or a bare file: config.json beside it, else facebook/dinov2-<size>'s values, + model_kwargs
-        found = w.registers if w.registers is not None else registers
-        beside = w.path.parent if w.kind == "file" else None
-        config = hf_config(size_name, bool(found), kwargs, beside, what)
-        _, model_type = hf_classes(config.model_type == "dinov2_with_registers")
-        if w.kind == "random":
-            model = model_type(config)
-        else:
-            state = dict(w.state)
-            if not any(k.endswith("embeddings.mask_token") for k in state):  # unused at inference; timm drops it
-                state["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)
-            model, info = model_type.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
-            check_loading(info, repr(str(w.path)), what)
-        name = variant_names(size_name, config.model_type == "dinov2_with_registers")["transformers"]
-    reg = choose_registers(registers, model.config.model_type == "dinov2_with_registers", "its config", what)
-    size = model.config.image_size
-    native = int(size if isinstance(size, int) else size[0])
-    antialias = "antialiased" if reg else "no antialias"
-    rule = f"bicubic, {antialias}, to size, at every forward (transformers' interpolate_pos_encoding)"
-    return Built(HFBackbone(model.float().eval()), name, native, w.value or "random", w.digest, reg, rule)
-
-
-def infer_source(weights: Weights) -> Source:
-    """transformers for a config.json directory, transformers-named files and `org/name` ids; meta for Meta's
-    key names; timm otherwise (SAK's choice, and the tags hub / lvd142m)."""
-    if weights.layout is not None:
-        return weights.layout
-    if weights.kind == "tag" and "/" in weights.value:
-        return "transformers"
-    return "timm"
 
 
 BUILDERS = {"timm": build_timm, "transformers": build_transformers, "meta": build_meta}

@@ -1,0 +1,376 @@
+"""Checkpoints and the run directory across starts: exact resume, saving and setting aside, damaged files named,
+recipe changes on resume, and what a finished or stopped run does when started again."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from sak.engine import train
+from sak.engine.checkpoint import latest_checkpoint
+
+from .test_train import logged, weights
+
+
+def test_resume_is_exact(tiny_recipe, tmp_path):
+    """8 steps straight == 4 steps, stop, resume, 4 more: same weights and same logged losses."""
+    common = ["schedule.max_steps=8", "data.num_workers=0", "student.model_kwargs.drop_path_rate=0.1"]
+    straight = tiny_recipe(*common, "run.name=straight")
+    train(straight)
+    split = tiny_recipe(*common, "run.name=split", "run.stop_at=4")
+    assert train(split) == {}
+    assert latest_checkpoint(split.run_dir / "checkpoints").name == "step_00000004"
+    resumed = tiny_recipe(*common, "run.name=split")
+    train(resumed)
+    a, b = weights(straight.run_dir), weights(split.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    assert logged(straight.run_dir) == logged(split.run_dir)
+
+
+def test_resuming_at_run_stop_at_trains_nothing_and_says_how_to_go_on(tiny_recipe, capsys):
+    """The same command again after a stop used to train one more step (and save it) each time."""
+    recipe = tiny_recipe("run.stop_at=2")
+    assert train(recipe) == {}
+    assert "stopped at step 2 (run.stop_at), checkpoint saved; to go on, resume with a higher run.stop_at" in (
+        capsys.readouterr().out
+    )
+    assert train(recipe) == {}
+    assert "at step 2 already, run.stop_at=2: nothing to train" in capsys.readouterr().out
+    assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+    assert sorted(logged(recipe.run_dir)) == [1, 2]
+    train(tiny_recipe("run.stop_at=3"))
+    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000003"
+
+
+def test_saving_a_step_again_keeps_a_complete_copy_at_every_moment(tiny_recipe, monkeypatch):
+    """run.stop_at on a periodic checkpoint's step saves once; a save of a step that exists replaces it by
+    renames, and a kill between them is undone by the next start (clean_partials)."""
+    import os
+
+    from sak.engine import checkpoint
+
+    recipe = tiny_recipe("checkpoint.every=2", "checkpoint.keep_last=1", "run.stop_at=2")
+    saves = []
+    real_save = checkpoint.save_checkpoint
+    monkeypatch.setattr(
+        "sak.engine.trainer.save_checkpoint", lambda *a, **k: saves.append(a[2].step) or real_save(*a, **k)
+    )
+    train(recipe)
+    assert saves == [2]  # the stop did not save step 2 a second time
+    root = recipe.run_dir / "checkpoints"
+    kept = latest_checkpoint(root)
+    # a second save of step 2, killed right after the old copy was set aside
+    real_replace, calls = os.replace, []
+
+    def killed(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    from accelerate import Accelerator
+
+    state = checkpoint.TrainState(step=2)
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(1, 1))
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(accelerator, root, state, {}, keep_last=1)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert latest_checkpoint(root) is None  # step 2 is set aside, its replacement never arrived...
+    checkpoint.clean_partials(root)
+    assert latest_checkpoint(root) == kept and (kept / "model.safetensors").is_file()  # ...and is put back
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+def test_a_fresh_run_sets_another_runs_checkpoints_aside(tiny_recipe):
+    """resume: never in a run directory with checkpoints: they are moved out of the new run's way (not
+    deleted), so pruning keeps the new run's own and resume: auto continues the new run."""
+    train(tiny_recipe("schedule.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=2"))
+    recipe = tiny_recipe("schedule.max_steps=6", "checkpoint.every=2", "checkpoint.resume=never", "run.stop_at=2")
+    train(recipe)
+    root = recipe.run_dir / "checkpoints"
+    assert latest_checkpoint(root).name == "step_00000002"
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "final_metrics.json",
+        "metrics.jsonl",
+        "step_00000004",
+        "step_00000006",
+    ]
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=4")
+    train(recipe)
+    with open(recipe.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # killed mid-line
+    train(tiny_recipe("checkpoint.every=2"))
+    assert sorted(logged(recipe.run_dir)) == list(range(1, 9))
+
+
+def test_a_partial_evaluation_does_not_move_the_accumulation_boundaries(tiny_recipe):
+    """3 batches an epoch, grad_accum 2, an evaluation of 1 batch after every step: each step takes the same
+    micro-batches as without evaluation (an evaluation stopped early used to leave its loader registered with
+    Accelerate, which then missed the training epoch's end and made a step span two epochs)."""
+    common = ["data.options.length=12", "optim.grad_accum=2", "schedule.max_steps=4", "logging.sample_ids=true",
+              "eval.every=1", "schedule.warmup_steps=0"]  # fmt: skip
+    steps = {}
+    for batches in (0, 1):
+        recipe = tiny_recipe(f"run.name=eval{batches}", f"eval.batches={batches}", *common)
+        train(recipe)
+        rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+        steps[batches] = [r["step"] for r in rows]
+    assert steps[1] == steps[0] == [1, 1, 2, 3, 3, 4], steps
+
+
+def test_the_git_revision_is_this_checkouts_and_none_for_a_copy_inside_another_repository(tmp_path):
+    """A copy of sak installed inside another project's repository must not report that project's revision."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sak.engine.logging import git_revision
+    from tests.conftest import REPO
+
+    if (REPO / ".git").exists():  # a checkout (CI clones one): its own revision
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert git_revision().split("+")[0] == head
+    other = tmp_path / "project"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    git = ["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "other project"], check=True)
+    shutil.copytree(REPO / "sak", other / "venv" / "sak")
+    code = "from sak.engine.logging import git_revision; print(git_revision())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=other / "venv", capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_each_start_is_recorded_and_a_changed_recipe_on_resume_is_named(tiny_recipe, capsys):
+    """recipe.yaml and run_info.json describe the latest start; starts.jsonl keeps every start's, so a number
+    logged before a resume still traces to the recipe that made it, and the resume says what changed."""
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=2")
+    train(recipe)
+    train(tiny_recipe("checkpoint.every=2", "optim.lr=5.0e-2"))
+    starts = [json.loads(x) for x in (recipe.run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["recipe"]["optim"]["lr"] for s in starts] == [1e-3, 5e-2]
+    assert all("git_revision" in s and "command" in s for s in starts)
+    out = capsys.readouterr()
+    assert (
+        "the recipe (or the cache it reads) differs from the one" in out.out + out.err
+        and "optim.lr: 0.001 -> 0.05" in out.out + out.err
+    )
+    assert (
+        "run.stop_at" not in (out.out + out.err).split("the recipe (or the cache it reads) differs")[1].split("\n")[0]
+    )
+
+
+def test_resuming_into_another_student_is_one_error_naming_the_misfit_and_the_changes(tiny_recipe, capsys):
+    """Not accelerate's load_state RuntimeError with a line per tensor: what does not fit, and which recipe
+    values changed since the checkpoint."""
+    train(tiny_recipe("checkpoint.every=2", "run.stop_at=2"))
+    with pytest.raises(ValueError) as exc:
+        train(tiny_recipe("checkpoint.every=2", "student.model_kwargs.embed_dim=48"))
+    message = str(exc.value)
+    assert message.startswith("cannot resume from ") and "step_00000002" in message
+    assert "size mismatch for stem.vit.cls_token" in message and "student.model_kwargs.embed_dim: 32 -> 48" in message
+    assert "Start a new run instead" in message and "\n" not in message
+
+
+def test_a_refused_resume_leaves_the_runs_recipe_as_it_was(tiny_recipe):
+    """recipe.yaml and run_info.json describe the start that trained: a resume refused (here, another student)
+    does not overwrite them, so `sak export <run>/recipe.yaml` still builds the student of its weights."""
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=2")
+    train(recipe)
+    files = {name: (recipe.run_dir / name).read_text() for name in ("recipe.yaml", "run_info.json", "starts.jsonl")}
+    with pytest.raises(ValueError, match="cannot resume from"):
+        train(tiny_recipe("checkpoint.every=2", "student.model_kwargs.embed_dim=48"))
+    assert {name: (recipe.run_dir / name).read_text() for name in files} == files
+
+
+def test_an_optimiser_state_of_other_trainable_parameters_is_a_misfit_not_a_damaged_file(tiny_recipe):
+    """student.freeze=stem leaves other parameter groups: the optimiser's load_state_dict ValueError was reported
+    as a damaged file, with advice to resume from an earlier checkpoint, which fails alike."""
+    train(tiny_recipe("checkpoint.every=2", "run.stop_at=2"))
+    with pytest.raises(ValueError) as exc:
+        train(tiny_recipe("checkpoint.every=2", "student.freeze=stem"))
+    message = str(exc.value)
+    assert "its optimiser state does not fit this recipe's trainable parameters" in message
+    assert "student.freeze: 'none' -> 'stem'" in message and "damaged" not in message
+
+
+def test_a_resume_with_other_optimiser_settings_trains_with_them(tiny_recipe):
+    """The optimiser's state_dict brings back the saved run's lr, weight decay, betas and eps, and the
+    scheduler's its base learning rates: without putting the recipe's back, steps 3-8 ran at lr 1e-3 while
+    recipe.yaml and starts.jsonl said 1e-5."""
+    common = ["checkpoint.every=2", "schedule.name=constant", "schedule.warmup_steps=0"]
+    recipe = tiny_recipe(*common, "run.stop_at=2")
+    train(recipe)
+    changed = [*common, "optim.lr=1.0e-5", "optim.weight_decay=0.5", "optim.betas=[0.8, 0.9]", "optim.eps=1.0e-6"]
+    train(tiny_recipe(*changed))
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [1e-3] * 2 + [1e-5] * 6
+    saved = torch.load(recipe.run_dir / "checkpoints" / "step_00000008" / "optimizer.bin", weights_only=True)
+    groups = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps")} for g in saved["param_groups"]]
+    assert groups == [
+        {"lr": 1e-5, "initial_lr": 1e-5, "weight_decay": wd, "betas": (0.8, 0.9), "eps": 1e-6} for wd in (0.5, 0.0)
+    ]
+
+
+def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_recipe, tmp_path):
+    """An older run's recipe.yaml lacks keys added since (e.g. student.grad_checkpointing): at their defaults
+    they are not reported as changed; set to something else, they are."""
+    from sak.engine.trainer import recipe_changes
+
+    recipe = tiny_recipe("schedule.max_steps=1")
+    train(recipe)
+    saved = yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())
+    del saved["student"]["grad_checkpointing"]
+    del saved["teachers"][1]["normalization"]  # inside a list of sections too
+    saved["teachers"][0] = dict(reversed(saved["teachers"][0].items()))  # (a hand-edited order is no change)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert recipe_changes(tmp_path / "recipe.yaml", recipe) == []
+    changed = tiny_recipe(
+        "schedule.max_steps=1",
+        "student.grad_checkpointing=true",
+        "teachers.1.normalization=imagenet",
+        "teachers.0.image_size=70",
+    )
+    assert recipe_changes(tmp_path / "recipe.yaml", changed) == [
+        "student.grad_checkpointing: None -> True",
+        "teachers.0.image_size: None -> 70",
+        "teachers.1.normalization: None -> 'imagenet'",
+    ]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json", "random_states_0.pkl"])
+def test_a_damaged_checkpoint_is_named_with_the_one_before_to_resume_from(victim, tiny_recipe):
+    """A file of the latest checkpoint cut short (a disk fault, a copy that stopped): one error naming the
+    checkpoint, what could not be read and the earlier checkpoint, which then resumes."""
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["checkpoint.every=1", "checkpoint.keep_last=2", "schedule.max_steps=3"]
+    train(tiny_recipe(*common, "run.stop_at=2"))
+    ckpts = tiny_recipe(*common).run_dir / "checkpoints"
+    file = ckpts / "step_00000002" / victim
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    with pytest.raises(CheckpointError) as exc:
+        train(tiny_recipe(*common))
+    message = str(exc.value)
+    assert message.startswith(f"cannot resume from {ckpts / 'step_00000002'}: a file of it is damaged or unreadable (")
+    assert f"checkpoint.resume={ckpts / 'step_00000001'}" in message and "\n" not in message
+    train(tiny_recipe(*common, f"checkpoint.resume={ckpts / 'step_00000001'}"))
+    assert 3 in logged(tiny_recipe(*common).run_dir) and (ckpts / "step_00000003").is_dir()
+
+
+def test_resuming_with_loss_normalize_turned_on_since_is_named(tiny_recipe):
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["checkpoint.every=1", "schedule.max_steps=3"]
+    train(tiny_recipe(*common, "run.stop_at=1"))
+    with pytest.raises(CheckpointError, match="holds no target statistics, as its run had loss.normalize none"):
+        train(tiny_recipe(*common, "loss.normalize=standardize"))
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_recipe, capsys):
+    """Pruning keeps the highest steps: after a resume from step 2 of a run that reached step 6, it used to
+    delete the new step-4 checkpoint and keep the abandoned step 6, which `resume: auto` then continued."""
+    common = ["schedule.max_steps=10", "checkpoint.every=2"]
+    train(tiny_recipe(*common, "run.stop_at=6", "checkpoint.keep_last=3"))
+    root = tiny_recipe().run_dir / "checkpoints"
+    train(
+        tiny_recipe(*common, "run.stop_at=4", "checkpoint.keep_last=1", f"checkpoint.resume={root / 'step_00000002'}")
+    )
+    assert latest_checkpoint(root).name == "step_00000004"
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("abandoned-")]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]  # the abandoned line
+    assert f"the checkpoints after step 2 in {root} moved to {aside}" in capsys.readouterr().out
+    train(tiny_recipe(*common, "checkpoint.keep_last=1"))
+    assert sorted(logged(tiny_recipe().run_dir)) == list(range(1, 11))  # one line of training, each step once
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tiny_recipe):
+    """Each process's place in the epoch and its random states would differ: the resume would repeat data."""
+    from sak.engine.checkpoint import CheckpointError
+
+    train(tiny_recipe("run.stop_at=2"))
+    ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
+    (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
+    with pytest.raises(CheckpointError, match="written by 2 process.* this run has 1; an exact resume needs the same"):
+        train(tiny_recipe())
+
+
+def test_a_finished_run_started_again_returns_its_final_metrics_and_logs_nothing_new(tiny_recipe, capsys):
+    """The metrics come from the final checkpoint (saved with it, in one whole), not from the run directory's
+    final_metrics.json, which a fresh start or a kill could leave from another run; a longer schedule trains on."""
+    recipe = tiny_recipe("schedule.max_steps=2")
+    final = train(recipe)
+    lines = (recipe.run_dir / "metrics.jsonl").read_text()
+    (recipe.run_dir / "final_metrics.json").write_text('{"val/loss": 1')  # torn, or another run's
+    assert train(tiny_recipe("schedule.max_steps=2")) == final
+    assert "finished already, at step 2 (final metrics in" in capsys.readouterr().out
+    assert (recipe.run_dir / "metrics.jsonl").read_text() == lines
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == final  # the checkpoint's, again
+    # started again with a shorter schedule: says so, and recipe.yaml stays the recipe that trained it
+    (recipe.run_dir / "final_metrics.json").unlink()  # (a kill between the final checkpoint and this file)
+    assert train(tiny_recipe("schedule.max_steps=1")) == final
+    assert "finished already, at step 2 (this recipe asks for 1)" in capsys.readouterr().out
+    assert yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())["schedule"]["max_steps"] == 2
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == final
+    longer = train(tiny_recipe("schedule.max_steps=3"))
+    assert sorted(logged(recipe.run_dir)) == [1, 2, 3] and longer != final
+    assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == longer
+
+
+def test_sample_records_of_steps_lost_to_a_crash_are_dropped_on_resume(tiny_recipe):
+    """A run that trained past its last checkpoint and died: the resume trains those steps again, and each
+    step's ids are recorded once, as its metrics are. A fresh start sets the old records aside with the
+    checkpoints."""
+    common = ["schedule.max_steps=4", "checkpoint.every=2", "logging.sample_ids=true"]
+    recipe = tiny_recipe(*common, "run.stop_at=3")
+    train(recipe)
+    root = recipe.run_dir / "checkpoints"
+    import shutil
+
+    shutil.rmtree(root / "step_00000003")  # as if killed after step 3, before any checkpoint of it
+    records = recipe.run_dir / "samples" / "rank0.jsonl"
+    with open(records, "a") as f:
+        f.write('{"step": 4, "ids": ["0000')  # and killed while writing a record
+    train(tiny_recipe(*common))
+    steps = [json.loads(line)["step"] for line in records.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    train(tiny_recipe(*common, "checkpoint.resume=never", "run.stop_at=1"))
+    assert [json.loads(line)["step"] for line in records.read_text().splitlines()] == [1]
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
+    assert (aside / "samples" / "rank0.jsonl").read_text().count("\n") == 4 and (aside / "metrics.jsonl").is_file()
+
+
+def test_a_stage_2_run_resumes_without_its_init_from_source(tiny_recipe, tmp_path):
+    """The checkpoint holds the weights once the run has started: the stage-1 run may be gone by then."""
+    import shutil
+
+    from ..conftest import TESTS
+
+    TINY_MULTITASK = TESTS / "tiny_multitask.yaml"
+
+    stage1 = tiny_recipe("run.name=stage1", "schedule.max_steps=1")
+    train(stage1)
+    common = ["run.name=stage2", "schedule.max_steps=3", f"checkpoint.init_from={stage1.run_dir}"]
+    train(tiny_recipe(*common, "run.stop_at=2", path=TINY_MULTITASK))
+    shutil.rmtree(stage1.run_dir)
+    train(tiny_recipe(*common, path=TINY_MULTITASK))
+    assert sorted(logged(tmp_path / "stage2")) == [1, 2, 3]
+
+
+def test_a_damaged_recipe_copy_in_a_checkpoint_is_named(tiny_recipe):
+    from sak.engine.checkpoint import CheckpointError
+
+    train(tiny_recipe("run.stop_at=2"))
+    ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
+    for text in ("teachers: [oops", "- a\n- list\n"):
+        (ckpt / "recipe.yaml").write_text(text)
+        with pytest.raises(CheckpointError, match=f"cannot resume from {ckpt}: a file of it is damaged"):
+            train(tiny_recipe())
