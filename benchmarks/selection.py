@@ -102,11 +102,14 @@ def run_teacher(name: str, settings: dict, data: dict, args: argparse.Namespace)
                 row = {"method": method, "budget": budget, "seed": seed, "seconds": time.perf_counter() - t0}
                 labels = data["pool_y"][chosen]
                 row["classes"] = len(set(labels.tolist()))
-                row["acc_pixels"] = accuracy(data["pool_x"][chosen], labels, data["test_x"], data["test_y"])
+                if "pixels" in args.downstream:
+                    row["acc_pixels"] = accuracy(data["pool_x"][chosen], labels, data["test_x"], data["test_y"])
                 if global_test is not None:
                     row["acc_teacher"] = accuracy(global_pool[chosen], labels, global_test, data["test_y"])
                 runs.append(row)
-    full = {"acc_pixels": accuracy(data["pool_x"], data["pool_y"], data["test_x"], data["test_y"])}
+    full = {}
+    if "pixels" in args.downstream:
+        full["acc_pixels"] = accuracy(data["pool_x"], data["pool_y"], data["test_x"], data["test_y"])
     if global_test is not None:
         full["acc_teacher"] = accuracy(global_pool, data["pool_y"], global_test, data["test_y"])
     meta = teacher.meta
@@ -170,7 +173,7 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict) -> str:
             lines.append(
                 f"| full pool ({env['pool']}) | {100 * result['full_pool'][key]:.1f} |" + " |" * (len(args.budgets) - 1)
             )
-        sampling = summarise(result, "acc_pixels")
+        sampling = summarise(result, "acc_pixels" if "acc_pixels" in result["full_pool"] else "acc_teacher")
         times = ", ".join(f"{m} {max(sampling[(m, b)]['seconds'] for b in args.budgets):.2f} s" for m in args.methods)
         lines += ["", f"Feature pass over the pool: {result['feature_seconds']:.1f} s. "
                       f"Sampling time at the largest budget: {times}."]  # fmt: skip
@@ -185,17 +188,19 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, result in zip(axes[0], results, strict=True):
-        table = summarise(result, "acc_pixels")
+        key = "acc_pixels" if "acc_pixels" in result["full_pool"] else "acc_teacher"
+        table = summarise(result, key)
         for method in args.methods:
             mean = [100 * table[(method, b)]["mean"] for b in args.budgets]
             std = [100 * table[(method, b)]["std"] for b in args.budgets]
             ax.errorbar(args.budgets, mean, yerr=std, marker="o", capsize=3, label=method)
-        ax.axhline(100 * result["full_pool"]["acc_pixels"], color="grey", linestyle=":", label="full pool")
+        ax.axhline(100 * result["full_pool"][key], color="grey", linestyle=":", label="full pool")
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(args.budgets, [str(b) for b in args.budgets])
         ax.set_xlabel("labelled images (budget)")
-        ax.set_ylabel("test accuracy (%), logistic regression on pixels")
+        on = "pixels" if key == "acc_pixels" else "the teacher's global features"
+        ax.set_ylabel(f"test accuracy (%), logistic regression on {on}")
         ax.set_title(f"digits, selected with {result['teacher']}")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -108,7 +108,7 @@ class SakDataset(Dataset):
 def read_manifest(path: str) -> list[str]:
     """Image ids, one per line; blank lines and `#` comments ignored."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # as `sak select` writes it, whatever the locale
             ids = [line.split("#", 1)[0].strip() for line in f]
     except OSError as exc:
         raise FileNotFoundError(f"data.subset: cannot read manifest {path!r}: {exc.strerror}") from exc

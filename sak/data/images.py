@@ -94,12 +94,20 @@ def list_image_files(
     "/" separators ("n01440764/n01440764_10026"). `image_folder` and `sak select` both list folders here,
     so their ids agree.
 
+    A folder reached a second time through a symbolic link (a link to a folder above it, or a second link to
+    one folder) is listed once, where the walk (in sorted order) first reaches it.
+
     Raises:
         ValueError: two files whose paths differ only by extension (they would share an id).
     """
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    files = []
+    files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow_links):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a link (a loop would never end)
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
     by_id: dict[str, str] = {}

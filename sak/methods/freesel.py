@@ -293,11 +293,24 @@ def semantic_patterns(
     options: PatternOptions,
     dtype: torch.dtype | None = None,
     sizes: list[tuple[int, int]] | None = None,
+    ids: list[str] | None = None,
 ) -> tuple[list[Tensor], Tensor, str]:
     """Preprocessed images (B, 3, H, W) at pool positions `indices` -> per-image patterns (m_i <= k, C),
     global features (B, C) and the filter used ("attention" or "norm"). `sizes`: the images' (H, W) before
-    preprocessing, so that letterbox padding is left out of both (see `valid_tokens`)."""
+    preprocessing, so that letterbox padding is left out of both (see `valid_tokens`); `ids`: the images'
+    ids, for errors.
+
+    Raises:
+        SelectionError: the teacher gave a non-finite feature or filter weight for an image (one NaN would
+            spread to every distance, turning the sampling into a uniform draw).
+    """
     feats, weights, used, valid = patch_tokens(teacher, x, options, dtype, sizes)
+    finite = feats.isfinite().flatten(1).all(1) & weights.isfinite().flatten(1).all(1)  # (B,)
+    if not bool(finite.all()):
+        bad = [(ids or indices)[i] for i in (~finite).nonzero().flatten().tolist()]
+        hint = f" computed in {str(dtype).removeprefix('torch.')}: try --dtype fp32" if dtype is not None else ""
+        raise SelectionError(f"teacher {teacher.meta.name} gave non-finite features (nan or inf) for image(s) "
+                             f"{bad[:5]}{hint}")  # fmt: skip
     keep = top_share_mask(weights, options.keep) & valid  # & valid: with keep=1 zero weights would pass too
     uniforms = image_uniforms(indices, options.k, options.seed)
     patterns = batched_kmeans(feats, keep, options.k, uniforms, options.kmeans_iters)
@@ -352,10 +365,11 @@ def extract_features(
             indices = mine[len(rows) : len(rows) + len(batch["id"])]  # positions in the pool
             x = preprocess_batch(teacher, batch["image"], state.device)
             sizes = [tuple(im.shape[-2:]) for im in batch["image"]]
-            patterns, global_features, how = semantic_patterns(teacher, x, indices, options, dtype, sizes)
+            ids = [str(i) for i in batch["id"]]
+            patterns, global_features, how = semantic_patterns(teacher, x, indices, options, dtype, sizes, ids)
             used.add(how)
-            for i, image_id, p, g in zip(indices, batch["id"], patterns, global_features, strict=True):
-                rows.append(ImageFeatures(i, str(image_id), p, g))
+            for i, image_id, p, g in zip(indices, ids, patterns, global_features, strict=True):
+                rows.append(ImageFeatures(i, image_id, p, g))
     if state.num_processes > 1:
         rows, used = gather_object(rows), set(gather_object(sorted(used)))
     rows.sort(key=lambda r: r.index)
@@ -457,8 +471,8 @@ def select(args: argparse.Namespace) -> int:
     pool, ids = open_pool(args.pool, args.sets)
     budget = resolve_budget(args.budget, len(pool))
     check_writable(args.out)  # before the feature pass, not after it
-    if args.seed < 0:  # (numpy's own error would not name the flag)
-        raise SelectionError(f"--seed must be 0 or more, got {args.seed}")
+    if not 0 <= args.seed < 2**32:  # what numpy's and Accelerate's seeding take (their errors name no flag)
+        raise SelectionError(f"--seed must be from 0 to 2**32 - 1, got {args.seed}")
     if ids is not None:
         check_ids(ids)
     options = PatternOptions(block=args.block, keep=args.keep, k=args.k, filter=args.filter, seed=args.seed)
@@ -518,11 +532,11 @@ def worker_message(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sak.methods.freesel ...` (and `accelerate launch -m sak.methods.freesel ...`): `sak select`."""
-    parser = argparse.ArgumentParser(prog="sak")
-    add_select_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["select", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m sak.methods.freesel ...` (and `accelerate launch -m sak.methods.freesel ...`): `sak select`,
+    through the `sak` command's own parser and error reporting (one line and status 2 for bad input)."""
+    from ..cli import main as sak_main
+
+    return sak_main(["select", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_fi
 
 METRICS = ("cosine", "euclidean")
 METHODS = ("freesel", "farthest", "kcenter", "random")
+MULTINOMIAL_MAX = 2**24  # the most categories torch.multinomial draws from
 
 
 class SelectionError(ValueError):
@@ -93,6 +94,10 @@ class NearestSelected:
             raise SelectionError(f"unknown distance {metric!r}; expected one of {METRICS}")
         if not patterns or any(p.ndim != 2 or len(p) == 0 for p in patterns):
             raise SelectionError("every image needs at least one pattern, a (m, C) tensor")
+        bad = [i for i, p in enumerate(patterns) if not torch.isfinite(p).all()]
+        if bad:
+            raise SelectionError(f"the patterns of image(s) {bad[:5]} (pool positions) are not finite (nan or inf): "
+                                 "every distance to them would be nan")  # fmt: skip
         counts = torch.tensor([len(p) for p in patterns])
         self.points = torch.cat(list(patterns)).to(device=device, dtype=torch.float32)  # (P, C)
         if metric == "cosine":
@@ -161,7 +166,12 @@ def d2_sampling(
         weight = cover.dist.double().square().cpu()  # (P,); zero on the selected images' patterns
         total = float(weight.sum())
         if total > 0 and math.isfinite(total):
-            pattern = int(torch.multinomial(weight / total, 1, generator=generator))
+            if len(weight) <= MULTINOMIAL_MAX:
+                pattern = int(torch.multinomial(weight / total, 1, generator=generator))
+            else:  # torch.multinomial takes at most 2**24 categories: the same draw by inverse CDF
+                cdf = weight.cumsum(0)
+                u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+                pattern = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
             image = int(cover.owner[pattern])
         else:
             rest = cover.untaken()
@@ -193,6 +203,11 @@ def check_ids(ids: Sequence[str]) -> None:
     for i in ids:
         if not i or "#" in i or i != i.strip() or "\n" in i or "\r" in i:
             raise SelectionError(f"image id {i!r} cannot be written to a manifest (no '#', line breaks or edge blanks)")
+        try:
+            i.encode("utf-8")
+        except UnicodeEncodeError:  # a file name in another encoding than the file system's (os.fsdecode)
+            raise SelectionError(f"image id {i!r} is not valid text (a file name in another encoding than UTF-8); "
+                                 "a manifest is UTF-8: rename the file") from None  # fmt: skip
     twice = repeated(list(ids))
     if twice:
         raise SelectionError(f"the pool gives the image id(s) {twice[:5]} to more than one image; a manifest names "
@@ -200,9 +215,13 @@ def check_ids(ids: Sequence[str]) -> None:
 
 
 def check_writable(path: str | Path) -> None:
-    """Refuse an output path that is a folder, before any work."""
-    if Path(path).is_dir():
+    """Refuse an output path that is a folder, or lies under a file, before any work."""
+    path = Path(path)
+    if path.is_dir():
         raise SelectionError(f"--out {str(path)!r} is a folder; give the manifest file's path")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise SelectionError(f"--out {str(path)!r} lies under {str(above)!r}, which is a file, not a folder")
 
 
 def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] = ()) -> Path:
@@ -220,7 +239,8 @@ def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] =
     lines = [f"# {part}" for h in header for part in (str(h).splitlines() or [""])] + list(ids)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        tmp.write_text("\n".join(lines) + "\n")
+        # the header may quote a --pool path that is no valid text; the ids are checked above
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -53,6 +53,16 @@ def test_folder_lists_images_sorted_recursively_and_ignores_classes(tree):
     assert len(folder(tree, split_subdir=False)) == 10  # both splits when reading the whole root
 
 
+def test_a_folder_reached_again_through_a_link_is_listed_once(tree):
+    """A link to a folder above it listed its images again under ever longer ids until the OS's link limit,
+    and a second link to one folder listed its images twice: the same photograph under two ids."""
+    train = tree / "train"
+    (train / "n01440764" / "up").symlink_to(train, target_is_directory=True)  # a loop
+    (train / "again").symlink_to(train / "n02102040", target_is_directory=True)  # an alias, sorted first
+    assert folder(tree).ids == ["again/n02102040_0", "again/n02102040_1", "n01440764/n01440764_0",
+                                "n01440764/n01440764_1", "n01440764/n01440764_2"]  # fmt: skip
+
+
 def test_folder_training_crops_are_reproducible_and_eval_is_a_centre_crop(tree):
     a, b = folder(tree)[3]["image"], folder(tree)[3]["image"]
     assert torch.equal(a, b)

@@ -17,13 +17,6 @@ from sak.data.base import DatasetSpec
 from sak.methods import (
     ImageFolderPool,
     SelectionError,
-    d2_sampling,
-    farthest_point_sampling,
-    kcenter_greedy,
-    random_subset,
-    resolve_budget,
-    select_indices,
-    write_manifest,
 )
 from sak.methods.freesel import (
     PatternOptions,
@@ -218,6 +211,18 @@ def test_letterbox_padding_tokens_are_left_out_of_patterns_and_global_features()
         torch.testing.assert_close(global_features[b], feats[b][valid[b]].mean(0))
 
 
+def test_a_teacher_giving_nan_for_an_image_is_named_not_sampled_around():
+    """A nan feature or filter weight (as fp16 can give on large models) is refused naming the image: it made
+    every distance nan, or left the image without a kept patch ("every image needs at least one pattern")."""
+    teacher = tiny_vit_teacher().eval()
+    x = teacher.preprocess(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    x[1, :, :8, :8] = float("nan")  # one patch of the second image
+    with pytest.raises(SelectionError, match=r"gave non-finite features \(nan or inf\) for image\(s\) \['b'\]"):
+        semantic_patterns(teacher, x, [0, 1, 2], PatternOptions(), ids=["a", "b", "c"])
+    with pytest.raises(SelectionError, match=r"for image\(s\) \[1\] computed in float16: try --dtype fp32"):
+        semantic_patterns(teacher, x, [0, 1, 2], PatternOptions(), dtype=torch.float16)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-image k-means
 # ----------------------------------------------------------------------------------------------------
@@ -251,107 +256,8 @@ def test_kmeans_seeding_depends_on_seed_and_image_not_on_the_batch():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Samplers
+# Pools
 # ----------------------------------------------------------------------------------------------------
-def corners_and_centre() -> list[torch.Tensor]:
-    """20 images with patterns near the origin, and 4 whose one pattern sits at a far corner."""
-    g = torch.Generator().manual_seed(0)
-    centre = [torch.randn(3, 2, generator=g) * 0.1 for _ in range(20)]
-    corners = [torch.tensor([[sx * 10.0, sy * 10.0]]) for sx in (-1, 1) for sy in (-1, 1)]
-    return centre + corners
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_farthest_point_picks_the_extreme_points(seed):
-    order = farthest_point_sampling(corners_and_centre(), budget=5, seed=seed, metric="euclidean")
-    assert {20, 21, 22, 23} <= set(order) and len(set(order)) == 5
-
-
-def test_an_image_is_as_far_as_its_farthest_pattern():
-    """After A, B (one pattern 7.07 away, one at 0) must beat C (4 away): the max rule, not the mean (3.5)."""
-    sets = [torch.tensor([[0.0, 0.0], [0.1, 0.0]]), torch.tensor([[0.0, 0.1], [5.0, 5.0]]), torch.tensor([[4.0, 0.0]])]
-    orders = [farthest_point_sampling(sets, 2, seed=s, metric="euclidean") for s in range(10)]
-    after_a = [order[1] for order in orders if order[0] == 0]
-    assert after_a and all(i == 1 for i in after_a)
-
-
-def test_kcenter_greedy_picks_the_extreme_points_of_global_features():
-    features = torch.cat([torch.randn(20, 2) * 0.1, torch.tensor([[9.0, 0.0], [-9.0, 0.0], [0.0, 9.0]])])
-    assert {20, 21, 22} <= set(kcenter_greedy(features, 4, seed=2, metric="euclidean"))
-
-
-def test_d2_sampling_is_reproducible_per_seed_and_differs_across_seeds():
-    g = torch.Generator().manual_seed(0)
-    patterns = [torch.randn(4, 16, generator=g) for _ in range(60)]
-    first = d2_sampling(patterns, 15, seed=0)
-    assert first == d2_sampling(patterns, 15, seed=0)
-    assert len(set(first)) == 15
-    others = {tuple(d2_sampling(patterns, 15, seed=s)) for s in range(1, 5)}
-    assert len(others | {tuple(first)}) == 5
-    assert d2_sampling(patterns, 8, seed=0) == first[:8], "a smaller budget is a prefix of a larger one"
-
-
-def test_d2_sampling_favours_uncovered_images_and_handles_duplicates():
-    far_hits = sum(20 in d2_sampling(corners_and_centre()[:20] + [torch.tensor([[30.0, 0.0]])], 2, seed=s,
-                                     metric="euclidean") for s in range(20))  # fmt: skip
-    assert far_hits >= 19
-    same = [torch.ones(2, 3) for _ in range(5)]  # every distance zero after the first pick: uniform fallback
-    assert sorted(d2_sampling(same, 5, seed=0)) == [0, 1, 2, 3, 4]
-
-
-def test_random_subset_is_a_seeded_permutation_prefix():
-    assert random_subset(50, 10, seed=1) == random_subset(50, 10, seed=1) != random_subset(50, 10, seed=2)
-    assert random_subset(50, 5, seed=1) == random_subset(50, 10, seed=1)[:5]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Budgets and manifests
-# ----------------------------------------------------------------------------------------------------
-def test_budget_as_count_or_percent_and_the_errors():
-    assert resolve_budget("7", 20) == 7 and resolve_budget(20, 20) == 20
-    assert resolve_budget("25%", 12) == 3 and resolve_budget("0.1%", 12) == 1
-    # halves round up, exactly from the decimal text (round() would give 2 for 2.5: half to even)
-    assert [resolve_budget("10%", n) for n in (25, 35, 24)] == [3, 4, 2]
-    assert resolve_budget("12.5%", 20) == 3 and resolve_budget("0.5%", 300) == 2
-    with pytest.raises(SelectionError, match=r"budget 21 is larger than the pool, which holds 20 images"):
-        resolve_budget("21", 20)
-    for bad, message in [("0", "at least one"), ("150%", r"\(0, 100\]"), ("many", "neither a count")]:
-        with pytest.raises(SelectionError, match=message):
-            resolve_budget(bad, 20)
-    with pytest.raises(SelectionError, match="unknown selection method"):
-        select_indices("coreset", 2, 5)
-
-
-def test_manifest_round_trips_into_a_dataset_subset(tmp_path):
-    dataset = build_dataset("synthetic", DatasetSpec(split="train", image_size=32), {"length": 20})
-    chosen = random_subset(len(dataset.ids), 6, seed=0)
-    path = write_manifest(tmp_path / "m.txt", [dataset.ids[i] for i in chosen], ["made by a test"])
-    assert read_manifest(str(path)) == [dataset.ids[i] for i in chosen]
-    assert apply_subset(dataset.ids, str(path)) == [dataset.ids[i] for i in chosen]
-    with pytest.raises(SelectionError, match="cannot be written"):
-        write_manifest(tmp_path / "bad.txt", ["a#b"])
-
-
-def test_a_manifest_is_written_whole_with_commented_headers_and_ids_it_can_hold(tmp_path, monkeypatch):
-    """A header with a line break wrote its second line as an id; an id with a carriage return read back as
-    two; an id twice (skip_bad's stand-in) was kept; and a write cut short left a shorter manifest."""
-    path = write_manifest(tmp_path / "m.txt", ["a", "b"], ["sak select --set data.options={length:\n  10}"])
-    assert read_manifest(str(path)) == ["a", "b"] and path.read_text().count("# ") == 2
-    for bad, why in ((["scan\rA"], "line breaks"), (["a", "b", "a"], r"id\(s\) \['a'\] to more than one image")):
-        with pytest.raises(SelectionError, match=why):
-            write_manifest(tmp_path / "bad.txt", bad)
-    with pytest.raises(SelectionError, match="is a folder"):
-        write_manifest(tmp_path, ["a"])
-
-    def cut(src, dst):
-        raise OSError(27, "File too large")
-
-    monkeypatch.setattr("sak.methods.selection.os.replace", cut)
-    with pytest.raises(OSError, match="File too large"):
-        write_manifest(path, ["c", "d", "e"])
-    assert read_manifest(str(path)) == ["a", "b"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.txt"]
-
-
 def test_folder_pool_ids_are_sorted_relative_paths(png_pool, tmp_path):
     pool = ImageFolderPool(png_pool)
     assert pool.ids == sorted([f"noise{i}" for i in range(6)] + [f"stripes/s{i}" for i in range(6)])
@@ -472,6 +378,17 @@ def test_a_stray_key_value_is_not_taken_for_a_set_override(png_pool, tmp_path, c
     with pytest.raises(SystemExit):
         sak_main(["select", "--pool", str(png_pool), "--budget", "2", "--out", str(tmp_path / "m.txt"), "a=b"])
     assert "unrecognized arguments: a=b" in capsys.readouterr().err
+
+
+def test_the_module_command_reports_bad_input_as_sak_select_does(png_pool, tmp_path, capsys):
+    """`python -m sak.methods.freesel` (what `accelerate launch -m` runs) printed tracebacks for an unknown
+    teacher or a --seed numpy cannot take; it goes through `sak`'s own error reporting now."""
+    args = ["--pool", str(png_pool), "--budget", "2", "--no-progress", "--out", str(tmp_path / "m.txt")]
+    assert main([*args, "--teacher", "no_such_teacher"]) == 2
+    assert "sak select: UnknownNameError: unknown teacher 'no_such_teacher'" in capsys.readouterr().err
+    assert main([*args, "--method", "random", "--seed", str(2**32)]) == 2
+    assert "--seed must be from 0 to 2**32 - 1, got 4294967296" in capsys.readouterr().err
+    assert not (tmp_path / "m.txt").exists()
 
 
 def test_an_error_in_a_loader_worker_is_one_line():
