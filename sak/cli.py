@@ -29,9 +29,10 @@ def _task_eval_errors():
 def _write_result(result: dict, out: str | None) -> None:
     from pathlib import Path
 
+    from .engine.logging import json_safe
     from .engine.task_eval import format_summary
 
-    text = json.dumps(result, indent=2)
+    text = json.dumps(json_safe(result), indent=2)  # a metric that scored nothing is NaN: null in JSON
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from .config import Recipe, load_recipe  # noqa: E402
+from .config import Recipe, RecipeError, load_recipe  # noqa: E402
 from .engine import train  # noqa: E402
 from .engine.build import (  # noqa: E402
     build_loader,
@@ -56,6 +56,7 @@ def feature_grid(recipe: Recipe, path: Path, images: int = 4) -> None:
     student.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     student.eval()
     batch = next(iter(build_loader(recipe, recipe.eval.split, train=False, batch_size=images)))
+    images = len(batch["image"])  # a held-out split of fewer images gives a shorter batch
     features = student(batch["image"]).features
     normalizers = build_target_normalizers(recipe, teachers)
     if normalizers is not None:  # the student learnt normalised targets: map them back to the teachers' space
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of recipes/demo/default.yaml")
     parser.add_argument("--recipe", default=str(DEFAULT))
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"sak: {exc}", file=sys.stderr)
+        return 2
     names = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)
     print(
         f"[sak demo] distilling {len(recipe.teachers)} frozen teachers [{names}] into a {recipe.student.model} "
@@ -160,7 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         # its checkpoints aside rather than deleting them
         print(f"[sak demo] removing the previous demo run's checkpoints in {old}")
         shutil.rmtree(old)
-    train(recipe)
+    try:
+        final = train(recipe)
+    except RecipeError as exc:  # as `sak train`: one line for what only the run can find out, and bad input
+        print(f"sak: {args.recipe}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from .cli import print_user_error
+
+        if not print_user_error(exc, "demo"):
+            raise
+        return 2
+    if not final:  # run.stop_at: no final evaluation to report yet
+        print("[sak demo] stopped before the end (run.stop_at): no report, which needs the final evaluation")
+        return 0
     report = write_report(recipe)
     print((report / "summary.md").read_text())
     print(f"[sak demo] report: {report}/ (summary.md, features.png, loss_curves.png)")

@@ -83,3 +83,16 @@ def test_sak_traceback_keeps_the_traceback(monkeypatch):
     monkeypatch.setenv("SAK_TRACEBACK", "1")
     with pytest.raises(KeyError):
         main(["teachers", "show", "nosuch"])
+
+
+def test_results_with_a_metric_that_scored_nothing_are_strict_json(tmp_path, capsys):
+    """A metric that scores nothing is NaN by design; `sak eval --out` and final_metrics.json wrote a bare NaN,
+    which strict JSON readers refuse. It is null now, as in metrics.jsonl."""
+    from sak.cli import _write_result
+    from sak.engine.logging import json_safe
+
+    result = {"pascal_context": {"parts": {"mIoU": float("nan")}}, "delta_m": float("inf"), "n": [1.0, float("nan")]}
+    assert json_safe(result) == {"pascal_context": {"parts": {"mIoU": None}}, "delta_m": None, "n": [1.0, None]}
+    _write_result(result, None)
+    parsed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert parsed["delta_m"] is None and parsed["pascal_context"]["parts"]["mIoU"] is None

@@ -33,3 +33,18 @@ def test_the_demo_deletes_only_its_own_earlier_checkpoints(tmp_path, monkeypatch
     assert made_by_the_demo(tmp_path / "mine")
     assert main(["--recipe", str(TINY), "run.name=mine", *common]) == 0
     assert not any(p.name.startswith("previous-") for p in (tmp_path / "mine" / "checkpoints").iterdir())
+
+
+def test_the_demo_reports_a_short_held_out_split_stops_at_stop_at_and_refuses_bad_overrides(tmp_path, capsys):
+    """A held-out batch of 3 images crashed the feature grid (it drew 4 rows); run.stop_at crashed the
+    report (no final evaluation); a misspelt key printed a traceback."""
+    common = ["--recipe", str(TINY), f"run.output_dir={tmp_path}", "schedule.max_steps=2", "eval.batches=1"]
+    small = ["data.options.length=3", "data.batch_size=3", "eval.batch_size=3"]
+    assert main([*common, "run.name=small", *small]) == 0
+    assert (tmp_path / "small" / "report" / "features.png").is_file()
+    assert main([*common, "run.name=stopped", "run.stop_at=1"]) == 0
+    assert "stopped before the end (run.stop_at): no report" in capsys.readouterr().out
+    assert not (tmp_path / "stopped" / "report").exists()
+    assert main([*common, "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sak: ") and "optim.lrr" in err and "Traceback" not in err

@@ -37,7 +37,13 @@ def git_revision() -> str | None:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(  # changed tracked files only: results or predictions written in the checkout
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )  # are not a change to the code
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -92,6 +98,18 @@ def _step(line: str) -> float:
         return math.inf
 
 
+def json_safe(value):
+    """NaN and infinity as None (null), in nested dicts and lists: JSON has no such numbers, and Python's
+    json writes a bare NaN, which strict readers refuse. (A metric that scores nothing is NaN by design.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class RunLogger:
     """Main-process logging; other processes get a logger that only forwards to the accelerator."""
 
@@ -102,36 +120,42 @@ class RunLogger:
         self.bar = None
         if self.main and self.path.exists():  # a fresh run starts a new file; a resumed one drops what
             # the interrupted run logged after its checkpoint
-            lines = [ln for ln in self.path.read_text().splitlines() if start_step and _step(ln) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            text = self.path.read_text()
+            lines = text.splitlines()
+            kept = [ln for ln in lines if start_step and _step(ln) <= start_step]
+            if kept != lines or (text and not text.endswith("\n")):  # replaced whole: a kill keeps the old file
+                tmp = self.path.with_name(f"{self.path.name}.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, self.path)
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
-        trackers = []
+        self.trackers = []
         if recipe.logging.wandb.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
-            trackers.append("wandb")
+            self.trackers.append("wandb")
         if recipe.logging.tensorboard:
-            trackers.append("tensorboard")
-        if trackers:
-            accelerator.init_trackers(
-                recipe.logging.wandb.project,
-                config=flat_config(recipe.to_dict()),
-                init_kwargs={
-                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
-                    # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
-                    "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
-                },
-            )
-        self.trackers = bool(trackers)
+            self.trackers.append("tensorboard")
+        self._tracker_args = (
+            recipe.logging.wandb.project,
+            flat_config(recipe.to_dict()),
+            {
+                "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
+                # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
+                "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
+            },
+        )
+        self._trackers_started = False
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.trackers:
+            if not self._trackers_started:  # at the first record: a start that trains nothing opens no run
+                project, config, init_kwargs = self._tracker_args
+                self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+                self._trackers_started = True
             self.accelerator.log(values, step=step)
         if self.main:
-            # NaN and infinity as null: JSON has no such numbers (Python writes NaN, which strict readers refuse)
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **row}) + "\n")
+                f.write(json.dumps({"step": step, **json_safe(values)}) + "\n")
 
     def progress(self, steps: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:
@@ -145,5 +169,5 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.trackers:
+        if self._trackers_started:
             self.accelerator.end_training()

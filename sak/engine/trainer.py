@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .init import init_student_from
-from .logging import RunLogger, run_info
+from .logging import RunLogger, json_safe, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .run_records import FINAL_METRICS, prepare_run_dir, recipe_changes, record_ids, record_start
@@ -284,7 +284,7 @@ def train(recipe: Recipe) -> dict:
             "to train on, raise the schedule's length"
         )
         logger.close()
-        return json.loads(finished.read_text())
+        return {k: math.nan if v is None else v for k, v in json.loads(finished.read_text()).items()}
     go_on = "resume with a higher run.stop_at, or without it" + (
         " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
     )
@@ -302,7 +302,7 @@ def train(recipe: Recipe) -> dict:
 
     # -- loop -------------------------------------------------------------------------------
     stable_grads = keep_gradient_buffers(student, recipe, accelerator.device)
-    images_per_step = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
+    images_per_micro_batch = recipe.data.batch_size * accelerator.num_processes
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()
     window: torch.Tensor | None = None  # the step's logged losses, summed over its micro-batches
@@ -402,7 +402,7 @@ def train(recipe: Recipe) -> dict:
                     f"The last good checkpoint is {last} (lower optim.lr, enable optim.grad_clip or check the data)."
                 )
             now = time.perf_counter()
-            values.update(images_per_s=images_per_step / max(now - tick, 1e-9))
+            values.update(images_per_s=images_per_micro_batch * micro / max(now - tick, 1e-9))  # (micro: this step's)
             tick = now
             if state.step % recipe.logging.every == 0 or state.step == total:
                 logger.log(state.step, values)
@@ -445,7 +445,7 @@ def train(recipe: Recipe) -> dict:
     # -- finish -----------------------------------------------------------------------------
     final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
-    text = json.dumps(final, indent=2)
+    text = json.dumps(json_safe(final), indent=2)
     # the final checkpoint holds its metrics too: a start after the end finds them there, in one complete whole
     extras = {**extra_files, FINAL_METRICS: text}
     save_checkpoint(accelerator, ckpt_root, state, extras, recipe.checkpoint.keep_last, saved_tensors())

@@ -2,6 +2,8 @@
 recipe changes on resume, and what a finished or stopped run does when started again."""
 
 import json
+import os
+import types
 
 import pytest
 import torch
@@ -112,6 +114,30 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
     assert sorted(logged(recipe.run_dir)) == list(range(1, 9))
 
 
+def test_metrics_jsonl_is_replaced_whole_when_a_start_drops_lines_and_left_alone_otherwise(tiny_recipe, monkeypatch):
+    """It was emptied and written again on every start: a kill during that write lost the run's history."""
+    import sak.engine.logging as logging_module
+
+    recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=4")
+    train(recipe)
+    path = recipe.run_dir / "metrics.jsonl"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logging_module, "os", types.SimpleNamespace(replace=killed, environ=os.environ))
+    train(recipe)  # at run.stop_at already: nothing to drop, the file is not written
+    with open(path, "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # killed mid-line: dropped by the next start
+    before = path.read_text()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe("checkpoint.every=2"))
+    assert path.read_text() == before
+    monkeypatch.undo()
+    train(tiny_recipe("checkpoint.every=2"))
+    assert sorted(logged(recipe.run_dir)) == list(range(1, 9))
+
+
 def test_a_partial_evaluation_does_not_move_the_accumulation_boundaries(tiny_recipe):
     """3 batches an epoch, grad_accum 2, an evaluation of 1 batch after every step: each step takes the same
     micro-batches as without evaluation (an evaluation stopped early used to leave its loader registered with
@@ -147,6 +173,18 @@ def test_the_git_revision_is_this_checkouts_and_none_for_a_copy_inside_another_r
     code = "from sak.engine.logging import git_revision; print(git_revision())"
     out = subprocess.run([sys.executable, "-c", code], cwd=other / "venv", capture_output=True, text=True)
     assert out.stdout.strip() == "None", out.stderr[-2000:]
+    # tracked there: its revision, "+dirty" for a changed tracked file only (results written in the checkout,
+    # as the README's `sak eval --out results.json` does, are no change to the code)
+    subprocess.run([*git, "add", "venv/sak"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "sak"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (other / "results.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=other / "venv", capture_output=True, text=True)
+    assert out.stdout.strip() == head, out.stderr[-2000:]
+    with open(other / "venv" / "sak" / "__init__.py", "a") as f:
+        f.write("\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=other / "venv", capture_output=True, text=True)
+    assert out.stdout.strip() == head + "+dirty", out.stderr[-2000:]
 
 
 def test_each_start_is_recorded_and_a_changed_recipe_on_resume_is_named(tiny_recipe, capsys):

@@ -3,6 +3,7 @@ under fp16 loss scaling (Accelerate's GradScaler path, emulated on the CPU)."""
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -229,7 +230,10 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     recipe = tiny_recipe("schedule.max_steps=2", "logging.wandb.mode=offline", "logging.tensorboard=true")
     train(recipe)
     assert list(recipe.run_dir.rglob("events.out.tfevents.*")), "no tensorboard event file"
-    assert list((recipe.run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    runs = list((recipe.run_dir / "wandb").glob("offline-run-*"))
+    assert runs, "no offline wandb run"
+    train(recipe)  # finished already: trains and logs nothing, so it opens no (empty) wandb run either
+    assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
 
 
 def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old_run_aside(tiny_recipe):
@@ -299,14 +303,20 @@ def test_batches_cross_to_the_gpu_with_asynchronous_copies_from_page_locked_memo
     assert build_loader(recipe, recipe.data.split, train=True).pin_memory is torch.cuda.is_available()
 
 
-def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe):
+def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe, monkeypatch):
     """8 batches an epoch with grad_accum 3: Accelerate steps after batches 3, 6 and 8 (the end of the loader),
     so 2 epochs are 6 optimiser steps over all 64 samples, and each step logs the mean of its micro-batches'
-    losses (2 of them in the short step), not their sum divided by 3."""
+    losses (2 of them in the short step), not their sum divided by 3, and the images it took (its
+    images_per_s counted 3 micro-batches for 2)."""
     recipe = tiny_recipe(
         "schedule.max_steps=null", "schedule.epochs=2", "optim.grad_accum=3", "logging.sample_ids=true"
     )
+    clock = [0.0]  # one second a micro-batch, whatever else the step does: 4 images/s throughout
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    record_ids = trainer_module.record_ids
+    monkeypatch.setattr(trainer_module, "record_ids", lambda *a: clock.__setitem__(0, clock[0] + 1) or record_ids(*a))
     train(recipe)
+    assert set(logged(recipe.run_dir, "images_per_s").values()) == {4.0}
     rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
     per_step = [sum(r["step"] == s for r in rows) for s in range(1, 7)]
     assert per_step == [3, 3, 2, 3, 3, 2] and sum(len(r["ids"]) for r in rows) == 64
