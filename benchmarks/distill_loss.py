@@ -101,12 +101,15 @@ def measure(device: torch.device, repeats: int, warmup: int) -> list[dict]:
         for op, (reference, rewrite) in pairs(size).items():
             # the cosine pair takes maps already at the teacher's size
             s = F.interpolate(student, size=size, mode="bilinear") if op.startswith("cosine") else student
-            outs, grads = [], []  # PyTorch's formulation in float64 (the truth), then both in float32
+            outs, grads, g = [], [], None  # PyTorch's formulation in float64 (the truth), then both in float32
             for fn, dtype in ((reference, torch.float64), (reference, torch.float32), (rewrite, torch.float32)):
                 x = s.detach().to(dtype, copy=True).requires_grad_(True)
                 out = fn(x, teacher.to(dtype))
-                g = torch.ones_like(out) if out.dim() else torch.ones((), device=device, dtype=dtype)
-                out.backward(g)
+                if g is None:  # a random upstream gradient, the same for all three: all ones made a linear
+                    # resize's gradient the sums of its interpolation weights, which every formulation gets exact
+                    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                    g = g.to(device)
+                out.backward(g.to(dtype))
                 outs.append(out.detach().double())
                 grads.append(x.grad.double())
             g = g.float()

@@ -13,10 +13,13 @@
 #                                         # vs sak engine, and with 1 teacher
 #   bash benchmarks/gpu_checks.sh 6 OUT   # the compiled fp16 cache with data.prefetch_to_device true and with
 #                                         # the default auto (which should read ahead there too); not run yet
-#   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over JPEG files with 0 and 4 loader workers, the GPU
-#                                         # recipes' teachers and a small ViT (cache_build_gpu; about 2 minutes;
-#                                         # not run yet: on 2026-11-27 it asked for the demo's teachers, whose
-#                                         # packages the machine lacks)
+#   bash benchmarks/gpu_checks.sh 7 OUT   # sak cache build over 128 JPEG files with 0 and 4 loader workers, the
+#                                         # GPU recipes' teachers and a small ViT (cache_build_gpu; 4 GiB a build
+#                                         # of the GPU set, deleted once timed; 2-4 minutes, each row written as
+#                                         # it is measured; not run yet: on 2026-11-27 it asked for the demo's
+#                                         # teachers, whose packages the machine lacks; the JPEG files are cut
+#                                         # from the demo's photographs: scikit-image, scikit-learn and
+#                                         # matplotlib must be installed)
 #   bash benchmarks/gpu_checks.sh 8 OUT   # the stage-1 cached step part by part, eager and compiled: the ViT alone,
 #                                         # + adapter paths, + losses, + optimiser (student_step_cuda): where the
 #                                         # cached step loses the teachers' rate; stage 2 without and with
@@ -104,7 +107,7 @@ case $part in
        --results "$out" --name cache_loader_gpu
    timeout "${LIMIT:-200}" $bench gpu/stage2/bare/online gpu/stage2/sak/online gpu/stage2/sak/online/1-teacher ;;
 6) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/fp16-cache/compiled/prefetch gpu/stage1/sak/fp16-cache/compiled/auto ;;
-7) timeout 150 python3 -m benchmarks.cache_build --images 512 --workers 0 4 --teachers gpu small --results "$out" \
+7) timeout 300 python3 -m benchmarks.cache_build --images 128 --workers 0 4 --teachers gpu small --results "$out" \
        --name cache_build_gpu ;;
 8) timeout 330 python3 -m benchmarks.student_step --recipe recipes/bench/stage1_gpu_vitb.yaml --steps 15 --warmup 5 \
        --results "$out"

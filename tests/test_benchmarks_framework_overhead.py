@@ -22,6 +22,22 @@ def test_the_engine_adds_a_handful_of_operations_and_no_host_wait_to_a_step():
     assert 0 < result["extra_launching"] <= 5, result
 
 
+def test_without_clipping_the_engine_adds_the_gradient_norm_it_checks_and_no_host_wait():
+    """A recipe that does not clip: the engine still takes the gradient norm (a step with a NaN gradient is
+    skipped, not stepped into the weights), one fused norm over the gradients and the norm of those norms,
+    read back with the losses in the step's one wait; the bare loop takes none."""
+    for loop in ("bare", "sak"):
+        count_run(TINY, loop, 1, [])
+    result = compare(TINY, fresh=False)
+    assert sum(result["bare"]["host_waits"].values()) == 1, result["bare"]
+    assert sum(result["sak"]["host_waits"].values()) == 1, result["sak"]
+    added = {op for op, n in result["extra_by_op"].items() if n > 0}
+    assert {"_foreach_norm", "linalg_vector_norm"} <= added, result["extra_by_op"]
+    allowed = {"_foreach_norm", "linalg_vector_norm", "cat", "clone", "detach", "div", "stack", "view"}
+    assert added <= allowed, result["extra_by_op"]
+    assert result["extra_launching"] <= 8, result
+
+
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 def test_normalising_the_targets_adds_no_host_wait(mode):
     """loss.normalize's running statistics, in both loops: no count made from a Python number, no Hadamard
