@@ -114,7 +114,7 @@ case $part in
    timeout "${LIMIT:-150}" $bench gpu/stage2/sak/online gpu/stage2/sak/online/grad-checkpointing ;;
 9) timeout 300 python3 -m benchmarks.sam_attention --image-size 1024 --batch 16 --results "$out" ;;
 10) timeout "${LIMIT:-330}" $bench gpu/stage1/sak/online/compiled gpu/stage1/sak/online/compiled/sam-flex ;;
-11) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/student/test_student.py \
+11) timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/student/test_router.py \
         tests/teachers/test_sam_attention_gpu.py
     timeout 150 python3 -m benchmarks.router_mix --results "$out"
     mkdir -p "$out/stage2"

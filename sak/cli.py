@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_predict)
 
-    from .methods.freesel import add_select_command
+    from .methods.select_command import add_select_command
 
     add_select_command(sub)
     return parser

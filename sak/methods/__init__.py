@@ -1,8 +1,8 @@
 """Methods beyond SAK distillation that reuse its teachers.
 
-FreeSel data selection: the samplers and pools are here (`selection.py`); semantic patterns, the
-feature pass and the `sak select` command are in `sak.methods.freesel` (import it from there; it is
-not imported here so that `python -m sak.methods.freesel` runs it cleanly).
+FreeSel data selection: the samplers and pools are here (`selection.py`); semantic patterns and the
+feature pass are in `sak.methods.freesel`, the `sak select` command in `sak.methods.select_command`
+(import them from there; they are not imported here so that `python -m sak.methods.freesel` runs cleanly).
 """
 
 from .selection import (

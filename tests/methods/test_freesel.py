@@ -343,7 +343,7 @@ def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp
     def no_features(*args, **kwargs):
         raise AssertionError("the feature pass ran")
 
-    monkeypatch.setattr("sak.methods.freesel.extract_features", no_features)
+    monkeypatch.setattr("sak.methods.select_command.extract_features", no_features)
     args = ["--pool", str(png_pool), "--budget", "2", *TINY_VIT, "--no-progress"]
     assert main([*args, "--out", str(tmp_path)]) == 2
     assert "is a folder; give the manifest file's path" in capsys.readouterr().err
@@ -392,7 +392,7 @@ def test_the_module_command_reports_bad_input_as_sak_select_does(png_pool, tmp_p
 
 
 def test_an_error_in_a_loader_worker_is_one_line():
-    from sak.methods.freesel import worker_message
+    from sak.methods.select_command import worker_message
 
     caught = SelectionError(
         "Caught SelectionError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"

@@ -1,0 +1,103 @@
+"""The markdown table of benchmarks/throughput.py: per case, step time, images/s, memory, held-out cosine, and
+for cached cases the speed-up over the online run of the same configuration with its share of two bounds."""
+
+from __future__ import annotations
+
+import torch
+
+
+def table(results: list[dict], device: str, command: str) -> str:
+    by = {r["case"]: r for r in results}
+    gpu = any("peak_gpu_gib" in r for r in results)
+    lines = [
+        f"# Training-step throughput ({device}, torch {torch.__version__})",
+        "",
+        f"Command: `{command}`. Median step time after warm-up (from the batch's arrival to the end of the",
+        "optimiser step, data loading excluded), the fastest of the repeats (run round robin); peak memory of the",
+        "case's own process (a cache is built in a child process beforehand, so this is the training's peak;",
+        "beside it the peaks of anonymous memory and of mapped files, such as the cache's shards, sampled every",
+        "20 ms);",
+        "held-out cosine per teacher after the same number of steps. Wall images/s counts",
+        "every second between the ends of two steps, data loading (and the engine's logging) included. The",
+        "cache speed-up compares wall images/s of the",
+        "cached and the online run: the training loader reads the cache, so a step time without data loading",
+        "would leave the reads out. Two bounds: the FLOP bound (teacher + student step FLOPs) / student step",
+        "FLOPs, which assumes the student step turns FLOPs into time at the teachers' rate, and the step bound,",
+        "online step time / cached step time, which a loader that never keeps the step waiting would reach.",
+        "",
+    ]
+    if gpu:
+        lines += [
+            "MFU: the FLOPs each image needs (student forward + backward, plus the teachers' forward when they run",
+            "online), times images/s, over the GPU's dense bf16 peak (H100 and H200: 989 TFLOP/s).",
+            "",
+            "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "
+            "| cache speed-up | FLOP bound (share) | step bound (share) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+    else:
+        lines += [
+            "| case | step (s) | images/s | wall images/s | peak RSS GiB (anon, file) | held-out cosine "
+            "| cache speed-up | FLOP bound (share) | step bound (share) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} |")
+            continue
+        cos = ", ".join(f"{k} {v:.3f}" for k, v in r.get("val_cosine", {}).items()) or "-"
+        speed = "- | - | -"
+        # the online run of the same configuration; prefetching only changes how cached batches are loaded
+        base = by.get(r["case"].replace("/prefetch", "").replace("/auto", ""), r)
+        online = by.get(
+            r["case"]
+            .replace("fp16-cache", "online")
+            .replace("int8-cache", "online")
+            .replace("/prefetch", "")
+            .replace("/auto", "")
+        )
+        if "cache" in r["case"] and online is not None and "wall_images_per_s" in online:
+            achieved = r["wall_images_per_s"] / online["wall_images_per_s"]
+            flop_bound = (r["teacher_flops"] + r["student_flops"]) / r["student_flops"]
+            # a read-ahead row's step time includes its wait for the batch's copy: its bound is the cached step's
+            # without read-ahead, where the same part measured one
+            step_bound = online["step_s"] / base.get("step_s", r["step_s"])
+            speed = (
+                f"{achieved:.2f}x | {flop_bound:.2f}x ({achieved / flop_bound:.0%}) "
+                f"| {step_bound:.2f}x ({achieved / step_bound:.0%})"
+            )
+        wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else "-"
+        rss = f"{r['peak_rss_gib']:.2f}"
+        if "peak_rss_anon_gib" in r and "peak_rss_file_gib" in r:
+            rss += f" ({r['peak_rss_anon_gib']:.2f}, {r['peak_rss_file_gib']:.2f})"
+        if gpu:
+            mfu = f"{r['mfu']:.0%}" if "mfu" in r else "-"
+            per_image = f"{r['cache_mib_per_image']:.1f}" if "cache_mib_per_image" in r else "-"
+            lines.append(
+                f"| {r['case']} | {r['global_batch']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} "
+                f"| {r['peak_gpu_gib']:.1f} | {mfu} | {per_image} | {speed} |"
+            )
+        else:
+            lines.append(
+                f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} | {rss} | {cos} | {speed} |"
+            )
+    ahead = [r["case"] for r in results if r.get("reads_ahead")]
+    if ahead:  # data.prefetch_to_device resolved as the trainer resolves it (true, or auto on a CUDA device)
+        lines.append(f"\nCached rows reading the next batch onto the device during the step: {', '.join(ahead)}")
+    for stage in ("stage1", "stage2", "gpu/stage1", "gpu/stage2"):
+        bare, sak = by.get(f"{stage}/bare/online"), by.get(f"{stage}/sak/online")
+        if bare and sak and "step_s" in bare and "step_s" in sak:
+            line = f"\n{stage}: sak engine / bare loop step time = {sak['step_s'] / bare['step_s']:.3f}"
+            if "wall_s" in bare and "wall_s" in sak:  # (results written before 2026-11-27 have no bare wall time)
+                line += (
+                    f"; wall time a step (data loading, and the engine's logging every step, included) = "
+                    f"{sak['wall_s'] / bare['wall_s']:.3f}"
+                )
+            lines.append(line)
+    if gpu:
+        lines.append(
+            "\nHeld-out cosine (random-weight teachers, so only a check that cached and online training agree):"
+        )
+        lines += [f"- {r['case']}: {cos}" for r in results if (cos := ", ".join(
+            f"{k} {v:.4f}" for k, v in r.get("val_cosine", {}).items()))]  # fmt: skip
+    return "\n".join(lines) + "\n"
