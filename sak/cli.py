@@ -216,7 +216,18 @@ def _predict(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_inspecting_commands(sub)
+    _add_cache_command(sub)
+    _add_inference_commands(sub)
+    from .methods.select_command import add_select_command
 
+    add_select_command(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
+    """train, eval, eval-preds."""
     p = sub.add_parser(
         "train", help="train a recipe in this process (for N processes use `accelerate launch -m sak.train`)"
     )
@@ -251,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "larger than it need a larger one. Scores do not depend on it: padding is cut before scoring")  # fmt: skip
     p.set_defaults(func=_eval_preds)
 
+
+def _add_inspecting_commands(sub) -> None:
+    """recipe show / check, teachers list / show, model show."""
     p = sub.add_parser("recipe", help="print the resolved recipe (show) or validate it (check)")
     p.add_argument("action", choices=["show", "check"])
     p.add_argument("recipe")
@@ -276,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model)
 
+
+def _add_cache_command(sub) -> None:
     p = sub.add_parser("cache", help="precompute the teachers' outputs for a recipe's training split (build), "
                                      "or say what a cache holds (info DIR [--verify])")  # fmt: skip
     p.add_argument("action", choices=["build", "info"])
@@ -291,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cache)
 
+
+def _add_inference_commands(sub) -> None:
+    """export, predict."""
     p = sub.add_parser("export", help="save a run's student for inference (no teachers, no aligners)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -303,11 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_predict)
-
-    from .methods.select_command import add_select_command
-
-    add_select_command(sub)
-    return parser
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.path=value

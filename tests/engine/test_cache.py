@@ -448,8 +448,23 @@ def test_a_shard_copied_over_in_place_with_its_old_time_stamp_is_named(tiny_reci
     os.utime(shards[0], ns=(before.st_atime_ns, before.st_mtime_ns))
     after = shards[0].stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
-    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since its sha256 was checked"):
+    with pytest.raises(CacheError, match=r"shard view0/shard00000 changed since its sha256 was checked \(its bytes"):
         cache.gather([1], 0)
+
+
+def test_a_shard_whose_metadata_changed_during_training_is_hashed_again_and_read_on(tiny_recipe, tmp_path):
+    """A chmod (a finished cache made read-only) or a hard link (`cp -al`, `rsync --link-dest`) moves only the
+    change time: the shard is hashed again once, and its rows read on, as before."""
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    cache = FeatureCache(root)
+    cache.verify_all()
+    shard = root / "view0" / "shard00000.safetensors"
+    first = cache.gather([0, 1], 0)
+    shard.chmod(0o444)
+    os.link(shard, tmp_path / "linked.safetensors")
+    again = cache.gather([0, 1], 0)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert cache._verified["view0/shard00000"] == reader._signature(shard.stat())
 
 
 def test_loader_workers_refuse_a_shard_replaced_between_epochs(tiny_recipe, tmp_path):

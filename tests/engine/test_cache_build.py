@@ -263,6 +263,11 @@ def test_a_build_resumed_or_run_again_rebuilds_a_damaged_kept_shard(tiny_recipe,
     capsys.readouterr()
     build_cache(recipe, root, shard_size=4)
     assert "shard view0/shard00001 has no recorded sha256; building it again" in capsys.readouterr().out
+    (root / "view0" / "shard00001.sha256").write_bytes(b"\xe2" * 64)  # an unfinished build's file, no text: a
+    (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))  # mismatch
+    capsys.readouterr()
+    build_cache(recipe, root, shard_size=4)
+    assert "shard view0/shard00001 does not match its recorded sha256; building it again" in capsys.readouterr().out
 
 
 def test_outputs_a_cache_would_store_as_something_else_are_refused():
@@ -342,7 +347,7 @@ def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete
     shards = sorted((root / "view0").glob("*.safetensors"))
     times = [p.stat().st_mtime_ns for p in shards]
     (root / "view0" / "shard00000.sha256").unlink()
-    (root / "view0" / "shard00001.sha256").write_text("0" * 64)  # damaged beside an intact shard: written again
+    (root / "view0" / "shard00001.sha256").write_bytes(b"\xe2" * 64)  # damaged (no text) beside an intact shard
     statuses = []
     write = builder._write_manifest
     monkeypatch.setattr(builder, "_write_manifest", lambda m, path: statuses.append(m["status"]) or write(m, path))

@@ -43,7 +43,10 @@ def _recorded_digest(path: Path, name: str, recorded: dict[str, str]) -> str | N
     """The sha256 a kept shard was written with: the finished cache's manifest (`recorded`), else the file beside
     it; None for neither (an older sak's interrupted build)."""
     sidecar = digest_path(path)
-    return recorded.get(name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
+    # (bytes decoded leniently: a damaged file may hold bytes that are no text, and then matches nothing)
+    return recorded.get(name) or (
+        sidecar.read_bytes().decode("ascii", "replace").strip() if sidecar.is_file() else None
+    )
 
 
 def _check_kept_shards(out: Path, stamp: str, plan: CachePlan, recorded: dict[str, str]) -> None:
@@ -109,7 +112,7 @@ def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, st
             print(f"[sak] cache {out}: shard {name} {why}; building it again")
             path.unlink()
             sidecar.unlink(missing_ok=True)
-        elif not sidecar.is_file() or sidecar.read_text().strip() != digest:
+        elif not sidecar.is_file() or sidecar.read_bytes().strip() != digest.encode():
             # a finished cache of an older sak (no file), or a file damaged beside an intact shard: the manifest
             # written at the end of the build takes each shard's digest from this file
             _write_digest(sidecar, digest)
@@ -193,8 +196,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     from accelerate import PartialState
     from accelerate.utils import gather_object, set_seed
 
-    from ..build import build_teachers, teacher_dtype
-    from ..step import begin_step
+    from ..build import build_teachers
 
     check_build_options(views, augment, dtype, shard_size, batch_size)
     out = Path(out)
@@ -208,21 +210,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
     stamp = _stamp(ident, shard_size)
-    # read once, before any barrier: the main process writes a new manifest further on
-    old = load_manifest(manifest_path) if manifest_path.exists() else None
-    finished = old is not None and old.get("status", "complete") == "complete"
-    if old is not None:  # every process checks, so that every process stops
-        differences = _diff({k: old.get(k) for k in layout}, layout, theirs="this build gives")
-        if differences:
-            what = "an unfinished cache" if old.get("status") == "building" else "a cache"
-            raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
-                             + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
-    recorded = old["shards"] if finished else {}
-    _check_kept_shards(out, stamp, plan, recorded)
-    state.wait_for_everyone()  # every process has read the kept shards' stamps before any is deleted
-    if state.is_main_process:
-        _drop_damaged_kept_shards(out, plan, recorded)
-    state.wait_for_everyone()
+    finished = _take_over(out, layout, stamp, plan, state)
     # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
     image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
     shapes = {tid: [list(s) for s in (t.map_shapes(image_hw) if image_hw else t.level_shapes())]
@@ -247,12 +235,56 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     # finished by an earlier (interrupted) build of the same cache (checked above)
     todo = [(view, shard) for view, shard in mine if not plan.path(view, shard).exists()]
     loader = _view_loader(dataset, todo, plan, batch_size, recipe.data.num_workers)
-    tdtype = teacher_dtype(recipe)
     progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="cache shards",
                     disable=not state.is_main_process)  # fmt: skip
+    _write_shards(loader, teachers, recipe, dtype, plan, stamp, state.device, progress)
+    progress.close()
+    # every shard's sha256 is beside it now (hashed as it was written, or checked at the start if kept); the
+    # main process records them all
+    shard_digests = [(shard_name(v, k), digest_path(plan.path(v, k)).read_text().strip()) for v, k in mine]
+    if state.num_processes > 1:
+        shard_digests = gather_object(shard_digests)
+    if state.is_main_process:
+        found = dict(shard_digests)
+        shards = {name: found[name] for name in (shard_name(v, k) for v, k in plan.shards())}
+        _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
+    state.wait_for_everyone()
+    return out
+
+
+def _take_over(out: Path, layout: dict, stamp: str, plan: CachePlan, state) -> bool:
+    """Check what `out` already holds against this build (every process, so that every process stops) and
+    delete the kept shards that are damaged; whether it holds a finished cache."""
+    manifest_path = out / "manifest.json"
+    # read once, before any barrier: the main process writes a new manifest further on
+    old = load_manifest(manifest_path) if manifest_path.exists() else None
+    finished = old is not None and old.get("status", "complete") == "complete"
+    if old is not None:
+        differences = _diff({k: old.get(k) for k in layout}, layout, theirs="this build gives")
+        if differences:
+            what = "an unfinished cache" if old.get("status") == "building" else "a cache"
+            raise CacheError(f"{out} holds {what} built with other settings, whose shards cannot be reused: "
+                             + "; ".join(differences) + f"; {REBUILD.format(root=out)}")  # fmt: skip
+    recorded = old["shards"] if finished else {}
+    _check_kept_shards(out, stamp, plan, recorded)
+    state.wait_for_everyone()  # every process has read the kept shards' stamps before any is deleted
+    if state.is_main_process:
+        _drop_damaged_kept_shards(out, plan, recorded)
+    state.wait_for_everyone()
+    return finished
+
+
+def _write_shards(loader, teachers: dict, recipe: Recipe, dtype: str, plan: CachePlan, stamp: str, device,
+                  progress) -> None:  # fmt: skip
+    """Run the teachers over the loader's batches (each inside one shard, in order) and write each shard at
+    its last batch."""
+    from ..build import teacher_dtype
+    from ..step import begin_step
+
+    tdtype = teacher_dtype(recipe)
     stored: dict[str, list[Tensor]] = {}
     for (view, shard, last), images in zip(loader.batch_sampler.owners, loader, strict=True):
-        images = images.to(state.device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
         begin_step(recipe.precision.cuda_graphs)
         for tid, teacher in teachers.items():
             levels = teacher.encode(images, tdtype).levels
@@ -272,18 +304,3 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
             _atomic_save({key: torch.cat(parts) for key, parts in stored.items()}, path, metadata={"sak_cache": stamp})
             stored = {}
             progress.update()
-    progress.close()
-    # every shard's sha256 is beside it now (hashed as it was written, or checked at the start if kept); the
-    # main process records them all
-    names = [shard_name(v, k) for v, k in mine]
-    digests = [
-        (name, digest_path(plan.path(v, k)).read_text().strip()) for name, (v, k) in zip(names, mine, strict=True)
-    ]
-    if state.num_processes > 1:
-        digests = gather_object(digests)
-    if state.is_main_process:
-        found = dict(digests)
-        shards = {name: found[name] for name in (shard_name(v, k) for v, k in plan.shards())}
-        _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
-    state.wait_for_everyone()
-    return out

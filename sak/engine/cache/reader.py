@@ -102,7 +102,9 @@ class FeatureCache:
         self._layouts: dict[str, tuple] = {}  # shard name -> what `_layout` returns
         # shard name -> the file's signature (`_signature`) when its sha256 was checked: every read compares
         self._verified: dict[str, tuple[int, ...]] = {}
-        self._lock = threading.Lock()  # the pin-memory thread and the training thread may both read
+        # the pin-memory thread and the training thread may both read; reentrant: `_layout` holds it while
+        # `_check_unchanged` may take it again to hash a shard anew
+        self._lock = threading.RLock()
         self.token = token or uuid.uuid4().hex
         with _OPEN_LOCK:
             _OPEN[self.token] = self
@@ -247,9 +249,26 @@ class FeatureCache:
             return self._layouts[name]
 
     def _check_unchanged(self, f, name: str, signature: tuple) -> None:
-        if _signature(os.fstat(f.fileno())) != signature:
-            raise CacheError(f"cache {self.root}: shard {name} changed since its sha256 was checked (rebuilt or "
-                             "replaced during the run?); start the run again to check it anew")  # fmt: skip
+        """Refuse a shard whose file is no longer the one whose sha256 was checked. Where only its change time
+        moved (a chmod, a hard link, an extended attribute, or a copy in place that set the old modification
+        time back, as `cp -p` does), its bytes are hashed again, once: the same bytes read on."""
+        now = _signature(os.fstat(f.fileno()))
+        if now == signature:
+            return
+        if now[:4] == signature[:4]:
+            with self._lock:
+                if self._verified.get(name) == now:  # (hashed again already, by another thread's read)
+                    return
+                path = self.root / f"{name}.safetensors"
+                if sha256_files([path])[0] == self.manifest["shards"][name] and _signature(path.stat()) == now:
+                    self._verified[name] = now
+                    if name in self._layouts:
+                        self._layouts[name] = (*self._layouts[name][:2], now)
+                    return
+            raise CacheError(f"cache {self.root}: shard {name} changed since its sha256 was checked (its bytes "
+                             "differ now: copied over during the run?); start the run again to check it anew")  # fmt: skip
+        raise CacheError(f"cache {self.root}: shard {name} changed since its sha256 was checked (rebuilt or "
+                         "replaced during the run?); start the run again to check it anew")  # fmt: skip
 
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= int(index) < self.samples:
