@@ -112,6 +112,8 @@ def read_manifest(path: str) -> list[str]:
             ids = [line.split("#", 1)[0].strip() for line in f]
     except OSError as exc:
         raise FileNotFoundError(f"data.subset: cannot read manifest {path!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data.subset: manifest {path!r} is not UTF-8 text ({exc}); sak select writes UTF-8") from exc
     return [i for i in ids if i]
 
 

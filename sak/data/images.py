@@ -94,22 +94,26 @@ def list_image_files(
     "/" separators ("n01440764/n01440764_10026"). `image_folder` and `sak select` both list folders here,
     so their ids agree.
 
-    A folder reached a second time through a symbolic link (a link to a folder above it, or a second link to
-    one folder) is listed once, where the walk (in sorted order) first reaches it.
+    Linked folders are followed after the real ones: a folder reached a second time (a link to a folder of
+    the tree, or above it, or a second link to one folder) is listed once, under its real path where it has
+    one in the tree, else under the first link to it (in sorted order).
 
     Raises:
         ValueError: two files whose paths differ only by extension (they would share an id).
     """
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow_links):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a link (a loop would never end)
-            dirnames.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
+    files, seen, links = [], set(), [str(folder)]
+    while links:  # the folder itself, then (following links) each linked folder not listed yet, in walk order
+        for dirpath, dirnames, filenames in os.walk(links.pop(0)):  # (os.walk follows the top's own link)
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:  # reached again: a loop, or a second link to one folder
+                dirnames.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirnames.sort()
+            if follow_links:
+                links += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            files.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(exts))
     by_id: dict[str, str] = {}
     for rel in sorted(os.path.relpath(f, folder) for f in files):
         image_id = os.path.splitext(rel)[0].replace(os.sep, "/")

@@ -113,7 +113,9 @@ def json_safe(value):
 class RunLogger:
     """Main-process logging; other processes get a logger that only forwards to the accelerator."""
 
-    def __init__(self, accelerator, recipe: Recipe, total_steps: int, start_step: int) -> None:
+    def __init__(self, accelerator, recipe: Recipe, total_steps: int, start_step: int, trains: bool = True) -> None:
+        """`trains`: False for a start that will train and log nothing (a finished run, or one at its
+        run.stop_at), which then opens no tracker run (an empty wandb run to sync)."""
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = recipe.run_dir / "metrics.jsonl"
@@ -129,29 +131,26 @@ class RunLogger:
                 os.replace(tmp, self.path)
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
-        self.trackers = []
+        trackers = []
         if recipe.logging.wandb.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.trackers.append("wandb")
+            trackers.append("wandb")
         if recipe.logging.tensorboard:
-            self.trackers.append("tensorboard")
-        self._tracker_args = (
-            recipe.logging.wandb.project,
-            flat_config(recipe.to_dict()),
-            {
-                "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
-                # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
-                "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
-            },
-        )
-        self._trackers_started = False
+            trackers.append("tensorboard")
+        if trackers and trains:  # at the start, so that a tracker that cannot start stops the run before step 1
+            accelerator.init_trackers(
+                recipe.logging.wandb.project,
+                config=flat_config(recipe.to_dict()),
+                init_kwargs={
+                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
+                    # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
+                    "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
+                },
+            )
+        self.trackers = bool(trackers and trains)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.trackers:
-            if not self._trackers_started:  # at the first record: a start that trains nothing opens no run
-                project, config, init_kwargs = self._tracker_args
-                self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
-                self._trackers_started = True
             self.accelerator.log(values, step=step)
         if self.main:
             with open(self.path, "a") as f:
@@ -169,5 +168,5 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self._trackers_started:
+        if self.trackers:
             self.accelerator.end_training()

@@ -258,7 +258,8 @@ def train(recipe: Recipe) -> dict:
     if accelerator.is_main_process:
         abandoned = record_start(recipe, source, state.step, extra_files, finished if done else None)
     accelerator.wait_for_everyone()
-    logger = RunLogger(accelerator, recipe, total, logger_start)
+    stopped = recipe.run.stop_at is not None and recipe.run.stop_at <= state.step < total  # resumed at or past it
+    logger = RunLogger(accelerator, recipe, total, logger_start, trains=not (done or stopped))
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(
         f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -288,7 +289,7 @@ def train(recipe: Recipe) -> dict:
     go_on = "resume with a higher run.stop_at, or without it" + (
         " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
     )
-    if recipe.run.stop_at is not None and recipe.run.stop_at <= state.step < total:  # resumed at or past it
+    if stopped:
         logger.message(
             f"[sak] at step {state.step} already, run.stop_at={recipe.run.stop_at}: nothing to train; to go on, {go_on}"
         )

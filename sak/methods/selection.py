@@ -94,12 +94,14 @@ class NearestSelected:
             raise SelectionError(f"unknown distance {metric!r}; expected one of {METRICS}")
         if not patterns or any(p.ndim != 2 or len(p) == 0 for p in patterns):
             raise SelectionError("every image needs at least one pattern, a (m, C) tensor")
-        bad = [i for i, p in enumerate(patterns) if not torch.isfinite(p).all()]
-        if bad:
-            raise SelectionError(f"the patterns of image(s) {bad[:5]} (pool positions) are not finite (nan or inf): "
-                                 "every distance to them would be nan")  # fmt: skip
         counts = torch.tensor([len(p) for p in patterns])
         self.points = torch.cat(list(patterns)).to(device=device, dtype=torch.float32)  # (P, C)
+        finite = torch.isfinite(self.points).all(1)  # (P,): one check for the pool, not one per image
+        if not bool(finite.all()):
+            owner = torch.repeat_interleave(torch.arange(len(patterns)), counts)
+            bad = owner[~finite.cpu()].unique().tolist()
+            raise SelectionError(f"the patterns of image(s) {bad[:5]} (pool positions) are not finite (nan or inf): "
+                                 "every distance to them would be nan")  # fmt: skip
         if metric == "cosine":
             self.points = F.normalize(self.points, dim=1)
         self.metric = metric

@@ -53,14 +53,23 @@ def test_folder_lists_images_sorted_recursively_and_ignores_classes(tree):
     assert len(folder(tree, split_subdir=False)) == 10  # both splits when reading the whole root
 
 
-def test_a_folder_reached_again_through_a_link_is_listed_once(tree):
+def test_a_folder_reached_again_through_a_link_is_listed_once_under_its_real_path(tree, tmp_path):
     """A link to a folder above it listed its images again under ever longer ids until the OS's link limit,
-    and a second link to one folder listed its images twice: the same photograph under two ids."""
+    and a second link to one folder listed its images twice: the same photograph under two ids. The real
+    folder keeps its ids (a link added beside it must not rename them); a folder outside the tree is listed
+    under the first link to it."""
     train = tree / "train"
+    before = folder(tree).ids
     (train / "n01440764" / "up").symlink_to(train, target_is_directory=True)  # a loop
     (train / "again").symlink_to(train / "n02102040", target_is_directory=True)  # an alias, sorted first
-    assert folder(tree).ids == ["again/n02102040_0", "again/n02102040_1", "n01440764/n01440764_0",
-                                "n01440764/n01440764_1", "n01440764/n01440764_2"]  # fmt: skip
+    assert folder(tree).ids == before
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(picture(9)).save(outside / "x.png")
+    for name in ("b_outside", "c_outside_again"):
+        (train / name).symlink_to(outside, target_is_directory=True)
+    assert folder(tree).ids == sorted([*before, "b_outside/x"])
+    assert folder(tree, follow_links=False).ids == before
 
 
 def test_folder_training_crops_are_reproducible_and_eval_is_a_centre_crop(tree):

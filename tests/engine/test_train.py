@@ -234,6 +234,12 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     assert runs, "no offline wandb run"
     train(recipe)  # finished already: trains and logs nothing, so it opens no (empty) wandb run either
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
+    longer = ["schedule.max_steps=4", "run.stop_at=3", "logging.wandb.mode=offline", "logging.tensorboard=true"]
+    train(tiny_recipe(*longer))  # trains step 3: a run of its own
+    assert len(list((recipe.run_dir / "wandb").glob("offline-run-*"))) == len(runs) + 1
+    runs = list((recipe.run_dir / "wandb").glob("offline-run-*"))
+    train(tiny_recipe(*longer))  # at run.stop_at already: trains nothing
+    assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
 
 
 def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old_run_aside(tiny_recipe):

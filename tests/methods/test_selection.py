@@ -156,3 +156,6 @@ def test_ids_a_utf8_manifest_cannot_hold_and_an_out_under_a_file_are_refused(tmp
         write_manifest(tmp_path / "afile" / "sub" / "m.txt", ["a"])
     path = write_manifest(tmp_path / "u.txt", ["été/ø"], [f"--pool /data/{latin1}"])  # UTF-8, whatever the locale
     assert path.read_bytes().decode("utf-8").endswith("été/ø\n") and read_manifest(str(path)) == ["été/ø"]
+    (tmp_path / "latin1.txt").write_bytes("été\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"manifest '.*latin1.txt' is not UTF-8 text"):
+        read_manifest(str(tmp_path / "latin1.txt"))
