@@ -60,6 +60,7 @@ def export_config(recipe: Recipe) -> dict:
         "image_size": recipe.data.image_size,
         "canvas": list(canvas),
         "image_fill": list(fill),
+        "mixed": recipe.precision.mixed,  # `sak eval` autocasts the student so; `sak predict` does too (bf16)
     }
 
 
@@ -187,6 +188,9 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     canvas = tuple(config.get("canvas") or (config["image_size"],) * 2)
     fill = tuple(config.get("image_fill") or IMAGENET_MEAN_UINT8)
     check_canvas(model, canvas)
+    # the recipe's precision.mixed, recorded since 2026-11-28 (earlier exports: float32). fp16 autocasting is
+    # for GPUs, and this runs on the CPU: such students predict in float32, where `sak eval` (on a GPU) does not
+    bf16 = config.get("mixed") == "bf16"
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
     missing = [str(f) for f in map(Path, images) if not f.is_file()]
     if missing:  # before anything is written
@@ -212,12 +216,14 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
             x = F.interpolate(x, size=fit, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
             rgb = x[0].permute(1, 2, 0).numpy()
         padded = pad({"image": rgb}, canvas, fill)["image"]  # (H, W, 3) uint8, as the evaluation pads
-        logits = model(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], with_features=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as `sak eval` autocasts
+            logits = model(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], with_features=False)
         for name, task in tasks.items():
             task_logits = logits.tasks[name].float()
             if fit == size:  # as sak eval: the prediction on the canvas, its padding cut
                 pred = unpad(task.predict(task_logits)[0], fit)
-            else:
+            else:  # resized back to the photograph's size, in its terms (depth: as if seen from its distance)
                 pred = task.predict(F.interpolate(unpad(task_logits, fit), size=size, mode="bilinear"))[0]
+                pred = task.unscale(pred, fit[0] / size[0])
             written.append(save_prediction(name, pred, out, file.stem))
     return written

@@ -16,6 +16,8 @@ Both paths score exactly the same numbers:
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,6 +138,9 @@ def load_reference(path: str | Path) -> dict[str, float]:
         k in known and isinstance(v, int | float) and not isinstance(v, bool) for k, v in data.items()
     ):
         raise EvalError(f"{path}: expected {{task: number}} with tasks among {sorted(known)}, got {data!r}")
+    bad = {k: v for k, v in data.items() if not math.isfinite(v) or v == 0}
+    if bad:  # delta_m divides by each reference value
+        raise EvalError(f"{path}: reference values must be finite and not 0 (delta_m divides by them), got {bad}")
     return {k: float(v) for k, v in data.items()}
 
 
@@ -149,7 +154,10 @@ def summarize(
     if reference is None:
         reference = published_reference(scorer.dataset)
     headline = scorer.headline(scores)
-    common = [t for t in headline if t in reference]
+    unscored = [t for t in headline if t in reference and not math.isfinite(headline[t])]
+    if unscored:  # (a task with nothing to score, e.g. parts on a split without people, would make delta_m NaN)
+        warnings.warn(f"delta_m leaves out {unscored}: nothing was scored for them", RuntimeWarning, stacklevel=2)
+    common = [t for t in headline if t in reference and t not in unscored]
     lower = scorer.lower_is_better()
     value = None
     if common:

@@ -39,5 +39,10 @@ class Task:
         """logits -> the prediction the metric and the saved outputs use."""
         raise NotImplementedError
 
+    def unscale(self, prediction: Tensor, scale: float) -> Tensor:
+        """A prediction made on the image resized by `scale`, in the original image's terms (its pixels are
+        resized by the caller): unchanged for most tasks; depth undoes the training's rule (depth / scale)."""
+        return prediction
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels}, weight={self.weight})"

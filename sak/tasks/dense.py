@@ -142,3 +142,8 @@ class Depth(Task):
 
     def predict(self, logits: Tensor) -> Tensor:
         return logits.float()  # metres
+
+    def unscale(self, prediction: Tensor, scale: float) -> Tensor:
+        """Training divides depth by the resize factor (an image enlarged k times looks k times closer;
+        `resize_sample`): a prediction on an image shrunk by `scale` is that much too far."""
+        return prediction * scale

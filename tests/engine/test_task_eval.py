@@ -4,6 +4,7 @@ file scoring that reproduces the in-memory numbers, clear errors, and 2 processe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -274,6 +275,25 @@ def test_predicting_the_dataset_images_writes_what_eval_saves(trained, evaluated
     assert json.loads(out.read_text())["tasks"] == result["tasks"]
 
 
+def test_predicting_under_the_recipes_bf16_writes_what_eval_saves(trained, tmp_path):
+    """`sak eval` autocasts the student to the recipe's precision.mixed (bf16 in the shipped stage-2 recipes);
+    `sak predict` ran float32, and its files differed. The export records it, and predict autocasts alike."""
+    recipe_file, run_dir, root = trained
+    bf16, export, preds, saved = "precision.mixed=bf16", tmp_path / "export", tmp_path / "preds", tmp_path / "saved"
+    args = ["eval", str(recipe_file), bf16, "--checkpoint", str(run_dir), "--save-preds", str(saved)]
+    assert main([*args, "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["export", str(recipe_file), bf16, "--from", str(run_dir), "--out", str(export)]) == 0
+    assert yaml.safe_load((export / "student.yaml").read_text())["mixed"] == "bf16"
+    ids = (root / "ImageSets" / "Context" / "val.txt").read_text().split()
+    assert (
+        main(["predict", str(export), *[str(root / "JPEGImages" / f"{i}.jpg") for i in ids], "--out", str(preds)]) == 0
+    )
+    for task in TASKS:
+        for i in ids:
+            a, b = np.asarray(Image.open(preds / task / f"{i}.png")), np.asarray(Image.open(saved / task / f"{i}.png"))
+            np.testing.assert_array_equal(a, b, err_msg=f"{task} {i}")
+
+
 def test_a_photograph_larger_than_the_canvas_is_fitted_into_it_and_predicted_at_its_own_size(trained, tmp_path):
     recipe_file, run_dir, root = trained
     export = tmp_path / "export"
@@ -377,3 +397,22 @@ def test_eval_tasks_keeps_the_datasets_tasks_and_checks_the_class_count():
         EvalError, match=r"the student has none of the tasks \['semseg', 'depth', 'normals', 'edges'\] of nyud"
     ):
         eval_tasks("nyud", {"tasks": [{"name": "parts", "channels": 7}]})
+
+
+def test_delta_m_leaves_out_a_task_with_nothing_scored_and_refuses_a_zero_reference(tmp_path):
+    """parts on a split without people scores NaN, which made delta_m NaN (null, "+nan%"); a reference of 0
+    crashed with a ZeroDivisionError traceback."""
+    from sak.engine.task_eval import EvalError, SampleScores, load_reference, summarize
+
+    scorer = SampleScores("pascal_context", ["semseg", "parts"])
+    scores = {
+        "semseg": {scorer.metrics["semseg"].headline: 40.0},
+        "parts": {scorer.metrics["parts"].headline: math.nan},
+    }
+    with pytest.warns(RuntimeWarning, match=r"delta_m leaves out \['parts'\]: nothing was scored"):
+        summary = summarize(scorer, scores, {"semseg": 50.0, "parts": 60.0})
+    assert summary["delta_m_tasks"] == ["semseg"] and summary["delta_m"] == pytest.approx(-20.0)
+    for bad in ("0", "NaN"):
+        (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')
+        with pytest.raises(EvalError, match="reference values must be finite and not 0"):
+            load_reference(tmp_path / "ref.json")
