@@ -284,7 +284,18 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     if local:
         file = local_path(weights, what)
         digest = verify_sha256(file, spec.sha256, what)
-        state = checkpoint_filter_fn(load_state_dict(file, what), net)  # converts open_clip/OpenAI keys, resamples
+        raw = load_state_dict(file, what)
+        # timm's filter resamples a patch kernel of another size to the model's without a word: a ViT-B/32 file
+        # would load into a B/16 as a network nobody trained. Only the position embeddings may be resampled.
+        kernel = next((raw[k] for k in ("visual.conv1.weight", "conv1.weight", "patch_embed.proj.weight") if k in raw),
+                      None)  # fmt: skip
+        want = net.patch_embed.proj.weight.shape
+        if kernel is not None and tuple(kernel.shape) != tuple(want):
+            raise WeightsError(
+                f"{what}: {str(file)!r} has a patch embedding of shape {tuple(kernel.shape)}, the model "
+                f"{name!r} one of {tuple(want)} (another patch size or width): choose the `model` it was saved from"
+            )
+        state = checkpoint_filter_fn(raw, net)  # converts open_clip/OpenAI keys, resamples the position embeddings
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
     cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)
     return Built(
@@ -342,7 +353,8 @@ class ClipTeacher(Teacher):
         size = self.input_size
         target = [size] if self.options.center_crop else [size, size]
         x = TF.resize(to_float01(images), target, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        x = TF.center_crop(x, [size, size]).clamp_(0.0, 1.0)  # the crop is a no-op after a square resize
+        # out of place: resize and crop hand back the caller's own tensor (or a view of it) when they change nothing
+        x = TF.center_crop(x, [size, size]).clamp(0.0, 1.0)
         if self.spec.normalization == "imagenet":
             return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return normalize(x, self.meta.mean, self.meta.std)

@@ -89,6 +89,11 @@ def encoder_state(path: Path, what: str) -> dict[str, Tensor]:
 
 
 def size_of(state: dict[str, Tensor], path: Path, what: str) -> str:
+    if "patch_embed.proj.weight" not in state:  # SAM 2 (image_encoder.trunk.*), MobileSAM: other encoders
+        raise WeightsError(
+            f"{what}: {str(path)!r} holds an image encoder without SAM ViT's patch embedding (its keys start "
+            f"{sorted(state)[:4]}); only SAM's ViT-B / L / H image encoders are supported (not SAM 2 or MobileSAM)"
+        )
     dim = state["patch_embed.proj.weight"].shape[0]
     sizes = [size for size, cfg in SIZES.items() if cfg["embed_dim"] == dim]
     if not sizes:

@@ -136,6 +136,29 @@ def test_same_open_clip_weights_through_timm_give_the_same_features(clip_model, 
     assert via_open_clip.meta.native_size == via_timm.meta.native_size == 32
 
 
+def test_a_file_of_another_patch_size_is_refused_through_timm_as_through_open_clip(clip_file):
+    """timm's checkpoint filter resampled the patch kernel to the model's without a word: a patch-8 file loaded
+    into a patch-16 model as a network nobody trained."""
+    with pytest.raises(WeightsError, match=r"patch embedding of shape \(32, 3, 8, 8\), the model .* \(32, 3, 16, 16\)"):
+        create_teacher(
+            "clip", str(clip_file), model="vit_base_patch16_clip_224", model_kwargs={**TIMM, "patch_size": 16}
+        )
+
+
+def test_preprocess_leaves_the_callers_images_alone(clip_file):
+    """The clamp after resampling wrote into the caller's float images when resize and crop changed nothing
+    (and failed on inference-mode or grad-requiring inputs)."""
+    teacher = open_clip_teacher(clip_file)
+    images = torch.linspace(-0.5, 1.5, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    before = images.clone()
+    teacher.preprocess(images)
+    assert torch.equal(images, before)
+    with torch.inference_mode():
+        frozen = before.clone()
+    teacher.encode(frozen)  # an inference tensor, used outside inference mode
+    teacher.preprocess(before.clone().requires_grad_(True))
+
+
 def test_a_local_file_through_timm_takes_the_mean_and_std_of_its_tag(clip_file):
     """A file says nothing about its normalisation; timm reads it from the model name's tag. LAION's ViT-L/14 was
     trained with mean = std = 0.5, OpenAI's with CLIP's constants, so an untagged ViT-L/14 name is ambiguous."""

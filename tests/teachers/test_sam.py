@@ -191,6 +191,10 @@ def test_missing_files_wrong_checkpoints_and_offline_hub_are_clear_errors(sam, t
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}, tmp_path / "l.pth")
     with pytest.raises(WeightsError, match="l.pth' is SAM ViT-l, but size is 'b'"):
         create_teacher("sam", str(tmp_path / "l.pth"), size="b")
+    torch.save({"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7)}, tmp_path / "sam2.pth")
+    for source in ("segment_anything", "timm"):  # SAM 2's Hiera trunk: a KeyError before
+        with pytest.raises(WeightsError, match=r"sam2.pth' holds an image encoder without SAM ViT's patch embedding"):
+            create_teacher("sam", str(tmp_path / "sam2.pth"), source=source)
     with pytest.raises(WeightsError, match="segment_anything has no hub.*sam_vit_b_01ec64.pth"):
         create_teacher("sam", "sa1b")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
