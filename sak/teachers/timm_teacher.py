@@ -10,7 +10,8 @@
 Levels are the indices of `forward_intermediates` (final norm not applied, as SAK), which are those of
 timm's `feature_info`: one per block for a ViT, one per stage for a CNN or other hierarchical model (ResNets
 and EfficientNets also list the stem, stride 2). Channels and stride of each level are read from
-`feature_info`, so `level_dims` / `level_strides` / `level_shapes()` are those of the maps `forward` returns.
+`feature_info`, so `level_dims` / `level_strides` / `level_shapes()` are those of the maps `forward` returns:
+a hierarchical model is run once at its input size when built, and refused where they are not.
 The default is four evenly spaced indices ending at the last one.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from ..registry import TEACHERS
@@ -139,6 +141,31 @@ class TimmTeacher(Teacher):
             num_params=count_params(self.model),
             extra={"level_dims": dims, "level_strides": level_strides},
         )
+        if len(set(strides)) > 1:
+            self._check_level_shapes(what, size, native)
+
+    def _check_level_shapes(self, what: str, size: int, native: int) -> None:
+        """One image through a hierarchical model (a CNN, a hybrid) at the input size: its maps must be
+        size / stride each, as `level_shapes()` promises and the feature cache stores. Unpadded convolutions
+        (the Inception family) give smaller maps, and models built for one input size (EfficientFormer, LeViT)
+        fail at another; both are refused here rather than at the first batch or in the cache's reader."""
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                maps = self.model.forward_intermediates(torch.zeros(1, 3, size, size), indices=list(self.meta.levels),
+                                                        norm=False, output_fmt="NCHW", intermediates_only=True)  # fmt: skip
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise ValueError(
+                f"{what}: the model does not run at {size} px ({type(exc).__name__}: {str(exc)[:200]}); it may take "
+                f"only the size it was built for ({native}): set teachers[].image_size to {native}, or build it for "
+                f"{size} (model_kwargs: {{img_size: {size}}}, where the model takes it)"
+            ) from exc
+        got, want = [tuple(m.shape[1:]) for m in maps], [tuple(s) for s in self.level_shapes()]
+        if got != want:
+            raise ValueError(
+                f"{what}: at {size} px its levels are {got}, not {want} (size / stride): its convolutions do not "
+                "pad (the Inception family), so its maps do not follow the input size; it cannot be a teacher here"
+            )
 
     @staticmethod
     def _create(name: str, pretrained: bool, kwargs: dict, other_size: bool):

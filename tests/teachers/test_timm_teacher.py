@@ -130,6 +130,17 @@ def test_cnn_file_with_its_classifier_loads_and_odd_sizes_are_refused(tmp_path):
         create_teacher("timm", spec=TeacherSpec(levels=[3, 4]), model="convnext_atto", model_kwargs=TINY_CONVNEXT)
 
 
+def test_models_whose_maps_do_not_follow_the_input_size_are_refused_when_built():
+    """Unpadded convolutions (Inception) gave smaller maps than level_shapes() promised, which the cache stored
+    as the manifest's shapes and then refused to read; a model built for one size (EfficientFormer) failed
+    inside timm at the first batch."""
+    with pytest.raises(ValueError, match=r"at 288 px its levels are \[\(192, 68, 68\).*not \[\(192, 72, 72\)"):
+        create_teacher("timm", spec=TeacherSpec(image_size=288), model="inception_v3")
+    with pytest.raises(ValueError, match=r"does not run at 256 px .* set teachers\[\]\.image_size to 224"):
+        create_teacher("timm", spec=TeacherSpec(image_size=256), model="efficientformer_l1")
+    assert create_teacher("timm", model="efficientformer_l1").level_shapes()[-1] == (448, 7, 7)
+
+
 def test_a_model_without_feature_info_or_vit_blocks_is_a_clear_error():
     class Opaque(torch.nn.Module):
         def forward_intermediates(self, x, **kwargs):
