@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..digest import sha256_files
 from ..registry import TEACHERS
 from .base import (
     CLIP_MEAN,
@@ -76,6 +78,7 @@ class Built:
     weights: str
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
+    name: str | None = None  # what was loaded, where the `model` option plays no part (an open_clip directory)
 
 
 @contextlib.contextmanager
@@ -178,6 +181,7 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         name = f"local-dir:{Path(weights).expanduser()}"  # open_clip_config.json + weights, open_clip's layout
         if spec.sha256:
             raise WeightsError(f"{what}: sha256 needs a file; point `weights` at the checkpoint inside {weights!r}")
+        digest = directory_digest(Path(weights).expanduser())
     elif weights is not None and is_local(weights):
         file = local_path(weights, what)
         digest = verify_sha256(file, spec.sha256, what)
@@ -217,7 +221,17 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         load_strict(visual, {k[7:]: v for k, v in state.items() if k.startswith("visual.")}, file, what)
     cfg = getattr(visual, "preprocess_cfg", None) or {}  # open_clip >= 2.24 records the tag's mean / std here
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
-    return Built(visual, open_clip_native_size(name, native_cfg, visual, spec), digest, weights or "random", mean, std)
+    return Built(visual, open_clip_native_size(name, native_cfg, visual, spec), digest, weights or "random", mean, std,
+                 name=name if name.startswith("local-dir:") else None)  # fmt: skip
+
+
+def directory_digest(folder: Path) -> str:
+    """One sha256 over an open_clip directory's config and every weights file open_clip may pick from it (names
+    and contents), so that the teacher's metadata, and a feature cache's identity, change with its weights."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pth")
+                                                                   or p.name == "open_clip_config.json"))  # fmt: skip
+    listing = "".join(f"{p.name} {d}\n" for p, d in zip(files, sha256_files(files), strict=True))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def open_clip_native_size(name: str, vision_cfg: dict | None, visual: nn.Module, spec: TeacherSpec) -> int:
@@ -327,7 +341,7 @@ class ClipTeacher(Teacher):
         levels = self.tower.levels = check_levels(spec.levels, self.tower.depth, f"clip teacher ({model})")
         summary = "joint-space image embedding" if options.source == "open_clip" else "class token before projection"
         self.meta = TeacherMeta(
-            name=model,
+            name=built.name or model,
             source=options.source,
             architecture=type(built.net).__name__,
             embed_dim=self.tower.width,

@@ -84,6 +84,15 @@ def test_open_clip_directory_loads_through_open_clips_local_dir_schema(clip_mode
         ref = clip_model.visual.forward_intermediates(x, indices=[0, 1, 2, 3])["image_intermediates"]
     torch.testing.assert_close(teacher(x).levels[2], ref[2], atol=1e-5, rtol=0)
     assert teacher.meta.mean == (0.5,) * 3 and teacher.meta.std == (0.25,) * 3  # the directory's own normalisation
+    # what was loaded, not the ignored `model` option, and a digest that follows the directory's weights (the
+    # metadata, and with it a feature cache's identity, stayed the same when they changed)
+    assert teacher.meta.name == f"local-dir:{tmp_path}" and len(teacher.meta.sha256) == 64
+    state = clip_model.state_dict()
+    torch.save(
+        {k: v + 1 if k == "visual.proj" else v for k, v in state.items()}, tmp_path / "open_clip_pytorch_model.bin"
+    )
+    again = create_teacher("clip", str(tmp_path), source="open_clip", model="ViT-L-14")
+    assert again.meta.name == teacher.meta.name and again.meta.sha256 != teacher.meta.sha256
 
 
 def test_sequence_first_transformer_gives_the_same_levels(clip_file):
