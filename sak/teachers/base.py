@@ -164,11 +164,14 @@ def image_tokens(grid: tuple[int, int], size: int, extent: tuple[int, int]) -> t
     return min(gh, max(1, math.floor(nh * gh / size + 0.5))), min(gw, max(1, math.floor(nw * gw / size + 0.5)))
 
 
-def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> tuple[Tensor, tuple[int, int]]:
+def resize_images(
+    x: Tensor, size: int, mode: ResizeMode, multiple: int = 1, interpolation: str = "bicubic"
+) -> tuple[Tensor, tuple[int, int]]:
     """Resize float images; returns the resized batch and the (h, w) of the valid (unpadded) region.
 
-    square: bicubic to size x size (antialiased when shrinking, as PIL does), clamped to [0, 1]: bicubic
-        overshoots at edges, where the libraries' eval transforms (PIL's 8-bit bicubic, e.g. timm's) saturate.
+    square: bicubic (or the pretraining's `interpolation`: "bilinear" for some timm tags) to size x size
+        (antialiased when shrinking, as PIL does), clamped to [0, 1]: bicubic overshoots at edges, where the
+        libraries' eval transforms (PIL's 8-bit bicubic, e.g. timm's) saturate.
     longest_pad: longest side to `size`, aspect kept (SAM); padding is added after normalisation. Bilinear
         weights are never negative, so there is nothing to clamp.
     keep: no resize, crop down to a multiple of `multiple`.
@@ -176,7 +179,9 @@ def resize_images(x: Tensor, size: int, mode: ResizeMode, multiple: int = 1) -> 
     h, w = x.shape[-2:]
     if mode == "square":
         if (h, w) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            if interpolation not in ("bicubic", "bilinear"):
+                raise ValueError(f"interpolation {interpolation!r}: expected bicubic or bilinear")
+            x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)
         return x, (size, size)
     if mode == "longest_pad":
@@ -244,7 +249,10 @@ class Teacher(nn.Module):
     def preprocess(self, images: Tensor) -> Tensor:
         """Loader batch (uint8 or float [0, 1], any size) -> this teacher's normalised input."""
         x = to_float01(images)
-        x, (h, w) = resize_images(x, self.input_size, self.meta.resize, self.meta.patch_size)
+        # meta.extra["interpolation"]: the pretraining's resize where it is not bicubic (absent otherwise, so that
+        # the metadata of bicubic teachers, and the feature caches that record it, stay as they were)
+        interpolation = self.meta.extra.get("interpolation", "bicubic")
+        x, (h, w) = resize_images(x, self.input_size, self.meta.resize, self.meta.patch_size, interpolation)
         if self.spec.normalization == "imagenet":
             x = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         else:

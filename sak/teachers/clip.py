@@ -79,6 +79,7 @@ class Built:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     name: str | None = None  # what was loaded, where the `model` option plays no part (an open_clip directory)
+    interpolation: str = "bicubic"  # the pretraining's eval resize (open_clip's CLIPA tags: bilinear)
 
 
 @contextlib.contextmanager
@@ -222,7 +223,8 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     cfg = getattr(visual, "preprocess_cfg", None) or {}  # open_clip >= 2.24 records the tag's mean / std here
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     return Built(visual, open_clip_native_size(name, native_cfg, visual, spec), digest, weights or "random", mean, std,
-                 name=name if name.startswith("local-dir:") else None)  # fmt: skip
+                 name=name if name.startswith("local-dir:") else None,
+                 interpolation=cfg.get("interpolation", "bicubic"))  # fmt: skip
 
 
 def directory_digest(folder: Path) -> str:
@@ -312,9 +314,8 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         state = checkpoint_filter_fn(raw, net)  # converts open_clip/OpenAI keys, resamples the position embeddings
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
     cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)
-    return Built(
-        net, native, digest, weights or "random", tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
-    )
+    mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    return Built(net, native, digest, weights or "random", mean, std, interpolation=cfg.get("interpolation", "bicubic"))
 
 
 BUILDERS = {"open_clip": (build_open_clip, OpenClipTower), "timm": (build_timm, TimmClipTower)}
@@ -354,19 +355,25 @@ class ClipTeacher(Teacher):
             weights=built.weights,
             sha256=built.digest,
             num_params=count_params(built.net),
-            extra={"summary": summary, "center_crop": options.center_crop},
+            extra={
+                "summary": summary,
+                "center_crop": options.center_crop,
+                **({"interpolation": built.interpolation} if built.interpolation != "bicubic" else {}),
+            },
         )
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Loader batch (uint8 or float [0, 1], any size) -> (B, 3, S, S) normalised input.
 
-        Default: bicubic resize of the whole image to S x S, so the teacher sees every pixel the student
+        Default: bicubic resize (bilinear where the pretraining's eval transform is, e.g. open_clip's CLIPA tags,
+        `meta.extra["interpolation"]`) of the whole image to S x S, so the teacher sees every pixel the student
         and the task targets see. `center_crop`: open_clip's eval transform, shortest side to S (bicubic)
         and a centre crop. Both clamp to [0, 1] after resampling, as PIL's 8-bit bicubic does.
         """
         size = self.input_size
         target = [size] if self.options.center_crop else [size, size]
-        x = TF.resize(to_float01(images), target, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        mode = InterpolationMode(self.meta.extra.get("interpolation", "bicubic"))
+        x = TF.resize(to_float01(images), target, interpolation=mode, antialias=True)
         # out of place: resize and crop hand back the caller's own tensor (or a view of it) when they change nothing
         x = TF.center_crop(x, [size, size]).clamp(0.0, 1.0)
         if self.spec.normalization == "imagenet":

@@ -139,7 +139,12 @@ class TimmTeacher(Teacher):
             weights=spec.weights or "random",
             sha256=digest,
             num_params=count_params(self.model),
-            extra={"level_dims": dims, "level_strides": level_strides},
+            extra={
+                "level_dims": dims,
+                "level_strides": level_strides,
+                # the tag's eval resize where it is not bicubic (167 of timm's 1826 tags, e.g. resnet50.tv_in1k)
+                **({"interpolation": cfg["interpolation"]} if cfg.get("interpolation", "bicubic") != "bicubic" else {}),
+            },
         )
         if len(set(strides)) > 1:
             self._check_level_shapes(what, size, native)

@@ -130,6 +130,20 @@ def test_cnn_file_with_its_classifier_loads_and_odd_sizes_are_refused(tmp_path):
         create_teacher("timm", spec=TeacherSpec(levels=[3, 4]), model="convnext_atto", model_kwargs=TINY_CONVNEXT)
 
 
+def test_a_tag_whose_eval_transform_resizes_bilinear_is_resized_so():
+    """167 of timm's tags (torchvision's ResNets, TF EfficientNet-Lite) were trained and are evaluated with a
+    bilinear resize; the teacher resized every image bicubic (up to 0.49 apart on the astronaut)."""
+    import torch.nn.functional as F
+
+    bilinear = create_teacher("timm", spec=TeacherSpec(image_size=64), model="resnet18.tv_in1k")
+    bicubic = create_teacher("timm", spec=TeacherSpec(image_size=64), model="resnet18.a1_in1k")
+    assert bilinear.meta.extra["interpolation"] == "bilinear" and "interpolation" not in bicubic.meta.extra
+    images = torch.randint(0, 256, (1, 3, 100, 80), dtype=torch.uint8)
+    want = F.interpolate(images / 255.0, size=(64, 64), mode="bilinear", antialias=True).clamp(0, 1)
+    mean, std = torch.tensor(bilinear.meta.mean)[:, None, None], torch.tensor(bilinear.meta.std)[:, None, None]
+    torch.testing.assert_close(bilinear.preprocess(images), (want - mean) / std)
+
+
 def test_models_whose_maps_do_not_follow_the_input_size_are_refused_when_built():
     """Unpadded convolutions (Inception) gave smaller maps than level_shapes() promised, which the cache stored
     as the manifest's shapes and then refused to read; a model built for one size (EfficientFormer) failed
