@@ -171,7 +171,9 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     refuse_sha256_without_file(spec.weights, spec.sha256, what)
     weights, name, args, file, digest = spec.weights, model, {}, None, None
     native_cfg = kwargs.get("vision_cfg")
-    schema = weights is not None and (weights.startswith("hf-hub:") or is_local(weights) and Path(weights).is_dir())
+    schema = weights is not None and (
+        weights.startswith("hf-hub:") or is_local(weights) and Path(weights).expanduser().is_dir()
+    )
     if not schema and model not in open_clip.list_models():
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
         raise ValueError(
