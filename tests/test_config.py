@@ -418,3 +418,10 @@ def test_a_seed_numpy_cannot_take_is_a_recipe_error():
     for seed, why in (("-1", "run.seed: must be at least 0"), (str(2**32), "run.seed: must be below 2")):
         with pytest.raises(RecipeError, match=why):
             load_recipe(TINY, [f"run.seed={seed}"])
+
+
+def test_freezing_all_but_routers_without_tasks_is_refused():
+    """Stage 1 has no routers or heads: the recipe was accepted and training stopped at step 1 with autograd's
+    "element 0 of tensors does not require grad"."""
+    with pytest.raises(RecipeError, match="student.freeze: all_but_routers trains only the routers and task heads"):
+        load_recipe(TINY, ["student.freeze=all_but_routers"])

@@ -230,6 +230,9 @@ def _check_stage(recipe: Recipe) -> None:
         )
     if stage == "multitask" and not recipe.tasks:
         raise RecipeError("tasks: a multi-task recipe (run.stage: multitask) needs at least one task")
+    if recipe.student.freeze == "all_but_routers" and not recipe.tasks:  # (a raw autograd error at step 1)
+        raise RecipeError("student.freeze: all_but_routers trains only the routers and task heads, which a recipe "
+                          "without tasks (stage 1) does not have; use none, or stem (with student.lora to train)")  # fmt: skip
 
 
 def _check_names(recipe: Recipe) -> None:

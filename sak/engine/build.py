@@ -89,9 +89,13 @@ def prepare_student(student: torch.nn.Module, p: PrecisionConfig) -> torch.nn.Mo
 
 
 def apply_freeze(student: torch.nn.Module, freeze: str) -> None:
-    """`stem`: the TAS stays fixed; `all_but_routers`: only the MoR routers (and new heads) learn."""
+    """`stem`: the TAS stays fixed, but for its LoRA weights where `student.lora` adds them (the reason to add
+    them); `all_but_routers`: only the MoR routers (and new heads) learn."""
     if freeze == "stem":
         student.stem.requires_grad_(False)
+        for name, p in student.stem.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
     elif freeze == "all_but_routers":
         for name, p in student.named_parameters():
             p.requires_grad_(name.startswith(("routers.", "heads.")))

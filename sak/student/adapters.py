@@ -73,6 +73,11 @@ class BottleneckAdapter(nn.Module):
         return x + self.scale * self.up(self.act(self.down(x)))
 
 
+def tracks_running_stats(module: nn.Module) -> bool:
+    """Whether a forward in training mode updates buffers (batch norm's running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in module.modules())
+
+
 class TeacherSpecificAdapterPath(nn.Module):
     """One path per teacher: depth + 1 adapters and a LayerNorm per output level."""
 
@@ -98,7 +103,9 @@ class TeacherSpecificAdapterPath(nn.Module):
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
 
         def run(adapter: nn.Module, x: Tensor) -> Tensor:  # keeps only x for backward when recomputing
-            out = checkpoint(adapter, x, use_reentrant=False, **kwargs) if recompute else adapter(x, **kwargs)
+            # (not an adapter with batch-norm running statistics: recomputing it would update them twice a step)
+            again = recompute and not (self.training and tracks_running_stats(adapter))
+            out = checkpoint(adapter, x, use_reentrant=False, **kwargs) if again else adapter(x, **kwargs)
             if out.shape != x.shape:  # the next block's tokens are added to it
                 raise ValueError(
                     f"adapter {type(adapter).__name__} turned tokens {tuple(x.shape)} into {tuple(out.shape)}: an "

@@ -335,6 +335,36 @@ def test_freeze_options_and_lora_choose_what_learns():
     assert stem and all("lora_" in n for n in stem) and any(n.startswith("paths.") for n in names)
     names, _ = trainable(lora)  # stage 2: the whole stem plus LoRA
     assert "stem.vit.blocks.0.attn.qkv.base_layer.weight" in names and any("lora_" in n for n in names)
+    for path in (TESTS / "tiny.yaml", TESTS / "tiny_multitask.yaml"):  # a fixed stem trains its LoRA (it froze it)
+        names, _ = trainable(lora, "student.freeze=stem", path=path)
+        stem = {n for n in names if n.startswith("stem.")}
+        assert stem and all("lora_" in n for n in stem)
+
+
+def test_recomputing_adapters_leaves_batch_norm_statistics_as_one_forward_does(monkeypatch):
+    """student.grad_checkpointing ran each adapter again in backward, in training mode: a plug-in adapter with
+    batch norm updated its running statistics twice a step. Such adapters are not recomputed."""
+
+    class Normed(torch.nn.Module):
+        def __init__(self, dim: int, down_ratio: int = 4) -> None:
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+    monkeypatch.setitem(ADAPTERS._entries, "normed", Normed)
+    stats = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        path = TeacherSpecificAdapterPath(8, 2, [0, 1], adapter="normed").train()
+        path.grad_checkpointing = recompute
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        sum(o.sum() for o in path(x, [torch.randn(2, 5, 8) for _ in range(2)])).backward()
+        stats.append({k: v.clone() for k, v in path.state_dict().items() if "running" in k or "batches" in k})
+    assert stats[0].keys() == stats[1].keys() and stats[0]
+    for key in stats[0]:
+        torch.testing.assert_close(stats[0][key], stats[1][key], rtol=0, atol=0, msg=key)
 
 
 def test_decode_head_convolutions_run_channels_last_and_compute_what_nchw_computes():
