@@ -53,6 +53,8 @@ def load_npy(path: Path, shape: tuple[int, int], channels: int) -> np.ndarray:
         raise DataError(
             f"{path}: array of shape {array.shape}, expected {expected} (the image is {shape[0]}x{shape[1]})"
         )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise DataError(f"{path}: an array of {array.dtype}, expected numbers (float32 metres or unit vectors)")
     if not np.isfinite(array).all():
         raise DataError(f"{path}: the array holds NaN or infinite values")
     return array.astype(np.float32)

@@ -153,11 +153,14 @@ def read_human_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
             raise DataError(f"{path}: object {k} lacks `class_ind` / `parts` ({exc})") from exc
         if class_ind != PERSON_CLASS_IND or parts.size == 0:
             continue
-        for part in parts.ravel():
-            name = str(np.asarray(part["part_name"]).ravel()[0])
+        for j, part in enumerate(parts.ravel()):
+            try:
+                name, mask = str(np.asarray(part["part_name"]).ravel()[0]), np.asarray(part["mask"])
+            except (ValueError, IndexError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: part {j} of object {k} lacks `part_name` / `mask` ({exc})") from exc
             if name not in PERSON_PARTS:
                 raise DataError(f"{path}: unknown person part {name!r}; known: {sorted(PERSON_PARTS)}")
-            mask = check_shape(path, np.asarray(part["mask"]), shape).astype(bool)
+            mask = check_shape(path, mask, shape).astype(bool)
             target[mask] = PERSON_PARTS[name]
     return target
 

@@ -99,6 +99,9 @@ def test_bad_files_are_clear_errors_or_skipped(copy):
         dataset(copy, split="train", verify=True)
     kept = dataset(copy, split="train", skip_bad=True)
     assert kept.ids == ids[2:] and [i for i, _ in kept.skipped] == ids[:2]
+    np.save(copy / "depth" / f"{ids[2]}.npy", np.full((40, 56), "x"))  # strings: a TypeError, not a DataError
+    with pytest.raises(DataError, match=rf"depth/{ids[2]}.npy: an array of <U1, expected numbers"):
+        dataset(copy, split="train")[2]
     with pytest.raises(ValueError, match="eval_size must be"):
         dataset(copy, eval_size=[448])
 

@@ -217,6 +217,22 @@ def test_bad_files_name_the_file_and_the_problem(copy):
     assert "cannot decode" in kept.skipped[0][1] and "missing" in kept.skipped[3][1]
 
 
+def test_a_person_part_without_its_mask_or_name_is_a_data_error_naming_the_file(copy):
+    """A part struct without `mask` raised numpy's ValueError ("no field of name mask"), which neither named
+    the file nor let skip_bad drop the sample."""
+    from sak.data.pascal_context import read_human_parts
+
+    path = copy / "human_parts" / "bad.mat"
+    objects = np.empty((1, 1), dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
+    for fields, values in (([("part_name", "O")], ("head",)), ([("mask", "O")], (np.zeros((4, 4), np.uint8),))):
+        parts = np.empty((1, 1), dtype=fields)
+        parts[0, 0] = values
+        objects[0, 0] = ("person", np.array([[15.0]]), np.zeros((4, 4), np.uint8), parts)
+        scipy.io.savemat(path, {"anno": {"imname": "bad.jpg", "objects": objects}})
+        with pytest.raises(DataError, match=r"bad.mat: part 0 of object 0 lacks `part_name` / `mask`"):
+            read_human_parts(path, (4, 4))
+
+
 def test_training_flip_mirrors_the_sample_and_negates_normal_x(root):
     """With scaling, cropping and colour changes switched off, a training sample is the evaluation
     sample, mirrored (normals' x negated) on the draws that flip."""
