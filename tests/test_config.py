@@ -271,8 +271,11 @@ def test_task_channels_and_weights_out_of_range_are_refused_with_the_key(overrid
     assert load_recipe(TINY_MULTITASK, ["tasks.4.channels=3"]).tasks[4].channels == 3
 
 
-def test_min_lr_above_lr_is_refused_only_for_the_cosine_schedule_that_uses_it():
-    assert load_recipe(TINY, ["schedule.name=poly", "schedule.min_lr=1"]).schedule.min_lr == 1.0
+def test_min_lr_is_the_cosine_schedules_alone():
+    with pytest.raises(RecipeError, match=r"schedule.min_lr: the cosine floor must be in \[0, optim.lr"):
+        load_recipe(TINY, ["schedule.min_lr=1"])
+    with pytest.raises(RecipeError, match="schedule.min_lr: 1.0 would go unused with schedule.name 'poly'"):
+        load_recipe(TINY, ["schedule.name=poly", "schedule.min_lr=1"])
 
 
 def test_options_of_a_loss_without_its_own_init_are_checked():
@@ -425,3 +428,35 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
     "element 0 of tensors does not require grad"."""
     with pytest.raises(RecipeError, match="student.freeze: all_but_routers trains only the routers and task heads"):
         load_recipe(TINY, ["student.freeze=all_but_routers"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule.max_steps=10", "schedule.warmup_steps=10"], "schedule.warmup_steps: 10 is not shorter than schedule.max_steps 10"),
+        (["schedule.name=poly", "schedule.min_lr=1e-6"], "schedule.min_lr: 1e-06 would go unused with schedule.name 'poly'"),
+        (["schedule.power=2.0"], "schedule.power: 2.0 would go unused with schedule.name 'cosine'"),
+        (["schedule.min_lr=.nan"], "schedule.min_lr: the cosine floor must be in"),
+        (["schedule.max_steps=null", "schedule.epochs=2", "schedule.warmup_steps=0", "schedule.warmup_epochs=.inf"], "schedule.warmup_epochs: must be a finite"),
+        (["loss.alpha=0.5"], "loss.alpha: 0.5 weighs the distillation loss against the task losses"),
+        (["loss.options={l1_weight: -5}"], "loss.options.l1_weight: must be a finite number, zero or more, got -5"),
+        (["student.architecture=many_to_one", "student.down_ratio=16"], "student.down_ratio: 16 would go unused"),
+        (["run.name=.."], r"run.name: '\.\.' names the run's folder"),
+        (["run.name=a/b"], "run.name: 'a/b' names the run's folder"),
+        (["schedule.max_steps=010"], r"schedule.max_steps: expected an integer, got '010'"),  # YAML 1.1: octal 8
+    ],
+)  # fmt: skip
+def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused(overrides, message):
+    """Each was accepted: a warm-up as long as the run never reached optim.lr, a floor or exponent the schedule
+    does not have, stage 1's alpha, a NaN floor, losses' negative weights, the SAK student's parts on the
+    many-to-one baseline, run names that are not a folder of their own, and YAML 1.1's octal `010` read as 8."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(TINY, overrides)
+
+
+def test_home_in_the_recipes_paths_is_expanded(tmp_path):
+    """run.output_dir=~/runs made a folder named `~` in the current directory."""
+    recipe = load_recipe(TINY, ["run.output_dir=~/runs", "data.root=~/data", "checkpoint.init_from=~/runs/a"])
+    home = str(Path.home())
+    assert recipe.run_dir == Path(home) / "runs" / "tiny"
+    assert recipe.data.root == f"{home}/data" and recipe.checkpoint.init_from == f"{home}/runs/a"

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,21 @@ def test_convolutional_teachers_run_channels_last_with_the_same_output(plugin_pa
     assert fast.channels_last and not plain["conv"].channels_last and not plain["vit_a"].channels_last
     for a, b in zip(fast.encode(images).levels, plain["conv"].encode(images).levels, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sak_command_finds_a_plugin_in_the_current_directory_as_python_m_does(tmp_path, monkeypatch):
+    """`python -m sak.train` (and `accelerate launch -m`) put the current directory on sys.path and the `sak`
+    command did not: one recipe with a plug-in beside it was accepted by one and refused by the other."""
+    import shutil
+    import subprocess
+
+    (tmp_path / "beside_plugin.py").write_text("print('beside_plugin imported')\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"imports: [beside_plugin]\n{TINY.read_text()}")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    sak = shutil.which("sak", path=str(Path(sys.executable).parent))
+    out = subprocess.run([sak, "recipe", "check", str(recipe)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "beside_plugin imported" in out.stdout, out.stderr[-2000:]
+    out = subprocess.run([sak, "recipe", "check", "r.yaml", "imports=[no_such_plugin]"], cwd=tmp_path,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "or in the current directory" in out.stderr, out.stderr[-2000:]

@@ -7,6 +7,9 @@ import difflib
 import importlib
 import inspect
 import math
+import os
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .schema import EXPONENT_FLOAT, Recipe, RecipeError, TeacherConfig
+from .schema import EXPONENT_FLOAT, LossConfig, Recipe, RecipeError, ScheduleConfig, StudentConfig, TeacherConfig
 from .structure import _convert, build_options, structure
 
 
@@ -57,6 +60,13 @@ class StrictLoader(yaml.SafeLoader):
 # string fails deep inside the model ("linspace() received an invalid combination of arguments"). Read them as
 # YAML 1.2 does; integers are matched first, by the resolver PyYAML registers before this one.
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+# and integers as YAML 1.2 does: YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90, without a word. Those
+# stay strings now, which an integer field refuses by name; hexadecimal (0x) and octal written 0o still read.
+YAML12_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
+for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
+    StrictLoader.yaml_implicit_resolvers[_first] = [
+        (tag, YAML12_INT if tag == "tag:yaml.org,2002:int" else regexp) for tag, regexp in _resolvers
+    ]
 
 
 def _unshared(value: Any) -> Any:
@@ -139,11 +149,41 @@ def import_plugins(modules: list[str], where: str = "imports") -> None:
                 f"{where}[{i}]: {name!r} is not a module name; give an absolute dotted name, e.g. my_pkg.teachers"
             )
         try:
-            importlib.import_module(name)
+            _import_here_too(name)
         except ImportError as exc:
-            raise RecipeError(f"{where}[{i}]: cannot import plug-in module {name!r}: {exc}") from exc
+            raise RecipeError(f"{where}[{i}]: cannot import plug-in module {name!r}: {exc} (a plug-in is found as "
+                              "Python finds modules: installed, on PYTHONPATH, or in the current directory)") from exc  # fmt: skip
         except ValueError as exc:  # a name registered twice (two modules, or a module under two names)
             raise RecipeError(f"{where}[{i}]: plug-in module {name!r}: {exc}") from exc
+
+
+def _expand_home(recipe: Recipe) -> None:
+    """`~` in the recipe's paths is the home folder, as in teachers' weights and student.pretrained (it made a
+    folder named `~` in the current directory for run.output_dir)."""
+    r = recipe
+    r.run.output_dir = os.path.expanduser(r.run.output_dir)
+    for section, key in ((r.data, "root"), (r.cache, "path"), (r.checkpoint, "init_from")):
+        if getattr(section, key) is not None:
+            setattr(section, key, os.path.expanduser(getattr(section, key)))
+    if r.checkpoint.resume not in ("auto", "never"):
+        r.checkpoint.resume = os.path.expanduser(r.checkpoint.resume)
+
+
+def _import_here_too(name: str) -> None:
+    """Import `name`, finding it in the current directory too: `python -m sak.train` and `accelerate launch -m`
+    put the current directory on sys.path, the `sak` command does not, and both must accept one recipe."""
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)  # after everything installed, as python -m puts it before: no shadowing here
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.path.remove(here)
+            raise
 
 
 def _import_builtins() -> None:
@@ -271,6 +311,10 @@ def _check_names(recipe: Recipe) -> None:
             )
     loss = _check_registered(LOSSES, recipe.loss.distill, "loss.distill")
     recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")
+    try:  # its values too (a loss checks its own ranges when built, and holds no weights to build)
+        loss(**recipe.loss.options)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
     _check_registered(ROUTERS, recipe.student.router, "student.router")
     student = _check_registered(STUDENTS, recipe.student.architecture, "student.architecture")
     if not getattr(student, "has_adapter_paths", True):
@@ -279,6 +323,13 @@ def _check_names(recipe: Recipe) -> None:
                 raise RecipeError(
                     f"teachers[{i}].adapter: {t.adapter!r} would go unused: student.architecture "
                     f"{recipe.student.architecture!r} has no adapter paths; leave it out"
+                )
+        defaults = StudentConfig()
+        for key in ("router", "down_ratio", "aligner"):  # the SAK student's parts, which this one does not have
+            if getattr(recipe.student, key) != getattr(defaults, key):
+                raise RecipeError(
+                    f"student.{key}: {getattr(recipe.student, key)!r} would go unused: student.architecture "
+                    f"{recipe.student.architecture!r} has no adapter paths, aligners or routers; leave it out"
                 )
 
 
@@ -314,9 +365,26 @@ def _check_schedule(recipe: Recipe) -> None:
             f"schedule: give at most one of schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_epochs "
             f"({s.warmup_epochs}); set the other to 0"
         )
-    if s.min_lr < 0 or (s.name == "cosine" and s.min_lr > recipe.optim.lr):  # (a floor above lr made it rise)
-        raise RecipeError(f"schedule.min_lr: the cosine floor must be in [0, optim.lr = {recipe.optim.lr}], "
-                          f"got {s.min_lr}")  # fmt: skip
+    if not math.isfinite(s.min_lr) or s.min_lr < 0 or (s.name == "cosine" and s.min_lr > recipe.optim.lr):
+        raise RecipeError(
+            f"schedule.min_lr: the cosine floor must be in [0, optim.lr = {recipe.optim.lr}], got {s.min_lr}"
+        )  # fmt: skip  (a floor above lr made it rise)
+    if not math.isfinite(s.warmup_epochs):
+        raise RecipeError(f"schedule.warmup_epochs: must be a finite number, got {s.warmup_epochs}")
+    # the same unit: a run shorter than its warm-up never reaches optim.lr (the other pairs: checked in train())
+    for length, warmup in (("max_steps", "warmup_steps"), ("epochs", "warmup_epochs")):
+        if getattr(s, length) is not None and getattr(s, warmup) and getattr(s, warmup) >= getattr(s, length):
+            raise RecipeError(f"schedule.{warmup}: {getattr(s, warmup)} is not shorter than schedule.{length} "
+                              f"{getattr(s, length)}: the learning rate would never reach optim.lr; shorten it")  # fmt: skip
+    defaults = ScheduleConfig()
+    unused = {"min_lr": s.name != "cosine", "power": s.name != "poly"}  # (mmseg's poly has a floor; ours does not)
+    for key, unused_here in unused.items():
+        if unused_here and getattr(s, key) != getattr(defaults, key):
+            raise RecipeError(f"schedule.{key}: {getattr(s, key)} would go unused with schedule.name {s.name!r} "
+                              f"({'the cosine floor' if key == 'min_lr' else 'the poly exponent'}); leave it out")  # fmt: skip
+    if not recipe.tasks and loss.alpha != LossConfig.alpha:
+        raise RecipeError(f"loss.alpha: {loss.alpha} weighs the distillation loss against the task losses, and "
+                          "this recipe has no tasks (stage 1 trains the distillation loss alone); leave it out")  # fmt: skip
     if loss.normalize == "none":
         unused = [k for k in ("normalize_every", "normalize_until") if getattr(loss, k) != "auto"]
         if unused:
@@ -359,6 +427,11 @@ def _check_numbers(recipe: Recipe) -> None:
             raise RecipeError(f"{key}: must be at least {low}, got {value}")
     if recipe.run.seed >= 2**32:  # (numpy's own error would not name the key)
         raise RecipeError(f"run.seed: must be below 2**32, got {recipe.run.seed}")
+    name = recipe.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:  # (an empty name made the output folder itself
+        # the run directory, whose fresh start set other runs' folders aside)
+        raise RecipeError(f"run.name: {name!r} names the run's folder under run.output_dir: one non-empty folder name, "
+                          "not . or .. and without / ")  # fmt: skip
     if recipe.student.levels is not None and not recipe.student.levels:
         raise RecipeError("student.levels: give the stem blocks that feed the levels, or null for evenly spaced ones")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -395,6 +468,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise RecipeError("imports: expected a list of module names")
         import_plugins(imports)
         recipe = structure(Recipe, data)
+        _expand_home(recipe)
         validate(recipe)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None

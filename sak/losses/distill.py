@@ -7,6 +7,8 @@ are not normalised.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,12 +91,22 @@ class DistillLoss(nn.Module):
         return total
 
 
+def check_weights(**values: float) -> None:
+    """The loss's options (`loss.options`): finite, the weights zero or more, SmoothL1's beta above zero."""
+    for key, value in values.items():
+        low_ok = value > 0 if key == "beta" else value >= 0
+        if not (math.isfinite(value) and low_ok):
+            what = "positive" if key == "beta" else "zero or more"
+            raise ValueError(f"loss.options.{key}: must be a finite number, {what}, got {value}")
+
+
 @LOSSES.register("sak")
 class SAKDistill(DistillLoss):
     """cos_weight * (1 - cos) on each image's flattened map + l1_weight * SmoothL1 (SAK: 0.9 / 0.1)."""
 
     def __init__(self, cos_weight: float = 0.9, l1_weight: float = 0.1, beta: float = 1.0) -> None:
         super().__init__()
+        check_weights(cos_weight=cos_weight, l1_weight=l1_weight, beta=beta)
         self.cos_weight, self.l1_weight, self.beta = cos_weight, l1_weight, beta
 
     def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
@@ -124,6 +136,7 @@ class TokenCosineDistill(DistillLoss):
 
     def __init__(self, cos_weight: float = 0.5, l1_weight: float = 0.5, beta: float = 1.0) -> None:
         super().__init__()
+        check_weights(cos_weight=cos_weight, l1_weight=l1_weight, beta=beta)
         self.cos_weight, self.l1_weight, self.beta = cos_weight, l1_weight, beta
 
     def level_loss(self, student: Tensor, teacher: Tensor) -> Tensor:

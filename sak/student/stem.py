@@ -79,6 +79,12 @@ class TeacherAgnosticStem(nn.Module):
             from timm.models.vision_transformer import checkpoint_filter_fn
 
             state = load_state_dict(local_path(pretrained, "student.pretrained"), "student.pretrained")
+            kernel, want = state.get("patch_embed.proj.weight"), self.vit.patch_embed.proj.weight.shape
+            if kernel is not None and tuple(kernel.shape) != tuple(want):  # (timm's filter would resample it)
+                raise WeightsError(
+                    f"student.pretrained {pretrained!r}: its patch embedding is {tuple(kernel.shape)}, the student "
+                    f"{model}'s {tuple(want)} (another patch size or width); choose the student.model it was saved from"
+                )
             state = checkpoint_filter_fn(state, self.vit)  # resamples position embeddings to image_size
             result = self.vit.load_state_dict(
                 {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False

@@ -459,6 +459,9 @@ def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
     save_file({f"module.{k}": v for k, v in plain.items()}, str(tmp_path / "ddp.safetensors"))
     with pytest.raises(ValueError, match=r"ddp.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
         TeacherAgnosticStem(tagged, 32, str(tmp_path / "ddp.safetensors"), **kwargs)
+    # another patch size: timm's filter resampled the kernel into a patch-16 network nobody trained
+    with pytest.raises(WeightsError, match=r"plain.safetensors.*patch embedding is \(16, 3, 16, 16\).*\(16, 3, 8, 8\)"):
+        TeacherAgnosticStem("vit_small_patch8_224", 32, str(tmp_path / "plain.safetensors"), **kwargs)
 
 
 def test_a_local_pretrained_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
