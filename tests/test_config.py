@@ -433,7 +433,6 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["schedule.max_steps=10", "schedule.warmup_steps=10"], "schedule.warmup_steps: 10 is not shorter than schedule.max_steps 10"),
         (["schedule.name=poly", "schedule.min_lr=1e-6"], "schedule.min_lr: 1e-06 would go unused with schedule.name 'poly'"),
         (["schedule.power=2.0"], "schedule.power: 2.0 would go unused with schedule.name 'cosine'"),
         (["schedule.min_lr=.nan"], "schedule.min_lr: the cosine floor must be in"),
@@ -447,8 +446,7 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
     ],
 )  # fmt: skip
 def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused(overrides, message):
-    """Each was accepted: a warm-up as long as the run never reached optim.lr, a floor or exponent the schedule
-    does not have, stage 1's alpha, a NaN floor, losses' negative weights, the SAK student's parts on the
+    """Each was accepted: a floor or exponent the schedule does not have, stage 1's alpha, a NaN floor, losses' negative weights, the SAK student's parts on the
     many-to-one baseline, run names that are not a folder of their own, and YAML 1.1's octal `010` read as 8."""
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, overrides)

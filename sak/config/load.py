@@ -371,11 +371,6 @@ def _check_schedule(recipe: Recipe) -> None:
         )  # fmt: skip  (a floor above lr made it rise)
     if not math.isfinite(s.warmup_epochs):
         raise RecipeError(f"schedule.warmup_epochs: must be a finite number, got {s.warmup_epochs}")
-    # the same unit: a run shorter than its warm-up never reaches optim.lr (the other pairs: checked in train())
-    for length, warmup in (("max_steps", "warmup_steps"), ("epochs", "warmup_epochs")):
-        if getattr(s, length) is not None and getattr(s, warmup) and getattr(s, warmup) >= getattr(s, length):
-            raise RecipeError(f"schedule.{warmup}: {getattr(s, warmup)} is not shorter than schedule.{length} "
-                              f"{getattr(s, length)}: the learning rate would never reach optim.lr; shorten it")  # fmt: skip
     defaults = ScheduleConfig()
     unused = {"min_lr": s.name != "cosine", "power": s.name != "poly"}  # (mmseg's poly has a floor; ours does not)
     for key, unused_here in unused.items():
