@@ -458,3 +458,20 @@ def test_home_in_the_recipes_paths_is_expanded(tmp_path):
     home = str(Path.home())
     assert recipe.run_dir == Path(home) / "runs" / "tiny"
     assert recipe.data.root == f"{home}/data" and recipe.checkpoint.init_from == f"{home}/runs/a"
+
+
+def test_a_name_sak_reads_as_an_integer_round_trips_through_recipe_yaml(tmp_path):
+    """The loader reads `0o17` as octal 15 (YAML 1.2); the writer, on YAML 1.1's rules, left it unquoted, and a
+    run named so could not load its own recipe.yaml."""
+    recipe = load_recipe(TINY, ["run.name='0o17'"])
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    assert load_recipe(tmp_path / "r.yaml").run.name == "0o17"
+
+
+def test_home_is_refused_where_an_older_sak_made_a_folder_named_tilde(tmp_path, monkeypatch):
+    """Before `~` was expanded, run.output_dir=~/runs wrote into ./~/runs: resuming there would start afresh
+    in the home folder without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~" / "runs").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"run.output_dir: '~/runs' is the home folder's .* but a folder .*~' exists"):
+        load_recipe(TINY, ["run.output_dir=~/runs"])

@@ -8,7 +8,6 @@ import importlib
 import inspect
 import math
 import os
-import re
 import sys
 import types
 import typing
@@ -17,7 +16,16 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .schema import EXPONENT_FLOAT, LossConfig, Recipe, RecipeError, ScheduleConfig, StudentConfig, TeacherConfig
+from .schema import (
+    EXPONENT_FLOAT,
+    YAML12_INT,
+    LossConfig,
+    Recipe,
+    RecipeError,
+    ScheduleConfig,
+    StudentConfig,
+    TeacherConfig,
+)
 from .structure import _convert, build_options, structure
 
 
@@ -62,7 +70,6 @@ class StrictLoader(yaml.SafeLoader):
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 # and integers as YAML 1.2 does: YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90, without a word. Those
 # stay strings now, which an integer field refuses by name; hexadecimal (0x) and octal written 0o still read.
-YAML12_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$")
 for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
     StrictLoader.yaml_implicit_resolvers[_first] = [
         (tag, YAML12_INT if tag == "tag:yaml.org,2002:int" else regexp) for tag, regexp in _resolvers
@@ -161,12 +168,21 @@ def _expand_home(recipe: Recipe) -> None:
     """`~` in the recipe's paths is the home folder, as in teachers' weights and student.pretrained (it made a
     folder named `~` in the current directory for run.output_dir)."""
     r = recipe
-    r.run.output_dir = os.path.expanduser(r.run.output_dir)
-    for section, key in ((r.data, "root"), (r.cache, "path"), (r.checkpoint, "init_from")):
-        if getattr(section, key) is not None:
-            setattr(section, key, os.path.expanduser(getattr(section, key)))
+    fields = [(r.run, "output_dir"), (r.data, "root"), (r.cache, "path"), (r.checkpoint, "init_from")]
     if r.checkpoint.resume not in ("auto", "never"):
-        r.checkpoint.resume = os.path.expanduser(r.checkpoint.resume)
+        fields.append((r.checkpoint, "resume"))
+    for section, key in fields:
+        value = getattr(section, key)
+        if value is None or not value.startswith("~"):
+            continue
+        literal = Path(value.split("/")[0])
+        if literal.exists():  # an older sak made and used this folder: its runs or cache are there
+            raise RecipeError(
+                f"{type(section).__name__.removesuffix('Config').lower()}.{key}: {value!r} is the home folder's "
+                f"{os.path.expanduser(value)}, but a folder {str(literal.resolve())!r} exists here (older sak versions "
+                "wrote there): move it, or name the path you mean without ~"
+            )
+        setattr(section, key, os.path.expanduser(value))
 
 
 def _import_here_too(name: str) -> None:
@@ -311,10 +327,11 @@ def _check_names(recipe: Recipe) -> None:
             )
     loss = _check_registered(LOSSES, recipe.loss.distill, "loss.distill")
     recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")
-    try:  # its values too (a loss checks its own ranges when built, and holds no weights to build)
-        loss(**recipe.loss.options)
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from exc
+    if loss.__module__.startswith("sak."):  # its values too: a built-in loss checks its ranges when built (and
+        try:  # holds no weights); a plug-in's constructor may do anything, and runs when training builds it
+            loss(**recipe.loss.options)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(str(exc)) from exc
     _check_registered(ROUTERS, recipe.student.router, "student.router")
     student = _check_registered(STUDENTS, recipe.student.architecture, "student.architecture")
     if not getattr(student, "has_adapter_paths", True):

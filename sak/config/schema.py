@@ -234,6 +234,7 @@ class Recipe:
 # numbers with an exponent but no dot or no signed exponent (`1e-3`, `1e5`), which YAML 1.1 reads as strings and
 # sak's recipe loader (`StrictLoader`) as numbers, as YAML 1.2 does
 EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+YAML12_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$")  # how sak's loader reads ints
 
 
 class RecipeDumper(yaml.SafeDumper):
@@ -242,3 +243,6 @@ class RecipeDumper(yaml.SafeDumper):
 
 
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+# and integers: a string YAML 1.1 does not take for one but sak's loader does (`0o17`) is quoted too (the
+# dumper keeps YAML 1.1's patterns as well, so what either reader would take for a number is quoted)
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))

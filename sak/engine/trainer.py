@@ -278,7 +278,7 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:
         logger.message(f"[sak] the checkpoints after step {state.step} in {ckpt_root} moved to {abandoned}")
-    if 0 < total <= warmup:  # (a run shortened for a test keeps its recipe's warm-up: allowed, but said)
+    if 0 < total < warmup:  # (a run shortened for a test keeps its recipe's warm-up: allowed, but said)
         logger.message(f"[sak] warning: the warm-up ({warmup} steps) is not shorter than the run ({total} steps): the "
                        "learning rate never reaches optim.lr; shorten schedule.warmup_steps / warmup_epochs too")  # fmt: skip
     if done:
