@@ -279,7 +279,7 @@ def train(recipe: Recipe) -> dict:
     if abandoned is not None:
         logger.message(f"[sak] the checkpoints after step {state.step} in {ckpt_root} moved to {abandoned}")
     if 0 < total < warmup:  # (a run shortened for a test keeps its recipe's warm-up: allowed, but said)
-        logger.message(f"[sak] warning: the warm-up ({warmup} steps) is not shorter than the run ({total} steps): the "
+        logger.message(f"[sak] warning: the warm-up ({warmup} steps) is longer than the run ({total} steps): the "
                        "learning rate never reaches optim.lr; shorten schedule.warmup_steps / warmup_epochs too")  # fmt: skip
     if done:
         asks = "" if state.step == total else f" (this recipe asks for {total})"

@@ -336,6 +336,6 @@ def test_a_warm_up_as_long_as_the_run_is_said(tiny_recipe, capsys):
     """A run shortened for a test keeps its recipe's warm-up and never reaches optim.lr: allowed, but said, in
     whichever units the two are given (a warm-up in epochs is known in steps once the loader's length is)."""
     train(tiny_recipe("schedule.max_steps=2", "schedule.warmup_steps=0", "schedule.warmup_epochs=1"))
-    assert "warning: the warm-up (8 steps) is not shorter than the run (2 steps)" in capsys.readouterr().out
+    assert "warning: the warm-up (8 steps) is longer than the run (2 steps)" in capsys.readouterr().out
     train(tiny_recipe("run.name=longer", "schedule.max_steps=3", "schedule.warmup_steps=2"))
     assert "warning: the warm-up" not in capsys.readouterr().out
