@@ -27,6 +27,7 @@ from .engine.build import (  # noqa: E402
     build_teachers,
 )
 from .engine.checkpoint import latest_checkpoint  # noqa: E402
+from .engine.logging import nan_for_null  # noqa: E402
 from .engine.step import teacher_targets  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "default.yaml"
@@ -116,7 +117,7 @@ def write_report(recipe: Recipe) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     lines = (recipe.run_dir / "metrics.jsonl").read_text().splitlines()
     # metrics.jsonl writes NaN and infinity as null (JSON has no such numbers): a diverged run's values read as NaN
-    rows = [{k: float("nan") if v is None else v for k, v in json.loads(line).items()} for line in lines]
+    rows = [nan_for_null(json.loads(line)) for line in lines]
     loss_curves(rows, report / "loss_curves.png")
     feature_grid(recipe, report / "features.png")
     teachers = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)

@@ -110,6 +110,11 @@ def json_safe(value):
     return value
 
 
+def nan_for_null(row: dict) -> dict:
+    """A record written through `json_safe`, its nulls read back as NaN (the values it logged)."""
+    return {k: math.nan if v is None else v for k, v in row.items()}
+
+
 class RunLogger:
     """Main-process logging; other processes get a logger that only forwards to the accelerator."""
 

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .evaluate import evaluate
 from .init import init_student_from
-from .logging import RunLogger, json_safe, run_info
+from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .run_records import FINAL_METRICS, prepare_run_dir, recipe_changes, record_ids, record_start
@@ -288,7 +288,7 @@ def train(recipe: Recipe) -> dict:
             "to train on, raise the schedule's length"
         )
         logger.close()
-        return {k: math.nan if v is None else v for k, v in json.loads(finished.read_text()).items()}
+        return nan_for_null(json.loads(finished.read_text()))
     go_on = "resume with a higher run.stop_at, or without it" + (
         " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
     )
