@@ -45,10 +45,13 @@ from sak.engine.build import (
     build_tasks,
     build_teachers,
     prepare_student,
+    total_steps,
+    warmup_steps,
 )
 from sak.engine.cache import build_cache
 from sak.engine.malloc import keep_freed_memory
 from sak.engine.prefetch import prefetch_enabled
+from sak.engine.schedule import lr_lambda
 from sak.engine.step import begin_step, compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
 
@@ -203,9 +206,9 @@ def flops(recipe) -> dict[str, float]:
 
 def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """The same step with no framework. Returns each timed step's time, measured like the engine's
-    `step_time` (from the batch's arrival to the end of the optimiser step, with one host sync per step: the
-    engine reads its loss once a step), and its wall time (from the end of the step before, so the batch's
-    loading included), which the engine's images_per_s measures with its logging included."""
+    `step_time` (from the batch's arrival on the device to the end of the optimiser and schedule steps, with one
+    host sync per step: the engine reads its loss once a step), and its wall time (from the end of the step before,
+    so the batch's loading included), which the engine's images_per_s measures with its logging included."""
     if recipe.precision.mixed == "fp16" or recipe.optim.grad_accum > 1:  # (it would run other work than the engine)
         raise ValueError("the bare loop runs bf16 or float32 students without gradient accumulation, as every case "
                          "here does; fp16 (a GradScaler) and optim.grad_accum > 1 are not written out in it")  # fmt: skip
@@ -223,6 +226,10 @@ def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]
     if normalizers is not None:
         normalizers.to(dev)
     loader = build_loader(recipe, recipe.data.split, train=True)
+    s, per_epoch = recipe.schedule, len(loader)  # the engine's schedule, stepped once a step as the engine steps it
+    multiplier = lr_lambda(s.name, total_steps(recipe, per_epoch), warmup_steps(recipe, per_epoch), recipe.optim.lr,
+                           s.min_lr, s.power)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     dtype, alpha = teacher_dtype(recipe), recipe.loss.alpha if tasks else 1.0
     times, walls, batches = [], [], iter(loader)
     last = time.perf_counter()
@@ -232,9 +239,10 @@ def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]
         except StopIteration:
             batches = iter(loader)
             batch = next(batches)
+        # copied before the clock starts, as Accelerate's loader copies a batch before it yields it
+        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         start = time.perf_counter()
         begin_step(recipe.precision.cuda_graphs)
-        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
         if normalizers is not None:
             normalizers.update(targets, step)
@@ -247,6 +255,7 @@ def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]
         if recipe.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()
         times.append(end - start)

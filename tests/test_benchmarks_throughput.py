@@ -311,3 +311,20 @@ def test_the_bare_loop_times_each_step_and_its_wall_time_with_the_loading():
     md = table([bare, sak], "CPU", "cmd")
     assert "stage1: sak engine / bare loop step time = 1.050; wall time a step" in md
     assert md.rstrip().endswith("included) = 1.100"), md
+
+
+def test_the_bare_loop_steps_the_recipes_schedule_once_a_step(monkeypatch):
+    """The engine steps its learning-rate schedule after each optimiser step; the bare loop does the same work."""
+    import benchmarks.throughput as throughput
+    from sak.config import load_recipe
+    from tests.conftest import TINY
+
+    seen, engine_lambda = [], throughput.lr_lambda
+
+    def recording(*args):
+        multiplier = engine_lambda(*args)
+        return lambda step: seen.append(step) or multiplier(step)
+
+    monkeypatch.setattr(throughput, "lr_lambda", recording)
+    throughput.bare_loop(load_recipe(TINY, ["data.num_workers=0", "schedule.max_steps=4"]), steps=3, warmup=1)
+    assert sorted(set(seen)) == [0, 1, 2, 3, 4]  # at construction, then once a step (for each parameter group)
