@@ -34,6 +34,7 @@ from sak.engine.build import (
     build_loader,
     build_optimizer,
     build_student,
+    build_target_normalizers,
     build_tasks,
     build_teachers,
     prepare_student,
@@ -142,7 +143,9 @@ class BareStep:
     student: torch.nn.Module
     loss_fn: torch.nn.Module
     batch: dict
+    normalizers: torch.nn.Module | None = None  # loss.normalize's TargetNormalizers, when the recipe sets it
     opt: torch.optim.Optimizer | None = None
+    step: int = 0
 
     @classmethod
     def build(cls, recipe: Recipe, dev: torch.device) -> BareStep:
@@ -153,7 +156,10 @@ class BareStep:
         prepare_student(student, recipe.precision)
         batch = next(iter(build_loader(recipe, recipe.data.split, train=True)))
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return cls(recipe, teachers, tasks, student, build_distill_loss(recipe), batch)
+        normalizers = build_target_normalizers(recipe, teachers)
+        if normalizers is not None:
+            normalizers.to(dev)
+        return cls(recipe, teachers, tasks, student, build_distill_loss(recipe), batch, normalizers)
 
     def run(self, phase: Callable[[str, Callable[[], object]], object]) -> None:
         """One step; `phase(name, fn)` runs each phase's work `fn` and returns its result."""
@@ -165,6 +171,13 @@ class BareStep:
         targets = {
             tid: phase(f"teacher {tid}", lambda t=t: t.encode(images, dtype)) for tid, t in self.teachers.items()
         }
+        if self.normalizers is not None:  # as the trainer: the batch joins the statistics, then the map applies
+
+            def normalize(norm=self.normalizers, step=self.step):
+                norm.update(targets, step)
+                return norm(targets)
+
+            targets = phase("normalize targets", normalize)
         mixed = r.precision.mixed in ("bf16", "fp16")
         autocast = torch.bfloat16 if r.precision.mixed == "bf16" else torch.float16
 
@@ -183,6 +196,7 @@ class BareStep:
         losses = phase("losses", lambda: compute_losses(out, targets, self.batch, self.tasks, self.loss_fn, alpha))
         phase("backward", losses.total.backward)
         phase("optimiser", optimiser)
+        self.step += 1
 
 
 def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int, dev: torch.device) -> dict:

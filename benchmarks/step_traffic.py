@@ -195,7 +195,7 @@ def fake_bare_step(recipe: Recipe, device: str = "cpu") -> tuple[BareStep, FakeT
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # parameters become fake Parameters
     try:
-        for module in [*bare.teachers.values(), bare.student]:
+        for module in [*bare.teachers.values(), bare.student, *([bare.normalizers] if bare.normalizers else [])]:
             module._apply(to_fake)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
@@ -239,7 +239,9 @@ def traffic_recipe(path: str, overrides: list[str], peak: float = PEAK, bandwidt
         cached.cache_clear()
 
     result = {"recipe": path, "overrides": overrides, "batch": recipe.data.batch_size, "phases": []}
-    student_flops = sum(r[2] for name, rows in phases.items() if not name.startswith("teacher") for r in rows.values())
+    # as throughput.py counts model FLOPs: the teachers' and the student step's, not loss.normalize's maps
+    student = [name for name in phases if not name.startswith("teacher") and name != "normalize targets"]
+    student_flops = sum(r[2] for name in student for r in phases[name].values())
     result["model_tflop"] = (model_teacher_flops + student_flops) / 1e12
     for name, rows in phases.items():
         entry = {

@@ -328,3 +328,32 @@ def test_the_bare_loop_steps_the_recipes_schedule_once_a_step(monkeypatch):
     monkeypatch.setattr(throughput, "lr_lambda", recording)
     throughput.bare_loop(load_recipe(TINY, ["data.num_workers=0", "schedule.max_steps=4"]), steps=3, warmup=1)
     assert sorted(set(seen)) == [0, 1, 2, 3, 4]  # at construction, then once a step (for each parameter group)
+
+
+def test_the_profiled_and_counted_steps_normalize_the_targets_as_the_trainer_does():
+    """With loss.normalize, profile_gpu's bare step (which step_traffic runs on fake tensors) adds the batch to
+    the statistics and applies the map, once a step, between the teachers and the student; step_traffic leaves
+    that phase out of the model FLOPs, as throughput.py does."""
+    import torch
+
+    from benchmarks.profile_gpu import BareStep, profile_recipe
+    from benchmarks.step_traffic import traffic_recipe
+    from sak.config import load_recipe
+    from tests.conftest import TINY
+
+    overrides = ["data.num_workers=0", "loss.normalize=phi_s"]  # its map is a matrix product: counted FLOPs
+    profiled = profile_recipe(str(TINY), 1, overrides, "", 0, torch.device("cpu"))
+    phases = [p["phase"] for p in profiled["phases"]]
+    assert phases == ["teacher vit_a", "teacher vit_b", "normalize targets", "student forward", "losses",
+                      "backward", "optimiser"]  # fmt: skip
+    counted = traffic_recipe(str(TINY), overrides)
+    plain = traffic_recipe(str(TINY), ["data.num_workers=0"])
+    normalize = next(p for p in counted["phases"] if p["phase"] == "normalize targets")
+    assert normalize["operations"] > 0 and normalize["tflop"] > 0
+    assert counted["model_tflop"] == pytest.approx(plain["model_tflop"], rel=1e-9)
+
+    bare = BareStep.build(load_recipe(str(TINY), overrides), torch.device("cpu"))
+    for _ in range(2):
+        bare.run(lambda name, fn: fn())
+    assert bare.step == 2
+    assert all(float(n.count) > 0 for levels in bare.normalizers.norms.values() for n in levels)
