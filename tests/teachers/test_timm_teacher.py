@@ -155,6 +155,30 @@ def test_models_whose_maps_do_not_follow_the_input_size_are_refused_when_built()
     assert create_teacher("timm", model="efficientformer_l1").level_shapes()[-1] == (448, 7, 7)
 
 
+def test_the_shape_check_runs_on_the_meta_device_and_falls_back_to_the_model(monkeypatch):
+    """The built model's maps are checked on a meta-device copy of its architecture (shapes only: seconds for
+    a large CNN at 768 px); where the architecture cannot be built there, the real model runs the image."""
+    from timm.models.convnext import ConvNeXt
+
+    from sak.teachers.timm_teacher import TimmTeacher
+
+    devices, real = [], ConvNeXt.forward_intermediates
+
+    def recording(self, x, **kwargs):
+        devices.append(x.device.type)
+        return real(self, x, **kwargs)
+
+    monkeypatch.setattr(ConvNeXt, "forward_intermediates", recording)
+    kwargs = {k: list(v) for k, v in TINY_CONVNEXT.items()}
+    teacher = create_teacher("timm", spec=TeacherSpec(image_size=64), model="convnext_atto", model_kwargs=kwargs)
+    assert devices == ["meta"] and all(p.device.type == "cpu" for p in teacher.parameters())
+
+    devices.clear()
+    monkeypatch.setattr(TimmTeacher, "_probe", lambda *args: None)
+    create_teacher("timm", spec=TeacherSpec(image_size=64), model="convnext_atto", model_kwargs=kwargs)
+    assert devices == ["cpu"]
+
+
 def test_a_model_without_feature_info_or_vit_blocks_is_a_clear_error():
     class Opaque(torch.nn.Module):
         def forward_intermediates(self, x, **kwargs):
