@@ -301,9 +301,11 @@ def _check_names(recipe: Recipe) -> None:
         _check_registered(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
         if t.id in seen:
             raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")
-        if not t.id or "." in t.id:  # (it names a module of the student: torch refuses a dot)
+        # it names a module of the student (torch refuses a dot) and the feature cache's tensors ("<key>/<level>")
+        if not t.id or "." in t.id or "/" in t.id:
+            better = t.id.replace(".", "_").replace("/", "_") or "dinov2"
             raise RecipeError(f"teachers[{i}].key: {t.id!r} names the teacher's outputs and adapter path; give a "
-                              f"non-empty name without '.', e.g. {t.id.replace('.', '_') or 'dinov2'!r}")  # fmt: skip
+                              f"non-empty name without '.' or '/', e.g. {better!r}")  # fmt: skip
         seen.add(t.id)
     names = set()
     for i, task in enumerate(recipe.tasks):
