@@ -197,6 +197,27 @@ def test_every_teacher_option_and_its_metadata_are_in_the_identity(tiny_recipe, 
     assert ident("teachers.0.options.center_crop=false") == default  # a default written out changes nothing
 
 
+def test_data_options_written_out_at_their_defaults_name_the_same_cache(tiny_recipe, tmp_path):
+    """`data.options.classes: 5` is the synthetic dataset's default: writing it out, or leaving it out, gives the
+    same data, so the cache is accepted either way (it was refused as stale: "cache has None, recipe gives 5");
+    another value is still refused. A manifest of an older sak, which stored the default as written, too."""
+    root = build_cache(tiny_recipe("data.options.length=4"), tmp_path / "c", shard_size=4)
+
+    def open_with(*overrides):
+        recipe = tiny_recipe("data.options.length=4", *overrides, f"cache.path={root}")
+        set_seed(recipe.run.seed)
+        return open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+
+    open_with("data.options.classes=5")
+    with pytest.raises(CacheError, match=r"stale cache .*data\.options\.classes: cache has None, recipe gives 6"):
+        open_with("data.options.classes=6")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["identity"]["data"]["options"] = {"length": 4, "classes": 5}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    open_with()
+    open_with("data.options.classes=5")
+
+
 def pascal_semseg(root) -> list[str]:
     """Overrides: train on the PASCAL-Context layout at `root` with the semseg task."""
     return ["data.name=pascal_context", f"data.root={root}", "data.options={}", "run.stage=multitask",

@@ -47,6 +47,35 @@ def _json(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def data_options(name: str, options: dict | None) -> dict | None:
+    """`data.options` as a cache records them: the options whose values differ from the dataset's defaults, so
+    that writing out a default (`classes: 5`) or leaving it out names the same cache. The values left are as
+    written, which keeps the identities of caches built before 2026-11-28 (they stored the options as written).
+    As given for a dataset that is not registered, or whose options do not build."""
+    from ...config import build_options
+    from ...registry import DATASETS
+
+    if not options:
+        return options
+    try:
+        built = build_options(DATASETS.get(name), options, where="data")
+    except Exception:  # (the recipe check reports it; an old manifest's options are compared as they are)
+        return options
+    if not dataclasses.is_dataclass(built):
+        return options
+    fields = {f.name: f for f in dataclasses.fields(built)}
+
+    def default(key: str):
+        f = fields[key]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    return {
+        k: v
+        for k, v in options.items()
+        if k not in fields or default(k) is dataclasses.MISSING or _json(getattr(built, k)) != _json(default(k))
+    }
+
+
 def _teacher_identity(teacher: Teacher, config) -> dict:
     """The teacher's metadata (name, source, weights and digest, levels, mean/std, resize, extra...) and all
     of its options, defaults filled in. No option is left out: one that changes no output bit (a pure speed
@@ -91,7 +120,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "root": d.root,
         "split": d.split,
         "image_size": d.image_size,
-        "options": d.options,
+        "options": data_options(d.name, d.options),
         "subset": d.subset,
         "seed": recipe.run.seed,
         "samples": len(dataset),
