@@ -150,8 +150,9 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         raise CheckpointError(damaged(path, exc)) from exc
 
 
-# the optimiser's settings a recipe sets (AdamW's; "initial_lr" is the schedule's base learning rate)
-OPTIMISER_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
+# the optimiser's settings a recipe sets (AdamW's; "initial_lr" is the schedule's base learning rate, "fused"
+# optim.fused's kernel)
+OPTIMISER_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps", "fused")
 
 
 def optimiser_settings(optimizer) -> list[dict]:
@@ -162,12 +163,17 @@ def optimiser_settings(optimizer) -> list[dict]:
 def restore_optimiser_settings(optimizer, scheduler, settings: list[dict]) -> None:
     """Put the recipe's settings back after a checkpoint was loaded: the optimiser's state_dict brings back the
     settings of the run that saved it, and the scheduler's its base learning rates, so that a resume with
-    another optim.lr, weight_decay, betas or eps would go on with the old ones while recipe.yaml records the new.
-    The moments and the schedule's position stay the checkpoint's; the learning rate is the schedule's at that
-    position for the recipe's base rate."""
+    another optim.lr, weight_decay, betas, eps or fused would go on with the old ones while recipe.yaml records
+    the new. The moments and the schedule's position stay the checkpoint's; the learning rate is the schedule's at
+    that position for the recipe's base rate."""
     lambda_lr = getattr(scheduler, "scheduler", scheduler)  # (Accelerate's wrapper holds the LambdaLR)
     for group, wanted in zip(optimizer.param_groups, settings, strict=True):
         group.update(wanted)
+        if group.get("fused") or group.get("capturable"):  # their kernels keep the step count beside the weights,
+            for param in group["params"]:  # where load_state_dict puts it only for a checkpoint saved so
+                step = optimizer.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
     lambda_lr.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, lambda_lr.base_lrs, lambda_lr.lr_lambdas, strict=True):
         group["lr"] = base * factor(lambda_lr.last_epoch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from .checkpoint import (
     CheckpointError,
     TrainState,
     damaged,
+    first_misfit,
     latest_checkpoint,
     load_checkpoint,
     optimiser_settings,
@@ -115,6 +117,18 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
     brings back its moments and the schedule's position) and the target normaliser's statistics."""
     settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
     state = load_checkpoint(accelerator, source, changed)
+    # The place in the epoch counts loader batches of the checkpoint's size, which grouped into optimiser steps of
+    # its grad_accum: a resume mid-epoch with others would repeat or skip samples, or weight an epoch's last
+    # micro-batches wrongly. At an epoch's end both may change.
+    moved = [c for c in changed if c.startswith(("data.batch_size:", "optim.grad_accum:"))]
+    if moved and state.batch_in_epoch:
+        raise CheckpointError(
+            f"cannot resume from {source} with another {' and another '.join(c.split(':')[0] for c in moved)} "
+            f"({'; '.join(moved)}): it stopped {state.batch_in_epoch} batch(es) into epoch {state.epoch}, a place "
+            "counted in the checkpoint's batches. Resume with the checkpoint's values (they may change at a "
+            f"checkpoint taken at an epoch's end), or start a new run from its weights (another run.name, and "
+            f"checkpoint.init_from={source})"
+        )
     restore_optimiser_settings(optimizer, scheduler, settings)
     if normalizers is not None:
         saved = source / "target_normalizers.safetensors"
@@ -125,7 +139,17 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
             )
         try:
             normalizers.load_state_dict(load_file(str(saved)))
-        except Exception as exc:  # cut short, or the statistics of other teachers' levels
+        except RuntimeError as exc:
+            if "loading state_dict" not in str(exc):
+                raise CheckpointError(damaged(source, exc)) from exc
+            # the statistics of other teachers' levels, or of another loss.normalize mode
+            differs = f"; the recipe differs from the one it was trained with: {'; '.join(changed)}" if changed else ""
+            raise CheckpointError(
+                f"cannot resume from {source}: its target statistics do not fit this recipe's loss.normalize "
+                f"({first_misfit(exc)}){differs}. Start a new run instead (another run.name, or "
+                "checkpoint.resume=never)"
+            ) from exc
+        except Exception as exc:  # cut short or overwritten
             raise CheckpointError(damaged(source, exc)) from exc
     return state
 
@@ -236,6 +260,13 @@ def train(recipe: Recipe) -> dict:
 
     def saved_tensors() -> dict[str, dict]:
         return {} if normalizers is None else {"target_normalizers": normalizers.state_dict()}
+
+    def saved_state() -> TrainState:
+        """The state a checkpoint records: after an epoch's last batch, the next epoch's start (the same place,
+        in words a resume with another data.batch_size or optim.grad_accum can take up)."""
+        if state.batch_in_epoch >= len(train_loader):
+            return dataclasses.replace(state, epoch=state.epoch + 1, batch_in_epoch=0)
+        return state
 
     # -- resume -----------------------------------------------------------------------------
     state = TrainState()
@@ -423,12 +454,12 @@ def train(recipe: Recipe) -> dict:
             periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0
             if periodic and state.step < total and state.nonfinite_streak == 0:
                 save_checkpoint(
-                    accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
+                    accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
                 )
             if recipe.run.stop_at is not None and state.step >= recipe.run.stop_at and state.step < total:
                 if state.nonfinite_streak == 0 and not periodic:  # (a periodic save of this step just ran)
                     save_checkpoint(
-                        accelerator, ckpt_root, state, extra_files, recipe.checkpoint.keep_last, saved_tensors()
+                        accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
                     )
                 last = latest_checkpoint(ckpt_root)
                 saved = (
@@ -452,7 +483,7 @@ def train(recipe: Recipe) -> dict:
     text = json.dumps(json_safe(final), indent=2)
     # the final checkpoint holds its metrics too: a start after the end finds them there, in one complete whole
     extras = {**extra_files, FINAL_METRICS: text}
-    save_checkpoint(accelerator, ckpt_root, state, extras, recipe.checkpoint.keep_last, saved_tensors())
+    save_checkpoint(accelerator, ckpt_root, saved_state(), extras, recipe.checkpoint.keep_last, saved_tensors())
     if accelerator.is_main_process:
         tmp = run_dir / f"{FINAL_METRICS}.tmp"
         tmp.write_text(text)

@@ -247,15 +247,23 @@ def test_a_resume_with_other_optimiser_settings_trains_with_them(tiny_recipe):
     common = ["checkpoint.every=2", "schedule.name=constant", "schedule.warmup_steps=0"]
     recipe = tiny_recipe(*common, "run.stop_at=2")
     train(recipe)
-    changed = [*common, "optim.lr=1.0e-5", "optim.weight_decay=0.5", "optim.betas=[0.8, 0.9]", "optim.eps=1.0e-6"]
+    changed = [*common, "optim.lr=1.0e-5", "optim.weight_decay=0.5", "optim.betas=[0.8, 0.9]", "optim.eps=1.0e-6",
+               "optim.fused=false"]  # fmt: skip
     train(tiny_recipe(*changed))
     rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if "lr" in r] == [1e-3] * 2 + [1e-5] * 6
     saved = torch.load(recipe.run_dir / "checkpoints" / "step_00000008" / "optimizer.bin", weights_only=True)
-    groups = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay", "betas", "eps")} for g in saved["param_groups"]]
+    keys = ("lr", "initial_lr", "weight_decay", "betas", "eps", "fused")
+    groups = [{k: g[k] for k in keys} for g in saved["param_groups"]]
     assert groups == [
-        {"lr": 1e-5, "initial_lr": 1e-5, "weight_decay": wd, "betas": (0.8, 0.9), "eps": 1e-6} for wd in (0.5, 0.0)
+        {"lr": 1e-5, "initial_lr": 1e-5, "weight_decay": wd, "betas": (0.8, 0.9), "eps": 1e-6, "fused": None}
+        for wd in (0.5, 0.0)
     ]
+    # and back on: the fused kernel takes the step counts the unfused run saved
+    train(tiny_recipe(*common, "schedule.max_steps=10", "checkpoint.every=2"))
+    saved = torch.load(recipe.run_dir / "checkpoints" / "step_00000010" / "optimizer.bin", weights_only=True)
+    assert [g["fused"] for g in saved["param_groups"]] == [True, True]
+    assert all(float(s["step"]) == 10 for s in saved["state"].values())
 
 
 def test_a_key_added_to_the_schema_since_the_checkpoint_is_not_a_change(tiny_recipe, tmp_path):
@@ -311,6 +319,20 @@ def test_resuming_with_loss_normalize_turned_on_since_is_named(tiny_recipe):
     train(tiny_recipe(*common, "run.stop_at=1"))
     with pytest.raises(CheckpointError, match="holds no target statistics, as its run had loss.normalize none"):
         train(tiny_recipe(*common, "loss.normalize=standardize"))
+
+
+def test_resuming_with_another_loss_normalize_mode_is_named_not_called_damaged(tiny_recipe):
+    """standardize keeps per-channel squares, phi_s a covariance: loading one into the other was reported as a
+    damaged file, with advice to resume from the checkpoint before, which fails alike."""
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["checkpoint.every=1", "schedule.max_steps=3"]
+    train(tiny_recipe(*common, "run.stop_at=1", "loss.normalize=standardize"))
+    with pytest.raises(CheckpointError) as exc:
+        train(tiny_recipe(*common, "loss.normalize=phi_s"))
+    message = str(exc.value)
+    assert "its target statistics do not fit this recipe's loss.normalize (size mismatch for" in message
+    assert "loss.normalize: 'standardize' -> 'phi_s'" in message and "damaged" not in message
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_recipe, capsys):
@@ -412,3 +434,33 @@ def test_a_damaged_recipe_copy_in_a_checkpoint_is_named(tiny_recipe):
         (ckpt / "recipe.yaml").write_text(text)
         with pytest.raises(CheckpointError, match=f"cannot resume from {ckpt}: a file of it is damaged"):
             train(tiny_recipe())
+
+
+def test_batch_size_and_grad_accum_change_at_an_epochs_end_and_not_inside_one(tiny_recipe):
+    """The place in the epoch counts batches of the checkpoint's size: resumed with batch size 2 three batches of 4
+    into the epoch, the run trained some samples twice and skipped others. At an epoch's end (8 batches of 4
+    here) the checkpoint records the next epoch's start, so both may change there."""
+    from collections import Counter
+
+    from sak.engine.checkpoint import CheckpointError
+
+    common = ["logging.sample_ids=true", "schedule.max_steps=10", "schedule.warmup_steps=0"]
+    recipe = tiny_recipe(*common, "run.stop_at=3")
+    train(recipe)
+    with pytest.raises(CheckpointError) as exc:
+        train(tiny_recipe(*common, "data.batch_size=2", "optim.grad_accum=2"))
+    message = str(exc.value)
+    assert "with another data.batch_size and another optim.grad_accum (data.batch_size: 4 -> 2; " in message
+    assert "it stopped 3 batch(es) into epoch 0" in message and "checkpoint.init_from=" in message
+
+    train(tiny_recipe(*common, "run.stop_at=8"))
+    state = json.loads((latest_checkpoint(recipe.run_dir / "checkpoints") / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)
+    train(tiny_recipe(*common, "data.batch_size=2", "optim.grad_accum=2"))
+    rows = [json.loads(x) for x in (recipe.run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+    per_step = Counter()
+    for r in rows:
+        per_step[r["step"]] += len(r["ids"])
+    assert per_step == {**{s: 4 for s in range(1, 9)}, 9: 4, 10: 4}  # steps 9, 10: two micro-batches of 2
+    epoch1 = [i for r in rows if r["step"] > 8 for i in r["ids"]]
+    assert len(set(epoch1)) == 8  # no sample twice
