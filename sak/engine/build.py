@@ -223,5 +223,7 @@ def steps_per_epoch(recipe: Recipe, batches_per_epoch: int) -> int:
 
 
 def warmup_steps(recipe: Recipe, batches_per_epoch: int) -> int:
+    """schedule.warmup_steps, or warmup_epochs x steps per epoch rounded down; by a millionth of a step up first,
+    so that a product a float lands just below a whole number (2.3 x 100 = 229.99999999999997) is that number."""
     s = recipe.schedule
-    return s.warmup_steps or int(s.warmup_epochs * steps_per_epoch(recipe, batches_per_epoch))
+    return s.warmup_steps or int(s.warmup_epochs * steps_per_epoch(recipe, batches_per_epoch) + 1e-6)

@@ -434,7 +434,8 @@ def train(recipe: Recipe) -> dict:
                 raise NonFiniteLossError(
                     f"{recipe.optim.max_nonfinite} consecutive non-finite losses or gradient norms at step "
                     f"{state.step}; stopping. "
-                    f"The last good checkpoint is {last} (lower optim.lr, enable optim.grad_clip or check the data)."
+                    + (f"The last good checkpoint is {last}" if last is not None else "There is no checkpoint yet")
+                    + " (lower optim.lr, enable optim.grad_clip or check the data)."
                 )
             now = time.perf_counter()
             values.update(images_per_s=images_per_micro_batch * micro / max(now - tick, 1e-9))  # (micro: this step's)

@@ -23,3 +23,15 @@ def test_poly_decays_with_power_to_zero():
 def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         lr_lambda("step", 10, 0, 1.0)(3)
+
+
+def test_warmup_in_epochs_is_the_whole_number_of_steps_it_comes_to():
+    """2.3 epochs of 100 steps are 230 warm-up steps; the float product 229.99999999999997 gave 229."""
+    from sak.config import load_recipe
+    from sak.engine.build import warmup_steps
+    from tests.conftest import TINY
+
+    for epochs, per_epoch, want in ((2.3, 100, 230), (0.29, 100, 29), (1.15, 100, 115), (0.58, 50, 29), (0.5, 3, 1)):
+        recipe = load_recipe(TINY, ["schedule.max_steps=null", "schedule.epochs=10", "schedule.warmup_steps=0",
+                                    f"schedule.warmup_epochs={epochs}"])  # fmt: skip
+        assert warmup_steps(recipe, per_epoch) == want, (epochs, per_epoch)

@@ -170,9 +170,10 @@ def test_fp16_loss_scaling_survives_skipped_steps(tiny_recipe, monkeypatch):
     NanAfterTwo.calls = 0
     monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
     recipe = tiny_recipe("loss.distill=test_nan_after_2", "optim.grad_clip=1.0", "optim.max_nonfinite=3")
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses or gradient norms at step 5"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses or gradient norms at step 5") as info:
         train(recipe)
     assert sorted(logged(recipe.run_dir, "grad_norm")) == [1, 2]
+    assert "There is no checkpoint yet (lower optim.lr" in str(info.value)  # (it said "checkpoint is None")
 
 
 def test_grad_accumulation_matches_a_larger_batch(tiny_recipe):
