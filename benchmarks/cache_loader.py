@@ -230,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", default="cache_loader_cpu", help="results file stem")
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.epochs < 1 or min(args.workers) < 0:
+        parser.error(f"--batch and --epochs must be at least 1 and --workers 0 or more; got {args.batch}, "
+                     f"{args.epochs} and {args.workers}")  # fmt: skip
+    if args.images < 2 * args.batch:  # an epoch's first batch waits for the workers to start: it is not timed
+        parser.error(f"--images must be at least twice --batch (an epoch's first batch is not timed); got "
+                     f"{args.images} images in batches of {args.batch}")  # fmt: skip
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__}
     results, parts, hashing = [], {}, {}

@@ -64,7 +64,8 @@ DEFAULT_RECIPES = [
     "recipes/bench/stage2_gpu_vitb.yaml",
 ]
 # H100 SXM: 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3; large GEMMs reach ~70% and streaming kernels ~90%
-PEAK, BANDWIDTH = 0.7 * 989e12, 0.9 * 3.35e12
+DENSE_PEAK = 989e12
+PEAK, BANDWIDTH = 0.7 * DENSE_PEAK, 0.9 * 3.35e12
 
 
 def operation_flops(func, args, kwargs, out) -> int:
@@ -352,15 +353,18 @@ def compare_forward(result: dict, cuda_phases: dict[str, dict], count: int = 4) 
     return rows
 
 
-def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, command: str) -> str:
+def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, command: str,
+             dense_peak: float = DENSE_PEAK) -> str:  # fmt: skip
+    rates = ("70% of an H100's dense bf16 peak, 90% of its HBM3 bandwidth" if (peak, bandwidth) == (PEAK, BANDWIDTH)
+             else "as given by --peak and --bandwidth")  # fmt: skip
     lines = [
         "# Memory traffic and FLOPs of one training step of the GPU recipes (counted on the CPU)",
         "",
         f"Command: `{command}` ({torch.__version__}). Fake tensors at the recipes' real shapes: per phase, the "
         "kernel-launching aten operations, the bytes they read and write (unfused: each operation's inputs and "
         "outputs), their FLOPs, and a roofline estimate of the GPU time, the sum over calls of "
-        f"max(FLOPs / {peak / 1e12:.0f} TFLOP/s, bytes / {bandwidth / 1e12:.2f} TB/s) (70% of an H100's dense "
-        "bf16 peak, 90% of its HBM3 bandwidth). It is a lower bound for eager execution; see the docstring of "
+        f"max(FLOPs / {peak / 1e12:.0f} TFLOP/s, bytes / {bandwidth / 1e12:.2f} TB/s) ({rates}). "
+        "It is a lower bound for eager execution; see the docstring of "
         "benchmarks/step_traffic.py.",
         "",
     ]
@@ -392,10 +396,10 @@ def markdown(results: list[dict], rows: int, peak: float, bandwidth: float, comm
             f"{total['student flop_bound_ms'] / total['student roofline_ms']:.0%} |"
         )
         lines.append("")
-        mfu = res["model_tflop"] * 1e12 / (total["roofline_ms"] / 1e3) / 989e12
+        mfu = res["model_tflop"] * 1e12 / (total["roofline_ms"] / 1e3) / dense_peak
         lines.append(
             f"Model-FLOPs utilisation if every operation ran at its roofline: {mfu:.0%} of the dense bf16 peak "
-            f"(989 TFLOP/s; {res['model_tflop']:.2f} TFLOP per step as benchmarks/throughput.py counts them, "
+            f"({dense_peak / 1e12:.0f} TFLOP/s; {res['model_tflop']:.2f} TFLOP per step as benchmarks/throughput.py counts them, "
             "SAM's attention as the model defines it)."
         )
         lines.append("")
@@ -439,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8, help="largest operations listed per phase")
     parser.add_argument("--peak", type=float, default=PEAK, help="FLOP/s reached by large matrix products")
     parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s reached by streaming kernels")
+    parser.add_argument("--dense-peak", type=float, default=DENSE_PEAK,
+                        help="the GPU's dense bf16 peak (FLOP/s), which model-FLOPs utilisation is taken against")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "step_traffic"), help="writes OUT.json and OUT.md")
     parser.add_argument(
         "--no-cuda-forward", action="store_true", help="skip counting the forward phases again under CUDA autocast"
@@ -454,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             result["cuda_forward"] = compare_forward(result, cuda_forward(path, [*args.overrides, *own]))
         results.append(result)
     command = "python -m benchmarks.step_traffic " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, args.rows, args.peak, args.bandwidth, command.strip())
+    text = markdown(results, args.rows, args.peak, args.bandwidth, command.strip(), args.dense_peak)
     Path(f"{args.out}.json").write_text(
         json.dumps({"torch": torch.__version__, "command": command, "recipes": results}, indent=2)
     )

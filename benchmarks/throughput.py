@@ -153,8 +153,9 @@ GPU_CASES = {
 }
 ALL_CASES = CASES | GPU_CASES
 # dense bf16 tensor-core peak of the GPU, for model-FLOPs utilisation (datasheet, without sparsity), matched in
-# this order against the device's name: the PCIe and NVL H100s before the SXM one ("NVIDIA H100 80GB HBM3")
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# this order against the device's name: the PCIe and NVL cards before the SXM ones ("NVIDIA H100 80GB HBM3")
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+             "A100": 312e12}  # fmt: skip
 
 
 def peak_bf16(gpu: str | None) -> float | None:
@@ -378,13 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", choices=sorted(ALL_CASES))
     parser.add_argument("--only", nargs="*", help="run only these cases of the suite")
     parser.add_argument("--out")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of every case; the fastest is reported")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (at least 1)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the timed ones (0 or more)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of every case (at least 1); the fastest is reported"
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder for NAME.{json,md}")
     parser.add_argument("--name", help="file name of the results (default throughput_<suite>: with --only, the "
                         "committed table of the suite is replaced by the cases run)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error(f"--steps must be at least 1, --warmup 0 or more and --repeats at least 1; got {args.steps}, "
+                     f"{args.warmup} and {args.repeats}")  # fmt: skip
+    if args.case and not args.out:
+        parser.error("--case runs one case in this process and writes its row to --out FILE; give --out")
     if args.case:
         Path(args.out).write_text(json.dumps(run_case(args.case, args.steps, args.warmup)))
         return 0
@@ -431,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{r + 1}/{args.repeats}] {name}: {runs[name][-1]['step_s']:.4f} s/step", flush=True)
                 write()
     print((results_dir / f"{stem}.md").read_text())
-    return 0
+    failed = [name for name, rs in runs.items() if not any("step_s" in x for x in rs)]
+    if failed:
+        print(f"[benchmarks.throughput] every run of {failed} failed (the errors are above and in the table)",
+              file=sys.stderr)  # fmt: skip
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def table(results: list[dict], device: str, command: str) -> str:
     if gpu:
         lines += [
             "MFU: the FLOPs each image needs (student forward + backward, plus the teachers' forward when they run",
-            "online), times images/s, over the GPU's dense bf16 peak (H100 and H200: 989 TFLOP/s).",
+            "online), times images/s, over the GPU's dense bf16 peak (datasheet, without sparsity: 989 TFLOP/s for",
+            "the H100 SXM and H200, 835 for their NVL cards, 756 for the H100 PCIe; benchmarks/throughput.py).",
             "",
             "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "
             "| cache speed-up | FLOP bound (share) | step bound (share) |",

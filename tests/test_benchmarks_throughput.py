@@ -33,6 +33,54 @@ def test_a_prefetching_cache_row_is_compared_with_the_online_row_of_its_configur
     assert "| 2.00x | 10.00x (20%) | 8.00x (25%) |" in row, row
 
 
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--warmup", "-1"], "--warmup 0 or more"),
+        (["--case", "stage1/sak/online"], "--case runs one case in this process and writes its row to --out FILE"),
+    ],
+)
+def test_arguments_that_would_measure_nothing_are_an_error(args, error, tmp_path, monkeypatch, capsys):
+    import benchmarks.throughput as throughput
+
+    def no_case(cmd, **kwargs):  # (were the check gone, the suite would not run here)
+        raise AssertionError("a case was started")
+
+    monkeypatch.setattr(throughput.subprocess, "run", no_case)
+    with pytest.raises(SystemExit):
+        throughput.main([*args, "--results", str(tmp_path)])
+    assert error in capsys.readouterr().err
+
+
+def test_a_suite_whose_case_failed_every_time_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """A `make bench` whose cases all crashed reported success: the failures were only rows of the table."""
+    import subprocess
+
+    import benchmarks.throughput as throughput
+
+    def crash(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: out of memory")
+
+    monkeypatch.setattr(throughput.subprocess, "run", crash)
+    code = throughput.main(["--only", "stage1/sak/online", "--repeats", "1", "--results", str(tmp_path)])
+    assert code == 1
+    assert "every run of ['stage1/sak/online'] failed" in capsys.readouterr().err
+    assert "RuntimeError: out of memory" in (tmp_path / "throughput_cpu.md").read_text()
+
+
+def test_the_cache_loader_benchmark_refuses_runs_that_would_time_no_batch(tmp_path, monkeypatch, capsys):
+    import benchmarks.cache_loader as cache_loader
+
+    def no_cache(*args, **kwargs):  # (were the check gone, nothing would be written here)
+        raise AssertionError("a cache was written")
+
+    monkeypatch.setattr(cache_loader, "write_cache", no_cache)
+    with pytest.raises(SystemExit):
+        cache_loader.main(["--images", "16", "--batch", "16", "--results", str(tmp_path)])
+    assert "--images must be at least twice --batch (an epoch's first batch is not timed)" in capsys.readouterr().err
+
+
 def test_only_names_outside_the_suite_are_an_error(capsys):
     from benchmarks.throughput import main
 
@@ -179,7 +227,7 @@ def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
     import torch
 
     from benchmarks.flops import flop_counter
-    from benchmarks.step_traffic import traffic_recipe
+    from benchmarks.step_traffic import markdown, traffic_recipe
     from sak.config import load_recipe
     from sak.engine.build import build_loader, build_student, build_teachers
     from tests.conftest import TINY
@@ -201,6 +249,9 @@ def test_traffic_of_a_recipe_on_fake_tensors_matches_a_real_step():
         loss.backward()
     assert phases["student forward"]["tflop"] * 1e12 == pytest.approx(forward.get_total_flops(), rel=1e-9)
     assert phases["backward"]["tflop"] * 1e12 == pytest.approx(backward.get_total_flops(), rel=1e-9)
+    # the roofline's rates and the peak MFU is taken against, as given (the MFU line took 989 TFLOP/s always)
+    md = markdown([result], 3, 1e12, 1e12, "cmd", dense_peak=2e12)
+    assert "(as given by --peak and --bandwidth)" in md and "of the dense bf16 peak (2 TFLOP/s;" in md
     params = sum(p.numel() for p in student.parameters())
     # AdamW reads parameter, gradient and both moments and writes three of them back, in float32
     assert phases["optimiser"]["gbytes"] * 1e9 >= 7 * 4 * params
@@ -280,9 +331,8 @@ def test_model_flops_leave_grad_checkpointings_recomputation_out_and_peaks_match
     plain = flops(load_recipe(TINY, ["data.num_workers=0"]))
     checkpointed = flops(load_recipe(TINY, ["data.num_workers=0", "student.grad_checkpointing=true"]))
     assert checkpointed == plain
-    assert [peak_bf16(f"NVIDIA {n}") for n in ("H100 80GB HBM3", "H100 PCIe", "H100 NVL", "H200")] == [
-        989e12, 756e12, 835e12, 989e12,
-    ]  # fmt: skip
+    names = ("H100 80GB HBM3", "H100 PCIe", "H100 NVL", "H200", "H200 NVL")
+    assert [peak_bf16(f"NVIDIA {n}") for n in names] == [989e12, 756e12, 835e12, 989e12, 835e12]
     assert peak_bf16("NVIDIA GeForce RTX 4090") is None and peak_bf16(None) is None
 
 
