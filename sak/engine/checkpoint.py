@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..teachers.weights import first_misfit
+
 PREFIX = "step_"
 PARTIAL = ".partial"
 REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
@@ -104,14 +106,6 @@ def save_checkpoint(
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: damaged, or another student's."""
-
-
-def first_misfit(exc: RuntimeError, limit: int = 300) -> str:
-    """The line of a `load_state_dict` RuntimeError that says what does not fit (its first line only says
-    "Error(s) in loading state_dict for SAKStudent:"; one line follows per mismatched tensor)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -> TrainState:

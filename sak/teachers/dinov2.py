@@ -71,7 +71,7 @@ from .dinov2_weights import (
     read_weights,
     variant_names,
 )
-from .weights import WeightsError, load_state_dict, load_strict, verify_sha256
+from .weights import WeightsError, first_misfit, load_state_dict, load_strict, verify_sha256
 
 META_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
@@ -100,17 +100,29 @@ def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str) 
         return timm.create_model(full, pretrained=tag is not None, **args)
     except TypeError as exc:
         raise ValueError(f"{what}: timm's {name} does not take model_kwargs {kwargs}: {exc}") from exc
-    except (RuntimeError, OSError) as exc:  # offline / not cached: huggingface_hub errors are OSErrors
-        from huggingface_hub import constants
-
-        repo = f"timm/{full}"
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc):
+            raise _hub_error(full, what, exc) from exc
+        # found and read: the weights of another model than size / model_kwargs build
         raise WeightsError(
-            f"{what}: could not load {full!r} from the Hugging Face hub (repo {repo}; looked in the Hugging Face "
-            f"cache {constants.HF_HUB_CACHE}, HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): "
-            f"{type(exc).__name__}: {str(exc).rstrip('.')}. Offline, pass a local file instead: download "
-            f"https://huggingface.co/{repo}/resolve/main/model.safetensors, or Meta's .pth, and set "
-            "`weights: /path/to/model.safetensors`."
+            f"{what}: the hub weights {full!r} do not fit the model built ({first_misfit(exc)}); check `size` / "
+            f"`model_kwargs` (model_kwargs {kwargs})"
         ) from exc
+    except OSError as exc:  # offline / not cached: huggingface_hub errors are OSErrors
+        raise _hub_error(full, what, exc) from exc
+
+
+def _hub_error(full: str, what: str, exc: Exception) -> WeightsError:
+    from huggingface_hub import constants
+
+    repo = f"timm/{full}"
+    return WeightsError(
+        f"{what}: could not load {full!r} from the Hugging Face hub (repo {repo}; looked in the Hugging Face "
+        f"cache {constants.HF_HUB_CACHE}, HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): "
+        f"{type(exc).__name__}: {str(exc).rstrip('.')}. Offline, pass a local file instead: download "
+        f"https://huggingface.co/{repo}/resolve/main/model.safetensors, or Meta's .pth, and set "
+        "`weights: /path/to/model.safetensors`."
+    )
 
 
 def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: TeacherSpec, w: Weights, what: str) -> Built:
@@ -132,6 +144,8 @@ def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = flatten_block_chunks(w.state) if w.layout == "meta" else dict(w.state)
+        if w.layout == "meta":  # timm's converter recognises Meta's layout by its (unused) mask token
+            state.setdefault("mask_token", torch.zeros(1, net.embed_dim))
         state = checkpoint_filter_fn(state, net)  # converts Meta's keys too; resamples pos_embed (antialiased)
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, w.path, what)
     rule = "bicubic, antialiased, resampled once at load (timm's checkpoint_filter_fn)"

@@ -11,7 +11,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .base import TeacherSpec
-from .dinov2_weights import NATIVE, PATCH, Built, Weights, choose_registers, variant_names
+from .dinov2_weights import (
+    HF_MODEL_TYPES,
+    NATIVE,
+    PATCH,
+    Built,
+    Weights,
+    choose_registers,
+    config_model_type,
+    variant_names,
+)
 from .weights import WeightsError
 
 if TYPE_CHECKING:
@@ -60,9 +69,14 @@ def hf_config(size_name: str, registers: bool, kwargs: dict, beside: Path | None
     if beside is not None and (beside / "config.json").is_file():
         from transformers import AutoConfig
 
+        model_type = config_model_type(beside / "config.json")  # (AutoConfig's error for none names no file)
+        if model_type not in HF_MODEL_TYPES:
+            raise WeightsError(
+                f"{what}: {beside / 'config.json'} (beside the weights) describes "
+                + (f"a {model_type!r} model, not DINOv2" if model_type else "no transformers model (no model_type)")
+                + "; move the weights file to a folder without it, or give the DINOv2 config.json beside it"
+            )
         config = AutoConfig.from_pretrained(str(beside))
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise WeightsError(f"{what}: {beside / 'config.json'} describes a {config.model_type!r} model, not DINOv2")
         config_type = type(config)
     else:
         config_type, _ = hf_classes(registers)
@@ -100,7 +114,7 @@ def load_hf_pretrained(repo: str, kwargs: dict, what: str) -> nn.Module:
         raise ValueError(f"{what}: model_kwargs apply to weights without a config.json; {repo!r} brings its own")
     try:
         config = AutoConfig.from_pretrained(repo)
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
+        if config.model_type not in HF_MODEL_TYPES:
             raise WeightsError(f"{what}: {repo!r} is a {config.model_type!r} model, not DINOv2")
         model, info = hf_classes(config.model_type == "dinov2_with_registers")[1].from_pretrained(
             repo, dtype=torch.float32, output_loading_info=True

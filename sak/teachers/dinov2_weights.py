@@ -7,6 +7,7 @@ checkpoint file, whose key names tell the library that wrote it. The sources the
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,19 @@ def key_layout(state: dict[str, Tensor], path: Path, what: str) -> Source:
     )
 
 
+HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def config_model_type(path: Path) -> str | None:
+    """The `model_type` of a config.json, which transformers' configs name and other libraries' (timm's,
+    open_clip's) do not; None for a file without one, or that is not a JSON mapping."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def read_weights(spec: TeacherSpec, what: str) -> Weights:
     """Classify `spec.weights`; a file is verified against `spec.sha256` and read once."""
     weights = spec.weights
@@ -95,6 +109,17 @@ def read_weights(spec: TeacherSpec, what: str) -> Weights:
         # that of the one file it will read, or none, so that a sha256 is never checked against a file left unread
         files = sorted(p for p in path.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
         single = len(files) == 1 and files[0].name in ("model.safetensors", "pytorch_model.bin")
+        model_type = config_model_type(path / "config.json")
+        if model_type not in HF_MODEL_TYPES:  # another library's snapshot (timm's config has no model_type)
+            if not single:
+                raise WeightsError(
+                    f"{what}: {str(path / 'config.json')!r} is not a transformers DINOv2 config (model_type "
+                    f"{model_type!r}), so the directory is not one for transformers; pass its weights file "
+                    f"directly (it holds {[p.name for p in files]})"
+                )
+            digest = verify_sha256(files[0], spec.sha256, what)
+            state = load_state_dict(files[0], what)
+            return Weights("file", weights, files[0], state, key_layout(state, files[0], what), digest)
         digest = verify_sha256(files[0], spec.sha256, what) if single else None
         if spec.sha256 and digest is None:
             raise WeightsError(

@@ -205,3 +205,11 @@ def check_timm_tag_for_file(name: str, what: str) -> None:
             f"{what}: a local file with an untagged model name is ambiguous, as {name}'s tags were trained with "
             f"different mean / std ({choices}). Name the tag of the weights in `model`, e.g. `model: {tagged}`"
         )
+
+
+def first_misfit(exc: RuntimeError, limit: int = 300) -> str:
+    """The line of a `load_state_dict` RuntimeError that says what does not fit (its first line only says
+    "Error(s) in loading state_dict for SAKStudent:"; one line follows per mismatched tensor)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."

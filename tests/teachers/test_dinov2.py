@@ -3,6 +3,7 @@ format): each source gives its library's own features, the same weights give the
 library runs them at the native size, and at other sizes each source keeps its library's position-embedding rule."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -389,3 +390,58 @@ def test_a_misspelt_tag_is_named_as_such_not_sent_to_transformers():
     """'lvd142' was answered with "is for transformers (`source: transformers`)", which then refused it."""
     with pytest.raises(WeightsError, match=r"'lvd142' is not a weights tag of DINOv2 \(tags: hub, default, lvd142m\)"):
         create_teacher("dinov2", "lvd142")
+
+
+def test_a_timm_hub_snapshot_folder_reads_its_weights_file(tmp_path):
+    """`hf download timm/vit_..._dinov2.lvd142m --local-dir DIR` holds timm's config.json (no model_type) and its
+    model.safetensors: the folder was taken for transformers', whose error named neither teacher nor file."""
+    ref = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0, **TIMM_TINY).eval()
+    randomise(ref, 3)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    save_file(ref.state_dict(), str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "vit_base_patch14_dinov2", "num_classes": 0}))
+    x = torch.randn(1, 3, 56, 56)
+    for source in (None, "timm"):
+        teacher = create_teacher(
+            "dinov2", str(snapshot), model_kwargs=TIMM_TINY, **({"source": source} if source else {})
+        )
+        assert teacher.meta.source == "timm"
+        assert teacher.meta.sha256 == hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+        assert_levels(teacher(x), *timm_levels(ref, x), atol=1e-5)
+    save_file(ref.state_dict(), str(snapshot / "other.safetensors"))
+    with pytest.raises(WeightsError, match=r"config.json' is not a transformers DINOv2 config \(model_type None\).*"
+                                           r"pass its weights file directly"):  # fmt: skip
+        create_teacher("dinov2", str(snapshot), model_kwargs=TIMM_TINY)
+
+
+def test_a_transformers_file_beside_another_librarys_config_is_a_clear_error(tmp_path):
+    save_file(hf_reference().state_dict(), str(tmp_path / "dino.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch14_dinov2"}))
+    with pytest.raises(WeightsError, match=r"config.json \(beside the weights\) describes no transformers model"):
+        create_teacher("dinov2", str(tmp_path / "dino.safetensors"), model_kwargs=HF_TINY)
+
+
+def test_source_timm_reads_a_meta_file_without_its_mask_token(checkpoints, tmp_path):
+    """Meta's layout is also told by register tokens; timm's converter needs the (unused) mask token to see it."""
+    model, root = checkpoints["registers"]
+    state = torch.load(meta_file(root), weights_only=True)
+    del state["mask_token"]
+    torch.save(state, tmp_path / "no_mask.pth")
+    x = torch.randn(1, 3, 56, 56)
+    teacher = create_teacher("dinov2", str(tmp_path / "no_mask.pth"), source="timm", model_kwargs=TIMM_TINY)
+    assert_levels(teacher(x), *hf_levels(model, x), atol=1e-4)
+
+
+def test_hub_weights_that_do_not_fit_the_model_are_named_as_such_not_as_a_failed_download(monkeypatch):
+    from sak.teachers import dinov2
+
+    def misfit(*args, **kwargs):
+        raise RuntimeError('Error(s) in loading state_dict for VisionTransformer:\n\tUnexpected key(s): "blocks.10.x"')
+
+    monkeypatch.setattr(dinov2.timm, "create_model", misfit)
+    with pytest.raises(WeightsError) as exc:
+        create_teacher("dinov2", "lvd142m", size="small", model_kwargs={"depth": 6})
+    message = str(exc.value)
+    assert "the hub weights 'vit_small_patch14_dinov2.lvd142m' do not fit the model built (Unexpected key(s)" in message
+    assert "check `size` / `model_kwargs`" in message and "Offline, pass a local file" not in message
