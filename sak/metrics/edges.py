@@ -54,6 +54,8 @@ class BoundaryF(Metric):
     ) -> None:
         if not 0 < tolerance < 1:
             raise ValueError(f"edges: tolerance is a fraction of the image diagonal in (0, 1), got {tolerance}")
+        if int(n_thresholds) != n_thresholds or n_thresholds < 1:
+            raise ValueError(f"edges: n_thresholds must be a whole number, at least 1, got {n_thresholds}")
         self.tolerance = float(tolerance)
         self.n_thresholds = int(n_thresholds)
         self.nms, self.quantize, self.thin = nms, quantize, thin

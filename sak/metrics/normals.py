@@ -52,6 +52,9 @@ class NormalsAngularError(Metric):
         """pred: (B, 3, H, W), need not be unit length; target: (B, 3, H, W), all-zero = ignore."""
         pred, target = vector_maps(self.task, pred, target, 3)
         check_finite(self.task, pred)
+        if target.numel() and not bool(target.isfinite().all()):  # it would pass as valid and score 90 degrees
+            bad = int((~target.isfinite()).sum())
+            raise ValueError(f"{self.task}: {bad} ground-truth value(s) are NaN or infinite (a damaged label?)")
         valid = (target != 0).any(1) & (target != IGNORE).all(1)
         deg = angular_error_degrees(pred, target)[valid]
         self._state["sum_deg"] += deg.sum()

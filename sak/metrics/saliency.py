@@ -32,6 +32,10 @@ class SaliencyMaxF(Metric):
     higher_is_better = True
 
     def __init__(self, beta2: float = 0.3, threshold_step: float = 0.05) -> None:
+        if not 0 < threshold_step < 1:
+            raise ValueError(f"saliency: threshold_step must be in (0, 1), got {threshold_step}")
+        if not beta2 > 0:
+            raise ValueError(f"saliency: beta2 (beta squared of the F-measure) must be positive, got {beta2}")
         self.beta2 = float(beta2)
         self.thresholds = saliency_thresholds(threshold_step)
         super().__init__()

@@ -114,6 +114,21 @@ def test_build_metric_errors_name_the_value_and_the_choices():
         build_metric("semseg", "nyud", classes=3)
     with pytest.raises(ValueError, match="num_classes"):
         build_metric("semseg")
+    # threshold options name themselves (they failed at the first update with numpy's or torch's words)
+    with pytest.raises(ValueError, match="edges: n_thresholds must be a whole number, at least 1, got 0"):
+        build_metric("edges", n_thresholds=0)
+    for step in (0, 1.5):
+        with pytest.raises(ValueError, match=f"saliency: threshold_step must be in \\(0, 1\\), got {step}"):
+            build_metric("saliency", threshold_step=step)
+
+
+def test_a_non_finite_normals_label_is_refused_not_scored_as_90_degrees():
+    pred = torch.zeros(1, 3, 1, 2)
+    pred[:, 2] = 1.0
+    target = pred.clone()
+    target[0, 0, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="normals: 1 ground-truth value.s. are NaN or infinite"):
+        build_metric("normals").update(pred, target)
 
 
 @pytest.mark.parametrize("task", METRICS.names())
