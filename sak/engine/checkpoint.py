@@ -25,6 +25,7 @@ from ..teachers.weights import first_misfit
 PREFIX = "step_"
 PARTIAL = ".partial"
 REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
+PRUNED = ".pruned"  # a checkpoint being deleted by pruning
 STATE_FILE = "trainer_state.json"
 
 
@@ -63,6 +64,17 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (none with 0). Each is renamed out of the checkpoints'
+    names first: a kill in the middle of deleting one leaves a folder that no resume takes for a complete
+    checkpoint (its trainer_state.json may outlive files deleted before it); the next start removes it
+    (`clean_partials`)."""
+    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        doomed = root / f"{old.name}{PRUNED}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(
     accelerator,
     root: Path,
@@ -98,8 +110,7 @@ def save_checkpoint(
             shutil.rmtree(aside)
         else:
             os.replace(partial, final)
-        for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
 
@@ -212,10 +223,10 @@ def damaged(path: Path, exc: Exception) -> str:
 
 
 def clean_partials(root: Path) -> None:
-    """Remove half-written checkpoints left by a killed run; put back a checkpoint that was set aside to be
-    replaced if its replacement never arrived."""
+    """Remove half-written (and half-deleted) checkpoints left by a killed run; put back a checkpoint that was set
+    aside to be replaced if its replacement never arrived."""
     if root.is_dir():
-        for p in root.glob(f"{PREFIX}*{PARTIAL}"):
+        for p in [*root.glob(f"{PREFIX}*{PARTIAL}"), *root.glob(f"{PREFIX}*{PRUNED}")]:
             shutil.rmtree(p, ignore_errors=True)
         for p in root.glob(f"{PREFIX}*{REPLACED}"):
             final = p.with_name(p.name.removesuffix(REPLACED))

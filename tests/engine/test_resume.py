@@ -4,6 +4,7 @@ recipe changes on resume, and what a finished or stopped run does when started a
 import json
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,32 @@ def test_saving_a_step_again_keeps_a_complete_copy_at_every_moment(tiny_recipe, 
     assert latest_checkpoint(root) is None  # step 2 is set aside, its replacement never arrived...
     checkpoint.clean_partials(root)
     assert latest_checkpoint(root) == kept and (kept / "model.safetensors").is_file()  # ...and is put back
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint_that_looks_complete(tiny_recipe, monkeypatch):
+    """Pruning deleted a checkpoint in place: killed half way, the folder kept its trainer_state.json with files
+    gone, and was taken for a complete checkpoint (the one a damaged latest checkpoint's error points to)."""
+    import shutil
+
+    from sak.engine import checkpoint
+
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if str(path).endswith(checkpoint.PRUNED):
+            (Path(path) / "model.safetensors").unlink()  # part of the way, then the kill
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    recipe = tiny_recipe("checkpoint.every=1", "checkpoint.keep_last=1", "schedule.max_steps=3")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    root = recipe.run_dir / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoint_dirs(root)] == ["step_00000002"]
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.clean_partials(root)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
 
 
