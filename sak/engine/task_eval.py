@@ -198,22 +198,33 @@ def load_student(recipe: Recipe, checkpoint: Path) -> tuple[torch.nn.Module, dic
         ) from exc
 
 
-def check_canvas(model: torch.nn.Module, canvas: tuple[int, int]) -> None:
-    """A ViT built for a fixed input size cannot take another evaluation canvas."""
+def check_canvas(model: torch.nn.Module, canvas: tuple[int, int], setting: str = "data.options.eval_size") -> None:
+    """A ViT built for a fixed input size cannot take another canvas; `setting` is the key that gives it."""
     embed = getattr(getattr(getattr(model, "stem", None), "vit", None), "patch_embed", None)
     if embed is None:
         return
     patch = embed.patch_size[0]
     if canvas[0] % patch or canvas[1] % patch:
-        raise RecipeError(
-            f"data.options.eval_size {list(canvas)} is not a multiple of the student's patch size {patch}"
-        )
+        raise RecipeError(f"{setting} {list(canvas)} is not a multiple of the student's patch size {patch}")
     if embed.strict_img_size and tuple(embed.img_size) != tuple(canvas):
+        what = "training crop" if setting.endswith("crop_size") else "evaluation canvas"
         raise RecipeError(
-            f"the student takes {embed.img_size[0]}x{embed.img_size[1]} inputs but the evaluation canvas is "
-            f"{canvas[0]}x{canvas[1]}: set data.options.eval_size, or build the student with "
+            f"the student takes {embed.img_size[0]}x{embed.img_size[1]} inputs but the {what} is "
+            f"{canvas[0]}x{canvas[1]}: set {setting}, or build the student with "
             "student.model_kwargs.dynamic_img_size=true"
         )
+
+
+def check_samples_fit(model: torch.nn.Module, dataset) -> None:
+    """The size of a dense dataset's samples (the training crop, or the evaluation canvas) fits the student:
+    checked when training starts, not when the first step or the final evaluation fails in timm's words."""
+    canvas = getattr(dataset, "eval_size", None)
+    if canvas is None:  # image folders: every sample is data.image_size square, the size the student is built at
+        return
+    if dataset.spec.train:
+        check_canvas(model, tuple(dataset.augment.crop_size), "data.options.crop_size")
+    else:
+        check_canvas(model, tuple(canvas))
 
 
 def eval_tasks(dataset: str, config: dict) -> dict[str, Task]:

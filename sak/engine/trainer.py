@@ -38,6 +38,7 @@ from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .run_records import FINAL_METRICS, prepare_run_dir, recipe_changes, record_ids, record_start
 from .schedule import lr_lambda
+from .task_eval import check_samples_fit
 from .step import begin_step, compute_losses, teacher_targets
 
 
@@ -221,6 +222,8 @@ def train(recipe: Recipe) -> dict:
         n = accelerator.num_processes
         cache.verify_all(max(1, usable_cpus() // n), (accelerator.process_index, n), gather_object if n > 1 else None)
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
+    for loader in (train_loader, val_loader):  # before any step, not at the final evaluation
+        check_samples_fit(student, loader.dataset.dataset)
     optimizer = build.build_optimizer(recipe, student)
     build.prepare_student(student, recipe.precision)
     per_epoch = len(train_loader) // accelerator.num_processes

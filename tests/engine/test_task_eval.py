@@ -386,6 +386,28 @@ def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_pa
     assert message.format(path=path) in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.options.eval_size=[48, 64]", "the student takes 64x64 inputs but the evaluation canvas is 48x64"),
+        ("data.options.crop_size=[64, 96]", "the student takes 64x64 inputs but the training crop is 64x96"),
+        ("data.options.crop_size=[64, 72]", "data.options.crop_size [64, 72] is not a multiple of the student's patch"),
+    ],
+)
+def test_train_refuses_samples_a_fixed_size_student_cannot_take_before_any_step(override, message, trained, capsys):
+    """The training crop and the evaluation canvas are checked when training starts: a whole run trained, then
+    failed at its final evaluation with timm's AssertionError and no checkpoint."""
+    recipe_file, run_dir, _ = trained
+    name = "fixed_" + override.split("=")[0].rsplit(".", 1)[1] + override[-3:-1]
+    args = ["train", str(recipe_file), f"run.name={name}", "student.model_kwargs.dynamic_img_size=false"]
+    if "crop_size" in override:  # a fixed student at data.image_size takes the evaluation canvas only at that size
+        args.append("data.options.eval_size=[64, 64]")
+    assert main([*args, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (run_dir.parent / name / "metrics.jsonl").exists()  # refused before the first step
+
+
 def test_eval_tasks_keeps_the_datasets_tasks_and_checks_the_class_count():
     from sak.engine.task_eval import EvalError, eval_tasks
 
