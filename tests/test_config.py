@@ -243,8 +243,14 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
         ("student.down_ratio=0", "student.down_ratio: must be at least 1, got 0"),
         ("student.levels=[]", "student.levels: give the stem blocks that feed the levels, or null"),
         ("teachers.0.image_size=-5", r"teachers\[0\].image_size: must be at least 1, got -5"),
-        ("teachers.0.key=a.b", r"teachers\[0\].key: 'a.b' names the teacher's outputs .*without '.' or '/', e.g. 'a_b'"),
-        ("teachers.0.key=a/b", r"teachers\[0\].key: 'a/b' names the teacher's outputs .*without '.' or '/', e.g. 'a_b'"),
+        (
+            "teachers.0.key=a.b",
+            r"teachers\[0\].key: 'a.b' names the teacher's outputs .*without '.' or '/', e.g. 'a_b'",
+        ),
+        (
+            "teachers.0.key=a/b",
+            r"teachers\[0\].key: 'a/b' names the teacher's outputs .*without '.' or '/', e.g. 'a_b'",
+        ),
         ("loss.normalize_every=10", "loss.normalize_every: 10 would go unused with loss.normalize: none"),
         ("schedule.max_steps=null", r"exactly one of schedule.max_steps and schedule.epochs \(set the other to null"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),

@@ -38,8 +38,8 @@ from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .run_records import FINAL_METRICS, prepare_run_dir, recipe_changes, record_ids, record_start
 from .schedule import lr_lambda
-from .task_eval import check_samples_fit
 from .step import begin_step, compute_losses, teacher_targets
+from .task_eval import check_samples_fit
 
 
 class NonFiniteLossError(RuntimeError):

@@ -162,9 +162,10 @@ def vit_patch_tokens(model, x: Tensor, block: int, with_attention: bool) -> tupl
         raise SelectionError(f"block {block} does not exist: the model has {depth} blocks (0..{depth - 1})")
     block %= depth
     wanted = sorted({block, depth - 2} if with_attention else {block})
-    outputs = model.forward_intermediates(
-        x, indices=wanted, norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
-    )
+    outputs = model.forward_intermediates(  # stop_early: the blocks after the last wanted one are not run
+        x, indices=wanted, norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True,
+        stop_early=True,
+    )  # fmt: skip
     by_index = dict(zip(wanted, outputs, strict=True))  # index -> (patches (B, N, C), prefix (B, P, C))
     feats = model.norm(by_index[block][0])
     if not with_attention:

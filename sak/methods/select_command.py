@@ -38,7 +38,12 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pool", required=True, help="a folder of images (recursive) or a recipe YAML (its data section)")
     p.add_argument("--budget", required=True, help="images to select: a count (200) or a share of the pool (10%%)")
     p.add_argument("--teacher", help="registered teacher name (sak teachers list); not needed for --method random")
-    p.add_argument("--weights", default=None, help="the teacher's weights (hub tag or local file); default: its own")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="the teacher's weights (hub tag or local file); without it, the teacher's default: random weights "
+        "for dinov2 / clip / sam / timm (tests; a warning says so), the package's file for dinov2_imgfocus",
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a teacher option (YAML value)")
     p.add_argument(
         "--image-size", type=int, default=None, help="teacher input side; default: the teacher's native size"
@@ -102,6 +107,11 @@ def select(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before the feature pass, not after it
     if not 0 <= args.seed < 2**32:  # what numpy's and Accelerate's seeding take (their errors name no flag)
         raise SelectionError(f"--seed must be from 0 to 2**32 - 1, got {args.seed}")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0)):
+        if value < least:  # (the DataLoader's own errors name no flag, and come after the teacher is built)
+            raise SelectionError(f"{flag} must be at least {least}, got {value}")
+    if args.image_size is not None and args.image_size < 1:
+        raise SelectionError(f"--image-size must be a positive side in pixels, got {args.image_size}")
     if ids is not None:
         check_ids(ids)
     options = PatternOptions(block=args.block, keep=args.keep, k=args.k, filter=args.filter, seed=args.seed)
@@ -111,6 +121,12 @@ def select(args: argparse.Namespace) -> int:
     if args.method != "random":
         set_seed(args.seed)  # a teacher with random weights (tests) is then the same in every run and process
         teacher = build_teacher(args.teacher, args.weights, _teacher_options(args.option), args.image_size, args.block)
+        if teacher.meta.weights == "random" and PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+            print(  # the features of random weights select no better than chance: worth saying, not refusing (tests)
+                f"sak select: warning: --teacher {args.teacher} has no --weights: it runs with random weights, "
+                "whose features are for tests; give a hub tag or a local file for a real selection",
+                file=sys.stderr,
+            )
         dtype = DTYPES[args.dtype]
         features, used = extract_features(
             teacher, pool, options, args.batch_size, args.num_workers, dtype, args.progress

@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from sak.data import apply_subset, build_dataset, read_manifest
 from sak.data.base import DatasetSpec
@@ -89,6 +90,17 @@ def test_cls_attention_is_the_attention_the_last_block_computes(registers):
     with torch.no_grad():  # penultimate block output, after the final norm
         blocks = model.forward_intermediates(x, indices=[1], norm=False, output_fmt="NLC", intermediates_only=True)
     torch.testing.assert_close(feats, model.norm(blocks[0]))
+
+
+@pytest.mark.parametrize(("block", "runs_last"), [(-2, False), (-1, True)])
+def test_the_feature_pass_runs_no_block_after_those_it_reads(block, runs_last):
+    """The last block was run whole for the default penultimate block (its CLS attention needs only its qkv)."""
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY_KW).eval()
+    calls = []
+    model.blocks[-1].register_forward_hook(lambda mod, inp, out: calls.append(1))
+    with torch.no_grad():
+        vit_patch_tokens(model, torch.randn(1, 3, 64, 64), block, with_attention=True)
+    assert bool(calls) == runs_last
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5, 0.9, 1.0])
@@ -324,12 +336,22 @@ def test_select_command_end_to_end_on_a_folder_of_pngs(png_pool, tmp_path, capsy
     assert main([*args, "--out", str(out)]) == 0
     ids = read_manifest(str(out))
     assert len(ids) == len(set(ids)) == 4 and set(ids) <= set(ImageFolderPool(png_pool).ids)
-    assert "freesel, filter attention" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "freesel, filter attention" in printed.out
+    # the help said "default: its own" weights; without --weights the teacher's weights are random, and it says so
+    assert "--teacher timm has no --weights: it runs with random weights" in printed.err
     assert main([*args, "--out", str(tmp_path / "again.txt")]) == 0
     assert read_manifest(str(tmp_path / "again.txt")) == ids, "same seed, same manifest"
     for method in ("farthest", "kcenter", "random"):
         assert main([*args, "--method", method, "--out", str(tmp_path / f"{method}.txt")]) == 0
         assert len(read_manifest(str(tmp_path / f"{method}.txt"))) == 4
+
+    capsys.readouterr()
+    weights = tmp_path / "tiny_vit.safetensors"  # the same ViT's weights in a local file: no warning
+    save_file(timm.create_model("vit_small_patch16_224", num_classes=0, **TINY_KW).state_dict(), str(weights))
+    tagged = [a.replace("model=vit_small_patch16_224", "model=vit_small_patch16_224.augreg_in1k") for a in args]
+    assert main([*tagged, "--weights", str(weights), "--out", str(tmp_path / "file.txt")]) == 0
+    assert "random weights" not in capsys.readouterr().err
 
     assert main([*args[:2], "--budget", "13", *args[4:], "--out", str(out)]) == 2
     assert "budget 13 is larger than the pool, which holds 12 images" in capsys.readouterr().err
@@ -350,6 +372,23 @@ def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp
     (png_pool / "take#2.png").write_bytes((png_pool / "noise0.png").read_bytes())
     assert main([*args, "--method", "random", "--out", str(tmp_path / "m.txt")]) == 2
     assert "image id 'take#2' cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+        (["--image-size", "-16"], "--image-size must be a positive side in pixels, got -16"),
+        (["--image-size", "0"], "--image-size must be a positive side in pixels, got 0"),
+    ],
+)
+def test_loader_and_size_flags_are_checked_before_the_teacher_is_built(flags, message, png_pool, tmp_path, capsys):
+    """They failed in the DataLoader's or the teacher's words (naming no flag), or ran with a negative size."""
+    args = ["--pool", str(png_pool), "--budget", "2", *TINY_VIT, "--no-progress", "--out", str(tmp_path / "m.txt")]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_a_recipe_pool_of_unlabelled_images_gives_the_whole_photographs(tmp_path):
