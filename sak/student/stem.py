@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from ..teachers.base import IMAGENET_MEAN, IMAGENET_STD
 from ..teachers.weights import (
     WeightsError,
+    build_error,
+    check_timm_model,
     check_timm_tag,
     check_timm_tag_for_file,
     is_local,
@@ -59,6 +61,7 @@ class TeacherAgnosticStem(nn.Module):
         **model_kwargs,
     ) -> None:
         super().__init__()
+        check_timm_model(model, "student.model")
         hub = pretrained is not None and not is_local(pretrained)
         name = f"{model.split('.')[0]}.{pretrained}" if hub else model
         if hub:  # (timm's RuntimeError for an unknown tag would read as a download problem below)
@@ -67,6 +70,10 @@ class TeacherAgnosticStem(nn.Module):
             check_timm_tag_for_file(model, f"student.pretrained {pretrained!r} (student.normalization: pretrained)")
         try:
             self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
+        except (TypeError, AssertionError) as exc:  # a keyword the model does not take, or a value it refuses
+            raise build_error(
+                exc, model_kwargs, f"student {model} (img_size={image_size} from data.image_size)"
+            ) from exc
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
             if not hub:  # not a download: bad model_kwargs, which timm words clearly
                 raise

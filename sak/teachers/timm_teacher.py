@@ -27,6 +27,8 @@ from ..registry import TEACHERS
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels, count_params, default_levels
 from .weights import (
     WeightsError,
+    build_error,
+    check_timm_model,
     check_timm_tag,
     check_timm_tag_for_file,
     is_local,
@@ -85,12 +87,15 @@ class TimmTeacher(Teacher):
         else:
             model_name = options.model
         kwargs = dict(options.model_kwargs)
+        check_timm_model(model_name, f"{what}: options.model")
         if pretrained:
             check_timm_tag(model_name, what)
         elif spec.weights is not None:  # a local file: its mean / std come from the name's tag
             check_timm_tag_for_file(model_name, what)
         try:
             self.model = self._create(model_name, pretrained, kwargs, spec.image_size is not None)
+        except (TypeError, AssertionError) as exc:  # a keyword the model does not take, or a value it refuses
+            raise build_error(exc, kwargs, f"{what}: options") from exc
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
             if not pretrained:  # not a download: an unknown tag or bad model_kwargs, which timm words clearly
                 raise

@@ -169,6 +169,27 @@ def write_cache(target: Path, state: dict[str, Tensor], metadata: dict[str, str]
         tmp_sidecar.unlink(missing_ok=True)
 
 
+def check_timm_model(name: str, what: str) -> None:
+    """A model name timm does not know (a typo) is a ValueError naming the closest names timm has; timm's own
+    RuntimeError ("Unknown model") came as a traceback, or was reported as a failed download."""
+    import difflib
+
+    import timm
+
+    model = name.partition(".")[0]
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=3, cutoff=0.75)
+        raise ValueError(
+            f"{what}: timm has no model {model!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())")
+        )
+
+
+def build_error(exc: Exception, kwargs: dict, what: str) -> ValueError:
+    """timm's TypeError / AssertionError for model_kwargs the model does not take, as a ValueError naming them."""
+    return ValueError(f"{what}: model_kwargs {kwargs} do not build the model: {type(exc).__name__}: {exc}")
+
+
 def check_timm_tag(name: str, what: str) -> None:
     """Before timm downloads `name` ("model.tag"): a tag timm does not know is a ValueError listing the model's
     tags (timm's RuntimeError would be reported as a failed download). A model timm does not know is left to

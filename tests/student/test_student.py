@@ -479,6 +479,15 @@ def test_a_local_pretrained_file_under_a_name_whose_tags_disagree_must_name_its_
     assert TeacherAgnosticStem("vit_small_patch16_224", 32, file, "imagenet", **kwargs).std == (0.229, 0.224, 0.225)
 
 
+def test_a_misspelt_student_model_or_model_kwargs_it_does_not_take_is_a_value_error():
+    """They were timm's RuntimeError / TypeError / AssertionError, printed by `sak train` as tracebacks."""
+    with pytest.raises(ValueError, match=r"student.model: timm has no model 'vit_tiny_patch16_24'; did you mean "):
+        TeacherAgnosticStem("vit_tiny_patch16_24", 64)
+    with pytest.raises(ValueError, match=r"student vit_tiny_patch16_224 \(img_size=64 from data.image_size\): "
+                       r"model_kwargs \{'depthh': 1\} do not build the model: TypeError"):  # fmt: skip
+        TeacherAgnosticStem("vit_tiny_patch16_224", 64, depthh=1)
+
+
 def test_a_hub_tag_for_the_student_offline_names_the_key_and_the_way_out(monkeypatch, tmp_path):
     """Not huggingface_hub's bare LocalEntryNotFoundError (recipes/baselines/mt_baseline.yaml offline)."""
     from sak.teachers.weights import WeightsError

@@ -266,6 +266,23 @@ def test_an_unknown_timm_tag_is_named_with_the_models_tags_not_as_a_failed_downl
         create_teacher(name, tag, **options)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"model": "vit_smal_patch16_224"}, r"timm has no model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224"),
+        ({"model": "no_such_net"}, r"timm has no model 'no_such_net' \(see timm.list_models\(\)\)"),
+        ({"model": "vit_small_patch16_224", "model_kwargs": {"depthh": 2}},
+         r"model_kwargs \{'depthh': 2\} do not build the model: TypeError: .*'depthh'"),
+        ({"model": "vit_small_patch16_224", "model_kwargs": {"embed_dim": 32, "num_heads": 5}},
+         r"do not build the model: AssertionError: dim should be divisible by num_heads"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_model_or_model_kwargs_it_does_not_take_is_a_value_error(options, message):
+    """They were timm's RuntimeError / TypeError / AssertionError, printed by `sak train` as tracebacks."""
+    with pytest.raises(ValueError, match=rf"timm teacher .*{message}"):
+        create_teacher("timm", None, **options)
+
+
 def test_a_local_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
     """vit_base_patch16_224's AugReg tags use mean / std 0.5, its DINO and MAE tags ImageNet's: under the bare
     name a file took the default tag's 0.5 whatever it held (the clip teacher already refused this)."""
