@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import IGNORE, METRICS, Metric, maps
+from .base import IGNORE, METRICS, Metric, check_finite, maps
 
 
 class MeanIoU(Metric):
@@ -38,6 +38,7 @@ class MeanIoU(Metric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         """pred: (B, H, W) or (B, 1, H, W) class indices; target: the same shape, 255 = ignore."""
         pred, target = maps(self.task, pred, target)
+        check_finite(self.task, pred)  # (a NaN read as "non-integer values", inf as a class out of range)
         pred, target = _as_labels(self.task, "prediction", pred), _as_labels(self.task, "target", target)
         valid = target != self.ignore_index
         p, t = pred[valid], target[valid]

@@ -61,3 +61,17 @@ def test_rejects_classes_out_of_range_and_logits():
         metric.update(torch.tensor([[[0.5]]]), torch.tensor([[[0]]]))
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 4, 4\)"):
         metric.update(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("task", ["semseg", "parts"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_infinite_prediction_is_refused_counting_them(task, bad):
+    """As docs/metrics.md says of every metric: a NaN read as "non-integer values", an inf as a class out of
+    range (its int64 cast), and nothing was scored of the batch either way."""
+    metric = build_metric(task, num_classes=3)
+    pred = PRED.float()
+    pred[0, 0, :2] = bad
+    with pytest.raises(ValueError, match=rf"{task}: 2 prediction value\(s\) are NaN or infinite"):
+        metric.update(pred, TARGET)
+    metric.update(PRED, TARGET)  # nothing of the refused batch was counted
+    assert metric.compute()["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
