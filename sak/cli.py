@@ -184,7 +184,10 @@ def _cache(args) -> int:
     except CacheError as exc:  # another cache in --out, a damaged manifest or shard: the message says what to do
         print(f"sak: {exc}", file=sys.stderr)
         return 2
-    print(f"teacher-feature cache ready: {out}/ (use it with cache.path={out})")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not by each of N processes
+        print(f"teacher-feature cache ready: {out}/ (use it with cache.path={out})")
     return 0
 
 
