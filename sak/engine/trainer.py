@@ -306,7 +306,12 @@ def train(recipe: Recipe) -> dict:
             logger.message(
                 f"[sak] the recipe (or the cache it reads) differs from the one {source} was trained with: "
                 f"{'; '.join(changed)}. "
-                "recipe.yaml now holds this one; starts.jsonl has every start's recipe"
+                + (
+                    "recipe.yaml still holds the recipe that trained it (this start trains nothing)"
+                    if done
+                    else "recipe.yaml now holds this one"
+                )
+                + "; starts.jsonl has every start's recipe"
             )
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")

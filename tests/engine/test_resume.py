@@ -404,7 +404,9 @@ def test_a_finished_run_started_again_returns_its_final_metrics_and_logs_nothing
     # started again with a shorter schedule: says so, and recipe.yaml stays the recipe that trained it
     (recipe.run_dir / "final_metrics.json").unlink()  # (a kill between the final checkpoint and this file)
     assert train(tiny_recipe("schedule.max_steps=1")) == final
-    assert "finished already, at step 2 (this recipe asks for 1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finished already, at step 2 (this recipe asks for 1)" in out
+    assert "recipe.yaml still holds the recipe that trained it" in out and "now holds" not in out  # (it said so)
     assert yaml.safe_load((recipe.run_dir / "recipe.yaml").read_text())["schedule"]["max_steps"] == 2
     assert json.loads((recipe.run_dir / "final_metrics.json").read_text()) == final
     longer = train(tiny_recipe("schedule.max_steps=3"))
