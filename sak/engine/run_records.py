@@ -49,6 +49,16 @@ def _defaults() -> Callable[[str], object]:
     return default
 
 
+def changes_message(source: Path, changed: list[str], done: bool) -> str:
+    """What a resume says of a recipe (or cache) other than its checkpoint's; `done`: a finished run started
+    again, which trains nothing and keeps the recipe that trained it in recipe.yaml (`record_start`)."""
+    kept = "still holds the recipe that trained it (this start trains nothing)" if done else "now holds this one"
+    return (
+        f"[sak] the recipe (or the cache it reads) differs from the one {source} was trained with: "
+        f"{'; '.join(changed)}. recipe.yaml {kept}; starts.jsonl has every start's recipe"
+    )
+
+
 def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
     """`key: before -> now` for every recipe value that differs from the copy a checkpoint holds. A key the
     saved copy lacks came with a newer sak: it is a change only when set off its default."""

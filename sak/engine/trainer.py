@@ -36,7 +36,7 @@ from .init import init_student_from
 from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
-from .run_records import FINAL_METRICS, prepare_run_dir, recipe_changes, record_ids, record_start
+from .run_records import FINAL_METRICS, changes_message, prepare_run_dir, recipe_changes, record_ids, record_start
 from .schedule import lr_lambda
 from .step import begin_step, compute_losses, teacher_targets
 from .task_eval import check_samples_fit
@@ -303,16 +303,7 @@ def train(recipe: Recipe) -> dict:
     if source is not None:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
         if changed:
-            logger.message(
-                f"[sak] the recipe (or the cache it reads) differs from the one {source} was trained with: "
-                f"{'; '.join(changed)}. "
-                + (
-                    "recipe.yaml still holds the recipe that trained it (this start trains nothing)"
-                    if done
-                    else "recipe.yaml now holds this one"
-                )
-                + "; starts.jsonl has every start's recipe"
-            )
+            logger.message(changes_message(source, changed, done))
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:
