@@ -461,10 +461,13 @@ def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused
 
 def test_home_in_the_recipes_paths_is_expanded(tmp_path):
     """run.output_dir=~/runs made a folder named `~` in the current directory."""
-    recipe = load_recipe(TINY, ["run.output_dir=~/runs", "data.root=~/data", "checkpoint.init_from=~/runs/a"])
+    recipe = load_recipe(
+        TINY, ["run.output_dir=~/runs", "data.root=~/data", "checkpoint.init_from=~/runs/a", "data.subset=~/ids.txt"]
+    )
     home = str(Path.home())
     assert recipe.run_dir == Path(home) / "runs" / "tiny"
     assert recipe.data.root == f"{home}/data" and recipe.checkpoint.init_from == f"{home}/runs/a"
+    assert recipe.data.subset == f"{home}/ids.txt"  # (it was read as ./~/ids.txt: "cannot read the manifest")
 
 
 def test_a_name_sak_reads_as_an_integer_round_trips_through_recipe_yaml(tmp_path):

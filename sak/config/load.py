@@ -168,7 +168,13 @@ def _expand_home(recipe: Recipe) -> None:
     """`~` in the recipe's paths is the home folder, as in teachers' weights and student.pretrained (it made a
     folder named `~` in the current directory for run.output_dir)."""
     r = recipe
-    fields = [(r.run, "output_dir"), (r.data, "root"), (r.cache, "path"), (r.checkpoint, "init_from")]
+    fields = [
+        (r.run, "output_dir"),
+        (r.data, "root"),
+        (r.data, "subset"),
+        (r.cache, "path"),
+        (r.checkpoint, "init_from"),
+    ]
     if r.checkpoint.resume not in ("auto", "never"):
         fields.append((r.checkpoint, "resume"))
     for section, key in fields:
