@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from sak.cli import main
 from sak.engine.build import build_student, build_tasks, build_teachers
@@ -52,6 +53,24 @@ def test_documented_teacher_plugin_trains_in_two_cpu_processes(plugin_package, t
     rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert any("distill/conv" in r for r in rows)
     assert json.loads((tmp_path / "runs" / "tiny" / "run_info.json").read_text())["world_size"] == 2
+
+
+def test_documented_teacher_loads_its_file_strictly_and_names_it(plugin_package, tmp_path):
+    """The example loaded with torch's load_state_dict (a RuntimeError traceback for another width's file)
+    and left `meta.weights` at "random" for a teacher read from a file."""
+    import importlib
+
+    from sak.teachers import create_teacher
+    from sak.teachers.weights import WeightsError
+
+    importlib.import_module("my_sak_plugins.teacher")
+    file = tmp_path / "conv8.safetensors"
+    save_file(create_teacher("my_conv", width=8).state_dict(), str(file))
+    loaded = create_teacher("my_conv", str(file), width=8)
+    assert loaded.meta.weights == str(file) and loaded.meta.sha256 is not None
+    assert create_teacher("my_conv", width=8).meta.weights == "random"
+    with pytest.raises(WeightsError, match=r"my_conv: '.*conv8.safetensors' does not fit the model .* shape mismatch"):
+        create_teacher("my_conv", str(file), width=16)
 
 
 def test_documented_adapter_plugin_trains(plugin_package, tmp_path, tiny_recipe):
