@@ -110,6 +110,7 @@ def machine_notes(recipe) -> list[str]:
 
 def _teachers(args) -> int:
     from .config import import_plugins
+    from .config.yaml_read import read_pairs
     from .teachers import create_teacher, list_teachers
     from .teachers.base import TeacherSpec
 
@@ -118,15 +119,9 @@ def _teachers(args) -> int:
         for name in list_teachers():
             print(name)
         return 0
-    bad = [kv for kv in args.options if "=" not in kv]
-    if bad:
-        raise ValueError(f"teacher options are key=value pairs, e.g. model=vit_small_patch14_dinov2; got {bad}")
-    options = dict(kv.split("=", 1) for kv in args.options)
-    import yaml
-
-    from .config import StrictLoader
-
-    options = {k: yaml.load(v, Loader=StrictLoader) for k, v in options.items()}
+    options = read_pairs(args.options, "teacher option")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive side in pixels, got {args.image_size}")
     teacher = create_teacher(args.name, spec=TeacherSpec(weights=args.weights, image_size=args.image_size), **options)
     meta = teacher.meta.as_dict()
     meta["input_size"] = teacher.input_size

@@ -55,7 +55,18 @@ def test_stray_arguments_are_still_refused(capsys):
     ("argv", "message"),
     [
         (["teachers", "show", "nosuch"], "sak teachers: UnknownNameError: unknown teacher 'nosuch'; known names:"),
-        (["teachers", "show", "timm", "foo"], "sak teachers: ValueError: teacher options are key=value pairs"),
+        (["teachers", "show", "timm", "foo"], "sak teachers: ValueError: teacher option 'foo': expected KEY=VALUE"),
+        (["teachers", "show", "timm", "model={x"],  # (a YAML error was a traceback)
+         "sak teachers: ValueError: teacher option 'model={x': the value is not valid YAML (expected ',' or '}'"),
+        (["teachers", "show", "timm", "model=vit_small_patch16_224", "--image-size", "-16"],
+         "sak teachers: ValueError: --image-size must be a positive side in pixels, got -16"),
+        (["teachers", "show", "timm", "model=vit_small_patch16_224", "model_kwargs={depth:2}"],
+         "sak teachers: ValueError: teacher option model_kwargs: 'depth:2' is a key without a value; YAML needs a "
+         "space after the colon: `depth: 2`"),
+        (["train", str(TINY), "optim.lr={x"],  # (PyYAML's several lines of marks and carets)
+         f"sak: {TINY}: override 'optim.lr={{x': the value is not valid YAML (expected ',' or '}}', but got"),
+        (["train", str(TINY), "student.model_kwargs={embed_dim:32, depth: 2}"],  # (read as a key "embed_dim:32")
+         f"sak: {TINY}: student.model_kwargs: 'embed_dim:32' is a key without a value; YAML needs a space after"),
         (["teachers", "show", "dinov2", "foo=1"],
          "sak: unknown key 'dinov2.options.foo'; valid keys here: size, source,"),
         (["export", str(TINY), "--from", "/nonexistent", "--out", "x"], "sak export: FileNotFoundError: sak export --from"),

@@ -17,8 +17,6 @@ from typing import Any, Literal, Union
 import yaml
 
 from .schema import (
-    EXPONENT_FLOAT,
-    YAML12_INT,
     LossConfig,
     Recipe,
     RecipeError,
@@ -27,63 +25,7 @@ from .schema import (
     TeacherConfig,
 )
 from .structure import _convert, build_options, structure
-
-
-class StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader (plain data, no tags that run code) that refuses a key given twice in one mapping:
-    PyYAML would keep the last silently, e.g. a second `optim:` section replacing the first. Merge keys
-    (`<<: *anchor`) work as in YAML: the mapping's own keys win over the merged ones."""
-
-    def flatten_mapping(self, node):
-        # Checked here, once per node, before merging rewrites `node.value` in place: a mapping that merges
-        # another holds the merged keys beside its own afterwards, and would be refused when merged again.
-        checked = self.__dict__.setdefault("_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
-            self._refuse_repeated_keys(node)
-        super().flatten_mapping(node)
-
-    def _refuse_repeated_keys(self, node) -> None:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # merged by SafeLoader, not a key of its own
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"found a {type(key).__name__} as a key",
-                    key_node.start_mark,
-                )
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
-                )
-            seen.add(key)
-
-
-# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: `1e-3`, `1e5` and `1.0e5` stay strings.
-# Typed recipe fields convert them, but mappings passed on as they are (model_kwargs, lora) would not, and the
-# string fails deep inside the model ("linspace() received an invalid combination of arguments"). Read them as
-# YAML 1.2 does; integers are matched first, by the resolver PyYAML registers before this one.
-StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
-# and integers as YAML 1.2 does: YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90, without a word. Those
-# stay strings now, which an integer field refuses by name; hexadecimal (0x) and octal written 0o still read.
-for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
-    StrictLoader.yaml_implicit_resolvers[_first] = [
-        (tag, YAML12_INT if tag == "tag:yaml.org,2002:int" else regexp) for tag, regexp in _resolvers
-    ]
-
-
-def _unshared(value: Any) -> Any:
-    """A copy without shared containers: YAML anchors, aliases and merge keys give several places in a recipe the
-    same dict or list, so an override of one (`teachers.1.options.model_kwargs.embed_dim=64`) changed the other."""
-    if isinstance(value, dict):
-        return {k: _unshared(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unshared(v) for v in value]
-    return value
+from .yaml_read import StrictLoader, refuse_keys_without_values, unshared, yaml_problem
 
 
 def _list_example(keys: list[str]) -> str:
@@ -111,7 +53,7 @@ def apply_override(data: dict, override: str) -> None:
     try:
         value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {override!r}: the value is not valid YAML ({exc})") from None
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
     keys = path.strip().split(".")
     node: Any = data
     for i, key in enumerate(keys):
@@ -474,7 +416,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
     try:
-        data = _unshared(yaml.load(text, Loader=StrictLoader) or {})
+        data = unshared(yaml.load(text, Loader=StrictLoader) or {})
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -482,6 +424,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         for override in overrides:
             apply_override(data, override)
+        refuse_keys_without_values(data, "")
         _import_builtins()
         imports = data.get("imports") or []
         if not isinstance(imports, list):

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..config.yaml_read import read_pairs
 from .freesel import PatternOptions, build_teacher, extract_features
 from .selection import (
     METHODS,
@@ -83,20 +84,6 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _teacher_options(pairs: list[str]) -> dict:
-    import yaml
-
-    from ..config import StrictLoader
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SelectionError(f"--option {pair!r}: expected KEY=VALUE, e.g. model=vit_small_patch14_dinov2")
-        options[key] = yaml.load(value, Loader=StrictLoader)  # (1e-3 a number, as in recipes)
-    return options
-
-
 def select(args: argparse.Namespace) -> int:
     """`sak select`: validate everything cheap first, run the feature pass, sample, write the manifest."""
     from accelerate import PartialState
@@ -120,7 +107,9 @@ def select(args: argparse.Namespace) -> int:
     start, features, used = time.perf_counter(), None, "none"
     if args.method != "random":
         set_seed(args.seed)  # a teacher with random weights (tests) is then the same in every run and process
-        teacher = build_teacher(args.teacher, args.weights, _teacher_options(args.option), args.image_size, args.block)
+        teacher = build_teacher(
+            args.teacher, args.weights, read_pairs(args.option, "--option", SelectionError), args.image_size, args.block
+        )
         if teacher.meta.weights == "random" and PartialState(cpu=not torch.cuda.is_available()).is_main_process:
             print(  # the features of random weights select no better than chance: worth saying, not refusing (tests)
                 f"sak select: warning: --teacher {args.teacher} has no --weights: it runs with random weights, "

@@ -381,10 +381,13 @@ def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp
         (["--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
         (["--image-size", "-16"], "--image-size must be a positive side in pixels, got -16"),
         (["--image-size", "0"], "--image-size must be a positive side in pixels, got 0"),
+        (["--option", "model={x"], "--option 'model={x': the value is not valid YAML (expected ',' or '}'"),
+        (["--option", "model_kwargs={depth:2}"], "--option model_kwargs: 'depth:2' is a key without a value"),
     ],
 )
-def test_loader_and_size_flags_are_checked_before_the_teacher_is_built(flags, message, png_pool, tmp_path, capsys):
-    """They failed in the DataLoader's or the teacher's words (naming no flag), or ran with a negative size."""
+def test_bad_flags_are_one_line_before_the_teacher_is_built(flags, message, png_pool, tmp_path, capsys):
+    """They failed in the DataLoader's or the teacher's words (naming no flag), ran with a negative size, or
+    (an option's YAML) came as a traceback."""
     args = ["--pool", str(png_pool), "--budget", "2", *TINY_VIT, "--no-progress", "--out", str(tmp_path / "m.txt")]
     assert main([*args, *flags]) == 2
     err = capsys.readouterr().err.strip()
