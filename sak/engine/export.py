@@ -165,10 +165,14 @@ def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> 
     return save_encoded(out, task, image_id, encode(task, pred))
 
 
-def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
-    """`size` scaled down, aspect kept, to fit inside `canvas`; unchanged if it fits already."""
+def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    """`size` scaled down, aspect kept, to fit inside `canvas` (unchanged if it fits already), and the factor:
+    depth is unscaled by the factor itself, as training divides it by its draw (`resize_sample`), not by the
+    ratio of rounded sides."""
     scale = min(1.0, canvas[0] / size[0], canvas[1] / size[1])
-    return (size[0], size[1]) if scale == 1.0 else (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    if scale == 1.0:
+        return (size[0], size[1]), 1.0
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), scale
 
 
 @torch.no_grad()
@@ -210,7 +214,7 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
         except DataError as exc:
             raise ValueError(f"cannot read image: {exc}") from exc
         size = rgb.shape[:2]
-        fit = fit_within(size, canvas)
+        fit, scale = fit_within(size, canvas)
         if fit != size:
             x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float()
             x = F.interpolate(x, size=fit, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -224,6 +228,6 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
                 pred = unpad(task.predict(task_logits)[0], fit)
             else:  # resized back to the photograph's size, in its terms (depth: as if seen from its distance)
                 pred = task.predict(F.interpolate(unpad(task_logits, fit), size=size, mode="bilinear"))[0]
-                pred = task.unscale(pred, fit[0] / size[0])
+                pred = task.unscale(pred, scale)
             written.append(save_prediction(name, pred, out, file.stem))
     return written

@@ -227,7 +227,11 @@ def test_a_prediction_file_is_renamed_into_place_when_whole(tmp_path, monkeypatc
         assert path.name in ("x.npy", "x.png") and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_depth_of_a_photograph_shrunk_to_fit_the_canvas_is_given_at_its_own_distance(tmp_path):
+@pytest.mark.parametrize(
+    ("size", "scale"),
+    [((480, 640), 0.9), ((500, 700), 576 / 700)],  # 432 / 480 = 0.9; 411 / 500 = 0.822, not 576 / 700 = 0.8229
+)
+def test_depth_of_a_photograph_shrunk_to_fit_the_canvas_is_given_at_its_own_distance(size, scale, tmp_path):
     """Training divides depth by the resize factor (a shrunk image looks farther away): a full 480 x 640 NYUD
     frame, shrunk to 432 x 576 for the 448 x 576 canvas, was predicted 11% too far. Other tasks keep their
     values; each prediction is resized back to the photograph's size."""
@@ -236,14 +240,15 @@ def test_depth_of_a_photograph_shrunk_to_fit_the_canvas_is_given_at_its_own_dist
     class Constant(torch.nn.Module):  # what a student taught by the training's rule answers for a 3 m scene
         def forward(self, images, with_features=False):
             h, w = images.shape[-2:]
-            return SimpleNamespace(tasks={"depth": torch.full((1, 1, h, w), 3.0 / 0.9),
+            return SimpleNamespace(tasks={"depth": torch.full((1, 1, h, w), 3.0 / scale),
                                           "saliency": torch.full((1, 2, h, w), 0.5)})  # fmt: skip
 
     photo = tmp_path / "frame.png"
-    Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(photo)
+    Image.fromarray(np.zeros((*size, 3), np.uint8)).save(photo)
     config = {"tasks": [{"name": "depth", "channels": 1}, {"name": "saliency", "channels": 2}],
               "canvas": [448, 576], "image_fill": [0, 0, 0], "image_size": 448}  # fmt: skip
     predict_images(Constant(), config, [photo], tmp_path / "preds")
     depth = np.load(tmp_path / "preds" / "depth" / "frame.npy")
-    assert depth.shape == (480, 640) and np.allclose(depth, 3.0, atol=1e-5)  # 432 / 480 = 0.9
-    assert np.asarray(Image.open(tmp_path / "preds" / "saliency" / "frame.png")).shape == (480, 640)
+    # unscaled by the factor training divides by, not by the ratio of the rounded sides (0.1% off for 500 x 700)
+    assert depth.shape == size and np.allclose(depth, 3.0, atol=1e-5)
+    assert np.asarray(Image.open(tmp_path / "preds" / "saliency" / "frame.png")).shape == size
