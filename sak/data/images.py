@@ -84,6 +84,10 @@ def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None, exif
         raise DataError(f"{where}: file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot decode the image ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # (an Exception of its own: it escaped skip_bad and verify)
+        raise DataError(
+            f"{where}: {exc} Pillow refuses images this large; raise PIL.Image.MAX_IMAGE_PIXELS if it is meant"
+        ) from exc
 
 
 def list_image_files(

@@ -234,3 +234,16 @@ def test_decode_composites_transparency_onto_white(tmp_path):
     palette.putpixel((1, 0), 1)
     palette.info["transparency"] = 0  # palette entry 0 is transparent
     assert to_rgb(palette).tolist() == [[[255, 255, 255], [0, 255, 0]]]
+
+
+def test_an_image_past_pillows_decompression_bomb_limit_is_a_data_error(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it escaped `skip_bad` and `verify` as a traceback."""
+    from PIL import Image as PILImage
+
+    path = tmp_path / "big.png"
+    PILImage.new("RGB", (40, 30)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses more than twice the limit
+    with pytest.raises(
+        DataError, match=r"big.png: Image size \(1200 pixels\) exceeds limit .*PIL.Image.MAX_IMAGE_PIXELS"
+    ):
+        decode_rgb(path)
