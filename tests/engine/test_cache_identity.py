@@ -194,6 +194,16 @@ def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_reci
             open_cache(recipe, teachers)
 
 
+def test_an_augmented_cache_of_other_tasks_names_the_tasks_not_label_files_as_gone(tiny_recipe, tmp_path):
+    """Without semseg, its label files are no longer digested: they were listed as "file(s) of the build gone"."""
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=2, n_val=1, size=(48, 64))
+    root = build_cache(tiny_recipe(*pascal_semseg(data)), tmp_path / "aug", shard_size=4, augment=True)
+    recipe = tiny_recipe(*pascal_semseg(data), "tasks=[{name: saliency}]", f"cache.path={root}")
+    with pytest.raises(CacheError, match=r"data\.tasks: cache has \['semseg'\], recipe gives \[\]") as error:
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+    assert "file(s)" not in str(error.value)
+
+
 def test_an_augmented_cache_of_another_augmentation_revision_is_refused(tiny_recipe, tmp_path, monkeypatch):
     """The training augmentation's arithmetic changed (float64 rescaling, HSV as OpenCV's): the views an older
     augmented cache holds are not the images training now makes. The revision is recorded, and compared."""

@@ -130,10 +130,13 @@ class FeatureCache:
     def _changed_files(self, built: dict, expected: dict, digests: list[tuple[str, str]] | None) -> list[str]:
         """Where the data's content differs from the build's, file by file: those whose digests changed, and
         those added or gone since. Only when the content digest differs (the same files under another folder
-        are the same content). A cache built before 2026-11-27 recorded the digests without their names, in
+        are the same content), and the tasks whose labels are digested are the same (else their label files
+        would be listed as gone or new). A cache built before 2026-11-27 recorded the digests without their names, in
         file order: paired by position only when the sample ids are unchanged (a file renamed, added or
         removed shifts every file after it)."""
         if digests is None or self._content is None or built.get("content_sha256") == expected.get("content_sha256"):
+            return []
+        if built.get("tasks") != expected.get("tasks"):  # other label files are digested: said by data.tasks
             return []
         now = {name: d[:CONTENT_PREFIX] for name, d in digests}
         before = self._content
