@@ -144,6 +144,15 @@ def load_reference(path: str | Path) -> dict[str, float]:
     return {k: float(v) for k, v in data.items()}
 
 
+def check_reference(reference: dict[str, float] | None, tasks) -> None:
+    """A user's reference must share a task with those scored: else delta_m was left out without a word."""
+    if reference is not None and not set(reference) & set(tasks):
+        raise EvalError(
+            f"--reference has none of the tasks scored here ({', '.join(tasks)}); it has {', '.join(sorted(reference))}, "
+            "so no delta_m could be computed against it"
+        )
+
+
 def summarize(
     scorer: SampleScores, scores: dict[str, dict[str, float]], reference: dict[str, float] | None
 ) -> dict[str, object]:
@@ -262,6 +271,7 @@ def evaluate_student(
     )
     model, config = load_student(recipe, Path(checkpoint))
     tasks = eval_tasks(recipe.data.name, config)
+    check_reference(reference, tasks)  # before scoring, not after
     # the targets of the tasks scored (an export's own, which the recipe's `tasks:` may not list)
     loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size, tasks=tuple(tasks))
     dataset = loader.dataset.dataset
@@ -330,6 +340,7 @@ def score_prediction_dir(
     if not preds_dir.is_dir():
         raise PredictionError(f"{preds_dir}: the prediction folder does not exist")
     tasks = prediction_tasks(dataset_name, preds_dir, tasks)
+    check_reference(reference, tasks)
     spec = DatasetSpec(root=str(root), split=split, tasks=tuple(tasks), train=False)
     dataset = build_dataset(dataset_name, spec, options)
     scorer = SampleScores(dataset_name, tasks)

@@ -209,6 +209,12 @@ def test_scoring_the_saved_files_reproduces_the_in_memory_numbers_exactly(evalua
     files = json.loads(out.read_text())
     assert files["tasks"] == result["tasks"], "file scoring must equal in-memory scoring bit for bit"
     assert files["delta_m"] == result["delta_m"] and files["n_images"] == 5
+    reference = tmp_path / "nyud_reference.json"
+    reference.write_text('{"depth": 0.5}')  # no task of PASCAL's: refused before scoring (delta_m was null)
+    capsys.readouterr()
+    assert main(["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds),
+                 "--reference", str(reference)]) == 2  # fmt: skip
+    assert "--reference has none of the tasks scored here" in capsys.readouterr().err
 
 
 def test_pascal_boundaries_are_scored_against_seism_seg2bmap_of_the_label_map(evaluated, trained):
@@ -356,6 +362,7 @@ def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
         ("other student", "--checkpoint '{path}': the weights do not fit the recipe's student (size mismatch for "),
         ("bad reference", "{path}: cannot read the reference JSON"),
         ("reference of an unknown task", "expected {{task: number}} with tasks among"),
+        ("reference of no scored task", "--reference has none of the tasks scored here (semseg, parts, saliency, "),
         ("canvas not a multiple", "data.options.eval_size [50, 64] is not a multiple of the student's patch size 16"),
         ("canvas of a fixed-size student", "the student takes 64x64 inputs but the evaluation canvas is 48x64"),
     ],
@@ -373,9 +380,10 @@ def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_pa
         args[3] = str(path)
     elif case == "other student":
         args.append("student.model_kwargs.embed_dim=48")
-    elif case in ("bad reference", "reference of an unknown task"):
+    elif case in ("bad reference", "reference of an unknown task", "reference of no scored task"):
         path = tmp_path / "reference.json"
-        path.write_text("{not json" if case == "bad reference" else '{"semseg": 60.0, "sky": 1}')
+        texts = {"bad reference": "{not json", "reference of an unknown task": '{"semseg": 60.0, "sky": 1}'}
+        path.write_text(texts.get(case, '{"depth": 0.5}'))  # NYUD's task: PASCAL has no depth
         args += ["--reference", str(path)]
     elif case == "canvas not a multiple":
         args.append("data.options.eval_size=[50, 64]")
