@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..files import as_umask_allows, save_safetensors
 from ..teachers.weights import first_misfit
 
 PREFIX = "step_"
@@ -94,12 +94,12 @@ def save_checkpoint(
     accelerator.save_state(str(partial), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        as_umask_allows(*partial.glob("*.safetensors"))  # Accelerate's model.safetensors: 0600 from safetensors 0.8
         for name, text in extra_files.items():
             (partial / name).write_text(text)
         for stem, tensors in (extra_tensors or {}).items():
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / f"{stem}.safetensors")
-            )
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_safetensors(tensors, partial / f"{stem}.safetensors")
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
         if final.exists():  # the same step saved again: set the old copy aside until the new one is in place

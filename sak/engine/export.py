@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import Recipe, StudentConfig, TaskConfig, structure
 from ..data import SakDataset
 from ..data.images import DataError, decode_rgb
 from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
+from ..files import save_safetensors
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_local
@@ -120,7 +121,7 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         weights = Path(tmp) / "student.safetensors"
-        save_file(state, str(weights), metadata={"format": "pt", "producer": "sak"})
+        save_safetensors(state, weights, {"format": "pt", "producer": "sak"})  # (not 0600: as_umask_allows)
         config["weights_sha256"] = sha256_of(weights)
         (Path(tmp) / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         out.mkdir(exist_ok=True)

@@ -153,14 +153,14 @@ def read_cache(target: Path, expected: dict[str, str], what: str) -> dict[str, T
 
 def write_cache(target: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write the safetensors file and its own sha256 beside it, each atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".{os.getpid()}.partial")
     sidecar = target.with_name(target.name + ".sha256")
     tmp_sidecar = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")
     try:
-        save_file(state, str(tmp), metadata=metadata)
+        save_safetensors(state, tmp, metadata)
         tmp_sidecar.write_text(sha256_of(tmp) + "\n")
         os.replace(tmp, target)
         os.replace(tmp_sidecar, sidecar)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ...digest import sha256_files
+from ...files import save_safetensors
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
 # 3: the data's content digests (an image replaced under its name), teachers' channels-last and compile
@@ -62,7 +62,7 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     """The shard, and beside it its sha256 (`digest_path`), written before the shard is renamed into place: a
     shard kept by a resumed build is checked against it, whether or not the build that wrote it finished."""
     tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(tensors, tmp, metadata)  # (readable as the umask allows, not 0600)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     _write_digest(digest_path(path), sha256_files([tmp])[0])

@@ -1,0 +1,37 @@
+"""Writing safetensors files with the permissions any other file of the run gets (no heavy imports)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else set and put
+    back at once (os.umask has no read-only form)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(*paths: str | os.PathLike) -> None:
+    """Give files the mode a newly created file gets (0o666 less the umask). safetensors 0.8 writes through a
+    temporary file created 0600 whatever the umask (safetensors/safetensors#782, open): checkpoints, exports
+    and cache shards were unreadable to the user's group, beside a recipe.yaml that was not."""
+    mode = 0o666 & ~umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, then `as_umask_allows`."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    as_umask_allows(path)
