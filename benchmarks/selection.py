@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from sak.config.yaml_read import read_pairs
 from sak.methods import METHODS, select_indices
 from sak.methods.freesel import PatternOptions, build_teacher, extract_features
 from sak.teachers import list_teachers
@@ -81,7 +81,7 @@ def accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
 def run_teacher(name: str, settings: dict, data: dict, args: argparse.Namespace) -> dict:
     """Feature pass once, then every method x budget x seed; accuracies of both downstream models."""
     torch.manual_seed(0)
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = read_pairs(args.option, "--option")  # read as `sak select` reads them (1e-3 a number)
     teacher = build_teacher(name, args.weights, options, settings["image_size"], settings["block"])
     start = time.perf_counter()
     features, used = extract_features(teacher, data["pool"], PatternOptions(block=settings["block"]), args.batch_size)
