@@ -356,3 +356,19 @@ def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete
     assert [p.stat().st_mtime_ns for p in shards] == times
     assert sorted(p.name for p in (root / "view0").glob("*.sha256")) == ["shard00000.sha256", "shard00001.sha256"]
     FeatureCache(root).verify_all()
+
+
+def test_each_process_checks_the_kept_shards_it_writes(tiny_recipe, tmp_path, capsys):
+    """On N processes the i-th checks every N-th kept shard from the i-th, the shards it writes: the main process
+    hashed them all while the others waited at a barrier that times out."""
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=2)  # 4 shards
+    plan = store.CachePlan(root, 8, 2, 1)
+    for view, shard in plan.shards():
+        _flip_last_byte(plan.path(view, shard))
+    for index in (0, 1):
+        capsys.readouterr()
+        builder._drop_damaged_kept_shards(root, plan, {}, (index, 2))
+        assert sorted(line.split("shard ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()) == [
+            f"view0/shard0000{k}" for k in (index, index + 2)
+        ]
+    assert not any(plan.path(v, k).exists() for v, k in plan.shards())

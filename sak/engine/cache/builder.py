@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...config import Recipe
-from ...digest import sha256_files
+from ...digest import sha256_files, usable_cpus
 from .identity import _diff, content_digests, identity, training_dataset
 from .store import (
     CONTENT_PREFIX,
@@ -95,13 +95,18 @@ def _check_storable(levels, dtype: str, teacher: str, shard: str) -> None:
                              "--dtype int8 (per-channel scales)")  # fmt: skip
 
 
-def _drop_damaged_kept_shards(out: Path, plan: CachePlan, recorded: dict[str, str]) -> None:
+def _drop_damaged_kept_shards(
+    out: Path, plan: CachePlan, recorded: dict[str, str], part: tuple[int, int] = (0, 1)
+) -> None:
     """Before a build goes on from shards already there: each must match the sha256 recorded for it (in the
     finished cache's manifest, or beside the shard), else it is deleted, to be built again. Without this, the
-    build would record the digest of damaged bytes, and every later check would pass them. (The main process
-    hashes them all, on every usable CPU, while the others wait.)"""
-    kept = [(v, k) for v, k in plan.shards() if plan.path(v, k).exists()]
-    found = sha256_files([plan.path(v, k) for v, k in kept])
+    build would record the digest of damaged bytes, and every later check would pass them. On N processes,
+    `part` = (i, N): the i-th checks the shards it writes (every N-th from the i-th, as `build_cache` shares
+    them), on its share of the CPUs; the main process hashing them all made the others wait at a barrier
+    that times out (30 minutes by default: about 2 TB at the page cache's speed)."""
+    index, n = part
+    kept = [(v, k) for i, (v, k) in enumerate(plan.shards()) if i % n == index and plan.path(v, k).exists()]
+    found = sha256_files([plan.path(v, k) for v, k in kept], max(1, usable_cpus() // n))
     for (view, shard), digest in zip(kept, found, strict=True):
         path = plan.path(view, shard)
         name = shard_name(view, shard)
@@ -268,8 +273,7 @@ def _take_over(out: Path, layout: dict, stamp: str, plan: CachePlan, state) -> b
     recorded = old["shards"] if finished else {}
     _check_kept_shards(out, stamp, plan, recorded)
     state.wait_for_everyone()  # every process has read the kept shards' stamps before any is deleted
-    if state.is_main_process:
-        _drop_damaged_kept_shards(out, plan, recorded)
+    _drop_damaged_kept_shards(out, plan, recorded, (state.process_index, state.num_processes))
     state.wait_for_everyone()
     return finished
 
