@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,7 +35,6 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..digest import sha256_files
 from ..registry import TEACHERS
 from .base import (
     CLIP_MEAN,
@@ -57,6 +55,7 @@ from .weights import (
     check_timm_tag,
     check_timm_tag_for_file,
     is_local,
+    listing_digest,
     load_state_dict,
     load_strict,
     local_path,
@@ -232,10 +231,8 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
 def directory_digest(folder: Path) -> str:
     """One sha256 over an open_clip directory's config and every weights file open_clip may pick from it (names
     and contents), so that the teacher's metadata, and a feature cache's identity, change with its weights."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pth")
-                                                                   or p.name == "open_clip_config.json"))  # fmt: skip
-    listing = "".join(f"{p.name} {d}\n" for p, d in zip(files, sha256_files(files), strict=True))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return listing_digest([p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pth")
+                                                                         or p.name == "open_clip_config.json")])  # fmt: skip
 
 
 def open_clip_native_size(name: str, vision_cfg: dict | None, visual: nn.Module, spec: TeacherSpec) -> int:

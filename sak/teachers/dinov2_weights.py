@@ -20,6 +20,7 @@ from .weights import (
     WeightsError,
     bare_name_hint,
     is_local,
+    listing_digest,
     load_state_dict,
     local_path,
     refuse_sha256_without_file,
@@ -120,12 +121,16 @@ def read_weights(spec: TeacherSpec, what: str) -> Weights:
             digest = verify_sha256(files[0], spec.sha256, what)
             state = load_state_dict(files[0], what)
             return Weights("file", weights, files[0], state, key_layout(state, files[0], what), digest)
-        digest = verify_sha256(files[0], spec.sha256, what) if single else None
-        if spec.sha256 and digest is None:
+        if spec.sha256 and not single:
             raise WeightsError(
                 f"{what}: sha256 needs a directory with one weights file (model.safetensors or pytorch_model.bin) "
                 f"for transformers to read; {str(path)!r} holds {[p.name for p in files]}"
             )
+        # a sharded save: one digest over config.json, the index and the shards (it was None: a cache of these
+        # features did not see the weights change)
+        digest = (
+            verify_sha256(files[0], spec.sha256, what) if single else listing_digest([path / "config.json", *files])
+        )
         return Weights("dir", weights, path, layout="transformers", digest=digest)
     digest = verify_sha256(path, spec.sha256, what)
     state = load_state_dict(path, what)

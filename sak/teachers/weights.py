@@ -71,6 +71,18 @@ def verify_sha256(path: str | os.PathLike, expected: str | None, what: str) -> s
     return actual
 
 
+def listing_digest(files: list[Path]) -> str:
+    """One sha256 over several files' names and contents (a directory's config and weights shards), so that a
+    teacher's metadata, and a feature cache's identity, change with any of them."""
+    import hashlib
+
+    from ..digest import sha256_files
+
+    files = sorted(files)
+    listing = "".join(f"{p.name} {d}\n" for p, d in zip(files, sha256_files(files), strict=True))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str, Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only=True, never pickle code).
 

@@ -374,7 +374,7 @@ def test_preprocessing_matches_timms_and_transformers_transforms_on_a_real_image
 def test_a_pinned_sha256_on_a_transformers_directory_is_that_of_the_file_it_reads(checkpoints, tmp_path):
     """from_pretrained reads sharded safetensors before a pytorch_model.bin: a directory holding both had its
     sha256 checked against the .bin, whose weights were never loaded. Now only a directory with one weights file
-    for transformers to read takes a sha256 (and records one)."""
+    for transformers to read takes a sha256."""
     model, _ = checkpoints["plain"]
     folder = tmp_path / "hf"
     model.save_pretrained(folder, max_shard_size="20KB")  # config.json, shards and their index
@@ -383,7 +383,14 @@ def test_a_pinned_sha256_on_a_transformers_directory_is_that_of_the_file_it_read
     pinned = hashlib.sha256((folder / "pytorch_model.bin").read_bytes()).hexdigest()
     with pytest.raises(WeightsError, match=r"sha256 needs a directory with one weights file .* holds \['model-0000"):
         create_teacher("dinov2", str(folder), spec=TeacherSpec(weights=str(folder), sha256=pinned))
-    assert create_teacher("dinov2", str(folder)).meta.sha256 is None  # (no digest of a file it did not read)
+    # its metadata's digest is one over config.json, the index and every weights file (it was None, so a
+    # feature cache of these weights did not see them change), not that of a file it did not read
+    digest = create_teacher("dinov2", str(folder)).meta.sha256
+    assert digest is not None and digest != pinned
+    shard = sorted(folder.glob("model-0000*.safetensors"))[-1]
+    state = load_file(str(shard))
+    save_file({k: v + 1 for k, v in state.items()}, str(shard))
+    assert create_teacher("dinov2", str(folder)).meta.sha256 not in (None, digest)
 
 
 def test_a_misspelt_tag_is_named_as_such_not_sent_to_transformers():
