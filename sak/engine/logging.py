@@ -115,6 +115,21 @@ def nan_for_null(row: dict) -> dict:
     return {k: math.nan if v is None else v for k, v in row.items()}
 
 
+def wandb_run_id(folder: Path, continues: bool) -> str:
+    """One wandb run for a sak run, resumes included: its id is kept in the run's wandb folder (set aside with
+    it by a fresh start), read again by a start that continues the run, and new for one that does not. Each
+    start opened a run of its own before, so a resumed run's curves came in pieces."""
+    import secrets
+
+    path = folder / "sak_run_id"
+    if continues and path.is_file():
+        return path.read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(8)  # (wandb's ids: letters and digits)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class RunLogger:
     """Main-process logging; other processes get a logger that only forwards to the accelerator."""
 
@@ -143,11 +158,14 @@ class RunLogger:
         if recipe.logging.tensorboard:
             trackers.append("tensorboard")
         if trackers and trains:  # at the start, so that a tracker that cannot start stops the run before step 1
+            wandb = {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name}
+            if "wandb" in trackers and self.main:  # (Accelerate starts trackers on the main process only)
+                wandb.update(id=wandb_run_id(recipe.run_dir / "wandb", continues=start_step > 0), resume="allow")
             accelerator.init_trackers(
                 recipe.logging.wandb.project,
                 config=flat_config(recipe.to_dict()),
                 init_kwargs={
-                    "wandb": {"mode": recipe.logging.wandb.mode, "dir": str(recipe.run_dir), "name": recipe.run.name},
+                    "wandb": wandb,
                     # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
                     "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
                 },

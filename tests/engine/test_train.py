@@ -236,11 +236,16 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     train(recipe)  # finished already: trains and logs nothing, so it opens no (empty) wandb run either
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
     longer = ["schedule.max_steps=4", "run.stop_at=3", "logging.wandb.mode=offline", "logging.tensorboard=true"]
-    train(tiny_recipe(*longer))  # trains step 3: a run of its own
+    train(tiny_recipe(*longer))  # trains step 3: an offline folder of its own, for the same wandb run
     assert len(list((recipe.run_dir / "wandb").glob("offline-run-*"))) == len(runs) + 1
     runs = list((recipe.run_dir / "wandb").glob("offline-run-*"))
+    ids = {run.name.rsplit("-", 1)[1] for run in runs}  # offline-run-<time>-<run id>: `wandb sync` joins them
+    assert ids == {(recipe.run_dir / "wandb" / "sak_run_id").read_text().strip()}, ids
     train(tiny_recipe(*longer))  # at run.stop_at already: trains nothing
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
+    train(tiny_recipe(*longer, "checkpoint.resume=never"))  # a fresh start: another wandb run
+    fresh = list((recipe.run_dir / "wandb").glob("offline-run-*"))
+    assert len(fresh) == 1 and fresh[0].name.rsplit("-", 1)[1] not in ids
 
 
 def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old_run_aside(tiny_recipe):
