@@ -133,8 +133,8 @@ def select(args: argparse.Namespace) -> int:
             f"sak select --pool {args.pool}{overrides} --method {args.method} --budget {args.budget} "
             f"({budget} of {len(pool)})",
             f"teacher={args.teacher} weights={args.weights} options={args.option} image_size={args.image_size} "
-            f"dtype={args.dtype} filter={used} block={args.block} k={args.k} keep={args.keep} "
-            f"distance={args.distance} seed={args.seed}",
+            f"dtype={args.dtype} filter={used} block={'default' if args.block is None else args.block} "
+            f"k={args.k} keep={args.keep} distance={args.distance} seed={args.seed}",
         ]
         write_manifest(args.out, [ids[i] for i in chosen], header)
         print(

@@ -184,6 +184,8 @@ def test_select_with_the_dinov2_teacher_records_attention_and_the_settings(png_p
     header = [line for line in out.read_text().splitlines() if line.startswith("#")]
     assert "filter=attention" in header[1] and "image_size=28" in header[1] and "dtype=bf16" in header[1]
     assert len(read_manifest(str(out))) == 3
+    assert main([*args[:-4], "--no-progress", "--out", str(out)]) == 0  # the block not given: "default", not None
+    assert "block=default k=5" in out.read_text().splitlines()[1]
 
 
 def test_a_teacher_holding_two_vits_is_refused():
