@@ -286,10 +286,14 @@ def _write_shards(loader, teachers: dict, recipe: Recipe, dtype: str, plan: Cach
     from ..step import begin_step
 
     tdtype = teacher_dtype(recipe)
-    stored: dict[str, list[Tensor]] = {}
+    # the shard's tensors, allocated at its first batch and filled batch by batch: one copy of the shard in host
+    # memory (a list of batches joined by torch.cat at the end held two)
+    stored: dict[str, Tensor] = {}
+    filled = 0
     for (view, shard, last), images in zip(loader.batch_sampler.owners, loader, strict=True):
         images = images.to(device, non_blocking=True)
         begin_step(recipe.precision.cuda_graphs)
+        rows = min(plan.shard_size, plan.samples - shard * plan.shard_size)
         for tid, teacher in teachers.items():
             levels = teacher.encode(images, tdtype).levels
             _check_storable(levels, dtype, tid, shard_name(view, shard))
@@ -301,10 +305,16 @@ def _write_shards(loader, teachers: dict, recipe: Recipe, dtype: str, plan: Cach
                 else:
                     parts = list(quantize(feat))
                 for suffix, part in zip(("", "/scale"), parts, strict=False):
-                    stored.setdefault(f"{tid}/{level}{suffix}", []).append(part.cpu())
+                    key = f"{tid}/{level}{suffix}"
+                    if key not in stored:
+                        stored[key] = torch.empty((rows, *part.shape[1:]), dtype=part.dtype)
+                    stored[key][filled : filled + len(part)].copy_(part)
+        filled += len(images)
         if last:
+            if filled != rows:  # (the loader's batches of a shard cover its rows, in order, once)
+                raise RuntimeError(f"shard {shard_name(view, shard)} got {filled} rows of {rows}")
             path = plan.path(view, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save({key: torch.cat(parts) for key, parts in stored.items()}, path, metadata={"sak_cache": stamp})
-            stored = {}
+            _atomic_save(stored, path, metadata={"sak_cache": stamp})
+            stored, filled = {}, 0
             progress.update()
