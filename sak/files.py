@@ -26,7 +26,10 @@ def as_umask_allows(*paths: str | os.PathLike) -> None:
     and cache shards were unreadable to the user's group, beside a recipe.yaml that was not."""
     mode = 0o666 & ~umask()
     for path in paths:
-        os.chmod(path, mode)
+        try:
+            os.chmod(path, mode)
+        except OSError:  # a file system without modes (some FUSE / SMB mounts): the file is written all the same
+            pass
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

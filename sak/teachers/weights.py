@@ -187,7 +187,10 @@ def check_timm_model(name: str, what: str) -> None:
     import difflib
 
     import timm
+    from timm.models import parse_model_name
 
+    if parse_model_name(name)[0] is not None:  # `hf-hub:` / `local-dir:`: timm reads the model from there
+        return
     model = name.partition(".")[0]
     if not timm.is_model(model):
         close = difflib.get_close_matches(model, timm.list_models(), n=3, cutoff=0.75)

@@ -283,6 +283,19 @@ def test_a_misspelt_model_or_model_kwargs_it_does_not_take_is_a_value_error(opti
         create_teacher("timm", None, **options)
 
 
+def test_a_local_dir_model_name_is_left_to_timm(tmp_path):
+    """`local-dir:` / `hf-hub:` names are timm's own ways to a model: the misspelling check refused them."""
+    from sak.teachers.weights import check_timm_model
+
+    folder = tmp_path / "vit"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224", "pretrained_cfg": {},
+                                                    "model_args": {"embed_dim": 32, "depth": 1, "num_heads": 2}}))  # fmt: skip
+    teacher = create_teacher("timm", None, model=f"local-dir:{folder}")
+    assert teacher.meta.embed_dim == 32
+    check_timm_model("hf-hub:timm/vit_small_patch16_224.augreg_in21k", "x")  # no download, no error
+
+
 def test_a_local_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
     """vit_base_patch16_224's AugReg tags use mean / std 0.5, its DINO and MAE tags ImageNet's: under the bare
     name a file took the default tag's 0.5 whatever it held (the clip teacher already refused this)."""
