@@ -113,7 +113,7 @@ def cache_facts(cache: FeatureCache) -> dict:
 
 
 def resume_from(accelerator: Accelerator, source: Path, changed: list[str], optimizer, scheduler, normalizers,
-                normalize: str) -> TrainState:  # fmt: skip
+                normalize: str, total: int) -> TrainState:  # fmt: skip
     """Load a checkpoint into the prepared objects (the optimiser keeps the recipe's settings; the checkpoint
     brings back its moments and the schedule's position) and the target normaliser's statistics."""
     settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
@@ -122,7 +122,8 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
     # its grad_accum: a resume mid-epoch with others would repeat or skip samples, or weight an epoch's last
     # micro-batches wrongly. At an epoch's end both may change.
     moved = [c for c in changed if c.startswith(("data.batch_size:", "optim.grad_accum:"))]
-    if moved and state.batch_in_epoch:
+    done = state.step >= total and (source / FINAL_METRICS).is_file()  # a finished run: nothing is resumed
+    if moved and state.batch_in_epoch and not done:
         raise CheckpointError(
             f"cannot resume from {source} with another {' and another '.join(c.split(':')[0] for c in moved)} "
             f"({'; '.join(moved)}): it stopped {state.batch_in_epoch} batch(es) into epoch {state.epoch}, a place "
@@ -279,7 +280,9 @@ def train(recipe: Recipe) -> dict:
         before = json.loads((source / CACHE_FILE).read_text())
         changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
     if source is not None:
-        state = resume_from(accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize)
+        state = resume_from(
+            accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total
+        )
         logger_start = state.step
     elif accelerator.num_processes > 1:
         # Every process was seeded alike so that they built the same modules; training's random draws (the noisy

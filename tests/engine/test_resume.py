@@ -493,3 +493,6 @@ def test_batch_size_and_grad_accum_change_at_an_epochs_end_and_not_inside_one(ti
     assert per_step == {**{s: 4 for s in range(1, 9)}, 9: 4, 10: 4}  # steps 9, 10: two micro-batches of 2
     epoch1 = [i for r in rows if r["step"] > 8 for i in r["ids"]]
     assert len(set(epoch1)) == 8  # no sample twice
+    # finished mid-epoch: started again with another batch size, it trains nothing and says so (it was refused)
+    final = json.loads((recipe.run_dir / "final_metrics.json").read_text())
+    assert train(tiny_recipe(*common, "data.batch_size=8")) == pytest.approx(final, nan_ok=True)
