@@ -89,7 +89,7 @@ def read_png(path: Path, channels: int) -> np.ndarray:
             array = np.array(im)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # (the last: no OSError)
         raise DataError(f"{path}: cannot decode the PNG ({exc})") from exc
     got = 1 if array.ndim == 2 else array.shape[2]
     if got != channels:

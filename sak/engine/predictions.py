@@ -141,7 +141,7 @@ def _load(path: Path, task: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             array = np.array(im)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # (the last: no OSError)
         raise PredictionError(f"{path}: cannot read the PNG ({exc})") from exc
     if array.dtype != np.uint8:
         raise PredictionError(f"{path}: expected an 8-bit PNG, got dtype {array.dtype}")

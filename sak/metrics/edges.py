@@ -16,6 +16,8 @@ edge map as stored. Target pixels equal to 255 are ignored (neither ground truth
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -54,7 +56,7 @@ class BoundaryF(Metric):
     ) -> None:
         if not 0 < tolerance < 1:
             raise ValueError(f"edges: tolerance is a fraction of the image diagonal in (0, 1), got {tolerance}")
-        if int(n_thresholds) != n_thresholds or n_thresholds < 1:
+        if not math.isfinite(n_thresholds) or int(n_thresholds) != n_thresholds or n_thresholds < 1:
             raise ValueError(f"edges: n_thresholds must be a whole number, at least 1, got {n_thresholds}")
         self.tolerance = float(tolerance)
         self.n_thresholds = int(n_thresholds)

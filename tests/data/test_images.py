@@ -247,3 +247,20 @@ def test_an_image_past_pillows_decompression_bomb_limit_is_a_data_error(tmp_path
         DataError, match=r"big.png: Image size \(1200 pixels\) exceeds limit .*PIL.Image.MAX_IMAGE_PIXELS"
     ):
         decode_rgb(path)
+
+
+def test_label_and_prediction_pngs_past_the_decompression_bomb_limit_name_their_file(tmp_path, monkeypatch):
+    """As images: Pillow's DecompressionBombError is no OSError, and escaped `skip_bad` and `verify`."""
+    from PIL import Image as PILImage
+
+    from sak.data.pascal_context import read_png
+    from sak.engine.predictions import PredictionError, read_prediction
+
+    path = tmp_path / "semseg" / "x.png"
+    path.parent.mkdir()
+    PILImage.new("L", (40, 30)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(DataError, match=r"x.png: cannot decode the PNG \(Image size \(1200 pixels\)"):
+        read_png(path, 1)
+    with pytest.raises(PredictionError, match=r"x.png: cannot read the PNG \(Image size \(1200 pixels\)"):
+        read_prediction(tmp_path, "semseg", "x")

@@ -115,8 +115,9 @@ def test_build_metric_errors_name_the_value_and_the_choices():
     with pytest.raises(ValueError, match="num_classes"):
         build_metric("semseg")
     # threshold options name themselves (they failed at the first update with numpy's or torch's words)
-    with pytest.raises(ValueError, match="edges: n_thresholds must be a whole number, at least 1, got 0"):
-        build_metric("edges", n_thresholds=0)
+    for n in (0, float("inf"), float("nan")):  # (inf / nan: OverflowError / ValueError in int()'s words)
+        with pytest.raises(ValueError, match=f"edges: n_thresholds must be a whole number, at least 1, got {n}"):
+            build_metric("edges", n_thresholds=n)
     for step in (0, 1.5):
         with pytest.raises(ValueError, match=f"saliency: threshold_step must be in \\(0, 1\\), got {step}"):
             build_metric("saliency", threshold_step=step)
