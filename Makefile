@@ -43,4 +43,4 @@ bench: setup
 	$(PY) -m benchmarks.framework_overhead > /dev/null
 
 clean:
-	rm -rf $(VENV) runs demo-report .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache
