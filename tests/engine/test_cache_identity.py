@@ -3,6 +3,7 @@ precision, the data and its content), so that a cache built for other teachers o
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +71,24 @@ def test_data_options_written_out_at_their_defaults_name_the_same_cache(tiny_rec
     (root / "manifest.json").write_text(json.dumps(manifest))
     open_with()
     open_with("data.options.classes=5")
+
+
+def test_a_cache_of_an_older_sak_with_default_options_written_out_can_be_built_on(tiny_recipe, tmp_path, monkeypatch):
+    """Training took such a cache, `sak cache build` over it (to resume or top it up) refused it: "cache has 4,
+    this build gives None". It builds on under the cache's own identity, which its shards' stamps hold."""
+    identity_module = sys.modules["sak.engine.cache.identity"]  # (the package's `identity` is the function)
+
+    monkeypatch.setattr(identity_module, "data_options", lambda name, options: options)  # as sak before 2026-11-28
+    root = build_cache(tiny_recipe("data.options.length=4", "data.options.classes=5"), tmp_path / "c", shard_size=2)
+    monkeypatch.undo()
+    before = json.loads((root / "manifest.json").read_text())
+    assert before["identity"]["data"]["options"] == {"length": 4, "classes": 5}
+    (root / "view0" / "shard00001.safetensors").unlink()  # an interrupted build, to resume
+    build_cache(tiny_recipe("data.options.length=4"), root, shard_size=2)
+    assert json.loads((root / "manifest.json").read_text()) == before
+    recipe = tiny_recipe("data.options.length=4", f"cache.path={root}")
+    set_seed(recipe.run.seed)
+    open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 
 
 def test_an_augmented_cache_crops_as_training_does_with_the_recipes_tasks(tiny_recipe, tmp_path):

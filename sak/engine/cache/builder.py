@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...config import Recipe
 from ...digest import sha256_files, usable_cpus
-from .identity import _diff, content_digests, identity, training_dataset
+from .identity import _diff, as_now, content_digests, identity, training_dataset
 from .store import (
     CONTENT_PREFIX,
     REBUILD,
@@ -210,7 +210,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     teachers = build_teachers(recipe, state.device)
     dataset = training_dataset(recipe, augment)
     digests = content_digests(dataset)
-    ident = identity(recipe, teachers, views, augment, dtype, dataset, digests)
+    ident = _kept_identity(out / "manifest.json", identity(recipe, teachers, views, augment, dtype, dataset, digests))
     plan = CachePlan(out, len(dataset), shard_size, views)
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
@@ -255,6 +255,17 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         _write_manifest({**manifest, "status": "complete", "shards": shards}, manifest_path)
     state.wait_for_everyone()
     return out
+
+
+def _kept_identity(manifest_path: Path, ident: dict) -> dict:
+    """The identity to build under: that of the cache already in `out` where it is this one as an older sak wrote
+    it (data.options at their defaults written out), whose shards' stamps hold it and which training accepts;
+    else this build's own (a damaged or other manifest is for `_take_over` to name)."""
+    try:
+        built = load_manifest(manifest_path).get("identity") if manifest_path.exists() else None
+    except CacheError:
+        return ident
+    return built if isinstance(built, dict) and built != ident and as_now(built) == ident else ident
 
 
 def _take_over(out: Path, layout: dict, stamp: str, plan: CachePlan, state) -> bool:

@@ -47,6 +47,15 @@ def _json(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def as_now(identity: dict) -> dict:
+    """A recorded identity as this sak writes it: `data.options` at their defaults left out (`data_options`),
+    where an older sak wrote them as given."""
+    data = identity.get("data")
+    if isinstance(data, dict) and "options" in data:
+        return {**identity, "data": {**data, "options": _json(data_options(data.get("name"), data["options"]))}}
+    return identity
+
+
 def data_options(name: str, options: dict | None) -> dict | None:
     """`data.options` as a cache records them: the options whose values differ from the dataset's defaults, so
     that writing out a default (`classes: 5`) or leaving it out names the same cache. The values left are as

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...digest import sha256_files, usable_cpus
 from ...teachers import TeacherOutput
-from .identity import _diff, _json, data_options
+from .identity import _diff, as_now
 from .store import CONTENT_PREFIX, REBUILD, CacheError, CachePlan, load_manifest, shard_name
 
 # The caches this process has open, by token: a `FeatureCache` sent to another process (a DataLoader worker)
@@ -117,10 +117,7 @@ class FeatureCache:
     def check(self, expected_identity: dict, digests: list[tuple[str, str]] | None = None) -> None:
         """Refuse a cache built for other teachers or data (its sample count, ids and content included), naming
         every field that differs, and with `digests` (the dataset's `content_digests()`) the files that changed."""
-        built = self.manifest["identity"]
-        data = built.get("data")
-        if isinstance(data, dict) and "options" in data:  # written out at their defaults by an older sak: as now
-            built = {**built, "data": {**data, "options": _json(data_options(data.get("name"), data["options"]))}}
+        built = as_now(self.manifest["identity"])  # (options written out at their defaults by an older sak)
         if built != expected_identity:
             differences = _diff(built, expected_identity)
             differences += self._changed_files(built["data"], expected_identity.get("data", {}), digests)
