@@ -230,8 +230,11 @@ def check_samples_fit(model: torch.nn.Module, dataset) -> None:
     canvas = getattr(dataset, "eval_size", None)
     if canvas is None:  # image folders: every sample is data.image_size square, the size the student is built at
         return
-    if dataset.spec.train:
-        check_canvas(model, tuple(dataset.augment.crop_size), "data.options.crop_size")
+    spec = getattr(dataset, "spec", None)
+    if spec is not None and spec.train:
+        crop = getattr(getattr(dataset, "augment", None), "crop_size", None)  # (a plug-in's may have none)
+        if crop is not None:
+            check_canvas(model, tuple(crop), "data.options.crop_size")
     else:
         check_canvas(model, tuple(canvas))
 
