@@ -119,6 +119,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: damaged, or another student's."""
 
 
+def on_every_process(accelerator, action):
+    """`action()` on every process, an error in any of them raised in all: a resume refused by one process (its
+    own random-state file damaged) let the main process go on to set checkpoints aside and rewrite the run's
+    records before it died at the next barrier. Another process's error comes as a CheckpointError naming it."""
+    try:
+        result, error = action(), None
+    except Exception as exc:  # (raised below, in every process)
+        result, error = None, exc
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        said = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+        found = [(rank, text) for rank, text in enumerate(said) if text is not None]
+        if found and error is None:
+            raise CheckpointError(f"process {found[0][0]} refused the resume: {found[0][1]}")
+    if error is not None:
+        raise error
+    return result
+
+
 def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -> TrainState:
     """Restore model, optimiser, scheduler and RNG states from `path`; returns the trainer state. `changes`:
     how the recipe differs from the checkpoint's, named if its weights do not fit this recipe's student."""

@@ -27,6 +27,7 @@ from .checkpoint import (
     first_misfit,
     latest_checkpoint,
     load_checkpoint,
+    on_every_process,
     optimiser_settings,
     restore_optimiser_settings,
     save_checkpoint,
@@ -280,9 +281,8 @@ def train(recipe: Recipe) -> dict:
         before = json.loads((source / CACHE_FILE).read_text())
         changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
     if source is not None:
-        state = resume_from(
-            accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total
-        )
+        args = (accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total)
+        state = on_every_process(accelerator, lambda: resume_from(*args))  # before the main process records it
         logger_start = state.step
     elif accelerator.num_processes > 1:
         # Every process was seeded alike so that they built the same modules; training's random draws (the noisy

@@ -188,3 +188,19 @@ def test_a_split_with_fewer_whole_batches_than_processes_is_an_error_not_a_hang(
                             "schedule.max_steps=2", timeout=120)  # fmt: skip
     assert bad.returncode != 0
     assert "6 samples, 1 whole batch(es) of data.batch_size=4: fewer than one for each of the 2 processes" in bad.stderr
+
+
+def test_a_resume_one_process_refuses_changes_nothing_in_the_run_directory(tmp_path):
+    """Process 1's random states damaged: it refused the resume while process 0 had set the later checkpoint
+    aside and rewritten the run's records, then died at a barrier. Now both refuse, before anything moves."""
+    common = [str(TINY), f"run.output_dir={tmp_path}", "data.options.length=16", "schedule.max_steps=4",
+              "checkpoint.every=2", "data.batch_size=2"]  # fmt: skip
+    assert accelerate_launch(*common, timeout=300).returncode == 0
+    root = tmp_path / "tiny" / "checkpoints"
+    (root / "step_00000002" / "random_states_1.pkl").write_bytes(b"not a pickle")
+    starts = (tmp_path / "tiny" / "starts.jsonl").read_text()
+    run = accelerate_launch(*common, f"checkpoint.resume={root / 'step_00000002'}", timeout=300)
+    assert run.returncode != 0
+    assert "process 1 refused the resume: CheckpointError" in run.stderr, run.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]  # nothing set aside
+    assert (tmp_path / "tiny" / "starts.jsonl").read_text() == starts
