@@ -101,7 +101,9 @@ def save_encoded(root: str | Path, task: str, sample_id: str, array: np.ndarray)
     """Write an array from `encode` to its standard path."""
     path = prediction_path(root, task, sample_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial{path.suffix}")  # renamed when whole: never a cut file under its name
+    # renamed when whole: never a cut file under its name; the process id in the temporary name, so that two
+    # processes writing one file (`sak predict` under a launch) do not rename each other's
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
     try:
         if task == "depth":
             np.save(tmp, array)

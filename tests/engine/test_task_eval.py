@@ -446,3 +446,17 @@ def test_delta_m_leaves_out_a_task_with_nothing_scored_and_refuses_a_zero_refere
         (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')
         with pytest.raises(EvalError, match="reference values must be finite and not 0"):
             load_reference(tmp_path / "ref.json")
+
+
+def test_a_prediction_is_written_under_a_temporary_name_of_its_own_process(tmp_path, monkeypatch):
+    """Two processes of a launch writing one file (`sak predict` runs in each) shared one temporary name: one
+    renamed the other's away, and failed with FileNotFoundError."""
+    import os
+
+    from sak.engine.predictions import save_encoded
+
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moved.append(str(src)), real(src, dst)))
+    path = save_encoded(tmp_path, "saliency", "x", np.zeros((4, 4), np.uint8))
+    assert path.is_file() and len(moved) == 1 and f".{os.getpid()}.partial" in moved[0]
