@@ -14,7 +14,6 @@ from sak.student import SAKStudent, TeacherAgnosticStem, TeacherSlot, parameter_
 from sak.student.adapters import ADAPTERS, BottleneckAdapter, TeacherSpecificAdapterPath, TokenGrid
 from sak.student.baselines import ManyToOneStudent
 from sak.student.router import NoisyRouter, PixelRouter
-from sak.teachers.weights import WeightsError
 
 from ..conftest import TESTS
 
@@ -442,61 +441,3 @@ def test_levels_out_of_order_repeated_or_out_of_range_are_refused(student, level
     stem = TeacherAgnosticStem("vit_small_patch16_224", 32, embed_dim=16, depth=4, num_heads=2)
     with pytest.raises(ValueError, match=error):
         student(stem, [TeacherSlot("t", (16,) * 4)], {}, levels=levels)
-
-
-def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
-    """A DDP-saved (`module.`) or sak-checkpoint (`stem.vit.`) state dict would load no weight with
-    strict=False; the stem refuses it instead of training from random weights."""
-    from safetensors.torch import save_file
-
-    kwargs = {"embed_dim": 16, "depth": 2, "num_heads": 2}
-    vit = TeacherAgnosticStem("vit_small_patch16_224", 32, **kwargs).vit
-    plain = {k: v.contiguous() for k, v in vit.state_dict().items()}
-    save_file(plain, str(tmp_path / "plain.safetensors"))
-    tagged = "vit_small_patch16_224.augreg_in21k"  # (a file's mean / std are its tag's)
-    loaded = TeacherAgnosticStem(tagged, 32, str(tmp_path / "plain.safetensors"), **kwargs)
-    assert torch.equal(loaded.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
-    save_file({f"module.{k}": v for k, v in plain.items()}, str(tmp_path / "ddp.safetensors"))
-    with pytest.raises(ValueError, match=r"ddp.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
-        TeacherAgnosticStem(tagged, 32, str(tmp_path / "ddp.safetensors"), **kwargs)
-    # another patch size: timm's filter resampled the kernel into a patch-16 network nobody trained
-    with pytest.raises(WeightsError, match=r"plain.safetensors.*patch embedding is \(16, 3, 16, 16\).*\(16, 3, 8, 8\)"):
-        TeacherAgnosticStem("vit_small_patch8_224", 32, str(tmp_path / "plain.safetensors"), **kwargs)
-
-
-def test_a_local_pretrained_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
-    """vit_small_patch16_224's AugReg tags use mean / std 0.5, its DINO tag ImageNet's: under the bare name a
-    file took the default tag's 0.5 whatever it held. With student.normalization imagenet nothing is guessed."""
-    from safetensors.torch import save_file
-
-    kwargs = {"embed_dim": 16, "depth": 2, "num_heads": 2}
-    vit = TeacherAgnosticStem("vit_small_patch16_224", 32, **kwargs).vit
-    file = str(tmp_path / "w.safetensors")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, file)
-    with pytest.raises(WeightsError, match=r"ambiguous.*vit_small_patch16_224.dino.*Name the tag of the weights"):
-        TeacherAgnosticStem("vit_small_patch16_224", 32, file, **kwargs)
-    assert TeacherAgnosticStem("vit_small_patch16_224.dino", 32, file, **kwargs).mean == (0.485, 0.456, 0.406)
-    assert TeacherAgnosticStem("vit_small_patch16_224", 32, file, "imagenet", **kwargs).std == (0.229, 0.224, 0.225)
-
-
-def test_a_misspelt_student_model_or_model_kwargs_it_does_not_take_is_a_value_error():
-    """They were timm's RuntimeError / TypeError / AssertionError, printed by `sak train` as tracebacks."""
-    with pytest.raises(ValueError, match=r"student.model: timm has no model 'vit_tiny_patch16_24'; did you mean "):
-        TeacherAgnosticStem("vit_tiny_patch16_24", 64)
-    with pytest.raises(ValueError, match=r"student vit_tiny_patch16_224 \(img_size=64 from data.image_size\): "
-                       r"model_kwargs \{'depthh': 1\} do not build the model: TypeError"):  # fmt: skip
-        TeacherAgnosticStem("vit_tiny_patch16_224", 64, depthh=1)
-
-
-def test_a_hub_tag_for_the_student_offline_names_the_key_and_the_way_out(monkeypatch, tmp_path):
-    """Not huggingface_hub's bare LocalEntryNotFoundError (recipes/baselines/mt_baseline.yaml offline)."""
-    from sak.teachers.weights import WeightsError
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(WeightsError, match=r"student.pretrained 'augreg_in21k'.*Offline, pass a local file"):
-        TeacherAgnosticStem("vit_tiny_patch16_224", 64, "augreg_in21k")
-    # a tag timm does not know is named as such, not as a download problem
-    with pytest.raises(ValueError, match=r"'augreg_in21' is not a pretrained tag of timm's vit_tiny_patch16_224; its "
-                       r"tags: augreg_in21k, augreg_in21k_ft_in1k"):  # fmt: skip
-        TeacherAgnosticStem("vit_tiny_patch16_224", 64, "augreg_in21")
