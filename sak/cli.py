@@ -23,7 +23,7 @@ def _task_eval_errors():
     from .engine.predictions import PredictionError
     from .engine.task_eval import EvalError
 
-    return (EvalError, PredictionError, DataError, FileNotFoundError, RecipeError)
+    return (EvalError, PredictionError, DataError, FileNotFoundError)
 
 
 def _write_result(result: dict, out: str | None) -> None:
@@ -55,7 +55,7 @@ def _eval(args) -> int:
         save = Path(args.save_preds) if args.save_preds else None
         result = evaluate_student(recipe, Path(args.checkpoint), args.split, save, reference)
     except _task_eval_errors() as exc:
-        print(f"sak: error: {exc}", file=sys.stderr)
+        say_error(f"sak: error: {exc}")
         return 2
     if PartialState().is_main_process:
         _write_result(result, args.out)
@@ -70,7 +70,7 @@ def _eval_preds(args) -> int:
         reference = load_reference(args.reference) if args.reference else None
         options = {"eval_size": list(args.eval_size)} if args.eval_size else None
         result = score_prediction_dir(args.dataset, args.root, args.split, args.preds, tasks, reference, options)
-    except _task_eval_errors() as exc:
+    except (*_task_eval_errors(), RecipeError) as exc:
         print(f"sak: error: {exc}", file=sys.stderr)
         return 2
     _write_result(result, args.out)
@@ -164,12 +164,12 @@ def _cache(args) -> int:
             return 2
         return 0
     if args.out is None:
-        print("sak cache build: --out DIR is required (where the cache is written)", file=sys.stderr)
+        say_error("sak cache build: --out DIR is required (where the cache is written)", everywhere=False)
         return 2
     try:
         check_build_options(args.views, args.augment, args.dtype, args.shard_size, args.batch_size)
     except ValueError as exc:
-        print(f"sak cache build: {exc}", file=sys.stderr)
+        say_error(f"sak cache build: {exc}", everywhere=False)
         return 2
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -177,7 +177,7 @@ def _cache(args) -> int:
             recipe, Path(args.out), args.views, args.augment, args.dtype, args.shard_size, args.batch_size
         )
     except CacheError as exc:  # another cache in --out, a damaged manifest or shard: the message says what to do
-        print(f"sak: {exc}", file=sys.stderr)
+        say_error(f"sak: {exc}")
         return 2
     from accelerate import PartialState
 
@@ -322,6 +322,30 @@ def _add_inference_commands(sub) -> None:
     p.set_defaults(func=_predict)
 
 
+ONE_PROCESS = {"eval-preds", "export", "predict", "recipe", "teachers", "model", "cache info"}  # (command action)
+"""What runs on one process: under `accelerate launch` with N processes the main process runs it, the others
+do nothing (each would have done all of it, and two exports could have paired one's weights with the other's
+student.yaml). `train`, `eval`, `cache build` and `select` share their work among the processes."""
+
+
+def launch_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) under `accelerate launch` (the launcher's RANK and
+    WORLD_SIZE), read from the environment so that nothing is initialised; (0, 1) outside one."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def say_error(text: str, everywhere: bool = True) -> None:
+    """Print an error line on stderr. With N processes the main process prints it as it is and the others
+    prefix it with `[process K/N]`, so that an error one process met (an unreadable image of its shard) says
+    whose it was; with `everywhere=False` (an error each process meets alike, such as a recipe's) only the
+    main process prints it, once rather than N times."""
+    rank, world = launch_rank()
+    if rank == 0 or world == 1:
+        print(text, file=sys.stderr)
+    elif everywhere:
+        print(f"[process {rank}/{world}] {text}", file=sys.stderr)
+
+
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.path=value
 
 
@@ -342,7 +366,7 @@ def print_user_error(exc: Exception, command: str) -> bool:
     if not is_user_error(exc) or os.environ.get("SAK_TRACEBACK"):
         return False
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # (KeyError quotes its text)
-    print(f"sak {command}: {type(exc).__name__}: {message}", file=sys.stderr)
+    say_error(f"sak {command}: {type(exc).__name__}: {message}")
     return True
 
 
@@ -359,11 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "action", None) == "show" and args.command == "teachers" and not args.name:
         print("sak teachers show: give a teacher name (see `sak teachers list`)", file=sys.stderr)
         return 2
+    rank, world = launch_rank()
+    if world > 1 and {args.command, f"{args.command} {getattr(args, 'action', '')}"} & ONE_PROCESS:
+        if rank != 0:
+            return 0
+        print(f"sak {args.command}: runs on one process; the other {world - 1} of this launch do nothing",
+              file=sys.stderr)  # fmt: skip
     try:
-        return args.func(args)
-    except RecipeError as exc:
-        print(f"sak: {exc}", file=sys.stderr)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return status
+    except RecipeError as exc:  # every process reads the same recipe: said once
+        say_error(f"sak: {exc}", everywhere=False)
         return 2
+    except BrokenPipeError:  # `sak recipe show R | head`: the reader has gone; say nothing, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail too)
+        return 141  # 128 + SIGPIPE: what the shell reports for a command killed by the closed pipe
     except Exception as exc:
         if not print_user_error(exc, args.command):
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import say_error
 from .config import RecipeError, load_recipe
 
 
@@ -22,15 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"sak: {exc}", file=sys.stderr)
+    except RecipeError as exc:  # every process of a launch reads the same recipe: said once
+        say_error(f"sak: {exc}", everywhere=False)
         return 2
     from .engine import train
 
     try:
         train(recipe)
     except RecipeError as exc:  # what only the run can find out, e.g. fp16 asked for on a machine without a GPU
-        print(f"sak: {args.recipe}: {exc}", file=sys.stderr)
+        say_error(f"sak: {args.recipe}: {exc}", everywhere=False)
         return 2
     except Exception as exc:  # other bad input (a stale cache, a missing file...): one line, as `sak train`
         from .cli import print_user_error

@@ -107,3 +107,52 @@ def test_results_with_a_metric_that_scored_nothing_are_strict_json(tmp_path, cap
     _write_result(result, None)
     parsed = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     assert parsed["delta_m"] is None and parsed["pascal_context"]["parts"]["mIoU"] is None
+
+
+def test_one_process_commands_run_on_the_main_process_of_a_launch(tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch` with N processes, each process ran all of `export`, `predict`, `eval-preds`,
+    `model show`..., and two exports into one folder could pair one's weights with the other's student.yaml.
+    The main process runs them; the others do nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(TINY), "--from", "/nonexistent", "--out", str(tmp_path / "x")]) == 0
+    assert main(["model", "show", str(TINY), "--json"]) == 0
+    assert main(["cache", "info", "/nonexistent"]) == 0
+    assert capsys.readouterr() == ("", "") and not (tmp_path / "x").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    assert main(["model", "show", str(TINY), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["total"] > 0
+    assert err == "sak model: runs on one process; the other 1 of this launch do nothing\n"
+
+
+def test_errors_under_a_launch_say_whose_they_are_and_a_recipes_is_said_once(monkeypatch, capsys, tmp_path):
+    from sak.cli import say_error
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    say_error("sak: an image of this process's shard")
+    say_error("sak: the recipe's", everywhere=False)
+    assert capsys.readouterr().err == "[process 2/3] sak: an image of this process's shard\n"
+    # the recipe error of `sak eval` (every process reads the same recipe): not printed by process 2
+    assert main(["eval", str(TINY), "--checkpoint", str(tmp_path), "optim.nosuch=1"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", str(TINY), "--checkpoint", str(tmp_path), "optim.nosuch=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sak: ") and "optim.nosuch" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`sak model show R | head -1`: it printed "sak model: BrokenPipeError: [Errno 32] Broken pipe" (exit 2)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "sak.cli", "model", "show", str(TINY)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -150,7 +150,9 @@ def run_select(args: argparse.Namespace) -> int:
     try:
         return select(args)
     except SelectionError as exc:
-        print(f"sak select: {worker_message(exc)}", file=sys.stderr)
+        from ..cli import say_error
+
+        say_error(f"sak select: {worker_message(exc)}")
         return 2
 
 

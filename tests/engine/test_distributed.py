@@ -204,3 +204,9 @@ def test_a_resume_one_process_refuses_changes_nothing_in_the_run_directory(tmp_p
     assert "process 1 refused the resume: CheckpointError" in run.stderr, run.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]  # nothing set aside
     assert (tmp_path / "tiny" / "starts.jsonl").read_text() == starts
+
+
+def test_a_recipe_error_is_said_once_not_by_each_process(tmp_path):
+    bad = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "optim.nosuch=1", timeout=120)
+    assert bad.returncode != 0
+    assert bad.stderr.count("unknown key 'optim.nosuch'") == 1, bad.stderr[-3000:]
