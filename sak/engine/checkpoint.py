@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,8 +72,25 @@ def _prune(root: Path, keep_last: int) -> None:
     (`clean_partials`)."""
     for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
         doomed = root / f"{old.name}{PRUNED}"
-        os.replace(old, doomed)
+        try:
+            _clear(doomed)
+            os.replace(old, doomed)
+        except OSError as exc:  # a full run is worth more than one checkpoint too many: keep it, try at the next save
+            warnings.warn(f"could not prune the checkpoint {old} ({exc}); it is kept", RuntimeWarning, stacklevel=2)
+            continue
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clear(path: Path) -> None:
+    """Make `path` free for a rename: delete what is there; what cannot be deleted (a file another program
+    holds open on NFS, say) is moved to a free `.N.pruned` name, for `clean_partials` to try again."""
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        stem, n = path.name.split(".")[0], 1
+        while (free := path.parent / f"{stem}.{n}{PRUNED}").exists():
+            n += 1
+        os.replace(path, free)
 
 
 def save_checkpoint(
@@ -102,17 +120,27 @@ def save_checkpoint(
             save_safetensors(tensors, partial / f"{stem}.safetensors")
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
-        if final.exists():  # the same step saved again: set the old copy aside until the new one is in place
-            aside = root / f"{final.name}{REPLACED}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            os.replace(partial, final)
-            shutil.rmtree(aside)
-        else:
-            os.replace(partial, final)
+        _put_in_place(partial, final)
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _put_in_place(partial: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(partial, final)
+        return
+    # the same step saved again: set the old copy aside until the new one is in place
+    aside = final.with_name(f"{final.name}{REPLACED}")
+    try:
+        _clear(aside)
+        os.replace(final, aside)
+    except OSError as exc:  # the earlier save of this step stays: the same weights and data position
+        warnings.warn(f"could not replace {final} ({exc}); its earlier save is kept", RuntimeWarning, stacklevel=3)
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    os.replace(partial, final)
+    shutil.rmtree(aside, ignore_errors=True)  # a leftover is removed by the next start (`clean_partials`)
 
 
 class CheckpointError(ValueError):
