@@ -128,6 +128,17 @@ def to_float01(images: Tensor) -> Tensor:
         return images.float().div_(255.0)
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    if images.numel() and not torch.compiler.is_compiling():
+        # Float images of 0..255, or ones already mean/std normalised, gave features of a white or grey image
+        # and no error. One look at the range (a GPU sync) only for float input: sak's data loaders give uint8.
+        # The margins leave room for a resize's overshoot.
+        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+        if hi > 1.5 or lo < -0.5:
+            raise ValueError(
+                f"float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]: "
+                + ("divide images of 0..255 by 255" if hi > 1.5 and lo >= -0.5 else "pass them before mean/std")
+                + " (or pass uint8)"
+            )
     return images.float()
 
 

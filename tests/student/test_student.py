@@ -201,6 +201,16 @@ def test_shapes_and_parameter_report():
     assert report["inference"] == report["total"] - report["aligners"]
 
 
+def test_the_student_refuses_float_images_out_of_0_1_as_the_teachers_do():
+    """Called from Python with float images of 0..255, it gave the predictions of a white image without a word."""
+    student = build()[3].eval()
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got values in \[0, 255\]"):
+        student(images.float())
+    with torch.no_grad():
+        torch.testing.assert_close(student(images).tasks["semseg"], student(images.float() / 255).tasks["semseg"])
+
+
 @pytest.mark.parametrize("model", ["vit_small_patch16_224", "vit_base_patch16_siglip_224"])
 def test_gradients_reach_every_student_part_and_no_teacher(model):
     """Also for a ViT with an attention-pooling head (SigLIP's `global_pool="map"`), which the stem drops: its

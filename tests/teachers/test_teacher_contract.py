@@ -147,3 +147,21 @@ def test_a_misspelt_normalization_through_the_python_api_is_an_error():
     """A recipe refuses it; TeacherSpec(normalization="ImageNet") silently meant "own"."""
     with pytest.raises(ValueError, match="teacher normalization 'ImageNet': expected 'own' or 'imagenet'"):
         TeacherSpec(normalization="ImageNet")
+
+
+@pytest.mark.parametrize("case", ["dinov2", "clip-open_clip", "sam-segment_anything"])
+def test_float_images_out_of_0_1_are_refused_not_encoded_as_white_or_grey(case):
+    """Float images of 0..255, or already mean/std normalised, used to give the features of a saturated image
+    (the resize clamps to [0, 1]) without a word; uint8 and float in [0, 1] give the same features."""
+    import torch
+
+    name, options = TINY[case]
+    teacher = create_teacher(name, **options)
+    images = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got values in \[0, 255\]: divide .*255"):
+        teacher.encode(images.float())
+    normalised = (images.float() / 255 - 0.45) / 0.225
+    with pytest.raises(ValueError, match=r"got values in \[-2, 2.44\]: pass them before mean/std \(or pass uint8\)"):
+        teacher.encode(normalised)
+    for a, b in zip(teacher.encode(images).levels, teacher.encode(images.float() / 255).levels, strict=True):
+        torch.testing.assert_close(a, b)
