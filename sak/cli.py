@@ -311,7 +311,7 @@ def _add_inference_commands(sub) -> None:
     p = sub.add_parser("export", help="save a run's student for inference (no teachers, no aligners)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--from", dest="source", default=None, help="run directory, checkpoint or .safetensors")
+    p.add_argument("--from", dest="source", default=None, help="run directory, checkpoint, .safetensors or export")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 

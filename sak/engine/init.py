@@ -8,14 +8,16 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from ..losses.normalize import TargetNormalizers
+from ..teachers.weights import first_misfit
 from .checkpoint import latest_checkpoint
 
 NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
 
 
 def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path:
-    """A checkpoint directory, a run directory (its latest checkpoint) or a .safetensors file; `what` names
-    the setting or flag that gave `path` in the error."""
+    """A checkpoint directory, a run directory (its latest checkpoint), a .safetensors file, or (not for
+    `checkpoint.init_from`) an export directory; `what` names the setting or flag that gave `path` in the error."""
     if path.is_file():
         return path
     if (path / "model.safetensors").is_file():
@@ -23,7 +25,9 @@ def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest / "model.safetensors"
-    if (path / "student.yaml").is_file() and what == "checkpoint.init_from":
+    if (path / "student.yaml").is_file() and what != "checkpoint.init_from":
+        return path / "student.safetensors"  # an export (sak export) exported again, with its weights as they are
+    if (path / "student.yaml").is_file():
         raise ValueError(
             f"{what}: {str(path)!r} is an export (sak export), which keeps no distillation-only aligners to train "
             "on with; give the run or checkpoint directory it was exported from"
@@ -91,3 +95,43 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
                "directory it was exported from" if exported else "")
         )  # fmt: skip
     return result.missing_keys
+
+
+def init_normalizers_from(normalizers: TargetNormalizers | None, path: Path) -> str | None:
+    """Start the target statistics (`loss.normalize`) from those saved beside `checkpoint.init_from`'s weights.
+
+    The aligners learnt to predict targets normalised by that run's map; statistics estimated afresh gave
+    them, from stage 2's first step, targets in another basis (for phi_s, eigenvectors of other signs). The
+    statistics go on gathering on this run's schedule. Returns what the run's log should say, or None."""
+    file = student_weights_file(path).parent / "target_normalizers.safetensors"
+    if normalizers is None:
+        return None if not file.is_file() else (
+            f"[sak] warning: checkpoint.init_from {str(path)!r} trained on normalised targets ({file.name}) and this "
+            "recipe has loss.normalize none: its aligners start on the teachers' raw features"
+        )  # fmt: skip
+    if not file.is_file():
+        return (
+            f"[sak] checkpoint.init_from {str(path)!r} holds no target statistics (its run had loss.normalize none): "
+            "they are gathered afresh"
+        )
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
+        raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    before = {k: v.clone() for k, v in normalizers.state_dict().items()}
+    try:
+        normalizers.load_state_dict(state)
+    except RuntimeError as exc:  # other teachers' levels or widths, or another loss.normalize mode
+        normalizers.load_state_dict(before)  # (it has loaded the tensors that fit, the counts among them)
+        return (
+            f"[sak] warning: the target statistics of checkpoint.init_from {str(file)!r} do not fit this recipe's "
+            f"loss.normalize ({first_misfit(exc)}): they are gathered afresh"
+        )
+    return f"[sak] target statistics from {str(file)!r} (checkpoint.init_from): the normalising maps go on from them"
+
+
+def init_run_from(student: nn.Module, normalizers: TargetNormalizers | None, path: Path) -> str | None:
+    """`checkpoint.init_from` for a new run: the student's weights and the target statistics. Returns the note
+    for the run's log, if any."""
+    init_student_from(student, path)
+    return init_normalizers_from(normalizers, path)

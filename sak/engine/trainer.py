@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import evaluate
-from .init import init_student_from
+from .init import init_run_from
 from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
@@ -202,10 +202,10 @@ def train(recipe: Recipe) -> dict:
     student = build.build_student(recipe, teachers, tasks)
     resume = recipe.checkpoint.resume
     source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
-    if recipe.checkpoint.init_from and source is None:  # (a resumed run's checkpoint holds the weights since)
-        init_student_from(student, Path(recipe.checkpoint.init_from))
     distill_loss = build.build_distill_loss(recipe)
     normalizers = build.build_target_normalizers(recipe, teachers)
+    init = recipe.checkpoint.init_from and source is None  # (a resumed run's checkpoint holds the weights since)
+    init_note = init_run_from(student, normalizers, Path(recipe.checkpoint.init_from)) if init else None
     if normalizers is not None:
         normalizers.to(accelerator.device)
     # the manifest says whether the cache holds augmented views, which the training dataset must match; the
@@ -307,6 +307,8 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
         if changed:
             logger.message(changes_message(source, changed, done))
+    if init_note is not None:
+        logger.message(init_note)
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:

@@ -55,6 +55,14 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "old")]) == 0
     for task in ("semseg", "normals", "saliency", "edges", "parts"):
         assert (tmp_path / "old" / task / "photo.png").read_bytes() == (preds / task / "photo.png").read_bytes()
+    # such an export, exported again from its own folder, gets today's student.yaml and the same weights
+    again = tmp_path / "again"
+    recipe_args = [str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}"]
+    assert main(["export", *recipe_args, "--from", str(out), "--out", str(again)]) == 0
+    assert yaml.safe_load((again / "student.yaml").read_text())["canvas"] == [64, 64]
+    assert load_file(str(again / "student.safetensors")).keys() == exported.keys()
+    for key, value in load_file(str(again / "student.safetensors")).items():
+        assert torch.equal(value, exported[key]), key
     # two inputs with one file name would overwrite each other's outputs: refused before anything is written
     (tmp_path / "b").mkdir()
     twin = tmp_path / "b" / "photo.png"

@@ -86,6 +86,39 @@ def test_training_with_phi_s_resumes_exactly(tiny_recipe):
     assert (split.run_dir / "checkpoints" / "step_00000006" / "target_normalizers.safetensors").is_file()
 
 
+def test_a_stage_2_run_starts_from_its_init_from_runs_target_statistics(tiny_recipe, capsys):
+    """Its aligners learnt to predict targets under stage 1's map: stage 2 used to gather the statistics afresh,
+    so its first steps' targets were in another basis. A source of another mode, or without statistics, is
+    said and gathered afresh."""
+    from safetensors.torch import load_file
+
+    from sak.engine.checkpoint import latest_checkpoint
+
+    common = ["schedule.max_steps=3", "teachers.1.options.model_kwargs.embed_dim=48"]
+    stage1 = tiny_recipe(*common, "run.name=s1", "loss.normalize=phi_s")
+    train(stage1)
+
+    def counts(r):
+        state = load_file(str(latest_checkpoint(r.run_dir / "checkpoints") / "target_normalizers.safetensors"))
+        return {k: v.item() for k, v in state.items() if k.endswith(".count")}
+
+    capsys.readouterr()
+    stage2 = tiny_recipe(*common, "run.name=s2", "loss.normalize=phi_s", f"checkpoint.init_from={stage1.run_dir}")
+    train(stage2)
+    assert (
+        "target_normalizers.safetensors' (checkpoint.init_from): the normalising maps go on" in capsys.readouterr().out
+    )
+    assert counts(stage2) == {k: 2 * v for k, v in counts(stage1).items()}  # stage 1's 3 steps, then its own 3
+
+    other = tiny_recipe(*common, "run.name=s3", "loss.normalize=standardize", f"checkpoint.init_from={stage1.run_dir}")
+    train(other)
+    assert "do not fit this recipe's loss.normalize (size mismatch for norms.vit_a.0.sum_sq" in capsys.readouterr().out
+    assert counts(other) == counts(stage1)  # 3 steps of its own only
+    train(none := tiny_recipe(*common, "run.name=s4", "loss.normalize=none"))
+    train(tiny_recipe(*common, "run.name=s5", "loss.normalize=phi_s", f"checkpoint.init_from={none.run_dir}"))
+    assert "holds no target statistics (its run had loss.normalize none): they are gathered" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 @pytest.mark.parametrize("eps", [1e-6, 0.0])
 def test_new_normaliser_holds_the_map_refresh_builds_from_empty_statistics(mode, eps):
