@@ -54,6 +54,11 @@ class SakDataset(Dataset):
     # the revision of the training augmentation's arithmetic, where one changed the pixels it gives: an
     # augmented teacher-feature cache records it, and one built with another revision is refused
     augmentation: ClassVar[str | None] = None
+    # data.options that shape only the training augmentation's samples, and those that shape only the
+    # un-augmented (evaluation) ones: a teacher-feature cache of the one leaves the other's out of its identity,
+    # so that changing them does not refuse it as stale
+    train_only_options: ClassVar[tuple[str, ...]] = ()
+    eval_only_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -140,6 +140,8 @@ class UnlabelledImages(SakDataset):
     """Shared crop / flip / bad-file handling; subclasses list `self.ids` and implement `read(index)`."""
 
     supported_tasks = ()
+    train_only_options = ("scale", "ratio", "flip")
+    eval_only_options = ("eval_crop",)
 
     @dataclass
     class Options:

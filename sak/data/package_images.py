@@ -60,6 +60,7 @@ def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int) 
 @DATASETS.register("package_images")
 class PackageImages(SakDataset):
     supported_tasks = ()
+    train_only_options = ("min_scale",)
 
     @dataclass
     class Options:

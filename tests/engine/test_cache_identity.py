@@ -78,7 +78,9 @@ def test_a_cache_of_an_older_sak_with_default_options_written_out_can_be_built_o
     this build gives None". It builds on under the cache's own identity, which its shards' stamps hold."""
     identity_module = sys.modules["sak.engine.cache.identity"]  # (the package's `identity` is the function)
 
-    monkeypatch.setattr(identity_module, "data_options", lambda name, options: options)  # as sak before 2026-11-28
+    monkeypatch.setattr(
+        identity_module, "data_options", lambda name, options, augment=None: options
+    )  # as sak before 11-28
     root = build_cache(tiny_recipe("data.options.length=4", "data.options.classes=5"), tmp_path / "c", shard_size=2)
     monkeypatch.undo()
     before = json.loads((root / "manifest.json").read_text())
@@ -261,3 +263,30 @@ def test_teachers_compiled_or_channels_last_are_in_the_identity(tiny_recipe):
     tuned = ident("precision.compile_teachers=true", "precision.compile_mode=max-autotune")
     assert tuned["compile_mode"] == "max-autotune"
     assert "compile_mode" not in ident("precision.compile_student=true", "precision.compile_mode=max-autotune")
+
+
+def test_options_of_the_path_a_cache_does_not_hold_do_not_make_it_stale(tiny_recipe, tmp_path):
+    """An augmented cache holds training crops, which `eval_size` (or `verify`) does not change; one of
+    un-augmented images holds the evaluation samples, which crop_size, flip and the rest do not change. Both used
+    to be refused as stale for them, a manifest of an older sak, which recorded them, too."""
+    data = write_pascal_context(tmp_path / "PASCAL_MT", n_train=2, n_val=1, size=(48, 64))
+    common = pascal_semseg(data)
+    plain = build_cache(tiny_recipe(*common), tmp_path / "plain", shard_size=4)
+    augmented = build_cache(tiny_recipe(*common), tmp_path / "aug", shard_size=4, augment=True)
+    crop, flip, canvas = "data.options.crop_size=[32, 32]", "data.options.flip=false", "data.options.eval_size=[64, 80]"
+
+    def open_with(root, *overrides):
+        recipe = tiny_recipe(*common, *overrides, f"cache.path={root}")
+        set_seed(recipe.run.seed)
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+
+    open_with(plain, crop, flip, "data.options.photometric=false", "data.options.verify=true")
+    with pytest.raises(CacheError, match=r"data\.options\.eval_size: cache has None, recipe gives \[64, 80\]"):
+        open_with(plain, canvas)
+    open_with(augmented, canvas, "data.options.verify=true")
+    with pytest.raises(CacheError, match=r"data\.options\.crop_size: cache has None, recipe gives \[32, 32\]"):
+        open_with(augmented, crop)
+    manifest = json.loads((augmented / "manifest.json").read_text())
+    manifest["identity"]["data"]["options"] = {"eval_size": [64, 80], "verify": True}
+    (augmented / "manifest.json").write_text(json.dumps(manifest))
+    open_with(augmented)

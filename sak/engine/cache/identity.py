@@ -48,18 +48,22 @@ def _json(value):
 
 
 def as_now(identity: dict) -> dict:
-    """A recorded identity as this sak writes it: `data.options` at their defaults left out (`data_options`),
-    where an older sak wrote them as given."""
+    """A recorded identity as this sak writes it: `data.options` at their defaults, and those of the other path
+    than the cache's, left out (`data_options`), where an older sak wrote them as given."""
     data = identity.get("data")
     if isinstance(data, dict) and "options" in data:
-        return {**identity, "data": {**data, "options": _json(data_options(data.get("name"), data["options"]))}}
+        options = data_options(data.get("name"), data["options"], identity.get("augment"))
+        return {**identity, "data": {**data, "options": _json(options)}}
     return identity
 
 
-def data_options(name: str, options: dict | None) -> dict | None:
+def data_options(name: str, options: dict | None, augment: bool | None = None) -> dict | None:
     """`data.options` as a cache records them: the options whose values differ from the dataset's defaults, so
     that writing out a default (`classes: 5`) or leaving it out names the same cache. The values left are as
     written, which keeps the identities of caches built before 2026-11-28 (they stored the options as written).
+    With `augment` given, those that shape only the other path's samples are left out too (the dataset's
+    `eval_only_options` for an augmented cache, `train_only_options` for one of un-augmented images): a cache
+    was refused as stale for another `eval_size`, which its training samples never see.
     As given for a dataset that is not registered, or whose options do not build."""
     from ...config import build_options
     from ...registry import DATASETS
@@ -67,9 +71,13 @@ def data_options(name: str, options: dict | None) -> dict | None:
     if not options:
         return options
     try:
-        built = build_options(DATASETS.get(name), options, where="data")
+        cls = DATASETS.get(name)
+        built = build_options(cls, options, where="data")
     except Exception:  # (the recipe check reports it; an old manifest's options are compared as they are)
         return options
+    if augment is not None:
+        other = getattr(cls, "eval_only_options" if augment else "train_only_options", ())
+        options = {k: v for k, v in options.items() if k not in other}
     if not dataclasses.is_dataclass(built):
         return options
     fields = {f.name: f for f in dataclasses.fields(built)}
@@ -129,7 +137,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "root": d.root,
         "split": d.split,
         "image_size": d.image_size,
-        "options": data_options(d.name, d.options),
+        "options": data_options(d.name, d.options, augment),
         "subset": d.subset,
         "seed": recipe.run.seed,
         "samples": len(dataset),
