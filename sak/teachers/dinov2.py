@@ -33,7 +33,6 @@ Summary: the class token after the final norm (Meta's `x_norm_clstoken`, transfo
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,12 +167,13 @@ def meta_hub_file(meta_name: str, what: str) -> Path:
             f"{what}: Meta's checkpoint is not in the torch.hub cache ({path}) and HF_HUB_OFFLINE=1; {todo}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = path.with_suffix(".partial")
     try:
-        torch.hub.download_url_to_file(url, str(partial_path), progress=True)
+        # straight to `path`: torch writes a file of its own (a random name) and renames it into place when whole.
+        # Through a fixed ".partial" name, the processes of a launch downloading at once wrote one file and the
+        # second to rename it found it gone (FileNotFoundError)
+        torch.hub.download_url_to_file(url, str(path), progress=True)
     except OSError as exc:  # URLError / HTTPError / no disk space
         raise WeightsError(f"{what}: could not download {url} to {path}: {exc}. Offline, {todo}") from exc
-    os.replace(partial_path, path)
     return path
 
 

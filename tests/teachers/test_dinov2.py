@@ -279,6 +279,36 @@ def test_meta_hub_tag_reads_torch_hubs_cache_and_says_what_to_do_offline(checkpo
     assert_levels(teacher(x), *hf_levels(model, x), atol=1e-4)
 
 
+def test_two_processes_downloading_metas_checkpoint_at_once_both_get_it(checkpoints, tmp_path, monkeypatch):
+    """The processes of a launch download together: through one fixed ".partial" name, the second to rename it
+    into place found it gone (FileNotFoundError). A file:// URL stands in for Meta's server; the other process
+    finishes its download while this one's is on its way."""
+    from huggingface_hub import constants
+
+    import sak.teachers.dinov2 as dinov2
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # (the tests run offline; the URL is a local file)
+    model, root = checkpoints["plain"]
+    server = tmp_path / "server" / "dinov2_vitb14"
+    server.mkdir(parents=True)
+    server.joinpath("dinov2_vitb14_pretrain.pth").write_bytes(open(meta_file(root), "rb").read())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(dinov2, "META_URL", (tmp_path / "server").as_uri())
+    download, calls, others = torch.hub.download_url_to_file, [], []
+
+    def with_another_process(url, dst, *args, **kwargs):
+        download(url, dst, *args, **kwargs)
+        calls.append(dst)
+        if len(calls) == 1:  # (the other process's own download starts no third)
+            others.append(dinov2.meta_hub_file("dinov2_vitb14", "other process"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", with_another_process)
+    path = dinov2.meta_hub_file("dinov2_vitb14", "dinov2 teacher")
+    assert path == others[0] == tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth"
+    assert path.read_bytes() == server.joinpath("dinov2_vitb14_pretrain.pth").read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no partial file left behind
+
+
 def test_hub_ids_offline_say_where_they_looked_and_how_to_pass_a_local_copy(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
