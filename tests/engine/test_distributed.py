@@ -134,6 +134,7 @@ def test_two_processes_build_the_cache_one_process_builds(tmp_path, tiny_recipe)
                             "--views", "2", "--augment", module="sak.cli")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("teacher-feature cache ready") == 1  # said by the main process only
+    assert "cache shards (process 0's 4 of 8)" in two.stderr  # its bar counts its own shards, and says so
     one = build_cache(tiny_recipe(*common), tmp_path / "one", views=2, augment=True, shard_size=3)
     names = sorted(p.relative_to(one).as_posix() for p in one.rglob("*.safetensors"))
     assert len(names) == 8 and names == sorted(p.relative_to(tmp_path / "two").as_posix()

@@ -240,7 +240,9 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     # finished by an earlier (interrupted) build of the same cache (checked above)
     todo = [(view, shard) for view, shard in mine if not plan.path(view, shard).exists()]
     loader = _view_loader(dataset, todo, plan, batch_size, recipe.data.num_workers)
-    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="cache shards",
+    # the main process's bar counts its own shards, and says so: with N processes it is 1/N of the cache
+    share = f" (process 0's {len(mine)} of {len(plan.shards())})" if state.num_processes > 1 else ""
+    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"cache shards{share}",
                     disable=not state.is_main_process)  # fmt: skip
     _write_shards(loader, teachers, recipe, dtype, plan, stamp, state.device, progress)
     progress.close()
