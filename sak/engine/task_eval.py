@@ -296,7 +296,11 @@ def evaluate_student(
                 target = dataset.eval_target(batch["id"][b], name, unpad(batch[name][b], size).cpu())
                 scorer.add(name, index, decode(name, array), target)
     scorer.gather(accelerator)
-    scores = scorer.compute()
+    with warnings.catch_warnings():
+        if not accelerator.is_main_process:  # every process computes the same gathered scores; one warns
+            warnings.simplefilter("ignore", RuntimeWarning)
+        scores = scorer.compute()
+        summary = summarize(scorer, scores, reference)
     return {
         "dataset": recipe.data.name,
         "split": split,
@@ -305,7 +309,7 @@ def evaluate_student(
         "world_size": accelerator.num_processes,
         "params": sum(p.numel() for p in model.parameters()),
         "tasks": scores,
-        **summarize(scorer, scores, reference),
+        **summary,
     }
 
 

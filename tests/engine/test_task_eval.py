@@ -354,6 +354,31 @@ def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
     assert two["tasks"] == evaluated[0]["tasks"]
 
 
+def test_two_processes_warn_once_about_a_task_with_nothing_to_score(trained, tmp_path):
+    """Every process computes the gathered scores, so a task with nothing scored (parts on images without
+    people) printed its metric's warning and delta_m's once per process; the main process alone warns."""
+    recipe_file, run_dir, root = trained
+    copy = shutil.copytree(root, tmp_path / "PASCAL_MT")
+    ids = (copy / "ImageSets" / "Context" / "val.txt").read_text().split()
+    nobody = [ids[1], ids[4]]  # the fixture's images 1, 4, ... of a split hold no person
+    (copy / "ImageSets" / "Context" / "nobody.txt").write_text("\n".join(nobody) + "\n")
+    parts = json.loads((copy / "ImageSets" / "Parts" / "val.txt").read_text())
+    (copy / "ImageSets" / "Parts" / "nobody.txt").write_text(json.dumps({i: parts[i] for i in nobody}))
+    out = tmp_path / "nobody.json"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "sak.cli", "eval", str(recipe_file), f"data.root={copy}",
+        "--split", "nobody", "--checkpoint", str(run_dir), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 2 and result["headline"]["parts"] is None and "parts" not in result["delta_m_tasks"]
+    assert proc.stderr.count("RuntimeWarning: delta_m leaves out ['parts']: nothing was scored") == 1, proc.stderr
+    assert proc.stderr.count("no labelled pixel was scored") == 1, proc.stderr
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
