@@ -316,16 +316,37 @@ def evaluate_student(
 # ---------------------------------------------------------------------------------------------
 # a folder of saved predictions
 # ---------------------------------------------------------------------------------------------
+# the task names of the MTI-Net / ATRC / InvPT code that SAK's evaluation descends from, whose prediction
+# folders are named after them; the file formats are the ones read here
+REFERENCE_CODE_NAMES = {"sal": "saliency", "edge": "edges", "human_parts": "parts"}
+
+
+def _renaming(names: list[str]) -> str:
+    hints = [f"{n} -> {REFERENCE_CODE_NAMES[n]}" for n in names if n in REFERENCE_CODE_NAMES]
+    return f" (the reference code's names: rename {', '.join(hints)})" if hints else ""
+
+
 def prediction_tasks(dataset: str, preds_dir: Path, tasks: list[str] | None) -> list[str]:
     supported = DATASET_TASKS[dataset]
     if tasks:
         unknown = [t for t in tasks if t not in supported]
         if unknown:
-            raise EvalError(f"{dataset} has no task(s) {unknown}; it has {list(supported)}")
+            raise EvalError(f"{dataset} has no task(s) {unknown}; it has {list(supported)}{_renaming(unknown)}")
         return list(tasks)
     found = [t for t in supported if (preds_dir / t).is_dir()]
+    others = sorted(p.name for p in preds_dir.iterdir() if p.is_dir() and p.name not in supported)
     if not found:
-        raise PredictionError(f"{preds_dir}: no prediction folder of any {dataset} task ({', '.join(supported)})")
+        listing = f"; it has {', '.join(others)}{_renaming(others)}" if others else ""
+        raise PredictionError(
+            f"{preds_dir}: no prediction folder of any {dataset} task ({', '.join(supported)}){listing}"
+        )
+    if others:  # e.g. `sal/` beside `semseg/`: saliency would silently go unscored
+        warnings.warn(
+            f"{preds_dir}: left out the folder(s) {', '.join(others)}, which name no {dataset} task "
+            f"({', '.join(supported)}){_renaming(others)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return found
 
 

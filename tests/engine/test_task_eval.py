@@ -247,6 +247,32 @@ def test_eval_preds_names_a_missing_or_wrong_size_file(problem, evaluated, train
     assert ("not found" if problem == "missing" else "prediction is 3x3, the ground truth is") in err
 
 
+def test_eval_preds_names_the_folders_it_leaves_out_with_the_reference_codes_names(
+    evaluated, trained, tmp_path, capsys
+):
+    """Folders named as in the MTI-Net / InvPT lineage (`sal`, `edge`, `human_parts`) went unscored in silence."""
+    _, preds = evaluated
+    _, _, root = trained
+    copy = shutil.copytree(preds, tmp_path / "preds")
+    (copy / "saliency").rename(copy / "sal")
+    (copy / "edges").rename(copy / "edge")
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(copy)]
+    out = tmp_path / "r.json"
+    with pytest.warns(RuntimeWarning, match=r"left out the folder\(s\) edge, sal, which name no pascal_context task"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["tasks"]) == {"semseg", "parts", "normals"}
+    capsys.readouterr()
+    assert main([*args, "--tasks", "sal"]) == 2
+    assert "rename sal -> saliency" in capsys.readouterr().err
+    for task in ("semseg", "parts", "normals"):
+        shutil.rmtree(copy / task)
+    assert main(args) == 2
+    assert (
+        "it has edge, sal (the reference code's names: rename edge -> edges, sal -> saliency)"
+        in capsys.readouterr().err
+    )
+
+
 def test_an_exported_student_scores_as_its_checkpoint(trained, evaluated, tmp_path):
     recipe_file, run_dir, _ = trained
     export = tmp_path / "export"
