@@ -209,11 +209,12 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
                 "separate --out folders"
             )
     written = []
-    for file in map(Path, images):
+    for done, file in enumerate(map(Path, images)):
         try:
             rgb = decode_rgb(file)  # the training data's decoding: EXIF orientation, 16-bit, transparency
-        except DataError as exc:
-            raise ValueError(f"cannot read image: {exc}") from exc
+        except DataError as exc:  # (decoding every image first would hold them all, or decode each twice)
+            before = f"; the {done} image(s) before it were predicted into {out}/" if done else "; nothing was written"
+            raise ValueError(f"cannot read image: {exc}{before}") from exc
         size = rgb.shape[:2]
         fit, scale = fit_within(size, canvas)
         if fit != size:

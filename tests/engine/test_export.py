@@ -16,7 +16,7 @@ from sak.engine.init import student_weights_file
 from ..conftest import TESTS
 
 
-def test_export_then_predict(tiny_recipe, tmp_path):
+def test_export_then_predict(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe("schedule.max_steps=2", "student.aligner=always", path=TESTS / "tiny_multitask.yaml")
     train(recipe)
     out = tmp_path / "export"
@@ -73,6 +73,12 @@ def test_export_then_predict(tiny_recipe, tmp_path):
     # a missing file among the inputs: nothing written (the photographs before it were predicted, then it failed)
     assert main(["predict", str(out), str(photo), str(tmp_path / "gone.png"), "--out", str(other)]) == 2
     assert not other.exists()
+    # an unreadable one: the error says which, and what was written before it
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(out), str(photo), str(tmp_path / "broken.png"), "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'broken.png'}" in err and f"the 1 image(s) before it were predicted into {other}/" in err
+    assert (other / "semseg" / "photo.png").is_file()
 
 
 def test_a_plugin_dataset_not_derived_from_sak_dataset_exports_with_the_square_training_size(tiny_recipe):
