@@ -125,24 +125,24 @@ def select(args: argparse.Namespace) -> int:
         ids = [pool[i]["id"] for i in range(len(pool))]
     state = PartialState(cpu=not torch.cuda.is_available())
     extracted = time.perf_counter()
-    if state.is_main_process:
-        chosen = select_indices(args.method, budget, len(pool), features, args.seed, args.distance, state.device)
-        sampled = time.perf_counter()
-        overrides = "".join(f" --set {o}" for o in args.sets)  # they choose the pool's split and images
-        header = [
-            f"sak select --pool {args.pool}{overrides} --method {args.method} --budget {args.budget} "
-            f"({budget} of {len(pool)})",
-            f"teacher={args.teacher} weights={args.weights} options={args.option} image_size={args.image_size} "
-            f"dtype={args.dtype} filter={used} block={'default' if args.block is None else args.block} "
-            f"k={args.k} keep={args.keep} distance={args.distance} seed={args.seed}",
-        ]
-        write_manifest(args.out, [ids[i] for i in chosen], header)
-        print(
-            f"sak select: {budget} of {len(pool)} images ({args.method}, filter {used}) -> {args.out} "
-            f"on {state.num_processes} process(es) [features {extracted - start:.1f} s, "
-            f"sampling {sampled - extracted:.2f} s]"
-        )
-    state.wait_for_everyone()
+    if not state.is_main_process:  # the features are gathered; the other processes are done. They do not wait
+        return 0  # at a barrier for the sampling, which past a large pool outlasts NCCL's 10-minute timeout
+    chosen = select_indices(args.method, budget, len(pool), features, args.seed, args.distance, state.device)
+    sampled = time.perf_counter()
+    overrides = "".join(f" --set {o}" for o in args.sets)  # they choose the pool's split and images
+    header = [
+        f"sak select --pool {args.pool}{overrides} --method {args.method} --budget {args.budget} "
+        f"({budget} of {len(pool)})",
+        f"teacher={args.teacher} weights={args.weights} options={args.option} image_size={args.image_size} "
+        f"dtype={args.dtype} filter={used} block={'default' if args.block is None else args.block} "
+        f"k={args.k} keep={args.keep} distance={args.distance} seed={args.seed}",
+    ]
+    write_manifest(args.out, [ids[i] for i in chosen], header)
+    print(
+        f"sak select: {budget} of {len(pool)} images ({args.method}, filter {used}) -> {args.out} "
+        f"on {state.num_processes} process(es) [features {extracted - start:.1f} s, "
+        f"sampling {sampled - extracted:.2f} s]"
+    )
     return 0
 
 
