@@ -346,6 +346,20 @@ def test_a_task_the_dataset_has_no_targets_for_is_a_recipe_error():
         )
 
 
+def test_a_class_count_the_dataset_does_not_have_is_a_recipe_error():
+    """A NYUD recipe whose semseg head kept the default 21 channels (NYUD has 40 classes) passed the check and
+    failed at the first step with `IndexError: Target 39 is out of bounds` (a device-side assert on CUDA)."""
+    nyud = ["data.name=nyud", "data.options={}"]
+    with pytest.raises(RecipeError, match=r"tasks\[0\] \(semseg\): the head would predict 21 channels \(the default\), "
+                                          r"but nyud has 40 classes; set channels: 40$"):  # fmt: skip
+        load_recipe(TINY_MULTITASK, [*nyud, "tasks=[{name: semseg}, {name: depth}]"])
+    pascal = ["data.name=pascal_context", "data.options={}", "tasks=[{name: semseg}, {name: parts, channels: 8}]"]
+    with pytest.raises(RecipeError, match=r"tasks\[1\] \(parts\): the head would predict 8 channels, but pascal_con"):
+        load_recipe(TINY_MULTITASK, pascal)
+    assert load_recipe(TINY_MULTITASK, [*nyud, "tasks=[{name: semseg, channels: 40}]"]).tasks[0].channels == 40
+    assert load_recipe(TINY_MULTITASK).tasks[0].channels == 5  # a dataset that fixes no class count: any
+
+
 def test_an_adapter_for_a_student_without_adapter_paths_is_an_error(monkeypatch):
     from sak.registry import ADAPTERS
 

@@ -255,14 +255,14 @@ def _check_names(recipe: Recipe) -> None:
             raise RecipeError(f"teachers[{i}].key: {t.id!r} names the teacher's outputs and adapter path; give a "
                               f"non-empty name without '.' or '/', e.g. {better!r}")  # fmt: skip
         seen.add(t.id)
-    names = set()
+    names, heads = set(), []
     for i, task in enumerate(recipe.tasks):
         cls = _check_registered(TASKS, task.name, f"tasks[{i}].name")
         if task.name in names:
             raise RecipeError(f"tasks[{i}]: the task {task.name!r} is listed twice; give each task once")
         names.add(task.name)
         try:
-            cls(channels=task.channels, weight=task.weight)
+            heads.append(cls(channels=task.channels, weight=task.weight))
         except ValueError as exc:
             raise RecipeError(f"tasks[{i}] ({task.name}): {exc}") from None
     dataset = _check_registered(DATASETS, recipe.data.name, "data.name")
@@ -274,6 +274,15 @@ def _check_names(recipe: Recipe) -> None:
             raise RecipeError(
                 f"tasks: data.name {recipe.data.name!r} has no targets for {missing}; it has "
                 f"{list(supported) or 'none (images only: a stage-1 dataset)'}"
+            )
+    classes = getattr(dataset, "task_classes", None)
+    for i, (task, head) in enumerate(zip(recipe.tasks, heads, strict=True)):
+        count = classes.get(task.name) if isinstance(classes, dict) else None
+        if count is not None and head.channels != count:  # a class index past the head: an IndexError (CUDA:
+            raise RecipeError(  # a device-side assert) at the first step, or channels never trained
+                f"tasks[{i}] ({task.name}): the head would predict {head.channels} channels"
+                f"{'' if task.channels is not None else ' (the default)'}, but {recipe.data.name} has {count} "
+                f"classes; set channels: {count}"
             )
     loss = _check_registered(LOSSES, recipe.loss.distill, "loss.distill")
     recipe.loss.options = _check_keywords(loss, recipe.loss.options, "loss.options")

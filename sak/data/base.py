@@ -51,6 +51,9 @@ class SakDataset(Dataset):
 
     options_type: ClassVar[type] = Options
     supported_tasks: ClassVar[tuple[str, ...]] = ()
+    # the classes of its classification targets, {task: count} (background included): a recipe's head for
+    # such a task must predict that many channels (checked when the recipe is read); {} = not fixed
+    task_classes: ClassVar[dict[str, int]] = {}
     # the revision of the training augmentation's arithmetic, where one changed the pixels it gives: an
     # augmented teacher-feature cache records it, and one built with another revision is refused
     augmentation: ClassVar[str | None] = None

@@ -65,6 +65,7 @@ class NYUD(MultiTaskDataset):
     """NYUD-v2 multi-task (semseg 40, normals, edges, depth); eval canvas 448x576."""
 
     supported_tasks = ("semseg", "normals", "edges", "depth")
+    task_classes = {"semseg": len(NYU40_CLASSES)}
     eval_size_default = (448, 576)
 
     @dataclass

@@ -359,6 +359,7 @@ class PascalContext(MultiTaskDataset):
     """PASCAL-Context multi-task (semseg 21, parts 7, saliency, normals, edges); eval canvas 512x512."""
 
     supported_tasks = ("semseg", "parts", "saliency", "normals", "edges")
+    task_classes = {"semseg": len(VOC_CLASSES), "parts": len(HUMAN_PARTS)}
     eval_size_default = (512, 512)
 
     @dataclass

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe, RecipeError
 from ..data import DatasetSpec, build_dataset
-from ..data.nyud import NYU40_CLASSES
-from ..data.pascal_context import HUMAN_PARTS, VOC_CLASSES
+from ..data.nyud import NYUD
+from ..data.pascal_context import PascalContext
 from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
@@ -42,9 +42,9 @@ DATASET_TASKS = {
     "nyud": ("semseg", "depth", "normals", "edges"),
 }
 NUM_CLASSES = {
-    ("pascal_context", "semseg"): len(VOC_CLASSES),
-    ("pascal_context", "parts"): len(HUMAN_PARTS),
-    ("nyud", "semseg"): len(NYU40_CLASSES),
+    (name, task): count
+    for name, dataset in (("pascal_context", PascalContext), ("nyud", NYUD))
+    for task, count in dataset.task_classes.items()
 }
 
 
