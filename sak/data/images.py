@@ -281,6 +281,10 @@ class ImageTar(UnlabelledImages):
     `index_cache`); each item is one positioned read, so nothing is unpacked or held in memory. Ids are
     "<shard stem>/<member path without extension>"."""
 
+    # where the member indexes are kept changes no sample
+    train_only_options = (*UnlabelledImages.train_only_options, "index_cache")
+    eval_only_options = (*UnlabelledImages.eval_only_options, "index_cache")
+
     @dataclass
     class Options(UnlabelledImages.Options):
         shards: str = "{split}*.tar"

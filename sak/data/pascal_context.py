@@ -192,8 +192,9 @@ class MultiTaskDataset(SakDataset):
     (training) or centred padding to `eval_size` (evaluation, with the original "size")."""
 
     eval_size_default: tuple[int, int] = (512, 512)
-    train_only_options = ("crop_size", "scale_range", "cat_max_ratio", "flip", "photometric", "verify")
-    eval_only_options = ("eval_size", "verify")  # (verify reads every sample once: it changes none)
+    # (verify reads every sample once: it changes none; skip_bad drops samples, which changes the ids: checked)
+    train_only_options = ("crop_size", "scale_range", "cat_max_ratio", "flip", "photometric", "verify", "skip_bad")
+    eval_only_options = ("eval_size", "verify", "skip_bad")
     augmentation = "dense-2"  # 2: float64 rescaling, HSV truncated as OpenCV's and always taken (sak 0.1, 2026-11)
 
     @dataclass

@@ -21,6 +21,7 @@ from sak.engine.cache import (
     identity,
     training_dataset,
 )
+from sak.engine.cache.identity import data_options
 from sak.engine.trainer import open_cache
 
 from .test_cache import pascal_semseg
@@ -281,6 +282,12 @@ def test_options_of_the_path_a_cache_does_not_hold_do_not_make_it_stale(tiny_rec
         open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 
     open_with(plain, crop, flip, "data.options.photometric=false", "data.options.verify=true")
+    # nor do options that change no sample (a sample skip_bad drops changes the ids, which are checked), nor
+    # another spelling of the same data.root
+    open_with(plain, "data.options.skip_bad=true", f"data.root={data}/", f"data.root={data}/./")
+    open_with(augmented, "data.options.skip_bad=true", f"data.root={os.path.relpath(data)}")
+    assert data_options("image_tar", {"index_cache": "/x", "shards": "a*.tar"}, augment=True) == {"shards": "a*.tar"}
+    assert data_options("image_tar", {"index_cache": "/x"}, augment=False) == {}
     with pytest.raises(CacheError, match=r"data\.options\.eval_size: cache has None, recipe gives \[64, 80\]"):
         open_with(plain, canvas)
     open_with(augmented, canvas, "data.options.verify=true")
@@ -288,5 +295,6 @@ def test_options_of_the_path_a_cache_does_not_hold_do_not_make_it_stale(tiny_rec
         open_with(augmented, crop)
     manifest = json.loads((augmented / "manifest.json").read_text())
     manifest["identity"]["data"]["options"] = {"eval_size": [64, 80], "verify": True}
+    manifest["identity"]["data"]["root"] = f"{os.path.relpath(data)}/"  # as an older sak stored it: as written
     (augmented / "manifest.json").write_text(json.dumps(manifest))
     open_with(augmented)

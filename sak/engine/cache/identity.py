@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
 import torch
 
@@ -47,13 +48,22 @@ def _json(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def data_path(path: str | None) -> str | None:
+    """`data.root` / `data.subset` as a cache records them: absolute and normalised, so that `imgs`, `./imgs`,
+    `imgs/` and the absolute path from the same directory name the same folder (they were compared as written)."""
+    return os.path.abspath(path) if isinstance(path, str) and path else path
+
+
 def as_now(identity: dict) -> dict:
     """A recorded identity as this sak writes it: `data.options` at their defaults, and those of the other path
-    than the cache's, left out (`data_options`), where an older sak wrote them as given."""
+    than the cache's, left out (`data_options`), where an older sak wrote them as given; `root` and `subset`
+    absolute and normalised (`data_path`), where an older sak wrote them as given."""
     data = identity.get("data")
-    if isinstance(data, dict) and "options" in data:
-        options = data_options(data.get("name"), data["options"], identity.get("augment"))
-        return {**identity, "data": {**data, "options": _json(options)}}
+    if isinstance(data, dict):
+        data = {**data, **{k: data_path(data[k]) for k in ("root", "subset") if k in data}}
+        if "options" in data:
+            data["options"] = _json(data_options(data.get("name"), data["options"], identity.get("augment")))
+        return {**identity, "data": data}
     return identity
 
 
@@ -134,11 +144,11 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
     d = recipe.data
     data = {
         "name": d.name,
-        "root": d.root,
+        "root": data_path(d.root),
         "split": d.split,
         "image_size": d.image_size,
         "options": data_options(d.name, d.options, augment),
-        "subset": d.subset,
+        "subset": data_path(d.subset),
         "seed": recipe.run.seed,
         "samples": len(dataset),
         "ids_sha256": ids_digest(dataset),
