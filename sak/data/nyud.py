@@ -23,7 +23,7 @@ import numpy as np
 from ..registry import DATASETS
 from .base import IGNORE_INDEX
 from .images import DataError, decode_rgb
-from .pascal_context import MultiTaskDataset, check_shape, read_png
+from .pascal_context import MultiTaskDataset, check_shape, read_fraction, read_png
 
 NYU40_CLASSES = (
     "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
@@ -103,7 +103,7 @@ class NYUD(MultiTaskDataset):
             elif task == "edges" and path.suffix == ".npy":
                 raw[task] = load_npy(path, shape, 1)
             elif task == "edges":
-                raw[task] = check_shape(path, read_png(path, 1), shape).astype(np.float32) / 255.0
+                raw[task] = read_fraction(path, shape)
             elif task == "depth":
                 depth = load_npy(path, shape, 1)
                 if (depth < 0).any():

@@ -97,6 +97,20 @@ def read_png(path: Path, channels: int) -> np.ndarray:
     return array
 
 
+def read_fraction(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A grey PNG target (saliency, edges) as float32 in [0, 1]: 8-bit v / 255 (the releases'), 16-bit
+    v / 65535 (it read as up to 257), 1-bit as 0/1 (Pillow gives it as bool, which / 255 read as 0.004). (An
+    8-bit PNG of 0/1 values cannot be told from a faint soft map, and reads as v / 255.)"""
+    array = check_shape(path, read_png(path, 1), shape)
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype in (np.uint16, np.int32) and array.min(initial=0) >= 0 and array.max(initial=0) <= 65535:
+        return array.astype(np.float32) / 65535.0  # (Pillow gives 16-bit grey as I;16 or I)
+    raise DataError(f"{path}: expected an 8-bit (or 1- or 16-bit) grey PNG, got values of type {array.dtype}")
+
+
 def load_mat(path: Path, key: str) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path)
@@ -407,7 +421,7 @@ class PascalContext(MultiTaskDataset):
             elif task == "parts":
                 raw[task] = read_human_parts(path, shape)
             elif task == "saliency":
-                raw[task] = (check_shape(path, read_png(path, 1), shape) / 255.0 > 0.5).astype(np.float32)
+                raw[task] = (read_fraction(path, shape) > 0.5).astype(np.float32)
             elif task == "normals":
                 normals = 2.0 * check_shape(path, read_png(path, 3), shape).astype(np.float32) / 255.0 - 1.0
                 raw[task] = normals * np.isin(label_map, self.valid_normal_classes)[..., None]

@@ -84,6 +84,18 @@ def test_alternative_file_formats_of_other_releases(copy):
     assert (alt["image"].int() - ref["image"].int()).abs().float().mean() < 3  # JPEG, quality 100
 
 
+def test_one_and_sixteen_bit_edge_pngs_read_as_the_eight_bit_ones(copy):
+    """Pillow gives a 1-bit PNG as bool, which / 255 read as 0.004, and a 16-bit one as values up to 65535,
+    which / 255 read as up to 257."""
+    ref = dataset(copy)[0]
+    path = copy / "edge" / f"{ref['id']}.png"
+    edges = np.asarray(Image.open(path)) > 127
+    Image.fromarray(edges).convert("1").save(path)
+    assert Image.open(path).mode == "1" and torch.equal(dataset(copy)[0]["edges"], ref["edges"])
+    Image.fromarray(edges.astype(np.uint16) * 65535).save(path)
+    assert Image.open(path).mode.startswith("I") and torch.equal(dataset(copy)[0]["edges"], ref["edges"])
+
+
 def test_bad_files_are_clear_errors_or_skipped(copy):
     ids = dataset(copy, split="train").ids
     np.save(copy / "depth" / f"{ids[0]}.npy", np.zeros((3, 3), np.float32))

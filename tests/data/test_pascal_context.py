@@ -159,6 +159,16 @@ def test_boundaries_are_scored_against_seism_seg2bmap_not_the_training_target(ro
             assert ds.eval_target(s["id"], task, target) is target
 
 
+def test_a_one_bit_saliency_png_reads_as_the_eight_bit_one(copy):
+    """Pillow gives a 1-bit PNG as bool: / 255 > 0.5 made every saliency map empty."""
+    ref = dataset(copy, "val", tasks=("saliency",))[0]
+    path = copy / "sal_distill" / f"{ref['id']}.png"
+    Image.fromarray(np.asarray(Image.open(path)) > 127).convert("1").save(path)
+    read = dataset(copy, "val", tasks=("saliency",))[0]["saliency"]
+    assert Image.open(path).mode == "1" and unpad(ref["saliency"], ref["size"]).max() == 1
+    assert torch.equal(read, ref["saliency"])
+
+
 def test_subset_manifest_keeps_the_listed_ids_in_order(root, tmp_path):
     ids = dataset(root).ids
     manifest = tmp_path / "subset.txt"
