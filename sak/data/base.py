@@ -16,6 +16,8 @@ index): the same sample gets the same augmentation in any process, worker or res
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..digest import sha256_files
+from ..digest import sha256_files, usable_cpus
 
 IGNORE_INDEX = 255
 
@@ -162,7 +164,28 @@ def subset_rows(ids: list[str], manifest: str | None, spec: DatasetSpec | None =
     return kept, [where[i] for i in kept]
 
 
+_DIGEST_SHARE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("digest_share", default=None)
+
+
+@contextlib.contextmanager
+def digest_share(index: int, count: int):
+    """Within it, `file_digests` hashes only every `count`-th file from the `index`-th and leaves the others'
+    digests "": each of N processes hashes its share, and the engine pools the lists (cache/identity.py)."""
+    token = _DIGEST_SHARE.set((index, count))
+    try:
+        yield
+    finally:
+        _DIGEST_SHARE.reset(token)
+
+
 def file_digests(paths) -> list[tuple[str, str]]:
-    """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests` (hashed on threads)."""
+    """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests` (hashed on threads); within
+    `digest_share(i, N)` only this process's share, the other digests ""."""
     paths = [os.fspath(p) for p in paths]
-    return list(zip(paths, sha256_files(paths), strict=True))
+    share = _DIGEST_SHARE.get()
+    if share is None:
+        return list(zip(paths, sha256_files(paths), strict=True))
+    index, count = share
+    digests = [""] * len(paths)
+    digests[index::count] = sha256_files(paths[index::count], max(1, min(usable_cpus(), 16) // count))
+    return list(zip(paths, digests, strict=True))

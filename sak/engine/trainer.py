@@ -93,7 +93,7 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
     built = cache.manifest["identity"]
     if dataset is None:
         dataset = training_dataset(recipe, built["augment"])
-    digests = content_digests(dataset)
+    digests = content_digests(dataset, shared=True)  # (every process of a launch opens the cache)
     cache.check(identity(recipe, teachers, built["views"], built["augment"], built["dtype"], dataset, digests), digests)
     return cache
 

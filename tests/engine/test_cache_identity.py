@@ -298,3 +298,30 @@ def test_options_of_the_path_a_cache_does_not_hold_do_not_make_it_stale(tiny_rec
     manifest["identity"]["data"]["root"] = f"{os.path.relpath(data)}/"  # as an older sak stored it: as written
     (augmented / "manifest.json").write_text(json.dumps(manifest))
     open_with(augmented)
+
+
+def test_n_processes_hash_every_nth_file_and_pool_the_digests(tmp_path, monkeypatch):
+    """Every process of a launch hashed every image file of the training split at each start (N reads of the
+    data); within `digest_share(i, N)` it hashes its share and the lists pool into the one-process list."""
+    import sak.data.base as base
+    from sak.data.base import digest_share, file_digests
+    from sak.engine.cache.identity import pool_digests
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"f{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * 100)
+    whole = file_digests(paths)
+    hashed: list[str] = []
+    real = base.sha256_files
+    monkeypatch.setattr(base, "sha256_files", lambda files, threads=None: hashed.extend(files) or real(files, threads))
+    shares = []
+    for index in range(2):
+        with digest_share(index, 2):
+            shares.append(file_digests(paths))
+    assert hashed == [str(p) for p in paths[0::2] + paths[1::2]]  # each file once, by one process
+    assert [d for _, d in shares[0]][1::2] == ["", ""] and pool_digests(shares) == whole
+    assert file_digests(paths[:1]) == whole[:1]  # outside the share: every file
+    assert pool_digests([None, None]) is None
+    with pytest.raises(ValueError, match="the processes' datasets list other files"):
+        pool_digests([whole, whole[:4]])

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from sak.engine import train
@@ -36,6 +38,17 @@ def accelerate_launch(
         "--main_process_port", str(free_port()), "-m", module, *args,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def image_folder(root: Path, train: int, val: int = 4) -> list[str]:
+    """`train` + `val` random PNGs under root/{train,val}; the overrides that read them (an image folder, whose
+    files are in a cache's content digest)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / split / f"im{i}.png")
+    return ["data.name=image_folder", f"data.root={root}", "data.options={}"]
 
 
 def rows(path: Path) -> list[dict]:
@@ -128,8 +141,9 @@ def test_the_last_rounds_padding_weighs_in_no_validation_value(tmp_path, tiny_re
 
 def test_two_processes_build_the_cache_one_process_builds(tmp_path, tiny_recipe):
     """docs/cache.md's `accelerate launch ... -m sak.cli cache build`: shard k on process k % 2, with loader
-    workers, and the same files as one process writes."""
-    common = [f"run.output_dir={tmp_path}", "data.options.length=10", "data.num_workers=1"]
+    workers, and the same files as one process writes (the manifest's content digests too, hashed half by each
+    process)."""
+    common = [f"run.output_dir={tmp_path}", *image_folder(tmp_path / "images", train=10), "data.num_workers=1"]
     two = accelerate_launch("cache", "build", str(TINY), *common, "--out", str(tmp_path / "two"), "--shard-size", "3",
                             "--views", "2", "--augment", module="sak.cli")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
@@ -144,9 +158,11 @@ def test_two_processes_build_the_cache_one_process_builds(tmp_path, tiny_recipe)
 
 
 def test_two_processes_train_from_a_cache_and_both_refuse_a_corrupt_shard(tmp_path, tiny_recipe):
-    """The shards are hashed half by each process and the findings pooled: a shard only the other process
-    hashed stops both (no process left waiting in a collective)."""
-    common = [f"run.output_dir={tmp_path}", "data.options.length=8", "schedule.max_steps=2", "data.batch_size=2"]
+    """The shards, and the image files of the cache's content digest, are hashed half by each process and the
+    findings pooled (the pooled digests are those one process built the cache with): a shard only the other
+    process hashed stops both (no process left waiting in a collective)."""
+    data = image_folder(tmp_path / "images", train=8)
+    common = [f"run.output_dir={tmp_path}", *data, "schedule.max_steps=2", "data.batch_size=2"]
     root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=2)  # 4 shards
     ok = accelerate_launch(str(TINY), *common, "run.name=ok", f"cache.path={root}", timeout=180)
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -209,7 +209,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
     dataset = training_dataset(recipe, augment)
-    digests = content_digests(dataset)
+    digests = content_digests(dataset, shared=True)  # (every process is here)
     ident = _kept_identity(out / "manifest.json", identity(recipe, teachers, views, augment, dtype, dataset, digests))
     plan = CachePlan(out, len(dataset), shard_size, views)
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}

@@ -32,11 +32,35 @@ def ids_digest(dataset) -> str | None:
     return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
 
 
-def content_digests(dataset) -> list[tuple[str, str]] | None:
+def content_digests(dataset, shared: bool = False) -> list[tuple[str, str]] | None:
     """The dataset's (name, sha256) of what its samples are made from (`SakDataset.content_digests`); None for a
-    dataset without that method (a plug-in not derived from SakDataset) or made of generated samples."""
+    dataset without that method (a plug-in not derived from SakDataset) or made of generated samples.
+    `shared`: called by every process of a launch at once (a collective): each hashes every N-th file
+    (`file_digests` in `digest_share`) and the lists are pooled, so the data is read once, not N times."""
     method = getattr(dataset, "content_digests", None)
-    return method() if method is not None else None
+    if method is None:
+        return None
+    if not (shared and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return method()
+    from accelerate.utils import gather_object
+
+    from ...data.base import digest_share
+
+    with digest_share(torch.distributed.get_rank(), torch.distributed.get_world_size()):
+        mine = method()
+    return pool_digests(gather_object([mine]))
+
+
+def pool_digests(lists: list[list[tuple[str, str]] | None]) -> list[tuple[str, str]] | None:
+    """The processes' `content_digests` under `digest_share` as one list: each name's digest from the process
+    that hashed it (a dataset that hashes without `file_digests` gives every digest in every process)."""
+    first = lists[0]
+    if first is None or any(digests is None for digests in lists):
+        return None
+    names = [name for name, _ in first]
+    if any([name for name, _ in digests] != names for digests in lists):
+        raise ValueError("the processes' datasets list other files (content_digests differs between processes)")
+    return [(name, next((d[k][1] for d in lists if d[k][1]), "")) for k, name in enumerate(names)]
 
 
 def _combined(digests: list[tuple[str, str]] | None) -> str | None:
