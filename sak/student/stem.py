@@ -23,7 +23,8 @@ from ..teachers.weights import (
 
 
 def even_levels(depth: int, count: int = 4) -> list[int]:
-    """Four evenly spaced block indices ending at the last one: 12 -> [2, 5, 8, 11]."""
+    """`count` block indices `depth // count` apart, ending at the last one: 12 -> [2, 5, 8, 11], 24 ->
+    [5, 11, 17, 23]; evenly spaced when `count` divides `depth` (6 -> [2, 3, 4, 5], 10 -> [3, 5, 7, 9])."""
     count = min(count, depth)
     step = depth // count
     return [depth - 1 - step * (count - 1 - i) for i in range(count)]

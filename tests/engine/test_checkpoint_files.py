@@ -71,17 +71,23 @@ def test_a_leftover_of_a_replaced_save_that_cannot_be_deleted_does_not_stop_savi
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
 
 
-def test_a_checkpoint_that_cannot_be_moved_out_is_kept_with_a_warning(accelerator, monkeypatch, tmp_path):
-    root = tmp_path / "checkpoints"
-    save_checkpoint(accelerator, root, TrainState(step=1), {}, keep_last=1)
+def refuse_replace_to(suffix: str, monkeypatch):
+    """os.replace onto a name ending in `suffix` fails as on a file system that refuses it; returns the real one."""
     real_replace = checkpoint.os.replace
 
     def replace(src, dst):
-        if str(dst).endswith(checkpoint.PRUNED):
+        if str(dst).endswith(suffix):
             raise PermissionError(13, "Permission denied", str(src))
         return real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", replace)
+    return real_replace
+
+
+def test_a_checkpoint_that_cannot_be_moved_out_is_kept_with_a_warning(accelerator, monkeypatch, tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, TrainState(step=1), {}, keep_last=1)
+    real_replace = refuse_replace_to(checkpoint.PRUNED, monkeypatch)
     with pytest.warns(RuntimeWarning, match="could not prune the checkpoint .*step_00000001.*it is kept"):
         save_checkpoint(accelerator, root, TrainState(step=2), {}, keep_last=1)
     assert [p.name for p in checkpoint_dirs(root)] == ["step_00000001", "step_00000002"]
@@ -93,14 +99,7 @@ def test_a_checkpoint_that_cannot_be_moved_out_is_kept_with_a_warning(accelerato
 def test_a_step_that_cannot_be_saved_again_keeps_its_earlier_save_with_a_warning(accelerator, monkeypatch, tmp_path):
     root = tmp_path / "checkpoints"
     save_checkpoint(accelerator, root, TrainState(step=3), {"note.txt": "periodic"}, keep_last=2)
-    real_replace = checkpoint.os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith(checkpoint.REPLACED):
-            raise PermissionError(13, "Permission denied", str(src))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    refuse_replace_to(checkpoint.REPLACED, monkeypatch)
     with pytest.warns(RuntimeWarning, match="could not replace .*step_00000003.*its earlier save is kept"):
         save_checkpoint(accelerator, root, TrainState(step=3), {"note.txt": "final"}, keep_last=2)
     assert (root / "step_00000003" / "note.txt").read_text() == "periodic"
