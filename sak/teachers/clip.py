@@ -154,10 +154,32 @@ def open_clip_tag_args(model: str, tag: str) -> dict:
 
 
 def hub_help(model: str, tag: str) -> str:
+    """What to download for an open_clip tag offline, and how to name it: a bare weights file carries neither
+    the tag's QuickGELU nor its mean / std (it gets the model config's, CLIP's for most), so the advice names
+    the `-quickgelu` model, or a folder with the repository's open_clip_config.json, where the tag needs them."""
     import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    hub = (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub", "").rstrip("/")
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    hub = cfg.get("hf_hub", "").rstrip("/")
     where = f" from https://huggingface.co/{hub}" if hub else ""
+    bare = (open_clip.get_model_config(model) or {}).get("preprocess_cfg", {})
+    tag_norm = tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
+    file_norm = tuple(bare.get("mean", OPENAI_DATASET_MEAN)), tuple(bare.get("std", OPENAI_DATASET_STD))
+    quick = bool(cfg.get("quick_gelu")) and not model.endswith("-quickgelu")  # (a -quickgelu model has it)
+    named = f"{model}-quickgelu"
+    if tag_norm != file_norm or (quick and named not in open_clip.list_models()):
+        return (
+            f"download the repository's files{where} (open_clip_config.json beside the weights) into a folder and "
+            f"pass the folder as `weights`: a bare weights file would run with the model config's mean / std "
+            f"{file_norm[0]} / {file_norm[1]}, not the tag's {tag_norm[0]} / {tag_norm[1]}"
+            + (", and without QuickGELU" if quick else "")
+        )
+    if quick:
+        return (
+            f"download open_clip_pytorch_model.bin{where}, pass its path as `weights` and set `model: {named}` "
+            "(the tag's weights need QuickGELU, which a file does not carry)"
+        )
     return f"download open_clip_pytorch_model.bin{where} and pass its path as `weights` (keep `model: {model}`)"
 
 

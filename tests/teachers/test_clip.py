@@ -251,7 +251,15 @@ def test_missing_files_wrong_checkpoints_and_offline_tags_are_clear_errors(clip_
         create_teacher("clip", str(clip_file), source="open_clip", model_kwargs=three_blocks)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(WeightsError, match="Hugging Face cache.*huggingface.co/timm/vit_base_patch16_clip_224.openai"):
+    # the advice for a file names the model with OpenAI's QuickGELU (a file carries none: `ViT-B-16` ran GELU)
+    with pytest.raises(WeightsError, match=r"Hugging Face cache.*huggingface.co/timm/vit_base_patch16_clip_224.openai, "
+                                           r"pass its path as `weights` and set `model: ViT-B-16-quickgelu`"):  # fmt: skip
         create_teacher("clip", "openai", source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP)
+    # and, where the tag's mean / std are not those a file would get (LAION's ViT-L/14: 0.5), a folder
+    with pytest.raises(WeightsError, match=r"CLIP-ViT-L-14-laion2B-s32B-b82K \(open_clip_config.json beside the "
+                                           r"weights\) into a folder .* not the tag's \(0.5, 0.5, 0.5\)"):  # fmt: skip
+        create_teacher("clip", "laion2b_s32b_b82k", source="open_clip", model="ViT-L-14", model_kwargs=OPEN_CLIP)
+    with pytest.raises(WeightsError, match=r"B-16-laion2B-s34B-b88K and pass its path as `weights` \(keep `model: ViT"):
+        create_teacher("clip", "laion2b_s34b_b88k", source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP)
     with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file"):
         create_teacher("clip", "openai", model="vit_base_patch16_clip_224", model_kwargs=TIMM)
