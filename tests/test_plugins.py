@@ -60,7 +60,7 @@ def test_documented_teacher_loads_its_file_strictly_and_names_it(plugin_package,
     and left `meta.weights` at "random" for a teacher read from a file."""
     import importlib
 
-    from sak.teachers import create_teacher
+    from sak.teachers import TeacherSpec, create_teacher
     from sak.teachers.weights import WeightsError
 
     importlib.import_module("my_sak_plugins.teacher")
@@ -71,6 +71,10 @@ def test_documented_teacher_loads_its_file_strictly_and_names_it(plugin_package,
     assert create_teacher("my_conv", width=8).meta.weights == "random"
     with pytest.raises(WeightsError, match=r"my_conv: '.*conv8.safetensors' does not fit the model .* shape mismatch"):
         create_teacher("my_conv", str(file), width=16)
+    # its meta describes the last level it returns: the first two stages take any multiple of their stride 4
+    shallow = create_teacher("my_conv", spec=TeacherSpec(levels=(0, 1), image_size=36), width=8)
+    assert (shallow.meta.embed_dim, shallow.meta.patch_size) == (16, 4)
+    assert [o.shape[1:] for o in shallow(torch.zeros(1, 3, 36, 36)).levels] == [(8, 18, 18), (16, 9, 9)]
 
 
 def test_documented_adapter_plugin_trains(plugin_package, tmp_path, tiny_recipe):
