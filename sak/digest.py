@@ -21,11 +21,16 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def hash_threads(share: int = 1) -> int:
+    """Hashing threads for one of `share` processes hashing at once: the usable CPUs, at most 16, divided."""
+    return max(1, min(usable_cpus(), 16) // share)
+
+
 def sha256_files(paths: list, threads: int | None = None) -> list[str]:
-    """`sha256_of` each path, in order, `threads` files at a time (default: the usable CPUs, at most 16).
+    """`sha256_of` each path, in order, `threads` files at a time (default: `hash_threads()`).
     Threads hash in parallel: file reads and hashlib's updates of more than 2 KB release the GIL."""
     paths = list(paths)
-    threads = max(1, min(threads or min(usable_cpus(), 16), len(paths)))
+    threads = max(1, min(threads or hash_threads(), len(paths)))
     if threads == 1:
         return [sha256_of(p) for p in paths]
     with ThreadPoolExecutor(threads, thread_name_prefix="sha256") as pool:
