@@ -79,7 +79,7 @@ def pairwise_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
         return (1.0 - a @ b.T).clamp_min_(0.0)
     # not cdist's default matrix-product shortcut (past 25 points): its sqrt(|a|^2 + |b|^2 - 2ab) leaves an
     # exact duplicate of a selected pattern a few hundredths away at realistic feature norms; the direct form
-    # gives it 0 (and was the faster of the two on the CPU for (P, m) with few patterns m per image)
+    # gives it 0
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
