@@ -15,7 +15,7 @@ from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from safetensors.torch import load_file
 
 from ..config import Recipe, RecipeError
-from ..digest import usable_cpus
+from ..digest import hash_threads
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
@@ -222,7 +222,7 @@ def train(recipe: Recipe) -> dict:
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
         # nor once per process (N reads of a cache that may not fit in the page cache)
         n = accelerator.num_processes
-        cache.verify_all(max(1, usable_cpus() // n), (accelerator.process_index, n), gather_object if n > 1 else None)
+        cache.verify_all(hash_threads(n), (accelerator.process_index, n), gather_object if n > 1 else None)
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     for loader in (train_loader, val_loader):  # before any step, not at the final evaluation
         check_samples_fit(student, loader.dataset.dataset)

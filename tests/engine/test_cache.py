@@ -5,12 +5,14 @@ test_cache_identity.py)."""
 import json
 import os
 import pickle
+import threading
 
 import pytest
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
+from sak import digest
 from sak.data.fixtures import write_pascal_context
 from sak.engine import train
 from sak.engine.build import build_loader, build_teachers
@@ -114,9 +116,17 @@ def test_verification_splits_the_shards_over_processes_and_every_process_refuses
         sorted(p.name for p in paths)) or sha256_files(paths, threads))  # fmt: skip
     caches = [FeatureCache(root), FeatureCache(root)]
     for i, cache in enumerate(caches):
-        cache.verify_all(part=(i, 2))
+        cache.verify_all(part=(i, 2))  # no gather: what the other process checks stays unchecked here
     assert hashed[0] == [f"shard0000{k}.safetensors" for k in (0, 2, 4)]
     assert hashed[1] == ["shard00001.safetensors", "shard00003.safetensors"]
+    assert [len(c._verified) for c in caches] == [3, 2]
+    caches, gather = [FeatureCache(root), FeatureCache(root)], _ThreadGather(2)
+    threads = [threading.Thread(target=c.verify_all, kwargs={"part": (i, 2), "share": gather.share(i)})
+               for i, c in enumerate(caches)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert all(len(c._verified) == 5 for c in caches)  # what the other process checked counts as checked
     shard = root / "view0" / "shard00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
@@ -125,6 +135,63 @@ def test_verification_splits_the_shards_over_processes_and_every_process_refuses
     pooled = found[0] + found[1]  # what a gather over the two processes gives each
     with pytest.raises(CacheError, match="shard view0/shard00003 is corrupt"):
         FeatureCache(root).verify_all(part=(0, 2), share=lambda mine: pooled)  # process 0 found nothing itself
+
+
+class _ThreadGather:
+    """`gather_object` for processes played by threads: each `share(rank)(mine)` returns every rank's list,
+    joined in rank order; `before` (if set) runs once, when all have arrived at the first gather."""
+
+    def __init__(self, n: int, before=None):
+        self.lists, self.calls, self.before = {}, 0, before
+        self.barrier = threading.Barrier(n, action=self._join)
+
+    def _join(self):
+        if self.calls == 0 and self.before is not None:
+            self.before()
+        self.calls += 1
+        self.joined = [x for rank in sorted(self.lists) for x in self.lists[rank]]
+
+    def share(self, rank: int):
+        def gather(mine: list) -> list:
+            self.lists[rank] = list(mine)
+            self.barrier.wait()
+            joined = self.joined
+            self.barrier.wait()  # (all have read it before the next gather overwrites it)
+            return joined
+
+        return gather
+
+
+def test_a_shard_rewritten_after_another_process_hashed_it_is_not_taken_as_checked(tiny_recipe, tmp_path):
+    """Process 1 hashes shard 1 and finds it intact; it is rewritten (same size) before process 0 looks at
+    it: process 0 must hash it itself when it reads it, not trust process 1's check of other bytes."""
+    root = build_cache(tiny_recipe("data.options.length=4"), tmp_path / "c", shard_size=2)  # 2 shards
+    shard = root / "view0" / "shard00001.safetensors"
+
+    def rewrite():
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+
+    caches, gather = [FeatureCache(root), FeatureCache(root)], _ThreadGather(2, before=rewrite)
+    threads = [threading.Thread(target=c.verify_all, kwargs={"part": (i, 2), "share": gather.share(i)})
+               for i, c in enumerate(caches)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(caches[0]._verified) == {"view0/shard00000"}
+    with pytest.raises(CacheError, match="shard view0/shard00001 is corrupt"):
+        caches[0].lookup([2], epoch=0)
+
+
+def test_training_checks_the_shards_on_at_most_16_threads(tiny_recipe, tmp_path, monkeypatch):
+    root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=4)
+    threads, verify_all = [], FeatureCache.verify_all
+    monkeypatch.setattr(digest, "usable_cpus", lambda: 128)  # a large node: not one thread per CPU
+    monkeypatch.setattr(FeatureCache, "verify_all", lambda self, n, *a: threads.append(n) or verify_all(self, n, *a))
+    train(tiny_recipe("data.options.length=8", "schedule.max_steps=1", f"cache.path={root}"))
+    assert threads == [16]
 
 
 def test_training_from_augmented_views_matches_online_teachers(tiny_recipe, tmp_path):

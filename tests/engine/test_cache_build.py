@@ -9,6 +9,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
+from sak import digest
 from sak.cli import main
 from sak.data.fixtures import write_pascal_context
 from sak.engine import train
@@ -358,17 +359,22 @@ def test_a_finished_cache_built_again_keeps_its_intact_shards_and_stays_complete
     FeatureCache(root).verify_all()
 
 
-def test_each_process_checks_the_kept_shards_it_writes(tiny_recipe, tmp_path, capsys):
+def test_each_process_checks_the_kept_shards_it_writes(tiny_recipe, tmp_path, capsys, monkeypatch):
     """On N processes the i-th checks every N-th kept shard from the i-th, the shards it writes: the main process
-    hashed them all while the others waited at a barrier that times out."""
+    hashed them all while the others waited at a barrier that times out. Each on its share of at most 16
+    threads (hash_threads), not of every CPU of a large node."""
     root = build_cache(tiny_recipe("data.options.length=8"), tmp_path / "c", shard_size=2)  # 4 shards
     plan = store.CachePlan(root, 8, 2, 1)
     for view, shard in plan.shards():
         _flip_last_byte(plan.path(view, shard))
+    threads, sha256_files = [], builder.sha256_files
+    monkeypatch.setattr(digest, "usable_cpus", lambda: 128)
+    monkeypatch.setattr(builder, "sha256_files", lambda paths, n=None: threads.append(n) or sha256_files(paths, n))
     for index in (0, 1):
         capsys.readouterr()
         builder._drop_damaged_kept_shards(root, plan, {}, (index, 2))
         assert sorted(line.split("shard ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()) == [
             f"view0/shard0000{k}" for k in (index, index + 2)
         ]
+    assert threads == [8, 8]
     assert not any(plan.path(v, k).exists() for v, k in plan.shards())

@@ -151,18 +151,24 @@ class FeatureCache:
 
     def verify_all(self, threads: int | None = None, part: tuple[int, int] = (0, 1), share=None) -> None:
         """Check every shard's sha256 now, once, `threads` shards at a time (`sha256_files`; default: one per
-        usable CPU): DataLoader workers are rebuilt every epoch and would otherwise hash each shard again in
+        usable CPU, at most 16): DataLoader workers are rebuilt every epoch and would otherwise hash each shard again in
         every worker. On N processes, `part` = (i, N) hashes every N-th shard from the i-th, and `share` (a
         gather of Python lists over the processes, e.g. Accelerate's `gather_object`) pools what each found,
-        so that the cache is read once, not N times, and every process refuses a bad shard alike."""
+        so that the cache is read once, not N times, and every process refuses a bad shard alike. Without
+        `share`, the other processes' shards stay unchecked here, to be hashed when first read."""
         names = [name for name in self.manifest["shards"] if name not in self._verified]
         problems, signatures = self._problems(names[part[0] :: part[1]], threads)
         if share is not None:
             problems = share(problems)  # every process takes part, whatever it found
-        for name in (n for n in names if n not in signatures):  # the other processes' shards, as this one sees
-            path = self._present(name)  # them now (st_dev differs between NFS clients)
-            if path is not None:
-                signatures[name] = _signature(path.stat())
+            # the other processes' shards count as checked here only if this process sees the files they hashed:
+            # the same size, mtime and ctime (st_dev, and st_ino on some file systems, differ between clients).
+            # One rewritten after they hashed it, before this stat, is left to be hashed when it is first read.
+            hashed = {name: tuple(seen) for name, *seen in share([(n, *s[2:]) for n, s in signatures.items()])}
+            for name in (n for n in names if n not in signatures and n in hashed):
+                path = self._present(name)
+                now = _signature(path.stat()) if path is not None else None
+                if now is not None and now[2:] == hashed[name]:
+                    signatures[name] = now
         if problems:
             raise CacheError(f"cache {self.root}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
         self._verified.update(signatures)
