@@ -136,6 +136,7 @@ def select(args: argparse.Namespace) -> int:
         f"teacher={args.teacher} weights={args.weights} options={args.option} image_size={args.image_size} "
         f"dtype={args.dtype} filter={used} block={'default' if args.block is None else args.block} "
         f"k={args.k} keep={args.keep} distance={args.distance} seed={args.seed}",
+        *([pool.source] if getattr(pool, "source", "") else []),  # the recipe's data, as resolved: its file may change
     ]
     write_manifest(args.out, [ids[i] for i in chosen], header)
     print(

@@ -22,6 +22,7 @@ Distances: "cosine" (1 - cosine similarity; FreeSel's default) or "euclidean".
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -286,6 +287,7 @@ class ImageFolderPool(Dataset):
             raise SelectionError(f"pool {self.root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) under it")
         self.ids = list(by_id)
         self.paths = [self.root / by_id[i] for i in self.ids]
+        self.source = f"pool folder: {self.root.resolve()}"  # for a manifest's header
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -307,8 +309,9 @@ class UnpaddedImages(Dataset):
     unreadable one is an error (`skip_bad` would stand the next image in, under its id). Other samples pass
     unchanged."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, source: str = "") -> None:
         self.dataset = dataset
+        self.source = source  # what the images are, for a manifest's header (`open_pool`)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -345,7 +348,13 @@ def open_pool(pool: str, overrides: Sequence[str] = ()) -> tuple[Dataset, list[s
         recipe = dataclasses.replace(recipe, tasks=[])  # images only, no targets to load
         dataset = build_loader(recipe, recipe.data.split, train=False).dataset
         ids = getattr(getattr(dataset, "dataset", None), "ids", None)
-        return UnpaddedImages(dataset), list(ids) if ids is not None else None
+        data = recipe.data
+        where = {
+            k: os.path.abspath(v) if v is not None else None for k, v in (("root", data.root), ("subset", data.subset))
+        }
+        source = (f"data: name={data.name} root={where['root']} split={data.split} subset={where['subset']} "
+                  f"options={json.dumps(data.options, sort_keys=True, default=str)}")  # fmt: skip
+        return UnpaddedImages(dataset, source), list(ids) if ids is not None else None
     if overrides:
         raise SelectionError(f"--set applies to recipe pools; {pool!r} is a folder")
     dataset = ImageFolderPool(pool)

@@ -300,7 +300,7 @@ def test_folder_pool_lists_and_decodes_as_the_image_folder_dataset(png_pool, tmp
     assert image[0].flatten().tolist() == np.rint(ramp.flatten() / 257).astype(int).tolist()  # not clipped at 255
 
 
-def test_recipe_pools_give_the_unpadded_images_and_the_manifest_records_set(tmp_path):
+def test_recipe_pools_give_the_unpadded_images_and_the_manifest_records_set(tmp_path, monkeypatch):
     from sak.data.fixtures import write_pascal_context
     from sak.data.images import decode_rgb
     from sak.methods import open_pool
@@ -316,6 +316,15 @@ def test_recipe_pools_give_the_unpadded_images_and_the_manifest_records_set(tmp_
     sets = [item for o in overrides for item in ("--set", o)]
     assert main(["--pool", str(recipe), *sets, "--budget", "1", "--method", "random", "--out", str(out)]) == 0
     assert f"--set data.root={root}" in out.read_text().splitlines()[0]
+    # the data section as resolved (a relative root made absolute): the recipe file may change after
+    monkeypatch.chdir(tmp_path)
+    sets[sets.index(f"data.root={root}")] = "data.root=PASCAL_MT"
+    assert main(["--pool", str(recipe), *sets, "--budget", "1", "--method", "random", "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[2] == (
+        f"# data: name=pascal_context root={root} split=train subset=None options={{}}"
+    )
+    assert main(["--pool", "PASCAL_MT/JPEGImages", "--budget", "1", "--method", "random", "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[2] == f"# pool folder: {root / 'JPEGImages'}"
 
 
 # ----------------------------------------------------------------------------------------------------
