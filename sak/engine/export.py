@@ -30,7 +30,7 @@ from ..tasks import create_task
 from ..teachers.weights import is_local
 from .checkpoint import first_misfit
 from .init import student_weights_file
-from .predictions import encode, save_encoded
+from .predictions import PredictionError, encode, save_encoded
 
 DISTILL_ONLY = ("aligners.", "projections.")
 
@@ -159,13 +159,6 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
         raise ExportError(f"{str(files[1])!r} is damaged or not a safetensors file ({exc}); export again") from exc
 
 
-def save_prediction(task: str, pred: torch.Tensor, out: Path, image_id: str) -> Path:
-    """One image's prediction in the standard per-task format (the format `sak eval-preds` reads; see
-    sak/engine/predictions.py): semseg/parts PNG of class indices; saliency and edges PNG 0-255; normals
-    RGB PNG with n = 2 v / 255 - 1; depth .npy in metres."""
-    return save_encoded(out, task, image_id, encode(task, pred))
-
-
 def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[tuple[int, int], float]:
     """`size` scaled down, aspect kept, to fit inside `canvas` (unchanged if it fits already), and the factor:
     depth is unscaled by the factor itself, as training divides it by its draw (`resize_sample`), not by the
@@ -224,6 +217,7 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
         padded = pad({"image": rgb}, canvas, fill)["image"]  # (H, W, 3) uint8, as the evaluation pads
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as `sak eval` autocasts
             logits = model(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], with_features=False)
+        arrays = {}
         for name, task in tasks.items():
             task_logits = logits.tasks[name].float()
             if fit == size:  # as sak eval: the prediction on the canvas, its padding cut
@@ -231,5 +225,10 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
             else:  # resized back to the photograph's size, in its terms (depth: as if seen from its distance)
                 pred = task.predict(F.interpolate(unpad(task_logits, fit), size=size, mode="bilinear"))[0]
                 pred = task.unscale(pred, scale)
-            written.append(save_prediction(name, pred, out, file.stem))
+            try:  # every task's file made before any is written: an image has all its files or none
+                arrays[name] = encode(name, pred)
+            except PredictionError as exc:  # (a NaN / inf output)
+                earlier = f"; the {done} image(s) before it were predicted into {out}/" if done else ""
+                raise PredictionError(f"{file}: {exc}; none of its files was written{earlier}") from exc
+        written += [save_encoded(out, name, file.stem, array) for name, array in arrays.items()]
     return written

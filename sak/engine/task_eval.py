@@ -290,7 +290,10 @@ def evaluate_student(
             preds = task.predict(logits[name].float())
             for b, index in enumerate(batch["index"].tolist()):
                 size = batch["size"][b].tolist()
-                array = encode(name, unpad(preds[b], size))
+                try:
+                    array = encode(name, unpad(preds[b], size))
+                except PredictionError as exc:  # (a NaN / inf output): which image
+                    raise PredictionError(f"image {batch['id'][b]!r} of {recipe.data.name}/{split}: {exc}") from exc
                 if save_preds is not None:
                     save_encoded(save_preds, name, batch["id"][b], array)
                 target = dataset.eval_target(batch["id"][b], name, unpad(batch[name][b], size).cpu())

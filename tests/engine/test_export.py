@@ -12,6 +12,7 @@ from sak.engine import train
 from sak.engine.build import build_student, build_tasks, build_teachers
 from sak.engine.export import load_exported, predict_images
 from sak.engine.init import student_weights_file
+from sak.engine.predictions import PredictionError
 
 from ..conftest import TESTS
 
@@ -68,6 +69,7 @@ def test_export_then_predict(tiny_recipe, tmp_path, capsys):
     twin = tmp_path / "b" / "photo.png"
     twin.write_bytes(photo.read_bytes())
     other = tmp_path / "others"
+    (tmp_path / "b" / "photo2.png").write_bytes(photo.read_bytes())
     assert main(["predict", str(out), str(photo), str(twin), "--out", str(other)]) == 2
     assert not other.exists()
     # a missing file among the inputs: nothing written (the photographs before it were predicted, then it failed)
@@ -79,6 +81,16 @@ def test_export_then_predict(tiny_recipe, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'broken.png'}" in err and f"the 1 image(s) before it were predicted into {other}/" in err
     assert (other / "semseg" / "photo.png").is_file()
+    # a NaN output (here depth's, on the second image): named with its image, none of that image's files written
+    model, config = load_exported(out)
+    calls = []
+    model.heads["depth"].register_forward_hook(
+        lambda m, i, o: o * float("nan") if calls.append(1) or len(calls) > 1 else o
+    )
+    with pytest.raises(PredictionError, match=rf"{tmp_path / 'b' / 'photo2.png'}: depth: the prediction holds NaN.*"
+                       rf"none of its files was written; the 1 image\(s\) before it were predicted into"):  # fmt: skip
+        predict_images(model, config, [photo, (tmp_path / "b" / "photo2.png")], tmp_path / "nan")
+    assert sorted(p.name for p in (tmp_path / "nan").rglob("*.*")) == ["photo.npy"] + ["photo.png"] * 5
 
 
 def test_a_plugin_dataset_not_derived_from_sak_dataset_exports_with_the_square_training_size(tiny_recipe):

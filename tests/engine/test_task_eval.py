@@ -348,6 +348,26 @@ def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_pa
     assert message.format(path=path) in err and len(err.splitlines()) == 1, err
 
 
+def test_eval_names_the_image_whose_prediction_is_not_finite(trained, capsys, monkeypatch):
+    from sak.engine import task_eval
+
+    recipe_file, run_dir, _ = trained
+    load_student = task_eval.load_student
+
+    def with_a_nan_head(recipe, checkpoint):
+        model, config = load_student(recipe, checkpoint)
+        model.heads["saliency"].register_forward_hook(lambda module, args, out: out * float("nan"))
+        return model, config
+
+    monkeypatch.setattr(task_eval, "load_student", with_a_nan_head)
+    assert main(["eval", str(recipe_file), "--checkpoint", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        "sak: error: image '2009_" in err
+        and "of pascal_context/val: saliency: the prediction holds NaN or infinite" in err
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
