@@ -248,6 +248,15 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
         ("schedule.max_steps=null", r"exactly one of schedule.max_steps and schedule.epochs \(set the other to null"),
         ("data.options={length: 8", "override 'data.options={length: 8': the value is not valid YAML"),
         ("optim.lr=!!python/name:os.system", "not valid YAML"),
+        (
+            "teachers.0.options.model_kwargs={pretrained: evil.pt, weights_only: false}",
+            r"teachers\[0\].options.model_kwargs: pretrained, weights_only load weights by the model library's own "
+            r"route, .* give the weights as teachers\[0\].weights",
+        ),
+        (
+            "student.model_kwargs={checkpoint_path: other.pth}",
+            "student.model_kwargs: checkpoint_path load weights .* give the weights as student.pretrained",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_with_the_key(override, message):

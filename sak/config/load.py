@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ..teachers.weights import refuse_loader_kwargs
 from .schema import (
     LossConfig,
     Recipe,
@@ -244,6 +245,14 @@ def _check_names(recipe: Recipe) -> None:
     from ..registry import ADAPTERS, DATASETS, LOSSES, ROUTERS, STUDENTS, TASKS, TEACHERS
 
     seen = set()
+    try:
+        refuse_loader_kwargs(recipe.student.model_kwargs, "student.model_kwargs", "student.pretrained")
+        for i, t in enumerate(recipe.teachers):
+            refuse_loader_kwargs(
+                t.options.get("model_kwargs"), f"teachers[{i}].options.model_kwargs", f"teachers[{i}].weights"
+            )
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     for i, t in enumerate(recipe.teachers):
         build_options(_check_registered(TEACHERS, t.name, f"teachers[{i}].name"), t.options, f"teachers[{i}]")
         _check_registered(ADAPTERS, t.adapter, f"teachers[{i}].adapter")

@@ -7,6 +7,7 @@ import dataclasses
 from ..registry import TEACHERS, check_call
 from . import clip, dinov2, efficientnet, hed, imgfocus, sam, timm_teacher  # noqa: F401  (register their teachers)
 from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec
+from .weights import refuse_loader_kwargs
 
 
 def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec | None = None, **options) -> Teacher:
@@ -21,6 +22,7 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     from ..config import build_options  # the recipe schema imports this package; import it late
 
     cls = TEACHERS.get(name)
+    refuse_loader_kwargs(options.get("model_kwargs"), f"teacher {name!r}: options.model_kwargs", "`weights`")
     spec = spec or TeacherSpec()
     if weights is not None:  # a copy: the caller's spec (a recipe's, reused for another teacher) stays as it was
         spec = dataclasses.replace(spec, weights=weights)

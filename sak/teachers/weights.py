@@ -32,6 +32,30 @@ def is_local(weights: str | None) -> bool:
     )
 
 
+# keyword arguments of the model libraries' create_model calls that load weights by their own route (timm:
+# pretrained / checkpoint_path / pretrained_cfg(_overlay) / cache_dir; open_clip: pretrained and its tower
+# paths, weights_only, ...). Given in model_kwargs they would bypass `weights` (its sha256 check and the
+# identity that the feature cache and checkpoints record), and open_clip's `weights_only: false` would unpickle
+# an arbitrary file: a recipe could run code without naming a plug-in module.
+LOADER_KWARGS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "weights_only",
+    "load_weights", "pretrained_image", "pretrained_text", "pretrained_image_path", "pretrained_text_path",
+    "pretrained_hf", "require_pretrained",
+})  # fmt: skip
+
+
+def refuse_loader_kwargs(model_kwargs, where: str, instead: str) -> None:
+    """`where`'s model_kwargs must not name a weight-loading argument (LOADER_KWARGS); `instead` says what to
+    set (teachers[].weights, student.pretrained)."""
+    found = sorted(LOADER_KWARGS.intersection(model_kwargs)) if isinstance(model_kwargs, dict) else []
+    if found:
+        raise ValueError(
+            f"{where}: {', '.join(found)} load weights by the model library's own route, which sak does not check "
+            f"(sha256, the identity checkpoints and caches record) and which may unpickle a file; give the "
+            f"weights as {instead}"
+        )
+
+
 def refuse_sha256_without_file(weights: str | None, sha256: str | None, what: str) -> None:
     """A pinned sha256 can only be checked against a local file: with a hub tag (or random weights) it would
     be silently ignored, so that is an error, the same for every teacher."""

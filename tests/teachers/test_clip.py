@@ -263,3 +263,24 @@ def test_missing_files_wrong_checkpoints_and_offline_tags_are_clear_errors(clip_
         create_teacher("clip", "laion2b_s34b_b88k", source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP)
     with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file"):
         create_teacher("clip", "openai", model="vit_base_patch16_clip_224", model_kwargs=TIMM)
+
+
+class _RunsCode:
+    """A pickle that, unpickled without weights_only, writes a file: what a recipe must never make happen."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_model_kwargs_that_would_load_weights_by_open_clips_own_route_are_refused(tmp_path):
+    """open_clip's create_model takes `pretrained=<file>, weights_only=False`: through model_kwargs a recipe (or
+    `sak teachers show`, `sak select --option`) would unpickle any file, running code no plug-in names."""
+    evil, marker = tmp_path / "evil.pt", tmp_path / "code_ran"
+    torch.save({"x": _RunsCode(marker)}, evil)
+    kwargs = {"pretrained": str(evil), "weights_only": False}
+    with pytest.raises(ValueError, match=r"teacher 'clip': options.model_kwargs: pretrained, weights_only load "):
+        create_teacher("clip", source="open_clip", model="ViT-B-16", model_kwargs=kwargs)
+    assert not marker.exists()
