@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
-from safetensors.torch import load_file
 
 from ..config import Recipe, RecipeError
 from ..digest import hash_threads
@@ -21,15 +20,9 @@ from . import build
 from .build import teacher_dtype
 from .cache import FeatureCache, cache_digest, content_digests, identity, training_dataset
 from .checkpoint import (
-    CheckpointError,
     TrainState,
-    damaged,
-    first_misfit,
     latest_checkpoint,
-    load_checkpoint,
     on_every_process,
-    optimiser_settings,
-    restore_optimiser_settings,
     save_checkpoint,
 )
 from .evaluate import evaluate
@@ -37,6 +30,7 @@ from .init import init_run_from
 from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
+from .resume import resume_from
 from .run_records import FINAL_METRICS, changes_message, prepare_run_dir, recipe_changes, record_ids, record_start
 from .schedule import lr_lambda
 from .step import begin_step, compute_losses, teacher_targets
@@ -111,50 +105,6 @@ def cache_facts(cache: FeatureCache) -> dict:
         "augment": cache.augment,
         "manifest_sha256": cache_digest(cache.root),
     }
-
-
-def resume_from(accelerator: Accelerator, source: Path, changed: list[str], optimizer, scheduler, normalizers,
-                normalize: str, total: int) -> TrainState:  # fmt: skip
-    """Load a checkpoint into the prepared objects (the optimiser keeps the recipe's settings; the checkpoint
-    brings back its moments and the schedule's position) and the target normaliser's statistics."""
-    settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
-    state = load_checkpoint(accelerator, source, changed)
-    # The place in the epoch counts loader batches of the checkpoint's size, which grouped into optimiser steps of
-    # its grad_accum: a resume mid-epoch with others would repeat or skip samples, or weight an epoch's last
-    # micro-batches wrongly. At an epoch's end both may change.
-    moved = [c for c in changed if c.startswith(("data.batch_size:", "optim.grad_accum:"))]
-    done = state.step >= total and (source / FINAL_METRICS).is_file()  # a finished run: nothing is resumed
-    if moved and state.batch_in_epoch and not done:
-        raise CheckpointError(
-            f"cannot resume from {source} with another {' and another '.join(c.split(':')[0] for c in moved)} "
-            f"({'; '.join(moved)}): it stopped {state.batch_in_epoch} batch(es) into epoch {state.epoch}, a place "
-            "counted in the checkpoint's batches. Resume with the checkpoint's values (they may change at a "
-            f"checkpoint taken at an epoch's end), or start a new run from its weights (another run.name, and "
-            f"checkpoint.init_from={source})"
-        )
-    restore_optimiser_settings(optimizer, scheduler, settings)
-    if normalizers is not None:
-        saved = source / "target_normalizers.safetensors"
-        if not saved.is_file():
-            raise CheckpointError(
-                f"cannot resume from {source}: it holds no target statistics, as its run had loss.normalize none "
-                f"and this recipe has {normalize}; start a new run (another run.name, or checkpoint.resume=never)"
-            )
-        try:
-            normalizers.load_state_dict(load_file(str(saved)))
-        except RuntimeError as exc:
-            if "loading state_dict" not in str(exc):
-                raise CheckpointError(damaged(source, exc)) from exc
-            # the statistics of other teachers' levels, or of another loss.normalize mode
-            differs = f"; the recipe differs from the one it was trained with: {'; '.join(changed)}" if changed else ""
-            raise CheckpointError(
-                f"cannot resume from {source}: its target statistics do not fit this recipe's loss.normalize "
-                f"({first_misfit(exc)}){differs}. Start a new run instead (another run.name, or "
-                "checkpoint.resume=never)"
-            ) from exc
-        except Exception as exc:  # cut short or overwritten
-            raise CheckpointError(damaged(source, exc)) from exc
-    return state
 
 
 def gradient_norm(student: torch.nn.Module) -> torch.Tensor:
@@ -281,7 +231,9 @@ def train(recipe: Recipe) -> dict:
         before = json.loads((source / CACHE_FILE).read_text())
         changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
     if source is not None:
-        args = (accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total)
+        in_epochs = [f"schedule.{k}" for k in ("epochs", "warmup_epochs") if getattr(recipe.schedule, k)]
+        args = (accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total,
+                in_epochs)  # fmt: skip
         state = on_every_process(accelerator, lambda: resume_from(*args))  # before the main process records it
         logger_start = state.step
     elif accelerator.num_processes > 1:

@@ -1,0 +1,45 @@
+"""Resuming against the schedule and the data order: lengths given in epochs, another seed or split inside an
+epoch (test_resume.py holds the exactness and the other refusals)."""
+
+import pytest
+
+from sak.engine import train
+from sak.engine.checkpoint import CheckpointError, latest_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("length", "named"),
+    [
+        (["schedule.max_steps=null", "schedule.epochs=2", "schedule.warmup_steps=0"], "schedule.epochs are counted"),
+        (
+            ["schedule.max_steps=16", "schedule.warmup_steps=0", "schedule.warmup_epochs=0.5"],
+            "schedule.warmup_epochs are counted",
+        ),
+    ],
+)
+def test_a_schedule_in_epochs_refuses_another_batch_size_even_at_an_epochs_end(length, named, tiny_recipe):
+    """8 steps an epoch of batch 4: 2 epochs are 16 steps. Resumed at the end of epoch 1 with batch 8 (4 steps an
+    epoch), the 8 steps done made the 2-epoch run finished at once; with batch 2 it trained 5 epochs' data, its
+    learning rate rising again. Steps-only schedules may change there (test_resume.py)."""
+    train(tiny_recipe(*length, "run.stop_at=8"))
+    for batch in (8, 2):
+        with pytest.raises(CheckpointError, match=rf"with another data.batch_size \(data.batch_size: 4 -> {batch}\): "
+                           rf"{named} in optimiser steps.* the 8 steps done"):  # fmt: skip
+            train(tiny_recipe(*length, f"data.batch_size={batch}"))
+    with pytest.raises(CheckpointError, match="with another optim.grad_accum"):
+        train(tiny_recipe(*length, "optim.grad_accum=2"))
+
+
+def test_another_seed_or_split_is_refused_inside_an_epoch_and_taken_at_its_end(tiny_recipe):
+    """The place in an epoch counts batches of the checkpoint's permutation of its samples: resumed with another
+    run.seed three batches in, the rest of the epoch repeated some samples and skipped others."""
+    common = ["schedule.max_steps=10", "schedule.warmup_steps=0"]
+    train(tiny_recipe(*common, "run.stop_at=3"))
+    for change, key in (("run.seed=7", "run.seed"), ("data.split=val", "data.split")):
+        with pytest.raises(CheckpointError, match=rf"with another {key} .*it stopped 3 batch\(es\) into epoch 0 of "
+                           "the checkpoint's order of samples"):  # fmt: skip
+            train(tiny_recipe(*common, change))
+    train(tiny_recipe(*common, "run.stop_at=8"))  # the epoch's end: the next epoch is drawn with the new seed
+    recipe = tiny_recipe(*common, "run.seed=7")
+    train(recipe)
+    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000010"
