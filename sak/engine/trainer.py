@@ -52,7 +52,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     trackers = (["wandb"] if recipe.logging.wandb.mode != "disabled" else []) + (
         ["tensorboard"] if recipe.logging.tensorboard else []
     )
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.precision.mixed,
         gradient_accumulation_steps=recipe.optim.grad_accum,
@@ -64,6 +64,18 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # a cached batch makes large (505 MB at the ViT-B stage-1 scale). No effect on the CPU.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    # Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
+    # and a DeepSpeed config's values over those passed here: the steps' images, the schedule's length and the
+    # recorded recipe would then be other than the run's
+    for key, asked, got in (("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
+                            ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision)):  # fmt: skip
+        if asked != got:
+            raise RecipeError(
+                f"{key} is {asked!r} but Accelerate was configured with {got!r} (accelerate launch's "
+                "--gradient_accumulation_steps / --mixed_precision, ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a "
+                f"DeepSpeed config); set it in the recipe ({key}={got}) and leave it out of the launch"
+            )
+    return accelerator
 
 
 def skip_first_batches(accelerator: Accelerator, loader, batches: int):

@@ -315,6 +315,19 @@ def test_batches_cross_to_the_gpu_with_asynchronous_copies_from_page_locked_memo
     assert build_loader(recipe, recipe.data.split, train=True).pin_memory is torch.cuda.is_available()
 
 
+def test_a_launch_that_sets_another_grad_accum_than_the_recipe_is_refused(tiny_recipe, monkeypatch):
+    """`accelerate launch --gradient_accumulation_steps 2` sets an environment variable Accelerate takes over
+    the value sak passes: each step trained on twice the images while sak counted the recipe's."""
+    from sak.config import RecipeError
+    from sak.engine import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(RecipeError, match=r"optim.grad_accum is 1 but Accelerate was configured with 2 .* "
+                       r"set it in the recipe \(optim.grad_accum=2\)"):  # fmt: skip
+        make_accelerator(tiny_recipe())
+    assert make_accelerator(tiny_recipe("optim.grad_accum=2")).gradient_accumulation_steps == 2
+
+
 def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe, monkeypatch):
     """8 batches an epoch with grad_accum 3: Accelerate steps after batches 3, 6 and 8 (the end of the loader),
     so 2 epochs are 6 optimiser steps over all 64 samples, and each step logs the mean of its micro-batches'
