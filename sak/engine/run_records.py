@@ -114,7 +114,7 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
     they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
     a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
     `finished` metrics, the final checkpoint's, are written beside the run again if a kill came between the two
-    or the file is another's), and a line in
+    or the file is another's; a start that trains takes away final metrics left beside the run), and a line in
     starts.jsonl. Returns the folder the later checkpoints went to, if any."""
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
     abandoned = None
@@ -126,6 +126,15 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
     if finished is None:
         for name in ("recipe.yaml", "run_info.json"):
             (run_dir / name).write_text(extra_files[name])
+        # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
+        # no longer describe the run, which a stop or a crash would leave claiming to have finished. Its final
+        # checkpoint keeps its own copy; one set aside takes this one along.
+        old = run_dir / FINAL_METRICS
+        if old.is_file():
+            if abandoned is not None:
+                os.replace(old, abandoned / FINAL_METRICS)
+            else:
+                old.unlink()
     else:
         text, copy = finished.read_text(), run_dir / FINAL_METRICS
         if not copy.is_file() or copy.read_text() != text:

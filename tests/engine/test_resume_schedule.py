@@ -43,3 +43,25 @@ def test_another_seed_or_split_is_refused_inside_an_epoch_and_taken_at_its_end(t
     recipe = tiny_recipe(*common, "run.seed=7")
     train(recipe)
     assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000010"
+
+
+def test_a_finished_run_trained_on_no_longer_claims_its_final_metrics(tiny_recipe):
+    """Finished at step 4, then given 8 steps and stopped at 6: final_metrics.json beside the run still held the
+    4-step metrics, as if it had finished. It is taken away (the step-4 checkpoint keeps its copy), set aside
+    with the later checkpoints when a resume from an earlier one abandons them, and written at the new end."""
+    import json
+
+    recipe = tiny_recipe("schedule.max_steps=4")
+    train(recipe)
+    final = recipe.run_dir / "final_metrics.json"
+    four = json.loads(final.read_text())
+    train(tiny_recipe("schedule.max_steps=8", "run.stop_at=6"))
+    assert not final.exists()
+    assert json.loads((recipe.run_dir / "checkpoints" / "step_00000004" / "final_metrics.json").read_text()) == four
+    train(tiny_recipe("schedule.max_steps=8"))
+    assert final.is_file()
+    resumed = tiny_recipe("schedule.max_steps=8", f"checkpoint.resume={recipe.run_dir / 'checkpoints' / 'step_00000006'}",
+                          "run.stop_at=7")  # fmt: skip
+    train(resumed)
+    assert not final.exists()
+    assert [p.name for p in recipe.run_dir.glob("checkpoints/abandoned-*/final_metrics.json")] == ["final_metrics.json"]
