@@ -217,6 +217,7 @@ def train(recipe: Recipe) -> dict:
         student, optimizer, train_loader, val_loader, scheduler,
         device_placement=[None, None, False if prefetch else None, None, None],
     )  # fmt: skip
+    fused_scaling = getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False)
     tdtype = teacher_dtype(recipe)
 
     def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -380,8 +381,15 @@ def train(recipe: Recipe) -> dict:
                 state.nonfinite_streak = 0
                 if recipe.optim.grad_clip is not None and not clip_first:
                     values["grad_norm"] = float(clip_grad_norm())
+                # A fused optimiser takes fp16's overflow skip inside its kernel: its step() is called, and
+                # Accelerate's optimizer_step_was_skipped stays False. The scaler's scale falling says it skipped
+                # (one read from the device, with a scaler and a fused optimiser only).
+                scale = accelerator.scaler.get_scale() if accelerator.scaler is not None and fused_scaling else None
                 optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
+                skipped = accelerator.optimizer_step_was_skipped or (
+                    scale is not None and accelerator.scaler.get_scale() < scale
+                )
+                if not skipped:
                     scheduler.step()
             else:
                 state.nonfinite_streak += 1

@@ -358,3 +358,18 @@ def test_a_warm_up_as_long_as_the_run_is_said(tiny_recipe, capsys):
     assert "warning: the warm-up (8 steps) is longer than the run (2 steps)" in capsys.readouterr().out
     train(tiny_recipe("run.name=longer", "schedule.max_steps=3", "schedule.warmup_steps=2"))
     assert "warning: the warm-up" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_the_loss_scaler_skips_does_not_advance_the_schedule(tiny_recipe, monkeypatch, fused):
+    """fp16's GradScaler skips a step whose gradients overflowed (here NaN at step 3). A fused AdamW takes the
+    scaler's skip inside its kernel, so its step() is called and Accelerate's optimizer_step_was_skipped stayed
+    False: the schedule advanced on every overflow, shortening the warm-up."""
+    NanGradientAtStepThree.calls = 0
+    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+    recipe = tiny_recipe("loss.distill=test_nan_grad_at_3", "schedule.max_steps=6", "schedule.warmup_steps=4",
+                         "optim.grad_clip=null", f"optim.fused={str(fused).lower()}")  # fmt: skip
+    train(recipe)
+    lrs = logged(recipe.run_dir, "lr")
+    assert ScaledOnCpu.last.scaler.get_scale() == 2.0**11  # one overflow: the scale halved
+    assert lrs[4] == lrs[3] and lrs[3] != lrs[2] and lrs[5] != lrs[4]  # step 4 uses the lr step 3 could not
