@@ -172,7 +172,9 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     how the recipe differs from the checkpoint's, named if its weights do not fit this recipe's student."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE})")
+        inside = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) if path.is_dir() else None
+        hint = f"; it holds checkpoints: give one, e.g. checkpoint.resume={inside}" if inside is not None else ""
+        raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE}){hint}")
     check_random_states(path, accelerator.process_index, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))

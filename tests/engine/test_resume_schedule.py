@@ -65,3 +65,15 @@ def test_a_finished_run_trained_on_no_longer_claims_its_final_metrics(tiny_recip
     train(resumed)
     assert not final.exists()
     assert [p.name for p in recipe.run_dir.glob("checkpoints/abandoned-*/final_metrics.json")] == ["final_metrics.json"]
+
+
+def test_resuming_from_a_run_directory_names_its_latest_checkpoint(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("schedule.max_steps=2")
+    train(recipe)
+    other = tiny_recipe("schedule.max_steps=4", "run.name=other", f"checkpoint.resume={recipe.run_dir}")
+    with pytest.raises(FileNotFoundError, match=rf"{recipe.run_dir} is not a complete sak checkpoint \(no "
+                       rf"trainer_state.json\); it holds checkpoints: give one, e.g. checkpoint.resume="
+                       rf"{recipe.run_dir / 'checkpoints' / 'step_00000002'}"):  # fmt: skip
+        train(other)
+    with pytest.raises(FileNotFoundError, match=r"\(no trainer_state.json\)$"):  # nothing to name
+        train(tiny_recipe("run.name=third", f"checkpoint.resume={tmp_path}"))
