@@ -433,6 +433,8 @@ def train(recipe: Recipe) -> dict:
                 save_checkpoint(
                     accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
                 )
+            if (recipe.eval.every and state.step % recipe.eval.every == 0) or periodic:
+                tick = time.perf_counter()  # the next step's images_per_s: its own time, not this evaluation's
             if recipe.run.stop_at is not None and state.step >= recipe.run.stop_at and state.step < total:
                 if state.nonfinite_streak == 0 and not periodic:  # (a periodic save of this step just ran)
                     save_checkpoint(

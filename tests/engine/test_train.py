@@ -373,3 +373,30 @@ def test_a_step_the_loss_scaler_skips_does_not_advance_the_schedule(tiny_recipe,
     lrs = logged(recipe.run_dir, "lr")
     assert ScaledOnCpu.last.scaler.get_scale() == 2.0**11  # one overflow: the scale halved
     assert lrs[4] == lrs[3] and lrs[3] != lrs[2] and lrs[5] != lrs[4]  # step 4 uses the lr step 3 could not
+
+
+def test_images_per_second_after_an_evaluation_or_a_checkpoint_leaves_their_time_out(tiny_recipe, monkeypatch):
+    """A clock that moves 1 s per read, and 1000 s in each evaluation and checkpoint save: the step after one
+    logged images / (1000 s + its own), as if training had slowed down a thousandfold."""
+    import types
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    def slow(function):
+        def run(*args, **kwargs):
+            clock[0] += 1000.0
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(trainer_module, "evaluate", slow(trainer_module.evaluate))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", slow(trainer_module.save_checkpoint))
+    recipe = tiny_recipe("schedule.max_steps=6", "eval.every=2", "checkpoint.every=3")
+    train(recipe)
+    rates = logged(recipe.run_dir, "images_per_s")
+    assert min(rates.values()) > 4 / 100  # 4 images in a few ticks of 1 s, never in 1000 s
