@@ -53,7 +53,8 @@ def _eval(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         reference = load_reference(args.reference) if args.reference else None
         save = Path(args.save_preds) if args.save_preds else None
-        result = evaluate_student(recipe, Path(args.checkpoint), args.split, save, reference)
+        split = args.split if args.split is not None else recipe.eval.split  # (default: the recipe's, "val")
+        result = evaluate_student(recipe, Path(args.checkpoint), split, save, reference)
     except _task_eval_errors() as exc:
         say_error(f"sak: error: {exc}")
         return 2
@@ -241,7 +242,7 @@ def _add_training_commands(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, .safetensors or export")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default=None, help="split to score (default: the recipe's eval.split, val)")
     p.add_argument("--out", default=None, help="result JSON (default: print it)")
     p.add_argument("--save-preds", default=None, help="also write the predictions here, one folder per task")
     p.add_argument("--reference", default=None, help="JSON {task: value} for delta_m (default: published single-task)")

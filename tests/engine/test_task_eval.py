@@ -348,6 +348,16 @@ def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_pa
     assert message.format(path=path) in err and len(err.splitlines()) == 1, err
 
 
+def test_eval_scores_the_recipes_eval_split_unless_split_is_given(trained, tmp_path):
+    recipe_file, run_dir, _ = trained
+    args = ["eval", str(recipe_file), "--checkpoint", str(run_dir), "--out", str(tmp_path / "r.json")]
+    assert main([*args, "eval.split=train"]) == 0  # (--split val always won over it)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["split"], result["n_images"]) == ("train", 4)
+    assert main([*args, "eval.split=train", "--split", "val"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 5
+
+
 def test_eval_names_the_image_whose_prediction_is_not_finite(trained, capsys, monkeypatch):
     from sak.engine import task_eval
 
