@@ -131,6 +131,7 @@ def test_the_cli_imports_plugins_for_teachers_show_and_for_an_exported_students_
     import numpy as np
     from PIL import Image
 
+    from sak.data.base import read_manifest
     from sak.engine import train
 
     def sak(*argv):
@@ -138,6 +139,18 @@ def test_the_cli_imports_plugins_for_teachers_show_and_for_an_exported_students_
 
     shown = sak("teachers", "show", "my_conv", "width=4", "--import", "my_sak_plugins.teacher")
     assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == "my_conv", shown.stderr[-2000:]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 80 * i, dtype=np.uint8)).save(pool / f"{i}.png")
+    select = ["select", "--pool", str(pool), "--budget", "1", "--teacher", "my_conv", "--option", "width=4",
+              "--no-progress", "--out", str(tmp_path / "subset.txt")]  # fmt: skip
+    unknown = sak(*select)  # (the hint said to list the module under a recipe's imports:, which a folder has not)
+    assert unknown.returncode == 2 and "unknown teacher 'my_conv'" in unknown.stderr
+    assert "--import MODULE" in unknown.stderr
+    selected = sak(*select, "--import", "my_sak_plugins.teacher")
+    assert selected.returncode == 0, selected.stderr[-2000:]
+    assert len(read_manifest(str(tmp_path / "subset.txt"))) == 1
     data = yaml.safe_load((REPO / "tests" / "tiny_multitask.yaml").read_text())
     data["imports"] = ["my_sak_plugins.adapter"]
     data["teachers"][0]["adapter"] = "conv_adapter"

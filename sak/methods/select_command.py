@@ -78,6 +78,10 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe override (e.g. data.split=val)",
     )
+    p.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a plug-in module to import first (a teacher or dataset of your own), as a recipe's imports: (repeatable)",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", required=True, help="manifest to write: one image id per line")
     p.set_defaults(func=run_select)
@@ -89,6 +93,12 @@ def select(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
+    from ..config import RecipeError, import_plugins
+
+    try:
+        import_plugins(args.imports, where="--import")
+    except RecipeError as exc:
+        raise SelectionError(str(exc)) from None
     pool, ids = open_pool(args.pool, args.sets)
     budget = resolve_budget(args.budget, len(pool))
     check_writable(args.out)  # before the feature pass, not after it
@@ -104,6 +114,11 @@ def select(args: argparse.Namespace) -> int:
     options = PatternOptions(block=args.block, keep=args.keep, k=args.k, filter=args.filter, seed=args.seed)
     if args.method != "random" and not args.teacher:
         raise SelectionError(f"--method {args.method} needs --teacher NAME (see `sak teachers list`)")
+    from ..registry import TEACHERS
+
+    if args.teacher and args.teacher not in TEACHERS:
+        raise SelectionError(f"--teacher: unknown teacher {args.teacher!r}; known: {', '.join(TEACHERS.names())}. "
+                             "A teacher of a plug-in module: --import MODULE")  # fmt: skip
     start, features, used = time.perf_counter(), None, "none"
     if args.method != "random":
         set_seed(args.seed)  # a teacher with random weights (tests) is then the same in every run and process
