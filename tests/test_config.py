@@ -391,10 +391,12 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
         (["run.name=.."], r"run.name: '\.\.' names the run's folder"),
         (["run.name=a/b"], "run.name: 'a/b' names the run's folder"),
         (["schedule.max_steps=010"], r"schedule.max_steps: expected an integer, got '010'"),  # YAML 1.1: octal 8
+        (["optim.lr=1:30.5"], r"optim.lr: expected a number, got '1:30.5'"),  # YAML 1.1: base-60, 90.5
     ],
 )  # fmt: skip
 def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused(overrides, message):
     """Each was accepted: a floor or exponent the schedule does not have, stage 1's alpha, a NaN floor, losses' negative weights, the SAK student's parts on the
-    many-to-one baseline, run names that are not a folder of their own, and YAML 1.1's octal `010` read as 8."""
+    many-to-one baseline, run names that are not a folder of their own, and YAML 1.1's octal `010` read as 8 and
+    base-60 `1:30.5` as 90.5."""
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, overrides)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .schema import EXPONENT_FLOAT, YAML12_INT, RecipeError
+from .schema import DOTTED_FLOAT, EXPONENT_FLOAT, YAML12_INT, RecipeError
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -52,9 +52,11 @@ class StrictLoader(yaml.SafeLoader):
 StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 # and integers as YAML 1.2 does: YAML 1.1 read `010` as octal 8 and `1:30` as base-60 90, without a word. Those
 # stay strings now, which an integer field refuses by name; hexadecimal (0x) and octal written 0o still read.
+# So do base-60 floats (`1:30.5` was 90.5): PyYAML's float pattern is replaced by one without that form.
+_YAML11 = {"tag:yaml.org,2002:int": YAML12_INT, "tag:yaml.org,2002:float": DOTTED_FLOAT}
 for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
     StrictLoader.yaml_implicit_resolvers[_first] = [
-        (tag, YAML12_INT if tag == "tag:yaml.org,2002:int" else regexp) for tag, regexp in _resolvers
+        (tag, _YAML11[tag] if tag in _YAML11 and regexp is not EXPONENT_FLOAT else regexp) for tag, regexp in _resolvers
     ]
 
 
