@@ -392,6 +392,10 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
         (["run.name=a/b"], "run.name: 'a/b' names the run's folder"),
         (["schedule.max_steps=010"], r"schedule.max_steps: expected an integer, got '010'"),  # YAML 1.1: octal 8
         (["optim.lr=1:30.5"], r"optim.lr: expected a number, got '1:30.5'"),  # YAML 1.1: base-60, 90.5
+        (["cache.path="], "cache.path: an empty value names no file or folder; give a path, or null"),  # ('.' later)
+        (["checkpoint.resume="], "checkpoint.resume: an empty value .*give a path, or 'auto' or 'never'"),
+        (["run.output_dir="], "run.output_dir: an empty value .*leave it out for 'runs'"),
+        (["teachers.1.weights="], r"teachers\[1\].weights: an empty value names no file or folder"),
     ],
 )  # fmt: skip
 def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused(overrides, message):

@@ -120,6 +120,18 @@ def _expand_home(recipe: Recipe) -> None:
     ]
     if r.checkpoint.resume not in ("auto", "never"):
         fields.append((r.checkpoint, "resume"))
+    # an empty value (`cache.path=` on the command line) is the current directory to every file call: refused here,
+    # where it names the key, not later as "'.' is not a complete teacher-feature cache"
+    empty = [(section, key) for section, key in [*fields, (r.student, "pretrained")] if getattr(section, key) == ""]
+    empty += [(t, "weights") for t in r.teachers if t.weights == ""]
+    if empty:
+        section, key = empty[0]
+        where = next((f"teachers[{i}]" for i, t in enumerate(r.teachers) if t is section), None)
+        name = f"{where or type(section).__name__.removesuffix('Config').lower()}.{key}"
+        unset = {"resume": "'auto' or 'never'", "output_dir": "leave it out for 'runs'"}.get(
+            key, "null to leave it unset"
+        )
+        raise RecipeError(f"{name}: an empty value names no file or folder; give a path, or {unset}")
     for section, key in fields:
         value = getattr(section, key)
         if value is None or not value.startswith("~"):
