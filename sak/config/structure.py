@@ -62,19 +62,33 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
+            whole = isinstance(value, float) and value.is_integer() and abs(value) < 2**53
+            hint = f"; write {int(value)}" if whole else _null_hint(value)  # (2e3 reads as a float)
+            raise RecipeError(f"{where}: expected an integer, got {value!r} ({type(value).__name__}){hint}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.match(value.strip()):  # YAML 1.1 reads 1e-4 as a string
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
+            raise RecipeError(f"{where}: expected a number, got {value!r} ({type(value).__name__}){_null_hint(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
+            # YAML reads yes / no / on / off as booleans and digits as numbers: such a name must be quoted
+            if isinstance(value, bool):
+                hint = "; quote it (YAML reads yes / no / on / off unquoted as true / false)"
+            else:
+                hint = f"; quote it: '{value}'" if isinstance(value, (int, float)) else ""
+            raise RecipeError(f"{where}: expected a string, got {value!r} ({type(value).__name__}){hint}")
         return value
     raise RecipeError(f"{where}: unsupported field type {tp!r}")  # a schema bug, not a user error
+
+
+def _null_hint(value: Any) -> str:
+    """For the strings 'None' / 'null' where a number belongs: YAML's null is written null or ~."""
+    return (
+        "; YAML's null is written null (or ~)" if isinstance(value, str) and value.strip() in ("None", "none") else ""
+    )
 
 
 def structure(cls: type, data: Any, where: str = "") -> Any:
