@@ -142,6 +142,9 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
         config = yaml.safe_load(files[0].read_text())
         if not isinstance(config, dict):
             raise ValueError(f"a YAML {type(config).__name__}, not a mapping")
+        missing = [k for k in ("student", "tasks", "teachers", "image_size") if k not in config]
+        if missing:  # (else a bare KeyError: 'tasks' while building)
+            raise ValueError(f"it has no {', '.join(repr(k) for k in missing)}")
     except (yaml.YAMLError, ValueError) as exc:
         raise ExportError(f"{str(files[0])!r} is not an export's student.yaml ({exc}); export again") from exc
     digest = config.get("weights_sha256")  # (exports before sak wrote it have none)

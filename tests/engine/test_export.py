@@ -161,6 +161,11 @@ def test_predict_names_what_is_wrong_with_the_export_directory(tiny_recipe, tmp_
     assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "student.safetensors does not make the student of student.yaml (size mismatch for" in err, err
+    edited = {k: v for k, v in yaml.safe_load(config).items() if k not in ("tasks", "image_size")}
+    (out / "student.yaml").write_text(yaml.safe_dump(edited))  # keys left out by hand: a bare "KeyError: 'tasks'"
+    assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "student.yaml' is not an export's student.yaml (it has no 'tasks', 'image_size'); export again" in err
 
 
 def test_an_export_interrupted_between_its_two_files_or_damaged_is_named(tiny_recipe, tmp_path, capsys):
