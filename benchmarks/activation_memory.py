@@ -48,7 +48,7 @@ def saved_bytes(fn) -> tuple[int, object]:
 def forward_pass(path: str, batch: int, on: bool):
     """The recipe's student (grad checkpointing `on`) and a function running its forward on one batch to a loss."""
     overrides = [f"data.batch_size={batch}", "data.num_workers=0", f"student.grad_checkpointing={str(on).lower()}"]
-    recipe = load_recipe(ROOT / path, overrides)
+    recipe = load_recipe(Path(path) if Path(path).exists() else ROOT / path, overrides)
     torch.manual_seed(0)
     tasks = build_tasks(recipe)
     student = build_student(recipe, build_teachers(recipe, torch.device("cpu")), tasks).train()

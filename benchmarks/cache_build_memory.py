@@ -49,13 +49,14 @@ def build(samples: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs=2, default=[64, 192], help="the two shard sizes")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     rows = [build(n) for n in args.samples]
     small, large = rows
     copies = (large["peak_rss_mib"] - small["peak_rss_mib"]) / (large["shard_mib"] - small["shard_mib"])
     result = {"torch": torch.__version__, "machine": platform.machine(), "rows": rows, "shard_copies": copies}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_build_memory_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "cache_build_memory_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Cache build peak memory (CPU, torch {torch.__version__})",
         "",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Peak growth per MiB of shard: {copies:.2f} (the shard copies held at once).",
     ]
-    (RESULTS / "cache_build_memory_cpu.md").write_text("\n".join(lines) + "\n")
+    (args.results / "cache_build_memory_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

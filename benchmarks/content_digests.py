@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kib", type=int, default=110, help="file size (PASCAL-Context's JPEGs average ~110 KiB)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "train"
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": before / after,
         "command": "python -m benchmarks.content_digests " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "content_digests_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "content_digests_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Content digests on {args.processes} processes (CPU, {os.cpu_count()} cores, torch {torch.__version__})",
         "",
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Speed-up: {before / after:.2f}x. Reproduce: `{result['command'].strip()}`.",
         "",
     ]
-    (RESULTS / "content_digests_cpu.md").write_text("\n".join(lines))
+    (args.results / "content_digests_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

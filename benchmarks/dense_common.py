@@ -95,7 +95,10 @@ def evaluate_model(model: Model, dataset: str, args: argparse.Namespace, preds_d
     if model.kind == "preds":
         if not args.root:
             raise SystemExit("--preds needs --root (the dataset folder holding the ground truth)")
-        result = score_prediction_dir(dataset, args.root, args.split, model.path, progress=not args.quiet)
+        options = {"eval_size": list(args.eval_size)} if args.eval_size else None
+        result = score_prediction_dir(
+            dataset, args.root, args.split, model.path, options=options, progress=not args.quiet
+        )
         result["preds_dir"] = str(model.path)
         return result
     recipe_path = Path(args.recipe) if args.recipe else find_recipe(model.path)
@@ -232,8 +235,10 @@ def _depth_range(truth: np.ndarray) -> tuple[float, float]:
     return (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
 
 
-def picture(dataset: str, root: str, split: str, preds_dir: Path, tasks: list[str], out: Path, n: int, title: str):
-    """Rows: the first `n` images of the split; columns: image, then ground truth | prediction per task."""
+def picture(dataset: str, root: str, split: str, preds_dir: Path, tasks: list[str], out: Path, n: int, title: str,
+            options: dict | None = None):  # fmt: skip
+    """Rows: the first `n` images of the split; columns: image, then ground truth | prediction per task.
+    `options`: the dataset's, as the model was scored with (a larger `eval_size` canvas)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +248,7 @@ def picture(dataset: str, root: str, split: str, preds_dir: Path, tasks: list[st
     from sak.data.transforms import unpad
     from sak.engine.predictions import read_prediction
 
-    data = build_dataset(dataset, DatasetSpec(root=root, split=split, tasks=tuple(tasks), train=False))
+    data = build_dataset(dataset, DatasetSpec(root=root, split=split, tasks=tuple(tasks), train=False), options or {})
     rows = min(n, len(data))
     cols = 1 + 2 * len(tasks)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.4 * rows + 0.5), squeeze=False)
@@ -285,6 +290,9 @@ def parser(dataset: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="the checkpoints' recipe (default: the recipe.yaml beside them)")
     p.add_argument("--root", default=None, help=f"the {dataset} folder (overrides the recipe's data.root)")
     p.add_argument("--split", default="val")
+    p.add_argument("--eval-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="evaluation canvas for --preds rows, for images larger than the default (checkpoint rows: "
+                   "data.options.eval_size=[H, W])")  # fmt: skip
     p.add_argument("--fixture", action="store_true", help="write the fixture, train a tiny student, benchmark it")
     p.add_argument("--steps", type=int, default=40, help="training steps of the --fixture student")
     p.add_argument("--images", type=int, default=3, help="images in the picture")
@@ -322,16 +330,26 @@ def main(dataset: str, doc: str, argv: list[str] | None = None) -> int:
                 result["recipe"] = "FIXTURE_RECIPE of benchmarks/dense_common.py (resolved_recipe: as run)"
             results.append(result)
         first = results[0]
+        preds_dir = Path(first.pop("preds_dir"))
+        for r in results:  # (temporary folders, gone afterwards)
+            r.pop("preds_dir", None)
         png = prefix.with_name(prefix.name + ".png")
+        payload = {"command": command, "dataset": dataset, "fixture": args.fixture, "models": results,
+                   "published": published_rows(dataset)}  # fmt: skip
+        # the scores are written before the picture is drawn: a failing picture loses none of them
+        prefix.with_name(prefix.name + ".json").write_text(json.dumps(payload, indent=2) + "\n")
+        md = markdown(dataset, results, command, args.fixture, png)
+        prefix.with_name(prefix.name + ".md").write_text(md)
+        print(md)
         tasks = [t for t, _ in COLUMNS[dataset] if t in first["tasks"]]
-        root = args.root or first["resolved_recipe"]["data"]["root"]
-        picture(dataset, root, args.split, Path(first["preds_dir"]), tasks, png, args.images, first["name"])
-    for r in results:  # temporary folders are gone
-        r.pop("preds_dir", None)
-    payload = {"command": command, "dataset": dataset, "fixture": args.fixture, "models": results,
-               "published": published_rows(dataset)}  # fmt: skip
-    prefix.with_name(prefix.name + ".json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = markdown(dataset, results, command, args.fixture, png)
-    prefix.with_name(prefix.name + ".md").write_text(md)
-    print(md)
+        data = first.get("resolved_recipe", {}).get("data", {})
+        root = args.root or data["root"]
+        options = (
+            data.get("options")
+            if "resolved_recipe" in first
+            else {"eval_size": args.eval_size}
+            if args.eval_size
+            else None
+        )
+        picture(dataset, root, args.split, preds_dir, tasks, png, args.images, first["name"], options)
     return 0

@@ -49,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", nargs="+", default=["recipes/demo/default.yaml", "recipes/bench/stage2_cpu.yaml"])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for path in args.recipe:
         times = {}
         for fused in (True, False):
-            recipe = load_recipe(ROOT / path, [f"optim.fused={str(fused).lower()}"])
+            recipe = load_recipe(
+                Path(path) if Path(path).exists() else ROOT / path, [f"optim.fused={str(fused).lower()}"]
+            )
             torch.manual_seed(0)
             teachers = build_teachers(recipe, device)
             student = build_student(recipe, teachers, build_tasks(recipe)).to(device)
@@ -66,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                      "fused_s": times[True], "default_s": times[False]})  # fmt: skip
         print(f"{path}: default {times[False] * 1e3:.2f} ms, fused {times[True] * 1e3:.2f} ms", flush=True)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__}
-    (RESULTS / f"optimizer_step_{device.type}.json").write_text(json.dumps(meta | {"results": rows}, indent=2))
+    (args.results / f"optimizer_step_{device.type}.json").write_text(json.dumps(meta | {"results": rows}, indent=2))
     lines = [
         f"# AdamW step, fused against PyTorch's default ({where}, torch {torch.__version__})",
         "",
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['fused_s'] * 1e3:.2f} | {r['default_s'] / r['fused_s']:.1f}x |"
         )
     md = "\n".join(lines) + "\n"
-    (RESULTS / f"optimizer_step_{device.type}.md").write_text(md)
+    (args.results / f"optimizer_step_{device.type}.md").write_text(md)
     print(md)
     return 0
 

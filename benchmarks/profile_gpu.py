@@ -199,8 +199,15 @@ class BareStep:
         self.step += 1
 
 
+def in_repo(path: str) -> Path:
+    """A recipe path as given if it exists from here, else from the repository's root (the default recipes, for a
+    run from another folder)."""
+    return Path(path) if Path(path).exists() else Path(__file__).resolve().parents[1] / path
+
+
 def profile_recipe(path: str, steps: int, overrides: list[str], sort: str, rows: int, dev: torch.device) -> dict:
     cuda = dev.type == "cuda"
+    path = in_repo(path)
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only the images the steps use
         recipe = load_recipe(path, ["data.options.length=64", *overrides])

@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo" / "default.yaml"))
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = {arch: run(args.recipe, arch, args.steps, args.overrides, tmp) for arch in ("sak", "many_to_one")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.sak_vs_many_to_one " + " ".join(argv if argv is not None else sys.argv[1:])
-    (RESULTS / "sak_vs_many_to_one.json").write_text(json.dumps({"command": command, **results}, indent=2))
+    (args.results / "sak_vs_many_to_one.json").write_text(json.dumps({"command": command, **results}, indent=2))
     teachers = list(results["sak"]["cosine"])
     lines = [
         "# SAK vs many-to-one distillation (held-out cosine per teacher)",
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             + f" | {sum(cos) / len(cos):.3f} | {p['total']:,} / {p['inference']:,} |"
         )  # fmt: skip
     md = "\n".join(lines) + "\n"
-    (RESULTS / "sak_vs_many_to_one.md").write_text(md)
+    (args.results / "sak_vs_many_to_one.md").write_text(md)
     print(md)
     return 0
 

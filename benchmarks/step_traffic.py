@@ -55,7 +55,7 @@ from sak.losses.resize import gram_matrix, interpolation_matrix
 from sak.teachers.base import _per_channel
 
 from .flops import CPU_ATTENTION
-from .profile_gpu import VIEWS, BareStep
+from .profile_gpu import VIEWS, BareStep, in_repo
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_RECIPES = [
@@ -178,6 +178,7 @@ CACHES = (interpolation_matrix, gram_matrix, _per_channel)  # cached constants: 
 
 def load_one_batch(path: str, overrides: list[str]) -> Recipe:
     """The recipe, a generated dataset cut to the one batch the step uses."""
+    path = in_repo(path)
     recipe = load_recipe(path, overrides)
     if recipe.data.name == "synthetic":  # generate only one batch's images
         recipe = load_recipe(path, [f"data.options.length={recipe.data.batch_size}", "data.num_workers=0", *overrides])

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_dataset(
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds_per_image": seconds})  # fmt: skip
             del cast
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "torch": torch.__version__, "images": args.images}
-    (RESULTS / f"teacher_precision_{device.type}.json").write_text(json.dumps(meta | {"results": rows}, indent=2))
+    (args.results / f"teacher_precision_{device.type}.json").write_text(json.dumps(meta | {"results": rows}, indent=2))
     lines = [
         f"# Teachers in low precision ({where}, torch {torch.__version__})",
         "",
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cos = ", ".join(f"{1 - c:.1e}" for c in r["cosine_per_level"])
         lines.append(f"| {r['teacher']} ({r['size']} px) | {r['mode']} | {cos} | {r['seconds_per_image']:.4f} |")
     md = "\n".join(lines) + "\n"
-    (RESULTS / f"teacher_precision_{device.type}.md").write_text(md)
+    (args.results / f"teacher_precision_{device.type}.md").write_text(md)
     print(md)
     return 0
 

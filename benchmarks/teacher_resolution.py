@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.75, 0.5])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder the JSON and markdown go to")
     args = parser.parse_args(argv)
     data = build_dataset(
         "package_images", DatasetSpec(split="val", image_size=448, train=False), {"crops_per_image": 8}
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                    for lv, ref in zip(levels, reference, strict=True)]  # fmt: skip
             rows.append({"teacher": name, "size": size, "native": native, "cosine_per_level": cos,
                          "seconds_per_image": per_image})  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "teacher_resolution.json").write_text(json.dumps(rows, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "teacher_resolution.json").write_text(json.dumps(rows, indent=2))
     lines = [
         f"# Teacher features below the native resolution (CPU, {torch.get_num_threads()} threads)",
         "",
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['teacher']} | {r['size']} (native {r['native']}) | {r['size'] / r['native']:.2f} | {cos} "
                      f"| {r['seconds_per_image']:.4f} | {faster} |")  # fmt: skip
     md = "\n".join(lines) + "\n"
-    (RESULTS / "teacher_resolution.md").write_text(md)
+    (args.results / "teacher_resolution.md").write_text(md)
     print(md)
     return 0
 

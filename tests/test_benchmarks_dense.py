@@ -39,3 +39,36 @@ def test_fixture_benchmark_writes_table_json_and_picture(dataset, tmp_path):
     with Image.open(prefix.with_suffix(".png")) as png:
         width, height = png.size
     assert width > 4 * height, "one row per image, image + truth/prediction per task side by side"
+
+
+def test_preds_rows_of_frames_larger_than_the_canvas_are_scored_and_drawn_with_eval_size(tmp_path, monkeypatch):
+    """Full 480 x 640 NYUD frames exceed the default 448 x 576 canvas: --eval-size is the canvas of the --preds
+    rows and of the picture (which always used the default, and failed after every score was computed, writing
+    nothing). The scores are written before the picture is drawn."""
+    from sak.data import DatasetSpec, build_dataset
+    from sak.data.fixtures import write_nyud
+    from sak.data.transforms import unpad
+    from sak.engine.predictions import write_predictions
+
+    root = write_nyud(tmp_path / "NYUD_MT", n_train=1, n_val=1, size=(480, 640))
+    tasks = ("semseg", "depth", "normals", "edges")
+    data = build_dataset("nyud", DatasetSpec(root=str(root), split="val", tasks=tasks, train=False),
+                         {"eval_size": [480, 640]})  # fmt: skip
+    sample = data[0]
+    for task in tasks:  # the ground truth as the predictions: a perfect row
+        write_predictions(tmp_path / "preds", task, [sample["id"]], [unpad(sample[task], sample["size"].tolist())])
+    prefix = tmp_path / "nyud"
+    args = ["--preds", str(tmp_path / "preds"), "--root", str(root), "--images", "1", "--quiet", "--out", str(prefix)]
+    assert benchmarks.nyud.main([*args, "--eval-size", "480", "640"]) == 0
+    (model,) = json.loads(prefix.with_suffix(".json").read_text())["models"]
+    assert model["n_images"] == 1 and model["headline"]["depth"] == 0  # (RMSE of the truth itself)
+    assert prefix.with_suffix(".png").is_file()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no picture")
+
+    monkeypatch.setattr(benchmarks.dense_common, "picture", broken)
+    prefix.with_suffix(".json").unlink()
+    with pytest.raises(RuntimeError, match="no picture"):
+        benchmarks.nyud.main([*args, "--eval-size", "480", "640"])
+    assert prefix.with_suffix(".json").is_file() and prefix.with_suffix(".md").is_file()
