@@ -119,3 +119,22 @@ def test_home_is_refused_where_an_older_sak_made_a_folder_named_tilde(tmp_path, 
     (tmp_path / "~" / "runs").mkdir(parents=True)
     with pytest.raises(RecipeError, match=r"run.output_dir: '~/runs' is the home folder's .* but a folder .*~' exists"):
         load_recipe(TINY, ["run.output_dir=~/runs"])
+
+
+def test_an_override_reaches_a_key_with_dots_in_a_mapping():
+    """peft's LoraConfig.rank_pattern / alpha_pattern are keyed by module names with dots: an override of one
+    was split at every dot, and refused as a list that is not there."""
+    from sak.config import apply_override
+
+    data = {"student": {"lora": {"r": 8, "rank_pattern": {"blocks.0.attn.qkv": 4}}}}
+    apply_override(data, "student.lora.rank_pattern.blocks.0.attn.qkv=16")
+    apply_override(data, "student.lora.r=4")
+    assert data["student"]["lora"] == {"r": 4, "rank_pattern": {"blocks.0.attn.qkv": 16}}
+    with pytest.raises(RecipeError, match=r"student.lora.rank_pattern.blocks is not in the recipe; give the whole list, "
+                       r"e.g. 'student.lora.rank_pattern.blocks=\[...\]', or the whole mapping: "
+                       r"'student.lora.rank_pattern=\{...\}'"):  # fmt: skip
+        apply_override(data, "student.lora.rank_pattern.blocks.1.attn.qkv=16")  # a new one: the mapping is given whole
+    with pytest.raises(
+        RecipeError, match=r"tasks is not in the recipe; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'$"
+    ):
+        apply_override(data, "tasks.0.name=semseg")  # (a recipe list: no mapping to suggest)

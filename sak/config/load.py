@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..teachers.weights import refuse_loader_kwargs
+from .overrides import apply_override
 from .schema import (
     LossConfig,
     Recipe,
@@ -26,69 +27,7 @@ from .schema import (
     TeacherConfig,
 )
 from .structure import _convert, build_options, structure
-from .yaml_read import StrictLoader, refuse_keys_without_values, unshared, yaml_problem
-
-
-def _list_example(keys: list[str]) -> str:
-    """An example value for the recipe list at `keys` ("tasks", "student.levels"): `[{name: ...}]` for a list
-    of sections with a `name`, `[{...}]` for other sections, `[...]` for values (or a path the schema lacks)."""
-    tp: Any = Recipe
-    for key in keys:
-        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-        if key not in hints:
-            return "[...]"
-        tp = hints[key]
-        if typing.get_origin(tp) in (Union, types.UnionType):  # `list[int] | None`
-            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-    item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
-    if dataclasses.is_dataclass(item):
-        return "[{name: ...}]" if "name" in {f.name for f in dataclasses.fields(item)} else "[{...}]"
-    return "[...]"
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply one `a.b.c=value` (value parsed as YAML; list items addressed by index: teachers.0.weights)."""
-    if "=" not in override:
-        raise RecipeError(f"override {override!r} is not of the form key.path=value")
-    path, raw = override.split("=", 1)
-    try:
-        value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override {override!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
-    keys = path.strip().split(".")
-    node: Any = data
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
-                raise RecipeError(
-                    f"override {override!r}: {'.'.join(keys[:i])} has {len(node)} items; {key!r} is not an index"
-                )
-            key = int(key)
-            if last:
-                node[key] = value
-            else:
-                if node[key] is None:  # an item left empty in the file (`teachers: [~]`)
-                    node[key] = {}
-                node = node[key]
-                if not isinstance(node, (dict, list)):
-                    raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
-            continue
-        if last:
-            node[key] = value
-        else:
-            if node.get(key) is None:  # absent, or a section left empty in the file (`cache:`)
-                if keys[i + 1].isdigit():  # an item of a list that is not there (stage 1's tasks)
-                    section = ".".join(keys[: i + 1])
-                    state = "has no items" if key in node else "is not in the recipe"
-                    raise RecipeError(
-                        f"override {override!r}: {section} {state}; give the whole list, e.g. "
-                        f"'{section}={_list_example(keys[: i + 1])}'"
-                    )
-                node[key] = {}
-            node = node[key]
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"override {override!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+from .yaml_read import StrictLoader, refuse_keys_without_values, unshared
 
 
 def import_plugins(modules: list[str], where: str = "imports") -> None:
