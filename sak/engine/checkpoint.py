@@ -58,6 +58,11 @@ def _fsync_tree(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,6 +126,7 @@ def save_checkpoint(
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
         _put_in_place(partial, final)
+        _fsync_dir(root)  # the rename on disk before pruning deletes older ones (a power loss keeps one of them)
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final

@@ -124,8 +124,9 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
         abandoned = set_aside(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime()), after=step)
     cut_sample_records(run_dir, step)  # (all of them on a fresh start)
     if finished is None:
-        for name in ("recipe.yaml", "run_info.json"):
-            (run_dir / name).write_text(extra_files[name])
+        for name in ("recipe.yaml", "run_info.json"):  # renamed into place: a kill never leaves half a file
+            (run_dir / f"{name}.tmp").write_text(extra_files[name])
+            os.replace(run_dir / f"{name}.tmp", run_dir / name)
         # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
         # no longer describe the run, which a stop or a crash would leave claiming to have finished. Its final
         # checkpoint keeps its own copy; one set aside takes this one along.

@@ -104,3 +104,41 @@ def test_a_step_that_cannot_be_saved_again_keeps_its_earlier_save_with_a_warning
         save_checkpoint(accelerator, root, TrainState(step=3), {"note.txt": "final"}, keep_last=2)
     assert (root / "step_00000003" / "note.txt").read_text() == "periodic"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+
+
+def test_the_checkpoints_folder_is_flushed_after_the_rename_and_before_pruning(accelerator, monkeypatch, tmp_path):
+    """After a power loss, a file system that does not keep a rename and a later delete in order could lose both
+    the new checkpoint (its rename not on disk) and the one pruning deleted."""
+    root, events = tmp_path / "checkpoints", []
+    save_checkpoint(accelerator, root, TrainState(step=1), {}, keep_last=1)
+    fsync_dir, prune = checkpoint._fsync_dir, checkpoint._prune
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda path: events.append(("fsync", path.name)) or fsync_dir(path))
+    monkeypatch.setattr(checkpoint, "_prune", lambda *args: events.append(("prune",)) or prune(*args))
+    save_checkpoint(accelerator, root, TrainState(step=2), {}, keep_last=1)
+    assert events[-2:] == [("fsync", "checkpoints"), ("prune",)]
+    assert [p.name for p in checkpoint_dirs(root)] == ["step_00000002"]
+
+
+def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole(tiny_recipe, monkeypatch):
+    """recipe.yaml and run_info.json beside the run were written in place: a kill (here, an error half-way through
+    the write) left half a file, which `benchmarks.nyud` / `pascal_context` read as the run's recipe."""
+    from pathlib import Path
+
+    from sak.engine import run_records
+
+    recipe = tiny_recipe()
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "recipe.yaml").write_text("the recipe of the start before\n")
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        if self.name.startswith("recipe.yaml"):
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    extra = {"recipe.yaml": recipe.to_yaml(), "run_info.json": "{}"}
+    with pytest.raises(KeyboardInterrupt):
+        run_records.record_start(recipe, None, 0, extra, None)
+    assert (recipe.run_dir / "recipe.yaml").read_text() == "the recipe of the start before\n"
