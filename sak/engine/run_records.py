@@ -113,8 +113,8 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
     """The main process's records of a start, once it is under way (a refused resume leaves the run's files as
     they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
     a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
-    `finished` metrics, the final checkpoint's, are written beside the run again if a kill came between the two
-    or the file is another's; a start that trains takes away final metrics left beside the run), and a line in
+    `finished` metrics and that recipe, the final checkpoint's, are written beside the run again if a kill came
+    between the two or the files are another's (another run's final checkpoint resumed); a start that trains takes away final metrics left beside the run), and a line in
     starts.jsonl. Returns the folder the later checkpoints went to, if any."""
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
     abandoned = None
@@ -136,11 +136,12 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
                 os.replace(old, abandoned / FINAL_METRICS)
             else:
                 old.unlink()
-    else:
-        text, copy = finished.read_text(), run_dir / FINAL_METRICS
-        if not copy.is_file() or copy.read_text() != text:
-            (run_dir / f"{FINAL_METRICS}.tmp").write_text(text)
-            os.replace(run_dir / f"{FINAL_METRICS}.tmp", copy)
+    else:  # the final checkpoint's metrics and recipe beside the run: another run's final checkpoint resumed
+        for name, source_file in ((FINAL_METRICS, finished), ("recipe.yaml", finished.parent / "recipe.yaml")):
+            copy = run_dir / name  # (its recipe is the recipe that trained it, whatever this start asks)
+            if source_file.is_file() and (not copy.is_file() or copy.read_text() != source_file.read_text()):
+                (run_dir / f"{name}.tmp").write_text(source_file.read_text())
+                os.replace(run_dir / f"{name}.tmp", copy)
     with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
         f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     return abandoned

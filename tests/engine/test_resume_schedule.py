@@ -77,3 +77,19 @@ def test_resuming_from_a_run_directory_names_its_latest_checkpoint(tiny_recipe, 
         train(other)
     with pytest.raises(FileNotFoundError, match=r"\(no trainer_state.json\)$"):  # nothing to name
         train(tiny_recipe("run.name=third", f"checkpoint.resume={tmp_path}"))
+
+
+def test_another_runs_final_checkpoint_resumed_brings_its_recipe_beside_its_metrics(tiny_recipe):
+    """Run b given run a's final checkpoint trains nothing and returns a's final metrics: b's folder got a's
+    final_metrics.json but no recipe.yaml, so nothing beside them said what made them."""
+    import json
+
+    a = tiny_recipe("schedule.max_steps=2", "run.name=a")
+    train(a)
+    final = a.run_dir / "checkpoints" / "step_00000002"
+    b = tiny_recipe("schedule.max_steps=2", "run.name=b", "optim.lr=0.5", f"checkpoint.resume={final}")
+    train(b)
+    assert json.loads((b.run_dir / "final_metrics.json").read_text()) == json.loads(
+        (final / "final_metrics.json").read_text()
+    )
+    assert (b.run_dir / "recipe.yaml").read_text() == (final / "recipe.yaml").read_text()  # a's, lr and all
