@@ -438,7 +438,7 @@ def test_the_module_command_reports_bad_input_as_sak_select_does(png_pool, tmp_p
     teacher or a --seed numpy cannot take; it goes through `sak`'s own error reporting now."""
     args = ["--pool", str(png_pool), "--budget", "2", "--no-progress", "--out", str(tmp_path / "m.txt")]
     assert main([*args, "--teacher", "no_such_teacher"]) == 2
-    assert "sak select: UnknownNameError: unknown teacher 'no_such_teacher'" in capsys.readouterr().err
+    assert "sak select: --teacher: unknown teacher 'no_such_teacher'; known: " in capsys.readouterr().err
     assert main([*args, "--method", "random", "--seed", str(2**32)]) == 2
     assert "--seed must be from 0 to 2**32 - 1, got 4294967296" in capsys.readouterr().err
     assert not (tmp_path / "m.txt").exists()
