@@ -264,6 +264,14 @@ def test_values_that_would_fail_later_are_refused_with_the_key(override, message
         load_recipe(TINY, [override])
 
 
+def test_loader_keywords_that_load_nothing_are_accepted():
+    """Only a value that loads weights is refused: open_clip's `pretrained_text` defaults to true, and false is
+    how a custom model with a Hugging Face text tower keeps from downloading it."""
+    kwargs = "{pretrained_text: false, load_weights: false, weights_only: true, pretrained: null, cache_dir: /scratch}"
+    recipe = load_recipe(TINY, [f"teachers.0.options.model_kwargs={kwargs}"])
+    assert recipe.teachers[0].options["model_kwargs"]["weights_only"] is True
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -33,21 +33,26 @@ def is_local(weights: str | None) -> bool:
 
 
 # keyword arguments of the model libraries' create_model calls that load weights by their own route (timm:
-# pretrained / checkpoint_path / pretrained_cfg(_overlay) / cache_dir; open_clip: pretrained and its tower
-# paths, weights_only, ...). Given in model_kwargs they would bypass `weights` (its sha256 check and the
-# identity that the feature cache and checkpoints record), and open_clip's `weights_only: false` would unpickle
-# an arbitrary file: a recipe could run code without naming a plug-in module.
+# pretrained / checkpoint_path / pretrained_cfg(_overlay); open_clip: pretrained and its tower paths and flags,
+# weights_only: false, ...). Given in model_kwargs they would bypass `weights` (its sha256 check and the identity
+# that the feature cache and checkpoints record), and open_clip's `weights_only: false` would unpickle an
+# arbitrary file: a recipe could run code without naming a plug-in module. Values that load nothing (false, null,
+# weights_only: true) are allowed.
 LOADER_KWARGS = frozenset({
-    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "weights_only",
-    "load_weights", "pretrained_image", "pretrained_text", "pretrained_image_path", "pretrained_text_path",
-    "pretrained_hf", "require_pretrained",
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "weights_only", "load_weights",
+    "pretrained_image", "pretrained_text", "pretrained_image_path", "pretrained_text_path", "pretrained_hf",
+    "require_pretrained",
 })  # fmt: skip
 
 
 def refuse_loader_kwargs(model_kwargs, where: str, instead: str) -> None:
-    """`where`'s model_kwargs must not name a weight-loading argument (LOADER_KWARGS); `instead` says what to
-    set (teachers[].weights, student.pretrained)."""
-    found = sorted(LOADER_KWARGS.intersection(model_kwargs)) if isinstance(model_kwargs, dict) else []
+    """`where`'s model_kwargs must not ask a model library to load weights (LOADER_KWARGS set to load: true, a
+    path or a config; `weights_only` to anything but true); `instead` says what to set (teachers[].weights,
+    student.pretrained)."""
+    if not isinstance(model_kwargs, dict):
+        return
+    found = sorted(k for k, v in model_kwargs.items()
+                   if k in LOADER_KWARGS and (v is not True if k == "weights_only" else bool(v)))  # fmt: skip
     if found:
         raise ValueError(
             f"{where}: {', '.join(found)} load weights by the model library's own route, which sak does not check "
