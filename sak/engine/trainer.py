@@ -64,9 +64,15 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # a cached batch makes large (505 MB at the ViT-B stage-1 scale). No effect on the CPU.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
-    # Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
-    # and a DeepSpeed config's values over those passed here: the steps' images, the schedule's length and the
-    # recorded recipe would then be other than the run's
+    check_launch_settings(accelerator, recipe)
+    return accelerator
+
+
+def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
+    and a DeepSpeed config's values over those sak passes (the config's grad_accum only in `prepare`: checked
+    after it again): the steps' images, the schedule's length and the recorded recipe would be other than the
+    run's."""
     for key, asked, got in (("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
                             ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision)):  # fmt: skip
         if asked != got:
@@ -75,7 +81,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
                 "--gradient_accumulation_steps / --mixed_precision, ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a "
                 f"DeepSpeed config); set it in the recipe ({key}={got}) and leave it out of the launch"
             )
-    return accelerator
 
 
 def skip_first_batches(accelerator: Accelerator, loader, batches: int):
@@ -217,6 +222,7 @@ def train(recipe: Recipe) -> dict:
         student, optimizer, train_loader, val_loader, scheduler,
         device_placement=[None, None, False if prefetch else None, None, None],
     )  # fmt: skip
+    check_launch_settings(accelerator, recipe)  # (a DeepSpeed config's grad_accum is applied by prepare)
     fused_scaling = getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False)
     tdtype = teacher_dtype(recipe)
 

@@ -326,6 +326,17 @@ def test_a_launch_that_sets_another_grad_accum_than_the_recipe_is_refused(tiny_r
                        r"set it in the recipe \(optim.grad_accum=2\)"):  # fmt: skip
         make_accelerator(tiny_recipe())
     assert make_accelerator(tiny_recipe("optim.grad_accum=2")).gradient_accumulation_steps == 2
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    prepare = Accelerator.prepare
+
+    def deepspeed_prepare(self, *args, **kwargs):  # a DeepSpeed config's value is applied here, with a warning
+        prepared = prepare(self, *args, **kwargs)
+        self.gradient_accumulation_steps = 4
+        return prepared
+
+    monkeypatch.setattr(Accelerator, "prepare", deepspeed_prepare)
+    with pytest.raises(RecipeError, match=r"optim.grad_accum is 1 but Accelerate was configured with 4"):
+        train(tiny_recipe())
 
 
 def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe, monkeypatch):
