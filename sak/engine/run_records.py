@@ -128,14 +128,19 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
             (run_dir / f"{name}.tmp").write_text(extra_files[name])
             os.replace(run_dir / f"{name}.tmp", run_dir / name)
         # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
-        # no longer describe the run, which a stop or a crash would leave claiming to have finished. Its final
-        # checkpoint keeps its own copy; one set aside takes this one along.
+        # no longer describe the run, which a stop or a crash would leave claiming to have finished. They go with
+        # the checkpoints set aside, or into the checkpoint resumed from where it has none (final checkpoints of
+        # sak before 2026-11-27 hold none: this file is their only copy), else beside it under another name.
         old = run_dir / FINAL_METRICS
         if old.is_file():
             if abandoned is not None:
                 os.replace(old, abandoned / FINAL_METRICS)
+            elif source is not None and source.parent == ckpt_root and not (source / FINAL_METRICS).is_file():
+                os.replace(old, source / FINAL_METRICS)  # (this run's own final checkpoint)
+            elif source is not None and (source / FINAL_METRICS).read_text() == old.read_text():
+                old.unlink()  # (the checkpoint's own copy)
             else:
-                old.unlink()
+                os.replace(old, run_dir / time.strftime(f"{FINAL_METRICS}.before-%Y%m%d-%H%M%S", time.gmtime()))
     else:  # the final checkpoint's metrics and recipe beside the run: another run's final checkpoint resumed
         for name, source_file in ((FINAL_METRICS, finished), ("recipe.yaml", finished.parent / "recipe.yaml")):
             copy = run_dir / name  # (its recipe is the recipe that trained it, whatever this start asks)
