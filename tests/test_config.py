@@ -400,13 +400,12 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
         (["run.name=a/b"], "run.name: 'a/b' names the run's folder"),
         (["schedule.max_steps=010"], r"schedule.max_steps: expected an integer, got '010'"),  # YAML 1.1: octal 8
         (["optim.lr=1:30.5"], r"optim.lr: expected a number, got '1:30.5'"),  # YAML 1.1: base-60, 90.5
-        (["run.name=2024"], r"run.name: expected a string, got 2024 \(int\); quote it: '2024'"),
+        (["run.name=2024"], r"run.name: expected a string, got 2024 \(int\); quote it \(YAML read it as a number\)"),
         (["data.split=on"], r"data.split: expected a string, got True \(bool\); quote it \(YAML reads yes / no / on"),
         (["optim.grad_clip=None"], r"optim.grad_clip: expected a number, got 'None' \(str\); YAML's null is written null"),
         (["schedule.max_steps=2e3"], r"schedule.max_steps: expected an integer, got 2000.0 \(float\); write 2000"),
         (["cache.path="], "cache.path: an empty value names no file or folder; give a path, or null"),  # ('.' later)
         (["checkpoint.resume="], "checkpoint.resume: an empty value .*give a path, or 'auto' or 'never'"),
-        (["run.output_dir="], "run.output_dir: an empty value .*leave it out for 'runs'"),
         (["teachers.1.weights="], r"teachers\[1\].weights: an empty value names no file or folder"),
     ],
 )  # fmt: skip
@@ -416,3 +415,8 @@ def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused
     base-60 `1:30.5` as 90.5."""
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY, overrides)
+
+
+def test_an_empty_output_dir_is_the_current_directory_as_older_recipes_wrote_it():
+    recipe = load_recipe(TINY, ["run.output_dir="])  # (other empty paths are refused: test above)
+    assert recipe.run_dir == Path(recipe.run.name)

@@ -131,8 +131,8 @@ def test_an_override_reaches_a_key_with_dots_in_a_mapping():
     apply_override(data, "student.lora.r=4")
     assert data["student"]["lora"] == {"r": 4, "rank_pattern": {"blocks.0.attn.qkv": 16}}
     with pytest.raises(RecipeError, match=r"student.lora.rank_pattern.blocks is not in the recipe; give the whole list, "
-                       r"e.g. 'student.lora.rank_pattern.blocks=\[...\]', or the whole mapping: "
-                       r"'student.lora.rank_pattern=\{...\}'"):  # fmt: skip
+                       r"e.g. 'student.lora.rank_pattern.blocks=\[...\]'; or, for a key with dots, the whole mapping, "
+                       r"e.g. 'student.lora.rank_pattern=\{blocks.1.attn.qkv: ...\}'"):  # fmt: skip
         apply_override(data, "student.lora.rank_pattern.blocks.1.attn.qkv=16")  # a new one: the mapping is given whole
     with pytest.raises(
         RecipeError, match=r"tasks is not in the recipe; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'$"

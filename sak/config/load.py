@@ -61,7 +61,8 @@ def _expand_home(recipe: Recipe) -> None:
         fields.append((r.checkpoint, "resume"))
     # an empty value (`cache.path=` on the command line) is the current directory to every file call: refused here,
     # where it names the key, not later as "'.' is not a complete teacher-feature cache"
-    empty = [(section, key) for section, key in [*fields, (r.student, "pretrained")] if getattr(section, key) == ""]
+    # (run.output_dir "" is the current directory, which older recipes wrote as `output_dir: ''`: allowed)
+    empty = [(section, key) for section, key in [*fields[1:], (r.student, "pretrained")] if getattr(section, key) == ""]
     empty += [(t, "weights") for t in r.teachers if t.weights == ""]
     if empty:
         section, key = empty[0]

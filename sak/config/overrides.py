@@ -91,12 +91,12 @@ def apply_override(data: dict, override: str) -> None:
                 if following.isdigit():  # an item of a list that is not there (stage 1's tasks)
                     section = ".".join(keys[: i + 1])
                     state = "has no items" if key in node else "is not in the recipe"
-                    mapping = ".".join(keys[:i])  # a key with dots there ("blocks.0.attn.qkv"): the whole mapping
-                    dotted = f", or the whole mapping: '{mapping}={{...}}'" if _in_mapping(keys[:i]) else ""
-                    raise RecipeError(
-                        f"override {override!r}: {section} {state}; give the whole list, e.g. "
-                        f"'{section}={_list_example(keys[: i + 1])}'{dotted}"
-                    )
+                    whole = f"give the whole list, e.g. '{section}={_list_example(keys[: i + 1])}'"
+                    if _in_mapping(keys[:i]):  # or a new key with dots there ("blocks.0.attn.qkv"): the whole mapping
+                        mapping = ".".join(keys[:i])
+                        dotted = ".".join(parts[len(mapping.split(".")) :])
+                        whole += f"; or, for a key with dots, the whole mapping, e.g. '{mapping}={{{dotted}: ...}}'"
+                    raise RecipeError(f"override {override!r}: {section} {state}; {whole}")
                 node[key] = {}
             node = node[key]
             if not isinstance(node, (dict, list)):

@@ -78,7 +78,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if isinstance(value, bool):
                 hint = "; quote it (YAML reads yes / no / on / off unquoted as true / false)"
             else:
-                hint = f"; quote it: '{value}'" if isinstance(value, (int, float)) else ""
+                hint = "; quote it (YAML read it as a number)" if isinstance(value, (int, float)) else ""
             raise RecipeError(f"{where}: expected a string, got {value!r} ({type(value).__name__}){hint}")
         return value
     raise RecipeError(f"{where}: unsupported field type {tp!r}")  # a schema bug, not a user error
