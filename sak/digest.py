@@ -21,6 +21,15 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def local_processes(default: int = 1) -> int:
+    """The processes of this launch on this machine (LOCAL_WORLD_SIZE, set by torchrun / accelerate launch), else
+    `default`: the CPUs are shared by these, not by every process of a multi-node launch."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or default))
+    except ValueError:
+        return max(1, default)
+
+
 def hash_threads(share: int = 1) -> int:
     """Hashing threads for one of `share` processes hashing at once: the usable CPUs, at most 16, divided."""
     return max(1, min(usable_cpus(), 16) // share)

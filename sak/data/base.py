@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..digest import hash_threads, sha256_files
+from ..digest import hash_threads, local_processes, sha256_files
 
 IGNORE_INDEX = 255
 
@@ -187,5 +187,5 @@ def file_digests(paths) -> list[tuple[str, str]]:
         return list(zip(paths, sha256_files(paths), strict=True))
     index, count = share
     digests = [""] * len(paths)
-    digests[index::count] = sha256_files(paths[index::count], hash_threads(count))
+    digests[index::count] = sha256_files(paths[index::count], hash_threads(local_processes(count)))
     return list(zip(paths, digests, strict=True))

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 
 from ..config import Recipe, RecipeError
-from ..digest import hash_threads
+from ..digest import hash_threads, local_processes
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
@@ -189,7 +189,9 @@ def train(recipe: Recipe) -> dict:
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
         # nor once per process (N reads of a cache that may not fit in the page cache)
         n = accelerator.num_processes
-        cache.verify_all(hash_threads(n), (accelerator.process_index, n), gather_object if n > 1 else None)
+        cache.verify_all(
+            hash_threads(local_processes(n)), (accelerator.process_index, n), gather_object if n > 1 else None
+        )
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     for loader in (train_loader, val_loader):  # before any step, not at the final evaluation
         check_samples_fit(student, loader.dataset.dataset)

@@ -377,4 +377,7 @@ def test_each_process_checks_the_kept_shards_it_writes(tiny_recipe, tmp_path, ca
             f"view0/shard0000{k}" for k in (index, index + 2)
         ]
     assert threads == [8, 8]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the two processes on two machines: each has its own 16
+    builder._drop_damaged_kept_shards(root, plan, {}, (0, 2))
+    assert threads[-1] == 16
     assert not any(plan.path(v, k).exists() for v, k in plan.shards())

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...config import Recipe
-from ...digest import hash_threads, sha256_files
+from ...digest import hash_threads, local_processes, sha256_files
 from .identity import _diff, as_now, content_digests, identity, training_dataset
 from .store import (
     CONTENT_PREFIX,
@@ -106,7 +106,7 @@ def _drop_damaged_kept_shards(
     that times out (30 minutes by default: about 2 TB at the page cache's speed)."""
     index, n = part
     kept = [(v, k) for i, (v, k) in enumerate(plan.shards()) if i % n == index and plan.path(v, k).exists()]
-    found = sha256_files([plan.path(v, k) for v, k in kept], hash_threads(n))
+    found = sha256_files([plan.path(v, k) for v, k in kept], hash_threads(local_processes(n)))
     for (view, shard), digest in zip(kept, found, strict=True):
         path = plan.path(view, shard)
         name = shard_name(view, shard)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ...digest import sha256_files, usable_cpus
+from ...digest import local_processes, sha256_files, usable_cpus
 from ...teachers import TeacherOutput
 from .identity import _diff, as_now
 from .store import CONTENT_PREFIX, REBUILD, CacheError, CachePlan, load_manifest, shard_name
@@ -43,8 +43,7 @@ _STORED = {"F16": torch.float16, "I8": torch.int8, "F32": torch.float32}
 def pin_threads() -> int:
     """Threads for reading a batch into page-locked memory: PIN_THREADS, or this process's share of the usable
     CPUs when fewer (LOCAL_WORLD_SIZE: the processes torchrun / accelerate start on this machine)."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(PIN_THREADS, usable_cpus() // local))
+    return max(1, min(PIN_THREADS, usable_cpus() // local_processes()))
 
 
 def _reopen(token: str, root: str, verified: dict[str, tuple] | None = None) -> FeatureCache:
