@@ -120,13 +120,7 @@ def test_verification_splits_the_shards_over_processes_and_every_process_refuses
     assert hashed[0] == [f"shard0000{k}.safetensors" for k in (0, 2, 4)]
     assert hashed[1] == ["shard00001.safetensors", "shard00003.safetensors"]
     assert [len(c._verified) for c in caches] == [3, 2]
-    caches, gather = [FeatureCache(root), FeatureCache(root)], _ThreadGather(2)
-    threads = [threading.Thread(target=c.verify_all, kwargs={"part": (i, 2), "share": gather.share(i)})
-               for i, c in enumerate(caches)]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    caches = _verify_as_two_processes(root)
     assert all(len(c._verified) == 5 for c in caches)  # what the other process checked counts as checked
     shard = root / "view0" / "shard00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
@@ -162,6 +156,18 @@ class _ThreadGather:
         return gather
 
 
+def _verify_as_two_processes(root, before=None) -> list[FeatureCache]:
+    """`verify_all` of two caches on threads, as processes 0 and 1 of 2 with a gather between them."""
+    caches, gather = [FeatureCache(root), FeatureCache(root)], _ThreadGather(2, before=before)
+    threads = [threading.Thread(target=c.verify_all, kwargs={"part": (i, 2), "share": gather.share(i)})
+               for i, c in enumerate(caches)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return caches
+
+
 def test_a_shard_rewritten_after_another_process_hashed_it_is_not_taken_as_checked(tiny_recipe, tmp_path):
     """Process 1 hashes shard 1 and finds it intact; it is rewritten (same size) before process 0 looks at
     it: process 0 must hash it itself when it reads it, not trust process 1's check of other bytes."""
@@ -173,13 +179,7 @@ def test_a_shard_rewritten_after_another_process_hashed_it_is_not_taken_as_check
         shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
         os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
 
-    caches, gather = [FeatureCache(root), FeatureCache(root)], _ThreadGather(2, before=rewrite)
-    threads = [threading.Thread(target=c.verify_all, kwargs={"part": (i, 2), "share": gather.share(i)})
-               for i, c in enumerate(caches)]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    caches = _verify_as_two_processes(root, before=rewrite)
     assert set(caches[0]._verified) == {"view0/shard00000"}
     with pytest.raises(CacheError, match="shard view0/shard00001 is corrupt"):
         caches[0].lookup([2], epoch=0)
