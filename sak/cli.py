@@ -106,6 +106,9 @@ def machine_notes(recipe) -> list[str]:
         notes.append(f"data.root {data.root!r} is not a directory here (from {Path.cwd()})")
     if data.subset is not None and not Path(data.subset).is_file():
         notes.append(f"data.subset {data.subset!r} is not a file here (from {Path.cwd()})")
+    start = recipe.checkpoint.init_from
+    if start is not None and not Path(start).exists():  # (stage 2 names the stage-1 run made from the same folder)
+        notes.append(f"checkpoint.init_from {start!r} is not there (from {Path.cwd()}): train that run first")
     return notes
 
 
@@ -196,6 +199,11 @@ def _export(args) -> int:
     source, what = (
         (Path(args.source), "sak export --from") if args.source else (recipe.run_dir, "sak export (the run directory)")
     )
+    if not args.source and not recipe.run_dir.exists():  # (trained with run.output_dir / run.name overridden?)
+        raise FileNotFoundError(
+            f"sak export: no run at {str(recipe.run_dir)!r} (the recipe's run.output_dir / run.name); give the "
+            "overrides it was trained with, the run's own recipe.yaml as RECIPE, or --from the run directory"
+        )
     out = export_student(recipe, source, Path(args.out), what)
     print(f"exported the inference student to {out}/ (student.safetensors, student.yaml)")
     return 0
@@ -208,7 +216,7 @@ def _predict(args) -> int:
 
     model, config = load_exported(Path(args.model))
     written = predict_images(model, config, [Path(p) for p in args.images], Path(args.out))
-    print(f"wrote {len(written)} prediction file(s) under {args.out}/")
+    print(f"wrote {len(written)} prediction file(s) under {Path(args.out)}/")
     return 0
 
 

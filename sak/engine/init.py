@@ -32,9 +32,10 @@ def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path
             f"{what}: {str(path)!r} is an export (sak export), which keeps no distillation-only aligners to train "
             "on with; give the run or checkpoint directory it was exported from"
         )
+    export = "" if what == "checkpoint.init_from" else ", an export directory (student.yaml)"
     raise FileNotFoundError(
         f"{what}: {str(path)!r} is neither a .safetensors file, a checkpoint directory with "
-        "model.safetensors, nor a run directory with checkpoints/"
+        f"model.safetensors{export}, nor a run directory with checkpoints/"
     )
 
 
@@ -132,6 +133,11 @@ def init_normalizers_from(normalizers: TargetNormalizers | None, path: Path) -> 
 
 def init_run_from(student: nn.Module, normalizers: TargetNormalizers | None, path: Path) -> str | None:
     """`checkpoint.init_from` for a new run: the student's weights and the target statistics. Returns the note
-    for the run's log, if any."""
-    init_student_from(student, path)
-    return init_normalizers_from(normalizers, path)
+    for the run's log: which weights file, which parts of the student it did not hold, and the statistics."""
+    missing = init_student_from(student, path)
+    parts = sorted({k.split(".")[0] for k in missing})
+    note = f"[sak] student weights from {str(student_weights_file(path))!r} (checkpoint.init_from)" + (
+        f"; new here, not in them: {', '.join(parts)}" if parts else ""
+    )
+    statistics = init_normalizers_from(normalizers, path)
+    return note if statistics is None else f"{note}\n{statistics}"

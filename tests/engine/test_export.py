@@ -238,7 +238,11 @@ def test_the_exported_student_normalises_its_input_as_the_trained_one(tiny_recip
 def test_an_export_without_a_checkpoint_names_the_run_directory_not_a_flag_not_given(tiny_recipe, tmp_path, capsys):
     assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "sak export (the run directory): " in err and "--from" not in err
+    assert f"sak export: no run at '{tmp_path / 'tiny'}'" in err and "sak export --from:" not in err
+    (tmp_path / "tiny").mkdir()  # a run directory without checkpoints
+    assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "sak export (the run directory): " in err and "sak export --from:" not in err
 
 
 def test_a_prediction_file_is_renamed_into_place_when_whole(tmp_path, monkeypatch):
@@ -283,3 +287,37 @@ def test_depth_of_a_photograph_shrunk_to_fit_the_canvas_is_given_at_its_own_dist
     # unscaled by the factor training divides by, not by the ratio of the rounded sides (0.1% off for 500 x 700)
     assert depth.shape == size and np.allclose(depth, 3.0, atol=1e-5)
     assert np.asarray(Image.open(tmp_path / "preds" / "saliency" / "frame.png")).shape == size
+
+
+def test_export_of_a_run_trained_with_another_output_dir_says_to_give_its_overrides(tiny_recipe, tmp_path, capsys):
+    """`sak export RECIPE` finds the run at the recipe's run.output_dir / run.name: one trained with those
+    overridden was reported as "'.../tiny' is neither a .safetensors file, ..." naming no cause."""
+    train(
+        tiny_recipe(
+            "schedule.max_steps=1", f"run.output_dir={tmp_path / 'elsewhere'}", path=TESTS / "tiny_multitask.yaml"
+        )
+    )
+    argv = [
+        "export",
+        str(TESTS / "tiny_multitask.yaml"),
+        f"run.output_dir={tmp_path / 'runs'}",
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"no run at '{tmp_path / 'runs' / 'tiny_mt'}' (the recipe's run.output_dir / run.name); give the overrides"
+        in err
+    )
+    assert main(["export", str(tmp_path / "elsewhere" / "tiny_mt" / "recipe.yaml"), "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(["export", str(TESTS / "tiny.yaml"), "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "f")])
+        == 2
+    )
+    assert "model.safetensors, an export directory (student.yaml), nor a run directory" in capsys.readouterr().err
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "e"), str(photo), "--out", f"{tmp_path / 'p'}/"]) == 0
+    assert f"under {tmp_path / 'p'}/\n" in capsys.readouterr().out  # (it said "p//")

@@ -240,14 +240,18 @@ def rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_stage1_then_stage2_lowers_every_loss_and_starts_from_stage1(tiny_recipe, tmp_path):
+def test_stage1_then_stage2_lowers_every_loss_and_starts_from_stage1(tiny_recipe, tmp_path, capsys):
     stage1 = tiny_recipe("run.name=s1", "schedule.max_steps=10")
     train(stage1)
     stage2 = tiny_recipe(
         "run.name=s2", "schedule.max_steps=25", f"checkpoint.init_from={stage1.run_dir}", "eval.at_start=true",
         path=TESTS / "tiny_multitask.yaml",
     )  # fmt: skip
+    capsys.readouterr()
     train(stage2)
+    weights = stage1.run_dir / "checkpoints" / "step_00000010" / "model.safetensors"  # (said: it was silent)
+    said = f"[sak] student weights from '{weights}' (checkpoint.init_from); new here, not in them: heads, routers"
+    assert said in capsys.readouterr().out
     log = rows(stage2.run_dir)
     before = log[0]
     assert before["step"] == 0 and log[-1]["step"] == 25
