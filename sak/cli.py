@@ -239,7 +239,7 @@ def _add_training_commands(sub) -> None:
         "train", help="train a recipe in this process (for N processes use `accelerate launch -m sak.train`)"
     )
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key.path=value")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -248,7 +248,7 @@ def _add_training_commands(sub) -> None:
         "N processes: `accelerate launch -m sak.cli eval ...`",
     )
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
+    p.add_argument("overrides", nargs="*", default=[], help="key.path=value (before or after the options)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, .safetensors or export")
     p.add_argument("--split", default=None, help="split to score (default: the recipe's eval.split, val)")
     p.add_argument("--out", default=None, help="result JSON (default: print it)")
@@ -275,13 +275,13 @@ def _add_inspecting_commands(sub) -> None:
     p = sub.add_parser("recipe", help="print the resolved recipe (show) or validate it (check)")
     p.add_argument("action", choices=["show", "check"])
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     p.set_defaults(func=_recipe)
 
     p = sub.add_parser("teachers", help="list registered teachers or show one's metadata")
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?")
-    p.add_argument("options", nargs="*", help="the teacher's options as key=value")
+    p.add_argument("options", nargs="*", default=[], help="the teacher's options as key=value")
     p.add_argument("--weights", default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument(
@@ -293,7 +293,7 @@ def _add_inspecting_commands(sub) -> None:
     p = sub.add_parser("model", help="parameter report of a recipe's student")
     p.add_argument("action", choices=["show"])
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model)
 
@@ -302,8 +302,8 @@ def _add_cache_command(sub) -> None:
     p = sub.add_parser("cache", help="precompute the teachers' outputs for a recipe's training split (build), "
                                      "or say what a cache holds (info DIR [--verify])")  # fmt: skip
     p.add_argument("action", choices=["build", "info"])
-    p.add_argument("recipe", help="build: the recipe; info: the cache directory")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", metavar="RECIPE_OR_DIR", help="build: the recipe; info: the cache directory")
+    p.add_argument("overrides", nargs="*", default=[])
     p.add_argument("--out", help="build: the cache directory to write (required)")
     p.add_argument("--verify", action="store_true", help="info: also check every shard's sha256")
     p.add_argument("--views", type=int, default=1,
@@ -319,7 +319,7 @@ def _add_inference_commands(sub) -> None:
     """export, predict."""
     p = sub.add_parser("export", help="save a run's student for inference (no teachers, no aligners)")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     p.add_argument("--from", dest="source", default=None, help="run directory, checkpoint, .safetensors or export")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="sak.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("recipe", help="YAML recipe file")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)

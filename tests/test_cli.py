@@ -45,6 +45,16 @@ def test_overrides_may_follow_the_options(capsys):
     assert after["tsap.vit_a"] > default["tsap.vit_a"]  # a wider adapter bottleneck: the override took effect
 
 
+@pytest.mark.parametrize("argv", [["train"], ["export", "--out", "x"], ["cache", "info"], ["recipe", "show"]])
+def test_a_missing_recipe_is_the_only_argument_said_to_be_required(argv, capsys):
+    """Overrides are optional: argparse listed them as required beside the recipe ("recipe, overrides")."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    required = err.split("the following arguments are required: ")[1]
+    assert exc.value.code == 2 and "overrides" not in required
+
+
 def test_stray_arguments_are_still_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["model", "show", str(TINY), "--json", "not-an-override"])
