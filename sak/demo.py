@@ -145,7 +145,9 @@ def made_by_the_demo(run_dir: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sak.demo", description=__doc__)
-    parser.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides of recipes/demo/default.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="key.path=value overrides of recipes/demo/default.yaml"
+    )
     parser.add_argument("--recipe", default=str(DEFAULT))
     args = parser.parse_args(argv)
     try:
