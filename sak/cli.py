@@ -127,6 +127,9 @@ def _teachers(args) -> int:
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be a positive side in pixels, got {args.image_size}")
     teacher = create_teacher(args.name, spec=TeacherSpec(weights=args.weights, image_size=args.image_size), **options)
+    if teacher.meta.weights == "random":  # as `sak select` says: shapes are right, features are not a teacher's
+        print(f"sak teachers: note: {args.name} has no --weights: random weights (a hub tag or a local file gives "
+              "the real ones)", file=sys.stderr)  # fmt: skip
     meta = teacher.meta.as_dict()
     meta["input_size"] = teacher.input_size
     meta["level_shapes"] = teacher.level_shapes()
@@ -310,8 +313,8 @@ def _add_cache_command(sub) -> None:
                    help="augmented views per sample, with --augment (training epoch e uses e %% views)")  # fmt: skip
     p.add_argument("--augment", action="store_true", help="store the training augmentation's views")
     p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16")
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per teacher forward pass (default 16)")
     p.set_defaults(func=_cache)
 
 

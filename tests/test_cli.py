@@ -27,6 +27,10 @@ def test_teachers_show_prints_metadata_and_level_shapes(capsys):
     meta = json.loads(capsys.readouterr().out)
     assert meta["level_shapes"] == [[128, 32, 32], [256, 16, 16], [512, 8, 8], [512, 4, 4]]
     assert meta["sha256"] and meta["num_params"] == 14_716_171
+    assert "random weights" not in capsys.readouterr().err  # (the package's own weights)
+    tiny = ["model=vit_small_patch16_224", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
+    assert main(["teachers", "show", "timm", *tiny]) == 0
+    assert "sak teachers: note: timm has no --weights: random weights" in capsys.readouterr().err
 
 
 def test_a_teachers_options_may_follow_the_flags(capsys):
