@@ -102,7 +102,9 @@ def evaluate_model(model: Model, dataset: str, args: argparse.Namespace, preds_d
         result["preds_dir"] = str(model.path)
         return result
     recipe_path = Path(args.recipe) if args.recipe else find_recipe(model.path)
-    overrides = ["logging.wandb.mode=disabled", *([f"data.root={args.root}"] if args.root else []), *args.overrides]
+    canvas = [f"data.options.eval_size=[{args.eval_size[0]}, {args.eval_size[1]}]"] if args.eval_size else []
+    overrides = ["logging.wandb.mode=disabled", *([f"data.root={args.root}"] if args.root else []), *canvas,
+                 *args.overrides]  # fmt: skip
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data.name != dataset:
         raise SystemExit(f"{recipe_path}: the recipe's dataset is {recipe.data.name!r}, this benchmark is {dataset}")
@@ -291,7 +293,7 @@ def parser(dataset: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help=f"the {dataset} folder (overrides the recipe's data.root)")
     p.add_argument("--split", default="val")
     p.add_argument("--eval-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="evaluation canvas for --preds rows, for images larger than the default (checkpoint rows: "
+                   help="evaluation canvas, for images larger than the default (checkpoint rows: as the override "
                    "data.options.eval_size=[H, W])")  # fmt: skip
     p.add_argument("--fixture", action="store_true", help="write the fixture, train a tiny student, benchmark it")
     p.add_argument("--steps", type=int, default=40, help="training steps of the --fixture student")

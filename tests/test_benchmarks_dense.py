@@ -39,6 +39,23 @@ def test_fixture_benchmark_writes_table_json_and_picture(dataset, tmp_path):
     with Image.open(prefix.with_suffix(".png")) as png:
         width, height = png.size
     assert width > 4 * height, "one row per image, image + truth/prediction per task side by side"
+    if dataset == "nyud":  # --eval-size is the checkpoint rows' canvas too (it was ignored for them)
+        argv = [
+            "--fixture",
+            "--steps",
+            "1",
+            "--images",
+            "1",
+            "--quiet",
+            "--eval-size",
+            "64",
+            "64",
+            "--out",
+            str(prefix),
+        ]
+        assert SCRIPTS[dataset].main(argv) == 0
+        (model,) = json.loads(prefix.with_suffix(".json").read_text())["models"]
+        assert model["resolved_recipe"]["data"]["options"]["eval_size"] == [64, 64]
 
 
 def test_preds_rows_of_frames_larger_than_the_canvas_are_scored_and_drawn_with_eval_size(tmp_path, monkeypatch):
