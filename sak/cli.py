@@ -106,6 +106,17 @@ def machine_notes(recipe) -> list[str]:
         notes.append(f"data.root {data.root!r} is not a directory here (from {Path.cwd()})")
     if data.subset is not None and not Path(data.subset).is_file():
         notes.append(f"data.subset {data.subset!r} is not a file here (from {Path.cwd()})")
+    elif data.subset is not None:  # (training refuses a split of fewer samples than one batch)
+        from .data.base import read_manifest
+
+        try:
+            ids = len(read_manifest(data.subset))
+        except (OSError, ValueError) as exc:
+            notes.append(f"data.subset {data.subset!r} cannot be read: {exc}")
+        else:
+            if ids < data.batch_size:
+                notes.append(f"data.subset {data.subset!r} lists {ids} image(s), fewer than data.batch_size "
+                             f"{data.batch_size}: training refuses a split without one whole batch")  # fmt: skip
     start = recipe.checkpoint.init_from
     if start is not None and not Path(start).exists():  # (stage 2 names the stage-1 run made from the same folder)
         notes.append(f"checkpoint.init_from {start!r} is not there (from {Path.cwd()}): train that run first")

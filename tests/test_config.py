@@ -188,8 +188,11 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
     assert "checkpoint.init_from 'runs/stage1' is not there" in notes[3]  # (a stage-2 recipe's stage-1 run)
     (tmp_path / "images").mkdir()
     assert main(["recipe", "check", str(TINY), "data.name=image_folder", "data.options={}", "data.root=images",
-                 "data.subset=ids.txt"]) == 0  # fmt: skip
+                 "data.subset=ids.txt", "data.batch_size=1"]) == 0  # fmt: skip
     assert "note:" not in capsys.readouterr().out
+    assert main(["recipe", "check", str(TINY), "data.name=image_folder", "data.options={}", "data.root=images",
+                 "data.subset=ids.txt", "data.batch_size=4"]) == 0  # fmt: skip
+    assert "note: data.subset 'ids.txt' lists 1 image(s), fewer than data.batch_size 4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
