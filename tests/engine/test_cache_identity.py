@@ -313,13 +313,19 @@ def test_n_processes_hash_every_nth_file_and_pool_the_digests(tmp_path, monkeypa
         paths[-1].write_bytes(bytes([i]) * 100)
     whole = file_digests(paths)
     hashed: list[str] = []
+    threads: list[int] = []
     real = base.sha256_files
-    monkeypatch.setattr(base, "sha256_files", lambda files, threads=None: hashed.extend(files) or real(files, threads))
+    monkeypatch.setattr(
+        base, "sha256_files", lambda files, n=None: hashed.extend(files) or threads.append(n) or real(files, n)
+    )
+    monkeypatch.setattr("sak.digest.usable_cpus", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the two processes on two machines: 16 threads each
     shares = []
     for index in range(2):
         with digest_share(index, 2):
             shares.append(file_digests(paths))
     assert hashed == [str(p) for p in paths[0::2] + paths[1::2]]  # each file once, by one process
+    assert threads == [16, 16]
     assert [d for _, d in shares[0]][1::2] == ["", ""] and pool_digests(shares) == whole
     assert file_digests(paths[:1]) == whole[:1]  # outside the share: every file
     assert pool_digests([None, None]) is None
