@@ -129,15 +129,18 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
             os.replace(run_dir / f"{name}.tmp", run_dir / name)
         # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
         # no longer describe the run, which a stop or a crash would leave claiming to have finished. They go with
-        # the checkpoints set aside, or into the checkpoint resumed from where it has none (final checkpoints of
-        # sak before 2026-11-27 hold none: this file is their only copy), else beside it under another name.
+        # the checkpoints set aside, or are dropped where the checkpoint resumed from holds the same, else are
+        # kept beside the run under another name (final checkpoints of sak before 2026-11-27 hold none: this
+        # file is their only copy; and which checkpoint it belongs to is not written in it).
         old = run_dir / FINAL_METRICS
         if old.is_file():
             if abandoned is not None:
                 os.replace(old, abandoned / FINAL_METRICS)
-            elif source is not None and source.parent == ckpt_root and not (source / FINAL_METRICS).is_file():
-                os.replace(old, source / FINAL_METRICS)  # (this run's own final checkpoint)
-            elif source is not None and (source / FINAL_METRICS).read_text() == old.read_text():
+            elif (
+                source is not None
+                and (source / FINAL_METRICS).is_file()
+                and ((source / FINAL_METRICS).read_text() == old.read_text())
+            ):
                 old.unlink()  # (the checkpoint's own copy)
             else:
                 os.replace(old, run_dir / time.strftime(f"{FINAL_METRICS}.before-%Y%m%d-%H%M%S", time.gmtime()))

@@ -67,9 +67,9 @@ def test_a_finished_run_trained_on_no_longer_claims_its_final_metrics(tiny_recip
     assert [p.name for p in recipe.run_dir.glob("checkpoints/abandoned-*/final_metrics.json")] == ["final_metrics.json"]
 
 
-def test_final_metrics_a_checkpoint_of_an_older_sak_lacks_are_moved_into_it_not_deleted(tiny_recipe):
+def test_final_metrics_a_checkpoint_of_an_older_sak_lacks_are_kept_not_deleted(tiny_recipe):
     """Final checkpoints of sak before 2026-11-27 hold no final_metrics.json: the copy beside the run is the only
-    one, and a start that trains on must not delete it."""
+    one, and a start that trains on must not delete it (it is renamed aside)."""
     import json
 
     recipe = tiny_recipe("schedule.max_steps=4")
@@ -79,7 +79,8 @@ def test_final_metrics_a_checkpoint_of_an_older_sak_lacks_are_moved_into_it_not_
     (step4 / "final_metrics.json").unlink()  # as an older sak saved it
     train(tiny_recipe("schedule.max_steps=8", "run.stop_at=6"))
     assert not (recipe.run_dir / "final_metrics.json").exists()
-    assert json.loads((step4 / "final_metrics.json").read_text()) == four
+    (kept,) = recipe.run_dir.glob("final_metrics.json.before-*")
+    assert json.loads(kept.read_text()) == four and not (step4 / "final_metrics.json").exists()
 
 
 def test_resuming_from_a_run_directory_names_its_latest_checkpoint(tiny_recipe, tmp_path):
