@@ -114,8 +114,9 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
     they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
     a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
     `finished` metrics and that recipe, the final checkpoint's, are written beside the run again if a kill came
-    between the two or the files are another's (another run's final checkpoint resumed); a start that trains takes away final metrics left beside the run), and a line in
-    starts.jsonl. Returns the folder the later checkpoints went to, if any."""
+    between the two or the files are another's (another run's final checkpoint resumed); a start that trains
+    takes away final metrics left beside the run), and a line in starts.jsonl. Returns the folder the later
+    checkpoints went to, if any."""
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
     abandoned = None
     if source is not None:
