@@ -73,8 +73,11 @@ def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     and a DeepSpeed config's values over those sak passes (the config's grad_accum only in `prepare`: checked
     after it again): the steps' images, the schedule's length and the recorded recipe would be other than the
     run's."""
-    for key, asked, got in (("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
-                            ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision)):  # fmt: skip
+    settings = [
+        ("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
+        ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision),
+    ]
+    for key, asked, got in settings:
         if asked != got:
             raise RecipeError(
                 f"{key} is {asked!r} but Accelerate was configured with {got!r} (accelerate launch's "

@@ -150,8 +150,8 @@ class FeatureCache:
 
     def verify_all(self, threads: int | None = None, part: tuple[int, int] = (0, 1), share=None) -> None:
         """Check every shard's sha256 now, once, `threads` shards at a time (`sha256_files`; default: one per
-        usable CPU, at most 16): DataLoader workers are rebuilt every epoch and would otherwise hash each shard again in
-        every worker. On N processes, `part` = (i, N) hashes every N-th shard from the i-th, and `share` (a
+        usable CPU, at most 16): DataLoader workers are rebuilt every epoch and would otherwise hash each shard
+        again in every worker. On N processes, `part` = (i, N) hashes every N-th shard from the i-th, and `share` (a
         gather of Python lists over the processes, e.g. Accelerate's `gather_object`) pools what each found,
         so that the cache is read once, not N times, and every process refuses a bad shard alike. Without
         `share`, the other processes' shards stay unchecked here, to be hashed when first read."""
