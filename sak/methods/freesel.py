@@ -167,7 +167,10 @@ def vit_patch_tokens(model, x: Tensor, block: int, with_attention: bool) -> tupl
         stop_early=True,
     )  # fmt: skip
     by_index = dict(zip(wanted, outputs, strict=True))  # index -> (patches (B, N, C), prefix (B, P, C))
-    feats = model.norm(by_index[block][0])
+    # (a ViT with no prefix token, SigLIP's or one with class_token false, gives its patches alone, not a pair;
+    # it has no CLS attention either, and falls back to the norm filter before `with_attention` is asked for)
+    out = by_index[block]
+    feats = model.norm(out[0] if isinstance(out, tuple) else out)
     if not with_attention:
         return feats, None
     patches, prefix = by_index[depth - 2]  # the input of the last block
@@ -375,7 +378,12 @@ def build_teacher(name: str, weights: str | None, options: dict, image_size: int
 
     levels = [block] if block is not None and block >= 0 else None
     spec = TeacherSpec(weights=weights, image_size=image_size, levels=levels)
-    teacher = create_teacher(name, weights, spec=spec, **options)
+    try:
+        teacher = create_teacher(name, weights, spec=spec, **options)
+    except ValueError as exc:  # (the teacher's words name its `levels`, which a user gave as --block)
+        if levels is None or "levels" not in str(exc):
+            raise
+        raise SelectionError(f"--block {block} does not fit teacher {name}: {exc}") from None
     if vit_of(teacher) is None and block is not None and block < 0:
         raise SelectionError(
             f"teacher {name} is not a ViT (it holds no timm VisionTransformer): --block names one of its levels "

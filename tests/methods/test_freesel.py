@@ -140,6 +140,18 @@ def test_teachers_without_cls_attention_use_feature_norms():
         build_teacher("timm", None, {"model": "convnext_atto"}, image_size=64, block=-1)
 
 
+def test_a_vit_without_prefix_tokens_gets_patterns_by_feature_norms():
+    # (SigLIP's ViTs have no class token: timm gives their patches alone, not a (patches, prefix) pair)
+    kwargs = {**TINY_KW, "class_token": False, "global_pool": "avg"}
+    teacher = build_teacher("timm", None, {"model": "vit_tiny_patch16_224", "model_kwargs": kwargs}, 64, block=-2)
+    x = teacher.preprocess(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    feats, weights, used, _ = patch_tokens(teacher, x, PatternOptions())
+    assert used == "norm" and feats.shape == (3, 64, 32)
+    torch.testing.assert_close(weights, feats.norm(dim=-1))
+    patterns, global_feats, used = semantic_patterns(teacher, x, [0, 1, 2], PatternOptions())
+    assert used == "norm" and [p.shape for p in patterns] == [(5, 32)] * 3 and global_feats.shape == (3, 32)
+
+
 # teachers that keep their timm ViT inside a wrapper: dinov2 at .backbone.model, clip (timm) at .tower.model
 DINOV2_KW = {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 56}
 CLIP_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -394,6 +406,7 @@ def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp
         (["--image-size", "0"], "--image-size must be a positive side in pixels, got 0"),
         (["--option", "model={x"], "--option 'model={x': the value is not valid YAML (expected ',' or '}'"),
         (["--option", "model_kwargs={depth:2}"], "--option model_kwargs: 'depth:2' is a key without a value"),
+        (["--block", "7"], "--block 7 does not fit teacher timm: timm teacher vit_small_patch16_224: levels [7]"),
     ],
 )
 def test_bad_flags_are_one_line_before_the_teacher_is_built(flags, message, png_pool, tmp_path, capsys):
