@@ -46,8 +46,11 @@ LAYOUT = {
 def load_npy(path: Path, shape: tuple[int, int], channels: int) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (a copy cut short)
         raise DataError(f"{path}: cannot read the .npy array ({exc})") from exc
+    if not isinstance(array, np.ndarray):  # np.load reads an .npz archive under any name
+        array.close()
+        raise DataError(f"{path}: an .npz archive, expected one array saved with np.save")
     expected = shape if channels == 1 else (*shape, channels)
     if array.shape != expected:
         raise DataError(

@@ -133,8 +133,11 @@ def _load(path: Path, task: str) -> np.ndarray:
     if task == "depth":
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (a copy cut short)
             raise PredictionError(f"{path}: cannot read the .npy array ({exc})") from exc
+        if not isinstance(array, np.ndarray):  # np.load reads an .npz archive under any name
+            array.close()
+            raise PredictionError(f"{path}: an .npz archive, expected one array saved with np.save")
         if not np.issubdtype(array.dtype, np.floating):
             raise PredictionError(f"{path}: depth must be a floating-point array in metres, got dtype {array.dtype}")
         if not np.isfinite(array).all():

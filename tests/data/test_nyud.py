@@ -114,6 +114,13 @@ def test_bad_files_are_clear_errors_or_skipped(copy):
     np.save(copy / "depth" / f"{ids[2]}.npy", np.full((40, 56), "x"))  # strings: a TypeError, not a DataError
     with pytest.raises(DataError, match=rf"depth/{ids[2]}.npy: an array of <U1, expected numbers"):
         dataset(copy, split="train")[2]
+    (copy / "depth" / f"{ids[2]}.npy").write_bytes(b"")  # a copy cut short: an EOFError, not a DataError
+    with pytest.raises(DataError, match=rf"depth/{ids[2]}.npy: cannot read the .npy array"):
+        dataset(copy, split="train")[2]
+    with open(copy / "depth" / f"{ids[2]}.npy", "wb") as f:  # np.load gave an NpzFile: an AttributeError
+        np.savez(f, depth=np.zeros((40, 56), np.float32))
+    with pytest.raises(DataError, match=rf"depth/{ids[2]}.npy: an .npz archive, expected one array"):
+        dataset(copy, split="train")[2]
     with pytest.raises(ValueError, match="eval_size must be"):
         dataset(copy, eval_size=[448])
 

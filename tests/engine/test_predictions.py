@@ -112,6 +112,13 @@ def test_predictions_that_cannot_be_stored_are_refused(tmp_path):
     shutil.move(tmp_path / "bad.npy", tmp_path / "depth" / "x.npy")
     with pytest.raises(PredictionError, match=r"depth[/\\]x\.npy: the depth array holds NaN"):
         read_prediction(tmp_path, "depth", "x")
+    (tmp_path / "depth" / "x.npy").write_bytes(b"")  # a copy cut short: numpy's EOFError came through
+    with pytest.raises(PredictionError, match=r"depth[/\\]x\.npy: cannot read the \.npy array"):
+        read_prediction(tmp_path, "depth", "x")
+    with open(tmp_path / "depth" / "x.npy", "wb") as f:  # an NpzFile: an AttributeError came through
+        np.savez(f, depth=np.zeros((1, 1), np.float32))
+    with pytest.raises(PredictionError, match=r"depth[/\\]x\.npy: an \.npz archive, expected one array"):
+        read_prediction(tmp_path, "depth", "x")
 
 
 def test_a_prediction_is_written_under_a_temporary_name_of_its_own_process(tmp_path, monkeypatch):
