@@ -209,7 +209,9 @@ class MultiTaskDataset(SakDataset):
     # (verify reads every sample once: it changes none; skip_bad drops samples, which changes the ids: checked)
     train_only_options = ("crop_size", "scale_range", "cat_max_ratio", "flip", "photometric", "verify", "skip_bad")
     eval_only_options = ("eval_size", "verify", "skip_bad")
-    augmentation = "dense-2"  # 2: float64 rescaling, HSV truncated as OpenCV's and always taken (sak 0.1, 2026-11)
+    # 2: float64 rescaling, HSV truncated as OpenCV's and always taken (sak 0.1, 2026-11); 3: a rescaled pixel of
+    # k + 0.5 rounded alike on any number of threads (2026-11-29)
+    augmentation = "dense-3"
 
     @dataclass
     class Options:

@@ -244,7 +244,10 @@ def photometric_distortion(
 def to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    # rounded to a millionth first: a value that should be exactly k + 0.5 (a bilinear weight of one half between
+    # two grey levels) came out of `resize_sample` ~1e-14 above or below it with the number of threads, and
+    # np.rint took it one way or the other (a pixel moved by a grey level between a loader worker and a process)
+    return np.clip(np.rint(np.round(image, 6)), 0, 255).astype(np.uint8)
 
 
 def ignore_parts_without_people(sample: Sample) -> Sample:

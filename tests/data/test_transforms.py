@@ -21,6 +21,7 @@ from sak.data.transforms import (
     resize_sample,
     rgb_to_hsv_uint8,
     to_tensors,
+    to_uint8,
     unpad,
 )
 
@@ -199,3 +200,18 @@ def test_the_rescaled_image_does_not_depend_on_the_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert np.abs(outs[0] - outs[1]).max() < 1e-9
+
+
+def test_the_rescaled_training_pixels_do_not_depend_on_the_number_of_threads():
+    """...nor do the pixels made of it: a value that should be exactly k + 0.5 sat ~1e-14 above or below it with
+    the count, and rounding to uint8 took it up or down (four pixels here)."""
+    image = np.random.default_rng(2).integers(0, 256, (150, 254, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(to_uint8(resize_sample({"image": image}, (145, 246))["image"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(outs[0], outs[1])

@@ -235,9 +235,9 @@ def test_an_augmented_cache_of_another_augmentation_revision_is_refused(tiny_rec
     common = pascal_semseg(data)
     root = build_cache(tiny_recipe(*common), tmp_path / "aug", shard_size=4, augment=True)
     assert FeatureCache(root).manifest["identity"]["data"]["augmentation"] == PascalContext.augmentation
-    monkeypatch.setattr(PascalContext, "augmentation", "dense-3")
+    monkeypatch.setattr(PascalContext, "augmentation", "dense-next")
     recipe = tiny_recipe(*common, f"cache.path={root}")
-    with pytest.raises(CacheError, match="data.augmentation: cache has 'dense-2', recipe gives 'dense-3'"):
+    with pytest.raises(CacheError, match="data.augmentation: cache has 'dense-3', recipe gives 'dense-next'"):
         open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 
 
