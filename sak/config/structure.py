@@ -107,7 +107,12 @@ def structure(cls: type, data: Any, where: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ";"
             raise RecipeError(f"unknown key {path!r}{hint} valid keys here: {', '.join(fields) or '(none)'}")
         kwargs[key] = _convert(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except ValueError as exc:  # a section's own check of its values together (TeacherSpec's __post_init__)
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from None
 
 
 def build_options(owner: type, options: dict, where: str) -> Any:

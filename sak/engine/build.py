@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -45,7 +46,7 @@ def prepare_teacher(teacher: Teacher, p: PrecisionConfig) -> Teacher:
 def build_teachers(recipe: Recipe, device: torch.device) -> dict[str, Teacher]:
     teachers = {}
     for t in recipe.teachers:
-        spec_fields = {k: getattr(t, k) for k in ("weights", "sha256", "levels", "image_size", "normalization")}
+        spec_fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(TeacherSpec)}  # all of them
         teacher = create_teacher(t.name, spec=TeacherSpec(**spec_fields), **t.options).to(device)
         teachers[t.id] = prepare_teacher(teacher, recipe.precision)
     return teachers

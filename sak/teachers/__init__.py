@@ -35,6 +35,11 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
             f"{list(teacher.meta.levels)}; a teacher must build its levels from spec.levels "
             "(sak.teachers.base.check_levels, docs/adding-a-teacher.md)"
         )
+    if spec.resize == "keep" and teacher.meta.resize != "keep":  # (a plug-in that does not read spec.resize)
+        raise ValueError(
+            f"teacher {name!r}: resize 'keep' was asked for (teachers[].resize), but it gives its input its own "
+            f"size ({teacher.meta.resize}); 'keep' is for dinov2 and clip from timm (source timm)"
+        )
     size, stride = teacher.input_size, teacher.meta.patch_size
     # Teacher.level_shapes promises maps of size / stride cells a side (the cache stores those shapes); a teacher
     # that works out its own shapes (EfficientNet's odd sizes) or crops its input to the grid ("keep") is exempt

@@ -23,6 +23,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ResizeMode = Literal["square", "longest_pad", "keep"]
+# how a timm ViT built with dynamic_img_size meets the grid of each input (teachers with resize "keep")
+KEEP_RESAMPLING = "bicubic, antialiased, to each input's grid at every forward (timm's dynamic_img_size)"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class TeacherSpec:
         levels: block indices whose outputs are returned; None = the teacher's default.
         image_size: input side length; None = the teacher's native size.
         normalization: "own" (the teacher's training mean/std) or "imagenet" (SAK's shared input).
+        resize: "own" (the teacher's own input: the image resized to image_size x image_size, or SAM's
+            letterbox) or "keep" (the image at its own size, cut to a multiple of the patch size, as the
+            official SAK code feeds its teachers: NYUD's 448 x 576 crops keep their aspect; the position
+            embeddings are resampled to the grid on each forward). "keep" is for the ViT teachers built
+            through timm: dinov2 and clip with `source: timm`.
     """
 
     weights: str | None = None
@@ -62,10 +69,18 @@ class TeacherSpec:
     levels: list[int] | None = None
     image_size: int | None = None
     normalization: Literal["own", "imagenet"] = "own"
+    resize: Literal["own", "keep"] = "own"
 
     def __post_init__(self) -> None:
         if self.normalization not in ("own", "imagenet"):  # (a recipe is checked before; the Python API is not)
             raise ValueError(f"teacher normalization {self.normalization!r}: expected 'own' or 'imagenet'")
+        if self.resize not in ("own", "keep"):
+            raise ValueError(f"teacher resize {self.resize!r}: expected 'own' or 'keep'")
+        if self.resize == "keep" and self.image_size is not None:
+            raise ValueError(
+                f"teacher resize 'keep' feeds the image at its own size, so image_size ({self.image_size}) has "
+                "nothing to set (it would resample the position embeddings twice); leave image_size out"
+            )
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from .base import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    KEEP_RESAMPLING,
     Teacher,
     TeacherMeta,
     TeacherOutput,
@@ -48,6 +49,7 @@ from .base import (
     check_levels,
     count_params,
     normalize,
+    resize_images,
     to_float01,
 )
 from .weights import (
@@ -299,7 +301,7 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     weights, local = spec.weights, spec.weights is not None and is_local(spec.weights)
     pretrained = weights is not None and not local
     name = f"{model.split('.')[0]}.{weights}" if pretrained and weights not in HUB_DEFAULT else model
-    args = {"num_classes": 0, **kwargs}
+    args = {"num_classes": 0, **kwargs, **({"dynamic_img_size": True} if spec.resize == "keep" else {})}
     if spec.image_size is not None:
         args["img_size"] = spec.image_size  # timm resamples pos_embed once while loading (checkpoint_filter_fn)
     if local:
@@ -357,6 +359,12 @@ class ClipTeacher(Teacher):
         super().__init__(spec)
         self.options = options
         model = options.model or DEFAULT_MODEL[options.source]
+        if spec.resize == "keep" and (options.source != "timm" or options.center_crop):
+            raise ValueError(
+                f"clip teacher ({model}): resize 'keep' feeds the image at its own size, through timm's model, "
+                "which takes any size: it needs source timm"
+                + (" and no center_crop" if options.center_crop else f", not {options.source}")
+            )
         build, tower_type = BUILDERS[options.source]
         built = build(model, spec, dict(options.model_kwargs))
         self.tower = tower_type(built.net)
@@ -372,7 +380,7 @@ class ClipTeacher(Teacher):
             mean=built.mean,
             std=built.std,
             levels=levels,
-            resize="square",
+            resize="keep" if spec.resize == "keep" else "square",
             weights=built.weights,
             sha256=built.digest,
             num_params=count_params(built.net),
@@ -380,6 +388,7 @@ class ClipTeacher(Teacher):
                 "summary": summary,
                 "center_crop": options.center_crop,
                 **({"interpolation": built.interpolation} if built.interpolation != "bicubic" else {}),
+                **({"pos_embed_resampling": KEEP_RESAMPLING} if spec.resize == "keep" else {}),
             },
         )
 
@@ -389,8 +398,17 @@ class ClipTeacher(Teacher):
         Default: bicubic resize (bilinear where the pretraining's eval transform is, e.g. open_clip's CLIPA tags,
         `meta.extra["interpolation"]`) of the whole image to S x S, so the teacher sees every pixel the student
         and the task targets see. `center_crop`: open_clip's eval transform, shortest side to S (bicubic)
-        and a centre crop. Both clamp to [0, 1] after resampling, as PIL's 8-bit bicubic does.
+        and a centre crop. Both clamp to [0, 1] after resampling, as PIL's 8-bit bicubic does. With resize
+        "keep": (B, 3, H', W'), the image cut to a multiple of the patch size (the official SAK code's input).
         """
+        if self.meta.resize == "keep":
+            x, _ = resize_images(to_float01(images), self.input_size, "keep", self.meta.patch_size)
+            mean, std = (
+                (IMAGENET_MEAN, IMAGENET_STD)
+                if self.spec.normalization == "imagenet"
+                else (self.meta.mean, self.meta.std)
+            )
+            return normalize(x, mean, std)
         size = self.input_size
         target = [size] if self.options.center_crop else [size, size]
         mode = InterpolationMode(self.meta.extra.get("interpolation", "bicubic"))

@@ -48,6 +48,7 @@ from ..registry import TEACHERS
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    KEEP_RESAMPLING,
     Teacher,
     TeacherMeta,
     TeacherOutput,
@@ -91,9 +92,10 @@ class TimmBackbone(nn.Module):
         return maps, final[:, 0]  # final: (B, 1 + R + h*w, C) after the final norm
 
 
-def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str) -> nn.Module:
-    """timm's model at input `size`; with a tag, its hub weights, resampled by timm at load if needed."""
-    args = {"num_classes": 0, **kwargs, "img_size": size}
+def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str, any_size: bool = False) -> nn.Module:
+    """timm's model at input `size`; with a tag, its hub weights, resampled by timm at load if needed.
+    `any_size`: it takes other sizes too, its position embeddings resampled to the grid on each forward."""
+    args = {"num_classes": 0, **kwargs, "img_size": size, **({"dynamic_img_size": True} if any_size else {})}
     full = f"{name}.{'lvd142m' if tag in ('hub', 'default') else tag}" if tag else name
     try:
         return timm.create_model(full, pretrained=tag is not None, **args)
@@ -138,7 +140,8 @@ def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
     reg = choose_registers(registers, w.registers, repr(w.value), what)
     name = variant_names(size_name, reg)["timm"]
     native = int(kwargs.get("img_size", NATIVE))
-    net = create_timm(name, kwargs, spec.image_size or native, w.value if w.kind == "tag" else None, what)
+    tag = w.value if w.kind == "tag" else None
+    net = create_timm(name, kwargs, spec.image_size or native, tag, what, spec.resize == "keep")
     if w.kind == "file":
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -148,6 +151,8 @@ def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
         state = checkpoint_filter_fn(state, net)  # converts Meta's keys too; resamples pos_embed (antialiased)
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, w.path, what)
     rule = "bicubic, antialiased, resampled once at load (timm's checkpoint_filter_fn)"
+    if spec.resize == "keep":
+        rule = KEEP_RESAMPLING
     return Built(TimmBackbone(net), name, native, w.value or "random", w.digest, reg, rule)
 
 
@@ -250,6 +255,11 @@ class DINOv2Teacher(Teacher):
         source = options.source or infer_source(weights)
         own_config = weights.kind == "dir" or weights.kind == "tag" and "/" in weights.value  # size plays no part
         what = f"dinov2 teacher ({source})" if own_config else f"dinov2 teacher ({source}, size {options.size})"
+        if spec.resize == "keep" and source != "timm":  # (the others resample with their library's rule, once)
+            raise ValueError(
+                f"{what}: resize 'keep' is for source timm, whose model takes any size, its position embeddings "
+                "resampled by timm's rule (what the official SAK code uses); timm reads Meta's .pth files too"
+            )
         build = BUILDERS[source]
         built = build(options.size, options.registers, dict(options.model_kwargs), spec, weights, what)
         self.backbone = built.backbone
@@ -267,7 +277,7 @@ class DINOv2Teacher(Teacher):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             levels=self.backbone.levels,
-            resize="square",
+            resize="keep" if spec.resize == "keep" else "square",
             weights=built.weights,
             sha256=built.digest,
             num_params=count_params(self.backbone),
@@ -280,8 +290,9 @@ class DINOv2Teacher(Teacher):
         The whole image is resized to S x S (bicubic, antialiased), so the teacher sees every pixel the student
         and the task targets see; the libraries' eval transforms resize the shortest side and centre-crop, which
         coincides on square images. Clamped to [0, 1] after resampling, as PIL's 8-bit bicubic saturates.
+        With resize "keep": (B, 3, H', W'), the image cut to a multiple of 14 (the official SAK code's input).
         """
-        x, _ = resize_images(to_float01(images), self.input_size, "square")
+        x, _ = resize_images(to_float01(images), self.input_size, self.meta.resize, self.meta.patch_size)
         x = x.clamp(0.0, 1.0)
         if self.spec.normalization == "imagenet":
             return normalize(x, IMAGENET_MEAN, IMAGENET_STD)

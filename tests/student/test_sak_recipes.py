@@ -58,10 +58,16 @@ def test_stage2_recipes_carry_the_published_schedule_and_task_weights(path):
     assert (r.data.batch_size, r.loss.alpha) == (2, 1.0)
     weights = {t.name: t.weight for t in r.tasks}
     assert weights == (PASCAL_WEIGHTS if dataset == "pascal_context" else NYUD_WEIGHTS)
+    # teachers: DINOv2 and CLIP see PASCAL's 512 crops at their grid's square (DINOv2 patch 14: 504), NYUD's
+    # 448 x 576 as they are (the official code's grids: 32 x 41 at patch 14, 28 x 36 at patch 16); SAM letterboxed
+    inputs = [(t.image_size, t.resize) for t in r.teachers]
     if dataset == "nyud":
         assert r.data.options["crop_size"] == [448, 576] and r.student.model_kwargs["dynamic_img_size"]
+        assert inputs == [(None, "keep"), (None, "keep"), (None, "own")]
     else:
         assert r.data.image_size == 512
+        assert inputs == [(504, "own"), (504 if size == "vitl" else 512, "own"), (None, "own")]
+    assert [t.options.get("source") for t in r.teachers] == ["timm"] * 3
     assert r.checkpoint.init_from == f"runs/sak_stage1_{size}"  # the matching stage-1 run's name
     assert load_recipe(SAK / f"stage1_{size}.yaml").run.name == f"sak_stage1_{size}"
     stage1 = yaml.safe_load((SAK / f"stage1_{size}.yaml").read_text())["teachers"]
@@ -75,10 +81,17 @@ def tiny(path, tmp_path, *extra):
         "logging.every=1", "logging.progress=false", "logging.wandb.mode=disabled", "checkpoint.every=0",
         "eval.batches=1", "eval.batch_size=2", "data.num_workers=0", "precision.mixed=no",
     ]  # fmt: skip
-    for i, _ in enumerate(yaml.safe_load(path.read_text())["teachers"]):
+    for i, teacher in enumerate(yaml.safe_load(path.read_text())["teachers"]):
+        vit = f"embed_dim: {24 + 8 * i}, depth: 4, num_heads: 2"
+        if teacher.get("resize") == "keep":  # the recipe's teacher, tiny (a timm teacher does not take `keep`)
+            options = {"dinov2": f"{{size: small, source: timm, model_kwargs: {{{vit}, img_size: 56}}}}",
+                       "clip": f"{{source: timm, model: vit_base_patch16_clip_384, model_kwargs: {{{vit}, "
+                               "img_size: 32, patch_size: 8}}"}[teacher["name"]]  # fmt: skip
+            overrides += [f"teachers.{i}.weights=null", f"teachers.{i}.options={options}"]
+            continue
         overrides += [f"teachers.{i}.name=timm", f"teachers.{i}.weights=null", f"teachers.{i}.image_size=null",
                       f"teachers.{i}.options={{model: vit_small_patch16_224, model_kwargs: "
-                      f"{{embed_dim: {24 + 8 * i}, depth: 4, num_heads: 2, img_size: 32}}}}"]  # fmt: skip
+                      f"{{{vit}, img_size: 32}}}}"]  # fmt: skip
     return load_recipe(path, [*overrides, *extra])
 
 
@@ -102,6 +115,10 @@ def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
     assert {"task/semseg", "task/depth", "task/normals", "task/edges"} <= set(log[1])
     # the stage-2 student starts from stage 1: same stem blocks and adapters, grid resampled
     teachers = build_teachers(s2, torch.device("cpu"))
+    # DINOv2 and CLIP saw the 48 x 64 crops as they are, cut to their patch (14: 42 x 56; 8: the whole crop);
+    # the tiny timm teacher standing in for SAM, its square 32 px
+    assert [t.meta.resize for t in teachers.values()] == ["keep", "keep", "square"]
+    assert [t.map_shapes((48, 64))[0][1:] for t in teachers.values()] == [(3, 4), (6, 8), (2, 2)]
     student = build_student(s2, teachers, build_tasks(s2))
     missing = init_student_from(student, s1.run_dir)
     assert missing and all(k.startswith(("routers.", "heads.")) for k in missing)
