@@ -3,6 +3,7 @@ precision, the data and its content), so that a cache built for other teachers o
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -192,6 +193,25 @@ def test_an_image_replaced_under_its_own_name_is_named_and_refused(tiny_recipe, 
         rf"the build: {folder / 'im1.png'}; rebuild it",
     ):
         built.open()
+
+
+def test_a_changed_file_is_named_however_data_root_is_written(tiny_recipe, tmp_path, monkeypatch):
+    """`images` at the build and `<tmp>/images` now are one folder (the identity says so): its files were listed
+    as all gone and all new, and the one that changed was not named."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    common = ["data.name=image_folder", "data.options={}"]
+    root = build_cache(tiny_recipe(*common, "data.root=images"), tmp_path / "c", shard_size=4)
+    Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / "im1.png")
+    recipe = tiny_recipe(*common, f"data.root={tmp_path / 'images'}", f"cache.path={root}")
+    set_seed(recipe.run.seed)
+    changed = rf"1 of 3 file\(s\) changed since the build: {re.escape(str(folder / 'im1.png'))}; rebuild it"
+    with pytest.raises(CacheError, match=changed):
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 
 
 def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_recipe, tmp_path):

@@ -134,12 +134,16 @@ class FeatureCache:
             return []
         if built.get("tasks") != expected.get("tasks"):  # other label files are digested: said by data.tasks
             return []
-        now = {name: d[:CONTENT_PREFIX] for name, d in digests}
+        # absolute: data.root written `imgs` at the build and `/data/imgs` now is one folder (the identity says so),
+        # whose files were listed as all gone and all new (a build before 2026-11-29 kept the names as written:
+        # a relative one is taken from the current directory)
+        now = {os.path.abspath(name): d[:CONTENT_PREFIX] for name, d in digests}
         before = self._content
         if isinstance(before, list):
             if len(before) != len(digests) or built.get("ids_sha256") != expected.get("ids_sha256"):
                 return []
             before = dict(zip(now, before, strict=True))
+        before = {os.path.abspath(name): d for name, d in before.items()}
         found = (
             (f"of {len(now)} file(s) changed since the build", [n for n in now if n in before and before[n] != now[n]]),
             ("file(s) not in the build", [n for n in now if n not in before]),
