@@ -323,7 +323,8 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     if local:
         file = local_path(weights, what)
         digest = verify_sha256(file, spec.sha256, what)
-        raw = load_state_dict(file, what)
+        # open_clip's training checkpoints hold `module.`-prefixed keys (DDP), which timm's filter strips too
+        raw = {k.removeprefix("module."): v for k, v in load_state_dict(file, what).items()}
         # timm's filter resamples a patch kernel of another size to the model's without a word: a ViT-B/32 file
         # would load into a B/16 as a network nobody trained. Only the position embeddings may be resampled.
         kernel = next((raw[k] for k in ("visual.conv1.weight", "conv1.weight", "patch_embed.proj.weight") if k in raw),

@@ -71,7 +71,7 @@ from .dinov2_weights import (
     read_weights,
     variant_names,
 )
-from .weights import WeightsError, first_misfit, load_state_dict, load_strict, verify_sha256
+from .weights import WeightsError, build_error, first_misfit, load_state_dict, load_strict, verify_sha256
 
 META_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
@@ -101,7 +101,11 @@ def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str, 
         return timm.create_model(full, pretrained=tag is not None, **args)
     except TypeError as exc:
         raise ValueError(f"{what}: timm's {name} does not take model_kwargs {kwargs}: {exc}") from exc
+    except AssertionError as exc:  # timm's checks of the shape (embed_dim not divisible by num_heads)
+        raise build_error(exc, kwargs, what) from exc
     except RuntimeError as exc:
+        if tag is None:  # nothing was downloaded: the model_kwargs build no model (a negative size)
+            raise build_error(exc, kwargs, what) from exc
         if "loading state_dict" not in str(exc):
             raise _hub_error(full, what, exc) from exc
         # found and read: the weights of another model than size / model_kwargs build
@@ -110,6 +114,8 @@ def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str, 
             f"`model_kwargs` (model_kwargs {kwargs})"
         ) from exc
     except OSError as exc:  # offline / not cached: huggingface_hub errors are OSErrors
+        if tag is None:
+            raise
         raise _hub_error(full, what, exc) from exc
 
 

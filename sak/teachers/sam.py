@@ -40,6 +40,7 @@ from .base import Teacher, TeacherMeta, TeacherOutput, TeacherSpec, check_levels
 from .sam_attention import fuse_sam_attention
 from .weights import (
     WeightsError,
+    build_error,
     check_timm_tag,
     is_local,
     load_state_dict,
@@ -198,7 +199,13 @@ def build_timm(size: str, state: dict | None, spec: TeacherSpec, options: SamTea
         check_timm_tag(name, "sam teacher (timm)")
     try:
         net = timm.create_model(name, pretrained=pretrained, **args, **options.model_kwargs)
+    except (TypeError, AssertionError) as exc:  # model_kwargs the model does not take
+        raise build_error(exc, options.model_kwargs, "sam teacher (timm)") from exc
     except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
+        if not pretrained:  # nothing was downloaded: the model_kwargs build no model (a negative size)
+            if isinstance(exc, OSError):
+                raise
+            raise build_error(exc, options.model_kwargs, "sam teacher (timm)") from exc
         raise WeightsError(
             f"sam teacher (timm): could not create {name!r} with pretrained weights from the hub (looked in the "
             f"Hugging Face cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, pass a "

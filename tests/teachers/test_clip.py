@@ -154,6 +154,19 @@ def test_a_file_of_another_patch_size_is_refused_through_timm_as_through_open_cl
         )
 
 
+def test_a_training_checkpoint_of_another_patch_size_is_refused_through_timm_too(clip_model, tmp_path):
+    """Its `module.`-prefixed keys (open_clip's DDP training save) hid the patch kernel from the check."""
+    state = {f"module.{k}": v for k, v in clip_model.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "epoch_3.pt")
+    with pytest.raises(WeightsError, match=r"patch embedding of shape \(32, 3, 8, 8\), the model .* \(32, 3, 16, 16\)"):
+        create_teacher(
+            "clip", str(tmp_path / "epoch_3.pt"), model="vit_base_patch16_clip_224",
+            model_kwargs={**TIMM, "patch_size": 16},
+        )  # fmt: skip
+    teacher = create_teacher("clip", str(tmp_path / "epoch_3.pt"), model="vit_base_patch16_clip_224", model_kwargs=TIMM)
+    assert teacher.meta.patch_size == 8  # the same file into the model it was saved from
+
+
 def test_preprocess_leaves_the_callers_images_alone(clip_file):
     """The clamp after resampling wrote into the caller's float images when resize and crop changed nothing
     (and failed on inference-mode or grad-requiring inputs)."""

@@ -358,6 +358,10 @@ def test_wrong_files_sources_and_options_are_clear_errors(checkpoints, tmp_path)
         create_teacher("dinov2", spec=TeacherSpec(image_size=30), model_kwargs=TIMM_TINY)
     with pytest.raises(ValueError, match="levels \\[1, 7\\] must be block indices in 0..3"):
         create_teacher("dinov2", spec=TeacherSpec(levels=[1, 7]), model_kwargs=TIMM_TINY)
+    # random weights download nothing: these were "could not load ... from the Hugging Face hub", or a traceback
+    for bad, error in (({"mlp_ratio": -1.0}, "RuntimeError"), ({"embed_dim": 30, "num_heads": 4}, "AssertionError")):
+        with pytest.raises(ValueError, match=f"model_kwargs .* do not build the model: {error}"):
+            create_teacher("dinov2", model_kwargs={**TIMM_TINY, **bad})
 
 
 def test_frozen_and_any_loader_image_becomes_the_input_grid():
