@@ -65,6 +65,8 @@ from .weights import (
     verify_sha256,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = {"open_clip": "ViT-B-16", "timm": "vit_base_patch16_clip_384"}
 HUB_DEFAULT = ("hub", "default")
 
@@ -338,6 +340,16 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         state = checkpoint_filter_fn(raw, net)  # converts open_clip/OpenAI keys, resamples the position embeddings
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
     cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)
+    quick = any("quickgelu" in str(note).lower() for note in (cfg.get("notes") or ()))
+    if weights is not None and quick and "quickgelu" not in name and "act_layer" not in kwargs:
+        # timm builds the activation from the model name and only notes this in the tag; kept, as timm (and the
+        # official SAK code through it) runs these weights, but said: it is not the network CLIP trained
+        variant = name.split(".")[0].replace("_clip_", "_clip_quickgelu_", 1)
+        fix = f"name the model {variant}" if timm.is_model(variant) else "set model_kwargs {act_layer: quick_gelu}"
+        log.warning(
+            "%s: the weights of %s were trained with QuickGELU, and timm's %s runs them with GELU; for CLIP's own "
+            "network, %s", what, name, name.split(".")[0], fix,
+        )  # fmt: skip
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     return Built(net, native, digest, weights or "random", mean, std, interpolation=cfg.get("interpolation", "bicubic"))
 

@@ -127,6 +127,22 @@ def test_timm_safetensors_give_timms_own_intermediates(tmp_path):
     assert teacher.meta.source == "timm" and teacher.meta.name == "vit_base_patch16_clip_384"
 
 
+def test_weights_trained_with_quick_gelu_run_by_timm_with_gelu_are_said(clip_file, caplog):
+    """timm notes "natively QuickGELU" in the tag and builds GELU from the name (OpenAI's, DFN's, MetaCLIP's):
+    kept, as the official code runs them so too, but it was silent."""
+    with caplog.at_level("WARNING", logger="sak.teachers.clip"):
+        create_teacher("clip", str(clip_file), model="vit_base_patch16_clip_224.openai", model_kwargs=TIMM)
+    assert (
+        "trained with QuickGELU" in caplog.text and "name the model vit_base_patch16_clip_quickgelu_224" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sak.teachers.clip"):
+        quick = create_teacher("clip", str(clip_file), model="vit_base_patch16_clip_quickgelu_224.openai",
+                               model_kwargs=TIMM)  # fmt: skip
+        create_teacher("clip", str(clip_file), model="vit_base_patch16_clip_224.openai_ft_in1k", model_kwargs=TIMM)
+    assert "QuickGELU" not in caplog.text and type(quick.tower.model.blocks[0].mlp.act).__name__ == "QuickGELU"
+
+
 @pytest.mark.parametrize("size", [None, 48])
 def test_same_open_clip_weights_through_timm_give_the_same_features(clip_model, clip_file, size):
     """timm converts the open_clip checkpoint itself; at 48 px both resample position embeddings on load."""
