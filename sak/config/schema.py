@@ -56,6 +56,9 @@ class StudentConfig:
     # recompute each stem block's and adapter's activations in backward instead of keeping them from the forward:
     # less memory, one more forward of the blocks and adapters per step
     grad_checkpointing: bool = False
+    # the task heads' batch norm over the whole batch of all processes (torch's SyncBatchNorm, as the official
+    # code trains stage 2), not each process's share; on GPUs only (torch synchronises no CPU batch norm)
+    sync_bn: bool = False
     lora: dict = field(
         default_factory=dict
     )  # peft LoraConfig keywords for the stem, e.g. {r: 8, target_modules: [qkv]}

@@ -13,7 +13,7 @@ from ..data import DatasetSpec, EpochSampler, build_dataset
 from ..losses.normalize import TargetNormalizers
 from ..registry import LOSSES, STUDENTS
 from ..student import TeacherAgnosticStem, TeacherSlot
-from ..student.adapters import TeacherSpecificAdapterPath
+from ..student.adapters import TeacherSpecificAdapterPath, tracks_running_stats
 from ..tasks import Task, create_task
 from ..teachers import Teacher, TeacherSpec, create_teacher
 from .cache import CachedRows
@@ -87,6 +87,20 @@ def prepare_student(student: torch.nn.Module, p: PrecisionConfig) -> torch.nn.Mo
     if p.compile_student:
         student.compile(**p.compile_options)
     return student
+
+
+def sync_batch_norm(student: torch.nn.Module, processes: int, device: torch.device) -> str | None:
+    """`student.sync_bn`: the student's batch norm layers (the task heads') as torch's SyncBatchNorm, which
+    normalises over every process's share of the batch (the same parameters and buffers, so checkpoints and
+    exports are unchanged). With one process there is nothing to synchronise; on the CPU torch cannot (its
+    SyncBatchNorm refuses CPU tensors), and each process keeps its own statistics: said in the returned note."""
+    if processes < 2 or not tracks_running_stats(student):
+        return None
+    if device.type == "cpu":
+        return (f"[sak] student.sync_bn: not on the CPU (torch synchronises batch norm on GPUs only): each of the "
+                f"{processes} processes normalises the heads over its own share of the batch")  # fmt: skip
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # (replaces the layers in place, keeping their tensors)
+    return f"[sak] student.sync_bn: the heads' batch norm normalises over the batch of all {processes} processes"
 
 
 def apply_freeze(student: torch.nn.Module, freeze: str) -> None:

@@ -170,6 +170,8 @@ def train(recipe: Recipe) -> dict:
     teachers = build.build_teachers(recipe, accelerator.device)
     tasks = build.build_tasks(recipe)
     student = build.build_student(recipe, teachers, tasks)
+    n = accelerator.num_processes
+    sync_note = build.sync_batch_norm(student, n, accelerator.device) if recipe.student.sync_bn else None
     resume = recipe.checkpoint.resume
     source = latest_checkpoint(ckpt_root) if resume == "auto" else (None if resume == "never" else Path(resume))
     distill_loss = build.build_distill_loss(recipe)
@@ -191,7 +193,6 @@ def train(recipe: Recipe) -> dict:
         train_loader.dataset.cache = cache  # each batch's maps: read by the loader (IndexedDataset.collate)
         # every shard hashed once, here, split over the processes: not again in every worker of every epoch,
         # nor once per process (N reads of a cache that may not fit in the page cache)
-        n = accelerator.num_processes
         cache.verify_all(
             hash_threads(local_processes(n)), (accelerator.process_index, n), gather_object if n > 1 else None
         )
@@ -283,8 +284,9 @@ def train(recipe: Recipe) -> dict:
         logger.message(f"[sak] resumed from {source} at step {state.step}")
         if changed:
             logger.message(changes_message(source, changed, done))
-    if init_note is not None:
-        logger.message(init_note)
+    for note in (init_note, sync_note):
+        if note is not None:
+            logger.message(note)
     if set_aside_to is not None:
         logger.message(f"[sak] checkpoint.resume=never: the checkpoints already in {ckpt_root} moved to {set_aside_to}")
     if abandoned is not None:

@@ -56,6 +56,7 @@ def test_stage2_recipes_carry_the_published_schedule_and_task_weights(path):
     assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (2e-5, 1e-6, 10.0)
     assert (r.schedule.name, r.schedule.max_steps, r.schedule.power) == ("poly", 40000, 0.9)
     assert (r.data.batch_size, r.loss.alpha) == (2, 1.0)
+    assert r.student.sync_bn  # the official code's SyncBN: the heads' batch norm over both GPUs' images
     weights = {t.name: t.weight for t in r.tasks}
     assert weights == (PASCAL_WEIGHTS if dataset == "pascal_context" else NYUD_WEIGHTS)
     # teachers: DINOv2 and CLIP see PASCAL's 512 crops at their grid's square (DINOv2 patch 14: 504), NYUD's
