@@ -118,6 +118,9 @@ class OptimConfig:
     name: Literal["adamw"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.01
+    # which parameters weight_decay applies to: `matrices` (norms, biases, scales and position / class tokens are
+    # left alone, timm's and most ViT recipes' rule) or `all` (every parameter, as the official SAK code)
+    decay: Literal["matrices", "all"] = "matrices"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float | None = None  # max global grad norm; None = no clipping

@@ -211,7 +211,8 @@ def build_loader(
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW; norms, biases, scales and position/CLS tokens get no weight decay."""
+    """AdamW; norms, biases, scales and position/CLS tokens get no weight decay unless `optim.decay` is `all`.
+    Two parameter groups either way, so that a resume may change `optim.decay` (the recipe's settings win)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -219,7 +220,8 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
         flat = p.ndim <= 1 or name.endswith((".pos_embed", ".cls_token", ".reg_token"))
         (no_decay if flat else decay).append(p)
     o = recipe.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    flat_decay = o.weight_decay if o.decay == "all" else 0.0
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": flat_decay}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=o.fused or None)
 
 

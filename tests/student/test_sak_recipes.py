@@ -36,7 +36,7 @@ def test_stage1_recipes_carry_the_published_schedule(path):
     assert r.student.model == STUDENTS[size] and r.student.pretrained == "augreg_in21k_ft_in1k"
     assert (r.student.down_ratio, r.student.router) == (4, "noisy")
     assert (r.data.name, r.data.image_size, r.data.batch_size) == ("image_folder", 384, 16)
-    assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (1e-3, 0.01, None)
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip, r.optim.decay) == (1e-3, 0.01, None, "all")
     s = r.schedule
     assert (s.name, s.epochs, s.warmup_epochs, s.min_lr) == ("cosine", 30, 2, 1e-5)
     assert (r.loss.distill, r.loss.normalize) == ("sak", "none")
@@ -53,7 +53,7 @@ def test_stage2_recipes_carry_the_published_schedule_and_task_weights(path):
     dataset = "_".join(dataset)
     assert r.run.stage == "multitask" and r.data.name == dataset
     assert r.student.model == STUDENTS[size]
-    assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip) == (2e-5, 1e-6, 10.0)
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_clip, r.optim.decay) == (2e-5, 1e-6, 10.0, "all")
     assert (r.schedule.name, r.schedule.max_steps, r.schedule.power) == ("poly", 40000, 0.9)
     assert (r.data.batch_size, r.loss.alpha) == (2, 1.0)
     assert r.student.sync_bn  # the official code's SyncBN: the heads' batch norm over both GPUs' images
