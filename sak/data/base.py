@@ -181,7 +181,9 @@ def digest_share(index: int, count: int):
 def file_digests(paths) -> list[tuple[str, str]]:
     """(path, sha256 of its bytes) of each file, for `SakDataset.content_digests` (hashed on threads); within
     `digest_share(i, N)` only this process's share, the other digests ""."""
-    paths = [os.fspath(p) for p in paths]
+    # absolute: the same file by one name however data.root is written (`imgs` or `/data/imgs`), so that a
+    # stale feature cache names the file that changed rather than every file as gone and new
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
     share = _DIGEST_SHARE.get()
     if share is None:
         return list(zip(paths, sha256_files(paths), strict=True))

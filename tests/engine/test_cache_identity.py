@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +211,12 @@ def test_a_changed_file_is_named_however_data_root_is_written(tiny_recipe, tmp_p
     recipe = tiny_recipe(*common, f"data.root={tmp_path / 'images'}", f"cache.path={root}")
     set_seed(recipe.run.seed)
     changed = rf"1 of 3 file\(s\) changed since the build: {re.escape(str(folder / 'im1.png'))}; rebuild it"
+    with pytest.raises(CacheError, match=changed):
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+    manifest = json.loads((root / "manifest.json").read_text())  # an older sak kept the names as data.root wrote them
+    assert all(Path(name).is_absolute() for name in manifest["content"])
+    manifest["content"] = {os.path.relpath(k): v for k, v in manifest["content"].items()}
+    (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=changed):
         open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 

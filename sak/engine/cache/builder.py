@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -232,7 +231,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     state.wait_for_everyone()
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
-                "content": None if digests is None else {os.path.abspath(n): d[:CONTENT_PREFIX] for n, d in digests}}  # fmt: skip
+                "content": None if digests is None else {name: d[:CONTENT_PREFIX] for name, d in digests}}  # fmt: skip
     if state.is_main_process and (remaining or not finished):  # before the first shard: a resumed build can tell
         out.mkdir(parents=True, exist_ok=True)  # whose shards it finds (a finished cache with nothing to add stays so)
         _write_manifest(manifest, manifest_path)

@@ -59,6 +59,11 @@ def _rows(token: str, root: str, indices: list[int], epoch: int) -> CachedRows:
     return CachedRows(_reopen(token, root), indices, epoch)
 
 
+def _absolute(name: str) -> str:
+    """A recorded file name as `file_digests` now gives it: a relative path that exists here, made absolute."""
+    return os.path.abspath(name) if not os.path.isabs(name) and os.path.exists(name) else name
+
+
 class FeatureCache:
     """Reader of a finished cache. A batch's maps are read with one copy, from the shard files straight into
     the batch's tensors (`gather`: a positioned read of each sample's row of each map); on a GPU machine the
@@ -134,16 +139,16 @@ class FeatureCache:
             return []
         if built.get("tasks") != expected.get("tasks"):  # other label files are digested: said by data.tasks
             return []
-        # absolute: data.root written `imgs` at the build and `/data/imgs` now is one folder (the identity says so),
-        # whose files were listed as all gone and all new (a build before 2026-11-29 kept the names as written:
-        # a relative one is taken from the current directory)
-        now = {os.path.abspath(name): d[:CONTENT_PREFIX] for name, d in digests}
+        now = {name: d[:CONTENT_PREFIX] for name, d in digests}
         before = self._content
         if isinstance(before, list):
             if len(before) != len(digests) or built.get("ids_sha256") != expected.get("ids_sha256"):
                 return []
             before = dict(zip(now, before, strict=True))
-        before = {os.path.abspath(name): d for name, d in before.items()}
+        # a file's name is its absolute path since 2026-11-29 (`file_digests`); a build before kept the path as
+        # data.root wrote it: a relative one that exists here is taken as the file it names (other names, such as
+        # a package's images, are not paths)
+        before = {_absolute(name): d for name, d in before.items()}
         found = (
             (f"of {len(now)} file(s) changed since the build", [n for n in now if n in before and before[n] != now[n]]),
             ("file(s) not in the build", [n for n in now if n not in before]),
