@@ -54,6 +54,7 @@ from .base import (
 )
 from .weights import (
     WeightsError,
+    build_error,
     check_timm_tag,
     check_timm_tag_for_file,
     is_local,
@@ -61,6 +62,7 @@ from .weights import (
     load_state_dict,
     load_strict,
     local_path,
+    probe_build,
     refuse_sha256_without_file,
     verify_sha256,
 )
@@ -312,9 +314,14 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         check_timm_tag(name, what)
     try:
         net = timm.create_model(name, pretrained=pretrained, **args)
+    except (TypeError, AssertionError) as exc:  # model_kwargs the model does not take (embed_dim / num_heads)
+        raise build_error(exc, kwargs, what) from exc
     except (RuntimeError, OSError) as exc:
-        if not pretrained:  # not a download: an unknown tag or bad model_kwargs, which timm words clearly
+        if not pretrained:  # not a download: an unknown model, which timm words clearly, or bad model_kwargs
+            if isinstance(exc, RuntimeError) and "Unknown model" not in str(exc):
+                raise build_error(exc, kwargs, what) from exc
             raise
+        probe_build(lambda: timm.create_model(name, pretrained=False, **args), kwargs, what)
         raise WeightsError(
             f"{what}: could not create {name!r} with pretrained weights from the hub (looked in the Hugging Face "
             f"cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, pass a local file "
@@ -341,7 +348,9 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
     cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)
     quick = any("quickgelu" in str(note).lower() for note in (cfg.get("notes") or ()))
-    if weights is not None and quick and "quickgelu" not in name and "act_layer" not in kwargs:
+    # (a local file under an untagged name may hold any of the model's tags: the default tag's note says nothing)
+    named = pretrained or "." in name
+    if weights is not None and named and quick and "quickgelu" not in name and "act_layer" not in kwargs:
         # timm builds the activation from the model name and only notes this in the tag; kept, as timm (and the
         # official SAK code through it) runs these weights, but said: it is not the network CLIP trained
         variant = name.split(".")[0].replace("_clip_", "_clip_quickgelu_", 1)

@@ -71,7 +71,7 @@ from .dinov2_weights import (
     read_weights,
     variant_names,
 )
-from .weights import WeightsError, build_error, first_misfit, load_state_dict, load_strict, verify_sha256
+from .weights import WeightsError, build_error, first_misfit, load_state_dict, load_strict, probe_build, verify_sha256
 
 META_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
@@ -107,6 +107,7 @@ def create_timm(name: str, kwargs: dict, size: int, tag: str | None, what: str, 
         if tag is None:  # nothing was downloaded: the model_kwargs build no model (a negative size)
             raise build_error(exc, kwargs, what) from exc
         if "loading state_dict" not in str(exc):
+            probe_build(lambda: timm.create_model(full, pretrained=False, **args), kwargs, what)
             raise _hub_error(full, what, exc) from exc
         # found and read: the weights of another model than size / model_kwargs build
         raise WeightsError(

@@ -46,6 +46,7 @@ from .weights import (
     load_state_dict,
     load_strict,
     local_path,
+    probe_build,
     refuse_sha256_without_file,
     verify_sha256,
 )
@@ -206,6 +207,10 @@ def build_timm(size: str, state: dict | None, spec: TeacherSpec, options: SamTea
             if isinstance(exc, OSError):
                 raise
             raise build_error(exc, options.model_kwargs, "sam teacher (timm)") from exc
+        probe = {**args, **options.model_kwargs}
+        probe_build(
+            lambda: timm.create_model(name, pretrained=False, **probe), options.model_kwargs, "sam teacher (timm)"
+        )
         raise WeightsError(
             f"sam teacher (timm): could not create {name!r} with pretrained weights from the hub (looked in the "
             f"Hugging Face cache, HF_HOME / ~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, pass a "

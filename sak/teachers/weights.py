@@ -234,6 +234,16 @@ def build_error(exc: Exception, kwargs: dict, what: str) -> ValueError:
     return ValueError(f"{what}: model_kwargs {kwargs} do not build the model: {type(exc).__name__}: {exc}")
 
 
+def probe_build(create, kwargs: dict, what: str) -> None:
+    """After a library failed to create a model with its hub weights: `create` it without them. If that fails
+    too, the model_kwargs were at fault, not the download (timm builds the model before it fetches anything),
+    and that is raised (`build_error`); otherwise the caller reports the download."""
+    try:
+        create()
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise build_error(exc, kwargs, what) from exc
+
+
 def check_timm_tag(name: str, what: str) -> None:
     """Before timm downloads `name` ("model.tag"): a tag timm does not know is a ValueError listing the model's
     tags (timm's RuntimeError would be reported as a failed download). A model timm does not know is left to

@@ -140,6 +140,9 @@ def test_weights_trained_with_quick_gelu_run_by_timm_with_gelu_are_said(clip_fil
         quick = create_teacher("clip", str(clip_file), model="vit_base_patch16_clip_quickgelu_224.openai",
                                model_kwargs=TIMM)  # fmt: skip
         create_teacher("clip", str(clip_file), model="vit_base_patch16_clip_224.openai_ft_in1k", model_kwargs=TIMM)
+        # an untagged name's configuration is its default tag's (vit_huge_patch14_clip_378: dfn5b), which the
+        # file need not hold: nothing is said
+        create_teacher("clip", str(clip_file), model="vit_huge_patch14_clip_378", model_kwargs=TIMM)
     assert "QuickGELU" not in caplog.text and type(quick.tower.model.blocks[0].mlp.act).__name__ == "QuickGELU"
 
 
@@ -280,6 +283,14 @@ def test_missing_files_wrong_checkpoints_and_offline_tags_are_clear_errors(clip_
         create_teacher("clip", str(clip_file), source="open_clip", model_kwargs=three_blocks)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # model_kwargs that build no model, with or without a hub tag (timm builds before it downloads): named as such,
+    # not as a failed download, nor as timm's bare RuntimeError / AssertionError
+    for weights in (None, "hub"):
+        for bad, error in (({"mlp_ratio": -1.0}, "RuntimeError"), ({"embed_dim": 30, "num_heads": 4}, "Assertion")):
+            with pytest.raises(ValueError, match=f"model_kwargs .* do not build the model: {error}"):
+                create_teacher("clip", weights, model_kwargs={**TIMM, **bad})
+    with pytest.raises(WeightsError, match="could not create 'vit_base_patch16_clip_384' with pretrained weights"):
+        create_teacher("clip", "hub", model_kwargs=TIMM)
     # the advice for a file names the model with OpenAI's QuickGELU (a file carries none: `ViT-B-16` ran GELU)
     with pytest.raises(WeightsError, match=r"Hugging Face cache.*huggingface.co/timm/vit_base_patch16_clip_224.openai, "
                                            r"pass its path as `weights` and set `model: ViT-B-16-quickgelu`"):  # fmt: skip

@@ -360,8 +360,9 @@ def test_wrong_files_sources_and_options_are_clear_errors(checkpoints, tmp_path)
         create_teacher("dinov2", spec=TeacherSpec(levels=[1, 7]), model_kwargs=TIMM_TINY)
     # random weights download nothing: these were "could not load ... from the Hugging Face hub", or a traceback
     for bad, error in (({"mlp_ratio": -1.0}, "RuntimeError"), ({"embed_dim": 30, "num_heads": 4}, "AssertionError")):
-        with pytest.raises(ValueError, match=f"model_kwargs .* do not build the model: {error}"):
-            create_teacher("dinov2", model_kwargs={**TIMM_TINY, **bad})
+        for weights in (None, "lvd142m"):  # (timm builds before it downloads: the tag's failure was no download's)
+            with pytest.raises(ValueError, match=f"model_kwargs .* do not build the model: {error}"):
+                create_teacher("dinov2", weights, model_kwargs={**TIMM_TINY, **bad})
 
 
 def test_frozen_and_any_loader_image_becomes_the_input_grid():

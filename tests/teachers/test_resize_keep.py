@@ -73,3 +73,18 @@ def test_keep_is_refused_where_the_teacher_cannot_take_it():
         load_recipe(TINY, ["teachers.0.resize=keep", "teachers.0.image_size=64"])
     with pytest.raises(RecipeError, match=r"teachers\[0\]\.resize: 'stretch' is not one of 'own', 'keep'"):
         load_recipe(TINY, ["teachers.0.resize=stretch"])
+
+
+def test_a_cache_of_a_kept_teacher_stores_and_describes_its_grid(tiny_recipe, tmp_path):
+    from sak.engine.cache import build_cache
+    from sak.engine.cache.store import describe
+
+    kept = ["teachers.0.name=dinov2", "teachers.0.resize=keep",
+            "teachers.0.options={size: small, source: timm, model_kwargs: {embed_dim: 48, depth: 4, num_heads: 2}}"]  # fmt: skip
+    root = build_cache(tiny_recipe(*kept), tmp_path / "c", shard_size=4)
+    lines = "\n".join(describe(root))
+    # the 64 px images cut to 56 (4 x 4 tokens at patch 14), not "input 518 px" (the model's native size)
+    want = (
+        "vit_a: vit_small_patch14_dinov2 from timm, weights random, input the images' own size cut to a multiple of 14"
+    )
+    assert f"{want}, levels [0, 1, 2, 3]: maps 48x4x4" in lines, lines

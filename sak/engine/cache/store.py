@@ -163,7 +163,10 @@ def describe(root: Path) -> list[str]:
     for tid, t in ident.get("teachers", {}).items():
         maps = ", ".join("x".join(map(str, shape)) for shape in shapes.get(tid, []))
         weights = t.get("weights") + (f" (sha256 {t['sha256'][:12]})" if t.get("sha256") else "")
-        lines.append(f"    {tid}: {t.get('name')} from {t.get('source')}, weights {weights}, input {t.get('input_size')} px, "
+        # (resize keep: the images at their own size, cut to the patch; input_size is then the model's native one)
+        keep = f"the images' own size cut to a multiple of {t.get('patch_size')}"
+        size = keep if t.get("resize") == "keep" else f"{t.get('input_size')} px"
+        lines.append(f"    {tid}: {t.get('name')} from {t.get('source')}, weights {weights}, input {size}, "
                      f"levels {t.get('levels')}: maps {maps}")  # fmt: skip
     d = ident.get("data", {})
     content = d.get("content_sha256")
