@@ -206,7 +206,12 @@ def _check_names(recipe: Recipe) -> None:
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
     for i, t in enumerate(recipe.teachers):
-        build_options(_check_registered(TEACHERS, t.name, f"teachers[{i}].name"), t.options, f"teachers[{i}]")
+        cls = _check_registered(TEACHERS, t.name, f"teachers[{i}].name")
+        build_options(cls, t.options, f"teachers[{i}]")
+        if t.resize == "keep" and not getattr(cls, "takes_resize_keep", False):  # (before weights are fetched)
+            able = sorted(n for n in TEACHERS.names() if getattr(TEACHERS.get(n), "takes_resize_keep", False))
+            raise RecipeError(f"teachers[{i}].resize: teacher {t.name!r} sizes its input itself; 'keep' is for "
+                              f"{', '.join(able)} (their timm source)")  # fmt: skip
         _check_registered(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
         if t.id in seen:
             raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")

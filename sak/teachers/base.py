@@ -232,6 +232,8 @@ class Teacher(nn.Module):
     a teacher stays in eval mode whatever its parent module does.
     """
 
+    takes_resize_keep: ClassVar[bool] = False  # it honours spec.resize "keep" (meta.resize "keep"): recipes may ask
+
     @dataclass
     class Options:
         pass

@@ -370,6 +370,8 @@ BUILDERS = {"open_clip": (build_open_clip, OpenClipTower), "timm": (build_timm, 
 class ClipTeacher(Teacher):
     """CLIP ViT image tower; see the module docstring for levels, summary and sources."""
 
+    takes_resize_keep = True  # with source timm
+
     @dataclass
     class Options:
         source: Literal["open_clip", "timm"] = "timm"

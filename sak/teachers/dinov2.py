@@ -249,6 +249,8 @@ BUILDERS = {"timm": build_timm, "transformers": build_transformers, "meta": buil
 class DINOv2Teacher(Teacher):
     """DINOv2 ViT-S/B/L/g with patch 14; see the module docstring for sources, levels and sizes."""
 
+    takes_resize_keep = True  # with source timm
+
     @dataclass
     class Options:
         size: Literal["small", "base", "large", "giant"] = "base"

@@ -73,6 +73,9 @@ def test_keep_is_refused_where_the_teacher_cannot_take_it():
         load_recipe(TINY, ["teachers.0.resize=keep", "teachers.0.image_size=64"])
     with pytest.raises(RecipeError, match=r"teachers\[0\]\.resize: 'stretch' is not one of 'own', 'keep'"):
         load_recipe(TINY, ["teachers.0.resize=stretch"])
+    # a teacher that cannot take it: refused with the recipe, before its weights are fetched
+    with pytest.raises(RecipeError, match=r"teachers\[0\]\.resize: teacher 'timm' sizes .* 'keep' is for clip, dinov2"):
+        load_recipe(TINY, ["teachers.0.resize=keep"])
 
 
 def test_a_cache_of_a_kept_teacher_stores_and_describes_its_grid(tiny_recipe, tmp_path):
