@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from PIL import Image
+from safetensors.torch import save_file
 
 from sak.data import DatasetSpec, build_dataset
 from sak.data.fixtures import write_pascal_context
@@ -24,6 +25,7 @@ from sak.engine.cache import (
     training_dataset,
 )
 from sak.engine.cache.identity import data_options
+from sak.engine.cache.store import describe
 from sak.engine.trainer import open_cache
 
 from .test_cache import pascal_semseg
@@ -219,6 +221,37 @@ def test_a_changed_file_is_named_however_data_root_is_written(tiny_recipe, tmp_p
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=changed):
         open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
+
+
+def test_a_seed_that_changes_no_feature_shares_the_cache(tiny_recipe, tmp_path):
+    """Images from files, un-augmented, teachers from weight files: another run.seed changes no cached feature, and
+    a seed sweep shares one cache (it was refused as stale); with teachers of random weights it draws others."""
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    common = ["data.name=image_folder", f"data.root={folder.parent}", "data.options={}"]
+    set_seed(0)
+    for i, teacher in enumerate(build_teachers(tiny_recipe(*common), torch.device("cpu")).values()):
+        save_file(teacher.model.state_dict(), str(tmp_path / f"t{i}.safetensors"))
+    files = [f"teachers.{i}.weights={tmp_path / f't{i}.safetensors'}" for i in range(2)]
+    files.append("teachers.1.options.model=vit_small_patch16_224.augreg_in1k")  # (a file: the tag says its mean / std)
+    for weights, shared in ((files, True), ([], False)):
+        root = build_cache(tiny_recipe(*common, *weights), tmp_path / f"c{len(weights)}", shard_size=4)
+        recipe = tiny_recipe(*common, *weights, "run.seed=1", f"cache.path={root}")
+        set_seed(recipe.run.seed)
+        teachers = build_teachers(recipe, torch.device("cpu"))
+        if shared:
+            assert open_cache(recipe, teachers) is not None
+            assert "any seed (it changes none of these features)" in "\n".join(describe(root))
+            manifest = json.loads((root / "manifest.json").read_text())  # an older sak recorded the seed always
+            manifest["identity"]["data"]["seed"] = 0
+            (root / "manifest.json").write_text(json.dumps(manifest))
+            assert open_cache(recipe, teachers) is not None
+        else:
+            with pytest.raises(CacheError, match=r"data\.seed: cache has 0, recipe gives 1"):
+                open_cache(recipe, teachers)
 
 
 def test_augmented_caches_also_record_the_labels_that_choose_the_crops(tiny_recipe, tmp_path):

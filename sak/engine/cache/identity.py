@@ -78,13 +78,25 @@ def data_path(path: str | None) -> str | None:
     return os.path.abspath(path) if isinstance(path, str) and path else path
 
 
+def seed_matters(augment: bool | None, content_sha256: str | None, teachers: dict) -> bool:
+    """Whether `run.seed` can change cached features: it chooses the augmented views, generates data that has no
+    content digest (synthetic), and draws the weights of a teacher built without any (`weights: random`). Else
+    the features of the same images through the same weights are the same for any seed, and a seed sweep may
+    share one cache."""
+    random = any(isinstance(t, dict) and t.get("weights") == "random" for t in teachers.values())
+    return bool(augment) or content_sha256 is None or random
+
+
 def as_now(identity: dict) -> dict:
     """A recorded identity as this sak writes it: `data.options` at their defaults, and those of the other path
     than the cache's, left out (`data_options`), where an older sak wrote them as given; `root` and `subset`
-    absolute and normalised (`data_path`), where an older sak wrote them as given."""
+    absolute and normalised (`data_path`), where an older sak wrote them as given; `data.seed` left out where it
+    changes no feature (`seed_matters`), where an older sak recorded it always."""
     data = identity.get("data")
     if isinstance(data, dict):
         data = {**data, **{k: data_path(data[k]) for k in ("root", "subset") if k in data}}
+        if not seed_matters(identity.get("augment"), data.get("content_sha256"), identity.get("teachers") or {}):
+            data.pop("seed", None)
         if "options" in data:
             data["options"] = _json(data_options(data.get("name"), data["options"], identity.get("augment")))
         return {**identity, "data": data}
@@ -173,7 +185,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "image_size": d.image_size,
         "options": data_options(d.name, d.options, augment),
         "subset": data_path(d.subset),
-        "seed": recipe.run.seed,
+        "seed": recipe.run.seed,  # (left out below where it changes no feature)
         "samples": len(dataset),
         "ids_sha256": ids_digest(dataset),
         "content_sha256": _combined(digests),
@@ -184,6 +196,8 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         if getattr(dataset, "augmentation", None) is not None:  # (absent before it existed: such caches are refused)
             data["augmentation"] = dataset.augmentation
     configs = {t.id: t for t in recipe.teachers}
+    if not seed_matters(augment, data["content_sha256"], {tid: t.meta.as_dict() for tid, t in teachers.items()}):
+        del data["seed"]
     ident = {
         "format": FORMAT,
         "dtype": dtype,

@@ -172,7 +172,9 @@ def describe(root: Path) -> list[str]:
     content = d.get("content_sha256")
     lines += [
         f"  data: {d.get('name')} at {d.get('root')}, split {d.get('split')}, image size {d.get('image_size')}, "
-        f"subset {d.get('subset')}, seed {d.get('seed')}, options {d.get('options')}"
+        f"subset {d.get('subset')}, "
+        + (f"seed {d['seed']}" if "seed" in d else "any seed (it changes none of these features)")
+        + f", options {d.get('options')}"
         + (f", tasks {d['tasks']}" if "tasks" in d else ""),
         f"  ids sha256 {str(d.get('ids_sha256'))[:16]}, content sha256 "
         + (content[:16] if content else "none (generated data, or a dataset without content_digests)"),
