@@ -317,8 +317,9 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     except (TypeError, AssertionError) as exc:  # model_kwargs the model does not take (embed_dim / num_heads)
         raise build_error(exc, kwargs, what) from exc
     except (RuntimeError, OSError) as exc:
-        if not pretrained:  # not a download: an unknown model, which timm words clearly, or bad model_kwargs
-            if isinstance(exc, RuntimeError) and "Unknown model" not in str(exc):
+        if not pretrained:  # not a download: an unknown model or tag, which timm words clearly, or bad model_kwargs
+            named = any(words in str(exc) for words in ("Unknown model", "Invalid pretrained tag"))
+            if isinstance(exc, RuntimeError) and not named:
                 raise build_error(exc, kwargs, what) from exc
             raise
         probe_build(lambda: timm.create_model(name, pretrained=False, **args), kwargs, what)
