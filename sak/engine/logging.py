@@ -192,4 +192,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         if self.trackers:
-            self.accelerator.end_training()
+            # the trackers alone: Accelerate's end_training also destroys the process group, which the launch owns
+            # (a second train() in the process, or any collective after it, failed on every rank with a tracker on)
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []

@@ -151,9 +151,21 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
             if source_file.is_file() and (not copy.is_file() or copy.read_text() != source_file.read_text()):
                 (run_dir / f"{name}.tmp").write_text(source_file.read_text())
                 os.replace(run_dir / f"{name}.tmp", copy)
-    with open(run_dir / "starts.jsonl", "a") as f:  # every start of the run, resumes included
+    starts = run_dir / "starts.jsonl"
+    _drop_cut_line(starts)  # a start killed while writing its line: the next one was glued onto it, both unreadable
+    with open(starts, "a") as f:  # every start of the run, resumes included
         f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     return abandoned
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line (one ending in a newline)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def prepare_run_dir(recipe: Recipe) -> Path | None:

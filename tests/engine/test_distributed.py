@@ -124,6 +124,36 @@ def test_each_process_draws_its_own_random_numbers(tmp_path):
     assert not set(draws[0]) & set(draws[1]), draws
 
 
+TWICE = """
+import sys
+
+import torch.distributed as dist
+
+from sak.config import load_recipe
+from sak.engine import train
+
+train(load_recipe(sys.argv[1], sys.argv[2:]))
+assert dist.is_initialized(), "train() destroyed the launch's process group"
+train(load_recipe(sys.argv[1], [*sys.argv[2:], "run.name=again"]))
+dist.barrier()
+print("trained twice")
+"""
+
+
+def test_a_run_with_a_tracker_leaves_the_launchs_process_group_alone(tmp_path):
+    """Closing the trackers called Accelerate's end_training, which destroys the process group: with tensorboard
+    (or wandb, on by default) a second train() in the process died in its first barrier on every rank."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "twice.py").write_text(TWICE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    out = accelerate_launch(
+        str(TINY), f"run.output_dir={tmp_path}", "logging.tensorboard=true", "logging.wandb.mode=disabled",
+        "logging.progress=false", "schedule.max_steps=1", "eval.batches=1", env=env, module="twice",
+    )  # fmt: skip
+    assert out.returncode == 0 and "trained twice" in out.stdout, out.stderr[-3000:]
+
+
 def test_the_last_rounds_padding_weighs_in_no_validation_value(tmp_path, tiny_recipe):
     """32 held-out images in batches of 3 on 2 processes: the last round is [30, 31] + one padded image on the
     first process and three padded ones on the second. The validation losses and cosines must be those of one

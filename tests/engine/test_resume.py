@@ -219,6 +219,7 @@ def test_each_start_is_recorded_and_a_changed_recipe_on_resume_is_named(tiny_rec
     logged before a resume still traces to the recipe that made it, and the resume says what changed."""
     recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=2")
     train(recipe)
+    (recipe.run_dir / "starts.jsonl").open("a").write('{"seed": 0, "world_si')  # a start killed while writing it
     train(tiny_recipe("checkpoint.every=2", "optim.lr=5.0e-2"))
     starts = [json.loads(x) for x in (recipe.run_dir / "starts.jsonl").read_text().splitlines()]
     assert [s["recipe"]["optim"]["lr"] for s in starts] == [1e-3, 5e-2]
