@@ -122,11 +122,12 @@ def wandb_run_id(folder: Path, continues: bool) -> str:
     import secrets
 
     path = folder / "sak_run_id"
-    if continues and path.is_file():
-        return path.read_text().strip()
+    if continues and path.is_file() and (kept := path.read_text().strip()):  # (empty: a start killed writing it)
+        return kept
     folder.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(8)  # (wandb's ids: letters and digits)
-    path.write_text(run_id + "\n")
+    path.with_suffix(".tmp").write_text(run_id + "\n")
+    os.replace(path.with_suffix(".tmp"), path)  # whole or absent: an empty id would be handed to wandb
     return run_id
 
 

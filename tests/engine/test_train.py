@@ -411,3 +411,13 @@ def test_images_per_second_after_an_evaluation_or_a_checkpoint_leaves_their_time
     train(recipe)
     rates = logged(recipe.run_dir, "images_per_s")
     assert min(rates.values()) > 4 / 100  # 4 images in a few ticks of 1 s, never in 1000 s
+
+
+def test_an_empty_wandb_run_id_left_by_a_kill_is_replaced_not_handed_to_wandb(tmp_path):
+    from sak.engine.logging import wandb_run_id
+
+    first = wandb_run_id(tmp_path, continues=False)
+    assert wandb_run_id(tmp_path, continues=True) == first
+    (tmp_path / "sak_run_id").write_text("")  # written in place before: a kill in between left it empty
+    again = wandb_run_id(tmp_path, continues=True)
+    assert again and again != first and (tmp_path / "sak_run_id").read_text().strip() == again
