@@ -186,19 +186,25 @@ def test_nearest_resize_picks_the_source_pixel_cv2_picks():
     assert out["semseg"][0, 674] == 349
 
 
-def test_the_rescaled_image_does_not_depend_on_the_number_of_threads():
-    """A loader worker runs torch on one thread, the main process on several: torch's CPU bilinear kernel rounds
-    differently with the count, which in float32 (4.6e-5 here) moved a few training pixels by a grey level
-    between the two; in float64 the difference is at the last bits."""
-    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+def on_one_and_two_threads(make):
+    """`make()` run with torch on 1 thread (a loader worker) and on 2 (the main process): the two results."""
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(resize_sample({"image": image}, (523, 697))["image"])
+            outs.append(make())
     finally:
         torch.set_num_threads(threads)
+    return outs
+
+
+def test_the_rescaled_image_does_not_depend_on_the_number_of_threads():
+    """A loader worker runs torch on one thread, the main process on several: torch's CPU bilinear kernel rounds
+    differently with the count, which in float32 (4.6e-5 here) moved a few training pixels by a grey level
+    between the two; in float64 the difference is at the last bits."""
+    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    outs = on_one_and_two_threads(lambda: resize_sample({"image": image}, (523, 697))["image"])
     assert np.abs(outs[0] - outs[1]).max() < 1e-9
 
 
@@ -206,12 +212,5 @@ def test_the_rescaled_training_pixels_do_not_depend_on_the_number_of_threads():
     """...nor do the pixels made of it: a value that should be exactly k + 0.5 sat ~1e-14 above or below it with
     the count, and rounding to uint8 took it up or down (four pixels here)."""
     image = np.random.default_rng(2).integers(0, 256, (150, 254, 3), dtype=np.uint8)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            outs.append(to_uint8(resize_sample({"image": image}, (145, 246))["image"]))
-    finally:
-        torch.set_num_threads(threads)
+    outs = on_one_and_two_threads(lambda: to_uint8(resize_sample({"image": image}, (145, 246))["image"]))
     assert np.array_equal(outs[0], outs[1])
