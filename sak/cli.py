@@ -27,15 +27,13 @@ def _task_eval_errors():
 
 
 def _write_result(result: dict, out: str | None) -> None:
-    from pathlib import Path
-
     from .engine.logging import json_safe
     from .engine.task_eval import format_summary
+    from .files import write_text_whole
 
     text = json.dumps(json_safe(result), indent=2)  # a metric that scored nothing is NaN: null in JSON
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        write_text_whole(out, text + "\n")  # (an earlier result stays whole if this write fails)
         print(format_summary(result))
         print(f"wrote {out}")
     else:

@@ -38,3 +38,21 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
     save_file(tensors, str(path), metadata=metadata)
     as_umask_allows(path)
+
+
+def write_text_whole(path: str | os.PathLike, text: str) -> None:
+    """`text` into `path` through a temporary file renamed over it: a full disk or a kill mid-write leaves the
+    previous file as it was, not cut off. An OSError names `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -138,3 +138,10 @@ def test_an_override_reaches_a_key_with_dots_in_a_mapping():
         RecipeError, match=r"tasks is not in the recipe; give the whole list, e.g. 'tasks=\[\{name: ...\}\]'$"
     ):
         apply_override(data, "tasks.0.name=semseg")  # (a recipe list: no mapping to suggest)
+
+
+def test_a_recipe_that_is_not_utf8_text_is_an_error_naming_the_file(tmp_path):
+    """UnicodeDecodeError came through, naming no file (a binary file, or a recipe saved as UTF-16)."""
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xferun: {}\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: not UTF-8 text \(invalid start byte at byte 0\)"):
+        load_recipe(tmp_path / "r.yaml")

@@ -47,3 +47,19 @@ def test_checkpoints_exports_and_cache_shards_are_readable_as_the_umask_allows(m
     names = {f.name for f in files}
     assert {"model.safetensors", "target_normalizers.safetensors", "student.safetensors"} <= names, names
     assert {str(f): mode(f) for f in files} == {str(f): 0o640 for f in files}
+
+
+def test_a_failed_write_leaves_the_previous_file_whole_and_names_it(tmp_path, monkeypatch):
+    """`sak eval --out` / `eval-preds --out` wrote in place: a full disk left a cut-off JSON over a good one."""
+    from sak.files import write_text_whole
+
+    out = tmp_path / "r.json"
+    write_text_whole(out, '{"good": 1}\n')
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=rf"cannot write {out}: No space left on device"):
+        write_text_whole(out, '{"new": 2}\n')
+    assert out.read_text() == '{"good": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["r.json"]

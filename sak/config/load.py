@@ -387,9 +387,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override, type-check and validate a recipe. Every error names `path`."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a recipe is YAML") from None
     try:
         data = unshared(yaml.load(text, Loader=StrictLoader) or {})
     except yaml.YAMLError as exc:
