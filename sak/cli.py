@@ -169,6 +169,10 @@ def _cache(args) -> int:
     from .engine.cache import CacheError, FeatureCache, build_cache, check_build_options, describe
 
     if args.action == "info":  # `recipe` is the cache directory here
+        if args.overrides or args.out is not None:  # (`cache info a b --verify` checked `a` alone, and said ok)
+            extra = [*args.overrides, *(["--out"] if args.out is not None else [])]
+            say_error(f"sak cache info: one cache directory, and no build options; got also {extra}", everywhere=False)
+            return 2
         try:
             print("\n".join(describe(Path(args.recipe))))
             if args.verify:

@@ -202,6 +202,9 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     assert main(["cache", "info", str(root), "--verify"]) == 2
     assert "shard view1/shard00001 is corrupt" in capsys.readouterr().err
+    # two directories: the second was not looked at, and the corrupt cache passed as checked
+    assert main(["cache", "info", str(tmp_path / "other"), str(root), "--verify"]) == 2
+    assert f"one cache directory, and no build options; got also ['{root}']" in capsys.readouterr().err
     # an unfinished build: the manifest says "building" until the last shard is written
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))
