@@ -44,7 +44,8 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; known names: {known}. "
-                "If it lives in a plug-in module, list that module under `imports:` in the recipe."
+                "If it lives in a plug-in module, name that module: under `imports:` in a recipe, or with "
+                "`--import MODULE` on the command line (sak teachers, sak select)."
             ) from None
 
     def names(self) -> list[str]:

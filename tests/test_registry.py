@@ -23,7 +23,7 @@ def test_unknown_name_lists_known_and_hints_imports():
     message = str(info.value)
     assert "unknown widget 'gamma'" in message
     assert "alpha, beta" in message
-    assert "imports:" in message
+    assert "imports:" in message and "`--import MODULE`" in message  # (the commands without a recipe take a flag)
 
 
 def test_same_name_twice_is_an_error():
