@@ -128,8 +128,12 @@ def write_predictions(
 
 def _load(path: Path, task: str) -> np.ndarray:
     if not path.is_file():
-        where = path.parent if path.parent.is_dir() else path.parent.parent
-        raise PredictionError(f"{path}: prediction file not found (expected <id>{SUFFIX[task]} under {where})")
+        if not path.parent.is_dir():  # the task's whole folder: said once, not as its first image's file
+            raise PredictionError(
+                f"{path.parent.parent}: no {path.parent.name}/ folder of {task} predictions (expected "
+                f"{path.parent.name}/<id>{SUFFIX[task]}); leave {task} out of --tasks, or save its predictions"
+            )
+        raise PredictionError(f"{path}: prediction file not found (expected <id>{SUFFIX[task]} under {path.parent})")
     if task == "depth":
         try:
             array = np.load(path, allow_pickle=False)

@@ -369,7 +369,10 @@ def score_prediction_dir(
     check_dataset(dataset_name)
     preds_dir = Path(preds_dir)
     if not preds_dir.is_dir():
-        raise PredictionError(f"{preds_dir}: the prediction folder does not exist")
+        what = (
+            "is a file, not the folder of predictions" if preds_dir.exists() else "the prediction folder does not exist"
+        )
+        raise PredictionError(f"{preds_dir}: {what}")
     tasks = prediction_tasks(dataset_name, preds_dir, tasks)
     check_reference(reference, tasks)
     spec = DatasetSpec(root=str(root), split=split, tasks=tuple(tasks), train=False)

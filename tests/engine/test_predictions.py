@@ -72,7 +72,9 @@ def test_the_stored_values_follow_the_published_conventions():
 def _bad_file(kind: str, root):
     path = prediction_path(root, "semseg", "x")
     path.parent.mkdir(parents=True)
-    if kind == "unreadable":
+    if kind == "no folder":
+        path.parent.rmdir()
+    elif kind == "unreadable":
         path.write_bytes(b"not a png")
     elif kind == "size":
         Image.fromarray(np.zeros((4, 7), np.uint8)).save(path)
@@ -86,7 +88,8 @@ def _bad_file(kind: str, root):
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("missing", "prediction file not found"),
+        ("missing", "prediction file not found (expected <id>.png under"),
+        ("no folder", "no semseg/ folder of semseg predictions (expected semseg/<id>.png); leave semseg out of"),
         ("unreadable", "cannot read the PNG"),
         ("size", "prediction is 4x7, the ground truth is 5x7"),
         ("class", "class value(s) [30] out of range; expected 0..20"),
@@ -94,10 +97,11 @@ def _bad_file(kind: str, root):
     ],
 )
 def test_a_bad_prediction_file_is_named_with_what_is_wrong(kind, message, tmp_path):
-    path = prediction_path(tmp_path, "semseg", "x") if kind == "missing" else _bad_file(kind, tmp_path)
+    path = _bad_file(kind, tmp_path)
     with pytest.raises(PredictionError) as info:
         read_prediction(tmp_path, "semseg", "x", size=(5, 7), num_classes=21)
-    assert str(path) in str(info.value) and message in str(info.value)
+    named = str(tmp_path) if kind == "no folder" else str(path)  # (the folder that lacks the task's)
+    assert named in str(info.value) and message in str(info.value)
 
 
 def test_predictions_that_cannot_be_stored_are_refused(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -148,6 +149,9 @@ def test_eval_preds_names_a_missing_or_wrong_size_file(problem, evaluated, train
     err = capsys.readouterr().err
     assert f"sak: error: {victim}: " in err
     assert ("not found" if problem == "missing" else "prediction is 3x3, the ground truth is") in err
+    if problem == "missing":  # --preds given a file, as one might a results file: said so, not "does not exist"
+        assert main([*args[:-1], str(victim.with_name(sorted(os.listdir(victim.parent))[0]))]) == 2
+        assert "is a file, not the folder of predictions" in capsys.readouterr().err
 
 
 def test_eval_preds_names_the_folders_it_leaves_out_with_the_reference_codes_names(
