@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import Recipe
+from ..files import write_text_whole
 
 PACKAGES = ("sak", "torch", "torchvision", "timm", "open_clip_torch", "transformers", "segment-anything", "accelerate")
 
@@ -126,8 +127,7 @@ def wandb_run_id(folder: Path, continues: bool) -> str:
         return kept
     folder.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(8)  # (wandb's ids: letters and digits)
-    path.with_suffix(".tmp").write_text(run_id + "\n")
-    os.replace(path.with_suffix(".tmp"), path)  # whole or absent: an empty id would be handed to wandb
+    write_text_whole(path, run_id + "\n")  # whole or absent: an empty id would be handed to wandb
     return run_id
 
 

@@ -49,7 +49,6 @@ from .base import (
     check_levels,
     count_params,
     normalize,
-    resize_images,
     to_float01,
 )
 from .weights import (
@@ -426,14 +425,8 @@ class ClipTeacher(Teacher):
         and a centre crop. Both clamp to [0, 1] after resampling, as PIL's 8-bit bicubic does. With resize
         "keep": (B, 3, H', W'), the image cut to a multiple of the patch size (the official SAK code's input).
         """
-        if self.meta.resize == "keep":
-            x, _ = resize_images(to_float01(images), self.input_size, "keep", self.meta.patch_size)
-            mean, std = (
-                (IMAGENET_MEAN, IMAGENET_STD)
-                if self.spec.normalization == "imagenet"
-                else (self.meta.mean, self.meta.std)
-            )
-            return normalize(x, mean, std)
+        if self.meta.resize == "keep":  # the base class cuts the image to the patch and normalises it
+            return super().preprocess(images)
         size = self.input_size
         target = [size] if self.options.center_crop else [size, size]
         mode = InterpolationMode(self.meta.extra.get("interpolation", "bicubic"))

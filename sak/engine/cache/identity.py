@@ -196,8 +196,6 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         if getattr(dataset, "augmentation", None) is not None:  # (absent before it existed: such caches are refused)
             data["augmentation"] = dataset.augmentation
     configs = {t.id: t for t in recipe.teachers}
-    if not seed_matters(augment, data["content_sha256"], {tid: t.meta.as_dict() for tid, t in teachers.items()}):
-        del data["seed"]
     ident = {
         "format": FORMAT,
         "dtype": dtype,
@@ -209,6 +207,8 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "data": data,
         "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
     }
+    if not seed_matters(augment, data["content_sha256"], ident["teachers"]):  # (as_now's rule, on the same fields)
+        del data["seed"]
     if recipe.precision.compile_teachers and recipe.precision.compile_mode.startswith("max-autotune"):
         # max-autotune may pick other kernels (other roundings); reduce-overhead replays the default mode's
         # kernels. Absent otherwise, so that caches built before compile_mode existed still match
