@@ -1,4 +1,5 @@
-"""The `sak` command: train, eval, eval-preds, recipe show/check, teachers list/show, model show."""
+"""The `sak` command: train, eval, eval-preds, recipe show/check, teachers list/show, model show, cache,
+export, predict, viz features/preds, select."""
 
 from __future__ import annotations
 
@@ -236,6 +237,29 @@ def _predict(args) -> int:
     return 0
 
 
+def _viz(args) -> int:
+    from .engine.viz import colour_predictions, feature_grid
+
+    if args.action == "features":
+        if args.checkpoint is None:
+            raise ValueError("sak viz features needs --checkpoint: the run, checkpoint directory or .safetensors file")
+        if args.tasks is not None:
+            raise ValueError("--tasks is for sak viz preds; features are drawn for every teacher")
+        recipe = load_recipe(args.source, args.overrides)
+        out = feature_grid(recipe, Path(args.checkpoint), Path(args.out), args.images, args.split, args.level)
+        print(f"wrote {out}")
+        return 0
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--split", args.split)) if value is not None]
+    if args.overrides or given:
+        raise ValueError(f"sak viz preds takes no recipe: {' '.join(args.overrides + given)} is for sak viz features")
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    image_folder = Path(args.image_folder) if args.image_folder else None
+    columns, panels = colour_predictions(Path(args.source), Path(args.out), image_folder, tasks)
+    print(f"wrote {len(panels)} panel(s) under {Path(args.out) / 'panels'}/ ({' | '.join(columns)}) and each task's "
+          f"pictures in {Path(args.out)}/<task>/")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspecting_commands(sub)
     _add_cache_command(sub)
     _add_inference_commands(sub)
+    _add_viz_command(sub)
     from .methods.select_command import add_select_command
 
     add_select_command(sub)
@@ -347,7 +372,33 @@ def _add_inference_commands(sub) -> None:
     p.set_defaults(func=_predict)
 
 
-ONE_PROCESS = {"eval-preds", "export", "predict", "recipe", "teachers", "model", "cache info"}  # (command action)
+def _add_viz_command(sub) -> None:
+    p = sub.add_parser("viz", help="draw a student's features beside its teachers' (features RECIPE --checkpoint C), "
+                                   "or saved predictions in colour (preds DIR)")  # fmt: skip
+    p.add_argument("action", choices=["features", "preds"])
+    p.add_argument("source", metavar="RECIPE_OR_PREDS", help="features: the recipe; preds: the folder of predictions")
+    p.add_argument("overrides", nargs="*", default=[], help="features: key.path=value")
+    p.add_argument("--out", required=True, help="features: the PNG to write; preds: the folder to write")
+    p.add_argument("--checkpoint", default=None, help="features: run directory, checkpoint directory or .safetensors")
+    p.add_argument("--split", default=None, help="features: the split to draw from (default: the recipe's eval.split)")
+    p.add_argument("--images", type=int, default=4, help="features: how many images (rows), default 4")
+    p.add_argument("--level", type=int, default=-1, help="features: which level of the teachers (-1: the last)")
+    p.add_argument("--image-folder", default=None,
+                   help="preds: the folder of the predicted images (<id>.jpg|png...), drawn first in each panel")  # fmt: skip
+    p.add_argument("--tasks", default=None, help="preds: comma-separated (default: every task folder found)")
+    p.set_defaults(func=_viz)
+
+
+ONE_PROCESS = {
+    "eval-preds",
+    "export",
+    "predict",
+    "recipe",
+    "teachers",
+    "model",
+    "cache info",
+    "viz",
+}  # (command action)
 """What runs on one process: under `accelerate launch` with N processes the main process runs it, the others
 do nothing (each would have done all of it, and two exports could have paired one's weights with the other's
 student.yaml). `train`, `eval`, `cache build` and `select` share their work among the processes."""

@@ -14,75 +14,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from .config import Recipe, RecipeError, load_recipe  # noqa: E402
 from .engine import train  # noqa: E402
-from .engine.build import (  # noqa: E402
-    build_loader,
-    build_student,
-    build_target_normalizers,
-    build_tasks,
-    build_teachers,
-)
-from .engine.checkpoint import latest_checkpoint  # noqa: E402
 from .engine.logging import nan_for_null  # noqa: E402
-from .engine.step import teacher_targets  # noqa: E402
+from .engine.viz import feature_grid, save_figure  # noqa: E402
+from .files import write_text_whole  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "default.yaml"
-
-
-def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Project (N, C, h, w) maps onto the top 3 principal components of `reference` (one basis for
-    all, so that matching colours mean matching feature directions); each map's colours are then
-    stretched over its own 1-99% range, since a student's maps are usually weaker in amplitude."""
-    flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1])
-    mean = flat.mean(0)
-    _, _, v = torch.pca_lowrank(flat - mean, q=3, center=False)
-    out = []
-    for x in (reference, *others):
-        p = (x.permute(0, 2, 3, 1) - mean) @ v  # (N, h, w, 3)
-        lo, hi = p.reshape(-1, 3).quantile(0.01, dim=0), p.reshape(-1, 3).quantile(0.99, dim=0)
-        out.append(((p - lo) / (hi - lo + 1e-8)).clamp(0, 1))
-    return out
-
-
-@torch.no_grad()
-def feature_grid(recipe: Recipe, path: Path, images: int = 4) -> None:
-    teachers = build_teachers(recipe, torch.device("cpu"))
-    tasks = build_tasks(recipe)
-    student = build_student(recipe, teachers, tasks)
-    checkpoint = latest_checkpoint(recipe.run_dir / "checkpoints")
-    student.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-    student.eval()
-    batch = next(iter(build_loader(recipe, recipe.eval.split, train=False, batch_size=images)))
-    images = len(batch["image"])  # a held-out split of fewer images gives a shorter batch
-    features = student(batch["image"]).features
-    normalizers = build_target_normalizers(recipe, teachers)
-    if normalizers is not None:  # the student learnt normalised targets: map them back to the teachers' space
-        normalizers.load_state_dict(load_file(str(checkpoint / "target_normalizers.safetensors")))
-        features = normalizers.denormalize(features)
-    targets = teacher_targets(teachers, batch["image"], None)
-    cols = 1 + 2 * len(teachers)
-    fig, axes = plt.subplots(images, cols, figsize=(2.2 * cols, 2.2 * images), squeeze=False)
-    for c, tid in enumerate(teachers):
-        t_map = targets[tid].levels[-1]
-        s_map = torch.nn.functional.interpolate(features[tid][-1], size=t_map.shape[-2:], mode="bilinear")
-        t_rgb, s_rgb = pca_rgb(t_map, s_map)
-        for r in range(images):
-            axes[r, 1 + 2 * c].imshow(t_rgb[r].numpy())
-            axes[r, 2 + 2 * c].imshow(s_rgb[r].numpy())
-        axes[0, 1 + 2 * c].set_title(f"{tid}\nteacher", fontsize=8)
-        axes[0, 2 + 2 * c].set_title(f"{tid}\nstudent", fontsize=8)
-    for r in range(images):
-        axes[r, 0].imshow(batch["image"][r].permute(1, 2, 0).numpy())
-    axes[0, 0].set_title("held-out image", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def loss_curves(rows: list[dict], path: Path) -> None:
@@ -96,8 +35,7 @@ def loss_curves(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cosine_table(rows: list[dict]) -> str:
@@ -119,13 +57,14 @@ def write_report(recipe: Recipe) -> Path:
     # metrics.jsonl writes NaN and infinity as null (JSON has no such numbers): a diverged run's values read as NaN
     rows = [nan_for_null(json.loads(line)) for line in lines]
     loss_curves(rows, report / "loss_curves.png")
-    feature_grid(recipe, report / "features.png")
+    feature_grid(recipe, recipe.run_dir, report / "features.png")
     teachers = ", ".join(f"{t.id} ({t.name})" for t in recipe.teachers)
     table = cosine_table(rows)
-    (report / "summary.md").write_text(
+    write_text_whole(
+        report / "summary.md",
         f"# sak demo: {recipe.run.name}\n\nTeachers: {teachers}.\n\n{table}\n\n"
         "features.png: held-out images | for each teacher, its last-level features (PCA to RGB) and the "
-        "student's features for that teacher in the same PCA basis.\n"
+        "student's features for that teacher in the same PCA basis.\n",
     )
     return report
 

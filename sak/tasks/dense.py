@@ -7,12 +7,13 @@ normals 10, edges 50, depth L1 1 (the recipe sets those through `tasks[i].weight
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import TASKS
-from .base import Task
+from .base import Task, stretch
 
 IGNORE = 255
 
@@ -41,6 +42,12 @@ def balanced_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Te
     loss_neg = F.binary_cross_entropy_with_logits(logits.float(), torch.zeros_like(y), reduction="none")
     loss = (w * y * loss_pos + (1 - w) * (1 - y) * loss_neg) * valid
     return loss.sum() / valid.sum().clamp_min(1)
+
+
+def grey(probability: Tensor) -> np.ndarray:
+    """(1, H, W) probabilities -> (H, W, 3) uint8 grey on the fixed scale 0..1 (0 black, 1 white)."""
+    v = np.rint(probability.detach().float().cpu().numpy()[0].clip(0, 1) * 255).astype(np.uint8)
+    return np.repeat(v[..., None], 3, axis=-1)
 
 
 class _Segmentation(Task):
@@ -91,6 +98,9 @@ class Saliency(Task):
     def predict(self, logits: Tensor) -> Tensor:
         return logits.float().softmax(1)[:, 1:2]  # (B, 1, H, W) probability of "salient"
 
+    def visualize(self, prediction: Tensor) -> np.ndarray:
+        return grey(prediction)
+
 
 @TASKS.register("edges")
 class Edges(Task):
@@ -103,6 +113,9 @@ class Edges(Task):
 
     def predict(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits.float())
+
+    def visualize(self, prediction: Tensor) -> np.ndarray:
+        return grey(prediction)  # edges white on black
 
 
 def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
@@ -130,6 +143,11 @@ class SurfaceNormals(Task):
     def predict(self, logits: Tensor) -> Tensor:
         return F.normalize(logits.float(), dim=1)
 
+    def visualize(self, prediction: Tensor) -> np.ndarray:
+        """The usual picture of normals, x y z -> R G B as (n + 1) / 2 (the stored PNG's colours)."""
+        n = prediction.detach().float().cpu().numpy().transpose(1, 2, 0)
+        return np.rint((n.clip(-1, 1) + 1) * 127.5).astype(np.uint8)
+
 
 @TASKS.register("depth")
 class Depth(Task):
@@ -142,6 +160,16 @@ class Depth(Task):
 
     def predict(self, logits: Tensor) -> Tensor:
         return logits.float()  # metres
+
+    def visualize(self, prediction: Tensor) -> np.ndarray:
+        """Near bright, far dark (viridis over the 2-98% range of the picture's depths); no depth (<= 0) black."""
+        from matplotlib import colormaps
+
+        d = prediction.detach().float().cpu().numpy()[0]
+        valid = np.isfinite(d) & (d > 0)
+        nearness = 1 - stretch(np.where(valid, d, 0), valid)
+        rgb = np.rint(colormaps["viridis"](nearness)[..., :3] * 255).astype(np.uint8)
+        return np.where(valid[..., None], rgb, np.uint8(0))
 
     def unscale(self, prediction: Tensor, scale: float) -> Tensor:
         """Training divides depth by the resize factor (an image enlarged k times looks k times closer;

@@ -1,0 +1,212 @@
+"""Pictures of what a student learnt and what it predicts.
+
+- `sak viz features RECIPE --checkpoint C --out grid.png`: held-out images, and for each teacher its features
+  beside the student's features for it, both projected onto the teacher's top three principal components
+  (one basis per teacher, so that matching colours mean matching feature directions). `make demo` draws its
+  report's features.png so.
+- `sak viz preds PREDS --out DIR [--image-folder FOLDER]`: saved predictions (`<task>/<id>.png|.npy`, as `sak predict`
+  and `sak eval --save-preds` write them) in colour through each task's `Task.visualize`, one file per task
+  and sample, and one panel per sample (its image, when given, then its tasks left to right).
+
+Every picture is written to a temporary file renamed over its name: a kill never leaves a cut-off PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ..config import Recipe
+from ..data.images import IMAGE_EXTENSIONS, decode_rgb
+from ..tasks import create_task
+from ..teachers.weights import first_misfit
+from .predictions import SUFFIX, PredictionError, read_prediction
+
+GAP = 4  # white pixels between a panel's pictures
+
+
+def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Project (N, C, h, w) maps onto the top 3 principal components of `reference` (one basis for
+    all, so that matching colours mean matching feature directions); each map's colours are then
+    stretched over its own 1-99% range, since a student's maps are usually weaker in amplitude."""
+    flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1]).float()
+    mean = flat.mean(0)
+    _, _, v = torch.pca_lowrank(flat - mean, q=min(3, *flat.shape), center=False)
+    out = []
+    for x in (reference, *others):
+        p = (x.permute(0, 2, 3, 1).float() - mean) @ v  # (N, h, w, q)
+        if p.shape[-1] < 3:  # fewer than three components (a map of 1 or 2 channels, or a single pixel)
+            p = torch.cat([p, p.new_zeros(*p.shape[:-1], 3 - p.shape[-1])], dim=-1)
+        lo, hi = p.reshape(-1, 3).quantile(0.01, dim=0), p.reshape(-1, 3).quantile(0.99, dim=0)
+        out.append(((p - lo) / (hi - lo + 1e-8)).clamp(0, 1))
+    return out
+
+
+def _replace_whole(path: Path, write) -> Path:
+    """Call `write(tmp)` for a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_png(array: np.ndarray, path: Path) -> Path:
+    return _replace_whole(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """A matplotlib figure to the PNG `path` (written whole), then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def load_student_for_features(recipe: Recipe, checkpoint: Path, teachers, tasks):
+    """The recipe's whole student (aligners included) with the weights of a run, checkpoint or .safetensors
+    file, and its target normalisers (`loss.normalize`) with the statistics saved beside them (or None)."""
+    from .build import build_student, build_target_normalizers
+    from .init import student_weights_file
+
+    if (checkpoint / "student.yaml").is_file():
+        raise ValueError(
+            f"--checkpoint {str(checkpoint)!r} is an export (sak export), which keeps no aligners, the part of the "
+            "student that predicts each teacher's features: give the run or checkpoint directory it was exported from"
+        )
+    file = student_weights_file(checkpoint, "--checkpoint")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
+        raise ValueError(f"--checkpoint {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    student = build_student(recipe, teachers, tasks)
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"--checkpoint {str(file)!r}: the weights do not make the recipe's student ({first_misfit(exc)}); "
+            "draw with the recipe that trained them: the run directory's recipe.yaml holds it"
+        ) from exc
+    normalizers = build_target_normalizers(recipe, teachers)
+    if normalizers is not None:  # the student learnt normalised targets: its features are mapped back with these
+        stats = file.parent / "target_normalizers.safetensors"
+        if not stats.is_file():
+            raise FileNotFoundError(
+                f"{stats}: not found; the recipe has loss.normalize {recipe.loss.normalize!r}, so the student predicts "
+                "normalised features, and the statistics saved beside its weights map them back to the teachers'"
+            )
+        normalizers.load_state_dict(load_file(str(stats)))
+    return student.eval(), normalizers
+
+
+@torch.no_grad()
+def feature_grid(
+    recipe: Recipe, checkpoint: Path, out: Path, images: int = 4, split: str | None = None, level: int = -1
+) -> Path:
+    """Draw `images` images of `split` (default: the recipe's eval.split) with, for each teacher, its features
+    at `level` (an index into its levels; -1 the last) and the student's for it, to the PNG `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .build import build_loader, build_tasks, build_teachers
+    from .step import teacher_targets
+
+    if images < 1:
+        raise ValueError(f"--images {images}: draw at least 1 image")
+    teachers = build_teachers(recipe, torch.device("cpu"))
+    levels = {tid: len(t.level_dims) for tid, t in teachers.items()}
+    if not all(-n <= level < n for n in levels.values()):
+        raise ValueError(f"--level {level}: the teachers have {levels} levels; give an index in -{min(levels.values())}"
+                         f"..{min(levels.values()) - 1} (-1: the last)")  # fmt: skip
+    student, normalizers = load_student_for_features(recipe, checkpoint, teachers, build_tasks(recipe))
+    batch = next(iter(build_loader(recipe, split or recipe.eval.split, train=False, batch_size=images)))
+    images = len(batch["image"])  # a split of fewer images gives a shorter batch
+    features = student(batch["image"]).features
+    if normalizers is not None:
+        features = normalizers.denormalize(features)
+    targets = teacher_targets(teachers, batch["image"], None)
+    cols = 1 + 2 * len(teachers)
+    fig, axes = plt.subplots(images, cols, figsize=(2.2 * cols, 2.2 * images), squeeze=False)
+    for c, tid in enumerate(teachers):
+        t_map = targets[tid].levels[level]
+        s_map = torch.nn.functional.interpolate(features[tid][level].float(), size=t_map.shape[-2:], mode="bilinear")
+        t_rgb, s_rgb = pca_rgb(t_map, s_map)
+        for r in range(images):
+            axes[r, 1 + 2 * c].imshow(t_rgb[r].numpy())
+            axes[r, 2 + 2 * c].imshow(s_rgb[r].numpy())
+        axes[0, 1 + 2 * c].set_title(f"{tid}\nteacher", fontsize=8)
+        axes[0, 2 + 2 * c].set_title(f"{tid}\nstudent", fontsize=8)
+    for r in range(images):
+        axes[r, 0].imshow(batch["image"][r].permute(1, 2, 0).numpy())
+    axes[0, 0].set_title("held-out image", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def _find_image(folder: Path, sample_id: str) -> Path:
+    for suffix in IMAGE_EXTENSIONS:
+        for name in (sample_id + suffix, sample_id + suffix.upper()):
+            if (folder / name).is_file():
+                return folder / name
+    raise PredictionError(f"{folder}: no image {sample_id}.* ({', '.join(IMAGE_EXTENSIONS)}) for the prediction "
+                          f"{sample_id}; --image-folder names the folder of the predicted images")  # fmt: skip
+
+
+def colour_predictions(
+    preds: Path, out: Path, images: Path | None = None, tasks: list[str] | None = None
+) -> tuple[list[str], list[Path]]:
+    """Write `out/<task>/<id>.png` (each prediction in colour) and `out/panels/<id>.png`: the image from `images`
+    when given, then the sample's predictions of `tasks` (default: every task folder under `preds`, in the order
+    of SUFFIX: semseg, parts, saliency, edges, normals, depth) left to right, grey where a task has no prediction
+    of the sample. Returns the panels' columns and files."""
+    if not preds.is_dir():
+        raise PredictionError(f"{preds}: {'is a file, not' if preds.exists() else 'there is no'} folder of predictions")
+    if images is not None and not images.is_dir():
+        raise PredictionError(f"--image-folder {images}: not a folder of images")
+    if tasks:
+        unknown = [t for t in tasks if t not in SUFFIX]
+        if unknown:
+            raise PredictionError(f"--tasks: no prediction format for {unknown}; known: {sorted(SUFFIX)}")
+    else:
+        tasks = [t for t in SUFFIX if (preds / t).is_dir()]
+        if not tasks:
+            raise PredictionError(f"{preds}: no folder of predictions of any task ({', '.join(SUFFIX)})")
+    ids = {t: sorted(p.stem for p in (preds / t).glob(f"*{SUFFIX[t]}") if not p.name.startswith(".")) for t in tasks}
+    drawers = {t: create_task(t) for t in tasks}
+    columns, panels = ["image"] * (images is not None) + tasks, []
+    for sample_id in sorted({i for found in ids.values() for i in found}):
+        pictures = {}
+        if images is not None:
+            pictures["image"] = decode_rgb(_find_image(images, sample_id))
+        for t in tasks:
+            if sample_id in ids[t]:
+                pictures[t] = drawers[t].visualize(read_prediction(preds, t, sample_id))
+                save_png(pictures[t], out / t / f"{sample_id}.png")
+        sizes = {p.shape[:2] for p in pictures.values()}
+        if len(sizes) > 1:
+            shapes = ", ".join(f"{k} {p.shape[0]}x{p.shape[1]}" for k, p in pictures.items())
+            raise PredictionError(f"{sample_id}: the image and its predictions differ in size ({shapes}); predictions "
+                                  "are at the size of their image, as sak predict and sak eval write them")  # fmt: skip
+        (h, w) = sizes.pop()
+        blank = np.full((h, w, 3), 128, np.uint8)  # a task without this sample's prediction: its column kept grey
+        gap = np.full((h, GAP, 3), 255, np.uint8)
+        row = [x for c in columns for x in (pictures.get(c, blank), gap)][:-1]
+        panels.append(save_png(np.concatenate(row, axis=1), out / "panels" / f"{sample_id}.png"))
+    return columns, panels
+
+
+__all__ = ["colour_predictions", "feature_grid", "pca_rgb", "save_figure", "save_png"]

@@ -1,0 +1,129 @@
+"""`sak viz features` (a student's features beside its teachers') and `sak viz preds` (predictions in colour)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sak.cli import main
+from sak.engine import train
+from sak.engine.predictions import write_predictions
+from sak.engine.viz import GAP, colour_predictions, pca_rgb
+from sak.tasks import create_task
+
+from ..conftest import TINY
+
+STEPS = ["schedule.max_steps=2", "eval.batches=1", "loss.normalize=standardize"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run trained on normalised targets (its features are drawn after denormalising)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sak.config import load_recipe
+
+    out = tmp_path_factory.mktemp("viz")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    recipe = load_recipe(TINY, [f"run.output_dir={out}", *STEPS])
+    train(recipe)
+    return recipe.run_dir
+
+
+def viz_features(run_dir, out, *more):
+    return main(["viz", "features", str(TINY), f"run.output_dir={run_dir.parent}", *STEPS,
+                 "--checkpoint", str(run_dir), "--out", str(out), *more])  # fmt: skip
+
+
+def test_viz_features_draws_a_row_per_image_from_a_run_or_its_checkpoint(run, tmp_path, capsys):
+    assert viz_features(run, tmp_path / "four.png") == 0
+    assert f"wrote {tmp_path / 'four.png'}" in capsys.readouterr().out
+    checkpoint = next((run / "checkpoints").iterdir())
+    assert viz_features(checkpoint, tmp_path / "one.png", "--images", "1", "--level", "0") == 0
+    with Image.open(tmp_path / "four.png") as four, Image.open(tmp_path / "one.png") as one:
+        assert four.width == one.width and four.height > 3 * one.height  # 1 + 2 columns per teacher; rows
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_viz_features_refuses_what_cannot_be_drawn_naming_it(run, tmp_path, capsys):
+    assert viz_features(run, tmp_path / "x.png", "--level", "4") == 2
+    assert "--level 4: the teachers have {'vit_a': 4, 'vit_b': 4} levels" in capsys.readouterr().err
+    weights = tmp_path / "alone" / "model.safetensors"  # the weights without the statistics saved beside them
+    weights.parent.mkdir()
+    shutil.copy(next((run / "checkpoints").iterdir()) / "model.safetensors", weights)
+    assert viz_features(weights, tmp_path / "x.png") == 2
+    err = capsys.readouterr().err
+    assert "target_normalizers.safetensors: not found" in err and "loss.normalize 'standardize'" in err
+    assert main(["export", str(TINY), f"run.output_dir={run.parent}", *STEPS, "--from", str(run),
+                 "--out", str(tmp_path / "export")]) == 0  # fmt: skip
+    assert viz_features(tmp_path / "export", tmp_path / "x.png") == 2
+    assert "is an export (sak export), which keeps no aligners" in capsys.readouterr().err
+    assert viz_features(run, tmp_path / "x.png", "student.model_kwargs.embed_dim=48") == 2
+    assert "the weights do not make the recipe's student" in capsys.readouterr().err
+    assert main(["viz", "features", str(TINY), "--out", str(tmp_path / "x.png")]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_pca_rgb_draws_maps_of_fewer_than_three_channels():
+    maps = pca_rgb(torch.randn(2, 2, 4, 5), torch.randn(2, 2, 4, 5))
+    assert [tuple(m.shape) for m in maps] == [(2, 4, 5, 3)] * 2 and all(m.isfinite().all() for m in maps)
+
+
+def write_preds(root, size=(6, 8)):
+    h, w = size
+    labels = torch.arange(h * w).reshape(h, w) % 21
+    write_predictions(root, "semseg", ["a", "b"], [labels, labels.flip(0)])
+    write_predictions(root, "saliency", ["a"], [torch.rand(1, h, w)])
+    write_predictions(root, "depth", ["a", "b"], [torch.rand(1, h, w) + 1, torch.rand(1, h, w) + 2])
+
+
+def test_viz_preds_draws_each_prediction_and_a_panel_per_sample(tmp_path, capsys):
+    preds, images, out = tmp_path / "preds", tmp_path / "images", tmp_path / "out"
+    write_preds(preds)
+    images.mkdir()
+    for name in ("a.jpg", "b.PNG"):
+        Image.fromarray(np.full((6, 8, 3), 200, np.uint8)).save(images / name)
+    assert main(["viz", "preds", str(preds), "--out", str(out), "--image-folder", str(images)]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 2 panel(s)" in said and "(image | semseg | saliency | depth)" in said
+    from sak.engine.predictions import read_prediction
+
+    for task in ("semseg", "depth"):
+        for i in "ab":
+            drawn = np.array(Image.open(out / task / f"{i}.png"))
+            assert (drawn == create_task(task).visualize(read_prediction(preds, task, i))).all()
+    panel = np.array(Image.open(out / "panels" / "b.png"))
+    assert panel.shape == (6, 4 * 8 + 3 * GAP, 3)
+    assert (panel[:, :8] == 200).all()  # the image first (a JPEG of a flat grey: exact)
+    assert (panel[:, 8 : 8 + GAP] == 255).all()  # the gap
+    assert (panel[:, 2 * (8 + GAP) : 3 * 8 + 2 * GAP] == 128).all()  # b has no saliency: its column grey
+    assert (panel[:, 8 + GAP:2 * 8 + GAP] == np.array(Image.open(out / "semseg" / "b.png"))).all()  # fmt: skip
+    columns, panels = colour_predictions(preds, tmp_path / "two", None, ["depth"])
+    assert columns == ["depth"] and [p.name for p in panels] == ["a.png", "b.png"]
+
+
+def test_viz_preds_errors_name_the_file_folder_or_flag(tmp_path, capsys):
+    preds = tmp_path / "preds"
+    write_preds(preds)
+    write_predictions(preds, "edges", ["a"], [torch.rand(1, 5, 8)])  # another size than a's other predictions
+    assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        "a: the image and its predictions differ in size (semseg 6x8, saliency 6x8, edges 5x8"
+        in capsys.readouterr().err
+    )
+    (tmp_path / "images").mkdir()
+    assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "o"), "--image-folder",
+                 str(tmp_path / "images")]) == 2  # fmt: skip
+    assert f"{tmp_path / 'images'}: no image a.* (.jpg" in capsys.readouterr().err
+    assert main(["viz", "preds", str(tmp_path / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert "no folder of predictions of any task" in capsys.readouterr().err
+    assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "o"), "--tasks", "semseg,sal"]) == 2
+    assert "--tasks: no prediction format for ['sal']" in capsys.readouterr().err
+    assert main(["viz", "preds", str(preds), "optim.lr=1", "--out", str(tmp_path / "o")]) == 2
+    assert "sak viz preds takes no recipe: optim.lr=1 is for sak viz features" in capsys.readouterr().err
