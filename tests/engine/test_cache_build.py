@@ -221,6 +221,39 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     assert "--out DIR is required" in capsys.readouterr().err
 
 
+def test_cache_info_names_gone_shard_files_and_a_manifest_damaged_by_hand(tiny_recipe, tmp_path, capsys):
+    """A finished cache whose shard files were deleted was said "complete"; a manifest edited by hand gave a
+    TypeError traceback (or Nones) rather than naming the field."""
+    recipe = tiny_recipe("data.options.length=6")
+    root = build_cache(recipe, tmp_path / "c", shard_size=2)
+    for k in (0, 2):
+        (root / "view0" / f"shard{k:05d}.safetensors").unlink()
+    assert main(["cache", "info", str(root)]) == 0
+    assert ("complete, 3 shards, but 2 of their files are gone (view0/shard00000, view0/shard00002): training "
+            "refuses it; run its `sak cache build` again") in capsys.readouterr().out  # fmt: skip
+    build_cache(recipe, root, shard_size=2)  # as it says: the gone files are written anew
+    assert main(["cache", "info", str(root), "--verify"]) == 0
+    assert "complete, 3 shards, format" in capsys.readouterr().out
+    manifest = json.loads((root / "manifest.json").read_text())
+    for damage, said in (
+        ({"samples": "6"}, "samples '6' (a whole number >= 0)"),
+        ({"shard_size": 0}, "shard_size 0 (a whole number >= 1)"),
+        ({"shards": list(manifest["shards"])}, "shards of type list (a mapping of shard name to sha256)"),
+        ({"identity": {**manifest["identity"], "views": True}}, "identity.views True (a whole number >= 1)"),
+        ({"identity": {**manifest["identity"], "dtype": "fp32"}}, "identity.dtype 'fp32' (fp16 or int8)"),
+    ):
+        (root / "manifest.json").write_text(json.dumps({**manifest, **damage}))
+        for command in (["cache", "info", str(root)], ["cache", "info", str(root), "--verify"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert f"{root / 'manifest.json'} is not a valid cache manifest: {said}" in err, err
+        with pytest.raises(CacheError, match="is not a valid cache manifest"):
+            FeatureCache(root)
+    (root / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "level_dims"}))
+    assert main(["cache", "info", str(root)]) == 2
+    assert "is not a valid cache manifest (it lacks level_dims)" in capsys.readouterr().err
+
+
 def _flip_last_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # in the tensor data, past the header

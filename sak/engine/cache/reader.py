@@ -18,7 +18,7 @@ from torch import Tensor
 from ...digest import local_processes, sha256_files, usable_cpus
 from ...teachers import TeacherOutput
 from .identity import _diff, as_now
-from .store import CONTENT_PREFIX, REBUILD, CacheError, CachePlan, load_manifest, shard_name
+from .store import CONTENT_PREFIX, REBUILD, CacheError, CachePlan, check_manifest, load_manifest, shard_name
 
 # The caches this process has open, by token: a `FeatureCache` sent to another process (a DataLoader worker)
 # and back (inside a batch's `CachedRows`) comes back as the instance the training opened, with its shards
@@ -80,12 +80,8 @@ class FeatureCache:
         if self.manifest.get("status", "complete") != "complete":  # (format 1 wrote its manifest only when done)
             raise CacheError(f"{self.root} is an unfinished teacher-feature cache (its build stopped before the "
                              f"last shard); run the same `sak cache build ... --out {self.root}` again to finish it")  # fmt: skip
-        missing = [k for k in ("shards", "samples", "shard_size", "level_dims") if k not in self.manifest]
+        check_manifest(self.manifest, manifest)
         ident = self.manifest["identity"]
-        missing += [f"identity.{k}" for k in ("views", "augment", "dtype") if k not in ident]
-        if missing:
-            raise CacheError(f"{manifest} is not a valid cache manifest (it lacks {', '.join(missing)}); "
-                             f"{REBUILD.format(root=self.root)}")  # fmt: skip
         self.views, self.augment, self.shard_size = ident["views"], ident["augment"], self.manifest["shard_size"]
         self.samples = self.manifest["samples"]
         layout = CachePlan(self.root, self.samples, self.shard_size, self.views).shards()

@@ -103,6 +103,35 @@ def load_manifest(path: Path) -> dict:
     return manifest
 
 
+def check_manifest(manifest: dict, path: Path) -> None:
+    """Refuse a manifest that lacks what reading or describing the cache needs, or holds it of the wrong kind (one
+    edited by hand, or written by another program): a CacheError naming the file and the fields, not a TypeError
+    from the arithmetic on them."""
+    ident = manifest["identity"]
+    missing = [k for k in ("shards", "samples", "shard_size", "level_dims") if k not in manifest]
+    missing += [f"identity.{k}" for k in ("views", "augment", "dtype") if k not in ident]
+    if missing:
+        raise CacheError(f"{path} is not a valid cache manifest (it lacks {', '.join(missing)}); "
+                         f"{REBUILD.format(root=path.parent)}")  # fmt: skip
+
+    def count(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    wrong = [f"{where} {value!r} (a whole number >= {least})"
+             for where, value, least in (("samples", manifest["samples"], 0), ("shard_size", manifest["shard_size"], 1),
+                                         ("identity.views", ident["views"], 1)) if not count(value, least)]  # fmt: skip
+    if not isinstance(manifest["shards"], dict):
+        wrong.append(f"shards of type {type(manifest['shards']).__name__} (a mapping of shard name to sha256)")
+    if not isinstance(manifest["level_dims"], dict):
+        wrong.append(f"level_dims of type {type(manifest['level_dims']).__name__} (a mapping of teacher to widths)")
+    if ident["dtype"] not in ("fp16", "int8"):
+        wrong.append(f"identity.dtype {ident['dtype']!r} (fp16 or int8)")
+    if wrong:
+        raise CacheError(
+            f"{path} is not a valid cache manifest: {'; '.join(wrong)}; {REBUILD.format(root=path.parent)}"
+        )
+
+
 def shard_name(view: int, shard: int) -> str:
     """A shard's name in the manifest and in messages; its file is `<root>/<name>.safetensors`."""
     return f"view{view}/shard{shard:05d}"
@@ -139,15 +168,22 @@ def describe(root: Path) -> list[str]:
     if not (root / "manifest.json").is_file():
         raise CacheError(f"{root} is not a teacher-feature cache (no manifest.json)")
     manifest = load_manifest(root / "manifest.json")
-    ident, shards = manifest["identity"], manifest.get("shards", {})
-    views, samples, size = ident.get("views", 1), manifest.get("samples"), manifest.get("shard_size")
+    check_manifest(manifest, root / "manifest.json")
+    ident, shards = manifest["identity"], manifest["shards"]
+    views, samples, size = ident["views"], manifest["samples"], manifest["shard_size"]
     plan = CachePlan(root, samples, size, views)
-    planned = plan.shards() if samples and size else []
+    planned = plan.shards()
     written = [(p, k) for p, k in ((plan.path(v, k), k) for v, k in planned) if p.is_file()]
     mib = sum(p.stat().st_size for p, _ in written) / 2**20
     rows = sum(min(size, samples - k * size) for _, k in written)  # the samples (of a view) in the written shards
     if manifest.get("status", "complete") == "complete":
-        state = f"complete, {len(shards)} shards"
+        gone = [shard_name(v, k) for v, k in planned if not plan.path(v, k).is_file()]
+        state = f"complete, {len(shards)} shards" + (
+            f", but {len(gone)} of their files are gone ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): "
+            "training refuses it; run its `sak cache build` again to write them anew"
+            if gone
+            else ""
+        )
     else:
         state = f"unfinished build, {len(written)} of {len(planned)} shards written"
     kind = f"{views} augmented view(s)" if ident.get("augment") else "un-augmented images"
