@@ -132,6 +132,20 @@ def save_checkpoint(
     return final
 
 
+def add_to_checkpoint(accelerator, checkpoint: Path, name: str, text: str) -> None:
+    """Put the file `name` holding `text` into a saved checkpoint, renamed in when written whole (the final
+    metrics, which come after the final checkpoint is saved); every process must call this."""
+    if accelerator.is_main_process:
+        tmp = checkpoint / f".{name}{PARTIAL}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, checkpoint / name)
+        _fsync_dir(checkpoint)
+    accelerator.wait_for_everyone()
+
+
 def _put_in_place(partial: Path, final: Path) -> None:
     if not final.exists():
         os.replace(partial, final)

@@ -20,7 +20,9 @@ from . import build
 from .build import teacher_dtype
 from .cache import FeatureCache, cache_digest, content_digests, identity, training_dataset
 from .checkpoint import (
+    PREFIX,
     TrainState,
+    add_to_checkpoint,
     latest_checkpoint,
     on_every_process,
     save_checkpoint,
@@ -470,12 +472,18 @@ def train(recipe: Recipe) -> dict:
             state.batch_in_epoch = 0
 
     # -- finish -----------------------------------------------------------------------------
+    # saved before the final evaluation, which may be long and may fail (out of memory at eval.batch_size, a kill):
+    # the trained steps are kept whatever happens to it, and a start after such a failure evaluates again
+    last = latest_checkpoint(ckpt_root)
+    if last is None or last.name != f"{PREFIX}{state.step:08d}":  # (not when resumed at the end to evaluate)
+        last = save_checkpoint(
+            accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
+        )
     final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
     text = json.dumps(json_safe(final), indent=2)
-    # the final checkpoint holds its metrics too: a start after the end finds them there, in one complete whole
-    extras = {**extra_files, FINAL_METRICS: text}
-    save_checkpoint(accelerator, ckpt_root, saved_state(), extras, recipe.checkpoint.keep_last, saved_tensors())
+    # the final checkpoint holds its metrics too: a start after the end finds them there and trains nothing
+    add_to_checkpoint(accelerator, last, FINAL_METRICS, text)
     if accelerator.is_main_process:
         tmp = run_dir / f"{FINAL_METRICS}.tmp"
         tmp.write_text(text)

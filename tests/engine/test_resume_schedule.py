@@ -109,3 +109,28 @@ def test_another_runs_final_checkpoint_resumed_brings_its_recipe_beside_its_metr
         (final / "final_metrics.json").read_text()
     )
     assert (b.run_dir / "recipe.yaml").read_text() == (final / "recipe.yaml").read_text()  # a's, lr and all
+
+
+def test_a_final_evaluation_that_fails_keeps_the_trained_steps(tiny_recipe, monkeypatch, capsys):
+    """With checkpoint.every 0 (the default) the only checkpoint was written after the final evaluation: one that
+    ran out of memory, or was killed, lost every step; the next start trained from step 0."""
+    from sak.engine import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out of memory in the final evaluation")
+
+    recipe = tiny_recipe("schedule.max_steps=6")
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(recipe)
+    last = latest_checkpoint(recipe.run_dir / "checkpoints")
+    assert last is not None and last.name == "step_00000006" and not (last / "final_metrics.json").exists()
+    assert not (recipe.run_dir / "final_metrics.json").exists()
+    monkeypatch.setattr(trainer, "evaluate", real)
+    capsys.readouterr()
+    final = train(recipe)  # evaluates again, trains nothing, and adds the metrics to that checkpoint
+    assert f"resumed from {last} at step 6" in capsys.readouterr().out
+    assert latest_checkpoint(recipe.run_dir / "checkpoints") == last
+    assert (last / "final_metrics.json").is_file() and (recipe.run_dir / "final_metrics.json").is_file()
+    assert train(recipe) == final  # finished: a start after the end returns the checkpoint's metrics
