@@ -38,6 +38,10 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     nonfinite_streak: int = 0
+    # the training split the place in the epoch is counted in: its sample count and the sha256 of its ordered ids
+    # (None: a checkpoint of sak before 2026-11-29, or a plug-in dataset without an `ids` list)
+    samples: int | None = None
+    samples_sha256: str | None = None
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

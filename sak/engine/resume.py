@@ -20,12 +20,45 @@ from .checkpoint import (
 from .run_records import FINAL_METRICS
 
 
+def check_same_samples(
+    source: Path, state: TrainState, samples: tuple[int, str | None], in_epochs: list[str], total: int
+) -> None:
+    """Refuse a resume whose training split is not the checkpoint's where that matters, whatever setting changed
+    it (data.root, a dataset option, files added to the folder): inside an epoch, whose place is counted in the
+    checkpoint's order of samples (the rest of the epoch would repeat some and skip others), and with a schedule
+    in epochs, counted in steps of the checkpoint's epoch length. At an epoch's end, with a schedule in steps, it
+    may change."""
+    count, digest = samples
+    if state.step >= total and (source / FINAL_METRICS).is_file():
+        return  # a finished run: nothing is resumed
+    was = f"{state.samples} samples" + (f", ids sha256 {state.samples_sha256[:12]}" if state.samples_sha256 else "")
+    now = f"{count} samples" + (f", ids sha256 {digest[:12]}" if digest else "")
+    ids_differ = state.samples_sha256 is not None and digest is not None and state.samples_sha256 != digest
+    if (state.samples != count or ids_differ) and state.batch_in_epoch:
+        raise CheckpointError(
+            f"cannot resume from {source} with another training split ({was} -> {now}; data.root, data.options or "
+            f"the files changed): it stopped {state.batch_in_epoch} batch(es) into epoch {state.epoch} of the "
+            "checkpoint's order of samples. Resume with the checkpoint's data (it may change at a checkpoint taken at "
+            f"an epoch's end), or start a new run from its weights (another run.name, and checkpoint.init_from={source})"
+        )
+    if state.samples != count and in_epochs:
+        raise CheckpointError(
+            f"cannot resume from {source} with a training split of another size ({was} -> {now}): "
+            f"{' and '.join(in_epochs)} are counted in optimiser steps of an epoch of the checkpoint's size; the "
+            f"{state.step} steps done and the schedule's length would not match. Resume with the checkpoint's data, "
+            "give the schedule in steps (schedule.max_steps, warmup_steps), or start a new run from its weights "
+            f"(another run.name, and checkpoint.init_from={source})"
+        )
+
+
 def resume_from(accelerator: Accelerator, source: Path, changed: list[str], optimizer, scheduler, normalizers,
-                normalize: str, total: int, in_epochs: list[str] = ()) -> TrainState:  # fmt: skip
+                normalize: str, total: int, in_epochs: list[str] = (),
+                samples: tuple[int, str | None] | None = None) -> TrainState:  # fmt: skip
     """Load a checkpoint into the prepared objects (the optimiser keeps the recipe's settings; the checkpoint
     brings back its moments and the schedule's position) and the target normaliser's statistics. `in_epochs`:
     the schedule's lengths given in epochs (schedule.epochs, schedule.warmup_epochs), which are counted in
-    optimiser steps of the recipe's batch size and grad_accum."""
+    optimiser steps of the recipe's batch size and grad_accum. `samples`: this recipe's training split, (count,
+    sha256 of the ordered ids), against the checkpoint's (TrainState.samples)."""
     settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
     state = load_checkpoint(accelerator, source, changed)
     # The place in the epoch counts loader batches of the checkpoint's size, which grouped into optimiser steps of
@@ -61,6 +94,8 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
             "checkpoint's values, give the schedule in steps (schedule.max_steps, warmup_steps), or start a new run "
             f"from its weights (another run.name, and checkpoint.init_from={source})"
         )
+    if samples is not None and state.samples is not None:  # (after the refusals that name the setting changed)
+        check_same_samples(source, state, samples, in_epochs, total)
     restore_optimiser_settings(optimizer, scheduler, settings)
     if normalizers is not None:
         saved = source / "target_normalizers.safetensors"

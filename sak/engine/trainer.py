@@ -18,7 +18,7 @@ from ..digest import hash_threads, local_processes
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
-from .cache import FeatureCache, cache_digest, content_digests, identity, training_dataset
+from .cache import FeatureCache, cache_digest, content_digests, identity, ids_digest, training_dataset
 from .checkpoint import (
     PREFIX,
     TrainState,
@@ -253,6 +253,7 @@ def train(recipe: Recipe) -> dict:
     # -- resume -----------------------------------------------------------------------------
     state = TrainState()
     logger_start = 0
+    samples = (len(train_loader.dataset.dataset), ids_digest(train_loader.dataset.dataset))
     changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
     if source is not None and cache is not None and (source / CACHE_FILE).is_file():
         before = json.loads((source / CACHE_FILE).read_text())
@@ -260,7 +261,7 @@ def train(recipe: Recipe) -> dict:
     if source is not None:
         in_epochs = [f"schedule.{k}" for k in ("epochs", "warmup_epochs") if getattr(recipe.schedule, k)]
         args = (accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total,
-                in_epochs)  # fmt: skip
+                in_epochs, samples)  # fmt: skip
         state = on_every_process(accelerator, lambda: resume_from(*args))  # before the main process records it
         logger_start = state.step
     elif accelerator.num_processes > 1:
@@ -268,6 +269,7 @@ def train(recipe: Recipe) -> dict:
         # router's noise, drop path, dropout) must differ between them, or each process's shard of the global
         # batch repeats the same draws. A resume restores each process's own saved state instead.
         set_seed((recipe.run.seed + accelerator.process_index) % 2**32)  # (numpy's seeds stop at 2**32 - 1)
+    state.samples, state.samples_sha256 = samples  # (what this start trains on, in its checkpoints)
     finished = source / FINAL_METRICS if source is not None else None
     done = finished is not None and state.step >= total and finished.is_file()  # the whole run again: nothing to do
     abandoned = None

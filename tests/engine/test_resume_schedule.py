@@ -45,6 +45,26 @@ def test_another_seed_or_split_is_refused_inside_an_epoch_and_taken_at_its_end(t
     assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000010"
 
 
+def test_another_training_split_by_any_setting_is_refused_inside_an_epoch(tiny_recipe):
+    """Only run.seed / data.name / split / subset were checked: another data.options (here the generated split's
+    length; for a folder, data.root or images added) resumed 2 batches into a reshuffled epoch, training some
+    samples twice in it. With a schedule in epochs another size is refused at an epoch's end too."""
+    common = ["schedule.max_steps=12", "schedule.warmup_steps=0"]
+    train(tiny_recipe(*common, "run.stop_at=2"))
+    with pytest.raises(CheckpointError, match=r"with another training split \(32 samples, ids sha256 [0-9a-f]{12} -> "
+                       r"64 samples, ids sha256 [0-9a-f]{12}; .*it stopped 2 batch\(es\) into epoch 0"):  # fmt: skip
+        train(tiny_recipe(*common, "data.options.length=64"))
+    train(tiny_recipe(*common, "run.stop_at=8"))  # the epoch's end, a schedule in steps: it may change there
+    recipe = tiny_recipe(*common, "data.options.length=64")
+    train(recipe)
+    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000012"
+    epochs = ["schedule.max_steps=null", "schedule.epochs=2", "schedule.warmup_steps=0"]
+    train(tiny_recipe(*epochs, "run.name=epochs", "run.stop_at=8"))
+    with pytest.raises(CheckpointError, match=r"a training split of another size \(32 samples.* -> 16 samples.*\): "
+                       "schedule.epochs are counted in optimiser steps"):  # fmt: skip
+        train(tiny_recipe(*epochs, "run.name=epochs", "data.options.length=16"))
+
+
 def test_a_finished_run_trained_on_no_longer_claims_its_final_metrics(tiny_recipe):
     """Finished at step 4, then given 8 steps and stopped at 6: final_metrics.json beside the run still held the
     4-step metrics, as if it had finished. It is taken away (the step-4 checkpoint keeps its copy), set aside
