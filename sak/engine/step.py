@@ -36,6 +36,29 @@ def begin_step(cuda_graphs: bool) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+class RunningStatistics:
+    """The batch-norm running statistics of a model (the task heads'), kept at a step's start and put back when
+    the step is skipped as non-finite: its forward ran in training mode and folded the batch's statistics in
+    (an inf upstream makes the running mean inf and the variance NaN). The later steps' losses, on batch
+    statistics, would be finite again, and every checkpoint and evaluation after would carry the damage. One
+    copy of a few small tensors a step; nothing without batch norm (stage 1)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.buffers = [
+            b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None
+        ]
+        self.kept = [b.clone() for b in self.buffers]
+
+    def keep(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.kept, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.kept)
+
+
 def teacher_targets(
     teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None
 ) -> dict[str, TeacherOutput]:

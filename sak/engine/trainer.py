@@ -35,7 +35,7 @@ from .prefetch import DevicePrefetcher, prefetch_enabled
 from .resume import resume_from
 from .run_records import FINAL_METRICS, changes_message, prepare_run_dir, recipe_changes, record_ids, record_start
 from .schedule import lr_lambda
-from .step import begin_step, compute_losses, teacher_targets
+from .step import RunningStatistics, begin_step, compute_losses, teacher_targets
 from .task_eval import check_samples_fit
 
 
@@ -323,6 +323,7 @@ def train(recipe: Recipe) -> dict:
 
     # -- loop -------------------------------------------------------------------------------
     stable_grads = keep_gradient_buffers(student, recipe, accelerator.device)
+    running = RunningStatistics(student)
     images_per_micro_batch = recipe.data.batch_size * accelerator.num_processes
     alpha = recipe.loss.alpha if tasks else 1.0
     student.train()
@@ -342,6 +343,8 @@ def train(recipe: Recipe) -> dict:
         for batch in batches:
             batch_arrived = time.perf_counter()
             begin_step(recipe.precision.cuda_graphs)
+            if window is None:  # a step's first micro-batch
+                running.keep()
             with accelerator.accumulate(student):
                 if cache is not None:
                     targets = cache.targets(batch["cached"], accelerator.device)
@@ -409,6 +412,7 @@ def train(recipe: Recipe) -> dict:
                 if not skipped:
                     scheduler.step()
             else:
+                running.restore()  # (the step's forward folded its batch into the heads' running statistics)
                 state.nonfinite_streak += 1
                 logger.message(
                     f"[sak] step {state.step + 1}: non-finite loss {values['loss']} or gradient norm "

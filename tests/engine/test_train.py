@@ -18,6 +18,8 @@ from sak.engine import NonFiniteLossError, train
 from sak.engine.checkpoint import latest_checkpoint
 from sak.registry import DATASETS, LOSSES
 
+from ..conftest import TESTS
+
 
 def logged(run_dir, key="loss"):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +84,38 @@ class NanGradientAtStepThree(torch.nn.Module):
         if NanGradientAtStepThree.calls in (5, 6):  # two teachers per step
             loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
         return loss
+
+
+def test_a_skipped_step_leaves_the_heads_batch_norm_statistics_as_they_were(tiny_recipe, monkeypatch):
+    """An inf reaching a head's batch norm at step 3 (an overflow upstream) skipped the step but left the running
+    mean inf and the variance NaN: the next steps' losses, on batch statistics, were finite, and every checkpoint
+    and evaluation after carried the damage (NaN validation losses)."""
+    from sak.engine import build
+
+    real = build.build_student
+    calls = {"n": 0}
+
+    def student_with_an_overflow(*args, **kwargs):
+        student = real(*args, **kwargs)
+        norm = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+        def overflow(module, inputs):
+            calls["n"] += module.training
+            return (inputs[0] * float("inf"),) if module.training and calls["n"] == 3 else None
+
+        norm.register_forward_pre_hook(overflow)
+        return student
+
+    monkeypatch.setattr(build, "build_student", student_with_an_overflow)
+    recipe = tiny_recipe("schedule.max_steps=5", "eval.batches=1", path=TESTS / "tiny_multitask.yaml")
+    final = train(recipe)
+    assert [logged(recipe.run_dir, "nonfinite_streak")[k] for k in range(1, 6)] == [0, 0, 1, 0, 0]
+    state = weights(recipe.run_dir)
+    running = {k: v for k, v in state.items() if "running_" in k}
+    assert running and all(torch.isfinite(v).all() for v in running.values())
+    tracked = [v.item() for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert set(tracked) == {4}  # the 4 steps taken; the skipped one not counted
+    assert math.isfinite(final["val/loss"])
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
