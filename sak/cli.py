@@ -27,6 +27,21 @@ def _task_eval_errors():
     return (EvalError, PredictionError, DataError, FileNotFoundError)
 
 
+def check_out(out: str | None) -> None:
+    """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
+    otherwise be found when the result is written, at the end of a long evaluation."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
+    parent = next(p for p in path.absolute().parents if p.exists())  # (the root exists)
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write into {parent}")
+
+
 def _write_result(result: dict, out: str | None) -> None:
     from .engine.logging import json_safe
     from .engine.task_eval import format_summary
@@ -34,7 +49,11 @@ def _write_result(result: dict, out: str | None) -> None:
 
     text = json.dumps(json_safe(result), indent=2)  # a metric that scored nothing is NaN: null in JSON
     if out:
-        write_text_whole(out, text + "\n")  # (an earlier result stays whole if this write fails)
+        try:
+            write_text_whole(out, text + "\n")  # (an earlier result stays whole if this write fails)
+        except OSError:
+            print(text)  # not lost with the file (a full disk): the scores are on stdout
+            raise
         print(format_summary(result))
         print(f"wrote {out}")
     else:
@@ -48,6 +67,7 @@ def _eval(args) -> int:
 
     from .engine.task_eval import evaluate_student, load_reference
 
+    check_out(args.out)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         reference = load_reference(args.reference) if args.reference else None
@@ -66,6 +86,10 @@ def _eval_preds(args) -> int:
     from .engine.task_eval import load_reference, score_prediction_dir
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    check_out(args.out)
+    if args.eval_size and min(args.eval_size) < 1:
+        raise ValueError(f"--eval-size {' '.join(map(str, args.eval_size))}: the canvas's height and width are "
+                         "positive numbers of pixels")  # fmt: skip
     try:
         reference = load_reference(args.reference) if args.reference else None
         options = {"eval_size": list(args.eval_size)} if args.eval_size else None
@@ -454,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = next((name for name in ("overrides", "options") if isinstance(getattr(args, name, None), list)), None)
     if extra and pairs is not None and all(OVERRIDE.match(x) for x in extra):
         getattr(args, pairs).extend(extra)
+    elif extra and args.command == "predict" and not any(x.startswith("-") for x in extra):
+        args.images.extend(extra)  # (image files after --out: `sak predict EXPORT a.jpg --out preds/ b.jpg`)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "action", None) == "show" and args.command == "teachers" and not args.name:

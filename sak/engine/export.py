@@ -30,7 +30,7 @@ from ..tasks import create_task
 from ..teachers.weights import is_local
 from .checkpoint import first_misfit
 from .init import student_weights_file
-from .predictions import PredictionError, encode, save_encoded
+from .predictions import SUFFIX, PredictionError, encode, save_encoded
 
 DISTILL_ONLY = ("aligners.", "projections.")
 
@@ -193,16 +193,28 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     # for GPUs, and this runs on the CPU: such students predict in float32, where `sak eval` (on a GPU) does not
     bf16 = config.get("mixed") == "bf16"
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
+    formatless = [name for name in tasks if name not in SUFFIX]
+    if formatless:  # a plug-in task: before the first image, not after it has been run
+        raise ValueError(f"the exported student predicts {formatless}, which have no prediction file format (sak "
+                         f"predict writes {', '.join(SUFFIX)}); run such a task's head from Python")  # fmt: skip
+    folders = [str(f) for f in map(Path, images) if f.is_dir()]
+    if folders:
+        raise ValueError(
+            f"{', '.join(folders[:3])}: a folder, not an image file; give the images (e.g. {folders[0]}/*.jpg)"
+        )
     missing = [str(f) for f in map(Path, images) if not f.is_file()]
     if missing:  # before anything is written
         raise ValueError(f"image file(s) not found, nothing predicted: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))  # fmt: skip
     by_stem: dict[str, Path] = {}
     for file in map(Path, images):  # outputs are named by file name: two inputs must not share one
-        if by_stem.setdefault(file.stem, file) != file:
+        # (nor two names differing in case only: one file on a case-insensitive disk, macOS's or Windows')
+        if by_stem.setdefault(file.stem.casefold(), file) != file:
+            other = by_stem[file.stem.casefold()]
             raise ValueError(
-                f"{by_stem[file.stem]} and {file} would both write {file.stem}.png per task; predict them into "
-                "separate --out folders"
+                f"{other} and {file} would both write <task>/{other.stem}.png (.npy for depth) per task"
+                + (" on a disk that ignores case" if other.stem != file.stem else "")
+                + "; predict them into separate --out folders"
             )
     written = []
     for done, file in enumerate(map(Path, images)):

@@ -289,6 +289,43 @@ def test_depth_of_a_photograph_shrunk_to_fit_the_canvas_is_given_at_its_own_dist
     assert np.asarray(Image.open(tmp_path / "preds" / "saliency" / "frame.png")).shape == size
 
 
+def test_predict_refuses_before_any_image_what_it_cannot_write(tmp_path, capsys, monkeypatch):
+    """A plug-in task's head ran on the first image before its missing file format stopped everything; a folder
+    given for images was "not found"; two names differing in case only overwrote each other on macOS."""
+    from sak.registry import TASKS
+    from sak.tasks.base import Task
+
+    monkeypatch.setitem(TASKS._entries, "test_plugin_task", type("PluginTask", (Task,), {"name": "test_plugin_task"}))
+
+    class Never(torch.nn.Module):
+        def forward(self, images, with_features=False):
+            raise AssertionError("the student ran")
+
+    photo = tmp_path / "Photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "photo.jpg")
+    config = {
+        "tasks": [{"name": "semseg", "channels": 3}],
+        "canvas": [16, 16],
+        "image_fill": [0, 0, 0],
+        "image_size": 16,
+    }
+    plugin = {**config, "tasks": [*config["tasks"], {"name": "test_plugin_task", "channels": 1}]}
+    with pytest.raises(ValueError, match=r"predicts \['test_plugin_task'\], which have no prediction file format"):
+        predict_images(Never(), plugin, [photo], tmp_path / "p")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'imgs'}: a folder, not an image file; give the images"):
+        predict_images(Never(), config, [photo, tmp_path / "imgs"], tmp_path / "p")
+    with pytest.raises(ValueError, match=r"Photo.png and .*photo.jpg would both write <task>/Photo.png \(.npy for "
+                       r"depth\) per task on a disk that ignores case"):  # fmt: skip
+        predict_images(Never(), config, [photo, tmp_path / "imgs" / "photo.jpg"], tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    # image files after --out are images too (they were "unrecognized arguments")
+    assert main(["predict", str(tmp_path / "no-export"), str(photo), "--out", str(tmp_path / "p"), str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert "is not an export directory" in err and "unrecognized" not in err
+
+
 def test_export_of_a_run_trained_with_another_output_dir_says_to_give_its_overrides(tiny_recipe, tmp_path, capsys):
     """`sak export RECIPE` finds the run at the recipe's run.output_dir / run.name: one trained with those
     overridden was reported as "'.../tiny' is neither a .safetensors file, ..." naming no cause."""

@@ -262,6 +262,34 @@ def test_eval_preds_takes_a_canvas_for_images_larger_than_the_default(evaluated,
     )
     assert main([*args, "--eval-size", "48", "80", "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["tasks"] == result["tasks"]
+    assert main([*args, "--eval-size", "0", "5"]) == 2  # (it named data.options.eval_size, which is not set here)
+    assert "--eval-size 0 5: the canvas's height and width are positive" in capsys.readouterr().err
+
+
+def test_eval_and_eval_preds_refuse_an_out_they_could_not_write_before_scoring(
+    evaluated, trained, tmp_path, capsys, monkeypatch
+):
+    """A folder given as --out was found at the end, after every image was scored, and the result was lost."""
+    _, preds = evaluated
+    recipe_file, run_dir, root = trained
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for out, said in ((tmp_path / "folder", "a folder; give the result JSON's file name"),
+                      (tmp_path / "file" / "r.json", f"{tmp_path / 'file'} is a file, so no folder can be made")):  # fmt: skip
+        for command in (["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds)],
+                        ["eval", str(recipe_file), "--checkpoint", str(run_dir)]):  # fmt: skip
+            assert main([*command, "--out", str(out), "--split", "val"]) == 2
+            err = capsys.readouterr().err
+            assert f"--out {out}: {said}" in err and "Traceback" not in err
+
+    def full_disk(path, text):
+        raise OSError(28, f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr("sak.files.write_text_whole", full_disk)  # found only as it is written: the scores printed
+    command = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(preds)]
+    assert main([*command, "--out", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n_images"] == 5 and "No space left on device" in err
 
 
 def test_eval_refuses_a_dataset_without_published_metrics(trained, capsys):
