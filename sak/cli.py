@@ -269,6 +269,10 @@ def _viz(args) -> int:
             raise ValueError("sak viz features needs --checkpoint: the run, checkpoint directory or .safetensors file")
         if args.tasks is not None:
             raise ValueError("--tasks is for sak viz preds; features are drawn for every teacher")
+        if Path(args.out).is_dir():  # (found after the teachers are built, else)
+            raise ValueError(
+                f"--out {args.out}: a folder; give the PNG's file name (e.g. {Path(args.out) / 'features.png'})"
+            )
         recipe = load_recipe(args.source, args.overrides)
         out = feature_grid(recipe, Path(args.checkpoint), Path(args.out), args.images, args.split, args.level)
         print(f"wrote {out}")
@@ -276,6 +280,8 @@ def _viz(args) -> int:
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--split", args.split)) if value is not None]
     if args.overrides or given:
         raise ValueError(f"sak viz preds takes no recipe: {' '.join(args.overrides + given)} is for sak viz features")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: a file; sak viz preds writes a folder of pictures there")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     image_folder = Path(args.image_folder) if args.image_folder else None
     columns, panels = colour_predictions(Path(args.source), Path(args.out), image_folder, tasks)

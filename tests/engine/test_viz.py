@@ -67,6 +67,8 @@ def test_viz_features_refuses_what_cannot_be_drawn_naming_it(run, tmp_path, caps
     assert "the weights do not make the recipe's student" in capsys.readouterr().err
     assert main(["viz", "features", str(TINY), "--out", str(tmp_path / "x.png")]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+    assert viz_features(run, tmp_path) == 2
+    assert f"--out {tmp_path}: a folder; give the PNG's file name" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -125,5 +127,8 @@ def test_viz_preds_errors_name_the_file_folder_or_flag(tmp_path, capsys):
     assert "no folder of predictions of any task" in capsys.readouterr().err
     assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "o"), "--tasks", "semseg,sal"]) == 2
     assert "--tasks: no prediction format for ['sal']" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "file")]) == 2
+    assert "a file; sak viz preds writes a folder of pictures there" in capsys.readouterr().err
     assert main(["viz", "preds", str(preds), "optim.lr=1", "--out", str(tmp_path / "o")]) == 2
     assert "sak viz preds takes no recipe: optim.lr=1 is for sak viz features" in capsys.readouterr().err
