@@ -143,6 +143,10 @@ def machine_notes(recipe) -> list[str]:
     start = recipe.checkpoint.init_from
     if start is not None and not Path(start).exists():  # (stage 2 names the stage-1 run made from the same folder)
         notes.append(f"checkpoint.init_from {start!r} is not there (from {Path.cwd()}): train that run first")
+    cache = recipe.cache.path
+    if cache is not None and not (Path(cache) / "manifest.json").is_file():
+        notes.append(f"cache.path {cache!r} holds no teacher-feature cache here (from {Path.cwd()}): build it with "
+                     "`sak cache build RECIPE --out DIR` first")  # fmt: skip
     return notes
 
 

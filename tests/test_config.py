@@ -171,21 +171,22 @@ def test_cli_recipe_show_and_check(capsys):
 
 
 def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp_path, monkeypatch):
-    """A valid recipe that `sak train` would refuse here (fp16 without CUDA, a data.root or data.subset that
-    is not there from this directory) passes the check with a note for each: it may be meant for another
-    machine."""
+    """A valid recipe that `sak train` would refuse here (fp16 without CUDA, a data.root, data.subset or
+    cache.path that is not there from this directory) passes the check with a note for each: it may be meant
+    for another machine."""
     from sak.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "ids.txt").write_text("a\n")
     args = ["precision.mixed=fp16", "data.name=image_folder", "data.options={}", "data.root=images",
-            "data.subset=missing.txt", "checkpoint.init_from=runs/stage1"]  # fmt: skip
+            "data.subset=missing.txt", "checkpoint.init_from=runs/stage1", "cache.path=cache"]  # fmt: skip
     assert main(["recipe", "check", str(TINY), *args]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 4 and "fp16 needs a CUDA GPU" in notes[0]
+    assert len(notes) == 5 and "fp16 needs a CUDA GPU" in notes[0]
     assert "data.root 'images' is not a directory here" in notes[1] and "'missing.txt' is not a file" in notes[2]
     assert "checkpoint.init_from 'runs/stage1' is not there" in notes[3]  # (a stage-2 recipe's stage-1 run)
+    assert "cache.path 'cache' holds no teacher-feature cache here" in notes[4]
     (tmp_path / "images").mkdir()
     assert main(["recipe", "check", str(TINY), "data.name=image_folder", "data.options={}", "data.root=images",
                  "data.subset=ids.txt", "data.batch_size=1"]) == 0  # fmt: skip
