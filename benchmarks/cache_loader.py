@@ -8,9 +8,11 @@ The GPU configuration's cache holds 31.6 MiB per image (fp16: DINOv2-B 4 x 768 x
 step takes 0.064 s while training read only 128-199 images/s (benchmarks/results/throughput_gpu.md): the
 loader or the copy to the GPU, not the step, set the pace. This measures the loader alone: the training's DataLoader
 (`sak.engine.build.build_loader`, the synthetic dataset the GPU recipe trains on) with the cache attached
-as the trainer attaches it, iterated for `--epochs` epochs; each epoch's rate is counted from its first
-batch's arrival (worker start-up left out) to its last, so the epoch needs many more batches than the
-workers prefetch (`num_workers` x 2): with too few, they are all in flight before the clock starts. The
+as the trainer attaches it, iterated for `--epochs` epochs; each epoch's rate is counted from the arrival
+of the batch after those the workers had in flight when the first arrived (`num_workers` x the prefetch
+factor, 2; the first's wait is the workers' start-up) to its last: the batches in flight may all be ready
+by then, and counting them made the rate optimistic (about 15% with 2 workers and 8 batches an epoch, the
+committed results before 2026-11-29). So an epoch needs at least two batches more than that. The
 maps are read by the loader: on a GPU machine its workers send each batch's `CachedRows` and the
 DataLoader's pin-memory thread reads the maps into page-locked memory; elsewhere the workers read them
 (with `--workers 0`, the loader's own next()). On a GPU machine the last epoch times each batch's copy to the GPU instead.
@@ -74,6 +76,11 @@ def write_cache(root: Path, samples: int, dtype: str, shard_size: int = 64) -> P
     return root
 
 
+def in_flight(loader) -> int:
+    """Batches a DataLoader's workers keep loading ahead: workers x prefetch factor (none without workers)."""
+    return loader.num_workers * (loader.prefetch_factor or 0)
+
+
 def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int) -> dict:
     recipe = load_recipe(RECIPE, [f"data.options.length={images}", f"data.batch_size={batch}",
                                   f"data.num_workers={workers}"])  # fmt: skip
@@ -91,6 +98,8 @@ def measure(cache_root: Path, images: int, batch: int, workers: int, epochs: int
         loader.dataset.set_epoch(epoch)
         it = iter(loader)
         next(it)  # worker start-up
+        for _ in range(in_flight(loader)):  # ready, or nearly, when the first arrived: not the steady rate
+            next(it)
         first = time.perf_counter()
         arrived = 0
         for b in it:
@@ -233,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.epochs < 1 or min(args.workers) < 0:
         parser.error(f"--batch and --epochs must be at least 1 and --workers 0 or more; got {args.batch}, "
                      f"{args.epochs} and {args.workers}")  # fmt: skip
-    if args.images < 2 * args.batch:  # an epoch's first batch waits for the workers to start: it is not timed
-        parser.error(f"--images must be at least twice --batch (an epoch's first batch is not timed); got "
-                     f"{args.images} images in batches of {args.batch}")  # fmt: skip
+    ahead = 2 * max(args.workers)  # the most batches in flight (the prefetch factor is the default, 2)
+    if args.images // args.batch < ahead + 3:  # start-up, the batches in flight, then at least two timed
+        parser.error(f"--images must make at least {ahead + 3} batches of --batch {args.batch} an epoch with "
+                     f"--workers {max(args.workers)} (the first, the {ahead} in flight when it arrives, then two "
+                     f"timed); got {args.images} images ({args.images // args.batch} batches)")  # fmt: skip
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     meta = {"device": device, "machine": platform.machine(), "torch": torch.__version__}
     results, parts, hashing = [], {}, {}

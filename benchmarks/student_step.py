@@ -182,7 +182,8 @@ def measure(
     recipe_path: str, overrides: list[str], steps: int, warmup: int, compiled: bool, profile: bool = False
 ) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = load_recipe(ROOT / recipe_path if not Path(recipe_path).is_absolute() else recipe_path, overrides)
+    # (a path taken as given where it exists, else from the repository's root, as the other benchmarks take it)
+    recipe = load_recipe(recipe_path if Path(recipe_path).exists() else ROOT / recipe_path, overrides)
     if dev.type == "cpu" and recipe.run.tune_malloc:
         keep_freed_memory()  # as the engine does on the CPU (sak/engine/malloc.py)
     variants = Variants(recipe, dev)

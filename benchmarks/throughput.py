@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -54,6 +55,7 @@ from sak.engine.prefetch import prefetch_enabled
 from sak.engine.schedule import lr_lambda
 from sak.engine.step import begin_step, compute_losses, teacher_targets
 from sak.engine.trainer import teacher_dtype
+from sak.files import write_text_whole
 
 from .flops import flop_counter
 from .throughput_table import table
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    def write() -> None:
+    def write(done: bool = False) -> None:
         # the fastest repeat: interference from other work on the machine only ever adds time
         results = []
         for rs in runs.values():
@@ -420,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(min(ok, key=lambda x: x["step_s"]) | {"step_s_repeats": [x["step_s"] for x in ok]})
             elif rs:
                 results.append(rs[-1])
-        (results_dir / f"{stem}.json").write_text(json.dumps(meta | {"results": results}, indent=2))
-        (results_dir / f"{stem}.md").write_text(table(results, device_name, command))
+        # the run's progress under .partial names, renamed over the committed results only once every case has
+        # run: an interrupted `make bench` leaves them whole, not cut to the cases it reached
+        part = "" if done else ".partial"
+        write_text_whole(results_dir / f"{stem}{part}.json", json.dumps(meta | {"results": results}, indent=2))
+        write_text_whole(results_dir / f"{stem}{part}.md", table(results, device_name, command, meta["torch"]))
 
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # round robin, so that a slow spell of the machine hits every case alike
@@ -429,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / f"{r}_{i}.json"
                 cmd = [sys.executable, "-m", "benchmarks.throughput", "--case", name, "--out", str(out),
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                # the CPU suite on the CPU also where a GPU is present (its table is the CPU's)
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.suite == "cpu" else None
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
                     print(f"[{r + 1}/{args.repeats}] {name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
@@ -438,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(json.loads(out.read_text()))
                     print(f"[{r + 1}/{args.repeats}] {name}: {runs[name][-1]['step_s']:.4f} s/step", flush=True)
                 write()
+    write(done=True)
+    for suffix in (".json", ".md"):
+        (results_dir / f"{stem}.partial{suffix}").unlink(missing_ok=True)
     print((results_dir / f"{stem}.md").read_text())
     failed = [name for name, rs in runs.items() if not any("step_s" in x for x in rs)]
     if failed:

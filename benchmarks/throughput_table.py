@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 
-def table(results: list[dict], device: str, command: str) -> str:
+def table(results: list[dict], device: str, command: str, torch_version: str | None = None) -> str:
+    """`torch_version`: the one the results were measured with (their JSON's `torch`; default: this one)."""
     by = {r["case"]: r for r in results}
     gpu = any("peak_gpu_gib" in r for r in results)
     lines = [
-        f"# Training-step throughput ({device}, torch {torch.__version__})",
+        f"# Training-step throughput ({device}, torch {torch_version or torch.__version__})",
         "",
         f"Command: `{command}`. Median step time after warm-up (from the batch's arrival to the end of the",
         "optimiser step, data loading excluded), the fastest of the repeats (run round robin); peak memory of the",
@@ -95,6 +96,14 @@ def table(results: list[dict], device: str, command: str) -> str:
                     f"{sak['wall_s'] / bare['wall_s']:.3f}"
                 )
             lines.append(line)
+    for r in results:  # the issue's size target: int8 at most 30% of float32 (twice the fp16 cache's bytes)
+        fp16 = by.get(r["case"].replace("int8-cache", "fp16-cache"))
+        if "int8-cache" in r["case"] and fp16 and "cache_mib_per_image" in r and "cache_mib_per_image" in fp16:
+            fp32 = 2 * fp16["cache_mib_per_image"]
+            lines.append(
+                f"\n{r['case']}: {r['cache_mib_per_image']:.3f} MiB an image on disk, "
+                f"{r['cache_mib_per_image'] / fp32:.1%} of float32 ({fp32:.3f} MiB: twice the fp16 cache's; target <= 30%)"
+            )
     if gpu:
         lines.append(
             "\nHeld-out cosine (random-weight teachers, so only a check that cached and online training agree):"

@@ -1,6 +1,9 @@
 """The throughput table's cache columns: speed-up from wall clock, and its share of the two bounds."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from benchmarks.throughput import table
 
@@ -31,6 +34,48 @@ def test_a_prefetching_cache_row_is_compared_with_the_online_row_of_its_configur
     md = table([online, plain, cached], "GPU", "cmd")
     row = next(line for line in md.splitlines() if line.startswith("| gpu/stage1/sak/fp16-cache/compiled/prefetch"))
     assert "| 2.00x | 10.00x (20%) | 8.00x (25%) |" in row, row
+
+
+def test_the_int8_cache_size_is_reported_as_a_share_of_float32():
+    """The issue's target (int8 at most 30% of float32 per image) was only in the JSON, never in a table."""
+    fp16 = {"case": "stage1/sak/fp16-cache", "step_s": 0.1, "images_per_s": 8.0, "peak_rss_gib": 1.0,
+            "cache_mib_per_image": 2.0}  # fmt: skip
+    int8 = {**fp16, "case": "stage1/sak/int8-cache", "cache_mib_per_image": 1.1}
+    md = table([fp16, int8], "CPU", "cmd", "2.0")
+    assert md.startswith("# Training-step throughput (CPU, torch 2.0)")  # the results' torch, not this one's
+    assert "stage1/sak/int8-cache: 1.100 MiB an image on disk, 27.5% of float32 (4.000 MiB: twice" in md
+
+
+def test_a_run_replaces_the_committed_results_only_when_every_case_has_run(tmp_path, monkeypatch):
+    """Each case's row was written over the committed tables at once: an interrupted `make bench` left them cut
+    to the cases it had reached. The CPU suite's cases now also run on the CPU where a GPU is present."""
+    import json
+    import subprocess
+
+    import benchmarks.throughput as throughput
+
+    (tmp_path / "throughput_cpu.md").write_text("committed")
+    seen = []
+
+    def case(cmd, env=None, **kwargs):
+        seen.append(env["CUDA_VISIBLE_DEVICES"])
+        if len(seen) == 2:  # a kill in the second case
+            assert (tmp_path / "throughput_cpu.md").read_text() == "committed"
+            assert "stage1/bare/online" in (tmp_path / "throughput_cpu.partial.md").read_text()
+            raise KeyboardInterrupt
+        row = {"case": cmd[cmd.index("--case") + 1], "step_s": 0.1, "images_per_s": 1.0, "peak_rss_gib": 1.0}
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(throughput.subprocess, "run", case)
+    only = ["--only", "stage1/bare/online", "stage1/sak/online", "--repeats", "1", "--results", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(only)
+    assert (tmp_path / "throughput_cpu.md").read_text() == "committed" and seen == ["", ""]
+    seen.append("past the kill")
+    assert throughput.main(only) == 0
+    assert "stage1/sak/online" in (tmp_path / "throughput_cpu.md").read_text()
+    assert not list(tmp_path.glob("*.partial.*"))
 
 
 @pytest.mark.parametrize(
@@ -78,7 +123,13 @@ def test_the_cache_loader_benchmark_refuses_runs_that_would_time_no_batch(tmp_pa
     monkeypatch.setattr(cache_loader, "write_cache", no_cache)
     with pytest.raises(SystemExit):
         cache_loader.main(["--images", "16", "--batch", "16", "--results", str(tmp_path)])
-    assert "--images must be at least twice --batch (an epoch's first batch is not timed)" in capsys.readouterr().err
+    assert "--images must make at least 7 batches of --batch 16 an epoch with --workers 2" in capsys.readouterr().err
+    # 8 batches with 8 workers: all 16 in flight when the first arrives; timing them read the prefetched queue
+    with pytest.raises(SystemExit):
+        cache_loader.main(["--images", "128", "--workers", "8", "--results", str(tmp_path)])
+    assert "at least 19 batches" in capsys.readouterr().err
+    loader = torch.utils.data.DataLoader(range(8), num_workers=3)
+    assert cache_loader.in_flight(loader) == 6 and cache_loader.in_flight(torch.utils.data.DataLoader(range(8))) == 0
 
 
 def test_only_names_outside_the_suite_are_an_error(capsys):
