@@ -425,3 +425,37 @@ def test_settings_that_would_go_unused_or_train_otherwise_than_asked_are_refused
 def test_an_empty_output_dir_is_the_current_directory_as_older_recipes_wrote_it():
     recipe = load_recipe(TINY, ["run.output_dir="])  # (other empty paths are refused: test above)
     assert recipe.run_dir == Path(recipe.run.name)
+
+
+def test_a_plugin_options_field_without_a_default_left_out_is_a_recipe_error_naming_it():
+    """A plug-in's Options with a required field (`model_id: str`) left out of the recipe gave a bare TypeError
+    naming neither the section nor the key (and exit status 1)."""
+    import dataclasses
+
+    from sak.config import structure
+
+    @dataclasses.dataclass
+    class Options:
+        model_id: str
+        width: int = 8
+
+    with pytest.raises(RecipeError, match=r"teachers\[0\].options: missing key\(s\) 'teachers\[0\].options.model_id', "
+                       r"which .*Options has no default for"):  # fmt: skip
+        structure(Options, {"width": 4}, "teachers[0].options")
+    assert structure(Options, {"model_id": "m"}, "x") == Options("m", 8)
+
+
+def test_a_misspelt_lora_key_is_named_by_the_recipe_not_after_the_teachers_are_built(capsys):
+    """student.lora went to peft only when the student was built, after the teachers were loaded (or
+    downloaded): `recipe check` said ok."""
+    from sak.cli import main
+
+    with pytest.raises(
+        RecipeError, match=r"student.lora: unknown key\(s\) \['rr'\] of peft's LoraConfig; did you mean 'r'"
+    ):
+        load_recipe(TINY, ["student.lora={rr: 8}"])
+    with pytest.raises(RecipeError, match=r"student.lora .*`layers_to_transform` must also be specified"):
+        load_recipe(TINY, ["student.lora={r: 8, layers_pattern: blocks}"])
+    assert main(["recipe", "check", str(TINY), "student.lora={rr: 8}"]) == 2
+    assert "student.lora: unknown key(s) ['rr']" in capsys.readouterr().err
+    assert load_recipe(TINY, ["student.lora={r: 4, lora_alpha: 8, target_modules: [qkv]}"]).student.lora["r"] == 4

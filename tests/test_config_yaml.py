@@ -77,6 +77,24 @@ def test_exponent_floats_are_numbers_in_untyped_mappings_too(tmp_path):
     assert values == [1e-3, 2e5, 5.0, 10, 16, 1000, "e5", "1e"] and [type(v) for v in values[3:6]] == [int] * 3
 
 
+def test_numbers_yaml_12_reads_are_numbers_and_underscore_runs_are_strings_not_a_crash(tmp_path):
+    """`-.5` stayed a string in free-form mappings (model_kwargs reached timm as '-.5'); `._e5` and `0x_`, digit
+    runs of underscores only, matched the number patterns and crashed the reader with a bare ValueError."""
+    values = yaml.load("[-.5, +.5, .5, -.5e-1, ._e5, 0x_, 0o_, 0x1_f, 1_0.5]", Loader=StrictLoader)
+    assert values == [-0.5, 0.5, 0.5, -0.05, "._e5", "0x_", "0o_", 31, 10.5]
+    recipe = load_recipe(TINY, ["student.model_kwargs={embed_dim: 32, depth: 4, num_heads: 2, init_values: -.5}"])
+    assert recipe.student.model_kwargs["init_values"] == -0.5
+    with pytest.raises(RecipeError, match="optim.lr"):
+        load_recipe(TINY, ["optim.lr=._e5"])
+    path = tmp_path / "hex.yaml"
+    path.write_text(TINY.read_text().replace("max_steps: 8", "max_steps: 0x_"))
+    with pytest.raises(RecipeError, match=r"schedule.max_steps"):
+        load_recipe(path)
+    again = tmp_path / "again.yaml"  # written quoted, read back as the strings they are
+    again.write_text(load_recipe(TINY, ['run.name="0x_"']).to_yaml())
+    assert load_recipe(again).run.name == "0x_"
+
+
 def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
     path = tmp_path / "empty_section.yaml"
     path.write_text(TINY.read_text() + "cache:\n")

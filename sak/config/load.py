@@ -164,6 +164,28 @@ def validate(recipe: Recipe) -> None:
     _check_precision(recipe)
     _check_numbers(recipe)
     _check_schedule(recipe)
+    _check_lora(recipe)
+
+
+def _check_lora(recipe: Recipe) -> None:
+    """`student.lora` is peft's LoraConfig as keywords: built here, so that a misspelt key is named by the recipe
+    check rather than by training once the teachers are loaded (or downloaded)."""
+    lora = recipe.student.lora
+    if not lora:
+        return
+    from peft import LoraConfig
+
+    known = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    unknown = [k for k in lora if k not in known]
+    if unknown:
+        close = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        raise RecipeError(f"student.lora: unknown key(s) {unknown} of peft's LoraConfig{'; ' + hint if hint else ''} "
+                          "(its keys: r, lora_alpha, lora_dropout, target_modules, ...)")  # fmt: skip
+    try:
+        LoraConfig(**lora)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"student.lora {lora}: {exc}") from None
 
 
 def _check_registered(registry, name: str, where: str):

@@ -239,11 +239,13 @@ class Recipe:
 
 # numbers with an exponent but no dot or no signed exponent (`1e-3`, `1e5`), which YAML 1.1 reads as strings and
 # sak's recipe loader (`StrictLoader`) as numbers, as YAML 1.2 does
-EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-YAML12_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o[0-7_]+)$")  # how sak's loader reads ints
+# (every digit run starts with a digit: `._e5` or `0x_`, underscores alone, are strings, where they crashed the
+# reader with a ValueError naming neither the file nor the key)
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+YAML12_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F][0-9a-fA-F_]*|0o[0-7][0-7_]*)$")  # sak's ints
 # YAML 1.1's float pattern without its base-60 form (`1:30.5` was 90.5): how sak's loader reads dotted floats
 DOTTED_FLOAT = re.compile(
-    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
 

@@ -107,6 +107,11 @@ def structure(cls: type, data: Any, where: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ";"
             raise RecipeError(f"unknown key {path!r}{hint} valid keys here: {', '.join(fields) or '(none)'}")
         kwargs[key] = _convert(value, hints[key], path)
+    required = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if required:  # (a plug-in's Options may have fields without a default; cls() raised a bare TypeError)
+        shown = ", ".join(repr(f"{where}.{k}" if where else k) for k in required)
+        raise RecipeError(f"{where or 'recipe'}: missing key(s) {shown}, which {cls.__qualname__} has no default for")
     try:
         return cls(**kwargs)
     except RecipeError:
