@@ -69,6 +69,7 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
                 f"| {step_bound:.2f}x ({achieved / step_bound:.0%})"
             )
         wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else "-"
+        wall += " (q)" if r.get("wall_prefilled") else ""
         rss = f"{r['peak_rss_gib']:.2f}"
         if "peak_rss_anon_gib" in r and "peak_rss_file_gib" in r:
             rss += f" ({r['peak_rss_anon_gib']:.2f}, {r['peak_rss_file_gib']:.2f})"
@@ -83,6 +84,12 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
             lines.append(
                 f"| {r['case']} | {r['step_s']:.4f} | {r['images_per_s']:.1f} | {wall} | {rss} | {cos} | {speed} |"
             )
+    queued = [f"{r['case']} ({r['wall_prefilled']} batches)" for r in results if r.get("wall_prefilled")]
+    if queued:  # fewer timed steps than the loader's queue holds, plus 3: its rate is not measured
+        lines.append(
+            "\n(q): wall images/s of steps that may all have taken batches the loader's workers had queued during "
+            f"the warm-up, so not the loader's pace (give more --steps than the queue holds, plus 3): {', '.join(queued)}"
+        )
     ahead = [r["case"] for r in results if r.get("reads_ahead")]
     if ahead:  # data.prefetch_to_device resolved as the trainer resolves it (true, or auto on a CUDA device)
         lines.append(f"\nCached rows reading the next batch onto the device during the step: {', '.join(ahead)}")

@@ -46,6 +46,17 @@ def test_the_int8_cache_size_is_reported_as_a_share_of_float32():
     assert "stage1/sak/int8-cache: 1.100 MiB an image on disk, 27.5% of float32 (4.000 MiB: twice" in md
 
 
+def test_a_wall_rate_that_may_be_the_loaders_queue_is_marked():
+    """With 16 batches queued by 8 workers during the warm-up and 15 timed steps, every timed step could take a
+    queued batch: the cached GPU rows' wall rate was the step's, not the loader's."""
+    row = {"case": "gpu/stage1/sak/fp16-cache", "step_s": 0.1, "images_per_s": 80.0, "wall_images_per_s": 79.0,
+           "peak_rss_gib": 1.0, "peak_gpu_gib": 1.0, "global_batch": 8, "wall_prefilled": 16}  # fmt: skip
+    md = table([row], "GPU", "cmd")
+    assert "| 79.0 (q) |" in md and "(q): wall images/s of steps that may all have taken batches" in md
+    assert "gpu/stage1/sak/fp16-cache (16 batches)" in md
+    assert "(q)" not in table([{**row, "wall_prefilled": None}], "GPU", "cmd")
+
+
 def test_a_run_replaces_the_committed_results_only_when_every_case_has_run(tmp_path, monkeypatch):
     """Each case's row was written over the committed tables at once: an interrupted `make bench` left them cut
     to the cases it had reached. The CPU suite's cases now also run on the CPU where a GPU is present."""
