@@ -265,35 +265,6 @@ def _predict(args) -> int:
     return 0
 
 
-def _viz(args) -> int:
-    from .engine.viz import colour_predictions, feature_grid
-
-    if args.action == "features":
-        if args.checkpoint is None:
-            raise ValueError("sak viz features needs --checkpoint: the run, checkpoint directory or .safetensors file")
-        if args.tasks is not None:
-            raise ValueError("--tasks is for sak viz preds; features are drawn for every teacher")
-        if Path(args.out).is_dir():  # (found after the teachers are built, else)
-            raise ValueError(
-                f"--out {args.out}: a folder; give the PNG's file name (e.g. {Path(args.out) / 'features.png'})"
-            )
-        recipe = load_recipe(args.source, args.overrides)
-        out = feature_grid(recipe, Path(args.checkpoint), Path(args.out), args.images, args.split, args.level)
-        print(f"wrote {out}")
-        return 0
-    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--split", args.split)) if value is not None]
-    if args.overrides or given:
-        raise ValueError(f"sak viz preds takes no recipe: {' '.join(args.overrides + given)} is for sak viz features")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: a file; sak viz preds writes a folder of pictures there")
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    image_folder = Path(args.image_folder) if args.image_folder else None
-    columns, panels = colour_predictions(Path(args.source), Path(args.out), image_folder, tasks)
-    print(f"wrote {len(panels)} panel(s) under {Path(args.out) / 'panels'}/ ({' | '.join(columns)}) and each task's "
-          f"pictures in {Path(args.out)}/<task>/")  # fmt: skip
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sak", description="Distil frozen vision foundation models into one student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspecting_commands(sub)
     _add_cache_command(sub)
     _add_inference_commands(sub)
-    _add_viz_command(sub)
+    from .engine.viz import add_viz_command
     from .methods.select_command import add_select_command
 
+    add_viz_command(sub)
     add_select_command(sub)
     return parser
 
@@ -404,23 +376,6 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_predict)
-
-
-def _add_viz_command(sub) -> None:
-    p = sub.add_parser("viz", help="draw a student's features beside its teachers' (features RECIPE --checkpoint C), "
-                                   "or saved predictions in colour (preds DIR)")  # fmt: skip
-    p.add_argument("action", choices=["features", "preds"])
-    p.add_argument("source", metavar="RECIPE_OR_PREDS", help="features: the recipe; preds: the folder of predictions")
-    p.add_argument("overrides", nargs="*", default=[], help="features: key.path=value")
-    p.add_argument("--out", required=True, help="features: the PNG to write; preds: the folder to write")
-    p.add_argument("--checkpoint", default=None, help="features: run directory, checkpoint directory or .safetensors")
-    p.add_argument("--split", default=None, help="features: the split to draw from (default: the recipe's eval.split)")
-    p.add_argument("--images", type=int, default=4, help="features: how many images (rows), default 4")
-    p.add_argument("--level", type=int, default=-1, help="features: which level of the teachers (-1: the last)")
-    p.add_argument("--image-folder", default=None,
-                   help="preds: the folder of the predicted images (<id>.jpg|png...), drawn first in each panel")  # fmt: skip
-    p.add_argument("--tasks", default=None, help="preds: comma-separated (default: every task folder found)")
-    p.set_defaults(func=_viz)
 
 
 ONE_PROCESS = {

@@ -90,9 +90,10 @@ def test_numbers_yaml_12_reads_are_numbers_and_underscore_runs_are_strings_not_a
     path.write_text(TINY.read_text().replace("max_steps: 8", "max_steps: 0x_"))
     with pytest.raises(RecipeError, match=r"schedule.max_steps"):
         load_recipe(path)
-    again = tmp_path / "again.yaml"  # written quoted, read back as the strings they are
-    again.write_text(load_recipe(TINY, ['run.name="0x_"']).to_yaml())
-    assert load_recipe(again).run.name == "0x_"
+    again = tmp_path / "again.yaml"  # written quoted where the loader reads a number, read back as the strings
+    for name in ("0x_", "-.5", "+.5"):
+        again.write_text(load_recipe(TINY, [f'run.name="{name}"']).to_yaml())
+        assert load_recipe(again).run.name == name
 
 
 def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):

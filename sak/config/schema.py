@@ -256,6 +256,7 @@ class RecipeDumper(yaml.SafeDumper):
 
 
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", DOTTED_FLOAT, list("-+0123456789."))  # (-.5 quoted)
 # and integers: a string YAML 1.1 does not take for one but sak's loader does (`0o17`) is quoted too (the
 # dumper keeps YAML 1.1's patterns as well, so what either reader would take for a number is quoted)
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))

@@ -20,17 +20,13 @@ from .checkpoint import (
 from .run_records import FINAL_METRICS
 
 
-def check_same_samples(
-    source: Path, state: TrainState, samples: tuple[int, str | None], in_epochs: list[str], total: int
-) -> None:
+def check_same_samples(source: Path, state: TrainState, samples: tuple[int, str | None], in_epochs: list[str]) -> None:
     """Refuse a resume whose training split is not the checkpoint's where that matters, whatever setting changed
     it (data.root, a dataset option, files added to the folder): inside an epoch, whose place is counted in the
     checkpoint's order of samples (the rest of the epoch would repeat some and skip others), and with a schedule
     in epochs, counted in steps of the checkpoint's epoch length. At an epoch's end, with a schedule in steps, it
-    may change."""
+    may change. (The caller leaves out runs with nothing left to train.)"""
     count, digest = samples
-    if state.step >= total and (source / FINAL_METRICS).is_file():
-        return  # a finished run: nothing is resumed
     was = f"{state.samples} samples" + (f", ids sha256 {state.samples_sha256[:12]}" if state.samples_sha256 else "")
     now = f"{count} samples" + (f", ids sha256 {digest[:12]}" if digest else "")
     ids_differ = state.samples_sha256 is not None and digest is not None and state.samples_sha256 != digest
@@ -65,7 +61,10 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
     # its grad_accum: a resume mid-epoch with others would repeat or skip samples, or weight an epoch's last
     # micro-batches wrongly. At an epoch's end both may change.
     moved = [c for c in changed if c.startswith(("data.batch_size:", "optim.grad_accum:"))]
-    done = state.step >= total and (source / FINAL_METRICS).is_file()  # a finished run: nothing is resumed
+    finished = state.step >= total and (source / FINAL_METRICS).is_file()
+    # nothing to train: a finished run, or one at its end whose final evaluation is to run again (with a schedule
+    # in epochs the end is the new settings' own, which the refusals below are about: only a finished run)
+    done = finished or (state.step >= total and not in_epochs)
     if moved and state.batch_in_epoch and not done:
         raise CheckpointError(
             f"cannot resume from {source} with another {' and another '.join(c.split(':')[0] for c in moved)} "
@@ -85,7 +84,7 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
             f"change at a checkpoint taken at an epoch's end), or start a new run from its weights (another "
             f"run.name, and checkpoint.init_from={source})"
         )
-    if moved and in_epochs and not done:  # its steps so far are the old size's; the length would be the new one's
+    if moved and in_epochs and not finished:  # its steps so far are the old size's; the length would be the new one's
         raise CheckpointError(
             f"cannot resume from {source} with another {' and another '.join(c.split(':')[0] for c in moved)} "
             f"({'; '.join(moved)}): {' and '.join(in_epochs)} are counted in optimiser steps, which the checkpoint "
@@ -94,8 +93,8 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
             "checkpoint's values, give the schedule in steps (schedule.max_steps, warmup_steps), or start a new run "
             f"from its weights (another run.name, and checkpoint.init_from={source})"
         )
-    if samples is not None and state.samples is not None:  # (after the refusals that name the setting changed)
-        check_same_samples(source, state, samples, in_epochs, total)
+    if samples is not None and state.samples is not None and not done:  # (after those naming the setting changed)
+        check_same_samples(source, state, samples, in_epochs)
     restore_optimiser_settings(optimizer, scheduler, settings)
     if normalizers is not None:
         saved = source / "target_normalizers.safetensors"

@@ -20,7 +20,6 @@ from . import build
 from .build import teacher_dtype
 from .cache import FeatureCache, cache_digest, content_digests, identity, ids_digest, training_dataset
 from .checkpoint import (
-    PREFIX,
     TrainState,
     add_to_checkpoint,
     latest_checkpoint,
@@ -480,11 +479,11 @@ def train(recipe: Recipe) -> dict:
     # -- finish -----------------------------------------------------------------------------
     # saved before the final evaluation, which may be long and may fail (out of memory at eval.batch_size, a kill):
     # the trained steps are kept whatever happens to it, and a start after such a failure evaluates again
-    last = latest_checkpoint(ckpt_root)
-    if last is None or last.name != f"{PREFIX}{state.step:08d}":  # (not when resumed at the end to evaluate)
-        last = save_checkpoint(
-            accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
-        )
+    at_end = source is not None and logger_start == state.step and source.resolve().parent == ckpt_root.resolve()
+    # (not saved again when this run's own checkpoint of this step was resumed to evaluate: another run's is saved)
+    last = source if at_end else save_checkpoint(
+        accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
+    )  # fmt: skip
     final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
     text = json.dumps(json_safe(final), indent=2)

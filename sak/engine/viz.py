@@ -185,7 +185,14 @@ def colour_predictions(
         tasks = [t for t in SUFFIX if (preds / t).is_dir()]
         if not tasks:
             raise PredictionError(f"{preds}: no folder of predictions of any task ({', '.join(SUFFIX)})")
-    ids = {t: sorted(p.stem for p in (preds / t).glob(f"*{SUFFIX[t]}") if not p.name.startswith(".")) for t in tasks}
+    if out.resolve() == preds.resolve():  # out/<task>/<id>.png would be each prediction's own file
+        raise PredictionError(f"--out {out}: the folder of the predictions, whose files the pictures would replace; "
+                              "give another folder")  # fmt: skip
+    # ids as `sak predict` / `sak eval --save-preds` name the files: relative paths (a folder dataset's ids hold `/`)
+    ids = {t: sorted(p.relative_to(preds / t).with_suffix("").as_posix() for p in (preds / t).rglob(f"*{SUFFIX[t]}")
+                     if not p.name.startswith(".")) for t in tasks}  # fmt: skip
+    if not any(ids.values()):
+        raise PredictionError(f"{preds}: no prediction files in {', '.join(t + '/' for t in tasks)}")
     drawers = {t: create_task(t) for t in tasks}
     columns, panels = ["image"] * (images is not None) + tasks, []
     for sample_id in sorted({i for found in ids.values() for i in found}):
@@ -209,4 +216,59 @@ def colour_predictions(
     return columns, panels
 
 
-__all__ = ["colour_predictions", "feature_grid", "pca_rgb", "save_figure", "save_png"]
+def add_viz_command(sub) -> None:
+    """`sak viz features RECIPE ...` and `sak viz preds DIR ...` (sak/cli.py adds it to its commands)."""
+    p = sub.add_parser("viz", help="draw a student's features beside its teachers' (features RECIPE --checkpoint C), "
+                                   "or saved predictions in colour (preds DIR)")  # fmt: skip
+    p.add_argument("action", choices=["features", "preds"])
+    p.add_argument("source", metavar="RECIPE_OR_PREDS", help="features: the recipe; preds: the folder of predictions")
+    p.add_argument("overrides", nargs="*", default=[], help="features: key.path=value")
+    p.add_argument("--out", required=True, help="features: the PNG to write; preds: the folder to write")
+    p.add_argument("--checkpoint", default=None, help="features: run directory, checkpoint directory or .safetensors")
+    p.add_argument("--split", default=None, help="features: the split to draw from (default: the recipe's eval.split)")
+    p.add_argument("--images", type=int, default=None, help="features: how many images (rows), default 4")
+    p.add_argument(
+        "--level", type=int, default=None, help="features: which level of the teachers (default -1, the last)"
+    )
+    p.add_argument("--image-folder", default=None,
+                   help="preds: the folder of the predicted images (<id>.jpg|png...), drawn first in each panel")  # fmt: skip
+    p.add_argument("--tasks", default=None, help="preds: comma-separated (default: every task folder found)")
+    p.set_defaults(func=viz_main)
+
+
+def viz_main(args) -> int:
+    from ..config import load_recipe
+
+    flags = {"--checkpoint": args.checkpoint, "--split": args.split, "--images": args.images, "--level": args.level,
+             "--image-folder": args.image_folder, "--tasks": args.tasks}  # fmt: skip
+    others = (
+        ("--image-folder", "--tasks")
+        if args.action == "features"
+        else ("--checkpoint", "--split", "--images", "--level")
+    )
+    wrong = [flag for flag in others if flags[flag] is not None] + (args.overrides if args.action == "preds" else [])
+    if wrong:
+        other = "preds" if args.action == "features" else "features"
+        raise ValueError(f"sak viz {args.action} does not take {' '.join(wrong)}: {'they are' if len(wrong) > 1 else 'it is'} "
+                         f"for sak viz {other}")  # fmt: skip
+    out = Path(args.out)
+    if args.action == "features":
+        if args.checkpoint is None:
+            raise ValueError("sak viz features needs --checkpoint: the run, checkpoint directory or .safetensors file")
+        if out.is_dir():  # (found after the teachers are built, else)
+            raise ValueError(f"--out {out}: a folder; give the PNG's file name (e.g. {out / 'features.png'})")
+        recipe = load_recipe(args.source, args.overrides)
+        images, level = 4 if args.images is None else args.images, -1 if args.level is None else args.level
+        print(f"wrote {feature_grid(recipe, Path(args.checkpoint), out, images, args.split, level)}")
+        return 0
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; sak viz preds writes a folder of pictures there")
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    image_folder = Path(args.image_folder) if args.image_folder else None
+    columns, panels = colour_predictions(Path(args.source), out, image_folder, tasks)
+    print(f"wrote {len(panels)} panel(s) under {out / 'panels'}/ ({' | '.join(columns)}) and each task's pictures "
+          f"in {out}/<task>/")  # fmt: skip
+    return 0
+
+
+__all__ = ["add_viz_command", "colour_predictions", "feature_grid", "pca_rgb", "save_figure", "save_png", "viz_main"]

@@ -391,3 +391,19 @@ def test_n_processes_hash_every_nth_file_and_pool_the_digests(tmp_path, monkeypa
     assert pool_digests([None, None]) is None
     with pytest.raises(ValueError, match="the processes' datasets list other files"):
         pool_digests([whole, whole[:4]])
+
+
+def test_the_ids_digest_takes_a_plugin_s_ids_that_are_not_strings():
+    """Every training start digests the split's ids now (a resume checks them): a plug-in dataset's numpy ints
+    or paths made json.dumps raise a TypeError, and the training with them."""
+    import hashlib
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sak.engine.cache import ids_digest
+
+    assert ids_digest(SimpleNamespace(ids=[np.int64(3), Path("a/b")])) == ids_digest(SimpleNamespace(ids=["3", "a/b"]))
+    assert ids_digest(SimpleNamespace(ids=["x", "y"])) == hashlib.sha256(json.dumps(["x", "y"]).encode()).hexdigest()

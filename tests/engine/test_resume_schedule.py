@@ -2,6 +2,8 @@
 epoch (test_resume.py holds the exactness and the other refusals)."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sak.engine import train
 from sak.engine.checkpoint import CheckpointError, latest_checkpoint
@@ -149,8 +151,36 @@ def test_a_final_evaluation_that_fails_keeps_the_trained_steps(tiny_recipe, monk
     assert not (recipe.run_dir / "final_metrics.json").exists()
     monkeypatch.setattr(trainer, "evaluate", real)
     capsys.readouterr()
-    final = train(recipe)  # evaluates again, trains nothing, and adds the metrics to that checkpoint
+    # evaluates again, trains nothing, and adds the metrics to that checkpoint; the training split may have changed
+    # (the data moved, say), though the run stopped inside an epoch: no step is trained
+    recipe = tiny_recipe("schedule.max_steps=6", "data.options.length=64")
+    final = train(recipe)
     assert f"resumed from {last} at step 6" in capsys.readouterr().out
     assert latest_checkpoint(recipe.run_dir / "checkpoints") == last
     assert (last / "final_metrics.json").is_file() and (recipe.run_dir / "final_metrics.json").is_file()
     assert train(recipe) == final  # finished: a start after the end returns the checkpoint's metrics
+
+
+def test_another_runs_checkpoint_resumed_at_its_end_is_saved_here_before_its_metrics(tiny_recipe, monkeypatch):
+    """Resumed at its end from another run's checkpoint without metrics, into a run directory that holds its own
+    checkpoint of that step: the metrics of the other run's weights were written into this run's checkpoint,
+    which holds other weights."""
+    from sak.engine import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out of memory in the final evaluation")
+
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", out_of_memory)
+    other = tiny_recipe("schedule.max_steps=4", "run.name=other")
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(other)
+    monkeypatch.setattr(trainer, "evaluate", real)
+    foreign = latest_checkpoint(other.run_dir / "checkpoints")
+    mine = tiny_recipe("schedule.max_steps=4", "run.name=mine", "run.seed=3")
+    train(mine)
+    own = latest_checkpoint(mine.run_dir / "checkpoints")
+    train(tiny_recipe("schedule.max_steps=4", "run.name=mine", "run.seed=3", f"checkpoint.resume={foreign}"))
+    weights = load_file(str(own / "model.safetensors"))
+    assert own.name == foreign.name == "step_00000004" and (own / "final_metrics.json").is_file()
+    assert all(torch.equal(v, load_file(str(foreign / "model.safetensors"))[k]) for k, v in weights.items())

@@ -113,6 +113,7 @@ def test_viz_preds_draws_each_prediction_and_a_panel_per_sample(tmp_path, capsys
 def test_viz_preds_errors_name_the_file_folder_or_flag(tmp_path, capsys):
     preds = tmp_path / "preds"
     write_preds(preds)
+    before = (preds / "semseg" / "a.png").read_bytes()
     write_predictions(preds, "edges", ["a"], [torch.rand(1, 5, 8)])  # another size than a's other predictions
     assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "o")]) == 2
     assert (
@@ -130,5 +131,33 @@ def test_viz_preds_errors_name_the_file_folder_or_flag(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["viz", "preds", str(preds), "--out", str(tmp_path / "file")]) == 2
     assert "a file; sak viz preds writes a folder of pictures there" in capsys.readouterr().err
-    assert main(["viz", "preds", str(preds), "optim.lr=1", "--out", str(tmp_path / "o")]) == 2
-    assert "sak viz preds takes no recipe: optim.lr=1 is for sak viz features" in capsys.readouterr().err
+    assert main(["viz", "preds", str(preds), "optim.lr=1", "--images", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "sak viz preds does not take --images optim.lr=1: they are for sak viz features" in capsys.readouterr().err
+    assert main(["viz", "features", str(TINY), "--checkpoint", "x", "--tasks", "semseg", "--out", "f.png"]) == 2
+    assert "sak viz features does not take --tasks: it is for sak viz preds" in capsys.readouterr().err
+    # --out the predictions' own folder: each label map would be replaced by its picture
+    assert main(["viz", "preds", str(preds), "--out", str(preds)]) == 2
+    assert "the folder of the predictions, whose files the pictures would replace" in capsys.readouterr().err
+    assert (preds / "semseg" / "a.png").read_bytes() == before
+    (tmp_path / "empty" / "semseg").mkdir(parents=True)
+    assert main(["viz", "preds", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no prediction files in semseg/" in capsys.readouterr().err
+
+
+def test_viz_preds_finds_ids_holding_a_folder_as_a_folder_dataset_names_them(tmp_path):
+    """An image folder's ids are relative paths (n01/img_1): their files sit in subfolders, which a one-level
+    listing missed ("wrote 0 panel(s)")."""
+    preds = tmp_path / "preds"
+    write_predictions(preds, "semseg", ["n01/img_1", "n02/img_2"], [torch.zeros(4, 4, dtype=torch.long)] * 2)
+    images = tmp_path / "images"
+    (images / "n01").mkdir(parents=True)
+    (images / "n02").mkdir()
+    for i in ("n01/img_1", "n02/img_2"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(images / f"{i}.png")
+    columns, panels = colour_predictions(preds, tmp_path / "out", images)
+    assert columns == ["image", "semseg"]
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in panels] == [
+        "panels/n01/img_1.png",
+        "panels/n02/img_2.png",
+    ]
+    assert (tmp_path / "out" / "semseg" / "n02" / "img_2.png").is_file()

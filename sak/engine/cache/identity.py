@@ -29,7 +29,7 @@ def ids_digest(dataset) -> str | None:
     ids = getattr(dataset, "ids", None)
     if ids is None:
         return None
-    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([str(i) for i in ids]).encode()).hexdigest()  # (a plug-in's numpy ints too)
 
 
 def content_digests(dataset, shared: bool = False) -> list[tuple[str, str]] | None:
