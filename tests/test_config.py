@@ -459,3 +459,22 @@ def test_a_misspelt_lora_key_is_named_by_the_recipe_not_after_the_teachers_are_b
     assert main(["recipe", "check", str(TINY), "student.lora={rr: 8}"]) == 2
     assert "student.lora: unknown key(s) ['rr']" in capsys.readouterr().err
     assert load_recipe(TINY, ["student.lora={r: 4, lora_alpha: 8, target_modules: [qkv]}"]).student.lora["r"] == 4
+
+
+@pytest.mark.parametrize("size", ["[448]", "[0, 64]", "[64, 64, 3]"])
+def test_student_input_size_is_a_height_and_a_width(size):
+    with pytest.raises(RecipeError, match=r"student.input_size: \[height, width\] in pixels"):
+        load_recipe(TINY, [f"student.input_size={size}"])
+
+
+def test_a_student_input_size_its_patch_does_not_tile_is_refused_naming_it():
+    from sak.engine.build import build_student, build_tasks, build_teachers
+
+    recipe = load_recipe(TINY, ["student.input_size=[48, 72]"])
+    with pytest.raises(
+        ValueError, match=r"student.input_size \[48, 72\]: 72 is not a multiple of the student's patch size 16"
+    ):
+        build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe))
+    recipe = load_recipe(TINY, ["student.input_size=[48, 80]"])
+    stem = build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe)).stem
+    assert tuple(stem.vit.patch_embed.grid_size) == (3, 5)

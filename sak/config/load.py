@@ -391,6 +391,9 @@ def _check_numbers(recipe: Recipe) -> None:
         # the run directory, whose fresh start set other runs' folders aside)
         raise RecipeError(f"run.name: {name!r} names the run's folder under run.output_dir: one non-empty folder name, "
                           "not . or .. and without / ")  # fmt: skip
+    size = recipe.student.input_size
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise RecipeError(f"student.input_size: [height, width] in pixels, or null for data.image_size; got {size}")
     if recipe.student.levels is not None and not recipe.student.levels:
         raise RecipeError("student.levels: give the stem blocks that feed the levels, or null for evenly spaced ones")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

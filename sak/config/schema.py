@@ -59,6 +59,9 @@ class StudentConfig:
     # the task heads' batch norm over the whole batch of all processes (torch's SyncBatchNorm, as the official
     # code trains stage 2), not each process's share; on GPUs only (torch synchronises no CPU batch norm)
     sync_bn: bool = False
+    # [H, W] the stem is built for, its position-embedding grid (NYUD's 448 x 576: 28 x 36 at patch 16, as the
+    # official student learns it); None: data.image_size square. Other inputs are resampled to it (dynamic_img_size)
+    input_size: list[int] | None = None
     lora: dict = field(
         default_factory=dict
     )  # peft LoraConfig keywords for the stem, e.g. {r: 8, target_modules: [qkv]}

@@ -56,10 +56,20 @@ def build_tasks(recipe: Recipe) -> dict[str, Task]:
     return {t.name: create_task(t.name, channels=t.channels, weight=t.weight) for t in recipe.tasks}
 
 
+def stem_input_size(student, image_size: int) -> int | tuple[int, int]:
+    """The size the stem is built for: `student.input_size` (H, W), else data.image_size (a square)."""
+    return tuple(student.input_size) if student.input_size else image_size
+
+
 def build_student(recipe: Recipe, teachers: dict[str, Teacher], tasks: dict[str, Task]) -> torch.nn.Module:
     s = recipe.student
-    stem = TeacherAgnosticStem(s.model, recipe.data.image_size, s.pretrained, s.normalization, **s.model_kwargs)
+    stem = TeacherAgnosticStem(s.model, stem_input_size(s, recipe.data.image_size), s.pretrained, s.normalization,
+                               **s.model_kwargs)  # fmt: skip
     size, patch = recipe.data.image_size, stem.patch_size
+    for side in s.input_size or ():
+        if side % patch:
+            raise ValueError(f"student.input_size {s.input_size}: {side} is not a multiple of the student's patch size "
+                             f"{patch} ({s.model})")  # fmt: skip
     if size % patch:
         below, above = size - size % patch, size - size % patch + patch
         raise ValueError(

@@ -85,7 +85,11 @@ def build_exported(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Mod
     import_plugins(config.get("imports") or [], where="student.yaml imports")
     s = structure(StudentConfig, config["student"], "student")
     tasks = [structure(TaskConfig, t, "tasks") for t in config["tasks"]]
-    stem = TeacherAgnosticStem(s.model, config["image_size"], None, s.normalization, **s.model_kwargs)
+    from .build import stem_input_size
+
+    stem = TeacherAgnosticStem(
+        s.model, stem_input_size(s, config["image_size"]), None, s.normalization, **s.model_kwargs
+    )
     n_levels = len(s.levels) if s.levels else min(4, stem.depth)
     # widths equal to the stem's: no aligners are built (they are distillation-only and not exported)
     cls = STUDENTS.get(s.architecture)

@@ -46,7 +46,8 @@ def student_levels(levels: list[int] | None, depth: int) -> list[int]:
 class TeacherAgnosticStem(nn.Module):
     """Args:
     model: timm ViT name (patch 16 in SAK: vit_{small,base,large}_patch16_384).
-    image_size: training resolution; position embeddings are resampled by timm when it differs.
+    image_size: the input size the ViT is built for, a side or (H, W) (`student.input_size`, else
+        data.image_size square): its position-embedding grid; other inputs are resampled to it by timm.
     pretrained: None (random), a timm pretrained tag (e.g. "augreg_in21k_ft_in1k"), or a local file.
     normalization: "pretrained" (the mean / std the weights were trained with, timm's pretrained_cfg: 0.5 / 0.5
         for AugReg) or "imagenet" (ImageNet's, as the official SAK code feeds every model; with it the
@@ -56,7 +57,7 @@ class TeacherAgnosticStem(nn.Module):
     def __init__(
         self,
         model: str,
-        image_size: int,
+        image_size: int | tuple[int, int],
         pretrained: str | None = None,
         normalization: str = "pretrained",
         **model_kwargs,
@@ -72,9 +73,8 @@ class TeacherAgnosticStem(nn.Module):
         try:
             self.vit = timm.create_model(name, pretrained=hub, num_classes=0, img_size=image_size, **model_kwargs)
         except (TypeError, AssertionError) as exc:  # a keyword the model does not take, or a value it refuses
-            raise build_error(
-                exc, model_kwargs, f"student {model} (img_size={image_size} from data.image_size)"
-            ) from exc
+            where = "student.input_size" if isinstance(image_size, tuple) else "data.image_size"
+            raise build_error(exc, model_kwargs, f"student {model} (img_size={image_size} from {where})") from exc
         except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) are OSErrors
             if not hub:  # not a download: bad model_kwargs, which timm words clearly
                 raise

@@ -11,6 +11,7 @@ from sak.config import load_recipe
 from sak.data.fixtures import write_nyud
 from sak.engine import train
 from sak.engine.build import build_student, build_tasks, build_teachers
+from sak.engine.export import export_student, load_exported
 from sak.engine.init import init_student_from
 
 from ..conftest import REPO
@@ -98,8 +99,9 @@ def tiny(path, tmp_path, *extra):
 
 def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
     """Stage 1 at 64 px (synthetic images stand in for ImageNet), stage 2 on the NYUD fixture with 48 x 64
-    crops (non-square, as SAK's 448 x 576): the stem's position embeddings go from a 4 x 4 grid to 3 x 3
-    (+ timm's run-time resampling to 3 x 4), and stage 2 starts from the stage-1 weights."""
+    crops (non-square, as SAK's 448 x 576): the stem's position embeddings go from a 4 x 4 grid to the crops'
+    3 x 4 (student.input_size, as the official student learns 28 x 36; they were a 3 x 3 grid resampled to
+    3 x 4 at every forward), and stage 2 starts from the stage-1 weights."""
     s1 = tiny(SAK / "stage1_vitb.yaml", tmp_path, "student.model_kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
               "data.name=synthetic", "data.root=null", "data.image_size=64", "data.batch_size=2",
               "data.options={length: 4}", "schedule.epochs=null", "schedule.max_steps=2")  # fmt: skip
@@ -108,6 +110,7 @@ def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
     s2 = tiny(SAK / "stage2_vitb_nyud.yaml", tmp_path,
               "student.model_kwargs={embed_dim: 32, depth: 4, num_heads: 2, dynamic_img_size: true}",
               f"data.root={root}", "data.image_size=48", "data.options={crop_size: [48, 64], eval_size: [48, 64]}",
+              "student.input_size=[48, 64]",
               "schedule.max_steps=2", f"checkpoint.init_from={s1.run_dir}", "eval.at_start=true")  # fmt: skip
     final = train(s2)
     assert all(v == v for v in final.values())  # finite
@@ -123,4 +126,8 @@ def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
     student = build_student(s2, teachers, build_tasks(s2))
     missing = init_student_from(student, s1.run_dir)
     assert missing and all(k.startswith(("routers.", "heads.")) for k in missing)
-    assert student.stem.vit.pos_embed.shape[1] == 1 + 3 * 3
+    assert student.stem.vit.pos_embed.shape[1] == 1 + 3 * 4
+    # the export rebuilds the stem at that size too, and predicts in the 48 x 64 canvas
+    out = export_student(s2, s2.run_dir, tmp_path / "export")
+    model, config = load_exported(out)
+    assert model.stem.vit.pos_embed.shape[1] == 1 + 3 * 4 and config["student"]["input_size"] == [48, 64]
