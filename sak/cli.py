@@ -164,7 +164,14 @@ def _teachers(args) -> int:
     options = read_pairs(args.options, "teacher option")
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be a positive side in pixels, got {args.image_size}")
-    teacher = create_teacher(args.name, spec=TeacherSpec(weights=args.weights, image_size=args.image_size), **options)
+    levels = None
+    if args.levels is not None:
+        try:
+            levels = [int(x) for x in args.levels.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--levels {args.levels!r}: comma-separated block indices, e.g. 2,5,8,11") from None
+    spec = TeacherSpec(weights=args.weights, sha256=args.sha256, levels=levels, image_size=args.image_size)
+    teacher = create_teacher(args.name, spec=spec, **options)
     if teacher.meta.weights == "random":  # as `sak select` says: shapes are right, features are not a teacher's
         print(f"sak teachers: note: {args.name} has no --weights: random weights (a hub tag or a local file gives "
               "the real ones)", file=sys.stderr)  # fmt: skip
@@ -330,6 +337,8 @@ def _add_inspecting_commands(sub) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("options", nargs="*", default=[], help="the teacher's options as key=value")
     p.add_argument("--weights", default=None)
+    p.add_argument("--sha256", default=None, help="the weights file's digest, checked (as teachers[].sha256)")
+    p.add_argument("--levels", default=None, help="comma-separated block indices (as teachers[].levels)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument(
         "--import", dest="imports", action="append", default=[], metavar="MODULE",

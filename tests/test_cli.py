@@ -31,6 +31,13 @@ def test_teachers_show_prints_metadata_and_level_shapes(capsys):
     tiny = ["model=vit_small_patch16_224", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"]
     assert main(["teachers", "show", "timm", *tiny]) == 0
     assert "sak teachers: note: timm has no --weights: random weights" in capsys.readouterr().err
+    # a recipe's levels and sha256 (neither could be given: the shapes shown were the default levels')
+    assert main(["teachers", "show", "hed", "--image-size", "64", "--levels", "1,3"]) == 0
+    assert json.loads(capsys.readouterr().out)["level_shapes"] == [[128, 32, 32], [512, 8, 8]]
+    assert main(["teachers", "show", "hed", "--levels", "a"]) == 2
+    assert "--levels 'a': comma-separated block indices" in capsys.readouterr().err
+    assert main(["teachers", "show", "hed", "--sha256", "0" * 64]) == 2
+    assert "0000000000000000" in capsys.readouterr().err  # the digest given, refused against the file's
 
 
 def test_a_teachers_options_may_follow_the_flags(capsys):
