@@ -201,6 +201,9 @@ def normals_valid_classes(json_dir: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # shared machinery of the dense multi-task datasets
 # ---------------------------------------------------------------------------------------------
+SKIP_BAD_HINT = "data.options.skip_bad: true skips bad samples and lists them"  # (sak eval-preds words its own)
+
+
 class MultiTaskDataset(SakDataset):
     """Split file -> ids -> per-sample files; raw targets via `load_raw`, then SAK's augmentation
     (training) or centred padding to `eval_size` (evaluation, with the original "size")."""
@@ -292,8 +295,7 @@ class MultiTaskDataset(SakDataset):
 
     def _bad(self, sample_id: str, problem: str) -> None:
         if not self.options.skip_bad:
-            hint = "data.options.skip_bad: true skips bad samples and lists them"
-            raise DataError(f"{type(self).__name__} sample {sample_id!r}: {problem} ({hint})")
+            raise DataError(f"{type(self).__name__} sample {sample_id!r}: {problem} ({SKIP_BAD_HINT})")
         self.skipped.append((sample_id, problem))
 
     def _read_split(self) -> list[str]:

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe, RecipeError
 from ..data import DatasetSpec, build_dataset
+from ..data.images import DataError
 from ..data.nyud import NYUD
-from ..data.pascal_context import PascalContext
+from ..data.pascal_context import SKIP_BAD_HINT, PascalContext
 from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
@@ -376,7 +377,20 @@ def score_prediction_dir(
     tasks = prediction_tasks(dataset_name, preds_dir, tasks)
     check_reference(reference, tasks)
     spec = DatasetSpec(root=str(root), split=split, tasks=tuple(tasks), train=False)
-    dataset = build_dataset(dataset_name, spec, options)
+    try:
+        return _score_files(dataset_name, build_dataset(dataset_name, spec, options), split, preds_dir, tasks, reference,
+                            progress)  # fmt: skip
+    except DataError as exc:  # a bad ground-truth sample: the recipe's way past it is not this command's
+        if SKIP_BAD_HINT not in str(exc):
+            raise
+        raise DataError(str(exc).replace(SKIP_BAD_HINT, "the published scores take every sample of the split: "
+                                         "restore the file from the dataset's archive")) from None  # fmt: skip
+
+
+def _score_files(
+    dataset_name: str, dataset, split: str, preds_dir: Path, tasks: list[str], reference, progress
+) -> dict:
+    """`score_prediction_dir`'s loop over the split."""
     scorer = SampleScores(dataset_name, tasks)
     for index in tqdm(range(len(dataset)), desc=f"eval-preds {dataset_name}/{split}", disable=not progress):
         sample = dataset[index]

@@ -462,3 +462,18 @@ def test_delta_m_leaves_out_a_task_with_nothing_scored_and_refuses_a_zero_refere
         (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')
         with pytest.raises(EvalError, match="reference values must be finite and not 0"):
             load_reference(tmp_path / "ref.json")
+
+
+def test_eval_preds_does_not_offer_a_recipe_key_it_cannot_set_for_a_missing_label(evaluated, trained, tmp_path, capsys):
+    """A missing ground-truth file suggested data.options.skip_bad, which eval-preds cannot set (and published
+    scores must not skip a sample)."""
+    _, preds = evaluated
+    _, _, root = trained
+    copy = shutil.copytree(root, tmp_path / "PASCAL_MT")
+    first = (copy / "ImageSets" / "Context" / "val.txt").read_text().split()[0]
+    victim = next((copy / "sal_distill").glob(f"{first}.*"))
+    victim.unlink()
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(copy), "--preds", str(preds)]
+    assert main([*args, "--tasks", "saliency"]) == 2
+    err = capsys.readouterr().err
+    assert victim.stem in err and "skip_bad" not in err and "restore the file from the dataset's archive" in err
