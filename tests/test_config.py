@@ -478,3 +478,13 @@ def test_a_student_input_size_its_patch_does_not_tile_is_refused_naming_it():
     recipe = load_recipe(TINY, ["student.input_size=[48, 80]"])
     stem = build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe)).stem
     assert tuple(stem.vit.patch_embed.grid_size) == (3, 5)
+
+
+def test_a_choice_yaml_read_as_a_boolean_says_to_quote_it():
+    """`logging.wandb.mode=off` read as false: "False is not one of 'online', 'offline', 'disabled'" gave no clue."""
+    with pytest.raises(
+        RecipeError, match=r"logging.wandb.mode: False is not one of .*; quote it \(YAML reads yes / no"
+    ):
+        load_recipe(TINY, ["logging.wandb.mode=off"])
+    with pytest.raises(RecipeError, match=r"'fast' is not one of [^;]*$"):  # (a string: no quoting hint)
+        load_recipe(TINY, ["logging.wandb.mode=fast"])

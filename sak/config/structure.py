@@ -42,7 +42,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`precision.mixed: no`)
             value = "no"
         if value not in args:
-            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+            quoted = isinstance(value, bool) and all(isinstance(a, str) for a in args)
+            hint = "; quote it (YAML reads yes / no / on / off unquoted as true / false)" if quoted else ""
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         return structure(tp, value, where)
