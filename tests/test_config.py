@@ -488,3 +488,15 @@ def test_a_choice_yaml_read_as_a_boolean_says_to_quote_it():
         load_recipe(TINY, ["logging.wandb.mode=off"])
     with pytest.raises(RecipeError, match=r"'fast' is not one of [^;]*$"):  # (a string: no quoting hint)
         load_recipe(TINY, ["logging.wandb.mode=fast"])
+
+
+def test_a_student_built_for_another_size_than_a_square_dataset_is_refused_before_training(tmp_path):
+    """Generated or folder images are data.image_size square: a student built for [48, 64] without
+    dynamic_img_size failed at the first step with timm's bare AssertionError."""
+    from sak.engine import train
+
+    recipe = load_recipe(TINY, [f"run.output_dir={tmp_path}", "student.input_size=[48, 64]"])
+    with pytest.raises(RecipeError, match=r"takes 48x64 inputs but the samples' size is 64x64: set data.image_size "
+                       r"\(or student.input_size"):  # fmt: skip
+        train(recipe)
+    assert not list((recipe.run_dir / "checkpoints").glob("step_*"))

@@ -208,9 +208,12 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         if "loading state_dict" not in str(exc):
             raise CheckpointError(damaged(path, exc)) from exc
         differs = f"; the recipe differs from the one it was trained with: {'; '.join(changes)}" if changes else ""
+        sized = [c.split(" -> ")[0].replace(": ", "=", 1).replace("=None", "=null") for c in changes or ()
+                 if c.startswith("student.input_size:")]  # fmt: skip
+        remedy = f"Resume with {sized[0]} (the checkpoint's), or start" if sized else "Start"
         raise CheckpointError(
             f"cannot resume from {path}: its weights do not fit this recipe's student ({first_misfit(exc)}){differs}. "
-            "Start a new run instead (another run.name, or checkpoint.resume=never)"
+            f"{remedy} a new run instead (another run.name, or checkpoint.resume=never)"
         ) from exc
     except ValueError as exc:
         if "parameter group" not in str(exc):  # (torch.optim.Optimizer.load_state_dict's words for a misfit)

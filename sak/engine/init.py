@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
@@ -39,9 +40,25 @@ def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path
     )
 
 
-def resize_position_embeddings(student: nn.Module, state: dict[str, Tensor]) -> list[str]:
+def saved_grid(file: Path, patch: int) -> tuple[int, int] | None:
+    """The position-embedding grid of the run that saved the weights `file`, from the recipe.yaml every checkpoint
+    holds beside them (`student.input_size`, else data.image_size square, over the patch size); None without it."""
+    recipe = file.parent / "recipe.yaml"
+    try:
+        data = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+        student, size = data.get("student") or {}, (data.get("data") or {}).get("image_size")
+        h, w = student.get("input_size") or (size, size)
+        return int(h) // patch, int(w) // patch
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):  # not a recipe sak wrote: assume a square grid
+        return None
+
+
+def resize_position_embeddings(
+    student: nn.Module, state: dict[str, Tensor], source: tuple[int, int] | None = None
+) -> list[str]:
     """Resample the stem's position embeddings in `state` to the student's grid (stage 1 trains at 384 px,
-    stage 2 at 512: 24 x 24 -> 32 x 32 for patch 16), as SAK does, with timm's bicubic resampling.
+    stage 2 at 512: 24 x 24 -> 32 x 32 for patch 16; NYUD's stage 2 28 x 36), as SAK does, with timm's bicubic
+    resampling. `source`: the grid `state` was trained at (`saved_grid`); without it a square one is assumed.
     Returns the keys it resized."""
     stem = getattr(student, "stem", None)
     if stem is None:
@@ -49,17 +66,20 @@ def resize_position_embeddings(student: nn.Module, state: dict[str, Tensor]) -> 
     vit = stem.vit
     prefix = 0 if getattr(vit, "no_embed_class", False) else stem.num_prefix_tokens
     own = student.state_dict()
+    new_grid = list(vit.patch_embed.grid_size)
     resized = []
     for key, value in state.items():
-        if not key.endswith("pos_embed") or key not in own or own[key].shape == value.shape:
+        if not key.endswith("pos_embed") or key not in own:
             continue
         old = value.shape[1] - prefix
         side = int(round(old**0.5))
-        if side * side != old:  # another number of prefix tokens (registers): left to the shape check below,
-            continue  # which names the file and both shapes, rather than a grid that is not the cause
-        new_grid = list(vit.patch_embed.grid_size)
-        state[key] = resample_abs_pos_embed(value, new_grid, [side, side], num_prefix_tokens=prefix)
-        resized.append(f"{key}: {side}x{side} -> {new_grid[0]}x{new_grid[1]}")
+        grid = list(source) if source is not None and source[0] * source[1] == old else [side, side]
+        if grid[0] * grid[1] != old:  # another number of prefix tokens (registers), or a non-square grid of a run
+            continue  # without its recipe.yaml: left to the shape check, which names the file and both shapes
+        if own[key].shape == value.shape and grid == new_grid:  # (3 x 4 into 4 x 3 has as many tokens: resampled)
+            continue
+        state[key] = resample_abs_pos_embed(value, new_grid, grid, num_prefix_tokens=prefix)
+        resized.append(f"{key}: {grid[0]}x{grid[1]} -> {new_grid[0]}x{new_grid[1]}")
     return resized
 
 
@@ -72,7 +92,8 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
         state = load_file(str(file))
     except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
         raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
-    resize_position_embeddings(student, state)
+    stem = getattr(student, "stem", None)
+    resize_position_embeddings(student, state, saved_grid(file, stem.patch_size) if stem is not None else None)
     own = student.state_dict()
     misfits = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the model's order: stem first
     if misfits:  # load_state_dict would raise a RuntimeError listing every one of them
@@ -80,7 +101,7 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
         raise ValueError(
             f"checkpoint.init_from {str(file)!r}: {len(misfits)} weight(s) have other shapes than this student's "
             f"({shown}{', ...' if len(misfits) > 3 else ''}): that run trained another student (student.model, "
-            "model_kwargs, down_ratio) or other teachers' widths"
+            "model_kwargs, down_ratio, input_size) or other teachers' widths"
         )
     result = student.load_state_dict(state, strict=False)
     if result.unexpected_keys:

@@ -217,11 +217,13 @@ def check_canvas(model: torch.nn.Module, canvas: tuple[int, int], setting: str =
     if canvas[0] % patch or canvas[1] % patch:
         raise RecipeError(f"{setting} {list(canvas)} is not a multiple of the student's patch size {patch}")
     if embed.strict_img_size and tuple(embed.img_size) != tuple(canvas):
-        what = "training crop" if setting.endswith("crop_size") else "evaluation canvas"
+        what = {"data.options.crop_size": "training crop", "data.image_size": "samples' size"}.get(
+            setting, "evaluation canvas"
+        )
         raise RecipeError(
             f"the student takes {embed.img_size[0]}x{embed.img_size[1]} inputs but the {what} is "
-            f"{canvas[0]}x{canvas[1]}: set {setting}, or build the student with "
-            "student.model_kwargs.dynamic_img_size=true"
+            f"{canvas[0]}x{canvas[1]}: set {setting} (or student.input_size, the size the student is built for), "
+            "or build the student with student.model_kwargs.dynamic_img_size=true"
         )
 
 
@@ -229,7 +231,10 @@ def check_samples_fit(model: torch.nn.Module, dataset) -> None:
     """The size of a dense dataset's samples (the training crop, or the evaluation canvas) fits the student:
     checked when training starts, not when the first step or the final evaluation fails in timm's words."""
     canvas = getattr(dataset, "eval_size", None)
-    if canvas is None:  # image folders: every sample is data.image_size square, the size the student is built at
+    if canvas is None:  # image folders, generated data: every sample is data.image_size square
+        size = getattr(getattr(dataset, "spec", None), "image_size", None)
+        if size is not None:  # (a student built for another size by student.input_size takes it only if dynamic)
+            check_canvas(model, (size, size), "data.image_size")
         return
     spec = getattr(dataset, "spec", None)
     if spec is not None and spec.train:

@@ -47,7 +47,8 @@ class TeacherAgnosticStem(nn.Module):
     """Args:
     model: timm ViT name (patch 16 in SAK: vit_{small,base,large}_patch16_384).
     image_size: the input size the ViT is built for, a side or (H, W) (`student.input_size`, else
-        data.image_size square): its position-embedding grid; other inputs are resampled to it by timm.
+        data.image_size square): its position-embedding grid; with `dynamic_img_size` timm resamples it to
+        other inputs, without, it refuses them.
     pretrained: None (random), a timm pretrained tag (e.g. "augreg_in21k_ft_in1k"), or a local file.
     normalization: "pretrained" (the mean / std the weights were trained with, timm's pretrained_cfg: 0.5 / 0.5
         for AugReg) or "imagenet" (ImageNet's, as the official SAK code feeds every model; with it the

@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 
 from sak.config import load_recipe
 from sak.data.fixtures import write_nyud
 from sak.engine import train
 from sak.engine.build import build_student, build_tasks, build_teachers
+from sak.engine.checkpoint import CheckpointError, latest_checkpoint
 from sak.engine.export import export_student, load_exported
 from sak.engine.init import init_student_from
 
@@ -65,9 +68,10 @@ def test_stage2_recipes_carry_the_published_schedule_and_task_weights(path):
     inputs = [(t.image_size, t.resize) for t in r.teachers]
     if dataset == "nyud":
         assert r.data.options["crop_size"] == [448, 576] and r.student.model_kwargs["dynamic_img_size"]
+        assert r.student.input_size == [448, 576]  # a 28 x 36 grid, as the official student is built
         assert inputs == [(None, "keep"), (None, "keep"), (None, "own")]
     else:
-        assert r.data.image_size == 512
+        assert r.data.image_size == 512 and r.student.input_size is None
         assert inputs == [(504, "own"), (504 if size == "vitl" else 512, "own"), (None, "own")]
     assert [t.options.get("source") for t in r.teachers] == ["timm"] * 3
     assert r.checkpoint.init_from == f"runs/sak_stage1_{size}"  # the matching stage-1 run's name
@@ -127,7 +131,20 @@ def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
     missing = init_student_from(student, s1.run_dir)
     assert missing and all(k.startswith(("routers.", "heads.")) for k in missing)
     assert student.stem.vit.pos_embed.shape[1] == 1 + 3 * 4
-    # the export rebuilds the stem at that size too, and predicts in the 48 x 64 canvas
+    # the export rebuilds the stem at that size too
     out = export_student(s2, s2.run_dir, tmp_path / "export")
     model, config = load_exported(out)
     assert model.stem.vit.pos_embed.shape[1] == 1 + 3 * 4 and config["student"]["input_size"] == [48, 64]
+    # stage 2's 3 x 4 grid (read from the run's recipe.yaml) into a 4 x 3 or a square 4 x 4 student: resampled,
+    # where 4 x 3 took it as it was (as many tokens) and 4 x 4 was refused as another student
+    saved = load_file(str(latest_checkpoint(s2.run_dir / "checkpoints") / "model.safetensors"))["stem.vit.pos_embed"]
+    for size in ([64, 48], [64, 64]):
+        other = load_recipe(s2.run_dir / "recipe.yaml", [f"student.input_size={size}", "data.options={}"])
+        student = build_student(other, teachers, build_tasks(other))
+        init_student_from(student, s2.run_dir)
+        grid = [side // 16 for side in size]
+        expected = resample_abs_pos_embed(saved, grid, [3, 4], num_prefix_tokens=1)
+        torch.testing.assert_close(student.stem.vit.pos_embed.data, expected)
+    # resumed with another input size: the error says which one the checkpoint has
+    with pytest.raises(CheckpointError, match=r"Resume with student.input_size=\[48, 64\] \(the checkpoint's\)"):
+        train(load_recipe(s2.run_dir / "recipe.yaml", ["student.input_size=null"]))
