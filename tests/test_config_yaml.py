@@ -164,3 +164,16 @@ def test_a_recipe_that_is_not_utf8_text_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "r.yaml").write_bytes(b"\xff\xferun: {}\n")
     with pytest.raises(RecipeError, match=r"r\.yaml: not UTF-8 text \(invalid start byte at byte 0\)"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_dates_are_strings_and_tagged_sets_or_bytes_are_refused_by_name(tmp_path):
+    """YAML 1.1 read `2024-01-01` as a date (a run named by its date was refused as 'expected a string'); a date,
+    a !!set or !!binary in model_kwargs passed the check and broke the run records' JSON when training started."""
+    recipe = load_recipe(TINY, ["run.name=2024-01-01", "student.model_kwargs.note=2024-01-01"])
+    assert recipe.run.name == "2024-01-01" and recipe.student.model_kwargs["note"] == "2024-01-01"
+    path = tmp_path / "again.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+    for value, kind in (("!!set {a: null}", "set"), ("!!binary aGk=", "bytes"), ("!!timestamp 2024-01-01", "date")):
+        with pytest.raises(RecipeError, match=rf"student.model_kwargs.x: .* is a {kind}; a recipe holds strings"):
+            load_recipe(TINY, [f"student.model_kwargs={{embed_dim: 32, depth: 4, num_heads: 2, x: {value}}}"])

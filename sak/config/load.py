@@ -165,6 +165,22 @@ def validate(recipe: Recipe) -> None:
     _check_numbers(recipe)
     _check_schedule(recipe)
     _check_lora(recipe)
+    _check_plain(recipe.to_dict(), "")
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Every value a plain YAML one (string, number, boolean, null, list, mapping): the run records hold the recipe
+    as JSON, which an explicitly tagged `!!set`, `!!binary` or `!!timestamp` in a free-form mapping (model_kwargs,
+    options) broke when training started."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise RecipeError(f"{where}: {value!r} is a {type(value).__name__}; a recipe holds strings, numbers, booleans, "
+                          "lists and mappings (quote it, or write a list)")  # fmt: skip
 
 
 def _check_lora(recipe: Recipe) -> None:

@@ -60,6 +60,13 @@ for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
     ]
 
 
+# and no timestamps, which YAML 1.2's core schema does not have: `2024-01-01` (a run named by its date) is a string,
+# not a datetime.date, which a string field refused and a free-form mapping carried into run records that JSON
+# cannot hold
+for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
+    StrictLoader.yaml_implicit_resolvers[_first] = [r for r in _resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+
+
 def unshared(value: Any) -> Any:
     """A copy without shared containers: YAML anchors, aliases and merge keys give several places in a recipe the
     same dict or list, so an override of one (`teachers.1.options.model_kwargs.embed_dim=64`) changed the other."""
