@@ -357,7 +357,13 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
             # the wall time between the ends of two steps: loading, the step, and the engine's logging (every
             # step here: logging.every=1)
             walls = [result["global_batch"] / r["images_per_s"] for r in rows if "images_per_s" in r][warmup:]
-            result["val_cosine"] = {k.removeprefix("val/cosine/"): v for k, v in final.items() if "cosine" in k}
+            result["val_cosine"] = {
+                k.removeprefix("val/cosine/"): v for k, v in final.items() if k.startswith("val/cosine/")
+            }
+            # (in the JSON: each map's mean over the image taken away, the structure a plain cosine hides)
+            result["val_spatial_cosine"] = {
+                k.removeprefix("val/spatial_cosine/"): v for k, v in final.items() if "spatial_cosine/" in k
+            }
     # The loader's workers fill their queue (num_workers x 2 batches) during the warm-up: the first timed steps
     # take batches already loaded, whatever the loader's pace. The wall time is taken after them where at least
     # 3 steps remain; else the row says its wall rate may be the queue's (`wall_prefilled`: the batches in it).

@@ -42,11 +42,16 @@ def cosine_table(rows: list[dict]) -> str:
     val = [r for r in rows if any(k.startswith("val/cosine/") for k in r)]
     after = val[-1]
     before = val[0] if val[0].get("step") == 0 else {}  # (an evaluation before training: eval.at_start)
-    lines = ["| teacher | held-out cosine before | after | change |", "| --- | --- | --- | --- |"]
+    lines = [
+        "| teacher | held-out cosine before | after | change | spatial cosine after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for key in sorted(k for k in after if k.startswith("val/cosine/")):
-        a, b = after[key], before.get(key)
+        tid = key.removeprefix("val/cosine/")
+        a, b, spatial = after[key], before.get(key), after.get(f"val/spatial_cosine/{tid}")
         change = ("-", "-") if b is None else (f"{b:.3f}", f"{a - b:+.3f}")
-        lines.append(f"| {key.removeprefix('val/cosine/')} | {change[0]} | {a:.3f} | {change[1]} |")
+        shown = "-" if spatial is None else f"{spatial:.3f}"
+        lines.append(f"| {tid} | {change[0]} | {a:.3f} | {change[1]} | {shown} |")
     return "\n".join(lines)
 
 
@@ -63,6 +68,9 @@ def write_report(recipe: Recipe) -> Path:
     write_text_whole(
         report / "summary.md",
         f"# sak demo: {recipe.run.name}\n\nTeachers: {teachers}.\n\n{table}\n\n"
+        "Held-out cosine: each image's flattened student and teacher maps, in the teacher's space; a student that "
+        "predicts the teacher's mean feature alone scores high on it. The spatial cosine takes each map's mean "
+        "over the image away first: how much of the teacher's spatial structure the student has learnt.\n\n"
         "features.png: held-out images | for each teacher, its last-level features (PCA to RGB) and the "
         "student's features for that teacher in the same PCA basis.\n",
     )

@@ -55,11 +55,11 @@ def evaluate(
         targets = teacher_targets(teachers, batch["image"], dtype)
         with accelerator.autocast():
             out = student(batch["image"])
-        if normalizers is None:
-            per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(out, targets).items()}
-        else:  # the student predicts normalised targets: compare in the teacher's own space, as without
-            raw = StudentOutput(features=normalizers.denormalize(out.features))
-            per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(raw, targets).items()}
+        # the student predicts normalised targets with loss.normalize: compared in the teacher's own space, as without
+        raw = out if normalizers is None else StudentOutput(features=normalizers.denormalize(out.features))
+        per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(raw, targets).items()}
+        per_image |= {f"val/spatial_cosine/{k}": v for k, v in feature_cosines(raw, targets, spatial=True).items()}
+        if normalizers is not None:
             targets = normalizers(targets)
         losses = compute_losses(out, targets, batch, tasks, distill_loss, recipe.loss.alpha if tasks else 1.0)
         ran = batch["image"].shape[0]

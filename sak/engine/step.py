@@ -84,10 +84,11 @@ def compute_losses(
 
 
 @torch.no_grad()
-def feature_cosines(out: StudentOutput, targets: dict[str, TeacherOutput]) -> dict[str, Tensor]:
-    """Held-out quality: per teacher, each image's flattened-map cosine averaged over levels, (B,)."""
+def feature_cosines(out: StudentOutput, targets: dict[str, TeacherOutput], spatial: bool = False) -> dict[str, Tensor]:
+    """Held-out quality: per teacher, each image's flattened-map cosine averaged over levels, (B,); `spatial`:
+    of the maps less their per-channel means over the image (`map_cosine`)."""
     result = {}
     for tid, target in targets.items():
-        cos = [map_cosine(s, t) for s, t in zip(out.features[tid], target.levels, strict=True)]
+        cos = [map_cosine(s, t, spatial) for s, t in zip(out.features[tid], target.levels, strict=True)]
         result[tid] = torch.stack(cos).mean(0)
     return result

@@ -154,7 +154,11 @@ class MSEDistill(DistillLoss):
 
 
 @torch.no_grad()
-def map_cosine(student: Tensor, teacher: Tensor) -> Tensor:
-    """(B,) cosine of each image's flattened student and teacher maps (the held-out quality number)."""
+def map_cosine(student: Tensor, teacher: Tensor, spatial: bool = False) -> Tensor:
+    """(B,) cosine of each image's flattened student and teacher maps (the held-out quality number). `spatial`:
+    each map's per-channel mean over the image taken away first, so that only the spatial structure counts: the
+    plain cosine of features with a large common mean vector is high for a student that predicts the mean alone."""
     s, t = match_size(student.float(), teacher.float())
+    if spatial:
+        s, t = s - s.mean((2, 3), keepdim=True), t - t.mean((2, 3), keepdim=True)
     return flat_cosine(s, t)

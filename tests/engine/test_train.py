@@ -39,6 +39,7 @@ def test_loss_is_finite_and_decreases_over_30_steps(tiny_recipe):
     assert all(torch.isfinite(torch.tensor(values)))
     assert sum(values[-5:]) / 5 < 0.7 * sum(values[:5]) / 5
     assert final["val/cosine/vit_a"] > 0.5 and final["val/cosine/vit_b"] > 0.5
+    assert -1 <= final["val/spatial_cosine/vit_a"] <= 1 and -1 <= final["val/spatial_cosine/vit_b"] <= 1
     info = json.loads((recipe.run_dir / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["versions"]["torch"] and info["seed"] == 0
     assert (recipe.run_dir / "recipe.yaml").read_text() == recipe.to_yaml()

@@ -174,3 +174,16 @@ def test_sak_loss_takes_the_cosine_at_the_students_size_only_for_much_larger_tea
     for size in (7, 11, 12, 30):  # 1.4x, 3.4x, 4x and 25x the student's pixels
         loss([student], [torch.randn(2, 3, size, size)])
     assert calls == [(12, 12), (30, 30)]
+
+
+def test_the_spatial_cosine_counts_structure_not_the_mean_feature():
+    """The held-out cosine of features with a large common mean is high for a student that predicts that mean
+    alone: the spatial one takes each map's per-channel mean over the image away first."""
+    torch.manual_seed(0)
+    structure = torch.randn(2, 8, 4, 5)
+    teacher = structure + 10 * torch.randn(1, 8, 1, 1)  # a large mean feature, the same in every image
+    mean_only = teacher.mean((2, 3), keepdim=True).expand_as(teacher)
+    assert (map_cosine(mean_only, teacher) > 0.95).all()  # (the plain cosine: almost perfect)
+    assert (map_cosine(mean_only, teacher, spatial=True).abs() < 1e-4).all()
+    shifted = structure + 3.0  # the structure right, another mean
+    torch.testing.assert_close(map_cosine(shifted, teacher, spatial=True), torch.ones(2))
