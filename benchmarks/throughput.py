@@ -362,7 +362,9 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
             }
             # (in the JSON: each map's mean over the image taken away, the structure a plain cosine hides)
             result["val_spatial_cosine"] = {
-                k.removeprefix("val/spatial_cosine/"): v for k, v in final.items() if "spatial_cosine/" in k
+                k.removeprefix("val/spatial_cosine/"): v
+                for k, v in final.items()
+                if k.startswith("val/spatial_cosine/")
             }
     # The loader's workers fill their queue (num_workers x 2 batches) during the warm-up: the first timed steps
     # take batches already loaded, whatever the loader's pace. The wall time is taken after them where at least

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -40,19 +41,26 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     as_umask_allows(path)
 
 
-def write_text_whole(path: str | os.PathLike, text: str) -> None:
-    """`text` into `path` through a temporary file renamed over it: a full disk or a kill mid-write leaves the
-    previous file as it was, not cut off. An OSError names `path`."""
+def write_whole(path: str | os.PathLike, write: Callable[[Path], object], sync: bool = True) -> Path:
+    """`write(tmp)` writes a temporary file beside `path`, which is then renamed over it: a full disk or a kill
+    mid-write leaves the previous file as it was, not cut off. `sync`: the file's bytes on disk before the rename
+    (left out for many small pictures, `sak viz`). An OSError names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        if sync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_whole(path: str | os.PathLike, text: str) -> None:
+    """`text` into `path` as UTF-8, written whole (`write_whole`)."""
+    write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import as_umask_allows, save_safetensors
+from ..files import as_umask_allows, save_safetensors, write_text_whole
 from ..teachers.weights import first_misfit
 
 PREFIX = "step_"
@@ -140,13 +140,8 @@ def add_to_checkpoint(accelerator, checkpoint: Path, name: str, text: str) -> No
     """Put the file `name` holding `text` into a saved checkpoint, renamed in when written whole (the final
     metrics, which come after the final checkpoint is saved); every process must call this."""
     if accelerator.is_main_process:
-        tmp = checkpoint / f".{name}{PARTIAL}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, checkpoint / name)
-        _fsync_dir(checkpoint)
+        write_text_whole(checkpoint / name, text)
+        _fsync_dir(checkpoint)  # (the rename on disk: a start after a power loss finds the metrics)
     accelerator.wait_for_everyone()
 
 

@@ -57,8 +57,9 @@ def evaluate(
             out = student(batch["image"])
         # the student predicts normalised targets with loss.normalize: compared in the teacher's own space, as without
         raw = out if normalizers is None else StudentOutput(features=normalizers.denormalize(out.features))
-        per_image = {f"val/cosine/{k}": v for k, v in feature_cosines(raw, targets).items()}
-        per_image |= {f"val/spatial_cosine/{k}": v for k, v in feature_cosines(raw, targets, spatial=True).items()}
+        per_image = {}
+        for tid, (plain, spatial) in feature_cosines(raw, targets).items():
+            per_image |= {f"val/cosine/{tid}": plain, f"val/spatial_cosine/{tid}": spatial}
         if normalizers is not None:
             targets = normalizers(targets)
         losses = compute_losses(out, targets, batch, tasks, distill_loss, recipe.loss.alpha if tasks else 1.0)

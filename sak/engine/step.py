@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..losses.distill import map_cosine
+from ..losses.distill import centred, flat_cosine, match_size
 from ..student import StudentOutput
 from ..tasks import Task
 from ..teachers import Teacher, TeacherOutput
@@ -84,11 +84,16 @@ def compute_losses(
 
 
 @torch.no_grad()
-def feature_cosines(out: StudentOutput, targets: dict[str, TeacherOutput], spatial: bool = False) -> dict[str, Tensor]:
-    """Held-out quality: per teacher, each image's flattened-map cosine averaged over levels, (B,); `spatial`:
-    of the maps less their per-channel means over the image (`map_cosine`)."""
+def feature_cosines(out: StudentOutput, targets: dict[str, TeacherOutput]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Held-out quality: per teacher, each image's flattened-map cosine averaged over levels, (B,), and the same
+    of the maps less their per-channel means over the image (the spatial cosine, `map_cosine`), the maps
+    brought to one size once for both."""
     result = {}
     for tid, target in targets.items():
-        cos = [map_cosine(s, t, spatial) for s, t in zip(out.features[tid], target.levels, strict=True)]
-        result[tid] = torch.stack(cos).mean(0)
+        plain, spatial = [], []
+        for s, t in zip(out.features[tid], target.levels, strict=True):
+            s, t = match_size(s.float(), t.float())
+            plain.append(flat_cosine(s, t))
+            spatial.append(flat_cosine(centred(s), centred(t)))
+        result[tid] = (torch.stack(plain).mean(0), torch.stack(spatial).mean(0))
     return result

@@ -13,7 +13,6 @@ Every picture is written to a temporary file renamed over its name: a kill never
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 
 from ..config import Recipe
 from ..data.images import IMAGE_EXTENSIONS, decode_rgb
+from ..files import write_whole
 from ..tasks import create_task
 from ..teachers.weights import first_misfit
 from .predictions import SUFFIX, PredictionError, read_prediction
@@ -47,20 +47,8 @@ def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return out
 
 
-def _replace_whole(path: Path, write) -> Path:
-    """Call `write(tmp)` for a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_png(array: np.ndarray, path: Path) -> Path:
-    return _replace_whole(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return write_whole(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), sync=False)
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
@@ -68,7 +56,7 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        return write_whole(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), sync=False)
     finally:
         plt.close(fig)
 

@@ -159,6 +159,9 @@ def map_cosine(student: Tensor, teacher: Tensor, spatial: bool = False) -> Tenso
     each map's per-channel mean over the image taken away first, so that only the spatial structure counts: the
     plain cosine of features with a large common mean vector is high for a student that predicts the mean alone."""
     s, t = match_size(student.float(), teacher.float())
-    if spatial:
-        s, t = s - s.mean((2, 3), keepdim=True), t - t.mean((2, 3), keepdim=True)
-    return flat_cosine(s, t)
+    return flat_cosine(centred(s), centred(t)) if spatial else flat_cosine(s, t)
+
+
+def centred(x: Tensor) -> Tensor:
+    """(B, C, h, w) maps less each one's per-channel mean over the image (the spatial cosine's)."""
+    return x - x.mean((2, 3), keepdim=True)
