@@ -18,7 +18,9 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
         "case's own process (a cache is built in a child process beforehand, so this is the training's peak;",
         "beside it the peaks of anonymous memory and of mapped files, such as the cache's shards, sampled every",
         "20 ms);",
-        "held-out cosine per teacher after the same number of steps. Wall images/s counts",
+        "held-out cosine per teacher after the same number of steps, plain / spatial (spatial: each map's mean",
+        "over the image taken away first, so the structure, which a plain cosine of mean-dominated maps hides;",
+        "`val/spatial_cosine` in docs/architecture.md). Wall images/s counts",
         "every second between the ends of two steps, data loading (and the engine's logging) included. The",
         "cache speed-up compares wall images/s of the",
         "cached and the online run: the training loader reads the cache, so a step time without data loading",
@@ -47,7 +49,7 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
         if "error" in r:
             lines.append(f"| {r['case']} | failed: {r['error']} |")
             continue
-        cos = ", ".join(f"{k} {v:.3f}" for k, v in r.get("val_cosine", {}).items()) or "-"
+        cos = cosines(r, 3)
         speed = "- | - | -"
         # the online run of the same configuration; prefetching only changes how cached batches are loaded
         base = by.get(r["case"].replace("/prefetch", "").replace("/auto", ""), r)
@@ -115,6 +117,18 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
         lines.append(
             "\nHeld-out cosine (random-weight teachers, so only a check that cached and online training agree):"
         )
-        lines += [f"- {r['case']}: {cos}" for r in results if (cos := ", ".join(
-            f"{k} {v:.4f}" for k, v in r.get("val_cosine", {}).items()))]  # fmt: skip
+        lines += [f"- {r['case']}: {cos}" for r in results if (cos := cosines(r, 4)) != "-"]
     return "\n".join(lines) + "\n"
+
+
+def cosines(result: dict, digits: int) -> str:
+    """Per teacher: the held-out plain cosine, and the spatial one after a slash where the result has it
+    (results written before 2026-11-29 have only the plain)."""
+    spatial = result.get("val_spatial_cosine", {})
+    return (
+        ", ".join(
+            f"{k} {v:.{digits}f}" + (f" / {spatial[k]:.{digits}f}" if k in spatial else "")
+            for k, v in result.get("val_cosine", {}).items()
+        )
+        or "-"
+    )

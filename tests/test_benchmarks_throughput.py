@@ -469,3 +469,13 @@ def test_the_profiled_and_counted_steps_normalize_the_targets_as_the_trainer_doe
         bare.run(lambda name, fn: fn())
     assert bare.step == 2
     assert all(float(n.count) > 0 for levels in bare.normalizers.norms.values() for n in levels)
+
+
+def test_the_table_shows_the_spatial_cosine_beside_the_plain_one():
+    """The plain cosine of mean-dominated maps hides whether a cache kept the maps' structure."""
+    row = {"case": "stage1/sak/fp16-cache", "step_s": 0.1, "images_per_s": 8.0, "peak_rss_gib": 1.0,
+           "val_cosine": {"dinov2": 0.5661, "clip": 0.29}, "val_spatial_cosine": {"dinov2": 0.3572}}  # fmt: skip
+    md = table([row], "CPU", "cmd")
+    assert "| dinov2 0.566 / 0.357, clip 0.290 |" in md
+    gpu = {**row, "peak_gpu_gib": 1.0, "global_batch": 8}
+    assert "- stage1/sak/fp16-cache: dinov2 0.5661 / 0.3572, clip 0.2900" in table([gpu], "GPU", "cmd")
