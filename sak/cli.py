@@ -143,6 +143,14 @@ def machine_notes(recipe) -> list[str]:
     start = recipe.checkpoint.init_from
     if start is not None and not Path(start).exists():  # (stage 2 names the stage-1 run made from the same folder)
         notes.append(f"checkpoint.init_from {start!r} is not there (from {Path.cwd()}): train that run first")
+    from .teachers.weights import is_local
+
+    for i, t in enumerate(recipe.teachers):  # (building a teacher refuses both; the check builds none)
+        if t.sha256 and not is_local(t.weights):
+            notes.append(f"teachers.{i} ({t.id}): sha256 needs a local weights file, and `weights` "
+                         f"{t.weights!r} is not one here: building the teacher refuses it")  # fmt: skip
+        elif is_local(t.weights) and not Path(t.weights).expanduser().exists():
+            notes.append(f"teachers.{i} ({t.id}): weights {t.weights!r} is not there (from {Path.cwd()})")
     cache = recipe.cache.path
     if cache is not None and not (Path(cache) / "manifest.json").is_file():
         notes.append(f"cache.path {cache!r} holds no teacher-feature cache here (from {Path.cwd()}): build it with "

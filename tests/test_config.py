@@ -196,6 +196,23 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
     assert "note: data.subset 'ids.txt' lists 1 image(s), fewer than data.batch_size 4" in capsys.readouterr().out
 
 
+def test_cli_recipe_check_notes_teacher_weights_that_building_would_refuse(capsys, tmp_path, monkeypatch):
+    """A sha256 pinned to a hub tag (which cannot be checked) or a weights file that is not there passed the
+    check and failed only when the teachers were built."""
+    from sak.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    pinned = "teachers.0.sha256=" + "0" * 64
+    assert main(["recipe", "check", str(TINY), pinned, "teachers.0.weights=hub"]) == 0
+    out = capsys.readouterr().out
+    assert "note: teachers.0 (vit_a): sha256 needs a local weights file, and `weights` 'hub' is not one" in out
+    assert main(["recipe", "check", str(TINY), "teachers.0.weights=gone/w.safetensors"]) == 0
+    assert "note: teachers.0 (vit_a): weights 'gone/w.safetensors' is not there" in capsys.readouterr().out
+    assert main(["recipe", "check", str(TINY), pinned, "teachers.0.weights=w.safetensors"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
