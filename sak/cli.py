@@ -272,10 +272,11 @@ def _export(args) -> int:
 def _predict(args) -> int:
     from pathlib import Path
 
-    from .engine.export import load_exported, predict_images
+    from .engine.export import load_exported, predict_images, resolve_device
 
+    device = resolve_device(args.device)  # (before the export is read)
     model, config = load_exported(Path(args.model))
-    written = predict_images(model, config, [Path(p) for p in args.images], Path(args.out))
+    written = predict_images(model, config, [Path(p) for p in args.images], Path(args.out), device)
     print(f"wrote {len(written)} prediction file(s) under {Path(args.out)}/")
     return 0
 
@@ -392,6 +393,7 @@ def _add_inference_commands(sub) -> None:
     p.add_argument("model", help="an export directory (sak export)")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when there is one)")
     p.set_defaults(func=_predict)
 
 

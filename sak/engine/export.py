@@ -176,13 +176,30 @@ def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[tuple[in
     return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), scale
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: a torch device this machine has (auto: the first CUDA GPU, else the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cpu")
+    return dev
+
+
 @torch.no_grad()
-def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out: Path) -> list[Path]:
+def predict_images(
+    model: torch.nn.Module, config: dict, images: list[Path], out: Path, device: str | torch.device = "cpu"
+) -> list[Path]:
     """Run the student on image files as `sak eval` runs it on a dataset's images: each photograph centred,
     at its own resolution, in the evaluation canvas recorded in student.yaml (filled with the recorded colour),
     and the padding cut from the predictions. A photograph larger than the canvas is first resized to fit it
     (aspect kept), and its predictions back to its size. Exports written before sak recorded the canvas use
-    the square training size and the ImageNet mean colour."""
+    the square training size and the ImageNet mean colour. `device`: where the student runs (moved there)."""
     from .task_eval import check_canvas
 
     if not config["tasks"]:
@@ -193,9 +210,11 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
     canvas = tuple(config.get("canvas") or (config["image_size"],) * 2)
     fill = tuple(config.get("image_fill") or IMAGENET_MEAN_UINT8)
     check_canvas(model, canvas)
-    # the recipe's precision.mixed, recorded since 2026-11-28 (earlier exports: float32). fp16 autocasting is
-    # for GPUs, and this runs on the CPU: such students predict in float32, where `sak eval` (on a GPU) does not
-    bf16 = config.get("mixed") == "bf16"
+    # the recipe's precision.mixed, recorded since 2026-11-28 (earlier exports: float32), autocast as `sak eval`
+    # does. fp16 autocasting is for GPUs (training refuses it elsewhere): on the CPU such students run in float32
+    device = torch.device(device)
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None}.get(config.get("mixed"))
+    model.to(device)
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
     formatless = [name for name in tasks if name not in SUFFIX]
     if formatless:  # a plug-in task: before the first image, not after it has been run
@@ -234,8 +253,9 @@ def predict_images(model: torch.nn.Module, config: dict, images: list[Path], out
             x = F.interpolate(x, size=fit, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
             rgb = x[0].permute(1, 2, 0).numpy()
         padded = pad({"image": rgb}, canvas, fill)["image"]  # (H, W, 3) uint8, as the evaluation pads
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as `sak eval` autocasts
-            logits = model(torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None], with_features=False)
+        image = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None].to(device)
+        with torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):
+            logits = model(image, with_features=False)
         arrays = {}
         for name, task in tasks.items():
             task_logits = logits.tasks[name].float()

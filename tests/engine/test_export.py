@@ -358,3 +358,59 @@ def test_export_of_a_run_trained_with_another_output_dir_says_to_give_its_overri
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "e"), str(photo), "--out", f"{tmp_path / 'p'}/"]) == 0
     assert f"under {tmp_path / 'p'}/\n" in capsys.readouterr().out  # (it said "p//")
+
+
+def test_predict_runs_where_device_says_under_the_recipes_autocast(tmp_path, capsys, monkeypatch):
+    """`sak predict` ran on the CPU only, whatever the machine had: `--device` (default auto: a CUDA GPU when
+    there is one) says where, and fp16 autocasts there as `sak eval` does, on CUDA only."""
+    from sak.engine.export import resolve_device
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images, with_features=False):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen.append((images.device.type, self.w.device.type, dtype))
+            logits = torch.zeros(1, 3, *images.shape[-2:]) + self.w
+            return type("Out", (), {"tasks": {"semseg": logits}})()
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    config = {"tasks": [{"name": "semseg", "channels": 3}], "canvas": [16, 16], "image_fill": [0, 0, 0]}
+    for mixed, dtype in (("bf16", torch.bfloat16), ("fp16", None), ("no", None)):
+        predict_images(Probe(), {**config, "mixed": mixed, "image_size": 16}, [photo], tmp_path / mixed, "cpu")
+        assert seen.pop() == ("cpu", "cpu", dtype)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for name, message in (("cuda", r"this machine has 0 CUDA GPU\(s\); use cpu"), ("cuda:1", "has 0 CUDA"),
+                          ("gpu0", "expected cpu, cuda, cuda:N or auto"), ("meta", "expected cpu, cuda")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            resolve_device(name)
+    # refused before the export is read
+    assert (
+        main(["predict", str(tmp_path / "no-export"), str(photo), "--out", str(tmp_path / "p"), "--device", "cuda"])
+        == 2
+    )
+    assert "sak predict: ValueError: --device 'cuda': this machine has 0 CUDA GPU(s)" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_a_gpu_writes_what_the_cpu_writes(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml")
+    train(recipe)
+    out = tmp_path / "export"
+    assert main(["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photo)
+    for device in ("cpu", "cuda"):
+        assert main(["predict", str(out), str(photo), "--out", str(tmp_path / device), "--device", device]) == 0
+    depth = [np.load(tmp_path / d / "depth" / "photo.npy") for d in ("cpu", "cuda")]
+    assert np.allclose(*depth, rtol=1e-3, atol=1e-4)
+    semseg = [np.asarray(Image.open(tmp_path / d / "semseg" / "photo.png")) for d in ("cpu", "cuda")]
+    assert (semseg[0] == semseg[1]).mean() > 0.99
