@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -230,7 +231,6 @@ def train(recipe: Recipe) -> dict:
         device_placement=[None, None, False if prefetch else None, None, None],
     )  # fmt: skip
     check_launch_settings(accelerator, recipe)  # (a DeepSpeed config's grad_accum is applied by prepare)
-    fused_scaling = getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False)
     tdtype = teacher_dtype(recipe)
 
     def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -400,16 +400,7 @@ def train(recipe: Recipe) -> dict:
                 state.nonfinite_streak = 0
                 if recipe.optim.grad_clip is not None and not clip_first:
                     values["grad_norm"] = float(clip_grad_norm())
-                # A fused optimiser takes fp16's overflow skip inside its kernel: its step() is called, and
-                # Accelerate's optimizer_step_was_skipped stays False. The scaler's scale falling says it skipped
-                # (one read from the device, with a scaler and a fused optimiser only).
-                scale = accelerator.scaler.get_scale() if accelerator.scaler is not None and fused_scaling else None
-                optimizer.step()
-                skipped = accelerator.optimizer_step_was_skipped or (
-                    scale is not None and accelerator.scaler.get_scale() < scale
-                )
-                if not skipped:
-                    scheduler.step()
+                optimizer.step()  # (with fp16, the scaler skips it on an overflow the loss did not show)
             else:
                 running.restore()  # (the step's forward folded its batch into the heads' running statistics)
                 state.nonfinite_streak += 1
@@ -418,6 +409,11 @@ def train(recipe: Recipe) -> dict:
                     f"{values.get('grad_norm')}, step skipped ({state.nonfinite_streak}/{recipe.optim.max_nonfinite} "
                     "in a row)"
                 )
+            # the lr follows the step count, skipped steps included, as the official loops' (by iteration): a
+            # schedule held back at each skip would end short of its floor when the run stops at its last step
+            with warnings.catch_warnings():  # (PyTorch's "lr_scheduler.step() before optimizer.step()" at a skip)
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=not stable_grads)
             state.step += 1
             # step_time: compute of this step without waiting for data; images_per_s: wall clock between steps
