@@ -19,7 +19,11 @@ from .resize import gram_matrix, resize_bilinear, resize_bilinear_adjoint
 
 def match_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """Resize the smaller of two (B, C, h, w) maps bilinearly (align_corners=False) to the larger one's size.
-    Computed as two matrix products (sak.losses.resize): the same linear map as F.interpolate, faster."""
+    Computed as two matrix products (sak.losses.resize): the same linear map as F.interpolate, faster.
+    "Smaller" is by pixels. The official loss (innovator-zero/SAK, losses.py) compares heights only, resizing
+    the teacher to the student unless the teacher's map is taller: the same choice whenever the taller map
+    is also the larger (every shipped recipe's grids), the other for maps of one height and two widths (it
+    shrinks the wider teacher) or a taller map of fewer pixels."""
     hs, ws = student.shape[-2:]
     ht, wt = teacher.shape[-2:]
     if (hs, ws) == (ht, wt):
