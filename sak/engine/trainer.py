@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_object, set_seed
 
 from ..config import Recipe, RecipeError
 from ..digest import hash_threads, local_processes
@@ -72,13 +72,17 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
-    and a DeepSpeed config's values over those sak passes (the config's grad_accum only in `prepare`: checked
-    after it again): the steps' images, the schedule's length and the recorded recipe would be other than the
-    run's."""
+    over the value sak passes (checked after `prepare` again, where a plugin may set it): the steps' images,
+    the schedule's length and the recorded recipe would be other than the run's. DeepSpeed is refused."""
     settings = [
         ("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
         ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision),
     ]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise RecipeError(
+            "DeepSpeed steps the optimiser inside backward, before sak's non-finite check, and clips by its own "
+            "config, not optim.grad_clip: sak's loop does not run under it; launch with --multi_gpu or --use_fsdp"
+        )
     for key, asked, got in settings:
         if asked != got:
             raise RecipeError(
@@ -389,12 +393,13 @@ def train(recipe: Recipe) -> dict:
                 grad_norm = None
             if micro > 1:  # the mean over the step's micro-batches (fewer than grad_accum at an epoch's end)
                 window = window / micro
-            if isinstance(grad_norm, torch.Tensor):  # (DeepSpeed clips inside its own step and returns None)
+            if isinstance(grad_norm, torch.Tensor):
                 window = torch.cat([window, grad_norm.detach().float().reshape(1).to(window.device)])
             reduced = accelerator.reduce(window, "mean").tolist()  # the step's one read from the device
             values, window = dict(zip(keys, reduced[: len(keys)], strict=True)), None
             if isinstance(grad_norm, torch.Tensor):
-                values["grad_norm"] = reduced[-1]  # the same on every process: gradients are all-reduced
+                # (DDP: one norm on every process; FSDP unclipped: the shards' norms' mean, NaN if any is)
+                values["grad_norm"] = reduced[-1]
             values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
             if math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0)):
                 state.nonfinite_streak = 0

@@ -388,6 +388,24 @@ def test_a_launch_that_sets_another_grad_accum_than_the_recipe_is_refused(tiny_r
         train(tiny_recipe())
 
 
+def test_a_deepspeed_launch_is_refused(tiny_recipe):
+    """DeepSpeed steps inside backward: a NaN step was already in the weights when the log said "skipped",
+    and the recipe's grad_clip went unused (its own config clips)."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from sak.config import RecipeError
+    from sak.engine.trainer import check_launch_settings
+
+    fake = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=1,
+                                 state=types.SimpleNamespace(mixed_precision="no"))  # fmt: skip
+    with pytest.raises(RecipeError, match=r"DeepSpeed steps the optimiser inside backward.*--multi_gpu or --use_fsdp"):
+        check_launch_settings(fake, tiny_recipe())
+    check_launch_settings(types.SimpleNamespace(**{**vars(fake), "distributed_type": DistributedType.MULTI_GPU}),
+                          tiny_recipe())  # fmt: skip
+
+
 def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe, monkeypatch):
     """8 batches an epoch with grad_accum 3: Accelerate steps after batches 3, 6 and 8 (the end of the loader),
     so 2 epochs are 6 optimiser steps over all 64 samples, and each step logs the mean of its micro-batches'
