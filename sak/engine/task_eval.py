@@ -227,22 +227,28 @@ def check_canvas(model: torch.nn.Module, canvas: tuple[int, int], setting: str =
         )
 
 
-def check_samples_fit(model: torch.nn.Module, dataset) -> None:
-    """The size of a dense dataset's samples (the training crop, or the evaluation canvas) fits the student:
-    checked when training starts, not when the first step or the final evaluation fails in timm's words."""
+def check_samples_fit(model: torch.nn.Module, dataset, teachers: dict | None = None) -> None:
+    """The size of a dense dataset's samples (the training crop, or the evaluation canvas) fits the student
+    and every teacher (`Teacher.check_image_size`): checked when training starts, not when the first step or
+    the final evaluation fails in timm's words."""
     canvas = getattr(dataset, "eval_size", None)
+    size, setting = None, "data.options.eval_size"
     if canvas is None:  # image folders, generated data: every sample is data.image_size square
-        size = getattr(getattr(dataset, "spec", None), "image_size", None)
-        if size is not None:  # (a student built for another size by student.input_size takes it only if dynamic)
-            check_canvas(model, (size, size), "data.image_size")
-        return
-    spec = getattr(dataset, "spec", None)
-    if spec is not None and spec.train:
-        crop = getattr(getattr(dataset, "augment", None), "crop_size", None)  # (a plug-in's may have none)
-        if crop is not None:
-            check_canvas(model, tuple(crop), "data.options.crop_size")
+        side = getattr(getattr(dataset, "spec", None), "image_size", None)
+        if side is not None:  # (a student built for another size by student.input_size takes it only if dynamic)
+            size, setting = (side, side), "data.image_size"
     else:
-        check_canvas(model, tuple(canvas))
+        spec = getattr(dataset, "spec", None)
+        if spec is not None and spec.train:
+            crop = getattr(getattr(dataset, "augment", None), "crop_size", None)  # (a plug-in's may have none)
+            if crop is not None:
+                size, setting = tuple(crop), "data.options.crop_size"
+        else:
+            size = tuple(canvas)
+    if size is not None:
+        check_canvas(model, size, setting)
+        for teacher in (teachers or {}).values():
+            teacher.check_image_size(size)
 
 
 def eval_tasks(dataset: str, config: dict) -> dict[str, Task]:

@@ -204,7 +204,7 @@ def train(recipe: Recipe) -> dict:
         )
     val_loader = build.build_loader(recipe, recipe.eval.split, train=False, batch_size=recipe.eval.batch_size)
     for loader in (train_loader, val_loader):  # before any step, not at the final evaluation
-        check_samples_fit(student, loader.dataset.dataset)
+        check_samples_fit(student, loader.dataset.dataset, teachers)
     optimizer = build.build_optimizer(recipe, student)
     build.prepare_student(student, recipe.precision)
     per_epoch = len(train_loader) // accelerator.num_processes

@@ -356,6 +356,10 @@ class Teacher(nn.Module):
         size = image_size or self.input_size
         return [(c, size // s, size // s) for c, s in zip(self.level_dims, self.level_strides, strict=True)]
 
+    def check_image_size(self, image_hw: tuple[int, int]) -> None:
+        """Refuse loader images of (H, W) whose maps this teacher could not lay over the whole image (an error
+        before training or a cache build starts); every size is fine by default."""
+
     def map_shapes(self, image_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
         """(C, h, w) of each level `encode` returns for loader images of (H, W): `level_shapes()` of the teacher's
         input, cropped to the image for a letterboxing teacher (`image_region`); for resize "keep", the grid of

@@ -437,6 +437,14 @@ class ClipTeacher(Teacher):
             return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return normalize(x, self.meta.mean, self.meta.std)
 
+    def check_image_size(self, image_hw: tuple[int, int]) -> None:
+        if self.options.center_crop and image_hw[0] != image_hw[1]:
+            raise ValueError(
+                f"teacher {self.meta.name}: center_crop keeps the centre square of the {image_hw[0]} x {image_hw[1]} "
+                "images, and its maps would be laid over the whole image, each token against the wrong place; "
+                "center_crop is for square images (stage 1): set it to false for this data"
+            )
+
     def forward(self, x: Tensor) -> TeacherOutput:
         """(B, 3, S, S) preprocessed images -> levels (B, C, S/p, S/p) and the summary (B, D)."""
         levels, summary = self.tower(x)

@@ -242,6 +242,26 @@ def test_center_crop_preprocess_matches_open_clips_transform(clip_file):
     assert (ours.mean((1, 2)) - theirs.mean((1, 2))).abs().max() < 2e-3
 
 
+def test_center_crop_is_refused_for_images_that_are_not_square(clip_file, tmp_path):
+    """The crop sees the centre of a 448 x 576 NYUD image and its map was stretched over the whole image (the
+    loss aligns maps by resizing), each token against the wrong place: refused before training or a cache build."""
+    import types
+
+    from sak.engine.task_eval import check_samples_fit
+
+    teacher = open_clip_teacher(clip_file, image_size=224)
+    teacher.options.center_crop = True
+    teacher.check_image_size((384, 384))
+    with pytest.raises(ValueError, match=r"center_crop keeps the centre square of the 448 x 576 images"):
+        teacher.check_image_size((448, 576))
+    student = torch.nn.Linear(1, 1)  # (no patch size: check_canvas has nothing to say of it)
+    nyud_val = types.SimpleNamespace(eval_size=(448, 576), spec=types.SimpleNamespace(train=False))
+    with pytest.raises(ValueError, match=r"448 x 576 images"):
+        check_samples_fit(student, nyud_val, {"clip": teacher})
+    teacher.options.center_crop = False
+    check_samples_fit(student, nyud_val, {"clip": teacher})
+
+
 def test_default_preprocess_squashes_the_whole_image_as_open_clips_squash_mode(clip_file):
     """No crop by default: on a square image this is open_clip's own transform; on any image its `squash` mode."""
     teacher = open_clip_teacher(clip_file, image_size=224)

@@ -209,6 +209,10 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
     dataset = training_dataset(recipe, augment)
+    # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
+    image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
+    for teacher in teachers.values() if image_hw else ():
+        teacher.check_image_size(image_hw)
     digests = content_digests(dataset, shared=True)  # (every process is here)
     ident = _kept_identity(out / "manifest.json", identity(recipe, teachers, views, augment, dtype, dataset, digests))
     plan = CachePlan(out, len(dataset), shard_size, views)
@@ -216,8 +220,6 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     manifest_path = out / "manifest.json"
     stamp = _stamp(ident, shard_size)
     finished = _take_over(out, layout, stamp, plan, state)
-    # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
-    image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
     shapes = {tid: [list(s) for s in (t.map_shapes(image_hw) if image_hw else t.level_shapes())]
               for tid, t in teachers.items()}  # fmt: skip
     remaining = [(v, k) for v, k in plan.shards() if not plan.path(v, k).exists()]
