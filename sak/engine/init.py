@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -53,6 +54,27 @@ def saved_grid(file: Path, patch: int) -> tuple[int, int] | None:
         return None
 
 
+def saved_normalization(file: Path) -> tuple[tuple, tuple] | None:
+    """The input mean / std of the student of the run that saved the weights `file`, from its recipe.yaml (the
+    student's model, pretrained and normalization, resolved as TeacherAgnosticStem does); None without one."""
+    from timm.models import get_pretrained_cfg
+
+    from ..teachers.base import IMAGENET_MEAN, IMAGENET_STD
+    from ..teachers.weights import is_local
+
+    recipe = file.parent / "recipe.yaml"
+    try:
+        student = (yaml.safe_load(recipe.read_text()) if recipe.is_file() else None).get("student") or {}
+        if student.get("normalization", "pretrained") == "imagenet":
+            return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+        model, pretrained = str(student["model"]), student.get("pretrained")
+        hub = pretrained is not None and not is_local(str(pretrained))
+        cfg = get_pretrained_cfg(f"{model.split('.')[0]}.{pretrained}" if hub else model)
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        return None  # not a recipe sak wrote, or a model this timm does not know: nothing to compare
+    return tuple(getattr(cfg, "mean", None) or (0.5,) * 3), tuple(getattr(cfg, "std", None) or (0.5,) * 3)
+
+
 def resize_position_embeddings(
     student: nn.Module, state: dict[str, Tensor], source: tuple[int, int] | None = None
 ) -> list[str]:
@@ -93,6 +115,13 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
     except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
         raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
     stem = getattr(student, "stem", None)
+    saved = saved_normalization(file) if stem is not None else None
+    if saved is not None and not all(map(math.isclose, saved[0] + saved[1], (*stem.mean, *stem.std))):
+        raise ValueError(
+            f"checkpoint.init_from {str(file)!r}: that run fed its student images normalised by mean {saved[0]} / "
+            f"std {saved[1]} (its recipe.yaml's student.normalization, pretrained and model), this recipe's gets "
+            f"{tuple(stem.mean)} / {tuple(stem.std)}: set student.normalization and student.pretrained as that run's"
+        )
     resize_position_embeddings(student, state, saved_grid(file, stem.patch_size) if stem is not None else None)
     own = student.state_dict()
     misfits = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the model's order: stem first

@@ -290,6 +290,28 @@ def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_
         init_student_from(student(), tmp_path / "registers.safetensors")
 
 
+def test_init_from_a_run_fed_otherwise_normalised_images_is_refused(tiny_recipe):
+    """Stage 2 took its student's mean / std from its own recipe: a stage 1 with student.normalization: imagenet
+    (or a tag of other statistics) went on with 0.5 / 0.5 inputs, silently."""
+    from sak.engine.init import saved_normalization
+
+    stage1 = tiny_recipe("run.name=s1", "schedule.max_steps=1", "student.normalization=imagenet")
+    train(stage1)
+    weights = stage1.run_dir / "checkpoints" / "step_00000001" / "model.safetensors"
+    assert saved_normalization(weights) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    stage2 = ["run.name=s2", "schedule.max_steps=1", f"checkpoint.init_from={stage1.run_dir}"]
+    with pytest.raises(ValueError, match=r"that run fed its student images normalised by mean \(0.485, 0.456, "
+                       r"0.406\).*this recipe's gets \(0.5, 0.5, 0.5\)"):  # fmt: skip
+        train(tiny_recipe(*stage2, path=TESTS / "tiny_multitask.yaml"))
+    train(tiny_recipe(*stage2, "student.normalization=imagenet", path=TESTS / "tiny_multitask.yaml"))
+    # a tag in the model's name resolves as the stem resolves it (DINO's ImageNet statistics)
+    tagged = tiny_recipe("run.name=s3", "schedule.max_steps=1", "student.model=vit_small_patch16_224.dino")
+    train(tagged)
+    student = build_student(tagged, build_teachers(tagged, torch.device("cpu")), {})
+    saved = saved_normalization(tagged.run_dir / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert saved == (tuple(student.stem.mean), tuple(student.stem.std)) == saved_normalization(weights)
+
+
 def test_init_from_an_export_says_it_lacks_the_aligners(tmp_path):
     """An export directory, or its student.safetensors, cannot start a training run when the student has
     aligners (distillation-only, not exported): both errors say so and what to give instead."""
