@@ -244,10 +244,11 @@ def photometric_distortion(
 def to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
-    # rounded to a millionth first: a value that should be exactly k + 0.5 (a bilinear weight of one half between
-    # two grey levels) came out of `resize_sample` ~1e-14 above or below it with the number of threads, and
-    # np.rint took it one way or the other (a pixel moved by a grey level between a loader worker and a process)
-    return np.clip(np.rint(np.round(image, 6)), 0, 255).astype(np.uint8)
+    # truncated, as the reference's PhotoMetricDistortion casts the rescaled float image (`astype(np.uint8)`;
+    # rounding made sak's scaled images half a grey level brighter on average). Rounded to a millionth first: a
+    # value that should be exactly k came out of `resize_sample` ~1e-14 above or below it with the number of
+    # threads (a pixel would move by a grey level between a loader worker and the main process)
+    return np.clip(np.floor(np.round(image, 6)), 0, 255).astype(np.uint8)
 
 
 def ignore_parts_without_people(sample: Sample) -> Sample:

@@ -208,9 +208,16 @@ def test_the_rescaled_image_does_not_depend_on_the_number_of_threads():
     assert np.abs(outs[0] - outs[1]).max() < 1e-9
 
 
+def test_the_rescaled_image_is_truncated_to_uint8_as_the_reference_casts_it():
+    """The reference casts the rescaled float image with astype(np.uint8); rounding made it half a grey level
+    brighter on average. A value a hair below an integer (float error) is that integer, not the one below."""
+    image = np.array([[[0.2, 1.7, 2.9999999999], [254.5, 255.4, -0.3]]])
+    assert to_uint8(image).tolist() == [[[0, 1, 3], [254, 255, 0]]]
+
+
 def test_the_rescaled_training_pixels_do_not_depend_on_the_number_of_threads():
     """...nor do the pixels made of it: a value that should be exactly k + 0.5 sat ~1e-14 above or below it with
-    the count, and rounding to uint8 took it up or down (four pixels here)."""
+    the count, and rounding to uint8 took it up or down (four pixels here; truncation has the same edge at k)."""
     image = np.random.default_rng(2).integers(0, 256, (150, 254, 3), dtype=np.uint8)
     outs = on_one_and_two_threads(lambda: to_uint8(resize_sample({"image": image}, (145, 246))["image"]))
     assert np.array_equal(outs[0], outs[1])
