@@ -86,9 +86,9 @@ def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     for key, asked, got in settings:
         if asked != got:
             raise RecipeError(
-                f"{key} is {asked!r} but Accelerate was configured with {got!r} (accelerate launch's "
-                "--gradient_accumulation_steps / --mixed_precision, ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a "
-                f"DeepSpeed config); set it in the recipe ({key}={got}) and leave it out of the launch"
+                f"{key} is {asked!r} but Accelerate was configured with {got!r} (the environment's "
+                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a plugin); set it in the recipe ({key}={got}) and "
+                "leave it out of the launch"
             )
 
 

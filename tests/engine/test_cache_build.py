@@ -190,7 +190,7 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     root = build_cache(tiny_recipe(*pascal_semseg(data)), tmp_path / "c", views=2, augment=True, shard_size=2)
     assert main(["cache", "info", str(root), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert f"cache {root}: complete, 4 shards, format 3" in out
+    assert f"cache {root} (format 3): complete, 4 shards" in out
     assert "fp16, 2 augmented view(s), 3 samples in shards of 2" in out
     assert (
         "vit_a: vit_small_patch14_dinov2 from timm, weights random, input 56 px, levels [0, 1, 2, 3]: maps 48x4x4"
@@ -233,7 +233,7 @@ def test_cache_info_names_gone_shard_files_and_a_manifest_damaged_by_hand(tiny_r
             "refuses it; run its `sak cache build` again") in capsys.readouterr().out  # fmt: skip
     build_cache(recipe, root, shard_size=2)  # as it says: the gone files are written anew
     assert main(["cache", "info", str(root), "--verify"]) == 0
-    assert "complete, 3 shards, format" in capsys.readouterr().out
+    assert "(format 3): complete, 3 shards\n" in capsys.readouterr().out
     manifest = json.loads((root / "manifest.json").read_text())
     for damage, said in (
         ({"samples": "6"}, "samples '6' (a whole number >= 0)"),

@@ -216,6 +216,10 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
     return _json(ident)
 
 
+# identity fields whose recipe key has another name (a teacher's input side is its entry's image_size)
+RECIPE_KEYS = {"input_size": "the teacher's image_size"}
+
+
 def _diff(a: dict, b: dict, prefix: str = "", theirs: str = "recipe gives") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
@@ -223,5 +227,6 @@ def _diff(a: dict, b: dict, prefix: str = "", theirs: str = "recipe gives") -> l
         if isinstance(x, dict) and isinstance(y, dict):
             out += _diff(x, y, f"{prefix}{key}.", theirs)
         elif x != y:
-            out.append(f"{prefix}{key}: cache has {x!r}, {theirs} {y!r}")
+            hint = f" ({RECIPE_KEYS[key]})" if prefix.startswith("teachers.") and key in RECIPE_KEYS else ""
+            out.append(f"{prefix}{key}{hint}: cache has {x!r}, {theirs} {y!r}")
     return out

@@ -188,7 +188,7 @@ def describe(root: Path) -> list[str]:
         state = f"unfinished build, {len(written)} of {len(planned)} shards written"
     kind = f"{views} augmented view(s)" if ident.get("augment") else "un-augmented images"
     lines = [
-        f"cache {root}: {state}, format {ident.get('format')}",
+        f"cache {root} (format {ident.get('format')}): {state}",
         f"  {ident.get('dtype')}, {kind}, {samples} samples in shards of {size}, {mib:.1f} MiB on disk"
         + (f" ({mib / rows:.3g} MiB per sample and view)" if rows else ""),
         f"  teachers ({ident.get('teacher_precision')}{', compiled' if ident.get('compile_teachers') else ''}"
