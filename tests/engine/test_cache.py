@@ -84,7 +84,10 @@ def test_stale_and_corrupt_caches_are_refused(tiny_recipe, tmp_path):
     root = build_cache(recipe, tmp_path / "c", shard_size=4)
     changed = tiny_recipe("data.options.length=8", "teachers.0.levels=[0, 1, 2, 3]", f"cache.path={root}")
     changed_default = tiny_recipe("data.options.length=8", "teachers.0.image_size=42", f"cache.path={root}")
-    with pytest.raises(CacheError, match=r"stale cache .*teachers\.vit_a\.input_size \(the teacher's image_size\): cache has 56, recipe gives 42"):
+    with pytest.raises(
+        CacheError,
+        match=r"stale cache .*teachers\.vit_a\.input_size \(the teacher's image_size\): cache has 56, recipe gives 42",
+    ):
         train(changed_default)
     bf16 = tiny_recipe("data.options.length=8", "precision.mixed=bf16", f"cache.path={root}")
     with pytest.raises(
