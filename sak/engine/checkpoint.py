@@ -118,22 +118,51 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
+    try:
+        accelerator.save_state(str(partial), safe_serialization=True)
+    except (OSError, RuntimeError) as exc:  # a full disk: torch's writer says "unexpected pos", safetensors its own
+        raise _not_written(accelerator, root, partial, exc) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        as_umask_allows(*partial.glob("*.safetensors"))  # Accelerate's model.safetensors: 0600 from safetensors 0.8
-        for name, text in extra_files.items():
-            (partial / name).write_text(text)
-        for stem, tensors in (extra_tensors or {}).items():
-            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-            save_safetensors(tensors, partial / f"{stem}.safetensors")
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
-        _fsync_tree(partial)
+        try:
+            as_umask_allows(*partial.glob("*.safetensors"))  # Accelerate's model.safetensors: 0600 (safetensors 0.8)
+            for name, text in extra_files.items():
+                (partial / name).write_text(text)
+            for stem, tensors in (extra_tensors or {}).items():
+                tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+                save_safetensors(tensors, partial / f"{stem}.safetensors")
+            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # last: marks completeness
+            _fsync_tree(partial)
+        except OSError as exc:
+            raise _not_written(accelerator, root, partial, exc) from exc
         _put_in_place(partial, final)
         _fsync_dir(root)  # the rename on disk before pruning deletes older ones (a power loss keeps one of them)
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _not_written(accelerator, root: Path, partial: Path, exc: Exception) -> OSError:
+    """A checkpoint that could not be written (a full disk): its partial folder removed, which frees the space
+    it took, and the error naming it and the last complete checkpoint, which is as it was."""
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    last = latest_checkpoint(root)
+    what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    kept = f"the last complete one, {last}, is as it was" if last is not None else "there is no earlier checkpoint"
+    return OSError(
+        getattr(exc, "errno", None) or 0,
+        f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}; a full disk?); {kept}: "
+        "free space and run again to resume",
+    )
+
+
+def first_nonfinite(tensors) -> str | None:
+    """The name of the first floating tensor of (name, tensor) pairs holding NaN or inf, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def add_to_checkpoint(accelerator, checkpoint: Path, name: str, text: str) -> None:
@@ -221,8 +250,18 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         ) from exc
     except Exception as exc:  # safetensors' and pickle's own errors for a truncated or overwritten file
         raise CheckpointError(damaged(path, exc)) from exc
+    # NaN weights (bytes overwritten on disk) would train on as non-finite steps and end in a "finished" run
+    bad = first_nonfinite((n, t) for m in accelerator._models for n, t in (*m.named_parameters(), *m.named_buffers()))
+    if bad is not None:
+        raise CheckpointError(damaged(path, ValueError(f"model.safetensors holds NaN or inf weights ({bad})")))
     try:
-        return TrainState(**json.loads(state_file.read_text()))
+        state = TrainState(**json.loads(state_file.read_text()))
+        counts = [state.step, state.epoch, state.batch_in_epoch, state.nonfinite_streak]
+        if state.samples is not None:
+            counts.append(state.samples)
+        if any(type(v) is not int for v in counts) or not isinstance(state.samples_sha256, (str, type(None))):
+            raise TypeError(f"{STATE_FILE} holds values of other types than a trainer state's: {asdict(state)}")
+        return state
     except (ValueError, TypeError) as exc:
         raise CheckpointError(damaged(path, exc)) from exc
 

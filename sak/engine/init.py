@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..losses.normalize import TargetNormalizers
 from ..teachers.weights import first_misfit
-from .checkpoint import latest_checkpoint
+from .checkpoint import first_nonfinite, latest_checkpoint
 
 NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
 
@@ -114,6 +114,10 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
         state = load_file(str(file))
     except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
         raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    bad = first_nonfinite(state.items())
+    if bad is not None:  # (else every step of the new run is non-finite, and the error blames the learning rate)
+        raise ValueError(f"checkpoint.init_from {str(file)!r} holds NaN or inf weights ({bad}): a damaged file, or "
+                         "a run that diverged; start from an earlier checkpoint of that run")  # fmt: skip
     stem = getattr(student, "stem", None)
     saved = saved_normalization(file) if stem is not None else None
     if saved is not None and not all(map(math.isclose, saved[0] + saved[1], (*stem.mean, *stem.std))):

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, TaskConfig, TeacherConfig
+from ..files import write_text_whole
 from .checkpoint import CheckpointError, clean_partials, damaged, set_aside
 from .logging import flatten
 
@@ -126,8 +127,7 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
     cut_sample_records(run_dir, step)  # (all of them on a fresh start)
     if finished is None:
         for name in ("recipe.yaml", "run_info.json"):  # renamed into place: a kill never leaves half a file
-            (run_dir / f"{name}.tmp").write_text(extra_files[name])
-            os.replace(run_dir / f"{name}.tmp", run_dir / name)
+            write_text_whole(run_dir / name, extra_files[name])
         # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
         # no longer describe the run, which a stop or a crash would leave claiming to have finished. They go with
         # the checkpoints set aside, or are dropped where the checkpoint resumed from holds the same, else are

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, gather_ob
 
 from ..config import Recipe, RecipeError
 from ..digest import hash_threads, local_processes
+from ..files import write_text_whole
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
@@ -482,18 +482,18 @@ def train(recipe: Recipe) -> dict:
     # the trained steps are kept whatever happens to it, and a start after such a failure evaluates again
     at_end = source is not None and logger_start == state.step and source.resolve().parent == ckpt_root.resolve()
     # (not saved again when this run's own checkpoint of this step was resumed to evaluate: another run's is saved)
-    last = source if at_end else save_checkpoint(
-        accelerator, ckpt_root, saved_state(), extra_files, recipe.checkpoint.keep_last, saved_tensors()
-    )  # fmt: skip
+    # in a non-finite streak, nothing pruned (as no periodic save is made in one): the steps since the last good one
+    keep = 0 if state.nonfinite_streak else recipe.checkpoint.keep_last
+    last = (
+        source if at_end else save_checkpoint(accelerator, ckpt_root, saved_state(), extra_files, keep, saved_tensors())
+    )
     final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
     logger.log(state.step, final)
     text = json.dumps(json_safe(final), indent=2)
     # the final checkpoint holds its metrics too: a start after the end finds them there and trains nothing
     add_to_checkpoint(accelerator, last, FINAL_METRICS, text)
     if accelerator.is_main_process:
-        tmp = run_dir / f"{FINAL_METRICS}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / FINAL_METRICS)
+        write_text_whole(run_dir / FINAL_METRICS, text)
     logger.message(f"[sak] done: {json.dumps(final)}")
     logger.close()
     return final

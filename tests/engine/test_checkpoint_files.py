@@ -132,7 +132,7 @@ def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole
     write_text = Path.write_text
 
     def killed(self, text, *args, **kwargs):
-        if self.name.startswith("recipe.yaml"):
+        if "recipe.yaml" in self.name:
             write_text(self, text[: len(text) // 2], *args, **kwargs)
             raise KeyboardInterrupt
         return write_text(self, text, *args, **kwargs)
@@ -142,3 +142,67 @@ def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole
     with pytest.raises(KeyboardInterrupt):
         run_records.record_start(recipe, None, 0, extra, None)
     assert (recipe.run_dir / "recipe.yaml").read_text() == "the recipe of the start before\n"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_good_one_stays(tiny_recipe, monkeypatch):
+    """A full disk at the second save was torch's "unexpected pos" traceback; the half-written folder stayed,
+    holding the space. Now the error names the checkpoint and the last good one, and the partial folder is gone."""
+    from sak.engine import train
+
+    saves = {"n": 0}
+    real = Accelerator.save_state
+
+    def full_disk(self, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 356480 vs 356368")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    recipe = tiny_recipe("schedule.max_steps=4", "checkpoint.every=2")
+    with pytest.raises(OSError, match=r"cannot write checkpoint step_00000004.partial in .*\(RuntimeError: \[enforce "
+                       r"fail.*a full disk\?\); the last complete one, .*step_00000002, is as it was: free space"):  # fmt: skip
+        train(recipe)
+    assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_a_run_that_ends_in_a_nonfinite_streak_prunes_no_good_checkpoint(tiny_recipe):
+    """The final save pruned with keep_last although the run was in a non-finite streak (no periodic save is
+    made in one): resumed from NaN weights, it deleted the last good checkpoint and kept only NaN ones."""
+    from sak.engine import train
+
+    from .test_train import NanAfterTwo
+
+    NanAfterTwo.calls = 0
+    recipe = tiny_recipe("loss.distill=test_nan_after_2", "schedule.max_steps=4", "checkpoint.every=1",
+                         "checkpoint.keep_last=1", "optim.max_nonfinite=5")  # fmt: skip
+    train(recipe)
+    assert [p.name for p in checkpoint_dirs(recipe.run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
+
+
+def test_weights_holding_nan_and_a_trainer_state_of_other_types_are_refused_by_name(tiny_recipe):
+    """Bytes overwritten in model.safetensors (read as NaN) were resumed: every step was skipped as non-finite
+    and the run "finished" with NaN metrics; checkpoint.init_from blamed the learning rate. A trainer_state.json
+    with {"step": "x"} was a TypeError traceback."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sak.engine import train
+    from sak.engine.checkpoint import CheckpointError
+
+    stopped = tiny_recipe("schedule.max_steps=4", "run.stop_at=2")
+    train(stopped)
+    step = stopped.run_dir / "checkpoints" / "step_00000002"
+    good = load_file(str(step / "model.safetensors"))
+    name = next(k for k, v in good.items() if v.is_floating_point())
+    save_file({**good, name: torch.full_like(good[name], float("nan"))}, str(step / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"cannot resume from {step}: a file of it is damaged .*NaN or inf "
+                       rf"weights \(.*{name.split('.')[-1]}\)"):  # fmt: skip
+        train(tiny_recipe("schedule.max_steps=4"))
+    with pytest.raises(ValueError, match=rf"checkpoint.init_from '{step}.*' holds NaN or inf weights \({name}\)"):
+        train(tiny_recipe("run.name=other", f"checkpoint.init_from={step}"))
+    save_file(good, str(step / "model.safetensors"))
+    (step / "trainer_state.json").write_text(json.dumps({"step": "x"}))
+    with pytest.raises(CheckpointError, match=r"trainer_state.json holds values of other types than a trainer state"):
+        train(tiny_recipe("schedule.max_steps=4"))
