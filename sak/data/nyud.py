@@ -63,6 +63,20 @@ def load_npy(path: Path, shape: tuple[int, int], channels: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
+MAX_DEPTH_M = 100.0  # far above any NYUD-v2 depth, far below the same map in millimetres
+
+
+def check_range(path: Path, array: np.ndarray, low: float, high: float, what: str) -> np.ndarray:
+    """`array` if its values lie in [low, high] (to float32 rounding), else a DataError naming the file: a map of
+    0/255 edges or PNG-range normals saved as .npy trained on, with 255 read as the ignore value."""
+    slack = 1e-3 * (high - low)
+    if array.size and (array.min() < low - slack or array.max() > high + slack):
+        raise DataError(
+            f"{path}: values from {array.min():g} to {array.max():g}, expected {what} in [{low:g}, {high:g}]"
+        )
+    return array
+
+
 @DATASETS.register("nyud")
 class NYUD(MultiTaskDataset):
     """NYUD-v2 multi-task (semseg 40, normals, edges, depth); eval canvas 448x576."""
@@ -100,16 +114,21 @@ class NYUD(MultiTaskDataset):
                     raise DataError(f"{path}: value(s) {bad[:10].tolist()} out of range; expected 0 (unlabelled) .. 40")
                 raw[task] = np.where(label == 0, IGNORE_INDEX, label - 1)
             elif task == "normals" and path.suffix == ".npy":
-                raw[task] = load_npy(path, shape, 3)
+                raw[task] = check_range(
+                    path, load_npy(path, shape, 3), -1.0, 1.0, "unit normals (2 v / 255 - 1 of a PNG)"
+                )
             elif task == "normals":
                 raw[task] = 2.0 * check_shape(path, read_png(path, 3), shape).astype(np.float32) / 255.0 - 1.0
             elif task == "edges" and path.suffix == ".npy":
-                raw[task] = load_npy(path, shape, 1)
+                raw[task] = check_range(path, load_npy(path, shape, 1), 0.0, 1.0, "edge values (a 0/255 map / 255)")
             elif task == "edges":
                 raw[task] = read_fraction(path, shape)
             elif task == "depth":
                 depth = load_npy(path, shape, 1)
                 if (depth < 0).any():
                     raise DataError(f"{path}: negative depth values (expected metres, 0 = invalid)")
+                if depth.max(initial=0.0) > MAX_DEPTH_M:  # (NYUD-v2's Kinect depth stays below 10 m)
+                    raise DataError(f"{path}: depth up to {depth.max():g}, expected metres (NYUD-v2's stay below 10): "
+                                    "millimetres? divide by 1000")  # fmt: skip
                 raw[task] = depth
         return raw

@@ -125,6 +125,30 @@ def test_bad_files_are_clear_errors_or_skipped(copy):
         dataset(copy, eval_size=[448])
 
 
+def test_npy_targets_out_of_their_range_are_refused_by_name(copy):
+    """0/255 edges saved as .npy trained on with every edge pixel read as the ignore value (255); normals in
+    0..255 gave a normals loss of 490; depth in millimetres 2698: all trained without a word."""
+    sid = dataset(copy)[0]["id"]
+    edges = np.asarray(Image.open(copy / "edge" / f"{sid}.png")).astype(np.float32)  # 0 / 255
+    np.save(copy / "edge" / f"{sid}.npy", edges)
+    (copy / "edge" / f"{sid}.png").unlink()
+    with pytest.raises(DataError, match=rf"edge/{sid}.npy: values from 0 to 255, expected edge values .* in \[0, 1\]"):
+        dataset(copy)[0]
+    np.save(copy / "edge" / f"{sid}.npy", edges / 255)
+    normals = np.asarray(Image.open(copy / "normals" / f"{sid}.png")).astype(np.float32)
+    np.save(copy / "normals" / f"{sid}.npy", normals)
+    (copy / "normals" / f"{sid}.png").unlink()
+    with pytest.raises(DataError, match=rf"normals/{sid}.npy: values from .* expected unit normals .* in \[-1, 1\]"):
+        dataset(copy)[0]
+    np.save(copy / "normals" / f"{sid}.npy", 2 * normals / 255 - 1)
+    depth = np.load(copy / "depth" / f"{sid}.npy")
+    np.save(copy / "depth" / f"{sid}.npy", depth * 1000)
+    with pytest.raises(DataError, match=rf"depth/{sid}.npy: depth up to .*, expected metres .* millimetres\?"):
+        dataset(copy)[0]
+    np.save(copy / "depth" / f"{sid}.npy", depth)
+    assert dataset(copy)[0]["id"] == sid
+
+
 def test_image_at_is_the_samples_image(root):
     for split, train in (("train", True), ("val", False)):
         data = dataset(root, split=split, train=train)
