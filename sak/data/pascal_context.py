@@ -123,7 +123,13 @@ def load_mat(path: Path, key: str) -> np.ndarray:
     return mat[key]
 
 
-def check_shape(path: Path, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def check_shape(path: Path, array: np.ndarray, shape: tuple[int, int], plane: bool = False) -> np.ndarray:
+    """`array` if it is `shape` (H, W) large; `plane`: a single (H, W) map (a .mat label, whose variable may hold
+    anything: a string read as a 1-D array was an IndexError)."""
+    array = np.asarray(array)
+    if array.ndim < 2 or (plane and array.ndim != 2):
+        raise DataError(f"{path}: an array of shape {array.shape}, expected an (H, W) label map of the image's "
+                        f"{shape[0]}x{shape[1]}")  # fmt: skip
     if array.shape[:2] != shape:
         raise DataError(f"{path}: label is {array.shape[0]}x{array.shape[1]}, the image is {shape[0]}x{shape[1]}")
     return array
@@ -174,7 +180,7 @@ def read_human_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
                 raise DataError(f"{path}: part {j} of object {k} lacks `part_name` / `mask` ({exc})") from exc
             if name not in PERSON_PARTS:
                 raise DataError(f"{path}: unknown person part {name!r}; known: {sorted(PERSON_PARTS)}")
-            mask = check_shape(path, mask, shape).astype(bool)
+            mask = check_shape(path, mask, shape, plane=True).astype(bool)
             target[mask] = PERSON_PARTS[name]
     return target
 
@@ -303,7 +309,11 @@ class MultiTaskDataset(SakDataset):
         if not path.is_file():
             found = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
             raise FileNotFoundError(f"no split file {str(path)!r} for split {self.spec.split!r}; found splits {found}")
-        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:  # (utf-8-sig: a byte-order mark made the first id "\ufeff..." and its files "missing")
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc}); the split file lists one id per line") from exc
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
         if len(set(ids)) != len(ids):
             raise DataError(f"{path}: repeated ids in the split file")
         return ids
@@ -417,7 +427,7 @@ class PascalContext(MultiTaskDataset):
         shape = raw["image"].shape[:2]
         label_map = None
         if "edges" in tasks or "normals" in tasks:
-            label_map = check_shape(files["label_map"], load_mat(files["label_map"], "LabelMap"), shape)
+            label_map = check_shape(files["label_map"], load_mat(files["label_map"], "LabelMap"), shape, plane=True)
         for task in tasks:
             path = files[task]
             if task == "semseg":
@@ -439,7 +449,7 @@ class PascalContext(MultiTaskDataset):
         if task != "edges":
             return target
         path = self.files[sample_id]["label_map"]
-        label_map = check_shape(path, load_mat(path, "LabelMap"), tuple(target.shape[-2:]))
+        label_map = check_shape(path, load_mat(path, "LabelMap"), tuple(target.shape[-2:]), plane=True)
         return torch.from_numpy(seism_boundaries(label_map))[None]
 
 

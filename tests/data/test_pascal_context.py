@@ -299,3 +299,29 @@ def test_a_scale_range_that_is_not_low_high_is_refused(root):
     for bad in ([2.0, 0.5], [0.0, 1.0], [1.0]):
         with pytest.raises(ValueError, match=r"data.options.scale_range .*0 < low <= high"):
             dataset(root, train=True, scale_range=bad)
+
+
+def test_a_label_map_that_is_not_one_plane_and_a_split_file_that_is_not_utf8_are_named(copy):
+    """A LabelMap holding a string (a 1-D array) was an IndexError inside the error message; a 3-D one numpy's
+    "operands could not be broadcast"; a split file in Latin-1 a UnicodeDecodeError naming no file; and one
+    with a byte-order mark listed its first id's files as missing."""
+    ids = dataset(copy).ids
+    mat = copy / "pascal-context" / "trainval" / f"{ids[0]}.mat"
+    good = scipy.io.loadmat(mat)["LabelMap"]
+    for value, shape in (
+        ("hello", r"\(1,\)"),
+        (np.stack([good, good], -1), rf"\({good.shape[0]}, {good.shape[1]}, 2\)"),
+    ):
+        scipy.io.savemat(mat, {"LabelMap": value})
+        with pytest.raises(
+            DataError, match=rf"{ids[0]}.mat: an array of shape {shape}, expected an \(H, W\) label map"
+        ):
+            dataset(copy)[0]
+    scipy.io.savemat(mat, {"LabelMap": good})
+    split = next((copy / "ImageSets" / "Context").glob("train.txt"))
+    text = split.read_text()
+    split.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert dataset(copy).ids == ids
+    split.write_bytes(text.encode() + b"caf\xe9\n")
+    with pytest.raises(DataError, match=rf"{split}: not UTF-8 text"):
+        dataset(copy)
