@@ -251,11 +251,36 @@ def index_tar(path: str) -> list[tuple[str, int, int]]:
                 if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
                     members.append((m.name, m.offset_data, m.size))
     except tarfile.ReadError as exc:
-        raise DataError(
-            f"{path}: not an uncompressed tar ({exc}); compressed shards cannot be read member by member, "
-            "decompress them first (e.g. `gunzip`) or unpack them and use image_folder"
-        ) from exc
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head.startswith(COMPRESSED_MAGIC):
+            raise DataError(
+                f"{path}: a compressed tar ({exc}); compressed shards cannot be read member by member, "
+                "decompress them first (e.g. `gunzip`) or unpack them and use image_folder"
+            ) from exc
+        raise DataError(f"{path}: not a readable tar ({exc}): cut short (an interrupted copy) or damaged") from exc
     return members
+
+
+# gzip, bzip2, xz and zstd: what a shard that tarfile's "r:" cannot read but is whole usually is
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+
+def _read_index(cache: Path, path: str) -> list[tuple[str, int, int]] | None:
+    """A kept member index, or None (and a warning) when it is not one that fits the shard: a file damaged or
+    edited by hand was trusted, as a JSON error naming no file or members read out of the shard's bytes."""
+    size = os.path.getsize(path)
+    try:
+        members = [tuple(m) for m in json.loads(cache.read_text())]
+        if all(
+            len(m) == 3 and isinstance(m[0], str) and all(type(v) is int and v >= 0 for v in m[1:])
+            and m[1] + m[2] <= size for m in members
+        ):  # fmt: skip
+            return members
+    except (ValueError, TypeError, OSError):
+        pass
+    log.warning("%s: not a member index of %s; indexing the shard again", cache, path)
+    return None
 
 
 def _cached_index(path: str, cache_dir: str | None) -> list[tuple[str, int, int]]:
@@ -264,8 +289,8 @@ def _cached_index(path: str, cache_dir: str | None) -> list[tuple[str, int, int]
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
     cache = Path(cache_dir) / f"{Path(path).name}.{key}.json"
-    if cache.is_file():
-        return [tuple(m) for m in json.loads(cache.read_text())]
+    if cache.is_file() and (kept := _read_index(cache, path)) is not None:
+        return kept
     members = index_tar(path)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")

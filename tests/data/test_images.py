@@ -155,6 +155,26 @@ def test_tar_index_cache_and_errors(tree, tmp_path):
         tars(gz, shards="{split}*.tar.gz")
 
 
+def test_a_damaged_member_index_is_rebuilt_and_a_cut_short_shard_is_not_called_compressed(tree, tmp_path, caplog):
+    """An index_cache file damaged or edited by hand was trusted: a JSONDecodeError naming no file, members read
+    out of the shard's bytes, or "hold no image members". A tar cut short was "not an uncompressed tar ...
+    decompress them first"."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    write_shards(tree, out)
+    cache = tmp_path / "index"
+    first = tars(out, index_cache=str(cache))
+    for bad in ("[[1,2]", '[["x.png", 0]]', '[["a.png", 0, 100000000]]', '[["a.png", "0", 10]]'):
+        for f in cache.glob("*.json"):
+            f.write_text(bad)
+        assert tars(out, index_cache=str(cache)).ids == first.ids
+        assert "not a member index of" in caplog.text
+    shard = out / "train-000.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(DataError, match=r"train-000.tar: not a readable tar .*: cut short \(an interrupted copy\)"):
+        tars(out)
+
+
 def test_tar_members_with_one_id_are_an_error_naming_both(tmp_path):
     """`cls/a.jpg` and `cls/a.png` in one shard, or two `train.tar` in two folders, gave one id twice: every copy
     read the last member and the others were never read."""
