@@ -94,9 +94,10 @@ def _step(line: str) -> float:
     """A metrics.jsonl line's step; a line the interrupted run did not finish writing (a kill, a full disk)
     counts as after any checkpoint, so it is dropped."""
     try:
-        return json.loads(line).get("step", 0)
+        step = json.loads(line).get("step", 0)
     except (json.JSONDecodeError, AttributeError):
         return math.inf
+    return step if type(step) in (int, float) else math.inf  # (a step of another type: a line edited by hand)
 
 
 def json_safe(value):

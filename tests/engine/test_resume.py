@@ -154,8 +154,8 @@ def test_metrics_jsonl_is_replaced_whole_when_a_start_drops_lines_and_left_alone
 
     monkeypatch.setattr(logging_module, "os", types.SimpleNamespace(replace=killed, environ=os.environ))
     train(recipe)  # at run.stop_at already: nothing to drop, the file is not written
-    with open(path, "a") as f:
-        f.write('{"step": 5, "loss": 1.2')  # killed mid-line: dropped by the next start
+    with open(path, "a") as f:  # a line edited by hand (its step a string: a TypeError), then one killed mid-line
+        f.write('{"step": "x"}\n{"step": 5, "loss": 1.2')  # both dropped by the next start
     before = path.read_text()
     with pytest.raises(KeyboardInterrupt):
         train(tiny_recipe("checkpoint.every=2"))
