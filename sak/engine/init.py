@@ -131,10 +131,14 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
     misfits = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the model's order: stem first
     if misfits:  # load_state_dict would raise a RuntimeError listing every one of them
         shown = ", ".join(f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in misfits[:3])
+        other = (  # (a stage-2 run of another dataset: its heads' classes)
+            "other task heads (tasks[].channels: another dataset's classes); start from the stage-1 run it came from"
+            if all(k.startswith(NEW_IN_STAGE_2) for k in misfits)
+            else "another student (student.model, model_kwargs, down_ratio, input_size) or other teachers' widths"
+        )
         raise ValueError(
             f"checkpoint.init_from {str(file)!r}: {len(misfits)} weight(s) have other shapes than this student's "
-            f"({shown}{', ...' if len(misfits) > 3 else ''}): that run trained another student (student.model, "
-            "model_kwargs, down_ratio, input_size) or other teachers' widths"
+            f"({shown}{', ...' if len(misfits) > 3 else ''}): that run trained {other}"
         )
     result = student.load_state_dict(state, strict=False)
     if result.unexpected_keys:

@@ -289,6 +289,15 @@ def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_
     with pytest.raises(ValueError, match=r"registers.safetensors.*stem.vit.pos_embed \(1, 21, 32\) in the file"):
         init_student_from(student(), tmp_path / "registers.safetensors")
 
+    # a stage-2 run of another dataset: only its heads differ, which the advice names
+    def multitask(*overrides):
+        recipe = load_recipe(TESTS / "tiny_multitask.yaml", list(overrides))
+        return build_student(recipe, build_teachers(recipe, torch.device("cpu")), build_tasks(recipe))
+
+    save_file({k: v.contiguous() for k, v in multitask().state_dict().items()}, str(tmp_path / "s2.safetensors"))
+    with pytest.raises(ValueError, match=r"heads.semseg.* that run trained other task heads \(tasks\[\].channels"):
+        init_student_from(multitask("tasks.0.channels=7"), tmp_path / "s2.safetensors")
+
 
 def test_init_from_a_run_fed_otherwise_normalised_images_is_refused(tiny_recipe):
     """Stage 2 took its student's mean / std from its own recipe: a stage 1 with student.normalization: imagenet
