@@ -457,8 +457,7 @@ def print_user_error(exc: Exception, command: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse fills a positional list only up to the first option: overrides (or a teacher's options) written
-    # after the options (`sak eval R --checkpoint C key=value`) come back unparsed; they belong to it all the same
+    # overrides (or a teacher's options) after the options (`sak eval R --checkpoint C k=v`) come back unparsed
     pairs = next((name for name in ("overrides", "options") if isinstance(getattr(args, name, None), list)), None)
     if extra and pairs is not None and all(OVERRIDE.match(x) for x in extra):
         getattr(args, pairs).extend(extra)
@@ -482,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:  # every process reads the same recipe: said once
         say_error(f"sak: {exc}", everywhere=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (what was written whole stays)
+        what = f"{args.command} {getattr(args, 'action', '') or ''}".strip()
+        again = {"train": "; run it again to resume", "cache build": "; run it again to go on where it stopped"}
+        say_error(f"sak {args.command}: interrupted{again.get(what, '')}", everywhere=False)
+        return 130  # 128 + SIGINT, as the shell reports a command Ctrl-C stopped
     except BrokenPipeError:  # `sak recipe show R | head`: the reader has gone; say nothing, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail too)
         return 141  # 128 + SIGPIPE: what the shell reports for a command killed by the closed pipe

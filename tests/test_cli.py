@@ -177,3 +177,19 @@ def test_a_closed_pipe_ends_the_command_quietly():
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
+    """Ctrl-C during `sak cache build` printed a KeyboardInterrupt traceback; a rebuild goes on where it stopped."""
+    import sak.engine.cache as cache_module
+    import sak.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "build_cache", interrupted)
+    assert main(["cache", "build", str(TINY), "--out", "/nonexistent/c"]) == 130
+    assert capsys.readouterr().err == "sak cache: interrupted; run it again to go on where it stopped\n"
+    monkeypatch.setattr(train_module, "main", interrupted)
+    assert main(["train", str(TINY)]) == 130
+    assert capsys.readouterr().err == "sak train: interrupted; run it again to resume\n"
