@@ -219,8 +219,8 @@ class MultiTaskDataset(SakDataset):
     train_only_options = ("crop_size", "scale_range", "cat_max_ratio", "flip", "photometric", "verify", "skip_bad")
     eval_only_options = ("eval_size", "verify", "skip_bad")
     # 2: float64 rescaling, HSV truncated as OpenCV's and always taken (sak 0.1, 2026-11); 3: a rescaled pixel of
-    # k + 0.5 rounded alike on any number of threads (2026-11-29)
-    augmentation = "dense-3"
+    # k + 0.5 rounded alike on any number of threads (2026-11-29); 4: the rescaled image truncated, not rounded
+    augmentation = "dense-4"
 
     @dataclass
     class Options:

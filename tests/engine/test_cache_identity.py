@@ -297,7 +297,7 @@ def test_an_augmented_cache_of_another_augmentation_revision_is_refused(tiny_rec
     assert FeatureCache(root).manifest["identity"]["data"]["augmentation"] == PascalContext.augmentation
     monkeypatch.setattr(PascalContext, "augmentation", "dense-next")
     recipe = tiny_recipe(*common, f"cache.path={root}")
-    with pytest.raises(CacheError, match="data.augmentation: cache has 'dense-3', recipe gives 'dense-next'"):
+    with pytest.raises(CacheError, match="data.augmentation: cache has 'dense-4', recipe gives 'dense-next'"):
         open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
 
 
