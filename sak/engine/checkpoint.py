@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..files import as_umask_allows, save_safetensors, write_text_whole
 from ..teachers.weights import first_misfit
@@ -118,23 +119,29 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial), safe_serialization=True)
-    except (OSError, RuntimeError) as exc:  # a full disk: torch's writer says "unexpected pos", safetensors its own
-        raise _not_written(accelerator, root, partial, exc) from exc
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish() -> None:  # the main process's files, beside Accelerate's
+        if not accelerator.is_main_process:
+            return
+        as_umask_allows(*partial.glob("*.safetensors"))  # Accelerate's model.safetensors: 0600 from safetensors 0.8
+        for name, text in extra_files.items():
+            (partial / name).write_text(text)
+        for stem, tensors in (extra_tensors or {}).items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_safetensors(tensors, partial / f"{stem}.safetensors")
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
+        _fsync_tree(partial)
+
+    # each part's failure raised in every process (the gather is the barrier): none waits for a save that will not
+    # come. A full disk: torch's writer says "unexpected pos", safetensors its own
+    for part in (lambda: accelerator.save_state(str(partial), safe_serialization=True), finish):
         try:
-            as_umask_allows(*partial.glob("*.safetensors"))  # Accelerate's model.safetensors: 0600 (safetensors 0.8)
-            for name, text in extra_files.items():
-                (partial / name).write_text(text)
-            for stem, tensors in (extra_tensors or {}).items():
-                tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-                save_safetensors(tensors, partial / f"{stem}.safetensors")
-            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # last: marks completeness
-            _fsync_tree(partial)
-        except OSError as exc:
+            on_every_process(accelerator, part, "could not write its part")
+        except torch.OutOfMemoryError:
+            raise  # not the disk's doing
+        except (OSError, RuntimeError, SafetensorError, CheckpointError) as exc:
             raise _not_written(accelerator, root, partial, exc) from exc
+    if accelerator.is_main_process:
         _put_in_place(partial, final)
         _fsync_dir(root)  # the rename on disk before pruning deletes older ones (a power loss keeps one of them)
         _prune(root, keep_last)
@@ -150,11 +157,10 @@ def _not_written(accelerator, root: Path, partial: Path, exc: Exception) -> OSEr
     last = latest_checkpoint(root)
     what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     kept = f"the last complete one, {last}, is as it was" if last is not None else "there is no earlier checkpoint"
-    return OSError(
-        getattr(exc, "errno", None) or 0,
-        f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}; a full disk?); {kept}: "
-        "free space and run again to resume",
-    )
+    message = (f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}; a full disk?); "
+               f"{kept}: free space and run again to resume")  # fmt: skip
+    errno = getattr(exc, "errno", None)
+    return OSError(errno, message) if errno else OSError(message)  # (not "[Errno 0]" for torch's RuntimeError)
 
 
 def first_nonfinite(tensors) -> str | None:
@@ -195,7 +201,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: damaged, or another student's."""
 
 
-def on_every_process(accelerator, action):
+def on_every_process(accelerator, action, failed: str = "refused the resume"):
     """`action()` on every process, an error in any of them raised in all: a resume refused by one process (its
     own random-state file damaged) let the main process go on to set checkpoints aside and rewrite the run's
     records before it died at the next barrier. Another process's error comes as a CheckpointError naming it."""
@@ -209,7 +215,7 @@ def on_every_process(accelerator, action):
         said = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
         found = [(rank, text) for rank, text in enumerate(said) if text is not None]
         if found and error is None:
-            raise CheckpointError(f"process {found[0][0]} refused the resume: {found[0][1]}")
+            raise CheckpointError(f"process {found[0][0]} {failed}: {found[0][1]}")
     if error is not None:
         raise error
     return result

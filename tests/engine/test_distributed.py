@@ -228,6 +228,18 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_pat
     assert {r["step"] for r in rows(tmp_path / "tiny" / "metrics.jsonl") if "loss" in r} == {1, 2, 3}
 
 
+def test_a_checkpoint_one_process_cannot_write_stops_every_process_and_keeps_the_last_one(tmp_path):
+    """Process 1 meeting a full disk raised alone, and process 0 waited at the next barrier for a save that would
+    never come. Every process now says it, the partial folder is removed and the last complete one stays."""
+    out = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "checkpoint.every=1", "schedule.max_steps=3",
+                            "imports=[tests.plugins.full_disk_on_process_1]", timeout=300)  # fmt: skip
+    assert out.returncode != 0
+    assert "cannot write checkpoint step_00000002.partial" in out.stderr, out.stderr[-3000:]
+    assert "process 1 could not write its part: OSError: [Errno 28] No space left on device" in out.stderr
+    root = tmp_path / "tiny" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+
+
 def test_a_split_with_fewer_whole_batches_than_processes_is_an_error_not_a_hang(tmp_path):
     """6 samples in batches of 4 make one batch, and two processes would each get none: epochs without a
     step, one after another, forever."""
