@@ -1,5 +1,4 @@
-"""The `sak` command: train, eval, eval-preds, recipe show/check, teachers list/show, model show, cache,
-export, predict, viz features/preds, select."""
+"""The `sak` command: train, eval, eval-preds, recipe, teachers, model, cache, export, predict, viz, select."""
 
 from __future__ import annotations
 
@@ -482,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         say_error(f"sak: {exc}", everywhere=False)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (what was written whole stays)
-        what = f"{args.command} {getattr(args, 'action', '') or ''}".strip()
-        again = {"train": "; run it again to resume", "cache build": "; run it again to go on where it stopped"}
-        say_error(f"sak {args.command}: interrupted{again.get(what, '')}", everywhere=False)
+        from .train import AGAIN
+
+        what = AGAIN.get(f"{args.command} {getattr(args, 'action', '') or ''}".strip(), "")
+        say_error(f"sak {args.command}: interrupted{what}", everywhere=False)
         return 130  # 128 + SIGINT, as the shell reports a command Ctrl-C stopped
     except BrokenPipeError:  # `sak recipe show R | head`: the reader has gone; say nothing, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail too)

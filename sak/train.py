@@ -13,6 +13,12 @@ import sys
 from .cli import say_error
 from .config import RecipeError, load_recipe
 
+# what a command stopped by Ctrl-C says (one line and status 130, from `sak` and from this module alike)
+AGAIN = {
+    "train": "; run it again to go on from its last checkpoint (with checkpoint.resume: auto)",
+    "cache build": "; run it again to go on where it stopped",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -30,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(recipe)
+    except KeyboardInterrupt:  # Ctrl-C (each process of a launch gets it): said once, not N tracebacks
+        say_error(f"sak train: interrupted{AGAIN['train']}", everywhere=False)
+        return 130
     except RecipeError as exc:  # what only the run can find out, e.g. fp16 asked for on a machine without a GPU
         say_error(f"sak: {args.recipe}: {exc}", everywhere=False)
         return 2

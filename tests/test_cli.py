@@ -190,6 +190,10 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(monkeypatch, capsys):
     monkeypatch.setattr(cache_module, "build_cache", interrupted)
     assert main(["cache", "build", str(TINY), "--out", "/nonexistent/c"]) == 130
     assert capsys.readouterr().err == "sak cache: interrupted; run it again to go on where it stopped\n"
-    monkeypatch.setattr(train_module, "main", interrupted)
-    assert main(["train", str(TINY)]) == 130
-    assert capsys.readouterr().err == "sak train: interrupted; run it again to resume\n"
+    import sak.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "train", interrupted)  # (`sak train` and `accelerate launch -m sak.train`)
+    assert main(["train", str(TINY)]) == 130 and train_module.main([str(TINY)]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["sak train: interrupted; run it again to go on from its last checkpoint (with "
+                   "checkpoint.resume: auto)"] * 2  # fmt: skip
