@@ -72,7 +72,9 @@ def saved_normalization(file: Path) -> tuple[tuple, tuple] | None:
         cfg = get_pretrained_cfg(f"{model.split('.')[0]}.{pretrained}" if hub else model)
     except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError, RuntimeError):
         return None  # not a recipe sak wrote, or a model this timm does not know: nothing to compare
-    return tuple(getattr(cfg, "mean", None) or (0.5,) * 3), tuple(getattr(cfg, "std", None) or (0.5,) * 3)
+    if cfg is None or cfg.mean is None or cfg.std is None:  # (no config registered, e.g. a plug-in model's:
+        return None  # timm builds the stem's from defaults, which this cannot know to be the same)
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def resize_position_embeddings(
@@ -131,11 +133,12 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
     misfits = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the model's order: stem first
     if misfits:  # load_state_dict would raise a RuntimeError listing every one of them
         shown = ", ".join(f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in misfits[:3])
-        other = (  # (a stage-2 run of another dataset: its heads' classes)
-            "other task heads (tasks[].channels: another dataset's classes); start from the stage-1 run it came from"
-            if all(k.startswith(NEW_IN_STAGE_2) for k in misfits)
-            else "another student (student.model, model_kwargs, down_ratio, input_size) or other teachers' widths"
-        )
+        if all(k.startswith("heads.") for k in misfits):  # (a stage-2 run of another dataset: its heads' classes)
+            other = "other task heads (tasks[].channels: another dataset's classes); start from its stage-1 run"
+        elif all(k.startswith(NEW_IN_STAGE_2) for k in misfits):  # a router has an expert per teacher, plus one
+            other = "routers over another number of teachers (an expert per teacher, and the stem's)"
+        else:
+            other = "another student (student.model, model_kwargs, down_ratio, input_size) or other teachers' widths"
         raise ValueError(
             f"checkpoint.init_from {str(file)!r}: {len(misfits)} weight(s) have other shapes than this student's "
             f"({shown}{', ...' if len(misfits) > 3 else ''}): that run trained {other}"

@@ -74,22 +74,21 @@ def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
     over the value sak passes (checked after `prepare` again, where a plugin may set it): the steps' images,
     the schedule's length and the recorded recipe would be other than the run's. DeepSpeed is refused."""
-    settings = [
-        ("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps),
-        ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision),
-    ]
+    settings = [  # (key, the recipe's, Accelerate's, what sets Accelerate's)
+        ("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps,
+         "the environment's ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a plugin"),
+        ("precision.mixed", recipe.precision.mixed, accelerator.state.mixed_precision,
+         "an Accelerate state made before in this process, or a plugin"),
+    ]  # fmt: skip
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise RecipeError(
             "DeepSpeed steps the optimiser inside backward, before sak's non-finite check, and clips by its own "
             "config, not optim.grad_clip: sak's loop does not run under it; launch with --multi_gpu or --use_fsdp"
         )
-    for key, asked, got in settings:
+    for key, asked, got, cause in settings:
         if asked != got:
-            raise RecipeError(
-                f"{key} is {asked!r} but Accelerate was configured with {got!r} (the environment's "
-                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a plugin); set it in the recipe ({key}={got}) and "
-                "leave it out of the launch"
-            )
+            raise RecipeError(f"{key} is {asked!r} but Accelerate was configured with {got!r} ({cause}); set it "
+                              f"in the recipe ({key}={got}) and leave it out of the launch")  # fmt: skip
 
 
 def skip_first_batches(accelerator: Accelerator, loader, batches: int):

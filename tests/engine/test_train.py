@@ -402,8 +402,11 @@ def test_a_deepspeed_launch_is_refused(tiny_recipe):
                                  state=types.SimpleNamespace(mixed_precision="no"))  # fmt: skip
     with pytest.raises(RecipeError, match=r"DeepSpeed steps the optimiser inside backward.*--multi_gpu or --use_fsdp"):
         check_launch_settings(fake, tiny_recipe())
-    check_launch_settings(types.SimpleNamespace(**{**vars(fake), "distributed_type": DistributedType.MULTI_GPU}),
-                          tiny_recipe())  # fmt: skip
+    ddp = types.SimpleNamespace(**{**vars(fake), "distributed_type": DistributedType.MULTI_GPU})
+    check_launch_settings(ddp, tiny_recipe())
+    ddp.state = types.SimpleNamespace(mixed_precision="bf16")  # (the cause named is precision's, not accumulation's)
+    with pytest.raises(RecipeError, match=r"precision.mixed is 'no' but .* 'bf16' \(an Accelerate state made before"):
+        check_launch_settings(ddp, tiny_recipe())
 
 
 def test_epochs_with_accumulation_count_the_short_last_step_and_log_its_mean_loss(tiny_recipe, monkeypatch):

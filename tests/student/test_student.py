@@ -297,6 +297,11 @@ def test_init_from_another_students_weights_is_one_error_naming_the_misfits(tmp_
     save_file({k: v.contiguous() for k, v in multitask().state_dict().items()}, str(tmp_path / "s2.safetensors"))
     with pytest.raises(ValueError, match=r"heads.semseg.* that run trained other task heads \(tasks\[\].channels"):
         init_student_from(multitask("tasks.0.channels=7"), tmp_path / "s2.safetensors")
+    # ...and one of another number of teachers: only its routers differ (the aligners are the new teacher's)
+    with pytest.raises(ValueError, match=r"routers.* that run trained routers over another number of teachers"):
+        init_student_from(multitask("teachers=[{name: timm, key: vit_a, options: {model: vit_small_patch14_dinov2, "
+                                    "model_kwargs: {embed_dim: 48, depth: 4, num_heads: 2, img_size: 56}}}]"),
+                          tmp_path / "s2.safetensors")  # fmt: skip
 
 
 def test_init_from_a_run_fed_otherwise_normalised_images_is_refused(tiny_recipe):
