@@ -1,8 +1,11 @@
-"""Writing safetensors files with the permissions any other file of the run gets (no heavy imports)."""
+"""Writing files whole and with the permissions any other file of the run gets, and reading only regular files
+(no heavy imports)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,3 +67,11 @@ def write_whole(path: str | os.PathLike, write: Callable[[Path], object], sync: 
 def write_text_whole(path: str | os.PathLike, text: str) -> None:
     """`text` into `path` as UTF-8, written whole (`write_whole`)."""
     write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def refuse_special_file(path: str | os.PathLike) -> None:
+    """An OSError naming `path` if it is a named pipe, socket or device: opening one to read waits for a writer
+    (a FIFO named x.jpg in an image folder hung training in Image.open). A missing file: FileNotFoundError."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise OSError(errno.EINVAL, f"{os.fspath(path)} is a named pipe, socket or device, not a file to read")

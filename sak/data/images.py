@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..files import refuse_special_file
 from ..registry import DATASETS
 from .base import DatasetSpec, SakDataset, apply_subset, file_digests, repeated
 from .transforms import center_crop_box, random_resized_crop_box, resized_crop
@@ -78,6 +79,8 @@ def decode_rgb(source: str | os.PathLike | bytes, where: str | None = None, exif
     """
     where = where or str(source)
     try:
+        if not isinstance(source, bytes):
+            refuse_special_file(source)
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             return to_rgb(im, exif)
     except FileNotFoundError as exc:

@@ -284,3 +284,20 @@ def test_label_and_prediction_pngs_past_the_decompression_bomb_limit_name_their_
         read_png(path, 1)
     with pytest.raises(PredictionError, match=r"x.png: cannot read the PNG \(Image size \(1200 pixels\)"):
         read_prediction(tmp_path, "semseg", "x")
+
+
+def test_a_named_pipe_with_an_image_name_is_refused_not_waited_on(tree):
+    """A FIFO named x.png in an image folder hung training in Image.open (and a cache's content digest in
+    open): opening a pipe to read waits for a writer."""
+    import os
+
+    from sak.digest import sha256_of
+
+    pipe = tree / "train" / "n01440764" / "zz_pipe.png"
+    os.mkfifo(pipe)
+    ds = folder(tree, train=False)
+    index = ds.ids.index("n01440764/zz_pipe")
+    with pytest.raises(DataError, match=r"zz_pipe.png: cannot decode the image \(.*is a named pipe, socket or device"):
+        ds.read(index)
+    with pytest.raises(OSError, match="is a named pipe, socket or device, not a file to read"):
+        sha256_of(pipe)
