@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import RecipeError, load_recipe
+from .files import check_out, check_preds_folder
 
 
 def _train(args) -> int:
@@ -24,21 +25,6 @@ def _task_eval_errors():
     from .engine.task_eval import EvalError
 
     return (EvalError, PredictionError, DataError, FileNotFoundError)
-
-
-def check_out(out: str | None) -> None:
-    """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
-    otherwise be found when the result is written, at the end of a long evaluation."""
-    if out is None:
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
-    parent = next(p for p in path.absolute().parents if p.exists())  # (the root exists)
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made there")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: no permission to write into {parent}")
 
 
 def _write_result(result: dict, out: str | None) -> None:
@@ -64,13 +50,23 @@ def _eval(args) -> int:
 
     from accelerate import PartialState
 
+    from .engine.predictions import SUFFIX
     from .engine.task_eval import evaluate_student, load_reference
 
-    check_out(args.out)
+    check_out(args.out, [args.recipe, args.reference], [args.save_preds])
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_out(args.out, folders=[recipe.data.root])
         reference = load_reference(args.reference) if args.reference else None
         save = Path(args.save_preds) if args.save_preds else None
+        if save is not None:
+            check_preds_folder(save, "--save-preds", recipe.data.root)
+            others = (
+                sorted(set(os.listdir(save)) & set(SUFFIX) - {t.name for t in recipe.tasks}) if save.is_dir() else []
+            )
+            if others:  # (eval-preds would score them beside this run's as one model's)
+                say_error(f"sak eval: note: --save-preds {save} holds {', '.join(others)} of an earlier run, which "
+                          "this one does not write")  # fmt: skip
         split = args.split if args.split is not None else recipe.eval.split  # (default: the recipe's, "val")
         result = evaluate_student(recipe, Path(args.checkpoint), split, save, reference)
     except _task_eval_errors() as exc:
@@ -85,7 +81,7 @@ def _eval_preds(args) -> int:
     from .engine.task_eval import load_reference, score_prediction_dir
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    check_out(args.out)
+    check_out(args.out, [args.reference], [args.preds, args.root])
     if args.eval_size and min(args.eval_size) < 1:
         raise ValueError(f"--eval-size {' '.join(map(str, args.eval_size))}: the canvas's height and width are "
                          "positive numbers of pixels")  # fmt: skip
@@ -274,6 +270,7 @@ def _predict(args) -> int:
     from .engine.export import load_exported, predict_images, resolve_device
 
     device = resolve_device(args.device)  # (before the export is read)
+    check_preds_folder(args.out, "--out")
     model, config = load_exported(Path(args.model))
     written = predict_images(model, config, [Path(p) for p in args.images], Path(args.out), device)
     print(f"wrote {len(written)} prediction file(s) under {Path(args.out)}/")

@@ -75,3 +75,38 @@ def refuse_special_file(path: str | os.PathLike) -> None:
     mode = os.stat(path).st_mode
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         raise OSError(errno.EINVAL, f"{os.fspath(path)} is a named pipe, socket or device, not a file to read")
+
+
+def check_out(out: str | None, inputs=(), folders=()) -> None:
+    """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
+    otherwise be found when the result is written, at the end of a long evaluation; one of the command's
+    `inputs` (files), or a file in one of its input `folders` (data.root, --preds, --save-preds), would be
+    replaced by the result."""
+    if out is None:
+        return
+    path = Path(out)
+    clash = [f for f in inputs if f and path.resolve() == Path(f).resolve()]
+    clash += [d for d in folders if d and path.resolve().is_relative_to(Path(d).resolve())]
+    if clash:
+        raise ValueError(f"--out {out} is (or is in) {clash[0]}, an input of this command: give another file")
+    if path.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
+    parent = next(p for p in path.absolute().parents if p.exists())  # (the root exists)
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write into {parent}")
+
+
+def check_preds_folder(folder: str | os.PathLike, flag: str, data_root: str | None = None) -> None:
+    """A folder to write predictions into (a subfolder per task), checked before the model runs: not a file, and
+    not overlapping the dataset (NYUD-v2's depth/ and normals/ have the predictions' layout: its ground truth
+    was replaced by the predictions)."""
+    path = Path(folder).resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {folder}: a file; give a folder for the predictions (a subfolder per task)")
+    root = Path(data_root).resolve() if data_root else None
+    if root is not None and (path.is_relative_to(root) or root.is_relative_to(path)):
+        raise ValueError(f"{flag} {folder} overlaps data.root {data_root}: predictions written there could replace "
+                         "the dataset's own files (NYUD-v2's depth/ and normals/ are laid out as predictions are); "
+                         "give a folder outside it")  # fmt: skip
