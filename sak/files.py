@@ -77,6 +77,15 @@ def refuse_special_file(path: str | os.PathLike) -> None:
         raise OSError(errno.EINVAL, f"{os.fspath(path)} is a named pipe, socket or device, not a file to read")
 
 
+def check_not_input(out: str | os.PathLike, inputs=(), folders=(), flag: str = "--out") -> None:
+    """A ValueError if `out` is one of `inputs` (files) or lies in one of `folders` (None entries skipped)."""
+    path = Path(out).resolve()
+    clash = [f for f in inputs if f and path == Path(f).resolve()]
+    clash += [d for d in folders if d and path.is_relative_to(Path(d).resolve())]
+    if clash:
+        raise ValueError(f"{flag} {out} is (or is in) {clash[0]}, an input of this command: give another file")
+
+
 def check_out(out: str | None, inputs=(), folders=()) -> None:
     """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
     otherwise be found when the result is written, at the end of a long evaluation; one of the command's
@@ -85,10 +94,7 @@ def check_out(out: str | None, inputs=(), folders=()) -> None:
     if out is None:
         return
     path = Path(out)
-    clash = [f for f in inputs if f and path.resolve() == Path(f).resolve()]
-    clash += [d for d in folders if d and path.resolve().is_relative_to(Path(d).resolve())]
-    if clash:
-        raise ValueError(f"--out {out} is (or is in) {clash[0]}, an input of this command: give another file")
+    check_not_input(out, inputs, folders)
     if path.is_dir():
         raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
     parent = next(p for p in path.absolute().parents if p.exists())  # (the root exists)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..config.yaml_read import read_pairs
+from ..files import check_not_input
 from .freesel import PatternOptions, build_teacher, extract_features
 from .selection import (
     METHODS,
@@ -88,6 +89,19 @@ def add_select_command(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def pool_inputs(pool: str, overrides) -> tuple[list, list]:
+    """(files, folders) a manifest must not be written onto or into: a recipe pool's file, data.subset and
+    data.root (its split files among them), or a folder pool."""
+    from pathlib import Path
+
+    if Path(pool).is_dir():
+        return [], [pool]
+    from ..config import load_recipe
+
+    data = load_recipe(pool, list(overrides)).data  # (open_pool has read it: valid)
+    return [pool, data.subset], [data.root]
+
+
 def select(args: argparse.Namespace) -> int:
     """`sak select`: validate everything cheap first, run the feature pass, sample, write the manifest."""
     from accelerate import PartialState
@@ -102,6 +116,7 @@ def select(args: argparse.Namespace) -> int:
     pool, ids = open_pool(args.pool, args.sets)
     budget = resolve_budget(args.budget, len(pool))
     check_writable(args.out)  # before the feature pass, not after it
+    check_not_input(args.out, *pool_inputs(args.pool, args.sets))
     if not 0 <= args.seed < 2**32:  # what numpy's and Accelerate's seeding take (their errors name no flag)
         raise SelectionError(f"--seed must be from 0 to 2**32 - 1, got {args.seed}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0)):
