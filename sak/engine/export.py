@@ -111,6 +111,11 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     (`weights_sha256`) `load_exported` then finds does not match."""
     from .task_eval import check_canvas
 
+    run = next((p for p in (out.resolve(), *out.resolve().parents) if (p / "trainer_state.json").is_file()
+                or ((p / "checkpoints").is_dir() and (p / "recipe.yaml").is_file())), None)  # fmt: skip
+    if run is not None:  # (an export there shadowed the run's later checkpoints for `sak eval`; pruning deleted it)
+        raise ExportError(f"--out {out}: inside the run or checkpoint {run}, whose checkpoints `sak eval` and "
+                          "`sak export --from` read; export beside it instead")  # fmt: skip
     file, state = inference_state(source, what)  # (`what` names where `source` came from, in errors)
     config = export_config(recipe)
     try:

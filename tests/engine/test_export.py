@@ -414,3 +414,19 @@ def test_predict_on_a_gpu_writes_what_the_cpu_writes(tiny_recipe, tmp_path):
     assert np.allclose(*depth, rtol=1e-3, atol=1e-4)
     semseg = [np.asarray(Image.open(tmp_path / d / "semseg" / "photo.png")) for d in ("cpu", "cuda")]
     assert (semseg[0] == semseg[1]).mean() > 0.99
+
+
+def test_an_export_into_a_run_or_checkpoint_directory_is_refused(tiny_recipe, tmp_path, capsys):
+    """An export written into the run directory shadowed its later checkpoints for `sak eval` (which read the
+    export), and one written into a checkpoint folder was deleted with it by pruning."""
+    recipe = tiny_recipe("schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml")
+    train(recipe)
+    argv = ["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out"]
+    checkpoint = recipe.run_dir / "checkpoints" / "step_00000001"
+    for out in (recipe.run_dir, checkpoint, checkpoint / "export", recipe.run_dir / "export"):
+        assert main([*argv, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: inside the run or checkpoint" in err and "export beside it" in err, err
+    assert not (recipe.run_dir / "student.yaml").exists() and not (recipe.run_dir / "export").exists()
+    (tmp_path / "checkpoints").mkdir()  # a folder of that name without a run's recipe.yaml: not a run
+    assert main([*argv, str(tmp_path / "exported")]) == 0
