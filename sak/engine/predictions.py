@@ -149,9 +149,16 @@ def _load(path: Path, task: str) -> np.ndarray:
         return array.astype(np.float32)
     try:
         with Image.open(path) as im:
-            array = np.array(im)
+            # a palette PNG of a grey or RGB map holds indices into its palette: its values are the palette's
+            # colours (saliency was scored on the indices); class maps are meant as indices
+            palette = im.mode == "P" and task not in SEGMENTATION
+            array = np.array(im.convert("RGB") if palette else im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # (the last: no OSError)
         raise PredictionError(f"{path}: cannot read the PNG ({exc})") from exc
+    if palette and task != "normals":
+        if not ((array[..., 0] == array[..., 1]) & (array[..., 1] == array[..., 2])).all():
+            raise PredictionError(f"{path}: a palette PNG of colours; {task} predictions are grey levels 0-255")
+        array = array[..., 0]
     if array.dtype != np.uint8:
         raise PredictionError(f"{path}: expected an 8-bit PNG, got dtype {array.dtype}")
     return array

@@ -137,3 +137,25 @@ def test_a_prediction_is_written_under_a_temporary_name_of_its_own_process(tmp_p
     monkeypatch.setattr(os, "replace", lambda src, dst: (moved.append(str(src)), real(src, dst)))
     path = save_encoded(tmp_path, "saliency", "x", np.zeros((4, 4), np.uint8))
     assert path.is_file() and len(moved) == 1 and f".{os.getpid()}.partial" in moved[0]
+
+
+@pytest.mark.parametrize("task", ["saliency", "edges", "normals", "semseg"])
+def test_a_palette_png_reads_as_its_colours_except_for_class_maps(task, tmp_path):
+    """A saliency PNG saved in palette mode (an image editor's export) was scored on its palette indices."""
+    pred = sample_prediction(task)
+    (path,) = write_predictions(tmp_path, task, ["img_1"], [pred])
+    expected = read_prediction(tmp_path, task, "img_1", size=(5, 7), num_classes=7)
+    with Image.open(path) as im:
+        im.convert("RGB" if task == "normals" else im.mode).convert("P", palette=Image.ADAPTIVE).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "P"
+    if task == "semseg":  # written as "L": its palette copy's indices are not its classes; only check a P file reads
+        assert read_prediction(tmp_path, task, "img_1", size=(5, 7)).shape == (5, 7)
+        return
+    assert torch.equal(read_prediction(tmp_path, task, "img_1", size=(5, 7)), expected)
+    if task != "normals":
+        rgb = np.zeros((5, 7, 3), np.uint8)
+        rgb[..., 0] = 200
+        Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(path)
+        with pytest.raises(PredictionError, match=rf"a palette PNG of colours; {task} predictions are grey levels"):
+            read_prediction(tmp_path, task, "img_1", size=(5, 7))
