@@ -131,17 +131,18 @@ def load_reference(path: str | Path) -> dict[str, float]:
     """A JSON file {task: headline value} to compute delta_m against."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EvalError(f"{path}: cannot read the reference JSON ({exc})") from exc
     known = set(SUFFIX)
     if not isinstance(data, dict) or not all(
         k in known and isinstance(v, int | float) and not isinstance(v, bool) for k, v in data.items()
     ):
         raise EvalError(f"{path}: expected {{task: number}} with tasks among {sorted(known)}, got {data!r}")
-    bad = {k: v for k, v in data.items() if not math.isfinite(v) or v == 0}
-    if bad:  # delta_m divides by each reference value
-        raise EvalError(f"{path}: reference values must be finite and not 0 (delta_m divides by them), got {bad}")
+    # delta_m divides by each value; every headline metric is positive (a negative one flipped delta_m's sign)
+    bad = {k: v for k, v in data.items() if not (0 < v < 1e300)}  # (a 400-digit int: float() overflows)
+    if bad:
+        raise EvalError(f"{path}: reference values must be finite and above 0 (delta_m divides by them), got {bad}")
     return {k: float(v) for k, v in data.items()}
 
 

@@ -458,10 +458,13 @@ def test_delta_m_leaves_out_a_task_with_nothing_scored_and_refuses_a_zero_refere
     with pytest.warns(RuntimeWarning, match=r"delta_m leaves out \['parts'\]: nothing was scored"):
         summary = summarize(scorer, scores, {"semseg": 50.0, "parts": 60.0})
     assert summary["delta_m_tasks"] == ["semseg"] and summary["delta_m"] == pytest.approx(-20.0)
-    for bad in ("0", "NaN"):
-        (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')
-        with pytest.raises(EvalError, match="reference values must be finite and not 0"):
+    for bad in ("0", "NaN", "-10", "1" + "0" * 400):  # (a negative value flipped delta_m's sign; a huge int
+        (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')  # was an OverflowError traceback)
+        with pytest.raises(EvalError, match="reference values must be finite and above 0"):
             load_reference(tmp_path / "ref.json")
+    (tmp_path / "ref.json").write_bytes(b'{"semseg": 50.0}\xff')  # (a UnicodeDecodeError naming no file)
+    with pytest.raises(EvalError, match=r"ref.json: cannot read the reference JSON"):
+        load_reference(tmp_path / "ref.json")
 
 
 def test_eval_preds_does_not_offer_a_recipe_key_it_cannot_set_for_a_missing_label(evaluated, trained, tmp_path, capsys):
