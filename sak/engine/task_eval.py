@@ -350,6 +350,10 @@ def prediction_tasks(dataset: str, preds_dir: Path, tasks: list[str] | None) -> 
             raise EvalError(f"{dataset} has no task(s) {unknown}; it has {list(supported)}{_renaming(unknown)}")
         return list(tasks)
     found = [t for t in supported if (preds_dir / t).is_dir()]
+    files = [t for t in supported if (preds_dir / t).exists() and not (preds_dir / t).is_dir()]
+    if files:  # (a task named by a file went unscored without a word, and delta_m moved)
+        raise PredictionError(f"{preds_dir}: {', '.join(files)} is a file, not a folder of predictions; move it "
+                              "aside, or name the tasks to score with --tasks")  # fmt: skip
     others = sorted(p.name for p in preds_dir.iterdir() if p.is_dir() and p.name not in supported)
     if not found:
         listing = f"; it has {', '.join(others)}{_renaming(others)}" if others else ""

@@ -55,3 +55,18 @@ def test_predictions_are_not_written_into_the_dataset_nor_onto_a_file(trained, t
     assert f"--save-preds {mixed} holds depth of an earlier run, which this one does not write" in (
         capsys.readouterr().err
     )
+
+
+def test_a_task_named_by_a_file_in_the_predictions_is_an_error(trained, evaluated, tmp_path, capsys):  # noqa: F811
+    """A file `edges` in place of the folder left edges unscored without a word, and delta_m moved."""
+    import shutil
+
+    _, _, root = trained
+    _, preds = evaluated
+    copy = shutil.copytree(preds, tmp_path / "preds")
+    shutil.rmtree(copy / "edges")
+    (copy / "edges").write_text("")
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(copy)]
+    assert main(args) == 2
+    assert f"{copy}: edges is a file, not a folder of predictions" in capsys.readouterr().err
+    assert main([*args, "--tasks", "semseg"]) == 0
