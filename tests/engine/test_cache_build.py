@@ -241,6 +241,9 @@ def test_cache_info_names_gone_shard_files_and_a_manifest_damaged_by_hand(tiny_r
         ({"shards": list(manifest["shards"])}, "shards of type list (a mapping of shard name to sha256)"),
         ({"identity": {**manifest["identity"], "views": True}}, "identity.views True (a whole number >= 1)"),
         ({"identity": {**manifest["identity"], "dtype": "fp32"}}, "identity.dtype 'fp32' (fp16 or int8)"),
+        ({"identity": {**manifest["identity"], "teachers": []}}, "identity.teachers of type list (a mapping)"),
+        ({"identity": {**manifest["identity"], "data": "x"}}, "identity.data of type str (a mapping)"),
+        ({"samples": 10**11, "shard_size": 1}, "samples 100000000000 in shards of 1, 1 view(s): more than 1000000"),
     ):
         (root / "manifest.json").write_text(json.dumps({**manifest, **damage}))
         for command in (["cache", "info", str(root)], ["cache", "info", str(root), "--verify"]):
@@ -249,6 +252,12 @@ def test_cache_info_names_gone_shard_files_and_a_manifest_damaged_by_hand(tiny_r
             assert f"{root / 'manifest.json'} is not a valid cache manifest: {said}" in err, err
         with pytest.raises(CacheError, match="is not a valid cache manifest"):
             FeatureCache(root)
+    # fields only described, of the wrong kind: described as far as they go (were TypeErrors and AttributeErrors)
+    teachers = {tid: {**t, "weights": None, "sha256": 5} for tid, t in manifest["identity"]["teachers"].items()}
+    data = {**manifest["identity"]["data"], "content_sha256": 5}
+    odd = {**manifest, "identity": {**manifest["identity"], "teachers": teachers, "data": data}, "shapes": {"x": [5]}}
+    (root / "manifest.json").write_text(json.dumps(odd))
+    assert main(["cache", "info", str(root)]) == 0 and "weights None" in capsys.readouterr().out
     (root / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "level_dims"}))
     assert main(["cache", "info", str(root)]) == 2
     assert "is not a valid cache manifest (it lacks level_dims)" in capsys.readouterr().err

@@ -126,10 +126,19 @@ def check_manifest(manifest: dict, path: Path) -> None:
         wrong.append(f"level_dims of type {type(manifest['level_dims']).__name__} (a mapping of teacher to widths)")
     if ident["dtype"] not in ("fp16", "int8"):
         wrong.append(f"identity.dtype {ident['dtype']!r} (fp16 or int8)")
+    if not wrong and ident["views"] * -(-manifest["samples"] // manifest["shard_size"]) > MAX_SHARDS:
+        wrong.append(f"samples {manifest['samples']} in shards of {manifest['shard_size']}, {ident['views']} "
+                     f"view(s): more than {MAX_SHARDS} shards (a plan of them would fill the memory)")  # fmt: skip
+    for key in ("teachers", "data"):  # (what `sak cache info` describes: an AttributeError for a list)
+        if not isinstance(ident.get(key, {}), dict):
+            wrong.append(f"identity.{key} of type {type(ident[key]).__name__} (a mapping)")
     if wrong:
         raise CacheError(
             f"{path} is not a valid cache manifest: {'; '.join(wrong)}; {REBUILD.format(root=path.parent)}"
         )
+
+
+MAX_SHARDS = 1_000_000  # far above any real cache's (ImageNet-1k: 5,005 shards of 256 a view)
 
 
 def shard_name(view: int, shard: int) -> str:
@@ -197,8 +206,10 @@ def describe(root: Path) -> list[str]:
     ]
     shapes = manifest.get("shapes", {})
     for tid, t in ident.get("teachers", {}).items():
-        maps = ", ".join("x".join(map(str, shape)) for shape in shapes.get(tid, []))
-        weights = t.get("weights") + (f" (sha256 {t['sha256'][:12]})" if t.get("sha256") else "")
+        t = t if isinstance(t, dict) else {}  # (described as far as it goes: the manifest may be edited by hand)
+        maps = shapes.get(tid, []) if isinstance(shapes, dict) else []
+        maps = ", ".join("x".join(map(str, shape)) if isinstance(shape, list) else str(shape) for shape in maps)
+        weights = f"{t.get('weights')}" + (f" (sha256 {str(t['sha256'])[:12]})" if t.get("sha256") else "")
         # (resize keep: the images at their own size, cut to the patch; input_size is then the model's native one)
         keep = f"the images' own size cut to a multiple of {t.get('patch_size')}"
         size = keep if t.get("resize") == "keep" else f"{t.get('input_size')} px"
@@ -213,7 +224,7 @@ def describe(root: Path) -> list[str]:
         + f", options {d.get('options')}"
         + (f", tasks {d['tasks']}" if "tasks" in d else ""),
         f"  ids sha256 {str(d.get('ids_sha256'))[:16]}, content sha256 "
-        + (content[:16] if content else "none (generated data, or a dataset without content_digests)"),
+        + (str(content)[:16] if content else "none (generated data, or a dataset without content_digests)"),
     ]
     return lines
 
