@@ -251,6 +251,11 @@ def viz_main(args) -> int:
             raise ValueError("sak viz features needs --checkpoint: the run, checkpoint directory or .safetensors file")
         if out.is_dir():  # (found after the teachers are built, else)
             raise ValueError(f"--out {out}: a folder; give the PNG's file name (e.g. {out / 'features.png'})")
+        if out.suffix.lower() != ".png":  # (PNG bytes were written under any name, a .jpg among them)
+            raise ValueError(f"--out {out}: sak viz features writes a PNG; give a file name ending in .png")
+        above = next(p for p in out.absolute().parents if p.exists())
+        if not above.is_dir():
+            raise ValueError(f"--out {out}: {above} is a file, so no folder can be made there")
         recipe = load_recipe(args.source, args.overrides)
         images, level = 4 if args.images is None else args.images, -1 if args.level is None else args.level
         print(f"wrote {feature_grid(recipe, Path(args.checkpoint), out, images, args.split, level)}")

@@ -69,7 +69,13 @@ def test_viz_features_refuses_what_cannot_be_drawn_naming_it(run, tmp_path, caps
     assert "needs --checkpoint" in capsys.readouterr().err
     assert viz_features(run, tmp_path) == 2
     assert f"--out {tmp_path}: a folder; give the PNG's file name" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    # (a .jpg got PNG bytes; under a file it failed after the teachers ran, naming a temporary file)
+    (tmp_path / "afile").write_text("")
+    for out, said in ((tmp_path / "x.jpg", "sak viz features writes a PNG; give a file name ending in .png"),
+                      (tmp_path / "afile" / "f.png", f"{tmp_path / 'afile'} is a file")):  # fmt: skip
+        assert viz_features(run, out) == 2
+        assert f"--out {out}: {said}" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.jpg").exists()
 
 
 def test_pca_rgb_draws_maps_of_fewer_than_three_channels():
