@@ -217,6 +217,8 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     assert f"{written:.1f} MiB on disk ({written / 5:.3g} MiB per sample and view)" in out
     assert main(["cache", "info", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a teacher-feature cache (no manifest.json)" in capsys.readouterr().err
+    assert main(["cache", "info", str(tmp_path / "nosuch")]) == 2
+    assert f"{tmp_path / 'nosuch'} is not a teacher-feature cache (there is no such folder)" in capsys.readouterr().err
     assert main(["cache", "build", str(data)]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
 

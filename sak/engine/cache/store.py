@@ -175,7 +175,8 @@ def describe(root: Path) -> list[str]:
     and data it was built for (a finished or an unfinished build)."""
     root = Path(root)
     if not (root / "manifest.json").is_file():
-        raise CacheError(f"{root} is not a teacher-feature cache (no manifest.json)")
+        what = "no manifest.json" if root.is_dir() else "a file" if root.exists() else "there is no such folder"
+        raise CacheError(f"{root} is not a teacher-feature cache ({what})")
     manifest = load_manifest(root / "manifest.json")
     check_manifest(manifest, root / "manifest.json")
     ident, shards = manifest["identity"], manifest["shards"]
