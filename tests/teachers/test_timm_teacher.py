@@ -308,3 +308,15 @@ def test_a_local_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_pat
     assert create_teacher("timm", file, model="vit_base_patch16_224.mae", model_kwargs=kwargs).meta.mean == (
         0.485, 0.456, 0.406,
     )  # fmt: skip
+
+
+def test_a_weights_file_torch_cannot_read_says_what_it_is_not(tmp_path):
+    """A text file given as weights was "cannot read ... with torch.load(weights_only=True): 105"."""
+    from sak.teachers.weights import WeightsError, load_state_dict
+
+    (tmp_path / "w.pth").write_text("id,name\n")
+    with pytest.raises(WeightsError, match=r"w.pth' with torch.load\(weights_only=True\) \(\w+: .*\): not a file "
+                       r"torch.save wrote, or a damaged one") as error:  # fmt: skip
+        load_state_dict(tmp_path / "w.pth", "teacher")
+    # torch's reason kept, not its advice to load with weights_only=False (which can run the file's code)
+    assert "Unsupported operand 105" in str(error.value) and "False" not in str(error.value)
