@@ -50,10 +50,10 @@ def _eval(args) -> int:
 
     from accelerate import PartialState
 
-    from .engine.predictions import SUFFIX
     from .engine.task_eval import evaluate_student, load_reference
 
-    check_out(args.out, [args.recipe, args.reference], [args.save_preds])
+    check_out(args.out, [args.recipe, args.reference, args.save_preds, args.checkpoint], [args.checkpoint],
+              [args.save_preds])  # fmt: skip
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         check_out(args.out, folders=[recipe.data.root])
@@ -61,12 +61,6 @@ def _eval(args) -> int:
         save = Path(args.save_preds) if args.save_preds else None
         if save is not None:
             check_preds_folder(save, "--save-preds", recipe.data.root)
-            others = (
-                sorted(set(os.listdir(save)) & set(SUFFIX) - {t.name for t in recipe.tasks}) if save.is_dir() else []
-            )
-            if others:  # (eval-preds would score them beside this run's as one model's)
-                say_error(f"sak eval: note: --save-preds {save} holds {', '.join(others)} of an earlier run, which "
-                          "this one does not write")  # fmt: skip
         split = args.split if args.split is not None else recipe.eval.split  # (default: the recipe's, "val")
         result = evaluate_student(recipe, Path(args.checkpoint), split, save, reference)
     except _task_eval_errors() as exc:
@@ -81,7 +75,7 @@ def _eval_preds(args) -> int:
     from .engine.task_eval import load_reference, score_prediction_dir
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    check_out(args.out, [args.reference], [args.preds, args.root])
+    check_out(args.out, [args.reference, args.preds], [args.root], [args.preds])
     if args.eval_size and min(args.eval_size) < 1:
         raise ValueError(f"--eval-size {' '.join(map(str, args.eval_size))}: the canvas's height and width are "
                          "positive numbers of pixels")  # fmt: skip

@@ -77,24 +77,31 @@ def refuse_special_file(path: str | os.PathLike) -> None:
         raise OSError(errno.EINVAL, f"{os.fspath(path)} is a named pipe, socket or device, not a file to read")
 
 
-def check_not_input(out: str | os.PathLike, inputs=(), folders=(), flag: str = "--out") -> None:
-    """A ValueError if `out` is one of `inputs` (files) or lies in one of `folders` (None entries skipped)."""
+def check_not_input(out: str | os.PathLike, inputs=(), folders=(), task_folders=(), flag: str = "--out") -> None:
+    """A ValueError if writing `out` would replace an input: one of the `inputs` (files, or a folder to be
+    written), an existing file under one of the `folders` (data.root, a folder pool, a checkpoint), or anything
+    in a task folder of one of the `task_folders` (predictions: `<folder>/<task>/`). None entries are skipped; a
+    new file beside the inputs (`--out results.json` next to the predictions) is fine."""
     path = Path(out).resolve()
     clash = [f for f in inputs if f and path == Path(f).resolve()]
-    clash += [d for d in folders if d and path.is_relative_to(Path(d).resolve())]
+    clash += [d for d in folders if d and path.is_file() and path.is_relative_to(Path(d).resolve())]
+    clash += [d for d in task_folders if d and any(path.is_relative_to(Path(d).resolve() / t) for t in TASKS)]
     if clash:
         raise ValueError(f"{flag} {out} is (or is in) {clash[0]}, an input of this command: give another file")
 
 
-def check_out(out: str | None, inputs=(), folders=()) -> None:
+# the task folders of saved predictions (sak.engine.predictions.SUFFIX's keys, named here without importing it)
+TASKS = ("semseg", "parts", "saliency", "edges", "normals", "depth")
+
+
+def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:
     """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
-    otherwise be found when the result is written, at the end of a long evaluation; one of the command's
-    `inputs` (files), or a file in one of its input `folders` (data.root, --preds, --save-preds), would be
-    replaced by the result."""
+    otherwise be found when the result is written, at the end of a long evaluation; and an input of the command
+    it would replace (`check_not_input`)."""
     if out is None:
         return
     path = Path(out)
-    check_not_input(out, inputs, folders)
+    check_not_input(out, inputs, folders, task_folders)
     if path.is_dir():
         raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
     parent = next(p for p in path.absolute().parents if p.exists())  # (the root exists)
@@ -112,7 +119,8 @@ def check_preds_folder(folder: str | os.PathLike, flag: str, data_root: str | No
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {folder}: a file; give a folder for the predictions (a subfolder per task)")
     root = Path(data_root).resolve() if data_root else None
-    if root is not None and (path.is_relative_to(root) or root.is_relative_to(path)):
+    # inside the dataset, or the dataset where a task's predictions go (a folder above it is fine otherwise)
+    if root is not None and (path.is_relative_to(root) or any(root.is_relative_to(path / t) for t in TASKS)):
         raise ValueError(f"{flag} {folder} overlaps data.root {data_root}: predictions written there could replace "
                          "the dataset's own files (NYUD-v2's depth/ and normals/ are laid out as predictions are); "
                          "give a folder outside it")  # fmt: skip

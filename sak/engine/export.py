@@ -111,11 +111,17 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     (`weights_sha256`) `load_exported` then finds does not match."""
     from .task_eval import check_canvas
 
-    run = next((p for p in (out.resolve(), *out.resolve().parents) if (p / "trainer_state.json").is_file()
-                or ((p / "checkpoints").is_dir() and (p / "recipe.yaml").is_file())), None)  # fmt: skip
-    if run is not None:  # (an export there shadowed the run's later checkpoints for `sak eval`; pruning deleted it)
-        raise ExportError(f"--out {out}: inside the run or checkpoint {run}, whose checkpoints `sak eval` and "
-                          "`sak export --from` read; export beside it instead")  # fmt: skip
+    # the run directory itself (`sak eval --checkpoint RUN` would read the export there, not the run's later
+    # checkpoints) or its checkpoints (pruning deletes a checkpoint with what is in it)
+    where = out.resolve()
+    run = any((where / "checkpoints").glob("step_*/trainer_state.json"))
+    kept = next(
+        (p for p in (where, *where.parents) if p.name == "checkpoints" and any(p.glob("step_*/trainer_state.json"))),
+        None,
+    )
+    if run or kept is not None:
+        raise ExportError(f"--out {out}: {'a run directory' if run else f'inside the checkpoints {kept}'}, where "
+                          "`sak eval` and pruning would take the export for (part of) a checkpoint; export beside it")  # fmt: skip
     file, state = inference_state(source, what)  # (`what` names where `source` came from, in errors)
     config = export_config(recipe)
     try:

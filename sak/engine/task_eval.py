@@ -288,6 +288,14 @@ def evaluate_student(
     model, config = load_student(recipe, Path(checkpoint))
     tasks = eval_tasks(recipe.data.name, config)
     check_reference(reference, tasks)  # before scoring, not after
+    others = (
+        sorted({p.name for p in save_preds.iterdir()} & set(SUFFIX) - set(tasks))
+        if save_preds and save_preds.is_dir()
+        else []
+    )
+    if others and accelerator.is_main_process:  # (eval-preds would score them beside this run's as one model's)
+        warnings.warn(f"--save-preds {save_preds} holds {', '.join(others)} of an earlier run, which this one "
+                      "does not write", RuntimeWarning, stacklevel=2)  # fmt: skip
     # the targets of the tasks scored (an export's own, which the recipe's `tasks:` may not list)
     loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size, tasks=tuple(tasks))
     dataset = loader.dataset.dataset

@@ -423,10 +423,13 @@ def test_an_export_into_a_run_or_checkpoint_directory_is_refused(tiny_recipe, tm
     train(recipe)
     argv = ["export", str(TESTS / "tiny_multitask.yaml"), f"run.output_dir={tmp_path}", "--out"]
     checkpoint = recipe.run_dir / "checkpoints" / "step_00000001"
-    for out in (recipe.run_dir, checkpoint, checkpoint / "export", recipe.run_dir / "export"):
+    for out, said in ((recipe.run_dir, "a run directory"), (checkpoint, "inside the checkpoints"),
+                      (checkpoint / "export", "inside the checkpoints")):  # fmt: skip
         assert main([*argv, str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"--out {out}: inside the run or checkpoint" in err and "export beside it" in err, err
-    assert not (recipe.run_dir / "student.yaml").exists() and not (recipe.run_dir / "export").exists()
-    (tmp_path / "checkpoints").mkdir()  # a folder of that name without a run's recipe.yaml: not a run
+        assert f"--out {out}: {said}" in err and "export beside it" in err, err
+    assert not (recipe.run_dir / "student.yaml").exists() and not (checkpoint / "export").exists()
+    # a folder in the run beside its checkpoints shadows nothing; a folder named checkpoints without any is no run
+    assert main([*argv, str(recipe.run_dir / "export")]) == 0
+    (tmp_path / "checkpoints").mkdir()
     assert main([*argv, str(tmp_path / "exported")]) == 0
