@@ -11,6 +11,7 @@ place, so that a kill between them still leaves one complete copy (restored by `
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -141,11 +142,14 @@ def save_checkpoint(
             raise  # not the disk's doing
         except (OSError, RuntimeError, SafetensorError, CheckpointError) as exc:
             raise _not_written(accelerator, root, partial, exc) from exc
-    if accelerator.is_main_process:
-        _put_in_place(partial, final)
-        _fsync_dir(root)  # the rename on disk before pruning deletes older ones (a power loss keeps one of them)
-        _prune(root, keep_last)
-    accelerator.wait_for_everyone()
+
+    def place() -> None:
+        if accelerator.is_main_process:
+            _put_in_place(partial, final)
+            _fsync_dir(root)  # the rename on disk before pruning deletes older ones (a power loss keeps one of them)
+            _prune(root, keep_last)
+
+    on_every_process(accelerator, place, "could not put the checkpoint in place")  # (its error raised in all)
     return final
 
 
@@ -157,10 +161,12 @@ def _not_written(accelerator, root: Path, partial: Path, exc: Exception) -> OSEr
     last = latest_checkpoint(root)
     what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     kept = f"the last complete one, {last}, is as it was" if last is not None else "there is no earlier checkpoint"
-    message = (f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}; a full disk?); "
-               f"{kept}: free space and run again to resume")  # fmt: skip
-    errno = getattr(exc, "errno", None)
-    return OSError(errno, message) if errno else OSError(message)  # (not "[Errno 0]" for torch's RuntimeError)
+    disk = getattr(exc, "errno", None) == errno.ENOSPC or any(w in what for w in ("No space", "unexpected pos",
+                                                                                 "StorageFull"))  # fmt: skip
+    message = (f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}"
+               f"{'; a full disk' if disk else ''}); {kept}" + (": free space and run again to resume" if disk else ""))  # fmt: skip
+    code = getattr(exc, "errno", None)
+    return OSError(code, message) if code else OSError(message)  # (not "[Errno 0]" for torch's RuntimeError)
 
 
 def first_nonfinite(tensors) -> str | None:

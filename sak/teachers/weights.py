@@ -129,10 +129,15 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors carry no path; add it. torch's words for a file it cannot unpickle are
         # a page advising weights_only=False (which can run code): only its reason is kept, e.g. "operand 105"
-        reason = str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        reason = " ".join(str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        hint = (  # a training checkpoint with its config objects beside the weights, or not a torch file at all
+            "it holds objects other than tensors; save its state dict alone (torch.save(model.state_dict()))"
+            if "Unsupported global" in reason
+            else "not a file torch.save wrote, or a damaged one"
+        )
         raise WeightsError(
             f"{what}: cannot read {str(path)!r} with torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {' '.join(reason.split())[:200]}): not a file torch.save wrote, or a damaged one"
+            f"({type(exc).__name__}: {reason[:200]}): {hint}"
         ) from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

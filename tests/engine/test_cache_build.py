@@ -156,7 +156,7 @@ def test_the_size_estimate_is_the_stored_bytes_and_a_build_that_would_not_fit_is
     build_cache(recipe, root, dtype=dtype, shard_size=4)  # finished: nothing left to write, nothing needed
 
 
-def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe, tmp_path):
+def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe, tmp_path, monkeypatch):
     recipe = tiny_recipe("data.options.length=4")
     with pytest.raises(ValueError, match="4 views without augment would be 4 copies"):
         build_cache(recipe, tmp_path / "a", views=4)
@@ -164,7 +164,13 @@ def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe,
         build_cache(recipe, tmp_path / "b", views=0, augment=True)
     with pytest.raises(ValueError, match="cache shard size must be a positive integer, got 0"):
         build_cache(recipe, tmp_path / "c", shard_size=0)
-    assert not any((tmp_path / d).exists() for d in "abc")
+    # more shards than a cache may hold: refused before the build, not by training after it (MAX_SHARDS)
+    import sak.engine.cache.builder as builder
+
+    monkeypatch.setattr(builder, "MAX_SHARDS", 3)
+    with pytest.raises(CacheError, match=r"2 view\(s\) of 4 samples in shards of 1 make more than 3 shards"):
+        build_cache(recipe, tmp_path / "d", views=2, augment=True, shard_size=1)
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_path, capsys):

@@ -150,6 +150,7 @@ def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole
     [
         RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 356480 vs 356368"),
         SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+        RuntimeError("some other failure"),  # (not said to be a full disk)
     ],
 )
 def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_good_one_stays(tiny_recipe, monkeypatch, error):
@@ -168,8 +169,11 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_good_one_stay
 
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
     recipe = tiny_recipe("schedule.max_steps=4", "checkpoint.every=2")
+    disk = "other" not in str(error)
+    said = r"; a full disk\); the last complete one, .*step_00000002, is as it was: free space" if disk else (
+        r"\); the last complete one, .*step_00000002, is as it was$")  # fmt: skip
     with pytest.raises(OSError, match=rf"^cannot write checkpoint step_00000004.partial in .*\({type(error).__name__}: "
-                       r".*a full disk\?\); the last complete one, .*step_00000002, is as it was: free space"):  # fmt: skip
+                       rf".*{said}"):  # fmt: skip
         train(recipe)  # (no "[Errno 0]" before it)
     assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
 

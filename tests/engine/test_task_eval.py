@@ -462,9 +462,10 @@ def test_delta_m_leaves_out_a_task_with_nothing_scored_and_refuses_a_zero_refere
         (tmp_path / "ref.json").write_text(f'{{"semseg": {bad}}}')  # was an OverflowError traceback)
         with pytest.raises(EvalError, match="reference values must be finite and above 0"):
             load_reference(tmp_path / "ref.json")
-    (tmp_path / "ref.json").write_bytes(b'{"semseg": 50.0}\xff')  # (a UnicodeDecodeError naming no file)
-    with pytest.raises(EvalError, match=r"ref.json: cannot read the reference JSON"):
-        load_reference(tmp_path / "ref.json")
+    for text in (b'{"semseg": 50.0}\xff', b'{"semseg": 1' + b"0" * 5000 + b"}"):  # (UTF-8; Python's digit limit)
+        (tmp_path / "ref.json").write_bytes(text)
+        with pytest.raises(EvalError, match=r"ref.json: cannot read the reference JSON"):
+            load_reference(tmp_path / "ref.json")
 
 
 def test_eval_preds_does_not_offer_a_recipe_key_it_cannot_set_for_a_missing_label(evaluated, trained, tmp_path, capsys):

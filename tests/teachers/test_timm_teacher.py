@@ -320,3 +320,8 @@ def test_a_weights_file_torch_cannot_read_says_what_it_is_not(tmp_path):
         load_state_dict(tmp_path / "w.pth", "teacher")
     # torch's reason kept, not its advice to load with weights_only=False (which can run the file's code)
     assert "Unsupported operand 105" in str(error.value) and "False" not in str(error.value)
+    import argparse
+
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "ckpt.pth")  # (a training checkpoint)
+    with pytest.raises(WeightsError, match=r"Unsupported global.*it holds objects other than tensors; save its state"):
+        load_state_dict(tmp_path / "ckpt.pth", "teacher")

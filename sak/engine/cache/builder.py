@@ -18,6 +18,7 @@ from ...digest import hash_threads, local_processes, sha256_files
 from .identity import _diff, as_now, content_digests, identity, training_dataset
 from .store import (
     CONTENT_PREFIX,
+    MAX_SHARDS,
     REBUILD,
     CacheError,
     CachePlan,
@@ -215,6 +216,9 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
         teacher.check_image_size(image_hw)
     digests = content_digests(dataset, shared=True)  # (every process is here)
     ident = _kept_identity(out / "manifest.json", identity(recipe, teachers, views, augment, dtype, dataset, digests))
+    if views * -(-len(dataset) // shard_size) > MAX_SHARDS:  # (a cache reading refuses, after hours of building)
+        raise CacheError(f"{views} view(s) of {len(dataset)} samples in shards of {shard_size} make more than "
+                         f"{MAX_SHARDS} shards; use a larger --shard-size")  # fmt: skip
     plan = CachePlan(out, len(dataset), shard_size, views)
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
