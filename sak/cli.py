@@ -52,7 +52,9 @@ def _eval(args) -> int:
 
     from .engine.task_eval import evaluate_student, load_reference
 
-    check_out(args.out, [args.recipe, args.reference, args.save_preds, args.checkpoint], [args.checkpoint],
+    ck = Path(args.checkpoint)  # (its weights and records, not a result written beside them before: a rerun)
+    own = [ck / n for n in ("model.safetensors", "student.safetensors", "student.yaml", "recipe.yaml")]
+    check_out(args.out, [args.recipe, args.reference, args.save_preds, ck, *own], [ck / "checkpoints"],
               [args.save_preds])  # fmt: skip
     try:
         recipe = load_recipe(args.recipe, args.overrides)

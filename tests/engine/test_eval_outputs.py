@@ -35,9 +35,13 @@ def test_an_out_onto_an_input_is_refused_before_scoring(trained, evaluated, tmp_
         err = capsys.readouterr().err
         assert f"--out {out} is (or is in) " in err and "an input of this command" in err, err
     assert all(f.read_bytes() == data for f, data in before.items())
-    # a new file beside the inputs replaces nothing (eval-preds scores only the task folders)
+    # a new file beside the inputs replaces nothing (eval-preds scores only the task folders), nor does a result
+    # written in the run directory before (a rerun)
     assert main([*score, "--out", str(preds / "results.json")]) == 0
     (preds / "results.json").unlink()
+    for _ in range(2):
+        assert main([*evaluate, "--out", str(run_dir / "eval.json")]) == 0
+    (run_dir / "eval.json").unlink()
 
 
 def test_predictions_are_not_written_into_the_dataset_nor_onto_a_file(trained, tmp_path, capsys):  # noqa: F811
