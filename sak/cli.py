@@ -53,8 +53,10 @@ def _eval(args) -> int:
     from .engine.task_eval import evaluate_student, load_reference
 
     ck = Path(args.checkpoint)  # (its weights and records, not a result written beside them before: a rerun)
-    own = [ck / n for n in ("model.safetensors", "student.safetensors", "student.yaml", "recipe.yaml")]
-    check_out(args.out, [args.recipe, args.reference, args.save_preds, ck, *own], [ck / "checkpoints"],
+    own = [ck / n for n in ("model.safetensors", "student.safetensors", "student.yaml", "recipe.yaml",
+                            "run_info.json", "metrics.jsonl", "starts.jsonl", "final_metrics.json")]  # fmt: skip
+    step = [ck] if (ck / "trainer_state.json").is_file() else []  # (a checkpoint: every file of it)
+    check_out(args.out, [args.recipe, args.reference, args.save_preds, ck, *own], [ck / "checkpoints", *step],
               [args.save_preds])  # fmt: skip
     try:
         recipe = load_recipe(args.recipe, args.overrides)

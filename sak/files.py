@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from collections.abc import Callable
@@ -84,10 +85,29 @@ def check_not_input(out: str | os.PathLike, inputs=(), folders=(), task_folders=
     new file beside the inputs (`--out results.json` next to the predictions) is fine."""
     path = Path(out).resolve()
     clash = [f for f in inputs if f and path == Path(f).resolve()]
-    clash += [d for d in folders if d and path.is_file() and path.is_relative_to(Path(d).resolve())]
+    ours = path.is_file() and is_sak_output(path)  # (a result or manifest an earlier run wrote there: a rerun)
+    clash += [d for d in folders if d and path.is_file() and not ours and path.is_relative_to(Path(d).resolve())]
     clash += [d for d in task_folders if d and any(path.is_relative_to(Path(d).resolve() / t) for t in TASKS)]
     if clash:
         raise ValueError(f"{flag} {out} is (or is in) {clash[0]}, an input of this command: give another file")
+
+
+def is_sak_output(path: Path) -> bool:
+    """Whether `path` holds what a sak command writes as its output: an evaluation's result JSON (`sak eval` /
+    `eval-preds`) or a selection manifest (`sak select`, whose first line names it)."""
+    try:
+        if path.stat().st_size > 1 << 24:
+            return False
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith("# sak select "):
+        return True
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "tasks" in data and ("checkpoint" in data or "predictions" in data)
 
 
 # the task folders of saved predictions (sak.engine.predictions.SUFFIX's keys, named here without importing it)
@@ -112,15 +132,16 @@ def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:
 
 
 def check_preds_folder(folder: str | os.PathLike, flag: str, data_root: str | None = None) -> None:
-    """A folder to write predictions into (a subfolder per task), checked before the model runs: not a file, and
-    not overlapping the dataset (NYUD-v2's depth/ and normals/ have the predictions' layout: its ground truth
-    was replaced by the predictions)."""
+    """A folder to write predictions into (a subfolder per task), checked before the model runs: not a file, not
+    the dataset's own folder (NYUD-v2's depth/ and normals/ have the predictions' layout: its ground truth was
+    replaced by the predictions), nor one whose task folder would be the dataset."""
     path = Path(folder).resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {folder}: a file; give a folder for the predictions (a subfolder per task)")
     root = Path(data_root).resolve() if data_root else None
-    # inside the dataset, or the dataset where a task's predictions go (a folder above it is fine otherwise)
-    if root is not None and (path.is_relative_to(root) or any(root.is_relative_to(path / t) for t in TASKS)):
+    # the dataset's own folder (NYUD-v2's depth/ and normals/ are there), or the dataset where a task's
+    # predictions go; a folder in it, or above it otherwise, replaces none of its files
+    if root is not None and (path == root or any(root.is_relative_to(path / t) for t in TASKS)):
         raise ValueError(f"{flag} {folder} overlaps data.root {data_root}: predictions written there could replace "
                          "the dataset's own files (NYUD-v2's depth/ and normals/ are laid out as predictions are); "
                          "give a folder outside it")  # fmt: skip

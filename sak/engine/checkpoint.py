@@ -161,10 +161,10 @@ def _not_written(accelerator, root: Path, partial: Path, exc: Exception) -> OSEr
     last = latest_checkpoint(root)
     what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     kept = f"the last complete one, {last}, is as it was" if last is not None else "there is no earlier checkpoint"
-    disk = getattr(exc, "errno", None) == errno.ENOSPC or any(w in what for w in ("No space", "unexpected pos",
-                                                                                 "StorageFull"))  # fmt: skip
+    disk = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        w in str(exc) for w in ("No space", "unexpected pos", "StorageFull", "quota", "QuotaExceeded"))  # fmt: skip
     message = (f"cannot write checkpoint {partial.name} in {root} ({type(exc).__name__}: {what}"
-               f"{'; a full disk' if disk else ''}); {kept}" + (": free space and run again to resume" if disk else ""))  # fmt: skip
+               f"{'; a full disk or quota' if disk else ''}); {kept}" + (": free space and run again to resume" if disk else ""))  # fmt: skip
     code = getattr(exc, "errno", None)
     return OSError(code, message) if code else OSError(message)  # (not "[Errno 0]" for torch's RuntimeError)
 

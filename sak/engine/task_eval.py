@@ -132,7 +132,7 @@ def load_reference(path: str | Path) -> dict[str, float]:
     path = Path(path)
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (OSError, ValueError) as exc:  # (JSON and UTF-8 errors, and Python's limit on an integer's digits)
+    except (OSError, ValueError, RecursionError) as exc:  # (JSON, UTF-8, an integer's digits, nesting)
         raise EvalError(f"{path}: cannot read the reference JSON ({exc})") from exc
     known = set(SUFFIX)
     if not isinstance(data, dict) or not all(

@@ -170,7 +170,7 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_good_one_stay
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
     recipe = tiny_recipe("schedule.max_steps=4", "checkpoint.every=2")
     disk = "other" not in str(error)
-    said = r"; a full disk\); the last complete one, .*step_00000002, is as it was: free space" if disk else (
+    said = r"; a full disk or quota\); the last complete one, .*step_00000002, is as it was: free space" if disk else (
         r"\); the last complete one, .*step_00000002, is as it was$")  # fmt: skip
     with pytest.raises(OSError, match=rf"^cannot write checkpoint step_00000004.partial in .*\({type(error).__name__}: "
                        rf".*{said}"):  # fmt: skip

@@ -511,3 +511,6 @@ def test_a_manifest_is_never_written_onto_the_pool(png_pool, tmp_path, capsys):
         assert main(args) == 2
         assert f"--out {out} is (or is in) " in capsys.readouterr().err
     assert all(f.read_bytes() == data for f, data in before.items())
+    for _ in range(2):  # a manifest written into the folder pool before is replaced (a rerun), not refused
+        args = ["--pool", str(png_pool), "--method", "random", "--budget", "2", "--no-progress"]
+        assert main([*args, "--out", str(png_pool / "selected.txt")]) == 0

@@ -210,15 +210,15 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
     dataset = training_dataset(recipe, augment)
+    if views * -(-len(dataset) // shard_size) > MAX_SHARDS:  # (a cache reading refuses, after hours of building)
+        raise CacheError(f"{views} view(s) of {len(dataset)} samples in shards of {shard_size} make more than "
+                         f"{MAX_SHARDS} shards; use a larger --shard-size")  # fmt: skip
     # the maps of the data's images (one size: the shards stack them); a letterboxing teacher's are cut to the image
     image_hw = tuple(_ViewImages(dataset)[(0, 0)].shape[-2:]) if len(dataset) else None
     for teacher in teachers.values() if image_hw else ():
         teacher.check_image_size(image_hw)
     digests = content_digests(dataset, shared=True)  # (every process is here)
     ident = _kept_identity(out / "manifest.json", identity(recipe, teachers, views, augment, dtype, dataset, digests))
-    if views * -(-len(dataset) // shard_size) > MAX_SHARDS:  # (a cache reading refuses, after hours of building)
-        raise CacheError(f"{views} view(s) of {len(dataset)} samples in shards of {shard_size} make more than "
-                         f"{MAX_SHARDS} shards; use a larger --shard-size")  # fmt: skip
     plan = CachePlan(out, len(dataset), shard_size, views)
     layout = {"identity": ident, "shard_size": shard_size, "samples": len(dataset)}
     manifest_path = out / "manifest.json"
