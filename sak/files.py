@@ -78,6 +78,10 @@ def refuse_special_file(path: str | os.PathLike) -> None:
         raise OSError(errno.EINVAL, f"{os.fspath(path)} is a named pipe, socket or device, not a file to read")
 
 
+# the task folders of saved predictions, in this order (sak.engine.predictions.SUFFIX is made from them)
+TASKS = ("semseg", "parts", "saliency", "edges", "normals", "depth")
+
+
 def check_not_input(out: str | os.PathLike, inputs=(), folders=(), task_folders=(), flag: str = "--out") -> None:
     """A ValueError if writing `out` would replace an input: one of the `inputs` (files, or a folder to be
     written), an existing file under one of the `folders` (data.root, a folder pool, a checkpoint), or anything
@@ -108,10 +112,6 @@ def is_sak_output(path: Path) -> bool:
     except ValueError:
         return False
     return isinstance(data, dict) and "tasks" in data and ("checkpoint" in data or "predictions" in data)
-
-
-# the task folders of saved predictions (sak.engine.predictions.SUFFIX's keys, named here without importing it)
-TASKS = ("semseg", "parts", "saliency", "edges", "normals", "depth")
 
 
 def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:

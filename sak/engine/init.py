@@ -41,16 +41,24 @@ def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path
     )
 
 
+def saved_recipe(file: Path):
+    """The recipe.yaml every checkpoint holds beside the weights `file`, as YAML data; None without a readable one."""
+    recipe = file.parent / "recipe.yaml"
+    try:
+        return yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def saved_grid(file: Path, patch: int) -> tuple[int, int] | None:
     """The position-embedding grid of the run that saved the weights `file`, from the recipe.yaml every checkpoint
     holds beside them (`student.input_size`, else data.image_size square, over the patch size); None without it."""
-    recipe = file.parent / "recipe.yaml"
+    data = saved_recipe(file)
     try:
-        data = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
         student, size = data.get("student") or {}, (data.get("data") or {}).get("image_size")
         h, w = student.get("input_size") or (size, size)
         return int(h) // patch, int(w) // patch
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):  # not a recipe sak wrote: assume a square grid
+    except (AttributeError, TypeError, ValueError):  # not a recipe sak wrote: assume a square grid
         return None
 
 
@@ -62,15 +70,14 @@ def saved_normalization(file: Path) -> tuple[tuple, tuple] | None:
     from ..teachers.base import IMAGENET_MEAN, IMAGENET_STD
     from ..teachers.weights import is_local
 
-    recipe = file.parent / "recipe.yaml"
     try:
-        student = (yaml.safe_load(recipe.read_text()) if recipe.is_file() else None).get("student") or {}
+        student = saved_recipe(file).get("student") or {}
         if student.get("normalization", "pretrained") == "imagenet":
             return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
         model, pretrained = str(student["model"]), student.get("pretrained")
         hub = pretrained is not None and not is_local(str(pretrained))
         cfg = get_pretrained_cfg(f"{model.split('.')[0]}.{pretrained}" if hub else model)
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
         return None  # not a recipe sak wrote, or a model this timm does not know: nothing to compare
     if cfg is None or cfg.mean is None or cfg.std is None:  # (no config registered, e.g. a plug-in model's:
         return None  # timm builds the stem's from defaults, which this cannot know to be the same)

@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-SUFFIX = {"semseg": ".png", "parts": ".png", "saliency": ".png", "edges": ".png", "normals": ".png", "depth": ".npy"}
+from ..files import TASKS
+
+SUFFIX = {task: ".npy" if task == "depth" else ".png" for task in TASKS}  # (sak.files names the task folders)
 SEGMENTATION = ("semseg", "parts")
 PROBABILITY = ("saliency", "edges")
 

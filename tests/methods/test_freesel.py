@@ -489,28 +489,3 @@ def test_two_processes_select_what_one_process_selects(png_pool, tmp_path):
     assert "on 2 process(es)" in two.stdout
     assert main([*args, "--out", str(tmp_path / "one.txt")]) == 0
     assert read_manifest(str(tmp_path / "two.txt")) == read_manifest(str(tmp_path / "one.txt"))
-
-
-def test_a_manifest_is_never_written_onto_the_pool(png_pool, tmp_path, capsys):
-    """--out onto a pool image replaced it with the manifest's text; onto the recipe used as the pool, or a split
-    file under its data.root, replaced those."""
-    recipe = tmp_path / "pool.yaml"
-    recipe.write_text(TINY.read_text())
-    sets = [
-        "--set",
-        "data.name=image_folder",
-        "--set",
-        f"data.root={png_pool}",
-        "--set",
-        "data.options={split_subdir: false}",
-    ]
-    image = png_pool / "noise0.png"
-    before = {f: f.read_bytes() for f in (image, recipe)}
-    for pool, out, extra in ((png_pool, image, []), (recipe, recipe, sets), (recipe, image, sets)):
-        args = ["--pool", str(pool), *extra, "--method", "random", "--budget", "2", "--no-progress", "--out", str(out)]
-        assert main(args) == 2
-        assert f"--out {out} is (or is in) " in capsys.readouterr().err
-    assert all(f.read_bytes() == data for f, data in before.items())
-    for _ in range(2):  # a manifest written into the folder pool before is replaced (a rerun), not refused
-        args = ["--pool", str(png_pool), "--method", "random", "--budget", "2", "--no-progress"]
-        assert main([*args, "--out", str(png_pool / "selected.txt")]) == 0
