@@ -58,6 +58,10 @@
 #                                         # alone over the fp16 cache with 4 and 8 workers and one batch's host
 #                                         # copies, page-locked included (cache_loader_gpu; gather_pinned_s);
 #                                         # about 5 minutes. Run it before part 14, whose cached case it feeds
+#   bash benchmarks/gpu_checks.sh 16 OUT  # every gpu-marked test (the 7 files), then the framework overhead again
+#                                         # (bare loop vs sak engine, eager, stage 1 then stage 2 into OUT/stage2/)
+#                                         # since the engine steps the schedule on every step (2026-11-29); about
+#                                         # 8 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -79,7 +83,7 @@
 # CUDA graphs; part 15 before 14), 12, 5 (the rest), 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 15}
+part=${1:?part 1 to 16}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -133,6 +137,13 @@ case $part in
     # 32 batches an epoch: 8 workers keep 16 in flight (256 images would be the case the benchmark warns of)
     timeout 300 python3 -m benchmarks.cache_loader --images 512 --workers 4 8 --epochs 3 --dtypes fp16 \
         --results "$out" --name cache_loader_gpu ;;
-*) echo "part must be 1 to 15" >&2; exit 2 ;;
+16) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py \
+        tests/engine/test_cache_gpu.py tests/engine/test_compile_gpu.py tests/engine/test_export.py \
+        tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py
+    timeout "${LIMIT:-160}" $bench gpu/stage1/bare/online gpu/stage1/sak/online
+    mkdir -p "$out/stage2"
+    timeout "${LIMIT:-150}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
+        --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
+*) echo "part must be 1 to 16" >&2; exit 2 ;;
 esac
 ls -la "$out"
