@@ -62,6 +62,8 @@
 #                                         # (bare loop vs sak engine, eager, stage 1 then stage 2 into OUT/stage2/)
 #                                         # since the engine steps the schedule on every step (2026-11-29); about
 #                                         # 8 minutes
+#   bash benchmarks/gpu_checks.sh 17 OUT  # part 16's framework overhead with 30 steps, run round robin: stage 1
+#                                         # three times, stage 2 twice (into OUT/stage2/); about 7 minutes
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -83,7 +85,7 @@
 # CUDA graphs; part 15 before 14), 12, 5 (the rest), 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
-part=${1:?part 1 to 16}
+part=${1:?part 1 to 17}
 out=${2:-benchmarks/results}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -144,6 +146,10 @@ case $part in
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-150}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
-*) echo "part must be 1 to 16" >&2; exit 2 ;;
+17) rr="python3 -m benchmarks.throughput --suite gpu --steps 30 --warmup 5"
+    timeout 250 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
+    mkdir -p "$out/stage2"
+    timeout 180 $rr --repeats 2 --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
+*) echo "part must be 1 to 17" >&2; exit 2 ;;
 esac
 ls -la "$out"
