@@ -73,7 +73,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (`accelerate launch --gradient_accumulation_steps`)
     over the value sak passes (checked after `prepare` again, where a plugin may set it): the steps' images,
-    the schedule's length and the recorded recipe would be other than the run's. DeepSpeed is refused."""
+    the schedule's length and the recorded recipe would be other than the run's. DeepSpeed and FSDP are refused."""
     settings = [  # (key, the recipe's, Accelerate's, what sets Accelerate's)
         ("optim.grad_accum", recipe.optim.grad_accum, accelerator.gradient_accumulation_steps,
          "the environment's ACCELERATE_GRADIENT_ACCUMULATION_STEPS, or a plugin"),
@@ -83,8 +83,11 @@ def check_launch_settings(accelerator: Accelerator, recipe: Recipe) -> None:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise RecipeError(
             "DeepSpeed steps the optimiser inside backward, before sak's non-finite check, and clips by its own "
-            "config, not optim.grad_clip: sak's loop does not run under it; launch with --multi_gpu or --use_fsdp"
+            "config, not optim.grad_clip: sak's loop does not run under it; launch with --multi_gpu (DDP)"
         )
+    if accelerator.distributed_type == DistributedType.FSDP:  # (Accelerate writes pytorch_model_fsdp*.bin or shards)
+        raise RecipeError("FSDP is not supported: its checkpoints hold no model.safetensors, which resume, "
+                          "checkpoint.init_from, sak export and sak eval read; launch with --multi_gpu (DDP)")  # fmt: skip
     for key, asked, got, cause in settings:
         if asked != got:
             raise RecipeError(f"{key} is {asked!r} but Accelerate was configured with {got!r} ({cause}); set it "
@@ -133,8 +136,7 @@ def cache_facts(cache: FeatureCache) -> dict:
 
 
 def gradient_norm(student: torch.nn.Module) -> torch.Tensor:
-    """The 2-norm of the student's gradients, for the non-finite check (no clipping); under DDP the gradients
-    are all-reduced already, and a sharded one's norm is that of this process's shard."""
+    """The 2-norm of the student's gradients (all-reduced already under DDP), for the non-finite check."""
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -397,7 +399,6 @@ def train(recipe: Recipe) -> dict:
             reduced = accelerator.reduce(window, "mean").tolist()  # the step's one read from the device
             values, window = dict(zip(keys, reduced[: len(keys)], strict=True)), None
             if isinstance(grad_norm, torch.Tensor):
-                # (DDP: one norm on every process; FSDP unclipped: the shards' norms' mean, NaN if any is)
                 values["grad_norm"] = reduced[-1]
             values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
             if math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0)):

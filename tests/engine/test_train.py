@@ -388,7 +388,7 @@ def test_a_launch_that_sets_another_grad_accum_than_the_recipe_is_refused(tiny_r
         train(tiny_recipe())
 
 
-def test_a_deepspeed_launch_is_refused(tiny_recipe):
+def test_deepspeed_and_fsdp_launches_are_refused(tiny_recipe):
     """DeepSpeed steps inside backward: a NaN step was already in the weights when the log said "skipped",
     and the recipe's grad_clip went unused (its own config clips)."""
     import types
@@ -400,8 +400,12 @@ def test_a_deepspeed_launch_is_refused(tiny_recipe):
 
     fake = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=1,
                                  state=types.SimpleNamespace(mixed_precision="no"))  # fmt: skip
-    with pytest.raises(RecipeError, match=r"DeepSpeed steps the optimiser inside backward.*--multi_gpu or --use_fsdp"):
+    with pytest.raises(RecipeError, match=r"DeepSpeed steps the optimiser inside backward.*--multi_gpu \(DDP\)"):
         check_launch_settings(fake, tiny_recipe())
+    # FSDP's checkpoints are pickled pytorch_model_fsdp*.bin files or shard folders: export and eval found nothing
+    fsdp = types.SimpleNamespace(**{**vars(fake), "distributed_type": DistributedType.FSDP})
+    with pytest.raises(RecipeError, match=r"FSDP is not supported: its checkpoints hold no model.safetensors.*DDP"):
+        check_launch_settings(fsdp, tiny_recipe())
     ddp = types.SimpleNamespace(**{**vars(fake), "distributed_type": DistributedType.MULTI_GPU})
     check_launch_settings(ddp, tiny_recipe())
     ddp.state = types.SimpleNamespace(mixed_precision="bf16")  # (the cause named is precision's, not accumulation's)
