@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -97,14 +98,27 @@ def read_png(path: Path, channels: int) -> np.ndarray:
     return array
 
 
+_WARNED_ZERO_ONE: set[Path] = set()  # folders whose 0/1 8-bit maps read_fraction has warned of
+
+
 def read_fraction(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A grey PNG target (saliency, edges) as float32 in [0, 1]: 8-bit v / 255 (the releases'), 16-bit
-    v / 65535 (it read as up to 257), 1-bit as 0/1 (Pillow gives it as bool, which / 255 read as 0.004). (An
-    8-bit PNG of 0/1 values cannot be told from a faint soft map, and reads as v / 255.)"""
+    v / 65535 (it read as up to 257), 1-bit as 0/1 (Pillow gives it as bool, which / 255 read as 0.004). An
+    8-bit PNG of 0/1 values reads as v / 255 too, with a warning (once per folder and process): it is almost
+    always a 0/1 mask saved as 8 bits, which would read as an empty map."""
     array = check_shape(path, read_png(path, 1), shape)
     if array.dtype == bool:
         return array.astype(np.float32)
     if array.dtype == np.uint8:
+        if array.max(initial=0) == 1 and path.parent not in _WARNED_ZERO_ONE:
+            _WARNED_ZERO_ONE.add(path.parent)
+            warnings.warn(
+                f"{path}: an 8-bit map whose values are all 0 or 1, read as 0 and 1/255 (8-bit maps are v / 255, "
+                "as the releases' 0/255 maps); if it is a 0/1 mask, save it as 0/255 or as a 1-bit PNG (further "
+                f"such files in {path.parent} are not named)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return array.astype(np.float32) / 255.0
     if array.dtype in (np.uint16, np.int32) and array.min(initial=0) >= 0 and array.max(initial=0) <= 65535:
         return array.astype(np.float32) / 65535.0  # (Pillow gives 16-bit grey as I;16 or I)

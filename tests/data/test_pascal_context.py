@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.io
@@ -167,6 +169,21 @@ def test_a_one_bit_saliency_png_reads_as_the_eight_bit_one(copy):
     read = dataset(copy, "val", tasks=("saliency",))[0]["saliency"]
     assert Image.open(path).mode == "1" and unpad(ref["saliency"], ref["size"]).max() == 1
     assert torch.equal(read, ref["saliency"])
+
+
+def test_an_eight_bit_zero_one_saliency_png_is_warned_of_once_per_folder(copy):
+    """A 0/1 mask saved as 8 bits reads as 0 and 1/255: every pixel below 0.5, an empty saliency map."""
+    ids = dataset(copy, "val", tasks=("saliency",)).ids
+    for i in ids[:2]:
+        path = copy / "sal_distill" / f"{i}.png"
+        Image.fromarray((np.asarray(Image.open(path)) > 127).astype(np.uint8)).save(path)
+    with pytest.warns(RuntimeWarning, match=rf"{ids[0]}.png: an 8-bit map whose values are all 0 or 1") as caught:
+        for k in range(2):
+            dataset(copy, "val", tasks=("saliency",))[k]
+    assert len([w for w in caught if "values are all 0 or 1" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset(copy, "val", tasks=("saliency",))[2]  # a 0/255 map of the releases: no warning
 
 
 def test_subset_manifest_keeps_the_listed_ids_in_order(root, tmp_path):
