@@ -30,6 +30,9 @@ def _row(scores: dict[str, float], params_m: float | None = None, delta_m: float
     return PublishedRow(dict(scores), params_m, delta_m, note)
 
 
+SIGMOID_MAXF = "saliency maxF by its own code's meter, which thresholds sigmoid(p), not p (docs/metrics.md)"
+
+
 def _pascal(semseg: float, parts: float, saliency: float, normals: float, edges: float) -> dict[str, float]:
     return {"semseg": semseg, "parts": parts, "saliency": saliency, "normals": normals, "edges": edges}
 
@@ -42,8 +45,8 @@ PUBLISHED: dict[str, dict[str, PublishedRow]] = {
     "pascal_context": {
         "single-task": _row(_pascal(81.61, 72.77, 83.80, 13.87, 75.24), 1573, 0.00),
         "MT baseline": _row(_pascal(79.26, 68.28, 84.16, 14.06, 71.59), 357, -2.97),
-        "InvPT": _row(_pascal(79.03, 67.61, 84.81, 14.15, 73.00), 423, -2.81),
-        "TaskPrompter": _row(_pascal(80.89, 68.89, 84.83, 13.72, 73.50), 401, -1.24),
+        "InvPT": _row(_pascal(79.03, 67.61, 84.81, 14.15, 73.00), 423, -2.81, note=SIGMOID_MAXF),
+        "TaskPrompter": _row(_pascal(80.89, 68.89, 84.83, 13.72, 73.50), 401, -1.24, note=SIGMOID_MAXF),
         "MLoRE": _row(_pascal(81.41, 70.52, 84.90, 13.51, 75.42), 407, +0.16),
         "RADIO": _row(_pascal(81.11, 71.50, 85.17, 13.49, 74.80), 372, +0.29),
         "SAK ViT-L": _row(_pascal(84.01, 76.99, 84.65, 13.82, 76.27), 407, +2.30),

@@ -1,4 +1,4 @@
-"""Saliency maxF (docs/metrics.md), as the public SAK / InvPT `SaliencyMeter` computes it.
+"""Saliency maxF and mIoU (docs/metrics.md), as the public SAK `SaliencyMeter` computes them.
 
 For each threshold t of float32 `torch.arange(0.05, 1, 0.05)` (19 values; note the 12th is
 0.59999996, not float32(0.6) = 0.60000002, since torch and numpy round the range differently) a pixel is
@@ -8,6 +8,15 @@ positives are summed over the valid pixels (target != 255) of the whole dataset 
 F = (1 + b2) P R / (b2 P + R) with b2 = 0.3; maxF is the maximum over thresholds, x100. Undefined
 ratios count as 0, as the reference's `1e-8` guards make them. Counts are exact int64 (the reference
 sums in float32, which rounds once the counts pass 2^24; the effect is far below 0.01).
+
+mIoU, also SAK's: per image and threshold the IoU of the thresholded map with the target over its valid
+pixels, averaged over the images, maximum over thresholds, x100. An image with no valid pixel is left
+out; one whose union is empty at a threshold (no salient pixel in the target nor above t) counts IoU 1
+there, where the reference divides by zero and stops.
+
+InvPT's and TaskPrompter's meters (prismformore/Multi-Task-Transformer, evaluation/eval_sal.py) apply a
+sigmoid to the / 255 values before thresholding, so on probabilities their thresholds fall at logit(t);
+their published maxF is not this measure.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ def saliency_thresholds(step: float = 0.05) -> Tensor:
 
 @METRICS.register("saliency")
 class SaliencyMaxF(Metric):
-    """State: `tp`, `pred_pos`, `gt_pos` (T,) int64 per threshold and `valid` () int64."""
+    """State: `tp`, `pred_pos`, `gt_pos` (T,) int64 per threshold, `valid` () int64, `iou_sum` (T,) float64
+    (the images' IoUs summed per threshold) and `images` () int64 (images with a valid pixel)."""
 
     task = "saliency"
     headline = "maxF"
@@ -47,6 +57,8 @@ class SaliencyMaxF(Metric):
             "pred_pos": (t, torch.int64),
             "gt_pos": (t, torch.int64),
             "valid": ((), torch.int64),
+            "iou_sum": (t, torch.float64),
+            "images": ((), torch.int64),
         }
 
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -54,20 +66,27 @@ class SaliencyMaxF(Metric):
         pred, target = maps(self.task, pred, target)
         check_probability(self.task, pred)
         valid = target != IGNORE
-        gt = target[valid]
-        if not ((gt == 0) | (gt == 1)).all():
-            raise ValueError(f"{self.task}: target values must be 0, 1 or {IGNORE}, got {gt.unique()[:10].tolist()}")
-        gt = gt.bool()
-        p = pred[valid].float()
+        labels = target[valid]
+        if not ((labels == 0) | (labels == 1)).all():
+            raise ValueError(
+                f"{self.task}: target values must be 0, 1 or {IGNORE}, got {labels.unique()[:10].tolist()}"
+            )
         n_t = len(self.thresholds)
-        # level = number of thresholds t with t <= p, so p >= thresholds[j] exactly when level > j
-        level = torch.bucketize(p, self.thresholds, right=True)
-        above = _count_at_least(level, n_t)
-        above_pos = _count_at_least(level[gt], n_t)
-        self._state["tp"] += above_pos
-        self._state["pred_pos"] += above
-        self._state["gt_pos"] += int(gt.sum())
-        self._state["valid"] += gt.numel()
+        for p, t, v in zip(pred, target, valid, strict=True):  # per image: its IoU per threshold
+            gt = t[v].bool()
+            if not gt.numel():
+                continue
+            # level = number of thresholds t with t <= p, so p >= thresholds[j] exactly when level > j
+            level = torch.bucketize(p[v].float(), self.thresholds, right=True)
+            above, above_pos, positives = _count_at_least(level, n_t), _count_at_least(level[gt], n_t), int(gt.sum())
+            self._state["tp"] += above_pos
+            self._state["pred_pos"] += above
+            self._state["gt_pos"] += positives
+            self._state["valid"] += gt.numel()
+            union = above + positives - above_pos
+            iou = torch.where(union > 0, above_pos.double() / union.clamp_min(1), torch.ones((), dtype=torch.float64))
+            self._state["iou_sum"] += iou
+            self._state["images"] += 1
 
     def compute(self) -> dict[str, float]:
         if self._state["valid"] == 0:
@@ -80,11 +99,14 @@ class SaliencyMaxF(Metric):
             denom > 0, (1 + self.beta2) * precision * recall / denom.clamp_min(1e-300), torch.zeros_like(tp)
         )
         best = int(f.argmax())
+        iou = self._state["iou_sum"] / self._state["images"]
         return {
             "maxF": 100 * f[best].item(),
             "threshold": self.thresholds[best].item(),
             "precision": 100 * precision[best].item(),
             "recall": 100 * recall[best].item(),
+            "mIoU": 100 * iou.max().item(),
+            "mIoU_threshold": self.thresholds[int(iou.argmax())].item(),
         }
 
 

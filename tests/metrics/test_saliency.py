@@ -55,3 +55,38 @@ def test_rejects_targets_that_are_not_binary():
 def test_rejects_logits():
     with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
         build_metric("saliency").update(torch.randn(1, 1, 4, 4) * 5, torch.ones(1, 1, 4, 4))
+
+
+def test_miou_is_the_per_image_iou_averaged_over_images_at_the_best_threshold():
+    """SAK's SaliencyMeter also reports mIoU: the IoU of each image's thresholded map, averaged over images,
+    maximum over thresholds (sak reported only maxF)."""
+    rng = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 256, (3, 1, 12, 10), generator=rng).float() / 255
+    target = (torch.rand(3, 1, 12, 10, generator=rng) < pred).float()
+    target[1, :, :4] = 255
+    metric = build_metric("saliency")
+    metric.update(pred[:2], target[:2])
+    metric.update(pred[2:], target[2:])
+    per_threshold = []
+    for t in saliency_thresholds():
+        ious = []
+        for p, g in zip(pred, target, strict=True):
+            valid = g != 255
+            above, positive = (p >= t)[valid], g[valid] == 1
+            ious.append(float((above & positive).sum()) / float((above | positive).sum()))
+        per_threshold.append(sum(ious) / len(ious))
+    out = metric.compute()
+    assert out["mIoU"] == pytest.approx(100 * max(per_threshold), abs=1e-9)
+    best = max(range(19), key=lambda j: per_threshold[j])
+    assert out["mIoU_threshold"] == pytest.approx(saliency_thresholds()[best].item())
+
+
+def test_miou_counts_an_empty_union_as_agreement_and_leaves_unscored_images_out():
+    metric = build_metric("saliency")
+    pred = torch.tensor([[0.0, 0.0], [0.9, 0.9], [0.5, 0.5]]).view(3, 1, 1, 2)
+    target = torch.tensor([[0.0, 0.0], [1.0, 0.0], [255.0, 255.0]]).view(3, 1, 1, 2)
+    metric.update(pred, target)
+    # image 1: nothing salient, nothing predicted (IoU 1 at every threshold); image 2: IoU 1/2 up to 0.9;
+    # image 3: no valid pixel, left out
+    assert metric.state()["images"].item() == 2
+    assert metric.compute()["mIoU"] == pytest.approx(100 * (1 + 0.5) / 2)
