@@ -176,7 +176,11 @@ def read_prediction(
     expected_ndim = 3 if task == "normals" else 2
     if array.ndim != expected_ndim or (task == "normals" and array.shape[2] != 3):
         kind = "an RGB PNG (H, W, 3)" if task == "normals" else "a single-channel (H, W) map"
-        raise PredictionError(f"{path}: expected {kind}, got shape {array.shape}")
+        colour = task in SEGMENTATION and array.ndim == 3  # (SAK's save_img writes its segmentations so)
+        raise PredictionError(
+            f"{path}: expected {kind}, got shape {array.shape}"
+            + (" (a colour-coded segmentation? save class indices, 0..C-1, as grey PNGs)" if colour else "")
+        )
     if size is not None and tuple(array.shape[:2]) != (int(size[0]), int(size[1])):
         raise PredictionError(
             f"{path}: prediction is {array.shape[0]}x{array.shape[1]}, the ground truth is {int(size[0])}x{int(size[1])}"

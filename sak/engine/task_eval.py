@@ -341,13 +341,19 @@ def evaluate_student(
 # a folder of saved predictions
 # ---------------------------------------------------------------------------------------------
 # the task names of the MTI-Net / ATRC / InvPT code that SAK's evaluation descends from, whose prediction
-# folders are named after them; the file formats are the ones read here
+# folders are named after them; MTI-Net's files are in the formats read here, SAK's save_img writes its
+# segmentations colour-coded (refused by name) and its edge maps into edge/img and edge/nms
 REFERENCE_CODE_NAMES = {"sal": "saliency", "edge": "edges", "human_parts": "parts"}
 
 
 def _renaming(names: list[str]) -> str:
     hints = [f"{n} -> {REFERENCE_CODE_NAMES[n]}" for n in names if n in REFERENCE_CODE_NAMES]
-    return f" (the reference code's names: rename {', '.join(hints)})" if hints else ""
+    edge = (
+        "; from SAK's save_img, edges/ takes edge/img's maps, not edge/nms's: sak thins them itself"
+        if "edge" in names
+        else ""
+    )
+    return f" (the reference code's names: rename {', '.join(hints)}{edge})" if hints else ""
 
 
 def prediction_tasks(dataset: str, preds_dir: Path, tasks: list[str] | None) -> list[str]:

@@ -93,7 +93,7 @@ def _bad_file(kind: str, root):
         ("unreadable", "cannot read the PNG"),
         ("size", "prediction is 4x7, the ground truth is 5x7"),
         ("class", "class value(s) [30] out of range; expected 0..20"),
-        ("channels", "expected a single-channel (H, W) map"),
+        ("channels", "expected a single-channel (H, W) map, got shape (5, 7, 3) (a colour-coded segmentation?"),
     ],
 )
 def test_a_bad_prediction_file_is_named_with_what_is_wrong(kind, message, tmp_path):

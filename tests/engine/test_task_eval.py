@@ -175,8 +175,8 @@ def test_eval_preds_names_the_folders_it_leaves_out_with_the_reference_codes_nam
         shutil.rmtree(copy / task)
     assert main(args) == 2
     assert (
-        "it has edge, sal (the reference code's names: rename edge -> edges, sal -> saliency)"
-        in capsys.readouterr().err
+        "it has edge, sal (the reference code's names: rename edge -> edges, sal -> saliency; from SAK's "
+        "save_img, edges/ takes edge/img's maps, not edge/nms's: sak thins them itself)" in capsys.readouterr().err
     )
 
 
