@@ -23,6 +23,7 @@ attention never materialises the attention matrix). `attention_unavailable` admi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -275,24 +276,33 @@ def batched_kmeans(x: Tensor, mask: Tensor, k: int, uniforms: Tensor, iters: int
     return out  # type: ignore[return-value]
 
 
-def image_uniforms(indices: list[int], k: int, seed: int) -> Tensor:
-    """(B, k) uniforms for k-means seeding, a function of (seed, image index) only."""
-    return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).random(k) for i in indices]))
+def image_uniforms(keys: list[int], k: int, seed: int) -> Tensor:
+    """(B, k) uniforms for k-means seeding, a function of (seed, the image's key) only."""
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).random(k) for i in keys]))
+
+
+def content_key(image: Tensor) -> int:
+    """A key of an image's pixels (uint8 (3, H, W)), to seed its k-means: two copies of one image get the same
+    patterns wherever they sit in the pool, so a copy of a selected image is at distance ~0 (seeded by its pool
+    position, it got other local optima, as far from the selected one as unrelated images)."""
+    digest = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=8)
+    digest.update(image.contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def semantic_patterns(
     teacher: Teacher,
     x: Tensor,
-    indices: list[int],
+    keys: list[int],
     options: PatternOptions,
     dtype: torch.dtype | None = None,
     sizes: list[tuple[int, int]] | None = None,
     ids: list[str] | None = None,
 ) -> tuple[list[Tensor], Tensor, str]:
-    """Preprocessed images (B, 3, H, W) at pool positions `indices` -> per-image patterns (m_i <= k, C),
-    global features (B, C) and the filter used ("attention" or "norm"). `sizes`: the images' (H, W) before
-    preprocessing, so that letterbox padding is left out of both (see `valid_tokens`); `ids`: the images'
-    ids, for errors.
+    """Preprocessed images (B, 3, H, W) with k-means keys `keys` (`content_key` of each image) -> per-image
+    patterns (m_i <= k, C), global features (B, C) and the filter used ("attention" or "norm"). `sizes`: the
+    images' (H, W) before preprocessing, so that letterbox padding is left out of both (see `valid_tokens`);
+    `ids`: the images' ids, for errors.
 
     Raises:
         SelectionError: the teacher gave a non-finite feature or filter weight for an image (one NaN would
@@ -301,12 +311,12 @@ def semantic_patterns(
     feats, weights, used, valid = patch_tokens(teacher, x, options, dtype, sizes)
     finite = feats.isfinite().flatten(1).all(1) & weights.isfinite().flatten(1).all(1)  # (B,)
     if not bool(finite.all()):
-        bad = [(ids or indices)[i] for i in (~finite).nonzero().flatten().tolist()]
+        bad = [(ids or keys)[i] for i in (~finite).nonzero().flatten().tolist()]
         hint = f" computed in {str(dtype).removeprefix('torch.')}: try --dtype fp32" if dtype is not None else ""
         raise SelectionError(f"teacher {teacher.meta.name} gave non-finite features (nan or inf) for image(s) "
                              f"{bad[:5]}{hint}")  # fmt: skip
     keep = top_share_mask(weights, options.keep) & valid  # & valid: with keep=1 zero weights would pass too
-    uniforms = image_uniforms(indices, options.k, options.seed)
+    uniforms = image_uniforms(keys, options.k, options.seed)
     patterns = batched_kmeans(feats, keep, options.k, uniforms, options.kmeans_iters)
     global_features = (feats * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # mean over image tokens
     return [p.float().cpu() for p in patterns], global_features.float().cpu(), used
@@ -360,7 +370,8 @@ def extract_features(
             x = preprocess_batch(teacher, batch["image"], state.device)
             sizes = [tuple(im.shape[-2:]) for im in batch["image"]]
             ids = [str(i) for i in batch["id"]]
-            patterns, global_features, how = semantic_patterns(teacher, x, indices, options, dtype, sizes, ids)
+            keys = [content_key(im) for im in batch["image"]]
+            patterns, global_features, how = semantic_patterns(teacher, x, keys, options, dtype, sizes, ids)
             used.add(how)
             for i, image_id, p, g in zip(indices, ids, patterns, global_features, strict=True):
                 rows.append(ImageFeatures(i, image_id, p, g))

@@ -86,6 +86,28 @@ def test_a_duplicate_of_a_selected_image_is_at_distance_zero():
     assert nearest.image_distance()[10] == 0.0 and nearest.dist[40:].abs().max() == 0.0
 
 
+def test_a_copy_of_a_selected_photo_gets_its_patterns_and_distance_zero(png_pool):  # noqa: F811
+    """Each image's k-means was seeded by its pool position: a byte-identical copy of a selected image got other
+    local optima and stayed as far from it as unrelated images, so d^2 sampling could pick it."""
+    import shutil
+
+    from sak.methods import ImageFolderPool
+    from sak.methods.freesel import PatternOptions, extract_features
+    from sak.methods.selection import NearestSelected
+
+    from .test_freesel import tiny_vit_teacher
+
+    shutil.copy(png_pool / "noise2.png", png_pool / "stripes" / "zz_copy.png")  # another folder, the pool's end
+    pool = ImageFolderPool(png_pool)
+    rows, _ = extract_features(tiny_vit_teacher(), pool, PatternOptions(k=4, keep=1.0), batch_size=5, progress=False)
+    original, copy = pool.ids.index("noise2"), pool.ids.index("stripes/zz_copy")
+    torch.testing.assert_close(rows[copy].patterns, rows[original].patterns, atol=1e-5, rtol=1e-5)
+    nearest = NearestSelected([torch.nn.functional.normalize(r.patterns, dim=-1) for r in rows], "cosine")
+    nearest.add(original)
+    distances = nearest.image_distance()
+    assert distances[copy] < 1e-5 and sorted(distances.tolist())[2] > 1e-3  # the others stay away
+
+
 def test_random_subset_is_a_seeded_permutation_prefix():
     assert random_subset(50, 10, seed=1) == random_subset(50, 10, seed=1) != random_subset(50, 10, seed=2)
     assert random_subset(50, 5, seed=1) == random_subset(50, 10, seed=1)[:5]
