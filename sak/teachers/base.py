@@ -176,10 +176,11 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 
 
 def letterbox_extent(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(h, w) of an (H, W) image with its longest side resized to `size`, aspect kept (resize "longest_pad")."""
+    """(h, w) of an (H, W) image with its longest side resized to `size`, aspect kept (resize "longest_pad"), as
+    SAM's ResizeLongestSide rounds it; at least 1 pixel (SAM's rounds a side under half a pixel to 0 and stops)."""
     h, w = image_hw
     scale = size / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def image_tokens(grid: tuple[int, int], size: int, extent: tuple[int, int]) -> tuple[int, int]:

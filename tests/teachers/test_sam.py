@@ -309,7 +309,7 @@ def test_attention_option_names_its_choices():
         create_teacher("sam", spec=spec, source="timm", model_kwargs=TIMM, fused_attention=False)
 
 
-@pytest.mark.parametrize("hw", [(48, 64), (80, 40), (64, 64), (20, 64)])
+@pytest.mark.parametrize("hw", [(48, 64), (80, 40), (64, 64), (20, 64), (1, 400)])
 def test_maps_of_non_square_images_are_cut_to_the_tokens_that_cover_the_image(sam_file, hw):
     """SAM letterboxes (longest side to 64 px here, zeros right and below): `encode` keeps the rows and columns
     of its 8 x 8 grid whose centres lie in the image, so that the student's maps (the image only) are not
@@ -317,7 +317,8 @@ def test_maps_of_non_square_images_are_cut_to_the_tokens_that_cover_the_image(sa
     t = teacher("segment_anything", sam_file)
     images = torch.rand(2, 3, *hw)
     full = t(t.preprocess(images)).levels
-    expected = {(48, 64): (6, 8), (80, 40): (8, 4), (64, 64): (8, 8), (20, 64): (3, 8)}[hw]  # 20 px -> 2.5 rows
+    # 20 px -> 2.5 rows; 1 x 400 px -> 0.16 px, kept as 1 (rounded to 0 rows, the resize stopped)
+    expected = {(48, 64): (6, 8), (80, 40): (8, 4), (64, 64): (8, 8), (20, 64): (3, 8), (1, 400): (1, 8)}[hw]
     got = t.encode(images).levels
     assert [tuple(level.shape[1:]) for level in got] == t.map_shapes(hw) == [(32, *expected)] * 4
     for a, b in zip(got, full, strict=True):
