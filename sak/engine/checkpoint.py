@@ -317,11 +317,14 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
 
     written = len(list(path.glob("random_states_*.pkl")))
     if written != processes:
+        # (--multi_gpu: without it a CPU launch starts one process whatever --num_processes says)
+        launch = "one process" if written == 1 else f"`accelerate launch --multi_gpu --num_processes {written}`"
+        final = path / "final_metrics.json"  # (run_records.FINAL_METRICS; that module imports this one)
         raise CheckpointError(
             f"cannot resume from {path}: it was written by {written} process(es) and this run has {processes}; an "
-            "exact resume needs the same number (`accelerate launch --num_processes "
-            f"{written}`); or start a new run (another run.name) from its weights with checkpoint.init_from={path}, "
-            "without its optimiser state"
+            f"exact resume needs the same number ({launch}); or start a new run (another run.name) from its weights "
+            f"with checkpoint.init_from={path}, without its optimiser state"
+            + (f". The run finished: its final metrics are in {final}" if final.is_file() else "")
         )
     try:
         states = load(path / f"random_states_{rank}.pkl")  # (weights_only, as Accelerate loads it)

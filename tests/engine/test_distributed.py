@@ -269,3 +269,15 @@ def test_a_recipe_error_is_said_once_not_by_each_process(tmp_path):
     bad = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "optim.nosuch=1", timeout=120)
     assert bad.returncode != 0
     assert bad.stderr.count("unknown key 'optim.nosuch'") == 1, bad.stderr[-3000:]
+
+
+def test_a_finished_run_of_another_number_of_processes_names_its_final_metrics(tiny_recipe):
+    """Started again on another number of processes, a finished run was refused without a word of being done."""
+    from sak.engine import train
+    from sak.engine.checkpoint import CheckpointError, latest_checkpoint
+
+    train(tiny_recipe("schedule.max_steps=2"))
+    ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
+    (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
+    with pytest.raises(CheckpointError, match=f"The run finished: its final metrics are in {ckpt}/final_metrics.json"):
+        train(tiny_recipe("schedule.max_steps=2"))
