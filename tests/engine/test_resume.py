@@ -388,7 +388,7 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tiny_recipe):
     ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
     (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
     with pytest.raises(CheckpointError, match=r"this run has 1; an exact resume needs the same number \(`accelerate "
-                                              "launch --multi_gpu --num_processes 2`\)"):  # fmt: skip
+                                              r"launch --multi_gpu --num_processes 2`\)"):  # fmt: skip
         train(tiny_recipe())  # (without --multi_gpu a CPU launch started 1 process)
 
 
