@@ -109,7 +109,9 @@ def resize_position_embeddings(
             continue  # without its recipe.yaml: left to the shape check, which names the file and both shapes
         if own[key].shape == value.shape and grid == new_grid:  # (3 x 4 into 4 x 3 has as many tokens: resampled)
             continue
-        state[key] = resample_abs_pos_embed(value, new_grid, grid, num_prefix_tokens=prefix)
+        # bicubic without antialiasing, as SAK's update_weights (timm's default antialias=True takes PIL's
+        # cubic, a = -0.5, where the plain one has a = -0.75: another embedding even when upsampling)
+        state[key] = resample_abs_pos_embed(value, new_grid, grid, num_prefix_tokens=prefix, antialias=False)
         resized.append(f"{key}: {grid[0]}x{grid[1]} -> {new_grid[0]}x{new_grid[1]}")
     return resized
 

@@ -143,7 +143,7 @@ def test_stage1_then_stage2_on_nyud_through_the_shipped_recipes(tmp_path):
         student = build_student(other, teachers, build_tasks(other))
         init_student_from(student, s2.run_dir)
         grid = [side // 16 for side in size]
-        expected = resample_abs_pos_embed(saved, grid, [3, 4], num_prefix_tokens=1)
+        expected = resample_abs_pos_embed(saved, grid, [3, 4], num_prefix_tokens=1, antialias=False)  # as SAK
         torch.testing.assert_close(student.stem.vit.pos_embed.data, expected)
     # resumed with another input size: the error says which one the checkpoint has
     with pytest.raises(CheckpointError, match=r"Resume with student.input_size=\[48, 64\] \(the checkpoint's\)"):
