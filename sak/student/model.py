@@ -11,7 +11,7 @@ from ..registry import ROUTERS
 from ..teachers.base import normalize, to_float01
 from .adapters import TeacherSpecificAdapterPath, TokenGrid
 from .heads import DecodeHead
-from .router import Router, mix_experts, mix_experts_per_image
+from .router import Router, mix_experts, mix_experts_per_image, mix_experts_per_token
 from .stem import TeacherAgnosticStem, student_levels
 
 
@@ -119,7 +119,8 @@ class SAKStudent(nn.Module):
     def mix(self, tas: list[Tensor], experts: list[list[Tensor]]) -> dict[str, list[Tensor]]:
         """Every task's router mixture per level. The routers' weights come first, task by task (the noisy
         routers draw their noise in that order); then, per level, the tasks whose routers weight each image
-        mix the level's experts together (`mix_experts_per_image`: one stack, one product), the others alone."""
+        mix the level's experts together (`mix_experts_per_image`: one stack, one product), those weighting each
+        token (the noisy routers in training) together too (`mix_experts_per_token`), the others alone."""
         mixed: dict[str, list[Tensor | None]] = {task: [None] * len(tas) for task in self.heads}
         weights: dict[tuple[str, int], Tensor | None] = {}
         for task in self.heads:
@@ -129,11 +130,11 @@ class SAKStudent(nn.Module):
                 else:  # a plug-in router with its own mixing
                     mixed[task][j] = router(tas[j], experts[j])
         for j in range(len(tas)):
-            per_image = [t for t in self.heads if (t, j) in weights and getattr(weights[t, j], "ndim", 0) == 2]
-            if per_image:
-                together = mix_experts_per_image(experts[j], [weights[t, j] for t in per_image])
-                for task, m in zip(per_image, together, strict=True):
-                    mixed[task][j] = m
+            for ndim, mix in ((2, mix_experts_per_image), (3, mix_experts_per_token)):
+                alike = [t for t in self.heads if (t, j) in weights and getattr(weights[t, j], "ndim", 0) == ndim]
+                if alike:
+                    for task, m in zip(alike, mix(experts[j], [weights[t, j] for t in alike]), strict=True):
+                        mixed[task][j] = m
             for task in self.heads:
                 if mixed[task][j] is None:
                     mixed[task][j] = mix_experts(experts[j], weights[task, j])

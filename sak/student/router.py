@@ -51,6 +51,20 @@ def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[
     return list(mixed.view(b, len(weights), n, d).unbind(1))  # backward: one stack of the tasks' gradients
 
 
+def mix_experts_per_token(experts: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """Several per-token weightings (B, N, E) of the same experts (one per task; the noisy routers' in
+    training) -> one (B, N, D) mixture each: eager on the CPU one product (B*N, T, E) @ (B*N, E, D) over the
+    experts stacked once, elsewhere multiply-adds (as `mix_experts_per_image`)."""
+    if _use_multiply_adds(experts[0]):
+        return [mix_by_multiply_adds(experts, w) for w in weights]
+    b, n, d = experts[0].shape
+    with torch.autocast(experts[0].device.type, enabled=False):
+        stacked = torch.stack(experts, dim=2).view(b * n, len(experts), d)
+        w = torch.stack(weights, dim=2).to(stacked.dtype).view(b * n, len(weights), -1)  # (B*N, T, E)
+        mixed = torch.bmm(w, stacked)  # (B*N, T, D)
+    return list(mixed.view(b, n, len(weights), d).unbind(2))
+
+
 def _use_multiply_adds(x: Tensor) -> bool:
     return x.device.type != "cpu" or torch.compiler.is_compiling()
 
@@ -84,9 +98,12 @@ class Router(nn.Module):
 
 @ROUTERS.register("noisy")
 class NoisyRouter(Router):
-    """SAK's image-level noisy gating: MLP D -> D/2 -> LayerNorm -> GELU -> 2E logits per token,
-    mean-pooled over tokens; half are gate logits, half noise scales (softplus + 0.01); Gaussian noise
-    is added in training only; softmax over the E experts, no top-k."""
+    """SAK's noisy gating: MLP D -> D/2 -> LayerNorm -> GELU -> 2E logits per token, mean-pooled over tokens;
+    half are gate logits, half noise scales (softplus + 0.01); softmax over the E experts, no top-k. In
+    evaluation one weighting per image, (B, E). In training Gaussian noise is drawn for every token, so the
+    weights are per token, (B, N, E): SAK's GlobalRouter expands the pooled logits to the (H, W) grid before
+    `randn_like` draws the noise (it was one draw per image here, which shook the whole image's mixture at
+    once)."""
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__(dim, num_experts)
@@ -97,9 +114,10 @@ class NoisyRouter(Router):
     def weights(self, tas: Tensor) -> Tensor:
         logits = self.mlp(tas).mean(1)  # (B, 2E)
         clean, raw_noise = logits.chunk(2, dim=-1)
-        if self.training:
-            clean = clean + torch.randn_like(clean) * (F.softplus(raw_noise) + 0.01)
-        return clean.softmax(-1)
+        if not self.training:
+            return clean.softmax(-1)
+        noise = torch.randn(tas.shape[0], tas.shape[1], clean.shape[1], device=clean.device, dtype=clean.dtype)
+        return (clean[:, None] + noise * (F.softplus(raw_noise) + 0.01)[:, None]).softmax(-1)  # (B, N, E)
 
 
 @ROUTERS.register("none")

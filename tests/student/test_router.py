@@ -10,6 +10,7 @@ from sak.student.router import (
     _use_multiply_adds,
     mix_experts,
     mix_experts_per_image,
+    mix_experts_per_token,
 )
 
 
@@ -28,8 +29,10 @@ def test_noisy_router_weights_sum_to_one_with_noise_only_in_training():
     torch.testing.assert_close(w1, w2)  # eval: deterministic
     router.train()
     t1, t2 = router.weights(tas), router.weights(tas)
-    torch.testing.assert_close(t1.sum(-1), torch.ones(2))
+    torch.testing.assert_close(t1.sum(-1), torch.ones(2, 5))
     assert not torch.allclose(t1, t2)  # training: noisy
+    # noise per token, as SAK's (its pooled logits expanded to the grid, then randn_like): it was per image
+    assert t1.shape == (2, 5, 3) and not torch.allclose(t1[:, :1].expand_as(t1), t1)
     mixed = router.eval()(tas, ex)
     expected = sum(w1[:, i, None, None] * ex[i] for i in range(3))
     torch.testing.assert_close(mixed, expected)
@@ -79,6 +82,9 @@ def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_ba
     def mix():
         return [mix_experts(ex, w) for w in ws] if per_token else mix_experts_per_image(ex, ws)
 
+    def mix_tokens():  # several tasks' per-token weights at once (the noisy routers' in training)
+        return mix_experts_per_token(ex, ws)
+
     products = []
     bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: products.append(1) or bmm(*a))
@@ -95,6 +101,15 @@ def test_multiply_add_mixing_of_accelerators_and_compiled_students_equals_the_ba
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert mix_experts([e.detach().float() for e in ex], ws[0].detach().float()).dtype == torch.float32
+    if per_token:  # the tasks together: the same mixtures and gradients, by one product or multiply-adds
+        monkeypatch.undo()
+        eager = mix_tokens()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for together in (eager, mix_tokens()):
+            for a, b in zip(together, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            for a, b in zip(torch.autograd.grad(together, ex + ws, grads), got_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.gpu
@@ -108,6 +123,7 @@ def test_mixing_on_cuda_takes_multiply_adds_and_equals_the_cpus_product(monkeypa
     def run(device):
         xs = [e.to(device).requires_grad_(True) for e in ex]
         mixed = mix_experts_per_image(xs, [w.to(device) for w in ws[:3]]) + [mix_experts(xs, ws[3].to(device))]
+        mixed += mix_experts_per_token(xs, [ws[3].to(device), ws[3].flip(1).to(device)])
         grads = torch.autograd.grad(mixed, xs, [torch.ones_like(m) for m in mixed])
         return [m.detach().cpu() for m in mixed], [g.cpu() for g in grads]
 

@@ -439,9 +439,10 @@ def test_decode_head_convolutions_run_channels_last_and_compute_what_nchw_comput
 
 
 def test_tasks_mix_their_experts_together_as_each_router_would_alone():
-    """SAKStudent.mix stacks a level's experts once and mixes them for every task with per-image routers in
-    one product: the same mixtures and gradients as each router's own forward, noise included (drawn in the
-    same order), in float64; pixel routers and plug-in routers with their own forward are mixed alone."""
+    """SAKStudent.mix stacks a level's experts once and mixes them for the tasks whose routers weight each
+    image in one product, and for those weighting each token (the noisy routers in training, pixel routers) in
+    another: the same mixtures and gradients as each router's own forward, noise included (drawn in the same
+    order), in float64; plug-in routers with their own forward are called alone."""
 
     class Doubling(NoisyRouter):  # a plug-in router with its own mixing: called as it is
         def forward(self, tas, experts):
