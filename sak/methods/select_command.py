@@ -14,7 +14,7 @@ import torch
 
 from ..config.yaml_read import read_pairs
 from ..files import check_not_input
-from .freesel import PatternOptions, build_teacher, extract_features
+from .freesel import PatternOptions, attention_unavailable, build_teacher, extract_features, vit_of
 from .selection import (
     METHODS,
     METRICS,
@@ -144,6 +144,14 @@ def select(args: argparse.Namespace) -> int:
             print(  # the features of random weights select no better than chance: worth saying, not refusing (tests)
                 f"sak select: warning: --teacher {args.teacher} has no --weights: it runs with random weights, "
                 "whose features are for tests; give a hub tag or a local file for a real selection",
+                file=sys.stderr,
+            )
+        why_not = attention_unavailable(vit_of(teacher)) if vit_of(teacher) is not None else None
+        if args.filter == "auto" and why_not and PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+            print(  # (the norms of a ViT's patches after its final LayerNorm are nearly equal: docs/selection.md)
+                f"sak select: warning: --teacher {args.teacher} is a ViT whose CLS attention cannot be read "
+                f"({why_not}): its patches are filtered by their feature norms, which its final LayerNorm makes "
+                "nearly equal, so about half are kept whatever they show",
                 file=sys.stderr,
             )
         dtype = DTYPES[args.dtype]

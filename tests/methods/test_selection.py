@@ -223,3 +223,18 @@ def test_a_manifest_is_never_written_onto_the_pool(png_pool, tmp_path, capsys): 
     for _ in range(2):  # a manifest written into the folder pool before is replaced (a rerun), not refused
         args = ["--pool", str(png_pool), "--method", "random", "--budget", "2", "--no-progress"]
         assert main([*args, "--out", str(png_pool / "selected.txt")]) == 0
+
+
+def test_a_vit_filtered_by_norms_is_warned_of(png_pool, tmp_path, capsys):  # noqa: F811
+    """`--filter auto` fell back to the norm filter on a ViT without a readable CLS attention silently; on a
+    ViT those norms (after its final LayerNorm) are nearly equal and keep about half the patches regardless."""
+    import json
+
+    kwargs = {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 64, "patch_size": 8}
+    teacher = ["--teacher", "timm", "--option", "model=vit_small_patch16_224", "--image-size", "64"]
+    for extra, warned in (({"class_token": False, "global_pool": "avg"}, True), ({}, False)):
+        option = f"model_kwargs={json.dumps({**kwargs, **extra})}"
+        args = ["select", "--pool", str(png_pool), "--budget", "3", *teacher, "--option", option]
+        assert main([*args[1:], "--out", str(tmp_path / "m.txt")]) == 0
+        err = capsys.readouterr().err
+        assert ("is a ViT whose CLS attention cannot be read (the model has no CLS token)" in err) == warned, err
