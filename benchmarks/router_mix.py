@@ -3,7 +3,8 @@
     python -m benchmarks.router_mix [--batch 8] [--tokens 1024] [--no-compile]
 
 At every level each task mixes E = T + 1 experts (the TAS tokens and the T teachers' path tokens, (B, N, D)
-float32 under autocast) with its router's per-image weights (B, E). recipes/bench/stage2_gpu_vitb.yaml has
+float32 under autocast) with its router's per-image weights (B, E): the noisy routers' weights in
+evaluation (since 2026-11-29 they weight each token in training, `mix_experts_per_token`, not timed here). recipes/bench/stage2_gpu_vitb.yaml has
 3 teachers, 5 PASCAL-Context tasks, 4 levels, batch 8 and 1024 tokens of 768 channels at 512 px. Two ways
 to write it, each timed for one level (the median of the repeats after warm-up, backward of a weighted sum
 of the mixtures included):

@@ -324,7 +324,7 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
             f"cannot resume from {path}: it was written by {written} process(es) and this run has {processes}; an "
             f"exact resume needs the same number ({launch}); or start a new run (another run.name) from its weights "
             f"with checkpoint.init_from={path}, without its optimiser state"
-            + (f". The run finished: its final metrics are in {final}" if final.is_file() else "")
+            + (f". It is a finished run's last checkpoint: its final metrics are in {final}" if final.is_file() else "")
         )
     try:
         states = load(path / f"random_states_{rank}.pkl")  # (weights_only, as Accelerate loads it)

@@ -342,7 +342,7 @@ def evaluate_student(
 # ---------------------------------------------------------------------------------------------
 # the task names of the MTI-Net / ATRC / InvPT code that SAK's evaluation descends from, whose prediction
 # folders are named after them; MTI-Net's files are in the formats read here, SAK's save_img writes its
-# segmentations colour-coded (refused by name) and its edge maps into edge/img and edge/nms
+# segmentations colour-coded (refused by name) and its edge maps into edge/img (its NMS step: edge/nms)
 REFERENCE_CODE_NAMES = {"sal": "saliency", "edge": "edges", "human_parts": "parts"}
 
 

@@ -285,8 +285,8 @@ def content_key(image: Tensor) -> int:
     """A key of an image's pixels (uint8 (3, H, W)), to seed its k-means: two copies of one image get the same
     patterns wherever they sit in the pool, so a copy of a selected image is at distance ~0 (seeded by its pool
     position, it got other local optima, as far from the selected one as unrelated images)."""
-    digest = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=8)
-    digest.update(image.contiguous().numpy().tobytes())
+    digest = hashlib.blake2b(f"{tuple(image.shape)} {image.dtype}".encode(), digest_size=8)
+    digest.update(image.detach().cpu().contiguous().numpy().tobytes())
     return int.from_bytes(digest.digest(), "little")
 
 

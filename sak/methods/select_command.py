@@ -147,7 +147,13 @@ def select(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         why_not = attention_unavailable(vit_of(teacher)) if vit_of(teacher) is not None else None
-        if args.filter == "auto" and why_not and PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        patterns = args.method in ("freesel", "farthest")  # (k-center takes the global features: no filter)
+        if (
+            patterns
+            and args.filter == "auto"
+            and why_not
+            and PartialState(cpu=not torch.cuda.is_available()).is_main_process
+        ):
             print(  # (the norms of a ViT's patches after its final LayerNorm are nearly equal: docs/selection.md)
                 f"sak select: warning: --teacher {args.teacher} is a ViT whose CLS attention cannot be read "
                 f"({why_not}): its patches are filtered by their feature norms, which its final LayerNorm makes "

@@ -27,7 +27,8 @@ def mix_experts(experts: list[Tensor], weights: Tensor | None) -> Tensor:
 
 
 def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
-    """Several per-image weightings (B, E) of the same experts (one per task) -> one (B, N, D) mixture each.
+    """Several per-image weightings (B, E) of the same experts (one per task; the noisy routers' in evaluation)
+    -> one (B, N, D) mixture each.
 
     Two ways to compute the same sums, chosen by where they run (benchmarks/router_mix.py times both):
     - eager on the CPU, one batched product (B, T, E) @ (B, E, N*D) over the experts stacked once. Against a

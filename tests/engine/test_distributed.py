@@ -279,5 +279,7 @@ def test_a_finished_run_of_another_number_of_processes_names_its_final_metrics(t
     train(tiny_recipe("schedule.max_steps=2"))
     ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
     (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
-    with pytest.raises(CheckpointError, match=f"The run finished: its final metrics are in {ckpt}/final_metrics.json"):
+    with pytest.raises(
+        CheckpointError, match=f"a finished run's last checkpoint: its final metrics are in {ckpt}/final_metrics.json"
+    ):
         train(tiny_recipe("schedule.max_steps=2"))

@@ -232,9 +232,11 @@ def test_a_vit_filtered_by_norms_is_warned_of(png_pool, tmp_path, capsys):  # no
 
     kwargs = {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 64, "patch_size": 8}
     teacher = ["--teacher", "timm", "--option", "model=vit_small_patch16_224", "--image-size", "64"]
-    for extra, warned in (({"class_token": False, "global_pool": "avg"}, True), ({}, False)):
+    no_cls = {"class_token": False, "global_pool": "avg"}
+    # (k-center takes the images' global features: no filter, no warning)
+    for extra, method, warned in ((no_cls, "freesel", True), ({}, "freesel", False), (no_cls, "kcenter", False)):
         option = f"model_kwargs={json.dumps({**kwargs, **extra})}"
-        args = ["select", "--pool", str(png_pool), "--budget", "3", *teacher, "--option", option]
-        assert main([*args[1:], "--out", str(tmp_path / "m.txt")]) == 0
+        args = ["--pool", str(png_pool), "--budget", "3", "--method", method, *teacher, "--option", option]
+        assert main([*args, "--out", str(tmp_path / "m.txt")]) == 0
         err = capsys.readouterr().err
         assert ("is a ViT whose CLS attention cannot be read (the model has no CLS token)" in err) == warned, err

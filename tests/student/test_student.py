@@ -477,6 +477,12 @@ def test_tasks_mix_their_experts_together_as_each_router_would_alone():
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # in evaluation the noisy routers weight each image: the per-image product, as each router alone
+    student.eval()
+    got = student.mix(tas, experts)
+    for task in names:
+        for j, router in enumerate(student.routers[task]):
+            torch.testing.assert_close(got[task][j], router(tas[j], experts[j]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("student", [SAKStudent, ManyToOneStudent])
