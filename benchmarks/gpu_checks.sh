@@ -83,7 +83,9 @@
 # profile_gpu_h200. A later call that day (H200, 150 s) ran part 11 with LIMIT=1 (its tests and router_mix, not
 # its stage 2) and part 9 again; a third (582 s) part 13 as it then was. On 2026-11-29 (H200) parts 16 and 17 ran
 # (results in throughput_gpu_h200_part{16,17}*, gpu_tests_h200_2026-11-29.txt), and stage 2's batch-2, batch-4
-# and grad-checkpointing rows (throughput_gpu_h200_stage2_memory). Still to run: part 14 (part 15 before it),
+# and grad-checkpointing rows (throughput_gpu_h200_stage2_memory), all before the noisy routers came to draw
+# their training noise per token (later that day). Still to run: part 16 again (the routers' gpu test now mixes
+# per-token weights of several tasks; stage 2 timed with the per-token noise), part 14 (part 15 before it),
 # part 13's benchmarks (its test ran in part 16), 12, 5's loader, 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 set -u
