@@ -478,11 +478,16 @@ def test_a_misspelt_lora_key_is_named_by_the_recipe_not_after_the_teachers_are_b
     assert load_recipe(TINY, ["student.lora={r: 4, lora_alpha: 8, target_modules: [qkv]}"]).student.lora["r"] == 4
 
 
-def test_a_choice_yaml_read_as_a_boolean_says_to_quote_it():
-    """`logging.wandb.mode=off` read as false: "False is not one of 'online', 'offline', 'disabled'" gave no clue."""
-    with pytest.raises(
-        RecipeError, match=r"logging.wandb.mode: False is not one of .*; quote it \(YAML reads yes / no"
-    ):
+def test_a_choice_yaml_read_as_a_boolean_says_so():
+    """`logging.wandb.mode=off` read as false: "False is not one of 'online', 'offline', 'disabled'" gave no clue;
+    then "quote it", though a quoted 'off' is no choice either (it is 'disabled'). A huge integer where a number
+    belongs was an OverflowError traceback naming no key."""
+    with pytest.raises(RecipeError, match=r"wandb.mode: False is not one of .* \(YAML reads a bare yes / no / on / off"
+                       r" as true / false; none of them is a choice here\)"):  # fmt: skip
         load_recipe(TINY, ["logging.wandb.mode=off"])
+    with pytest.raises(RecipeError, match=r"optim.lr: 400-digit integer, too large for a number"):
+        load_recipe(TINY, ["optim.lr=" + "9" * 400])
+    with pytest.raises(RecipeError, match=r"override 'optim.lr=999.*a value YAML cannot read \(Exceeds the limit"):
+        load_recipe(TINY, ["optim.lr=" + "9" * 5000])
     with pytest.raises(RecipeError, match=r"'fast' is not one of [^;]*$"):  # (a string: no quoting hint)
         load_recipe(TINY, ["logging.wandb.mode=fast"])

@@ -177,3 +177,11 @@ def test_dates_are_strings_and_tagged_sets_or_bytes_are_refused_by_name(tmp_path
     for value, kind in (("!!set {a: null}", "set"), ("!!binary aGk=", "bytes"), ("!!timestamp 2024-01-01", "date")):
         with pytest.raises(RecipeError, match=rf"student.model_kwargs.x: .* is a {kind}; a recipe holds strings"):
             load_recipe(TINY, [f"student.model_kwargs={{embed_dim: 32, depth: 4, num_heads: 2, x: {value}}}"])
+
+
+def test_an_integer_past_pythons_digit_limit_in_a_recipe_names_the_file(tmp_path):
+    """PyYAML's int() raised a ValueError (4300 digits) that left the recipe as a traceback naming no file."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY.read_text() + "\nextra: " + "9" * 5000 + "\n")
+    with pytest.raises(RecipeError, match=rf"{recipe}: a value YAML cannot read: Exceeds the limit"):
+        load_recipe(recipe)

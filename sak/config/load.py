@@ -437,6 +437,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = unshared(yaml.load(text, Loader=StrictLoader) or {})
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    except ValueError as exc:  # PyYAML's int() of a number past Python's 4300-digit limit
+        raise RecipeError(f"{path}: a value YAML cannot read: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     try:

@@ -58,6 +58,8 @@ def apply_override(data: dict, override: str) -> None:
         value = yaml.load(raw, Loader=StrictLoader) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"override {override!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
+    except ValueError as exc:  # PyYAML's int() of a number past Python's 4300-digit limit
+        raise RecipeError(f"override {override[:60]!r}...: a value YAML cannot read ({exc})") from None
     parts = path.strip().split(".")
     node: Any = data
     keys: list[str] = []  # the path as walked: one key of a mapping may hold dots (peft's `rank_pattern:

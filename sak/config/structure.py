@@ -42,8 +42,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`precision.mixed: no`)
             value = "no"
         if value not in args:
-            quoted = isinstance(value, bool) and all(isinstance(a, str) for a in args)
-            hint = "; quote it (YAML reads yes / no / on / off unquoted as true / false)" if quoted else ""
+            hint = ""
+            if isinstance(value, bool):  # a bare yes / on / no / off: "quote it" only where quoting gives a choice
+                words = ("yes", "on", "true", "y") if value else ("no", "off", "false", "n")
+                hint = (
+                    "; quote it (YAML reads yes / no / on / off unquoted as true / false)"
+                    if any(w in args for w in words)
+                    else " (YAML reads a bare yes / no / on / off as true / false; none of them is a choice here)"
+                )
             raise RecipeError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -73,7 +79,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r} ({type(value).__name__}){_null_hint(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise RecipeError(f"{where}: {len(str(abs(value)))}-digit integer, too large for a number") from None
     if tp is str:
         if not isinstance(value, str):
             # YAML reads yes / no / on / off as booleans and digits as numbers: such a name must be quoted
