@@ -1,5 +1,6 @@
 """Recipes: every shipped YAML validates; bad recipes fail before any work with a precise message."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -491,3 +492,13 @@ def test_a_choice_yaml_read_as_a_boolean_says_so():
         load_recipe(TINY, ["optim.lr=" + "9" * 5000])
     with pytest.raises(RecipeError, match=r"'fast' is not one of [^;]*$"):  # (a string: no quoting hint)
         load_recipe(TINY, ["logging.wandb.mode=fast"])
+
+
+@pytest.mark.parametrize("split", ["", " ", ".", "train/..", "/data/val", "a//b"])
+def test_a_split_that_names_no_split_is_refused(split):
+    """An image folder's split is joined to data.root: an empty split (a shell variable left unset) or "." read
+    the whole root and trained on the validation images too."""
+    for key in ("data.split", "eval.split"):
+        with pytest.raises(RecipeError, match=rf"{key}: '{re.escape(split)}' names no split"):
+            load_recipe(TINY, [f"{key}='{split}'"])
+    assert load_recipe(TINY, ["data.split=imagenet/train"]).data.split == "imagenet/train"

@@ -407,6 +407,13 @@ def _check_numbers(recipe: Recipe) -> None:
         # the run directory, whose fresh start set other runs' folders aside)
         raise RecipeError(f"run.name: {name!r} names the run's folder under run.output_dir: one non-empty folder name, "
                           "not . or .. and without / ")  # fmt: skip
+    for key, split in (("data.split", recipe.data.split), ("eval.split", recipe.eval.split)):
+        parts = split.replace("\\", "/").split("/")
+        if not split.strip() or split.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
+            # (an image folder's split is a folder under data.root: "", "." or "train/.." read the whole root,
+            # the validation images with it, as a shell variable left unset gives `data.split=`)
+            raise RecipeError(f"{key}: {split!r} names no split: a split name (train, val) or, for an image "
+                              "folder, a folder under data.root, without . or .. or a leading /")  # fmt: skip
     size = recipe.student.input_size
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise RecipeError(f"student.input_size: [height, width] in pixels, or null for data.image_size; got {size}")
