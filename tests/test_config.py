@@ -280,6 +280,12 @@ def test_cli_recipe_check_notes_teacher_weights_that_building_would_refuse(capsy
             "student.model_kwargs={checkpoint_path: other.pth}",
             "student.model_kwargs: checkpoint_path load weights .* give the weights as student.pretrained",
         ),
+        (  # open_clip's tower configs load a pretrained transformers / timm model of their own (were accepted)
+            "teachers.0.options.model_kwargs={text_cfg: {hf_model_name: bert-base-uncased}, "
+            "vision_cfg: {timm_model_pretrained: true}}",
+            r"model_kwargs: text_cfg.hf_model_name \(with hf_model_pretrained not false\), "
+            r"vision_cfg.timm_model_pretrained load weights by the model library's own route",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_refused_with_the_key(override, message):
@@ -293,6 +299,8 @@ def test_loader_keywords_that_load_nothing_are_accepted():
     kwargs = "{pretrained_text: false, load_weights: false, weights_only: true, pretrained: null, cache_dir: /scratch}"
     recipe = load_recipe(TINY, [f"teachers.0.options.model_kwargs={kwargs}"])
     assert recipe.teachers[0].options["model_kwargs"]["weights_only"] is True
+    towers = "{text_cfg: {hf_model_name: bert-base-uncased, hf_model_pretrained: false}, vision_cfg: {layers: 2}}"
+    load_recipe(TINY, [f"teachers.0.options.model_kwargs={towers}"])  # a transformers text tower, built untrained
 
 
 @pytest.mark.parametrize(

@@ -45,14 +45,35 @@ LOADER_KWARGS = frozenset({
 })  # fmt: skip
 
 
+# open_clip's tower configs (model_kwargs vision_cfg / text_cfg) load a whole pretrained timm or transformers
+# model when asked: timm_model_pretrained, hf_model_pretrained, and hf_model_name (hf_model_pretrained is true
+# unless set false)
+TOWER_LOADER_KWARGS = frozenset({"timm_model_pretrained", "hf_model_pretrained"})
+
+
+def loader_keys(kwargs: dict, prefix: str = "") -> list[str]:
+    """The keys of `kwargs`, nested mappings included (as "text_cfg.hf_model_name"), that ask a model library to
+    load weights by its own route."""
+    found = []
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            found += loader_keys(value, f"{prefix}{key}.")
+        elif key in LOADER_KWARGS and (value is not True if key == "weights_only" else bool(value)):
+            found.append(f"{prefix}{key}")
+        elif key in TOWER_LOADER_KWARGS and bool(value):
+            found.append(f"{prefix}{key}")
+        elif key == "hf_model_name" and value and kwargs.get("hf_model_pretrained", True) is not False:
+            found.append(f"{prefix}{key} (with hf_model_pretrained not false)")
+    return found
+
+
 def refuse_loader_kwargs(model_kwargs, where: str, instead: str) -> None:
     """`where`'s model_kwargs must not ask a model library to load weights (LOADER_KWARGS set to load: true, a
-    path or a config; `weights_only` to anything but true); `instead` says what to set (teachers[].weights,
-    student.pretrained)."""
+    path or a config; `weights_only` to anything but true; open_clip's tower configs' own loaders, nested);
+    `instead` says what to set (teachers[].weights, student.pretrained)."""
     if not isinstance(model_kwargs, dict):
         return
-    found = sorted(k for k, v in model_kwargs.items()
-                   if k in LOADER_KWARGS and (v is not True if k == "weights_only" else bool(v)))  # fmt: skip
+    found = sorted(loader_keys(model_kwargs))
     if found:
         raise ValueError(
             f"{where}: {', '.join(found)} load weights by the model library's own route, which sak does not check "
