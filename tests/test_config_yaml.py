@@ -1,6 +1,7 @@
 """Reading a recipe file: YAML merge keys, repeated keys, numbers YAML 1.1 reads as strings, empty keys,
 `~` in paths, and a written recipe reading back as it was."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,28 @@ def test_an_integer_past_pythons_digit_limit_in_a_recipe_names_the_file(tmp_path
     recipe.write_text(TINY.read_text() + "\nextra: " + "9" * 5000 + "\n")
     with pytest.raises(RecipeError, match=rf"{recipe}: a value YAML cannot read: Exceeds the limit"):
         load_recipe(recipe)
+
+
+def test_a_choice_yaml_read_as_a_boolean_says_so():
+    """`logging.wandb.mode=off` read as false: "False is not one of 'online', 'offline', 'disabled'" gave no clue;
+    then "quote it", though a quoted 'off' is no choice either (it is 'disabled'). A huge integer where a number
+    belongs was an OverflowError traceback naming no key."""
+    with pytest.raises(RecipeError, match=r"wandb.mode: False is not one of .* \(YAML reads a bare yes / no / on / off"
+                       r" as true / false; none of them is a choice here\)"):  # fmt: skip
+        load_recipe(TINY, ["logging.wandb.mode=off"])
+    with pytest.raises(RecipeError, match=r"optim.lr: 400-digit integer, too large for a number"):
+        load_recipe(TINY, ["optim.lr=" + "9" * 400])
+    with pytest.raises(RecipeError, match=r"override 'optim.lr=999.*a value YAML cannot read \(Exceeds the limit"):
+        load_recipe(TINY, ["optim.lr=" + "9" * 5000])
+    with pytest.raises(RecipeError, match=r"'fast' is not one of [^;]*$"):  # (a string: no quoting hint)
+        load_recipe(TINY, ["logging.wandb.mode=fast"])
+
+
+@pytest.mark.parametrize("split", ["", " ", ".", "train/..", "/data/val", "a//b"])
+def test_a_split_that_names_no_split_is_refused(split):
+    """An image folder's split is joined to data.root: an empty split (a shell variable left unset) or "." read
+    the whole root and trained on the validation images too."""
+    for key in ("data.split", "eval.split"):
+        with pytest.raises(RecipeError, match=rf"{key}: '{re.escape(split)}' names no split"):
+            load_recipe(TINY, [f"{key}='{split}'"])
+    assert load_recipe(TINY, ["data.split=imagenet/train"]).data.split == "imagenet/train"

@@ -245,6 +245,11 @@ def _check_names(recipe: Recipe) -> None:
         raise RecipeError(str(exc)) from None
     for i, t in enumerate(recipe.teachers):
         cls = _check_registered(TEACHERS, t.name, f"teachers[{i}].name")
+        taken = sorted({"name", "weights", "spec"} & set(t.options))  # create_teacher's own arguments
+        if taken:  # (a plug-in's option `weights` silently became the teacher's weights file; `name` a TypeError)
+            raise RecipeError(f"teachers[{i}].options.{taken[0]}: sak passes a teacher's options beside its name, "
+                              "weights and spec, so no option can be called name, weights or spec (rename the "
+                              f"field of {t.name}'s Options; the teacher's file is teachers[{i}].weights)")  # fmt: skip
         build_options(cls, t.options, f"teachers[{i}]")
         if t.resize == "keep" and not getattr(cls, "takes_resize_keep", False):  # (before weights are fetched)
             able = sorted(n for n in TEACHERS.names() if getattr(TEACHERS.get(n), "takes_resize_keep", False))
