@@ -1,5 +1,6 @@
 """Recipes: every shipped YAML validates; bad recipes fail before any work with a precise message."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,8 @@ def test_a_misspelt_lora_key_is_named_by_the_recipe_not_after_the_teachers_are_b
     assert main(["recipe", "check", str(TINY), "student.lora={rr: 8}"]) == 2
     assert "student.lora: unknown key(s) ['rr']" in capsys.readouterr().err
     assert load_recipe(TINY, ["student.lora={r: 4, lora_alpha: 8, target_modules: [qkv]}"]).student.lora["r"] == 4
+    # what peft checks only when it injects (into the stem's ViT, built on the meta device for the check)
+    for lora, said in (("{r: 0, target_modules: [qkv]}", "`r` should be a positive integer"),
+                       ("{r: 4}", "Please specify `target_modules`"), ("{r: 4, target_modules: [nope]}", "{'nope'} not found")):  # fmt: skip
+        with pytest.raises(RecipeError, match=re.escape(said)):
+            load_recipe(TINY, [f"student.lora={lora}"])

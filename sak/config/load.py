@@ -199,7 +199,23 @@ def _check_lora(recipe: Recipe) -> None:
         raise RecipeError(f"student.lora: unknown key(s) {unknown} of peft's LoraConfig{'; ' + hint if hint else ''} "
                           "(its keys: r, lora_alpha, lora_dropout, target_modules, ...)")  # fmt: skip
     try:
-        LoraConfig(**lora)
+        config = LoraConfig(**lora)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"student.lora {lora}: {exc}") from None
+    # injected into the stem's ViT built on the meta device (no memory, no weights): peft checks r, the dropout
+    # and the target modules only there, which training reached after loading every teacher
+    import timm
+    import torch
+    from peft import inject_adapter_in_model
+
+    s = recipe.student
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(s.model, pretrained=False, num_classes=0, **s.model_kwargs)
+    except Exception:  # noqa: BLE001 - the student's own settings are checked (and named) where it is built
+        return
+    try:
+        inject_adapter_in_model(config, vit)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"student.lora {lora}: {exc}") from None
 
