@@ -136,6 +136,10 @@ def machine_notes(recipe) -> list[str]:
     start = recipe.checkpoint.init_from
     if start is not None and not Path(start).exists():  # (stage 2 names the stage-1 run made from the same folder)
         notes.append(f"checkpoint.init_from {start!r} is not there (from {Path.cwd()}): train that run first")
+    resume = recipe.checkpoint.resume  # (auto, never, or a checkpoint directory: `Never` names a directory)
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        case = f"; did you mean {resume.lower()!r}?" if resume.lower() in ("auto", "never") else ""
+        notes.append(f"checkpoint.resume {resume!r} is not there (from {Path.cwd()}){case}")
     from .teachers.weights import is_local
 
     for i, t in enumerate(recipe.teachers):  # (building a teacher refuses both; the check builds none)

@@ -181,13 +181,15 @@ def test_cli_recipe_check_notes_what_this_machine_and_directory_lack(capsys, tmp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "ids.txt").write_text("a\n")
     args = ["precision.mixed=fp16", "data.name=image_folder", "data.options={}", "data.root=images",
-            "data.subset=missing.txt", "checkpoint.init_from=runs/stage1", "cache.path=cache"]  # fmt: skip
+            "data.subset=missing.txt", "checkpoint.init_from=runs/stage1", "cache.path=cache",
+            "checkpoint.resume=Never"]  # fmt: skip
     assert main(["recipe", "check", str(TINY), *args]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 5 and "fp16 needs a CUDA GPU" in notes[0]
+    assert len(notes) == 6 and "fp16 needs a CUDA GPU" in notes[0]
     assert "data.root 'images' is not a directory here" in notes[1] and "'missing.txt' is not a file" in notes[2]
     assert "checkpoint.init_from 'runs/stage1' is not there" in notes[3]  # (a stage-2 recipe's stage-1 run)
-    assert "cache.path 'cache' holds no teacher-feature cache here" in notes[4]
+    assert "checkpoint.resume 'Never' is not there" in notes[4] and "did you mean 'never'?" in notes[4]
+    assert "cache.path 'cache' holds no teacher-feature cache here" in notes[5]
     (tmp_path / "images").mkdir()
     assert main(["recipe", "check", str(TINY), "data.name=image_folder", "data.options={}", "data.root=images",
                  "data.subset=ids.txt", "data.batch_size=1"]) == 0  # fmt: skip
@@ -433,6 +435,7 @@ def test_freezing_all_but_routers_without_tasks_is_refused():
         (["student.architecture=many_to_one", "student.down_ratio=16"], "student.down_ratio: 16 would go unused"),
         (["run.name=.."], r"run.name: '\.\.' names the run's folder"),
         (["run.name=a/b"], "run.name: 'a/b' names the run's folder"),
+        (["run.name=" + "a" * 256], "run.name: 'a{80}' names the run's folder .* at most 255 bytes"),
         (["schedule.max_steps=010"], r"schedule.max_steps: expected an integer, got '010'"),  # YAML 1.1: octal 8
         (["optim.lr=1:30.5"], r"optim.lr: expected a number, got '1:30.5'"),  # YAML 1.1: base-60, 90.5
         (["run.name=2024"], r"run.name: expected a string, got 2024 \(int\); quote it \(YAML read it as a number\)"),

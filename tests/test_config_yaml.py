@@ -211,3 +211,12 @@ def test_a_split_that_names_no_split_is_refused(split):
         with pytest.raises(RecipeError, match=rf"{key}: '{re.escape(split)}' names no split"):
             load_recipe(TINY, [f"{key}='{split}'"])
     assert load_recipe(TINY, ["data.split=imagenet/train"]).data.split == "imagenet/train"
+
+
+def test_a_comment_mark_in_an_override_value_is_refused():
+    """`run.name='exp #3'` read as 'exp' (YAML's comment), so a resume could continue another run."""
+    with pytest.raises(RecipeError, match=r"override 'run.name=exp #3': YAML reads ' #' as the start of a comment, "
+                       r"so the value became 'exp'; quote the value"):  # fmt: skip
+        load_recipe(TINY, ["run.name=exp #3"])
+    assert load_recipe(TINY, ['run.name="exp #3"']).run.name == "exp #3"
+    assert load_recipe(TINY, ["run.name=exp#3"]).run.name == "exp#3"  # (no space: no comment)

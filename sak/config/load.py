@@ -424,10 +424,11 @@ def _check_numbers(recipe: Recipe) -> None:
     if recipe.run.seed >= 2**32:  # (numpy's own error would not name the key)
         raise RecipeError(f"run.seed: must be below 2**32, got {recipe.run.seed}")
     name = recipe.run.name
-    if not name or name in (".", "..") or "/" in name or "\\" in name:  # (an empty name made the output folder itself
-        # the run directory, whose fresh start set other runs' folders aside)
-        raise RecipeError(f"run.name: {name!r} names the run's folder under run.output_dir: one non-empty folder name, "
-                          "not . or .. and without / ")  # fmt: skip
+    # (an empty name made the output folder itself the run directory, whose fresh start set other runs' folders
+    # aside; a NUL or a name past 255 bytes, which no file system takes, failed with an OSError naming no key)
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or len(name.encode()) > 255:
+        raise RecipeError(f"run.name: {name[:80]!r} names the run's folder under run.output_dir: one non-empty folder "
+                          "name of at most 255 bytes, not . or .. and without / or a NUL")  # fmt: skip
     for key, split in (("data.split", recipe.data.split), ("eval.split", recipe.eval.split)):
         parts = split.replace("\\", "/").split("/")
         if not split.strip() or split.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):

@@ -60,6 +60,9 @@ def apply_override(data: dict, override: str) -> None:
         raise RecipeError(f"override {override!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
     except ValueError as exc:  # PyYAML's int() of a number past Python's 4300-digit limit
         raise RecipeError(f"override {override[:60]!r}...: a value YAML cannot read ({exc})") from None
+    if "#" in raw and "#" not in repr(value):  # `run.name='exp #3'` became 'exp': the rest read as a comment
+        raise RecipeError(f"override {override!r}: YAML reads ' #' as the start of a comment, so the value became "
+                          f"{value!r}; quote the value inside the shell's quotes: {path}='\"{raw}\"'")  # fmt: skip
     parts = path.strip().split(".")
     node: Any = data
     keys: list[str] = []  # the path as walked: one key of a mapping may hold dots (peft's `rank_pattern:
