@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sak.config import load_recipe
-from sak.engine.task_eval import DATASET_TASKS, NUM_CLASSES, evaluate_student, score_prediction_dir
+from sak.engine.task_eval import DATASET_TASKS, NUM_CLASSES, evaluate_student, load_reference, score_prediction_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -90,6 +90,12 @@ def find_recipe(checkpoint: Path) -> Path:
     raise SystemExit(f"{checkpoint}: no recipe.yaml next to it; give the recipe with --recipe")
 
 
+def reference(args: argparse.Namespace) -> dict[str, float] | None:
+    """--reference's single-task scores for delta_m (e.g. ViT-B baselines for ViT-B students), or None for the
+    published single-task row (ViT-L)."""
+    return load_reference(args.reference) if args.reference else None
+
+
 def evaluate_model(model: Model, dataset: str, args: argparse.Namespace, preds_dir: Path) -> dict:
     """Score one model; a checkpoint's predictions are saved to `preds_dir` (for the picture)."""
     if model.kind == "preds":
@@ -97,7 +103,13 @@ def evaluate_model(model: Model, dataset: str, args: argparse.Namespace, preds_d
             raise SystemExit("--preds needs --root (the dataset folder holding the ground truth)")
         options = {"eval_size": list(args.eval_size)} if args.eval_size else None
         result = score_prediction_dir(
-            dataset, args.root, args.split, model.path, options=options, progress=not args.quiet
+            dataset,
+            args.root,
+            args.split,
+            model.path,
+            reference=reference(args),
+            options=options,
+            progress=not args.quiet,
         )
         result["preds_dir"] = str(model.path)
         return result
@@ -108,7 +120,9 @@ def evaluate_model(model: Model, dataset: str, args: argparse.Namespace, preds_d
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data.name != dataset:
         raise SystemExit(f"{recipe_path}: the recipe's dataset is {recipe.data.name!r}, this benchmark is {dataset}")
-    result = evaluate_student(recipe, model.path, args.split, save_preds=preds_dir, progress=not args.quiet)
+    result = evaluate_student(
+        recipe, model.path, args.split, save_preds=preds_dir, reference=reference(args), progress=not args.quiet
+    )
     result.update(preds_dir=str(preds_dir), recipe=str(recipe_path), resolved_recipe=recipe.to_dict())
     return result
 
@@ -180,8 +194,13 @@ def markdown(dataset: str, results: list[dict], command: str, fixture: bool, pic
     lines += [""]
     lines += [
         "Our rows: the published metric definitions (docs/metrics.md) through `sak.engine.task_eval`; delta_m "
-        "against the published single-task row. Published rows: the paper's numbers (ViT-L students unless "
-        "named), not re-run here.",
+        + (
+            "against the single-task scores of `--reference`"
+            if "--reference" in command
+            else "against the published single-task row (the ViT-L one: SAK ViT-B's published +0.83 is against ViT-B "
+            "single-task baselines, and its scores give +0.20 against this row; pass `--reference` for others)"
+        )
+        + ". Published rows: the paper's numbers (ViT-L students unless named), not re-run here.",
         "",
     ]
     for r in results:
@@ -295,6 +314,8 @@ def parser(dataset: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="evaluation canvas, for images larger than the default (checkpoint rows: as the override "
                    "data.options.eval_size=[H, W])")  # fmt: skip
+    p.add_argument("--reference", default=None, help="JSON of single-task scores for delta_m ({task: value}, as sak "
+                   "eval --reference); default: the published single-task row (ViT-L)")  # fmt: skip
     p.add_argument("--fixture", action="store_true", help="write the fixture, train a tiny student, benchmark it")
     p.add_argument("--steps", type=int, default=40, help="training steps of the --fixture student")
     p.add_argument("--images", type=int, default=3, help="images in the picture")
@@ -309,6 +330,9 @@ def main(dataset: str, doc: str, argv: list[str] | None = None) -> int:
     models: list[Model] = list(args.models or [])
     if not models and not args.fixture:
         raise SystemExit("give at least one --checkpoint or --preds, or --fixture")
+    if models and args.fixture:  # (the fixture's folder became every row's data.root: a real checkpoint scored on it)
+        raise SystemExit("--fixture benchmarks its own tiny student on the synthetic fixture: run it without "
+                         "--checkpoint / --preds, and those without --fixture")  # fmt: skip
     prefix = Path(args.out) if args.out else RESULTS / (f"{dataset}_fixture" if args.fixture else dataset)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     command = f"python -m benchmarks.{dataset} " + " ".join(argv if argv is not None else sys.argv[1:])

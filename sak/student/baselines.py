@@ -1,7 +1,8 @@
 """Baseline students, built from the same parts so that comparisons with SAK are like for like.
 
 `many_to_one`: one shared ViT; each teacher gets a projection head per level (LayerNorm + Linear to
-the teacher's width) on the shared tokens, as in SAK's pilot study and RADIO / Theia; task heads read
+the teacher's width) on the shared tokens, in the spirit of SAK's pilot study and RADIO / Theia (whose
+heads are MLPs / small CNNs); task heads read
 the shared tokens directly. With no teachers it is the plain multi-task baseline; with one teacher,
 single-teacher distillation.
 """
