@@ -140,7 +140,8 @@ def select(args: argparse.Namespace) -> int:
         teacher = build_teacher(
             args.teacher, args.weights, read_pairs(args.option, "--option", SelectionError), args.image_size, args.block
         )
-        if teacher.meta.weights == "random" and PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # (warnings: once)
+        if teacher.meta.weights == "random" and main_process:
             print(  # the features of random weights select no better than chance: worth saying, not refusing (tests)
                 f"sak select: warning: --teacher {args.teacher} has no --weights: it runs with random weights, "
                 "whose features are for tests; give a hub tag or a local file for a real selection",
@@ -148,12 +149,7 @@ def select(args: argparse.Namespace) -> int:
             )
         why_not = attention_unavailable(vit_of(teacher)) if vit_of(teacher) is not None else None
         patterns = args.method in ("freesel", "farthest")  # (k-center takes the global features: no filter)
-        if (
-            patterns
-            and args.filter == "auto"
-            and why_not
-            and PartialState(cpu=not torch.cuda.is_available()).is_main_process
-        ):
+        if patterns and args.filter == "auto" and why_not and main_process:
             print(  # (the norms of a ViT's patches after its final LayerNorm are nearly equal: docs/selection.md)
                 f"sak select: warning: --teacher {args.teacher} is a ViT whose CLS attention cannot be read "
                 f"({why_not}): its patches are filtered by their feature norms, which its final LayerNorm makes "

@@ -17,13 +17,7 @@ def mix_experts(experts: list[Tensor], weights: Tensor | None) -> Tensor:
         return torch.stack(experts).sum(0)
     if weights.ndim == 2:
         return mix_experts_per_image(experts, [weights])[0]
-    if _use_multiply_adds(experts[0]):
-        return mix_by_multiply_adds(experts, weights)
-    b, n, d = experts[0].shape
-    with torch.autocast(experts[0].device.type, enabled=False):  # in the experts' dtype, as below
-        stacked = torch.stack(experts, dim=2).view(b * n, len(experts), d)  # (B*N, 1, E) @ (B*N, E, D)
-        mixed = torch.bmm(weights.to(stacked.dtype).reshape(b * n, 1, -1), stacked)
-    return mixed.view(b, n, d)
+    return mix_experts_per_token(experts, [weights])[0]
 
 
 def mix_experts_per_image(experts: list[Tensor], weights: list[Tensor]) -> list[Tensor]:

@@ -38,17 +38,14 @@ def is_local(weights: str | None) -> bool:
 # that the feature cache and checkpoints record), and open_clip's `weights_only: false` would unpickle an
 # arbitrary file: a recipe could run code without naming a plug-in module. Values that load nothing (false, null,
 # weights_only: true) are allowed.
+# open_clip's tower configs (model_kwargs vision_cfg / text_cfg, read nested) load a whole pretrained timm or
+# transformers model with timm_model_pretrained / hf_model_pretrained, and with hf_model_name unless
+# hf_model_pretrained is set false (`loader_keys`).
 LOADER_KWARGS = frozenset({
     "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "weights_only", "load_weights",
     "pretrained_image", "pretrained_text", "pretrained_image_path", "pretrained_text_path", "pretrained_hf",
-    "require_pretrained",
+    "require_pretrained", "timm_model_pretrained", "hf_model_pretrained",
 })  # fmt: skip
-
-
-# open_clip's tower configs (model_kwargs vision_cfg / text_cfg) load a whole pretrained timm or transformers
-# model when asked: timm_model_pretrained, hf_model_pretrained, and hf_model_name (hf_model_pretrained is true
-# unless set false)
-TOWER_LOADER_KWARGS = frozenset({"timm_model_pretrained", "hf_model_pretrained"})
 
 
 def loader_keys(kwargs: dict, prefix: str = "") -> list[str]:
@@ -59,8 +56,6 @@ def loader_keys(kwargs: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             found += loader_keys(value, f"{prefix}{key}.")
         elif key in LOADER_KWARGS and (value is not True if key == "weights_only" else bool(value)):
-            found.append(f"{prefix}{key}")
-        elif key in TOWER_LOADER_KWARGS and bool(value):
             found.append(f"{prefix}{key}")
         elif key == "hf_model_name" and value and kwargs.get("hf_model_pretrained", True) is not False:
             found.append(f"{prefix}{key} (with hf_model_pretrained not false)")
