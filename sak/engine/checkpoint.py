@@ -30,6 +30,7 @@ PARTIAL = ".partial"
 REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
 PRUNED = ".pruned"  # a checkpoint being deleted by pruning
 STATE_FILE = "trainer_state.json"
+FINAL_METRICS = "final_metrics.json"  # a finished run's metrics, in its last checkpoint and its run directory
 
 
 @dataclass
@@ -319,7 +320,7 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
     if written != processes:
         # (--multi_gpu: without it a CPU launch starts one process whatever --num_processes says)
         launch = "one process" if written == 1 else f"`accelerate launch --multi_gpu --num_processes {written}`"
-        final = path / "final_metrics.json"  # (run_records.FINAL_METRICS; that module imports this one)
+        final = path / FINAL_METRICS
         raise CheckpointError(
             f"cannot resume from {path}: it was written by {written} process(es) and this run has {processes}; an "
             f"exact resume needs the same number ({launch}); or start a new run (another run.name) from its weights "

@@ -16,13 +16,11 @@ import yaml
 
 from ..config import Recipe, TaskConfig, TeacherConfig
 from ..files import write_text_whole
-from .checkpoint import CheckpointError, clean_partials, damaged, set_aside
+from .checkpoint import FINAL_METRICS, CheckpointError, clean_partials, damaged, set_aside
 from .logging import flatten
 
 # settings that may change between the starts of one run without changing what it computes
 RESUME_KEYS = ("checkpoint.resume", "run.stop_at", "logging.", "eval.")
-
-FINAL_METRICS = "final_metrics.json"
 
 
 def _flat(d: dict) -> dict:
