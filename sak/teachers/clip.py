@@ -54,6 +54,7 @@ from .base import (
 from .weights import (
     WeightsError,
     build_error,
+    check_timm_model,
     check_timm_tag,
     check_timm_tag_for_file,
     is_local,
@@ -232,9 +233,14 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
             clip = open_clip.create_model(name, **args, **kwargs)
     except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) surface as RuntimeError / OSError
         todo = hub_help(model, args["pretrained"]) if "pretrained" in args else "pass a local file or directory"
+        text = None if schema else ((open_clip.get_model_config(model) or {}).get("text_cfg") or {})
+        if text and text.get("hf_model_name"):  # (a local file did not help: "could not load None")
+            todo = (f"have {text['hf_model_name']!r} in that cache: the text tower is that transformers model, "
+                    "whose config open_clip reads from the hub to build it (sak drops the text tower after)")  # fmt: skip
+        loading = repr(weights) if weights is not None else f"{model} with random weights"
         raise WeightsError(
-            f"{what}: open_clip could not load {weights!r} (looked in the Hugging Face cache, HF_HOME / "
-            f"~/.cache/huggingface): {type(exc).__name__}: {exc}. Offline, {todo}."
+            f"{what}: open_clip could not load {loading} (looked in the Hugging Face cache, HF_HOME / "
+            f"~/.cache/huggingface): {type(exc).__name__}: {str(exc).rstrip('.')}. Offline, {todo}."
         ) from exc
     visual = clip.visual
     if not hasattr(getattr(visual, "transformer", None), "resblocks"):
@@ -307,6 +313,15 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     args = {"num_classes": 0, **kwargs, **({"dynamic_img_size": True} if spec.resize == "keep" else {})}
     if spec.image_size is not None:
         args["img_size"] = spec.image_size  # timm resamples pos_embed once while loading (checkpoint_filter_fn)
+    try:
+        check_timm_model(name, what)  # (timm's "Unknown model" came as a traceback)
+    except ValueError as exc:
+        import open_clip
+
+        if model not in open_clip.list_models():
+            raise
+        raise ValueError(f"{exc}; {model!r} is an open_clip model: set `source: open_clip` (timm, the default "
+                         f"source, names its CLIP towers like {DEFAULT_MODEL['timm']!r})") from None  # fmt: skip
     if local:
         check_timm_tag_for_file(name, what)
     if pretrained:

@@ -291,6 +291,11 @@ def test_openai_tags_get_quick_gelu_and_unknown_names_list_the_choices():
         create_teacher("clip", "laion5b", source="open_clip", model="ViT-B-16")
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-61'.*ViT-B-16"):
         create_teacher("clip", source="open_clip", model="ViT-B-61")
+    # an open_clip name under the default source, timm: was timm's "Unknown model" traceback
+    with pytest.raises(ValueError, match=r"timm has no model 'ViT-B-16' .*'ViT-B-16' is an open_clip model: set `s"):
+        create_teacher("clip", model="ViT-B-16")
+    with pytest.raises(ValueError, match=r"timm has no model 'vit_base_patch16_clip_38'; did you mean vit_base_patc"):
+        create_teacher("clip", model="vit_base_patch16_clip_38")
     with pytest.raises(ValueError, match="levels \\[0, 9\\] must be block indices in 0..3"):
         create_teacher("clip", spec=TeacherSpec(levels=[0, 9]), model_kwargs=TIMM)
 
@@ -323,6 +328,10 @@ def test_missing_files_wrong_checkpoints_and_offline_tags_are_clear_errors(clip_
         create_teacher("clip", "laion2b_s34b_b88k", source="open_clip", model="ViT-B-16", model_kwargs=OPEN_CLIP)
     with pytest.raises(WeightsError, match="Hugging Face cache.*pass a local file"):
         create_teacher("clip", "openai", model="vit_base_patch16_clip_224", model_kwargs=TIMM)
+    # random weights, but a transformers text tower whose config comes from the hub (was "could not load None")
+    with pytest.raises(WeightsError, match=r"(?s)could not load roberta-ViT-B-32 with random weights .* Offline, have "
+                                           r"'roberta-base' in that cache: the text tower is"):  # fmt: skip
+        create_teacher("clip", source="open_clip", model="roberta-ViT-B-32")
 
 
 class _RunsCode:
