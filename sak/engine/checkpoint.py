@@ -267,6 +267,25 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     bad = first_nonfinite((n, t) for m in accelerator._models for n, t in (*m.named_parameters(), *m.named_buffers()))
     if bad is not None:
         raise CheckpointError(damaged(path, ValueError(f"model.safetensors holds NaN or inf weights ({bad})")))
+    return read_train_state(path)
+
+
+def finished_state(path: Path, total: int, processes: int) -> TrainState | None:
+    """The state of a finished run's last checkpoint (its final metrics beside it, its step at or past `total`)
+    that another number of processes wrote, read alone: nothing is left to train or evaluate, and the trainer
+    returns its final metrics; `load_checkpoint` would refuse its random states (`check_random_states`). None
+    for any other checkpoint."""
+    if not (path / FINAL_METRICS).is_file() or not (path / STATE_FILE).is_file():
+        return None
+    if len(list(path.glob("random_states_*.pkl"))) == processes:
+        return None
+    state = read_train_state(path)
+    return state if state.step >= total else None
+
+
+def read_train_state(path: Path) -> TrainState:
+    """The trainer state of checkpoint `path`; a damaged one is a CheckpointError."""
+    state_file = path / STATE_FILE
     try:
         state = TrainState(**json.loads(state_file.read_text()))
         counts = [state.step, state.epoch, state.batch_in_epoch, state.nonfinite_streak]

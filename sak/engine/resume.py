@@ -12,6 +12,7 @@ from .checkpoint import (
     CheckpointError,
     TrainState,
     damaged,
+    finished_state,
     first_misfit,
     load_checkpoint,
     optimiser_settings,
@@ -56,6 +57,9 @@ def resume_from(accelerator: Accelerator, source: Path, changed: list[str], opti
     optimiser steps of the recipe's batch size and grad_accum. `samples`: this recipe's training split, (count,
     sha256 of the ordered ids), against the checkpoint's (TrainState.samples)."""
     settings = optimiser_settings(optimizer)  # the recipe's; the checkpoint brings its own run's back
+    finished_elsewhere = finished_state(source, total, accelerator.num_processes)
+    if finished_elsewhere is not None:  # nothing to load: the trainer returns its final metrics
+        return finished_elsewhere
     state = load_checkpoint(accelerator, source, changed)
     # The place in the epoch counts loader batches of the checkpoint's size, which grouped into optimiser steps of
     # its grad_accum: a resume mid-epoch with others would repeat or skip samples, or weight an epoch's last

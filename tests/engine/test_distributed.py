@@ -271,15 +271,19 @@ def test_a_recipe_error_is_said_once_not_by_each_process(tmp_path):
     assert bad.stderr.count("unknown key 'optim.nosuch'") == 1, bad.stderr[-3000:]
 
 
-def test_a_finished_run_of_another_number_of_processes_names_its_final_metrics(tiny_recipe):
-    """Started again on another number of processes, a finished run was refused without a word of being done."""
+def test_a_finished_run_of_another_number_of_processes_returns_its_final_metrics(tiny_recipe):
+    """Started again on another number of processes, a finished run was refused (its random states are not this
+    launch's), though nothing was left to do: it returns its final metrics, as on its own number. Training it on
+    is refused, naming them."""
     from sak.engine import train
     from sak.engine.checkpoint import CheckpointError, latest_checkpoint
 
-    train(tiny_recipe("schedule.max_steps=2"))
+    final = train(tiny_recipe("schedule.max_steps=2"))
     ckpt = latest_checkpoint(tiny_recipe().run_dir / "checkpoints")
     (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())  # as 2 processes write
+    assert train(tiny_recipe("schedule.max_steps=2")) == pytest.approx(final, nan_ok=True)
+    assert (tiny_recipe().run_dir / "final_metrics.json").is_file()
     with pytest.raises(
         CheckpointError, match=f"a finished run's last checkpoint: its final metrics are in {ckpt}/final_metrics.json"
     ):
-        train(tiny_recipe("schedule.max_steps=2"))
+        train(tiny_recipe("schedule.max_steps=3"))
