@@ -86,15 +86,12 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 
 def read_pairs(pairs: list[str], flag: str, error: type[ValueError] = ValueError) -> dict:
     """A command line's KEY=VALUE pairs (`--option model=...`), each value read as a recipe's (1e-3 a
-    number); a pair without `=`, a key given twice or a value that is not YAML is `error` naming `flag` and the
-    pair."""
+    number); a pair without `=` or a value that is not YAML is `error` naming `flag` and the pair."""
     values = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise error(f"{flag} {pair!r}: expected KEY=VALUE, e.g. model=vit_small_patch14_dinov2")
-        if key in values:  # (the last won silently; a recipe refuses a key given twice)
-            raise error(f"{flag} {pair!r}: {key} is given twice; give each key once")
         try:
             values[key] = yaml.load(raw, Loader=StrictLoader)
         except yaml.YAMLError as exc:
