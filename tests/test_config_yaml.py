@@ -220,12 +220,3 @@ def test_a_comment_mark_in_an_override_value_is_refused():
         load_recipe(TINY, ["run.name=exp #3"])
     assert load_recipe(TINY, ['run.name="exp #3"']).run.name == "exp #3"
     assert load_recipe(TINY, ["run.name=exp#3"]).run.name == "exp#3"  # (no space: no comment)
-
-
-def test_a_key_given_twice_on_the_command_line_is_refused():
-    """`sak train R optim.lr=1e-3 ... optim.lr=1e-4` used the last silently; a YAML file refuses a repeated key."""
-    with pytest.raises(
-        RecipeError, match=r"override ' optim.lr=1e-4': optim.lr is also given by 'optim.lr=1e-3'; give each"
-    ):
-        load_recipe(TINY, ["optim.lr=1e-3", "run.name=a", " optim.lr=1e-4"])
-    assert load_recipe(TINY, ["optim.lr=1e-3", "optim.weight_decay=0.1"]).optim.lr == 1e-3  # other keys are fine

@@ -471,12 +471,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     try:
-        given: dict[str, str] = {}  # a key given twice on the command line is refused, as in a YAML file
         for override in overrides:
-            key = override.split("=", 1)[0].strip()
-            if "=" in override and key in given:
-                raise RecipeError(f"override {override!r}: {key} is also given by {given[key]!r}; give each key once")
-            given[key] = override
             apply_override(data, override)
         refuse_keys_without_values(data, "")
         _import_builtins()
