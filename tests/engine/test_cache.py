@@ -29,9 +29,13 @@ from sak.engine.trainer import open_cache
 STORED = {"fp16": torch.float16, "int8": torch.int8}
 
 
-def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_cache_reads_back_the_online_teacher_output_as_stored(tiny_recipe, tmp_path, dtype):
+    """fp16: the online output cast to fp16, bit for bit. int8: the online output quantised per image and
+    channel (`quantize`) and scaled back, so within half a step of it (the int8 tests compared one int8 read
+    with another: a read that left the scale off passed them)."""
     recipe = tiny_recipe("data.options.length=12")
-    root = build_cache(recipe, tmp_path / "c", shard_size=5, batch_size=4)
+    root = build_cache(recipe, tmp_path / "c", dtype=dtype, shard_size=5, batch_size=12)
     cache = FeatureCache(root)
     set_seed(recipe.run.seed)  # random tiny teachers: the same weights as the build
     teachers = build_teachers(recipe, torch.device("cpu"))
@@ -41,7 +45,13 @@ def test_fp16_cache_equals_online_teacher_output_cast_to_fp16(tiny_recipe, tmp_p
     for tid, teacher in teachers.items():
         online = teacher.encode(batch["image"])
         for a, b in zip(got[tid].levels, online.levels, strict=True):
-            assert torch.equal(a, b.half().float())
+            if dtype == "fp16":
+                assert torch.equal(a, b.half().float())
+                continue
+            q, scale = quantize(b)
+            step = scale[:, :, None, None]
+            assert torch.equal(a, q.float() * step)
+            assert (a - b).abs().le(step / 2 + b.abs() * 2**-23).all() and (a != b).any()
 
 
 def test_int8_is_within_half_a_step_at_every_magnitude_and_under_30_percent_of_fp32(tiny_recipe, tmp_path):
