@@ -171,9 +171,8 @@ def test_bf16_on_cpu_trains(tiny_recipe):
     assert final["val/loss"] > 0
 
 
-def test_fp16_without_gpu_is_an_error_not_a_silent_fp32_run(tiny_recipe):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: fp16 is real there")
+def test_fp16_without_gpu_is_an_error_not_a_silent_fp32_run(tiny_recipe, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (on a GPU machine too: it skipped there)
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         train(tiny_recipe("precision.mixed=fp16"))
 
@@ -198,11 +197,20 @@ def test_fp16_loss_scaling_clips_the_unscaled_gradients(tiny_recipe, monkeypatch
     """With a GradScaler the gradients are clipped after unscaling, once per optimiser step: the same losses,
     gradient norms and weights as without one."""
     common = ["schedule.max_steps=4", "optim.grad_clip=0.05"]
-    plain = tiny_recipe("run.name=plain", *common)
-    train(plain)
-    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
-    scaled = tiny_recipe("run.name=scaled", *common)
-    train(scaled)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    at_step = []  # the gradients' norm as the optimiser steps (the logged norm is the one before clipping)
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: at_step.append(
+        torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])))  # fmt: skip
+    try:
+        plain = tiny_recipe("run.name=plain", *common)
+        train(plain)
+        monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+        scaled = tiny_recipe("run.name=scaled", *common)
+        train(scaled)
+    finally:
+        hook.remove()
+    assert len(at_step) == 8 and max(at_step) <= 0.05 * (1 + 1e-5)  # clipped at every step of both runs
     assert ScaledOnCpu.last.scaler.state_dict()["_growth_tracker"] == 4  # 4 scaled steps, none skipped
     norms = logged(plain.run_dir, "grad_norm")
     assert min(norms.values()) > 0.05  # every step clipped
