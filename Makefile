@@ -41,6 +41,7 @@ bench: setup
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.step_traffic > /dev/null
 	$(PY) -m benchmarks.framework_overhead > /dev/null
+	$(PY) -m benchmarks.edge_metric > /dev/null
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

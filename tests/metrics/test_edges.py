@@ -1,10 +1,8 @@
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 from sak.data.pascal_context import edges_from_label_map
 from sak.metrics import build_metric
@@ -133,17 +131,12 @@ def test_no_image_gives_nan_with_a_warning():
         assert math.isnan(build_metric("edges").compute()["odsF"])
 
 
-def test_a_512_image_takes_well_under_a_second():
-    # blurred boundaries make the layered graphs on which scipy's maximum_bipartite_matching took minutes
-    rng = np.random.default_rng(0)
-    labels = np.zeros((512, 512), dtype=np.int64)
-    for i in range(12):
-        y0, x0 = rng.integers(0, 512, size=2)
-        labels[y0 : y0 + rng.integers(20, 200), x0 : x0 + rng.integers(20, 200)] = i + 1
-    gt = edges_from_label_map(labels)
-    pred = np.floor(np.clip(ndimage.gaussian_filter(gt, 1.5) * 4 + 0.05 * rng.random(gt.shape), 0, 1) * 255) / 255
+def test_blurred_boundaries_of_a_512_image_score_high():
+    """Blurred boundaries make the layered graphs on which scipy's maximum_bipartite_matching took minutes; the
+    max flow scores them (its time per image: benchmarks/results/edge_metric_cpu.md)."""
+    from benchmarks.edge_metric import as_batch, blurred_boundaries
+
+    pred, gt = blurred_boundaries((512, 512))
     metric = build_metric("edges", "pascal_context")
-    start = time.perf_counter()
-    metric.update(_batch(pred), _batch(gt))
-    assert time.perf_counter() - start < 3.0  # about 0.3 s on one core; generous for loaded CI machines
+    metric.update(as_batch(pred), as_batch(gt))
     assert metric.compute()["odsF"] > 90.0
