@@ -279,7 +279,7 @@ def test_default_preprocess_squashes_the_whole_image_as_open_clips_squash_mode(c
 def test_frozen_and_eval_forever(clip_file):
     teacher = open_clip_teacher(clip_file)
     teacher.train()
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     out = teacher.encode(torch.randint(0, 255, (1, 3, 40, 50), dtype=torch.uint8))
     assert out.levels[0].shape == (1, 32, 4, 4) and out.summary.shape == (1, 24) and not out.summary.requires_grad
 

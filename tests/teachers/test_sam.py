@@ -177,7 +177,7 @@ def test_official_sizes_agree_between_the_libraries_and_our_table():
 def test_frozen_and_eval_forever(sam_file):
     t = teacher("segment_anything", sam_file)
     t.train()
-    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    assert not any(m.training for m in t.modules()) and not any(p.requires_grad for p in t.parameters())
     out = t.encode(torch.randint(0, 255, (1, 3, 50, 70), dtype=torch.uint8))
     assert out.levels[0].shape == (1, 32, 6, 8) and not out.levels[0].requires_grad  # 50 x 70: 6 of 8 rows image
 

@@ -44,7 +44,7 @@ def test_local_safetensors_give_timms_own_intermediates(tmp_path):
 def test_frozen_and_eval_forever():
     teacher = create_teacher("timm", model="vit_small_patch14_dinov2", model_kwargs=TINY)
     teacher.train()
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     out = teacher.encode(torch.randint(0, 255, (1, 3, 70, 90), dtype=torch.uint8))
     assert out.levels[0].shape == (1, 32, 4, 4) and not out.levels[0].requires_grad
 
