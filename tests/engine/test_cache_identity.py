@@ -407,3 +407,25 @@ def test_the_ids_digest_takes_a_plugin_s_ids_that_are_not_strings():
 
     assert ids_digest(SimpleNamespace(ids=[np.int64(3), Path("a/b")])) == ids_digest(SimpleNamespace(ids=["3", "a/b"]))
     assert ids_digest(SimpleNamespace(ids=["x", "y"])) == hashlib.sha256(json.dumps(["x", "y"]).encode()).hexdigest()
+
+
+def test_teacher_weights_replaced_under_their_file_name_are_named_and_refused(tiny_recipe, tmp_path):
+    """The same `weights` path and options: only the file's sha256, in the teacher's metadata, tells that the
+    cached features are of other weights."""
+    import timm
+
+    weights = tmp_path / "vit_a.safetensors"
+
+    def write(seed: int) -> None:
+        torch.manual_seed(seed)
+        kwargs = {"embed_dim": 48, "depth": 4, "num_heads": 2, "img_size": 56}  # tests/tiny.yaml's vit_a
+        save_file(timm.create_model("vit_small_patch14_dinov2", num_classes=0, **kwargs).state_dict(), str(weights))
+
+    write(0)
+    common = ["data.options.length=4", f"teachers.0.weights={weights}"]
+    root = build_cache(tiny_recipe(*common), tmp_path / "c", shard_size=4)
+    write(1)
+    recipe = tiny_recipe(*common, f"cache.path={root}")
+    with pytest.raises(CacheError, match=r"stale cache .*teachers\.vit_a\.sha256: cache has '[0-9a-f]{64}', recipe "
+                                         r"gives '[0-9a-f]{64}'"):  # fmt: skip
+        open_cache(recipe, build_teachers(recipe, torch.device("cpu")))
