@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m sak.demo
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	SAK_STRICT_SKIPS=1 $(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

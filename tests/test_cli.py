@@ -113,7 +113,7 @@ def test_bad_input_is_one_line_naming_the_problem_and_exit_status_2(argv, messag
 
 def test_sak_traceback_keeps_the_traceback(monkeypatch):
     monkeypatch.setenv("SAK_TRACEBACK", "1")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown teacher 'nosuch'"):
         main(["teachers", "show", "nosuch"])
 
 

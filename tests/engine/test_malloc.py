@@ -39,7 +39,7 @@ def faults_per_step(mode: str) -> str:
 def test_freed_tensors_are_reused_instead_of_faulted_in_again():
     tuned = faults_per_step("tuned")  # in a child process: the test process's allocator is left alone
     if tuned == "unsupported":
-        pytest.skip("this platform has no glibc mallopt; sak leaves its allocator alone")
+        pytest.skip("platform: no glibc mallopt here; sak leaves its allocator alone")
     pages = 3 * 8 * 128 * 56 * 56 * 4 / 4096  # the three tensors' pages (9408)
     # glibc's defaults fault in a varying part of them again every step (2000-6400 measured here);
     # with the thresholds raised the freed memory is reused and next to nothing is faulted in
