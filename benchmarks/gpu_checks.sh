@@ -69,7 +69,9 @@
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
 # dropped), and the framework overhead needs the bare and sak rows of one stage in one part; part 6 compares
 # its two rows with each other (wall images/s), not with an online row.
-# OUT (default benchmarks/results) receives throughput_gpu.{json,md}, distill_loss_cuda.* (part 2; part 5
+# OUT (required: a folder outside benchmarks/results, whose throughput_gpu.{json,md} are the committed H100 results)
+# receives throughput_gpu.{json,md} (throughput_gpu.partial.{json,md} when a part's limit stopped the benchmark:
+# the cases finished by then), distill_loss_cuda.* (part 2; part 5
 # into OUT/loss/), cache_loader_gpu.* (part 5), profile_gpu.* (part 4), cache_build_gpu.* (part 7) and
 # student_step_cuda.* (part 8), sam_attention_cuda.* (part 9), router_mix_cuda.* (part 11) and
 # adapter_paths_cuda.* (part 12). Each part stops itself before the call's limit; throughput.py writes the
@@ -88,14 +90,20 @@
 # per-token weights of several tasks; stage 2 timed with the per-token noise), part 14 (part 15 before it),
 # part 13's benchmarks (its test ran in part 16), 12, 5's loader, 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
+# Each throughput case times 30 steps after 5 of warm-up: the GPU recipes' 8 workers queue 16 batches during the
+# warm-up, and only the steps after those time the loader's pace (15 steps, as before 2026-11-29, left none:
+# every wall rate was the queue's, marked (q)). The script exits non-zero when any command failed or hit its
+# limit (the results of the commands before are kept).
 set -u
+failed=0
+trap 'failed=1' ERR
 part=${1:?part 1 to 17}
-out=${2:-benchmarks/results}
+out=${2:?an OUT folder for the results (not benchmarks/results)}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, timm, accelerate; print("torch", torch.__version__, "timm", timm.__version__, "accelerate", accelerate.__version__)'
-bench="python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 --results $out --only"
+bench="python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 30 --warmup 5 --results $out --only"
 case $part in
 1) timeout "${LIMIT:-390}" $bench gpu/stage1/sak/online gpu/stage1/sak/online/compiled \
        gpu/stage1/sak/fp16-cache/compiled gpu/stage1/sak/fp16-cache gpu/stage1/sak/online/teachers-cast ;;
@@ -128,7 +136,7 @@ case $part in
         tests/teachers/test_sam_attention_gpu.py
     timeout 150 python3 -m benchmarks.router_mix --results "$out"
     mkdir -p "$out/stage2"
-    timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
+    timeout "${LIMIT:-300}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 30 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/sak/online gpu/stage2/sak/online/compiled ;;
 12) timeout 120 python3 -m benchmarks.adapter_paths --batch 16 --tokens 577 --results "$out"
     timeout "${LIMIT:-450}" $bench gpu/stage1/sak/online/compiled/losses gpu/stage1/sak/fp16-cache/compiled/losses/prefetch ;;
@@ -148,7 +156,7 @@ case $part in
         tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py
     timeout "${LIMIT:-160}" $bench gpu/stage1/bare/online gpu/stage1/sak/online
     mkdir -p "$out/stage2"
-    timeout "${LIMIT:-150}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 15 --warmup 5 \
+    timeout "${LIMIT:-150}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 30 --warmup 5 \
         --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
 17) rr="python3 -m benchmarks.throughput --suite gpu --steps 30 --warmup 5"
     timeout 250 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
@@ -157,3 +165,4 @@ case $part in
 *) echo "part must be 1 to 17" >&2; exit 2 ;;
 esac
 ls -la "$out"
+exit $failed

@@ -235,15 +235,22 @@ def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     dtype, alpha = teacher_dtype(recipe), recipe.loss.alpha if tasks else 1.0
     times, walls, batches = [], [], iter(loader)
-    last = time.perf_counter()
-    for step in range(warmup + steps):
+
+    def next_batch() -> dict:
+        nonlocal batches
         try:
-            batch = next(batches)
+            return next(batches)
         except StopIteration:
             batches = iter(loader)
-            batch = next(batches)
-        # copied before the clock starts, as Accelerate's loader copies a batch before it yields it
-        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            return next(batches)
+
+    upcoming = next_batch()
+    last = time.perf_counter()
+    for step in range(warmup + steps):
+        # as Accelerate's loader: the batch's copy issued, the next batch fetched, then the batch handed over
+        # (the copy runs while the loader is asked for the next one); the clock starts after that
+        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in upcoming.items()}
+        upcoming = next_batch()
         start = time.perf_counter()
         begin_step(recipe.precision.cuda_graphs)
         targets = teacher_targets(teachers, batch["image"], dtype)
@@ -254,9 +261,9 @@ def bare_loop(recipe, steps: int, warmup: int) -> tuple[list[float], list[float]
             out = student(batch["image"])
         losses = compute_losses(out, targets, batch, tasks, loss_fn, alpha)
         losses.total.backward()
-        losses.total.item()
-        if recipe.optim.grad_clip is not None:
+        if recipe.optim.grad_clip is not None:  # clipped before the loss is read, as the engine clips
             torch.nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.grad_clip)
+        losses.total.item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
