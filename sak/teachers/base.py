@@ -107,10 +107,13 @@ class TeacherMeta:
 
 
 def default_levels(depth: int, count: int = 4) -> list[int]:
-    """Evenly spaced block indices ending at the last block: 12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23]."""
+    """Evenly spaced block indices ending at the last block, ceil(depth * k / count) - 1 for k = 1..count: 12 ->
+    [2, 5, 8, 11], 24 -> [5, 11, 17, 23], 32 -> [7, 15, 23, 31], 40 -> [9, 19, 29, 39] and 27 (SigLIP so400m)
+    -> [6, 13, 20, 26], every entry of the official SAK code's table (models/backbones/model_set.py,
+    `out_indices_cfg`); where `count` does not divide `depth` a step of depth // count from the last block gave
+    [8, 14, 20, 26] for so400m."""
     count = min(count, depth)
-    step = depth // count
-    return [depth - 1 - step * (count - 1 - i) for i in range(count)]
+    return [-(-depth * k // count) - 1 for k in range(1, count + 1)]
 
 
 def check_levels(

@@ -16,11 +16,10 @@ TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56}
 
 
 def test_default_levels_follow_sak():
-    assert (
-        default_levels(12) == [2, 5, 8, 11]
-        and default_levels(24) == [5, 11, 17, 23]
-        and default_levels(4) == [0, 1, 2, 3]
-    )
+    """Every entry of the official code's table (out_indices_cfg: small / base, large, huge, giant, so400m)."""
+    official = {12: [2, 5, 8, 11], 24: [5, 11, 17, 23], 32: [7, 15, 23, 31], 40: [9, 19, 29, 39], 27: [6, 13, 20, 26]}
+    assert {depth: default_levels(depth) for depth in official} == official
+    assert default_levels(4) == [0, 1, 2, 3] and default_levels(3) == [0, 1, 2] and default_levels(6) == [1, 2, 4, 5]
 
 
 def test_local_safetensors_give_timms_own_intermediates(tmp_path):
