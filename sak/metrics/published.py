@@ -31,6 +31,12 @@ def _row(scores: dict[str, float], params_m: float | None = None, delta_m: float
 
 
 SIGMOID_MAXF = "saliency maxF by its own code's meter, which thresholds sigmoid(p), not p (docs/metrics.md)"
+# MLoRE's evaluation is InvPT's (its evaluate_utils.py builds InvPT's SaliencyMeter(ignore_index, threshold_step,
+# beta_squared)); its eval_sal.py itself was not at hand to read
+LIKELY_SIGMOID_MAXF = (
+    "saliency maxF by its own code, built on InvPT's, whose meter thresholds sigmoid(p), not p: likely the same "
+    "(not checked; docs/metrics.md)"
+)
 
 
 def _pascal(semseg: float, parts: float, saliency: float, normals: float, edges: float) -> dict[str, float]:
@@ -47,7 +53,7 @@ PUBLISHED: dict[str, dict[str, PublishedRow]] = {
         "MT baseline": _row(_pascal(79.26, 68.28, 84.16, 14.06, 71.59), 357, -2.97),
         "InvPT": _row(_pascal(79.03, 67.61, 84.81, 14.15, 73.00), 423, -2.81, note=SIGMOID_MAXF),
         "TaskPrompter": _row(_pascal(80.89, 68.89, 84.83, 13.72, 73.50), 401, -1.24, note=SIGMOID_MAXF),
-        "MLoRE": _row(_pascal(81.41, 70.52, 84.90, 13.51, 75.42), 407, +0.16),
+        "MLoRE": _row(_pascal(81.41, 70.52, 84.90, 13.51, 75.42), 407, +0.16, note=LIKELY_SIGMOID_MAXF),
         "RADIO": _row(_pascal(81.11, 71.50, 85.17, 13.49, 74.80), 372, +0.29),
         "SAK ViT-L": _row(_pascal(84.01, 76.99, 84.65, 13.82, 76.27), 407, +2.30),
         "SAK ViT-B": _row(

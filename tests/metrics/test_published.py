@@ -53,3 +53,11 @@ def test_delta_m_signs_and_errors():
         delta_m({"normals": 14.0}, reference, ["normals"])
     with pytest.raises(ValueError, match="no task"):
         delta_m({}, reference, [])
+
+
+def test_rows_whose_saliency_maxf_is_another_measure_say_so():
+    """InvPT's and TaskPrompter's meters threshold sigmoid(p); MLoRE's code is built on InvPT's (likely alike)."""
+    notes = {name: row.note or "" for name, row in PUBLISHED["pascal_context"].items()}
+    assert "thresholds sigmoid(p)" in notes["InvPT"] and "thresholds sigmoid(p)" in notes["TaskPrompter"]
+    assert "likely the same (not checked" in notes["MLoRE"]
+    assert not any("sigmoid" in notes[name] for name in ("SAK ViT-L", "RADIO", "MT baseline"))
