@@ -30,6 +30,7 @@ PARTIAL = ".partial"
 REPLACED = ".replaced"  # a checkpoint being replaced by a new save of the same step
 PRUNED = ".pruned"  # a checkpoint being deleted by pruning
 STATE_FILE = "trainer_state.json"
+CHECKSUMS = "checksums.json"  # sha256 of every file Accelerate and the trainer wrote, before STATE_FILE
 FINAL_METRICS = "final_metrics.json"  # a finished run's metrics, in its last checkpoint and its run directory
 
 
@@ -131,6 +132,7 @@ def save_checkpoint(
         for stem, tensors in (extra_tensors or {}).items():
             tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             save_safetensors(tensors, partial / f"{stem}.safetensors")
+        write_checksums(partial)
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))  # written last: marks completeness
         _fsync_tree(partial)
 
@@ -152,6 +154,63 @@ def save_checkpoint(
 
     on_every_process(accelerator, place, "could not put the checkpoint in place")  # (its error raised in all)
     return final
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the sha256 of every file in `folder` (a checkpoint being written, every process's files in it) in
+    CHECKSUMS. safetensors and pickle files carry no checksum of their own: bytes changed on disk or in a copy
+    loaded silently (only NaN weights were caught)."""
+    from ..digest import hash_threads, local_processes, sha256_files
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (STATE_FILE, CHECKSUMS))
+    names = [p.relative_to(folder).as_posix() for p in files]
+    digests = sha256_files(files, hash_threads(local_processes()))
+    (folder / CHECKSUMS).write_text(json.dumps({"sha256": dict(zip(names, digests, strict=True))}, indent=2))
+
+
+def changed_file(folder: Path, names: list[str] | None = None, rank: int | None = None) -> str | None:
+    """What is wrong with the files `names` of checkpoint `folder` (None: every file its CHECKSUMS lists, of the
+    processes' random states only process `rank`'s, the one it reads) against the sha256 written with them, or
+    None when they are as saved. A checkpoint without CHECKSUMS (written before 2026-11-29) is taken as it is; a
+    file it does not list (final_metrics.json, added later) is not checked."""
+    from ..digest import hash_threads, local_processes, sha256_files
+
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        return None
+    try:
+        listed = json.loads(record.read_text())["sha256"]
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise TypeError("expected {file name: sha256}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{CHECKSUMS} is unreadable ({type(exc).__name__}: {exc})"
+    if names is None:
+        own = f"random_states_{rank}.pkl"
+        names = [n for n in listed if rank is None or not n.startswith("random_states_") or n == own]
+    names = [n for n in names if n in listed]
+    gone = [n for n in names if not (folder / n).is_file()]
+    if gone:
+        return f"{gone[0]} is gone"
+    for name, got in zip(
+        names, sha256_files([folder / n for n in names], hash_threads(local_processes())), strict=True
+    ):
+        if got != listed[name]:
+            return f"{name} changed since it was saved (sha256 {got[:12]}..., {CHECKSUMS} says {listed[name][:12]}...)"
+    return None
+
+
+def read_weights(file: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors `file`, checked against the checkpoint's CHECKSUMS first (when it
+    is one of its files); `what` names the setting or flag that gave it. A changed file is a ValueError."""
+    from safetensors.torch import load_file
+
+    problem = changed_file(file.parent, [file.name])
+    if problem is not None:
+        raise ValueError(f"{what} {str(file)!r}: damaged: {problem}; use another checkpoint of that run")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
+        raise ValueError(f"{what} {str(file)!r}: not a readable safetensors file ({exc})") from exc
 
 
 def _not_written(accelerator, root: Path, partial: Path, exc: Exception) -> OSError:
@@ -236,6 +295,10 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
         inside = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path) if path.is_dir() else None
         hint = f"; it holds checkpoints: give one, e.g. checkpoint.resume={inside}" if inside is not None else ""
         raise FileNotFoundError(f"{path} is not a complete sak checkpoint (no {STATE_FILE}){hint}")
+    # before Accelerate reads them (a changed optimizer.bin loaded without a word): the files this process reads
+    problem = changed_file(path, rank=accelerator.process_index)
+    if problem is not None:
+        raise CheckpointError(damaged(path, ValueError(problem)))
     check_random_states(path, accelerator.process_index, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))

@@ -6,13 +6,12 @@ import math
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from ..losses.normalize import TargetNormalizers
 from ..teachers.weights import first_misfit
-from .checkpoint import first_nonfinite, latest_checkpoint
+from .checkpoint import first_nonfinite, latest_checkpoint, read_weights
 
 NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
 
@@ -121,10 +120,7 @@ def init_student_from(student: nn.Module, path: Path) -> list[str]:
 
     Position embeddings of a stem trained at another resolution are resampled to this student's grid."""
     file = student_weights_file(path)
-    try:
-        state = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
-        raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    state = read_weights(file, "checkpoint.init_from")
     bad = first_nonfinite(state.items())
     if bad is not None:  # (else every step of the new run is non-finite, and the error blames the learning rate)
         raise ValueError(f"checkpoint.init_from {str(file)!r} holds NaN or inf weights ({bad}): a damaged file, or "
@@ -185,10 +181,7 @@ def init_normalizers_from(normalizers: TargetNormalizers | None, path: Path) -> 
             f"[sak] checkpoint.init_from {str(path)!r} holds no target statistics (its run had loss.normalize none): "
             "they are gathered afresh"
         )
-    try:
-        state = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
-        raise ValueError(f"checkpoint.init_from {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    state = read_weights(file, "checkpoint.init_from")
     before = {k: v.clone() for k, v in normalizers.state_dict().items()}
     try:
         normalizers.load_state_dict(state)

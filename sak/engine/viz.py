@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from ..config import Recipe
 from ..data.images import IMAGE_EXTENSIONS, decode_rgb
@@ -65,6 +64,7 @@ def load_student_for_features(recipe: Recipe, checkpoint: Path, teachers, tasks)
     """The recipe's whole student (aligners included) with the weights of a run, checkpoint or .safetensors
     file, and its target normalisers (`loss.normalize`) with the statistics saved beside them (or None)."""
     from .build import build_student, build_target_normalizers
+    from .checkpoint import read_weights
     from .init import student_weights_file
 
     if (checkpoint / "student.yaml").is_file():
@@ -73,10 +73,7 @@ def load_student_for_features(recipe: Recipe, checkpoint: Path, teachers, tasks)
             "student that predicts each teacher's features: give the run or checkpoint directory it was exported from"
         )
     file = student_weights_file(checkpoint, "--checkpoint")
-    try:
-        state = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
-        raise ValueError(f"--checkpoint {str(file)!r}: not a readable safetensors file ({exc})") from exc
+    state = read_weights(file, "--checkpoint")
     student = build_student(recipe, teachers, tasks)
     try:
         student.load_state_dict(state)
@@ -93,7 +90,7 @@ def load_student_for_features(recipe: Recipe, checkpoint: Path, teachers, tasks)
                 f"{stats}: not found; the recipe has loss.normalize {recipe.loss.normalize!r}, so the student predicts "
                 "normalised features, and the statistics saved beside its weights map them back to the teachers'"
             )
-        normalizers.load_state_dict(load_file(str(stats)))
+        normalizers.load_state_dict(read_weights(stats, "--checkpoint"))
     return student.eval(), normalizers
 
 

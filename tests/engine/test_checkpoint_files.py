@@ -206,6 +206,7 @@ def test_weights_holding_nan_and_a_trainer_state_of_other_types_are_refused_by_n
     stopped = tiny_recipe("schedule.max_steps=4", "run.stop_at=2")
     train(stopped)
     step = stopped.run_dir / "checkpoints" / "step_00000002"
+    (step / "checksums.json").unlink()  # as a checkpoint written before 2026-11-29 (else its sha256 tells first)
     good = load_file(str(step / "model.safetensors"))
     name = next(k for k, v in good.items() if v.is_floating_point())
     save_file({**good, name: torch.full_like(good[name], float("nan"))}, str(step / "model.safetensors"))
@@ -218,3 +219,43 @@ def test_weights_holding_nan_and_a_trainer_state_of_other_types_are_refused_by_n
     (step / "trainer_state.json").write_text(json.dumps({"step": "x"}))
     with pytest.raises(CheckpointError, match=r"trainer_state.json holds values of other types than a trainer state"):
         train(tiny_recipe("schedule.max_steps=4"))
+
+
+def test_bytes_changed_in_a_checkpoint_are_named_by_its_sha256_wherever_it_is_read(tiny_recipe, tmp_path):
+    """One byte flipped inside a tensor (no NaN, the same size) or inside optimizer.bin loaded silently: every
+    file a checkpoint holds has its sha256 in checksums.json, checked on resume, checkpoint.init_from, export and
+    the feature pictures (sak viz features)."""
+    import json
+
+    from sak.engine import train
+    from sak.engine.checkpoint import CheckpointError
+    from sak.engine.export import ExportError, export_student
+    from sak.engine.viz import load_student_for_features
+
+    stopped = tiny_recipe("schedule.max_steps=4", "run.stop_at=2")
+    train(stopped)
+    step = stopped.run_dir / "checkpoints" / "step_00000002"
+    listed = json.loads((step / "checksums.json").read_text())["sha256"]
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "recipe.yaml"} <= set(listed)
+    assert "trainer_state.json" not in listed  # written after it, as the mark of a complete checkpoint
+
+    def flip(name: str) -> bytes:
+        data = (step / name).read_bytes()
+        (step / name).write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+        return data
+
+    good = flip("optimizer.bin")
+    with pytest.raises(CheckpointError, match=rf"cannot resume from {step}: a file of it is damaged or unreadable "
+                       r"\(ValueError: optimizer.bin changed since it was saved \(sha256 "):  # fmt: skip
+        train(tiny_recipe("schedule.max_steps=4"))
+    (step / "optimizer.bin").write_bytes(good)
+    good = flip("model.safetensors")
+    changed = r"model.safetensors' *: damaged: model.safetensors changed since it was saved \(sha256 [0-9a-f]{12}\.\.\."
+    with pytest.raises(ValueError, match=rf"checkpoint.init_from '{step}/{changed}"):
+        train(tiny_recipe("run.name=other", f"checkpoint.init_from={step}"))
+    with pytest.raises(ExportError, match=rf"sak export --from '{step}/{changed}"):
+        export_student(stopped, step, tmp_path / "export")
+    with pytest.raises(ValueError, match=rf"--checkpoint '{step}/{changed}"):
+        load_student_for_features(stopped, step, {}, [])
+    (step / "model.safetensors").write_bytes(good)
+    train(tiny_recipe("schedule.max_steps=4"))  # as saved again: it resumes
