@@ -87,8 +87,10 @@
 # (results in throughput_gpu_h200_part{16,17}*, gpu_tests_h200_2026-11-29.txt), and stage 2's batch-2, batch-4
 # and grad-checkpointing rows (throughput_gpu_h200_stage2_memory), all before the noisy routers came to draw
 # their training noise per token (later that day). Still to run: part 16 again (the routers' gpu test now mixes
-# per-token weights of several tasks; stage 2 timed with the per-token noise), part 14 (part 15 before it),
-# part 13's benchmarks (its test ran in part 16), 12, 5's loader, 6, 7 and part 11's stage 2.
+# per-token weights of several tasks; stage 2 timed with the per-token noise), then part 17 again (since its run
+# the bare loop clips before its read and fetches the next batch after issuing the copy, as Accelerate's loader,
+# and the overhead is judged by wall time), part 14 (part 15 before it), part 13's benchmarks (its test ran in
+# part 16), 12, 5's loader, 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 # Each throughput case times 30 steps after 5 of warm-up: the GPU recipes' 8 workers queue 16 batches during the
 # warm-up, and only the steps after those time the loader's pace (15 steps, as before 2026-11-29, left none:
