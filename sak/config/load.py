@@ -444,7 +444,8 @@ def _check_numbers(recipe: Recipe) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise RecipeError(f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.999]; got {o.betas}")
     positive = {"optim.lr": o.lr, "optim.eps": o.eps, "optim.grad_clip": o.grad_clip, "schedule.power": s.power}
-    non_negative = {"optim.weight_decay": o.weight_decay, "loss.alpha": recipe.loss.alpha}
+    non_negative = {"optim.weight_decay": o.weight_decay, "loss.alpha": recipe.loss.alpha,
+                    "eval.keep_targets_gib": recipe.eval.keep_targets_gib}  # fmt: skip
     non_negative |= {f"tasks[{i}].weight": t.weight for i, t in enumerate(recipe.tasks)}
     for key, value in (positive | non_negative).items():
         low_ok = value is None or (value > 0 if key in positive else value >= 0)

@@ -102,6 +102,9 @@ class EvalConfig:
     split: str = "val"
     batches: int = 0  # the first N batches of the split, whatever the number of processes; 0 = all of it
     batch_size: int = 8  # per process
+    # host memory (GiB) for the teachers' outputs on the held-out images, kept from the first evaluation for the
+    # later ones (fixed crops, frozen teachers: the same outputs); batches past it run the teachers; 0 = every time
+    keep_targets_gib: float = 1.0
 
 
 @dataclass

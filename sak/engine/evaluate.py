@@ -9,9 +9,42 @@ import torch
 
 from ..config import Recipe
 from ..student import StudentOutput
+from ..teachers import TeacherOutput
 from .step import begin_step, compute_losses, feature_cosines, teacher_targets
 
 KEEP = "_keep"  # per image: 1 for a real image inside the first eval.batches global batches, else 0
+
+
+class HeldOutTargets:
+    """The teachers' outputs on the held-out batches, kept in host memory from the first evaluation of a run for
+    the later ones, up to `budget` bytes (`eval.keep_targets_gib`); batches past it run the teachers each time.
+    The held-out crops are fixed and the teachers frozen, so the outputs are the same: recomputing them was most
+    of every evaluation after the first (about 12 s of the demo's 14 on one core)."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget, self.used, self.kept = budget, 0, {}
+
+    def __call__(self, teachers, batch: dict, dtype) -> dict[str, TeacherOutput]:
+        key = tuple(batch["index"].tolist())
+        device = batch["image"].device
+        kept = self.kept.get(key)
+        if kept is not None:  # (a copy: nothing downstream may change what is kept)
+            return {tid: _moved(out, device, copy=True) for tid, out in kept.items()}
+        targets = teacher_targets(teachers, batch["image"], dtype)
+        size = sum(t.numel() * t.element_size() for out in targets.values() for t in _tensors(out))
+        if self.used + size <= self.budget:
+            self.kept[key] = {tid: _moved(out, torch.device("cpu"), copy=True) for tid, out in targets.items()}
+            self.used += size
+        return targets
+
+
+def _tensors(out: TeacherOutput) -> list[torch.Tensor]:
+    return [*out.levels, *([out.summary] if out.summary is not None else [])]
+
+
+def _moved(out: TeacherOutput, device: torch.device, copy: bool) -> TeacherOutput:
+    summary = None if out.summary is None else out.summary.to(device, copy=copy)
+    return TeacherOutput(tuple(t.to(device, copy=copy) for t in out.levels), summary)
 
 
 def real_images(accelerator, loader, n: int) -> int:
@@ -27,14 +60,23 @@ def real_images(accelerator, loader, n: int) -> int:
 
 @torch.no_grad()
 def evaluate(
-    accelerator, student, teachers, loader, tasks, distill_loss, recipe: Recipe, dtype, normalizers=None
+    accelerator,
+    student,
+    teachers,
+    loader,
+    tasks,
+    distill_loss,
+    recipe: Recipe,
+    dtype,
+    normalizers=None,
+    held_out: HeldOutTargets | None = None,
 ) -> dict[str, float]:
     """Means over the split's images, or with `eval.batches` B over its first B batches of `eval.batch_size`
     whatever the number of processes N: the prepared loader hands global batch g to process g % N, so each
     process runs ceil(B / N) batches (every process takes part in every gather) and the batches past B are
     masked out. The losses are batch means, each image weighted by its batch's; the padding of the last round
     (`real_images`) is left out of the batch before anything runs, so that it weighs in neither the losses
-    nor the means."""
+    nor the means. `held_out`: the teachers' outputs kept from an earlier evaluation of the run (and kept here)."""
     student.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -52,7 +94,9 @@ def evaluate(
         if real < n:  # (a process with no real image runs one, so that it has every key to gather)
             batch = {k: v[: max(real, 1)] for k, v in batch.items()}
         begin_step(recipe.precision.cuda_graphs)
-        targets = teacher_targets(teachers, batch["image"], dtype)
+        targets = (
+            teacher_targets(teachers, batch["image"], dtype) if held_out is None else held_out(teachers, batch, dtype)
+        )
         with accelerator.autocast():
             out = student(batch["image"])
         # the student predicts normalised targets with loss.normalize: compared in the teacher's own space, as without

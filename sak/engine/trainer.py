@@ -27,7 +27,7 @@ from .checkpoint import (
     on_every_process,
     save_checkpoint,
 )
-from .evaluate import evaluate
+from .evaluate import HeldOutTargets, evaluate
 from .init import init_run_from
 from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
@@ -237,6 +237,11 @@ def train(recipe: Recipe) -> dict:
     )  # fmt: skip
     check_launch_settings(accelerator, recipe)  # (a DeepSpeed config's grad_accum is applied by prepare)
     tdtype = teacher_dtype(recipe)
+    held_out = HeldOutTargets(recipe.eval.keep_targets_gib * 2**30)  # the teachers' outputs on the held-out images
+
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers,
+                        held_out)  # fmt: skip
 
     def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(tensor, "sum")
@@ -321,9 +326,7 @@ def train(recipe: Recipe) -> dict:
         return {}
 
     if recipe.eval.at_start and state.step == 0:
-        logger.log(
-            0, evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
-        )
+        logger.log(0, evaluate_now())
 
     # -- loop -------------------------------------------------------------------------------
     stable_grads = keep_gradient_buffers(student, recipe, accelerator.device)
@@ -441,12 +444,7 @@ def train(recipe: Recipe) -> dict:
                 logger.log(state.step, values)
             logger.progress(1, {k: values[k] for k in ("loss", "lr", "images_per_s")})
             if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total:
-                logger.log(
-                    state.step,
-                    evaluate(
-                        accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers
-                    ),
-                )
+                logger.log(state.step, evaluate_now())
                 student.train()
             # no checkpoint in a non-finite streak: pruning could otherwise drop the last good ones
             periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0
@@ -487,7 +485,7 @@ def train(recipe: Recipe) -> dict:
     last = (
         source if at_end else save_checkpoint(accelerator, ckpt_root, saved_state(), extra_files, keep, saved_tensors())
     )
-    final = evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers)
+    final = evaluate_now()
     logger.log(state.step, final)
     text = json.dumps(json_safe(final), indent=2)
     # the final checkpoint holds its metrics too: a start after the end finds them there and trains nothing
