@@ -376,6 +376,9 @@ def train(recipe: Recipe) -> dict:
                 keys = list(scalars)
                 logged = torch.stack(list(scalars.values())).detach().float()
                 window, micro = (logged, 1) if window is None else (window + logged, micro + 1)
+                # (else they live on through an evaluation or a checkpoint save: a batch's float32 targets, 1 GB
+                # from a cached batch of stage 1's GPU configuration, and the student's maps with their graph)
+                del targets, out, losses, scalars, logged
             compute_time += time.perf_counter() - batch_arrived
             state.batch_in_epoch += 1
             if recipe.logging.sample_ids:
