@@ -19,7 +19,8 @@ class HeldOutTargets:
     """The teachers' outputs on the held-out batches, kept in host memory from the first evaluation of a run for
     the later ones, up to `budget` bytes (`eval.keep_targets_gib`); batches past it run the teachers each time.
     The held-out crops are fixed and the teachers frozen, so the outputs are the same: recomputing them was most
-    of every evaluation after the first (about 12 s of the demo's 14 on one core)."""
+    of every evaluation after the first (the demo's: 7.0 s with the teachers, 1.0 s from the kept 320 MiB on 2
+    CPU cores; benchmarks/results/held_out_eval_cpu.md)."""
 
     def __init__(self, budget: float) -> None:
         self.budget, self.used, self.kept = budget, 0, {}
