@@ -29,12 +29,12 @@ class HeldOutTargets:
         key = tuple(batch["index"].tolist())
         device = batch["image"].device
         kept = self.kept.get(key)
-        if kept is not None:  # (a copy: nothing downstream may change what is kept)
-            return {tid: _moved(out, device, copy=True) for tid, out in kept.items()}
+        if kept is not None:
+            return {tid: _copied(out, device) for tid, out in kept.items()}
         targets = teacher_targets(teachers, batch["image"], dtype)
         size = sum(t.numel() * t.element_size() for out in targets.values() for t in _tensors(out))
         if self.used + size <= self.budget:
-            self.kept[key] = {tid: _moved(out, torch.device("cpu"), copy=True) for tid, out in targets.items()}
+            self.kept[key] = {tid: _copied(out, torch.device("cpu")) for tid, out in targets.items()}
             self.used += size
         return targets
 
@@ -43,9 +43,10 @@ def _tensors(out: TeacherOutput) -> list[torch.Tensor]:
     return [*out.levels, *([out.summary] if out.summary is not None else [])]
 
 
-def _moved(out: TeacherOutput, device: torch.device, copy: bool) -> TeacherOutput:
-    summary = None if out.summary is None else out.summary.to(device, copy=copy)
-    return TeacherOutput(tuple(t.to(device, copy=copy) for t in out.levels), summary)
+def _copied(out: TeacherOutput, device: torch.device) -> TeacherOutput:
+    """A copy of `out` on `device` (a copy there too: what is kept is never handed out)."""
+    summary = None if out.summary is None else out.summary.to(device, copy=True)
+    return TeacherOutput(tuple(t.to(device, copy=True) for t in out.levels), summary)
 
 
 def real_images(accelerator, loader, n: int) -> int:
