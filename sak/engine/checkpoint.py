@@ -199,14 +199,20 @@ def changed_file(folder: Path, names: list[str] | None = None, rank: int | None 
     return None
 
 
+def refuse_changed(file: Path, what: str, error: type[ValueError] = ValueError) -> None:
+    """Raise `error` naming `file` (`what`: the setting or flag that gave it) when it is one of a checkpoint's
+    files and its bytes changed since it was saved (`changed_file`)."""
+    problem = changed_file(file.parent, [file.name])
+    if problem is not None:
+        raise error(f"{what} {str(file)!r}: damaged: {problem}; use another checkpoint of that run")
+
+
 def read_weights(file: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's safetensors `file`, checked against the checkpoint's CHECKSUMS first (when it
     is one of its files); `what` names the setting or flag that gave it. A changed file is a ValueError."""
     from safetensors.torch import load_file
 
-    problem = changed_file(file.parent, [file.name])
-    if problem is not None:
-        raise ValueError(f"{what} {str(file)!r}: damaged: {problem}; use another checkpoint of that run")
+    refuse_changed(file, what)
     try:
         return load_file(str(file))
     except Exception as exc:  # safetensors raises its own types for a file of another format or a damaged one
@@ -340,10 +346,15 @@ def finished_state(path: Path, total: int, processes: int) -> TrainState | None:
     for any other checkpoint."""
     if not (path / FINAL_METRICS).is_file() or not (path / STATE_FILE).is_file():
         return None
-    if len(list(path.glob("random_states_*.pkl"))) == processes:
+    if written_processes(path) == processes:
         return None
     state = read_train_state(path)
     return state if state.step >= total else None
+
+
+def written_processes(path: Path) -> int:
+    """How many processes wrote checkpoint `path`: Accelerate saves one random-state file for each."""
+    return len(list(path.glob("random_states_*.pkl")))
 
 
 def read_train_state(path: Path) -> TrainState:
@@ -398,7 +409,7 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
     another number of processes is refused too, since each process's position in the epoch would also differ."""
     from accelerate.utils import load
 
-    written = len(list(path.glob("random_states_*.pkl")))
+    written = written_processes(path)
     if written != processes:
         # (--multi_gpu: without it a CPU launch starts one process whatever --num_processes says)
         launch = "one process" if written == 1 else f"`accelerate launch --multi_gpu --num_processes {written}`"

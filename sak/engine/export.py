@@ -28,7 +28,7 @@ from ..files import save_safetensors
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_local
-from .checkpoint import changed_file, first_misfit
+from .checkpoint import first_misfit, refuse_changed
 from .init import student_weights_file
 from .predictions import SUFFIX, PredictionError, encode, save_encoded
 
@@ -69,9 +69,7 @@ def inference_state(source: Path, what: str) -> tuple[Path, dict[str, torch.Tens
     """The weights file of a run, checkpoint or .safetensors (`what` names the flag in errors) and its tensors
     without the distillation-only ones."""
     file = student_weights_file(source, what)
-    problem = changed_file(file.parent, [file.name])  # (a checkpoint's sha256, written with it)
-    if problem is not None:
-        raise ExportError(f"{what} {str(file)!r}: damaged: {problem}; use another checkpoint of that run")
+    refuse_changed(file, what, ExportError)  # (a checkpoint's sha256, written with it)
     try:
         state = load_file(str(file))
     except SafetensorError as exc:
