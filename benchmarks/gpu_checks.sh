@@ -64,6 +64,9 @@
 #                                         # 8 minutes
 #   bash benchmarks/gpu_checks.sh 17 OUT  # part 16's framework overhead with 30 steps, run round robin: stage 1
 #                                         # three times, stage 2 twice (into OUT/stage2/); about 7 minutes
+#   bash benchmarks/gpu_checks.sh 18 OUT  # parts 16's tests and 17 in one call (part 16's single overhead runs
+#                                         # left out: part 17's round robin supersedes them); about 9 minutes,
+#                                         # for a task whose 15 minutes hold one call
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -86,20 +89,19 @@
 # its stage 2) and part 9 again; a third (582 s) part 13 as it then was. On 2026-11-29 (H200) parts 16 and 17 ran
 # (results in throughput_gpu_h200_part{16,17}*, gpu_tests_h200_2026-11-29.txt), and stage 2's batch-2, batch-4
 # and grad-checkpointing rows (throughput_gpu_h200_stage2_memory), all before the noisy routers came to draw
-# their training noise per token (later that day). Still to run: part 16 again (the routers' gpu test now mixes
-# per-token weights of several tasks; stage 2 timed with the per-token noise), then part 17 again (since its run
-# the bare loop clips before its read and fetches the next batch after issuing the copy, as Accelerate's loader,
-# and the overhead is judged by wall time), part 14 (part 15 before it), part 13's benchmarks (its test ran in
-# part 16), 12, 5's loader, 6, 7 and part 11's stage 2.
+# their training noise per token (later that day). On 2026-11-30 (H200) part 18 ran (430 s; results in
+# throughput_gpu_h200_part18*, gpu_tests_h200_2026-11-30.txt), then part 15's loader with 8 workers alone
+# (210 s; cache_loader_gpu_h200). Still to run: part 14, part 13's benchmarks (its test ran in parts 16 and
+# 18), 12, 5's loader, 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 # Each throughput case times 30 steps after 5 of warm-up: the GPU recipes' 8 workers queue 16 batches during the
 # warm-up, and only the steps after those time the loader's pace (15 steps, as before 2026-11-29, left none:
 # every wall rate was the queue's, marked (q)). The script exits non-zero when any command failed or hit its
 # limit (the results of the commands before are kept).
-set -u
+set -u -o pipefail
 failed=0
 trap 'failed=1' ERR
-part=${1:?part 1 to 17}
+part=${1:?part 1 to 18}
 out=${2:?an OUT folder for the results (not benchmarks/results)}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -164,7 +166,15 @@ case $part in
     timeout 250 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
     mkdir -p "$out/stage2"
     timeout 180 $rr --repeats 2 --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
-*) echo "part must be 1 to 17" >&2; exit 2 ;;
+18) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py \
+        tests/engine/test_cache_gpu.py tests/engine/test_compile_gpu.py tests/engine/test_export.py \
+        tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py \
+        2>&1 | tee "$out/gpu_tests.txt"
+    rr="python3 -m benchmarks.throughput --suite gpu --steps 30 --warmup 5"
+    timeout 240 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
+    mkdir -p "$out/stage2"
+    timeout 170 $rr --repeats 2 --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
+*) echo "part must be 1 to 18" >&2; exit 2 ;;
 esac
 ls -la "$out"
 exit $failed
