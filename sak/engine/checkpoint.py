@@ -429,8 +429,9 @@ def check_random_states(path: Path, rank: int, processes: int) -> None:
         raise CheckpointError(damaged(path, exc)) from exc
 
 
-def damaged(path: Path, exc: Exception) -> str:
-    """What to say of a checkpoint whose files cannot be read, with the earlier complete one to resume from."""
+def damaged(path: Path, exc: Exception, name: str | None = None) -> str:
+    """What to say of a checkpoint whose files cannot be read (`name`: the one, where known), with the earlier
+    complete one to resume from."""
     what = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     found = checkpoint_dirs(path.parent)
     earlier = found[: found.index(path)] if path in found else []
@@ -439,7 +440,10 @@ def damaged(path: Path, exc: Exception) -> str:
         if earlier
         else "; set it aside (or checkpoint.resume=never) to start again"
     )
-    return f"cannot resume from {path}: a file of it is damaged or unreadable ({type(exc).__name__}: {what}){hint}"
+    which = f"{name}: " if name else ""
+    return (
+        f"cannot resume from {path}: a file of it is damaged or unreadable ({which}{type(exc).__name__}: {what}){hint}"
+    )
 
 
 def clean_partials(root: Path) -> None:

@@ -53,9 +53,46 @@ def changes_message(source: Path, changed: list[str], done: bool) -> str:
     again, which trains nothing and keeps the recipe that trained it in recipe.yaml (`record_start`)."""
     kept = "still holds the recipe that trained it (this start trains nothing)" if done else "now holds this one"
     return (
-        f"[sak] the recipe (or the cache it reads) differs from the one {source} was trained with: "
+        f"[sak] the recipe (its teachers, or the cache it reads) differs from the one {source} was trained with: "
         f"{'; '.join(changed)}. recipe.yaml {kept}; starts.jsonl has every start's recipe"
     )
+
+
+TEACHERS_FILE = "teachers.json"
+CACHE_FILE = "cache.json"
+
+
+def changes_since(source: Path, recipe: Recipe, extra_files: dict[str, str]) -> list[str]:
+    """What a resume from checkpoint `source` would change: the recipe's values (`recipe_changes`), the teachers'
+    identities (`teacher_changes`) and the facts of the cache the run reads (cache.json), against the files the
+    checkpoint holds; `extra_files` are this start's."""
+    changed = recipe_changes(source / "recipe.yaml", recipe)
+    changed += teacher_changes(source / TEACHERS_FILE, json.loads(extra_files[TEACHERS_FILE]))
+    if CACHE_FILE in extra_files and (source / CACHE_FILE).is_file():
+        before, now = json.loads((source / CACHE_FILE).read_text()), json.loads(extra_files[CACHE_FILE])
+        changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+    return changed
+
+
+def teacher_changes(saved: Path, now: dict) -> list[str]:
+    """`teacher <id> <key>: before -> now` for every value of the teachers' identities (`teachers_identity`) that
+    differs from the copy a checkpoint holds (teachers.json): what the recipe leaves to sak, such as a teacher's
+    default levels, can change with sak's version without a change to the recipe. Nothing for a checkpoint
+    written before the file existed (sak before 2026-11-30)."""
+    if not saved.is_file():
+        return []
+    try:
+        before = json.loads(saved.read_text())
+        if not isinstance(before, dict):
+            raise ValueError(f"a JSON {type(before).__name__}, not an object")
+    except ValueError as exc:  # (json.JSONDecodeError included)
+        raise CheckpointError(damaged(saved.parent, exc, saved.name)) from exc
+    old, new = flatten(before), flatten(now)
+    return [
+        f"teacher {k.replace('.', ' ', 1)}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
 
 
 def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
@@ -68,7 +105,7 @@ def recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
         if not isinstance(before, dict):
             raise ValueError(f"a YAML {type(before).__name__}, not a mapping")
     except (yaml.YAMLError, ValueError) as exc:
-        raise CheckpointError(damaged(saved.parent, exc)) from exc
+        raise CheckpointError(damaged(saved.parent, exc, saved.name)) from exc
     before = _flat(before)
     now = _flat(recipe.to_dict())
     default = _defaults()
@@ -110,7 +147,8 @@ def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:
 
 def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: dict, finished: Path | None):
     """The main process's records of a start, once it is under way (a refused resume leaves the run's files as
-    they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml and run_info.json (not for
+    they were): later checkpoints set aside, sample records cut to `step`, recipe.yaml, run_info.json and
+    teachers.json (not for
     a finished run started again, which trains nothing: recipe.yaml stays the recipe that trained it; its
     `finished` metrics and that recipe, the final checkpoint's, are written beside the run again if a kill came
     between the two or the files are another's (another run's final checkpoint resumed); a start that trains
@@ -124,7 +162,7 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
         abandoned = set_aside(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime()), after=step)
     cut_sample_records(run_dir, step)  # (all of them on a fresh start)
     if finished is None:
-        for name in ("recipe.yaml", "run_info.json"):  # renamed into place: a kill never leaves half a file
+        for name in ("recipe.yaml", "run_info.json", TEACHERS_FILE):  # renamed into place: never half a file
             write_text_whole(run_dir / name, extra_files[name])
         # a finished run trained on (a longer schedule, or resumed from an earlier checkpoint): its final metrics
         # no longer describe the run, which a stop or a crash would leave claiming to have finished. They go with

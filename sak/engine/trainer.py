@@ -19,7 +19,15 @@ from ..files import write_text_whole
 from ..student import parameter_report
 from . import build
 from .build import teacher_dtype
-from .cache import FeatureCache, cache_digest, content_digests, identity, ids_digest, training_dataset
+from .cache import (
+    FeatureCache,
+    cache_digest,
+    content_digests,
+    identity,
+    ids_digest,
+    teachers_identity,
+    training_dataset,
+)
 from .checkpoint import (
     TrainState,
     add_to_checkpoint,
@@ -33,7 +41,16 @@ from .logging import RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .resume import resume_from
-from .run_records import FINAL_METRICS, changes_message, prepare_run_dir, recipe_changes, record_ids, record_start
+from .run_records import (
+    CACHE_FILE,
+    FINAL_METRICS,
+    TEACHERS_FILE,
+    changes_message,
+    changes_since,
+    prepare_run_dir,
+    record_ids,
+    record_start,
+)
 from .schedule import lr_lambda
 from .step import RunningStatistics, begin_step, compute_losses, teacher_targets
 from .task_eval import check_samples_fit
@@ -120,9 +137,6 @@ def open_cache(recipe: Recipe, teachers: dict, dataset=None, cache: FeatureCache
     return cache
 
 
-CACHE_FILE = "cache.json"
-
-
 def cache_facts(cache: FeatureCache) -> dict:
     """What a checkpoint records of the cache it trained from (cache.json): a cache rebuilt at the same path
     with other settings, or from other images, differs in these although the recipe does not."""
@@ -175,6 +189,8 @@ def train(recipe: Recipe) -> dict:
 
     # -- build ------------------------------------------------------------------------------
     teachers = build.build_teachers(recipe, accelerator.device)
+    # each teacher as built, what the recipe leaves to sak included (default levels, sizes): a resume compares it
+    extra_files[TEACHERS_FILE] = json.dumps(teachers_identity(recipe, teachers), indent=2)
     tasks = build.build_tasks(recipe)
     student = build.build_student(recipe, teachers, tasks)
     n = accelerator.num_processes
@@ -263,10 +279,7 @@ def train(recipe: Recipe) -> dict:
     state = TrainState()
     logger_start = 0
     samples = (len(train_loader.dataset.dataset), ids_digest(train_loader.dataset.dataset))
-    changed = recipe_changes(source / "recipe.yaml", recipe) if source is not None else []
-    if source is not None and cache is not None and (source / CACHE_FILE).is_file():
-        before = json.loads((source / CACHE_FILE).read_text())
-        changed += [f"cache {k}: {before.get(k)!r} -> {v!r}" for k, v in facts.items() if before.get(k) != v]
+    changed = changes_since(source, recipe, extra_files) if source is not None else []
     if source is not None:
         in_epochs = [f"schedule.{k}" for k in ("epochs", "warmup_epochs") if getattr(recipe.schedule, k)]
         args = (accelerator, source, changed, optimizer, scheduler, normalizers, recipe.loss.normalize, total,

@@ -139,7 +139,7 @@ def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole
         return write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", killed)
-    extra = {"recipe.yaml": recipe.to_yaml(), "run_info.json": "{}"}
+    extra = {"recipe.yaml": recipe.to_yaml(), "run_info.json": "{}", "teachers.json": "{}"}
     with pytest.raises(KeyboardInterrupt):
         run_records.record_start(recipe, None, 0, extra, None)
     assert (recipe.run_dir / "recipe.yaml").read_text() == "the recipe of the start before\n"

@@ -26,15 +26,15 @@ The package: `store` (the files and how they are written), `identity` (what the 
 """
 
 from .builder import build_cache, check_build_options, check_disk_space
-from .identity import content_digests, identity, ids_digest, training_dataset
+from .identity import content_digests, identity, ids_digest, teachers_identity, training_dataset
 from .reader import CachedRows, FeatureCache, pin_threads
 from .store import FORMAT, CacheError, CachePlan, cache_digest, describe, load_manifest, quantize, shard_name
 
 __all__ = [
-    "FORMAT",
     "CacheError",
     "CachePlan",
     "CachedRows",
+    "FORMAT",
     "FeatureCache",
     "build_cache",
     "cache_digest",
@@ -48,5 +48,6 @@ __all__ = [
     "pin_threads",
     "quantize",
     "shard_name",
+    "teachers_identity",
     "training_dataset",
 ]

@@ -163,6 +163,14 @@ def _teacher_identity(teacher: Teacher, config) -> dict:
     }
 
 
+def teachers_identity(recipe: Recipe, teachers: dict[str, Teacher]) -> dict:
+    """Each teacher's identity (`_teacher_identity`) by id, JSON-normalised: the cache's manifest holds it, and
+    so does every checkpoint (teachers.json), where a resume compares it: a value the recipe leaves to sak (a
+    teacher's default levels, its native size) may differ under another version of sak or of its library."""
+    configs = {t.id: t for t in recipe.teachers}
+    return _json({tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()})
+
+
 def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: bool, dtype: str,
              dataset=None, digests: list[tuple[str, str]] | None = None) -> dict:  # fmt: skip
     """Everything the cached features depend on, JSON-normalised: the teachers (metadata, options, channels-last),
@@ -195,7 +203,6 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         data["tasks"] = list(image_tasks()) if image_tasks is not None else [t.name for t in recipe.tasks]
         if getattr(dataset, "augmentation", None) is not None:  # (absent before it existed: such caches are refused)
             data["augmentation"] = dataset.augmentation
-    configs = {t.id: t for t in recipe.teachers}
     ident = {
         "format": FORMAT,
         "dtype": dtype,
@@ -205,7 +212,7 @@ def identity(recipe: Recipe, teachers: dict[str, Teacher], views: int, augment: 
         "views": views,
         "augment": augment,
         "data": data,
-        "teachers": {tid: _teacher_identity(t, configs.get(tid)) for tid, t in teachers.items()},
+        "teachers": teachers_identity(recipe, teachers),
     }
     if not seed_matters(augment, data["content_sha256"], ident["teachers"]):  # (as_now's rule, on the same fields)
         del data["seed"]
