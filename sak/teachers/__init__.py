@@ -29,6 +29,12 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     built = build_options(cls, options, where=name)  # a key path, as in a recipe: 'dinov2.options.size'
     check_call(cls, (spec, built), f"teacher {name!r}", "(spec, options)")
     teacher = cls(spec, built)
+    if not isinstance(getattr(teacher, "meta", None), TeacherMeta):  # (else: no attribute 'input_size', below)
+        raise ValueError(
+            f"teacher {name!r} ({cls.__name__}): its __init__ must set self.meta = TeacherMeta(...) (name, source, "
+            f"embed_dim, patch_size, native_size, mean, std, levels; docs/adding-a-teacher.md), found "
+            f"{type(getattr(teacher, 'meta', None)).__name__}"
+        )
     if spec.levels is not None and tuple(teacher.meta.levels) != tuple(spec.levels):
         raise ValueError(
             f"teacher {name!r}: levels {list(spec.levels)} were asked for (teachers[].levels), but it gives "

@@ -315,6 +315,12 @@ class Teacher(nn.Module):
         require grad.
         """
         out = self._infer(self.preprocess(images), dtype)
+        if not isinstance(out, TeacherOutput):
+            raise TypeError(
+                f"teacher {self.meta.name}: its forward returned a {type(out).__name__}; it must return "
+                "TeacherOutput(levels, summary): a tuple of (B, C, h, w) maps, and a (B, C) vector or None "
+                "(sak.teachers.TeacherOutput, docs/adding-a-teacher.md)"
+            )
         dims = self.level_dims
         if len(out.levels) != len(dims) or any(t.shape[1] != c for t, c in zip(out.levels, dims, strict=False)):
             raise ValueError(  # (what the student's aligners and the cache were built for)
@@ -326,6 +332,16 @@ class Teacher(nn.Module):
         levels = out.levels
         if self.meta.resize == "longest_pad":  # the tokens that cover the image, not its letterbox padding
             levels = self.image_region(levels, images.shape[-2:])
+        promised = self.map_shapes(tuple(images.shape[-2:]))
+        if [tuple(t.shape[1:]) for t in levels] != [tuple(s) for s in promised]:
+            raise ValueError(  # (what the cache's shards are laid out for, and the student's maps are resized to)
+                f"teacher {self.meta.name}: its forward returned maps of (C, h, w) "
+                f"{[tuple(t.shape[1:]) for t in levels]} for images of {tuple(images.shape[-2:])} (input "
+                f"{self.input_size}), but its level_shapes() promise {[tuple(s) for s in promised]}: input size / "
+                f"stride a side (meta.patch_size {self.meta.patch_size}, meta.extra['level_strides'] where the levels' "
+                "strides differ); a teacher whose maps are sized otherwise overrides level_shapes "
+                "(docs/adding-a-teacher.md)"
+            )
         # one copy each: out of inference mode, widened to float32, and contiguous (NCHW) even where the
         # network hands out permuted views (SAM's blocks are NHWC), so that the losses read dense memory
         levels = tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in levels)

@@ -6,7 +6,7 @@ import re
 import pytest
 from safetensors.torch import save_file
 
-from sak.teachers import TeacherSpec, create_teacher
+from sak.teachers import TeacherOutput, TeacherSpec, create_teacher
 from sak.teachers.weights import WeightsError
 
 VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 56}
@@ -127,6 +127,53 @@ def test_a_forward_that_breaks_the_teachers_promised_levels_is_named():
         ValueError, match=r"teacher fixed: its forward returned 3 level\(s\) .*promises 4 of \[8, 8, 8, 8\]"
     ):
         teacher.encode(torch.rand(1, 3, 16, 16))
+
+
+def test_maps_of_other_sizes_than_the_teacher_promises_are_named():
+    """A plug-in whose maps are not input / stride a side (here upsampled twice): `sak cache build` wrote them into
+    shards laid out for the promised size, a cache training then refused as "rebuild it", and online training
+    took them without a word."""
+    import torch
+    import torch.nn.functional as F
+
+    class Upsampled(fixed_levels_teacher()):
+        def forward(self, x):
+            return TeacherOutput(tuple(F.interpolate(t, scale_factor=2.0) for t in super().forward(x).levels), None)
+
+    with pytest.raises(
+        ValueError,
+        match=r"teacher fixed: its forward returned maps of \(C, h, w\) \[\(8, 8, 8\), .* for images of \(16, 16\) "
+        r"\(input 16\), but its level_shapes\(\) promise \[\(8, 4, 4\), .*override",
+    ):
+        Upsampled(TeacherSpec(), None).encode(torch.rand(1, 3, 16, 16))
+    assert [
+        t.shape[1:] for t in fixed_levels_teacher()(TeacherSpec(), None).encode(torch.rand(1, 3, 16, 16)).levels
+    ] == [(8, 4, 4)] * 4
+
+
+def test_a_forward_that_returns_no_teacher_output_or_a_teacher_without_meta_is_named(monkeypatch):
+    """Not "'Tensor' object has no attribute 'levels'" or "no attribute 'input_size'" from deep inside sak."""
+    import torch
+
+    from sak.registry import TEACHERS
+
+    class Bare(fixed_levels_teacher()):
+        def forward(self, x):
+            return super().forward(x).levels[0]
+
+    with pytest.raises(TypeError, match=r"teacher fixed: its forward returned a Tensor; it must return TeacherOutput"):
+        Bare(TeacherSpec(), None).encode(torch.rand(1, 3, 16, 16))
+
+    class NoMeta(fixed_levels_teacher()):
+        def __init__(self, spec, options) -> None:
+            super().__init__(spec, options)
+            del self.meta
+
+    monkeypatch.setitem(TEACHERS._entries, "no_meta", NoMeta)
+    with pytest.raises(
+        ValueError, match=r"teacher 'no_meta' \(NoMeta\): its __init__ must set self.meta = TeacherMeta"
+    ):
+        create_teacher("no_meta")
 
 
 def test_a_teacher_constructor_of_another_signature_is_named(monkeypatch):
