@@ -100,6 +100,11 @@ def _step(line: str) -> float:
     return step if type(step) in (int, float) else math.inf  # (a step of another type: a line edited by hand)
 
 
+def _evaluation(line: str) -> bool:
+    """Whether a metrics.jsonl line is an evaluation's (its values `val/...`)."""
+    return any(key.startswith("val/") for key in json.loads(line))
+
+
 def json_safe(value):
     """NaN and infinity as None (null), in nested dicts and lists: JSON has no such numbers, and Python's
     json writes a bare NaN, which strict readers refuse. (A metric that scores nothing is NaN by design.)"""
@@ -147,6 +152,9 @@ class RunLogger:
             text = self.path.read_text()
             lines = text.splitlines()
             kept = [ln for ln in lines if start_step and _step(ln) <= start_step]
+            if trains and start_step == total_steps:  # the final checkpoint resumed to evaluate, again: the rows an
+                # evaluation that failed before its metrics reached the checkpoint logged (a full disk, a kill)
+                kept = [ln for ln in kept if not (_step(ln) == start_step and _evaluation(ln))]
             if kept != lines or (text and not text.endswith("\n")):  # replaced whole: a kill keeps the old file
                 tmp = self.path.with_name(f"{self.path.name}.tmp")
                 tmp.write_text("".join(ln + "\n" for ln in kept))

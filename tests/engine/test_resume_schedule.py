@@ -1,6 +1,8 @@
 """Resuming against the schedule and the data order: lengths given in epochs, another seed or split inside an
 epoch (test_resume.py holds the exactness and the other refusals)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -184,3 +186,24 @@ def test_another_runs_checkpoint_resumed_at_its_end_is_saved_here_before_its_met
     weights = load_file(str(own / "model.safetensors"))
     assert own.name == foreign.name == "step_00000004" and (own / "final_metrics.json").is_file()
     assert all(torch.equal(v, load_file(str(foreign / "model.safetensors"))[k]) for k, v in weights.items())
+
+
+def test_a_final_evaluation_logged_before_its_metrics_were_saved_is_logged_once(tiny_recipe, monkeypatch):
+    """A full disk (or a kill) between the final evaluation's row in metrics.jsonl and its metrics in the final
+    checkpoint: the start that evaluates again logged a second row of `val/...` values at the last step."""
+    from sak.engine import trainer
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    recipe = tiny_recipe("schedule.max_steps=6")
+    real = trainer.add_to_checkpoint
+    monkeypatch.setattr(trainer, "add_to_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train(recipe)
+    monkeypatch.setattr(trainer, "add_to_checkpoint", real)
+    train(recipe)
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    at_end = [r for r in rows if r["step"] == 6]
+    assert [any(k.startswith("val/") for k in r) for r in at_end] == [False, True]  # the step's losses, then one
+    assert sorted({r["step"] for r in rows if "loss" in r}) == list(range(1, 7))  # evaluation
