@@ -9,6 +9,7 @@ import inspect
 import math
 import os
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -44,6 +45,17 @@ def import_plugins(modules: list[str], where: str = "imports") -> None:
                               "Python finds modules: installed, on PYTHONPATH, or in the current directory)") from exc  # fmt: skip
         except ValueError as exc:  # a name registered twice (two modules, or a module under two names)
             raise RecipeError(f"{where}[{i}]: plug-in module {name!r}: {exc}") from exc
+        except Exception as exc:  # its own code failed (a SyntaxError, an error at module level): where, in one line
+            raise RecipeError(f"{where}[{i}]: plug-in module {name!r} failed while importing: {type(exc).__name__}: "
+                              f"{exc}{_raised_at(exc)}") from exc  # fmt: skip
+
+
+def _raised_at(exc: BaseException) -> str:
+    """ " (raised at FILE:LINE)", the innermost frame of `exc`'s traceback, or "" (a SyntaxError names its line)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return (
+        "" if isinstance(exc, SyntaxError) or not frames else f" (raised at {frames[-1].filename}:{frames[-1].lineno})"
+    )
 
 
 def _expand_home(recipe: Recipe) -> None:

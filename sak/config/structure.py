@@ -133,4 +133,10 @@ def structure(cls: type, data: Any, where: str = "") -> Any:
 
 def build_options(owner: type, options: dict, where: str) -> Any:
     """The `Options` dataclass of a registered class (teacher, dataset, ...) from a recipe mapping."""
-    return structure(getattr(owner, "options_type", owner.Options), options or {}, f"{where}.options")
+    cls = getattr(owner, "options_type", None) or getattr(owner, "Options", None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):  # (a plug-in's: dataclasses.fields' TypeError)
+        raise RecipeError(
+            f"{where}: {owner.__qualname__}.Options must be a @dataclass of its options (an empty one where it takes "
+            f"none), found {cls!r}"
+        )
+    return structure(cls, options or {}, f"{where}.options")
