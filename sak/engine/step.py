@@ -66,6 +66,22 @@ def teacher_targets(
     return {tid: teacher.encode(images, dtype) for tid, teacher in teachers.items()}
 
 
+@torch.no_grad()
+def nonfinite_cause(teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None) -> str:
+    """Where a skipped step's non-finite loss came from, looked for again in a batch's images and in the teachers'
+    outputs for them (run again: only at a skip, so a step pays nothing for it); "" when neither has one (the
+    student's own numbers, which the learning rate and clipping govern). `teachers`: those run online (a cache's
+    maps were checked when it was built)."""
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        return "; the batch's images hold a non-finite value (check the data)"
+    for tid, teacher in teachers.items():
+        for i, level in enumerate(teacher.encode(images, dtype).levels):
+            if not torch.isfinite(level).all():
+                return (f"; teacher {tid!r} level {i} gives a non-finite value for the batch's images (check the "
+                        "teacher, its weights and precision.teachers)")  # fmt: skip
+    return ""
+
+
 def compute_losses(
     out: StudentOutput,
     targets: dict[str, TeacherOutput],

@@ -52,7 +52,7 @@ from .run_records import (
     record_start,
 )
 from .schedule import lr_lambda
-from .step import RunningStatistics, begin_step, compute_losses, teacher_targets
+from .step import RunningStatistics, begin_step, compute_losses, nonfinite_cause, teacher_targets
 from .task_eval import check_samples_fit
 
 
@@ -428,10 +428,13 @@ def train(recipe: Recipe) -> dict:
             else:
                 running.restore()  # (the step's forward folded its batch into the heads' running statistics)
                 state.nonfinite_streak += 1
+                cause = nonfinite_cause(
+                    {} if cache is not None else teachers, batch["image"], tdtype
+                )  # (the last micro-batch)
                 logger.message(
                     f"[sak] step {state.step + 1}: non-finite loss {values['loss']} or gradient norm "
                     f"{values.get('grad_norm')}, step skipped ({state.nonfinite_streak}/{recipe.optim.max_nonfinite} "
-                    "in a row)"
+                    f"in a row){cause}"
                 )
             # the lr follows the step count, skipped steps included, as the official loops' (by iteration): a
             # schedule held back at each skip would end short of its floor when the run stops at its last step
@@ -451,7 +454,7 @@ def train(recipe: Recipe) -> dict:
                     f"{recipe.optim.max_nonfinite} consecutive non-finite losses or gradient norms at step "
                     f"{state.step}; stopping. "
                     + (f"The last good checkpoint is {last}" if last is not None else "There is no checkpoint yet")
-                    + " (lower optim.lr, enable optim.grad_clip or check the data)."
+                    + (f"{cause}." if cause else " (lower optim.lr, enable optim.grad_clip or check the data).")
                 )
             now = time.perf_counter()
             values.update(images_per_s=images_per_micro_batch * micro / max(now - tick, 1e-9))  # (micro: this step's)
