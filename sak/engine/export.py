@@ -70,6 +70,8 @@ def inference_state(source: Path, what: str) -> tuple[Path, dict[str, torch.Tens
     without the distillation-only ones."""
     file = student_weights_file(source, what)
     refuse_changed(file, what, ExportError)  # (a checkpoint's sha256, written with it)
+    if file.name == "student.safetensors" and (file.parent / "student.yaml").is_file():
+        exported_config(file.parent)  # an export exported again: its weights as student.yaml's sha256 says
     try:
         state = load_file(str(file))
     except SafetensorError as exc:
@@ -148,6 +150,19 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild an exported student (eval mode) and return it with its config."""
+    config = exported_config(path)
+    weights = path / "student.safetensors"
+    try:
+        return build_exported(config, load_file(str(weights))), config
+    except RuntimeError as exc:
+        raise ExportError(f"{str(path)!r}: student.safetensors does not make the student of student.yaml "
+                          f"({first_misfit(exc)})") from exc  # fmt: skip
+    except SafetensorError as exc:
+        raise ExportError(f"{str(weights)!r} is damaged or not a safetensors file ({exc}); export again") from exc
+
+
+def exported_config(path: Path) -> dict:
+    """An export directory's student.yaml, checked: readable, and its weights those it was exported with."""
     files = [path / "student.yaml", path / "student.safetensors"]
     if not all(f.is_file() for f in files):
         raise FileNotFoundError(
@@ -169,13 +184,7 @@ def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
             f"{str(files[1])!r} is not the weights {files[0].name} was exported with (their sha256 differs: an "
             "export interrupted between writing the two, or a file replaced by hand); export again"
         )
-    try:
-        return build_exported(config, load_file(str(files[1]))), config
-    except RuntimeError as exc:
-        raise ExportError(f"{str(path)!r}: student.safetensors does not make the student of student.yaml "
-                          f"({first_misfit(exc)})") from exc  # fmt: skip
-    except SafetensorError as exc:
-        raise ExportError(f"{str(files[1])!r} is damaged or not a safetensors file ({exc}); export again") from exc
+    return config
 
 
 def fit_within(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[tuple[int, int], float]:

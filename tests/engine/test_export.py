@@ -186,11 +186,17 @@ def test_an_export_interrupted_between_its_two_files_or_damaged_is_named(tiny_re
     capsys.readouterr()
     assert main(["predict", str(out), str(photo), "--out", str(tmp_path / "p")]) == 2
     assert "is not the weights student.yaml was exported with (their sha256 differs" in capsys.readouterr().err
+    # exported again from it (the directory or its weights file): refused alike, not a fresh export of them
+    for source in (out, out / "student.safetensors"):
+        assert main(["export", str(TESTS / "tiny_multitask.yaml"), "--from", str(source),
+                     "--out", str(tmp_path / "again")]) == 2  # fmt: skip
+        assert "is not the weights student.yaml was exported with" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
     (out / "student.safetensors").write_bytes(first[: len(first) // 2])
     assert main(["export", str(TESTS / "tiny_multitask.yaml"), "--from", str(out / "student.safetensors"),
                  "--out", str(tmp_path / "again")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "ExportError: sak export --from" in err and "damaged or not a safetensors file" in err, err
+    assert "ExportError: " in err and "is not the weights student.yaml was exported with" in err, err
 
 
 def test_damaged_weights_of_an_export_without_a_digest_are_named(tiny_recipe, tmp_path):
