@@ -19,8 +19,8 @@ Then the demo's distillation (recipes/demo/default.yaml with its DINOv2 and HED 
 `--train-steps` steps: held-out student-teacher cosine (in the teachers' own space) and step time.
 
 Beside it, what one step of the map costs at the GPU configuration's scale (recipes/bench/stage1_gpu_vitb.yaml:
-12 levels of 768 channels, batch 16): eigendecompositions timed on this CPU, and the float64 FLOPs of the
-statistics (counted from the shapes). Writes benchmarks/results/target_normalizer.{json,md}.
+12 levels of 768 channels, batch 16): eigendecompositions timed on this CPU, and the FLOPs of the statistics
+(counted from the shapes; float32 products of centred tokens since 2026-11-30, float64 before). Writes benchmarks/results/target_normalizer.{json,md}.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def channel_variance(level: torch.Tensor) -> torch.Tensor:
 
 
 def statistics_gflop() -> dict[str, float]:
-    """Float64 GFLOP of one step's phi_s statistics (x^T x of every token) per teacher of GPU_LEVELS, batch 16."""
+    """GFLOP of one step's phi_s statistics (x^T x of every centred token, in float32) per teacher of GPU_LEVELS,
+    batch 16."""
     return {name: 4 * 2 * 16 * tokens * c * c / 1e9 for name, (tokens, c) in GPU_LEVELS.items()}  # 4 levels
 
 
@@ -170,8 +171,8 @@ def gpu_scale(repeats: int = 3) -> dict:
         "eigh_768_ms_cpu": eigh_ms,
         "levels": 4 * len(GPU_LEVELS),
         "eigh_per_step_ms_cpu": eigh_ms * 4 * len(GPU_LEVELS),
-        "statistics_float64_gflop_per_step": gflop,
-        "statistics_float64_gflop_total": sum(gflop.values()),
+        "statistics_gflop_per_step": gflop,
+        "statistics_gflop_total": sum(gflop.values()),
     }
 
 
@@ -214,7 +215,7 @@ def device_costs(device: str, repeats: int = 5) -> dict:
         "statistics_and_rebuild_ms": add_rebuild,
         "rebuild_ms": add_rebuild - add_only,
         "normalise_targets_ms": normalise,
-        "statistics_float64_gflop": sum(statistics_gflop().values()),
+        "statistics_gflop": sum(statistics_gflop().values()),
     }
 
 
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             "levels of 768 channels (recipes/bench/stage1_gpu_vitb.yaml's DINOv2, CLIP and SAM grids), batch 16,\n"
             f"bf16 targets; median of {r['repeats']} synchronised runs after a warm-up.\n\n"
             "| statistics only (ms) | statistics + rebuild of the 12 maps (ms) | rebuild (ms) | normalising the targets (ms) |"
-            " float64 GFLOP of statistics |\n| --- | --- | --- | --- | --- |\n"
+            " GFLOP of statistics (float32) |\n| --- | --- | --- | --- | --- |\n"
             f"| {r['statistics_ms']:.1f} | {r['statistics_and_rebuild_ms']:.1f} | {r['rebuild_ms']:.1f} | "
-            f"{r['normalise_targets_ms']:.1f} | {r['statistics_float64_gflop']:.0f} |\n"
+            f"{r['normalise_targets_ms']:.1f} | {r['statistics_gflop']:.0f} |\n"
         )
         (out / f"{stem}.md").write_text(md)
         print(md)
@@ -333,13 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in trained.items():
             cos = " | ".join(f"{r['cosine'][t]:.4f}" for t in teachers)
             lines.append(f"| {name} | {cos} | {r['median_step_time_s']:.3f} |")
-    gf = ", ".join(f"{k} {v:.0f}" for k, v in scale["statistics_float64_gflop_per_step"].items())
+    gf = ", ".join(f"{k} {v:.0f}" for k, v in scale["statistics_gflop_per_step"].items())
     lines += [
         "",
         "At the GPU configuration's scale (recipes/bench/stage1_gpu_vitb.yaml, batch 16): one rebuild of the 12 maps is",
         f"12 float64 768 x 768 eigendecompositions, {scale['eigh_768_ms_cpu']:.0f} ms each on this CPU "
         f"({scale['eigh_per_step_ms_cpu']:.0f} ms per rebuild); the statistics",
-        f"cost {scale['statistics_float64_gflop_total']:.0f} GFLOP in float64 per step ({gf}), which the schedule",
+        f"cost {scale['statistics_gflop_total']:.0f} GFLOP in float32 per step ({gf}), which the schedule",
         "stops paying after `normalize_until` steps. On a GPU: `--device-costs cuda` (target_normalizer_cuda.md).",
     ]
     md = "\n".join(lines) + "\n"

@@ -311,3 +311,31 @@ def test_phi_s_rebuild_keeps_the_previous_maps_eigenvector_signs():
     assert not torch.allclose(norm(x), expected)
     mean, cov = channel_stats(norm(x))  # any sign choice is still PHI-S: unit variance on every channel
     torch.testing.assert_close(cov.diagonal(), torch.ones(12, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_phi_s_statistics_keep_float32_precision_of_the_covariance_far_from_the_origin(precision):
+    """The batch's outer products are taken in float32 on centred tokens (float64 products run at 1/64 of the
+    rate on most GPUs): features whose mean (here 1000) dwarfs their spread (0.05 to 2) keep the covariance to
+    float32's precision relative to itself, which uncentred float32 products lose entirely; a global
+    float32_matmul_precision below "highest" (TF32, bf16 passes) is not used for them, and is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    x = features(b=8, c=16, h=12, w=12) * torch.linspace(0.01, 0.4, 16).view(1, -1, 1, 1) + 1000.0
+    x = x + 0.1 * torch.randn(x.shape, generator=g)
+    flat = x.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        norm = FeatureNormalizer(16, "phi_s")
+        sums = norm.batch_sums(x)
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+    n = flat.shape[0]
+    assert sums.dtype == torch.float64 and sums[0] == n
+    torch.testing.assert_close(sums[1:17], flat.sum(0), rtol=1e-12, atol=0)
+    cov = sums[17:].view(16, 16) / n - torch.outer(sums[1:17] / n, sums[1:17] / n)
+    exact = torch.cov(flat.T, correction=0)
+    assert ((cov - exact).abs().max() / exact.abs().max()).item() < 1e-5
+    naive = (flat.float().T @ flat.float()).double() / n - torch.outer(flat.mean(0), flat.mean(0))
+    assert ((naive - exact).abs().max() / exact.abs().max()).item() > 1e-2  # what centring avoids
