@@ -71,8 +71,13 @@ def test_documented_teacher_loads_its_file_strictly_and_names_it(plugin_package,
     loaded = create_teacher("my_conv", str(file), width=8)
     assert loaded.meta.weights == str(file) and loaded.meta.sha256 is not None
     assert create_teacher("my_conv", width=8).meta.weights == "random"
-    with pytest.raises(WeightsError, match=r"my_conv: '.*conv8.safetensors' does not fit the model .* shape mismatch"):
+    with pytest.raises(WeightsError, match=r"my_conv: '.*conv8.safetensors' does not fit the model .* shape mismatch"
+                       r".*Check the option `width` against the checkpoint\.$"):  # fmt: skip
         create_teacher("my_conv", str(file), width=16)
+    # a hub tag, which the example takes none of: "pass a local file", not "... or a hub tag"
+    with pytest.raises(WeightsError, match=r"weights file 'hub' does not exist\. Pass a local \.safetensors or \.pth "
+                       r"file \(no hub\)\.$"):  # fmt: skip
+        create_teacher("my_conv", "hub", width=8)
     # its meta describes the last level it returns: the first two stages take any multiple of their stride 4
     shallow = create_teacher("my_conv", spec=TeacherSpec(levels=(0, 1), image_size=36), width=8)
     assert (shallow.meta.embed_dim, shallow.meta.patch_size) == (16, 4)

@@ -282,7 +282,8 @@ def _check_names(recipe: Recipe) -> None:
         if t.resize == "keep" and not getattr(cls, "takes_resize_keep", False):  # (before weights are fetched)
             able = sorted(n for n in TEACHERS.names() if getattr(TEACHERS.get(n), "takes_resize_keep", False))
             raise RecipeError(f"teachers[{i}].resize: teacher {t.name!r} sizes its input itself; 'keep' is for "
-                              f"{', '.join(able)} (their timm source)")  # fmt: skip
+                              f"{', '.join(able)} (dinov2 and clip with their timm source; a plug-in that sets "
+                              "takes_resize_keep)")  # fmt: skip
         _check_registered(ADAPTERS, t.adapter, f"teachers[{i}].adapter")
         if t.id in seen:
             raise RecipeError(f"teachers[{i}]: two teachers are called {t.id!r}; give one a distinct `key:`")

@@ -44,7 +44,8 @@ def create_teacher(name: str, weights: str | None = None, *, spec: TeacherSpec |
     if spec.resize == "keep" and teacher.meta.resize != "keep":  # (a plug-in that does not read spec.resize)
         raise ValueError(
             f"teacher {name!r}: resize 'keep' was asked for (teachers[].resize), but it gives its input its own "
-            f"size ({teacher.meta.resize}); 'keep' is for dinov2 and clip from timm (source timm)"
+            f"size ({teacher.meta.resize}); 'keep' is for dinov2 and clip from timm (source timm), and for a plug-in "
+            "that takes it (takes_resize_keep) and sets meta.resize from spec.resize"
         )
     size, stride = teacher.input_size, teacher.meta.patch_size
     # Teacher.level_shapes promises maps of size / stride cells a side (the cache stores those shapes); a teacher

@@ -163,8 +163,15 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
     return obj
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str) -> None:
-    """`load_state_dict(strict=True)` whose error names the file and the first offending keys."""
+def load_strict(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    path: str | os.PathLike,
+    what: str,
+    check: str = "`model` / `size` / `model_kwargs`",
+) -> None:
+    """`load_state_dict(strict=True)` whose error names the file and the first offending keys; `check`: the
+    options that size the model (a plug-in's own, such as `width`)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -177,7 +184,7 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.Path
         raise WeightsError(
             f"{what}: {str(path)!r} does not fit the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(shapes)} shape mismatches, e.g. {shapes[:2]}). "
-            "Check `model` / `size` / `model_kwargs` against the checkpoint."
+            f"Check {check} against the checkpoint."
         )
     module.load_state_dict(state, strict=True)
 
