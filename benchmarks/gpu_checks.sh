@@ -67,6 +67,9 @@
 #   bash benchmarks/gpu_checks.sh 18 OUT  # parts 16's tests and 17 in one call (part 16's single overhead runs
 #                                         # left out: part 17's round robin supersedes them); about 9 minutes,
 #                                         # for a task whose 15 minutes hold one call
+#   bash benchmarks/gpu_checks.sh 19 OUT  # the PHI-S normalisers of the GPU configuration (target_normalizer_cuda:
+#                                         # statistics in float32 on centred tokens since 2026-11-30, 10.8 ms a
+#                                         # step in float64 before); under a minute, to run beside any part
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -91,8 +94,8 @@
 # and grad-checkpointing rows (throughput_gpu_h200_stage2_memory), all before the noisy routers came to draw
 # their training noise per token (later that day). On 2026-11-30 (H200) part 18 ran (430 s; results in
 # throughput_gpu_h200_part18*, gpu_tests_h200_2026-11-30.txt), then part 15's loader with 8 workers alone
-# (210 s; cache_loader_gpu_h200). Still to run: part 14, part 13's benchmarks (its test ran in parts 16 and
-# 18), 12, 5's loader, 6, 7 and part 11's stage 2.
+# (210 s; cache_loader_gpu_h200). Still to run: part 14 (with part 19 beside it), part 13's benchmarks (its
+# test ran in parts 16 and 18), 12, 5's loader, 6, 7 and part 11's stage 2.
 # throughput_gpu.{json,md} hold the cases of the last part run: keep the earlier part's files before the next.
 # Each throughput case times 30 steps after 5 of warm-up: the GPU recipes' 8 workers queue 16 batches during the
 # warm-up, and only the steps after those time the loader's pace (15 steps, as before 2026-11-29, left none:
@@ -101,7 +104,7 @@
 set -u -o pipefail
 failed=0
 trap 'failed=1' ERR
-part=${1:?part 1 to 18}
+part=${1:?part 1 to 19}
 out=${2:?an OUT folder for the results (not benchmarks/results)}
 mkdir -p "$out" "$out/loss"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -174,7 +177,8 @@ case $part in
     timeout 240 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
     mkdir -p "$out/stage2"
     timeout 170 $rr --repeats 2 --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
-*) echo "part must be 1 to 18" >&2; exit 2 ;;
+19) timeout 120 python3 -m benchmarks.target_normalizer --device-costs cuda --results "$out" ;;
+*) echo "part must be 1 to 19" >&2; exit 2 ;;
 esac
 ls -la "$out"
 exit $failed
