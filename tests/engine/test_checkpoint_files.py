@@ -183,7 +183,7 @@ def test_a_run_that_ends_in_a_nonfinite_streak_prunes_no_good_checkpoint(tiny_re
     made in one): resumed from NaN weights, it deleted the last good checkpoint and kept only NaN ones."""
     from sak.engine import train
 
-    from .test_train import NanAfterTwo
+    from .nan_losses import NanAfterTwo
 
     NanAfterTwo.calls = 0
     recipe = tiny_recipe("loss.distill=test_nan_after_2", "schedule.max_steps=4", "checkpoint.every=1",

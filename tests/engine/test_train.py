@@ -1,8 +1,7 @@
-"""The training loop on tiny models: it learns, resumes exactly, guards against NaN, runs bf16, and clips
-under fp16 loss scaling (Accelerate's GradScaler path, emulated on the CPU)."""
+"""The training loop on tiny models: it learns, prunes checkpoints, runs bf16, and clips under fp16 loss scaling
+(Accelerate's GradScaler path, emulated on the CPU); the non-finite guard is in test_nonfinite.py."""
 
 import json
-import math
 import types
 
 import pytest
@@ -16,9 +15,9 @@ from sak.config import RecipeError
 from sak.data.synthetic import SyntheticDataset
 from sak.engine import NonFiniteLossError, train
 from sak.engine.checkpoint import latest_checkpoint
-from sak.registry import DATASETS, LOSSES
+from sak.registry import DATASETS
 
-from ..conftest import TESTS
+from .nan_losses import NanAfterTwo, NanGradientAtStepThree
 
 
 def logged(run_dir, key="loss"):
@@ -50,118 +49,6 @@ def test_keep_last_prunes_old_checkpoints(tiny_recipe):
     train(recipe)
     names = sorted(p.name for p in (recipe.run_dir / "checkpoints").iterdir())
     assert names == ["step_00000005", "step_00000006"]
-
-
-@LOSSES.register("test_nan_after_2")
-class NanAfterTwo(torch.nn.Module):
-    calls = 0
-
-    def forward(self, student, teacher):
-        NanAfterTwo.calls += 1
-        loss = sum(s.float().mean() * 0 + 1 for s in student)
-        return loss * float("nan") if NanAfterTwo.calls > 4 else loss  # two teachers per step
-
-
-def test_nonfinite_guard_skips_steps_then_stops_keeping_last_checkpoint(tiny_recipe):
-    NanAfterTwo.calls = 0
-    recipe = tiny_recipe("loss.distill=test_nan_after_2", "checkpoint.every=2", "optim.max_nonfinite=3")
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses or gradient norms at step 5") as info:
-        train(recipe)
-    assert "step_00000002" in str(info.value)
-    assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000002"
-    streaks = logged(recipe.run_dir, "nonfinite_streak")
-    assert streaks[3] == 1 and streaks[5] == 3
-
-
-@LOSSES.register("test_nan_grad_at_3")
-class NanGradientAtStepThree(torch.nn.Module):
-    """A finite loss whose gradient is NaN at step 3 (as an overflow in backward): sqrt's gradient at 0."""
-
-    calls = 0
-
-    def forward(self, student, teacher):
-        NanGradientAtStepThree.calls += 1
-        loss = sum(s.float().mean() for s in student)
-        if NanGradientAtStepThree.calls in (5, 6):  # two teachers per step
-            loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
-        return loss
-
-
-def test_a_skipped_step_leaves_the_heads_batch_norm_statistics_as_they_were(tiny_recipe, monkeypatch):
-    """An inf reaching a head's batch norm at step 3 (an overflow upstream) skipped the step but left the running
-    mean inf and the variance NaN: the next steps' losses, on batch statistics, were finite, and every checkpoint
-    and evaluation after carried the damage (NaN validation losses)."""
-    from sak.engine import build
-
-    real = build.build_student
-    calls = {"n": 0}
-
-    def student_with_an_overflow(*args, **kwargs):
-        student = real(*args, **kwargs)
-        norm = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
-
-        def overflow(module, inputs):
-            calls["n"] += module.training
-            return (inputs[0] * float("inf"),) if module.training and calls["n"] == 3 else None
-
-        norm.register_forward_pre_hook(overflow)
-        return student
-
-    monkeypatch.setattr(build, "build_student", student_with_an_overflow)
-    recipe = tiny_recipe("schedule.max_steps=5", "eval.batches=1", path=TESTS / "tiny_multitask.yaml")
-    final = train(recipe)
-    assert [logged(recipe.run_dir, "nonfinite_streak")[k] for k in range(1, 6)] == [0, 0, 1, 0, 0]
-    state = weights(recipe.run_dir)
-    running = {k: v for k, v in state.items() if "running_" in k}
-    assert running and all(torch.isfinite(v).all() for v in running.values())
-    tracked = [v.item() for k, v in state.items() if k.endswith("num_batches_tracked")]
-    assert set(tracked) == {4}  # the 4 steps taken; the skipped one not counted
-    assert math.isfinite(final["val/loss"])
-
-
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_a_finite_loss_with_a_nan_gradient_is_skipped_not_stepped_into_the_weights(tiny_recipe, clip):
-    """The skip looked at the loss only: AdamW stepped the NaN gradient, the step's checkpoint was kept as good
-    and pruning deleted the good ones before it."""
-    NanGradientAtStepThree.calls = 0
-    recipe = tiny_recipe("loss.distill=test_nan_grad_at_3", "schedule.max_steps=5", "checkpoint.every=1",
-                         "checkpoint.keep_last=1", f"optim.grad_clip={'null' if clip is None else clip}")  # fmt: skip
-    train(recipe)
-    streaks, norms = logged(recipe.run_dir, "nonfinite_streak"), logged(recipe.run_dir, "grad_norm")
-    assert [streaks[k] for k in range(1, 6)] == [0, 0, 1, 0, 0]
-    assert norms[3] is None and all(math.isfinite(norms[k]) for k in (1, 2, 4, 5))  # NaN is written as null
-    assert all(torch.isfinite(t).all() for t in weights(recipe.run_dir).values())
-
-
-def test_a_skipped_step_uses_up_its_place_in_the_lr_schedule(tiny_recipe):
-    """The schedule was stepped only when the optimiser was: each skip held it back a step, so a run ended
-    short of its floor (the official loops step it by iteration). A skipped step uses up its lr."""
-    NanGradientAtStepThree.calls = 0
-    common = ["schedule.max_steps=6", "schedule.warmup_steps=4", "schedule.name=cosine"]
-    skipping = tiny_recipe("run.name=skipping", "loss.distill=test_nan_grad_at_3", *common)
-    train(skipping)
-    clean = tiny_recipe("run.name=clean", *common)
-    train(clean)
-    assert logged(skipping.run_dir, "nonfinite_streak")[3] == 1
-    lrs = logged(clean.run_dir, "lr")
-    assert lrs[3] < lrs[4] and logged(skipping.run_dir, "lr") == lrs  # (step 4's was step 3's)
-
-
-def test_stopping_in_a_nonfinite_streak_says_no_checkpoint_was_written(tiny_recipe, capsys):
-    NanAfterTwo.calls = 0
-    nan = ["loss.distill=test_nan_after_2", "optim.max_nonfinite=5", "run.stop_at=4"]
-    train(tiny_recipe(*nan, "run.name=none"))
-    assert "no checkpoint of it (in a non-finite streak), so a resume starts afresh: there is no checkpoint yet" in (
-        capsys.readouterr().out
-    )
-    NanAfterTwo.calls = 0
-    train(tiny_recipe(*nan, "checkpoint.every=2"))
-    out = capsys.readouterr().out
-    root = tiny_recipe().run_dir / "checkpoints"
-    assert (
-        f"stopped at step 4 (run.stop_at), no checkpoint of it (in a non-finite streak), so a resume starts from {root / 'step_00000002'}"
-        in out
-    )
 
 
 def test_bf16_on_cpu_trains(tiny_recipe):

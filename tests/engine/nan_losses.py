@@ -1,0 +1,30 @@
+"""Distillation losses that turn non-finite on cue, registered for the tests of the non-finite guard
+(test_nonfinite.py) and of fp16 loss scaling (test_train.py)."""
+
+import torch
+
+from sak.registry import LOSSES
+
+
+@LOSSES.register("test_nan_after_2")
+class NanAfterTwo(torch.nn.Module):
+    calls = 0
+
+    def forward(self, student, teacher):
+        NanAfterTwo.calls += 1
+        loss = sum(s.float().mean() * 0 + 1 for s in student)
+        return loss * float("nan") if NanAfterTwo.calls > 4 else loss  # two teachers per step
+
+
+@LOSSES.register("test_nan_grad_at_3")
+class NanGradientAtStepThree(torch.nn.Module):
+    """A finite loss whose gradient is NaN at step 3 (as an overflow in backward): sqrt's gradient at 0."""
+
+    calls = 0
+
+    def forward(self, student, teacher):
+        NanGradientAtStepThree.calls += 1
+        loss = sum(s.float().mean() for s in student)
+        if NanGradientAtStepThree.calls in (5, 6):  # two teachers per step
+            loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
+        return loss
