@@ -14,6 +14,10 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+class DuplicateNameError(ValueError):
+    """Raised for a name registered a second time with another entry."""
+
+
 class UnknownNameError(KeyError):
     """Raised for a name that no registered entry carries."""
 
@@ -31,7 +35,9 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is registered twice: {self._entries[name]!r} and {obj!r}")
+                raise DuplicateNameError(
+                    f"{self.kind} {name!r} is registered twice: {self._entries[name]!r} and {obj!r}"
+                )
             self._entries[name] = obj
             return obj
 

@@ -225,8 +225,20 @@ def test_the_sak_command_finds_a_plugin_in_the_current_directory_as_python_m_doe
             r"RuntimeError: no GPU driver here \(raised at .*broken_plugin_\w+\.py:2\)",
         ),
         ("def f(:\n    pass\n", r"SyntaxError: .*broken_plugin_\w+\.py, line 1"),
+        # a ValueError of its own: not taken for a name registered twice
+        ("\n\nx = int('abc')\n", r"ValueError: invalid literal .* \(raised at .*broken_plugin_\w+\.py:3\)"),
+        # a library it calls fails: the plug-in's line, not the library's
+        (
+            "import json\n\njson.loads('{')\n",
+            r"JSONDecodeError: .* \(raised at .*broken_plugin_\w+\.py:3\)",
+        ),
+        # a module it imports is missing: a dependency to install, not a plug-in that cannot be found
+        (
+            "import no_such_dependency_of_a_plugin\n",
+            r"ModuleNotFoundError: No module named 'no_such_dependency_of_a_plugin' \(raised at .*broken_plugin_\w+\.py:1\)",
+        ),
     ],
-    ids=["raises", "syntax"],
+    ids=["raises", "syntax", "value", "library", "dependency"],
 )
 def test_a_plugin_whose_own_code_fails_is_one_line_naming_where(code, said, tmp_path, monkeypatch, request):
     """Not 25 lines through importlib without the recipe's `imports[i]`: the module, the error and its line."""

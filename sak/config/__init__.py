@@ -8,7 +8,8 @@ The package: `schema` (the sections' dataclasses), `structure` (dict -> dataclas
 overrides, imports, validation, `load_recipe`).
 """
 
-from .load import StrictLoader, apply_override, import_plugins, load_recipe, validate
+from .load import StrictLoader, apply_override, load_recipe, validate
+from .plugins import import_plugins
 from .schema import (
     CUDA_GRAPH_MODES,
     CacheConfig,

@@ -8,8 +8,6 @@ import importlib
 import inspect
 import math
 import os
-import sys
-import traceback
 import types
 import typing
 from pathlib import Path
@@ -19,6 +17,7 @@ import yaml
 
 from ..teachers.weights import refuse_loader_kwargs
 from .overrides import apply_override
+from .plugins import import_plugins
 from .schema import (
     LossConfig,
     Recipe,
@@ -29,33 +28,6 @@ from .schema import (
 )
 from .structure import _convert, build_options, structure
 from .yaml_read import StrictLoader, refuse_keys_without_values, unshared
-
-
-def import_plugins(modules: list[str], where: str = "imports") -> None:
-    """Import plug-in modules named by a recipe (in every process); the one way a recipe runs code."""
-    for i, name in enumerate(modules):
-        if not isinstance(name, str) or not name or name.startswith("."):
-            raise RecipeError(
-                f"{where}[{i}]: {name!r} is not a module name; give an absolute dotted name, e.g. my_pkg.teachers"
-            )
-        try:
-            _import_here_too(name)
-        except ImportError as exc:
-            raise RecipeError(f"{where}[{i}]: cannot import plug-in module {name!r}: {exc} (a plug-in is found as "
-                              "Python finds modules: installed, on PYTHONPATH, or in the current directory)") from exc  # fmt: skip
-        except ValueError as exc:  # a name registered twice (two modules, or a module under two names)
-            raise RecipeError(f"{where}[{i}]: plug-in module {name!r}: {exc}") from exc
-        except Exception as exc:  # its own code failed (a SyntaxError, an error at module level): where, in one line
-            raise RecipeError(f"{where}[{i}]: plug-in module {name!r} failed while importing: {type(exc).__name__}: "
-                              f"{exc}{_raised_at(exc)}") from exc  # fmt: skip
-
-
-def _raised_at(exc: BaseException) -> str:
-    """ " (raised at FILE:LINE)", the innermost frame of `exc`'s traceback, or "" (a SyntaxError names its line)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return (
-        "" if isinstance(exc, SyntaxError) or not frames else f" (raised at {frames[-1].filename}:{frames[-1].lineno})"
-    )
 
 
 def _expand_home(recipe: Recipe) -> None:
@@ -96,23 +68,6 @@ def _expand_home(recipe: Recipe) -> None:
                 "wrote there): move it, or name the path you mean without ~"
             )
         setattr(section, key, os.path.expanduser(value))
-
-
-def _import_here_too(name: str) -> None:
-    """Import `name`, finding it in the current directory too: `python -m sak.train` and `accelerate launch -m`
-    put the current directory on sys.path, the `sak` command does not, and both must accept one recipe."""
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        here = os.getcwd()
-        if exc.name != name.split(".")[0] or here in sys.path or "" in sys.path:
-            raise
-        sys.path.append(here)  # after everything installed, as python -m puts it before: no shadowing here
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            sys.path.remove(here)
-            raise
 
 
 def _import_builtins() -> None:

@@ -87,8 +87,11 @@ def teacher_changes(saved: Path, now: dict) -> list[str]:
             raise ValueError(f"a JSON {type(before).__name__}, not an object")
     except ValueError as exc:  # (json.JSONDecodeError included)
         raise CheckpointError(damaged(saved.parent, exc, saved.name)) from exc
-    old, new = flatten(before), flatten(now)
-    return [
+    changed = [f"teacher {t}: removed" for t in before if t not in now]
+    changed += [f"teacher {t}: added" for t in now if t not in before]
+    shared = [t for t in now if t in before]  # (a teacher on one side only: one entry, not one per value)
+    old, new = flatten({t: before[t] for t in shared}), flatten({t: now[t] for t in shared})
+    return changed + [
         f"teacher {k.replace('.', ' ', 1)}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(old.keys() | new.keys())
         if old.get(k) != new.get(k)
@@ -182,11 +185,17 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
             else:
                 os.replace(old, run_dir / time.strftime(f"{FINAL_METRICS}.before-%Y%m%d-%H%M%S", time.gmtime()))
     else:  # the final checkpoint's metrics and recipe beside the run: another run's final checkpoint resumed
-        for name, source_file in ((FINAL_METRICS, finished), ("recipe.yaml", finished.parent / "recipe.yaml")):
+        for name, source_file in (
+            (FINAL_METRICS, finished),
+            ("recipe.yaml", finished.parent / "recipe.yaml"),
+            (TEACHERS_FILE, finished.parent / TEACHERS_FILE),
+        ):
             copy = run_dir / name  # (its recipe is the recipe that trained it, whatever this start asks)
             if source_file.is_file() and (not copy.is_file() or copy.read_text() != source_file.read_text()):
                 (run_dir / f"{name}.tmp").write_text(source_file.read_text())
                 os.replace(run_dir / f"{name}.tmp", copy)
+            elif name == TEACHERS_FILE and not source_file.is_file() and copy.is_file():
+                copy.unlink()  # (a checkpoint of sak before teachers.json: not another start's teachers beside it)
     starts = run_dir / "starts.jsonl"
     _drop_cut_line(starts)  # a start killed while writing its line: the next one was glued onto it, both unreadable
     with open(starts, "a") as f:  # every start of the run, resumes included

@@ -139,3 +139,33 @@ def test_images_with_a_non_finite_value_are_named():
     assert nonfinite_cause({}, images, None) == ""
     images[1, 0, 2, 2] = float("inf")
     assert nonfinite_cause({}, images, None) == "; the batch's images hold a non-finite value (check the data)"
+
+
+def test_a_teacher_giving_nan_on_another_process_is_named_with_it(tmp_path):
+    """Two processes: only process 1's batches meet the NaN teacher; the main process, which logs and raises
+    first, named no cause of its own (its teacher and images are finite) and pointed at the learning rate."""
+    import os
+
+    from .test_distributed import TINY, accelerate_launch
+
+    (tmp_path / "nan_on_process_1.py").write_text(
+        "import torch.distributed as dist\n"
+        "from sak.registry import TEACHERS\n"
+        "from sak.teachers.timm_teacher import TimmTeacher\n\n\n"
+        "@TEACHERS.register('nan_on_process_1')\n"
+        "class NanOnProcess1(TimmTeacher):\n"
+        "    def forward(self, x):\n"
+        "        out = super().forward(x)\n"
+        "        if dist.is_initialized() and dist.get_rank() == 1:\n"
+        "            return type(out)(tuple(t * float('nan') for t in out.levels), out.summary)\n"
+        "        return out\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "imports=[nan_on_process_1]",
+                            "teachers.1.name=nan_on_process_1", "data.batch_size=2", "optim.max_nonfinite=2",
+                            env=env)  # fmt: skip
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "step 1: non-finite loss nan or gradient norm" in said, said[-3000:]
+    assert ("teacher 'vit_b' level 0 gives a non-finite value for the batch's images (check the teacher, its "
+            "weights and precision.teachers) (on process 1)") in said, said[-3000:]  # fmt: skip

@@ -102,3 +102,17 @@ def test_a_checkpoint_without_a_teachers_record_resumes(tiny_recipe):
     write_checksums(checkpoint)
     train(tiny_recipe("checkpoint.every=2", "run.stop_at=4"))
     assert latest_checkpoint(recipe.run_dir / "checkpoints").name == "step_00000004"
+
+
+def test_a_teacher_added_or_removed_is_one_entry_not_one_per_value(tmp_path):
+    """A teacher on one side only (another `key`, one more teacher) was reported value by value: 34 entries."""
+    from sak.engine.run_records import teacher_changes
+
+    levels = {"levels": [2, 5, 8, 11], "embed_dim": 768, "name": "dinov2"}
+    (tmp_path / "teachers.json").write_text(json.dumps({"a": levels, "b": {**levels, "name": "clip"}}))
+    now = {"a": {**levels, "levels": [3, 5, 8, 11]}, "c": levels}
+    assert teacher_changes(tmp_path / "teachers.json", now) == [
+        "teacher b: removed",
+        "teacher c: added",
+        "teacher a levels: [2, 5, 8, 11] -> [3, 5, 8, 11]",
+    ]

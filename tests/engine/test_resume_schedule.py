@@ -133,6 +133,7 @@ def test_another_runs_final_checkpoint_resumed_brings_its_recipe_beside_its_metr
         (final / "final_metrics.json").read_text()
     )
     assert (b.run_dir / "recipe.yaml").read_text() == (final / "recipe.yaml").read_text()  # a's, lr and all
+    assert (b.run_dir / "teachers.json").read_text() == (final / "teachers.json").read_text()  # and its teachers
 
 
 def test_a_final_evaluation_that_fails_keeps_the_trained_steps(tiny_recipe, monkeypatch, capsys):
