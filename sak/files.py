@@ -132,12 +132,17 @@ def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:
 
 
 def check_preds_folder(folder: str | os.PathLike, flag: str, data_root: str | None = None) -> None:
-    """A folder to write predictions into (a subfolder per task), checked before the model runs: not a file, not
-    the dataset's own folder (NYUD-v2's depth/ and normals/ have the predictions' layout: its ground truth was
-    replaced by the predictions), nor one whose task folder would be the dataset."""
+    """A folder to write predictions into (a subfolder per task), checked before the model runs: not a file, nor
+    holding a file where a task's subfolder goes, not the dataset's own folder (NYUD-v2's depth/ and normals/
+    have the predictions' layout: its ground truth was replaced by the predictions), nor one whose task folder
+    would be the dataset."""
     path = Path(folder).resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {folder}: a file; give a folder for the predictions (a subfolder per task)")
+    taken = [t for t in TASKS if (path / t).exists() and not (path / t).is_dir()]
+    if taken:  # (else a FileExistsError after some images were written, one of them without that task)
+        raise ValueError(f"{flag} {folder}: holds a file {taken[0]!r} where the {taken[0]} predictions' folder goes; "
+                         "give another folder")  # fmt: skip
     root = Path(data_root).resolve() if data_root else None
     # the dataset's own folder (NYUD-v2's depth/ and normals/ are there), or the dataset where a task's
     # predictions go; a folder in it, or above it otherwise, replaces none of its files

@@ -30,7 +30,7 @@ from ..tasks import create_task
 from ..teachers.weights import is_local
 from .checkpoint import first_misfit, refuse_changed
 from .init import student_weights_file
-from .predictions import SUFFIX, PredictionError, encode, save_encoded
+from .predictions import SUFFIX, PredictionError, encode, prediction_path, save_encoded
 
 DISTILL_ONLY = ("aligners.", "projections.")
 
@@ -260,6 +260,14 @@ def predict_images(
                 + (" on a disk that ignores case" if other.stem != file.stem else "")
                 + "; predict them into separate --out folders"
             )
+        # an image inside --out: what would be written beside it may be its dataset's own files (NYUD-v2's depth/
+        # and normals/ beside images/), or the image itself (an input in --out/semseg/), which were replaced
+        if file.resolve().is_relative_to(out.resolve()):
+            there = next((p for t in tasks if (p := prediction_path(out, t, file.stem)).exists()), None)
+            if there is not None:
+                raise ValueError(f"--out {out} holds the input {file}, and {there} is there already: it may be a "
+                                 "dataset's own file or the image itself, which the prediction would replace; give "
+                                 "a folder outside the images' own")  # fmt: skip
     written = []
     for done, file in enumerate(map(Path, images)):
         try:

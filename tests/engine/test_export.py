@@ -332,6 +332,37 @@ def test_predict_refuses_before_any_image_what_it_cannot_write(tmp_path, capsys,
     assert "is not an export directory" in err and "unrecognized" not in err
 
 
+def test_predict_refuses_an_out_that_would_replace_its_inputs_or_their_datasets_files(tmp_path, capsys):
+    """`sak predict E ovr/semseg/a.png --out ovr` replaced its input with a class map, and `--out NYUD2` with
+    NYUD2/images/0005.png replaced NYUD-v2's depth/0005.npy; a file where a task's folder goes failed halfway."""
+    from sak.engine.export import predict_images
+
+    class Never(torch.nn.Module):
+        def forward(self, images, with_features=False):
+            raise AssertionError("the student ran")
+
+    config = {"tasks": [{"name": "semseg", "channels": 3}, {"name": "depth", "channels": 1}], "canvas": [16, 16],
+              "image_fill": [0, 0, 0], "image_size": 16}  # fmt: skip
+    (tmp_path / "ovr" / "semseg").mkdir(parents=True)
+    image = tmp_path / "ovr" / "semseg" / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    with pytest.raises(ValueError, match=rf"--out {tmp_path / 'ovr'} holds the input .*a.png, and .*semseg/a.png is "
+                       "there already: it may be a dataset's own file or the image itself"):  # fmt: skip
+        predict_images(Never(), config, [image], tmp_path / "ovr")
+    nyud = tmp_path / "NYUD2"
+    (nyud / "images").mkdir(parents=True)
+    (nyud / "depth").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nyud / "images" / "0005.png")
+    np.save(nyud / "depth" / "0005.npy", np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"holds the input .*0005.png, and .*depth/0005.npy is there already"):
+        predict_images(Never(), config, [nyud / "images" / "0005.png"], nyud)
+    assert np.load(nyud / "depth" / "0005.npy").tolist() == np.ones((8, 8)).tolist()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "depth").write_text("x")
+    assert main(["predict", str(tmp_path / "no-export"), str(image), "--out", str(tmp_path / "q")]) == 2
+    assert "holds a file 'depth' where the depth predictions' folder goes" in capsys.readouterr().err
+
+
 def test_export_of_a_run_trained_with_another_output_dir_says_to_give_its_overrides(tiny_recipe, tmp_path, capsys):
     """`sak export RECIPE` finds the run at the recipe's run.output_dir / run.name: one trained with those
     overridden was reported as "'.../tiny' is neither a .safetensors file, ..." naming no cause."""
