@@ -173,12 +173,16 @@ def colour_predictions(
     if out.resolve() == preds.resolve():  # out/<task>/<id>.png would be each prediction's own file
         raise PredictionError(f"--out {out}: the folder of the predictions, whose files the pictures would replace; "
                               "give another folder")  # fmt: skip
+    inside = next((t for t in SUFFIX if out.resolve().is_relative_to((preds / t).resolve())), None)
+    if inside is not None:  # (a task's folder is read recursively: the pictures were read as its predictions later)
+        raise PredictionError(f"--out {out}: inside {preds / inside}, whose files are read as {inside} predictions; "
+                              "give a folder outside the predictions' task folders")  # fmt: skip
     # ids as `sak predict` / `sak eval --save-preds` name the files: relative paths (a folder dataset's ids hold `/`)
     ids = {
         t: {
             p.relative_to(preds / t).with_suffix("").as_posix()
             for p in (preds / t).rglob(f"*{SUFFIX[t]}")
-            if not p.name.startswith(".")
+            if not (p.name.startswith(".") and ".partial" in p.name)  # (a write `sak predict` had not renamed)
         }
         for t in tasks
     }  # (sets: a split's 5,000 ids per task are looked up once per sample)

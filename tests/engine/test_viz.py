@@ -145,6 +145,9 @@ def test_viz_preds_errors_name_the_file_folder_or_flag(tmp_path, capsys):
     assert main(["viz", "preds", str(preds), "--out", str(preds)]) == 2
     assert "the folder of the predictions, whose files the pictures would replace" in capsys.readouterr().err
     assert (preds / "semseg" / "a.png").read_bytes() == before
+    # inside a task's folder: that folder is read recursively, so the pictures were read as its predictions later
+    assert main(["viz", "preds", str(preds), "--out", str(preds / "semseg" / "pictures")]) == 2
+    assert "inside " + str(preds / "semseg") + ", whose files are read as semseg predictions" in capsys.readouterr().err
     (tmp_path / "empty" / "semseg").mkdir(parents=True)
     assert main(["viz", "preds", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no prediction files in semseg/" in capsys.readouterr().err
@@ -167,3 +170,13 @@ def test_viz_preds_finds_ids_holding_a_folder_as_a_folder_dataset_names_them(tmp
         "panels/n02/img_2.png",
     ]
     assert (tmp_path / "out" / "semseg" / "n02" / "img_2.png").is_file()
+
+
+def test_viz_preds_draws_an_id_that_starts_with_a_dot_and_leaves_out_unfinished_writes(tmp_path):
+    """`sak predict` names `.hidden.jpg`'s predictions `.hidden.png`; only its temporary `.NAME.PID.partial.png`
+    files, a write it had not renamed, are to be left out."""
+    preds = tmp_path / "preds"
+    write_predictions(preds, "semseg", [".hidden", "a"], [torch.zeros(4, 4, dtype=torch.long)] * 2)
+    (preds / "semseg" / ".a.png.123.partial.png").write_bytes((preds / "semseg" / "a.png").read_bytes())
+    _, panels = colour_predictions(preds, tmp_path / "out", None)
+    assert [p.name for p in panels] == [".hidden.png", "a.png"]
