@@ -122,6 +122,8 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
         (p for p in (where, *where.parents) if p.name == "checkpoints" and any(p.glob("step_*/trainer_state.json"))),
         None,
     )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: a file; an export is a folder (student.safetensors and student.yaml)")
     if run or kept is not None:
         raise ExportError(f"--out {out}: {'a run directory' if run else f'inside the checkpoints {kept}'}, where "
                           "`sak eval` and pruning would take the export for (part of) a checkpoint; export beside it")  # fmt: skip

@@ -470,3 +470,16 @@ def test_an_export_into_a_run_or_checkpoint_directory_is_refused(tiny_recipe, tm
     assert main([*argv, str(recipe.run_dir / "export")]) == 0
     (tmp_path / "checkpoints").mkdir()
     assert main([*argv, str(tmp_path / "exported")]) == 0
+
+
+def test_an_out_that_is_a_file_is_named_for_export_and_cache_build(tiny_recipe, tmp_path):
+    """A raw FileExistsError before (cache build: after building the teachers and printing its plan)."""
+    from sak.engine.cache import CacheError, build_cache
+    from sak.engine.export import ExportError, export_student
+
+    (tmp_path / "taken.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"--out .*taken.json: a file; an export is a folder"):
+        export_student(tiny_recipe(), tmp_path / "no-run", tmp_path / "taken.json")
+    with pytest.raises(CacheError, match=r"--out .*taken.json: a file; a cache is a folder"):
+        build_cache(tiny_recipe(), tmp_path / "taken.json")
+    assert (tmp_path / "taken.json").read_text() == "{}"

@@ -206,6 +206,8 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 
     check_build_options(views, augment, dtype, shard_size, batch_size)
     out = Path(out)
+    if out.exists() and not out.is_dir():  # (a FileExistsError after the teachers were built and the plan printed)
+        raise CacheError(f"--out {out}: a file; a cache is a folder (manifest.json and its shards), give another path")
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(recipe.run.seed)  # as the trainer does before building teachers (matters for random weights)
     teachers = build_teachers(recipe, state.device)
