@@ -252,6 +252,11 @@ def predict_images(
     if missing:  # before anything is written
         raise ValueError(f"image file(s) not found, nothing predicted: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))  # fmt: skip
+    # one file given twice (a glob and its name, say): predicted once, its files counted once
+    unique: dict[Path, Path] = {}
+    for f in map(Path, images):
+        unique.setdefault(f.resolve(), f)
+    images = list(unique.values())
     by_stem: dict[str, Path] = {}
     for file in map(Path, images):  # outputs are named by file name: two inputs must not share one
         # (nor two names differing in case only: one file on a case-insensitive disk, macOS's or Windows')

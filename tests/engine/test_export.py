@@ -49,6 +49,8 @@ def test_export_then_predict(tiny_recipe, tmp_path, capsys):
     for task in ("saliency", "edges", "parts"):
         assert (preds / task / "photo.png").is_file()
     assert len(predict_images(model, config, [str(photo)], tmp_path / "from_python")) == 6  # str paths too
+    twice = [photo, tmp_path / "." / "photo.png"]  # one file given twice: predicted once, 6 files, not "12"
+    assert len(predict_images(model, config, twice, tmp_path / "twice")) == 6
     # an export written before student.yaml recorded the canvas predicts in the square training size
     config = yaml.safe_load((out / "student.yaml").read_text())
     assert config.pop("canvas") == [64, 64] and config.pop("image_fill") == [124, 116, 104]
