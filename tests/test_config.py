@@ -135,13 +135,17 @@ def test_imports_load_plugins_and_report_missing_modules(tmp_path):
         load_recipe(path)
 
 
-def test_a_plugin_that_registers_a_taken_name_is_named(tmp_path, monkeypatch):
-    (tmp_path / "twice_plugin.py").write_text(
-        "from sak.registry import TEACHERS\nfrom sak.teachers.timm_teacher import TimmTeacher\n"
-        "TEACHERS.register('sam')(type('Other', (TimmTeacher,), {}))\n"
-    )
+def importing(tmp_path, monkeypatch, name: str, code: str):
+    """A recipe (the tiny one) whose `imports:` names plug-in module `name`, written with `code` in tmp_path."""
+    (tmp_path / f"{name}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = write_variant(tmp_path, lambda d: d.update(imports=["twice_plugin"]))
+    return write_variant(tmp_path, lambda d: d.update(imports=[name]))
+
+
+def test_a_plugin_that_registers_a_taken_name_is_named(tmp_path, monkeypatch):
+    code = ("from sak.registry import TEACHERS\nfrom sak.teachers.timm_teacher import TimmTeacher\n"
+            "TEACHERS.register('sam')(type('Other', (TimmTeacher,), {}))\n")  # fmt: skip
+    path = importing(tmp_path, monkeypatch, "twice_plugin", code)
     with pytest.raises(
         RecipeError, match=r"imports\[0\]: plug-in module 'twice_plugin': teacher 'sam' is registered twice"
     ):

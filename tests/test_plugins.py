@@ -17,7 +17,7 @@ from sak.engine.build import build_student, build_tasks, build_teachers
 
 from .conftest import REPO, TINY
 from .engine.test_distributed import accelerate_launch
-from .test_config import write_variant
+from .test_config import importing
 
 
 def code_block(doc: str) -> str:
@@ -243,21 +243,16 @@ def test_the_sak_command_finds_a_plugin_in_the_current_directory_as_python_m_doe
 def test_a_plugin_whose_own_code_fails_is_one_line_naming_where(code, said, tmp_path, monkeypatch, request):
     """Not 25 lines through importlib without the recipe's `imports[i]`: the module, the error and its line."""
     name = f"broken_plugin_{request.node.callspec.id}"
-    (tmp_path / f"{name}.py").write_text(code)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    path = write_variant(tmp_path, lambda d: d.update(imports=[name]))
+    path = importing(tmp_path, monkeypatch, name, code)
     with pytest.raises(RecipeError, match=rf"imports\[0\]: plug-in module '{name}' failed while importing: {said}"):
         load_recipe(path)
 
 
 def test_options_of_a_plugin_that_are_no_dataclass_are_named(tmp_path, monkeypatch):
     """`class Options:` without @dataclass: dataclasses.fields' bare TypeError named neither teacher nor class."""
-    (tmp_path / "undecorated_plugin.py").write_text(
-        "from sak.registry import TEACHERS\nfrom sak.teachers.timm_teacher import TimmTeacher\n"
-        "@TEACHERS.register('undecorated')\nclass Undecorated(TimmTeacher):\n"
-        "    class Options:\n        scale: float = 1.0\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    path = write_variant(tmp_path, lambda d: d.update(imports=["undecorated_plugin"]))
+    code = ("from sak.registry import TEACHERS\nfrom sak.teachers.timm_teacher import TimmTeacher\n"
+            "@TEACHERS.register('undecorated')\nclass Undecorated(TimmTeacher):\n"
+            "    class Options:\n        scale: float = 1.0\n")  # fmt: skip
+    path = importing(tmp_path, monkeypatch, "undecorated_plugin", code)
     with pytest.raises(RecipeError, match=r"teachers\[0\]: Undecorated.Options must be a @dataclass of its options"):
         load_recipe(path, ["teachers.0.name=undecorated"])

@@ -41,18 +41,16 @@ def _missing_is_the_plugin(exc: ImportError, name: str) -> bool:
     return missing is None or missing in {".".join(parts[: k + 1]) for k in range(len(parts))}
 
 
-def _in_plugin(filename: str, top: str) -> bool:
-    """Whether `filename` is the plug-in's code: its top-level package's folder, or its own file."""
+def _plugin_files(top: str) -> tuple[list[str], str | None]:
+    """The plug-in's own code: its top-level package's folders, or its module file."""
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
-        return False
+        spec = None
     if spec is None:
-        return False
-    path = os.path.abspath(filename)
-    if spec.submodule_search_locations:
-        return any(path.startswith(os.path.abspath(d) + os.sep) for d in spec.submodule_search_locations)
-    return spec.origin is not None and path == os.path.abspath(spec.origin)
+        return [], None
+    folders = [os.path.abspath(d) + os.sep for d in spec.submodule_search_locations or ()]
+    return folders, None if folders or spec.origin is None else os.path.abspath(spec.origin)
 
 
 def _failed(where: str, i: int, name: str, exc: BaseException) -> str:
@@ -61,7 +59,8 @@ def _failed(where: str, i: int, name: str, exc: BaseException) -> str:
     at = ""
     if not isinstance(exc, SyntaxError):
         frames = traceback.extract_tb(exc.__traceback__)
-        own = [f for f in frames if _in_plugin(f.filename, name.split(".")[0])]
+        folders, file = _plugin_files(name.split(".")[0])
+        own = [f for f in frames if (p := os.path.abspath(f.filename)) == file or p.startswith(tuple(folders))]
         frame = (own or frames or [None])[-1]  # (the plug-in's own line, not the library's it called)
         at = f" (raised at {frame.filename}:{frame.lineno})" if frame is not None else ""
     return f"{where}[{i}]: plug-in module {name!r} failed while importing: {type(exc).__name__}: {exc}{at}"

@@ -429,11 +429,8 @@ def train(recipe: Recipe) -> dict:
                 running.restore()  # (the step's forward folded its batch into the heads' running statistics)
                 state.nonfinite_streak += 1
                 begin_step(recipe.precision.cuda_graphs)  # (the teachers run again, as before any step)
-                online = {} if cache is not None else teachers  # (a cache's maps were checked when it was built)
-                cause = nonfinite_cause(online, batch["image"], tdtype)  # in the step's last micro-batch
-                if accelerator.num_processes > 1:  # (every process skips this step: its loss and norm are reduced)
-                    found = [(rank, c) for rank, c in enumerate(gather_object([cause])) if c]
-                    cause = f"{found[0][1]} (on process {found[0][0]})" if found else ""
+                online, gather = {} if cache is not None else teachers, gather_object if n > 1 else None
+                cause = nonfinite_cause(online, batch["image"], tdtype, gather)  # in the step's last micro-batch
                 logger.message(
                     f"[sak] step {state.step + 1}: non-finite loss {values['loss']} or gradient norm "
                     f"{values.get('grad_norm')}, step skipped ({state.nonfinite_streak}/{recipe.optim.max_nonfinite} "
