@@ -185,6 +185,9 @@ def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_pa
         assert message in capsys.readouterr().err
     assert main([*command, "--shard-size", "4"]) == 0
     capsys.readouterr()
+    # --verify after a build checks every shard (it was accepted and ignored)
+    assert main([*command, "--shard-size", "4", "--verify"]) == 0
+    assert "every shard matches its sha256 (1 checked)" in capsys.readouterr().out
     assert main([*command, "--shard-size", "2"]) == 2  # a CacheError, printed without a traceback
     err = capsys.readouterr().err
     assert err.startswith(f"sak: {out} holds a cache") and "shard_size: cache has 4, this build gives 2" in err
@@ -211,6 +214,9 @@ def test_cache_info_says_what_a_cache_holds_and_checks_its_shards(tiny_recipe, t
     # two directories: the second was not looked at, and the corrupt cache passed as checked
     assert main(["cache", "info", str(tmp_path / "other"), str(root), "--verify"]) == 2
     assert f"one cache directory, and no build options; got also ['{root}']" in capsys.readouterr().err
+    # build options given to info were ignored, as if the cache were what they describe
+    assert main(["cache", "info", str(root), "--dtype", "int8", "--views", "1", "--augment"]) == 2
+    assert "no build options; got also ['--views', '--augment', '--dtype']" in capsys.readouterr().err
     # an unfinished build: the manifest says "building" until the last shard is written
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**manifest, "status": "building", "shards": {}}))
