@@ -94,6 +94,9 @@ def load_student_for_features(recipe: Recipe, checkpoint: Path, teachers, tasks)
     return student.eval(), normalizers
 
 
+MAX_FEATURE_ROWS = 64
+
+
 @torch.no_grad()
 def feature_grid(
     recipe: Recipe, checkpoint: Path, out: Path, images: int = 4, split: str | None = None, level: int = -1
@@ -108,8 +111,8 @@ def feature_grid(
     from .build import build_loader, build_tasks, build_teachers
     from .step import teacher_targets
 
-    if images < 1:
-        raise ValueError(f"--images {images}: draw at least 1 image")
+    if not 1 <= images <= MAX_FEATURE_ROWS:  # (one batch through every teacher; a figure matplotlib can save)
+        raise ValueError(f"--images {images}: draw 1 to {MAX_FEATURE_ROWS} images (one row each, in one batch)")
     teachers = build_teachers(recipe, torch.device("cpu"))
     levels = {tid: len(t.level_dims) for tid, t in teachers.items()}
     if not all(-n <= level < n for n in levels.values()):
@@ -117,7 +120,10 @@ def feature_grid(
                          f"..{min(levels.values()) - 1} (-1: the last)")  # fmt: skip
     student, normalizers = load_student_for_features(recipe, checkpoint, teachers, build_tasks(recipe))
     batch = next(iter(build_loader(recipe, split or recipe.eval.split, train=False, batch_size=images)))
-    images = len(batch["image"])  # a split of fewer images gives a shorter batch
+    if len(batch["image"]) < images:  # (drawn silently before)
+        print(f"note: split {split or recipe.eval.split!r} has {len(batch['image'])} image(s); drawing them all, "
+              f"not the {images} asked")  # fmt: skip
+    images = len(batch["image"])
     features = student(batch["image"]).features
     if normalizers is not None:
         features = normalizers.denormalize(features)

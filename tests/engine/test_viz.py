@@ -47,10 +47,16 @@ def test_viz_features_draws_a_row_per_image_from_a_run_or_its_checkpoint(run, tm
     assert viz_features(checkpoint, tmp_path / "one.png", "--images", "1", "--level", "0") == 0
     with Image.open(tmp_path / "four.png") as four, Image.open(tmp_path / "one.png") as one:
         assert four.width == one.width and four.height > 3 * one.height  # 1 + 2 columns per teacher; rows
+    capsys.readouterr()
+    # more images than the split holds: all drawn, and said (the split's 8 were drawn silently for --images 64)
+    assert viz_features(run, tmp_path / "all.png", "--images", "64", "eval.split=val", "data.options.length=3") == 0
+    assert "note: split 'val' has 3 image(s); drawing them all, not the 64 asked" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_viz_features_refuses_what_cannot_be_drawn_naming_it(run, tmp_path, capsys):
+    assert viz_features(run, tmp_path / "x.png", "--images", "65") == 2  # (one batch, a figure too tall to save)
+    assert "--images 65: draw 1 to 64 images" in capsys.readouterr().err
     assert viz_features(run, tmp_path / "x.png", "--level", "4") == 2
     assert "--level 4: the teachers have {'vit_a': 4, 'vit_b': 4} levels" in capsys.readouterr().err
     weights = tmp_path / "alone" / "model.safetensors"  # the weights without the statistics saved beside them
