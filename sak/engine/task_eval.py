@@ -417,18 +417,36 @@ def score_prediction_dir(
                                          "restore the file from the dataset's archive")) from None  # fmt: skip
 
 
+def _warn_unscored_files(preds_dir: Path, tasks: list[str], ids: set[str], split: str) -> None:
+    """Files in a task folder that are no prediction of the split's images (predictions of another split or
+    of more images, another suffix) were left out in silence, the score read as covering them."""
+    for task in tasks:
+        expected = {sample_id + SUFFIX[task] for sample_id in ids}
+        extra = sorted(p.name for p in (preds_dir / task).iterdir() if not p.name.startswith(".")
+                       and p.name not in expected)  # fmt: skip
+        if extra:
+            warnings.warn(
+                f"{preds_dir / task}: left out {len(extra)} file(s) that are no {split} image's prediction "
+                f"(<id>{SUFFIX[task]}), e.g. {', '.join(extra[:3])}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def _score_files(
     dataset_name: str, dataset, split: str, preds_dir: Path, tasks: list[str], reference, progress
 ) -> dict:
     """`score_prediction_dir`'s loop over the split."""
-    scorer = SampleScores(dataset_name, tasks)
+    scorer, ids = SampleScores(dataset_name, tasks), set()
     for index in tqdm(range(len(dataset)), desc=f"eval-preds {dataset_name}/{split}", disable=not progress):
         sample = dataset[index]
+        ids.add(sample["id"])
         size = sample["size"].tolist()
         for task in tasks:
             classes = NUM_CLASSES.get((dataset_name, task))
             pred = read_prediction(preds_dir, task, sample["id"], size, classes)
             scorer.add(task, index, pred, dataset.eval_target(sample["id"], task, unpad(sample[task], size)))
+    _warn_unscored_files(preds_dir, tasks, ids, f"{dataset_name}/{split}")
     scores = scorer.compute()
     return {
         "dataset": dataset_name,

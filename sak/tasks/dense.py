@@ -159,7 +159,9 @@ class Depth(Task):
         return masked_l1(logits.float(), target.float(), target > 0)
 
     def predict(self, logits: Tensor) -> Tensor:
-        return logits.float()  # metres
+        # Metres, none below 0: the head's raw output can be negative, which `sak predict` wrote into its .npy
+        # files. The scores do not change: the metric takes every prediction <= 0 as 1e-9, as the reference.
+        return logits.float().clamp_min(0)
 
     def visualize(self, prediction: Tensor) -> np.ndarray:
         """Near bright, far dark (viridis over the 2-98% range of the picture's depths); no depth (<= 0) black."""

@@ -180,6 +180,26 @@ def test_eval_preds_names_the_folders_it_leaves_out_with_the_reference_codes_nam
     )
 
 
+def test_eval_preds_names_files_that_are_no_prediction_of_the_split(evaluated, trained, tmp_path, capsys):
+    """Predictions of another split (or a .jpg among the .png) were left out in silence, and the score read as
+    covering them."""
+    result, preds = evaluated
+    _, _, root = trained
+    copy = shutil.copytree(preds, tmp_path / "preds")
+    first = sorted((copy / "semseg").iterdir())[0]
+    shutil.copy(first, copy / "semseg" / "train_0001.png")
+    shutil.copy(first, first.with_suffix(".jpg"))
+    (copy / "semseg" / ".train_0002.png.partial").write_bytes(b"")  # (an unfinished write: not a file to name)
+    out = tmp_path / "r.json"
+    args = ["eval-preds", "--dataset", "pascal_context", "--root", str(root), "--preds", str(copy), "--out", str(out)]
+    with pytest.warns(RuntimeWarning) as caught:
+        assert main(args) == 0
+    said = [str(w.message) for w in caught if "no pascal_context/val image's prediction" in str(w.message)]
+    assert said == [f"{copy / 'semseg'}: left out 2 file(s) that are no pascal_context/val image's prediction "
+                    f"(<id>.png), e.g. {first.stem}.jpg, train_0001.png"]  # fmt: skip
+    assert json.loads(out.read_text())["tasks"] == result["tasks"]
+
+
 def test_an_exported_student_scores_as_its_checkpoint(trained, evaluated, tmp_path):
     recipe_file, run_dir, _ = trained
     export = tmp_path / "export"

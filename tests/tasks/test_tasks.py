@@ -102,3 +102,16 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device():
     result = profile_recipe(str(TESTS / "tiny_multitask.yaml"), 1, ["data.num_workers=0"], "", 0, torch.device("cpu"))
     assert len(result["phases"]) == 6
     assert {p["phase"]: p["host_syncs"] for p in result["phases"]} == {p["phase"]: {} for p in result["phases"]}
+
+
+def test_depth_predictions_are_never_negative_and_score_as_the_raw_output():
+    from sak.metrics import build_metric
+
+    logits = torch.tensor([[[[-0.5, 0.0], [1.0, 2.5]]]])
+    pred = create_task("depth").predict(logits)
+    assert pred.tolist() == [[[[0.0, 0.0], [1.0, 2.5]]]]
+    target = torch.tensor([[[[1.0, 2.0], [0.0, 2.0]]]])
+    raw, clamped = build_metric("depth", "nyud"), build_metric("depth", "nyud")
+    raw.update(logits, target)
+    clamped.update(pred, target)
+    assert raw.compute() == clamped.compute()
