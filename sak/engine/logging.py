@@ -100,6 +100,38 @@ def _step(line: str) -> float:
     return step if type(step) in (int, float) else math.inf  # (a step of another type: a line edited by hand)
 
 
+class GpuPeak:
+    """`gpu_peak_gib` in metrics.jsonl on a GPU: the peak of `torch.cuda.max_memory_allocated` of the main
+    process's device, in GiB, in a training row over the steps since the previous training row, in an
+    evaluation row over that evaluation alone (the steps before it carried to the next training row). Nothing on
+    a CPU. Reading and resetting the counters is host-side: no wait for the GPU."""
+
+    def __init__(self, device) -> None:
+        self.device = device if device.type == "cuda" else None
+        self.carried = 0.0
+
+    def _take(self) -> float:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def steps(self) -> dict[str, float]:
+        """For a training row."""
+        if self.device is None:
+            return {}
+        peak, self.carried = max(self._take(), self.carried), 0.0
+        return {"gpu_peak_gib": round(peak, 3)}
+
+    def evaluation(self, evaluate) -> tuple[dict[str, float], dict[str, float]]:
+        """`evaluate()`'s metrics, and what the evaluation row adds to them."""
+        if self.device is not None:
+            self.carried = max(self.carried, self._take())
+        metrics = evaluate()
+        return metrics, {} if self.device is None else {"gpu_peak_gib": round(self._take(), 3)}
+
+
 def _evaluation(line: str) -> bool:
     """Whether a metrics.jsonl line is an evaluation's (its values `val/...`)."""
     return any(key.startswith("val/") for key in json.loads(line))

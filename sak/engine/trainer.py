@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .evaluate import HeldOutTargets, evaluate
 from .init import init_run_from
-from .logging import RunLogger, json_safe, nan_for_null, run_info
+from .logging import GpuPeak, RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
 from .resume import resume_from
@@ -254,10 +254,14 @@ def train(recipe: Recipe) -> dict:
     check_launch_settings(accelerator, recipe)  # (a DeepSpeed config's grad_accum is applied by prepare)
     tdtype = teacher_dtype(recipe)
     held_out = HeldOutTargets(recipe.eval.keep_targets_gib * 2**30)  # the teachers' outputs on the held-out images
+    gpu = GpuPeak(accelerator.device)
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(accelerator, student, teachers, val_loader, tasks, distill_loss, recipe, tdtype, normalizers,
-                        held_out)  # fmt: skip
+        """Evaluate, log the row (with the evaluation's GPU peak) and return its metrics."""
+        metrics, memory = gpu.evaluation(lambda: evaluate(accelerator, student, teachers, val_loader, tasks,
+                                                          distill_loss, recipe, tdtype, normalizers, held_out))  # fmt: skip
+        logger.log(state.step, {**metrics, **memory})
+        return metrics
 
     def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(tensor, "sum")
@@ -339,7 +343,7 @@ def train(recipe: Recipe) -> dict:
         return {}
 
     if recipe.eval.at_start and state.step == 0:
-        logger.log(0, evaluate_now())
+        evaluate_now()
 
     # -- loop -------------------------------------------------------------------------------
     stable_grads = keep_gradient_buffers(student, recipe, accelerator.device)
@@ -447,7 +451,7 @@ def train(recipe: Recipe) -> dict:
             values["step_time"], compute_time = compute_time + time.perf_counter() - step_arrived, 0.0
             values["nonfinite_streak"] = state.nonfinite_streak
             if state.nonfinite_streak >= recipe.optim.max_nonfinite:
-                logger.log(state.step, values)
+                logger.log(state.step, {**values, **gpu.steps()})
                 logger.close()
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLossError(
@@ -460,10 +464,10 @@ def train(recipe: Recipe) -> dict:
             values.update(images_per_s=images_per_micro_batch * micro / max(now - tick, 1e-9))  # (micro: this step's)
             tick = now
             if state.step % recipe.logging.every == 0 or state.step == total:
-                logger.log(state.step, values)
+                logger.log(state.step, {**values, **gpu.steps()})
             logger.progress(1, {k: values[k] for k in ("loss", "lr", "images_per_s")})
             if recipe.eval.every and state.step % recipe.eval.every == 0 and state.step < total:
-                logger.log(state.step, evaluate_now())
+                evaluate_now()
                 student.train()
             # no checkpoint in a non-finite streak: pruning could otherwise drop the last good ones
             periodic = recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0
@@ -505,7 +509,6 @@ def train(recipe: Recipe) -> dict:
         source if at_end else save_checkpoint(accelerator, ckpt_root, saved_state(), extra_files, keep, saved_tensors())
     )
     final = evaluate_now()
-    logger.log(state.step, final)
     text = json.dumps(json_safe(final), indent=2)
     # the final checkpoint holds its metrics too: a start after the end finds them there and trains nothing
     add_to_checkpoint(accelerator, last, FINAL_METRICS, text)
