@@ -58,7 +58,7 @@
 #                                         # alone over the fp16 cache with 4 and 8 workers and one batch's host
 #                                         # copies, page-locked included (cache_loader_gpu; gather_pinned_s);
 #                                         # about 5 minutes. Run it before part 14, whose cached case it feeds
-#   bash benchmarks/gpu_checks.sh 16 OUT  # every gpu-marked test (the 7 files), then the framework overhead again
+#   bash benchmarks/gpu_checks.sh 16 OUT  # every gpu-marked test (the 8 files), then the framework overhead again
 #                                         # (bare loop vs sak engine, eager, stage 1 then stage 2 into OUT/stage2/)
 #                                         # since the engine steps the schedule on every step (2026-11-29); about
 #                                         # 8 minutes
@@ -69,7 +69,8 @@
 #                                         # for a task whose 15 minutes hold one call
 #   bash benchmarks/gpu_checks.sh 19 OUT  # the PHI-S normalisers of the GPU configuration (target_normalizer_cuda:
 #                                         # statistics in float32 on centred tokens since 2026-11-30, 10.8 ms a
-#                                         # step in float64 before); under a minute, to run beside any part
+#                                         # step in float64 before), then the gpu test of metrics.jsonl's
+#                                         # gpu_peak_gib (2026-11-30); about a minute, to run beside any part
 # Parts 3-6 are each about 6 minutes of device time, so that one task's 15 minutes (machine start included)
 # holds two of them: run them in order. A cache speed-up needs the online row of the same configuration in
 # the same part (throughput.py pairs `.../fp16-cache/X` with `.../online/X`, `/prefetch` or `/auto`
@@ -160,7 +161,8 @@ case $part in
         --results "$out" --name cache_loader_gpu ;;
 16) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py \
         tests/engine/test_cache_gpu.py tests/engine/test_compile_gpu.py tests/engine/test_export.py \
-        tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py
+        tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py \
+        tests/engine/test_gpu_peak.py
     timeout "${LIMIT:-160}" $bench gpu/stage1/bare/online gpu/stage1/sak/online
     mkdir -p "$out/stage2"
     timeout "${LIMIT:-150}" python3 -m benchmarks.throughput --suite gpu --repeats 1 --steps 30 --warmup 5 \
@@ -172,12 +174,14 @@ case $part in
 18) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_prefetch.py \
         tests/engine/test_cache_gpu.py tests/engine/test_compile_gpu.py tests/engine/test_export.py \
         tests/student/test_router.py tests/student/test_heads.py tests/teachers/test_sam_attention_gpu.py \
+        tests/engine/test_gpu_peak.py \
         2>&1 | tee "$out/gpu_tests.txt"
     rr="python3 -m benchmarks.throughput --suite gpu --steps 30 --warmup 5"
     timeout 240 $rr --repeats 3 --results "$out" --only gpu/stage1/bare/online gpu/stage1/sak/online
     mkdir -p "$out/stage2"
     timeout 170 $rr --repeats 2 --results "$out/stage2" --only gpu/stage2/bare/online gpu/stage2/sak/online ;;
-19) timeout 120 python3 -m benchmarks.target_normalizer --device-costs cuda --results "$out" ;;
+19) timeout 120 python3 -m benchmarks.target_normalizer --device-costs cuda --results "$out"
+    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu_peak.py ;;
 *) echo "part must be 1 to 19" >&2; exit 2 ;;
 esac
 ls -la "$out"
