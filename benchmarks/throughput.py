@@ -389,10 +389,12 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
     result.update(memory.gib())
     if torch.cuda.is_available():
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        # the caching allocator keeps what it reserved (no empty_cache in a run): what it holds at the end is the
+        # run's peak reservation, which the engine's resets of the peak counters leave out
+        result["peak_gpu_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
         if loop != "bare":  # the engine resets the counters at each row: the training steps' peak, then the eval's
-            result["peak_gpu_gib"] = max(r["gpu_peak_gib"] for r in rows if "step_time" in r)
-            result["peak_gpu_eval_gib"] = max(r["gpu_peak_gib"] for r in rows if any(k.startswith("val/") for k in r))
+            result["peak_gpu_gib"] = max(r["gpu_peak_gib"] for r in rows if "gpu_peak_gib" in r)
+            result["peak_gpu_eval_gib"] = max(r["eval_gpu_peak_gib"] for r in rows if "eval_gpu_peak_gib" in r)
         result["gpu"] = torch.cuda.get_device_name()
         peak = peak_bf16(result["gpu"])
         if peak is not None:  # model-FLOPs utilisation of the work each image needs (teachers only when online)

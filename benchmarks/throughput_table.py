@@ -34,7 +34,7 @@ def table(results: list[dict], device: str, command: str, torch_version: str | N
             "MFU: the FLOPs each image needs (student forward + backward, plus the teachers' forward when they run",
             "online), times images/s, over the GPU's dense bf16 peak (datasheet, without sparsity: 989 TFLOP/s for",
             "the H100 SXM and H200, 835 for their NVL cards, 756 for the H100 PCIe; benchmarks/throughput.py).",
-            "Peak GPU: torch.cuda.max_memory_allocated over the training steps (the engine's `gpu_peak_gib` rows; the",
+            "Peak GPU: torch.cuda.max_memory_allocated over the training steps (the engine's `gpu_peak_gib`; the",
             "final evaluation's peak apart, `peak_gpu_eval_gib` in the JSON; before 2026-11-30 one peak over both).",
             "",
             "| case | batch | step (s) | images/s | wall images/s | peak GPU (GiB) | MFU | cache MiB/image "

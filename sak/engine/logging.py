@@ -101,10 +101,11 @@ def _step(line: str) -> float:
 
 
 class GpuPeak:
-    """`gpu_peak_gib` in metrics.jsonl on a GPU: the peak of `torch.cuda.max_memory_allocated` of the main
-    process's device, in GiB, in a training row over the steps since the previous training row, in an
-    evaluation row over that evaluation alone (the steps before it carried to the next training row). Nothing on
-    a CPU. Reading and resetting the counters is host-side: no wait for the GPU."""
+    """Peak GPU memory in metrics.jsonl on a GPU: `torch.cuda.max_memory_allocated` of the main process's device,
+    in GiB; a training row's `gpu_peak_gib` over the steps since the previous training row (the first: setup
+    included), an evaluation row's `eval_gpu_peak_gib` over that evaluation alone (the steps before it carried to
+    the next training row). Two keys, as a training and an evaluation row can share a step, where trackers keep
+    one value per key. Nothing on a CPU. Reading and resetting the counters is host-side: no wait for the GPU."""
 
     def __init__(self, device) -> None:
         self.device = device if device.type == "cuda" else None
@@ -129,7 +130,7 @@ class GpuPeak:
         if self.device is not None:
             self.carried = max(self.carried, self._take())
         metrics = evaluate()
-        return metrics, {} if self.device is None else {"gpu_peak_gib": round(self._take(), 3)}
+        return metrics, {} if self.device is None else {"eval_gpu_peak_gib": round(self._take(), 3)}
 
 
 def _evaluation(line: str) -> bool:

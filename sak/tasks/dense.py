@@ -160,8 +160,10 @@ class Depth(Task):
 
     def predict(self, logits: Tensor) -> Tensor:
         # Metres, none below 0: the head's raw output can be negative, which `sak predict` wrote into its .npy
-        # files. The scores do not change: the metric takes every prediction <= 0 as 1e-9, as the reference.
-        return logits.float().clamp_min(0)
+        # files. The scores do not change: the metric takes every prediction <= 0 as 1e-9, as the reference. A
+        # non-finite output stays as it is, -inf included, for the checks that refuse it to name the image.
+        depth = logits.float()
+        return depth.masked_fill((depth < 0) & depth.isfinite(), 0.0)
 
     def visualize(self, prediction: Tensor) -> np.ndarray:
         """Near bright, far dark (viridis over the 2-98% range of the picture's depths); no depth (<= 0) black."""

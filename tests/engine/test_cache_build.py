@@ -173,7 +173,7 @@ def test_build_settings_that_cannot_give_a_usable_cache_are_refused(tiny_recipe,
     assert not any((tmp_path / d).exists() for d in "abcd")
 
 
-def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_path, capsys):
+def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_path, capsys, monkeypatch):
     from tests.conftest import TINY
 
     out = tmp_path / "c"
@@ -185,9 +185,23 @@ def test_cache_build_command_prints_cache_errors_and_exits_2(tiny_recipe, tmp_pa
         assert message in capsys.readouterr().err
     assert main([*command, "--shard-size", "4"]) == 0
     capsys.readouterr()
-    # --verify after a build checks every shard (it was accepted and ignored)
+    # --verify after a build reads every shard back (it was accepted and ignored): here one the disk damaged
     assert main([*command, "--shard-size", "4", "--verify"]) == 0
     assert "every shard matches its sha256 (1 checked)" in capsys.readouterr().out
+    import sak.engine.cache as cache_module
+
+    build = cache_module.build_cache
+
+    def then_damaged(*args):
+        root = build(*args)
+        shard = next(root.rglob("*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+        return root
+
+    monkeypatch.setattr(cache_module, "build_cache", then_damaged)
+    assert main([*command, "--shard-size", "4", "--verify"]) == 2
+    assert "shard view0/shard00000 is corrupt" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main([*command, "--shard-size", "2"]) == 2  # a CacheError, printed without a traceback
     err = capsys.readouterr().err
     assert err.startswith(f"sak: {out} holds a cache") and "shard_size: cache has 4, this build gives 2" in err

@@ -110,6 +110,8 @@ def test_depth_predictions_are_never_negative_and_score_as_the_raw_output():
     logits = torch.tensor([[[[-0.5, 0.0], [1.0, 2.5]]]])
     pred = create_task("depth").predict(logits)
     assert pred.tolist() == [[[[0.0, 0.0], [1.0, 2.5]]]]
+    # a diverged head's -inf is not turned into a depth of 0 (the writers and the metric refuse it, naming the image)
+    assert create_task("depth").predict(torch.tensor([-math.inf, math.nan, -1.0])).tolist()[0] == -math.inf
     target = torch.tensor([[[[1.0, 2.0], [0.0, 2.0]]]])
     raw, clamped = build_metric("depth", "nyud"), build_metric("depth", "nyud")
     raw.update(logits, target)
