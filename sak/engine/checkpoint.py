@@ -339,6 +339,22 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     return read_train_state(path)
 
 
+def one_checkpoint(accelerator, path: Path) -> Path:
+    """A run directory's latest checkpoint, chosen by the main process for every process; any other path as it
+    is. Each process looking it up on its own (and each reader in one process) could take another checkpoint, one a
+    training saved meanwhile: `sak eval` scored its processes' images with different weights, one number for no
+    model, and `checkpoint.init_from` could take the target statistics of another checkpoint than the weights."""
+    chosen = [None]
+    if accelerator.is_main_process and path.is_dir():
+        if not (path / "model.safetensors").is_file() and not (path / "student.yaml").is_file():
+            chosen[0] = latest_checkpoint(path / "checkpoints")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(chosen)
+    return path if chosen[0] is None else chosen[0]
+
+
 def finished_state(path: Path, total: int, processes: int) -> TrainState | None:
     """The state of a finished run's last checkpoint (its final metrics beside it, its step at or past `total`)
     that another number of processes wrote, read alone: nothing is left to train or evaluate, and the trainer
@@ -353,8 +369,16 @@ def finished_state(path: Path, total: int, processes: int) -> TrainState | None:
 
 
 def written_processes(path: Path) -> int:
-    """How many processes wrote checkpoint `path`: Accelerate saves one random-state file for each."""
-    return len(list(path.glob("random_states_*.pkl")))
+    """How many processes wrote checkpoint `path`: Accelerate saves one random-state file for each, and its
+    run_info.json records the world size. Files alone undercount a copy that lost one (or a node's local disk,
+    which holds its own processes' files): a 2-process checkpoint without random_states_1.pkl was resumed by one
+    process, repeating samples."""
+    counted = len(list(path.glob("random_states_*.pkl")))
+    try:
+        recorded = json.loads((path / "run_info.json").read_text())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # (written before run_info.json, or damaged: its checksum)
+        return counted
+    return max(counted, recorded) if type(recorded) is int else counted
 
 
 def read_train_state(path: Path) -> TrainState:

@@ -34,7 +34,7 @@ from ..data.pascal_context import SKIP_BAD_HINT, PascalContext
 from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
-from .checkpoint import first_misfit
+from .checkpoint import first_misfit, one_checkpoint
 from .export import ExportError, build_exported, export_config, inference_state, load_exported
 from .predictions import SUFFIX, PredictionError, decode, encode, read_prediction, save_encoded
 
@@ -285,7 +285,8 @@ def evaluate_student(
         mixed_precision=recipe.precision.mixed,
         dataloader_config=DataLoaderConfiguration(even_batches=False),  # disjoint shards, no repeated samples
     )
-    model, config = load_student(recipe, Path(checkpoint))
+    checkpoint = one_checkpoint(accelerator, Path(checkpoint))
+    model, config = load_student(recipe, checkpoint)
     tasks = eval_tasks(recipe.data.name, config)
     check_reference(reference, tasks)  # before scoring, not after
     others = (

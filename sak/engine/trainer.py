@@ -33,6 +33,7 @@ from .checkpoint import (
     add_to_checkpoint,
     latest_checkpoint,
     on_every_process,
+    one_checkpoint,
     save_checkpoint,
 )
 from .evaluate import HeldOutTargets, evaluate
@@ -200,7 +201,8 @@ def train(recipe: Recipe) -> dict:
     distill_loss = build.build_distill_loss(recipe)
     normalizers = build.build_target_normalizers(recipe, teachers)
     init = recipe.checkpoint.init_from and source is None  # (a resumed run's checkpoint holds the weights since)
-    init_note = init_run_from(student, normalizers, Path(recipe.checkpoint.init_from)) if init else None
+    init_from = one_checkpoint(accelerator, Path(recipe.checkpoint.init_from)) if init else None  # (one for all)
+    init_note = init_run_from(student, normalizers, init_from) if init else None
     if normalizers is not None:
         normalizers.to(accelerator.device)
     # the manifest says whether the cache holds augmented views, which the training dataset must match; the

@@ -259,3 +259,30 @@ def test_bytes_changed_in_a_checkpoint_are_named_by_its_sha256_wherever_it_is_re
         load_student_for_features(stopped, step, {}, [])
     (step / "model.safetensors").write_bytes(good)
     train(tiny_recipe("schedule.max_steps=4"))  # as saved again: it resumes
+
+
+def test_init_from_a_run_takes_weights_and_statistics_of_one_checkpoint(tiny_recipe, monkeypatch):
+    """The run directory's latest checkpoint was looked up once for the weights and again for the target
+    statistics (and by each process on its own): a checkpoint saved between the two gave statistics of another
+    step. Here the newer one's statistics are damaged, so that taking them fails loudly."""
+    import shutil
+
+    import sak.engine.init as init_module
+    from sak.engine import train
+    from sak.engine.checkpoint import latest_checkpoint
+
+    source = tiny_recipe("schedule.max_steps=2", "loss.normalize=standardize")
+    train(source)
+    load_weights = init_module.init_student_from
+
+    def then_a_checkpoint_is_saved(student, path):
+        missing = load_weights(student, path)
+        newer = latest_checkpoint(source.run_dir / "checkpoints").with_name("step_99999999")
+        shutil.copytree(latest_checkpoint(source.run_dir / "checkpoints"), newer)
+        (newer / "target_normalizers.safetensors").write_bytes(b"damaged")
+        return missing
+
+    monkeypatch.setattr(init_module, "init_student_from", then_a_checkpoint_is_saved)
+    train(tiny_recipe("run.name=next", "schedule.max_steps=1", "loss.normalize=standardize",
+                      f"checkpoint.init_from={source.run_dir}"))  # fmt: skip
+    assert latest_checkpoint(source.run_dir / "checkpoints").name == "step_99999999"  # (saved in between)

@@ -263,6 +263,16 @@ def test_a_resume_one_process_refuses_changes_nothing_in_the_run_directory(tmp_p
     assert "process 1 refused the resume: CheckpointError" in run.stderr, run.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]  # nothing set aside
     assert (tmp_path / "tiny" / "starts.jsonl").read_text() == starts
+    # a copy that lost process 1's random states looked like one process's checkpoint, and one process resumed it,
+    # training again on samples the other process had trained on
+    from sak.config import load_recipe
+    from sak.engine.checkpoint import CheckpointError
+
+    (root / "step_00000004" / "random_states_1.pkl").unlink()
+    with pytest.raises(CheckpointError, match=r"it was written by 2 process\(es\) and this run has 1"):
+        train(
+            load_recipe(common[0], [*common[1:], "schedule.max_steps=6", f"checkpoint.resume={root / 'step_00000004'}"])
+        )
 
 
 def test_a_recipe_error_is_said_once_not_by_each_process(tmp_path):

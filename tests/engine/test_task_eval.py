@@ -22,6 +22,7 @@ from sak.cli import main
 from sak.data.fixtures import write_pascal_context
 from sak.data.pascal_context import edges_from_label_map
 from sak.engine import train
+from sak.engine.checkpoint import latest_checkpoint
 from sak.engine.predictions import (
     read_prediction,
 )
@@ -320,19 +321,24 @@ def test_eval_refuses_a_dataset_without_published_metrics(trained, capsys):
 
 
 def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
+    """And score one checkpoint of a run directory, though a training saves a newer one as they start
+    (eval_race.py): each process looked up the latest on its own, and scored its images with the one it found."""
     recipe_file, run_dir, _ = trained
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    scored = latest_checkpoint(run / "checkpoints")
     out = tmp_path / "two.json"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "sak.cli",
-        "eval", str(recipe_file), "--checkpoint", str(run_dir), "--out", str(out),
+        "--main_process_port", str(free_port()), "-m", "tests.engine.eval_race",
+        "eval", str(recipe_file), "--checkpoint", str(run), "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert latest_checkpoint(run / "checkpoints").name == "step_99999999"  # (the race took place)
     two = json.loads(out.read_text())
     assert two["world_size"] == 2 and two["n_images"] == 5  # batches of 2, 2, 1 -> shards of 3 and 2 images
-    assert two["tasks"] == evaluated[0]["tasks"]
+    assert two["tasks"] == evaluated[0]["tasks"] and two["checkpoint"] == str(scored)
 
 
 def test_two_processes_warn_once_about_a_task_with_nothing_to_score(trained, tmp_path):
