@@ -8,8 +8,10 @@ rebuilds the model from those two files alone.
 
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -139,15 +141,47 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     if config["tasks"]:  # `sak predict` runs in this canvas (a stage-1 export predicts nothing)
         check_canvas(model, tuple(config["canvas"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        weights = Path(tmp) / "student.safetensors"
+    remove_stale_partials(out)
+    tmp = partial_folder(out)
+    tmp.mkdir()
+    try:
+        weights = tmp / "student.safetensors"
         save_safetensors(state, weights, {"format": "pt", "producer": "sak"})  # (not 0600: as_umask_allows)
         config["weights_sha256"] = sha256_of(weights)
-        (Path(tmp) / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         out.mkdir(exist_ok=True)
         for name in ("student.safetensors", "student.yaml"):
-            os.replace(Path(tmp) / name, out / name)
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def partial_folder(out: Path) -> Path:
+    """Where this process writes an export before renaming its files into `out`: beside it, named after the
+    process and host, so that two exports never share one and a later one can tell a killed writer's."""
+    return out.with_name(f".{out.name}.{os.getpid()}@{socket.gethostname()}.partial")
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete the folders that exports into `out` killed on this host left (kill -9, a lost machine: no clean-up
+    ran), a student's weights each; those of live processes, or of other hosts, which this one cannot tell, stay."""
+    host = socket.gethostname()
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*@{glob.escape(host)}.partial"):
+        pid = folder.name[len(out.name) + 2 : -len(f"@{host}.partial")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict]:
