@@ -390,8 +390,9 @@ def test_eval_names_what_is_wrong_with_its_inputs(case, message, trained, tmp_pa
         path = tmp_path / "empty"
         path.mkdir()
         args[3] = str(path)
-    elif case == "other student":
+    elif case == "other student":  # (named as the run's latest checkpoint, the one its processes load)
         args.append("student.model_kwargs.embed_dim=48")
+        path = latest_checkpoint(run_dir / "checkpoints")
     elif case in ("bad reference", "reference of an unknown task", "reference of no scored task"):
         path = tmp_path / "reference.json"
         texts = {"bad reference": "{not json", "reference of an unknown task": '{"semseg": 60.0, "sky": 1}'}
