@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -37,11 +39,42 @@ def as_umask_allows(*paths: str | os.PathLike) -> None:
             pass
 
 
+@contextmanager
+def writing(path: str | os.PathLike):
+    """An OSError raised inside (a full disk, a read-only file system) names `path`, the file being written: the
+    bare `[Errno 28] No space left on device` left the user to guess which of a run's files it was."""
+    try:
+        yield
+    except OSError as exc:
+        if str(path) in str(exc):
+            raise
+        message = f"cannot write {path}: {exc.strerror or exc}"
+        raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
+
+
+def discard(path: Path) -> None:
+    """Delete a temporary file if it is there; a failure to (a read-only file system) must not replace the error
+    that the write it was cleaning up after raised, which names the file."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, then `as_umask_allows`."""
+    """`safetensors.torch.save_file`, then `as_umask_allows`. Its I/O failures (a full disk) are OSErrors naming
+    `path`: safetensors raises a SafetensorError of its own, which the commands printed with a traceback."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        number = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(number.group(1)) if number else errno.EIO
+        raise OSError(code, f"cannot write {path}: {os.strerror(code)}") from exc
     as_umask_allows(path)
 
 
@@ -61,7 +94,7 @@ def write_whole(path: str | os.PathLike, write: Callable[[Path], object], sync: 
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path
 
 

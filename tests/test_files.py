@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from sak.files import save_safetensors, umask
+from sak.files import save_safetensors, umask, write_text_whole
 
 
 @pytest.fixture
@@ -63,3 +66,44 @@ def test_a_failed_write_leaves_the_previous_file_whole_and_names_it(tmp_path, mo
     with pytest.raises(OSError, match=rf"cannot write {out}: No space left on device"):
         write_text_whole(out, '{"new": 2}\n')
     assert out.read_text() == '{"good": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def limited(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """`code` run in a Python whose files may not grow past 64 KiB (RLIMIT_FSIZE, SIGXFSZ ignored): a write past
+    it fails with EFBIG, as one on a full disk fails with ENOSPC."""
+    prelude = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_a_write_that_fails_names_its_file_and_leaves_no_partial_one(tmp_path):
+    """safetensors' own SafetensorError (a traceback from `sak cache build` and `sak export` on a full disk) and
+    the bare OSErrors of prediction files named no file."""
+    run = limited(
+        "import torch, numpy as np\n"
+        "from sak.files import save_safetensors\n"
+        "from sak.engine.predictions import save_encoded\n"
+        "for write in (lambda: save_safetensors({'w': torch.zeros(1 << 16)}, 'big.safetensors'),\n"
+        "              lambda: save_encoded('preds', 'depth', 'img0', np.zeros((256, 256), np.float32))):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except OSError as exc:\n"
+        "        print(type(exc).__name__, exc)\n",
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.splitlines()
+    assert first == "OSError [Errno 27] cannot write big.safetensors: File too large"
+    # (numpy's own words for the short write: "65536 requested and 16352 written")
+    assert second.startswith(f"OSError cannot write {Path('preds') / 'depth' / 'img0.npy'}: ")
+    assert sorted(p.name for p in (tmp_path / "preds" / "depth").iterdir()) == []
+
+
+def test_a_failed_write_whole_names_its_file_though_its_clean_up_fails_too(tmp_path):
+    """The temporary file's removal raised the same error again (a read-only file system; here a name too long),
+    which replaced the one naming the file."""
+    path = tmp_path / ("x" * 250)
+    with pytest.raises(OSError, match=rf"cannot write {path}: File name too long"):
+        write_text_whole(path, "text")

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..files import write_text_whole
+from ..files import discard, write_text_whole, writing
 
 PACKAGES = ("sak", "torch", "torchvision", "timm", "open_clip_torch", "transformers", "segment-anything", "accelerate")
 
@@ -190,8 +190,12 @@ class RunLogger:
                 kept = [ln for ln in kept if not (_step(ln) == start_step and _evaluation(ln))]
             if kept != lines or (text and not text.endswith("\n")):  # replaced whole: a kill keeps the old file
                 tmp = self.path.with_name(f"{self.path.name}.tmp")
-                tmp.write_text("".join(ln + "\n" for ln in kept))
-                os.replace(tmp, self.path)
+                try:
+                    with writing(self.path):
+                        tmp.write_text("".join(ln + "\n" for ln in kept))
+                        os.replace(tmp, self.path)
+                finally:
+                    discard(tmp)
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
         trackers = []
@@ -219,7 +223,7 @@ class RunLogger:
         if self.trackers:
             self.accelerator.log(values, step=step)
         if self.main:
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **json_safe(values)}) + "\n")
 
     def progress(self, steps: int, postfix: dict[str, float]) -> None:

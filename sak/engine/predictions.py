@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..files import TASKS
+from ..files import TASKS, discard, writing
 
 SUFFIX = {task: ".npy" if task == "depth" else ".png" for task in TASKS}  # (sak.files names the task folders)
 SEGMENTATION = ("semseg", "parts")
@@ -107,13 +107,14 @@ def save_encoded(root: str | Path, task: str, sample_id: str, array: np.ndarray)
     # processes writing one file (`sak predict` under a launch) do not rename each other's
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
     try:
-        if task == "depth":
-            np.save(tmp, array)
-        else:
-            Image.fromarray(array).save(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            if task == "depth":
+                np.save(tmp, array)
+            else:
+                Image.fromarray(array).save(tmp)
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path
 
 

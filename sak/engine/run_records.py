@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, TaskConfig, TeacherConfig
-from ..files import write_text_whole
+from ..files import write_text_whole, writing
 from .checkpoint import FINAL_METRICS, CheckpointError, clean_partials, damaged, set_aside
 from .logging import flatten
 
@@ -198,7 +198,7 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
                 copy.unlink()  # (a checkpoint of sak before teachers.json: not another start's teachers beside it)
     starts = run_dir / "starts.jsonl"
     _drop_cut_line(starts)  # a start killed while writing its line: the next one was glued onto it, both unreadable
-    with open(starts, "a") as f:  # every start of the run, resumes included
+    with writing(starts), open(starts, "a") as f:  # every start of the run, resumes included
         f.write(json.dumps({**json.loads(extra_files["run_info.json"]), "recipe": recipe.to_dict()}) + "\n")
     return abandoned
 

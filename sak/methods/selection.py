@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from ..data.base import repeated
 from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_files
+from ..files import discard, writing
 
 METRICS = ("cosine", "euclidean")
 METHODS = ("freesel", "farthest", "kcenter", "random")
@@ -245,11 +246,11 @@ def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] =
     lines = [f"# {part}" for h in header for part in (str(h).splitlines() or [""])] + list(ids)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        # the header may quote a --pool path that is no valid text; the ids are checked above
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
-        os.replace(tmp, path)
+        with writing(path):  # the header may quote a --pool path that is no valid text; the ids are checked above
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path
 
 

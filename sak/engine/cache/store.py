@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...digest import sha256_files
-from ...files import save_safetensors
+from ...files import save_safetensors, writing
 
 # 2: teachers' options and metadata, sample count and ids in the identity; float32 int8 scales
 # 3: the data's content digests (an image replaced under its name), teachers' channels-last and compile
@@ -62,11 +62,12 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     """The shard, and beside it its sha256 (`digest_path`), written before the shard is renamed into place: a
     shard kept by a resumed build is checked against it, whether or not the build that wrote it finished."""
     tmp = path.with_suffix(".partial")
-    save_safetensors(tensors, tmp, metadata)  # (readable as the umask allows, not 0600)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    _write_digest(digest_path(path), sha256_files([tmp])[0])
-    os.replace(tmp, path)
+    with writing(path):
+        save_safetensors(tensors, tmp, metadata)  # (readable as the umask allows, not 0600)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _write_digest(digest_path(path), sha256_files([tmp])[0])
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
@@ -84,11 +85,12 @@ def digest_path(shard: Path) -> Path:
 def _write_manifest(manifest: dict, path: Path) -> None:
     """Written as the shards are: to a temporary name, synced, renamed, the rename synced."""
     tmp = path.with_suffix(".partial")
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
