@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,8 +175,8 @@ def record_start(recipe: Recipe, source: Path | None, step: int, extra_files: di
         # file is their only copy; and which checkpoint it belongs to is not written in it).
         old = run_dir / FINAL_METRICS
         if old.is_file():
-            if abandoned is not None:
-                os.replace(old, abandoned / FINAL_METRICS)
+            if abandoned is not None:  # (moved, not renamed: checkpoints/ may be a link to another disk)
+                shutil.move(old, abandoned / FINAL_METRICS)
             elif (
                 source is not None
                 and (source / FINAL_METRICS).is_file()
@@ -226,6 +227,6 @@ def prepare_run_dir(recipe: Recipe) -> Path | None:
     if set_aside_to is not None:
         logs = ("metrics.jsonl", "samples", FINAL_METRICS, recipe.logging.wandb.project, "wandb")
         for log in (run_dir / name for name in logs):
-            if log.exists():
-                os.replace(log, set_aside_to / log.name)
+            if log.exists():  # moved, not renamed: checkpoints/ may be a link to another disk (EXDEV)
+                shutil.move(log, set_aside_to / log.name)
     return set_aside_to

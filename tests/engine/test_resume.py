@@ -132,6 +132,24 @@ def test_a_fresh_run_sets_another_runs_checkpoints_aside(tiny_recipe):
     ]
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="platform: no /dev/shm, a second file system")
+def test_checkpoints_on_another_disk_take_the_logs_they_are_set_aside_with(tiny_recipe, tmp_path):
+    """checkpoints/ a link to another file system: os.rename of metrics.jsonl into it failed (EXDEV) after the
+    checkpoints had moved, and the next fresh start overwrote the earlier run's metrics.jsonl."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        recipe = tiny_recipe("schedule.max_steps=2")
+        recipe.run_dir.mkdir(parents=True)
+        (recipe.run_dir / "checkpoints").symlink_to(elsewhere)
+        train(recipe)
+        lines = (recipe.run_dir / "metrics.jsonl").read_text()
+        train(tiny_recipe("schedule.max_steps=2", "checkpoint.resume=never"))
+        (aside,) = Path(elsewhere).glob("previous-*")
+        assert (aside / "metrics.jsonl").read_text() == lines and (aside / "final_metrics.json").is_file()
+        assert sorted(p.name for p in aside.iterdir()) == ["final_metrics.json", "metrics.jsonl", "step_00000002"]
+
+
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tiny_recipe):
     recipe = tiny_recipe("checkpoint.every=2", "run.stop_at=4")
     train(recipe)
