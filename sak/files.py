@@ -147,6 +147,15 @@ def is_sak_output(path: Path) -> bool:
     return isinstance(data, dict) and "tasks" in data and ("checkpoint" in data or "predictions" in data)
 
 
+def refuse_dangling_link(path: str | os.PathLike, flag: str) -> None:
+    """A FileNotFoundError naming a symbolic link to nothing at `path` or on its way (a link to a disk not mounted,
+    a folder deleted): making the folder there failed with a bare `FileExistsError: [Errno 17] File exists`."""
+    link = next((p for p in (Path(path), *Path(path).parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise FileNotFoundError(f"{flag} {path}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                                "exist; create it (mount its disk) or give another path")  # fmt: skip
+
+
 def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:
     """`--out FILE` checked before the scoring: a folder there, or a folder that cannot be made or written, would
     otherwise be found when the result is written, at the end of a long evaluation; and an input of the command
@@ -154,6 +163,7 @@ def check_out(out: str | None, inputs=(), folders=(), task_folders=()) -> None:
     if out is None:
         return
     path = Path(out)
+    refuse_dangling_link(path, "--out")
     check_not_input(out, inputs, folders, task_folders)
     if path.is_dir():
         raise ValueError(f"--out {out}: a folder; give the result JSON's file name (e.g. {path / 'result.json'})")
@@ -169,6 +179,7 @@ def check_preds_folder(folder: str | os.PathLike, flag: str, data_root: str | No
     holding a file where a task's subfolder goes, not the dataset's own folder (NYUD-v2's depth/ and normals/
     have the predictions' layout: its ground truth was replaced by the predictions), nor one whose task folder
     would be the dataset."""
+    refuse_dangling_link(folder, flag)
     path = Path(folder).resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {folder}: a file; give a folder for the predictions (a subfolder per task)")

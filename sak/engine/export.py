@@ -26,7 +26,7 @@ from ..data import SakDataset
 from ..data.images import DataError, decode_rgb
 from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
-from ..files import save_safetensors
+from ..files import refuse_dangling_link, save_safetensors
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_local
@@ -124,6 +124,7 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
         (p for p in (where, *where.parents) if p.name == "checkpoints" and any(p.glob("step_*/trainer_state.json"))),
         None,
     )
+    refuse_dangling_link(out, "--out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: a file; an export is a folder (student.safetensors and student.yaml)")
     if run or kept is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, TaskConfig, TeacherConfig
-from ..files import write_text_whole, writing
+from ..files import refuse_dangling_link, write_text_whole, writing
 from .checkpoint import FINAL_METRICS, CheckpointError, clean_partials, damaged, set_aside
 from .logging import flatten
 
@@ -219,6 +219,7 @@ def prepare_run_dir(recipe: Recipe) -> Path | None:
     (`checkpoint.resume: never`) another run's checkpoints moved out of its way with their logs (tensorboard's
     folder is named after the project, wandb's offline runs are in wandb/). Returns where they went, if any."""
     run_dir, ckpt_root = recipe.run_dir, recipe.run_dir / "checkpoints"
+    refuse_dangling_link(ckpt_root, "the run directory")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     clean_partials(ckpt_root)
     if recipe.checkpoint.resume != "never":

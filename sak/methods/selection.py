@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from ..data.base import repeated
 from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_files
-from ..files import discard, writing
+from ..files import discard, refuse_dangling_link, writing
 
 METRICS = ("cosine", "euclidean")
 METHODS = ("freesel", "farthest", "kcenter", "random")
@@ -224,6 +224,7 @@ def check_ids(ids: Sequence[str]) -> None:
 def check_writable(path: str | Path) -> None:
     """Refuse an output path that is a folder, or lies under a file, before any work."""
     path = Path(path)
+    refuse_dangling_link(path.parent, "--out")
     if path.is_dir():
         raise SelectionError(f"--out {str(path)!r} is a folder; give the manifest file's path")
     above = next((p for p in path.parents if p.exists()), None)

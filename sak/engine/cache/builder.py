@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ...config import Recipe
 from ...digest import hash_threads, local_processes, sha256_files
+from ...files import refuse_dangling_link
 from .identity import _diff, as_now, content_digests, identity, training_dataset
 from .store import (
     CONTENT_PREFIX,
@@ -206,6 +207,7 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
 
     check_build_options(views, augment, dtype, shard_size, batch_size)
     out = Path(out)
+    refuse_dangling_link(out, "--out")
     if out.exists() and not out.is_dir():  # (a FileExistsError after the teachers were built and the plan printed)
         raise CacheError(f"--out {out}: a file; a cache is a folder (manifest.json and its shards), give another path")
     state = PartialState(cpu=not torch.cuda.is_available())

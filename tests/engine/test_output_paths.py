@@ -1,4 +1,5 @@
-"""What a killed export leaves beside its --out, cleaned by the next export into it."""
+"""What a killed export leaves beside its --out (cleaned by the next export into it), and output paths through a link
+to nothing."""
 
 import socket
 import subprocess
@@ -30,3 +31,22 @@ def test_an_export_removes_the_folders_that_killed_exports_into_it_left(tiny_rec
     assert not killed.exists() and all(folder.exists() for folder in kept)
     assert sorted(p.name for p in out.iterdir()) == ["student.safetensors", "student.yaml"]
     assert sorted(p.name for p in tmp_path.glob(".export*")) == sorted(p.name for p in kept)  # (its own removed)
+
+
+def test_an_output_path_through_a_link_to_nothing_is_named(tiny_recipe, tmp_path, capsys):
+    """A symbolic link to a missing folder (a disk not mounted) as --out or the run directory: making the folder
+    failed with a bare `FileExistsError: [Errno 17] File exists`."""
+    import pytest
+
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "unmounted")
+    with pytest.raises(FileNotFoundError, match=f"{dangling} is a symbolic link to {tmp_path / 'unmounted'}, which"):
+        train(tiny_recipe(f"run.output_dir={dangling}", "schedule.max_steps=1"))
+    train(tiny_recipe("schedule.max_steps=1"))
+    capsys.readouterr()
+    for out in (dangling, dangling / "export"):
+        assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {dangling} is a symbolic link to {tmp_path / 'unmounted'}, which does not exist" in err
+    assert main(["predict", str(tmp_path), str(tmp_path / "x.png"), "--out", str(dangling)]) == 2
+    assert f"--out {dangling}: {dangling} is a symbolic link" in capsys.readouterr().err
