@@ -26,7 +26,7 @@ from ..data import SakDataset
 from ..data.images import DataError, decode_rgb
 from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
-from ..files import refuse_dangling_link, save_safetensors
+from ..files import discard, refuse_dangling_link, save_safetensors
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_local
@@ -340,5 +340,14 @@ def predict_images(
             except PredictionError as exc:  # (a NaN / inf output)
                 earlier = f"; the {done} image(s) before it were predicted into {out}/" if done else ""
                 raise PredictionError(f"{file}: {exc}; none of its files was written{earlier}") from exc
-        written += [save_encoded(out, name, file.stem, array) for name, array in arrays.items()]
+        saved = []
+        try:
+            for name, array in arrays.items():
+                saved.append(save_encoded(out, name, file.stem, array))
+        except OSError as exc:  # a full disk: this image's files taken back, so that it has all of them or none
+            for path in saved:
+                discard(path)
+            earlier = f"; the {done} image(s) before it were predicted into {out}/" if done else ""
+            raise OSError(f"{exc}; none of {file}'s files was kept{earlier}") from exc
+        written += saved
     return written

@@ -50,3 +50,44 @@ def test_an_output_path_through_a_link_to_nothing_is_named(tiny_recipe, tmp_path
         assert f"--out {out}: {dangling} is a symbolic link to {tmp_path / 'unmounted'}, which does not exist" in err
     assert main(["predict", str(tmp_path), str(tmp_path / "x.png"), "--out", str(dangling)]) == 2
     assert f"--out {dangling}: {dangling} is a symbolic link" in capsys.readouterr().err
+
+
+def test_an_image_whose_files_cannot_all_be_written_keeps_none(tmp_path, monkeypatch):
+    """A full disk between an image's task files left it with some of them (semseg, not depth), which a later
+    `eval-preds` reads as that image's predictions of those tasks."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pytest
+    import torch
+    from PIL import Image
+
+    import sak.engine.export as export
+
+    class Constant(torch.nn.Module):
+        def forward(self, images, with_features=False):
+            b, _, h, w = images.shape
+            return SimpleNamespace(tasks={"semseg": torch.zeros(b, 3, h, w), "depth": torch.ones(b, 1, h, w)})
+
+    photos = [tmp_path / f"photo{i}.png" for i in range(2)]
+    for photo in photos:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    save, calls = export.save_encoded, []
+
+    def disk_full_at_the_fourth(*args):
+        calls.append(args)
+        if len(calls) == 4:  # photo1's depth, after its semseg
+            raise OSError(28, f"cannot write {args[0]}/{args[1]}/{args[2]}.npy: No space left on device")
+        return save(*args)
+
+    monkeypatch.setattr(export, "save_encoded", disk_full_at_the_fourth)
+    config = {"tasks": [{"name": "semseg", "channels": 3}, {"name": "depth", "channels": 1}], "canvas": [16, 16],
+              "image_fill": [0, 0, 0], "image_size": 16}  # fmt: skip
+    out = tmp_path / "p"
+    with pytest.raises(OSError, match=rf"No space left on device; none of {photos[1]}'s files was kept; the 1 "
+                                      rf"image\(s\) before it were predicted into {out}/"):  # fmt: skip
+        export.predict_images(Constant(), config, photos, out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "depth/photo0.npy",
+        "semseg/photo0.png",
+    ]
