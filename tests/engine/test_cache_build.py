@@ -147,10 +147,15 @@ def test_the_size_estimate_is_the_stored_bytes_and_a_build_that_would_not_fit_is
     stored = sum(t.numel() * t.element_size() for p in root.rglob("*.safetensors") for t in load_file(str(p)).values())
     shapes = json.loads((root / "manifest.json").read_text())["shapes"]
     assert stored == 6 * store.bytes_per_sample(shapes, dtype)
-    assert f"2 of 2 shards to write, about {stored / 2**30:.2f} GiB" in capsys.readouterr().out
+    assert f"2 of 2 shards to write, about {builder.size(stored)}" in capsys.readouterr().out  # (0.00 GiB before)
+    assert (
+        builder.size(3 * 2**29) == "1.50 GiB" and builder.size(3 * 2**19) == "1.5 MiB" and builder.size(3000) == "3 KiB"
+    )
     usage = builder.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(builder.shutil, "disk_usage", lambda path: usage._replace(free=stored - 1))
-    with pytest.raises(CacheError, match=r"remaining shards need about .* GiB, but only .* GiB are free"):
+    # the stored bytes and 64 KiB a shard (header, sha256 file, block rounding)
+    with pytest.raises(CacheError, match=rf"remaining shards need about {builder.size(stored + 2 * 2**16)}, but "
+                       rf"only {builder.size(stored - 1)} are free"):  # fmt: skip
         build_cache(recipe, tmp_path / "d" / "e", dtype=dtype, shard_size=4)
     assert not (tmp_path / "d").exists()  # refused before anything was written
     build_cache(recipe, root, dtype=dtype, shard_size=4)  # finished: nothing left to write, nothing needed

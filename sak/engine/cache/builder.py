@@ -189,9 +189,15 @@ def check_disk_space(out: Path, need: int) -> None:
     where = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        raise CacheError(f"{out}: the cache's remaining shards need about {need / 2**30:.2f} GiB, but only "
-                         f"{free / 2**30:.2f} GiB are free on that disk; free some space or choose another --out "
-                         "(--dtype int8 takes about half the size of fp16)")  # fmt: skip
+        raise CacheError(f"{out}: the cache's remaining shards need about {size(need)}, but only {size(free)} are "
+                         "free on that disk; free some space or choose another --out (--dtype int8 takes about half "
+                         "the size of fp16)")  # fmt: skip
+
+
+def size(n: int) -> str:
+    """Bytes in GiB, MiB below 1 GiB, KiB below 1 MiB ("0.00 GiB" said nothing of a small cache)."""
+    return next(f"{n / 2**p:.{d}f} {unit}" for p, d, unit in ((30, 2, "GiB"), (20, 1, "MiB"), (10, 0, "KiB"))
+                if n >= 2**p or unit == "KiB")  # fmt: skip
 
 
 def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False, dtype: str = "fp16",
@@ -234,10 +240,12 @@ def build_cache(recipe: Recipe, out: Path, views: int = 1, augment: bool = False
     rows = sum(min(shard_size, len(dataset) - k * shard_size) for _, k in remaining)
     per_sample = bytes_per_sample(shapes, dtype)
     need = rows * per_sample
-    check_disk_space(out, need)  # every process checks, so that every process stops
+    # every process checks, so that every process stops; 64 KiB a shard for its header, its sha256 file and the
+    # disk's block rounding (a nearly full disk passed the check and filled up at the last shards)
+    check_disk_space(out, need + len(remaining) * 2**16)
     if state.is_main_process:
         print(f"[sak] cache {out}: {len(remaining)} of {len(plan.shards())} shards to write, about "
-              f"{need / 2**30:.2f} GiB ({per_sample / 2**20:.2f} MiB per sample and view)")  # fmt: skip
+              f"{size(need)} ({per_sample / 2**20:.2f} MiB per sample and view)")  # fmt: skip
     state.wait_for_everyone()
     level_dims = {tid: list(t.level_dims) for tid, t in teachers.items()}
     manifest = {"status": "building", **layout, "shards": {}, "shapes": shapes, "level_dims": level_dims,
