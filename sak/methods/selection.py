@@ -222,7 +222,8 @@ def check_ids(ids: Sequence[str]) -> None:
 
 
 def check_writable(path: str | Path) -> None:
-    """Refuse an output path that is a folder, or lies under a file, before any work."""
+    """Refuse an output path that is a folder, lies under a file or in a folder this user may not write into,
+    before any work."""
     path = Path(path)
     refuse_dangling_link(path.parent, "--out")
     if path.is_dir():
@@ -230,6 +231,8 @@ def check_writable(path: str | Path) -> None:
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise SelectionError(f"--out {str(path)!r} lies under {str(above)!r}, which is a file, not a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # (found after the whole feature pass)
+        raise SelectionError(f"--out {str(path)!r}: no permission to write into {str(above)!r}")
 
 
 def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] = ()) -> Path:

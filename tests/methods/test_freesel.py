@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,6 +393,12 @@ def test_bad_ids_and_a_bad_out_are_refused_before_the_feature_pass(png_pool, tmp
     args = ["--pool", str(png_pool), "--budget", "2", *TINY_VIT, "--no-progress"]
     assert main([*args, "--out", str(tmp_path)]) == 2
     assert "is a folder; give the manifest file's path" in capsys.readouterr().err
+    (tmp_path / "ro").mkdir()  # (root may write anywhere: os.access says what a user's would)
+    monkeypatch.setattr("sak.methods.selection.os.access", lambda p, mode: Path(p) != tmp_path / "ro")
+    assert main([*args, "--out", str(tmp_path / "ro" / "m.txt")]) == 2
+    assert f"no permission to write into '{tmp_path / 'ro'}'" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr("sak.methods.select_command.extract_features", no_features)
     (png_pool / "take#2.png").write_bytes((png_pool / "noise0.png").read_bytes())
     assert main([*args, "--method", "random", "--out", str(tmp_path / "m.txt")]) == 2
     assert "image id 'take#2' cannot be written" in capsys.readouterr().err
