@@ -118,10 +118,11 @@ def save_checkpoint(
     maps a file stem to a state dict saved as safetensors (e.g. the target normalisers)."""
     final = root / f"{PREFIX}{state.step:08d}"
     partial = root / f"{final.name}{PARTIAL}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+    def begin() -> None:  # (a checkpoints/ that cannot be written into fails here, named as a failed save)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
 
     def finish() -> None:  # the main process's files, beside Accelerate's
         if not accelerator.is_main_process:
@@ -138,7 +139,7 @@ def save_checkpoint(
 
     # each part's failure raised in every process (the gather is the barrier): none waits for a save that will not
     # come. A full disk: torch's writer says "unexpected pos", safetensors its own
-    for part in (lambda: accelerator.save_state(str(partial), safe_serialization=True), finish):
+    for part in (begin, lambda: accelerator.save_state(str(partial), safe_serialization=True), finish):
         try:
             on_every_process(accelerator, part, "could not write its part")
         except torch.OutOfMemoryError:

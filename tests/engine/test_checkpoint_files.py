@@ -2,6 +2,7 @@
 open on NFS, a busy mount): the save goes on, the last good checkpoint stays, and the next start cleans up."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,7 +124,6 @@ def test_the_checkpoints_folder_is_flushed_after_the_rename_and_before_pruning(a
 def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole(tiny_recipe, monkeypatch):
     """recipe.yaml and run_info.json beside the run were written in place: a kill (here, an error half-way through
     the write) left half a file, which `benchmarks.nyud` / `pascal_context` read as the run's recipe."""
-    from pathlib import Path
 
     from sak.engine import run_records
 
@@ -176,6 +176,24 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_good_one_stay
                        rf".*{said}"):  # fmt: skip
         train(recipe)  # (no "[Errno 0]" before it)
     assert [p.name for p in (recipe.run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_named_as_a_failed_save(tiny_recipe, monkeypatch):
+    """checkpoints/ read-only (the run directory writable): its partial folder was made outside the save's error
+    handling, a bare PermissionError without the last good checkpoint."""
+    from sak.engine import train
+
+    mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "step_00000004.partial":
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OSError, match=r"^\[Errno 13\] cannot write checkpoint step_00000004.partial in .*"
+                       r"\(PermissionError: .*\); the last complete one, .*step_00000002, is as it was$"):  # fmt: skip
+        train(tiny_recipe("schedule.max_steps=4", "checkpoint.every=2"))
 
 
 def test_a_run_that_ends_in_a_nonfinite_streak_prunes_no_good_checkpoint(tiny_recipe):
