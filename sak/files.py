@@ -46,7 +46,7 @@ def writing(path: str | os.PathLike):
     try:
         yield
     except OSError as exc:
-        if str(path) in str(exc):
+        if str(path) in str(exc) or "cannot write " in str(exc):  # (named already: a temporary file beside it)
             raise
         message = f"cannot write {path}: {exc.strerror or exc}"
         raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
@@ -74,7 +74,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
             raise
         number = re.search(r"\(os error (\d+)\)", str(exc))
         code = int(number.group(1)) if number else errno.EIO
-        raise OSError(code, f"cannot write {path}: {os.strerror(code)}") from exc
+        raise OSError(code, os.strerror(code), str(path)) from exc
     as_umask_allows(path)
 
 

@@ -83,9 +83,12 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_partial_one(tmp_path):
     the bare OSErrors of prediction files named no file."""
     run = limited(
         "import torch, numpy as np\n"
+        "from pathlib import Path\n"
         "from sak.files import save_safetensors\n"
+        "from sak.engine.cache.store import _atomic_save\n"
         "from sak.engine.predictions import save_encoded\n"
         "for write in (lambda: save_safetensors({'w': torch.zeros(1 << 16)}, 'big.safetensors'),\n"
+        "              lambda: _atomic_save({'w': torch.zeros(1 << 16)}, Path('shard00000.safetensors')),\n"
         "              lambda: save_encoded('preds', 'depth', 'img0', np.zeros((256, 256), np.float32))):\n"
         "    try:\n"
         "        write()\n"
@@ -94,8 +97,9 @@ def test_a_write_that_fails_names_its_file_and_leaves_no_partial_one(tmp_path):
         tmp_path,
     )
     assert run.returncode == 0, run.stderr
-    first, second = run.stdout.splitlines()
-    assert first == "OSError [Errno 27] cannot write big.safetensors: File too large"
+    first, shard, second = run.stdout.splitlines()
+    assert first == "OSError [Errno 27] File too large: 'big.safetensors'"
+    assert shard == "OSError [Errno 27] cannot write shard00000.safetensors: File too large"  # (not its .partial)
     # (numpy's own words for the short write: "65536 requested and 16352 written")
     assert second.startswith(f"OSError cannot write {Path('preds') / 'depth' / 'img0.npy'}: ")
     assert sorted(p.name for p in (tmp_path / "preds" / "depth").iterdir()) == []

@@ -345,15 +345,22 @@ def one_checkpoint(accelerator, path: Path) -> Path:
     is. Each process looking it up on its own (and each reader in one process) could take another checkpoint, one a
     training saved meanwhile: `sak eval` scored its processes' images with different weights, one number for no
     model, and `checkpoint.init_from` could take the target statistics of another checkpoint than the weights."""
-    chosen = [None]
-    if accelerator.is_main_process and path.is_dir():
-        if not (path / "model.safetensors").is_file() and not (path / "student.yaml").is_file():
-            chosen[0] = latest_checkpoint(path / "checkpoints")
-    if accelerator.num_processes > 1:
+
+    def latest() -> Path | None:
+        if accelerator.is_main_process and path.is_dir():
+            if not (path / "model.safetensors").is_file() and not (path / "student.yaml").is_file():
+                return latest_checkpoint(path / "checkpoints")
+        return None
+
+    if accelerator.num_processes == 1:
+        chosen = latest()
+    else:  # (the main process's error raised in every process: the others would wait at the broadcast)
         from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(chosen)
-    return path if chosen[0] is None else chosen[0]
+        shared = [on_every_process(accelerator, latest, f"could not look up the latest checkpoint of {path}")]
+        broadcast_object_list(shared)
+        chosen = shared[0]
+    return path if chosen is None else chosen
 
 
 def finished_state(path: Path, total: int, processes: int) -> TrainState | None:

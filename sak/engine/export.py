@@ -26,7 +26,7 @@ from ..data import SakDataset
 from ..data.images import DataError, decode_rgb
 from ..data.transforms import IMAGENET_MEAN_UINT8, pad, unpad
 from ..digest import sha256_of
-from ..files import discard, refuse_dangling_link, save_safetensors
+from ..files import discard, refuse_dangling_link, save_safetensors, writing
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_local
@@ -142,17 +142,19 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     if config["tasks"]:  # `sak predict` runs in this canvas (a stage-1 export predicts nothing)
         check_canvas(model, tuple(config["canvas"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
-    tmp = partial_folder(out)
+    where = Path(os.path.abspath(out))  # (`--out .` has no name to put beside it)
+    remove_stale_partials(where)
+    tmp = partial_folder(where)
     tmp.mkdir()
     try:
-        weights = tmp / "student.safetensors"
-        save_safetensors(state, weights, {"format": "pt", "producer": "sak"})  # (not 0600: as_umask_allows)
-        config["weights_sha256"] = sha256_of(weights)
-        (tmp / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        out.mkdir(exist_ok=True)
-        for name in ("student.safetensors", "student.yaml"):
-            os.replace(tmp / name, out / name)
+        with writing(out):
+            weights = tmp / "student.safetensors"
+            save_safetensors(state, weights, {"format": "pt", "producer": "sak"})  # (not 0600: as_umask_allows)
+            config["weights_sha256"] = sha256_of(weights)
+            (tmp / "student.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            out.mkdir(exist_ok=True)
+            for name in ("student.safetensors", "student.yaml"):
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -166,11 +168,13 @@ def partial_folder(out: Path) -> Path:
 
 def remove_stale_partials(out: Path) -> None:
     """Delete the folders that exports into `out` killed on this host left (kill -9, a lost machine: no clean-up
-    ran), a student's weights each; those of live processes, or of other hosts, which this one cannot tell, stay."""
+    ran), a student's weights each; those of live processes, or of other hosts, which this one cannot tell, stay.
+    One with this process's own id is a killed one's too (a container restarted with the same pid and host name):
+    a process runs one export at a time."""
     host = socket.gethostname()
     for folder in out.parent.glob(f".{glob.escape(out.name)}.*@{glob.escape(host)}.partial"):
         pid = folder.name[len(out.name) + 2 : -len(f"@{host}.partial")]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -345,9 +349,10 @@ def predict_images(
             for name, array in arrays.items():
                 saved.append(save_encoded(out, name, file.stem, array))
         except OSError as exc:  # a full disk: this image's files taken back, so that it has all of them or none
-            for path in saved:
-                discard(path)
+            for name in arrays:  # (an earlier prediction's files of the tasks not yet written included)
+                discard(prediction_path(out, name, file.stem))
             earlier = f"; the {done} image(s) before it were predicted into {out}/" if done else ""
-            raise OSError(f"{exc}; none of {file}'s files was kept{earlier}") from exc
+            message = f"{exc.strerror or exc}; none of {file}'s files was kept{earlier}"
+            raise (OSError(message) if exc.errno is None else OSError(exc.errno, message)) from exc
         written += saved
     return written

@@ -225,7 +225,7 @@ def check_writable(path: str | Path) -> None:
     """Refuse an output path that is a folder, lies under a file or in a folder this user may not write into,
     before any work."""
     path = Path(path)
-    refuse_dangling_link(path.parent, "--out")
+    refuse_dangling_link(path, "--out")
     if path.is_dir():
         raise SelectionError(f"--out {str(path)!r} is a folder; give the manifest file's path")
     above = next((p for p in path.parents if p.exists()), None)

@@ -1,6 +1,6 @@
 """`sak eval` while a training saves a checkpoint into the run directory being scored: process 0, once it has
 loaded its student, puts a newer checkpoint there (with damaged weights, so that loading it fails loudly);
-process 1 loads its student 3 s later. For test_task_eval.py's two-process test: each process looked up the
+process 1 loads its student once that checkpoint is there. For test_task_eval.py's two-process test: each process looked up the
 run's latest checkpoint on its own, and scored its share of the images with whichever it found."""
 
 import os
@@ -17,8 +17,11 @@ load_student = task_eval.load_student
 
 
 def racing(recipe, checkpoint):
-    if os.environ.get("RANK") == "1":
-        time.sleep(3)
+    if os.environ.get("RANK") == "1":  # once process 0 has put the newer checkpoint there
+        run = Path(sys.argv[sys.argv.index("--checkpoint") + 1])
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step_99999999").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
         return load_student(recipe, checkpoint)
     loaded = load_student(recipe, checkpoint)
     run = Path(sys.argv[sys.argv.index("--checkpoint") + 1])

@@ -1,6 +1,7 @@
 """What a killed export leaves beside its --out (cleaned by the next export into it), and output paths through a link
 to nothing."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from sak.engine import train
 from ..conftest import TESTS
 
 
-def test_an_export_removes_the_folders_that_killed_exports_into_it_left(tiny_recipe, tmp_path, capsys):
+def test_an_export_removes_the_folders_that_killed_exports_into_it_left(tiny_recipe, tmp_path, capsys, monkeypatch):
     """An export writes its files into a folder beside --out and renames them into it; a kill -9 (no clean-up)
     left that folder, a student's weights, forever: now named after its process and host, and deleted by the next
     export into the same --out once that process is gone. A live process's, another host's and another export's
@@ -24,13 +25,19 @@ def test_an_export_removes_the_folders_that_killed_exports_into_it_left(tiny_rec
     kept = [tmp_path / f".export.1@{host}.partial",  # a live process (init)
             tmp_path / f".export.{int(gone.stdout)}@not-{host}.partial",  # another host's: cannot be told
             tmp_path / f".export.v2.{int(gone.stdout)}@{host}.partial"]  # another export's (export.v2)  # fmt: skip
-    for folder in (killed, *kept):
+    mine = tmp_path / f".export.{os.getpid()}@{host}.partial"  # a killed one's that had this pid (a container's)
+    for folder in (killed, mine, *kept):
         folder.mkdir()
         (folder / "student.safetensors").write_bytes(b"half a student")
     assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", str(out)]) == 0
-    assert not killed.exists() and all(folder.exists() for folder in kept)
+    assert not killed.exists() and not mine.exists() and all(folder.exists() for folder in kept)
     assert sorted(p.name for p in out.iterdir()) == ["student.safetensors", "student.yaml"]
     assert sorted(p.name for p in tmp_path.glob(".export*")) == sorted(p.name for p in kept)  # (its own removed)
+    # into the current folder (`--out .`, which has no name to write beside)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["export", str(TESTS / "tiny.yaml"), f"run.output_dir={tmp_path}", "--out", "."]) == 0
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == ["student.safetensors", "student.yaml"]
 
 
 def test_an_output_path_through_a_link_to_nothing_is_named(tiny_recipe, tmp_path, capsys):
@@ -80,12 +87,14 @@ def test_an_image_whose_files_cannot_all_be_written_keeps_none(tmp_path, monkeyp
             raise OSError(28, f"cannot write {args[0]}/{args[1]}/{args[2]}.npy: No space left on device")
         return save(*args)
 
-    monkeypatch.setattr(export, "save_encoded", disk_full_at_the_fourth)
     config = {"tasks": [{"name": "semseg", "channels": 3}, {"name": "depth", "channels": 1}], "canvas": [16, 16],
               "image_fill": [0, 0, 0], "image_size": 16}  # fmt: skip
     out = tmp_path / "p"
-    with pytest.raises(OSError, match=rf"No space left on device; none of {photos[1]}'s files was kept; the 1 "
-                                      rf"image\(s\) before it were predicted into {out}/"):  # fmt: skip
+    export.predict_images(Constant(), config, photos, out)  # predicted before: photo1's earlier files go too
+    monkeypatch.setattr(export, "save_encoded", disk_full_at_the_fourth)
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] cannot write {out}/depth/photo1.npy: No space left on "
+                       rf"device; none of {photos[1]}'s files was kept; the 1 image\(s\) before it were predicted "
+                       rf"into {out}/$"):  # fmt: skip
         export.predict_images(Constant(), config, photos, out)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "depth/photo0.npy",
