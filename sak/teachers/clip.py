@@ -63,6 +63,7 @@ from .weights import (
     load_strict,
     local_path,
     probe_build,
+    refuse_other_patch_kernel,
     refuse_sha256_without_file,
     verify_sha256,
 )
@@ -349,16 +350,7 @@ def build_timm(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
         digest = verify_sha256(file, spec.sha256, what)
         # open_clip's training checkpoints hold `module.`-prefixed keys (DDP), which timm's filter strips too
         raw = {k.removeprefix("module."): v for k, v in load_state_dict(file, what).items()}
-        # timm's filter resamples a patch kernel of another size to the model's without a word: a ViT-B/32 file
-        # would load into a B/16 as a network nobody trained. Only the position embeddings may be resampled.
-        kernel = next((raw[k] for k in ("visual.conv1.weight", "conv1.weight", "patch_embed.proj.weight") if k in raw),
-                      None)  # fmt: skip
-        want = net.patch_embed.proj.weight.shape
-        if kernel is not None and tuple(kernel.shape) != tuple(want):
-            raise WeightsError(
-                f"{what}: {str(file)!r} has a patch embedding of shape {tuple(kernel.shape)}, the model "
-                f"{name!r} one of {tuple(want)} (another patch size or width): choose the `model` it was saved from"
-            )
+        refuse_other_patch_kernel(raw, net, file, what, f"choose the `model` it was saved from, not {name!r}")
         state = checkpoint_filter_fn(raw, net)  # converts open_clip/OpenAI keys, resamples the position embeddings
         load_strict(net, {k: v for k, v in state.items() if not k.startswith("head.")}, file, what)
     cfg = net.pretrained_cfg  # the tag's (the default tag's for `hub` and for an untagged name)

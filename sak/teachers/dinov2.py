@@ -71,9 +71,19 @@ from .dinov2_weights import (
     read_weights,
     variant_names,
 )
-from .weights import WeightsError, build_error, first_misfit, load_state_dict, load_strict, probe_build, verify_sha256
+from .weights import (
+    WeightsError,
+    build_error,
+    first_misfit,
+    load_state_dict,
+    load_strict,
+    probe_build,
+    refuse_other_patch_kernel,
+    verify_sha256,
+)
 
 META_URL = "https://dl.fbaipublicfiles.com/dinov2"
+PATCH_HINT = "DINOv2's ViTs have patch 14 (a ViT of another patch size trained with DINOv2, UNI's ViT-L/16 say, is the `timm` teacher's)"
 
 
 class TimmBackbone(nn.Module):
@@ -153,6 +163,7 @@ def build_timm(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = flatten_block_chunks(w.state) if w.layout == "meta" else dict(w.state)
+        refuse_other_patch_kernel(state, net, w.path, what, PATCH_HINT)
         if w.layout == "meta":  # timm's converter recognises Meta's layout by its (unused) mask token
             state.setdefault("mask_token", torch.zeros(1, net.embed_dim))
         state = checkpoint_filter_fn(state, net)  # converts Meta's keys too; resamples pos_embed (antialiased)
@@ -234,6 +245,7 @@ def build_meta(size_name: str, registers: bool | None, kwargs: dict, spec: Teach
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = flatten_block_chunks(w.state)
+        refuse_other_patch_kernel(state, net, w.path, what, PATCH_HINT)
         state.setdefault("mask_token", torch.zeros(1, net.embed_dim))  # timm's converter recognises Meta by it
         if "pos_embed" in state:
             state["pos_embed"] = resample_meta_pos_embed(state["pos_embed"], net.patch_embed.grid_size, reg)

@@ -163,6 +163,26 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
     return obj
 
 
+PATCH_KERNELS = (
+    "patch_embed.proj.weight",
+    "visual.conv1.weight",
+    "conv1.weight",
+    "visual.trunk.patch_embed.proj.weight",
+)
+
+
+def refuse_other_patch_kernel(state: dict[str, Tensor], net: nn.Module, file, what: str, hint: str) -> None:
+    """timm's checkpoint_filter_fn resamples a patch kernel of another size to the model's without a word: a
+    ViT-B/32 file (or a DINOv2-trained ViT-L/16, UNI's) would load into a /16 (/14) model as a network nobody
+    trained. Only the position embeddings may be resampled: a kernel of another shape is a WeightsError naming
+    both shapes (keys of timm, Meta, OpenAI CLIP and open_clip's timm towers)."""
+    kernel = next((state[k] for k in PATCH_KERNELS if k in state), None)
+    want = net.patch_embed.proj.weight.shape
+    if kernel is not None and tuple(kernel.shape) != tuple(want):
+        raise WeightsError(f"{what}: {str(file)!r} has a patch embedding of shape {tuple(kernel.shape)}, the model "
+                           f"one of {tuple(want)} (another patch size or width): {hint}")  # fmt: skip
+
+
 def load_strict(
     module: nn.Module,
     state: dict[str, Tensor],

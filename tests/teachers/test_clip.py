@@ -173,6 +173,19 @@ def test_a_file_of_another_patch_size_is_refused_through_timm_as_through_open_cl
         )
 
 
+def test_an_open_clip_timm_tower_of_another_patch_size_is_refused(tmp_path):
+    """open_clip's SigLIP-style towers are timm models under `visual.trunk.`: their patch kernel was not looked
+    at, and timm's filter (which strips the prefix) resampled it."""
+    import timm
+    from safetensors.torch import save_file
+
+    tower = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, **TIMM)
+    save_file({f"visual.trunk.{k}": v for k, v in tower.state_dict().items()}, str(tmp_path / "siglip.safetensors"))
+    with pytest.raises(WeightsError, match=r"patch embedding of shape \(32, 3, 8, 8\), the model .* \(32, 3, 16, 16\)"):
+        create_teacher("clip", str(tmp_path / "siglip.safetensors"), source="timm",
+                       model="vit_base_patch16_siglip_224", model_kwargs={**TIMM, "patch_size": 16})  # fmt: skip
+
+
 def test_a_training_checkpoint_of_another_patch_size_is_refused_through_timm_too(clip_model, tmp_path):
     """Its `module.`-prefixed keys (open_clip's DDP training save) hid the patch kernel from the check."""
     state = {f"module.{k}": v for k, v in clip_model.state_dict().items()}
