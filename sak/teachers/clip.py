@@ -250,7 +250,10 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
             "for a timm image tower use `source: timm` with that timm model"
         )
     if file is not None:
-        state = {k.removeprefix("module."): v for k, v in load_state_dict(file, what).items()}
+        # float32 first, as the other teachers' files: OpenAI-derived files are fp16, whose position embedding
+        # open_clip's antialiased bicubic resampling (another image_size) has no CPU kernel for
+        state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v
+                 for k, v in load_state_dict(file, what).items()}  # fmt: skip
         if not any(k.startswith("visual.") for k in state):  # an image tower saved on its own
             state = {f"visual.{k}": v for k, v in state.items()}
         resize_pos_embed(state, clip)  # open_clip's own resampling to the built grid
