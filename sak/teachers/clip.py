@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import pickle
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Literal
 
 import timm
 from einops import rearrange
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -65,6 +67,7 @@ from .weights import (
     probe_build,
     refuse_other_patch_kernel,
     refuse_sha256_without_file,
+    unpickling_reason,
     verify_sha256,
 )
 
@@ -232,7 +235,15 @@ def build_open_clip(model: str, spec: TeacherSpec, kwargs: dict) -> Built:
     try:
         with quiet_root_warnings() if file is not None or weights is None else contextlib.nullcontext():
             clip = open_clip.create_model(name, **args, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError) as exc:  # a damaged or unsafe weights file (a local folder's)
+        reason, hint = unpickling_reason(exc)
+        raise WeightsError(f"{what}: open_clip cannot read the weights of {weights!r} ({type(exc).__name__}: "
+                           f"{reason[:200]}): {hint}") from exc  # fmt: skip
     except (RuntimeError, OSError) as exc:  # hub errors (offline, not cached) surface as RuntimeError / OSError
+        if weights is not None and is_local(weights):  # a local folder's (or file's): no hub was looked in
+            first = " ".join(str(exc).split(". ")[0].split())[:300]
+            raise WeightsError(f"{what}: open_clip cannot load the weights of {weights!r} ({type(exc).__name__}: "
+                               f"{first}): a damaged file, or the weights of another model") from exc  # fmt: skip
         todo = hub_help(model, args["pretrained"]) if "pretrained" in args else "pass a local file or directory"
         text = None if schema else ((open_clip.get_model_config(model) or {}).get("text_cfg") or {})
         if text and text.get("hf_model_name"):  # (a local file did not help: "could not load None")

@@ -3,11 +3,13 @@ directory, or a bare model.safetensors (with config.json beside it, or facebook/
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from .base import TeacherSpec
@@ -21,7 +23,7 @@ from .dinov2_weights import (
     config_model_type,
     variant_names,
 )
-from .weights import WeightsError
+from .weights import WeightsError, unpickling_reason
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -119,6 +121,10 @@ def load_hf_pretrained(repo: str, kwargs: dict, what: str) -> nn.Module:
         model, info = hf_classes(config.model_type == "dinov2_with_registers")[1].from_pretrained(
             repo, dtype=torch.float32, output_loading_info=True
         )
+    except (SafetensorError, pickle.UnpicklingError) as exc:  # a damaged or unsafe file in a local folder
+        reason, hint = unpickling_reason(exc)
+        raise WeightsError(f"{what}: transformers cannot read the weights in {repo!r} ({type(exc).__name__}: "
+                           f"{reason[:200]}): {hint}") from exc  # fmt: skip
     except OSError as exc:
         raise WeightsError(
             f"{what}: could not load {repo!r} with transformers (looked in the Hugging Face cache "

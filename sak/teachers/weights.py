@@ -128,6 +128,24 @@ def listing_digest(files: list[Path]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+def unpickling_reason(exc: Exception) -> tuple[str, str]:
+    """torch.load(weights_only=True)'s error as (its reason, what it means). torch's words for a file it cannot
+    unpickle are a page advising weights_only=False (which can run the file's code): only its reason is kept, e.g.
+    "operand 105" (torch 2.14 gives it after "WeightsUnpickler error:", or, for a blocked module, after the
+    advice alone)."""
+    text = str(exc).split("Check the documentation")[0]
+    text = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in text else text
+    reason = " ".join(text.split("trusted source.")[-1].split())
+    if "is blocked" in reason:  # a call that unpickling would run (os.system...): never a weights file's
+        return (
+            reason,
+            "it would run code to load, which a weights file never needs; do not load it with weights_only=False",
+        )
+    if "nsupported global" in reason or "GLOBAL" in reason:  # a training checkpoint's config objects
+        return reason, "it holds objects other than tensors; save its state dict alone (torch.save(model.state_dict()))"
+    return reason, "not a file torch.save wrote, or a damaged one"
+
+
 def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str, Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only=True, never pickle code).
 
@@ -143,14 +161,8 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
             raise WeightsError(f"{what}: cannot read {str(path)!r} as safetensors: {exc}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors carry no path; add it. torch's words for a file it cannot unpickle are
-        # a page advising weights_only=False (which can run code): only its reason is kept, e.g. "operand 105"
-        reason = " ".join(str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        hint = (  # a training checkpoint with its config objects beside the weights, or not a torch file at all
-            "it holds objects other than tensors; save its state dict alone (torch.save(model.state_dict()))"
-            if "Unsupported global" in reason
-            else "not a file torch.save wrote, or a damaged one"
-        )
+    except Exception as exc:  # pickle errors carry no path; add it
+        reason, hint = unpickling_reason(exc)
         raise WeightsError(
             f"{what}: cannot read {str(path)!r} with torch.load(weights_only=True) "
             f"({type(exc).__name__}: {reason[:200]}): {hint}"

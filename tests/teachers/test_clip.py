@@ -106,6 +106,27 @@ def test_open_clip_directory_loads_through_open_clips_local_dir_schema(clip_mode
     )
     again = create_teacher("clip", str(tmp_path), source="open_clip", model="ViT-L-14")
     assert again.meta.name == teacher.meta.name and again.meta.sha256 != teacher.meta.sha256
+    # damaged, or a file whose unpickling would run code: named with the folder (a raw UnpicklingError advising
+    # weights_only=False before)
+    data = (tmp_path / "open_clip_pytorch_model.bin").read_bytes()
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        WeightsError,
+        match=rf"open_clip cannot load the weights of '{tmp_path}' \(RuntimeError: "
+        r"PytorchStreamReader failed reading zip archive: failed finding central directory\): a "
+        r"damaged file",
+    ):  # (not "looked in the Hugging Face cache")
+        create_teacher("clip", str(tmp_path), source="open_clip", model="ViT-B-16")
+    import os
+
+    class Call:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"w": Call()}, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"cannot read the weights of .*is blocked\.\): it would run code to load"):
+        create_teacher("clip", str(tmp_path), source="open_clip", model="ViT-B-16")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_sequence_first_transformer_gives_the_same_levels(clip_file):

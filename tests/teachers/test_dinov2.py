@@ -167,6 +167,28 @@ def test_timm_safetensors_give_timms_own_intermediates(tmp_path):
     assert m.mean == (0.485, 0.456, 0.406) and m.std == (0.229, 0.224, 0.225)
 
 
+def test_a_damaged_or_unsafe_file_in_a_transformers_folder_is_named(checkpoints, tmp_path):
+    """transformers' own SafetensorError / UnpicklingError (its advice to load with weights_only=False) came out raw."""
+    import os
+    import shutil
+
+    folder = shutil.copytree(checkpoints["plain"][1] / "hf", tmp_path / "hf")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(WeightsError, match=rf"transformers cannot read the weights in '{folder}' \(SafetensorError: "):
+        create_teacher("dinov2", str(folder))
+
+    class Call:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (folder / "model.safetensors").unlink()
+    torch.save({"w": Call()}, folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"\(UnpicklingError: .*is blocked\.\): it would run code to load"):
+        create_teacher("dinov2", str(folder))
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_file_of_another_patch_size_is_refused_not_resampled(tmp_path):
     """timm's checkpoint filter resampled a patch-16 kernel (a DINOv2-trained ViT-L/16, UNI's) to 14 without a
     word, in timm's layout and in Meta's: a network nobody trained."""

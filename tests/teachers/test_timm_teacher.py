@@ -326,3 +326,17 @@ def test_a_weights_file_torch_cannot_read_says_what_it_is_not(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "ckpt.pth")  # (a training checkpoint)
     with pytest.raises(WeightsError, match=r"Unsupported global.*it holds objects other than tensors; save its state"):
         load_state_dict(tmp_path / "ckpt.pth", "teacher")
+    # a file whose unpickling would call os.system: torch's reason (its module is blocked), not its advice to load
+    # with weights_only=False, which was all that was left of its words
+    import os
+
+    class Call:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"w": Call()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError) as error:
+        load_state_dict(tmp_path / "evil.pth", "teacher")
+    assert "unsupported GLOBAL posix.system whose module posix is blocked" in str(error.value)
+    assert "it would run code to load" in str(error.value) and "Re-running" not in str(error.value)
+    assert not (tmp_path / "ran").exists()
