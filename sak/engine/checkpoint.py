@@ -340,29 +340,6 @@ def load_checkpoint(accelerator, path: Path, changes: list[str] | None = None) -
     return read_train_state(path)
 
 
-def one_checkpoint(accelerator, path: Path) -> Path:
-    """A run directory's latest checkpoint, chosen by the main process for every process; any other path as it
-    is. Each process looking it up on its own (and each reader in one process) could take another checkpoint, one a
-    training saved meanwhile: `sak eval` scored its processes' images with different weights, one number for no
-    model, and `checkpoint.init_from` could take the target statistics of another checkpoint than the weights."""
-
-    def latest() -> Path | None:
-        if accelerator.is_main_process and path.is_dir():
-            if not (path / "model.safetensors").is_file() and not (path / "student.yaml").is_file():
-                return latest_checkpoint(path / "checkpoints")
-        return None
-
-    if accelerator.num_processes == 1:
-        chosen = latest()
-    else:  # (the main process's error raised in every process: the others would wait at the broadcast)
-        from accelerate.utils import broadcast_object_list
-
-        shared = [on_every_process(accelerator, latest, f"could not look up the latest checkpoint of {path}")]
-        broadcast_object_list(shared)
-        chosen = shared[0]
-    return path if chosen is None else chosen
-
-
 def finished_state(path: Path, total: int, processes: int) -> TrainState | None:
     """The state of a finished run's last checkpoint (its final metrics beside it, its step at or past `total`)
     that another number of processes wrote, read alone: nothing is left to train or evaluate, and the trainer

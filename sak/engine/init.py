@@ -11,9 +11,32 @@ from torch import Tensor, nn
 
 from ..losses.normalize import TargetNormalizers
 from ..teachers.weights import first_misfit
-from .checkpoint import first_nonfinite, latest_checkpoint, read_weights
+from .checkpoint import first_nonfinite, latest_checkpoint, on_every_process, read_weights
 
 NEW_IN_STAGE_2 = ("routers.", "heads.")  # the task side of the student
+
+
+def one_checkpoint(accelerator, path: Path) -> Path:
+    """A run directory's latest checkpoint, chosen by the main process for every process; any other path as it
+    is. Each process looking it up on its own (and each reader in one process) could take another checkpoint, one a
+    training saved meanwhile: `sak eval` scored its processes' images with different weights, one number for no
+    model, and `checkpoint.init_from` could take the target statistics of another checkpoint than the weights."""
+
+    def latest() -> Path | None:
+        if accelerator.is_main_process and path.is_dir():
+            if not (path / "model.safetensors").is_file() and not (path / "student.yaml").is_file():
+                return latest_checkpoint(path / "checkpoints")
+        return None
+
+    if accelerator.num_processes == 1:
+        chosen = latest()
+    else:  # (the main process's error raised in every process: the others would wait at the broadcast)
+        from accelerate.utils import broadcast_object_list
+
+        shared = [on_every_process(accelerator, latest, f"could not look up the latest checkpoint of {path}")]
+        broadcast_object_list(shared)
+        chosen = shared[0]
+    return path if chosen is None else chosen
 
 
 def student_weights_file(path: Path, what: str = "checkpoint.init_from") -> Path:

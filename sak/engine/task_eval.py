@@ -34,8 +34,9 @@ from ..data.pascal_context import SKIP_BAD_HINT, PascalContext
 from ..data.transforms import unpad
 from ..tasks import Task, create_task
 from .build import build_loader
-from .checkpoint import first_misfit, one_checkpoint
+from .checkpoint import first_misfit
 from .export import ExportError, build_exported, export_config, inference_state, load_exported
+from .init import one_checkpoint
 from .predictions import SUFFIX, PredictionError, decode, encode, read_prediction, save_encoded
 
 DATASET_TASKS = {

@@ -33,11 +33,10 @@ from .checkpoint import (
     add_to_checkpoint,
     latest_checkpoint,
     on_every_process,
-    one_checkpoint,
     save_checkpoint,
 )
 from .evaluate import HeldOutTargets, evaluate
-from .init import init_run_from
+from .init import init_run_from, one_checkpoint
 from .logging import GpuPeak, RunLogger, json_safe, nan_for_null, run_info
 from .malloc import keep_freed_memory
 from .prefetch import DevicePrefetcher, prefetch_enabled
