@@ -133,6 +133,8 @@ def unpickling_reason(exc: Exception) -> tuple[str, str]:
     unpickle are a page advising weights_only=False (which can run the file's code): only its reason is kept, e.g.
     "operand 105" (torch 2.14 gives it after "WeightsUnpickler error:", or, for a blocked module, after the
     advice alone)."""
+    if type(exc).__name__ == "SafetensorError":  # (the folder loaders pass safetensors' errors here too)
+        return " ".join(str(exc).split()), "a damaged safetensors file (cut short, or not safetensors)"
     text = str(exc).split("Check the documentation")[0]
     text = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in text else text
     reason = " ".join(text.split("trusted source.")[-1].split())
