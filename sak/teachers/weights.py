@@ -13,7 +13,7 @@ from ..digest import sha256_of
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")  # (.tar: .pth.tar, MoCo's and DeiT's)
 
 
 class WeightsError(RuntimeError):
@@ -148,17 +148,25 @@ def unpickling_reason(exc: Exception) -> tuple[str, str]:
     return reason, "not a file torch.save wrote, or a damaged one"
 
 
+def without_ddp_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` without the `module.` that DistributedDataParallel puts before every key, when every key has it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str, Tensor]:
     """Read a state dict from .safetensors or a torch file (weights_only=True, never pickle code).
 
-    Checkpoints that wrap the state dict under "model" / "state_dict" / "module" are unwrapped.
+    Checkpoints that wrap the state dict under "model" / "state_dict" / "module" are unwrapped, and the `module.`
+    prefix of every key of a DistributedDataParallel model's state dict is dropped (clip's loaders alone did).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return without_ddp_prefix(load_file(str(path)))
         except Exception as exc:  # safetensors' header errors carry no path either
             raise WeightsError(f"{what}: cannot read {str(path)!r} as safetensors: {exc}") from exc
     try:
@@ -174,7 +182,7 @@ def load_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str,
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{what}: {str(path)!r} does not hold a state dict of tensors")
-    return obj
+    return without_ddp_prefix(obj)
 
 
 PATCH_KERNELS = (

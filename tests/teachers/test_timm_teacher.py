@@ -311,6 +311,24 @@ def test_a_local_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_pat
     )  # fmt: skip
 
 
+def test_a_ddp_training_save_under_a_relative_pth_tar_path_loads(tmp_path, monkeypatch):
+    """A DistributedDataParallel model's keys (`module.` before each) were "missing / unexpected" for every teacher
+    but clip; `ckpts/model.pth.tar` (MoCo's and DeiT's naming), relative, was read as a hub name."""
+    torch.manual_seed(0)
+    full = timm.create_model("convnext_atto", pretrained=False, **TINY_CONVNEXT).eval()
+    (tmp_path / "ckpts").mkdir()
+    torch.save({"epoch": 9, "state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}},
+               tmp_path / "ckpts" / "model.pth.tar")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    teacher = create_teacher("timm", "ckpts/model.pth.tar", spec=TeacherSpec(levels=[3], image_size=64),
+                             model="convnext_atto", model_kwargs=TINY_CONVNEXT)  # fmt: skip
+    x = torch.randn(1, 3, 64, 64)
+    expected = full.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+    torch.testing.assert_close(teacher(x).levels[0], expected, atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="ckpts/missing.pth.tar"):  # (a local file, not a hub name)
+        create_teacher("timm", "ckpts/missing.pth.tar", model="convnext_atto", model_kwargs=TINY_CONVNEXT)
+
+
 def test_a_weights_file_torch_cannot_read_says_what_it_is_not(tmp_path):
     """A text file given as weights was "cannot read ... with torch.load(weights_only=True): 105"."""
     from sak.teachers.weights import WeightsError, load_state_dict
