@@ -181,7 +181,7 @@ def build_segment_anything(
     else:  # the official builder; it would torch.load without weights_only, so the weights are loaded below
         encoder = sam_model_registry[f"vit_{size}"](checkpoint=None).image_encoder
     if state is not None:
-        load_strict(encoder, state, Path(spec.weights), what)
+        load_strict(encoder, state, Path(spec.weights), what, check="`size` / `model_kwargs`")
     native = int(encoder.img_size)
     resize_encoder(encoder, spec.image_size or native)
     return encoder, native
@@ -218,7 +218,7 @@ def build_timm(size: str, state: dict | None, spec: TeacherSpec, options: SamTea
         ) from exc
     if state is not None:
         state = checkpoint_filter_fn({f"image_encoder.{k}": v for k, v in state.items()}, net)  # timm's converter
-        load_strict(net, state, Path(spec.weights), f"sam teacher (timm {name})")
+        load_strict(net, state, Path(spec.weights), f"sam teacher (timm {name})", check="`size` / `model_kwargs`")
     return net, int(net.patch_embed.img_size[0])
 
 

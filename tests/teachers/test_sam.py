@@ -174,6 +174,14 @@ def test_official_sizes_agree_between_the_libraries_and_our_table():
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in official.items()}
 
 
+@pytest.mark.parametrize("source", ["segment_anything", "timm"])
+def test_a_checkpoint_of_another_depth_names_the_options_sam_has(sam_file, source):
+    """The misfit's hint said to check `model`, which SAM's teacher does not take."""
+    kwargs = {**(ENCODER if source == "segment_anything" else TIMM), "depth": 2, "global_attn_indexes": (1,)}
+    with pytest.raises(WeightsError, match=r"does not fit the model .*Check `size` / `model_kwargs` against"):
+        create_teacher("sam", str(sam_file), source=source, model_kwargs=kwargs)
+
+
 def test_frozen_and_eval_forever(sam_file):
     t = teacher("segment_anything", sam_file)
     t.train()
