@@ -9,8 +9,8 @@ from sak.teachers.weights import WeightsError
 
 
 def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
-    """A DDP-saved (`module.`) or sak-checkpoint (`stem.vit.`) state dict would load no weight with
-    strict=False; the stem refuses it instead of training from random weights."""
+    """A sak-checkpoint (`stem.vit.`) state dict would load no weight with strict=False; the stem refuses it
+    instead of training from random weights (a DDP save's `module.` prefix is dropped, and it loads)."""
     from safetensors.torch import save_file
 
     kwargs = {"embed_dim": 16, "depth": 2, "num_heads": 2}
@@ -20,9 +20,13 @@ def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
     tagged = "vit_small_patch16_224.augreg_in21k"  # (a file's mean / std are its tag's)
     loaded = TeacherAgnosticStem(tagged, 32, str(tmp_path / "plain.safetensors"), **kwargs)
     assert torch.equal(loaded.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    save_file({f"stem.vit.{k}": v for k, v in plain.items()}, str(tmp_path / "sak.safetensors"))
+    with pytest.raises(ValueError, match=r"sak.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
+        TeacherAgnosticStem(tagged, 32, str(tmp_path / "sak.safetensors"), **kwargs)
+    # a DDP save's `module.` before every key is dropped (sak.teachers.weights.load_state_dict), as for teachers
     save_file({f"module.{k}": v for k, v in plain.items()}, str(tmp_path / "ddp.safetensors"))
-    with pytest.raises(ValueError, match=r"ddp.safetensors.*not the state dict of a timm.*checkpoint.init_from"):
-        TeacherAgnosticStem(tagged, 32, str(tmp_path / "ddp.safetensors"), **kwargs)
+    ddp = TeacherAgnosticStem(tagged, 32, str(tmp_path / "ddp.safetensors"), **kwargs)
+    assert torch.equal(ddp.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     # another patch size: timm's filter resampled the kernel into a patch-16 network nobody trained
     with pytest.raises(WeightsError, match=r"plain.safetensors.*patch embedding is \(16, 3, 16, 16\).*\(16, 3, 8, 8\)"):
         TeacherAgnosticStem("vit_small_patch8_224", 32, str(tmp_path / "plain.safetensors"), **kwargs)
