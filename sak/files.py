@@ -83,16 +83,17 @@ def write_whole(path: str | os.PathLike, write: Callable[[Path], object], sync: 
     mid-write leaves the previous file as it was, not cut off. `sync`: the file's bytes on disk before the rename
     (left out for many small pictures, `sak viz`). An OSError names `path`."""
     path = Path(path)
+    # the process id in the temporary name: two processes writing one file (`sak predict` under a launch) do not
+    # rename each other's
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        if sync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from exc
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            if sync:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         discard(tmp)
     return path

@@ -15,7 +15,6 @@ Saliency and edges decode to float32 k / 255, the values the reference evaluatio
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..files import TASKS, discard, writing
+from ..files import TASKS, write_whole
 
 SUFFIX = {task: ".npy" if task == "depth" else ".png" for task in TASKS}  # (sak.files names the task folders)
 SEGMENTATION = ("semseg", "parts")
@@ -101,21 +100,16 @@ def decode(task: str, array: np.ndarray) -> Tensor:
 
 def save_encoded(root: str | Path, task: str, sample_id: str, array: np.ndarray) -> Path:
     """Write an array from `encode` to its standard path."""
-    path = prediction_path(root, task, sample_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # renamed when whole: never a cut file under its name; the process id in the temporary name, so that two
-    # processes writing one file (`sak predict` under a launch) do not rename each other's
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
-    try:
-        with writing(path):
-            if task == "depth":
-                np.save(tmp, array)
-            else:
-                Image.fromarray(array).save(tmp)
-            os.replace(tmp, path)
-    finally:
-        discard(tmp)
-    return path
+
+    def write(tmp: Path) -> None:  # (the temporary name has no suffix: the format named)
+        if task == "depth":
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+        else:
+            Image.fromarray(array).save(tmp, format="PNG")
+
+    # renamed when whole: never a cut file under its name (many small files: not synced one by one)
+    return write_whole(prediction_path(root, task, sample_id), write, sync=False)
 
 
 def write_predictions(

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from ..data.base import repeated
 from ..data.images import IMAGE_EXTENSIONS, DataError, decode_rgb, list_image_files
-from ..files import discard, refuse_dangling_link, writing
+from ..files import refuse_dangling_link, write_whole
 
 METRICS = ("cosine", "euclidean")
 METHODS = ("freesel", "farthest", "kcenter", "random")
@@ -246,16 +246,9 @@ def write_manifest(path: str | Path, ids: Sequence[str], header: Sequence[str] =
     check_ids(ids)
     path = Path(path)
     check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {part}" for h in header for part in (str(h).splitlines() or [""])] + list(ids)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with writing(path):  # the header may quote a --pool path that is no valid text; the ids are checked above
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
-            os.replace(tmp, path)
-    finally:
-        discard(tmp)
-    return path
+    text = "\n".join(lines) + "\n"  # the header may quote a --pool path that is no valid text; the ids are checked
+    return write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_a_prediction_file_is_renamed_into_place_when_whole(tmp_path, monkeypatc
     def cut(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("sak.engine.predictions.os.replace", cut)
+    monkeypatch.setattr("sak.files.os.replace", cut)  # (save_encoded writes through files.write_whole)
     with pytest.raises(OSError, match="No space left"):
         save_encoded(tmp_path, "depth", "x", np.ones((4, 4), np.float32))
     assert list((tmp_path / "depth").iterdir()) == []
