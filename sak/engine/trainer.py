@@ -184,8 +184,11 @@ def train(recipe: Recipe) -> dict:
         "recipe.yaml": recipe.to_yaml(),
         "run_info.json": json.dumps(run_info(recipe, accelerator.num_processes), indent=2),
     }
-    set_aside_to = prepare_run_dir(recipe) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
+    # the main process's error raised in every process: the others would otherwise wait at the next barrier,
+    # which only a launcher that stops them all on one failure (torchrun's, not every cluster's) ends
+    main = accelerator.is_main_process
+    prepare = lambda: prepare_run_dir(recipe) if main else None  # noqa: E731
+    set_aside_to = on_every_process(accelerator, prepare, "could not prepare the run directory")
 
     # -- build ------------------------------------------------------------------------------
     teachers = build.build_teachers(recipe, accelerator.device)

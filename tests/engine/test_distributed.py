@@ -275,6 +275,24 @@ def test_a_resume_one_process_refuses_changes_nothing_in_the_run_directory(tmp_p
         )
 
 
+def test_a_run_directory_the_main_process_cannot_prepare_stops_every_process_with_its_reason(tmp_path):
+    """Each rank started on its own, as a cluster's scheduler does (no torchrun agent to stop the others when one
+    fails): the main process's error was its own, and process 1 died at the next barrier with gloo's "Connection
+    closed by peer" (with NCCL across nodes: waited for its timeout). Now process 1 says the main process's
+    reason and stops."""
+    (tmp_path / "tiny").symlink_to(tmp_path / "unmounted" / "runs")
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
+        cmd = [sys.executable, "-m", "sak.train", str(TINY), f"run.output_dir={tmp_path}", "schedule.max_steps=2"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    said = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], said[1][-3000:]
+    assert "is a symbolic link to" in said[0]
+    assert "process 0 could not prepare the run directory: FileNotFoundError" in said[1], said[1][-3000:]
+
+
 def test_a_recipe_error_is_said_once_not_by_each_process(tmp_path):
     bad = accelerate_launch(str(TINY), f"run.output_dir={tmp_path}", "optim.nosuch=1", timeout=120)
     assert bad.returncode != 0
