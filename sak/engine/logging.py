@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..files import discard, write_text_whole, writing
+from ..files import write_text_whole, writing
 
 PACKAGES = ("sak", "torch", "torchvision", "timm", "open_clip_torch", "transformers", "segment-anything", "accelerate")
 
@@ -189,13 +189,7 @@ class RunLogger:
                 # evaluation that failed before its metrics reached the checkpoint logged (a full disk, a kill)
                 kept = [ln for ln in kept if not (_step(ln) == start_step and _evaluation(ln))]
             if kept != lines or (text and not text.endswith("\n")):  # replaced whole: a kill keeps the old file
-                tmp = self.path.with_name(f"{self.path.name}.tmp")
-                try:
-                    with writing(self.path):
-                        tmp.write_text("".join(ln + "\n" for ln in kept))
-                        os.replace(tmp, self.path)
-                finally:
-                    discard(tmp)
+                write_text_whole(self.path, "".join(ln + "\n" for ln in kept))
         if self.main and recipe.logging.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=recipe.run.name, dynamic_ncols=True)
         trackers = []
