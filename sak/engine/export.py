@@ -29,7 +29,7 @@ from ..digest import sha256_of
 from ..files import discard, refuse_dangling_link, save_safetensors, writing
 from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
-from ..teachers.weights import is_local
+from ..teachers.weights import is_timm_file
 from .checkpoint import first_misfit, refuse_changed
 from .init import student_weights_file
 from .predictions import SUFFIX, PredictionError, encode, prediction_path, save_encoded
@@ -53,7 +53,7 @@ def export_config(recipe: Recipe) -> dict:
     canvas, fill = canvas_of(recipe.data.image_size, build_options(dataset, recipe.data.options, "data"))
     student = {**recipe.to_dict()["student"], "pretrained": None}
     tag = recipe.student.pretrained
-    if tag is not None and not is_local(tag):  # the tag's timm config (its mean / std), without its download
+    if tag is not None and not is_timm_file(tag):  # the tag's timm config (its mean / std), without its download
         student["model"] = f"{recipe.student.model.split('.')[0]}.{tag}"
     return {
         "imports": list(recipe.imports),  # plug-in modules (an adapter type, say) that rebuilding needs

@@ -90,14 +90,14 @@ def saved_normalization(file: Path) -> tuple[tuple, tuple] | None:
     from timm.models import get_pretrained_cfg
 
     from ..teachers.base import IMAGENET_MEAN, IMAGENET_STD
-    from ..teachers.weights import is_local
+    from ..teachers.weights import is_timm_file
 
     try:
         student = saved_recipe(file).get("student") or {}
         if student.get("normalization", "pretrained") == "imagenet":
             return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
         model, pretrained = str(student["model"]), student.get("pretrained")
-        hub = pretrained is not None and not is_local(str(pretrained))
+        hub = pretrained is not None and not is_timm_file(str(pretrained))
         cfg = get_pretrained_cfg(f"{model.split('.')[0]}.{pretrained}" if hub else model)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
         return None  # not a recipe sak wrote, or a model this timm does not know: nothing to compare

@@ -16,7 +16,7 @@ from ..teachers.weights import (
     check_timm_model,
     check_timm_tag,
     check_timm_tag_for_file,
-    is_local,
+    is_timm_file,
     load_state_dict,
     local_path,
 )
@@ -65,7 +65,8 @@ class TeacherAgnosticStem(nn.Module):
     ) -> None:
         super().__init__()
         check_timm_model(model, "student.model")
-        hub = pretrained is not None and not is_local(pretrained)
+        file = local_path(pretrained, "student.pretrained") if is_timm_file(pretrained) else None  # (before building)
+        hub = pretrained is not None and file is None
         name = f"{model.split('.')[0]}.{pretrained}" if hub else model
         if hub:  # (timm's RuntimeError for an unknown tag would read as a download problem below)
             check_timm_tag(name, f"student.pretrained {pretrained!r}")
@@ -87,7 +88,7 @@ class TeacherAgnosticStem(nn.Module):
         if pretrained is not None and not hub:
             from timm.models.vision_transformer import checkpoint_filter_fn
 
-            state = load_state_dict(local_path(pretrained, "student.pretrained"), "student.pretrained")
+            state = load_state_dict(file, "student.pretrained")
             kernel, want = state.get("patch_embed.proj.weight"), self.vit.patch_embed.proj.weight.shape
             if kernel is not None and tuple(kernel.shape) != tuple(want):  # (timm's filter would resample it)
                 raise WeightsError(

@@ -31,7 +31,7 @@ from .weights import (
     check_timm_model,
     check_timm_tag,
     check_timm_tag_for_file,
-    is_local,
+    is_timm_file,
     load_state_dict,
     load_strict,
     local_path,
@@ -80,8 +80,9 @@ class TimmTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, options: Options) -> None:
         super().__init__(spec)
         what = f"timm teacher {options.model}"
+        path = local_path(spec.weights, what) if is_timm_file(spec.weights) else None  # (before the model is built)
         refuse_sha256_without_file(spec.weights, spec.sha256, what)
-        pretrained = spec.weights is not None and not is_local(spec.weights)
+        pretrained = spec.weights is not None and path is None
         if pretrained and spec.weights not in ("hub", "default"):
             model_name = f"{options.model.split('.')[0]}.{spec.weights}"  # a pretrained tag, e.g. lvd142m
         else:
@@ -108,8 +109,7 @@ class TimmTeacher(Teacher):
             raise ValueError(f"{what}: the model has no forward_intermediates(); it cannot be a teacher")
         available = feature_levels(self.model, what)
         digest = None
-        if spec.weights is not None and is_local(spec.weights):
-            path = local_path(spec.weights, what)
+        if path is not None:
             digest = verify_sha256(path, spec.sha256, what)
             state = load_state_dict(path, what)
             dropped = classifier_keys(self.model, state)  # the teacher is built without its classifier

@@ -29,7 +29,15 @@ def is_local(weights: str | None) -> bool:
         or weights.endswith(LOCAL_SUFFIXES)
         or "/" in weights
         and (weights.startswith((".", "/", "~")))
+        or weights.count("/") >= 2  # a hub id is org/name: ckpts/dino/model.npz is a path, there or not
+        and not weights.startswith("hf-hub:")
     )
+
+
+def is_timm_file(weights: str | None) -> bool:
+    """`is_local`, or any name with a '/': a timm pretrained tag (lvd142m, augreg_in21k) has none, so that
+    ckpts/model.npz, missing, is said to be missing rather than passed to timm as a tag."""
+    return weights is not None and (is_local(weights) or "/" in weights)
 
 
 # keyword arguments of the model libraries' create_model calls that load weights by their own route (timm:
@@ -93,7 +101,8 @@ def local_path(weights: str, what: str, accepts: str = LOCAL_OR_TAG, directory: 
     `what` accepts instead."""
     path = Path(os.path.expanduser(weights))
     if not path.exists():
-        raise WeightsError(f"{what}: weights file {str(path)!r} does not exist. Pass {accepts}.")
+        where = "" if path.is_absolute() else f" (from {Path.cwd()})"
+        raise WeightsError(f"{what}: weights file {str(path)!r} does not exist{where}. Pass {accepts}.")
     if path.is_dir() and not directory:  # (a raw IsADirectoryError from hashing or reading it, before)
         raise WeightsError(f"{what}: weights {weights!r} is a directory; pass {accepts}{bare_name_hint(weights)}")
     return path

@@ -32,6 +32,13 @@ def test_a_local_pretrained_file_that_loads_nothing_is_an_error(tmp_path):
         TeacherAgnosticStem("vit_small_patch8_224", 32, str(tmp_path / "plain.safetensors"), **kwargs)
 
 
+def test_a_missing_pretrained_file_with_another_suffix_is_said_missing(tmp_path, monkeypatch):
+    """`student.pretrained: ckpts/model.weights` was sent to timm as a tag (the model vit_...ckpts/model.weights)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=rf"'ckpts/model.weights' does not exist \(from {tmp_path}\)"):
+        TeacherAgnosticStem("vit_small_patch16_224", 32, "ckpts/model.weights", embed_dim=16, depth=2, num_heads=2)
+
+
 def test_a_local_pretrained_file_under_a_name_whose_tags_disagree_must_name_its_tag(tmp_path):
     """vit_small_patch16_224's AugReg tags use mean / std 0.5, its DINO tag ImageNet's: under the bare name a
     file took the default tag's 0.5 whatever it held. With student.normalization imagenet nothing is guessed."""

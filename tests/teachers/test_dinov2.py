@@ -331,6 +331,9 @@ def test_wrong_files_sources_and_options_are_clear_errors(checkpoints, tmp_path)
     model, root = checkpoints["plain"]
     with pytest.raises(WeightsError, match="nope.pth' does not exist"):
         create_teacher("dinov2", str(tmp_path / "nope.pth"))
+    # a hub id is org/name: a relative path of two folders, missing, is said missing (it was looked up on the hub)
+    with pytest.raises(WeightsError, match=r"'ckpts/dino/model.npz' does not exist \(from "):
+        create_teacher("dinov2", "ckpts/dino/model.npz")
     with pytest.raises(WeightsError, match="has meta's key names; use `source: meta`"):
         create_teacher("dinov2", meta_file(root), source="transformers")
     timm_file = str(tmp_path / "t.safetensors")

@@ -329,6 +329,19 @@ def test_a_ddp_training_save_under_a_relative_pth_tar_path_loads(tmp_path, monke
         create_teacher("timm", "ckpts/missing.pth.tar", model="convnext_atto", model_kwargs=TINY_CONVNEXT)
 
 
+@pytest.mark.parametrize("weights", ["ckpts/model.weights", "ckpts/dino/model.npz"])
+def test_a_missing_file_with_another_suffix_is_said_missing_not_sent_to_timm_as_a_tag(weights, tmp_path, monkeypatch):
+    """Read as a pretrained tag, `ckpts/model.weights` became timm's model name vit_small_patch14_dinov2.ckpts/...,
+    which timm refused as "no source prefix but looks like a Hugging Face Hub repo id"; a timm tag has no '/'. The
+    file is looked for before the model is built, and a sha256 beside it is not called a hub tag's."""
+    monkeypatch.chdir(tmp_path)
+    expected = rf"weights file '{weights}' does not exist \(from {tmp_path}\)"
+    with pytest.raises(WeightsError, match=expected):
+        create_teacher("timm", weights, model="vit_small_patch14_dinov2", model_kwargs=TINY)
+    with pytest.raises(WeightsError, match=expected):
+        create_teacher("timm", spec=TeacherSpec(weights=weights, sha256="0" * 64), model="vit_small_patch14_dinov2")
+
+
 def test_a_weights_file_torch_cannot_read_says_what_it_is_not(tmp_path):
     """A text file given as weights was "cannot read ... with torch.load(weights_only=True): 105"."""
     from sak.teachers.weights import WeightsError, load_state_dict
