@@ -1,5 +1,6 @@
 """Training engine on Hugging Face Accelerate."""
 
-from .trainer import NonFiniteLossError, make_accelerator, train
+from .launch import make_accelerator
+from .trainer import NonFiniteLossError, train
 
 __all__ = ["NonFiniteLossError", "make_accelerator", "train"]

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 from safetensors.torch import load_file
 
+import sak.engine.launch as launch_module
 import sak.engine.trainer as trainer_module
 from sak.config import RecipeError
 from sak.data.synthetic import SyntheticDataset
@@ -92,7 +93,7 @@ def test_fp16_loss_scaling_clips_the_unscaled_gradients(tiny_recipe, monkeypatch
     try:
         plain = tiny_recipe("run.name=plain", *common)
         train(plain)
-        monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+        monkeypatch.setattr(launch_module, "Accelerator", ScaledOnCpu)
         scaled = tiny_recipe("run.name=scaled", *common)
         train(scaled)
     finally:
@@ -112,7 +113,7 @@ def test_fp16_loss_scaling_survives_skipped_steps(tiny_recipe, monkeypatch):
     """A non-finite loss skips the step before anything is unscaled: unscaling at it would leave the scaler
     "already unscaled" and the next step would fail inside GradScaler instead of being guarded."""
     NanAfterTwo.calls = 0
-    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+    monkeypatch.setattr(launch_module, "Accelerator", ScaledOnCpu)
     recipe = tiny_recipe("loss.distill=test_nan_after_2", "optim.grad_clip=1.0", "optim.max_nonfinite=3")
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses or gradient norms at step 5") as info:
         train(recipe)
@@ -291,7 +292,7 @@ def test_deepspeed_and_fsdp_launches_are_refused(tiny_recipe):
     from accelerate.utils import DistributedType
 
     from sak.config import RecipeError
-    from sak.engine.trainer import check_launch_settings
+    from sak.engine.launch import check_launch_settings
 
     fake = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=1,
                                  state=types.SimpleNamespace(mixed_precision="no"))  # fmt: skip
@@ -346,7 +347,7 @@ def test_a_step_the_loss_scaler_skips_uses_up_its_place_in_the_schedule(tiny_rec
     kernel). The schedule goes on by step count all the same, as the official loops step it by iteration
     (it was held back a step at each overflow, so a run ended short of its floor)."""
     NanGradientAtStepThree.calls = 0
-    monkeypatch.setattr(trainer_module, "Accelerator", ScaledOnCpu)
+    monkeypatch.setattr(launch_module, "Accelerator", ScaledOnCpu)
     recipe = tiny_recipe("loss.distill=test_nan_grad_at_3", "schedule.max_steps=6", "schedule.warmup_steps=4",
                          "optim.grad_clip=null", f"optim.fused={str(fused).lower()}")  # fmt: skip
     train(recipe)
