@@ -67,20 +67,25 @@ def teacher_targets(
 
 
 @torch.no_grad()
-def nonfinite_cause(teachers: dict[str, Teacher], images: Tensor, dtype: torch.dtype | None, gather=None) -> str:
-    """Where a skipped step's non-finite loss came from, looked for again in a batch's images and in the teachers'
-    outputs for them (run again: only at a skip, so a step pays nothing for it); "" when neither has one (the
-    student's own numbers, which the learning rate and clipping govern). `teachers`: those run online (a cache's
-    maps were checked when it was built). `gather`: Accelerate's gather_object under a launch of several
-    processes (every process skips the same step), whose first cause is named with its process."""
+def nonfinite_cause(teachers: dict[str, Teacher], images: list[Tensor], dtype: torch.dtype | None, gather=None) -> str:
+    """Where a skipped step's non-finite loss came from, looked for again in the images of each of its
+    micro-batches and in the teachers' outputs for them (run again: only at a skip, so a step pays nothing for
+    it); "" when neither has one (the student's own numbers, which the learning rate and clipping govern).
+    `teachers`: those run online (a cache's maps were checked when it was built). `gather`: Accelerate's
+    gather_object under a launch of several processes (every process skips the same step), whose first cause is
+    named with its process."""
     cause = ""
-    if images.is_floating_point() and not torch.isfinite(images).all():
-        cause = "; the batch's images hold a non-finite value (check the data)"
-    for tid, teacher in teachers.items() if not cause else ():
-        bad = [i for i, level in enumerate(teacher.encode(images, dtype).levels) if not torch.isfinite(level).all()]
-        if bad:
-            cause = (f"; teacher {tid!r} level {bad[0]} gives a non-finite value for the batch's images (check the "
-                     "teacher, its weights and precision.teachers)")  # fmt: skip
+    for k, batch in enumerate(images):
+        which = f"the images of micro-batch {k + 1} of {len(images)}" if len(images) > 1 else "the batch's images"
+        if batch.is_floating_point() and not torch.isfinite(batch).all():
+            cause = f"; {which} hold a non-finite value (check the data)"
+        for tid, teacher in teachers.items() if not cause else ():
+            bad = [i for i, level in enumerate(teacher.encode(batch, dtype).levels) if not torch.isfinite(level).all()]
+            if bad:
+                cause = (f"; teacher {tid!r} level {bad[0]} gives a non-finite value for {which} (check the "
+                         "teacher, its weights and precision.teachers)")  # fmt: skip
+                break
+        if cause:
             break
     if gather is None:
         return cause

@@ -307,6 +307,9 @@ def train(recipe: Recipe) -> dict:
     student.train()
     window: torch.Tensor | None = None  # the step's logged losses, summed over its micro-batches
     micro = 0  # micro-batches in the window
+    step_images: list[torch.Tensor] = []  # each micro-batch's, looked at again if the step is skipped
+    # fp16: the loss scaler's scale, which it halves at each step it skips for inf / NaN gradients
+    loss_scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
     tick, compute_time = time.perf_counter(), 0.0
     while state.step < total:
         train_loader.set_epoch(state.epoch)  # the sample order
@@ -323,6 +326,8 @@ def train(recipe: Recipe) -> dict:
             begin_step(recipe.precision.cuda_graphs)
             if window is None:  # a step's first micro-batch
                 running.keep()
+                step_images = []
+            step_images.append(batch["image"])
             with accelerator.accumulate(student):
                 if cache is not None:
                     targets = cache.targets(batch["cached"], accelerator.device)
@@ -379,16 +384,30 @@ def train(recipe: Recipe) -> dict:
                 values["grad_norm"] = reduced[-1]
             values["lr"] = scheduler.get_last_lr()[0]  # the lr this step used
             if math.isfinite(values["loss"]) and math.isfinite(values.get("grad_norm", 0.0)):
-                state.nonfinite_streak = 0
                 if recipe.optim.grad_clip is not None and not clip_first:
                     values["grad_norm"] = float(clip_grad_norm())
                 optimizer.step()  # (with fp16, the scaler skips it on an overflow the loss did not show)
+                overflow_at = None
+                if loss_scale is not None:  # fp16: a step the scaler skipped halved its scale
+                    scale_before, loss_scale = loss_scale, accelerator.scaler.get_scale()
+                    values["loss_scale"] = loss_scale
+                    overflow_at = scale_before if loss_scale < scale_before else None
+                if overflow_at is None:
+                    state.nonfinite_streak = 0
+                elif overflow_at <= 1:  # (above 1, a skip is the scaler finding its scale): not finite unscaled
+                    state.nonfinite_streak += 1
+                    cause = (
+                        f"; the fp16 loss scaler skipped the step, its gradients not finite at a loss scale of "
+                        f"{overflow_at:g} (a NaN, or beyond float16's range: precision.mixed=bf16 has float32's)"
+                    )
+                    logger.message(f"[sak] step {state.step + 1}: step skipped ({state.nonfinite_streak}/"
+                                   f"{recipe.optim.max_nonfinite} in a row){cause}")  # fmt: skip
             else:
                 running.restore()  # (the step's forward folded its batch into the heads' running statistics)
                 state.nonfinite_streak += 1
                 begin_step(recipe.precision.cuda_graphs)  # (the teachers run again, as before any step)
                 online, gather = {} if cache is not None else teachers, gather_object if n > 1 else None
-                cause = nonfinite_cause(online, batch["image"], tdtype, gather)  # in the step's last micro-batch
+                cause = nonfinite_cause(online, step_images, tdtype, gather)
                 logger.message(
                     f"[sak] step {state.step + 1}: non-finite loss {values['loss']} or gradient norm "
                     f"{values.get('grad_norm')}, step skipped ({state.nonfinite_streak}/{recipe.optim.max_nonfinite} "
@@ -401,6 +420,7 @@ def train(recipe: Recipe) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=not stable_grads)
             state.step += 1
+            step_images = []
             # step_time: compute of this step without waiting for data; images_per_s: wall clock between steps
             values["step_time"], compute_time = compute_time + time.perf_counter() - step_arrived, 0.0
             values["nonfinite_streak"] = state.nonfinite_streak

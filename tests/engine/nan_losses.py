@@ -28,3 +28,17 @@ class NanGradientAtStepThree(torch.nn.Module):
         if NanGradientAtStepThree.calls in (5, 6):  # two teachers per step
             loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
         return loss
+
+
+@LOSSES.register("test_nan_grad_from_3")
+class NanGradientFromStepThree(torch.nn.Module):
+    """A finite loss whose gradient is NaN at every step from step 3 on (a gradient no loss scale makes finite)."""
+
+    calls = 0
+
+    def forward(self, student, teacher):
+        NanGradientFromStepThree.calls += 1
+        loss = sum(s.float().mean() for s in student)
+        if NanGradientFromStepThree.calls >= 5:  # two teachers per step
+            loss = loss + 0.0 * torch.sqrt((student[0] - student[0].detach()).abs().sum())
+        return loss

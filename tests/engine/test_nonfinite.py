@@ -136,9 +136,34 @@ def test_images_with_a_non_finite_value_are_named():
     from sak.engine.step import nonfinite_cause
 
     images = torch.rand(2, 3, 8, 8)
-    assert nonfinite_cause({}, images, None) == ""
+    assert nonfinite_cause({}, [images], None) == ""
     images[1, 0, 2, 2] = float("inf")
-    assert nonfinite_cause({}, images, None) == "; the batch's images hold a non-finite value (check the data)"
+    assert nonfinite_cause({}, [images], None) == "; the batch's images hold a non-finite value (check the data)"
+    said = nonfinite_cause({}, [images, torch.rand(2, 3, 8, 8)], None)  # (of a step's micro-batches, which)
+    assert said == "; the images of micro-batch 1 of 2 hold a non-finite value (check the data)"
+
+
+def test_a_teacher_giving_nan_for_an_earlier_micro_batch_is_named(tiny_recipe, monkeypatch):
+    """grad_accum 2, the tiny vit_b giving NaN for step 2's first micro-batch only: only the step's last
+    micro-batch was looked at again, and the stop blamed the learning rate."""
+    forward, calls = TimmTeacher.forward, []
+
+    def nan_once_for_vit_b(self, x):
+        out = forward(self, x)
+        if self.meta.embed_dim != 40:  # (vit_a's 48 channels stay finite)
+            return out
+        calls.append(x.clone())  # vit_b's third call: step 2's first micro-batch, the same images at the skip
+        if len(calls) == 3 or len(calls) > 4 and torch.equal(x, calls[2]):
+            return type(out)(tuple(t * float("nan") for t in out.levels), out.summary)
+        return out
+
+    monkeypatch.setattr(TimmTeacher, "forward", nan_once_for_vit_b)
+    with pytest.raises(NonFiniteLossError, match="at step 2") as info:
+        train(tiny_recipe("optim.grad_accum=2", "optim.max_nonfinite=1", "schedule.max_steps=4"))
+    assert str(info.value).endswith(
+        "; teacher 'vit_b' level 0 gives a non-finite value for the images of micro-batch 1 of 2 (check the "
+        "teacher, its weights and precision.teachers)."
+    )
 
 
 def test_a_teacher_giving_nan_on_another_process_is_named_with_it(tmp_path):

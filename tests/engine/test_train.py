@@ -18,7 +18,7 @@ from sak.engine import NonFiniteLossError, train
 from sak.engine.checkpoint import latest_checkpoint
 from sak.registry import DATASETS
 
-from .nan_losses import NanAfterTwo, NanGradientAtStepThree
+from .nan_losses import NanAfterTwo, NanGradientAtStepThree, NanGradientFromStepThree
 
 
 def logged(run_dir, key="loss"):
@@ -354,6 +354,23 @@ def test_a_step_the_loss_scaler_skips_uses_up_its_place_in_the_schedule(tiny_rec
     lrs = logged(recipe.run_dir, "lr")
     assert ScaledOnCpu.last.scaler.get_scale() == 2.0**11  # one overflow: the scale halved
     assert lrs[1] < lrs[2] < lrs[3] < lrs[4]  # the warm-up's, step by step
+
+
+def test_steps_the_loss_scaler_skips_at_a_scale_of_1_or_less_count_as_non_finite(tiny_recipe, monkeypatch, capsys):
+    """A NaN gradient at every step from step 3: the scaler skipped them all without a word (the loss finite), its
+    scale halving forever, and the run ended "finished" on its step-2 weights. Skips at a scale above 1 are the
+    scaler finding its scale; from 1 down (4096 halved 12 times: step 15) they are non-finite steps."""
+    NanGradientFromStepThree.calls = 0
+    monkeypatch.setattr(launch_module, "Accelerator", ScaledOnCpu)
+    recipe = tiny_recipe("loss.distill=test_nan_grad_from_3", "schedule.max_steps=30", "optim.max_nonfinite=3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite .* at step 17") as info:
+        train(recipe)
+    assert "the fp16 loss scaler skipped the step, its gradients not finite at a loss scale of 0.25" in str(info.value)
+    scales = logged(recipe.run_dir, "loss_scale")
+    assert scales[1] == scales[2] == 4096 and scales[3] == 2048 and scales[17] == 0.125
+    streaks = logged(recipe.run_dir, "nonfinite_streak")
+    assert all(streaks[s] == 0 for s in range(1, 15)) and (streaks[15], streaks[16]) == (1, 2)
+    assert "[sak] step 15: step skipped (1/3 in a row); the fp16 loss scaler" in capsys.readouterr().out
 
 
 def test_images_per_second_after_an_evaluation_or_a_checkpoint_leaves_their_time_out(tiny_recipe, monkeypatch):
