@@ -153,6 +153,20 @@ def test_inverse_maps_normalised_features_back(mode):
 
 
 @pytest.mark.parametrize("mode", ["standardize", "phi_s"])
+def test_the_inverse_of_a_bf16_map_keeps_its_spread_around_a_large_mean(mode):
+    """The inverse ran in the student's bf16: a channel mean 50x the spread rounded the spread away."""
+    x = features() * 0.02 + 50.0  # (each channel: mean ~50, spread ~0.1 to 2)
+    norm = FeatureNormalizer(12, mode, eps=0.0)
+    norm.add(norm.batch_sums(x))
+    norm.refresh()
+    back = norm.inverse(norm(x).bfloat16())
+    assert back.dtype == torch.float32
+    spread = (x - x.mean((2, 3), keepdim=True)).flatten(1)
+    got = (back - back.mean((2, 3), keepdim=True)).flatten(1)
+    assert torch.nn.functional.cosine_similarity(got, spread).min() > 0.999  # (0.93 when the inverse ran in bf16)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "phi_s"])
 def test_one_reduction_for_all_levels_gives_each_level_its_own_sums(mode):
     """update() joins every level's sums into one tensor for one collective and splits the result back:
     a reduction standing in for two processes that saw the same batch equals adding the batch twice."""
