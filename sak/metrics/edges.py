@@ -85,7 +85,7 @@ class BoundaryF(Metric):
             counts = self.image_counts(p, t)
             self._state["counts"] += torch.from_numpy(counts)
             self._state["ois"] += torch.from_numpy(counts[int(np.argmax(_f_measure(counts)))])
-            self._state["images"] += 1
+            self._state["images"] += int((t != IGNORE).any())  # (an image all ignored is not scored)
 
     def image_counts(self, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
         """(H, W) probability and target -> (n, 4) int64 counts [cntR, sumR, cntP, sumP] per threshold."""
@@ -127,7 +127,7 @@ class BoundaryF(Metric):
 
     def compute(self) -> dict[str, float]:
         if self._state["images"] == 0:
-            return self._empty("no image was scored")
+            return self._empty("no image with a labelled pixel was scored")
         counts = self._state["counts"].numpy()
         f, p, r = _f_measure(counts, with_pr=True)
         best = int(np.argmax(f))

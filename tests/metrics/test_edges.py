@@ -129,6 +129,10 @@ def test_rejects_logits():
 def test_no_image_gives_nan_with_a_warning():
     with pytest.warns(RuntimeWarning, match="no image"):
         assert math.isnan(build_metric("edges").compute()["odsF"])
+    metric = _metric()  # images whose every pixel is ignored: nothing scored, as the other tasks (it said 0.0)
+    metric.update(_batch(_line()), _batch(np.full((64, 64), 255)))
+    with pytest.warns(RuntimeWarning, match="no image with a labelled pixel"):
+        assert math.isnan(metric.compute()["odsF"])
 
 
 def test_blurred_boundaries_of_a_512_image_score_high():
