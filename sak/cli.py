@@ -384,13 +384,35 @@ def is_user_error(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, KeyError, OSError, CacheError, WeightsError, NonFiniteLossError))
 
 
+# torch's words for an error a DataLoader worker raised, raised again in the training process with the worker's
+# whole traceback as its message (torch.utils.data._utils.ExceptionWrapper)
+WORKER_ERROR = re.compile(
+    r"Caught \w+ in (DataLoader worker process \d+)\.\nOriginal Traceback \(most recent call last\):\n"
+)
+LAST_TRACEBACK = "Traceback (most recent call last):\n"
+
+
+def worker_message(message: str) -> str:
+    """A loader worker's error as what it said, and which worker: the last exception of the worker's traceback
+    (a DataError raised from PIL's, say) without the frames and its module path; any other message as it is."""
+    found = WORKER_ERROR.match(message)
+    if found is None:
+        return message
+    lines = message[found.end() :].rpartition(LAST_TRACEBACK)[2].splitlines()
+    start = next((i for i, line in enumerate(lines) if line and not line[0].isspace()), None)
+    if start is None:
+        return message
+    said = "\n".join(lines[start:]).partition(": ")[2]  # (after "package.module.Type")
+    return f"{said} (in {found[1]})" if said else message
+
+
 def print_user_error(exc: Exception, command: str) -> bool:
     """Print bad input (`is_user_error`) as one line, `sak COMMAND: Type: message`, and say so; False (print
     nothing) for anything else, or for everything with SAK_TRACEBACK set: the caller re-raises it."""
     if not is_user_error(exc) or os.environ.get("SAK_TRACEBACK"):
         return False
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # (KeyError quotes its text)
-    say_error(f"sak {command}: {type(exc).__name__}: {message}")
+    say_error(f"sak {command}: {type(exc).__name__}: {worker_message(str(message))}")
     return True
 
 

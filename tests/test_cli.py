@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from sak.cli import main
 
@@ -163,6 +164,38 @@ def test_errors_under_a_launch_say_whose_they_are_and_a_recipes_is_said_once(mon
     assert main(["eval", str(TINY), "--checkpoint", str(tmp_path), "optim.nosuch=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sak: ") and "optim.nosuch" in err and len(err.splitlines()) == 1, err
+
+
+class BadLabelFile(torch.utils.data.Dataset):
+    """A dataset whose second label file is damaged, as sak's readers say it: a DataError raised from PIL's."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        from sak.data.pascal_context import read_png
+
+        (self.root / "l1.png").write_bytes(b"not a png")
+        return read_png(self.root / f"l{index}.png", 1) if index else torch.zeros(1)
+
+
+def test_a_loader_workers_error_is_one_line_naming_the_file_and_the_worker(tmp_path, capsys):
+    """With data.num_workers > 0 (every shipped stage-2 recipe) a damaged file was torch's ~45-line re-raise
+    of the worker's traceback, the file named on its last line."""
+    from sak.cli import print_user_error
+
+    loader = torch.utils.data.DataLoader(BadLabelFile(tmp_path), batch_size=1, num_workers=1)
+    with pytest.raises(ValueError) as info:
+        list(loader)
+    assert "Original Traceback" in str(info.value)
+    assert print_user_error(info.value, "train")
+    assert capsys.readouterr().err == (
+        f"sak train: DataError: {tmp_path / 'l1.png'}: cannot decode the PNG (cannot identify image file "
+        f"'{tmp_path / 'l1.png'}') (in DataLoader worker process 0)\n"
+    )
 
 
 def test_a_closed_pipe_ends_the_command_quietly():
