@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..config import PrecisionConfig, Recipe
 from ..data import DatasetSpec, EpochSampler, build_dataset
+from ..data.images import DataError
 from ..losses.normalize import TargetNormalizers
 from ..registry import LOSSES, STUDENTS
 from ..student import TeacherAgnosticStem, TeacherSlot
@@ -154,8 +155,9 @@ class IndexedDataset(torch.utils.data.Dataset):
     machine) as a `CachedRows` that the loader's pin-memory step reads straight into page-locked memory,
     otherwise read in the collate."""
 
-    def __init__(self, dataset, views: int | None = None) -> None:
+    def __init__(self, dataset, views: int | None = None, tasks: dict[str, Task] | None = None) -> None:
         self.dataset, self.views = dataset, views
+        self.tasks = tasks or {}  # each sample's targets checked against their heads (Task.target_problem)
         self.cache = None
         self.pinned = False
         self.epoch = 0
@@ -164,7 +166,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "index": index}
+        sample = self.dataset[index]
+        for name, task in self.tasks.items():
+            problem = task.target_problem(sample[name]) if name in sample else None
+            if problem is not None:
+                raise DataError(f"{type(self.dataset).__name__} sample {sample.get('id', index)!r}: {name}: {problem}")
+        return {**sample, "index": index}
 
     def collate(self, samples: list[dict]) -> dict:
         """The loader's collate_fn: `default_collate`, and with a cache the batch's maps (see the class)."""
@@ -200,7 +207,7 @@ def build_loader(
         seed=recipe.run.seed,
         subset=d.subset if split == d.split else None,
     )
-    dataset = IndexedDataset(build_dataset(d.name, spec, d.options))
+    dataset = IndexedDataset(build_dataset(d.name, spec, d.options), tasks=build_tasks(recipe))
     dataset.pinned = torch.cuda.is_available()  # page-locked batches: asynchronous copies to the GPU
     batch = batch_size or d.batch_size
     if train and len(dataset) < batch:

@@ -58,6 +58,13 @@ class Task:
         """logits (B, channels, H, W) at the target's size -> scalar."""
         raise NotImplementedError
 
+    def target_problem(self, target: Tensor) -> str | None:
+        """What is wrong with one sample's target for this head (a class index the head has no channel for),
+        or None. Checked on the CPU by the data loader, for every sample a run trains or evaluates on: the loss
+        would fail deep inside (an IndexError on the CPU, a device-side assert on a GPU) or be silently wrong.
+        By default nothing is checked."""
+        return None
+
     def predict(self, logits: Tensor) -> Tensor:  # pragma: no cover - abstract
         """logits -> the prediction the metric and the saved outputs use."""
         raise NotImplementedError

@@ -50,7 +50,27 @@ def grey(probability: Tensor) -> np.ndarray:
     return np.repeat(v[..., None], 3, axis=-1)
 
 
+def labels_outside(target: Tensor, allowed: int, what: str) -> str | None:
+    """None when every value of a label map is a whole number below `allowed` or IGNORE; else what the first
+    other one is (`what`: whose labels, e.g. "the semseg head has 4 channel(s), for classes")."""
+    if not target.is_floating_point() and (target.numel() == 0 or target.min() >= 0 and target.max() < allowed):
+        return None  # (the common case: an integer map within range, two reductions)
+    ok = ((target >= 0) & (target < allowed) | (target == IGNORE)) & (target == target.round())
+    if bool(ok.all()):
+        return None
+    bad = target[~ok]
+    return (f"its target holds the value {float(bad[0]):g} ({bad.numel()} pixel(s)), and {what} 0..{allowed - 1} "
+            f"({IGNORE} ignored)")  # fmt: skip
+
+
 class _Segmentation(Task):
+    def target_problem(self, target: Tensor) -> str | None:
+        return labels_outside(
+            target,
+            self.channels,
+            f"the {self.name} head has {self.channels} channel(s) (tasks[].channels), for classes",
+        )
+
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Mean cross-entropy over the valid pixels; 0 where there is none (human parts on a batch
         without people)."""
@@ -85,6 +105,9 @@ class Saliency(Task):
     default_channels = 2
     fixed_channels = True
     default_weight = 5.0
+
+    def target_problem(self, target: Tensor) -> str | None:
+        return labels_outside(target, 2, "saliency's labels are")
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         label = target[:, 0].long() if target.ndim == 4 else target.long()  # (B, H, W), 255 = ignore

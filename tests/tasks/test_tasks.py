@@ -117,3 +117,34 @@ def test_depth_predictions_are_never_negative_and_score_as_the_raw_output():
     raw.update(logits, target)
     clamped.update(pred, target)
     assert raw.compute() == clamped.compute()
+
+
+def test_a_label_the_head_has_no_channel_for_is_named():
+    """Checked per sample in the loader: cross-entropy raised a bare "Target 4 is out of bounds" on the CPU (a
+    device-side assert on a GPU); saliency's .long() turned a grey level 0.7 into background without a word."""
+    semseg = create_task("semseg", channels=4)
+    assert semseg.target_problem(torch.tensor([[0, 3], [255, 1]])) is None
+    assert semseg.target_problem(torch.tensor([[0, 6], [6, 255]])) == (
+        "its target holds the value 6 (2 pixel(s)), and the semseg head has 4 channel(s) (tasks[].channels), "
+        "for classes 0..3 (255 ignored)"
+    )
+    assert "the value -1 " in semseg.target_problem(torch.tensor([[-1, 0]]))
+    saliency = create_task("saliency")
+    assert saliency.target_problem(torch.tensor([[[0.0, 1.0], [255.0, 1.0]]])) is None
+    assert saliency.target_problem(torch.tensor([[[0.0, 0.7]]])).startswith("its target holds the value 0.7 (1 ")
+    assert create_task("depth").target_problem(torch.full((1, 2, 2), 7.5)) is None  # (not checked)
+
+
+def test_training_on_labels_beyond_the_heads_channels_names_the_sample(tiny_recipe):
+    from sak.data.images import DataError
+    from sak.engine import train
+
+    from ..conftest import TESTS
+
+    recipe = tiny_recipe(
+        "tasks=[{name: semseg, channels: 3}]", "schedule.max_steps=1", path=TESTS / "tiny_multitask.yaml"
+    )
+    with pytest.raises(
+        DataError, match=r"SyntheticDataset sample 'train_\d+': semseg: its target holds the value [34] "
+    ):
+        train(recipe)
