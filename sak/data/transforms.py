@@ -50,9 +50,24 @@ class DenseAugment:
 
 
 def _check_keys(sample: Sample) -> None:
+    """Known keys, and numpy arrays of the layout the transforms index: image (H, W, 3), normals (H, W, 3), the
+    other targets (H, W), each target of the image's size (a label at another scale was cropped at the image's
+    coordinates, misaligned without a word)."""
     unknown = [k for k in sample if k != "image" and k not in FILL]
     if unknown:
         raise KeyError(f"unknown target(s) {unknown} in a dense sample; known: {['image', *FILL]}")
+    image = sample["image"]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"a dense sample's image is {image.shape}; the transforms take (H, W, 3) arrays (channels last)"
+        )
+    for key, value in sample.items():
+        want = (*image.shape[:2], 3) if key == "normals" else image.shape[:2]
+        if key != "image" and tuple(value.shape) != want:
+            raise ValueError(
+                f"a dense sample's {key} is {tuple(value.shape)} and its image {tuple(image.shape)}: each target must "
+                f"be {want}, the image's height and width{' with 3 channels' if key == 'normals' else ''}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +292,7 @@ def dense_eval_transform(
 ) -> Sample:
     """Centre the sample in a `size` canvas (no resizing); larger samples are an error, since a batch
     needs one size and the prediction must map back onto every original pixel."""
+    _check_keys(sample)
     h, w = sample["image"].shape[:2]
     if h > size[0] or w > size[1]:
         raise ValueError(f"the image is {h}x{w}, larger than the evaluation size {size[0]}x{size[1]}")

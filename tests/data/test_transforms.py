@@ -109,6 +109,23 @@ def test_eval_transform_rejects_images_larger_than_the_canvas():
         dense_eval_transform(make_sample(40, 60), (32, 64))
 
 
+def test_a_target_of_another_size_or_a_channels_first_image_is_refused():
+    """A label saved at twice the image's size was cropped at the image's coordinates: half its pixels wrong,
+    without a word; a smaller one or a (3, H, W) image failed in numpy's indexing."""
+    aug = DenseAugment(crop_size=(32, 32))
+    sample = make_sample(40, 60)
+    big = {**sample, "semseg": np.kron(sample["semseg"], np.ones((2, 2), dtype=np.int64))}
+    message = r"semseg is \(80, 120\) and its image \(40, 60, 3\): each target must be \(40, 60\)"
+    with pytest.raises(ValueError, match=message):
+        dense_train_transform(big, np.random.default_rng(0), aug)
+    with pytest.raises(ValueError, match=message):
+        dense_eval_transform(big, (64, 64))
+    with pytest.raises(ValueError, match=r"normals is \(40, 60\) .* must be \(40, 60, 3\)"):
+        dense_eval_transform({**sample, "normals": sample["depth"]}, (64, 64))
+    with pytest.raises(ValueError, match=r"image is \(3, 40, 60\); the transforms take \(H, W, 3\)"):
+        dense_train_transform({"image": sample["image"].transpose(2, 0, 1)}, np.random.default_rng(0), aug)
+
+
 def test_parts_without_any_part_pixel_become_all_ignore():
     s = make_sample()
     s["parts"][:] = 0
