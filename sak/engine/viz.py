@@ -33,9 +33,14 @@ def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     """Project (N, C, h, w) maps onto the top 3 principal components of `reference` (one basis for
     all, so that matching colours mean matching feature directions); each map's colours are then
     stretched over its own 1-99% range, since a student's maps are usually weaker in amplitude."""
-    flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1]).float()
+    flat = reference.permute(0, 2, 3, 1).reshape(-1, reference.shape[1]).double()
     mean = flat.mean(0)
-    _, _, v = torch.pca_lowrank(flat - mean, q=min(3, *flat.shape), center=False)
+    # exact, from the C x C covariance (torch.pca_lowrank draws a random projection: its components were rough
+    # and their signs, so the colours, followed the global RNG); each component's largest weight positive
+    _, vectors = torch.linalg.eigh((flat - mean).T @ (flat - mean))
+    v = vectors[:, -min(3, *flat.shape) :].flip(1)  # (C, q), largest variance first
+    v = (v * torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))).float()
+    mean = mean.float()
     out = []
     for x in (reference, *others):
         p = (x.permute(0, 2, 3, 1).float() - mean) @ v  # (N, h, w, q)
@@ -107,12 +112,14 @@ def feature_grid(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from accelerate.utils import set_seed
 
     from .build import build_loader, build_tasks, build_teachers
     from .step import teacher_targets
 
     if not 1 <= images <= MAX_FEATURE_ROWS:  # (one batch through every teacher; a figure matplotlib can save)
         raise ValueError(f"--images {images}: draw 1 to {MAX_FEATURE_ROWS} images (one row each, in one batch)")
+    set_seed(recipe.run.seed)  # as the trainer does before building them: teachers of random weights are its own
     teachers = build_teachers(recipe, torch.device("cpu"))
     levels = {tid: len(t.level_dims) for tid, t in teachers.items()}
     if not all(-n <= level < n for n in levels.values()):
