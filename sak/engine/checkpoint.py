@@ -413,7 +413,7 @@ def restore_optimiser_settings(optimizer, scheduler, settings: list[dict]) -> No
 
 def check_random_states(path: Path, rank: int, processes: int) -> None:
     """Refuse a checkpoint whose random states this process cannot restore, before Accelerate's `load_state`,
-    which only logs that it could not load them and goes on (the resumed run then draws other augmentations and
+    which only logs that it could not load them and goes on (the resumed run then draws other router noise and
     drop paths than the uninterrupted one would). Accelerate writes one file per process: a checkpoint of
     another number of processes is refused too, since each process's position in the epoch would also differ."""
     from accelerate.utils import load
