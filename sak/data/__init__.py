@@ -24,7 +24,14 @@ def build_dataset(name: str, spec: DatasetSpec, options: dict | None = None) -> 
     from ..config import build_options
 
     cls = DATASETS.get(name)
-    return cls(spec, build_options(cls, options or {}, where="data"))
+    dataset = cls(spec, build_options(cls, options or {}, where="data"))
+    if spec.subset is not None and len(dataset) != len(wanted := read_manifest(spec.subset)):
+        raise ValueError(  # (a plug-in dataset that does not apply it trained on its whole split, without a word)
+            f"data.subset {spec.subset!r} lists {len(wanted)} id(s), and dataset {name!r} ({cls.__name__}) has "
+            f"{len(dataset)} samples of split {spec.split!r}: it did not keep the manifest's samples; a dataset "
+            "keeps them with sak.data.base.apply_subset(ids, spec.subset, spec) (or subset_rows)"
+        )
+    return dataset
 
 
 class EpochSampler(Sampler[int]):

@@ -1,9 +1,13 @@
 """The generated datasets (synthetic, package_images) honour data.subset like the file-backed ones."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from sak.data import DatasetSpec, build_dataset
+from sak.data.synthetic import SyntheticDataset
+from sak.registry import DATASETS
 
 
 def make(name, tmp_path=None, ids=None, train=True, **options):
@@ -45,3 +49,17 @@ def test_a_subset_listing_an_id_twice_is_an_error(tmp_path):
     """The sample would train twice and weigh twice in evaluation means (split files already refuse this)."""
     with pytest.raises(ValueError, match=r"subset.txt' lists 1 id\(s\) more than once, e.g. \['train_000001'\]"):
         make("synthetic", tmp_path, ["train_000001", "train_000001", "train_000002"])
+
+
+@DATASETS.register("test_ignores_subset")
+class IgnoresSubset(SyntheticDataset):
+    """A plug-in that never applies data.subset: it trained on its whole split without a word."""
+
+    def __init__(self, spec, options):
+        super().__init__(dataclasses.replace(spec, subset=None), options)
+
+
+def test_a_dataset_that_does_not_keep_the_subset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"lists 2 id\(s\), and dataset 'test_ignores_subset' \(IgnoresSubset\) has "
+                                         r"10 samples .*apply_subset\(ids, spec.subset, spec\)"):  # fmt: skip
+        make("test_ignores_subset", tmp_path, ["train_000001", "train_000003"], length=10)
