@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import Recipe, RecipeError
-from ..data import DatasetSpec, build_dataset
+from ..data import DatasetSpec, SakDataset, build_dataset
 from ..data.images import DataError
 from ..data.nyud import NYUD
 from ..data.pascal_context import SKIP_BAD_HINT, PascalContext
@@ -236,9 +236,16 @@ def check_samples_fit(model: torch.nn.Module, dataset, teachers: dict | None = N
     canvas = getattr(dataset, "eval_size", None)
     size, setting = None, "data.options.eval_size"
     if canvas is None:  # image folders, generated data: every sample is data.image_size square
-        side = getattr(getattr(dataset, "spec", None), "image_size", None)
+        spec = getattr(dataset, "spec", None)
+        side = getattr(spec, "image_size", None)
         if side is not None:  # (a student built for another size by student.input_size takes it only if dynamic)
             size, setting = (side, side), "data.image_size"
+        # a plug-in's evaluation canvas, which its prediction_canvas gives (the first evaluation failed in timm's
+        # words, after training up to it)
+        if side is not None and not spec.train and isinstance(dataset, SakDataset):
+            drawn = tuple(type(dataset).prediction_canvas(side, dataset.options)[0])
+            if drawn != size:
+                size, setting = drawn, f"data.options (the evaluation canvas of {type(dataset).__name__})"
     else:
         spec = getattr(dataset, "spec", None)
         if spec is not None and spec.train:

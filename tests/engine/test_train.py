@@ -249,6 +249,25 @@ def test_each_epoch_draws_new_augmentation(tiny_recipe):
     assert train_seen[:32] == [0] * 32 and train_seen[32:] == [1] * 32
 
 
+@DATASETS.register("test_wide_canvas")
+class WideCanvas(SyntheticDataset):
+    """A plug-in whose evaluation canvas (its prediction_canvas, as the docs ask) is wider than its samples."""
+
+    @classmethod
+    def prediction_canvas(cls, image_size, options):
+        return (image_size, 2 * image_size), (124, 116, 104)
+
+
+def test_a_plug_ins_evaluation_canvas_a_fixed_size_student_cannot_take_is_refused_before_any_step(tiny_recipe):
+    """Only a dataset attribute `eval_size` was looked at: a plug-in padding its evaluation samples to its canvas
+    trained up to its first evaluation and failed there in timm's words (Input width (128) doesn't match ...)."""
+    recipe = tiny_recipe("data.name=test_wide_canvas")
+    with pytest.raises(RecipeError, match=r"takes 64x64 inputs but the evaluation canvas is 64x128: set data.options "
+                                          r"\(the evaluation canvas of WideCanvas\)"):  # fmt: skip
+        train(recipe)
+    assert not (recipe.run_dir / "metrics.jsonl").exists()
+
+
 def test_batches_cross_to_the_gpu_with_asynchronous_copies_from_page_locked_memory(tiny_recipe):
     """The training loader pins its batches on a CUDA machine and Accelerate's copies to the device do not
     block the host (a cached batch is 505 MB at the ViT-B stage-1 scale); on the CPU nothing is pinned."""
