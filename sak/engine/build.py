@@ -167,6 +167,13 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.dataset[index]
+        image = sample.get("image") if isinstance(sample, dict) else None
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            what = f"a {type(image).__name__} of shape {tuple(image.shape)}" if hasattr(image, "shape") else repr(image)
+            raise DataError(  # (it failed deep inside the first teacher, in its own words)
+                f"{type(self.dataset).__name__} sample {index}: its 'image' is {what}; samples follow sak/data/base.py: "
+                "a dict whose 'image' is a (3, H, W) tensor, uint8 (channels first: numpy's (H, W, 3) transposed)"
+            )
         for name, task in self.tasks.items():
             problem = task.target_problem(sample[name]) if name in sample else None
             if problem is not None:

@@ -63,3 +63,22 @@ def test_a_dataset_that_does_not_keep_the_subset_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"lists 2 id\(s\), and dataset 'test_ignores_subset' \(IgnoresSubset\) has "
                                          r"10 samples .*apply_subset\(ids, spec.subset, spec\)"):  # fmt: skip
         make("test_ignores_subset", tmp_path, ["train_000001", "train_000003"], length=10)
+
+
+@DATASETS.register("test_channels_last")
+class ChannelsLast(SyntheticDataset):
+    """A plug-in's common slip: the image as numpy gives it, (H, W, 3)."""
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        return {**sample, "image": sample["image"].permute(1, 2, 0)}
+
+
+def test_a_channels_last_image_is_named_before_a_teacher_meets_it(tiny_recipe):
+    """It failed inside the first teacher: "The size of tensor a (32) must match the size of tensor b (3)"."""
+    from sak.data.images import DataError
+    from sak.engine import train
+
+    with pytest.raises(DataError, match=r"ChannelsLast sample \d+: its 'image' is a Tensor of shape \(64, 64, 3\); "
+                                        r"samples follow sak/data/base.py"):  # fmt: skip
+        train(tiny_recipe("data.name=test_channels_last"))
