@@ -221,7 +221,12 @@ def init_run_from(student: nn.Module, normalizers: TargetNormalizers | None, pat
     """`checkpoint.init_from` for a new run: the student's weights and the target statistics. Returns the note
     for the run's log: which weights file, which parts of the student it did not hold, and the statistics."""
     missing = init_student_from(student, path)
-    parts = sorted({k.split(".")[0] for k in missing})
+    parts = []  # a part wholly new by its name (heads); of one partly new, its new members (heads.fg)
+    own = student.state_dict().keys()
+    for top in sorted({k.split(".")[0] for k in missing}):
+        new = [k for k in missing if k.split(".")[0] == top]
+        whole = len(new) == sum(k.split(".")[0] == top for k in own)
+        parts += [top] if whole else sorted({".".join(k.split(".")[:2]) for k in new})
     note = f"[sak] student weights from {str(student_weights_file(path))!r} (checkpoint.init_from)" + (
         f"; new here, not in them: {', '.join(parts)}" if parts else ""
     )
