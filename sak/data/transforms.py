@@ -31,6 +31,20 @@ FILL: dict[str, float] = {
     "normals": 0.0,
     "depth": 0.0,
 }
+BUILT_IN_TARGETS = frozenset(FILL)
+
+
+def add_target(name: str, fill: float) -> None:
+    """Let the dense transforms carry a plug-in task's target `name`: an (H, W) or (H, W, C) array of the image's
+    size, resized nearest, cropped and mirrored as the built-in labels (its values unchanged) and padded with
+    `fill` (its ignore value); `to_tensors` gives it as (1, H, W) or (C, H, W), float32 or int64. Call it where
+    the plug-in task or dataset is defined (a module under `imports:`); calling it again with the same fill is
+    harmless."""
+    if name == "image" or name in BUILT_IN_TARGETS or FILL.get(name, fill) != fill:
+        raise ValueError(f"add_target({name!r}, {fill}): {name!r} is already a target with fill {FILL.get(name)}")
+    FILL[name] = fill
+
+
 # The reference pads the *normalised* image with 0, i.e. with the ImageNet mean colour in pixel space.
 IMAGENET_MEAN_UINT8 = (124, 116, 104)
 BLACK = (0, 0, 0)
@@ -55,7 +69,8 @@ def _check_keys(sample: Sample) -> None:
     coordinates, misaligned without a word)."""
     unknown = [k for k in sample if k != "image" and k not in FILL]
     if unknown:
-        raise KeyError(f"unknown target(s) {unknown} in a dense sample; known: {['image', *FILL]}")
+        raise KeyError(f"unknown target(s) {unknown} in a dense sample; known: {['image', *FILL]} (a plug-in task's "
+                       "target is made known with sak.data.transforms.add_target(name, fill))")  # fmt: skip
     image = sample["image"]
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
@@ -63,6 +78,8 @@ def _check_keys(sample: Sample) -> None:
         )
     for key, value in sample.items():
         want = (*image.shape[:2], 3) if key == "normals" else image.shape[:2]
+        if key not in BUILT_IN_TARGETS and value.ndim == 3:  # (a plug-in's target may have channels)
+            want = (*want, value.shape[2])
         if key != "image" and tuple(value.shape) != want:
             raise ValueError(
                 f"a dense sample's {key} is {tuple(value.shape)} and its image {tuple(image.shape)}: each target must "
@@ -311,8 +328,12 @@ def to_tensors(sample: Sample) -> dict[str, torch.Tensor]:
             out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64))
         elif key == "normals":
             out[key] = torch.from_numpy(np.ascontiguousarray(value.transpose(2, 0, 1), dtype=np.float32))
-        else:
+        elif key in BUILT_IN_TARGETS:
             out[key] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))[None]
+        else:  # a plug-in's target (add_target): channels first, integers as int64
+            whole = np.issubdtype(value.dtype, np.integer) or value.dtype == bool
+            channels = value.transpose(2, 0, 1) if value.ndim == 3 else value[None]
+            out[key] = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.int64 if whole else np.float32))
     return out
 
 

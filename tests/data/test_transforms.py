@@ -126,6 +126,36 @@ def test_a_target_of_another_size_or_a_channels_first_image_is_refused():
         dense_train_transform({"image": sample["image"].transpose(2, 0, 1)}, np.random.default_rng(0), aug)
 
 
+def test_a_plug_in_tasks_target_made_known_goes_through_the_pipeline_as_a_label():
+    """A plug-in target was an unknown key (the module dict FILL edited by hand the only way round), and
+    to_tensors turned an (H, W, C) one into (1, H, W, C)."""
+    from sak.data.transforms import FILL, add_target
+
+    sample = make_sample(40, 60)
+    flow = np.stack(np.mgrid[0:40, 0:60], axis=-1).astype(np.int64)  # (H, W, 2): each pixel's own (row, col)
+    with pytest.raises(KeyError, match=r"unknown target\(s\) \['test_flow'\].*add_target\(name, fill\)"):
+        dense_eval_transform({**sample, "test_flow": flow}, (64, 64))
+    add_target("test_flow", 255)
+    try:
+        add_target("test_flow", 255)  # (a module imported again)
+        with pytest.raises(ValueError, match="already a target with fill 255"):
+            add_target("test_flow", 0)
+        with pytest.raises(ValueError, match="'semseg' is already a target"):
+            add_target("semseg", 0)
+        aug = DenseAugment(crop_size=(48, 72), scale_range=(1.0, 1.0), photometric=False)
+        out = dense_train_transform({**sample, "test_flow": flow}, np.random.default_rng(3), aug)
+        tensors = to_tensors(out)
+        assert tensors["test_flow"].shape == (2, 48, 72) and tensors["test_flow"].dtype == torch.int64
+        content = out["test_flow"][4:44, 6:66]  # (centred in the larger crop; the rest is the fill)
+        assert (out["test_flow"][:4] == 255).all() and np.array_equal(content[..., 0], flow[..., 0])
+        cols = content[0, :, 1]
+        assert np.array_equal(cols, np.arange(60)) or np.array_equal(cols, np.arange(60)[::-1])  # (maybe mirrored)
+        with pytest.raises(ValueError, match=r"test_flow is \(40, 59, 2\) .* must be \(40, 60, 2\)"):
+            dense_eval_transform({**sample, "test_flow": flow[:, 1:]}, (64, 64))
+    finally:
+        del FILL["test_flow"]
+
+
 def test_parts_without_any_part_pixel_become_all_ignore():
     s = make_sample()
     s["parts"][:] = 0
