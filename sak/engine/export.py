@@ -12,6 +12,7 @@ import glob
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -279,9 +280,13 @@ def predict_images(
     model.to(device)
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
     formatless = [name for name in tasks if name not in SUFFIX]
-    if formatless:  # a plug-in task: before the first image, not after it has been run
+    if formatless and len(formatless) == len(tasks):  # plug-in tasks only: before the first image is run
         raise ValueError(f"the exported student predicts {formatless}, which have no prediction file format (sak "
                          f"predict writes {', '.join(SUFFIX)}); run such a task's head from Python")  # fmt: skip
+    if formatless:  # the others are written (the whole student was refused before)
+        warnings.warn(f"sak predict: {formatless} have no prediction file format (sak predict writes "
+                      f"{', '.join(SUFFIX)}): not written; run their heads from Python", stacklevel=2)  # fmt: skip
+        tasks = {name: task for name, task in tasks.items() if name in SUFFIX}
     folders = [str(f) for f in map(Path, images) if f.is_dir()]
     if folders:
         raise ValueError(

@@ -1,5 +1,8 @@
 """Export drops distillation-only parts, rebuilds without teachers, and predicts in the standard formats."""
 
+import os
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -319,9 +322,24 @@ def test_predict_refuses_before_any_image_what_it_cannot_write(tmp_path, capsys,
         "image_fill": [0, 0, 0],
         "image_size": 16,
     }
-    plugin = {**config, "tasks": [*config["tasks"], {"name": "test_plugin_task", "channels": 1}]}
+    plugin = {**config, "tasks": [{"name": "test_plugin_task", "channels": 1}]}
     with pytest.raises(ValueError, match=r"predicts \['test_plugin_task'\], which have no prediction file format"):
         predict_images(Never(), plugin, [photo], tmp_path / "p")
+    # beside a built-in task (the whole student was refused): the built-in task's files are written, with a warning
+    both = {**config, "tasks": [*config["tasks"], {"name": "test_plugin_task", "channels": 1}]}
+
+    class Zeros(torch.nn.Module):
+        def forward(self, images, with_features=False):
+            b, _, h, w = images.shape
+            return types.SimpleNamespace(
+                tasks={"semseg": torch.zeros(b, 3, h, w), "test_plugin_task": torch.zeros(b, 1, h, w)}
+            )
+
+    with pytest.warns(UserWarning, match=r"\['test_plugin_task'\] have no prediction file format .*: not written"):
+        written = predict_images(Zeros(), both, [photo], tmp_path / "both")
+    assert written == [tmp_path / "both" / "semseg" / "Photo.png"] and sorted(os.listdir(tmp_path / "both")) == [
+        "semseg"
+    ]
     with pytest.raises(ValueError, match=rf"{tmp_path / 'imgs'}: a folder, not an image file; give the images"):
         predict_images(Never(), config, [photo, tmp_path / "imgs"], tmp_path / "p")
     with pytest.raises(ValueError, match=r"Photo.png and .*photo.jpg would both write <task>/Photo.png \(.npy for "
