@@ -75,7 +75,7 @@ def test_documented_teacher_loads_its_file_strictly_and_names_it(plugin_package,
                        r".*Check the option `width` against the checkpoint\.$"):  # fmt: skip
         create_teacher("my_conv", str(file), width=16)
     # a hub tag, which the example takes none of: "pass a local file", not "... or a hub tag"
-    with pytest.raises(WeightsError, match=r"weights file 'hub' does not exist\. Pass a local \.safetensors or \.pth "
+    with pytest.raises(WeightsError, match=r"weights file 'hub' does not exist \(from .*\)\. Pass a local \.safetensors or \.pth "
                        r"file \(no hub\)\.$"):  # fmt: skip
         create_teacher("my_conv", "hub", width=8)
     # its meta describes the last level it returns: the first two stages take any multiple of their stride 4
