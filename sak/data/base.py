@@ -64,6 +64,9 @@ class SakDataset(Dataset):
     # so that changing them does not refuse it as stale
     train_only_options: ClassVar[tuple[str, ...]] = ()
     eval_only_options: ClassVar[tuple[str, ...]] = ()
+    # `sak eval` of a dataset other than PASCAL-Context and NYUD-v2: each task's metric options beyond the class
+    # count (which is `task_classes`' or the head's), e.g. {"edges": {"tolerance": 0.011}, "depth": {"max_depth": 10}}
+    metric_options: ClassVar[dict[str, dict]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,6 +90,11 @@ class SakDataset(Dataset):
 
     def sample_torch_rng(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.sample_rng(index).integers(0, 2**62)))
+
+    def eval_target(self, sample_id: str, task: str, target: torch.Tensor) -> torch.Tensor:
+        """The ground truth `sak eval` scores a prediction against, from the evaluation sample's target cropped
+        back to the image: the target itself, unless the benchmark's own differs (PASCAL-Context's boundaries)."""
+        return target
 
     def image_at(self, index: int) -> torch.Tensor:
         """`self[index]["image"]`, the one thing a teacher-feature cache build reads; a dataset whose targets

@@ -346,11 +346,6 @@ class MultiTaskDataset(SakDataset):
         (default: the requested ones)."""
         raise NotImplementedError
 
-    def eval_target(self, sample_id: str, task: str, target: torch.Tensor) -> torch.Tensor:
-        """The ground truth the published benchmark scores `task` against, at the original size, given the
-        sample's own target cropped back with `unpad`: that target itself unless a dataset says otherwise."""
-        return target
-
     def content_digests(self) -> list[tuple[str, str]]:
         """The images, and the labels of the tasks that shape them (`image_tasks`: semseg in training)."""
         kinds = ("image", *self.image_tasks())

@@ -63,6 +63,8 @@ class SyntheticDataset(SakDataset):
         sample = {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "id": self.ids[index]}
         for task in self.spec.tasks:
             sample[task] = self._target(task, label, flip)
+        if not self.spec.train:  # (the evaluation contract: the original size, the whole sample here)
+            sample["size"] = torch.tensor(label.shape, dtype=torch.int64)
         return sample
 
     def _target(self, task: str, label: np.ndarray, flip: bool) -> torch.Tensor:

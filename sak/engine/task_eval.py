@@ -1,4 +1,4 @@
-"""Score a student on the dense tasks of PASCAL-Context or NYUD-v2 in the published metric definitions,
+"""Score a student on the dense tasks of PASCAL-Context or NYUD-v2 (or of another dataset: `dataset_tasks`)
 or score prediction files saved by any model (docs/metrics.md).
 
 Both paths score exactly the same numbers:
@@ -54,9 +54,38 @@ class EvalError(ValueError):
     """Evaluation cannot run as asked (dataset, tasks, checkpoint or reference); the message says why."""
 
 
+def dataset_tasks(name: str) -> tuple[str, ...]:
+    """The tasks dataset `name` is scored on: PASCAL-Context's and NYUD-v2's published sets; another registered
+    dataset's `supported_tasks` that have a metric (a plug-in's, whose module the recipe imports)."""
+    from ..metrics import METRICS
+    from ..registry import DATASETS
+
+    if name in DATASET_TASKS:
+        return DATASET_TASKS[name]
+    supported = getattr(DATASETS.get(name), "supported_tasks", ()) if name in DATASETS else ()
+    return tuple(t for t in supported if t in METRICS)
+
+
 def check_dataset(name: str) -> None:
-    if name not in DATASET_TASKS:
-        raise EvalError(f"task evaluation knows the datasets {sorted(DATASET_TASKS)}, not {name!r}")
+    if not dataset_tasks(name):
+        from ..metrics import METRICS
+
+        raise EvalError(
+            f"task evaluation scores pascal_context, nyud and datasets whose supported_tasks have a metric "
+            f"({', '.join(METRICS.names())}); {name!r} has none"
+        )
+
+
+def metric_options(name: str, tasks: dict[str, Task]) -> dict[str, dict]:
+    """Each task's metric options: PASCAL-Context's and NYUD-v2's published ones (by `build_metric`'s dataset);
+    for another dataset its `metric_options`, with a segmentation head's channels as its class count."""
+    from ..registry import DATASETS
+
+    if name in DATASET_TASKS:
+        return {t: {} for t in tasks}
+    own = getattr(DATASETS.get(name), "metric_options", {})
+    return {t: {**({"num_classes": task.channels} if t in ("semseg", "parts") else {}), **own.get(t, {})}
+            for t, task in tasks.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +96,12 @@ class SampleScores:
     in dataset order and scores the sum. The order fixes the floating-point result, whatever the number
     of processes and whether the predictions came from memory or from files."""
 
-    def __init__(self, dataset: str, tasks: list[str]) -> None:
-        from ..metrics import build_metric
+    def __init__(self, dataset: str, tasks: list[str], options: dict[str, dict] | None = None) -> None:
+        from ..metrics import DATASET_OPTIONS, build_metric
 
         self.dataset = dataset
-        self.metrics = {t: build_metric(t, dataset) for t in tasks}
+        known = dataset if dataset in DATASET_OPTIONS else None  # (another dataset's: `options`, see metric_options)
+        self.metrics = {t: build_metric(t, known, **(options or {}).get(t, {})) for t in tasks}
         self.states: dict[str, dict[int, dict[str, Tensor]]] = {t: {} for t in tasks}
 
     def add(self, task: str, index: int, pred: Tensor, target: Tensor) -> None:
@@ -122,10 +152,11 @@ class SampleScores:
 # delta_m against the published single-task references (or the user's)
 # ---------------------------------------------------------------------------------------------
 def published_reference(dataset: str) -> dict[str, float]:
-    """The published single-task row of the SAK paper (ViT-L), {task: headline value}."""
+    """The published single-task row of the SAK paper (ViT-L), {task: headline value}; {} for a dataset it has
+    none of (delta_m then only against the user's --reference)."""
     from ..metrics.published import SINGLE_TASK
 
-    return dict(SINGLE_TASK[dataset])
+    return dict(SINGLE_TASK.get(dataset, {}))
 
 
 def load_reference(path: str | Path) -> dict[str, float]:
@@ -165,6 +196,7 @@ def summarize(
     source = "user" if reference is not None else "published single-task"
     if reference is None:
         reference = published_reference(scorer.dataset)
+        source = source if reference else "none"  # (a dataset without a published row)
     headline = scorer.headline(scores)
     unscored = [t for t in headline if t in reference and not math.isfinite(headline[t])]
     if unscored:  # (a task with nothing to score, e.g. parts on a split without people, would make delta_m NaN)
@@ -263,11 +295,14 @@ def check_samples_fit(model: torch.nn.Module, dataset, teachers: dict | None = N
 def eval_tasks(dataset: str, config: dict) -> dict[str, Task]:
     """The student's tasks that the dataset has metrics for; segmentation heads must match the classes."""
     tasks = {t["name"]: create_task(t["name"], t["channels"]) for t in config["tasks"]}
-    tasks = {name: task for name, task in tasks.items() if name in DATASET_TASKS[dataset]}
+    tasks = {name: task for name, task in tasks.items() if name in dataset_tasks(dataset)}
     if not tasks:
-        raise EvalError(f"the student has none of the tasks {list(DATASET_TASKS[dataset])} of {dataset}")
+        raise EvalError(f"the student has none of the tasks {list(dataset_tasks(dataset))} of {dataset}")
+    from ..registry import DATASETS
+
+    plugin = {} if dataset in DATASET_TASKS else getattr(DATASETS.get(dataset), "task_classes", {})
     for name, task in tasks.items():
-        classes = NUM_CLASSES.get((dataset, name))
+        classes = NUM_CLASSES.get((dataset, name), plugin.get(name))
         if classes is not None and task.channels != classes:
             raise EvalError(f"the student's {name} head has {task.channels} channels; {dataset} has {classes} classes")
     return tasks
@@ -308,10 +343,14 @@ def evaluate_student(
     # the targets of the tasks scored (an export's own, which the recipe's `tasks:` may not list)
     loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size, tasks=tuple(tasks))
     dataset = loader.dataset.dataset
-    check_canvas(model, dataset.eval_size)
+    if hasattr(dataset, "eval_size"):  # (PASCAL-Context, NYUD-v2)
+        check_canvas(model, dataset.eval_size)
+    else:  # another dataset's, as training checks it
+        canvas = type(dataset).prediction_canvas(dataset.spec.image_size, dataset.options)[0]
+        check_canvas(model, tuple(canvas), f"data.image_size (the evaluation canvas of {type(dataset).__name__})")
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)
-    scorer = SampleScores(recipe.data.name, list(tasks))
+    scorer = SampleScores(recipe.data.name, list(tasks), metric_options(recipe.data.name, tasks))
     bar = tqdm(loader, desc=f"eval {recipe.data.name}/{split}", disable=not (progress and accelerator.is_main_process))
     for batch in bar:
         with accelerator.autocast():

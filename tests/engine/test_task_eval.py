@@ -313,11 +313,13 @@ def test_eval_and_eval_preds_refuse_an_out_they_could_not_write_before_scoring(
     assert json.loads(out)["n_images"] == 5 and "No space left on device" in err
 
 
-def test_eval_refuses_a_dataset_without_published_metrics(trained, capsys):
-    recipe_file, run_dir, _ = trained
-    overrides = ["data.name=synthetic", "data.options={length: 4}"]
-    assert main(["eval", str(recipe_file), *overrides, "--checkpoint", str(run_dir)]) == 2
-    assert "sak: error: task evaluation knows the datasets ['nyud', 'pascal_context']" in capsys.readouterr().err
+def test_eval_refuses_a_dataset_without_a_task_that_has_a_metric():
+    from sak.engine.task_eval import EvalError, check_dataset
+
+    with pytest.raises(EvalError, match="scores pascal_context, nyud and datasets whose supported_tasks have a metric"
+                                        r" \(.*semseg.*\); 'package_images' has none"):  # fmt: skip
+        check_dataset("package_images")
+    check_dataset("synthetic")  # (its tasks have metrics, and its evaluation samples their size)
 
 
 def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):

@@ -1,0 +1,78 @@
+"""`sak eval` of a plug-in dataset: its supported tasks that have a metric, scored with its class counts (or
+the heads') and its metric options; no published row, so delta_m only against a user's --reference."""
+
+import pytest
+
+from sak.cli import main
+from sak.data import DatasetSpec
+from sak.data.synthetic import SyntheticDataset
+from sak.engine import train
+from sak.engine.predictions import read_prediction
+from sak.engine.task_eval import EvalError, evaluate_student
+from sak.metrics import build_metric
+from sak.registry import DATASETS
+
+from ..conftest import TESTS
+
+
+@DATASETS.register("test_scored_synthetic")
+class ScoredSynthetic(SyntheticDataset):
+    """The generated dataset as a plug-in, its boundaries scored with a tolerance of its own."""
+
+    metric_options = {"edges": {"tolerance": 0.02}}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sak.config import load_recipe
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("plugin_eval")
+    overrides = [f"run.output_dir={out}", "data.name=test_scored_synthetic", "schedule.max_steps=2", "eval.batches=1",
+                 "data.options.length=6", "tasks=[{name: semseg, channels: 5}, {name: edges}, {name: depth}]"]  # fmt: skip
+    recipe = load_recipe(TESTS / "tiny_multitask.yaml", overrides)
+    train(recipe)
+    return recipe
+
+
+def test_a_plug_in_dataset_is_scored_on_its_tasks_with_its_options(run, tmp_path):
+    """`sak eval` knew PASCAL-Context and NYUD-v2 only: "task evaluation knows the datasets [...], not ..."."""
+    result = evaluate_student(run, run.run_dir, save_preds=tmp_path / "preds", progress=False)
+    assert result["n_images"] == 6 and set(result["tasks"]) == {"semseg", "edges", "depth"}
+    assert result["delta_m"] is None and result["reference"] == {"source": "none"}
+    # the semseg score is the mIoU of the saved predictions over the split's 5 classes (the head's channels)
+    dataset = ScoredSynthetic(DatasetSpec(split="val", image_size=64, tasks=("semseg",), train=False),
+                              ScoredSynthetic.Options(length=6))  # fmt: skip
+    metric = build_metric("semseg", num_classes=5)
+    for k in range(len(dataset)):
+        sample = dataset[k]
+        metric.update(read_prediction(tmp_path / "preds", "semseg", sample["id"])[None], sample["semseg"][None])
+    assert result["tasks"]["semseg"]["mIoU"] == pytest.approx(metric.compute()["mIoU"], abs=1e-9)
+    assert evaluate_student(run, run.run_dir, reference={"semseg": 50.0}, progress=False)["delta_m"] is not None
+
+
+def test_the_metric_options_and_what_a_plug_in_cannot_be_scored_on(run, monkeypatch, capsys):
+    from sak.engine import task_eval
+
+    seen = {}
+    real = task_eval.SampleScores.__init__
+
+    def spy(self, dataset, tasks, options=None):
+        seen.update(options or {})
+        real(self, dataset, tasks, options)
+
+    monkeypatch.setattr(task_eval.SampleScores, "__init__", spy)
+    evaluate_student(run, run.run_dir, progress=False)
+    assert seen == {"semseg": {"num_classes": 5}, "edges": {"tolerance": 0.02}, "depth": {}}
+    monkeypatch.setattr(ScoredSynthetic, "supported_tasks", ("fg",))
+    with pytest.raises(EvalError, match="'test_scored_synthetic' has none"):
+        evaluate_student(run, run.run_dir, progress=False)
+    monkeypatch.undo()
+    recipe_file = run.run_dir / "recipe.yaml"
+    argv = ["eval", str(recipe_file), "--checkpoint", str(run.run_dir), "imports=[tests.engine.test_eval_plugin]"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert '"dataset": "test_scored_synthetic"' in out and '"n_images": 6' in out
