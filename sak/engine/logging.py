@@ -180,13 +180,16 @@ class RunLogger:
         self.main = accelerator.is_main_process
         self.path = recipe.run_dir / "metrics.jsonl"
         self.bar = None
+        # the final checkpoint resumed to evaluate, again: the rows an evaluation that failed before its metrics
+        # reached the checkpoint logged (a full disk, a kill) are dropped, here and from tensorboard
+        evaluates_again = bool(trains and start_step and start_step == total_steps)
+        kept: list[str] = []
         if self.main and self.path.exists():  # a fresh run starts a new file; a resumed one drops what
             # the interrupted run logged after its checkpoint
             text = self.path.read_text()
             lines = text.splitlines()
             kept = [ln for ln in lines if start_step and _step(ln) <= start_step]
-            if trains and start_step == total_steps:  # the final checkpoint resumed to evaluate, again: the rows an
-                # evaluation that failed before its metrics reached the checkpoint logged (a full disk, a kill)
+            if evaluates_again:
                 kept = [ln for ln in kept if not (_step(ln) == start_step and _evaluation(ln))]
             if kept != lines or (text and not text.endswith("\n")):  # replaced whole: a kill keeps the old file
                 write_text_whole(self.path, "".join(ln + "\n" for ln in kept))
@@ -207,10 +210,17 @@ class RunLogger:
                 config=flat_config(recipe.to_dict()),
                 init_kwargs={
                     "wandb": wandb,
-                    # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped
-                    "tensorboard": {"purge_step": start_step + 1 if start_step else 0},
+                    # as metrics.jsonl: events after the checkpoint resumed from (all, on a fresh start) are dropped;
+                    # evaluating the final one again, its own step's too (its training row is logged again below)
+                    "tensorboard": {"purge_step": start_step + int(not evaluates_again) if start_step else 0},
                 },
             )
+            if evaluates_again and "tensorboard" in trackers and self.main:
+                for line in (ln for ln in kept if _step(ln) == start_step):  # (the evaluation's rows are not kept)
+                    row = nan_for_null(json.loads(line))
+                    accelerator.get_tracker("tensorboard").log(
+                        {k: v for k, v in row.items() if k != "step"}, start_step
+                    )
         self.trackers = bool(trackers and trains)
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -221,9 +231,9 @@ class RunLogger:
                 f.write(json.dumps({"step": step, **json_safe(values)}) + "\n")
 
     def progress(self, steps: int, postfix: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        if self.bar is not None:  # (the postfix first: update draws the bar, with the postfix it has then)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(steps)
 
     def message(self, text: str) -> None:
         if self.main:

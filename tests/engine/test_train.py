@@ -220,6 +220,48 @@ def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old
     assert list((recipe.run_dir / "checkpoints").glob("previous-*/sak/events.out.tfevents.*"))
 
 
+def test_evaluating_the_final_checkpoint_again_leaves_tensorboard_one_evaluation_and_the_training_row(tiny_recipe):
+    """A final evaluation whose metrics never reached the checkpoint (a kill), evaluated again with other eval
+    settings: metrics.jsonl dropped the old val row, TensorBoard kept it beside the new one at the same step."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    def scalars(folder, tag):
+        events = EventMultiplexer().AddRunsFromDirectory(str(folder))
+        events.Reload()
+        runs = [run for run, tags in events.Runs().items() if tag in tags["scalars"]]
+        return sorted((e.step, round(e.value, 5)) for run in runs for e in events.Scalars(run, tag))
+
+    common = ["schedule.max_steps=2", "logging.tensorboard=true", "eval.batches=1"]
+    recipe = tiny_recipe(*common)
+    train(recipe)
+    for file in (
+        recipe.run_dir / "final_metrics.json",
+        recipe.run_dir / "checkpoints" / "step_00000002" / "final_metrics.json",
+    ):
+        file.unlink()  # (as if killed before the final metrics were written)
+    loss = scalars(recipe.run_dir / "sak", "loss")
+    final = train(tiny_recipe(*common, "eval.batches=2"))
+    assert scalars(recipe.run_dir / "sak", "val/loss") == [(2, round(final["val/loss"], 5))]
+    assert scalars(recipe.run_dir / "sak", "loss") == loss  # (the final step's training row, logged again)
+
+
+def test_the_progress_bar_draws_each_steps_own_values(tiny_recipe):
+    """The bar was updated before its postfix was set: it drew step N's count beside step N-1's loss."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from sak.engine.logging import RunLogger
+
+    logger = RunLogger.__new__(RunLogger)
+    out = io.StringIO()
+    logger.bar = tqdm(total=3, file=out, mininterval=0, miniters=1)
+    for step, loss in ((1, 7.25), (2, 5.5)):
+        logger.progress(1, {"loss": loss})
+        drawn = out.getvalue().rsplit("\r", 1)[-1]  # (the bar as last drawn)
+        assert f"{step}/3" in drawn and f"loss={loss:.4g}" in drawn, drawn
+
+
 def test_epoch_based_length_counts_optimizer_steps(tiny_recipe):
     """32 samples, batch 4 -> 8 steps per epoch; 2 epochs = 16 steps; the data order changes per epoch."""
     recipe = tiny_recipe("schedule.max_steps=null", "schedule.epochs=2", "logging.sample_ids=true")
