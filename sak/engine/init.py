@@ -222,10 +222,12 @@ def init_run_from(student: nn.Module, normalizers: TargetNormalizers | None, pat
     for the run's log: which weights file, which parts of the student it did not hold, and the statistics."""
     missing = init_student_from(student, path)
     parts = []  # a part wholly new by its name (heads); of one partly new, its new members (heads.fg)
-    own = student.state_dict().keys()
+    # (what the file gave; batch norm's step count, never reported missing, left out)
+    absent = set(missing)
+    loaded = {k for k in student.state_dict() if k not in absent and not k.endswith(".num_batches_tracked")}
     for top in sorted({k.split(".")[0] for k in missing}):
         new = [k for k in missing if k.split(".")[0] == top]
-        whole = len(new) == sum(k.split(".")[0] == top for k in own)
+        whole = not any(k.split(".")[0] == top for k in loaded)
         parts += [top] if whole else sorted({".".join(k.split(".")[:2]) for k in new})
     note = f"[sak] student weights from {str(student_weights_file(path))!r} (checkpoint.init_from)" + (
         f"; new here, not in them: {', '.join(parts)}" if parts else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -125,6 +126,12 @@ def keep_gradient_buffers(student: torch.nn.Module, recipe: Recipe, device: torc
 
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final evaluation. Safe to call again: `resume: auto` continues."""
+    with contextlib.ExitStack() as closing:  # the run's trackers closed however it ends (a notebook calls again)
+        return run_recipe(recipe, closing)
+
+
+def run_recipe(recipe: Recipe, closing: contextlib.ExitStack) -> dict:
+    """`train`'s body; `closing` closes the run's logger (its trackers, their writer threads) when it ends."""
     accelerator = make_accelerator(recipe)
     if accelerator.device.type == "cpu" and recipe.run.tune_malloc:
         keep_freed_memory()  # large tensors freed each step stay in the process (sak/engine/malloc.py)
@@ -258,6 +265,7 @@ def train(recipe: Recipe) -> dict:
     accelerator.wait_for_everyone()
     stopped = recipe.run.stop_at is not None and recipe.run.stop_at <= state.step < total  # resumed at or past it
     logger = RunLogger(accelerator, recipe, total, logger_start, trains=not (done or stopped))
+    closing.callback(logger.close)
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(
         f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -284,7 +292,6 @@ def train(recipe: Recipe) -> dict:
             f"[sak] {recipe.run.name} finished already, at step {state.step}{asks} (final metrics in {finished}); "
             "to train on, raise the schedule's length"
         )
-        logger.close()
         return nan_for_null(json.loads(finished.read_text()))
     go_on = "resume with a higher run.stop_at, or without it" + (
         " (and checkpoint.resume=auto)" if recipe.checkpoint.resume == "never" else ""
@@ -293,7 +300,6 @@ def train(recipe: Recipe) -> dict:
         logger.message(
             f"[sak] at step {state.step} already, run.stop_at={recipe.run.stop_at}: nothing to train; to go on, {go_on}"
         )
-        logger.close()
         return {}
 
     if recipe.eval.at_start and state.step == 0:
@@ -420,13 +426,12 @@ def train(recipe: Recipe) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=not stable_grads)
             state.step += 1
-            step_images = []
+            step_images, batch = [], None  # (not kept through an evaluation or a checkpoint's save)
             # step_time: compute of this step without waiting for data; images_per_s: wall clock between steps
             values["step_time"], compute_time = compute_time + time.perf_counter() - step_arrived, 0.0
             values["nonfinite_streak"] = state.nonfinite_streak
             if state.nonfinite_streak >= recipe.optim.max_nonfinite:
                 logger.log(state.step, {**values, **gpu.steps()})
-                logger.close()
                 last = latest_checkpoint(ckpt_root)
                 raise NonFiniteLossError(
                     f"{recipe.optim.max_nonfinite} consecutive non-finite losses or gradient norms at step "
@@ -464,13 +469,13 @@ def train(recipe: Recipe) -> dict:
                     else "checkpoint saved"
                 )
                 logger.message(f"[sak] stopped at step {state.step} (run.stop_at), {saved}; to go on, {go_on}")
-                logger.close()
                 return {}
             if state.step >= total:
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
+    batches = None  # the prefetching generator let go: its loader's workers and the batches it sent ahead
 
     # -- finish -----------------------------------------------------------------------------
     # saved before the final evaluation, which may be long and may fail (out of memory at eval.batch_size, a kill):
@@ -489,5 +494,4 @@ def train(recipe: Recipe) -> dict:
     if accelerator.is_main_process:
         write_text_whole(run_dir / FINAL_METRICS, text)
     logger.message(f"[sak] done: {json.dumps(final)}")
-    logger.close()
     return final
