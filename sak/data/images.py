@@ -9,6 +9,7 @@ plus a horizontal flip, drawn from `sample_rng(index)`; evaluation samples are t
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import io
@@ -189,7 +190,8 @@ class UnlabelledImages(SakDataset):
             except DataError as exc:
                 if not self.options.skip_bad:
                     raise
-                self.skipped.append((self.ids[source], str(exc)))
+                if (self.ids[source], str(exc)) not in self.skipped:  # (once, not again every epoch)
+                    self.skipped.append((self.ids[source], str(exc)))
                 log.warning("skipping a bad image (data.options.skip_bad): %s", exc)
                 source = (source + 1) % len(self.ids)
         raise DataError(f"{type(self).__name__}: no readable image among {tries} tried from index {index}")
@@ -309,6 +311,7 @@ class ImageTar(UnlabelledImages):
     `index_cache`); each item is one positioned read, so nothing is unpacked or held in memory. Ids are
     "<shard stem>/<member path without extension>"."""
 
+    OPEN_SHARDS = 64  # descriptors kept open per process, the most recently read shards'
     # where the member indexes are kept changes no sample
     train_only_options = (*UnlabelledImages.train_only_options, "index_cache")
     eval_only_options = (*UnlabelledImages.eval_only_options, "index_cache")
@@ -346,18 +349,33 @@ class ImageTar(UnlabelledImages):
             )
         self.ids = apply_subset(ids, spec.subset, spec)
         self.locations = np.asarray([locations[where[i]] for i in self.ids], dtype=np.int64)  # (N, 3)
-        self._fds: dict[int, int] = {}
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()  # shard -> fd, least recent first
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:  # file descriptors do not travel to worker processes
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": collections.OrderedDict()}
 
     def _fd(self, shard: int) -> int:
+        """The shard's descriptor, at most OPEN_SHARDS kept open (one per shard ran out of the usual limit of
+        1024 descriptors with ImageNet's 1024+ shards)."""
         if self._pid != os.getpid():  # a forked worker: the parent's descriptors share one file position
-            self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
+            self._close_all()  # (the worker's copies: the parent's own stay open)
+            self._pid = os.getpid()
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+        else:
+            if len(self._fds) >= self.OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
             self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         return self._fds[shard]
+
+    def _close_all(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
 
     def content_digests(self) -> list[tuple[str, str]]:
         """Of the whole shards used (one digest per shard, not per member)."""
@@ -372,8 +390,5 @@ class ImageTar(UnlabelledImages):
         return decode_rgb(data, where)
 
     def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if hasattr(self, "_fds"):
+            self._close_all()

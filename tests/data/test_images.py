@@ -100,6 +100,10 @@ def test_folder_subset_and_clear_errors(tree, tmp_path):
     skipping = folder(tree, skip_bad=True)
     assert skipping[1]["id"] == "n01440764/n01440764_2"  # the next good image stands in
     assert skipping.skipped[0][0] == "n01440764/n01440764_1"
+    for epoch in range(3):  # (recorded once: it grew by one entry an epoch)
+        skipping.set_epoch(epoch)
+        skipping[1]
+    assert len(skipping.skipped) == 1
     for f in (tree / "train").rglob("*.png"):
         f.write_bytes(b"\x89PNG broken")
     broken = folder(tree, skip_bad=True)
@@ -136,6 +140,28 @@ def test_tar_shards_read_members_lazily_with_the_folder_pixels(tree, tmp_path):
     batch = next(iter(loader))
     assert batch["image"].shape == (5, 3, 16, 16)
     assert torch.equal(batch["image"][2], train[2]["image"])
+
+
+def test_tar_shards_keep_a_bounded_number_of_descriptors_open(tree, tmp_path, monkeypatch):
+    """One descriptor per shard was kept for the dataset's life: with ImageNet's 1024+ shards, past the usual
+    limit of 1024 ("Too many open files")."""
+    import os
+
+    from sak.data.images import ImageTar
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    files = sorted((tree / "train").rglob("*.png"))
+    for s, f in enumerate(files):  # one image a shard
+        with tarfile.open(out / f"train-{s:03d}.tar", "w") as tar:
+            tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+    monkeypatch.setattr(ImageTar, "OPEN_SHARDS", 2)
+    ds, ref = tars(out), folder(tree, train=False)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for i in range(len(ds)):
+            assert torch.equal(ds[i]["image"], ref[i]["image"])
+    assert len(ds._fds) == 2 and len(os.listdir("/proc/self/fd")) <= before + 2
 
 
 def test_tar_index_cache_and_errors(tree, tmp_path):
