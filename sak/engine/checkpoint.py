@@ -12,6 +12,7 @@ place, so that a kill between them still leaves one complete copy (restored by `
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -478,7 +479,12 @@ def set_aside(root: Path, folder: str, after: int = -1) -> Path | None:
     if not found:
         return None
     target = root / folder
-    target.mkdir(parents=True)
+    for n in itertools.count(2):  # (two starts in one second: folder-2, not a FileExistsError)
+        try:
+            target.mkdir(parents=True)
+            break
+        except FileExistsError:
+            target = root / f"{folder}-{n}"
     for p in found:
         os.replace(p, target / p.name)
     return target

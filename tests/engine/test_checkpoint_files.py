@@ -121,6 +121,16 @@ def test_the_checkpoints_folder_is_flushed_after_the_rename_and_before_pruning(a
     assert [p.name for p in checkpoint_dirs(root)] == ["step_00000002"]
 
 
+def test_checkpoints_set_aside_twice_in_one_second_go_to_two_folders(tmp_path):
+    """Two `resume: never` starts in one UTC second: the second's mkdir of previous-<time> was a FileExistsError."""
+    for step in (1, 2):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+        aside = checkpoint.set_aside(tmp_path, "previous-20261130-061500")
+        assert aside.name == ("previous-20261130-061500" if step == 1 else "previous-20261130-061500-2")
+        assert [p.name for p in aside.iterdir()] == [f"step_{step:08d}"]
+
+
 def test_a_kill_while_a_start_writes_the_runs_recipe_leaves_the_one_before_whole(tiny_recipe, monkeypatch):
     """recipe.yaml and run_info.json beside the run were written in place: a kill (here, an error half-way through
     the write) left half a file, which `benchmarks.nyud` / `pascal_context` read as the run's recipe."""
