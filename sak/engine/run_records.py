@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, TaskConfig, TeacherConfig
-from ..files import refuse_dangling_link, write_text_whole, writing
+from ..files import refuse_dangling_link, write_text_whole, write_whole, writing
 from .checkpoint import FINAL_METRICS, CheckpointError, clean_partials, damaged, set_aside
 from .logging import flatten
 
@@ -129,16 +129,35 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
+def _last_record_step(path: Path, tail: int = 1 << 20) -> float:
+    """The step of a samples/ file's last record, read from its last `tail` bytes (steps only grow, so it is the
+    highest); infinity for a last line cut off by a kill, or one longer than `tail`."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - tail, 0))
+        block = f.read()
+    if not block or not block.endswith(b"\n"):
+        return -math.inf if not block else math.inf
+    last = block[:-1].rpartition(b"\n")
+    if not last[1] and size > tail:  # (the last line did not fit in the block)
+        return math.inf
+    return _record_step(last[2].decode("utf-8", "replace"))
+
+
 def cut_sample_records(run_dir: Path, step: int) -> None:
     """On resume at `step`: drop the sample records of later steps (trained by a run that stopped before its
-    next checkpoint), as RunLogger drops their metrics, so that each step's ids are listed once."""
+    next checkpoint), as RunLogger drops their metrics, so that each step's ids are listed once. A file with
+    nothing to drop is left unread but for its end; one with something is streamed into its replacement (a
+    long run's records are gigabytes: they were read whole, at twice their size in memory)."""
     for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _record_step(line) <= step]
-        if len(kept) != len(lines):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+        if _last_record_step(path) <= step:
+            continue
+
+        def kept(tmp: Path, path: Path = path) -> None:
+            with open(path, encoding="utf-8", errors="replace") as src, open(tmp, "w", encoding="utf-8") as dst:
+                dst.writelines(line for line in src if line.endswith("\n") and _record_step(line) <= step)
+
+        write_whole(path, kept)
 
 
 def record_ids(run_dir: Path, rank: int, step: int, ids: list[str]) -> None:

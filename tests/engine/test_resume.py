@@ -2,6 +2,7 @@
 recipe changes on resume, and what a finished or stopped run does when started again."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -409,6 +410,24 @@ def test_sample_records_of_steps_lost_to_a_crash_are_dropped_on_resume(tiny_reci
     assert [json.loads(line)["step"] for line in records.read_text().splitlines()] == [1]
     (aside,) = [p for p in root.iterdir() if p.name.startswith("previous-")]
     assert (aside / "samples" / "rank0.jsonl").read_text().count("\n") == 4 and (aside / "metrics.jsonl").is_file()
+
+
+def test_sample_records_are_cut_by_streaming_and_left_alone_when_nothing_is_later(tmp_path):
+    """Every start read each samples/ file whole, at twice its size in memory (gigabytes for a long run)."""
+    from sak.engine.run_records import _last_record_step, cut_sample_records
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    lines = [json.dumps({"step": s, "ids": [f"im{s}", "x" * 50]}) + "\n" for s in range(1, 6)]
+    done, later = folder / "rank0.jsonl", folder / "rank1.jsonl"
+    done.write_text("".join(lines[:3]))
+    later.write_text("".join(lines) + '{"step": 6, "ids": ["im')  # (a kill mid-record)
+    inode = done.stat().st_ino
+    cut_sample_records(tmp_path, 3)
+    assert done.stat().st_ino == inode  # not rewritten
+    assert later.read_text() == "".join(lines[:3])
+    assert _last_record_step(later, tail=40) == math.inf  # a last line longer than the tail read: streamed
+    assert _last_record_step(later) == 3
 
 
 def test_a_stage_2_run_resumes_without_its_init_from_source(tiny_recipe, tmp_path):
