@@ -25,8 +25,10 @@ def build_dataset(name: str, spec: DatasetSpec, options: dict | None = None) -> 
 
     cls = DATASETS.get(name)
     dataset = cls(spec, build_options(cls, options or {}, where="data"))
-    if spec.subset is not None and len(dataset) != len(wanted := read_manifest(spec.subset)):
-        raise ValueError(  # (a plug-in dataset that does not apply it trained on its whole split, without a word)
+    # more samples than the manifest lists (fewer is skip_bad's doing): a plug-in dataset that did not apply it,
+    # which trained on its whole split without a word
+    if spec.subset is not None and len(dataset) > len(wanted := read_manifest(spec.subset)):
+        raise ValueError(
             f"data.subset {spec.subset!r} lists {len(wanted)} id(s), and dataset {name!r} ({cls.__name__}) has "
             f"{len(dataset)} samples of split {spec.split!r}: it did not keep the manifest's samples; a dataset "
             "keeps them with sak.data.base.apply_subset(ids, spec.subset, spec) (or subset_rows)"

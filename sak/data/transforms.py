@@ -12,6 +12,7 @@ draw comes from the numpy `Generator` the caller passes (the dataset's `sample_r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,11 @@ def add_target(name: str, fill: float) -> None:
     `fill` (its ignore value); `to_tensors` gives it as (1, H, W) or (C, H, W), float32 or int64. Call it where
     the plug-in task or dataset is defined (a module under `imports:`); calling it again with the same fill is
     harmless."""
-    if name == "image" or name in BUILT_IN_TARGETS or FILL.get(name, fill) != fill:
-        raise ValueError(f"add_target({name!r}, {fill}): {name!r} is already a target with fill {FILL.get(name)}")
+    if name == "image":
+        raise ValueError("add_target('image', ...): 'image' is the sample's picture, not a target")
+    same = name in FILL and (FILL[name] == fill or math.isnan(FILL[name]) and math.isnan(fill))
+    if name in BUILT_IN_TARGETS or name in FILL and not same:
+        raise ValueError(f"add_target({name!r}, {fill}): {name!r} is already a target with fill {FILL[name]}")
     FILL[name] = fill
 
 

@@ -239,12 +239,17 @@ class RunLogger:
         if self.main:
             (self.bar.write if self.bar is not None else print)(text)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """The bar and the trackers closed; `exit_code` is what wandb records for the run (not 0: failed; its own
+        finish() says 0, finished, where the run ends by an exception that has not reached wandb's hooks yet)."""
         if self.bar is not None:
             self.bar.close()
         if self.trackers:
             # the trackers alone: Accelerate's end_training also destroys the process group, which the launch owns
             # (a second train() in the process, or any collective after it, failed on every rank with a tracker on)
             for tracker in self.accelerator.trackers:
-                tracker.finish()
+                if exit_code and tracker.name == "wandb":
+                    tracker.run.finish(exit_code=exit_code)
+                else:
+                    tracker.finish()
             self.accelerator.trackers = []

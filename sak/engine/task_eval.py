@@ -67,6 +67,11 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
 
 
 def check_dataset(name: str) -> None:
+    from ..registry import DATASETS
+
+    if name not in DATASETS:
+        raise EvalError(f"unknown dataset {name!r} (a plug-in's module not in the recipe's imports?); known: "
+                        f"{', '.join(DATASETS.names())}")  # fmt: skip
     if not dataset_tasks(name):
         from ..metrics import METRICS
 
@@ -342,6 +347,7 @@ def evaluate_student(
                       "does not write", RuntimeWarning, stacklevel=2)  # fmt: skip
     # the targets of the tasks scored (an export's own, which the recipe's `tasks:` may not list)
     loader = build_loader(recipe, split, train=False, batch_size=recipe.eval.batch_size, tasks=tuple(tasks))
+    loader.dataset.tasks = tasks  # (the labels checked against the heads scored, the export's, not the recipe's)
     dataset = loader.dataset.dataset
     if hasattr(dataset, "eval_size"):  # (PASCAL-Context, NYUD-v2)
         check_canvas(model, dataset.eval_size)
@@ -445,7 +451,8 @@ def score_prediction_dir(
     """Score the prediction files under `preds_dir` (`<task>/<id>.png|.npy`, see predictions.py) against
     the ground truth of `split` under `root`; `tasks` None = every task folder found. `options` are the
     dataset's (e.g. a larger `eval_size` canvas for images bigger than the default)."""
-    check_dataset(dataset_name)
+    if dataset_name not in DATASET_TASKS:  # (sak eval scores other datasets: their students' own predictions)
+        raise EvalError(f"eval-preds scores {' and '.join(DATASET_TASKS)}, not {dataset_name!r}")
     preds_dir = Path(preds_dir)
     if not preds_dir.is_dir():
         what = (

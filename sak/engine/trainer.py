@@ -265,7 +265,8 @@ def run_recipe(recipe: Recipe, closing: contextlib.ExitStack) -> dict:
     accelerator.wait_for_everyone()
     stopped = recipe.run.stop_at is not None and recipe.run.stop_at <= state.step < total  # resumed at or past it
     logger = RunLogger(accelerator, recipe, total, logger_start, trains=not (done or stopped))
-    closing.callback(logger.close)
+    # wandb's exit codes for a run ended by an exception (255: Ctrl-C, as its own hook records it), else finished
+    closing.push(lambda kind, *_: logger.close(0 if kind is None else 255 if kind is KeyboardInterrupt else 1))
     report = parameter_report(accelerator.unwrap_model(student))
     logger.message(
         f"[sak] {recipe.run.name}: {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -394,7 +395,7 @@ def run_recipe(recipe: Recipe, closing: contextlib.ExitStack) -> dict:
                     values["grad_norm"] = float(clip_grad_norm())
                 optimizer.step()  # (with fp16, the scaler skips it on an overflow the loss did not show)
                 overflow_at = None
-                if loss_scale is not None:  # fp16: a step the scaler skipped halved its scale
+                if loss_scale is not None:  # fp16: a skipped step halved the scale (read: a wait, as unfused ones)
                     scale_before, loss_scale = loss_scale, accelerator.scaler.get_scale()
                     values["loss_scale"] = loss_scale
                     overflow_at = scale_before if loss_scale < scale_before else None

@@ -241,6 +241,9 @@ def test_bad_files_name_the_file_and_the_problem(copy):
     assert kept.ids == ids[4:]
     assert [i for i, _ in kept.skipped] == ids[:4]
     assert "cannot decode" in kept.skipped[0][1] and "missing" in kept.skipped[3][1]
+    manifest = copy / "subset.txt"  # skip_bad under data.subset: fewer samples than listed, not a refusal
+    manifest.write_text("\n".join([ids[0], ids[4], ids[5]]) + "\n")
+    assert dataset(copy, skip_bad=True, subset=str(manifest)).ids == [ids[4], ids[5]]
 
 
 def test_a_person_part_without_its_mask_or_name_is_a_data_error_naming_the_file(copy):

@@ -142,6 +142,11 @@ def test_a_plug_in_tasks_target_made_known_goes_through_the_pipeline_as_a_label(
             add_target("test_flow", 0)
         with pytest.raises(ValueError, match="'semseg' is already a target"):
             add_target("semseg", 0)
+        with pytest.raises(ValueError, match="'image' is the sample's picture, not a target"):
+            add_target("image", 0)
+        add_target("test_nan_fill", float("nan"))  # (NaN, never equal to itself, was "already a target" at once)
+        add_target("test_nan_fill", float("nan"))
+        del FILL["test_nan_fill"]
         aug = DenseAugment(crop_size=(48, 72), scale_range=(1.0, 1.0), photometric=False)
         out = dense_train_transform({**sample, "test_flow": flow}, np.random.default_rng(3), aug)
         tensors = to_tensors(out)

@@ -320,6 +320,12 @@ def test_eval_refuses_a_dataset_without_a_task_that_has_a_metric():
                                         r" \(.*semseg.*\); 'package_images' has none"):  # fmt: skip
         check_dataset("package_images")
     check_dataset("synthetic")  # (its tasks have metrics, and its evaluation samples their size)
+    with pytest.raises(EvalError, match="unknown dataset 'nosuch' \\(a plug-in's module not in the recipe's imports"):
+        check_dataset("nosuch")
+    from sak.engine.task_eval import score_prediction_dir
+
+    with pytest.raises(EvalError, match="eval-preds scores pascal_context and nyud, not 'synthetic'"):  # (a KeyError)
+        score_prediction_dir("synthetic", "/nowhere", "val", "/nowhere")
 
 
 def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):

@@ -2,6 +2,8 @@
 (Accelerate's GradScaler path, emulated on the CPU); the non-finite guard is in test_nonfinite.py."""
 
 import json
+import re
+import time
 import types
 
 import pytest
@@ -184,13 +186,14 @@ def test_trackers_wandb_offline_and_tensorboard_write_into_the_run_directory(tin
     train(tiny_recipe(*longer))  # trains step 3: an offline folder of its own, for the same wandb run
     assert len(list((recipe.run_dir / "wandb").glob("offline-run-*"))) == len(runs) + 1
     runs = list((recipe.run_dir / "wandb").glob("offline-run-*"))
-    ids = {run.name.rsplit("-", 1)[1] for run in runs}  # offline-run-<time>-<run id>: `wandb sync` joins them
+    # offline-run-<time>-<run id>, with -N after it for two starts of one run in one second: `wandb sync` joins them
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+?)(-\d+)?", run.name)[1] for run in runs}
     assert ids == {(recipe.run_dir / "wandb" / "sak_run_id").read_text().strip()}, ids
     train(tiny_recipe(*longer))  # at run.stop_at already: trains nothing
     assert list((recipe.run_dir / "wandb").glob("offline-run-*")) == runs
     train(tiny_recipe(*longer, "checkpoint.resume=never"))  # a fresh start: another wandb run
     fresh = list((recipe.run_dir / "wandb").glob("offline-run-*"))
-    assert len(fresh) == 1 and fresh[0].name.rsplit("-", 1)[1] not in ids
+    assert len(fresh) == 1 and re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+?)(-\d+)?", fresh[0].name)[1] not in ids
 
 
 def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old_run_aside(tiny_recipe):
@@ -209,6 +212,9 @@ def test_tensorboard_drops_what_a_resume_retrains_and_a_fresh_start_sets_the_old
     recipe = tiny_recipe(*common)
     train(recipe)
     first = losses(recipe.run_dir / "sak")
+    # (TensorBoard reads a run's event files in name order: events.out.tfevents.<second>.<host>.<pid>.<writer
+    # number>; in one second of one process, the 10th writer's file sorts before the 8th's, and the purge is undone)
+    time.sleep(1 - time.time() % 1)
     train(
         tiny_recipe(*common, f"checkpoint.resume={recipe.run_dir / 'checkpoints' / 'step_00000001'}", "optim.lr=0.05")
     )
@@ -240,6 +246,7 @@ def test_evaluating_the_final_checkpoint_again_leaves_tensorboard_one_evaluation
     ):
         file.unlink()  # (as if killed before the final metrics were written)
     loss = scalars(recipe.run_dir / "sak", "loss")
+    time.sleep(1 - time.time() % 1)  # (event files of one second sort by writer number as text: see above)
     final = train(tiny_recipe(*common, "eval.batches=2"))
     assert scalars(recipe.run_dir / "sak", "val/loss") == [(2, round(final["val/loss"], 5))]
     assert scalars(recipe.run_dir / "sak", "loss") == loss  # (the final step's training row, logged again)
