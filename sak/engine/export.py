@@ -32,6 +32,7 @@ from ..student import TeacherAgnosticStem, TeacherSlot
 from ..tasks import create_task
 from ..teachers.weights import is_timm_file
 from .checkpoint import first_misfit, refuse_changed
+from .fit import check_canvas
 from .init import student_weights_file
 from .predictions import SUFFIX, PredictionError, encode, prediction_path, save_encoded
 
@@ -115,8 +116,6 @@ def export_student(recipe: Recipe, source: Path, out: Path, what: str = "sak exp
     renamed into it, the weights first, so that a crash while writing them leaves an earlier export whole; a
     crash between the two renames leaves new weights beside the earlier student.yaml, whose weights digest
     (`weights_sha256`) `load_exported` then finds does not match."""
-    from .task_eval import check_canvas
-
     # the run directory itself (`sak eval --checkpoint RUN` would read the export there, not the run's later
     # checkpoints) or its checkpoints (pruning deletes a checkpoint with what is in it)
     where = out.resolve()
@@ -263,8 +262,6 @@ def predict_images(
     and the padding cut from the predictions. A photograph larger than the canvas is first resized to fit it
     (aspect kept), and its predictions back to its size. Exports written before sak recorded the canvas use
     the square training size and the ImageNet mean colour. `device`: where the student runs (moved there)."""
-    from .task_eval import check_canvas
-
     if not config["tasks"]:
         raise ValueError(
             "the exported student has no task heads (its recipe has no tasks: a stage-1 distillation, which trains "

@@ -37,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluate import HeldOutTargets, evaluate
+from .fit import check_samples_fit
 from .init import init_run_from, one_checkpoint
 from .launch import check_launch_settings, make_accelerator
 from .logging import GpuPeak, RunLogger, json_safe, nan_for_null, run_info
@@ -55,7 +56,6 @@ from .run_records import (
 )
 from .schedule import lr_lambda
 from .step import RunningStatistics, begin_step, compute_losses, nonfinite_cause, teacher_targets
-from .task_eval import check_samples_fit
 
 
 class NonFiniteLossError(RuntimeError):

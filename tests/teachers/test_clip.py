@@ -296,7 +296,7 @@ def test_center_crop_is_refused_for_images_that_are_not_square(clip_file, tmp_pa
     loss aligns maps by resizing), each token against the wrong place: refused before training or a cache build."""
     import types
 
-    from sak.engine.task_eval import check_samples_fit
+    from sak.engine.fit import check_samples_fit
 
     teacher = open_clip_teacher(clip_file, image_size=224)
     teacher.options.center_crop = True
