@@ -256,3 +256,14 @@ def test_options_of_a_plugin_that_are_no_dataclass_are_named(tmp_path, monkeypat
     path = importing(tmp_path, monkeypatch, "undecorated_plugin", code)
     with pytest.raises(RecipeError, match=r"teachers\[0\]: Undecorated.Options must be a @dataclass of its options"):
         load_recipe(path, ["teachers.0.name=undecorated"])
+
+
+def test_an_options_field_of_a_type_recipes_cannot_hold_says_which_types_they_can(tmp_path, monkeypatch):
+    """`eval_size: tuple[int, int]`, natural beside DenseAugment's tuples, was "unsupported field type" alone."""
+    code = ("from dataclasses import dataclass\nfrom sak.registry import TEACHERS\n"
+            "from sak.teachers.timm_teacher import TimmTeacher\n@TEACHERS.register('tupled')\nclass Tupled(TimmTeacher):\n"
+            "    @dataclass\n    class Options(TimmTeacher.Options):\n        size: tuple[int, int] = (64, 64)\n")  # fmt: skip
+    path = importing(tmp_path, monkeypatch, "tupled_plugin", code)
+    with pytest.raises(RecipeError, match=r"teachers\[0\]\.options\.size: unsupported field type tuple\[int, int\]; "
+                                          r"an Options field is a bool, .*\(a tuple: list\[int\], say\)"):  # fmt: skip
+        load_recipe(path, ["teachers.0.name=tupled", "teachers.0.options.size=[32, 32]"])

@@ -92,7 +92,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 hint = "; quote it (YAML read it as a number)" if isinstance(value, (int, float)) else ""
             raise RecipeError(f"{where}: expected a string, got {value!r} ({type(value).__name__}){hint}")
         return value
-    raise RecipeError(f"{where}: unsupported field type {tp!r}")  # a schema bug, not a user error
+    raise RecipeError(  # (a plug-in's Options field: its author's to change)
+        f"{where}: unsupported field type {tp!r}; an Options field is a bool, int, float, str, list[...], dict, "
+        "Literal[...], a dataclass, or one of these | None (a tuple: list[int], say)"
+    )
 
 
 def _null_hint(value: Any) -> str:

@@ -165,19 +165,35 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def sample_name(self, index: int) -> str:
+        """`<Dataset> sample '<id>'` (its position where the dataset keeps no `ids`), for errors."""
+        ids = getattr(self.dataset, "ids", None)
+        known = isinstance(ids, (list, tuple)) and 0 <= index < len(ids)
+        return f"{type(self.dataset).__name__} sample {ids[index] if known else index!r}"
+
     def __getitem__(self, index: int) -> dict:
-        sample = self.dataset[index]
+        try:
+            sample = self.dataset[index]
+        except DataError:
+            raise  # (names its file)
+        except (ValueError, KeyError) as exc:  # a transform's refusal (a label's size, a canvas), said of which sample
+            said = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise DataError(f"{self.sample_name(index)}: {type(exc).__name__}: {said}") from exc
         image = sample.get("image") if isinstance(sample, dict) else None
         if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
             what = f"a {type(image).__name__} of shape {tuple(image.shape)}" if hasattr(image, "shape") else repr(image)
             raise DataError(  # (it failed deep inside the first teacher, in its own words)
-                f"{type(self.dataset).__name__} sample {index}: its 'image' is {what}; samples follow sak/data/base.py: "
-                "a dict whose 'image' is a (3, H, W) tensor, uint8 (channels first: numpy's (H, W, 3) transposed)"
+                f"{self.sample_name(index)}: its 'image' is {what}; samples follow sak/data/base.py: a dict whose "
+                "'image' is a (3, H, W) tensor, uint8 (channels first: numpy's (H, W, 3) transposed)"
             )
+        asked = getattr(getattr(self.dataset, "spec", None), "tasks", ())
+        missing = [name for name in asked if name not in sample]
+        if missing:  # (a KeyError in the loss, before)
+            raise DataError(f"{self.sample_name(index)} has no target for task(s) {missing}, which the run asks for")
         for name, task in self.tasks.items():
             problem = task.target_problem(sample[name]) if name in sample else None
             if problem is not None:
-                raise DataError(f"{type(self.dataset).__name__} sample {sample.get('id', index)!r}: {name}: {problem}")
+                raise DataError(f"{self.sample_name(index)}: {name}: {problem}")
         return {**sample, "index": index}
 
     def collate(self, samples: list[dict]) -> dict:

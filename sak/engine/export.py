@@ -280,9 +280,9 @@ def predict_images(
     if formatless and len(formatless) == len(tasks):  # plug-in tasks only: before the first image is run
         raise ValueError(f"the exported student predicts {formatless}, which have no prediction file format (sak "
                          f"predict writes {', '.join(SUFFIX)}); run such a task's head from Python")  # fmt: skip
-    if formatless:  # the others are written (the whole student was refused before)
+    if formatless:  # the others are written (the whole student was refused before); (3: past no_grad's wrapper)
         warnings.warn(f"sak predict: {formatless} have no prediction file format (sak predict writes "
-                      f"{', '.join(SUFFIX)}): not written; run their heads from Python", stacklevel=2)  # fmt: skip
+                      f"{', '.join(SUFFIX)}): not written; run their heads from Python", stacklevel=3)  # fmt: skip
         tasks = {name: task for name, task in tasks.items() if name in SUFFIX}
     folders = [str(f) for f in map(Path, images) if f.is_dir()]
     if folders:

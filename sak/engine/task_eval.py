@@ -304,12 +304,15 @@ def evaluate_student(
         check_canvas(model, dataset.eval_size)
     else:  # another dataset's, as training checks it
         canvas = type(dataset).prediction_canvas(dataset.spec.image_size, dataset.options)[0]
-        check_canvas(model, tuple(canvas), f"data.image_size (the evaluation canvas of {type(dataset).__name__})")
+        check_canvas(model, tuple(canvas), f"data.options (the evaluation canvas of {type(dataset).__name__})")
     model = model.to(accelerator.device).eval()
     loader = accelerator.prepare(loader)
     scorer = SampleScores(recipe.data.name, list(tasks), metric_options(recipe.data.name, tasks))
     bar = tqdm(loader, desc=f"eval {recipe.data.name}/{split}", disable=not (progress and accelerator.is_main_process))
     for batch in bar:
+        if "size" not in batch:  # (a KeyError below)
+            raise EvalError(f"{type(dataset).__name__}'s evaluation samples carry no 'size', the original (h, w) the "
+                            "predictions are cropped back to (docs/datasets.md)")  # fmt: skip
         with accelerator.autocast():
             logits = model(batch["image"], with_features=False).tasks
         for name, task in tasks.items():

@@ -70,13 +70,18 @@ def labels_outside(target: Tensor, allowed: int, what: str) -> str | None:
             f"0..{allowed - 1} ({IGNORE} ignored)")  # fmt: skip
 
 
+def not_a_map(target, shapes: str, ok: bool) -> str | None:
+    """What the target is when it is not a tensor of `shapes` (`ok`: its shape is one of them)."""
+    if not isinstance(target, Tensor):
+        return f"its target is a {type(target).__name__}, not a tensor ({shapes}; sak.data.transforms.to_tensors)"
+    return None if ok else f"its target is {tuple(target.shape)}, not {shapes}"
+
+
 class _Segmentation(Task):
     def target_problem(self, target: Tensor) -> str | None:
-        return labels_outside(
-            target,
-            self.channels,
-            f"the {self.name} head has {self.channels} channel(s) (tasks[].channels), for classes",
-        )
+        wrong = not_a_map(target, "(H, W) class indices", isinstance(target, Tensor) and target.ndim == 2)
+        what = f"the {self.name} head has {self.channels} channel(s) (tasks[].channels), for classes"
+        return wrong or labels_outside(target, self.channels, what)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Mean cross-entropy over the valid pixels; 0 where there is none (human parts on a batch
@@ -114,7 +119,10 @@ class Saliency(Task):
     default_weight = 5.0
 
     def target_problem(self, target: Tensor) -> str | None:
-        return labels_outside(target, 2, "saliency's labels are")
+        shaped = isinstance(target, Tensor) and (target.ndim == 2 or target.ndim == 3 and target.shape[0] == 1)
+        return not_a_map(target, "(1, H, W) or (H, W) labels", shaped) or labels_outside(
+            target, 2, "saliency's labels are"
+        )
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         label = target[:, 0].long() if target.ndim == 4 else target.long()  # (B, H, W), 255 = ignore

@@ -79,6 +79,32 @@ def test_a_channels_last_image_is_named_before_a_teacher_meets_it(tiny_recipe):
     from sak.data.images import DataError
     from sak.engine import train
 
-    with pytest.raises(DataError, match=r"ChannelsLast sample \d+: its 'image' is a Tensor of shape \(64, 64, 3\); "
+    with pytest.raises(DataError, match=r"ChannelsLast sample 'train_\d+': its 'image' is a Tensor of shape \(64, 64, 3\); "
                                         r"samples follow sak/data/base.py"):  # fmt: skip
         train(tiny_recipe("data.name=test_channels_last"))
+
+
+@DATASETS.register("test_bad_samples")
+class BadSamples(SyntheticDataset):
+    """A plug-in whose transforms refuse sample 1 (a label at another size) and whose sample 2 lacks its semseg."""
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise ValueError("a dense sample's semseg is (80, 96) and its image (40, 48, 3)")
+        sample = super().__getitem__(index)
+        return {k: v for k, v in sample.items() if k != "semseg"} if index == 2 else sample
+
+
+def test_a_plug_ins_refused_or_incomplete_sample_is_named_by_its_id():
+    """A transform's refusal named no sample (which of thousands of files?); a missing target was a bare
+    KeyError in the loss."""
+    from sak.data.images import DataError
+    from sak.engine.build import IndexedDataset
+
+    spec = DatasetSpec(split="train", image_size=32, tasks=("semseg",), train=True)
+    data = IndexedDataset(build_dataset("test_bad_samples", spec, {"length": 4}))
+    assert data[0]["semseg"].shape == (32, 32)
+    with pytest.raises(DataError, match=r"^BadSamples sample 'train_000001': ValueError: a dense sample's semseg is"):
+        data[1]
+    with pytest.raises(DataError, match=r"BadSamples sample 'train_000002' has no target for task\(s\) \['semseg'\]"):
+        data[2]

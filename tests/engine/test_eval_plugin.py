@@ -76,3 +76,20 @@ def test_the_metric_options_and_what_a_plug_in_cannot_be_scored_on(run, monkeypa
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert '"dataset": "test_scored_synthetic"' in out and '"n_images": 6' in out
+
+
+@DATASETS.register("test_sizeless_synthetic")
+class Sizeless(SyntheticDataset):
+    """Evaluation samples without their size."""
+
+    def __getitem__(self, index):
+        return {k: v for k, v in super().__getitem__(index).items() if k != "size"}
+
+
+def test_evaluation_samples_without_their_size_are_said_to_lack_it(run):
+    """It was a bare KeyError: 'size'."""
+    from sak.config import load_recipe
+
+    with pytest.raises(EvalError, match="Sizeless's evaluation samples carry no 'size', the original"):
+        sizeless = load_recipe(run.run_dir / "recipe.yaml", ["data.name=test_sizeless_synthetic"])
+        evaluate_student(sizeless, run.run_dir, progress=False)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,14 @@ def test_a_label_the_head_has_no_channel_for_is_named():
     assert saliency.target_problem(torch.tensor([[[0.0, 1.0], [255.0, 1.0]]])) is None
     assert saliency.target_problem(torch.tensor([[[0.0, 0.7]]])).startswith("its target holds the value 0.7 (1 ")
     assert create_task("depth").target_problem(torch.full((1, 2, 2), 7.5)) is None  # (not checked)
+    # not a tensor, or not (H, W): an AttributeError in the check, or cross-entropy's "only batches of spatial
+    # targets supported", before
+    assert semseg.target_problem(np.zeros((4, 4))) == (
+        "its target is a ndarray, not a tensor ((H, W) class indices; sak.data.transforms.to_tensors)"
+    )
+    assert semseg.target_problem(torch.zeros(1, 4, 4, dtype=torch.long)) == (
+        "its target is (1, 4, 4), not (H, W) class indices"
+    )
 
 
 def test_training_on_labels_beyond_the_heads_channels_names_the_sample(tiny_recipe):
