@@ -107,7 +107,12 @@ class SampleScores:
 
         self.dataset = dataset
         known = dataset if dataset in DATASET_OPTIONS else None  # (another dataset's: `options`, see metric_options)
-        self.metrics = {t: build_metric(t, known, **(options or {}).get(t, {})) for t in tasks}
+        try:
+            self.metrics = {t: build_metric(t, known, **(options or {}).get(t, {})) for t in tasks}
+        except ValueError as exc:  # (a plug-in dataset's metric_options: said whose they are)
+            if known is not None:
+                raise
+            raise EvalError(f"dataset {dataset!r}: its metric_options {options}: {exc}") from exc
         self.states: dict[str, dict[int, dict[str, Tensor]]] = {t: {} for t in tasks}
 
     def add(self, task: str, index: int, pred: Tensor, target: Tensor) -> None:
@@ -287,6 +292,10 @@ def evaluate_student(
     checkpoint = one_checkpoint(accelerator, Path(checkpoint))
     model, config = load_student(recipe, checkpoint)
     tasks = eval_tasks(recipe.data.name, config)
+    unscored = [t["name"] for t in config["tasks"] if t["name"] not in tasks]
+    if unscored and accelerator.is_main_process:  # (left out without a word before)
+        warnings.warn(f"the student's {unscored} have no metric on {recipe.data.name}: not scored", RuntimeWarning,
+                      stacklevel=2)  # fmt: skip
     check_reference(reference, tasks)  # before scoring, not after
     others = (
         sorted({p.name for p in save_preds.iterdir()} & set(SUFFIX) - set(tasks))

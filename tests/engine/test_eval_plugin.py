@@ -93,3 +93,14 @@ def test_evaluation_samples_without_their_size_are_said_to_lack_it(run):
     with pytest.raises(EvalError, match="Sizeless's evaluation samples carry no 'size', the original"):
         sizeless = load_recipe(run.run_dir / "recipe.yaml", ["data.name=test_sizeless_synthetic"])
         evaluate_student(sizeless, run.run_dir, progress=False)
+
+
+def test_a_plug_ins_bad_metric_options_and_the_heads_left_unscored_are_said(run, monkeypatch):
+    """A misspelt metric option was build_metric's words alone; a head without a metric was left out silently."""
+    monkeypatch.setattr(ScoredSynthetic, "metric_options", {"semseg": {"ignore": 255}})
+    with pytest.raises(EvalError, match=r"dataset 'test_scored_synthetic': its metric_options .*unknown option"):
+        evaluate_student(run, run.run_dir, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(ScoredSynthetic, "supported_tasks", ("semseg", "edges"))  # (depth: no longer scored)
+    with pytest.warns(RuntimeWarning, match=r"the student's \['depth'\] have no metric on test_scored_synthetic"):
+        assert set(evaluate_student(run, run.run_dir, progress=False)["tasks"]) == {"semseg", "edges"}
