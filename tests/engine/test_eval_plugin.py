@@ -104,3 +104,18 @@ def test_a_plug_ins_bad_metric_options_and_the_heads_left_unscored_are_said(run,
     monkeypatch.setattr(ScoredSynthetic, "supported_tasks", ("semseg", "edges"))  # (depth: no longer scored)
     with pytest.warns(RuntimeWarning, match=r"the student's \['depth'\] have no metric on test_scored_synthetic"):
         assert set(evaluate_student(run, run.run_dir, progress=False)["tasks"]) == {"semseg", "edges"}
+
+
+def test_eval_refuses_a_dataset_without_a_task_that_has_a_metric():
+    from sak.engine.task_eval import EvalError, check_dataset
+
+    with pytest.raises(EvalError, match="scores pascal_context, nyud and datasets whose supported_tasks have a metric"
+                                        r" \(.*semseg.*\); 'package_images' has none"):  # fmt: skip
+        check_dataset("package_images")
+    check_dataset("synthetic")  # (its tasks have metrics, and its evaluation samples their size)
+    with pytest.raises(EvalError, match="unknown dataset 'nosuch' \\(a plug-in's module not in the recipe's imports"):
+        check_dataset("nosuch")
+    from sak.engine.task_eval import score_prediction_dir
+
+    with pytest.raises(EvalError, match="eval-preds scores pascal_context and nyud, not 'synthetic'"):  # (a KeyError)
+        score_prediction_dir("synthetic", "/nowhere", "val", "/nowhere")

@@ -313,21 +313,6 @@ def test_eval_and_eval_preds_refuse_an_out_they_could_not_write_before_scoring(
     assert json.loads(out)["n_images"] == 5 and "No space left on device" in err
 
 
-def test_eval_refuses_a_dataset_without_a_task_that_has_a_metric():
-    from sak.engine.task_eval import EvalError, check_dataset
-
-    with pytest.raises(EvalError, match="scores pascal_context, nyud and datasets whose supported_tasks have a metric"
-                                        r" \(.*semseg.*\); 'package_images' has none"):  # fmt: skip
-        check_dataset("package_images")
-    check_dataset("synthetic")  # (its tasks have metrics, and its evaluation samples their size)
-    with pytest.raises(EvalError, match="unknown dataset 'nosuch' \\(a plug-in's module not in the recipe's imports"):
-        check_dataset("nosuch")
-    from sak.engine.task_eval import score_prediction_dir
-
-    with pytest.raises(EvalError, match="eval-preds scores pascal_context and nyud, not 'synthetic'"):  # (a KeyError)
-        score_prediction_dir("synthetic", "/nowhere", "val", "/nowhere")
-
-
 def test_two_processes_score_exactly_as_one(trained, evaluated, tmp_path):
     """And score one checkpoint of a run directory, though a training saves a newer one as they start
     (eval_race.py): each process looked up the latest on its own, and scored its images with the one it found."""
