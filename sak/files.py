@@ -153,7 +153,9 @@ def refuse_dangling_link(path: str | os.PathLike, flag: str) -> None:
     a folder deleted): making the folder there failed with a bare `FileExistsError: [Errno 17] File exists`."""
     link = next((p for p in (Path(path), *Path(path).parents) if p.is_symlink() and not p.exists()), None)
     if link is not None:
-        raise FileNotFoundError(f"{flag} {path}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+        target = os.readlink(link)  # (a chain of links: the path missing at its end named too)
+        through = f" and on to {os.path.realpath(link)}" if os.path.islink(link.parent / target) else ""
+        raise FileNotFoundError(f"{flag} {path}: {link} is a symbolic link to {target}{through}, which does not "
                                 "exist; create it (mount its disk) or give another path")  # fmt: skip
 
 

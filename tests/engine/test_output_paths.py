@@ -57,6 +57,11 @@ def test_an_output_path_through_a_link_to_nothing_is_named(tiny_recipe, tmp_path
         assert f"--out {out}: {dangling} is a symbolic link to {tmp_path / 'unmounted'}, which does not exist" in err
     assert main(["predict", str(tmp_path), str(tmp_path / "x.png"), "--out", str(dangling)]) == 2
     assert f"--out {dangling}: {dangling} is a symbolic link" in capsys.readouterr().err
+    chained = tmp_path / "chained"  # a link to that link: the missing end named too (only the first link before)
+    chained.symlink_to(dangling)
+    with pytest.raises(FileNotFoundError, match=f"{chained} is a symbolic link to {dangling} and on to "
+                                                f"{os.path.realpath(dangling)}, which does not exist"):  # fmt: skip
+        train(tiny_recipe(f"run.output_dir={chained}", "schedule.max_steps=1"))
 
 
 def test_an_image_whose_files_cannot_all_be_written_keeps_none(tmp_path, monkeypatch):
