@@ -76,8 +76,10 @@ def _eval(args) -> int:
 
 
 def _eval_preds(args) -> int:
+    from .config import import_plugins
     from .engine.task_eval import load_reference, score_prediction_dir
 
+    import_plugins(args.imports, where="--import")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     check_out(args.out, [args.reference, args.preds], [args.root], [args.preds])
     if args.eval_size and min(args.eval_size) < 1:
@@ -277,7 +279,9 @@ def _add_training_commands(sub) -> None:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("eval-preds", help="score saved prediction files (<task>/<id>.png|.npy) against a dataset")
-    p.add_argument("--dataset", required=True, choices=["pascal_context", "nyud"])
+    p.add_argument(
+        "--dataset", required=True, help="pascal_context, nyud, or a registered dataset (--import its module)"
+    )
     p.add_argument("--root", required=True, help="the dataset folder")
     p.add_argument("--preds", required=True, help="folder with one sub-folder per task")
     p.add_argument("--split", default="val")
@@ -287,6 +291,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--eval-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="the ground truth's padding canvas (default: the dataset's, 512 x 512 or 448 x 576); images "
                         "larger than it need a larger one. Scores do not depend on it: padding is cut before scoring")  # fmt: skip
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="a plug-in module to import first (a dataset of your own), as a recipe's imports: (repeatable)")  # fmt: skip
     p.set_defaults(func=_eval_preds)
 
 

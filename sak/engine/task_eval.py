@@ -82,6 +82,16 @@ def check_dataset(name: str) -> None:
         )
 
 
+def dataset_classes(name: str) -> dict[str, int]:
+    """The class counts dataset `name` fixes, {task: classes}: PASCAL-Context's and NYUD-v2's, a plug-in's
+    `task_classes` ({} where the heads' channels decide)."""
+    from ..registry import DATASETS
+
+    if name in DATASET_TASKS:
+        return {task: count for (dataset, task), count in NUM_CLASSES.items() if dataset == name}
+    return dict(getattr(DATASETS.get(name), "task_classes", {})) if name in DATASETS else {}
+
+
 def metric_options(name: str, tasks: dict[str, Task]) -> dict[str, dict]:
     """Each task's metric options: PASCAL-Context's and NYUD-v2's published ones (by `build_metric`'s dataset);
     for another dataset its `metric_options`, with a segmentation head's channels as its class count."""
@@ -374,7 +384,7 @@ def _renaming(names: list[str]) -> str:
 
 
 def prediction_tasks(dataset: str, preds_dir: Path, tasks: list[str] | None) -> list[str]:
-    supported = DATASET_TASKS[dataset]
+    supported = dataset_tasks(dataset)
     if tasks:
         unknown = [t for t in tasks if t not in supported]
         if unknown:
@@ -414,8 +424,7 @@ def score_prediction_dir(
     """Score the prediction files under `preds_dir` (`<task>/<id>.png|.npy`, see predictions.py) against
     the ground truth of `split` under `root`; `tasks` None = every task folder found. `options` are the
     dataset's (e.g. a larger `eval_size` canvas for images bigger than the default)."""
-    if dataset_name not in DATASET_TASKS:  # (sak eval scores other datasets: their students' own predictions)
-        raise EvalError(f"eval-preds scores {' and '.join(DATASET_TASKS)}, not {dataset_name!r}")
+    check_dataset(dataset_name)
     preds_dir = Path(preds_dir)
     if not preds_dir.is_dir():
         what = (
@@ -423,6 +432,10 @@ def score_prediction_dir(
         )
         raise PredictionError(f"{preds_dir}: {what}")
     tasks = prediction_tasks(dataset_name, preds_dir, tasks)
+    unknown = [t for t in tasks if t in ("semseg", "parts") and t not in dataset_classes(dataset_name)]
+    if unknown:  # (no head here to give them, as `sak eval` has)
+        raise EvalError(f"{dataset_name} does not fix the classes of {unknown} (its task_classes), which saved "
+                        "predictions do not tell: score them with sak eval, whose heads' channels do")  # fmt: skip
     check_reference(reference, tasks)
     spec = DatasetSpec(root=str(root), split=split, tasks=tuple(tasks), train=False)
     try:
@@ -455,14 +468,18 @@ def _score_files(
     dataset_name: str, dataset, split: str, preds_dir: Path, tasks: list[str], reference, progress
 ) -> dict:
     """`score_prediction_dir`'s loop over the split."""
-    scorer, ids = SampleScores(dataset_name, tasks), set()
+    classes = dataset_classes(dataset_name)
+    heads = {t: create_task(t, classes.get(t)) for t in tasks}  # (a plug-in dataset's class counts, for its metrics)
+    scorer, ids = SampleScores(dataset_name, tasks, metric_options(dataset_name, heads)), set()
     for index in tqdm(range(len(dataset)), desc=f"eval-preds {dataset_name}/{split}", disable=not progress):
         sample = dataset[index]
         ids.add(sample["id"])
+        if "size" not in sample:  # (a KeyError below)
+            raise EvalError(f"{type(dataset).__name__}'s evaluation samples carry no 'size', the original (h, w) the "
+                            "predictions are cropped back to (docs/datasets.md)")  # fmt: skip
         size = sample["size"].tolist()
         for task in tasks:
-            classes = NUM_CLASSES.get((dataset_name, task))
-            pred = read_prediction(preds_dir, task, sample["id"], size, classes)
+            pred = read_prediction(preds_dir, task, sample["id"], size, classes.get(task))
             scorer.add(task, index, pred, dataset.eval_target(sample["id"], task, unpad(sample[task], size)))
     _warn_unscored_files(preds_dir, tasks, ids, f"{dataset_name}/{split}")
     scores = scorer.compute()

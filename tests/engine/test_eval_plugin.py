@@ -1,6 +1,8 @@
 """`sak eval` of a plug-in dataset: its supported tasks that have a metric, scored with its class counts (or
 the heads') and its metric options; no published row, so delta_m only against a user's --reference."""
 
+import dataclasses
+
 import pytest
 
 from sak.cli import main
@@ -115,7 +117,32 @@ def test_eval_refuses_a_dataset_without_a_task_that_has_a_metric():
     check_dataset("synthetic")  # (its tasks have metrics, and its evaluation samples their size)
     with pytest.raises(EvalError, match="unknown dataset 'nosuch' \\(a plug-in's module not in the recipe's imports"):
         check_dataset("nosuch")
+
+
+@DATASETS.register("test_scored_at_64")
+class ScoredAt64(ScoredSynthetic):
+    """The plug-in at the run's image size, whatever the spec says (eval-preds has no recipe to give it)."""
+
+    def __init__(self, spec, options):
+        super().__init__(dataclasses.replace(spec, image_size=64), options)
+
+
+def test_eval_preds_scores_a_plug_in_datasets_saved_predictions_as_sak_eval_does(run, tmp_path, monkeypatch, capsys):
+    """eval-preds took pascal_context and nyud only (a KeyError from Python for another dataset)."""
     from sak.engine.task_eval import score_prediction_dir
 
-    with pytest.raises(EvalError, match="eval-preds scores pascal_context and nyud, not 'synthetic'"):  # (a KeyError)
-        score_prediction_dir("synthetic", "/nowhere", "val", "/nowhere")
+    evaluated = evaluate_student(run, run.run_dir, save_preds=tmp_path / "preds", progress=False)
+
+    def scored(*tasks):
+        return score_prediction_dir("test_scored_at_64", None, "val", tmp_path / "preds", list(tasks) or None,
+                                    options={"length": 6}, progress=False)["tasks"]  # fmt: skip
+
+    assert scored("edges", "depth") == {t: evaluated["tasks"][t] for t in ("edges", "depth")}  # (bit for bit)
+    with pytest.raises(EvalError, match=r"does not fix the classes of \['semseg'\] \(its task_classes\)"):
+        scored()
+    monkeypatch.setattr(ScoredSynthetic, "task_classes", {"semseg": 5})  # (fixed: scored as sak eval scores it)
+    assert scored() == evaluated["tasks"]
+    argv = ["eval-preds", "--dataset", "test_scored_at_64", "--preds", str(tmp_path / "preds"), "--root", str(tmp_path),
+            "--import", "tests.engine.test_eval_plugin"]  # fmt: skip
+    assert main(argv) == 2  # (its 64 default samples: no prediction of the 7th)
+    assert "val_000006.png" in capsys.readouterr().err
