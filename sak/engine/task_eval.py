@@ -32,6 +32,7 @@ from ..data.images import DataError
 from ..data.nyud import NYUD
 from ..data.pascal_context import SKIP_BAD_HINT, PascalContext
 from ..data.transforms import unpad
+from ..registry import DATASETS
 from ..tasks import Task, create_task
 from .build import build_loader
 from .checkpoint import first_misfit
@@ -59,7 +60,6 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
     """The tasks dataset `name` is scored on: PASCAL-Context's and NYUD-v2's published sets; another registered
     dataset's `supported_tasks` that have a metric (a plug-in's, whose module the recipe imports)."""
     from ..metrics import METRICS
-    from ..registry import DATASETS
 
     if name in DATASET_TASKS:
         return DATASET_TASKS[name]
@@ -68,8 +68,6 @@ def dataset_tasks(name: str) -> tuple[str, ...]:
 
 
 def check_dataset(name: str) -> None:
-    from ..registry import DATASETS
-
     if name not in DATASETS:
         raise EvalError(f"unknown dataset {name!r} (a plug-in's module not in the recipe's imports?); known: "
                         f"{', '.join(DATASETS.names())}")  # fmt: skip
@@ -85,18 +83,21 @@ def check_dataset(name: str) -> None:
 def dataset_classes(name: str) -> dict[str, int]:
     """The class counts dataset `name` fixes, {task: classes}: PASCAL-Context's and NYUD-v2's, a plug-in's
     `task_classes` ({} where the heads' channels decide)."""
-    from ..registry import DATASETS
-
     if name in DATASET_TASKS:
         return {task: count for (dataset, task), count in NUM_CLASSES.items() if dataset == name}
     return dict(getattr(DATASETS.get(name), "task_classes", {})) if name in DATASETS else {}
 
 
+def require_size(dataset, sample: dict) -> None:
+    """An evaluation sample (or batch) carries its original size, which predictions are cropped back to."""
+    if "size" not in sample:  # (a bare KeyError before)
+        raise EvalError(f"{type(dataset).__name__}'s evaluation samples carry no 'size', the original (h, w) the "
+                        "predictions are cropped back to (docs/datasets.md)")  # fmt: skip
+
+
 def metric_options(name: str, tasks: dict[str, Task]) -> dict[str, dict]:
     """Each task's metric options: PASCAL-Context's and NYUD-v2's published ones (by `build_metric`'s dataset);
     for another dataset its `metric_options`, with a segmentation head's channels as its class count."""
-    from ..registry import DATASETS
-
     if name in DATASET_TASKS:
         return {t: {} for t in tasks}
     own = getattr(DATASETS.get(name), "metric_options", {})
@@ -269,11 +270,9 @@ def eval_tasks(dataset: str, config: dict) -> dict[str, Task]:
     tasks = {name: task for name, task in tasks.items() if name in dataset_tasks(dataset)}
     if not tasks:
         raise EvalError(f"the student has none of the tasks {list(dataset_tasks(dataset))} of {dataset}")
-    from ..registry import DATASETS
-
-    plugin = {} if dataset in DATASET_TASKS else getattr(DATASETS.get(dataset), "task_classes", {})
+    fixed = dataset_classes(dataset)
     for name, task in tasks.items():
-        classes = NUM_CLASSES.get((dataset, name), plugin.get(name))
+        classes = fixed.get(name)
         if classes is not None and task.channels != classes:
             raise EvalError(f"the student's {name} head has {task.channels} channels; {dataset} has {classes} classes")
     return tasks
@@ -329,9 +328,7 @@ def evaluate_student(
     scorer = SampleScores(recipe.data.name, list(tasks), metric_options(recipe.data.name, tasks))
     bar = tqdm(loader, desc=f"eval {recipe.data.name}/{split}", disable=not (progress and accelerator.is_main_process))
     for batch in bar:
-        if "size" not in batch:  # (a KeyError below)
-            raise EvalError(f"{type(dataset).__name__}'s evaluation samples carry no 'size', the original (h, w) the "
-                            "predictions are cropped back to (docs/datasets.md)")  # fmt: skip
+        require_size(dataset, batch)
         with accelerator.autocast():
             logits = model(batch["image"], with_features=False).tasks
         for name, task in tasks.items():
@@ -474,9 +471,7 @@ def _score_files(
     for index in tqdm(range(len(dataset)), desc=f"eval-preds {dataset_name}/{split}", disable=not progress):
         sample = dataset[index]
         ids.add(sample["id"])
-        if "size" not in sample:  # (a KeyError below)
-            raise EvalError(f"{type(dataset).__name__}'s evaluation samples carry no 'size', the original (h, w) the "
-                            "predictions are cropped back to (docs/datasets.md)")  # fmt: skip
+        require_size(dataset, sample)
         size = sample["size"].tolist()
         for task in tasks:
             pred = read_prediction(preds_dir, task, sample["id"], size, classes.get(task))
